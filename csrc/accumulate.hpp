@@ -1,0 +1,34 @@
+// Sparse accumulation: acc[indices[j]] += weight * values[j], for one client or
+// many at once. Callers validate indices against the accumulator first.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace fedpress {
+
+struct SparseUpdate {
+  const std::uint32_t* indices;  // all < acc size; non-decreasing for the blocked path
+  const float* values;
+  std::size_t count;
+  float weight;
+};
+
+// Index of the first entry that is not >= its predecessor, or count when the
+// indices are non-decreasing.
+std::size_t first_unsorted(const std::uint32_t* indices, std::size_t count);
+// The largest index (0 when count == 0).
+std::uint32_t max_index(const std::uint32_t* indices, std::size_t count);
+
+// One update. Multi-threaded by accumulator range when the indices are sorted;
+// serial (in the given order) otherwise.
+void scatter_add(float* acc, std::size_t n, const SparseUpdate& update);
+
+// Many updates, all with non-decreasing indices. The accumulator is cut into
+// fixed ranges that stay in cache while every client's entries for that range
+// are added, client by client in list order, so each element receives its
+// additions in the same order whatever the thread count.
+void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>& updates);
+
+}  // namespace fedpress

@@ -1,0 +1,336 @@
+// The Python face of the kernels: argument checks under the GIL, then raw
+// pointers and the GIL released around the kernel, results handed back as
+// numpy arrays that own their std::vector without a copy.
+//
+// Exceptions: std::invalid_argument -> ValueError, std::out_of_range ->
+// IndexError, std::overflow_error -> OverflowError (pybind11's mapping); type
+// mismatches raise TypeError here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "accumulate.hpp"
+#include "indexcode.hpp"
+#include "parallel.hpp"
+#include "quantize.hpp"
+#include "simd.hpp"
+#include "topk.hpp"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+// Vectors are indexed by uint32.
+constexpr std::uint64_t kMaxLength = std::numeric_limits<std::uint32_t>::max();
+
+template <typename T>
+const char* dtype_name();
+template <> const char* dtype_name<float>() { return "float32"; }
+template <> const char* dtype_name<std::uint32_t>() { return "uint32"; }
+template <> const char* dtype_name<std::uint8_t>() { return "uint8"; }
+
+// A 1-D C-contiguous array of exactly dtype T, or a clear TypeError/ValueError.
+template <typename T>
+py::array checked(const py::handle& obj, const char* name, bool writable = false) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy array, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().is(py::dtype::of<T>()) && !arr.dtype().equal(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
+                         std::string(py::str(arr.dtype())));
+  if (arr.ndim() != 1)
+    throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (writable && !arr.writeable()) throw py::value_error(std::string(name) + " must be writable");
+  if (static_cast<std::uint64_t>(arr.shape(0)) > kMaxLength)
+    throw py::value_error(std::string(name) + " has " + std::to_string(arr.shape(0)) +
+                          " elements; at most 2^32 - 1 are supported");
+  return arr;
+}
+
+template <typename T>
+const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+template <typename T>
+T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+std::size_t len(const py::array& a) { return static_cast<std::size_t>(a.shape(0)); }
+
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& v) {
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  const py::ssize_t n = static_cast<py::ssize_t>(heap->size());
+  static T empty_slot{};
+  T* data = heap->empty() ? &empty_slot : heap->data();
+  return py::array_t<T>({n}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
+}
+
+py::tuple sparse_to_tuple(fedpress::SparseVector&& s) {
+  return py::make_tuple(to_numpy(std::move(s.indices)), to_numpy(std::move(s.values)));
+}
+
+std::size_t checked_count(long long k, std::size_t n, const char* name) {
+  if (k < 0) throw py::value_error(std::string(name) + " must be >= 0, got " + std::to_string(k));
+  if (static_cast<unsigned long long>(k) > n)
+    throw py::value_error(std::string(name) + " = " + std::to_string(k) + " exceeds the length " + std::to_string(n));
+  return static_cast<std::size_t>(k);
+}
+
+void register_topk(py::module_& m) {
+  m.def(
+      "topk",
+      [](const py::handle& x_obj, long long k_arg) {
+        py::array x = checked<float>(x_obj, "x");
+        const std::size_t n = len(x), k = checked_count(k_arg, n, "k");
+        fedpress::SparseVector s;
+        {
+          // Safe without the GIL: only raw buffers kept alive by x are touched.
+          py::gil_scoped_release release;
+          s = fedpress::topk_exact(cptr<float>(x), n, k);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "x"_a, "k"_a, "Exact magnitude top-k of float32 x: (indices uint32 ascending, values float32).");
+  m.def(
+      "threshold_topk",
+      [](const py::handle& x_obj, double ratio, std::uint64_t seed) {
+        py::array x = checked<float>(x_obj, "x");
+        if (!(ratio >= 0.0 && ratio <= 1.0))
+          throw py::value_error("ratio must be in [0, 1], got " + std::to_string(ratio));
+        fedpress::SparseVector s;
+        {
+          py::gil_scoped_release release;
+          s = fedpress::topk_threshold(cptr<float>(x), len(x), ratio, seed);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "x"_a, "ratio"_a, "seed"_a, "Sampled-threshold selection of about ratio*len(x) largest magnitudes.");
+  m.def(
+      "randomk",
+      [](const py::handle& x_obj, long long k_arg, std::uint64_t seed) {
+        py::array x = checked<float>(x_obj, "x");
+        const std::size_t n = len(x), k = checked_count(k_arg, n, "k");
+        fedpress::SparseVector s;
+        {
+          py::gil_scoped_release release;
+          s = fedpress::randomk(cptr<float>(x), n, k, seed);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "x"_a, "k"_a, "seed"_a, "k entries chosen uniformly without replacement, seeded.");
+  m.def(
+      "randomk_indices",
+      [](std::uint64_t n, long long k_arg, std::uint64_t seed) {
+        if (n > kMaxLength) throw py::value_error("n must be < 2^32");
+        const std::size_t k = checked_count(k_arg, static_cast<std::size_t>(n), "k");
+        std::vector<std::uint32_t> idx;
+        {
+          py::gil_scoped_release release;
+          idx = fedpress::randomk_indices(static_cast<std::size_t>(n), k, seed);
+        }
+        return to_numpy(std::move(idx));
+      },
+      "n"_a, "k"_a, "seed"_a, "The ascending indices randomk(x, k, seed) selects for len(x) == n.");
+  m.def(
+      "ef_topk",
+      [](const py::handle& u_obj, const py::handle& r_obj, long long k_arg) {
+        py::array u = checked<float>(u_obj, "update");
+        py::array r = checked<float>(r_obj, "residual", /*writable=*/true);
+        if (len(u) != len(r))
+          throw py::value_error("update and residual lengths differ: " + std::to_string(len(u)) + " vs " +
+                                std::to_string(len(r)));
+        if (py::module_::import("numpy").attr("shares_memory")(u, r).cast<bool>())
+          throw py::value_error("update and residual must not share memory");
+        const std::size_t n = len(u), k = checked_count(k_arg, n, "k");
+        fedpress::SparseVector s;
+        {
+          py::gil_scoped_release release;
+          s = fedpress::ef_topk(cptr<float>(u), mptr<float>(r), n, k);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "update"_a, "residual"_a, "k"_a,
+      "residual += update; take the exact top-k of residual; zero them in residual; return them.");
+}
+
+void register_quantize(py::module_& m) {
+  m.def(
+      "quantize",
+      [](const py::handle& x_obj, int bits, long long bucket, bool stochastic, std::uint64_t seed) {
+        py::array x = checked<float>(x_obj, "x");
+        if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
+        if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
+        const std::size_t n = len(x), b = static_cast<std::size_t>(bucket);
+        py::array_t<std::uint8_t> packed(static_cast<py::ssize_t>(fedpress::packed_size(n, bits)));
+        py::array_t<float> scales(static_cast<py::ssize_t>(fedpress::bucket_count(n, b)));
+        {
+          std::uint8_t* p = packed.mutable_data();
+          float* s = scales.mutable_data();
+          py::gil_scoped_release release;
+          fedpress::quantize(cptr<float>(x), n, bits, b, stochastic, seed, p, s);
+        }
+        return py::make_tuple(packed, scales);
+      },
+      "x"_a, "bits"_a, "bucket"_a, "stochastic"_a, "seed"_a,
+      "Bucketed max-abs quantization: (packed uint8[ceil(n*bits/8)], scales float32[ceil(n/bucket)]).");
+  m.def(
+      "dequantize",
+      [](const py::handle& p_obj, const py::handle& s_obj, int bits, long long n_arg, long long bucket) {
+        py::array packed = checked<std::uint8_t>(p_obj, "packed");
+        py::array scales = checked<float>(s_obj, "scales");
+        if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
+        if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
+        if (n_arg < 0 || static_cast<std::uint64_t>(n_arg) > kMaxLength)
+          throw py::value_error("n must be in [0, 2^32 - 1], got " + std::to_string(n_arg));
+        const std::size_t n = static_cast<std::size_t>(n_arg), b = static_cast<std::size_t>(bucket);
+        if (len(packed) != fedpress::packed_size(n, bits))
+          throw py::value_error("packed has " + std::to_string(len(packed)) + " bytes, expected " +
+                                std::to_string(fedpress::packed_size(n, bits)) + " for n = " + std::to_string(n) +
+                                " at " + std::to_string(bits) + " bits");
+        if (len(scales) != fedpress::bucket_count(n, b))
+          throw py::value_error("scales has " + std::to_string(len(scales)) + " entries, expected " +
+                                std::to_string(fedpress::bucket_count(n, b)) + " for n = " + std::to_string(n) +
+                                " and bucket = " + std::to_string(b));
+        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        {
+          float* o = out.mutable_data();
+          py::gil_scoped_release release;
+          fedpress::dequantize(cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, o);
+        }
+        return out;
+      },
+      "packed"_a, "scales"_a, "bits"_a, "n"_a, "bucket"_a, "Inverse of quantize: float32[n].");
+}
+
+void register_indexcode(py::module_& m) {
+  m.def(
+      "encode_indices",
+      [](const py::handle& i_obj, std::uint64_t n) {
+        py::array idx = checked<std::uint32_t>(i_obj, "indices");
+        if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
+        std::vector<std::uint8_t> out;
+        {
+          py::gil_scoped_release release;
+          out = fedpress::encode_indices(cptr<std::uint32_t>(idx), len(idx), n);
+        }
+        return py::bytes(reinterpret_cast<const char*>(out.data()), static_cast<py::ssize_t>(out.size()));
+      },
+      "indices"_a, "n"_a, "Golomb gap coding of strictly ascending uint32 indices < n.");
+  m.def(
+      "decode_indices",
+      [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count) {
+        py::buffer_info info = buf.request();
+        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
+          throw py::type_error("buf must be a contiguous bytes-like object");
+        if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
+        std::vector<std::uint32_t> out;
+        {
+          const auto* data = static_cast<const std::uint8_t*>(info.ptr);
+          const std::size_t size = static_cast<std::size_t>(info.size);
+          py::gil_scoped_release release;
+          out = fedpress::decode_indices(data, size, n, max_count);
+        }
+        return to_numpy(std::move(out));
+      },
+      "buf"_a, "n"_a, "max_count"_a, "Decodes encode_indices output; raises ValueError on any corruption.");
+}
+
+// Validates one client's (indices, values) against the accumulator before any write.
+fedpress::SparseUpdate checked_update(const py::handle& i_obj, const py::handle& v_obj, double weight,
+                                      std::size_t n, const std::string& label, std::vector<py::array>& keep) {
+  py::array idx = checked<std::uint32_t>(i_obj, ("indices" + label).c_str());
+  py::array val = checked<float>(v_obj, ("values" + label).c_str());
+  if (len(idx) != len(val))
+    throw py::value_error("indices" + label + " and values" + label + " lengths differ: " +
+                          std::to_string(len(idx)) + " vs " + std::to_string(len(val)));
+  const std::uint32_t mx = fedpress::max_index(cptr<std::uint32_t>(idx), len(idx));
+  if (len(idx) > 0 && mx >= n)
+    throw py::index_error("indices" + label + " holds " + std::to_string(mx) + ", out of range for an accumulator of " +
+                          std::to_string(n));
+  keep.push_back(idx);
+  keep.push_back(val);
+  return {cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), static_cast<float>(weight)};
+}
+
+void register_accumulate(py::module_& m) {
+  m.def(
+      "scatter_add",
+      [](const py::handle& acc_obj, const py::handle& i_obj, const py::handle& v_obj, double weight) {
+        py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
+        std::vector<py::array> keep;
+        const fedpress::SparseUpdate u = checked_update(i_obj, v_obj, weight, len(acc), "", keep);
+        float* a = mptr<float>(acc);
+        const std::size_t n = len(acc);
+        py::gil_scoped_release release;
+        fedpress::scatter_add(a, n, u);
+      },
+      "acc"_a, "indices"_a, "values"_a, "weight"_a, "acc[indices] += weight * values, in place.");
+  m.def(
+      "scatter_add_many",
+      [](const py::handle& acc_obj, const py::sequence& idx_list, const py::sequence& val_list,
+         const std::vector<double>& weights) {
+        py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
+        const std::size_t clients = py::len(idx_list);
+        if (py::len(val_list) != clients || weights.size() != clients)
+          throw py::value_error("indices_list, values_list and weights must have equal lengths, got " +
+                                std::to_string(clients) + ", " + std::to_string(py::len(val_list)) + ", " +
+                                std::to_string(weights.size()));
+        std::vector<py::array> keep;
+        std::vector<fedpress::SparseUpdate> updates;
+        updates.reserve(clients);
+        for (std::size_t c = 0; c < clients; ++c) {
+          const std::string label = "[" + std::to_string(c) + "]";
+          updates.push_back(checked_update(idx_list[c], val_list[c], weights[c], len(acc), label, keep));
+          if (fedpress::first_unsorted(updates.back().indices, updates.back().count) != updates.back().count)
+            throw py::value_error("indices" + label + " must be sorted ascending");
+        }
+        float* a = mptr<float>(acc);
+        const std::size_t n = len(acc);
+        py::gil_scoped_release release;
+        fedpress::scatter_add_many(a, n, updates);
+      },
+      "acc"_a, "indices_list"_a, "values_list"_a, "weights"_a,
+      "For each client c in order: acc[indices_list[c]] += weights[c] * values_list[c]; indices sorted.");
+}
+
+void register_runtime(py::module_& m) {
+  m.def("num_threads", &fedpress::num_threads, "Threads the kernels may use.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw py::value_error("number of threads must be >= 1, got " + std::to_string(n));
+        fedpress::set_num_threads(n);
+      },
+      "n"_a, "Sets the threads the kernels may use (results do not depend on it).");
+  m.def("simd", []() { return fedpress::simd_name(fedpress::active_simd()); },
+        "The instruction set the selection kernels use now.");
+  m.def("simd_detected", []() { return fedpress::simd_name(fedpress::detected_simd()); },
+        "The best instruction set this CPU offers.");
+  m.def(
+      "set_simd",
+      [](const std::string& name) {
+        if (name == "scalar") fedpress::set_simd_cap(fedpress::SimdLevel::scalar);
+        else if (name == "avx2") fedpress::set_simd_cap(fedpress::SimdLevel::avx2);
+        else if (name == "avx512") fedpress::set_simd_cap(fedpress::SimdLevel::avx512);
+        else throw py::value_error("simd level must be 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+      },
+      "name"_a, "Caps the explicitly dispatched SIMD paths (for tests and benchmarks).");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fedpress compiled kernels (use fedpress.ops)";
+  register_topk(m);
+  register_quantize(m);
+  register_indexcode(m);
+  register_accumulate(m);
+  register_runtime(m);
+}

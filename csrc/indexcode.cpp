@@ -1,0 +1,280 @@
+#include "indexcode.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+namespace fedpress {
+namespace {
+
+void put_varint(std::vector<std::uint8_t>& out, std::uint64_t v) {
+  while (v >= 0x80) {
+    out.push_back(static_cast<std::uint8_t>(v | 0x80));
+    v >>= 7;
+  }
+  out.push_back(static_cast<std::uint8_t>(v));
+}
+
+std::uint64_t get_varint(const std::uint8_t* data, std::size_t size, std::size_t& pos, const char* field) {
+  std::uint64_t v = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (pos >= size)
+      throw IndexStreamError(std::string("index stream truncated in ") + field + ": need a byte at offset " +
+                             std::to_string(pos) + ", have " + std::to_string(size));
+    const std::uint8_t byte = data[pos++];
+    if (shift == 63 && byte > 1)
+      throw IndexStreamError(std::string("index stream: ") + field + " varint overflows 64 bits");
+    v |= static_cast<std::uint64_t>(byte & 0x7F) << shift;
+    if (!(byte & 0x80)) {
+      if (byte == 0 && shift > 0)
+        throw IndexStreamError(std::string("index stream: ") + field + " varint is not minimal");
+      return v;
+    }
+  }
+  throw IndexStreamError(std::string("index stream: ") + field + " varint longer than 10 bytes");
+}
+
+unsigned ceil_log2(std::uint64_t m) {
+  unsigned b = 0;
+  while ((std::uint64_t{1} << b) < m) ++b;
+  return b;
+}
+
+struct Golomb {
+  std::uint64_t m;
+  unsigned b;      // ceil(log2 m)
+  std::uint64_t u; // 2^b - m: remainders below u take b-1 bits
+  explicit Golomb(std::uint64_t m_) : m(m_), b(ceil_log2(m_)), u((std::uint64_t{1} << b) - m_) {}
+  std::uint64_t remainder_bits(std::uint64_t r) const { return b == 0 ? 0 : (r < u ? b - 1 : b); }
+};
+
+// Exact size in bits of the codes of all gaps with parameter m.
+std::uint64_t coded_bits(const std::uint32_t* idx, std::size_t k, std::uint64_t m) {
+  const Golomb g(m);
+  std::uint64_t bits = 0, prev_end = 0;
+  for (std::size_t i = 0; i < k; ++i) {
+    const std::uint64_t gap = idx[i] - prev_end;
+    prev_end = std::uint64_t{idx[i]} + 1;
+    bits += gap / m + 1 + g.remainder_bits(gap % m);
+  }
+  return bits;
+}
+
+class BitWriter {
+ public:
+  explicit BitWriter(std::uint8_t* out) : out_(out) {}
+  // nb <= 32
+  void put(std::uint64_t v, unsigned nb) {
+    acc_ |= v << fill_;
+    fill_ += nb;
+    if (fill_ >= 32) {
+      const std::uint32_t low = static_cast<std::uint32_t>(acc_);
+      std::memcpy(out_ + pos_, &low, 4);  // little-endian hosts; see encode_indices
+      pos_ += 4;
+      acc_ >>= 32;
+      fill_ -= 32;
+    }
+  }
+  void put_zeros(std::uint64_t count) {
+    while (count >= 32) {
+      put(0, 32);
+      count -= 32;
+    }
+    put(0, static_cast<unsigned>(count));
+  }
+  void flush() {
+    while (fill_ > 0) {
+      out_[pos_++] = static_cast<std::uint8_t>(acc_);
+      acc_ >>= 8;
+      fill_ = fill_ >= 8 ? fill_ - 8 : 0;
+    }
+  }
+  std::size_t bytes() const { return pos_; }
+
+ private:
+  std::uint8_t* out_;
+  std::size_t pos_ = 0;
+  std::uint64_t acc_ = 0;
+  unsigned fill_ = 0;
+};
+
+bool little_endian() {
+  const std::uint16_t one = 1;
+  std::uint8_t first;
+  std::memcpy(&first, &one, 1);
+  return first == 1;
+}
+
+class BitReader {
+ public:
+  BitReader(const std::uint8_t* data, std::size_t size) : data_(data), size_(size), total_(std::uint64_t{size} * 8) {}
+  std::uint64_t position() const { return pos_; }
+  std::uint64_t total() const { return total_; }
+  // The next (up to) 57 bits starting at the current position, zero past the end.
+  std::uint64_t peek() const {
+    const std::size_t byte = static_cast<std::size_t>(pos_ >> 3);
+    std::uint64_t w = 0;
+    if (byte + 8 <= size_) {
+      for (int i = 7; i >= 0; --i) w = (w << 8) | data_[byte + static_cast<std::size_t>(i)];
+    } else {
+      for (std::size_t i = size_; i-- > byte;) w = (w << 8) | data_[i];
+    }
+    return w >> (pos_ & 7);
+  }
+  void skip(std::uint64_t nb) { pos_ += nb; }
+  void require(std::uint64_t nb, const char* what) const {
+    if (pos_ + nb > total_)
+      throw IndexStreamError(std::string("index stream truncated in ") + what + ": need " + std::to_string(nb) +
+                             " bits at bit " + std::to_string(pos_) + ", have " + std::to_string(total_ - pos_));
+  }
+  std::uint64_t read(unsigned nb, const char* what) {
+    if (nb == 0) return 0;
+    require(nb, what);
+    const std::uint64_t v = peek() & ((std::uint64_t{1} << nb) - 1);
+    pos_ += nb;
+    return v;
+  }
+
+ private:
+  const std::uint8_t* data_;
+  std::size_t size_;
+  std::uint64_t total_;
+  std::uint64_t pos_ = 0;
+};
+
+}  // namespace
+
+std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
+  if (k > n) throw std::invalid_argument("more indices than n");
+  for (std::size_t i = 0; i < k; ++i) {
+    if (idx[i] >= n)
+      throw std::invalid_argument("index " + std::to_string(idx[i]) + " at position " + std::to_string(i) +
+                                  " is >= n = " + std::to_string(n));
+    if (i > 0 && idx[i] <= idx[i - 1])
+      throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) +
+                                  " holds " + std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
+  }
+  std::vector<std::uint8_t> out;
+  put_varint(out, k);
+  if (k == 0) return out;
+  // Geometric optimum (Gallager & van Voorhis) for the observed mean gap, then
+  // the exact cost of a few neighbours: real top-k indices cluster, so the best
+  // m can sit below the geometric one.
+  const double mean_gap = static_cast<double>(n - k) / static_cast<double>(k);
+  const double theta = mean_gap / (mean_gap + 1.0);
+  std::uint64_t m0 = 1;
+  if (theta > 0.0 && theta < 1.0)
+    m0 = static_cast<std::uint64_t>(std::max(1.0, std::ceil(std::log(1.0 + theta) / -std::log(theta))));
+  m0 = std::min<std::uint64_t>(m0, std::max<std::uint64_t>(1, n));
+  std::uint64_t best_m = m0, best_bits = coded_bits(idx, k, m0);
+  for (double f : {0.5, 0.7, 0.85, 1.2}) {
+    const std::uint64_t m = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::llround(static_cast<double>(m0) * f)));
+    if (m == best_m) continue;
+    const std::uint64_t bits = coded_bits(idx, k, m);
+    if (bits < best_bits) {
+      best_bits = bits;
+      best_m = m;
+    }
+  }
+  put_varint(out, best_m);
+  const std::size_t header = out.size();
+  // Room for the codes plus the writer's 4-byte stores past the end.
+  out.resize(header + static_cast<std::size_t>((best_bits + 7) / 8) + 8, 0);
+  BitWriter w(out.data() + header);
+  const Golomb g(best_m);
+  std::uint64_t prev_end = 0;
+  for (std::size_t i = 0; i < k; ++i) {
+    const std::uint64_t gap = idx[i] - prev_end;
+    prev_end = std::uint64_t{idx[i]} + 1;
+    const std::uint64_t q = gap / best_m, r = gap % best_m;
+    w.put_zeros(q);
+    w.put(1, 1);
+    if (g.b == 0) continue;
+    if (r < g.u) {
+      w.put(r, g.b - 1);
+    } else {
+      const std::uint64_t v = r + g.u;
+      w.put(v >> 1, g.b - 1);
+      w.put(v & 1, 1);
+    }
+  }
+  w.flush();
+  out.resize(header + static_cast<std::size_t>((best_bits + 7) / 8));
+  if (!little_endian()) throw std::runtime_error("fedpress index coding needs a little-endian host");
+  return out;
+}
+
+std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t size, std::uint64_t n,
+                                          std::uint64_t max_count) {
+  std::size_t pos = 0;
+  const std::uint64_t k = get_varint(data, size, pos, "count");
+  if (k > n)
+    throw IndexStreamError("index stream: count " + std::to_string(k) + " exceeds n = " + std::to_string(n));
+  if (k > max_count)
+    throw IndexStreamError("index stream: count " + std::to_string(k) + " exceeds the limit " +
+                           std::to_string(max_count));
+  std::vector<std::uint32_t> out;
+  if (k == 0) {
+    if (pos != size)
+      throw IndexStreamError("index stream: " + std::to_string(size - pos) + " trailing bytes after an empty list");
+    return out;
+  }
+  const std::uint64_t m = get_varint(data, size, pos, "golomb parameter");
+  if (m == 0 || m > std::max<std::uint64_t>(1, n))
+    throw IndexStreamError("index stream: golomb parameter " + std::to_string(m) + " outside [1, " +
+                           std::to_string(std::max<std::uint64_t>(1, n)) + "]");
+  // Every index costs at least one bit (its unary terminator): a count the
+  // buffer cannot hold is refused before anything is allocated.
+  const std::uint64_t avail_bits = std::uint64_t{size - pos} * 8;
+  if (k > avail_bits)
+    throw IndexStreamError("index stream truncated: count " + std::to_string(k) + " needs at least " +
+                           std::to_string(k) + " bits, have " + std::to_string(avail_bits));
+  out.resize(static_cast<std::size_t>(k));
+  BitReader br(data + pos, size - pos);
+  const Golomb g(m);
+  std::uint64_t next = 0;  // smallest value the next index may take
+  for (std::uint64_t i = 0; i < k; ++i) {
+    // Unary quotient: count zero bits up to the terminating one.
+    std::uint64_t q = 0;
+    for (;;) {
+      const std::uint64_t w = br.peek();
+      const std::uint64_t left = br.total() - br.position();
+      if (w != 0) {
+        const std::uint64_t z = static_cast<std::uint64_t>(__builtin_ctzll(w));
+        if (z >= left) br.require(z + 1, "unary quotient");
+        q += z;
+        br.skip(z + 1);
+        break;
+      }
+      const std::uint64_t span = std::min<std::uint64_t>(56, left);
+      if (span == 0) br.require(1, "unary quotient");
+      q += span;
+      br.skip(span);
+      // A quotient this large already points past n.
+      if (q > n) break;
+    }
+    std::uint64_t r = 0;
+    if (g.b > 0) {
+      const std::uint64_t v = br.read(g.b - 1, "remainder");
+      r = v < g.u ? v : ((v << 1) | br.read(1, "remainder")) - g.u;
+    }
+    // q <= n + 56 and m <= n < 2^32 keep this product far from overflow.
+    const std::uint64_t value = next + q * m + r;
+    if (q > n || value >= n)
+      throw IndexStreamError("index stream: index " + std::to_string(i) + " decodes to " +
+                             (q > n ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n));
+    out[static_cast<std::size_t>(i)] = static_cast<std::uint32_t>(value);
+    next = value + 1;
+  }
+  const std::uint64_t used = br.position();
+  const std::uint64_t used_bytes = (used + 7) / 8;
+  if (used_bytes != size - pos)
+    throw IndexStreamError("index stream: " + std::to_string(size - pos - used_bytes) +
+                           " trailing bytes after " + std::to_string(k) + " indices");
+  if (used % 8 != 0 && (data[size - 1] >> (used % 8)) != 0)
+    throw IndexStreamError("index stream: nonzero padding bits in the last byte");
+  return out;
+}
+
+}  // namespace fedpress

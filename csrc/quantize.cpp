@@ -1,0 +1,232 @@
+#include "quantize.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+#include <vector>
+
+#include "parallel.hpp"
+#include "rng.hpp"
+#include "simd.hpp"
+
+namespace fedpress {
+namespace {
+
+constexpr std::uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr std::uint32_t kInfBits = 0x7F800000u;
+constexpr std::size_t kTargetChunk = std::size_t{1} << 16;
+
+inline std::uint32_t float_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// max |x| over [begin, end) as the bit pattern of the absolute value. For
+// non-NaN floats the order of |x| equals the order of these integers, and an
+// integer max vectorises without -ffast-math; any NaN/inf yields >= kInfBits.
+FEDPRESS_CLONES
+std::uint32_t max_abs_bits(const float* x, std::size_t len) {
+  std::uint32_t m = 0;
+  for (std::size_t i = 0; i < len; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, x + i, sizeof u);
+    u &= kAbsMask;
+    m = u > m ? u : m;
+  }
+  return m;
+}
+
+// Codes for one bucket segment. `first` is the global index of x[0]: the random
+// number of element i is hash32(key, i), so it does not depend on the split.
+FEDPRESS_CLONES
+void codes_stochastic(const float* x, std::size_t len, float mul, float half, std::uint32_t levels,
+                      std::uint32_t key, std::uint32_t first, std::uint8_t* codes) {
+  const int top = static_cast<int>(levels);
+  for (std::size_t i = 0; i < len; ++i) {
+    const float t = x[i] * mul + half;
+    const std::uint32_t h = hash32(key, first + static_cast<std::uint32_t>(i));
+    const float u = static_cast<float>(h >> 8) * 0x1p-24f;
+    int j = static_cast<int>(t + u);  // t + u >= 0 up to rounding, so truncation is floor
+    j = j < 0 ? 0 : (j > top ? top : j);
+    codes[i] = static_cast<std::uint8_t>(j);
+  }
+}
+
+FEDPRESS_CLONES
+void codes_nearest(const float* x, std::size_t len, float mul, float half, std::uint32_t levels,
+                   std::uint8_t* codes) {
+  const int top = static_cast<int>(levels);
+  for (std::size_t i = 0; i < len; ++i) {
+    const float t = x[i] * mul + half;
+    int j = static_cast<int>(t + 0.5f);
+    j = j < 0 ? 0 : (j > top ? top : j);
+    codes[i] = static_cast<std::uint8_t>(j);
+  }
+}
+
+// Packs len codes (len a multiple of 8 except for the very last chunk) into
+// ceil(len*bits/8) bytes.
+FEDPRESS_CLONES
+void pack_codes(const std::uint8_t* codes, std::size_t len, int bits, std::uint8_t* out) {
+  const std::size_t full = len / 8;  // groups of 8 codes = `bits` bytes
+  switch (bits) {
+    case 8:
+      std::memcpy(out, codes, len);
+      return;
+    case 4:
+      for (std::size_t i = 0; i < full * 4; ++i)
+        out[i] = static_cast<std::uint8_t>(codes[2 * i] | (codes[2 * i + 1] << 4));
+      break;
+    case 2:
+      for (std::size_t i = 0; i < full * 2; ++i)
+        out[i] = static_cast<std::uint8_t>(codes[4 * i] | (codes[4 * i + 1] << 2) |
+                                           (codes[4 * i + 2] << 4) | (codes[4 * i + 3] << 6));
+      break;
+    default:  // 1
+      for (std::size_t i = 0; i < full; ++i) {
+        const std::uint8_t* c = codes + 8 * i;
+        out[i] = static_cast<std::uint8_t>(c[0] | (c[1] << 1) | (c[2] << 2) | (c[3] << 3) |
+                                           (c[4] << 4) | (c[5] << 5) | (c[6] << 6) | (c[7] << 7));
+      }
+      break;
+  }
+  // Tail (only in the last chunk): zero the remaining bytes, then OR codes in.
+  const std::size_t done_codes = full * 8;
+  const std::size_t tail_bytes = packed_size(len, bits) - full * static_cast<std::size_t>(bits);
+  std::uint8_t* tail = out + full * static_cast<std::size_t>(bits);
+  std::memset(tail, 0, tail_bytes);
+  for (std::size_t i = done_codes; i < len; ++i) {
+    const std::size_t bit = (i - done_codes) * static_cast<std::size_t>(bits);
+    tail[bit / 8] = static_cast<std::uint8_t>(tail[bit / 8] | (codes[i] << (bit % 8)));
+  }
+}
+
+FEDPRESS_CLONES
+void unpack_scale(const std::uint8_t* packed, std::size_t first, std::size_t len, int bits,
+                  const float* lut, float scale, float* out) {
+  // first is the global element index of out[0]; first*bits need not be byte aligned.
+  const unsigned mask = (1u << bits) - 1u;
+  if (bits == 8) {
+    const std::uint8_t* p = packed + first;
+    for (std::size_t i = 0; i < len; ++i) out[i] = scale * lut[p[i]];
+    return;
+  }
+  const unsigned b = static_cast<unsigned>(bits);
+  for (std::size_t i = 0; i < len; ++i) {
+    const std::size_t bit = (first + i) * b;
+    const unsigned code = (packed[bit >> 3] >> (bit & 7)) & mask;
+    out[i] = scale * lut[code];
+  }
+}
+
+std::size_t chunk_elements(std::size_t bucket) {
+  // A chunk covers whole buckets and starts on a byte boundary for every bit
+  // width (a multiple of 8 elements), so chunks pack independently.
+  const std::size_t unit = std::lcm(bucket, std::size_t{8});
+  if (unit > (std::size_t{1} << 20)) return 0;  // huge buckets: scales first, then codes
+  return unit * std::max<std::size_t>(1, kTargetChunk / unit);
+}
+
+void make_lut(int bits, float* lut) {
+  const int levels = (1 << bits) - 1;
+  for (int j = 0; j <= levels; ++j)
+    lut[j] = static_cast<float>(2 * j - levels) / static_cast<float>(levels);
+}
+
+}  // namespace
+
+bool valid_bits(int bits) { return bits == 1 || bits == 2 || bits == 4 || bits == 8; }
+
+std::size_t packed_size(std::size_t n, int bits) {
+  return (n / 8) * static_cast<std::size_t>(bits) + ceil_div((n % 8) * static_cast<std::size_t>(bits), 8);
+}
+
+std::size_t bucket_count(std::size_t n, std::size_t bucket) { return ceil_div(n, bucket); }
+
+void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
+              std::uint64_t seed, std::uint8_t* packed, float* scales) {
+  if (!valid_bits(bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
+  if (bucket == 0) throw std::invalid_argument("bucket must be positive");
+  if (n == 0) return;
+  const std::uint32_t levels = (1u << bits) - 1u;
+  const float half = static_cast<float>(levels) * 0.5f;
+  const std::uint32_t key = static_cast<std::uint32_t>(hash64(seed, 0x71u));
+  std::atomic<bool> non_finite{false};
+
+  auto code_range = [&](std::size_t begin, std::size_t end, std::uint8_t* codes) {
+    // Codes for [begin, end), bucket by bucket; scales already known or computed here.
+    for (std::size_t s = begin; s < end;) {
+      const std::size_t b = s / bucket;
+      const std::size_t e = std::min(end, (b + 1) * bucket);
+      const float scale = scales[b];
+      const float mul = scale > 0.f ? half / scale : 0.f;
+      if (stochastic)
+        codes_stochastic(x + s, e - s, mul, half, levels, key, static_cast<std::uint32_t>(s),
+                         codes + (s - begin));
+      else
+        codes_nearest(x + s, e - s, mul, half, levels, codes + (s - begin));
+      s = e;
+    }
+  };
+
+  std::size_t chunk = chunk_elements(bucket);
+  const bool fused = chunk != 0;
+  if (!fused) {
+    // Buckets too large to keep a whole one per chunk: compute scales first.
+    const std::size_t nb = bucket_count(n, bucket);
+    parallel_for_sized(nb, n, [&](std::size_t b) {
+      const std::size_t s = b * bucket, e = std::min(n, s + bucket);
+      const std::uint32_t m = max_abs_bits(x + s, e - s);
+      if (m >= kInfBits) non_finite.store(true, std::memory_order_relaxed);
+      scales[b] = bits_float(m);
+    });
+    if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
+    chunk = kTargetChunk;
+  }
+  const std::size_t n_chunks = ceil_div(n, chunk);
+  parallel_for_sized(n_chunks, n, [&](std::size_t c) {
+    thread_local std::vector<std::uint8_t> codes;
+    const std::size_t begin = c * chunk, end = std::min(n, begin + chunk);
+    codes.resize(end - begin);
+    if (fused) {
+      for (std::size_t s = begin; s < end; s += bucket) {
+        const std::size_t e = std::min(end, s + bucket);
+        const std::uint32_t m = max_abs_bits(x + s, e - s);
+        if (m >= kInfBits) non_finite.store(true, std::memory_order_relaxed);
+        scales[s / bucket] = bits_float(m);
+      }
+    }
+    code_range(begin, end, codes.data());
+    pack_codes(codes.data(), end - begin, bits, packed + begin / 8 * static_cast<std::size_t>(bits));
+  });
+  if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
+}
+
+void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
+                std::size_t bucket, float* out) {
+  if (!valid_bits(bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
+  if (bucket == 0) throw std::invalid_argument("bucket must be positive");
+  float lut[256];
+  make_lut(bits, lut);
+  const std::size_t n_chunks = ceil_div(n, kTargetChunk);
+  parallel_for_sized(n_chunks, n, [&](std::size_t c) {
+    const std::size_t begin = c * kTargetChunk, end = std::min(n, begin + kTargetChunk);
+    for (std::size_t s = begin; s < end;) {
+      const std::size_t b = s / bucket;
+      const std::size_t e = std::min(end, (b + 1) * bucket);
+      unpack_scale(packed, s, e - s, bits, lut, scales[b], out + s);
+      s = e;
+    }
+  });
+}
+
+}  // namespace fedpress

@@ -1,0 +1,33 @@
+// Bucketed max-abs quantization to 1, 2, 4 or 8 bits, and its inverse.
+//
+// Each bucket of `bucket` consecutive elements has one float32 scale s = max|x|.
+// Codes j in [0, L], L = 2^bits - 1, stand for the symmetric grid
+//   value(j) = s * (2j - L) / L,
+// i.e. 2^bits evenly spaced points from -s to +s (for 1 bit: -s and +s).
+// Stochastic rounding picks one of the two neighbouring points with
+// probabilities that make the estimate unbiased; nearest rounding picks the
+// closer one. Codes are packed little-endian: element i occupies bits
+// [i*bits, (i+1)*bits) of the byte stream, least significant bit first, so the
+// packed size is exactly ceil(n * bits / 8) bytes; unused high bits of the last
+// byte are zero.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fedpress {
+
+bool valid_bits(int bits);
+std::size_t packed_size(std::size_t n, int bits);
+std::size_t bucket_count(std::size_t n, std::size_t bucket);
+
+// packed: packed_size(n, bits) bytes; scales: bucket_count(n, bucket) floats.
+// Throws std::invalid_argument when x holds a NaN or an infinity.
+void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
+              std::uint64_t seed, std::uint8_t* packed, float* scales);
+
+// out: n floats.
+void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
+                std::size_t bucket, float* out);
+
+}  // namespace fedpress

@@ -1,0 +1,41 @@
+// Counter-based random numbers: the value for position i under seed s is a pure
+// function of (s, i). Any thread can produce any element's random number, so
+// results never depend on how the work was split.
+#pragma once
+
+#include <cstdint>
+
+namespace fedpress {
+
+// 64-bit finaliser of SplitMix64 applied to seed and counter; passes BigCrush
+// as a counter-mode generator when the key is mixed in first.
+inline std::uint64_t hash64(std::uint64_t seed, std::uint64_t counter) {
+  std::uint64_t z = seed * 0x9E3779B97F4A7C15ULL + counter * 0xD1B54A32D192ED03ULL + 0x632BE59BD9B4E019ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// 32-bit counter hash (a "lowbias32"-style mixer keyed by a 32-bit seed).
+// Cheap enough to vectorise with 32-bit lane multiplies: one per quantised element.
+inline std::uint32_t hash32(std::uint32_t key, std::uint32_t counter) {
+  std::uint32_t x = counter * 0x9E3779B9u + key;
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  x ^= x >> 15;
+  x += key ^ 0x5BD1E995u;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  return x;
+}
+
+// Uniform in [0, bound) from 64 random bits (Lemire's multiply-shift); bias is
+// below bound / 2^64.
+inline std::uint64_t bounded64(std::uint64_t random_bits, std::uint64_t bound) {
+  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(random_bits) * bound) >> 64);
+}
+
+}  // namespace fedpress

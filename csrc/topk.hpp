@@ -1,0 +1,36 @@
+// Magnitude selection: exact top-k, sampled-threshold top-k, random-k, and the
+// fused error-feedback top-k. All results list indices strictly ascending.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace fedpress {
+
+struct SparseVector {
+  std::vector<std::uint32_t> indices;  // strictly ascending
+  std::vector<float> values;           // x[indices]
+};
+
+// The k entries of largest |x|; among equal magnitudes the lower index wins.
+// 0 <= k <= n. Throws std::invalid_argument if x holds a NaN.
+SparseVector topk_exact(const float* x, std::size_t n, std::size_t k);
+
+// Deep-Gradient-Compression style selection: a threshold estimated from a
+// seeded sample, one pass to keep everything above it, and an exact fix-up only
+// when the count lands outside [0.9, 1.1] * target. Returns between
+// ceil(0.9 * target) and floor(1.1 * target) entries (exactly target when that
+// band is empty), target = round(ratio * n).
+SparseVector topk_threshold(const float* x, std::size_t n, double ratio, std::uint64_t seed);
+
+// k indices drawn uniformly without replacement, a pure function of (n, k, seed).
+std::vector<std::uint32_t> randomk_indices(std::size_t n, std::size_t k, std::uint64_t seed);
+SparseVector randomk(const float* x, std::size_t n, std::size_t k, std::uint64_t seed);
+
+// Error-feedback top-k, fused: residual += update; select the exact top-k of the
+// residual; zero the selected entries of the residual; return them. The update
+// is read once and the residual is read and written once on the common path.
+SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k);
+
+}  // namespace fedpress

@@ -1,0 +1,367 @@
+"""Typed wrappers over the compiled kernels.
+
+Every function takes numpy arrays or torch CPU tensors (torch is recognised
+without being imported) and returns numpy arrays. Float inputs of any precision
+are converted to float32; a contiguous float32 input is used without a copy.
+Multi-dimensional inputs are flattened in C order, so indices are flat indices.
+
+Results never depend on the number of threads (see :func:`set_num_threads`).
+"""
+
+from __future__ import annotations
+
+import operator
+import secrets
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "topk",
+    "threshold_topk",
+    "randomk",
+    "randomk_indices",
+    "ef_topk",
+    "quantize",
+    "dequantize",
+    "packed_size",
+    "encode_indices",
+    "decode_indices",
+    "scatter_add",
+    "scatter_add_many",
+    "get_num_threads",
+    "set_num_threads",
+    "simd",
+]
+
+ArrayLike = Any  # numpy array, torch CPU tensor, or anything np.asarray accepts
+Seed = Optional[int]
+
+_MAX_LEN = 2**32 - 1
+_BITS = (1, 2, 4, 8)
+
+
+# --------------------------------------------------------------- conversion --
+def _is_torch_tensor(x: object) -> bool:
+    t = type(x)
+    return t.__module__.split(".", 1)[0] == "torch" and hasattr(x, "detach")
+
+
+def _torch_to_numpy(x: Any, name: str, want_float32: bool) -> np.ndarray:
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if want_float32:
+        if not (t.is_floating_point()):
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def _as_float32(x: ArrayLike, name: str) -> np.ndarray:
+    """x as a 1-D C-contiguous float32 array, without a copy when it already is one."""
+    if _is_torch_tensor(x):
+        arr = _torch_to_numpy(x, name, want_float32=True)
+    else:
+        arr = np.asarray(x)
+        if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
+            arr = arr.astype(np.float32)
+        elif arr.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+    if arr.size > _MAX_LEN:
+        raise ValueError(f"{name} has {arr.size} elements; at most 2**32 - 1 are supported")
+    return arr
+
+
+def _as_inplace_float32(x: ArrayLike, name: str) -> np.ndarray:
+    """A flat float32 view sharing memory with x, which is updated in place."""
+    if _is_torch_tensor(x):
+        t = x.detach()
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is updated in place and must be a CPU tensor, got {t.device}")
+        if str(t.dtype) != "torch.float32":
+            raise TypeError(f"{name} is updated in place and must be float32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is updated in place and must be contiguous")
+        arr = t.numpy()
+    elif isinstance(x, np.ndarray):
+        arr = x
+    else:
+        raise TypeError(
+            f"{name} is updated in place and must be a numpy array or torch tensor, "
+            f"got {type(x).__name__}"
+        )
+    if arr.dtype != np.float32:
+        raise TypeError(f"{name} is updated in place and must be float32, got dtype {arr.dtype}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} is updated in place and must be C-contiguous")
+    if not arr.flags.writeable:
+        raise ValueError(f"{name} is updated in place and must be writable")
+    return arr.reshape(-1)
+
+
+def _as_indices(indices: ArrayLike, name: str, error: type = IndexError) -> np.ndarray:
+    """Integer indices as a flat uint32 array; out-of-range values raise `error`."""
+    if _is_torch_tensor(indices):
+        arr = _torch_to_numpy(indices, name, want_float32=False)
+    else:
+        arr = np.asarray(indices)
+    if arr.dtype.kind not in "iu":
+        if arr.size == 0 and arr.dtype.kind == "f":
+            arr = arr.astype(np.uint32)  # an empty list arrives as float64
+        else:
+            raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    arr = arr.reshape(-1)
+    if arr.dtype != np.uint32 and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0:
+            raise error(f"{name} holds a negative index ({lo})")
+        if hi > _MAX_LEN:
+            raise error(f"{name} holds {hi}, beyond the uint32 range")
+    return np.ascontiguousarray(arr, dtype=np.uint32)
+
+
+def _count(k: Any, name: str) -> int:
+    try:
+        value = operator.index(k)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(k).__name__}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _seed(seed: Seed) -> int:
+    if seed is None:
+        return secrets.randbits(64)
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}") from None
+    if not 0 <= value < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {value}")
+    return value
+
+
+def _bits(bits: Any) -> int:
+    value = _count(bits, "bits")
+    if value not in _BITS:
+        raise ValueError(f"bits must be 1, 2, 4 or 8, got {value}")
+    return value
+
+
+def _bucket(bucket: Any) -> int:
+    value = _count(bucket, "bucket")
+    if value == 0:
+        raise ValueError("bucket must be positive, got 0")
+    return value
+
+
+# ---------------------------------------------------------------- selection --
+def topk(x: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by magnitude.
+
+    Returns ``(indices, values)``: uint32 indices strictly ascending and the
+    float32 values ``x[indices]``. Among equal magnitudes the lower index wins.
+    ``0 <= k <= len(x)``; a NaN in x raises ValueError.
+    """
+    arr = _as_float32(x, "x")
+    return _core.topk(arr, _count(k, "k"))
+
+
+def threshold_topk(x: ArrayLike, ratio: float, seed: Seed = None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k by a threshold estimated from a seeded sample (DGC).
+
+    Returns about ``round(ratio * len(x))`` of the largest magnitudes, always
+    within +-10% of it, usually after a single pass over x.
+    """
+    arr = _as_float32(x, "x")
+    r = float(ratio)
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+    return _core.threshold_topk(arr, r, _seed(seed))
+
+
+def randomk(x: ArrayLike, k: int, seed: Seed = None) -> tuple[np.ndarray, np.ndarray]:
+    """k entries of x chosen uniformly without replacement; indices ascending.
+
+    The indices depend only on ``(len(x), k, seed)``: a receiver that knows the
+    seed can regenerate them with :func:`randomk_indices`.
+    """
+    arr = _as_float32(x, "x")
+    return _core.randomk(arr, _count(k, "k"), _seed(seed))
+
+
+def randomk_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """The indices ``randomk(x, k, seed)`` selects for ``len(x) == n``."""
+    n = _count(n, "n")
+    if n > _MAX_LEN:
+        raise ValueError(f"n must be < 2**32, got {n}")
+    k = _count(k, "k")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds n = {n}")
+    return _core.randomk_indices(n, k, _seed(seed))
+
+
+def ef_topk(update: ArrayLike, residual: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Error-feedback top-k, fused in one pass.
+
+    ``residual += update``; select the exact top-k of the residual; zero the
+    selected entries of the residual (it is modified in place and must be a
+    writable contiguous float32 array or tensor); return ``(indices, values)``.
+    """
+    res = _as_inplace_float32(residual, "residual")
+    upd = _as_float32(update, "update")
+    if upd.size != res.size:
+        raise ValueError(f"update has {upd.size} elements but residual has {res.size}")
+    return _core.ef_topk(upd, res, _count(k, "k"))
+
+
+# ------------------------------------------------------------- quantization --
+def packed_size(n: int, bits: int) -> int:
+    """Bytes of ``quantize``'s packed output for n elements: ceil(n * bits / 8)."""
+    return (_count(n, "n") * _bits(bits) + 7) // 8
+
+
+def quantize(
+    x: ArrayLike, bits: int, bucket: int = 512, stochastic: bool = True, seed: Seed = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize to 1, 2, 4 or 8 bits with one max-abs scale per bucket.
+
+    Codes ``j in [0, 2**bits - 1]`` stand for ``scale * (2j - L) / L`` with
+    ``L = 2**bits - 1``: a symmetric grid from -scale to +scale. Stochastic
+    rounding is unbiased and reproducible for a given seed; ``stochastic=False``
+    rounds to nearest. Returns ``(packed, scales)``: uint8 of exactly
+    ``ceil(n * bits / 8)`` bytes (element i at bit i*bits, LSB first) and
+    float32 of ``ceil(n / bucket)`` scales. NaN or infinity raises ValueError.
+    """
+    arr = _as_float32(x, "x")
+    b = _bits(bits)
+    return _core.quantize(arr, b, _bucket(bucket), bool(stochastic), _seed(seed) if stochastic else 0)
+
+
+def dequantize(
+    packed: ArrayLike, scales: ArrayLike, bits: int, n: int, bucket: int = 512
+) -> np.ndarray:
+    """Inverse of :func:`quantize`: float32[n]."""
+    if isinstance(packed, (bytes, bytearray, memoryview)):
+        p = np.frombuffer(packed, dtype=np.uint8)
+    elif _is_torch_tensor(packed):
+        p = _torch_to_numpy(packed, "packed", want_float32=False)
+    else:
+        p = np.asarray(packed)
+    if p.dtype != np.uint8:
+        raise TypeError(f"packed must be uint8, got dtype {p.dtype}")
+    s = _as_float32(scales, "scales")
+    return _core.dequantize(
+        np.ascontiguousarray(p.reshape(-1)), s, _bits(bits), _count(n, "n"), _bucket(bucket)
+    )
+
+
+# ------------------------------------------------------------ index coding --
+def encode_indices(indices: ArrayLike, n: int) -> bytes:
+    """Golomb gap coding of strictly ascending indices in [0, n).
+
+    Within about 1% of the information bound ``log2(C(n, k)) / k`` bits per
+    index for uniformly spread indices. The stream is self-delimiting in count;
+    see ``docs/format.md`` for the layout.
+    """
+    idx = _as_indices(indices, "indices", error=ValueError)
+    n = _count(n, "n")
+    if n > 2**32:
+        raise ValueError(f"n must be <= 2**32, got {n}")
+    return _core.encode_indices(idx, n)
+
+
+def decode_indices(buf: Union[bytes, bytearray, memoryview], n: int, max_count: Optional[int] = None) -> np.ndarray:
+    """Decode :func:`encode_indices` output into uint32 indices.
+
+    The whole buffer must be one valid stream; any corruption (truncation,
+    trailing bytes, an index >= n, a count above ``max_count`` (default n))
+    raises ValueError before more than the input's size is allocated.
+    """
+    if isinstance(buf, np.ndarray):
+        buf = buf.tobytes()
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise TypeError(f"buf must be bytes-like, got {type(buf).__name__}")
+    n = _count(n, "n")
+    if n > 2**32:
+        raise ValueError(f"n must be <= 2**32, got {n}")
+    limit = n if max_count is None else _count(max_count, "max_count")
+    return _core.decode_indices(memoryview(buf).cast("B"), n, limit)
+
+
+# ------------------------------------------------------------- accumulation --
+def _as_values(values: ArrayLike, name: str) -> np.ndarray:
+    return _as_float32(values, name)
+
+
+def scatter_add(acc: ArrayLike, indices: ArrayLike, values: ArrayLike, weight: float = 1.0) -> None:
+    """``acc[indices] += weight * values`` in place (duplicates accumulate).
+
+    acc must be a writable contiguous float32 array or CPU tensor. Every index is
+    checked first: one >= len(acc) raises IndexError and nothing is written.
+    """
+    a = _as_inplace_float32(acc, "acc")
+    idx = _as_indices(indices, "indices")
+    val = _as_values(values, "values")
+    _core.scatter_add(a, idx, val, float(weight))
+
+
+def scatter_add_many(
+    acc: ArrayLike,
+    indices_list: Sequence[ArrayLike],
+    values_list: Sequence[ArrayLike],
+    weights: Optional[Sequence[float]] = None,
+) -> None:
+    """Adds many clients' sparse updates: for each client c in order,
+    ``acc[indices_list[c]] += weights[c] * values_list[c]``.
+
+    Blocked so each slice of acc stays in cache while every client's entries
+    for it are added; each element receives its additions in client order, so
+    the sum does not depend on the thread count. Sorted indices are used as
+    they are; unsorted ones are sorted (stably) on a copy first. All indices are
+    checked before anything is written.
+    """
+    a = _as_inplace_float32(acc, "acc")
+    idx_list = list(indices_list)
+    val_list = list(values_list)
+    if weights is None:
+        w = [1.0] * len(idx_list)
+    else:
+        w = [float(v) for v in weights]
+    if not (len(idx_list) == len(val_list) == len(w)):
+        raise ValueError(
+            "indices_list, values_list and weights must have equal lengths, got "
+            f"{len(idx_list)}, {len(val_list)}, {len(w)}"
+        )
+    idx_arrays, val_arrays = [], []
+    for c, (i, v) in enumerate(zip(idx_list, val_list)):
+        ia = _as_indices(i, f"indices_list[{c}]")
+        va = _as_values(v, f"values_list[{c}]")
+        if ia.size > 1 and ia.size == va.size and np.any(ia[1:] < ia[:-1]):
+            order = np.argsort(ia, kind="stable")
+            ia, va = ia[order], va[order]
+        idx_arrays.append(ia)
+        val_arrays.append(va)
+    _core.scatter_add_many(a, idx_arrays, val_arrays, w)
+
+
+# ------------------------------------------------------------------ runtime --
+def get_num_threads() -> int:
+    """Threads the kernels may use (default: all cores, or FEDPRESS_NUM_THREADS)."""
+    return int(_core.num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Set the threads the kernels may use. Results are identical for any value."""
+    _core.set_num_threads(_count(n, "n"))
+
+
+def simd() -> str:
+    """The instruction set of the explicitly dispatched kernels: avx512, avx2 or scalar."""
+    return str(_core.simd())
