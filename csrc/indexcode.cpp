@@ -235,6 +235,8 @@ std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t 
   const Golomb g(m);
   std::uint64_t next = 0;  // smallest value the next index may take
   for (std::uint64_t i = 0; i < k; ++i) {
+    if (next >= n)
+      throw IndexStreamError("index stream: index " + std::to_string(i) + " would be >= n = " + std::to_string(n));
     // Unary quotient: count zero bits up to the terminating one.
     std::uint64_t q = 0;
     for (;;) {
@@ -259,11 +261,14 @@ std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t 
       const std::uint64_t v = br.read(g.b - 1, "remainder");
       r = v < g.u ? v : ((v << 1) | br.read(1, "remainder")) - g.u;
     }
-    // q <= n + 56 and m <= n < 2^32 keep this product far from overflow.
-    const std::uint64_t value = next + q * m + r;
-    if (q > n || value >= n)
+    // next < n here, so q * m + r < n - next decides validity; q is compared
+    // by division first because q * m can exceed 2^64 (n = m = 2^32).
+    const std::uint64_t room = n - next;
+    const bool beyond = q > room / m;
+    const std::uint64_t value = beyond ? 0 : next + q * m + r;
+    if (beyond || value >= n)
       throw IndexStreamError("index stream: index " + std::to_string(i) + " decodes to " +
-                             (q > n ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n));
+                             (beyond ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n));
     out[static_cast<std::size_t>(i)] = static_cast<std::uint32_t>(value);
     next = value + 1;
   }

@@ -48,11 +48,11 @@ std::uint32_t max_abs_bits(const float* x, std::size_t len) {
 // Codes for one bucket segment. `first` is the global index of x[0]: the random
 // number of element i is hash32(key, i), so it does not depend on the split.
 FEDPRESS_CLONES
-void codes_stochastic(const float* x, std::size_t len, float mul, float half, std::uint32_t levels,
-                      std::uint32_t key, std::uint32_t first, std::uint8_t* codes) {
+void codes_stochastic(const float* x, std::size_t len, float pre, float mul, float half,
+                      std::uint32_t levels, std::uint32_t key, std::uint32_t first, std::uint8_t* codes) {
   const int top = static_cast<int>(levels);
   for (std::size_t i = 0; i < len; ++i) {
-    const float t = x[i] * mul + half;
+    const float t = (x[i] * pre) * mul + half;
     const std::uint32_t h = hash32(key, first + static_cast<std::uint32_t>(i));
     const float u = static_cast<float>(h >> 8) * 0x1p-24f;
     int j = static_cast<int>(t + u);  // t + u >= 0 up to rounding, so truncation is floor
@@ -62,11 +62,11 @@ void codes_stochastic(const float* x, std::size_t len, float mul, float half, st
 }
 
 FEDPRESS_CLONES
-void codes_nearest(const float* x, std::size_t len, float mul, float half, std::uint32_t levels,
-                   std::uint8_t* codes) {
+void codes_nearest(const float* x, std::size_t len, float pre, float mul, float half,
+                   std::uint32_t levels, std::uint8_t* codes) {
   const int top = static_cast<int>(levels);
   for (std::size_t i = 0; i < len; ++i) {
-    const float t = x[i] * mul + half;
+    const float t = (x[i] * pre) * mul + half;
     int j = static_cast<int>(t + 0.5f);
     j = j < 0 ? 0 : (j > top ? top : j);
     codes[i] = static_cast<std::uint8_t>(j);
@@ -185,12 +185,15 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
       const std::size_t b = s / bucket;
       const std::size_t e = std::min(end, (b + 1) * bucket);
       const float scale = scales[b];
-      const float mul = scale > 0.f ? half / scale : 0.f;
+      // half / scale overflows for scales below ~4e-37 (down to subnormals):
+      // then both x and the scale are first multiplied by 2^100, exactly.
+      const float pre = scale < 0x1p-100f ? 0x1p100f : 1.0f;
+      const float mul = scale > 0.f ? half / (scale * pre) : 0.f;
       if (stochastic)
-        codes_stochastic(x + s, e - s, mul, half, levels, key, static_cast<std::uint32_t>(s),
+        codes_stochastic(x + s, e - s, pre, mul, half, levels, key, static_cast<std::uint32_t>(s),
                          codes + (s - begin));
       else
-        codes_nearest(x + s, e - s, mul, half, levels, codes + (s - begin));
+        codes_nearest(x + s, e - s, pre, mul, half, levels, codes + (s - begin));
       s = e;
     }
   };

@@ -333,8 +333,11 @@ std::vector<std::uint32_t> sample_keys(Source src, std::size_t n, std::size_t n_
   return keys;
 }
 
-// The key of rank `rank` (0 = largest) in the sample.
+// The key of rank `rank` (0 = largest) in the sample. A NaN anywhere in the
+// sample is reported here: as a threshold it would make NaNs look like ties.
 std::uint32_t sample_rank_key(std::vector<std::uint32_t>& keys, std::size_t rank) {
+  for (std::uint32_t key : keys)
+    if (key > kInfKey) throw std::invalid_argument("x contains NaN");
   rank = std::min(rank, keys.size() - 1);
   std::nth_element(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(rank), keys.end(),
                    std::greater<std::uint32_t>());
