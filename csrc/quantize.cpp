@@ -68,6 +68,35 @@ void codes_stochastic_pairs(const float* x, std::size_t pairs, float pre, float 
   }
 }
 
+// 4-bit codes written straight into packed bytes (two per byte), for segments
+// that start on an even element: the codes never round-trip through a buffer.
+// Same values as codes_stochastic_pairs / codes_nearest followed by pack_codes.
+FEDPRESS_CLONES
+void pack4_stochastic(const float* x, std::size_t pairs, float pre, float mul, float half,
+                      std::uint32_t key, std::uint32_t first_pair, std::uint8_t* out) {
+  for (std::size_t j = 0; j < pairs; ++j) {
+    const std::uint32_t h = hash32(key, first_pair + static_cast<std::uint32_t>(j));
+    const float u0 = static_cast<float>(h & 0xFFFFu) * 0x1p-16f;
+    const float u1 = static_cast<float>(h >> 16) * 0x1p-16f;
+    int j0 = static_cast<int>((x[2 * j] * pre) * mul + half + u0);
+    int j1 = static_cast<int>((x[2 * j + 1] * pre) * mul + half + u1);
+    j0 = j0 < 0 ? 0 : (j0 > 15 ? 15 : j0);
+    j1 = j1 < 0 ? 0 : (j1 > 15 ? 15 : j1);
+    out[j] = static_cast<std::uint8_t>(j0 | (j1 << 4));
+  }
+}
+
+FEDPRESS_CLONES
+void pack4_nearest(const float* x, std::size_t pairs, float pre, float mul, float half, std::uint8_t* out) {
+  for (std::size_t j = 0; j < pairs; ++j) {
+    int j0 = static_cast<int>((x[2 * j] * pre) * mul + half + 0.5f);
+    int j1 = static_cast<int>((x[2 * j + 1] * pre) * mul + half + 0.5f);
+    j0 = j0 < 0 ? 0 : (j0 > 15 ? 15 : j0);
+    j1 = j1 < 0 ? 0 : (j1 > 15 ? 15 : j1);
+    out[j] = static_cast<std::uint8_t>(j0 | (j1 << 4));
+  }
+}
+
 // Same values as codes_stochastic_pairs for segments with odd ends.
 void codes_stochastic(const float* x, std::size_t len, float pre, float mul, float half,
                       std::uint32_t levels, std::uint32_t key, std::size_t first, std::uint8_t* codes) {
@@ -250,8 +279,34 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
         scales[s / bucket] = bits_float(m);
       }
     }
-    code_range(begin, end, codes.data());
-    pack_codes(codes.data(), end - begin, bits, packed + begin / 8 * static_cast<std::size_t>(bits));
+    std::uint8_t* out = packed + begin / 8 * static_cast<std::size_t>(bits);
+    if (bits == 8) {
+      code_range(begin, end, out);  // one code per byte: no packing step
+    } else if (bits == 4 && bucket % 2 == 0) {
+      // Every segment starts on an even element: pack while coding. A last
+      // odd element (only at the very end of x) goes through the generic path.
+      const std::size_t even_end = begin + ((end - begin) & ~std::size_t{1});
+      for (std::size_t s = begin; s < even_end;) {
+        const std::size_t b = s / bucket;
+        const std::size_t e = std::min(even_end, (b + 1) * bucket);
+        const float scale = scales[b];
+        const float pre = scale < 0x1p-100f ? 0x1p100f : 1.0f;
+        const float mul = scale > 0.f ? half / (scale * pre) : 0.f;
+        if (stochastic)
+          pack4_stochastic(x + s, (e - s) / 2, pre, mul, half, key, static_cast<std::uint32_t>(s >> 1),
+                           packed + s / 2);
+        else
+          pack4_nearest(x + s, (e - s) / 2, pre, mul, half, packed + s / 2);
+        s = e;
+      }
+      if (even_end < end) {
+        code_range(even_end, end, codes.data());
+        packed[even_end / 2] = codes[0];
+      }
+    } else {
+      code_range(begin, end, codes.data());
+      pack_codes(codes.data(), end - begin, bits, out);
+    }
   });
   if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
 }
