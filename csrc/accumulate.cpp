@@ -1,6 +1,7 @@
 #include "accumulate.hpp"
 
 #include <algorithm>
+#include <numeric>
 
 #include "parallel.hpp"
 
@@ -27,6 +28,46 @@ std::uint32_t max_index(const std::uint32_t* indices, std::size_t count) {
   std::uint32_t m = 0;
   for (std::size_t j = 0; j < count; ++j) m = std::max(m, indices[j]);
   return m;
+}
+
+std::vector<UpdateCheck> check_updates(const std::vector<SparseUpdate>& updates) {
+  std::vector<UpdateCheck> out(updates.size());
+  std::size_t total = 0;
+  for (const auto& u : updates) total += u.count;
+  parallel_for_sized(updates.size(), total, [&](std::size_t c) {
+    const SparseUpdate& u = updates[c];
+    std::uint32_t m = 0;
+    bool sorted = true;
+    for (std::size_t j = 0; j < u.count; ++j) {
+      m = std::max(m, u.indices[j]);
+      sorted &= j == 0 || u.indices[j] >= u.indices[j - 1];
+    }
+    out[c] = {m, sorted};
+  });
+  return out;
+}
+
+void scatter_add_many_any(float* acc, std::size_t n, std::vector<SparseUpdate> updates,
+                          const std::vector<UpdateCheck>& checks) {
+  std::vector<std::vector<std::uint32_t>> idx_copies;
+  std::vector<std::vector<float>> val_copies;
+  for (std::size_t c = 0; c < updates.size(); ++c) {
+    if (checks[c].sorted) continue;
+    SparseUpdate& u = updates[c];
+    std::vector<std::size_t> order(u.count);
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::size_t a, std::size_t b) { return u.indices[a] < u.indices[b]; });
+    idx_copies.emplace_back(u.count);
+    val_copies.emplace_back(u.count);
+    for (std::size_t j = 0; j < u.count; ++j) {
+      idx_copies.back()[j] = u.indices[order[j]];
+      val_copies.back()[j] = u.values[order[j]];
+    }
+    u.indices = idx_copies.back().data();
+    u.values = val_copies.back().data();
+  }
+  scatter_add_many(acc, n, updates);
 }
 
 void scatter_add(float* acc, std::size_t n, const SparseUpdate& update) {

@@ -21,6 +21,20 @@ std::size_t first_unsorted(const std::uint32_t* indices, std::size_t count);
 // The largest index (0 when count == 0).
 std::uint32_t max_index(const std::uint32_t* indices, std::size_t count);
 
+struct UpdateCheck {
+  std::uint32_t max_index = 0;  // 0 for an empty update
+  bool sorted = true;           // indices non-decreasing
+};
+
+// max index and sortedness of every update, one pass each, clients in parallel.
+std::vector<UpdateCheck> check_updates(const std::vector<SparseUpdate>& updates);
+
+// Like scatter_add_many, but accepts unsorted updates: those are stably sorted
+// by index on a copy first, so each element still receives its additions in
+// client order (and, within a client, in the given order).
+void scatter_add_many_any(float* acc, std::size_t n, std::vector<SparseUpdate> updates,
+                          const std::vector<UpdateCheck>& checks);
+
 // One update. Multi-threaded by accumulator range when the indices are sorted;
 // serial (in the given order) otherwise.
 void scatter_add(float* acc, std::size_t n, const SparseUpdate& update);

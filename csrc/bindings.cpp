@@ -15,9 +15,11 @@
 #include <vector>
 
 #include "accumulate.hpp"
+#include "checksum.hpp"
 #include "indexcode.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
+#include "rotate.hpp"
 #include "simd.hpp"
 #include "topk.hpp"
 
@@ -242,21 +244,34 @@ void register_indexcode(py::module_& m) {
       "buf"_a, "n"_a, "max_count"_a, "Decodes encode_indices output; raises ValueError on any corruption.");
 }
 
-// Validates one client's (indices, values) against the accumulator before any write.
-fedpress::SparseUpdate checked_update(const py::handle& i_obj, const py::handle& v_obj, double weight,
-                                      std::size_t n, const std::string& label, std::vector<py::array>& keep) {
+// Type and length checks of one client's (indices, values), under the GIL.
+fedpress::SparseUpdate typed_update(const py::handle& i_obj, const py::handle& v_obj, double weight,
+                                    const std::string& label, std::vector<py::array>& keep) {
   py::array idx = checked<std::uint32_t>(i_obj, ("indices" + label).c_str());
   py::array val = checked<float>(v_obj, ("values" + label).c_str());
   if (len(idx) != len(val))
     throw py::value_error("indices" + label + " and values" + label + " lengths differ: " +
                           std::to_string(len(idx)) + " vs " + std::to_string(len(val)));
-  const std::uint32_t mx = fedpress::max_index(cptr<std::uint32_t>(idx), len(idx));
-  if (len(idx) > 0 && mx >= n)
-    throw py::index_error("indices" + label + " holds " + std::to_string(mx) + ", out of range for an accumulator of " +
-                          std::to_string(n));
   keep.push_back(idx);
   keep.push_back(val);
   return {cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), static_cast<float>(weight)};
+}
+
+// Range-checks every update (clients in parallel, GIL released), then adds them;
+// an out-of-range index raises IndexError before anything is written.
+void add_checked(float* acc, std::size_t n, std::vector<fedpress::SparseUpdate> updates,
+                 const std::vector<std::string>& labels) {
+  std::vector<fedpress::UpdateCheck> checks;
+  {
+    py::gil_scoped_release release;  // reads the index buffers only
+    checks = fedpress::check_updates(updates);
+  }
+  for (std::size_t c = 0; c < updates.size(); ++c)
+    if (updates[c].count > 0 && checks[c].max_index >= n)
+      throw py::index_error("indices" + labels[c] + " holds " + std::to_string(checks[c].max_index) +
+                            ", out of range for an accumulator of " + std::to_string(n));
+  py::gil_scoped_release release;  // raw buffers kept alive by the caller's arrays
+  fedpress::scatter_add_many_any(acc, n, std::move(updates), checks);
 }
 
 void register_accumulate(py::module_& m) {
@@ -265,11 +280,8 @@ void register_accumulate(py::module_& m) {
       [](const py::handle& acc_obj, const py::handle& i_obj, const py::handle& v_obj, double weight) {
         py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
         std::vector<py::array> keep;
-        const fedpress::SparseUpdate u = checked_update(i_obj, v_obj, weight, len(acc), "", keep);
-        float* a = mptr<float>(acc);
-        const std::size_t n = len(acc);
-        py::gil_scoped_release release;
-        fedpress::scatter_add(a, n, u);
+        std::vector<fedpress::SparseUpdate> updates{typed_update(i_obj, v_obj, weight, "", keep)};
+        add_checked(mptr<float>(acc), len(acc), std::move(updates), {""});
       },
       "acc"_a, "indices"_a, "values"_a, "weight"_a, "acc[indices] += weight * values, in place.");
   m.def(
@@ -284,20 +296,90 @@ void register_accumulate(py::module_& m) {
                                 std::to_string(weights.size()));
         std::vector<py::array> keep;
         std::vector<fedpress::SparseUpdate> updates;
+        std::vector<std::string> labels;
         updates.reserve(clients);
         for (std::size_t c = 0; c < clients; ++c) {
-          const std::string label = "[" + std::to_string(c) + "]";
-          updates.push_back(checked_update(idx_list[c], val_list[c], weights[c], len(acc), label, keep));
-          if (fedpress::first_unsorted(updates.back().indices, updates.back().count) != updates.back().count)
-            throw py::value_error("indices" + label + " must be sorted ascending");
+          labels.push_back("[" + std::to_string(c) + "]");
+          updates.push_back(typed_update(idx_list[c], val_list[c], weights[c], labels.back(), keep));
         }
-        float* a = mptr<float>(acc);
-        const std::size_t n = len(acc);
-        py::gil_scoped_release release;
-        fedpress::scatter_add_many(a, n, updates);
+        add_checked(mptr<float>(acc), len(acc), std::move(updates), labels);
       },
       "acc"_a, "indices_list"_a, "values_list"_a, "weights"_a,
-      "For each client c in order: acc[indices_list[c]] += weights[c] * values_list[c]; indices sorted.");
+      "For each client c in order: acc[indices_list[c]] += weights[c] * values_list[c]. Unsorted "
+      "indices are sorted (stably) on a copy.");
+}
+
+void register_checksum(py::module_& m) {
+  m.def(
+      "crc32c",
+      [](const py::buffer& buf, std::uint32_t crc) {
+        py::buffer_info info = buf.request();
+        if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+          throw py::type_error("data must be a contiguous bytes-like object");
+        const auto* data = static_cast<const std::uint8_t*>(info.ptr);
+        const std::size_t size = static_cast<std::size_t>(info.size * info.itemsize);
+        py::gil_scoped_release release;  // reads the buffer only
+        return fedpress::crc32c(data, size, crc);
+      },
+      "data"_a, "crc"_a = 0, "CRC-32C of data, continuing from crc.");
+}
+
+// A rotation block size: a power of two in [1, 2^24].
+std::size_t rotate_block(long long block) {
+  if (block < 1 || !fedpress::valid_rotate_block(static_cast<std::size_t>(block)))
+    throw py::value_error("block must be a power of two in [1, 2^24], got " + std::to_string(block));
+  return static_cast<std::size_t>(block);
+}
+
+void register_rotate(py::module_& m) {
+  m.def(
+      "rht_padded_size",
+      [](std::uint64_t n, long long block_arg) {
+        const std::size_t b = rotate_block(block_arg);
+        if (n > kMaxLength) throw py::value_error("n must be < 2^32, got " + std::to_string(n));
+        return fedpress::rht_padded_size(static_cast<std::size_t>(n), b);
+      },
+      "n"_a, "block"_a,
+      "Length of rht's output for n elements: full blocks, then the tail padded to a power of two.");
+  m.def(
+      "rht",
+      [](const py::handle& x_obj, std::uint64_t seed, long long block_arg) {
+        py::array x = checked<float>(x_obj, "x");
+        const std::size_t b = rotate_block(block_arg);
+        const std::size_t n = len(x), padded = fedpress::rht_padded_size(n, b);
+        if (padded > kMaxLength)
+          throw py::value_error("x has " + std::to_string(n) + " elements; padded to " + std::to_string(padded) +
+                                " they exceed 2^32 - 1");
+        py::array_t<float> out(static_cast<py::ssize_t>(padded));
+        {
+          float* o = out.mutable_data();
+          py::gil_scoped_release release;
+          fedpress::rht_forward(cptr<float>(x), n, b, seed, o);
+        }
+        return out;
+      },
+      "x"_a, "seed"_a, "block"_a,
+      "Seeded randomized Hadamard rotation, blockwise: float32[rht_padded_size(n, block)].");
+  m.def(
+      "irht",
+      [](const py::handle& y_obj, long long n_arg, std::uint64_t seed, long long block_arg) {
+        py::array y = checked<float>(y_obj, "y");
+        const std::size_t b = rotate_block(block_arg);
+        if (n_arg < 0 || static_cast<std::uint64_t>(n_arg) > kMaxLength)
+          throw py::value_error("n must be in [0, 2^32 - 1], got " + std::to_string(n_arg));
+        const std::size_t n = static_cast<std::size_t>(n_arg), padded = fedpress::rht_padded_size(n, b);
+        if (len(y) != padded)
+          throw py::value_error("y has " + std::to_string(len(y)) + " elements, expected " + std::to_string(padded) +
+                                " = rht_padded_size(" + std::to_string(n) + ", " + std::to_string(b) + ")");
+        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        {
+          float* o = out.mutable_data();
+          py::gil_scoped_release release;
+          fedpress::rht_inverse(cptr<float>(y), padded, n, b, seed, o);
+        }
+        return out;
+      },
+      "y"_a, "n"_a, "seed"_a, "block"_a, "Inverse of rht: float32[n].");
 }
 
 void register_runtime(py::module_& m) {
@@ -332,5 +414,7 @@ PYBIND11_MODULE(_core, m) {
   register_quantize(m);
   register_indexcode(m);
   register_accumulate(m);
+  register_checksum(m);
+  register_rotate(m);
   register_runtime(m);
 }

@@ -224,3 +224,168 @@ def sampled_positions_mask(n: int, n_blocks: int, seed: int, block: int = 16) ->
 def sampled_positions() -> Callable[[int, int, int], np.ndarray]:
     """sampled_positions(n, n_blocks, seed) -> bool mask of the sampled elements."""
     return sampled_positions_mask
+
+
+# ============================================================ payload tests --
+# Helpers for the codec / payload / aggregator tests: a writer for hand-built
+# payloads (docs: python/fedpress/payload.py, format version 1) and a guard
+# that caps the address space while hostile payloads are decoded, so a decoder
+# that tries to allocate gigabytes fails with MemoryError instead of eating the
+# machine.
+import resource  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+class Wire:
+    """Builds format-v1 payloads by hand (written from the documented layout).
+
+    header   magic b"FPRS" | version u8 | flags u8 | reserved u16 | seed u64
+             | body_size u64 | raw_body_size u64                      (32 bytes)
+    body     spec_len u16 | spec | n_tensors u32 | table entries | sections
+    entry    name_len u16 | name | dtype u8 | ndim u8 | shape u64[ndim]
+             | kind u8 | value code u8 | flags u8 | reserved u8 | count u64
+             | bucket u32 | rht block u32 | index_len u64 | values_len u64
+    trailer  crc32c u32 over header and stored body
+    """
+
+    MAGIC = b"FPRS"
+    HEADER = struct.Struct("<4sBBHQQQ")
+    ENTRY_FIXED = struct.Struct("<BBBBQIIQQ")
+    TRAILER = struct.Struct("<I")
+    FLAG_ZSTD = 0x01
+    DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
+              "uint8", "uint16", "uint32", "uint64", "bool")
+    VALUES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign")
+    RAW, DENSE, SPARSE, SEEDED = 0, 1, 2, 3
+    VALUE_RAW = 255
+
+    @staticmethod
+    def crc32c(data: bytes, crc: int = 0) -> int:
+        from fedpress import _core
+
+        return int(_core.crc32c(data, crc))
+
+    @dataclass
+    class Tensor:
+        name: str
+        dtype: str
+        shape: tuple
+        kind: int
+        values: str = "fp32"       # value code name, or "raw"
+        count: int = -1            # -1: the shape's size
+        bucket: int = 0
+        block: int = 0
+        flags: int = 0
+        reserved: int = 0
+        index_data: bytes = b""
+        value_data: bytes = b""
+        index_len: int = -1        # -1: len(index_data)
+        value_len: int = -1        # -1: len(value_data)
+        dtype_code: int = -1       # -1: from dtype
+        ndim: int = -1             # -1: len(shape)
+
+    def tensor(self, name: str, dtype: str, shape: tuple, kind: int, **kw) -> Wire.Tensor:
+        return Wire.Tensor(name, dtype, tuple(shape), kind, **kw)
+
+    def body(self, tensors: list, spec: str = "fp32", n_tensors: int = -1, trailing: bytes = b"") -> bytes:
+        spec_b = spec.encode()
+        parts = [struct.pack("<H", len(spec_b)), spec_b,
+                 struct.pack("<I", len(tensors) if n_tensors < 0 else n_tensors)]
+        sections = []
+        for t in tensors:
+            name = t.name.encode()
+            size = int(np.prod(t.shape, dtype=object)) if t.shape else 1
+            count = size if t.count < 0 else t.count
+            vcode = self.VALUE_RAW if t.values == "raw" else self.VALUES.index(t.values)
+            dcode = self.DTYPES.index(t.dtype) if t.dtype_code < 0 else t.dtype_code
+            ndim = len(t.shape) if t.ndim < 0 else t.ndim
+            parts += [struct.pack("<H", len(name)), name, struct.pack("<BB", dcode, ndim),
+                      struct.pack(f"<{len(t.shape)}Q", *t.shape),
+                      self.ENTRY_FIXED.pack(t.kind, vcode, t.flags, t.reserved, count, t.bucket, t.block,
+                                            len(t.index_data) if t.index_len < 0 else t.index_len,
+                                            len(t.value_data) if t.value_len < 0 else t.value_len)]
+            sections += [t.index_data, t.value_data]
+        return b"".join(parts + sections) + trailing
+
+    def wrap(self, body: bytes, *, flags: int = 0, seed: int = 0, raw_size: int = -1, version: int = 1,
+             magic: bytes = MAGIC, reserved: int = 0, zstd_level: int = 0) -> bytes:
+        """Header + stored body + a correct CRC. zstd_level > 0 compresses the body
+        (and sets the zstd flag); raw_size defaults to the uncompressed body's size."""
+        raw = len(body)
+        if zstd_level:
+            import zstandard
+
+            body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+            flags |= self.FLAG_ZSTD
+        header = self.HEADER.pack(magic, version, flags, reserved, seed, len(body),
+                                  raw if raw_size < 0 else raw_size)
+        return header + body + self.TRAILER.pack(self.crc32c(header + body))
+
+    def fix_crc(self, payload: bytes) -> bytes:
+        """The payload with its trailer recomputed over everything before it."""
+        head = bytes(payload[:-4])
+        return head + self.TRAILER.pack(self.crc32c(head))
+
+    def header(self, payload: bytes) -> tuple:
+        """(magic, version, flags, reserved, seed, body_size, raw_body_size)."""
+        return self.HEADER.unpack(payload[:self.HEADER.size])
+
+    def stored_body(self, payload: bytes) -> bytes:
+        return bytes(payload[self.HEADER.size:len(payload) - self.TRAILER.size])
+
+    def plain_body(self, payload: bytes) -> bytes:
+        """The body after zstd (if any)."""
+        body = self.stored_body(payload)
+        if self.header(payload)[2] & self.FLAG_ZSTD:
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompress(body)
+        return body
+
+    def rebuild(self, payload: bytes, plain_body: bytes, zstd_level: int = 3) -> bytes:
+        """A payload with the same header fields but a new (plain) body, re-compressed
+        when the original was, with sizes and CRC recomputed."""
+        _, version, flags, reserved, seed, _, _ = self.header(payload)
+        zstd = flags & self.FLAG_ZSTD
+        return self.wrap(plain_body, flags=flags & ~self.FLAG_ZSTD, seed=seed, version=version,
+                         reserved=reserved, zstd_level=zstd_level if zstd else 0)
+
+
+@pytest.fixture(scope="session")
+def wire() -> Wire:
+    """Hand-built payloads in format v1 (see Wire)."""
+    return Wire()
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmSize")
+
+
+@contextlib.contextmanager
+def capped_memory(extra: int = 1 << 30) -> Iterator[None]:
+    """Runs a block with the address space capped at its current size + `extra`
+    bytes (Linux), so an allocation of gigabytes raises MemoryError at once."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _vm_size() + extra
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def memory_cap() -> Callable[..., contextlib.AbstractContextManager[None]]:
+    """memory_cap(extra=1 GiB) caps the address space for a block (see capped_memory)."""
+    return capped_memory

@@ -28,6 +28,9 @@ __all__ = [
     "quantize",
     "dequantize",
     "packed_size",
+    "rht",
+    "irht",
+    "rht_padded_size",
     "encode_indices",
     "decode_indices",
     "scatter_add",
@@ -71,7 +74,8 @@ def _as_float32(x: ArrayLike, name: str) -> np.ndarray:
             arr = arr.astype(np.float32)
         elif arr.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf; kernels report it
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
     if arr.size > _MAX_LEN:
         raise ValueError(f"{name} has {arr.size} elements; at most 2**32 - 1 are supported")
     return arr
@@ -262,6 +266,59 @@ def dequantize(
     )
 
 
+# ----------------------------------------------------------------- rotation --
+_RHT_BLOCK = 2**16
+_RHT_MAX_BLOCK = 2**24
+
+
+def _rht_block(block: Any) -> int:
+    value = _count(block, "block")
+    if not (1 <= value <= _RHT_MAX_BLOCK and value & (value - 1) == 0):
+        raise ValueError(f"block must be a power of two in [1, 2**24], got {value}")
+    return value
+
+
+def _required_seed(seed: Any) -> int:
+    if seed is None:
+        raise TypeError("seed is required: the inverse rotation needs the same seed")
+    return _seed(seed)
+
+
+def rht_padded_size(n: int, block: int = _RHT_BLOCK) -> int:
+    """Length of :func:`rht`'s output for n elements.
+
+    ``n // block`` full blocks, then the remaining ``n % block`` elements padded
+    with zeros up to their next power of two (so a vector shorter than a block
+    becomes one block of ``next_pow2(n)``); 0 for n = 0.
+    """
+    n = _count(n, "n")
+    if n > _MAX_LEN:
+        raise ValueError(f"n must be < 2**32, got {n}")
+    return int(_core.rht_padded_size(n, _rht_block(block)))
+
+
+def rht(x: ArrayLike, seed: int, block: int = _RHT_BLOCK) -> np.ndarray:
+    """Seeded randomized Hadamard rotation: float32[rht_padded_size(len(x), block)].
+
+    Each block (see :func:`rht_padded_size`) is multiplied by random signs
+    (a pure function of ``(seed, index)``) and then by the orthonormal
+    Walsh-Hadamard matrix, so norms are preserved and heavy-tailed vectors come
+    out Gaussian-like, which suits max-abs :func:`quantize`. ``block`` is a power
+    of two up to 2**24; :func:`irht` with the same seed and block inverts it.
+    """
+    arr = _as_float32(x, "x")
+    return _core.rht(arr, _required_seed(seed), _rht_block(block))
+
+
+def irht(y: ArrayLike, n: int, seed: int, block: int = _RHT_BLOCK) -> np.ndarray:
+    """Inverse of :func:`rht`: float32[n] from ``y`` of ``rht_padded_size(n, block)``."""
+    arr = _as_float32(y, "y")
+    n = _count(n, "n")
+    if n > _MAX_LEN:
+        raise ValueError(f"n must be < 2**32, got {n}")
+    return _core.irht(arr, n, _required_seed(seed), _rht_block(block))
+
+
 # ------------------------------------------------------------ index coding --
 def encode_indices(indices: ArrayLike, n: int) -> bytes:
     """Golomb gap coding of strictly ascending indices in [0, n).
@@ -343,9 +400,6 @@ def scatter_add_many(
     for c, (i, v) in enumerate(zip(idx_list, val_list)):
         ia = _as_indices(i, f"indices_list[{c}]")
         va = _as_values(v, f"values_list[{c}]")
-        if ia.size > 1 and ia.size == va.size and np.any(ia[1:] < ia[:-1]):
-            order = np.argsort(ia, kind="stable")
-            ia, va = ia[order], va[order]
         idx_arrays.append(ia)
         val_arrays.append(va)
     _core.scatter_add_many(a, idx_arrays, val_arrays, w)

@@ -1,0 +1,109 @@
+"""The streaming server aggregator: one running sum per tensor, never a dense
+copy per client for sparse payloads."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import ops
+from .payload import (DEFAULT_LIMITS, KIND_RAW, DecodeError, Limits, _output_dtype, parse, raw_array,
+                      sparse_parts)
+
+__all__ = ["Aggregator"]
+
+
+class Aggregator:
+    """Weighted mean of many payloads: ``agg.add(payload, weight)``, then ``agg.result()``.
+
+    Each payload is validated in full before the sums change, so a malformed one
+    (or one whose tensor table disagrees with the first) raises DecodeError and
+    leaves the aggregate as it was. Sparse sections are scattered straight into
+    the float32 (or float64, ``dtype=np.float64``) sums.
+    """
+
+    def __init__(self, dtype: Any = np.float32, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.limits = limits
+        self._sums: dict[str, np.ndarray] = {}
+        self._table: Optional[list[tuple[str, str, tuple]]] = None
+        self.count = 0
+        self.total_weight = 0.0
+
+    def add(self, payload: Any, weight: float = 1.0) -> None:
+        w = float(weight)
+        if not np.isfinite(w) or w < 0:
+            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+        parsed = parse(payload, self.limits)
+        table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
+        if self._table is not None and table != self._table:
+            raise DecodeError(_table_difference(self._table, table))
+        # Decode everything first: nothing is added unless the whole payload is valid.
+        parts = []
+        for rec in parsed.tensors:
+            if rec.kind == KIND_RAW:
+                parts.append((rec, None, raw_array(rec).reshape(-1).astype(np.float64)))
+            else:
+                idx, values = sparse_parts(rec, parsed.seed)
+                parts.append((rec, idx, values))
+        if self._table is None:
+            self._table = table
+            self._sums = {rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                          for rec in parsed.tensors}
+        for rec, idx, values in parts:
+            acc = self._sums[rec.name]
+            if idx is None:
+                acc += values.astype(acc.dtype, copy=False) * acc.dtype.type(w)
+            elif acc.dtype == np.float32:
+                ops.scatter_add(acc, idx, values, w)
+            else:
+                np.add.at(acc, idx.astype(np.intp), values.astype(np.float64) * w)
+        self.count += 1
+        self.total_weight += w
+
+    def merge(self, other: Aggregator) -> None:
+        """Adds another aggregator's sums (hierarchical aggregation)."""
+        if not isinstance(other, Aggregator):
+            raise TypeError(f"can only merge an Aggregator, got {type(other).__name__}")
+        if other._table is None:
+            return
+        if self._table is None:
+            self._table = list(other._table)
+            self._sums = {k: v.copy() for k, v in other._sums.items()}
+        else:
+            if other._table != self._table:
+                raise DecodeError(_table_difference(self._table, other._table))
+            for k, v in other._sums.items():
+                self._sums[k] += v.astype(self._sums[k].dtype, copy=False)
+        self.count += other.count
+        self.total_weight += other.total_weight
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The weighted mean of everything added, ``{name: array}`` in the original shapes."""
+        if self._table is None:
+            raise ValueError("no payload was added")
+        if self.total_weight <= 0:
+            raise ValueError("the total weight is zero")
+        out = {}
+        for name, dtype, shape in self._table:
+            mean = self._sums[name] / self.total_weight
+            if dtype in ("float32", "float16", "float64", "bfloat16"):
+                out[name] = mean.astype(_output_dtype(dtype) if dtype != "float32" else self.dtype
+                                        ).reshape(shape)
+            else:
+                target = np.dtype(dtype)
+                out[name] = (np.rint(mean) if target.kind in "iu" else mean > 0.5).astype(target).reshape(shape)
+        return out
+
+
+def _table_difference(expected: list, got: list) -> str:
+    if len(expected) != len(got):
+        return f"tensor table differs from the first payload: {len(got)} tensors, expected {len(expected)}"
+    for (n1, d1, s1), (n2, d2, s2) in zip(expected, got):
+        if (n1, d1, s1) != (n2, d2, s2):
+            return (f"tensor table differs from the first payload: {n2!r} {d2} {s2}, "
+                    f"expected {n1!r} {d1} {s1}")
+    return "tensor table differs from the first payload"

@@ -1,0 +1,265 @@
+"""Spec strings and the stage pipeline that turns an update into a payload.
+
+A spec names up to four stages joined by ``+``, in this order, each optional::
+
+    sparsifier   topk:R | thresh:R | randk:R     (R = fraction of entries kept, 0 < R <= 1)
+    rotation     rht                             (seeded randomized Hadamard transform)
+    values       fp32 | fp16 | bf16 | q8 | q4 | q2 | sign
+    entropy      zstd | zstd:L                   (L = zstd level, 1..22)
+
+Examples: ``fp32``, ``q8+zstd:3``, ``topk:0.01+q4+zstd``, ``randk:0.01+fp16``, ``rht+q2+zstd``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import ops
+from . import payload as _payload
+
+__all__ = ["Spec", "parse_spec", "Codec"]
+
+SPARSIFIERS = ("topk", "thresh", "randk")
+VALUE_STAGES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign")
+_STAGE_RANK = {"sparsifier": 0, "rotation": 1, "values": 2, "entropy": 3}
+_RATIO = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed spec. ``str(spec)`` gives its canonical text."""
+
+    sparsifier: Optional[str] = None
+    ratio: float = 1.0
+    rotate: bool = False
+    values: str = "fp32"
+    zstd_level: Optional[int] = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.sparsifier:
+            parts.append(f"{self.sparsifier}:{self.ratio:g}")
+        if self.rotate:
+            parts.append("rht")
+        parts.append(self.values)
+        if self.zstd_level is not None:
+            parts.append(f"zstd:{self.zstd_level}")
+        return "+".join(parts)
+
+
+def _stage_error(spec: str, stage: str, why: str) -> ValueError:
+    return ValueError(f"bad stage {stage!r} in spec {spec!r}: {why}")
+
+
+def parse_spec(spec: str) -> Spec:
+    """Parses a spec string; a bad one raises ValueError naming the bad stage."""
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string, got {type(spec).__name__}")
+    text = spec.strip().lower()
+    if not text:
+        raise ValueError("empty spec: expected stages such as 'topk:0.01+q4+zstd'")
+    fields: dict[str, Any] = {}
+    last_rank = -1
+    for raw in text.split("+"):
+        stage = raw.strip()
+        name, _, arg = stage.partition(":")
+        if name in SPARSIFIERS:
+            kind = "sparsifier"
+            if not arg or not _RATIO.match(arg):
+                raise _stage_error(spec, stage, f"{name} needs a ratio, e.g. '{name}:0.01'")
+            ratio = float(arg)
+            if not (0.0 < ratio <= 1.0) or not math.isfinite(ratio):
+                raise _stage_error(spec, stage, f"ratio must be in (0, 1], got {arg}")
+            fields.update(sparsifier=name, ratio=ratio)
+        elif name == "rht":
+            kind = "rotation"
+            if arg:
+                raise _stage_error(spec, stage, "rht takes no argument")
+            fields["rotate"] = True
+        elif name in VALUE_STAGES:
+            kind = "values"
+            if arg:
+                raise _stage_error(spec, stage, f"{name} takes no argument")
+            fields["values"] = name
+        elif name == "zstd":
+            kind = "entropy"
+            level = 3
+            if arg:
+                if not arg.lstrip("-").isdigit() or not 1 <= int(arg) <= 22:
+                    raise _stage_error(spec, stage, f"zstd level must be an integer in 1..22, got {arg!r}")
+                level = int(arg)
+            fields["zstd_level"] = level
+        else:
+            known = ", ".join((*SPARSIFIERS, "rht", *VALUE_STAGES, "zstd"))
+            raise _stage_error(spec, stage or "(empty)", f"unknown stage; known stages: {known}")
+        rank = _STAGE_RANK[kind]
+        if rank == last_rank:
+            raise _stage_error(spec, stage, f"a second {kind} stage")
+        if rank < last_rank:
+            raise _stage_error(
+                spec, stage, "stages must come in the order sparsifier, rht, values, zstd"
+            )
+        last_rank = rank
+    return Spec(**fields)
+
+
+# ------------------------------------------------------------ normalisation --
+def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
+    """The tensor as a numpy array and its dtype name (bfloat16 becomes float32 data)."""
+    if ops._is_torch_tensor(value):
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        dtype = str(t.dtype).replace("torch.", "")
+        if dtype == "bfloat16":
+            return t.float().contiguous().numpy(), "bfloat16"
+        return t.contiguous().numpy(), dtype
+    arr = np.asarray(value)
+    if arr.dtype.name == "bfloat16":
+        return arr.astype(np.float32), "bfloat16"
+    if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
+        raise TypeError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+    return arr, arr.dtype.name
+
+
+# ------------------------------------------------------------------ codec --
+class Codec:
+    """Encodes a whole update (a mapping of names to tensors) into self-describing bytes.
+
+    ``Codec("topk:0.01+q4+zstd").encode(update)`` returns a payload that
+    :func:`fedpress.decode` restores without knowing the codec. Float tensors
+    (float16/32/64, bfloat16) are compressed; integer and bool tensors travel
+    losslessly. Selection runs over the whole update (a global top-k over all
+    float tensors) unless ``per_tensor=True``. A tensor whose sparse form would
+    be larger than its dense form is sent dense.
+    """
+
+    def __init__(self, spec: str, *, per_tensor: bool = False, bucket: int = 512,
+                 rht_block: int = 1 << 16) -> None:
+        self.spec = parse_spec(spec)
+        self.per_tensor = bool(per_tensor)
+        self.bucket = ops._bucket(bucket)
+        if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > (1 << 24):
+            raise ValueError(f"rht_block must be a power of two <= 2**24, got {rht_block}")
+        self.rht_block = int(rht_block)
+
+    def __repr__(self) -> str:
+        return f"Codec({str(self.spec)!r}, per_tensor={self.per_tensor})"
+
+    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None) -> bytes:
+        """Compresses ``update`` into payload bytes. ``seed`` fixes every random
+        choice (stochastic rounding, random-k, rotation signs); by default it is fresh."""
+        if not isinstance(update, Mapping):
+            raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
+        payload_seed = secrets.randbits(64) if seed is None else ops._seed(seed)
+        names, arrays, dtypes = [], [], []
+        for name, value in update.items():
+            if not isinstance(name, str):
+                raise TypeError(f"tensor names must be strings, got {type(name).__name__}")
+            arr, dtype = _to_numpy(name, value)
+            names.append(name)
+            arrays.append(arr)
+            dtypes.append(dtype)
+        floats = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
+        flat = {i: ops._as_float32(arrays[i], names[i]) for i in floats}
+        selected = self._select(flat, payload_seed)
+        entries = []
+        for i, (name, arr, dtype) in enumerate(zip(names, arrays, dtypes)):
+            if i not in flat:
+                entries.append(_payload.raw_entry(name, arr, dtype))
+                continue
+            entries.append(self._float_entry(name, arr, dtype, flat[i], selected.get(i),
+                                             payload_seed, i))
+        return _payload.write(str(self.spec), payload_seed, entries, self.spec.zstd_level)
+
+    # -- selection ----------------------------------------------------------
+    def _select(self, flat: dict[int, np.ndarray], seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """(indices, values) kept per float tensor; absent: the tensor is sent dense."""
+        sp = self.spec
+        if sp.sparsifier is None or sp.ratio >= 1.0 or not flat:
+            return {}
+        if sp.sparsifier == "randk":
+            # Indices regenerate from the seed on decode; kept per tensor.
+            return {i: ops.randomk(v, _k(sp.ratio, v.size),
+                                   _payload.stage_seed(seed, i, _payload.PURPOSE_RANDK))
+                    for i, v in flat.items()}
+        if sp.sparsifier == "topk":
+            def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return ops.topk(v, _k(sp.ratio, v.size))
+        else:
+            def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return ops.threshold_topk(v, sp.ratio, seed)
+        if self.per_tensor or len(flat) == 1:
+            return {i: pick(v) for i, v in flat.items()}
+        # Global selection over the concatenation of every float tensor.
+        order = sorted(flat)
+        sizes = np.array([flat[i].size for i in order], dtype=np.int64)
+        offsets = np.concatenate(([0], np.cumsum(sizes)))
+        idx, vals = pick(np.concatenate([flat[i] for i in order]))
+        cuts = np.searchsorted(idx, offsets)
+        return {i: ((idx[cuts[j]:cuts[j + 1]] - np.uint32(offsets[j])).astype(np.uint32),
+                    vals[cuts[j]:cuts[j + 1]]) for j, i in enumerate(order)}
+
+    # -- values ---------------------------------------------------------------
+    def _value_bucket(self) -> int:
+        """Elements per scale: none for float formats; 8x wider for sign, whose
+        one bit per value would otherwise pay 6% for its scales."""
+        if self.spec.values == "sign":
+            return self.bucket * 8
+        return self.bucket if self.spec.values in ("q8", "q4", "q2") else 0
+
+    def _float_entry(self, name: str, original: np.ndarray, dtype: str, v: np.ndarray,
+                     selected: Optional[tuple[np.ndarray, np.ndarray]], payload_seed: int,
+                     ordinal: int) -> _payload.Entry:
+        sp = self.spec
+        n = v.size
+        indices, kept = selected if selected is not None else (None, None)
+        if indices is not None and sp.sparsifier != "randk":
+            # Dense when the sparse form would not be smaller (tiny tensors, high ratios).
+            k = indices.size
+            bucket = self._value_bucket()
+            # Golomb codes take about log2(n/k) + 1.6 bits per index, plus two varints.
+            index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
+            sparse = _payload.values_size(sp.values, k, bucket) + index_bytes
+            if sparse >= _payload.values_size(sp.values, n, bucket):
+                indices = None
+        if indices is None:
+            values = v
+            kind = _payload.KIND_DENSE
+            if not np.isfinite(values).all():
+                raise ValueError(f"tensor {name!r} holds NaN or infinity (or float64 values beyond the "
+                                 "float32 range); compressed tensors must be finite")
+        else:
+            values = kept
+            if not np.isfinite(values).all():
+                raise ValueError(f"tensor {name!r} holds NaN or infinity among its selected values")
+            kind = _payload.KIND_SPARSE_SEEDED if sp.sparsifier == "randk" else _payload.KIND_SPARSE
+        shape = original.shape
+        if kind == _payload.KIND_DENSE and sp.values == "fp16" and original.dtype == np.float64:
+            values = original.reshape(-1)  # round to half once, not through float32 first
+        block = 0
+        if sp.rotate and values.size:
+            block = self.rht_block
+            values = ops.rht(values, _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_RHT),
+                             block=block)
+        quant_seed = _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_QUANT)
+        bucket = self._value_bucket()
+        coded = _payload.encode_values(sp.values, values, bucket, quant_seed)
+        return _payload.Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in shape), kind=kind,
+                              count=int(indices.size if indices is not None else n), rht_block=block,
+                              indices=None if kind != _payload.KIND_SPARSE else indices,
+                              values=coded, value_code=sp.values, bucket=bucket)
+
+
+def _k(ratio: float, n: int) -> int:
+    """Entries kept for a ratio: at least one of a non-empty tensor."""
+    if n == 0:
+        return 0
+    return min(n, max(1, int(round(ratio * n))))

@@ -1,0 +1,545 @@
+"""The wire format: one self-describing payload per update (see docs/format.md).
+
+Layout (all integers little-endian)::
+
+    header   magic b"FPRS" | version u8 | flags u8 | reserved u16 | seed u64
+             | body_size u64 | raw_body_size u64                      (32 bytes)
+    body     (zstd-compressed when flags bit 0 is set)
+             spec_len u16 | spec | n_tensors u32 | table entries | sections
+    trailer  crc32c u32 over header and stored body
+
+Every length, count, shape and index is checked against the buffer and against
+:class:`Limits` before anything is allocated; any malformed payload raises
+:class:`DecodeError`.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import zstandard
+
+from . import _core, ops
+
+__all__ = ["DecodeError", "Limits", "FORMAT_VERSION", "MAGIC", "decode", "inspect"]
+
+MAGIC = b"FPRS"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sBBHQQQ")
+TRAILER = struct.Struct("<I")
+FLAG_ZSTD = 0x01
+
+KIND_RAW, KIND_DENSE, KIND_SPARSE, KIND_SPARSE_SEEDED = 0, 1, 2, 3
+KIND_NAMES = {KIND_RAW: "raw", KIND_DENSE: "dense", KIND_SPARSE: "sparse", KIND_SPARSE_SEEDED: "sparse-seeded"}
+ENTRY_FLAG_ROTATED = 0x01
+
+# dtype codes on the wire
+DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
+          "uint8", "uint16", "uint32", "uint64", "bool"]
+DTYPE_CODE = {name: code for code, name in enumerate(DTYPES)}
+FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
+
+# value codes on the wire
+VALUE_CODES = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign"]
+VALUE_CODE = {name: code for code, name in enumerate(VALUE_CODES)}
+VALUE_RAW = 255
+_QBITS = {"q8": 8, "q4": 4, "q2": 2}
+
+# Seeds for each random choice, derived from the payload seed and the tensor's
+# position in the table, so a decoder can regenerate them.
+PURPOSE_RANDK, PURPOSE_RHT, PURPOSE_QUANT = 1, 2, 3
+
+ENTRY_FIXED = struct.Struct("<BBBBQIIQQ")  # kind values flags reserved count bucket block index_len values_len
+
+
+if sys.byteorder != "little":  # the C++ kernels read multi-byte fields in host order
+    raise ImportError("fedpress supports little-endian hosts only")
+
+
+class DecodeError(ValueError):
+    """A payload is malformed, truncated, corrupted or beyond the configured limits."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps a decoder enforces before allocating (python-zstandard's max_output_size idea)."""
+
+    max_tensors: int = 1 << 16
+    max_dims: int = 32
+    max_elements: int = (1 << 32) - 1      # per tensor
+    max_total_elements: int = 1 << 33      # over the whole payload
+    max_decoded_bytes: int = 1 << 34       # dense output, all tensors
+    max_body_bytes: int = 1 << 33          # the body after zstd
+
+    def __post_init__(self) -> None:
+        for name in ("max_tensors", "max_dims", "max_elements", "max_total_elements",
+                     "max_decoded_bytes", "max_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Limits.{name} must be a non-negative integer, got {value!r}")
+        if self.max_elements > (1 << 32) - 1:
+            raise ValueError("Limits.max_elements cannot exceed 2**32 - 1 (indices are 32-bit)")
+        if self.max_dims > 255:
+            raise ValueError("Limits.max_dims cannot exceed 255 (ndim is one byte)")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def stage_seed(payload_seed: int, ordinal: int, purpose: int) -> int:
+    """The 64-bit seed of one random choice: SplitMix64 over (seed, ordinal, purpose)."""
+    z = (payload_seed + 0x9E3779B97F4A7C15 * (ordinal * 4 + purpose + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+# ------------------------------------------------------------- value coding --
+def values_size(code: str, count: int, bucket: int) -> int:
+    """Exact bytes of a values section."""
+    if code == "fp32":
+        return 4 * count
+    if code in ("fp16", "bf16"):
+        return 2 * count
+    nb = -(-count // bucket) if bucket else 0
+    bits = 1 if code == "sign" else _QBITS[code]
+    return 4 * nb + (count * bits + 7) // 8
+
+
+def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> bytes:
+    """Codes a float32 vector with a value stage."""
+    if code == "fp16":
+        return np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2").tobytes()
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if code == "fp32":
+        return v.tobytes()
+    if code == "fp16":
+        return np.clip(v, -65504.0, 65504.0).astype("<f2").tobytes()
+    if code == "bf16":
+        u = v.view(np.uint32).astype(np.uint64)
+        # round to nearest even on the 16 dropped bits (NaN-free input)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        # Rounding the largest floats up would give infinity: saturate instead.
+        sign, mag = u & 0x8000, u & 0x7FFF
+        return (sign | np.minimum(mag, 0x7F7F)).astype("<u2").tobytes()
+    if code == "sign":
+        n = v.size
+        nb = -(-n // bucket)
+        pad = nb * bucket - n
+        mags = np.abs(np.concatenate([v, np.zeros(pad, np.float32)])).reshape(nb, bucket) if n else np.zeros((0, bucket), np.float32)
+        counts = np.full(nb, bucket, np.float32)
+        if nb:
+            counts[-1] = bucket - pad
+        scales = (mags.sum(axis=1, dtype=np.float64) / counts).astype(np.float32)
+        bits = np.packbits(v >= 0, bitorder="little")
+        return scales.astype("<f4").tobytes() + bits.tobytes()
+    packed, scales = ops.quantize(v, _QBITS[code], bucket=bucket, stochastic=True, seed=seed)
+    return scales.astype("<f4").tobytes() + packed.tobytes()
+
+
+def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.ndarray:
+    """Inverse of encode_values; data has exactly values_size(code, count, bucket) bytes."""
+    if code == "fp32":
+        return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32)
+    if code == "fp16":
+        return np.frombuffer(data, dtype="<f2", count=count).astype(np.float32)
+    if code == "bf16":
+        return (np.frombuffer(data, dtype="<u2", count=count).astype(np.uint32) << 16).view(np.float32)
+    nb = -(-count // bucket)
+    scales = np.frombuffer(data, dtype="<f4", count=nb).astype(np.float32)
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise DecodeError("values section holds a negative or non-finite scale")
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 * nb)
+    if code == "sign":
+        bits = np.unpackbits(body, count=count, bitorder="little")
+        if count % 8 and body.size and body[-1] >> (count % 8):
+            raise DecodeError("sign section: nonzero padding bits in the last byte")
+        return np.where(bits.astype(bool), 1.0, -1.0).astype(np.float32) * np.repeat(scales, bucket)[:count]
+    bits = _QBITS[code]
+    if (count * bits) % 8 and body.size and body[-1] >> ((count * bits) % 8):
+        raise DecodeError(f"{code} section: nonzero padding bits in the last byte")
+    return ops.dequantize(body, scales, bits, count, bucket)
+
+
+# ------------------------------------------------------------------ writing --
+@dataclass
+class Entry:
+    """One tensor of a payload, ready to serialise."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    kind: int
+    count: int                      # kept entries (n for dense and raw)
+    values: bytes                   # the values section
+    rht_block: int = 0              # 0: not rotated
+    indices: Optional[np.ndarray] = None   # KIND_SPARSE only
+    value_code: str = ""            # set by Codec
+    bucket: int = 0
+
+
+def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
+    """A tensor sent losslessly in its own dtype."""
+    a = np.asarray(arr)  # not ascontiguousarray: it turns 0-d arrays into 1-d
+    data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+    return Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in a.shape), kind=KIND_RAW,
+                 count=int(a.size), values=data)
+
+
+def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int]) -> bytes:
+    # Whatever is written must decode under the default limits.
+    if len(entries) > DEFAULT_LIMITS.max_tensors:
+        raise ValueError(f"an update of {len(entries)} tensors exceeds the format's default limit of "
+                         f"{DEFAULT_LIMITS.max_tensors}")
+    for e in entries:
+        if len(e.shape) > DEFAULT_LIMITS.max_dims:
+            raise ValueError(f"tensor {e.name!r} has {len(e.shape)} dimensions; at most "
+                             f"{DEFAULT_LIMITS.max_dims} are supported")
+        if int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements:
+            raise ValueError(f"tensor {e.name!r} has more than {DEFAULT_LIMITS.max_elements} elements")
+    spec_bytes = spec.encode("utf-8")
+    parts = [struct.pack("<H", len(spec_bytes)), spec_bytes, struct.pack("<I", len(entries))]
+    sections = []
+    for e in entries:
+        name = e.name.encode("utf-8")
+        if len(name) > 0xFFFF:
+            raise ValueError(f"tensor name longer than 65535 bytes: {e.name[:40]!r}...")
+        if len(e.shape) > 255:
+            raise ValueError(f"tensor {e.name!r} has more than 255 dimensions")
+        index_bytes = b""
+        if e.kind == KIND_SPARSE:
+            n = int(np.prod(e.shape, dtype=np.int64)) if e.shape else 1
+            index_bytes = ops.encode_indices(e.indices, n)
+        vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
+        flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
+        parts += [struct.pack("<H", len(name)), name, struct.pack("<BB", DTYPE_CODE[e.dtype], len(e.shape)),
+                  struct.pack(f"<{len(e.shape)}Q", *e.shape),
+                  ENTRY_FIXED.pack(e.kind, vcode, flags, 0, e.count, e.bucket, e.rht_block,
+                                   len(index_bytes), len(e.values))]
+        sections += [index_bytes, e.values]
+    body = b"".join(parts + sections)
+    raw_size = len(body)
+    flags = 0
+    if zstd_level is not None:
+        body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+        flags |= FLAG_ZSTD
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, 0, seed, len(body), raw_size)
+    crc = _core.crc32c(body, _core.crc32c(header))
+    return header + body + TRAILER.pack(crc)
+
+
+# ------------------------------------------------------------------ reading --
+@dataclass
+class TensorRecord:
+    """A validated table entry and views of its sections (nothing decoded yet)."""
+
+    ordinal: int
+    name: str
+    dtype: str
+    shape: tuple
+    size: int
+    kind: int
+    value_code: str
+    count: int
+    bucket: int
+    rht_block: int
+    index_data: memoryview
+    value_data: memoryview
+    index_len: int = 0
+    value_len: int = 0
+
+
+@dataclass
+class Parsed:
+    spec: str
+    seed: int
+    version: int
+    flags: int
+    payload_size: int
+    body_size: int
+    tensors: list = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, buf: memoryview, what: str) -> None:
+        self.buf, self.pos, self.what = buf, 0, what
+
+    def take(self, n: int, field_name: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise DecodeError(f"{self.what} truncated in {field_name}: need {n} bytes at offset "
+                              f"{self.pos}, have {len(self.buf) - self.pos}")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: struct.Struct, field_name: str) -> tuple:
+        return fmt.unpack(self.take(fmt.size, field_name))
+
+
+_U16, _U32, _BB = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<BB")
+
+
+def _as_buffer(payload: Any) -> memoryview:
+    if isinstance(payload, np.ndarray):
+        payload = payload.tobytes()
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}") from None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def parse(payload: Any, limits: Limits = DEFAULT_LIMITS) -> Parsed:
+    """Validates a whole payload and returns its table with section views."""
+    buf = _as_buffer(payload)
+    if len(buf) < HEADER.size + TRAILER.size:
+        raise DecodeError(f"payload truncated: {len(buf)} bytes, the header and checksum alone take "
+                          f"{HEADER.size + TRAILER.size}")
+    magic, version, flags, reserved, seed, body_size, raw_size = HEADER.unpack(buf[:HEADER.size])
+    if magic != MAGIC:
+        raise DecodeError(f"not a fedpress payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise DecodeError(f"unsupported payload format version {version} (this decoder reads {FORMAT_VERSION})")
+    if flags & ~FLAG_ZSTD:
+        raise DecodeError(f"unknown header flags 0x{flags:02x} (reserved bits must be zero)")
+    if reserved:
+        raise DecodeError(f"reserved header field is {reserved}, must be 0")
+    if HEADER.size + body_size + TRAILER.size != len(buf):
+        raise DecodeError(f"body size field says {body_size} bytes, the payload holds "
+                          f"{len(buf) - HEADER.size - TRAILER.size}")
+    (crc,) = TRAILER.unpack(buf[len(buf) - TRAILER.size:])
+    actual = _core.crc32c(buf[:len(buf) - TRAILER.size])
+    if crc != actual:
+        raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
+    if raw_size > limits.max_body_bytes:
+        raise DecodeError(f"body of {raw_size} bytes exceeds the limit of {limits.max_body_bytes}")
+    stored = buf[HEADER.size:HEADER.size + body_size]
+    if flags & FLAG_ZSTD:
+        body = memoryview(_unzstd(stored, raw_size))
+    else:
+        if raw_size != body_size:
+            raise DecodeError(f"uncompressed body: raw size {raw_size} differs from body size {body_size}")
+        body = stored
+    parsed = Parsed(spec="", seed=seed, version=version, flags=flags, payload_size=len(buf), body_size=raw_size)
+    _parse_body(body, parsed, limits)
+    return parsed
+
+
+def _unzstd(stored: memoryview, raw_size: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"zstd body: bad frame header ({exc})") from None
+    if declared != raw_size:
+        raise DecodeError(f"zstd body declares {declared} bytes, the header says {raw_size}")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = dobj.decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"zstd body is corrupt ({exc})") from None
+    if len(out) != raw_size or not dobj.eof or dobj.unused_data:
+        raise DecodeError(f"zstd body decodes to {len(out)} bytes with "
+                          f"{len(dobj.unused_data)} bytes left over, expected exactly {raw_size}")
+    return out
+
+
+def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
+    r = _Reader(body, "payload body")
+    (spec_len,) = r.unpack(_U16, "codec spec length")
+    try:
+        parsed.spec = bytes(r.take(spec_len, "codec spec")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("codec spec is not valid UTF-8") from None
+    (n_tensors,) = r.unpack(_U32, "tensor count")
+    if n_tensors > limits.max_tensors:
+        raise DecodeError(f"tensor count {n_tensors} exceeds the limit of {limits.max_tensors}")
+    # Each table entry takes at least 2 + 2 + ENTRY_FIXED bytes: refuse counts the body cannot hold.
+    if n_tensors * (4 + ENTRY_FIXED.size) > len(body) - r.pos:
+        raise DecodeError(f"tensor count {n_tensors} cannot fit in the {len(body) - r.pos} bytes left")
+    names = set()
+    total_elements = total_bytes = 0
+    records = []
+    for ordinal in range(n_tensors):
+        (name_len,) = r.unpack(_U16, f"tensor {ordinal} name length")
+        try:
+            name = bytes(r.take(name_len, f"tensor {ordinal} name")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"tensor {ordinal} name is not valid UTF-8") from None
+        if name in names:
+            raise DecodeError(f"tensor name {name!r} appears twice")
+        names.add(name)
+        dtype_code, ndim = r.unpack(_BB, f"tensor {name!r} dtype")
+        if dtype_code >= len(DTYPES):
+            raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
+        if ndim > limits.max_dims:
+            raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
+        shape = struct.unpack(f"<{ndim}Q", r.take(8 * ndim, f"tensor {name!r} shape"))
+        size = 1
+        for d in shape:
+            # Each dimension on its own too: a zero elsewhere must not hide a huge one.
+            size = size * d if d <= limits.max_elements else limits.max_elements + 1
+            size = min(size, limits.max_elements + 1)
+        if size > limits.max_elements or any(d > limits.max_elements for d in shape):
+            raise DecodeError(f"tensor {name!r}: shape {shape} exceeds the limit of {limits.max_elements} elements")
+        dtype = DTYPES[dtype_code]
+        kind, vcode, flags, reserved, count, bucket, block, index_len, value_len = r.unpack(
+            ENTRY_FIXED, f"tensor {name!r} entry")
+        rec = _check_entry(name, dtype, shape, size, kind, vcode, flags, reserved, count, bucket, block,
+                           index_len, value_len, ordinal)
+        total_elements += size
+        total_bytes += size * (4 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
+        if total_elements > limits.max_total_elements:
+            raise DecodeError(f"payload holds more than {limits.max_total_elements} elements")
+        if total_bytes > limits.max_decoded_bytes:
+            raise DecodeError(f"payload decodes to more than {limits.max_decoded_bytes} bytes")
+        records.append(rec)
+    for rec in records:
+        rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
+        rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
+    if r.pos != len(body):
+        raise DecodeError(f"{len(body) - r.pos} trailing bytes after the last section")
+    parsed.tensors = records
+
+
+def _check_entry(name, dtype, shape, size, kind, vcode, flags, reserved, count, bucket, block,
+                 index_len, value_len, ordinal) -> TensorRecord:
+    where = f"tensor {name!r}"
+    if kind not in KIND_NAMES:
+        raise DecodeError(f"{where}: unknown section kind {kind}")
+    if flags & ~ENTRY_FLAG_ROTATED:
+        raise DecodeError(f"{where}: unknown entry flags 0x{flags:02x}")
+    if reserved:
+        raise DecodeError(f"{where}: reserved entry byte is {reserved}, must be 0")
+    if kind == KIND_RAW:
+        if vcode != VALUE_RAW or flags or bucket or block or index_len:
+            raise DecodeError(f"{where}: a raw section carries no value code, rotation, bucket or indices")
+        if count != size:
+            raise DecodeError(f"{where}: raw count {count} differs from the shape's {size} elements")
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        if value_len != size * itemsize:
+            raise DecodeError(f"{where}: raw section of {value_len} bytes, expected {size * itemsize}")
+        return TensorRecord(ordinal, name, dtype, tuple(shape), size, kind, "raw", count, 0, 0,
+                            memoryview(b""), memoryview(b""), 0, value_len)
+    if dtype not in FLOAT_DTYPES:
+        raise DecodeError(f"{where}: dtype {dtype} can only travel raw")
+    if vcode >= len(VALUE_CODES):
+        raise DecodeError(f"{where}: unknown value code {vcode}")
+    code = VALUE_CODES[vcode]
+    if kind == KIND_DENSE and count != size:
+        raise DecodeError(f"{where}: dense count {count} differs from the shape's {size} elements")
+    if count > size:
+        raise DecodeError(f"{where}: count {count} exceeds the tensor's {size} elements")
+    if kind != KIND_SPARSE and index_len:
+        raise DecodeError(f"{where}: only sparse sections carry indices, found {index_len} index bytes")
+    if kind == KIND_SPARSE and index_len == 0:
+        raise DecodeError(f"{where}: sparse section without an index stream")
+    rotated = bool(flags & ENTRY_FLAG_ROTATED)
+    if rotated:
+        if block == 0 or block & (block - 1) or block > (1 << 24):
+            raise DecodeError(f"{where}: rotation block {block} is not a power of two <= 2^24")
+    elif block:
+        raise DecodeError(f"{where}: rotation block {block} set without the rotation flag")
+    coded = ops.rht_padded_size(count, block) if rotated and count else count
+    if code in ("fp32", "fp16", "bf16"):
+        if bucket:
+            raise DecodeError(f"{where}: {code} values take no bucket, found {bucket}")
+    elif bucket == 0:
+        raise DecodeError(f"{where}: {code} values need a bucket size, found 0")
+    expected = values_size(code, coded, bucket)
+    if value_len != expected:
+        raise DecodeError(f"{where}: values section of {value_len} bytes, expected {expected} for "
+                          f"{coded} {code} values")
+    return TensorRecord(ordinal, name, dtype, tuple(shape), size, kind, code, count, bucket,
+                        block if rotated else 0, memoryview(b""), memoryview(b""), index_len, value_len)
+
+
+def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """(indices or None for dense, float32 values) of a float tensor, decoded and validated."""
+    coded = ops.rht_padded_size(rec.count, rec.rht_block) if rec.rht_block and rec.count else rec.count
+    try:
+        values = decode_values(rec.value_code, rec.value_data, coded, rec.bucket)
+    except DecodeError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    if rec.rht_block and rec.count:
+        values = ops.irht(values, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RHT), block=rec.rht_block)
+    if not np.all(np.isfinite(values)):
+        raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+    if rec.kind == KIND_DENSE:
+        return None, values
+    if rec.kind == KIND_SPARSE_SEEDED:
+        return ops.randomk_indices(rec.size, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RANDK)), values
+    try:
+        idx = ops.decode_indices(rec.index_data, rec.size, max_count=rec.count)
+    except ValueError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    if idx.size != rec.count:
+        raise DecodeError(f"tensor {rec.name!r}: index stream holds {idx.size} indices, the table says {rec.count}")
+    return idx, values
+
+
+def raw_array(rec: TensorRecord) -> np.ndarray:
+    if rec.dtype == "bfloat16":
+        data = np.frombuffer(rec.value_data, dtype="<u2").astype(np.uint32) << 16
+        return data.view(np.float32).reshape(rec.shape)
+    dt = np.dtype(rec.dtype).newbyteorder("<")
+    arr = np.frombuffer(rec.value_data, dtype=dt).astype(np.dtype(rec.dtype))
+    if rec.dtype == "bool" and arr.size and np.frombuffer(rec.value_data, np.uint8).max() > 1:
+        raise DecodeError(f"tensor {rec.name!r}: bool section holds bytes other than 0 and 1")
+    return arr.reshape(rec.shape)
+
+
+def _output_dtype(dtype: str) -> np.dtype:
+    return np.dtype(np.float32) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _to_output(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values in the tensor's own dtype; float16 saturates instead of overflowing."""
+    if dtype == "float16":
+        values = np.clip(values, -65504.0, 65504.0)
+    return values.astype(_output_dtype(dtype), copy=False)
+
+
+def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """Restores an update from payload bytes alone: ``{name: array}`` with the
+    original shapes and dtypes (bfloat16 tensors come back as float32)."""
+    parsed = parse(payload, limits)
+    out: dict[str, np.ndarray] = {}
+    for rec in parsed.tensors:
+        if rec.kind == KIND_RAW:
+            out[rec.name] = raw_array(rec)
+            continue
+        idx, values = sparse_parts(rec, parsed.seed)
+        if idx is None:
+            dense = values
+        else:
+            dense = np.zeros(rec.size, np.float32)
+            dense[idx.astype(np.intp)] = values
+        out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
+    return out
+
+
+def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """What a payload holds: codec, each tensor's name, shape, dtype, section kind
+    and bytes, the raw (float32/original) size, the payload size and the ratio."""
+    parsed = parse(payload, limits)
+    tensors = []
+    raw = 0
+    for rec in parsed.tensors:
+        itemsize = 2 if rec.dtype == "bfloat16" else np.dtype(rec.dtype).itemsize
+        raw += rec.size * itemsize
+        tensors.append({
+            "name": rec.name, "shape": list(rec.shape), "dtype": rec.dtype,
+            "kind": KIND_NAMES[rec.kind], "values": rec.value_code, "count": rec.count,
+            "rotated": bool(rec.rht_block), "index_bytes": rec.index_len, "value_bytes": rec.value_len,
+            "bytes": rec.index_len + rec.value_len, "raw_bytes": rec.size * itemsize,
+        })
+    size = parsed.payload_size
+    return {
+        "codec": parsed.spec, "format_version": parsed.version, "zstd": bool(parsed.flags & FLAG_ZSTD),
+        "seed": parsed.seed, "tensors": tensors, "raw_bytes": raw, "payload_bytes": size,
+        "ratio": (raw / size) if size else 0.0,
+    }

@@ -1,0 +1,59 @@
+"""Writes the golden payloads of format version 1 (run once; the files are committed).
+
+    python tests/data/make_golden.py
+
+For each spec in SPECS it writes golden_v1_<name>.bin (the payload of
+golden_input() encoded with seed SEED) and golden_v1_<name>.npz (what
+fp.decode returned for it). tests/test_payload.py decodes the stored bytes and
+compares them with the stored arrays, and re-encodes golden_input() to check
+that the same bytes come out: a change of the wire format, of a value stage or
+of a seeded random choice shows up there and needs a new format version (or,
+deliberately, regenerated golden files).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+SEED = 20240611
+SPECS = ("fp32", "fp16", "q8+zstd:3", "sign", "topk:0.05+q4+zstd", "randk:0.1+fp16", "thresh:0.1+bf16")
+
+
+def file_stem(spec: str) -> str:
+    return "golden_v1_" + spec.replace(":", "_").replace("+", "-")
+
+
+def golden_input() -> dict:
+    """A small update built only from integer arithmetic (no RNG): the same on every machine."""
+    i = np.arange(1200, dtype=np.int64)
+    spread = (((i * 7919) % 1009) - 504).astype(np.float64) / 97.0  # in [-5.2, 5.2], no ties in magnitude pairs
+    return {
+        "conv.weight": spread[:960].astype(np.float32).reshape(8, 4, 5, 6),
+        "conv.bias": (np.arange(8, dtype=np.float32) - 3.25) / 8,
+        "fc.weight": (spread[960:] / 3.0).reshape(12, 20),                      # float64
+        "half": (np.arange(-10, 10, dtype=np.float16) / np.float16(4)),
+        "scalar": np.array(0.375, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "step": np.array(42, np.int64),
+        "counts": np.arange(6, dtype=np.int32).reshape(2, 3) - 2,
+        "mask": np.arange(5) % 2 == 0,
+    }
+
+
+def main() -> None:
+    import fedpress as fp
+
+    update = golden_input()
+    for spec in SPECS:
+        payload = fp.Codec(spec).encode(update, seed=SEED)
+        stem = file_stem(spec)
+        (HERE / f"{stem}.bin").write_bytes(payload)
+        np.savez_compressed(HERE / f"{stem}.npz", **fp.decode(payload))
+        print(f"{stem}: {len(payload)} bytes")
+
+
+if __name__ == "__main__":
+    main()
