@@ -81,22 +81,44 @@ class Aggregator:
         self.count += other.count
         self.total_weight += other.total_weight
 
-    def result(self) -> dict[str, np.ndarray]:
-        """The weighted mean of everything added, ``{name: array}`` in the original shapes."""
+    def result(self, *, copy: bool = True) -> dict[str, np.ndarray]:
+        """The weighted mean of everything added, ``{name: array}`` in the original shapes.
+
+        With ``copy=False`` the running sums are divided in place and handed
+        over, so no second model-sized buffer is allocated; the aggregator is
+        then empty again (``count`` 0), ready for the next round.
+        """
         if self._table is None:
             raise ValueError("no payload was added")
         if self.total_weight <= 0:
             raise ValueError("the total weight is zero")
         out = {}
         for name, dtype, shape in self._table:
-            mean = self._sums[name] / self.total_weight
+            acc = self._sums[name]
             if dtype in ("float32", "float16", "float64", "bfloat16"):
-                out[name] = mean.astype(_output_dtype(dtype) if dtype != "float32" else self.dtype
-                                        ).reshape(shape)
+                target = self.dtype if dtype == "float32" else _output_dtype(dtype)
+                if copy:
+                    mean = np.divide(acc, acc.dtype.type(self.total_weight), dtype=acc.dtype)
+                else:
+                    mean = acc
+                    mean /= acc.dtype.type(self.total_weight)
+                if dtype == "float16":
+                    mean = np.clip(mean, -65504.0, 65504.0)
+                out[name] = mean.astype(target, copy=False).reshape(shape)
             else:
+                mean = acc / self.total_weight
                 target = np.dtype(dtype)
                 out[name] = (np.rint(mean) if target.kind in "iu" else mean > 0.5).astype(target).reshape(shape)
+        if not copy:
+            self.reset()
         return out
+
+    def reset(self) -> None:
+        """Forgets everything added (the tensor table too)."""
+        self._sums = {}
+        self._table = None
+        self.count = 0
+        self.total_weight = 0.0
 
 
 def _table_difference(expected: list, got: list) -> str:

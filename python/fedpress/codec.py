@@ -5,7 +5,8 @@ A spec names up to four stages joined by ``+``, in this order, each optional::
     sparsifier   topk:R | thresh:R | randk:R     (R = fraction of entries kept, 0 < R <= 1)
     rotation     rht                             (seeded randomized Hadamard transform)
     values       fp32 | fp16 | bf16 | q8 | q4 | q2 | sign
-    entropy      zstd | zstd:L                   (L = zstd level, 1..22)
+    entropy      zstd | zstd:L                   (L = zstd level 1..22; plain zstd picks 19 for
+                                                  bodies up to 4 KiB, 9 up to 64 KiB, else 3)
 
 Examples: ``fp32``, ``q8+zstd:3``, ``topk:0.01+q4+zstd``, ``randk:0.01+fp16``, ``rht+q2+zstd``.
 """
@@ -50,7 +51,7 @@ class Spec:
             parts.append("rht")
         parts.append(self.values)
         if self.zstd_level is not None:
-            parts.append(f"zstd:{self.zstd_level}")
+            parts.append(f"zstd:{self.zstd_level}" if self.zstd_level else "zstd")
         return "+".join(parts)
 
 
@@ -90,7 +91,7 @@ def parse_spec(spec: str) -> Spec:
             fields["values"] = name
         elif name == "zstd":
             kind = "entropy"
-            level = 3
+            level = 0  # adaptive: see payload.write
             if arg:
                 if not arg.lstrip("-").isdigit() or not 1 <= int(arg) <= 22:
                     raise _stage_error(spec, stage, f"zstd level must be an integer in 1..22, got {arg!r}")

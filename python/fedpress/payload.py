@@ -2,10 +2,13 @@
 
 Layout (all integers little-endian)::
 
-    header   magic b"FPRS" | version u8 | flags u8 | reserved u16 | seed u64
-             | body_size u64 | raw_body_size u64                      (32 bytes)
+    header   magic b"FPRS" | version u8 | flags u8 | seed u64 (14 bytes)
+             | raw_body_size varint (only when the body is zstd-compressed)
     body     (zstd-compressed when flags bit 0 is set)
-             spec_len u16 | spec | n_tensors u32 | table entries | sections
+             spec_len varint | spec | n_tensors varint | table entries | sections
+             entry: name_len varint | name | dtype u8 | ndim u8 | ndim x dim varint
+                    | kind u8 | value code u8 | flags u8 | count, bucket, rotation block,
+                    index section length, values section length: varints
     trailer  crc32c u32 over header and stored body
 
 Every length, count, shape and index is checked against the buffer and against
@@ -29,7 +32,7 @@ __all__ = ["DecodeError", "Limits", "FORMAT_VERSION", "MAGIC", "decode", "inspec
 
 MAGIC = b"FPRS"
 FORMAT_VERSION = 1
-HEADER = struct.Struct("<4sBBHQQQ")
+HEADER = struct.Struct("<4sBBQ")  # magic, version, flags, seed; then raw body size (varint) if zstd
 TRAILER = struct.Struct("<I")
 FLAG_ZSTD = 0x01
 
@@ -53,7 +56,18 @@ _QBITS = {"q8": 8, "q4": 4, "q2": 2}
 # position in the table, so a decoder can regenerate them.
 PURPOSE_RANDK, PURPOSE_RHT, PURPOSE_QUANT = 1, 2, 3
 
-ENTRY_FIXED = struct.Struct("<BBBBQIIQQ")  # kind values flags reserved count bucket block index_len values_len
+# Table entries are mostly small numbers: they travel as LEB128 varints, which
+# keeps the table of a many-tensor model a few bytes per tensor.
+ENTRY_MIN_BYTES = 13  # name_len, dtype, ndim, kind, value code, flags, 5 varints: at least 1 byte each
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 if sys.byteorder != "little":  # the C++ kernels read multi-byte fields in host order
@@ -158,7 +172,8 @@ def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.nd
         bits = np.unpackbits(body, count=count, bitorder="little")
         if count % 8 and body.size and body[-1] >> (count % 8):
             raise DecodeError("sign section: nonzero padding bits in the last byte")
-        return np.where(bits.astype(bool), 1.0, -1.0).astype(np.float32) * np.repeat(scales, bucket)[:count]
+        signs = np.where(bits.astype(bool), np.float32(1.0), np.float32(-1.0))
+        return signs * scales[np.arange(count, dtype=np.int64) // bucket]
     bits = _QBITS[code]
     if (count * bits) % 8 and body.size and body[-1] >> ((count * bits) % 8):
         raise DecodeError(f"{code} section: nonzero padding bits in the last byte")
@@ -202,32 +217,33 @@ def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int])
         if int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements:
             raise ValueError(f"tensor {e.name!r} has more than {DEFAULT_LIMITS.max_elements} elements")
     spec_bytes = spec.encode("utf-8")
-    parts = [struct.pack("<H", len(spec_bytes)), spec_bytes, struct.pack("<I", len(entries))]
+    parts = [_varint(len(spec_bytes)), spec_bytes, _varint(len(entries))]
     sections = []
     for e in entries:
         name = e.name.encode("utf-8")
-        if len(name) > 0xFFFF:
-            raise ValueError(f"tensor name longer than 65535 bytes: {e.name[:40]!r}...")
-        if len(e.shape) > 255:
-            raise ValueError(f"tensor {e.name!r} has more than 255 dimensions")
         index_bytes = b""
         if e.kind == KIND_SPARSE:
             n = int(np.prod(e.shape, dtype=np.int64)) if e.shape else 1
             index_bytes = ops.encode_indices(e.indices, n)
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
-        parts += [struct.pack("<H", len(name)), name, struct.pack("<BB", DTYPE_CODE[e.dtype], len(e.shape)),
-                  struct.pack(f"<{len(e.shape)}Q", *e.shape),
-                  ENTRY_FIXED.pack(e.kind, vcode, flags, 0, e.count, e.bucket, e.rht_block,
-                                   len(index_bytes), len(e.values))]
+        parts += [_varint(len(name)), name, bytes((DTYPE_CODE[e.dtype], len(e.shape))),
+                  b"".join(_varint(d) for d in e.shape), bytes((e.kind, vcode, flags)),
+                  _varint(e.count), _varint(e.bucket), _varint(e.rht_block), _varint(len(index_bytes)),
+                  _varint(len(e.values))]
         sections += [index_bytes, e.values]
     body = b"".join(parts + sections)
     raw_size = len(body)
     flags = 0
+    size_field = b""
     if zstd_level is not None:
-        body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+        # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
+        # share of the payload, get a strong level at a cost of microseconds.
+        level = zstd_level or (19 if raw_size <= 4096 else 9 if raw_size <= 65536 else 3)
+        body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
         flags |= FLAG_ZSTD
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, 0, seed, len(body), raw_size)
+        size_field = _varint(raw_size)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed) + size_field
     crc = _core.crc32c(body, _core.crc32c(header))
     return header + body + TRAILER.pack(crc)
 
@@ -279,8 +295,29 @@ class _Reader:
     def unpack(self, fmt: struct.Struct, field_name: str) -> tuple:
         return fmt.unpack(self.take(fmt.size, field_name))
 
+    def varint(self, field_name: str) -> int:
+        """A LEB128 varint of at most 10 bytes, minimally encoded, below 2^64."""
+        value = shift = 0
+        start = self.pos
+        while True:
+            if self.pos >= len(self.buf):
+                raise DecodeError(f"{self.what} truncated in {field_name}: varint at offset {start} "
+                                  f"runs past the end ({len(self.buf)} bytes)")
+            byte = self.buf[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if byte == 0 and self.pos - start > 1:
+                    raise DecodeError(f"{field_name}: varint at offset {start} is not minimally encoded")
+                if value >= 1 << 64:
+                    raise DecodeError(f"{field_name}: varint at offset {start} exceeds 64 bits")
+                return value
+            shift += 7
+            if shift >= 70:
+                raise DecodeError(f"{field_name}: varint at offset {start} is longer than 10 bytes")
 
-_U16, _U32, _BB = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<BB")
+
+_BB, _BBB = struct.Struct("<BB"), struct.Struct("<BBB")
 
 
 def _as_buffer(payload: Any) -> memoryview:
@@ -299,31 +336,32 @@ def parse(payload: Any, limits: Limits = DEFAULT_LIMITS) -> Parsed:
     if len(buf) < HEADER.size + TRAILER.size:
         raise DecodeError(f"payload truncated: {len(buf)} bytes, the header and checksum alone take "
                           f"{HEADER.size + TRAILER.size}")
-    magic, version, flags, reserved, seed, body_size, raw_size = HEADER.unpack(buf[:HEADER.size])
+    magic, version, flags, seed = HEADER.unpack(buf[:HEADER.size])
     if magic != MAGIC:
         raise DecodeError(f"not a fedpress payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
         raise DecodeError(f"unsupported payload format version {version} (this decoder reads {FORMAT_VERSION})")
     if flags & ~FLAG_ZSTD:
         raise DecodeError(f"unknown header flags 0x{flags:02x} (reserved bits must be zero)")
-    if reserved:
-        raise DecodeError(f"reserved header field is {reserved}, must be 0")
-    if HEADER.size + body_size + TRAILER.size != len(buf):
-        raise DecodeError(f"body size field says {body_size} bytes, the payload holds "
-                          f"{len(buf) - HEADER.size - TRAILER.size}")
-    (crc,) = TRAILER.unpack(buf[len(buf) - TRAILER.size:])
-    actual = _core.crc32c(buf[:len(buf) - TRAILER.size])
+    end = len(buf) - TRAILER.size
+    head = _Reader(buf[:end], "payload header")
+    head.pos = HEADER.size
+    raw_size = head.varint("raw body size") if flags & FLAG_ZSTD else None
+    (crc,) = TRAILER.unpack(buf[end:])
+    actual = _core.crc32c(buf[:end])
     if crc != actual:
         raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
-    if raw_size > limits.max_body_bytes:
-        raise DecodeError(f"body of {raw_size} bytes exceeds the limit of {limits.max_body_bytes}")
-    stored = buf[HEADER.size:HEADER.size + body_size]
-    if flags & FLAG_ZSTD:
+    stored = buf[head.pos:end]
+    body_size = len(stored)
+    if raw_size is not None:
+        if raw_size > limits.max_body_bytes:
+            raise DecodeError(f"body of {raw_size} bytes exceeds the limit of {limits.max_body_bytes}")
         body = memoryview(_unzstd(stored, raw_size))
     else:
-        if raw_size != body_size:
-            raise DecodeError(f"uncompressed body: raw size {raw_size} differs from body size {body_size}")
+        if body_size > limits.max_body_bytes:
+            raise DecodeError(f"body of {body_size} bytes exceeds the limit of {limits.max_body_bytes}")
         body = stored
+        raw_size = body_size
     parsed = Parsed(spec="", seed=seed, version=version, flags=flags, payload_size=len(buf), body_size=raw_size)
     _parse_body(body, parsed, limits)
     return parsed
@@ -349,22 +387,22 @@ def _unzstd(stored: memoryview, raw_size: int) -> bytes:
 
 def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
     r = _Reader(body, "payload body")
-    (spec_len,) = r.unpack(_U16, "codec spec length")
+    spec_len = r.varint("codec spec length")
     try:
         parsed.spec = bytes(r.take(spec_len, "codec spec")).decode("utf-8")
     except UnicodeDecodeError:
         raise DecodeError("codec spec is not valid UTF-8") from None
-    (n_tensors,) = r.unpack(_U32, "tensor count")
+    n_tensors = r.varint("tensor count")
     if n_tensors > limits.max_tensors:
         raise DecodeError(f"tensor count {n_tensors} exceeds the limit of {limits.max_tensors}")
-    # Each table entry takes at least 2 + 2 + ENTRY_FIXED bytes: refuse counts the body cannot hold.
-    if n_tensors * (4 + ENTRY_FIXED.size) > len(body) - r.pos:
+    # Each table entry takes at least ENTRY_MIN_BYTES: refuse counts the body cannot hold.
+    if n_tensors * ENTRY_MIN_BYTES > len(body) - r.pos:
         raise DecodeError(f"tensor count {n_tensors} cannot fit in the {len(body) - r.pos} bytes left")
     names = set()
     total_elements = total_bytes = 0
     records = []
     for ordinal in range(n_tensors):
-        (name_len,) = r.unpack(_U16, f"tensor {ordinal} name length")
+        name_len = r.varint(f"tensor {ordinal} name length")
         try:
             name = bytes(r.take(name_len, f"tensor {ordinal} name")).decode("utf-8")
         except UnicodeDecodeError:
@@ -377,7 +415,7 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
             raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
         if ndim > limits.max_dims:
             raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
-        shape = struct.unpack(f"<{ndim}Q", r.take(8 * ndim, f"tensor {name!r} shape"))
+        shape = tuple(r.varint(f"tensor {name!r} dimension {d}") for d in range(ndim))
         size = 1
         for d in shape:
             # Each dimension on its own too: a zero elsewhere must not hide a huge one.
@@ -386,9 +424,13 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
         if size > limits.max_elements or any(d > limits.max_elements for d in shape):
             raise DecodeError(f"tensor {name!r}: shape {shape} exceeds the limit of {limits.max_elements} elements")
         dtype = DTYPES[dtype_code]
-        kind, vcode, flags, reserved, count, bucket, block, index_len, value_len = r.unpack(
-            ENTRY_FIXED, f"tensor {name!r} entry")
-        rec = _check_entry(name, dtype, shape, size, kind, vcode, flags, reserved, count, bucket, block,
+        kind, vcode, flags = r.unpack(_BBB, f"tensor {name!r} kind")
+        count = r.varint(f"tensor {name!r} count")
+        bucket = r.varint(f"tensor {name!r} bucket")
+        block = r.varint(f"tensor {name!r} rotation block")
+        index_len = r.varint(f"tensor {name!r} index section length")
+        value_len = r.varint(f"tensor {name!r} values section length")
+        rec = _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, block,
                            index_len, value_len, ordinal)
         total_elements += size
         total_bytes += size * (4 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
@@ -405,15 +447,13 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
     parsed.tensors = records
 
 
-def _check_entry(name, dtype, shape, size, kind, vcode, flags, reserved, count, bucket, block,
+def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, block,
                  index_len, value_len, ordinal) -> TensorRecord:
     where = f"tensor {name!r}"
     if kind not in KIND_NAMES:
         raise DecodeError(f"{where}: unknown section kind {kind}")
     if flags & ~ENTRY_FLAG_ROTATED:
         raise DecodeError(f"{where}: unknown entry flags 0x{flags:02x}")
-    if reserved:
-        raise DecodeError(f"{where}: reserved entry byte is {reserved}, must be 0")
     if kind == KIND_RAW:
         if vcode != VALUE_RAW or flags or bucket or block or index_len:
             raise DecodeError(f"{where}: a raw section carries no value code, rotation, bucket or indices")
@@ -447,8 +487,8 @@ def _check_entry(name, dtype, shape, size, kind, vcode, flags, reserved, count, 
     if code in ("fp32", "fp16", "bf16"):
         if bucket:
             raise DecodeError(f"{where}: {code} values take no bucket, found {bucket}")
-    elif bucket == 0:
-        raise DecodeError(f"{where}: {code} values need a bucket size, found 0")
+    elif bucket == 0 or bucket > (1 << 32) - 1:
+        raise DecodeError(f"{where}: {code} values need a bucket size in [1, 2^32), found {bucket}")
     expected = values_size(code, coded, bucket)
     if value_len != expected:
         raise DecodeError(f"{where}: values section of {value_len} bytes, expected {expected} for "
