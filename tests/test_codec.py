@@ -22,7 +22,8 @@ needs_rht = pytest.mark.skipif(not HAVE_RHT, reason="fedpress.ops.rht is not ava
 
 EXAMPLE_SPECS = ["fp32", "fp16", "q8", "q4", "sign", "topk:0.01", "topk:0.01+q4", "topk:0.001+q4+zstd",
                  "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd"]
-EXTRA_SPECS = ["bf16", "q2", "thresh:0.1", "topk:0.2+q8", "randk:0.3+q2+zstd", "topk:0.05+sign", "topk:1"]
+EXTRA_SPECS = ["bf16", "q2", "thresh:0.1", "topk:0.2+q8", "randk:0.3+q2+zstd", "topk:0.05+sign", "topk:1",
+               "topk:0.1+rht+q8", "randk:0.5+rht+fp32"]
 
 
 def spec_param(spec: str):
@@ -141,6 +142,23 @@ def check_values(code: str, x: np.ndarray, dec: np.ndarray, kept_mask: np.ndarra
         raise AssertionError(code)
 
 
+def check_rotated(code: str, x: np.ndarray, dec: np.ndarray, kept_mask: np.ndarray) -> None:
+    """Rotated values: the rotation is orthonormal, so the L2 error of the kept
+    entries is at most the value stage's error in the rotated domain: for q
+    codes (2/L) * sqrt(bucket) * ||x_kept||, for floats their relative precision,
+    for sign ||x_kept|| (each bucket replaced by its mean magnitude)."""
+    x64 = x.astype(np.float32).astype(np.float64).reshape(-1)[kept_mask]
+    d = dec.astype(np.float64).reshape(-1)[kept_mask]
+    norm = float(np.linalg.norm(x64))
+    rel = {"fp32": 1e-5, "fp16": 2.0**-10, "bf16": 2.0**-7, "sign": 1.0}.get(code)
+    if rel is None:
+        rel = 2.0 / QLEVELS[code] * math.sqrt(BUCKET)
+    if dec.dtype == np.float16:
+        rel += 2.0**-10
+    err = float(np.linalg.norm(d - x64))
+    assert err <= rel * norm * (1 + 1e-5) + 1e-6 * (norm + 1e-30) + 1e-30, (code, err, norm)
+
+
 def check_roundtrip(spec_text: str, update: dict, payload: bytes, per_tensor: bool = False) -> None:
     spec = fp.parse_spec(spec_text)
     dec = fp.decode(payload)
@@ -160,8 +178,10 @@ def check_roundtrip(spec_text: str, update: dict, payload: bytes, per_tensor: bo
             continue
         assert np.all(np.isfinite(d))
         n = x.size
+        assert t["rotated"] == (spec.rotate and t["count"] > 0), t
+        check = check_rotated if spec.rotate else check_values
         if t["kind"] == "dense":
-            check_values(spec.values, x, d, np.ones(n, bool)) if not spec.rotate else None
+            check(spec.values, x, d, np.ones(n, bool))
             continue
         assert t["kind"] in ("sparse", "sparse-seeded"), t
         assert spec.sparsifier is not None, f"{name}: a sparse section from a spec without a sparsifier"
@@ -173,9 +193,8 @@ def check_roundtrip(spec_text: str, update: dict, payload: bytes, per_tensor: bo
             assert t["count"] == kept(spec.ratio, n), (name, t["count"], n)
         if spec.sparsifier == "topk" and per_tensor:
             assert t["count"] == kept(spec.ratio, n), (name, t["count"], n)
-        if not spec.rotate:
-            check_values(spec.values, x, d, nz)
-    if spec.sparsifier == "topk" and not spec.rotate:
+        check(spec.values, x, d, nz)
+    if spec.sparsifier == "topk":
         groups = [float_names] if not per_tensor else [[k] for k in float_names]
         for names in groups:
             check_topk_selection(spec, names, update, dec, tables)
@@ -203,7 +222,8 @@ def check_topk_selection(spec, names: list, update: dict, dec: dict, tables: dic
         hi += t["count"]
         nz = d != 0
         must = m > T
-        assert np.all(nz[must]), f"{name}: an entry above the k-th magnitude {T} was dropped"
+        if not spec.rotate:  # (a rotated value could in principle decode to exactly 0)
+            assert np.all(nz[must]), f"{name}: an entry above the k-th magnitude {T} was dropped"
         assert np.all(m[nz] >= T), f"{name}: kept an entry below the k-th magnitude {T}"
         if exact_values:
             x32 = update[name].astype(np.float32).reshape(-1)
@@ -248,6 +268,22 @@ def test_bad_specs_raise_naming_the_stage(spec: str, stage: str) -> None:
     assert stage in str(exc.value)
     with pytest.raises(ValueError):
         fp.parse_spec(spec)
+
+
+@given(ratio=st.floats(min_value=1e-9, max_value=1.0), kind=st.sampled_from(["topk", "thresh", "randk"]),
+       values=st.sampled_from(["", "+q4", "+rht+fp16+zstd:7"]))
+def test_canonical_spec_text_round_trips(ratio: float, kind: str, values: str) -> None:
+    """str(spec) is the canonical text: parsing it gives the same spec back, ratio included."""
+    spec = fp.parse_spec(f"{kind}:{ratio!r}{values}")
+    assert spec.ratio == ratio
+    assert fp.parse_spec(str(spec)) == spec, (str(spec), ratio)
+
+
+def test_canonical_spec_keeps_every_digit_of_the_ratio() -> None:
+    spec = fp.parse_spec("topk:0.1234567+q4")
+    assert fp.parse_spec(str(spec)).ratio == 0.1234567
+    payload = fp.Codec("topk:0.1234567+q4").encode({"x": np.ones(10, np.float32)}, seed=0)
+    assert fp.parse_spec(fp.inspect(payload)["codec"]).ratio == 0.1234567
 
 
 def test_spec_must_be_a_string() -> None:
@@ -441,6 +477,22 @@ def test_tiny_tensors_may_go_dense_but_stay_exact() -> None:
     check_roundtrip("topk:0.001", update, payload)
 
 
+def test_byte_orders_and_memory_layouts() -> None:
+    update = {
+        "big_endian_f32": np.arange(12, dtype=">f4").reshape(3, 4) - 5.5,
+        "big_endian_i64": np.arange(6, dtype=">i8").reshape(2, 3) - 3,
+        "fortran_f64": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "fortran_i32": np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+        "reversed_i16": np.arange(10, dtype=np.int16)[::-2],
+        "strided_f32": np.arange(30, dtype=np.float32)[::-3],
+    }
+    dec = fp.decode(fp.Codec("fp32").encode(update, seed=0))
+    for name, x in update.items():
+        assert dec[name].dtype == x.dtype.newbyteorder("=") and dec[name].shape == x.shape, name
+        np.testing.assert_array_equal(dec[name], x, err_msg=name)
+    check_roundtrip("topk:0.3+q8", update, fp.Codec("topk:0.3+q8").encode(update, seed=0))
+
+
 # --------------------------------------------------------------------- torch --
 def test_torch_tensors() -> None:
     torch = pytest.importorskip("torch")
@@ -492,6 +544,40 @@ def test_seed_determinism(spec: str) -> None:
     assert fp.inspect(a)["seed"] == 123
     if spec.startswith(("randk", "q", "rht", "topk:0.01+q4")):
         assert codec.encode(update, seed=124) != a  # random choices follow the seed
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, "7"])
+def test_bad_seeds(seed) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        fp.Codec("q8").encode({"x": np.ones(3, np.float32)}, seed=seed)
+
+
+def test_seed_extremes() -> None:
+    x = {"x": np.array(generate("normal", 1000, seed=3))}
+    for seed in (0, 2**64 - 1):
+        p = fp.Codec("randk:0.1+q4").encode(x, seed=seed)
+        assert fp.inspect(p)["seed"] == seed
+        assert fp.Codec("randk:0.1+q4").encode(x, seed=seed) == p
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01+q4+zstd", "thresh:0.01+q8", "sign", "randk:0.05+fp16", "q2",
+                                  "bf16", spec_param("topk:0.1+rht+q8")])
+def test_bytes_independent_of_threads_and_simd(spec: str, threads, simd) -> None:
+    """Same seed, same bytes, whatever the thread count or instruction set (the
+    rotation's float arithmetic is only held to this across thread counts)."""
+    update = {"w": generate("student_t", 300_007, seed=50), "b": generate("normal", 5000, seed=51)}
+    with threads(1):
+        reference = fp.Codec(spec).encode(update, seed=5)
+        decoded = fp.decode(reference)
+    levels = ["scalar", "avx2", "avx512"] if "rht" not in spec else ["avx512"]
+    for level in levels:
+        for n in (2, 3):
+            with simd(level), threads(n):
+                assert fp.Codec(spec).encode(update, seed=5) == reference, (level, n)
+                if "rht" not in spec:
+                    again = fp.decode(reference)
+                    for k in decoded:
+                        np.testing.assert_array_equal(again[k], decoded[k])
 
 
 # ------------------------------------------------------------- type errors --

@@ -46,7 +46,7 @@ class Spec:
     def __str__(self) -> str:
         parts = []
         if self.sparsifier:
-            parts.append(f"{self.sparsifier}:{self.ratio:g}")
+            parts.append(f"{self.sparsifier}:{self.ratio!r}")  # shortest text that parses back exactly
         if self.rotate:
             parts.append("rht")
         parts.append(self.values)
@@ -147,6 +147,8 @@ class Codec:
         self.spec = parse_spec(spec)
         self.per_tensor = bool(per_tensor)
         self.bucket = ops._bucket(bucket)
+        if self.bucket > (1 << 24):
+            raise ValueError(f"bucket must be <= 2**24, got {bucket}")
         if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > (1 << 24):
             raise ValueError(f"rht_block must be a power of two <= 2**24, got {rht_block}")
         self.rht_block = int(rht_block)
@@ -154,7 +156,8 @@ class Codec:
     def __repr__(self) -> str:
         return f"Codec({str(self.spec)!r}, per_tensor={self.per_tensor})"
 
-    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None) -> bytes:
+    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
+               _dtypes: Optional[Mapping[str, str]] = None) -> bytes:
         """Compresses ``update`` into payload bytes. ``seed`` fixes every random
         choice (stochastic rounding, random-k, rotation signs); by default it is fresh."""
         if not isinstance(update, Mapping):
@@ -165,6 +168,8 @@ class Codec:
             if not isinstance(name, str):
                 raise TypeError(f"tensor names must be strings, got {type(name).__name__}")
             arr, dtype = _to_numpy(name, value)
+            if _dtypes is not None and name in _dtypes:
+                dtype = _dtypes[name]  # the Encoder sends float32 sums of lower-precision tensors
             names.append(name)
             arrays.append(arr)
             dtypes.append(dtype)

@@ -50,11 +50,13 @@ class Encoder:
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
         to_send: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
         for name, value in update.items():
             arr, dtype = _to_numpy(str(name), value)
             if arr.dtype.kind != "f":
                 to_send[name] = arr
                 continue
+            dtypes[name] = dtype
             g = np.array(arr, dtype=np.float32, copy=True).reshape(arr.shape)
             if self.momentum is not None:
                 v = self.velocities.get(name)
@@ -70,7 +72,7 @@ class Encoder:
                 if r is not None and r.shape == g.shape:
                     g += r
             to_send[name] = g
-        payload = self.codec.encode(to_send, seed=seed)
+        payload = self.codec.encode(to_send, seed=seed, _dtypes=dtypes)
         if self.error_feedback or self.momentum is not None:
             sent = decode(payload)
             for name, g in to_send.items():

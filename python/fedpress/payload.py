@@ -58,7 +58,7 @@ PURPOSE_RANDK, PURPOSE_RHT, PURPOSE_QUANT = 1, 2, 3
 
 # Table entries are mostly small numbers: they travel as LEB128 varints, which
 # keeps the table of a many-tensor model a few bytes per tensor.
-ENTRY_MIN_BYTES = 13  # name_len, dtype, ndim, kind, value code, flags, 5 varints: at least 1 byte each
+ENTRY_MIN_BYTES = 11  # name_len, dtype, ndim, kind, value code, flags, 5 varints: at least 1 byte each
 
 
 def _varint(value: int) -> bytes:
@@ -131,8 +131,6 @@ def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> bytes:
     v = np.ascontiguousarray(v, dtype=np.float32)
     if code == "fp32":
         return v.tobytes()
-    if code == "fp16":
-        return np.clip(v, -65504.0, 65504.0).astype("<f2").tobytes()
     if code == "bf16":
         u = v.view(np.uint32).astype(np.uint64)
         # round to nearest even on the 16 dropped bits (NaN-free input)
@@ -142,13 +140,10 @@ def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> bytes:
         return (sign | np.minimum(mag, 0x7F7F)).astype("<u2").tobytes()
     if code == "sign":
         n = v.size
-        nb = -(-n // bucket)
-        pad = nb * bucket - n
-        mags = np.abs(np.concatenate([v, np.zeros(pad, np.float32)])).reshape(nb, bucket) if n else np.zeros((0, bucket), np.float32)
-        counts = np.full(nb, bucket, np.float32)
-        if nb:
-            counts[-1] = bucket - pad
-        scales = (mags.sum(axis=1, dtype=np.float64) / counts).astype(np.float32)
+        starts = np.arange(0, n, bucket, dtype=np.int64)
+        sums = np.add.reduceat(np.abs(v).astype(np.float64), starts) if n else np.zeros(0)
+        counts = np.diff(np.append(starts, n)).astype(np.float64)
+        scales = (sums / np.maximum(counts, 1)).astype(np.float32)
         bits = np.packbits(v >= 0, bitorder="little")
         return scales.astype("<f4").tobytes() + bits.tobytes()
     packed, scales = ops.quantize(v, _QBITS[code], bucket=bucket, stochastic=True, seed=seed)
@@ -214,8 +209,14 @@ def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int])
         if len(e.shape) > DEFAULT_LIMITS.max_dims:
             raise ValueError(f"tensor {e.name!r} has {len(e.shape)} dimensions; at most "
                              f"{DEFAULT_LIMITS.max_dims} are supported")
-        if int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements:
-            raise ValueError(f"tensor {e.name!r} has more than {DEFAULT_LIMITS.max_elements} elements")
+        if any(d > DEFAULT_LIMITS.max_elements for d in e.shape) or \
+                int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements:
+            raise ValueError(f"tensor {e.name!r} of shape {e.shape} exceeds {DEFAULT_LIMITS.max_elements} "
+                             "elements (or has a dimension that does)")
+    total = sum(int(np.prod(e.shape, dtype=object)) for e in entries)
+    if total > DEFAULT_LIMITS.max_total_elements:
+        raise ValueError(f"an update of {total} elements exceeds the format's default limit of "
+                         f"{DEFAULT_LIMITS.max_total_elements}")
     spec_bytes = spec.encode("utf-8")
     parts = [_varint(len(spec_bytes)), spec_bytes, _varint(len(entries))]
     sections = []

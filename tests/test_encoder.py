@@ -1,0 +1,235 @@
+"""fp.Encoder: error feedback, momentum correction and persisted state."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+import fedpress as fp
+
+HAVE_RHT = hasattr(fp.ops, "rht")
+EF_SPECS = ["topk:0.01+q4", "randk:0.1+fp16", "sign", "q2", "topk:0.01", "topk:0.001+q4+zstd",
+            pytest.param("rht+q2+zstd", marks=pytest.mark.skipif(not HAVE_RHT, reason="no ops.rht yet"))]
+
+
+def rounds(n_rounds: int, seed: int = 0, dtype=np.float32) -> list:
+    """Updates of a small model: two float tensors and an integer one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(n_rounds):
+        out.append({
+            "conv": (rng.standard_t(3, (40, 50)) * 0.1).astype(dtype),
+            "bias": (rng.standard_normal(300) * 0.01 + 0.001 * t).astype(dtype),
+            "steps": np.array([t, 2 * t], np.int64),
+        })
+    return out
+
+
+# ------------------------------------------------------------ error feedback --
+@pytest.mark.parametrize("spec", EF_SPECS)
+def test_error_feedback_conserves_the_update(spec: str) -> None:
+    """Nothing is lost: what was sent plus what is still owed equals what came in."""
+    enc = fp.Encoder(spec, error_feedback=True)
+    updates = rounds(6)
+    sent = {k: np.zeros(v.shape, np.float64) for k, v in updates[0].items() if v.dtype.kind == "f"}
+    for t, u in enumerate(updates):
+        dec = fp.decode(enc.encode(u, seed=100 + t))
+        np.testing.assert_array_equal(dec["steps"], u["steps"])
+        for k in sent:
+            sent[k] += dec[k]
+    assert set(enc.residuals) == set(sent)
+    for k in sent:
+        total = sum(u[k].astype(np.float64) for u in updates)
+        r = enc.residuals[k]
+        assert r.dtype == np.float32 and r.shape == total.shape
+        lhs = sent[k] + r
+        np.testing.assert_allclose(lhs, total, rtol=1e-5, atol=1e-5 * np.abs(total).max())
+    assert enc.rounds == len(updates)
+    ref_norm = np.sqrt(sum(float(np.sum(r.astype(np.float64) ** 2)) for r in enc.residuals.values()))
+    assert enc.residual_norm() == pytest.approx(ref_norm, rel=1e-5)
+
+
+def test_error_feedback_sends_what_plain_top_k_drops() -> None:
+    """Small entries that top-k never picks on their own go out once they have
+    accumulated: every entry of a constant update is eventually sent."""
+    x = np.linspace(0.5, 1.0, 1000).astype(np.float32)
+    enc = fp.Encoder("topk:0.05")
+    seen = np.zeros(x.size, bool)
+    for t in range(40):
+        seen |= fp.decode(enc.encode({"x": x}, seed=t))["x"] != 0
+    assert seen.all()
+    once = fp.decode(fp.Codec("topk:0.05").encode({"x": x}, seed=0))["x"] != 0
+    assert once.sum() == 50
+
+
+def test_first_round_equals_the_codec() -> None:
+    u = rounds(1)[0]
+    for spec in ("topk:0.01+q4", "sign", "randk:0.1+fp16"):
+        assert fp.Encoder(spec).encode(u, seed=7) == fp.Codec(spec).encode(u, seed=7)
+
+
+def test_without_error_feedback_no_residuals() -> None:
+    enc = fp.Encoder("topk:0.01+q4", error_feedback=False)
+    for t, u in enumerate(rounds(4)):
+        payload = enc.encode(u, seed=t)
+        assert payload == fp.Codec("topk:0.01+q4").encode(u, seed=t)  # stateless: the codec alone
+    assert enc.residuals == {}
+    assert enc.state_dict()["residuals"] == {}
+    assert enc.residual_norm() == 0.0
+
+
+def test_codec_options_pass_through() -> None:
+    u = rounds(1)[0]
+    a = fp.Encoder("topk:0.01", per_tensor=True).encode(u, seed=1)
+    assert a == fp.Codec("topk:0.01", per_tensor=True).encode(u, seed=1)
+    assert a != fp.Codec("topk:0.01").encode(u, seed=1)
+
+
+def test_integer_tensors_pass_through() -> None:
+    enc = fp.Encoder("topk:0.01+q2", momentum=0.9)
+    for t in range(3):
+        u = {"w": np.ones(100, np.float32) * t, "ids": np.arange(7, dtype=np.int32) * t,
+             "mask": np.array([t % 2 == 0, True]), "count": np.array(2**40 + t, np.uint64)}
+        dec = fp.decode(enc.encode(u, seed=t))
+        for k in ("ids", "mask", "count"):
+            assert dec[k].dtype == u[k].dtype and dec[k].shape == u[k].shape
+            np.testing.assert_array_equal(dec[k], u[k])
+    assert set(enc.residuals) == {"w"}
+    assert set(enc.velocities) == {"w"}
+
+
+def test_encoder_keeps_float_dtypes() -> None:
+    """Payloads from an Encoder decode like the Codec's: names, shapes and dtypes
+    of the update (float64 and float16 tensors stay float64 and float16)."""
+    u = {"w64": np.linspace(-1, 1, 200), "h16": np.linspace(-1, 1, 50).astype(np.float16),
+         "f32": np.linspace(-1, 1, 30).astype(np.float32)}
+    for spec in ("fp32", "topk:0.1+q8"):
+        dec = fp.decode(fp.Encoder(spec).encode(u, seed=1))
+        codec_dec = fp.decode(fp.Codec(spec).encode(u, seed=1))
+        assert {k: v.dtype for k, v in dec.items()} == {k: v.dtype for k, v in u.items()}
+        assert {k: v.dtype for k, v in codec_dec.items()} == {k: v.dtype for k, v in u.items()}
+        assert [t["dtype"] for t in fp.inspect(fp.Encoder(spec).encode(u, seed=1))["tensors"]] == \
+            ["float64", "float16", "float32"]
+
+
+def test_encoder_accepts_torch() -> None:
+    torch = pytest.importorskip("torch")
+    enc = fp.Encoder("topk:0.1+q8")
+    w = torch.randn(20, 30, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    dec = fp.decode(enc.encode({"w": w, "b": w.detach()[:, ::2], "n": torch.tensor(3)}, seed=0))
+    assert dec["w"].shape == (20, 30) and dec["b"].shape == (20, 15) and dec["n"] == 3
+    assert set(enc.residuals) == {"w", "b"}
+
+
+def test_encoder_type_errors() -> None:
+    with pytest.raises(TypeError):
+        fp.Encoder("q8").encode([("a", np.zeros(2))])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        fp.Encoder("q9")
+
+
+# ------------------------------------------------------------------- momentum --
+def test_momentum_runs_and_differs() -> None:
+    updates = rounds(4)
+    plain, mom = fp.Encoder("topk:0.01+q4"), fp.Encoder("topk:0.01+q4", momentum=0.9)
+    outs = [(plain.encode(u, seed=t), mom.encode(u, seed=t)) for t, u in enumerate(updates)]
+    assert outs[0][0] == outs[0][1]            # no history yet
+    assert any(a != b for a, b in outs[1:])
+    assert set(mom.velocities) == {"conv", "bias"}
+    assert plain.velocities == {}
+    for a, b in outs:
+        assert set(fp.decode(b)) == {"conv", "bias", "steps"}
+
+
+def test_momentum_matches_a_numpy_reference() -> None:
+    """Momentum correction as documented (DGC): v = m*v + g; compress v plus the
+    residual; entries that went out stop carrying velocity."""
+    m, ratio = 0.9, 0.02
+    rng = np.random.default_rng(3)
+    enc = fp.Encoder(f"topk:{ratio}", momentum=m)
+    n = 2000
+    k = int(round(ratio * n))
+    v = np.zeros(n, np.float32)
+    r = np.zeros(n, np.float32)
+    for t in range(6):
+        g = rng.standard_normal(n).astype(np.float32)
+        v = v * np.float32(m) + g if t else g.copy()
+        acc = v + r
+        keep = np.argsort(-np.abs(acc), kind="stable")[:k]
+        sent_ref = np.zeros(n, np.float32)
+        sent_ref[keep] = acc[keep]
+        r = acc - sent_ref
+        v[keep] = 0
+        sent = fp.decode(enc.encode({"g": g}, seed=t))["g"]
+        np.testing.assert_allclose(sent, sent_ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(enc.residuals["g"], r, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(enc.velocities["g"], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_invalid_momentum(momentum: float) -> None:
+    with pytest.raises(ValueError):
+        fp.Encoder("topk:0.01", momentum=momentum)
+
+
+def test_zero_momentum_is_allowed() -> None:
+    u = rounds(2)
+    a, b = fp.Encoder("topk:0.01+q4", momentum=0.0), fp.Encoder("topk:0.01+q4")
+    for t in range(2):
+        assert a.encode(u[t], seed=t) == b.encode(u[t], seed=t)
+
+
+# ---------------------------------------------------------------------- state --
+@pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.parametrize("spec", ["topk:0.01+q4", "randk:0.1+fp16", "sign+zstd"])
+def test_state_dict_round_trip_continues_identically(spec: str, momentum) -> None:
+    updates = rounds(7, seed=5)
+    never_restarted = fp.Encoder(spec, momentum=momentum)
+    first = fp.Encoder(spec, momentum=momentum)
+    for t in range(3):
+        assert never_restarted.encode(updates[t], seed=t) == first.encode(updates[t], seed=t)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    assert state["spec"] == str(fp.parse_spec(spec))
+    for k, r in first.residuals.items():
+        np.testing.assert_array_equal(state["residuals"][k], r)
+    restored = fp.Encoder(spec, momentum=momentum)
+    restored.load_state_dict(state)
+    # the state is copied in and out: later changes to either side do not leak
+    for arr in list(state["residuals"].values()) + list(state["velocities"].values()):
+        arr += 1000
+    for t in range(3, 7):
+        assert restored.encode(updates[t], seed=t) == never_restarted.encode(updates[t], seed=t), f"round {t}"
+    for k in never_restarted.residuals:
+        np.testing.assert_array_equal(restored.residuals[k], never_restarted.residuals[k])
+    assert restored.rounds == never_restarted.rounds == 7
+
+
+def test_state_dict_is_a_copy() -> None:
+    enc = fp.Encoder("topk:0.01+q4")
+    enc.encode(rounds(1)[0], seed=0)
+    state = enc.state_dict()
+    before = copy.deepcopy(enc.residuals)
+    for r in state["residuals"].values():
+        r[...] = 12345
+    for k in before:
+        np.testing.assert_array_equal(enc.residuals[k], before[k])
+
+
+def test_load_state_dict_different_spec() -> None:
+    enc = fp.Encoder("topk:0.01+q4")
+    enc.encode(rounds(1)[0], seed=0)
+    state = enc.state_dict()
+    for other in ("topk:0.02+q4", "topk:0.01+q8", "randk:0.01+q4", "topk:0.01+q4+zstd"):
+        with pytest.raises(ValueError):
+            fp.Encoder(other).load_state_dict(state)
+    # the same spec written differently is the same spec
+    fp.Encoder("topk:0.010+q4").load_state_dict(state)
+
+
+def test_load_state_dict_ratio_differs_in_the_seventh_digit() -> None:
+    state = fp.Encoder("topk:0.1234567").state_dict()
+    with pytest.raises(ValueError):
+        fp.Encoder("topk:0.1234568").load_state_dict(state)
