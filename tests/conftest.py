@@ -248,32 +248,23 @@ def leb128(value: int) -> bytes:
 
 class Wire:
     """Builds format-v1 payloads by hand, written from the documented layout
-    (docs/format.md, python/fedpress/payload.py)::
+    (docs/format.md), independently of python/fedpress/payload.py::
 
-        header   magic b"FPRS" | version u8 | flags u8 | ...
-        body     spec_len | spec | n_tensors | table entries | sections
+        header   magic b"FPRS" | version u8 | flags u8 | seed u64        (14 bytes)
+                 | raw_body_size varint (only when flags bit 0, zstd, is set)
+        body     spec_len varint | spec | n_tensors varint | table entries | sections
+        entry    name_len varint | name | dtype u8 | ndim u8 | ndim x dim varint
+                 | kind u8 | value code u8 | flags u8
+                 | count, bucket, rht_block, index_len, values_len: varints
         trailer  crc32c u32 over header and stored body
 
-    Format v1 was redrafted while these tests were written; ``header_layout``
-    and ``table_layout`` pick a draft, and the ``wire`` fixture picks the one
-    the library writes (it fails if none matches, so the hostile-payload tests
-    never silently test garbage):
-
-    header ``h32``    magic | version u8 | flags u8 | reserved u16 | seed u64
-                      | body_size u64 | raw_body_size u64                (32 bytes)
-    header ``h14``    magic | version u8 | flags u8 | seed u64 (14 bytes)
-                      | raw_body_size LEB128 (only when flags bit 0, zstd, is set)
-    table ``fixed``   spec_len u16, n_tensors u32; entry = name_len u16 | name | dtype u8
-                      | ndim u8 | shape u64[ndim] | kind u8 | value code u8 | flags u8
-                      | reserved u8 | count u64 | bucket u32 | rht block u32
-                      | index_len u64 | values_len u64
-    table ``varint``  spec_len, n_tensors, name_len, dims, count, bucket, rht block,
-                      index_len and values_len as LEB128; no reserved byte
+    The ``wire`` fixture checks that Wire gives the library's own bytes for a
+    reference update, so the hostile-payload tests never silently test garbage.
     """
 
     MAGIC = b"FPRS"
-    H32 = struct.Struct("<4sBBHQQQ")
-    H14 = struct.Struct("<4sBBQ")
+    HEADER = struct.Struct("<4sBBQ")  # magic, version, flags, seed
+    SEED_OFFSET = 6
     TRAILER = struct.Struct("<I")
     FLAG_ZSTD = 0x01
     DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
@@ -281,19 +272,12 @@ class Wire:
     VALUES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign")
     RAW, DENSE, SPARSE, SEEDED = 0, 1, 2, 3
     VALUE_RAW = 255
-    LAYOUTS = (("h14", "varint"), ("h32", "varint"), ("h32", "fixed"))
+    ENTRY_VARINTS = ("count", "bucket", "block", "index_len", "value_len")
 
-    def __init__(self, header_layout: str = "h14", table_layout: str = "varint") -> None:
-        assert (header_layout, table_layout) in self.LAYOUTS
-        self.header_layout = header_layout
-        self.layout = table_layout
+    varint = staticmethod(leb128)
 
     def __repr__(self) -> str:
-        return f"Wire({self.header_layout!r}, {self.layout!r})"
-
-    @property
-    def has_reserved_header(self) -> bool:
-        return self.header_layout == "h32"
+        return "Wire()"
 
     @staticmethod
     def crc32c(data: bytes, crc: int = 0) -> int:
@@ -312,7 +296,6 @@ class Wire:
         bucket: int = 0
         block: int = 0
         flags: int = 0
-        reserved: int = 0          # fixed table layout only
         index_data: bytes = b""
         value_data: bytes = b""
         index_len: int = -1        # -1: len(index_data)
@@ -323,16 +306,6 @@ class Wire:
 
     def tensor(self, name: str, dtype: str, shape: tuple, kind: int, **kw) -> Wire.Tensor:
         return Wire.Tensor(name, dtype, tuple(shape), kind, **kw)
-
-    # -- body fields whose encoding depends on the table layout
-    def spec_len(self, n: int) -> bytes:
-        return leb128(n) if self.layout == "varint" else struct.pack("<H", n)
-
-    def n_tensors(self, n: int) -> bytes:
-        return leb128(n) if self.layout == "varint" else struct.pack("<I", n)
-
-    def name_len(self, n: int) -> bytes:
-        return leb128(n) if self.layout == "varint" else struct.pack("<H", n)
 
     def entry(self, t: Wire.Tensor) -> bytes:
         """One table entry."""
@@ -345,18 +318,13 @@ class Wire:
         ndim = len(t.shape) if t.ndim < 0 else t.ndim
         index_len = len(t.index_data) if t.index_len < 0 else t.index_len
         value_len = len(t.value_data) if t.value_len < 0 else t.value_len
-        if self.layout == "varint":
-            return b"".join([leb128(len(name)), name, bytes((dcode, ndim)), *(leb128(d) for d in t.shape),
-                             bytes((t.kind, vcode, t.flags)),
-                             *(leb128(v) for v in (count, t.bucket, t.block, index_len, value_len))])
-        return b"".join([struct.pack("<H", len(name)), name, struct.pack("<BB", dcode, ndim),
-                         struct.pack(f"<{len(t.shape)}Q", *t.shape),
-                         struct.pack("<BBBBQIIQQ", t.kind, vcode, t.flags, t.reserved, count, t.bucket, t.block,
-                                     index_len, value_len)])
+        return b"".join([leb128(len(name)), name, bytes((dcode, ndim)), *(leb128(d) for d in t.shape),
+                         bytes((t.kind, vcode, t.flags)),
+                         *(leb128(v) for v in (count, t.bucket, t.block, index_len, value_len))])
 
     def body(self, tensors: list, spec: str = "fp32", n_tensors: int = -1, trailing: bytes = b"") -> bytes:
         spec_b = spec.encode()
-        parts = [self.spec_len(len(spec_b)), spec_b, self.n_tensors(len(tensors) if n_tensors < 0 else n_tensors)]
+        parts = [leb128(len(spec_b)), spec_b, leb128(len(tensors) if n_tensors < 0 else n_tensors)]
         parts += [self.entry(t) for t in tensors]
         for t in tensors:
             parts += [t.index_data, t.value_data]
@@ -373,68 +341,85 @@ class Wire:
             if not b & 0x80:
                 return v, pos
 
+    def _walk(self, body: bytes) -> tuple:
+        """(spec, [Tensor] without sections, [(field, start, end, value)] of every
+        varint, offset of the first section) of a well-formed plain body."""
+        spans = []
+
+        def varint(field: str, pos: int) -> tuple:
+            v, end = self._read_varint(body, pos)
+            spans.append((field, pos, end, v))
+            return v, end
+
+        n, pos = varint("spec_len", 0)
+        spec = body[pos:pos + n].decode()
+        count, pos = varint("n_tensors", pos + n)
+        tensors = []
+        for i in range(count):
+            name_len, pos = varint(f"tensor {i} name_len", pos)
+            name = body[pos:pos + name_len].decode()
+            pos += name_len
+            dcode, ndim = body[pos], body[pos + 1]
+            pos += 2
+            shape = []
+            for d in range(ndim):
+                v, pos = varint(f"tensor {i} dim {d}", pos)
+                shape.append(v)
+            kind, vcode, flags = body[pos:pos + 3]
+            pos += 3
+            fields = {}
+            for field in self.ENTRY_VARINTS:
+                fields[field], pos = varint(f"tensor {i} {field}", pos)
+            tensors.append(self.Tensor(name, self.DTYPES[dcode], tuple(shape), kind,
+                                       values="raw" if vcode == self.VALUE_RAW else self.VALUES[vcode],
+                                       flags=flags, **fields))
+        return spec, tensors, spans, pos
+
     def read_prefix(self, body: bytes) -> tuple:
         """(spec, n_tensors, offset of the first entry) of a plain body."""
-        if self.layout == "fixed":
-            (n,) = struct.unpack_from("<H", body, 0)
-            return body[2:2 + n].decode(), struct.unpack_from("<I", body, 2 + n)[0], 6 + n
         n, pos = self._read_varint(body, 0)
         spec = body[pos:pos + n].decode()
         count, pos = self._read_varint(body, pos + n)
         return spec, count, pos
+
+    def varint_fields(self, body: bytes) -> list:
+        """(field, start, end, value) of every varint of a well-formed plain body's
+        spec and table, in order (field e.g. "n_tensors", "tensor 2 dim 0", "tensor 2 bucket")."""
+        return self._walk(body)[2]
+
+    @classmethod
+    def index_varints(cls, stream: bytes) -> list:
+        """(field, start, end, value) of the k and (when k > 0) m varints of an index stream."""
+        k, pos = cls._read_varint(stream, 0)
+        out = [("k", 0, pos, k)]
+        if k:
+            m, end = cls._read_varint(stream, pos)
+            out.append(("m", pos, end, m))
+        return out
 
     def parse_body(self, body: bytes) -> tuple:
         """(spec, [Tensor]) of a well-formed plain body, sections attached: the
         inverse of body(), for structured mutations."""
         import dataclasses
 
-        spec, n, pos = self.read_prefix(body)
-        tensors = []
-        for _ in range(n):
-            if self.layout == "varint":
-                name_len, pos = self._read_varint(body, pos)
-                name = body[pos:pos + name_len].decode()
-                pos += name_len
-                dcode, ndim = body[pos], body[pos + 1]
-                pos += 2
-                shape = []
-                for _ in range(ndim):
-                    d, pos = self._read_varint(body, pos)
-                    shape.append(d)
-                kind, vcode, flags = body[pos:pos + 3]
-                pos += 3
-                fields = []
-                for _ in range(5):
-                    v, pos = self._read_varint(body, pos)
-                    fields.append(v)
-                reserved = 0
-            else:
-                (name_len,) = struct.unpack_from("<H", body, pos)
-                name = body[pos + 2:pos + 2 + name_len].decode()
-                pos += 2 + name_len
-                dcode, ndim = body[pos], body[pos + 1]
-                shape = list(struct.unpack_from(f"<{ndim}Q", body, pos + 2))
-                pos += 2 + 8 * ndim
-                kind, vcode, flags, reserved, *fields = struct.unpack_from("<BBBBQIIQQ", body, pos)
-                pos += 36
-            count, bucket, block, index_len, value_len = fields
-            tensors.append(self.Tensor(name, self.DTYPES[dcode], tuple(shape), kind,
-                                       values="raw" if vcode == self.VALUE_RAW else self.VALUES[vcode],
-                                       count=count, bucket=bucket, block=block, flags=flags, reserved=reserved,
-                                       index_len=index_len, value_len=value_len))
-        for t in tensors:
-            t.index_data = body[pos:pos + t.index_len]
-            pos += t.index_len
-            t.value_data = body[pos:pos + t.value_len]
-            pos += t.value_len
-        assert pos == len(body), "trailing bytes"
+        spec, tensors, _, pos = self._walk(body)
         for i, t in enumerate(tensors):
-            tensors[i] = dataclasses.replace(t, index_len=-1, value_len=-1)
+            index_data = body[pos:pos + t.index_len]
+            pos += t.index_len
+            value_data = body[pos:pos + t.value_len]
+            pos += t.value_len
+            tensors[i] = dataclasses.replace(t, index_data=index_data, value_data=value_data,
+                                             index_len=-1, value_len=-1)
+        assert pos == len(body), "trailing bytes"
         return spec, tensors
+
+    def sections_offset(self, body: bytes) -> int:
+        """Where the sections of a well-formed plain body start (the size of spec and table)."""
+        return self._walk(body)[3]
 
     # -- whole payloads
     def wrap(self, body: bytes, *, flags: int = 0, seed: int = 0, raw_size: int = -1, version: int = 1,
-             magic: bytes = MAGIC, reserved: int = 0, zstd_level: int = 0) -> bytes:
+             magic: bytes = MAGIC, zstd_level: int = 0) -> bytes:
         """Header + stored body + a correct CRC. zstd_level > 0 compresses the body
         (and sets the zstd flag); raw_size defaults to the uncompressed body's size.
         With the zstd flag in `flags` and zstd_level 0, `body` is stored as given."""
@@ -445,10 +430,7 @@ class Wire:
             body = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
             flags |= self.FLAG_ZSTD
         raw = raw if raw_size < 0 else raw_size
-        if self.header_layout == "h32":
-            header = self.H32.pack(magic, version, flags, reserved, seed, len(body), raw)
-        else:
-            header = self.H14.pack(magic, version, flags, seed) + (leb128(raw) if flags & self.FLAG_ZSTD else b"")
+        header = self.HEADER.pack(magic, version, flags, seed) + (leb128(raw) if flags & self.FLAG_ZSTD else b"")
         return header + body + self.TRAILER.pack(self.crc32c(header + body))
 
     def fix_crc(self, payload: bytes) -> bytes:
@@ -457,19 +439,14 @@ class Wire:
         return head + self.TRAILER.pack(self.crc32c(head))
 
     def header(self, payload: bytes) -> dict:
-        """magic, version, flags, seed, raw_size (of the body after zstd), header_size,
-        and reserved / body_size where the layout has them."""
-        if self.header_layout == "h32":
-            magic, version, flags, reserved, seed, body_size, raw = self.H32.unpack(payload[:32])
-            return dict(magic=magic, version=version, flags=flags, reserved=reserved, seed=seed,
-                        body_size=body_size, raw_size=raw, header_size=32, seed_offset=8)
-        magic, version, flags, seed = self.H14.unpack(payload[:14])
-        size = 14
-        raw = len(payload) - 14 - 4
+        """magic, version, flags, seed, raw_size (of the body after zstd) and header_size
+        (14, plus the raw_body_size varint when the zstd flag is set)."""
+        magic, version, flags, seed = self.HEADER.unpack(payload[:self.HEADER.size])
+        size = self.HEADER.size
+        raw = len(payload) - size - self.TRAILER.size
         if flags & self.FLAG_ZSTD:
-            raw, size = self._read_varint(payload, 14)
-        return dict(magic=magic, version=version, flags=flags, seed=seed, raw_size=raw, header_size=size,
-                    seed_offset=6)
+            raw, size = self._read_varint(payload, size)
+        return dict(magic=magic, version=version, flags=flags, seed=seed, raw_size=raw, header_size=size)
 
     def stored_body(self, payload: bytes) -> bytes:
         return bytes(payload[self.header(payload)["header_size"]:len(payload) - self.TRAILER.size])
@@ -489,10 +466,10 @@ class Wire:
         h = self.header(payload)
         zstd = h["flags"] & self.FLAG_ZSTD
         return self.wrap(plain_body, flags=h["flags"] & ~self.FLAG_ZSTD, seed=h["seed"], version=h["version"],
-                         reserved=h.get("reserved", 0), zstd_level=zstd_level if zstd else 0)
+                         zstd_level=zstd_level if zstd else 0)
 
     def reference_payload(self) -> tuple:
-        """(update, seed, spec, the bytes this layout says Codec(spec).encode(update, seed) gives)."""
+        """(update, seed, spec, the bytes the format says Codec(spec).encode(update, seed) gives)."""
         update = {"w": np.array([1.5, -2.0, 0.25], np.float32), "n": np.array([[3, -4]], np.int64),
                   "s": np.array(0.5, np.float64)}
         tensors = [
@@ -505,15 +482,16 @@ class Wire:
 
 @pytest.fixture(scope="session")
 def wire() -> Wire:
-    """Hand-built payloads in the layout the library writes (see Wire)."""
+    """Hand-built payloads in the format-v1 layout (see Wire)."""
     from fedpress import Codec
 
-    for layout in Wire.LAYOUTS:
-        w = Wire(*layout)
-        update, seed, spec, expected = w.reference_payload()
-        if Codec(spec).encode(update, seed=seed) == expected:
-            return w
-    pytest.fail("the library writes a payload layout Wire does not know: update tests/conftest.py Wire")
+    w = Wire()
+    update, seed, spec, expected = w.reference_payload()
+    got = Codec(spec).encode(update, seed=seed)
+    if got != expected:
+        pytest.fail(f"the library's payload differs from the format-v1 layout Wire builds:\n"
+                    f"  library {got.hex()}\n  Wire    {expected.hex()}")
+    return w
 
 
 def _vm_size() -> int:

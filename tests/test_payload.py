@@ -38,13 +38,13 @@ def sample_update() -> dict:
 
 
 def table_bounds(spec: str, update: dict) -> tuple:
-    """Bounds on the bytes of a body that are not sections (spec and table): at
-    least the spec, two counts, and per entry its name, a byte per dimension
-    and 11 fields of at least a byte; at most the fixed-width layout (u16/u32
-    counts, u64 dimensions, 36 fixed entry bytes)."""
-    lo = len(spec.encode()) + 2 + sum(len(k.encode()) + 11 + x.ndim for k, x in update.items())
-    hi = 6 + len(spec.encode()) + sum(4 + len(k.encode()) + 8 * x.ndim + 36 for k, x in update.items())
-    return lo, hi
+    """Bounds on the bytes of a body that are not sections (spec and table): the
+    spec, two count varints, and per entry its name, 5 u8 fields (dtype, ndim,
+    kind, value code, flags) and 6 + ndim varints (name_len, dimensions, count, bucket, rht_block,
+    index_len, values_len) of 1 to 10 bytes each."""
+    varints = 2 + sum(6 + x.ndim for x in update.values())
+    fixed = len(spec.encode()) + sum(len(k.encode()) + 5 for k in update)
+    return fixed + varints, fixed + 10 * varints
 
 
 # ------------------------------------------------------------------ inspect --
@@ -79,11 +79,16 @@ def test_inspect_fields(spec: str, wire) -> None:
             assert t["count"] == np.count_nonzero(dec[t["name"]])
             assert t["count"] < x.size
     # The sections and the table make up the whole body.
-    raw_body = len(wire.plain_body(payload))
+    body = wire.plain_body(payload)
+    table = wire.sections_offset(body)
     lo, hi = table_bounds(canonical, update)
-    assert lo <= raw_body - sum(t["bytes"] for t in info["tensors"]) <= hi
+    assert lo <= table <= hi
+    assert table + sum(t["bytes"] for t in info["tensors"]) == len(body)
+    _, tensors = wire.parse_body(body)
+    assert [(len(t.index_data), len(t.value_data)) for t in tensors] == \
+        [(t["index_bytes"], t["value_bytes"]) for t in info["tensors"]]
     if not info["zstd"]:
-        assert len(payload) == wire.header(payload)["header_size"] + raw_body + TRAILER_SIZE
+        assert len(payload) == wire.header(payload)["header_size"] + len(body) + TRAILER_SIZE
 
 
 def test_inspect_does_not_need_the_spec_and_checks_the_payload() -> None:
@@ -118,19 +123,20 @@ def test_header_layout(spec: str, wire) -> None:
     assert payload[0:4] == b"FPRS"
     assert payload[4] == 1                                          # version
     assert payload[5] == (1 if "zstd" in spec else 0)               # flags: bit 0 = zstd
+    assert struct.unpack_from("<Q", payload, 6)[0] == seed          # seed u64, unaligned
     h = wire.header(payload)
-    assert struct.unpack_from("<Q", payload, h["seed_offset"])[0] == seed
-    if wire.has_reserved_header:
-        assert h["reserved"] == 0
     stored = len(payload) - h["header_size"] - TRAILER_SIZE
-    if "body_size" in h:
-        assert h["body_size"] == stored
     if "zstd" in spec:
-        assert h["raw_size"] == len(wire.plain_body(payload))
+        raw_size = len(wire.plain_body(payload))
+        assert h["raw_size"] == raw_size
+        assert payload[14:h["header_size"]] == wire.varint(raw_size)   # minimal raw_body_size varint
         assert payload[h["header_size"]:h["header_size"] + 4] == b"\x28\xb5\x2f\xfd"   # zstd frame magic
     else:
+        assert h["header_size"] == 14                               # no raw_body_size field
         assert h["raw_size"] == stored
-    assert wire.read_prefix(wire.plain_body(payload))[:2] == (spec, 5)   # spec text, tensor count
+    body = wire.plain_body(payload)
+    assert body[:1 + len(spec)] == wire.varint(len(spec)) + spec.encode()
+    assert wire.read_prefix(body)[:2] == (spec, 5)                  # spec text, tensor count
     assert struct.unpack("<I", payload[-4:])[0] == wire.crc32c(payload[:-4])
 
 
@@ -147,11 +153,13 @@ def test_unknown_version(version: int, wire) -> None:
         fp.decode(_patched(payload, wire, 4, bytes([version])))
 
 
-@pytest.mark.parametrize("flags", [0x02, 0x80, 0xFF])
-def test_unknown_flags(flags: int, wire) -> None:
-    payload = fp.Codec("q8").encode(sample_update(), seed=1)
+@pytest.mark.parametrize("spec", ["q8", "q8+zstd"])
+@pytest.mark.parametrize("flags", [0x02, 0x80, 0xFE])
+def test_unknown_flags(flags: int, spec: str, wire) -> None:
+    """Header flag bits 1-7 are reserved and must be zero, with or without the zstd bit."""
+    payload = fp.Codec(spec).encode(sample_update(), seed=1)
     with pytest.raises(fp.DecodeError, match=r"(?i)flag"):
-        fp.decode(_patched(payload, wire, 5, bytes([flags])))
+        fp.decode(_patched(payload, wire, 5, bytes([flags | payload[5]])))
 
 
 @pytest.mark.parametrize("magic", [b"FPRT", b"\0\0\0\0", b"fprs", b"\x28\xb5\x2f\xfd"])
@@ -159,14 +167,6 @@ def test_bad_magic(magic: bytes, wire) -> None:
     payload = fp.Codec("q8").encode(sample_update(), seed=1)
     with pytest.raises(fp.DecodeError, match=r"(?i)magic"):
         fp.decode(_patched(payload, wire, 0, magic))
-
-
-def test_reserved_header_field(wire) -> None:
-    if not wire.has_reserved_header:
-        pytest.skip("this header layout has no reserved field")
-    payload = fp.Codec("q8").encode(sample_update(), seed=1)
-    with pytest.raises(fp.DecodeError, match=r"(?i)reserved"):
-        fp.decode(_patched(payload, wire, 6, b"\x01\x00"))
 
 
 def test_zstd_flag_without_zstd_body(wire) -> None:
