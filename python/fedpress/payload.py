@@ -164,11 +164,10 @@ def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.nd
         raise DecodeError("values section holds a negative or non-finite scale")
     body = np.frombuffer(data, dtype=np.uint8, offset=4 * nb)
     if code == "sign":
-        bits = np.unpackbits(body, count=count, bitorder="little")
         if count % 8 and body.size and body[-1] >> (count % 8):
             raise DecodeError("sign section: nonzero padding bits in the last byte")
-        signs = np.where(bits.astype(bool), np.float32(1.0), np.float32(-1.0))
-        return signs * scales[np.arange(count, dtype=np.int64) // bucket]
+        # One bit per value on the 1-bit grid {-s, +s}: exactly the 1-bit dequantizer.
+        return ops.dequantize(body, scales, 1, count, bucket)
     bits = _QBITS[code]
     if (count * bits) % 8 and body.size and body[-1] >> ((count * bits) % 8):
         raise DecodeError(f"{code} section: nonzero padding bits in the last byte")
