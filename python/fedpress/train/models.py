@@ -1,0 +1,101 @@
+"""The models of the training tasks, and parameters as dicts of numpy arrays.
+
+torch is imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from ._deps import require_torch
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["make_model", "get_params", "set_params", "init_params"]
+
+
+def _build(task: str) -> torch.nn.Module:
+    nn = require_torch().nn
+    if task == "digits":  # (N, 1, 8, 8) -> 64 -> 64 -> 10
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    if task == "mnist":  # (N, 1, 28, 28) -> 16x12x12 -> 32x4x4 -> 10
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    raise ValueError(f"unknown task {task!r}; choose one of digits, mnist")
+
+
+def make_model(task: str, seed: int = 0) -> torch.nn.Module:
+    """The model of ``task`` (``"digits"``: an MLP 64-64-10 on (N, 1, 8, 8);
+    ``"mnist"``: a small CNN on (N, 1, 28, 28)), its initial weights a function of
+    ``seed`` only. torch's global random state is left untouched."""
+    torch = require_torch()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _build(str(task).lower())
+
+
+def get_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's state_dict as numpy copies, in state_dict order: floating
+    tensors as float32, integer tensors (e.g. BatchNorm counters) keep their dtype."""
+    torch = require_torch()
+    out: dict[str, np.ndarray] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        out[name] = t.numpy().copy()
+    return out
+
+
+def init_params(task: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """get_params(make_model(task, seed)): a task's initial global parameters."""
+    return get_params(make_model(task, seed))
+
+
+def set_params(model: torch.nn.Module, params: Mapping[str, Any]) -> None:
+    """Copy ``params`` (name -> numpy array or tensor) into the model, in place.
+
+    The names must be exactly the state_dict's and every shape must match;
+    otherwise ValueError lists the differences and the model is left unchanged."""
+    torch = require_torch()
+    state = model.state_dict()
+    missing = [k for k in state if k not in params]
+    unexpected = [k for k in params if k not in state]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        raise ValueError("set_params: parameter names do not match the model: " + "; ".join(parts))
+    converted = {}
+    bad = []
+    for name, target in state.items():
+        value = params[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value)
+        if tuple(arr.shape) != tuple(target.shape):
+            bad.append(f"{name}: got {tuple(arr.shape)}, model has {tuple(target.shape)}")
+            continue
+        if target.is_floating_point():
+            if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+                bad.append(f"{name}: dtype {arr.dtype} is not numeric")
+                continue
+            arr = np.array(arr, dtype=np.float32, copy=True)
+        else:
+            arr = np.array(arr, copy=True)
+            if np.issubdtype(arr.dtype, np.floating):
+                arr = np.rint(arr)
+            arr = arr.astype(np.int64)
+        converted[name] = torch.from_numpy(arr)
+    if bad:
+        raise ValueError("set_params: shape mismatch: " + "; ".join(bad))
+    with torch.no_grad():
+        for name, target in state.items():
+            target.copy_(converted[name].to(dtype=target.dtype, device=target.device))
