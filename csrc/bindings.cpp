@@ -16,6 +16,7 @@
 
 #include "accumulate.hpp"
 #include "checksum.hpp"
+#include "convert.hpp"
 #include "indexcode.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
@@ -36,6 +37,7 @@ const char* dtype_name();
 template <> const char* dtype_name<float>() { return "float32"; }
 template <> const char* dtype_name<std::uint32_t>() { return "uint32"; }
 template <> const char* dtype_name<std::uint8_t>() { return "uint8"; }
+template <> const char* dtype_name<std::uint16_t>() { return "uint16"; }
 
 // A 1-D C-contiguous array of exactly dtype T, or a clear TypeError/ValueError.
 template <typename T>
@@ -382,6 +384,28 @@ void register_rotate(py::module_& m) {
       "y"_a, "n"_a, "seed"_a, "block"_a, "Inverse of rht: float32[n].");
 }
 
+template <typename In, typename Out>
+py::array_t<Out> convert(const py::handle& obj, const char* name, void (*kernel)(const In*, std::size_t, Out*)) {
+  py::array in = checked<In>(obj, name);
+  const std::size_t n = len(in);
+  py::array_t<Out> out(static_cast<py::ssize_t>(n));
+  Out* o = out.mutable_data();
+  py::gil_scoped_release release;  // raw buffers only
+  kernel(cptr<In>(in), n, o);
+  return out;
+}
+
+void register_convert(py::module_& m) {
+  m.def("to_half", [](const py::handle& x) { return convert<float, std::uint16_t>(x, "x", fedpress::float_to_half); },
+        "x"_a, "float32 -> float16 bit patterns (uint16), round to nearest even, saturating at 65504.");
+  m.def("from_half", [](const py::handle& h) { return convert<std::uint16_t, float>(h, "h", fedpress::half_to_float); },
+        "h"_a, "float16 bit patterns (uint16) -> float32.");
+  m.def("to_bfloat16", [](const py::handle& x) { return convert<float, std::uint16_t>(x, "x", fedpress::float_to_bfloat16); },
+        "x"_a, "float32 -> bfloat16 bit patterns (uint16), round to nearest even, saturating.");
+  m.def("from_bfloat16", [](const py::handle& h) { return convert<std::uint16_t, float>(h, "h", fedpress::bfloat16_to_float); },
+        "h"_a, "bfloat16 bit patterns (uint16) -> float32.");
+}
+
 void register_runtime(py::module_& m) {
   m.def("num_threads", &fedpress::num_threads, "Threads the kernels may use.");
   m.def(
@@ -415,6 +439,7 @@ PYBIND11_MODULE(_core, m) {
   register_indexcode(m);
   register_accumulate(m);
   register_checksum(m);
+  register_convert(m);
   register_rotate(m);
   register_runtime(m);
 }

@@ -126,18 +126,16 @@ def values_size(code: str, count: int, bucket: int) -> int:
 
 def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> bytes:
     """Codes a float32 vector with a value stage."""
-    if code == "fp16":
+    if code == "fp16" and np.asarray(v).dtype == np.float64:
+        # float64 originals round to half once, not through float32 first
         return np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2").tobytes()
     v = np.ascontiguousarray(v, dtype=np.float32)
+    if code == "fp16":
+        return _core.to_half(v).tobytes()
+    if code == "bf16":
+        return _core.to_bfloat16(v).tobytes()
     if code == "fp32":
         return v.tobytes()
-    if code == "bf16":
-        u = v.view(np.uint32).astype(np.uint64)
-        # round to nearest even on the 16 dropped bits (NaN-free input)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        # Rounding the largest floats up would give infinity: saturate instead.
-        sign, mag = u & 0x8000, u & 0x7FFF
-        return (sign | np.minimum(mag, 0x7F7F)).astype("<u2").tobytes()
     if code == "sign":
         n = v.size
         starts = np.arange(0, n, bucket, dtype=np.int64)
@@ -155,9 +153,9 @@ def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.nd
     if code == "fp32":
         return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32)
     if code == "fp16":
-        return np.frombuffer(data, dtype="<f2", count=count).astype(np.float32)
+        return _core.from_half(np.frombuffer(data, dtype="<u2", count=count))
     if code == "bf16":
-        return (np.frombuffer(data, dtype="<u2", count=count).astype(np.uint32) << 16).view(np.float32)
+        return _core.from_bfloat16(np.frombuffer(data, dtype="<u2", count=count))
     nb = -(-count // bucket)
     scales = np.frombuffer(data, dtype="<f4", count=nb).astype(np.float32)
     if not np.all(np.isfinite(scales)) or np.any(scales < 0):

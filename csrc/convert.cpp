@@ -1,0 +1,127 @@
+#include "convert.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel.hpp"
+#include "simd.hpp"
+
+namespace fedpress {
+namespace {
+
+constexpr std::size_t kChunk = std::size_t{1} << 16;
+constexpr float kHalfMax = 65504.0f;
+
+#if defined(__FLT16_MAX__) && !defined(FEDPRESS_NO_FLOAT16)
+// The compiler's _Float16 conversions are correctly rounded; the x86-64-v3/v4
+// clones turn them into vcvtps2ph / vcvtph2ps.
+FEDPRESS_CLONES
+void to_half_range(const float* x, std::size_t n, std::uint16_t* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    float v = x[i];
+    v = v > kHalfMax ? kHalfMax : (v < -kHalfMax ? -kHalfMax : v);
+    const _Float16 h = static_cast<_Float16>(v);
+    std::memcpy(out + i, &h, 2);
+  }
+}
+
+FEDPRESS_CLONES
+void from_half_range(const std::uint16_t* h, std::size_t n, float* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    _Float16 v;
+    std::memcpy(&v, h + i, 2);
+    out[i] = static_cast<float>(v);
+  }
+}
+#else
+// Portable round-to-nearest-even (after F. Giesen's float_to_half_fast3_rtne);
+// inputs are clamped to the finite half range first.
+std::uint16_t one_to_half(float f) {
+  f = std::min(std::max(f, -kHalfMax), kHalfMax);
+  std::uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const std::uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  std::uint32_t o;
+  if (x < (113u << 23)) {  // below the smallest normal half: let float addition round
+    const std::uint32_t magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    float v, magic;
+    std::memcpy(&v, &x, 4);
+    std::memcpy(&magic, &magic_u, 4);
+    v += magic;
+    std::uint32_t u;
+    std::memcpy(&u, &v, 4);
+    o = u - magic_u;
+  } else {
+    const std::uint32_t mant_odd = (x >> 13) & 1u;
+    x += (static_cast<std::uint32_t>(15 - 127) << 23) + 0xFFFu + mant_odd;
+    o = x >> 13;
+  }
+  return static_cast<std::uint16_t>(o | (sign >> 16));
+}
+
+float one_from_half(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  float v;
+  if (exp == 0) {
+    v = static_cast<float>(mant) * 0x1p-24f;  // subnormal (or zero): exact in float
+  } else {
+    const std::uint32_t bits = exp == 31 ? (0xFFu << 23) | (mant << 13) : ((exp + 112u) << 23) | (mant << 13);
+    std::memcpy(&v, &bits, 4);
+  }
+  std::uint32_t out;
+  std::memcpy(&out, &v, 4);
+  out |= sign;
+  std::memcpy(&v, &out, 4);
+  return v;
+}
+
+void to_half_range(const float* x, std::size_t n, std::uint16_t* out) {
+  for (std::size_t i = 0; i < n; ++i) out[i] = one_to_half(x[i]);
+}
+
+void from_half_range(const std::uint16_t* h, std::size_t n, float* out) {
+  for (std::size_t i = 0; i < n; ++i) out[i] = one_from_half(h[i]);
+}
+#endif
+
+// bfloat16 is the top half of a float32: round the dropped 16 bits to nearest
+// even, and saturate magnitudes that would round up to infinity.
+FEDPRESS_CLONES
+void to_bf16_range(const float* x, std::size_t n, std::uint16_t* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    const std::uint32_t sign = u & 0x80000000u;
+    std::uint32_t mag = u & 0x7FFFFFFFu;
+    mag = (mag + 0x7FFFu + ((mag >> 16) & 1u)) >> 16;
+    mag = mag > 0x7F7Fu ? 0x7F7Fu : mag;
+    out[i] = static_cast<std::uint16_t>((sign >> 16) | mag);
+  }
+}
+
+FEDPRESS_CLONES
+void from_bf16_range(const std::uint16_t* h, std::size_t n, float* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint32_t u = static_cast<std::uint32_t>(h[i]) << 16;
+    std::memcpy(out + i, &u, 4);
+  }
+}
+
+template <typename In, typename Out, typename Fn>
+void chunked(const In* in, std::size_t n, Out* out, Fn fn) {
+  parallel_for_sized(ceil_div(n, kChunk), n, [&](std::size_t c) {
+    const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    fn(in + begin, end - begin, out + begin);
+  });
+}
+
+}  // namespace
+
+void float_to_half(const float* x, std::size_t n, std::uint16_t* out) { chunked(x, n, out, to_half_range); }
+void half_to_float(const std::uint16_t* h, std::size_t n, float* out) { chunked(h, n, out, from_half_range); }
+void float_to_bfloat16(const float* x, std::size_t n, std::uint16_t* out) { chunked(x, n, out, to_bf16_range); }
+void bfloat16_to_float(const std::uint16_t* h, std::size_t n, float* out) { chunked(h, n, out, from_bf16_range); }
+
+}  // namespace fedpress

@@ -1,0 +1,16 @@
+// float32 <-> float16 / bfloat16 conversions for the fp16 and bf16 value stages.
+// Both round to nearest even and saturate at the largest finite value instead
+// of overflowing to infinity (inputs are finite: the codec checks).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fedpress {
+
+void float_to_half(const float* x, std::size_t n, std::uint16_t* out);
+void half_to_float(const std::uint16_t* h, std::size_t n, float* out);
+void float_to_bfloat16(const float* x, std::size_t n, std::uint16_t* out);
+void bfloat16_to_float(const std::uint16_t* h, std::size_t n, float* out);
+
+}  // namespace fedpress

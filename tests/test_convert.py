@@ -1,0 +1,63 @@
+"""float32 <-> float16 / bfloat16 kernels against numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedpress import _core
+
+
+def _inputs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    scales = np.exp(rng.uniform(-40, 14, 200_003))
+    special = [65504, 65519, 65520, 1e9, -1e9, 6e-8, 3e-8, 2.98e-8, 0.0, -0.0, 1e-45, 3.4e38, -3.4e38]
+    return np.concatenate([rng.standard_normal(200_003) * scales, special]).astype(np.float32)
+
+
+def test_to_half_matches_numpy_with_saturation() -> None:
+    x = _inputs()
+    expected = np.clip(x, -65504, 65504).astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(_core.to_half(x), expected)
+
+
+def test_from_half_is_exact_for_every_finite_half() -> None:
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = ((h >> 10) & 31) != 31
+    out = _core.from_half(h)
+    np.testing.assert_array_equal(out[finite], h[finite].view(np.float16).astype(np.float32))
+
+
+def test_bfloat16_round_to_nearest_even_and_saturation() -> None:
+    x = _inputs()
+    u = x.view(np.uint32).astype(np.uint64)
+    mag = ((u & 0x7FFFFFFF) + 0x7FFF + (((u & 0x7FFFFFFF) >> 16) & 1)) >> 16
+    expected = (((u >> 16) & 0x8000) | np.minimum(mag, 0x7F7F)).astype(np.uint16)
+    got = _core.to_bfloat16(x)
+    np.testing.assert_array_equal(got, expected)
+    back = _core.from_bfloat16(got)
+    np.testing.assert_array_equal(back.view(np.uint32), got.astype(np.uint32) << 16)
+    assert np.all(np.abs(back - x) <= np.abs(x) * 2.0**-8 + 1e-45)
+
+
+def test_conversions_do_not_depend_on_threads() -> None:
+    from fedpress import ops
+
+    x = _inputs()
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(1)
+        one = (_core.to_half(x), _core.to_bfloat16(x))
+        ops.set_num_threads(2)
+        two = (_core.to_half(x), _core.to_bfloat16(x))
+    finally:
+        ops.set_num_threads(before)
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+
+
+def test_wrong_dtype_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="float32"):
+        _core.to_half(np.zeros(3, np.float64))
+    with pytest.raises(TypeError, match="uint16"):
+        _core.from_half(np.zeros(3, np.int16))
