@@ -68,7 +68,7 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
         client_tasks.append(asyncio.create_task(c.run()))
     if show_progress:
         while not server_task.done():
-            _progress(label, len(server.history), rounds)
+            _progress(label, sum(1 for r in server.history if r.get("round", 0) >= 1), rounds)
             await asyncio.sleep(0.1)
     await server_task
     await asyncio.wait_for(asyncio.gather(*client_tasks, return_exceptions=True), timeout=30)
@@ -120,7 +120,7 @@ def _plot(results: list[dict], path: Path) -> Optional[str]:
 
 def run_demo(*, codecs=DEFAULT_CODECS, task: str = "digits", rounds: int = 20, clients: int = 8,
              clients_per_round: Optional[int] = None, out_dir: str = "fedpress-demo", seed: int = 0,
-             lr: float = 0.05, epochs: int = 1, downlink: Optional[str] = None,
+             lr: float = 0.05, epochs: int = 2, downlink: Optional[str] = None,
              data_dir: Optional[str] = None, show_progress: bool = True) -> list[dict]:
     """Runs the demo and returns one result dict per codec (also written to out_dir)."""
     out = Path(out_dir)
@@ -169,7 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    rounds = args.rounds or (4 if args.quick else 20)
+    rounds = args.rounds or (4 if args.quick else 30)
     clients = args.clients or (4 if args.quick else 8)
     run_demo(codecs=args.codecs, task=args.task, rounds=rounds, clients=clients, out_dir=args.out,
              seed=args.seed, downlink=args.downlink, data_dir=args.data_dir,
