@@ -1,0 +1,326 @@
+"""The federation client: connect, authenticate, train on each TASK, send UPDATEs.
+
+    def train_fn(global_params, config):
+        ...                                   # train from global_params
+        return update, num_examples, {"loss": loss}
+
+    client = Client("server.example:8080", token=token, train_fn=train_fn,
+                    codec="topk:0.01+q4+zstd", client_id="hospital-3")
+    stats = client.run_sync()                 # or: await client.run()
+
+``update`` is ``{name: delta}`` (trained minus received; see
+:mod:`fedpress.federation.model` for integer and bool tensors; missing tensors
+mean "unchanged"). It is compressed by one :class:`fedpress.Encoder` that lives
+as long as the Client, so error-feedback residuals carry across rounds and
+reconnections. The client keeps the last global model it received, so a
+server with a downlink codec can send it a compressed delta instead of the
+full model. When the connection drops it reconnects with exponential backoff
+(with jitter), up to ``max_retries`` consecutive failures; it returns on BYE.
+A wrong token on either side raises :class:`AuthenticationError` at once
+(never retried): the server must prove it knows the token too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import random
+import secrets
+import ssl as _ssl
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..codec import parse_spec
+from ..encoder import Encoder
+from ..payload import DecodeError, decode
+from . import protocol as P
+from .model import align_update, apply_delta
+from .transport import Connection, open_connection
+
+__all__ = ["Client", "parse_address"]
+
+log = logging.getLogger("fedpress.federation.client")
+
+TrainFn = Callable[[dict, dict], Any]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6 address]:port" -> (host, port)."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be a 'host:port' string, got {type(address).__name__}")
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"address must look like 'host:port', got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+class Client:
+    """A federation client.
+
+    Parameters
+    ----------
+    connect: "host:port" of the server.
+    token: the shared secret (bytes or str).
+    train_fn: ``train_fn(global_params, config) -> (update, num_examples, metrics)``;
+        a plain function runs in a worker thread (``train_in_thread``), an
+        ``async def`` one on the event loop. It gets its own copy of the model.
+    codec: the uplink codec spec; None takes the one the server announces
+        (fp32 if it announces none).
+    error_feedback: keep what a round did not send for the next one.
+    client_id: this client's name on the server (default: random); reconnecting
+        with the same id replaces the previous connection.
+    ssl_context: a client-side :class:`ssl.SSLContext` (e.g. with the server's CA).
+    reconnect, max_retries, backoff, max_backoff: after a dropped connection,
+        retry after ``backoff * 2**(n-1)`` seconds (capped at ``max_backoff``,
+        with jitter), at most ``max_retries`` consecutive failures.
+    server_hostname: the name the TLS certificate is checked against (default: the host).
+    momentum: momentum correction in the Encoder (None: off).
+    connect_timeout: seconds for TCP connect plus TLS and the handshake.
+    max_frame_bytes: the largest TASK accepted.
+    downlink_deltas: ask for compressed downlink deltas (when the server has a downlink codec).
+    """
+
+    def __init__(self, connect: str, token: Any, train_fn: TrainFn, codec: Optional[str] = None,
+                 error_feedback: bool = True, client_id: Optional[str] = None,
+                 ssl_context: Optional[_ssl.SSLContext] = None, reconnect: bool = True, max_retries: int = 10,
+                 backoff: float = 0.5, max_backoff: float = 30.0, *, server_hostname: Optional[str] = None,
+                 momentum: Optional[float] = None, connect_timeout: float = 10.0,
+                 max_frame_bytes: int = P.DEFAULT_MAX_FRAME, train_in_thread: bool = True,
+                 downlink_deltas: bool = True, shutdown_timeout: float = 5.0) -> None:
+        self.host, self.port = parse_address(connect)
+        self.token = P.as_token(token)
+        if not callable(train_fn):
+            raise TypeError("train_fn must be callable")
+        self.train_fn = train_fn
+        self.codec = str(parse_spec(codec)) if codec else None
+        self.error_feedback = bool(error_feedback)
+        self.momentum = momentum
+        self.client_id = P.check_client_id(client_id if client_id is not None else f"client-{secrets.token_hex(4)}")
+        if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.reconnect = bool(reconnect)
+        self.max_retries = int(max_retries)
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        if not (self.backoff >= 0 and self.max_backoff >= 0):
+            raise ValueError("backoff and max_backoff must be >= 0")
+        self.connect_timeout = float(connect_timeout)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.max_frame_bytes = int(max_frame_bytes)
+        self.train_in_thread = bool(train_in_thread)
+        self.downlink_deltas = bool(downlink_deltas)
+
+        #: The fedpress Encoder (created at the first TASK, kept across reconnects).
+        self.encoder: Optional[Encoder] = None
+        #: The last global model received, and its tag.
+        self.model: Optional[dict[str, np.ndarray]] = None
+        self.model_tag: Optional[bytes] = None
+        #: The settings from the server's last WELCOME.
+        self.settings: dict[str, Any] = {}
+        #: Counters: rounds trained/failed, sessions, reconnects, socket bytes
+        #: (uplink = sent, downlink = received, TLS records included) and payload bytes.
+        self.stats: dict[str, Any] = {
+            "rounds": 0, "failed_rounds": 0, "sessions": 0, "reconnects": 0, "last_round": None,
+            "uplink_wire_bytes": 0, "downlink_wire_bytes": 0, "uplink_payload_bytes": 0,
+            "downlink_payload_bytes": 0, "full_models": 0, "delta_models": 0, "bye": None,
+        }
+        self._conn: Optional[Connection] = None
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"Client({self.host}:{self.port}, id={self.client_id!r}, codec={self.codec!r})"
+
+    # ================================================================ running
+    async def run(self) -> dict[str, Any]:
+        """Serves TASKs until the server says BYE; returns :attr:`stats`.
+
+        Raises AuthenticationError (wrong token on either side, never retried),
+        or ConnectionError once ``max_retries`` consecutive attempts failed.
+        """
+        failures = 0
+        while True:
+            reason = ""
+            conn: Optional[Connection] = None
+            try:
+                conn = await self._connect()
+                failures = 0
+                self.stats["sessions"] += 1
+                if await self._session(conn):
+                    return self.stats
+                reason = "the server closed the connection"
+            except (P.AuthenticationError, _ssl.SSLCertVerificationError):
+                raise
+            except P.PeerError as exc:
+                if exc.code in (P.ErrorCode.AUTH, P.ErrorCode.VERSION, P.ErrorCode.REPLACED):
+                    raise
+                reason = str(exc)
+            except (ConnectionError, OSError, asyncio.TimeoutError, _ssl.SSLError, P.ProtocolError,
+                    EOFError) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                if conn is not None:
+                    await self._close(conn)
+            failures += 1
+            if not self.reconnect or failures > self.max_retries:
+                raise ConnectionError(f"client {self.client_id}: giving up after {failures} failed "
+                                      f"attempt(s) to reach {self.host}:{self.port}: {reason}")
+            delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1)) * (0.5 + 0.5 * self._rng.random())
+            log.info("client %s: %s; reconnecting in %.2f s (attempt %d of %d)", self.client_id, reason,
+                     delay, failures, self.max_retries)
+            self.stats["reconnects"] += 1
+            await asyncio.sleep(delay)
+
+    def run_sync(self) -> dict[str, Any]:
+        """``asyncio.run(self.run())``."""
+        return asyncio.run(self.run())
+
+    async def _close(self, conn: Connection) -> None:
+        try:
+            await conn.close(self.shutdown_timeout)
+        finally:
+            self.stats["uplink_wire_bytes"] += conn.tx
+            self.stats["downlink_wire_bytes"] += conn.rx
+            self._conn = None
+
+    # ============================================================== handshake
+    async def _connect(self) -> Connection:
+        conn = await open_connection(self.host, self.port, ssl_context=self.ssl_context,
+                                     server_hostname=self.server_hostname, timeout=self.connect_timeout,
+                                     shutdown_timeout=self.shutdown_timeout)
+        self._conn = conn
+        try:
+            await asyncio.wait_for(self._handshake(conn), self.connect_timeout)
+        except BaseException as exc:
+            if isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)):
+                conn.abort()
+            await self._close(conn)  # otherwise graceful: a queued ERROR frame still goes out
+            raise
+        return conn
+
+    async def _handshake(self, conn: Connection) -> None:
+        features = P.FEATURES if self.downlink_deltas else ()
+        hello = P.Hello(self.client_id, tuple(features), self.model_tag, self.codec)
+        await conn.send(P.FrameType.HELLO, hello.pack())
+        frame = await self._expect(conn, P.FrameType.CHALLENGE)
+        if len(frame.body) != P.NONCE_BYTES:
+            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"CHALLENGE of {len(frame.body)} bytes")
+        server_nonce = frame.body
+        client_nonce = P.new_nonce()
+        mac = P.client_mac(self.token, server_nonce, client_nonce, self.client_id)
+        await conn.send(P.FrameType.AUTH, P.Auth(mac, client_nonce).pack())
+        frame = await self._expect(conn, P.FrameType.WELCOME)
+        welcome = P.Welcome.unpack(frame.body)
+        expected = P.server_mac(self.token, client_nonce, server_nonce, self.client_id)
+        if not hmac.compare_digest(expected, welcome.mac):
+            conn.send_nowait(P.FrameType.ERROR, P.pack_error(P.ErrorCode.AUTH, "server failed to authenticate"))
+            raise P.AuthenticationError(f"the server at {self.host}:{self.port} does not know the token")
+        self.settings = welcome.settings
+        log.info("client %s: connected to %s:%d", self.client_id, self.host, self.port)
+
+    async def _expect(self, conn: Connection, ftype: P.FrameType) -> P.Frame:
+        frame = await conn.read_frame(P.HANDSHAKE_MAX_FRAME)
+        if frame.type == P.FrameType.ERROR:
+            code, message = P.unpack_error(frame.body)
+            if code == P.ErrorCode.AUTH:
+                raise P.AuthenticationError(f"the server rejected the token: {message}")
+            raise P.PeerError(code, message)
+        if frame.type != ftype:
+            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected {ftype.name}, got {frame.type.name}")
+        return frame
+
+    # ================================================================ session
+    async def _session(self, conn: Connection) -> bool:
+        """Serves frames; True on BYE."""
+        while True:
+            try:
+                frame = await conn.read_frame(self.max_frame_bytes)
+                if frame.type == P.FrameType.TASK:
+                    task = P.Task.unpack(frame.body)
+                    await self._on_task(conn, task)
+                elif frame.type == P.FrameType.BYE:
+                    self.stats["bye"] = P.unpack_text(frame.body)
+                    log.info("client %s: server said BYE (%s)", self.client_id, self.stats["bye"])
+                    return True
+                elif frame.type == P.FrameType.ERROR:
+                    raise P.PeerError(*P.unpack_error(frame.body))
+                else:
+                    raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"unexpected {frame.type.name} frame")
+            except P.ProtocolError as exc:
+                log.warning("client %s: protocol error from the server: %s", self.client_id, exc)
+                conn.send_nowait(P.FrameType.ERROR, P.pack_error(exc.code, str(exc)))
+                raise
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        if self.train_in_thread:
+            result = await asyncio.to_thread(fn, *args)
+        else:
+            result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _apply_model(self, task: P.Task) -> dict[str, np.ndarray]:
+        if task.kind == P.TASK_FULL:
+            return decode(task.payloads[0])
+        if self.model is None or task.base_tag != self.model_tag:
+            raise ValueError("out of sync: the delta applies to a model this client does not hold")
+        params = self.model
+        for payload in task.payloads:
+            params = apply_delta(params, decode(payload))
+        return params
+
+    async def _on_task(self, conn: Connection, task: P.Task) -> None:
+        r = task.round
+        self.stats["downlink_payload_bytes"] += task.payload_bytes
+        self.stats["full_models" if task.kind == P.TASK_FULL else "delta_models"] += 1
+        started = time.monotonic()
+        try:
+            model = await asyncio.to_thread(self._apply_model, task)
+        except (DecodeError, ValueError) as exc:
+            self.model = self.model_tag = None  # ask for a full model next time
+            log.warning("client %s: cannot use the model of round %d: %s", self.client_id, r, exc)
+            await self._send_failure(conn, r, f"cannot apply the model: {exc}")
+            return
+        self.model, self.model_tag = model, task.model_tag
+        codec = self.codec or task.config.get("codec") or self.settings.get("codec") or "fp32"
+        if self.encoder is None or (self.codec is None and self.encoder.spec != str(parse_spec(codec))):
+            self.encoder = Encoder(codec, error_feedback=self.error_feedback, momentum=self.momentum)
+        try:
+            result = await self._call(self.train_fn, {k: v.copy() for k, v in model.items()}, dict(task.config))
+            if not isinstance(result, (tuple, list)) or len(result) != 3:
+                raise TypeError("train_fn must return (update, num_examples, metrics)")
+            update, num_examples, metrics = result
+            num_examples = int(num_examples)
+            if not 0 <= num_examples < 2 ** 64:
+                raise ValueError(f"num_examples must be a non-negative integer, got {num_examples}")
+            metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
+            aligned = align_update(update, model)
+            encoder = self.encoder
+            payload = await asyncio.to_thread(encoder.encode, aligned)
+        except Exception as exc:  # noqa: BLE001 - a failed round is reported, the client carries on
+            log.exception("client %s: training failed in round %d", self.client_id, r)
+            await self._send_failure(conn, r, repr(exc))
+            return
+        metrics.setdefault("train_seconds", round(time.monotonic() - started, 6))
+        update_frame = P.Update(r, num_examples, metrics, payload)
+        await conn.send(P.FrameType.UPDATE, *update_frame.parts())
+        self.stats["uplink_payload_bytes"] += len(payload)
+        self.stats["rounds"] += 1
+        self.stats["last_round"] = r
+
+    async def _send_failure(self, conn: Connection, r: int, error: str) -> None:
+        self.stats["failed_rounds"] += 1
+        await conn.send(P.FrameType.UPDATE, *P.Update(r, 0, {"error": error[:1000]}, b"", P.UPDATE_FAILED).parts())

@@ -1,0 +1,293 @@
+"""Model arithmetic shared by server and client: updates, downlink deltas,
+checkpoints.
+
+Update semantics (what ``train_fn`` returns and the server applies):
+
+* float tensors carry a delta: ``new global = global + server_lr * weighted mean``;
+* integer tensors carry a delta too (e.g. a BatchNorm step counter): ``global +
+  the weighted mean rounded to an integer`` (no server_lr);
+* bool tensors carry the client's new value: the weighted majority wins.
+
+A tensor missing from an update means "unchanged" (a zero delta, or the held
+value for bools); a tensor the model does not have is an error.
+
+Downlink: the model the clients train on is the server's *replica*. Without a
+downlink codec the replica is the global model and travels as one fp32
+payload. With a downlink codec, each new global model becomes a compressed
+delta ``C(global - replica)`` that is applied to the replica (what is not sent
+stays in the difference and goes out later: error feedback on the server).
+Clients that hold the previous replica receive the chain of deltas since the
+one they hold; the others receive the replica in full. Delta application is
+float32 arithmetic on both sides, so client and server replicas stay
+bit-identical; float64 tensors are kept at float32 precision in the replica
+(they travel as float32 values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..codec import Codec, _to_numpy
+from ..payload import decode
+from .protocol import TAG_BYTES, new_tag
+
+__all__ = ["as_params", "table", "canonical", "encode_full", "decode_params", "make_delta", "apply_delta",
+           "apply_update", "align_update", "zero_reference", "Downlink", "save_checkpoint",
+           "load_checkpoint", "atomic_write", "CHECKPOINT_JSON"]
+
+_FULL = Codec("fp32")
+CHECKPOINT_JSON = "checkpoint.json"
+
+
+def as_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A model as ``{name: numpy array}`` (copies; torch tensors are converted,
+    bfloat16 becomes float32). Tensors must be float, integer or bool."""
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError("params must be a non-empty mapping of names to tensors")
+    out = {}
+    for name, value in params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be strings, got {type(name).__name__}")
+        arr, _ = _to_numpy(name, value)
+        out[name] = np.array(arr, copy=True, order="C")
+    return out
+
+
+def table(params: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple]]:
+    return [(k, v.dtype.name, tuple(v.shape)) for k, v in params.items()]
+
+
+def canonical(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float64 tensors rounded to float32 precision (what a full fp32 payload
+    carries); other tensors are shared, not copied."""
+    return {k: v.astype(np.float32).astype(np.float64) if v.dtype == np.float64 else v
+            for k, v in params.items()}
+
+
+def encode_full(params: Mapping[str, np.ndarray]) -> bytes:
+    """The whole model as one fp32 payload (deterministic bytes)."""
+    return _FULL.encode(params, seed=0)
+
+
+def decode_params(payload: Any) -> dict[str, np.ndarray]:
+    return decode(payload)
+
+
+def make_delta(target: Mapping[str, np.ndarray], replica: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float32 differences for float tensors, the target values for the others."""
+    out = {}
+    for k, t in target.items():
+        if t.dtype.kind == "f":
+            out[k] = t.astype(np.float32) - replica[k].astype(np.float32)
+        else:
+            out[k] = t
+    return out
+
+
+def apply_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One downlink delta applied (new arrays; ``model`` is left as it was).
+    Raises ValueError when the delta does not fit the model."""
+    if list(delta) != list(model):
+        raise ValueError("downlink delta does not list the model's tensors")
+    out = {}
+    for k, m in model.items():
+        d = delta[k]
+        if d.shape != m.shape:
+            raise ValueError(f"downlink delta for {k!r} has shape {d.shape}, the model {m.shape}")
+        if m.dtype.kind == "f":
+            out[k] = (m.astype(np.float32) + d.astype(np.float32)).astype(m.dtype)
+        else:
+            out[k] = d.astype(m.dtype)
+    return out
+
+
+def apply_update(params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
+                 server_lr: float) -> dict[str, np.ndarray]:
+    """The next global model from the weighted mean update (see the module doc)."""
+    out = {}
+    for k, g in params.items():
+        m = mean[k]
+        if g.dtype.kind == "f":
+            work = np.float64 if g.dtype == np.float64 else np.float32
+            out[k] = (g.astype(work) + work(server_lr) * m.astype(work)).astype(g.dtype)
+        elif g.dtype.kind == "b":
+            out[k] = m.astype(bool)
+        else:
+            out[k] = g + m.astype(g.dtype)
+    return out
+
+
+def align_update(update: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An update in the model's tensor order, shapes and dtypes. Missing
+    tensors are unchanged (zero delta / held bool); unknown names or wrong
+    shapes raise ValueError."""
+    if not isinstance(update, Mapping):
+        raise TypeError(f"train_fn must return a mapping of names to tensors, got {type(update).__name__}")
+    unknown = [k for k in update if k not in model]
+    if unknown:
+        raise ValueError(f"update holds tensors the model does not have: {unknown[:5]}")
+    out = {}
+    for k, ref in model.items():
+        if k not in update:
+            out[k] = ref.copy() if ref.dtype.kind == "b" else np.zeros(ref.shape, ref.dtype)
+            continue
+        arr, _ = _to_numpy(k, update[k])
+        if arr.shape != ref.shape:
+            raise ValueError(f"update for {k!r} has shape {arr.shape}, the model {ref.shape}")
+        if arr.dtype != ref.dtype:
+            if ref.dtype.kind in "iu" and arr.dtype.kind == "f":
+                arr = np.rint(arr)
+            arr = arr.astype(ref.dtype)
+        out[k] = arr
+    return out
+
+
+def zero_reference(params: Mapping[str, np.ndarray]) -> bytes:
+    """A payload of zeros with the model's tensor table: added to an
+    Aggregator with weight 0, it makes every payload with another table fail."""
+    return _FULL.encode({k: np.zeros(v.shape, v.dtype) for k, v in params.items()}, seed=0)
+
+
+class Downlink:
+    """The replica the clients hold and the deltas that bring them up to date.
+
+    ``tag`` names the current replica (16 random bytes, new for each version);
+    ``chain`` holds the last ``history`` deltas as (base tag, tag, payload).
+    """
+
+    def __init__(self, spec: Optional[str], params: Mapping[str, np.ndarray], history: int = 8) -> None:
+        self.codec = Codec(spec) if spec else None
+        self.history = max(0, int(history))
+        self.replica = canonical(params)
+        self.tag = new_tag()
+        self.chain: list[tuple[bytes, bytes, bytes]] = []
+        self._full: Optional[tuple[bytes, bytes]] = None
+
+    def advance(self, params: Mapping[str, np.ndarray]) -> None:
+        """A new global model: a new replica version."""
+        old = self.tag
+        self.tag = new_tag()
+        if self.codec is None:
+            self.replica = canonical(params)
+            return
+        payload = self.codec.encode(make_delta(params, self.replica))
+        self.replica = apply_delta(self.replica, decode(payload))
+        self.chain.append((old, self.tag, payload))
+        del self.chain[:max(0, len(self.chain) - self.history)]
+
+    def full(self) -> bytes:
+        """The replica as one fp32 payload (cached per version)."""
+        if self._full is None or self._full[0] != self.tag:
+            self._full = (self.tag, encode_full(self.replica))
+        return self._full[1]
+
+    def plan(self, held: Optional[bytes], deltas_ok: bool) -> tuple[str, bytes, list]:
+        """("full", b"", [payload]) or ("delta", base tag, [payloads...]) for a
+        client holding the replica tagged ``held``."""
+        if self.codec is not None and deltas_ok and held is not None:
+            if held == self.tag:
+                return "delta", held, []
+            for i, (base, _, _) in enumerate(self.chain):
+                if base == held:
+                    payloads = [p for _, _, p in self.chain[i:]]
+                    if sum(len(p) for p in payloads) < len(self.full()):
+                        return "delta", held, payloads
+                    break
+        return "full", bytes(TAG_BYTES), [self.full()]
+
+    # -- persistence
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta = {"tag": self.tag.hex(),
+                "chain": [{"base": b.hex(), "tag": t.hex()} for b, t, _ in self.chain]}
+        arrays = {f"r{i}": v for i, v in enumerate(self.replica.values())}
+        arrays.update({f"h{i}": np.frombuffer(p, np.uint8) for i, (_, _, p) in enumerate(self.chain)})
+        return meta, arrays
+
+    def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], names: list) -> None:
+        self.replica = {name: np.array(arrays[f"r{i}"]) for i, name in enumerate(names)}
+        self.tag = bytes.fromhex(meta["tag"])
+        self.chain = [(bytes.fromhex(c["base"]), bytes.fromhex(c["tag"]), np.asarray(arrays[f"h{i}"]).tobytes())
+                      for i, c in enumerate(meta.get("chain", []))]
+        self._full = None
+
+
+# ------------------------------------------------------------ checkpoints --
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Writes a file atomically: ``write(fileobj)`` into a temporary file in the
+    same directory, flush, fsync, os.replace, fsync the directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(out_dir: Path, round: int, params: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                    downlink: Optional[Downlink]) -> Path:
+    """checkpoint-<round>.npz (global model, replica, delta chain) and then
+    checkpoint.json naming it, each written atomically; older npz files go."""
+    out_dir = Path(out_dir)
+    names = list(params)
+    arrays = {f"g{i}": v for i, v in enumerate(params.values())}
+    info = dict(meta)
+    info.update(format="fedpress-checkpoint-v1", round=int(round), names=names,
+                dtypes=[v.dtype.name for v in params.values()])
+    if downlink is not None:
+        dmeta, darrays = downlink.state()
+        arrays.update(darrays)
+        info["downlink"] = dmeta
+    npz_name = f"checkpoint-{int(round):06d}.npz"
+    info["npz"] = npz_name
+    atomic_write(out_dir / npz_name, lambda f: np.savez(f, **arrays))
+    atomic_write(out_dir / CHECKPOINT_JSON, lambda f: f.write(json.dumps(info, indent=1).encode()))
+    for stale in out_dir.glob("checkpoint-*.npz"):
+        if stale.name != npz_name:
+            try:
+                stale.unlink()
+            except OSError:  # pragma: no cover
+                pass
+    return out_dir / CHECKPOINT_JSON
+
+
+def load_checkpoint(out_dir: Path) -> Optional[tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """(meta, global params, all arrays) of the last checkpoint, or None."""
+    path = Path(out_dir) / CHECKPOINT_JSON
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "fedpress-checkpoint-v1":
+        raise ValueError(f"{path}: not a fedpress checkpoint")
+    with np.load(Path(out_dir) / meta["npz"], allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    params = {name: arrays[f"g{i}"] for i, name in enumerate(meta["names"])}
+    return meta, params, arrays

@@ -1,0 +1,539 @@
+"""The fedpress federation wire protocol: length-prefixed, typed frames.
+
+Every message is one frame (all integers little-endian)::
+
+    offset  size  field
+    0       2     magic b"FP"
+    2       1     protocol version (PROTOCOL_VERSION = 1)
+    3       1     frame type (FrameType)
+    4       4     body length N, u32; checked against the reader's limit
+                  BEFORE a single body byte is read
+    8       N     body
+
+Frame bodies::
+
+    HELLO      client -> server
+               version u16 | id_len u16 | client id (UTF-8, 1..128 bytes, printable)
+               | JSON object (rest): {"features": [...], "model": hex tag or null, "codec": spec or null}
+    CHALLENGE  server -> client
+               server nonce (32 bytes)
+    AUTH       client -> server
+               mac (32) = HMAC-SHA256(token, "fedpress-auth-client-v1" | server nonce | client nonce
+                                      | id_len u16 | client id)
+               | client nonce (32 bytes)
+    WELCOME    server -> client
+               mac (32) = HMAC-SHA256(token, "fedpress-auth-server-v1" | client nonce | server nonce
+                                      | id_len u16 | client id)
+               | JSON object (rest): accepted features, federation settings
+    TASK       server -> client
+               round u32 | kind u8 (0 full model, 1 delta chain) | n_payloads u16
+               | model tag (16) | base tag (16; zeros for a full model) | config_len u32 | config JSON
+               | n_payloads x (length u32 | fedpress payload)
+    UPDATE     client -> server
+               round u32 | status u8 (0 ok, 1 failed) | num_examples u64 | metrics_len u32
+               | metrics JSON | fedpress payload (rest; empty when status is failed)
+    ERROR      either way
+               code u16 | message (UTF-8, rest)
+    BYE        either way
+               reason (UTF-8, rest; may be empty)
+
+The shared token never crosses the wire: the client proves it knows the token
+by a MAC over the server's fresh nonce, the server proves it by a MAC over the
+client's fresh nonce (mutual authentication; the two MACs use distinct labels
+so neither can be replayed as the other). MACs are compared with
+:func:`hmac.compare_digest`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = [
+    "MAGIC", "PROTOCOL_VERSION", "HEADER", "NONCE_BYTES", "TAG_BYTES", "MAC_BYTES",
+    "HANDSHAKE_MAX_FRAME", "DEFAULT_MAX_FRAME", "MAX_FRAME_LIMIT", "FEATURES",
+    "FrameType", "ErrorCode", "FederationError", "ProtocolError", "FrameTooLarge", "PeerError",
+    "AuthenticationError", "ConnectionClosed",
+    "Frame", "Hello", "Auth", "Welcome", "Task", "Update",
+    "encode_frame", "parse_header", "read_frame", "client_mac", "server_mac", "new_nonce", "new_tag",
+    "pack_error", "unpack_error", "pack_text", "unpack_text", "dumps_json", "loads_json",
+    "check_client_id", "as_token", "check_features", "TASK_FULL", "TASK_DELTA", "UPDATE_OK", "UPDATE_FAILED",
+]
+
+MAGIC = b"FP"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<2sBBI")  # magic, version, type, body length
+NONCE_BYTES = 32
+MAC_BYTES = 32
+TAG_BYTES = 16
+HANDSHAKE_MAX_FRAME = 64 * 1024       # HELLO / AUTH / WELCOME / CHALLENGE are small
+DEFAULT_MAX_FRAME = 1 << 30           # TASK / UPDATE: a 256M-parameter fp32 model
+MAX_FRAME_LIMIT = (1 << 32) - 1       # the u32 length field
+MAX_CLIENT_ID_BYTES = 128
+MAX_JSON_BYTES = 1 << 20
+
+#: Optional features a client may request in HELLO; the server answers with
+#: those it grants in WELCOME. "downlink-delta": the client keeps the last
+#: global model and accepts TASKs carrying a compressed delta chain.
+FEATURES = ("downlink-delta",)
+
+_LABEL_CLIENT = b"fedpress-auth-client-v1"
+_LABEL_SERVER = b"fedpress-auth-server-v1"
+
+
+class FrameType(enum.IntEnum):
+    """The type byte of a frame."""
+
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    TASK = 5
+    UPDATE = 6
+    ERROR = 7
+    BYE = 8
+
+
+class ErrorCode(enum.IntEnum):
+    """The code of an ERROR frame."""
+
+    PROTOCOL = 1       # malformed or unexpected frame
+    VERSION = 2        # protocol version mismatch
+    AUTH = 3           # authentication failed
+    TOO_LARGE = 4      # a frame's declared length exceeds the receiver's limit
+    TIMEOUT = 5        # the handshake took too long
+    BUSY = 6           # too many connections waiting for their handshake
+    REPLACED = 7       # a newer connection with the same client id took over
+    SHUTDOWN = 8       # the server is shutting down
+    INTERNAL = 9       # unexpected failure on the sender's side
+
+    @classmethod
+    def name_of(cls, code: int) -> str:
+        try:
+            return cls(code).name
+        except ValueError:
+            return f"UNKNOWN({code})"
+
+
+class FederationError(Exception):
+    """Base class of the federation errors."""
+
+
+class ProtocolError(FederationError):
+    """The peer broke the protocol; ``code`` is the ERROR code to answer with."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header declared a body larger than the reader accepts."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(ErrorCode.TOO_LARGE, f"frame of {length} bytes exceeds the limit of {limit}")
+        self.length = length
+        self.limit = limit
+
+
+class PeerError(FederationError):
+    """The peer sent an ERROR frame."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"peer error {ErrorCode.name_of(code)}: {message}")
+        self.code = int(code)
+        self.message = message
+
+
+class AuthenticationError(FederationError):
+    """Authentication failed: a wrong token on either side (never retried)."""
+
+
+class ConnectionClosed(FederationError, ConnectionError):
+    """The connection ended (EOF), possibly in the middle of a frame."""
+
+
+# ----------------------------------------------------------------- frames --
+@dataclass(frozen=True)
+class Frame:
+    """A received frame: its type and body (bytes)."""
+
+    type: FrameType
+    body: bytes
+
+
+def encode_frame(ftype: int, *parts: Any) -> list:
+    """The buffers of one frame (header first, then the body parts, not joined,
+    so a large payload is never copied). Parts are bytes-like."""
+    length = sum(memoryview(p).nbytes for p in parts)
+    if length > MAX_FRAME_LIMIT:
+        raise ValueError(f"frame body of {length} bytes exceeds the u32 length field")
+    return [HEADER.pack(MAGIC, PROTOCOL_VERSION, int(ftype), length), *parts]
+
+
+def parse_header(header: bytes, max_body: int) -> tuple[FrameType, int]:
+    """Validates an 8-byte frame header: (type, body length). Raises ProtocolError
+    (bad magic, version, type) or FrameTooLarge before any body byte is read."""
+    magic, version, ftype, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"not a fedpress frame (magic {bytes(magic)!r})")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION,
+                            f"protocol version {version} in frame header, this side speaks {PROTOCOL_VERSION}")
+    try:
+        kind = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"unknown frame type {ftype}") from None
+    if length > max_body:
+        raise FrameTooLarge(length, max_body)
+    return kind, length
+
+
+async def read_frame(reader: Any, max_body: int) -> Frame:
+    """Reads one frame from an asyncio StreamReader. EOF raises ConnectionClosed;
+    a bad header raises ProtocolError before the body is read."""
+    import asyncio
+
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        where = "in a frame header" if exc.partial else "between frames"
+        raise ConnectionClosed(f"connection closed {where}") from None
+    ftype, length = parse_header(header, max_body)
+    if not length:
+        return Frame(ftype, b"")
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ConnectionClosed(f"connection closed in a {ftype.name} frame body "
+                               f"({len(exc.partial)} of {length} bytes)") from None
+    return Frame(ftype, body)
+
+
+# ------------------------------------------------------------------- JSON --
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_default(value: Any) -> Any:
+    """numpy / torch scalars and small arrays become plain numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite floats become None (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any) -> bytes:
+    """Strict JSON (no NaN/Infinity) in UTF-8; numpy scalars are converted."""
+    text = json.dumps(value, default=_json_default, separators=(",", ":"))
+    return json.dumps(_finite(json.loads(text)), separators=(",", ":"), allow_nan=False).encode()
+
+
+def loads_json(data: Any, what: str, *, limit: int = MAX_JSON_BYTES) -> dict:
+    """Parses a JSON object; anything else raises ProtocolError."""
+    if len(data) > limit:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: {len(data)} bytes of JSON exceed {limit}")
+    try:
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: expected a JSON object")
+    return value
+
+
+class _Cursor:
+    """Reads fields from a frame body; running out raises ProtocolError."""
+
+    def __init__(self, body: bytes, what: str) -> None:
+        self.view = memoryview(body)
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int, name: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.view):
+            raise ProtocolError(ErrorCode.PROTOCOL,
+                                f"{self.what} frame truncated in {name} (needs {n} bytes at offset {self.pos}, "
+                                f"body has {len(self.view)})")
+        out = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: struct.Struct, name: str) -> tuple:
+        return fmt.unpack(self.take(fmt.size, name))
+
+    def rest(self) -> memoryview:
+        out = self.view[self.pos:]
+        self.pos = len(self.view)
+        return out
+
+    def done(self) -> None:
+        if self.pos != len(self.view):
+            raise ProtocolError(ErrorCode.PROTOCOL,
+                                f"{self.what} frame has {len(self.view) - self.pos} trailing bytes")
+
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+def check_client_id(client_id: str) -> str:
+    """A client id: 1..128 UTF-8 bytes of printable characters."""
+    if not isinstance(client_id, str):
+        raise TypeError(f"client id must be a string, got {type(client_id).__name__}")
+    raw = client_id.encode("utf-8", "surrogatepass")
+    if not 1 <= len(raw) <= MAX_CLIENT_ID_BYTES or not client_id.isprintable():
+        raise ValueError(f"client id must be 1..{MAX_CLIENT_ID_BYTES} bytes of printable characters, "
+                         f"got {client_id!r}")
+    return client_id
+
+
+@dataclass(frozen=True)
+class Hello:
+    """HELLO: protocol version, client id, requested features, the tag of the
+    global model the client holds (None: none) and its uplink codec."""
+
+    client_id: str
+    features: tuple = ()
+    model_tag: Optional[bytes] = None
+    codec: Optional[str] = None
+    version: int = PROTOCOL_VERSION
+
+    def pack(self) -> bytes:
+        cid = self.client_id.encode("utf-8")
+        meta = {"features": list(self.features),
+                "model": self.model_tag.hex() if self.model_tag else None,
+                "codec": self.codec}
+        return _U16.pack(self.version) + _U16.pack(len(cid)) + cid + dumps_json(meta)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Hello:
+        c = _Cursor(body, "HELLO")
+        (version,) = c.unpack(_U16, "version")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.VERSION,
+                                f"client speaks protocol version {version}, the server speaks {PROTOCOL_VERSION}")
+        (n,) = c.unpack(_U16, "client id length")
+        try:
+            cid = check_client_id(bytes(c.take(n, "client id")).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"HELLO: bad client id ({exc})") from None
+        meta = loads_json(c.rest(), "HELLO", limit=HANDSHAKE_MAX_FRAME)
+        features = meta.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ProtocolError(ErrorCode.PROTOCOL, "HELLO: features must be a list of strings")
+        tag = meta.get("model")
+        model_tag = None
+        if tag is not None:
+            try:
+                model_tag = bytes.fromhex(tag)
+            except (TypeError, ValueError):
+                raise ProtocolError(ErrorCode.PROTOCOL, "HELLO: model tag is not hex") from None
+            if len(model_tag) != TAG_BYTES:
+                raise ProtocolError(ErrorCode.PROTOCOL, f"HELLO: model tag must be {TAG_BYTES} bytes")
+        codec = meta.get("codec")
+        if codec is not None and not isinstance(codec, str):
+            raise ProtocolError(ErrorCode.PROTOCOL, "HELLO: codec must be a string")
+        return cls(cid, tuple(features), model_tag, codec, version)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """AUTH: the client's MAC over the server nonce and its own nonce."""
+
+    mac: bytes
+    client_nonce: bytes
+
+    def pack(self) -> bytes:
+        return self.mac + self.client_nonce
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Auth:
+        c = _Cursor(body, "AUTH")
+        mac = bytes(c.take(MAC_BYTES, "mac"))
+        nonce = bytes(c.take(NONCE_BYTES, "client nonce"))
+        c.done()
+        return cls(mac, nonce)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """WELCOME: the server's MAC over the client nonce and the session settings."""
+
+    mac: bytes
+    settings: dict = field(default_factory=dict)
+
+    def pack(self) -> bytes:
+        return self.mac + dumps_json(self.settings)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Welcome:
+        c = _Cursor(body, "WELCOME")
+        mac = bytes(c.take(MAC_BYTES, "mac"))
+        return cls(mac, loads_json(c.rest(), "WELCOME", limit=HANDSHAKE_MAX_FRAME))
+
+
+TASK_FULL, TASK_DELTA = 0, 1
+_TASK_HEAD = struct.Struct(f"<IBH{TAG_BYTES}s{TAG_BYTES}sI")
+
+
+@dataclass
+class Task:
+    """TASK: the round, the training config and the global model, either one
+    full fp32 payload (kind TASK_FULL) or a chain of delta payloads that turn the
+    model tagged ``base_tag`` into the one tagged ``model_tag`` (kind TASK_DELTA)."""
+
+    round: int
+    kind: int
+    model_tag: bytes
+    base_tag: bytes
+    config: dict
+    payloads: list
+
+    def parts(self) -> list:
+        """The body as buffers: head, config, then each payload with its length."""
+        config = dumps_json(self.config)
+        head = _TASK_HEAD.pack(self.round, self.kind, len(self.payloads), self.model_tag,
+                               self.base_tag or bytes(TAG_BYTES), len(config))
+        out: list = [head, config]
+        for p in self.payloads:
+            out += [_U32.pack(memoryview(p).nbytes), p]
+        return out
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.payloads)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Task:
+        c = _Cursor(body, "TASK")
+        rnd, kind, n, tag, base, config_len = c.unpack(_TASK_HEAD, "header")
+        if kind not in (TASK_FULL, TASK_DELTA):
+            raise ProtocolError(ErrorCode.PROTOCOL, f"TASK: unknown model kind {kind}")
+        if kind == TASK_FULL and n != 1:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"TASK: a full model is one payload, got {n}")
+        config = loads_json(c.take(config_len, "config"), "TASK config")
+        payloads = []
+        for i in range(n):
+            (size,) = c.unpack(_U32, f"payload {i} length")
+            payloads.append(c.take(size, f"payload {i}"))
+        c.done()
+        return cls(rnd, kind, bytes(tag), bytes(base), config, payloads)
+
+
+UPDATE_OK, UPDATE_FAILED = 0, 1
+_UPDATE_HEAD = struct.Struct("<IBQI")
+
+
+@dataclass
+class Update:
+    """UPDATE: the round, status, number of training examples, metrics and the
+    fedpress payload of the update (empty when the client reports a failure)."""
+
+    round: int
+    num_examples: int
+    metrics: dict
+    payload: Any
+    status: int = UPDATE_OK
+
+    def parts(self) -> list:
+        metrics = dumps_json(self.metrics)
+        return [_UPDATE_HEAD.pack(self.round, self.status, self.num_examples, len(metrics)), metrics,
+                self.payload]
+
+    @property
+    def payload_bytes(self) -> int:
+        return memoryview(self.payload).nbytes
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Update:
+        c = _Cursor(body, "UPDATE")
+        rnd, status, n, metrics_len = c.unpack(_UPDATE_HEAD, "header")
+        if status not in (UPDATE_OK, UPDATE_FAILED):
+            raise ProtocolError(ErrorCode.PROTOCOL, f"UPDATE: unknown status {status}")
+        metrics = loads_json(c.take(metrics_len, "metrics"), "UPDATE metrics", limit=64 * 1024)
+        return cls(rnd, n, metrics, c.rest(), status)
+
+
+def pack_error(code: int, message: str) -> bytes:
+    return _U16.pack(int(code)) + message.encode("utf-8", "replace")[:4096]
+
+
+def unpack_error(body: bytes) -> tuple[int, str]:
+    if len(body) < 2:
+        return int(ErrorCode.PROTOCOL), "malformed ERROR frame"
+    (code,) = _U16.unpack(body[:2])
+    return code, bytes(body[2:]).decode("utf-8", "replace")
+
+
+def pack_text(text: str) -> bytes:
+    return text.encode("utf-8", "replace")[:4096]
+
+
+def unpack_text(body: bytes) -> str:
+    return bytes(body).decode("utf-8", "replace")
+
+
+# ------------------------------------------------------------------- auth --
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def new_tag() -> bytes:
+    return secrets.token_bytes(TAG_BYTES)
+
+
+def _id_field(client_id: str) -> bytes:
+    raw = client_id.encode("utf-8")
+    return _U16.pack(len(raw)) + raw
+
+
+def client_mac(token: bytes, server_nonce: bytes, client_nonce: bytes, client_id: str) -> bytes:
+    """The client's proof: HMAC-SHA256 keyed with the token."""
+    return hmac.new(token, _LABEL_CLIENT + server_nonce + client_nonce + _id_field(client_id),
+                    hashlib.sha256).digest()
+
+
+def server_mac(token: bytes, client_nonce: bytes, server_nonce: bytes, client_id: str) -> bytes:
+    """The server's proof: HMAC-SHA256 keyed with the token, a different label."""
+    return hmac.new(token, _LABEL_SERVER + client_nonce + server_nonce + _id_field(client_id),
+                    hashlib.sha256).digest()
+
+
+def as_token(token: Any) -> bytes:
+    """The shared token as bytes (str is UTF-8 encoded); it must not be empty."""
+    if isinstance(token, str):
+        token = token.encode("utf-8")
+    if not isinstance(token, (bytes, bytearray, memoryview)):
+        raise TypeError(f"token must be bytes or str, got {type(token).__name__}")
+    token = bytes(token)
+    if not token:
+        raise ValueError("token must not be empty")
+    return token
+
+
+def check_features(features: Sequence[str]) -> tuple:
+    return tuple(f for f in features if f in FEATURES)

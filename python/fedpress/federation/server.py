@@ -1,0 +1,748 @@
+"""The federation server: rounds over TCP (optionally TLS), exact byte accounting.
+
+    server = Server("0.0.0.0", 8080, initial_params, rounds=20, clients_per_round=8,
+                    min_clients=8, codec="topk:0.01+q4+zstd", downlink="topk:0.1+fp16",
+                    token=token, round_timeout=120, min_fit=4, evaluate_fn=evaluate,
+                    out_dir="run1")
+    history = server.run_sync()          # or: await server.run()
+
+Each round: wait until ``min_clients`` authenticated clients are idle, sample
+``clients_per_round`` of them (RNG seeded by ``(seed, round)``), send each a
+TASK, stream the UPDATEs into a :class:`fedpress.Aggregator` (weighted by
+``num_examples``) until all answered or ``round_timeout`` passed, then
+``global += server_lr * mean update`` (see :mod:`fedpress.federation.model` for
+integer and bool tensors). With fewer than ``min_fit`` valid updates the model
+is kept and the round is marked failed. A client that disconnects, times out
+or sends an invalid payload is left out of the round, never takes it down.
+
+After each round: ``evaluate_fn(params) -> {"loss", "accuracy", ...}`` (if
+given), one JSON line appended to ``out_dir/rounds.jsonl`` and the global model
+checkpointed atomically (``checkpoint.json`` + ``checkpoint-<round>.npz``);
+``resume=True`` continues from the last checkpoint. The same rows are in
+:attr:`Server.history`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import json
+import logging
+import math
+import os
+import secrets
+import ssl as _ssl
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from ..aggregate import Aggregator
+from ..codec import parse_spec
+from ..payload import DecodeError
+from . import protocol as P
+from .accounting import ConnectionAccount, Ledger, TrafficRow
+from .model import (CHECKPOINT_JSON, Downlink, apply_update, as_params, atomic_write, load_checkpoint,
+                    save_checkpoint, table, zero_reference)
+from .transport import Connection, CountingProtocol, CountingTransport, establish
+
+__all__ = ["Server"]
+
+log = logging.getLogger("fedpress.federation.server")
+
+ROUNDS_FILE = "rounds.jsonl"
+
+
+class _Peer:
+    """An authenticated client connection."""
+
+    def __init__(self, client_id: str, conn: Connection, account: ConnectionAccount, hello: P.Hello,
+                 features: tuple) -> None:
+        self.client_id = client_id
+        self.conn = conn
+        self.account = account
+        self.held: Optional[bytes] = hello.model_tag
+        self.deltas_ok = "downlink-delta" in features
+        self.codec = hello.codec
+        self.busy_round: Optional[int] = None
+        self.task_tag: Optional[bytes] = None
+        self.waiter: Optional[asyncio.Future] = None
+
+
+class Server:
+    """A federated-learning server on host:port (port 0: the OS picks; see
+    :attr:`port` once bound).
+
+    Parameters
+    ----------
+    host, port: where to listen.
+    initial_params: the model, ``{name: array}`` (numpy or torch tensors).
+    rounds: rounds to run (rounds already done count when resuming).
+    clients_per_round: clients sampled per round.
+    min_clients: idle authenticated clients to wait for before a round
+        (default ``clients_per_round``).
+    codec: the uplink codec spec announced to clients that do not pick their own.
+    downlink: None (the full model, fp32, every TASK) or a codec spec for
+        compressed deltas to clients that hold the previous global model.
+    token: the shared secret (bytes or str); it never crosses the wire.
+    round_timeout: seconds from sending the TASKs until the round closes.
+    min_fit: valid updates needed for the round to change the model.
+    server_lr: the server step applied to the mean update.
+    evaluate_fn: ``evaluate_fn(params) -> {"loss": .., "accuracy": ..}`` after
+        each round (and on the initial model, in the round-0 row).
+    out_dir: where ``rounds.jsonl`` and the checkpoints go (None: nowhere).
+    resume: continue from ``out_dir``'s last checkpoint.
+    seed: client sampling seed.
+    ssl_context: a server-side :class:`ssl.SSLContext` for TLS.
+    max_frame_bytes: the largest frame body accepted from an authenticated
+        client (handshake frames are capped at 64 KiB).
+    handshake_timeout: seconds for TCP accept to WELCOME (TLS included).
+    fit_config: a dict, or ``fit_config(round) -> dict``, merged into each TASK's config.
+    downlink_history: delta versions kept for clients that skipped rounds.
+    shutdown_timeout: seconds to wait for clients to close after BYE.
+    wait_timeout: seconds to wait for ``min_clients`` before a round (None: forever);
+        exceeding it raises TimeoutError from :meth:`run`.
+    max_pending: connections allowed in their handshake at once; more are rejected.
+    """
+
+    def __init__(self, host: str, port: int, initial_params: Mapping[str, Any], rounds: int,
+                 clients_per_round: int, min_clients: Optional[int] = None, codec: Optional[str] = None,
+                 downlink: Optional[str] = None, token: Union[bytes, str, None] = None,
+                 round_timeout: float = 60.0, min_fit: int = 1, server_lr: float = 1.0,
+                 evaluate_fn: Optional[Callable[[dict], Mapping[str, Any]]] = None,
+                 out_dir: Union[str, os.PathLike, None] = None, resume: bool = False, seed: int = 0,
+                 ssl_context: Optional[_ssl.SSLContext] = None, max_frame_bytes: int = P.DEFAULT_MAX_FRAME,
+                 handshake_timeout: float = 10.0, *,
+                 fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
+                 downlink_history: int = 8, shutdown_timeout: float = 5.0,
+                 wait_timeout: Optional[float] = None, max_pending: int = 256) -> None:
+        if token is None:
+            raise ValueError("token is required: the shared secret clients authenticate with")
+        self.token = P.as_token(token)
+        self.host = host
+        self._requested_port = int(port)
+        if not 0 <= self._requested_port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {port}")
+        self.params = as_params(initial_params)
+        self.rounds = _positive_int(rounds, "rounds")
+        self.clients_per_round = _positive_int(clients_per_round, "clients_per_round")
+        self.min_clients = self.clients_per_round if min_clients is None else _positive_int(min_clients, "min_clients")
+        self.min_fit = _positive_int(min_fit, "min_fit")
+        if self.min_fit > self.clients_per_round:
+            raise ValueError(f"min_fit ({min_fit}) cannot exceed clients_per_round ({clients_per_round})")
+        self.codec = str(parse_spec(codec)) if codec else None
+        self.downlink = str(parse_spec(downlink)) if downlink else None
+        self.round_timeout = _positive_float(round_timeout, "round_timeout")
+        self.handshake_timeout = _positive_float(handshake_timeout, "handshake_timeout")
+        self.shutdown_timeout = _positive_float(shutdown_timeout, "shutdown_timeout")
+        self.wait_timeout = None if wait_timeout is None else _positive_float(wait_timeout, "wait_timeout")
+        self.server_lr = float(server_lr)
+        if not math.isfinite(self.server_lr):
+            raise ValueError(f"server_lr must be finite, got {server_lr}")
+        self.evaluate_fn = evaluate_fn
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if resume and self.out_dir is None:
+            raise ValueError("resume=True needs out_dir")
+        self.resume = bool(resume)
+        self.seed = int(seed)
+        if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
+        self.ssl_context = ssl_context
+        self.max_frame_bytes = int(max_frame_bytes)
+        if not 1 <= self.max_frame_bytes <= P.MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame_bytes must be in 1..{P.MAX_FRAME_LIMIT}, got {max_frame_bytes}")
+        self.fit_config = fit_config
+        self.downlink_history = int(downlink_history)
+        self.max_pending = _positive_int(max_pending, "max_pending")
+
+        #: The port the server listens on (None until bound).
+        self.port: Optional[int] = None
+        #: One dict per row of rounds.jsonl: the round-0 setup row(s), then one per round.
+        self.history: list[dict[str, Any]] = []
+        #: The last completed round.
+        self.round = 0
+        #: Connections rejected since this server started (all rows).
+        self.rejected_connections = 0
+        self.federation_id = secrets.token_hex(8)
+
+        self._start_round = 0
+        self._downlink_state: Optional[Downlink] = None
+        self._ledger = Ledger()
+        self._peers: dict[str, _Peer] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._pending = 0
+        self._listener: Optional[asyncio.AbstractServer] = None
+        self._changed: Optional[asyncio.Event] = None
+        self._closing = False
+        self._started = False
+        self._reference: Optional[bytes] = None
+
+    def __repr__(self) -> str:
+        return (f"Server({self.host!r}, port={self.port}, rounds={self.rounds}, "
+                f"clients_per_round={self.clients_per_round}, codec={self.codec!r}, downlink={self.downlink!r})")
+
+    # ================================================================ lifecycle
+    @property
+    def address(self) -> tuple[str, Optional[int]]:
+        return self.host, self.port
+
+    @property
+    def clients(self) -> list[str]:
+        """Ids of the authenticated clients connected now."""
+        return sorted(self._peers)
+
+    async def start(self) -> None:
+        """Loads the checkpoint (resume) and binds the listener; :attr:`port` is
+        valid afterwards. :meth:`run` calls it when needed."""
+        if self._started:
+            return
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._prepare_state()
+        self._ledger = Ledger()
+        self._listener = await loop.create_server(lambda: CountingProtocol(self._accept), self.host,
+                                                  self._requested_port)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        log.info("listening on %s:%d (%s), rounds %d..%d", self.host, self.port,
+                 "TLS" if self.ssl_context else "plain TCP", self._start_round + 1, self.rounds)
+
+    async def run(self) -> list[dict[str, Any]]:
+        """Runs the remaining rounds, says BYE and closes; returns :attr:`history`.
+
+        Cancelling it (or an error) aborts every connection without BYE and
+        writes nothing more: a crash, from which ``resume=True`` recovers.
+        """
+        if self._closing:
+            raise RuntimeError("this Server has already run; create a new one (resume=True continues)")
+        await self.start()
+        graceful = False
+        try:
+            setup: Optional[dict[str, Any]] = {
+                "round": 0, "phase": "setup", "status": "ok", "failed_round": False,
+                "resumed_from": self._start_round if self._start_round else None,
+                "sampled": [], "completed": [], "failed": [], "failures": {}, "num_examples": 0,
+                "fit_metrics": {}, "clients": {}}
+            if self._start_round >= self.rounds:
+                log.info("checkpoint is at round %d of %d: nothing to do", self._start_round, self.rounds)
+                await self._shutdown(graceful=True)
+                graceful = True
+                return self.history
+            setup.update(await self._evaluate(self.params))
+            for r in range(self._start_round + 1, self.rounds + 1):
+                await self._wait_for_clients(r)
+                if setup is not None:  # the first round starts: the setup row is complete
+                    row = self._ledger.row
+                    self._ledger.start_row(r)
+                    self._finish_row(row, setup)
+                    setup = None
+                info = await self._train_round(r)
+                self.round = r
+                if r == self.rounds:
+                    await self._shutdown(graceful=True)
+                    graceful = True
+                row = self._ledger.row
+                if r < self.rounds:
+                    self._ledger.start_row(r + 1)
+                self._finish_row(row, info)
+                self._checkpoint(r)
+            return self.history
+        finally:
+            if not graceful:
+                await self._shutdown(graceful=False)
+
+    def run_sync(self) -> list[dict[str, Any]]:
+        """``asyncio.run(self.run())``."""
+        return asyncio.run(self.run())
+
+    # ============================================================ state / disk
+    def _prepare_state(self) -> None:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history)
+        self._reference = zero_reference(self.params)
+        if self.out_dir is None:
+            return
+        rounds_path = self.out_dir / ROUNDS_FILE
+        checkpoint = load_checkpoint(self.out_dir) if self.resume else None
+        if self.resume and checkpoint is None:
+            log.info("resume: no checkpoint in %s, starting from round 0", self.out_dir)
+        if checkpoint is None:
+            # A fresh federation: forget any earlier run in this directory.
+            for stale in [self.out_dir / CHECKPOINT_JSON, *self.out_dir.glob("checkpoint-*.npz")]:
+                if stale.exists():
+                    stale.unlink()
+            atomic_write(rounds_path, lambda f: None)
+            return
+        meta, params, arrays = checkpoint
+        if table(params) != table(self.params):
+            raise ValueError(f"checkpoint in {self.out_dir} holds a different model "
+                             f"({len(params)} tensors) than initial_params ({len(self.params)} tensors)")
+        self.params = {k: np.array(v) for k, v in params.items()}
+        self._start_round = self.round = int(meta["round"])
+        self.federation_id = str(meta.get("federation", self.federation_id))
+        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history)
+        if self.downlink is not None and meta.get("downlink") and meta.get("downlink_spec") == self.downlink:
+            self._downlink_state.restore(meta["downlink"], arrays, list(self.params))
+        rows = []
+        if rounds_path.exists():
+            for line in rounds_path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by the crash
+                if int(row.get("round", 0)) <= self._start_round:
+                    rows.append(row)
+        text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        atomic_write(rounds_path, lambda f: f.write(text))
+        self.history = rows
+        log.info("resumed from %s at round %d", self.out_dir, self._start_round)
+
+    def _checkpoint(self, r: int) -> None:
+        if self.out_dir is None:
+            return
+        dl = self._downlink_state if self.downlink is not None else None
+        save_checkpoint(self.out_dir, r, self.params,
+                        {"federation": self.federation_id, "seed": self.seed, "rounds": self.rounds,
+                         "downlink_spec": self.downlink, "codec": self.codec, "time": time.time()}, dl)
+
+    def _finish_row(self, row: TrafficRow, info: dict[str, Any]) -> dict[str, Any]:
+        record = dict(info)
+        record.update(row.totals())
+        record["seconds"] = round(time.monotonic() - row.started, 6)
+        record["codec"] = self.codec
+        record["downlink"] = self.downlink
+        record["connected"] = len(self._peers)
+        record = json.loads(P.dumps_json(record))
+        self.history.append(record)
+        if self.out_dir is not None:
+            with open(self.out_dir / ROUNDS_FILE, "ab") as f:
+                f.write(json.dumps(record, allow_nan=False).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return record
+
+    # ============================================================ connections
+    def _accept(self, counting: CountingTransport) -> None:
+        """CountingProtocol.connection_made: a new socket."""
+        account = self._ledger.account()
+        counting.on_bytes = account
+        task = asyncio.get_running_loop().create_task(self._serve_connection(counting, account))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_connection(self, counting: CountingTransport, account: ConnectionAccount) -> None:
+        holder: dict[str, Any] = {}
+        peer: Optional[_Peer] = None
+        try:
+            if self._closing or self._pending >= self.max_pending:
+                await self._reject(counting, account, holder, None,
+                                   "server shutting down" if self._closing else "too many pending handshakes")
+                return
+            self._pending += 1
+            try:
+                hello, nonce, auth = await asyncio.wait_for(self._handshake(counting, holder),
+                                                            self.handshake_timeout)
+            except asyncio.TimeoutError:
+                await self._reject(counting, account, holder, P.ErrorCode.TIMEOUT, "handshake timed out")
+                return
+            except P.ProtocolError as exc:
+                await self._reject(counting, account, holder, exc.code, str(exc))
+                return
+            except P.AuthenticationError as exc:
+                await self._reject(counting, account, holder, P.ErrorCode.AUTH, str(exc),
+                                   public="authentication failed")
+                return
+            except P.PeerError as exc:
+                await self._reject(counting, account, holder, None, str(exc))
+                return
+            except (ConnectionError, OSError, _ssl.SSLError, EOFError) as exc:
+                await self._reject(counting, account, holder, None, f"connection failed: {exc!r}")
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leak the socket
+                log.exception("handshake failed unexpectedly")
+                await self._reject(counting, account, holder, P.ErrorCode.INTERNAL, f"internal error: {exc!r}",
+                                   public="internal error")
+                return
+            finally:
+                self._pending -= 1
+            conn: Connection = holder["conn"]
+            account.admit(hello.client_id)
+            features = P.check_features(hello.features)
+            if self.downlink is None:
+                features = tuple(f for f in features if f != "downlink-delta")
+            peer = _Peer(hello.client_id, conn, account, hello, features)
+            settings = {"features": list(features), "federation": self.federation_id,
+                        "codec": self.codec, "downlink": self.downlink, "rounds": self.rounds,
+                        "round": self.round, "max_frame_bytes": self.max_frame_bytes}
+            welcome = P.Welcome(P.server_mac(self.token, auth.client_nonce, nonce, hello.client_id), settings)
+            try:
+                await conn.send(P.FrameType.WELCOME, welcome.pack())
+            except (ConnectionError, OSError) as exc:
+                log.info("client %s dropped during its WELCOME: %r", hello.client_id, exc)
+                await conn.close(1.0)
+                return
+            self._register(peer)
+            await self._peer_loop(peer)
+        except asyncio.CancelledError:
+            if account.state == "pending":  # cancelled in its handshake (shutdown)
+                account.reject()
+                self.rejected_connections += 1
+            conn = holder.get("conn")
+            if conn is not None:
+                conn.abort()
+            else:
+                counting.abort()
+            if peer is not None:
+                self._drop_peer(peer, "server stopped")
+            raise
+
+    async def _handshake(self, counting: CountingTransport,
+                         holder: dict[str, Any]) -> tuple[P.Hello, bytes, P.Auth]:
+        conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
+                               handshake_timeout=self.handshake_timeout, shutdown_timeout=self.shutdown_timeout)
+        holder["conn"] = conn
+        frame = await conn.read_frame(P.HANDSHAKE_MAX_FRAME)
+        if frame.type == P.FrameType.ERROR:
+            raise P.PeerError(*P.unpack_error(frame.body))
+        if frame.type != P.FrameType.HELLO:
+            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected HELLO, got {frame.type.name}")
+        hello = P.Hello.unpack(frame.body)
+        nonce = P.new_nonce()
+        await conn.send(P.FrameType.CHALLENGE, nonce)
+        frame = await conn.read_frame(P.HANDSHAKE_MAX_FRAME)
+        if frame.type == P.FrameType.ERROR:
+            raise P.PeerError(*P.unpack_error(frame.body))
+        if frame.type != P.FrameType.AUTH:
+            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected AUTH, got {frame.type.name}")
+        auth = P.Auth.unpack(frame.body)
+        expected = P.client_mac(self.token, nonce, auth.client_nonce, hello.client_id)
+        if not hmac.compare_digest(expected, auth.mac):
+            raise P.AuthenticationError(f"client {hello.client_id!r}: wrong token")
+        return hello, nonce, auth
+
+    async def _reject(self, counting: CountingTransport, account: ConnectionAccount, holder: dict[str, Any],
+                      code: Optional[int], reason: str, public: Optional[str] = None) -> None:
+        """Counts the connection as rejected, logs one line, sends ERROR when the
+        connection can still carry a frame, closes."""
+        account.reject()
+        self.rejected_connections += 1
+        conn: Optional[Connection] = holder.get("conn")
+        log.warning("rejected connection from %s: %s", conn.peer if conn else _peer(counting), reason)
+        if conn is None:
+            counting.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(counting.closed), 1.0)
+            except asyncio.TimeoutError:
+                counting.abort()
+            return
+        if code is not None:
+            conn.send_nowait(P.FrameType.ERROR, P.pack_error(code, public or reason))
+        await conn.close(1.0)
+
+    def _register(self, peer: _Peer) -> None:
+        old = self._peers.get(peer.client_id)
+        if old is not None:
+            log.info("client %s reconnected: closing its previous connection", peer.client_id)
+            old.conn.send_nowait(P.FrameType.ERROR, P.pack_error(P.ErrorCode.REPLACED, "replaced by a new connection"))
+            self._drop_peer(old, "replaced by a new connection")
+            old.conn.writer.close()
+        self._peers[peer.client_id] = peer
+        log.info("client %s joined from %s (%d connected)", peer.client_id, peer.conn.peer, len(self._peers))
+        if self._closing:  # its handshake finished while the server was saying BYE
+            peer.conn.send_nowait(P.FrameType.BYE, P.pack_text("federation finished"))
+        self._notify()
+
+    def _drop_peer(self, peer: _Peer, reason: str) -> None:
+        if self._peers.get(peer.client_id) is peer:
+            del self._peers[peer.client_id]
+            log.info("client %s left: %s", peer.client_id, reason)
+        if peer.waiter is not None and not peer.waiter.done():
+            peer.waiter.set_result(("failed", reason))
+        peer.busy_round = None
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _peer_loop(self, peer: _Peer) -> None:
+        reason = "disconnected"
+        try:
+            while True:
+                frame = await peer.conn.read_frame(self.max_frame_bytes)
+                if frame.type == P.FrameType.UPDATE:
+                    update = P.Update.unpack(frame.body)
+                    peer.account.payload("rx", update.payload_bytes)
+                    self._on_update(peer, update)
+                elif frame.type == P.FrameType.BYE:
+                    reason = "said BYE"
+                    break
+                elif frame.type == P.FrameType.ERROR:
+                    code, message = P.unpack_error(frame.body)
+                    reason = f"sent ERROR {P.ErrorCode.name_of(code)}: {message}"
+                    log.warning("client %s %s", peer.client_id, reason)
+                    break
+                else:
+                    raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"unexpected {frame.type.name} frame")
+        except P.ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("client %s: %s; closing", peer.client_id, exc)
+            peer.conn.send_nowait(P.FrameType.ERROR, P.pack_error(exc.code, str(exc)))
+        except (ConnectionError, OSError, _ssl.SSLError) as exc:
+            reason = "disconnected" if isinstance(exc, P.ConnectionClosed) else f"disconnected ({exc!r})"
+        except Exception as exc:  # noqa: BLE001 - a bug here must not take the server down
+            log.exception("client %s: unexpected error", peer.client_id)
+            reason = f"internal error: {exc!r}"
+            peer.conn.send_nowait(P.FrameType.ERROR, P.pack_error(P.ErrorCode.INTERNAL, "internal error"))
+        self._drop_peer(peer, reason)
+        await peer.conn.close(self.shutdown_timeout)
+
+    def _on_update(self, peer: _Peer, update: P.Update) -> None:
+        if peer.busy_round is None or update.round != peer.busy_round:
+            log.warning("client %s sent an update for round %d without a task for it; ignored",
+                        peer.client_id, update.round)
+            return
+        peer.busy_round = None
+        if peer.waiter is not None and not peer.waiter.done():
+            peer.waiter.set_result(("update", update))
+        else:
+            log.info("client %s: late update for round %d discarded", peer.client_id, update.round)
+        peer.waiter = None
+        self._notify()
+
+    # ================================================================= rounds
+    def _idle(self) -> list[str]:
+        return sorted(cid for cid, p in self._peers.items() if p.busy_round is None)
+
+    async def _wait_for_clients(self, r: int) -> None:
+        assert self._changed is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if self.wait_timeout is None else loop.time() + self.wait_timeout
+        logged = False
+        while len(self._idle()) < self.min_clients:
+            if not logged:
+                log.info("round %d: waiting for %d clients (%d idle, %d connected)", r, self.min_clients,
+                         len(self._idle()), len(self._peers))
+                logged = True
+            self._changed.clear()
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                raise asyncio.TimeoutError(f"round {r}: fewer than {self.min_clients} clients after "
+                                           f"{self.wait_timeout} s")
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _config(self, r: int) -> dict[str, Any]:
+        config: dict[str, Any] = {"round": r, "rounds": self.rounds, "codec": self.codec}
+        extra = self.fit_config(r) if callable(self.fit_config) else self.fit_config
+        if extra:
+            config.update(dict(extra))
+        return config
+
+    async def _send_task(self, peer: _Peer, task: P.Task) -> None:
+        try:
+            parts = task.parts()
+            peer.account.payload("tx", task.payload_bytes)
+            await peer.conn.send(P.FrameType.TASK, *parts)
+        except (ConnectionError, OSError, _ssl.SSLError) as exc:
+            if peer.waiter is not None and not peer.waiter.done():
+                peer.waiter.set_result(("failed", f"sending the task failed ({exc!r})"))
+
+    async def _train_round(self, r: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        assert self._downlink_state is not None and self._reference is not None
+        dl = self._downlink_state
+        await asyncio.to_thread(dl.full)  # model-sized work stays off the event loop
+        idle = self._idle()
+        rng = np.random.default_rng([self.seed, r])
+        k = min(self.clients_per_round, len(idle))
+        sampled = [idle[i] for i in sorted(rng.choice(len(idle), size=k, replace=False))]
+        config = self._config(r)
+        outcomes: dict[str, dict[str, Any]] = {}
+        waiters: dict[asyncio.Future, str] = {}
+        sends = []
+        for cid in sampled:
+            peer = self._peers[cid]
+            kind, base, payloads = dl.plan(peer.held, peer.deltas_ok)
+            task = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, dl.tag, base, config, payloads)
+            peer.busy_round = r
+            peer.task_tag = dl.tag
+            peer.held = None  # unknown until it answers
+            peer.waiter = loop.create_future()
+            waiters[peer.waiter] = cid
+            outcomes[cid] = {"status": "pending", "downlink": kind, "downlink_payloads": len(payloads),
+                             "codec": peer.codec or self.codec}
+            sends.append(loop.create_task(self._send_task(peer, task)))
+        log.info("round %d: sampled %s", r, ", ".join(sampled))
+        aggregator = Aggregator()
+        aggregator.add(self._reference, 0.0)
+        deadline = loop.time() + self.round_timeout
+        pending = set(waiters)
+        try:
+            while pending:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=timeout,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    cid = waiters[fut]
+                    what, value = fut.result()
+                    if what == "update":
+                        await self._take_update(aggregator, cid, value, outcomes[cid])
+                    else:
+                        outcomes[cid].update(status="failed", reason=value)
+        finally:
+            for fut in pending:
+                cid = waiters[fut]
+                outcomes[cid].update(status="failed", reason=f"timed out after {self.round_timeout} s")
+                fut.cancel()
+                peer = self._peers.get(cid)
+                if peer is not None and peer.waiter is fut:
+                    peer.waiter = None  # still busy until its late update arrives
+            for s in sends:
+                if not s.done():
+                    s.cancel()
+            await asyncio.gather(*sends, return_exceptions=True)
+        completed = [c for c in sampled if outcomes[c]["status"] == "ok"]
+        failed = [c for c in sampled if outcomes[c]["status"] != "ok"]
+        for c in failed:
+            log.warning("round %d: client %s left out: %s", r, c, outcomes[c].get("reason"))
+        ok = len(completed) >= self.min_fit
+        if ok:
+            self.params = await asyncio.to_thread(self._step, aggregator)
+        else:
+            log.warning("round %d failed: %d valid updates, min_fit is %d; the model is kept",
+                        r, len(completed), self.min_fit)
+        evaluation = await self._evaluate(self.params)
+        examples = {c: int(outcomes[c]["num_examples"]) for c in completed}
+        info: dict[str, Any] = {
+            "round": r, "phase": "train", "status": "ok" if ok else "failed", "failed_round": not ok,
+            "sampled": sampled, "completed": completed, "failed": failed,
+            "failures": {c: outcomes[c].get("reason") for c in failed},
+            "num_examples": sum(examples.values()),
+            "fit_metrics": _weighted_metrics([(examples[c], outcomes[c].get("metrics", {})) for c in completed]),
+            "clients": outcomes,
+        }
+        info.update(evaluation)
+        log.info("round %d %s: %d/%d updates, test accuracy %s", r, info["status"], len(completed),
+                 len(sampled), info.get("test_accuracy"))
+        return info
+
+    def _step(self, aggregator: Aggregator) -> dict[str, np.ndarray]:
+        """The next global model, and the downlink replica that follows it (worker thread)."""
+        assert self._downlink_state is not None
+        params = apply_update(self.params, aggregator.result(copy=False), self.server_lr)
+        self._downlink_state.advance(params)
+        return params
+
+    async def _take_update(self, aggregator: Aggregator, cid: str, update: P.Update,
+                           outcome: dict[str, Any]) -> None:
+        outcome["num_examples"] = int(update.num_examples)
+        outcome["metrics"] = update.metrics
+        if update.status != P.UPDATE_OK:
+            error = update.metrics.get("error", "no reason given")
+            outcome.update(status="failed", reason=f"client reported a failure: {error}")
+            return
+        if update.num_examples <= 0:
+            outcome.update(status="failed", reason="num_examples must be positive")
+            return
+        try:
+            await asyncio.to_thread(aggregator.add, update.payload, float(update.num_examples))
+        except (DecodeError, ValueError, TypeError) as exc:
+            outcome.update(status="failed", reason=f"invalid payload: {exc}")
+            log.warning("client %s sent an invalid payload: %s", cid, exc)
+            return
+        outcome["status"] = "ok"
+        peer = self._peers.get(cid)
+        if peer is not None and peer.task_tag is not None:
+            peer.held = peer.task_tag
+
+    async def _evaluate(self, params: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}
+        if self.evaluate_fn is None:
+            return out
+        try:
+            result = await asyncio.to_thread(self.evaluate_fn, {k: v.copy() for k, v in params.items()})
+            if inspect.isawaitable(result):
+                result = await result
+            metrics = dict(result or {})
+        except Exception as exc:  # noqa: BLE001 - a broken evaluate_fn must not stop the federation
+            log.exception("evaluate_fn failed")
+            out["test_error"] = repr(exc)
+            return out
+        out["test_accuracy"] = _number(metrics.get("accuracy"))
+        out["test_loss"] = _number(metrics.get("loss"))
+        out["test_metrics"] = metrics
+        return out
+
+    # =============================================================== shutdown
+    async def _shutdown(self, graceful: bool) -> None:
+        """Graceful: BYE to every client, wait for them to close (up to
+        shutdown_timeout), then close. Otherwise (an error or cancellation):
+        abort every connection at once."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._listener is not None:
+            self._listener.close()
+        if graceful:
+            for peer in list(self._peers.values()):
+                peer.conn.send_nowait(P.FrameType.BYE, P.pack_text("federation finished"))
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        log.info("server closed")
+
+
+def _peer(counting: CountingTransport) -> str:
+    peer = counting.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: Any, name: str) -> float:
+    v = float(value)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return v
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _weighted_metrics(items: list[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
+    """The num_examples-weighted mean of each numeric metric the clients reported."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for n, metrics in items:
+        for key, value in metrics.items():
+            v = _number(value) if not isinstance(value, bool) else None
+            if v is None:
+                continue
+            sums[key] = sums.get(key, 0.0) + n * v
+            weights[key] = weights.get(key, 0.0) + n
+    return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
