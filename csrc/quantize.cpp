@@ -234,20 +234,36 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
   const std::uint32_t key = static_cast<std::uint32_t>(hash64(seed, 0x71u));
   std::atomic<bool> non_finite{false};
 
+  // The affine map of a bucket onto code space: t = (x * pre) * mul + half.
+  // half / scale overflows for scales below ~4e-37 (down to subnormals): then
+  // both x and the scale are first multiplied by 2^100, exactly.
+  struct GridMap {
+    float pre, mul;
+  };
+  auto grid_map = [&](float scale) {
+    const float pre = scale < 0x1p-100f ? 0x1p100f : 1.0f;
+    return GridMap{pre, scale > 0.f ? half / (scale * pre) : 0.f};
+  };
+  // Scales of the buckets starting in [begin, end) (each whole bucket).
+  auto compute_scales = [&](std::size_t begin, std::size_t end) {
+    for (std::size_t s = begin; s < end; s += bucket) {
+      const std::size_t e = std::min(n, s + bucket);
+      const std::uint32_t m = max_abs_bits(x + s, e - s);
+      if (m >= kInfBits) non_finite.store(true, std::memory_order_relaxed);
+      scales[s / bucket] = bits_float(m);
+    }
+  };
+
   auto code_range = [&](std::size_t begin, std::size_t end, std::uint8_t* codes) {
     // Codes for [begin, end), bucket by bucket; scales already known or computed here.
     for (std::size_t s = begin; s < end;) {
       const std::size_t b = s / bucket;
       const std::size_t e = std::min(end, (b + 1) * bucket);
-      const float scale = scales[b];
-      // half / scale overflows for scales below ~4e-37 (down to subnormals):
-      // then both x and the scale are first multiplied by 2^100, exactly.
-      const float pre = scale < 0x1p-100f ? 0x1p100f : 1.0f;
-      const float mul = scale > 0.f ? half / (scale * pre) : 0.f;
+      const GridMap g = grid_map(scales[b]);
       if (stochastic)
-        codes_stochastic(x + s, e - s, pre, mul, half, levels, key, s, codes + (s - begin));
+        codes_stochastic(x + s, e - s, g.pre, g.mul, half, levels, key, s, codes + (s - begin));
       else
-        codes_nearest(x + s, e - s, pre, mul, half, levels, codes + (s - begin));
+        codes_nearest(x + s, e - s, g.pre, g.mul, half, levels, codes + (s - begin));
       s = e;
     }
   };
@@ -256,13 +272,8 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
   const bool fused = chunk != 0;
   if (!fused) {
     // Buckets too large to keep a whole one per chunk: compute scales first.
-    const std::size_t nb = bucket_count(n, bucket);
-    parallel_for_sized(nb, n, [&](std::size_t b) {
-      const std::size_t s = b * bucket, e = std::min(n, s + bucket);
-      const std::uint32_t m = max_abs_bits(x + s, e - s);
-      if (m >= kInfBits) non_finite.store(true, std::memory_order_relaxed);
-      scales[b] = bits_float(m);
-    });
+    parallel_for_sized(bucket_count(n, bucket), n,
+                       [&](std::size_t b) { compute_scales(b * bucket, b * bucket + 1); });
     if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
     chunk = kTargetChunk;
   }
@@ -271,14 +282,7 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
     thread_local std::vector<std::uint8_t> codes;
     const std::size_t begin = c * chunk, end = std::min(n, begin + chunk);
     codes.resize(end - begin);
-    if (fused) {
-      for (std::size_t s = begin; s < end; s += bucket) {
-        const std::size_t e = std::min(end, s + bucket);
-        const std::uint32_t m = max_abs_bits(x + s, e - s);
-        if (m >= kInfBits) non_finite.store(true, std::memory_order_relaxed);
-        scales[s / bucket] = bits_float(m);
-      }
-    }
+    if (fused) compute_scales(begin, end);  // chunks cover whole buckets
     std::uint8_t* out = packed + begin / 8 * static_cast<std::size_t>(bits);
     if (bits == 8) {
       code_range(begin, end, out);  // one code per byte: no packing step
@@ -289,14 +293,12 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
       for (std::size_t s = begin; s < even_end;) {
         const std::size_t b = s / bucket;
         const std::size_t e = std::min(even_end, (b + 1) * bucket);
-        const float scale = scales[b];
-        const float pre = scale < 0x1p-100f ? 0x1p100f : 1.0f;
-        const float mul = scale > 0.f ? half / (scale * pre) : 0.f;
+        const GridMap g = grid_map(scales[b]);
         if (stochastic)
-          pack4_stochastic(x + s, (e - s) / 2, pre, mul, half, key, static_cast<std::uint32_t>(s >> 1),
+          pack4_stochastic(x + s, (e - s) / 2, g.pre, g.mul, half, key, static_cast<std::uint32_t>(s >> 1),
                            packed + s / 2);
         else
-          pack4_nearest(x + s, (e - s) / 2, pre, mul, half, packed + s / 2);
+          pack4_nearest(x + s, (e - s) / 2, g.pre, g.mul, half, packed + s / 2);
         s = e;
       }
       if (even_end < end) {
