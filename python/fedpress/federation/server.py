@@ -72,6 +72,16 @@ class _Peer:
         self.waiter: Optional[asyncio.Future] = None
 
 
+
+async def _expect(conn: Any, kind: P.FrameType) -> bytes:
+    """The body of the next handshake frame, which must be of type `kind`."""
+    frame = await conn.read_frame(P.HANDSHAKE_MAX_FRAME)
+    if frame.type == P.FrameType.ERROR:
+        raise P.PeerError(*P.unpack_error(frame.body))
+    if frame.type != kind:
+        raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected {kind.name}, got {frame.type.name}")
+    return frame.body
+
 class Server:
     """A federated-learning server on host:port (port 0: the OS picks; see
     :attr:`port` once bound).
@@ -407,20 +417,10 @@ class Server:
         conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
                                handshake_timeout=self.handshake_timeout, shutdown_timeout=self.shutdown_timeout)
         holder["conn"] = conn
-        frame = await conn.read_frame(P.HANDSHAKE_MAX_FRAME)
-        if frame.type == P.FrameType.ERROR:
-            raise P.PeerError(*P.unpack_error(frame.body))
-        if frame.type != P.FrameType.HELLO:
-            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected HELLO, got {frame.type.name}")
-        hello = P.Hello.unpack(frame.body)
+        hello = P.Hello.unpack(await _expect(conn, P.FrameType.HELLO))
         nonce = P.new_nonce()
         await conn.send(P.FrameType.CHALLENGE, nonce)
-        frame = await conn.read_frame(P.HANDSHAKE_MAX_FRAME)
-        if frame.type == P.FrameType.ERROR:
-            raise P.PeerError(*P.unpack_error(frame.body))
-        if frame.type != P.FrameType.AUTH:
-            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected AUTH, got {frame.type.name}")
-        auth = P.Auth.unpack(frame.body)
+        auth = P.Auth.unpack(await _expect(conn, P.FrameType.AUTH))
         expected = P.client_mac(self.token, nonce, auth.client_nonce, hello.client_id)
         if not hmac.compare_digest(expected, auth.mac):
             raise P.AuthenticationError(f"client {hello.client_id!r}: wrong token")
