@@ -21,7 +21,8 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message,
                       Metadata, MetricRecord, RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy  # noqa: E402
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,  # noqa: E402
+                                     FedMedian, FedProx, Krum)
 
 _ids = itertools.count(1)
 
@@ -393,7 +394,7 @@ def test_a_corrupt_payload_is_left_out_of_the_round(fast: bool, caplog: pytest.L
     replies[1].content["arrays"] = pack(bytes(data))
     strategy = FedPress(FedAvg(), fast_path=fast)
     _configured(strategy, g, nodes)
-    with caplog.at_level(logging.WARNING, logger="fedpress.flower"):
+    with caplog.at_level(logging.WARNING, logger="flwr.fedpress"):
         arrays, _ = strategy.aggregate_train(1, replies)
     assert strategy.history[-1]["skipped"] == 1 and strategy.history[-1]["replies"] == 2
     assert any("node 2 left out of the round" in r.getMessage() for r in caplog.records)
@@ -441,21 +442,33 @@ def test_error_replies_and_unpacked_replies_do_not_lose_the_round() -> None:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
 
 
-@pytest.mark.parametrize("inner", [FedMedian(), FedProx(proximal_mu=0.1)], ids=["FedMedian", "FedProx"])
-def test_any_inner_strategy_sees_full_arrays(inner: Strategy) -> None:
+_INNER_STRATEGIES = {
+    "FedMedian": lambda: FedMedian(),
+    "FedProx": lambda: FedProx(proximal_mu=0.1),
+    "FedAdam": lambda: FedAdam(eta=0.05),
+    "Krum": lambda: Krum(num_malicious_nodes=0),
+    "DP-server-fixed-clipping": lambda: DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(), noise_multiplier=0.0, clipping_norm=0.5, num_sampled_clients=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INNER_STRATEGIES))
+def test_any_inner_strategy_sees_full_arrays(name: str) -> None:
     g = _params()
     nodes = [1, 2, 3]
-    strategy = FedPress(inner)
-    messages = _configured(strategy, g, nodes)
-    assert len(messages) == 3
-    replies = _round_replies("fp32", g, nodes)
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert strategy.history[-1]["path"] == "generic"
+    strategy = FedPress(_INNER_STRATEGIES[name]())
+    assert len(_configured(strategy, g, nodes)) == 3
+    arrays, _ = strategy.aggregate_train(1, _round_replies("fp32", g, nodes))
+    assert strategy.history[-1]["path"] == "generic" and strategy.history[-1]["replies"] == 3
+    # The same strategy on the replies a plain Flower client would have sent.
+    reference = _INNER_STRATEGIES[name]()
+    list(reference.configure_train(1, numpy_to_arrays(g), ConfigRecord(), _NodesGrid(nodes)))
     plain = [_reply(None, g, n, seed=100 + n, num_examples=10 * (i + 1)) for i, n in enumerate(nodes)]
-    expected, _ = type(inner)(**({"proximal_mu": 0.1} if isinstance(inner, FedProx) else {})
-                              ).aggregate_train(1, plain)
-    _close({k: v for k, v in arrays_to_numpy(arrays).items() if k != "bn.num_batches_tracked"},
-           {k: v for k, v in arrays_to_numpy(expected).items() if k != "bn.num_batches_tracked"}, atol=1e-6)
+    expected, _ = reference.aggregate_train(1, plain)
+    assert expected is not None
+    floats = [k for k in g if g[k].dtype.kind == "f"]
+    _close({k: arrays_to_numpy(arrays)[k] for k in floats}, {k: arrays_to_numpy(expected)[k] for k in floats},
+           atol=1e-6)
 
 
 def test_downlink_is_compressed_once_per_round() -> None:
@@ -584,3 +597,29 @@ def test_flower_simulation_runtime_on_digits(tmp_path) -> None:
         assert row["path"] == "fast" and row["replies"] == 3 and row["skipped"] == 0
         assert row["uplink_raw"] > 20 * row["uplink_payload"]
         assert row["train_downlink_raw"] > 1.9 * row["train_downlink_payload"]
+
+
+def test_client_side_dp_clipping_mod_composes_with_compress_mod() -> None:
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    g = {k: v for k, v in _params().items() if v.dtype == np.float32}
+    app = ClientApp(mods=[compress_mod("fp32", error_feedback=False), fixedclipping_mod])
+
+    @app.train()
+    def train_handler(msg: Message, ctxt: Context) -> Message:
+        received = arrays_to_numpy(msg.content["arrays"])
+        return Message(content=RecordDict({
+            "arrays": numpy_to_arrays(_trained(received, ctxt.node_id)),
+            "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+
+    contexts = {i: _context(i) for i in range(3)}
+    strategy = FedPress(DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=3), noise_multiplier=0.0, clipping_norm=0.1,
+        num_sampled_clients=3), downlink="fp16")
+    result = strategy.start(grid=_LocalGrid(app, contexts), initial_arrays=numpy_to_arrays(g), num_rounds=1)
+    new = arrays_to_numpy(result.arrays)
+    moved = np.sqrt(sum(float(np.sum((new[k].astype(np.float64) - g[k]) ** 2)) for k in g))
+    # Each node's update was clipped to norm 0.1 (after the fp16 downlink was decoded), so their mean is too.
+    assert 0.0 < moved <= 0.1 + 1e-5
+    assert strategy.history[-1]["replies"] == 3 and strategy.history[-1]["path"] == "generic"

@@ -59,7 +59,8 @@ PACKED_KEY = "payload"            # the one Array inside a packed ArrayRecord
 _STATE_RESIDUALS = "fedpress.residuals"
 _STATE_INFO = "fedpress.encoder"
 
-log = logging.getLogger("fedpress.flower")
+# A child of Flower's logger: its console handler shows these lines beside its own.
+log = logging.getLogger("flwr.fedpress")
 
 
 # ----------------------------------------------------------- packed records --
