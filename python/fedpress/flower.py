@@ -125,7 +125,7 @@ def _subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> d
             raise ValueError(f"array {key!r} has shape {value.shape} in the reply but {ref.shape} "
                              "in the message received")
         if value.dtype.kind == "b":
-            out[key] = value != ref  # bool tensors travel as "flipped"
+            out[key] = value  # bool tensors travel as their values (the server takes a majority)
         else:
             out[key] = np.subtract(value, ref, dtype=np.result_type(value.dtype, ref.dtype))
     return out
@@ -138,7 +138,7 @@ def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> di
     for key, ref in base.items():
         u = update[key].reshape(ref.shape)
         if ref.dtype.kind == "b":
-            out[key] = ref ^ (u != 0)
+            out[key] = u != 0
         elif ref.dtype.kind in "iu":
             out[key] = (ref + np.rint(u).astype(ref.dtype)).astype(ref.dtype)
         else:
