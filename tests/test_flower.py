@@ -47,6 +47,7 @@ def _params(seed: int = 0) -> dict[str, np.ndarray]:
         "fc.bias": rng.standard_normal(40).astype(np.float32),
         "bn.running_var": rng.random(8).astype(np.float64) + 0.5,
         "bn.num_batches_tracked": np.array(7, np.int64),
+        "mask": rng.random(6) < 0.5,
     }
 
 
@@ -73,9 +74,17 @@ def _trained(received: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray
     for key, value in received.items():
         if value.dtype.kind == "f":
             out[key] = (value + 0.05 * rng.standard_normal(value.shape)).astype(value.dtype)
+        elif value.dtype.kind == "b":
+            out[key] = ~value
         else:
             out[key] = np.asarray(value + 3)
     return out
+
+
+def _update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What compress_mod sends: differences, except bool tensors, which travel as values."""
+    return {k: trained[k] if trained[k].dtype.kind == "b" else np.subtract(trained[k], received[k])
+            for k in received}
 
 
 def _handler(seed: int = 1, num_examples: int = 10, seen: Optional[list] = None):
@@ -191,7 +200,7 @@ def test_mod_packs_the_update_of_a_train_reply(spec: str) -> None:
     info = reply.content[RECORD_NAME]
     assert info["spec"] == str(fp.parse_spec(spec)) and info["format"] == fp.payload.FORMAT_VERSION
     expected = _trained(g, 3)
-    update = {k: np.subtract(expected[k], g[k]) for k in g}
+    update = _update(expected, g)
     assert info["payload-bytes"] == len(payload)
     assert info["raw-bytes"] == sum(u.nbytes for u in update.values())
     assert info["flower-bytes"] == numpy_to_arrays(expected).count_bytes() - sum(
@@ -223,7 +232,7 @@ def test_mod_error_feedback_keeps_the_residual_in_context_state() -> None:
         reply = mod(_message(g), ctxt, _handler(seed))
         sent.append(fp.decode(unpack(reply.content["arrays"])))
         trained = _trained(g, seed)
-        updates.append({k: np.subtract(trained[k], g[k]) for k in g})
+        updates.append(_update(trained, g))
     residual = arrays_to_numpy(ctxt.state["fedpress.residuals"])
     assert ctxt.state["fedpress.encoder"]["rounds"] == 3
     # Error feedback loses nothing: what was sent plus what is pending is everything.
@@ -241,7 +250,7 @@ def test_mod_resets_the_residual_when_the_spec_changes() -> None:
     assert "fedpress.residuals" in ctxt.state
     reply = compress_mod("fp32")(_message(g), ctxt, _handler(2))
     trained = _trained(g, 2)
-    _close(fp.decode(unpack(reply.content["arrays"])), {k: np.subtract(trained[k], g[k]) for k in g},
+    _close(fp.decode(unpack(reply.content["arrays"])), _update(trained, g),
            atol=1e-7)
     assert ctxt.state["fedpress.encoder"]["spec"] == "fp32"
 
@@ -273,7 +282,7 @@ def test_mod_decodes_a_compressed_downlink_before_the_handler(message_type: str)
         # The update is relative to what the node received, not to the server's exact weights.
         trained = _trained(received, 6)
         _close(fp.decode(unpack(reply.content["arrays"])),
-               {k: np.subtract(trained[k], received[k]) for k in g}, atol=1e-7)
+               _update(trained, received), atol=1e-7)
 
 
 def test_mod_reports_a_corrupt_downlink_as_an_error_reply() -> None:
@@ -335,7 +344,7 @@ def _plain_fedavg(g: dict[str, np.ndarray], packed_replies: list[Message]) -> di
     replies = []
     for msg in packed_replies:
         update = fp.decode(unpack(msg.content["arrays"]))
-        full = {k: (g[k] + update[k]).astype(g[k].dtype) for k in g}
+        full = {k: update[k] if g[k].dtype.kind == "b" else (g[k] + update[k]).astype(g[k].dtype) for k in g}
         replies.append(Message(content=RecordDict({"arrays": numpy_to_arrays(full),
                                                    "metrics": msg.content["metrics"]}), metadata=msg.metadata))
     arrays, _ = FedAvg().aggregate_train(1, replies)
@@ -454,7 +463,7 @@ _INNER_STRATEGIES = {
 
 @pytest.mark.parametrize("name", sorted(_INNER_STRATEGIES))
 def test_any_inner_strategy_sees_full_arrays(name: str) -> None:
-    g = _params()
+    g = {k: v for k, v in _params().items() if v.dtype.kind != "b"}  # Flower's DP cannot subtract bools
     nodes = [1, 2, 3]
     strategy = FedPress(_INNER_STRATEGIES[name]())
     assert len(_configured(strategy, g, nodes)) == 3
