@@ -263,7 +263,14 @@ class FedPress(Strategy):
     for the global model sent to nodes, compressed once per round; ``None`` sends
     Flower's own arrays. ``fast_path``: stream payloads into one
     :class:`fedpress.Aggregator` when the inner strategy is exactly ``FedAvg``
-    (``None``: whenever possible). ``history`` holds one dict of byte counts per round.
+    (``None``: whenever possible).
+
+    ``history`` holds one dict per round: ``round``; ``uplink_payload`` (bytes of the
+    train replies' Arrays: payloads, or Flower's own arrays for a node without the mod)
+    and ``uplink_raw`` (what Flower's own float32 arrays of those replies weigh);
+    ``replies`` (aggregated), ``skipped`` (undecodable, left out), ``failures`` (error
+    replies); ``train_downlink_payload`` / ``train_downlink_raw`` / ``train_messages``
+    and the same three for ``evaluate``; ``path`` (``"fast"`` or ``"generic"``).
     """
 
     def __init__(self, inner: Strategy, downlink: Optional[str] = None, *, fast_path: Optional[bool] = None,
