@@ -17,6 +17,7 @@
 #include "accumulate.hpp"
 #include "checksum.hpp"
 #include "convert.hpp"
+#include "eden.hpp"
 #include "indexcode.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
@@ -382,6 +383,192 @@ void register_rotate(py::module_& m) {
         return out;
       },
       "y"_a, "n"_a, "seed"_a, "block"_a, "Inverse of rht: float32[n].");
+  m.def(
+      "fwht",
+      [](const py::handle& x_obj, long long block_arg) {
+        py::array x = checked<float>(x_obj, "x", /*writable=*/true);
+        const std::size_t b = rotate_block(block_arg), n = len(x);
+        if (fedpress::rht_padded_size(n, b) != n)
+          throw py::value_error("x has " + std::to_string(n) + " elements: not whole blocks of " + std::to_string(b) +
+                                " and a power-of-two tail (the length of rht's output)");
+        float* p = mptr<float>(x);
+        py::gil_scoped_release release;  // the buffer is kept alive by x
+        fedpress::fwht_inplace(p, n, b);
+      },
+      "x"_a, "block"_a, "Orthonormal Walsh-Hadamard transform of each block of x, in place.");
+  m.def(
+      "random_signs",
+      [](const py::handle& x_obj, std::uint64_t seed) {
+        py::array x = checked<float>(x_obj, "x", /*writable=*/true);
+        float* p = mptr<float>(x);
+        const std::size_t n = len(x);
+        py::gil_scoped_release release;  // the buffer is kept alive by x
+        fedpress::random_signs_inplace(p, n, seed);
+      },
+      "x"_a, "seed"_a, "x_i *= s_i in place, with the random signs rht uses for seed.");
+}
+
+// ------------------------------------------------------------------- eden --
+int eden_bits(int bits) {
+  if (!fedpress::valid_eden_bits(bits)) throw py::value_error("bits must be 1, 2, 3, 4 or 8, got " + std::to_string(bits));
+  return bits;
+}
+
+std::size_t length_arg(long long n, const char* name) {
+  if (n < 0 || static_cast<std::uint64_t>(n) > kMaxLength)
+    throw py::value_error(std::string(name) + " must be in [0, 2^32 - 1], got " + std::to_string(n));
+  return static_cast<std::size_t>(n);
+}
+
+// The rotated length m = rht_padded_size(n, block), checked to fit uint32 indices.
+std::size_t eden_rotated_size(std::size_t n, std::size_t block) {
+  const std::size_t m = fedpress::rht_padded_size(n, block);
+  if (m > kMaxLength)
+    throw py::value_error("n = " + std::to_string(n) + " padded to " + std::to_string(m) + " exceeds 2^32 - 1");
+  return m;
+}
+
+void expect_length(const py::array& a, std::size_t expected, const char* name, const std::string& why) {
+  if (len(a) != expected)
+    throw py::value_error(std::string(name) + " has " + std::to_string(len(a)) + " elements, expected " +
+                          std::to_string(expected) + " " + why);
+}
+
+std::string padded_size_text(std::size_t n, std::size_t block) {
+  return "= rht_padded_size(" + std::to_string(n) + ", " + std::to_string(block) + ")";
+}
+
+fedpress::EdenRounding rounding(bool stochastic) {
+  return stochastic ? fedpress::EdenRounding::stochastic : fedpress::EdenRounding::nearest;
+}
+
+// A packed code stream and its scales for n values, checked under the GIL.
+struct EdenCodes {
+  py::array packed, scales;
+  std::size_t m;
+};
+
+EdenCodes eden_codes(const py::handle& p_obj, const py::handle& s_obj, std::size_t n, int bits, std::size_t block) {
+  EdenCodes c{checked<std::uint8_t>(p_obj, "packed"), checked<float>(s_obj, "scales"), eden_rotated_size(n, block)};
+  const std::string at = "for n = " + std::to_string(n) + ", block = " + std::to_string(block);
+  expect_length(c.packed, fedpress::eden_packed_size(c.m, bits), "packed", at + " at " + std::to_string(bits) + " bits");
+  expect_length(c.scales, fedpress::eden_num_blocks(n, block), "scales", at);
+  fedpress::eden_check_padding(cptr<std::uint8_t>(c.packed), c.m, bits);
+  return c;
+}
+
+fedpress::EdenScale eden_scale(bool mse) { return mse ? fedpress::EdenScale::mse : fedpress::EdenScale::unbiased; }
+
+// Allocates the outputs of quantizing n values, runs kernel(m, packed, scales,
+// outlier_idx, outlier_val) without the GIL and returns the four arrays.
+template <typename Kernel>
+py::tuple eden_quantized(std::size_t n, std::size_t block, int bits, Kernel&& kernel) {
+  const std::size_t m = eden_rotated_size(n, block);
+  py::array_t<std::uint8_t> packed(static_cast<py::ssize_t>(fedpress::eden_packed_size(m, bits)));
+  py::array_t<float> scales(static_cast<py::ssize_t>(fedpress::eden_num_blocks(n, block)));
+  std::vector<std::uint32_t> idx;
+  std::vector<float> val;
+  {
+    std::uint8_t* p = packed.mutable_data();
+    float* s = scales.mutable_data();
+    py::gil_scoped_release release;  // the kernel touches raw buffers kept alive by the caller's arrays
+    kernel(m, p, s, idx, val);
+  }
+  return py::make_tuple(packed, scales, to_numpy(std::move(idx)), to_numpy(std::move(val)));
+}
+
+void register_eden(py::module_& m) {
+  m.def("eden_centroids", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_centroids(bits)); },
+        "bits"_a, "The 2^bits Lloyd-Max centroids of N(0, 1), ascending: float32.");
+  m.def("eden_levels", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_uniform_levels(bits)); },
+        "bits"_a, "The 2^bits uniform levels on [-3.3, 3.3] of the stochastic mode: float32.");
+  m.def("eden_derived_seed", &fedpress::eden_derived_seed, "seed"_a,
+        "The quantization seed eden_encode derives from the rotation seed.");
+  m.def(
+      "eden_quantize",
+      [](const py::handle& y_obj, long long n_arg, int bits, std::uint64_t seed, long long block_arg, bool stochastic,
+         bool mse) {
+        py::array y = checked<float>(y_obj, "y");
+        const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
+        eden_bits(bits);
+        expect_length(y, eden_rotated_size(n, block), "y", padded_size_text(n, block));
+        return eden_quantized(n, block, bits, [&](std::size_t m, std::uint8_t* p, float* s, auto& idx, auto& val) {
+          fedpress::eden_quantize(cptr<float>(y), m, n, block, bits, rounding(stochastic), eden_scale(mse), seed, p, s,
+                                  idx, val);
+        });
+      },
+      "y"_a, "n"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "mse"_a,
+      "EDEN quantization of a rotated vector: (packed uint8, scales float32, outlier_idx uint32, outlier_val float32).");
+  m.def(
+      "eden_dequantize",
+      [](const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits, long long block_arg,
+         bool stochastic) {
+        const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
+        const EdenCodes c = eden_codes(p_obj, s_obj, n, eden_bits(bits), block);
+        py::array_t<float> out(static_cast<py::ssize_t>(c.m));
+        {
+          float* o = out.mutable_data();
+          py::gil_scoped_release release;  // raw buffers kept alive by the arrays
+          fedpress::eden_dequantize(cptr<std::uint8_t>(c.packed), cptr<float>(c.scales), c.m, n, block, bits,
+                                    rounding(stochastic), o);
+        }
+        return out;
+      },
+      "packed"_a, "scales"_a, "n"_a, "bits"_a, "block"_a, "stochastic"_a,
+      "The rotated vector eden_quantize's codes stand for, outliers not applied: float32[rht_padded_size(n, block)].");
+  m.def(
+      "eden_accumulate",
+      [](const py::handle& acc_obj, const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits,
+         long long block_arg, bool stochastic, double weight) {
+        py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
+        const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
+        const EdenCodes c = eden_codes(p_obj, s_obj, n, eden_bits(bits), block);
+        expect_length(acc, c.m, "acc", padded_size_text(n, block));
+        float* a = mptr<float>(acc);
+        py::gil_scoped_release release;  // raw buffers kept alive by the arrays
+        fedpress::eden_accumulate(cptr<std::uint8_t>(c.packed), cptr<float>(c.scales), c.m, n, block, bits,
+                                  rounding(stochastic), static_cast<float>(weight), a);
+      },
+      "acc"_a, "packed"_a, "scales"_a, "n"_a, "bits"_a, "block"_a, "stochastic"_a, "weight"_a,
+      "acc += float32(weight) * eden_dequantize(...), in place, bit-identical to doing it in two steps.");
+  m.def(
+      "eden_encode",
+      [](const py::handle& x_obj, int bits, std::uint64_t seed, long long block_arg, bool stochastic, bool mse,
+         std::uint64_t quant_seed) {
+        py::array x = checked<float>(x_obj, "x");
+        const std::size_t n = len(x), block = rotate_block(block_arg);
+        return eden_quantized(n, block, eden_bits(bits), [&](std::size_t, std::uint8_t* p, float* s, auto& idx, auto& val) {
+          fedpress::eden_encode(cptr<float>(x), n, block, bits, rounding(stochastic), eden_scale(mse), seed, quant_seed, p,
+                                s, idx, val);
+        });
+      },
+      "x"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "mse"_a, "quant_seed"_a,
+      "rht(x, seed, block) then eden_quantize(..., quant_seed), fused.");
+  m.def(
+      "eden_decode",
+      [](const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits, std::uint64_t seed,
+         long long block_arg, bool stochastic, const py::handle& i_obj, const py::handle& v_obj) {
+        const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
+        const EdenCodes c = eden_codes(p_obj, s_obj, n, eden_bits(bits), block);
+        py::array idx = checked<std::uint32_t>(i_obj, "outlier_idx");
+        py::array val = checked<float>(v_obj, "outlier_val");
+        expect_length(val, len(idx), "outlier_val", "(one per outlier_idx)");
+        const std::uint32_t* ip = cptr<std::uint32_t>(idx);
+        for (std::size_t j = 0; j < len(idx); ++j)
+          if (ip[j] >= c.m || (j > 0 && ip[j] <= ip[j - 1]))
+            throw py::value_error("outlier_idx must be strictly ascending and below " + std::to_string(c.m) +
+                                  ": entry " + std::to_string(j) + " is " + std::to_string(ip[j]));
+        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        {
+          float* o = out.mutable_data();
+          py::gil_scoped_release release;  // raw buffers kept alive by the arrays
+          fedpress::eden_decode(cptr<std::uint8_t>(c.packed), cptr<float>(c.scales), n, block, bits,
+                                rounding(stochastic), seed, ip, cptr<float>(val), len(idx), o);
+        }
+        return out;
+      },
+      "packed"_a, "scales"_a, "n"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "outlier_idx"_a, "outlier_val"_a,
+      "eden_dequantize, outliers put in place, irht: float32[n], fused.");
 }
 
 template <typename In, typename Out>
@@ -441,5 +628,6 @@ PYBIND11_MODULE(_core, m) {
   register_checksum(m);
   register_convert(m);
   register_rotate(m);
+  register_eden(m);
   register_runtime(m);
 }

@@ -73,6 +73,11 @@ void apply_signs_inplace(float* x, std::size_t len, std::uint32_t key, std::size
   signs_kernel(x, len, key, first, scale, x);
 }
 
+FEDPRESS_CLONES
+void scale_inplace(float* x, std::size_t len, float scale) {
+  for (std::size_t i = 0; i < len; ++i) x[i] *= scale;
+}
+
 #define FEDPRESS_BUTTERFLY(a, b) \
   do {                           \
     const float t_ = (a);        \
@@ -210,18 +215,7 @@ void fwht_small(float* x, std::size_t len) {
   sweep_stages(x, len, 16);
 }
 
-// Blocks of a vector of n elements. A vector shorter than `block` is a single
-// tail block of next_pow2(n), i.e. the effective block is min(block, next_pow2(n)).
-struct Layout {
-  std::size_t block;     // length of a full block
-  std::size_t full;      // number of full blocks
-  std::size_t tail;      // elements of the last, partial block (0: none)
-  std::size_t tail_len;  // its padded length (a power of two; 0: none)
-  std::size_t blocks() const { return full + (tail != 0); }
-  std::size_t offset(std::size_t b) const { return b * block; }
-  std::size_t length(std::size_t b) const { return b < full ? block : tail_len; }
-  std::size_t valid(std::size_t b) const { return b < full ? block : tail; }
-};
+using Layout = RhtLayout;
 
 Layout layout(std::size_t n, std::size_t block) {
   Layout l;
@@ -242,35 +236,72 @@ void check_block(std::size_t block) {
 
 float inv_sqrt(std::size_t len) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(len))); }
 
+// Rotates block b of x (n elements) into w, its len floats.
+void forward_block(const Layout& l, std::size_t b, const float* x, std::uint32_t key, float* w) {
+  const std::size_t o = l.offset(b), len = l.length(b), valid = l.valid(b);
+  const std::size_t sub = std::min(len, kSub);
+  const float scale = inv_sqrt(len);
+  for (std::size_t s = 0; s < len; s += sub) {
+    const std::size_t v = valid > s ? std::min(sub, valid - s) : 0;
+    apply_signs(x + o + s, v, key, o + s, scale, w + s);
+    std::fill(w + s + v, w + s + sub, 0.0f);
+    if (v != 0) fwht_small(w + s, sub);  // an all-padding sub-block stays zero
+  }
+  if (len > kSub) fwht_large(w, len);
+}
+
+// Inverts block b whose rotated values are in w (its len floats, overwritten)
+// and writes the block's valid elements to out, which may be w itself. Large
+// strides first (the block is in cache after being written), then each
+// sub-block's small strides and signs while it is in L1.
+void inverse_block(const Layout& l, std::size_t b, float* w, std::uint32_t key, float* out) {
+  const std::size_t o = l.offset(b), len = l.length(b), valid = l.valid(b);
+  const std::size_t sub = std::min(len, kSub);
+  const float scale = inv_sqrt(len);
+  if (len > kSub) fwht_large(w, len);
+  for (std::size_t s = 0; s < valid; s += sub) {
+    fwht_small(w + s, sub);
+    if (w == out)
+      apply_signs_inplace(w + s, sub, key, o + s, scale);
+    else
+      apply_signs(w + s, std::min(sub, valid - s), key, o + s, scale, out + s);
+  }
+}
+
+void check_block_range(const Layout& l, std::size_t first_block, std::size_t end_block) {
+  if (first_block > end_block || end_block > l.blocks())
+    throw std::invalid_argument("block range [" + std::to_string(first_block) + ", " + std::to_string(end_block) +
+                                ") is not within the " + std::to_string(l.blocks()) + " blocks");
+}
+
 }  // namespace
 
 bool valid_rotate_block(std::size_t block) {
   return block >= 1 && block <= kMaxRotateBlock && (block & (block - 1)) == 0;
 }
 
-std::size_t rht_padded_size(std::size_t n, std::size_t block) {
+RhtLayout rht_layout(std::size_t n, std::size_t block) {
   check_block(block);
-  const Layout l = layout(n, block);
-  return l.full * l.block + l.tail_len;
+  return layout(n, block);
 }
+
+std::size_t rht_padded_size(std::size_t n, std::size_t block) { return rht_layout(n, block).size(); }
 
 void rht_forward(const float* x, std::size_t n, std::size_t block, std::uint64_t seed, float* out) {
   check_block(block);
   const Layout l = layout(n, block);
   const std::uint32_t key = sign_key(seed);
-  parallel_for_sized(l.blocks(), n, [&](std::size_t b) {
-    const std::size_t o = l.offset(b), len = l.length(b), valid = l.valid(b);
-    const std::size_t sub = std::min(len, kSub);
-    const float scale = inv_sqrt(len);
-    float* w = out + o;
-    for (std::size_t s = 0; s < len; s += sub) {
-      const std::size_t v = valid > s ? std::min(sub, valid - s) : 0;
-      apply_signs(x + o + s, v, key, o + s, scale, w + s);
-      std::fill(w + s + v, w + s + sub, 0.0f);
-      if (v != 0) fwht_small(w + s, sub);  // an all-padding sub-block stays zero
-    }
-    if (len > kSub) fwht_large(w, len);
-  });
+  parallel_for_sized(l.blocks(), n, [&](std::size_t b) { forward_block(l, b, x, key, out + l.offset(b)); });
+}
+
+void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::uint64_t seed,
+                        std::size_t first_block, std::size_t end_block, float* out) {
+  check_block(block);
+  const Layout l = layout(n, block);
+  check_block_range(l, first_block, end_block);
+  const std::uint32_t key = sign_key(seed);
+  for (std::size_t b = first_block; b < end_block; ++b)
+    forward_block(l, b, x, key, out + (l.offset(b) - l.offset(first_block)));
 }
 
 void rht_inverse(const float* y, std::size_t m, std::size_t n, std::size_t block, std::uint64_t seed,
@@ -284,25 +315,53 @@ void rht_inverse(const float* y, std::size_t m, std::size_t n, std::size_t block
   const std::uint32_t key = sign_key(seed);
   parallel_for_sized(l.blocks(), m, [&](std::size_t b) {
     std::vector<float> scratch;  // only for the one padded tail block
-    const std::size_t o = l.offset(b), len = l.length(b), valid = l.valid(b);
-    const std::size_t sub = std::min(len, kSub);
-    const float scale = inv_sqrt(len);
+    const std::size_t o = l.offset(b), len = l.length(b);
     float* w = out + o;
-    if (valid < len) {  // the padded tail does not fit in out
+    if (l.valid(b) < len) {  // the padded tail does not fit in out
       scratch.resize(len);
       w = scratch.data();
     }
-    // Large strides first (the copy brings the block into cache), then each
-    // sub-block's small strides and signs while it is in L1.
     std::memcpy(w, y + o, len * sizeof(float));
-    if (len > kSub) fwht_large(w, len);
-    for (std::size_t s = 0; s < valid; s += sub) {
-      fwht_small(w + s, sub);
-      if (w == out + o)
-        apply_signs_inplace(w + s, sub, key, o + s, scale);
-      else
-        apply_signs(w + s, std::min(sub, valid - s), key, o + s, scale, out + o + s);
-    }
+    inverse_block(l, b, w, key, out + o);
+  });
+}
+
+void rht_inverse_blocks(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                        std::size_t end_block, float* out) {
+  check_block(block);
+  const Layout l = layout(n, block);
+  check_block_range(l, first_block, end_block);
+  const std::uint32_t key = sign_key(seed);
+  const std::size_t base = l.offset(first_block);
+  for (std::size_t b = first_block; b < end_block; ++b)
+    inverse_block(l, b, y + (l.offset(b) - base), key, out + (l.offset(b) - base));
+}
+
+void fwht_inplace(float* x, std::size_t len, std::size_t block) {
+  check_block(block);
+  const Layout l = layout(len, block);
+  if (l.tail != l.tail_len)
+    throw std::invalid_argument("fwht: length " + std::to_string(len) + " is not whole blocks of " +
+                                std::to_string(block) + " and a power-of-two tail (the length of rht's output)");
+  parallel_for_sized(l.blocks(), len, [&](std::size_t b) {
+    float* w = x + l.offset(b);
+    const std::size_t n_b = l.length(b), sub = std::min(n_b, kSub);
+    // Scale first, then the stages in rht_forward's order: fwht(random_signs(x))
+    // is then bit-identical to rht_forward(x) (sign flips are exact).
+    scale_inplace(w, n_b, inv_sqrt(n_b));
+    for (std::size_t s = 0; s < n_b; s += sub) fwht_small(w + s, sub);
+    if (n_b > kSub) fwht_large(w, n_b);
+  });
+}
+
+void random_signs_inplace(float* x, std::size_t len, std::uint64_t seed) {
+  const std::uint32_t key = sign_key(seed);
+  // Chunks of whole 32-element sign words; each element's sign depends only on
+  // (seed, index), so the split does not matter.
+  constexpr std::size_t kChunk = std::size_t{1} << 16;
+  parallel_for_sized(ceil_div(len, kChunk), len, [&](std::size_t c) {
+    const std::size_t begin = c * kChunk;
+    apply_signs_inplace(x + begin, std::min(kChunk, len - begin), key, begin, 1.0f);
   });
 }
 

@@ -393,3 +393,105 @@ def test_input_not_modified() -> None:
     ops.irht(y, x.size, SEED, 1024)
     np.testing.assert_array_equal(x, before)
     np.testing.assert_array_equal(y, y_before)
+
+
+# ----------------------------------------------------- fwht and random_signs --
+@pytest.mark.parametrize(
+    ("n", "block"),
+    [(1, 16), (7, 16), (1000, 4096), (5000, 1), (65541, DEFAULT_BLOCK), (300_007, 4096)],
+)
+def test_rht_is_fwht_of_random_signs(n: int, block: int) -> None:
+    """rht(x) == fwht(random_signs(x zero-padded)), value for value."""
+    x = student_t3(n)
+    padded = np.zeros(ref_padded_size(n, block), dtype=np.float32)
+    padded[:n] = x
+    assert ops.random_signs(padded, SEED) is padded
+    assert ops.fwht(padded, block) is padded
+    np.testing.assert_array_equal(padded, ops.rht(x, SEED, block))
+
+
+def test_random_signs_are_rhts_signs() -> None:
+    x = np.ones(100_003, dtype=np.float32)
+    ops.random_signs(x, SEED)
+    np.testing.assert_array_equal(x, signs(x.size, SEED))
+    y = student_t3(1000)
+    z = y.copy()
+    ops.random_signs(ops.random_signs(z, 7), 7)
+    np.testing.assert_array_equal(z, y)
+
+
+@pytest.mark.parametrize("block", (1, 2, 16, 2048, 4096, DEFAULT_BLOCK))
+def test_fwht_is_orthonormal_and_its_own_inverse(block: int) -> None:
+    n = max(3 * block, 4096) + block // 2  # whole blocks and a shorter power-of-two tail
+    if block == 1:
+        n = 4096
+    x = np.random.default_rng(block).standard_normal(n).astype(np.float32)
+    y = x.copy()
+    ops.fwht(y, block)
+    ratio = np.linalg.norm(y.astype(np.float64)) / np.linalg.norm(x.astype(np.float64))
+    assert abs(ratio - 1.0) < NORM_RTOL
+    ops.fwht(y, block)
+    assert rel_l2(y, x) < ROUND_TRIP_RTOL
+
+
+def test_fwht_matches_sylvester() -> None:
+    x = student_t3(16 * 5 + 8)
+    y = x.copy()
+    ops.fwht(y, 16)
+    ref = np.concatenate([sylvester(16) @ x[o : o + 16] / 4 for o in range(0, 80, 16)]
+                         + [sylvester(8) @ x[80:] / np.sqrt(8)])
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * float(np.max(np.abs(x))))
+
+
+def test_fwht_default_block_is_the_whole_vector() -> None:
+    x = student_t3(4096)
+    a, b = x.copy(), x.copy()
+    ops.fwht(a)
+    ops.fwht(b, 4096)
+    np.testing.assert_array_equal(a, b)
+    assert ops.fwht(np.zeros(0, dtype=np.float32)).size == 0
+    with pytest.raises(ValueError, match="power-of-two"):
+        ops.fwht(np.ones(12, dtype=np.float32))
+
+
+def test_fwht_torch_in_place() -> None:
+    torch = pytest.importorskip("torch")
+    x = student_t3(1024)
+    t = torch.from_numpy(x.copy())
+    assert ops.fwht(ops.random_signs(t, SEED), 256) is t
+    np.testing.assert_array_equal(t.numpy(), ops.rht(x, SEED, 256))
+
+
+@pytest.mark.parametrize(("n", "block"), [(2**20 + 4, 4096), (2**21, 2**20)])
+def test_fwht_and_signs_thread_count_independent(threads, n: int, block: int) -> None:
+    x = student_t3(n)
+    out = []
+    for t in (1, 2, 3):
+        with threads(t):
+            y = x.copy()
+            ops.fwht(ops.random_signs(y, SEED), block)
+            out.append(y)
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+
+
+def test_fwht_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="x has 19 elements"):
+        ops.fwht(np.ones(19, dtype=np.float32), 16)
+    with pytest.raises(ValueError, match="x has 3 elements"):
+        ops.fwht(np.ones(3, dtype=np.float32), 16)
+    for block in (0, 3, 2**25):
+        with pytest.raises(ValueError, match="block"):
+            ops.fwht(np.ones(16, dtype=np.float32), block)
+    with pytest.raises(TypeError, match="float32"):
+        ops.fwht(np.ones(16), 16)
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        ops.fwht([1.0, 2.0], 2)  # type: ignore[arg-type]
+    frozen = np.ones(16, dtype=np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        ops.fwht(frozen, 16)
+    with pytest.raises(ValueError, match="writable"):
+        ops._core.random_signs(frozen, SEED)
+    with pytest.raises(TypeError, match="seed"):
+        ops.random_signs(np.ones(4, dtype=np.float32), None)  # type: ignore[arg-type]

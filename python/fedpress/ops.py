@@ -31,6 +31,16 @@ __all__ = [
     "rht",
     "irht",
     "rht_padded_size",
+    "fwht",
+    "random_signs",
+    "EDEN_CLIP",
+    "eden_centroids",
+    "eden_levels",
+    "eden_quantize",
+    "eden_dequantize",
+    "eden_accumulate",
+    "eden_encode",
+    "eden_decode",
     "encode_indices",
     "decode_indices",
     "scatter_add",
@@ -127,6 +137,19 @@ def _as_indices(indices: ArrayLike, name: str, error: type = IndexError) -> np.n
         if hi > _MAX_LEN:
             raise error(f"{name} holds {hi}, beyond the uint32 range")
     return np.ascontiguousarray(arr, dtype=np.uint32)
+
+
+def _as_packed(packed: ArrayLike) -> np.ndarray:
+    """Packed codes as a flat contiguous uint8 array (bytes-like objects accepted)."""
+    if isinstance(packed, (bytes, bytearray, memoryview)):
+        p = np.frombuffer(packed, dtype=np.uint8)
+    elif _is_torch_tensor(packed):
+        p = _torch_to_numpy(packed, "packed", want_float32=False)
+    else:
+        p = np.asarray(packed)
+    if p.dtype != np.uint8:
+        raise TypeError(f"packed must be uint8, got dtype {p.dtype}")
+    return np.ascontiguousarray(p.reshape(-1))
 
 
 def _count(k: Any, name: str) -> int:
@@ -252,18 +275,9 @@ def dequantize(
     packed: ArrayLike, scales: ArrayLike, bits: int, n: int, bucket: int = 512
 ) -> np.ndarray:
     """Inverse of :func:`quantize`: float32[n]."""
-    if isinstance(packed, (bytes, bytearray, memoryview)):
-        p = np.frombuffer(packed, dtype=np.uint8)
-    elif _is_torch_tensor(packed):
-        p = _torch_to_numpy(packed, "packed", want_float32=False)
-    else:
-        p = np.asarray(packed)
-    if p.dtype != np.uint8:
-        raise TypeError(f"packed must be uint8, got dtype {p.dtype}")
+    p = _as_packed(packed)
     s = _as_float32(scales, "scales")
-    return _core.dequantize(
-        np.ascontiguousarray(p.reshape(-1)), s, _bits(bits), _count(n, "n"), _bucket(bucket)
-    )
+    return _core.dequantize(p, s, _bits(bits), _count(n, "n"), _bucket(bucket))
 
 
 # ----------------------------------------------------------------- rotation --
@@ -317,6 +331,185 @@ def irht(y: ArrayLike, n: int, seed: int, block: int = _RHT_BLOCK) -> np.ndarray
     if n > _MAX_LEN:
         raise ValueError(f"n must be < 2**32, got {n}")
     return _core.irht(arr, n, _required_seed(seed), _rht_block(block))
+
+
+def fwht(x: ArrayLike, block: Optional[int] = None) -> ArrayLike:
+    """Orthonormal Walsh-Hadamard transform of each block of x, in place; returns x.
+
+    x is a writable contiguous float32 array or CPU tensor whose length is that
+    of :func:`rht`'s output: whole blocks of ``block`` (a power of two), then at
+    most one shorter power-of-two block. ``block=None`` transforms x as one
+    block (its length must be a power of two). The transform is its own
+    inverse (up to float rounding), and for a zero-padded x
+    ``fwht(random_signs(x, seed), block)`` equals ``rht(x[:n], seed, block)``.
+    """
+    arr = _as_inplace_float32(x, "x")
+    if block is None:
+        size = arr.size
+        if size & (size - 1):
+            raise ValueError(f"x must have a power-of-two length when block is None, got {size}")
+        if size > _RHT_MAX_BLOCK:
+            raise ValueError(f"x has {size} elements, beyond one block of 2**24: pass block")
+        b = max(1, size)
+    else:
+        b = _rht_block(block)
+    _core.fwht(arr, b)
+    return x
+
+
+def random_signs(x: ArrayLike, seed: int) -> ArrayLike:
+    """``x_i *= s_i`` in place with the random signs :func:`rht` uses for seed; returns x."""
+    arr = _as_inplace_float32(x, "x")
+    _core.random_signs(arr, _required_seed(seed))
+    return x
+
+
+# --------------------------------------------------------------------- eden --
+EDEN_CLIP = 3.3
+_EDEN_BITS = (1, 2, 3, 4, 8)
+_EDEN_SCALES = ("unbiased", "mse")
+
+
+def _eden_bits(bits: Any) -> int:
+    value = _count(bits, "bits")
+    if value not in _EDEN_BITS:
+        raise ValueError(f"bits must be 1, 2, 3, 4 or 8, got {value}")
+    return value
+
+
+def _eden_mode(bits: Any, stochastic: Any, scale: Any) -> tuple[int, bool, bool]:
+    """(bits, stochastic, mse) checked."""
+    b = _eden_bits(bits)
+    if scale not in _EDEN_SCALES:
+        raise ValueError(f"scale must be 'unbiased' or 'mse', got {scale!r}")
+    if scale == "mse" and stochastic:
+        raise ValueError("scale='mse' is for nearest rounding; the stochastic scale is fixed")
+    return b, bool(stochastic), scale == "mse"
+
+
+def _length(n: Any, name: str = "n") -> int:
+    value = _count(n, name)
+    if value > _MAX_LEN:
+        raise ValueError(f"{name} must be < 2**32, got {value}")
+    return value
+
+
+def _eden_codes(packed: ArrayLike, scales: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The packed codes and the float32 scales."""
+    return _as_packed(packed), _as_float32(scales, "scales")
+
+
+def eden_centroids(bits: int) -> np.ndarray:
+    """The ``2**bits`` Lloyd-Max centroids of N(0, 1), ascending and symmetric (float32).
+
+    Nearest rounding maps each normalised coordinate to the closest of them;
+    the decision boundaries are the float32 midpoints between neighbours.
+    """
+    return _core.eden_centroids(_eden_bits(bits))
+
+
+def eden_levels(bits: int) -> np.ndarray:
+    """The ``2**bits`` levels of the stochastic mode, evenly spaced on
+    ``[-EDEN_CLIP, EDEN_CLIP]`` (float32)."""
+    return _core.eden_levels(_eden_bits(bits))
+
+
+def eden_quantize(y: ArrayLike, n: int, bits: int, seed: Seed = None, block: int = _RHT_BLOCK,
+                  stochastic: bool = False, scale: str = "unbiased"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """EDEN quantization of a rotated vector (Vargaftik et al., 2022).
+
+    ``y`` is ``rht(x, seed, block)`` of some x of n elements, so it has
+    ``rht_padded_size(n, block)`` elements. Each rotation block (length L, norm
+    r) is normalised to ``z = y * sqrt(L) / r`` and every coordinate is coded
+    in ``bits`` (1, 2, 3, 4 or 8) bits:
+
+    * ``stochastic=False``: the nearest of :func:`eden_centroids`, with one
+      scale per block, ``r**2 / <y, c>`` (``scale="unbiased"``, EDEN's: the
+      error is about mse / (1 - mse) of ||x||^2 on any input) or
+      ``<y, c> / ||c||**2`` (``scale="mse"``: smaller error, biased).
+    * ``stochastic=True``: unbiased stochastic rounding between the
+      :func:`eden_levels`, scale ``r / sqrt(L)``, driven by ``seed``;
+      coordinates beyond ``EDEN_CLIP`` are outliers, sent exactly.
+
+    Returns ``(packed, scales, outlier_idx, outlier_val)``: uint8 codes (element
+    i at bits ``[i*bits, (i+1)*bits)``, LSB first, ``ceil(m*bits/8)`` bytes),
+    float32 ``scales`` (one per block), and the outliers' ascending uint32
+    positions in y and float32 values (empty unless stochastic).
+    """
+    arr = _as_float32(y, "y")
+    b, stochastic, mse = _eden_mode(bits, stochastic, scale)
+    return _core.eden_quantize(
+        arr, _length(n), b, _seed(seed) if stochastic else 0, _rht_block(block), stochastic, mse
+    )
+
+
+def eden_dequantize(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, block: int = _RHT_BLOCK,
+                    stochastic: bool = False) -> np.ndarray:
+    """The rotated vector :func:`eden_quantize`'s codes stand for:
+    float32[rht_padded_size(n, block)], ``scales[block of i] * table[code_i]``.
+
+    Outliers are not applied (``y[outlier_idx] = outlier_val`` does that).
+    Nonzero padding bits in the last byte raise ValueError.
+    """
+    p, s = _eden_codes(packed, scales)
+    return _core.eden_dequantize(
+        p, s, _length(n), _eden_bits(bits), _rht_block(block), bool(stochastic)
+    )
+
+
+def eden_accumulate(acc: ArrayLike, packed: ArrayLike, scales: ArrayLike, n: int, bits: int,
+                    block: int = _RHT_BLOCK, stochastic: bool = False, weight: float = 1.0) -> None:
+    """``acc += float32(weight) * eden_dequantize(packed, scales, n, bits, block, stochastic)``
+    in place, without building the dequantized vector (bit-identical to doing so).
+
+    acc is a writable contiguous float32 array or CPU tensor of
+    ``rht_padded_size(n, block)`` elements: a rotated-domain sum of clients
+    that share one rotation. Outliers are not applied.
+    """
+    a = _as_inplace_float32(acc, "acc")
+    p, s = _eden_codes(packed, scales)
+    _core.eden_accumulate(
+        a, p, s, _length(n), _eden_bits(bits), _rht_block(block), bool(stochastic), float(weight)
+    )
+
+
+def eden_encode(x: ArrayLike, bits: int, seed: int, block: int = _RHT_BLOCK, stochastic: bool = False,
+                scale: str = "unbiased", quant_seed: Seed = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``eden_quantize(rht(x, seed, block), len(x), bits, quant_seed, ...)``, fused.
+
+    The rotation runs a cache-sized range of blocks at a time, so the rotated
+    vector is never built. ``quant_seed`` (stochastic rounding only) defaults
+    to a seed derived from ``seed``. Returns what :func:`eden_quantize` returns.
+    """
+    arr = _as_float32(x, "x")
+    b, stochastic, mse = _eden_mode(bits, stochastic, scale)
+    rot = _required_seed(seed)
+    q = _core.eden_derived_seed(rot) if quant_seed is None else _seed(quant_seed)
+    return _core.eden_encode(arr, b, rot, _rht_block(block), stochastic, mse, q)
+
+
+def eden_decode(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, seed: int, block: int = _RHT_BLOCK,
+                stochastic: bool = False, outlier_idx: Optional[ArrayLike] = None,
+                outlier_val: Optional[ArrayLike] = None) -> np.ndarray:
+    """Inverse of :func:`eden_encode`: float32[n].
+
+    Dequantizes, puts the outliers (strictly ascending positions in the rotated
+    vector) in place and inverts the rotation, a range of blocks at a time.
+    """
+    p, s = _eden_codes(packed, scales)
+    if (outlier_idx is None) != (outlier_val is None):
+        raise ValueError("outlier_idx and outlier_val go together: give both or neither")
+    if outlier_idx is None:
+        idx, val = np.zeros(0, np.uint32), np.zeros(0, np.float32)
+    else:
+        idx = _as_indices(outlier_idx, "outlier_idx", error=ValueError)
+        val = _as_float32(outlier_val, "outlier_val")
+    return _core.eden_decode(
+        p, s, _length(n), _eden_bits(bits), _required_seed(seed), _rht_block(block),
+        bool(stochastic), idx, val,
+    )
 
 
 # ------------------------------------------------------------ index coding --

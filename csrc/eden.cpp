@@ -1,0 +1,857 @@
+#include "eden.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "parallel.hpp"
+#include "rng.hpp"
+#include "rotate.hpp"
+#include "simd.hpp"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "eden.cpp assembles the little-endian code stream with native loads and stores"
+#endif
+
+namespace fedpress {
+namespace {
+
+// Work layout. A task is a fixed range of whole rotation blocks of at least
+// kSeg elements (one block when blocks are larger); a segment is kSeg
+// consecutive elements; a run is the part of one block inside one segment.
+// kSeg is a multiple of 8, so every segment starts on a byte boundary of the
+// packed stream for every bit width (3 bits: 8 codes in 3 bytes), and so does
+// every run when blocks have 8 elements or more. Task, segment and run
+// boundaries depend only on (m, block), which with the fixed-order sums below
+// makes every output independent of the thread count.
+constexpr std::size_t kSeg = std::size_t{1} << 14;
+// Thread-local scratch kept between calls up to this many floats (4 MiB).
+constexpr std::size_t kKeepScratch = std::size_t{1} << 20;
+// Blocks of extreme norms: below r = 2^-60 the multiplier sqrt(L) / r could
+// overflow float32 and above 2^60 lose precision as a subnormal, so y is
+// first scaled by 2^64 or 2^-64 (exact for all but negligible elements).
+constexpr double kTinyNorm = 0x1p-60, kHugeNorm = 0x1p60;
+
+// Bytes of len packed codes of `bits` bits: ceil(len * bits / 8). Inline, so
+// that kernels' copies of constant sizes become plain loads and stores.
+constexpr std::size_t code_bytes(std::size_t len, int bits) {
+  return (len / 8) * static_cast<std::size_t>(bits) + ((len % 8) * static_cast<std::size_t>(bits) + 7) / 8;
+}
+
+// ----------------------------------------------------------- vector types --
+// The kernels are written with GCC/Clang vector extensions, 8 lanes wide:
+// one ymm register in the AVX2 and AVX-512 FEDPRESS_CLONES versions (two xmm
+// in the baseline), lane for lane the same values in every clone. Table
+// lookups are 8- and 16-entry permutes (vpermps, vpermi2ps, or two vpermps
+// and a blend), which both instruction sets have. Helpers take vectors by
+// reference, never by value (that would change the ABI between clones), and
+// are forced inline: a clone's instruction set applies only to code inside it.
+// A last partial vector of a run is computed on a zero-padded copy.
+typedef float VF __attribute__((vector_size(32)));
+typedef std::int32_t VI __attribute__((vector_size(32)));
+typedef std::uint32_t VU __attribute__((vector_size(32)));
+typedef float VQ __attribute__((vector_size(16)));   // half a VF
+typedef double VD __attribute__((vector_size(32)));  // a VQ widened
+typedef std::uint8_t VB __attribute__((vector_size(8)));
+constexpr std::size_t kW = 8;
+constexpr VI kIota = {0, 1, 2, 3, 4, 5, 6, 7};
+constexpr std::int32_t kAbsMask = 0x7FFFFFFF;
+
+#if defined(__GNUC__)
+#define FEDPRESS_INLINE inline __attribute__((always_inline))
+#define FEDPRESS_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define FEDPRESS_INLINE inline
+#define FEDPRESS_INLINE_LAMBDA
+#endif
+
+// Calls f(std::integral_constant<int, B>{}) for B = bits (1, 2, 3, 4 or 8):
+// one instantiation of a kernel body per width. Callers pass lambdas marked
+// FEDPRESS_INLINE_LAMBDA so that the body lands inside the calling clone.
+template <typename F>
+FEDPRESS_INLINE decltype(auto) with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+constexpr int log2_exact(int v) { return v <= 1 ? 0 : 1 + log2_exact(v / 2); }
+
+// out = table[idx] for a table of N entries held in N / 8 vectors (one for
+// N <= 8): 8- and 16-entry permutes, larger tables by selecting on the
+// index's higher bits.
+template <int N>
+FEDPRESS_INLINE void lookup(const VF* table, const VI& idx, VF& out) {
+  if constexpr (N <= 8) {
+    out = __builtin_shuffle(table[0], idx);
+  } else if constexpr (N == 16) {
+    out = __builtin_shuffle(table[0], table[1], idx);
+  } else {
+    VF low, high;
+    lookup<N / 2>(table, idx, low);
+    lookup<N / 2>(table + N / 16, idx, high);
+    out = (idx & (N / 2)) != 0 ? high : low;
+  }
+}
+
+// ------------------------------------------------------------------ tables --
+// Tables of one bit width. The nearest search is a branchless binary search
+// over the H - 1 positive boundaries tpos (H = 2^(bits-1)): at the step of
+// size s the position is a multiple of 2s and the boundary to compare is
+// tpos[pos + s - 1], one of H / (2s) candidates, kept in registers.
+struct Tables {
+  int bits = 0;
+  int half = 0;                        // H: codes >= H are the positive centroids
+  std::array<float, 256> centroids{};  // eden_centroids(bits)
+  std::array<float, 256> levels{};     // eden_uniform_levels(bits)
+  std::array<float, 128> cpos{};       // positive centroids: cpos[j] = centroids[H + j]
+  std::array<float, 128> tpos{};       // positive boundaries 0.5f * (cpos[j] + cpos[j + 1]), then +inf
+  // Candidates of the step with c = H / (2s) of them at search[c - 1 ...]
+  // (1 + 2 + ... + c / 2 = c - 1 floats before them), zero-padded for loads.
+  std::array<float, 128 + kW> search{};
+  float inv_step = 0.0f;  // (2^bits - 1) / (2 kEdenClip): z to level units
+};
+
+Tables make_tables(int bits, const float* centroids) {
+  Tables t;
+  t.bits = bits;
+  const int count = 1 << bits;
+  t.half = count / 2;
+  const double top = static_cast<double>(count - 1);
+  for (int j = 0; j < count; ++j) {
+    t.centroids[j] = centroids[j];
+    t.levels[j] = static_cast<float>(static_cast<double>(kEdenClip) * (2.0 * j - top) / top);
+  }
+  std::fill(t.tpos.begin(), t.tpos.end(), std::numeric_limits<float>::infinity());
+  for (int j = 0; j < t.half; ++j) t.cpos[j] = centroids[t.half + j];
+  for (int j = 0; j + 1 < t.half; ++j) t.tpos[j] = 0.5f * (t.cpos[j] + t.cpos[j + 1]);
+  for (int s = t.half / 2; s >= 1; s /= 2) {
+    const int c = t.half / (2 * s);
+    for (int k = 0; k < c; ++k) t.search[c - 1 + k] = t.tpos[k * 2 * s + s - 1];
+  }
+  t.inv_step = static_cast<float>(top / (2.0 * static_cast<double>(kEdenClip)));
+  return t;
+}
+
+const Tables& tables(int bits) {
+  static const std::array<Tables, 5> all = [] {
+    std::array<Tables, 5> a;
+    const int widths[5] = {1, 2, 3, 4, 8};
+    for (int i = 0; i < 5; ++i) a[i] = make_tables(widths[i], eden_centroids(widths[i]));
+    return a;
+  }();
+  return all[bits == 8 ? 4 : bits - 1];
+}
+
+const float* table_of(const Tables& t, EdenRounding rounding) {
+  return rounding == EdenRounding::nearest ? t.centroids.data() : t.levels.data();
+}
+
+std::uint32_t stochastic_key(std::uint64_t seed) { return static_cast<std::uint32_t>(hash64(seed, 0xEDE5u)); }
+
+void check_bits(int bits) {
+  if (!valid_eden_bits(bits))
+    throw std::invalid_argument("bits must be 1, 2, 3, 4 or 8, got " + std::to_string(bits));
+}
+
+// Validates the arguments shared by every entry point; returns the layout.
+RhtLayout checked_layout(std::size_t m, std::size_t n, std::size_t block, int bits) {
+  check_bits(bits);
+  const RhtLayout l = rht_layout(n, block);  // checks block
+  if (m != l.size())
+    throw std::invalid_argument("the rotated vector has " + std::to_string(m) + " elements, expected " +
+                                std::to_string(l.size()) + " = rht_padded_size(" + std::to_string(n) + ", " +
+                                std::to_string(block) + ")");
+  return l;
+}
+
+// ------------------------------------------------------------------- sums --
+// Float64 sums in 8 lanes: lane l adds every 8th term in order, then the
+// lanes fold in a fixed tree. Lane-wise adds need no reassociation, so every
+// clone computes the same sums.
+struct LaneSums {
+  VD lo = {}, hi = {};  // lanes 0-3, 4-7
+  double fold() const {
+    double acc[kW];
+    std::memcpy(acc, &lo, sizeof lo);
+    std::memcpy(acc + kW / 2, &hi, sizeof hi);
+    for (std::size_t w = kW / 2; w > 0; w /= 2)
+      for (std::size_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+  }
+  // += a * b lane-wise, in float64 (exact products of floats).
+  FEDPRESS_INLINE void add_products(const VF& a, const VF& b) {
+    VQ a_lo, a_hi, b_lo, b_hi;
+    std::memcpy(&a_lo, &a, sizeof a_lo);
+    std::memcpy(&a_hi, reinterpret_cast<const char*>(&a) + sizeof a_lo, sizeof a_hi);
+    std::memcpy(&b_lo, &b, sizeof b_lo);
+    std::memcpy(&b_hi, reinterpret_cast<const char*>(&b) + sizeof b_lo, sizeof b_hi);
+    lo += __builtin_convertvector(a_lo, VD) * __builtin_convertvector(b_lo, VD);
+    hi += __builtin_convertvector(a_hi, VD) * __builtin_convertvector(b_hi, VD);
+  }
+};
+
+FEDPRESS_CLONES
+double sum_squares(const float* y, std::size_t len) {
+  LaneSums acc;
+  std::size_t i = 0;
+  for (; i + kW <= len; i += kW) {
+    VF v;
+    std::memcpy(&v, y + i, sizeof v);
+    acc.add_products(v, v);
+  }
+  VF tail = {};
+  std::memcpy(&tail, y + i, (len - i) * sizeof(float));
+  acc.add_products(tail, tail);
+  return acc.fold();
+}
+
+// --------------------------------------------------------------- packing --
+// Eight codes of B bits fill exactly B bytes, a group: code j of a group sits
+// at bit B*j of the group's little-endian B-byte word. One vector of codes is
+// one group.
+template <int B>
+constexpr VU kGroupShifts = {0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};
+
+// The word of a whole group, from loads of its B bytes only.
+template <int B>
+FEDPRESS_INLINE std::uint32_t load_group(const std::uint8_t* p) {
+  if constexpr (B == 3) {
+    std::uint16_t low;
+    std::memcpy(&low, p, 2);
+    return low | static_cast<std::uint32_t>(p[2]) << 16;
+  } else {
+    using Word = std::conditional_t<B == 1, std::uint8_t, std::conditional_t<B == 2, std::uint16_t, std::uint32_t>>;
+    Word w;
+    std::memcpy(&w, p, B);
+    return w;
+  }
+}
+
+// The stream bytes of a vector of codes (lanes >= w count as zero codes, so
+// the padding bits of a last partial byte are zero) at o, which holds lane 0.
+template <int B>
+FEDPRESS_INLINE void pack8(const VI& code, std::size_t w, std::uint8_t* o) {
+  if constexpr (B == 8) {
+    const VB bytes = __builtin_convertvector(code, VB);
+    std::memcpy(o, &bytes, w);
+  } else {
+    VU c = (VU)code;
+    if (w < kW) c = kIota < static_cast<std::int32_t>(w) ? c : VU{};
+    c <<= kGroupShifts<B>;
+    // OR all lanes into lane 0.
+    c |= __builtin_shuffle(c, VU{4, 5, 6, 7, 0, 1, 2, 3});
+    c |= __builtin_shuffle(c, VU{2, 3, 0, 1, 6, 7, 4, 5});
+    c |= __builtin_shuffle(c, VU{1, 0, 3, 2, 5, 4, 7, 6});
+    const std::uint32_t word = c[0];
+    std::memcpy(o, &word, w == kW ? B : code_bytes(w, B));
+  }
+}
+
+// The vector of codes at o (lanes >= w zero, reading only their bytes).
+template <int B>
+FEDPRESS_INLINE void unpack8(const std::uint8_t* o, std::size_t w, VI& code) {
+  if constexpr (B == 8) {
+    VB bytes = {};
+    std::memcpy(&bytes, o, w);
+    code = __builtin_convertvector(bytes, VI);
+  } else {
+    std::uint32_t word = 0;
+    if (w == kW)
+      word = load_group<B>(o);
+    else
+      for (std::size_t k = 0; k < code_bytes(w, B); ++k) word |= static_cast<std::uint32_t>(o[k]) << (8 * k);
+    code = (VI)(((VU{} + word) >> kGroupShifts<B>) & ((1u << B) - 1));
+  }
+}
+
+// Converts len codes between one per byte and the packed stream (code 0 at
+// the stream pointer): from bytes to the stream when kPack, else back.
+template <int B, bool kPack>
+FEDPRESS_INLINE void repack(const std::uint8_t* from, std::size_t len, std::uint8_t* to) {
+  if (B == 8) {
+    std::memcpy(to, from, len);
+    return;
+  }
+  for (std::size_t i = 0; i < len; i += kW) {
+    const std::size_t w = std::min(kW, len - i);
+    VB bytes = {};
+    VI code;
+    if (kPack) {
+      std::memcpy(&bytes, from + i, w);
+      code = __builtin_convertvector(bytes, VI);
+      pack8<B>(code, w, to + i / 8 * B);
+    } else {
+      unpack8<B>(from + i / 8 * B, w, code);
+      bytes = __builtin_convertvector(code, VB);
+      std::memcpy(to + i, &bytes, w);
+    }
+  }
+}
+
+FEDPRESS_CLONES
+void pack(const std::uint8_t* codes, std::size_t len, int bits, std::uint8_t* out) {
+  with_bits(bits, [&](auto b) FEDPRESS_INLINE_LAMBDA { repack<decltype(b)::value, true>(codes, len, out); });
+}
+
+FEDPRESS_CLONES
+void unpack(const std::uint8_t* in, std::size_t len, int bits, std::uint8_t* codes) {
+  with_bits(bits, [&](auto b) FEDPRESS_INLINE_LAMBDA { repack<decltype(b)::value, false>(in, len, codes); });
+}
+
+// ------------------------------------------------------------ code kernels --
+// Where a kernel's codes go: straight into the packed stream (`out` holds the
+// run's first element, which starts a byte) or one per byte into a buffer.
+enum class Sink { packed, bytes };
+
+// Runs body(src, w, i) over a run of len floats, 8 at a time (i the offset in
+// the run); the last partial vector reads a zero-padded copy.
+template <typename Body>
+FEDPRESS_INLINE void for_each_vector(const float* y, std::size_t len, Body&& body) {
+  std::size_t i = 0;
+  for (; i + kW <= len; i += kW) body(y + i, kW, i);
+  if (i < len) {
+    float pad[kW] = {};
+    std::memcpy(pad, y + i, (len - i) * sizeof(float));
+    body(pad, len - i, i);
+  }
+}
+
+template <int B>
+FEDPRESS_INLINE void emit(const VI& code, std::size_t w, std::size_t i, Sink sink, std::uint8_t* out) {
+  if (sink == Sink::packed) {
+    pack8<B>(code, w, out + i / 8 * B);
+  } else {
+    const VB bytes = __builtin_convertvector(code, VB);
+    std::memcpy(out + i, &bytes, w);
+  }
+}
+
+// z = (y * pre) * mul is the coordinate in N(0, 1) units.
+struct Normaliser {
+  float pre, mul;
+};
+
+// Sums of one run for the nearest mode, in N(0, 1) units (bounded, so the
+// float partial sums cannot overflow whatever y is).
+struct NearestSums {
+  double dot = 0.0;  // <|z|, |c(code)|> = <y, c(code)> * pre * mul
+  double csq = 0.0;  // ||c(code)||^2
+};
+
+// Vectors of a table of n entries (at least one).
+constexpr int table_vectors(int n) { return n > 8 ? n / 8 : 1; }
+
+// The steps of the nearest search with C, 2C, ... candidates (see Tables)
+// for K vectors side by side: the step with C candidates compares against
+// tpos[pos + s - 1], s = H / (2C). Each step is a chain of dependent permutes
+// and compares; interleaving K independent vectors hides their latency.
+template <int H, int C, int K>
+FEDPRESS_INLINE void search_steps(const VF* cand, const VF& first, const VF* a, VI* pos) {
+  if constexpr (C <= H / 2) {
+    constexpr int s = H / (2 * C);
+    for (int k = 0; k < K; ++k) {
+      VF thr;
+      if constexpr (C == 1)
+        thr = first;
+      else
+        lookup<C>(cand, pos[k] >> log2_exact(2 * s), thr);
+      pos[k] += (a[k] > thr) & s;
+    }
+    search_steps<H, 2 * C, K>(cand + (C == 1 ? 0 : table_vectors(C)), first, a, pos);
+  }
+}
+
+// Nearest-centroid codes of one run. The code's distance from the middle,
+// pos, is the number of positive boundaries below |z|; |z| on a boundary
+// rounds toward 0, z = +-0 gets code H. The sums add float products over
+// kFlush vectors, then move them into float64 lanes: a fixed pattern,
+// relative error ~1e-7.
+template <int B, bool kWithCsq>
+FEDPRESS_INLINE NearestSums nearest_run(const float* y, std::size_t len, Normaliser nm, const Tables& t, Sink sink,
+                                        std::uint8_t* out) {
+  constexpr int H = 1 << (B - 1);
+  constexpr int kBatch = B == 8 ? 8 : 2;  // vectors searched side by side
+  constexpr std::size_t kFlush = 16;
+  constexpr int kCand = [] {
+    int n = 0;
+    for (int c = 2; c <= H / 2; c *= 2) n += table_vectors(c);
+    return n;
+  }();
+  // The search candidates (the first step's one is broadcast) and the
+  // positive centroids, in registers.
+  VF cand[kCand > 0 ? kCand : 1] = {};
+  for (int k = 0, c = 2; c <= H / 2; c *= 2)
+    for (int part = 0; part < table_vectors(c); ++part)
+      std::memcpy(&cand[k++], t.search.data() + c - 1 + 8 * part, sizeof(VF));
+  VF cent[table_vectors(H)];
+  for (int k = 0; k < table_vectors(H); ++k) std::memcpy(&cent[k], t.cpos.data() + 8 * k, sizeof(VF));
+  const VF first = VF{} + t.search[0];
+  const VF pre = VF{} + nm.pre, mul = VF{} + nm.mul;
+  LaneSums dot, csq;
+  VF part_dot = {}, part_csq = {};
+  // K vectors from src (element i of the run onwards), the last with w lanes.
+  auto body = [&](auto batch, const float* src, std::size_t w, std::size_t i) FEDPRESS_INLINE_LAMBDA {
+    constexpr int K = decltype(batch)::value;
+    VF z[K], a[K], c[K];
+    VI pos[K] = {};
+    for (int k = 0; k < K; ++k) {
+      VF v;
+      std::memcpy(&v, src + k * kW, sizeof v);
+      z[k] = (v * pre) * mul;
+      a[k] = (VF)((VI)z[k] & kAbsMask);
+    }
+    search_steps<H, 1, K>(cand, first, a, pos);
+    for (int k = 0; k < K; ++k) lookup<H>(cent, pos[k], c[k]);
+    for (int k = 0; k < K; ++k) {
+      const std::size_t at = i + k * kW, lanes = k == K - 1 ? w : kW;
+      const VI code = z[k] < 0.0f ? (H - 1) - pos[k] : H + pos[k];
+      emit<B>(code, lanes, at, sink, out);
+      if (lanes < kW) c[k] = kIota < static_cast<std::int32_t>(lanes) ? c[k] : VF{};  // padding adds nothing
+      // sign(c(code)) == sign(z): <z, c> adds |z| * |c|.
+      part_dot += a[k] * c[k];
+      if (kWithCsq) part_csq += c[k] * c[k];
+      if (at / kW % kFlush == kFlush - 1 || lanes < kW || at + kW == len) {
+        dot.add_products(part_dot, VF{} + 1.0f);
+        if (kWithCsq) csq.add_products(part_csq, VF{} + 1.0f);
+        part_dot = VF{};
+        part_csq = VF{};
+      }
+    }
+  };
+  std::size_t i = 0;
+  for (; i + kBatch * kW <= len; i += kBatch * kW) body(std::integral_constant<int, kBatch>{}, y + i, kW, i);
+  for_each_vector(y + i, len - i, [&](const float* src, std::size_t w, std::size_t j) FEDPRESS_INLINE_LAMBDA {
+    body(std::integral_constant<int, 1>{}, src, w, i + j);
+  });
+  return {dot.fold(), kWithCsq ? csq.fold() : 0.0};
+}
+
+// csq (||c||^2) is only needed for the MSE scale.
+FEDPRESS_CLONES
+NearestSums nearest_codes(const float* y, std::size_t len, Normaliser nm, const Tables& t, bool with_csq, Sink sink,
+                          std::uint8_t* out) {
+  return with_bits(t.bits, [&](auto b) FEDPRESS_INLINE_LAMBDA {
+    constexpr int B = decltype(b)::value;
+    return with_csq ? nearest_run<B, true>(y, len, nm, t, sink, out) : nearest_run<B, false>(y, len, nm, t, sink, out);
+  });
+}
+
+// Stochastic codes of one run between the uniform levels. Element g (global
+// position `first` + i) rounds up when u_g < frac, u_g = (hash32(key, g) >> 8)
+// / 2^24. |z| > kEdenClip is an outlier: flag 1, code the end level of its
+// sign. Returns the number of outliers.
+template <int B>
+FEDPRESS_INLINE std::size_t stochastic_run(const float* y, std::size_t len, std::size_t first, Normaliser nm,
+                                           const Tables& t, std::uint32_t key, Sink sink, std::uint8_t* out,
+                                           std::uint8_t* flags) {
+  constexpr std::int32_t top = (1 << B) - 1;
+  const VF clip = VF{} + kEdenClip, inv_step = VF{} + t.inv_step, ftop = VF{} + static_cast<float>(top);
+  const VF pre = VF{} + nm.pre, mul = VF{} + nm.mul;
+  VI outliers = {};
+  auto body = [&](const float* src, std::size_t w, std::size_t i) {
+    VF v;
+    std::memcpy(&v, src, sizeof v);
+    const VF z = (v * pre) * mul;
+    const VI out_lane = (VF)((VI)z & kAbsMask) > clip;
+    // In level units: 0 at -kEdenClip, top at +kEdenClip; clamped so that
+    // outliers convert to int without overflow.
+    VF level = (z + clip) * inv_step;
+    level = level > 0.0f ? level : VF{};
+    level = level < ftop ? level : ftop;
+    VI j = __builtin_convertvector(level, VI);  // truncation: floor, as level >= 0
+    j = j < top - 1 ? j : VI{} + (top - 1);
+    const VF frac = level - __builtin_convertvector(j, VF);
+    VU h = ((VU)kIota + static_cast<std::uint32_t>(first + i)) ^ key;  // hash32, lane-wise
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x846CA68Bu;
+    h ^= h >> 16;
+    const VF u = __builtin_convertvector((VI)(h >> 8), VF) * 0x1p-24f;
+    const VI up = u < frac;  // -1 or 0
+    const VI end = z < 0.0f ? VI{} : VI{} + top;
+    const VI code = out_lane ? end : j - up;
+    emit<B>(code, w, i, sink, out);
+    outliers -= out_lane;  // zero padding is never an outlier
+    const VB flag_bytes = __builtin_convertvector(out_lane & 1, VB);
+    std::memcpy(flags + i, &flag_bytes, w);
+  };
+  for_each_vector(y, len, body);
+  std::size_t count = 0;
+  for (std::size_t l = 0; l < kW; ++l) count += static_cast<std::size_t>(outliers[l]);
+  return count;
+}
+
+FEDPRESS_CLONES
+std::size_t stochastic_codes(const float* y, std::size_t len, std::size_t first, Normaliser nm, const Tables& t,
+                             std::uint32_t key, Sink sink, std::uint8_t* out, std::uint8_t* flags) {
+  return with_bits(t.bits, [&](auto b) FEDPRESS_INLINE_LAMBDA {
+    return stochastic_run<decltype(b)::value>(y, len, first, nm, t, key, sink, out, flags);
+  });
+}
+
+// ------------------------------------------------------------- dequantize --
+// Decoded values of a run: v_i = scale * table[code_i]; out_i = v_i, or
+// out_i + weight * v_i when accumulating. Same float operations whichever
+// path, so accumulating equals adding weight times the dequantized vector.
+// One code per byte (8 bits, or codes unpacked into bytes): a gather per
+// element, which the compiler vectorises given the disjoint pointers.
+FEDPRESS_CLONES
+void decode_bytes(const std::uint8_t* __restrict in, std::size_t len, const float* __restrict table, float scale,
+                  float* __restrict out) {
+  for (std::size_t i = 0; i < len; ++i) out[i] = scale * table[in[i]];
+}
+
+FEDPRESS_CLONES
+void accumulate_bytes(const std::uint8_t* __restrict in, std::size_t len, const float* __restrict table,
+                      float scale, float weight, float* __restrict out) {
+  for (std::size_t i = 0; i < len; ++i) out[i] = out[i] + weight * (scale * table[in[i]]);
+}
+
+// Up to 4 bits: a group of eight codes at a time, looked up in the table held
+// in registers.
+template <int B, bool kAccumulate>
+FEDPRESS_INLINE void decode_packed(const std::uint8_t* in, std::size_t len, const float* table, float scale,
+                                   float weight, float* out) {
+  float padded[16] = {};
+  std::memcpy(padded, table, sizeof(float) << B);
+  VF tab[2];
+  std::memcpy(tab, padded, sizeof tab);
+  const VF s = VF{} + scale, wt = VF{} + weight;
+  auto body = [&](std::size_t i, std::size_t w) {
+    VI code;
+    unpack8<B>(in + i / 8 * B, w, code);
+    VF v;
+    lookup<(1 << B)>(tab, code, v);
+    v = s * v;
+    if (kAccumulate) {
+      VF acc = {};
+      std::memcpy(&acc, out + i, w * sizeof(float));
+      v = acc + wt * v;
+    }
+    std::memcpy(out + i, &v, w * sizeof(float));
+  };
+  std::size_t i = 0;
+  for (; i + kW <= len; i += kW) body(i, kW);
+  if (i < len) body(i, len - i);
+}
+
+// A run starting on a byte boundary of the stream (in holds its first code).
+FEDPRESS_CLONES
+void decode_codes(const std::uint8_t* in, std::size_t len, int bits, const float* table, float scale,
+                  bool accumulate, float weight, float* out) {
+  if (bits == 8) {
+    if (accumulate)
+      accumulate_bytes(in, len, table, scale, weight, out);
+    else
+      decode_bytes(in, len, table, scale, out);
+    return;
+  }
+  with_bits(bits, [&](auto b) FEDPRESS_INLINE_LAMBDA {
+    constexpr int B = decltype(b)::value < 8 ? decltype(b)::value : 4;  // 8 went above
+    if (accumulate)
+      decode_packed<B, true>(in, len, table, scale, weight, out);
+    else
+      decode_packed<B, false>(in, len, table, scale, weight, out);
+  });
+}
+
+// Whether every run starts on a byte boundary (runs start at multiples of the
+// block, every code is a byte at 8 bits), so kernels can read and write the
+// stream directly.
+bool direct_runs(const RhtLayout& l, int bits) { return bits == 8 || l.block >= kW; }
+
+// Calls f(block, first, len) for each run of [begin, end): the parts of blocks
+// inside segments of kSeg elements. begin is a multiple of kSeg.
+template <typename F>
+void for_each_run(const RhtLayout& l, std::size_t begin, std::size_t end, F&& f) {
+  for (std::size_t i = begin; i < end;) {
+    const std::size_t b = i / l.block;
+    const std::size_t run_end = std::min({end, (b + 1) * l.block, (i / kSeg + 1) * kSeg});
+    f(b, i, run_end - i);
+    i = run_end;
+  }
+}
+
+// Decodes elements [begin, end) (begin a multiple of kSeg) into out, which
+// holds element begin.
+void decode_range(const std::uint8_t* packed, const float* scales, const RhtLayout& l, int bits,
+                  const float* table, std::size_t begin, std::size_t end, bool accumulate, float weight,
+                  float* out) {
+  const std::size_t stride = static_cast<std::size_t>(bits);
+  if (direct_runs(l, bits)) {
+    for_each_run(l, begin, end, [&](std::size_t b, std::size_t i, std::size_t len) {
+      decode_codes(packed + i * stride / 8, len, bits, table, scales[b], accumulate, weight, out + (i - begin));
+    });
+    return;
+  }
+  // Blocks below 8 elements: runs need not start on a byte; unpack segments.
+  alignas(64) std::uint8_t codes[kSeg];
+  for (std::size_t s = begin; s < end; s += kSeg) {
+    const std::size_t e = std::min(end, s + kSeg);
+    unpack(packed + s * stride / 8, e - s, bits, codes);
+    for_each_run(l, s, e, [&](std::size_t b, std::size_t i, std::size_t len) {
+      decode_codes(codes + (i - s), len, 8, table, scales[b], accumulate, weight, out + (i - begin));
+    });
+  }
+}
+
+// --------------------------------------------------------------- quantize --
+// The elements [begin, end) of the rotated vector: whole blocks.
+struct Range {
+  std::size_t begin, end, first_block, end_block;
+};
+
+struct Plan {
+  RhtLayout layout;
+  std::size_t m, task;  // task: elements per range, a multiple of the block and of kSeg
+  std::size_t tasks() const { return ceil_div(m, task); }
+  Range range(std::size_t t) const {
+    const std::size_t begin = t * task, end = std::min(m, begin + task);
+    return {begin, end, begin / layout.block, ceil_div(end, layout.block)};
+  }
+};
+
+Plan make_plan(const RhtLayout& l) { return {l, l.size(), std::max(l.block, kSeg)}; }
+
+// z = (y * pre) * mul. Stochastic: mul = 1 / (s * pre) (so z = y * (1 / s)
+// for ordinary norms); nearest: mul = sqrt(L) / (r * pre).
+Normaliser normaliser(double r, std::size_t len, EdenRounding rounding, float scale) {
+  const float pre = r < kTinyNorm ? 0x1p64f : r > kHugeNorm ? 0x1p-64f : 1.0f;
+  if (rounding == EdenRounding::stochastic && std::isnormal(scale * pre)) return {pre, 1.0f / (scale * pre)};
+  return {pre, static_cast<float>(std::sqrt(static_cast<double>(len)) / (r * static_cast<double>(pre)))};
+}
+
+float checked_scale(double s, std::size_t b) {
+  if (!(s <= static_cast<double>(std::numeric_limits<float>::max())))
+    throw std::invalid_argument("y: the scale of block " + std::to_string(b) + " overflows float32");
+  return static_cast<float>(s);
+}
+
+struct QuantizeArgs {
+  int bits;
+  EdenRounding rounding;
+  EdenScale scale;
+  std::uint32_t key;
+  std::uint8_t* packed;
+  float* scales;
+};
+
+struct Outliers {
+  std::vector<std::uint32_t> idx;
+  std::vector<float> val;
+};
+
+// Appends the flagged elements of a run (flags[q] != 0) to the outliers,
+// testing eight flags at a time.
+void collect_outliers(const std::uint8_t* flags, const float* y, std::size_t first, std::size_t len, Outliers& o) {
+  auto take = [&](std::size_t j, std::uint64_t word) {
+    for (std::size_t q = j; word != 0; ++q, word >>= 8)
+      if (word & 0xFF) {
+        o.idx.push_back(static_cast<std::uint32_t>(first + q));
+        o.val.push_back(y[q]);
+      }
+  };
+  std::size_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    std::uint64_t word;
+    std::memcpy(&word, flags + j, 8);
+    if (word != 0) take(j, word);
+  }
+  for (; j < len; ++j) take(j, flags[j]);
+}
+
+// Quantizes the range's elements; y holds them (y[0] is element r.begin).
+void quantize_range(const float* y, const Plan& p, const Range& r, const QuantizeArgs& a, Outliers& outliers) {
+  const Tables& t = tables(a.bits);
+  const std::size_t nb = r.end_block - r.first_block;
+  // Per block: norm, normaliser, running sums. A range holds one block or
+  // kSeg elements' worth, so these stay small.
+  std::vector<double> norm(nb), norm2(nb);
+  std::vector<Normaliser> nms(nb);
+  std::vector<NearestSums> sums(nb);
+  const bool stochastic = a.rounding == EdenRounding::stochastic;
+  for (std::size_t k = 0; k < nb; ++k) {
+    const std::size_t b = r.first_block + k, len = p.layout.length(b);
+    norm2[k] = sum_squares(y + (p.layout.offset(b) - r.begin), len);
+    if (!std::isfinite(norm2[k])) throw std::invalid_argument("y contains NaN or infinity");
+    norm[k] = std::sqrt(norm2[k]);
+    const float s = stochastic ? checked_scale(norm[k] / std::sqrt(static_cast<double>(len)), b) : 0.0f;
+    nms[k] = normaliser(norm[k], len, a.rounding, s);
+    if (stochastic) a.scales[b] = s;
+  }
+  const bool direct = direct_runs(p.layout, a.bits);
+  const std::size_t stride = static_cast<std::size_t>(a.bits);
+  alignas(64) std::uint8_t codes[kSeg];
+  alignas(64) std::uint8_t flags[kSeg];
+  for (std::size_t s = r.begin; s < r.end; s += kSeg) {
+    const std::size_t e = std::min(r.end, s + kSeg);
+    for_each_run(p.layout, s, e, [&](std::size_t b, std::size_t i, std::size_t len) {
+      const std::size_t k = b - r.first_block;
+      const float* yr = y + (i - r.begin);
+      const Sink sink = direct ? Sink::packed : Sink::bytes;
+      std::uint8_t* dst = direct ? a.packed + i * stride / 8 : codes + (i - s);
+      if (norm[k] == 0.0) {
+        std::memset(codes + (i - s), t.half, len);
+        if (direct) pack(codes + (i - s), len, a.bits, dst);
+      } else if (!stochastic) {
+        const NearestSums ns = nearest_codes(yr, len, nms[k], t, a.scale == EdenScale::mse, sink, dst);
+        sums[k].dot += ns.dot;
+        sums[k].csq += ns.csq;
+      } else if (stochastic_codes(yr, len, i, nms[k], t, a.key, sink, dst, flags) != 0) {
+        collect_outliers(flags, yr, i, len, outliers);
+      }
+    });
+    if (!direct) pack(codes, e - s, a.bits, a.packed + s * stride / 8);
+  }
+  if (stochastic) return;
+  for (std::size_t k = 0; k < nb; ++k) {
+    const std::size_t b = r.first_block + k;
+    double s = 0.0;
+    if (norm[k] > 0.0) {
+      const double per_y = static_cast<double>(nms[k].pre) * static_cast<double>(nms[k].mul);  // z / y
+      s = a.scale == EdenScale::mse ? sums[k].dot / per_y / sums[k].csq : norm2[k] * per_y / sums[k].dot;
+    }
+    a.scales[b] = checked_scale(s, b);
+  }
+}
+
+// Float workspace for one task: a thread's kept buffer when it is small,
+// else its own allocation, freed with the task.
+class Scratch {
+ public:
+  float* get(std::size_t len) {
+    if (len > kKeepScratch) {
+      own_.resize(len);
+      return own_.data();
+    }
+    thread_local std::vector<float> kept;
+    if (kept.size() < len) kept.resize(len);
+    return kept.data();
+  }
+
+ private:
+  std::vector<float> own_;
+};
+
+// Runs quantize_range over every range in parallel and appends the outliers
+// in range order. fill(range, scratch) returns the range's rotated values.
+template <typename Fill>
+void quantize_all(const Plan& p, const QuantizeArgs& a, std::vector<std::uint32_t>& outlier_idx,
+                  std::vector<float>& outlier_val, Fill&& fill) {
+  const std::size_t tasks = p.tasks();
+  std::vector<Outliers> found(tasks);
+  parallel_for_sized(tasks, p.m, [&](std::size_t task) {
+    const Range r = p.range(task);
+    Scratch scratch;
+    quantize_range(fill(r, scratch), p, r, a, found[task]);
+  });
+  for (const Outliers& o : found) {
+    outlier_idx.insert(outlier_idx.end(), o.idx.begin(), o.idx.end());
+    outlier_val.insert(outlier_val.end(), o.val.begin(), o.val.end());
+  }
+}
+
+// Decodes m elements in parallel chunks of kSeg.
+void decode_all(const std::uint8_t* packed, const float* scales, const RhtLayout& l, int bits, EdenRounding rounding,
+                bool accumulate, float weight, float* out) {
+  const std::size_t m = l.size();
+  const float* table = table_of(tables(bits), rounding);
+  parallel_for_sized(ceil_div(m, kSeg), m, [&](std::size_t c) {
+    const std::size_t begin = c * kSeg;
+    decode_range(packed, scales, l, bits, table, begin, std::min(m, begin + kSeg), accumulate, weight, out + begin);
+  });
+}
+
+}  // namespace
+
+bool valid_eden_bits(int bits) { return bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+
+const float* eden_uniform_levels(int bits) { return valid_eden_bits(bits) ? tables(bits).levels.data() : nullptr; }
+
+const float* eden_table(int bits, EdenRounding rounding) {
+  return valid_eden_bits(bits) ? table_of(tables(bits), rounding) : nullptr;
+}
+
+std::size_t eden_num_blocks(std::size_t n, std::size_t block) { return rht_layout(n, block).blocks(); }
+
+std::size_t eden_packed_size(std::size_t m, int bits) { return code_bytes(m, bits); }
+
+std::uint64_t eden_derived_seed(std::uint64_t rotation_seed) { return hash64(rotation_seed, 0xEDE0u); }
+
+void eden_check_padding(const std::uint8_t* packed, std::size_t m, int bits) {
+  check_bits(bits);
+  const std::size_t used = (m * static_cast<std::size_t>(bits)) % 8;
+  if (used != 0 && (packed[code_bytes(m, bits) - 1] >> used) != 0)
+    throw std::invalid_argument("packed: nonzero padding bits in the last byte");
+}
+
+void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t block, int bits,
+                   EdenRounding rounding, EdenScale scale, std::uint64_t seed, std::uint8_t* packed,
+                   float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
+  const Plan p = make_plan(checked_layout(m, n, block, bits));
+  const QuantizeArgs a{bits, rounding, scale, stochastic_key(seed), packed, scales};
+  quantize_all(p, a, outlier_idx, outlier_val, [&](const Range& r, Scratch&) { return y + r.begin; });
+}
+
+void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
+                 EdenScale scale, std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed,
+                 float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
+  check_bits(bits);
+  const Plan p = make_plan(rht_layout(n, block));
+  const QuantizeArgs a{bits, rounding, scale, stochastic_key(quant_seed), packed, scales};
+  quantize_all(p, a, outlier_idx, outlier_val, [&](const Range& r, Scratch& scratch) {
+    float* w = scratch.get(r.end - r.begin);
+    rht_forward_blocks(x, n, block, rotation_seed, r.first_block, r.end_block, w);
+    return static_cast<const float*>(w);
+  });
+}
+
+void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
+                     std::size_t block, int bits, EdenRounding rounding, float* y_out) {
+  const RhtLayout l = checked_layout(m, n, block, bits);
+  eden_check_padding(packed, m, bits);
+  decode_all(packed, scales, l, bits, rounding, false, 0.0f, y_out);
+}
+
+void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
+                     std::size_t block, int bits, EdenRounding rounding, float weight, float* acc) {
+  const RhtLayout l = checked_layout(m, n, block, bits);
+  eden_check_padding(packed, m, bits);
+  decode_all(packed, scales, l, bits, rounding, true, weight, acc);
+}
+
+void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n, std::size_t block, int bits,
+                 EdenRounding rounding, std::uint64_t rotation_seed, const std::uint32_t* outlier_idx,
+                 const float* outlier_val, std::size_t n_outliers, float* out) {
+  check_bits(bits);
+  const Plan p = make_plan(rht_layout(n, block));
+  eden_check_padding(packed, p.m, bits);
+  for (std::size_t j = 0; j < n_outliers; ++j)
+    if (outlier_idx[j] >= p.m || (j > 0 && outlier_idx[j] <= outlier_idx[j - 1]))
+      throw std::invalid_argument("outlier_idx must be strictly ascending and below " + std::to_string(p.m) +
+                                  "; entry " + std::to_string(j) + " is " + std::to_string(outlier_idx[j]));
+  const float* table = table_of(tables(bits), rounding);
+  const std::uint32_t* idx_end = outlier_idx + n_outliers;
+  parallel_for_sized(p.tasks(), p.m, [&](std::size_t task) {
+    const Range r = p.range(task);
+    Scratch scratch;
+    float* w = scratch.get(r.end - r.begin);
+    decode_range(packed, scales, p.layout, bits, table, r.begin, r.end, false, 0.0f, w);
+    const std::uint32_t* o = std::lower_bound(outlier_idx, idx_end, r.begin);
+    for (; o != idx_end && *o < r.end; ++o) w[*o - r.begin] = outlier_val[o - outlier_idx];
+    rht_inverse_blocks(w, n, block, rotation_seed, r.first_block, r.end_block, out + r.begin);
+  });
+}
+
+}  // namespace fedpress
