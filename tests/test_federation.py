@@ -782,3 +782,36 @@ def test_train_fn_failure_is_reported_and_the_client_carries_on(tmp_path):
         return await done.run()
     rows = run_async(again)
     assert [r["round"] for r in rows] == [0, 1, 2]
+
+
+def test_shared_rotation_codec_is_summed_in_the_rotated_domain(tmp_path, monkeypatch):
+    """With eden4:shared every client rotates with the round's seed from the task, and the
+    server's aggregator sums them in the rotated domain (one inverse transform per round)."""
+    from fedpress.aggregate import Aggregator
+
+    rotated_adds: list[int] = []
+    original = Aggregator._add_rotated
+
+    def counting(self, name, sec, weight):
+        rotated_adds.append(sec.rotation_seed)
+        return original(self, name, sec, weight)
+
+    monkeypatch.setattr(Aggregator, "_add_rotated", counting)
+
+    async def body(h: Harness) -> list[dict]:
+        server = server_for(out_dir=tmp_path, codec="eden4:shared")
+        await server.start()
+        clients = [client_for(server.port, i, codec=None) for i in range(3)]
+        tasks = [h.spawn(c.run()) for c in clients]
+        history = await server.run()
+        await asyncio.gather(*tasks)
+        return history
+
+    rows = run_async(body)
+    assert all(r["status"] == "ok" and len(r["completed"]) == 3 for r in rows[1:])
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+    # Every float tensor of every client in every round went through the rotated sum,
+    # and within a round all clients shared one seed per tensor.
+    float_tensors = sum(1 for v in initial_params().values() if v.dtype.kind == "f")
+    assert len(rotated_adds) == 3 * 3 * float_tensors
+    assert len(set(rotated_adds)) == 3 * float_tensors

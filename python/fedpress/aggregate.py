@@ -1,5 +1,11 @@
 """The streaming server aggregator: one running sum per tensor, never a dense
-copy per client for sparse payloads."""
+copy per client for sparse payloads.
+
+Payloads coded ``edenB:shared`` under the round's common rotation seed are summed
+in the rotated domain (QUIC-FL, THC): each one is a table lookup per coordinate
+added into a rotated running sum, and ``result()`` applies the inverse rotation
+once, instead of once per client.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from .payload import (DEFAULT_LIMITS, KIND_RAW, DecodeError, Limits, _output_dtype, parse, raw_array,
-                      sparse_parts)
+from .payload import (DEFAULT_LIMITS, KIND_DENSE, KIND_RAW, DecodeError, EdenSection, Limits, _output_dtype,
+                      eden_unrotate, parse, raw_array, sparse_parts)
 
 __all__ = ["Aggregator"]
 
@@ -29,6 +35,8 @@ class Aggregator:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.limits = limits
         self._sums: dict[str, np.ndarray] = {}
+        # name -> (rotation seed, rotation block, values, float32 rotated sum)
+        self._rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
         self._table: Optional[list[tuple[str, str, tuple]]] = None
         self.count = 0
         self.total_weight = 0.0
@@ -46,6 +54,8 @@ class Aggregator:
         for rec in parsed.tensors:
             if rec.kind == KIND_RAW:
                 parts.append((rec, None, raw_array(rec).reshape(-1).astype(np.float64)))
+            elif self._sums_rotated(rec):
+                parts.append((rec, None, rec.eden))
             else:
                 idx, values = sparse_parts(rec, parsed.seed)
                 parts.append((rec, idx, values))
@@ -55,7 +65,9 @@ class Aggregator:
                           for rec in parsed.tensors}
         for rec, idx, values in parts:
             acc = self._sums[rec.name]
-            if idx is None:
+            if isinstance(values, EdenSection):
+                self._add_rotated(rec.name, values, w)
+            elif idx is None:
                 acc += values.astype(acc.dtype, copy=False) * acc.dtype.type(w)
             elif acc.dtype == np.float32:
                 ops.scatter_add(acc, idx, values, w)
@@ -63,6 +75,30 @@ class Aggregator:
                 np.add.at(acc, idx.astype(np.intp), values.astype(np.float64) * w)
         self.count += 1
         self.total_weight += w
+
+    def _sums_rotated(self, rec: Any) -> bool:
+        """Whether a tensor joins the rotated-domain sum: a dense shared-mode eden section
+        whose rotation matches the one already summed (or the first one)."""
+        sec = rec.eden
+        if sec is None or not sec.shared or rec.kind != KIND_DENSE or self.dtype != np.float32 or sec.n == 0:
+            return False
+        current = self._rotated.get(rec.name)
+        return current is None or current[:3] == (sec.rotation_seed, sec.block, sec.n)
+
+    def _add_rotated(self, name: str, sec: EdenSection, weight: float) -> None:
+        current = self._rotated.get(name)
+        if current is None:
+            current = (sec.rotation_seed, sec.block, sec.n, np.zeros(sec.n, np.float32))
+            self._rotated[name] = current
+        sec.accumulate(current[3], weight)
+
+    def _unrotated(self, name: str) -> Optional[np.ndarray]:
+        """The rotated-domain sum of a tensor brought back: one inverse transform."""
+        current = self._rotated.get(name)
+        if current is None:
+            return None
+        seed, block, n, acc = current
+        return eden_unrotate(acc.copy(), seed, block)
 
     def merge(self, other: Aggregator) -> None:
         """Adds another aggregator's sums (hierarchical aggregation)."""
@@ -78,6 +114,14 @@ class Aggregator:
                 raise DecodeError(_table_difference(self._table, other._table))
             for k, v in other._sums.items():
                 self._sums[k] += v.astype(self._sums[k].dtype, copy=False)
+        for name, (seed, block, n, acc) in other._rotated.items():
+            mine = self._rotated.get(name)
+            if mine is None and self.dtype == np.float32:
+                self._rotated[name] = (seed, block, n, acc.copy())
+            elif mine is not None and mine[:3] == (seed, block, n):
+                np.add(mine[3], acc, out=mine[3])
+            else:  # summed under another rotation: bring it back first
+                self._sums[name] += other._unrotated(name).astype(self._sums[name].dtype, copy=False)
         self.count += other.count
         self.total_weight += other.total_weight
 
@@ -95,6 +139,9 @@ class Aggregator:
         out = {}
         for name, dtype, shape in self._table:
             acc = self._sums[name]
+            unrotated = self._unrotated(name)
+            if unrotated is not None:
+                acc = acc + unrotated if copy else np.add(acc, unrotated, out=acc)
             if dtype in ("float32", "float16", "float64", "bfloat16"):
                 target = self.dtype if dtype == "float32" else _output_dtype(dtype)
                 if copy:
@@ -116,6 +163,7 @@ class Aggregator:
     def reset(self) -> None:
         """Forgets everything added (the tensor table too)."""
         self._sums = {}
+        self._rotated = {}
         self._table = None
         self.count = 0
         self.total_weight = 0.0

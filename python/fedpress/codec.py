@@ -5,10 +5,20 @@ A spec names up to four stages joined by ``+``, in this order, each optional::
     sparsifier   topk:R | thresh:R | randk:R     (R = fraction of entries kept, 0 < R <= 1)
     rotation     rht                             (seeded randomized Hadamard transform)
     values       fp32 | fp16 | bf16 | q8 | q4 | q2 | sign
+                 | edenB | edenB:shared | edenB:mse  (B = 1, 2, 3, 4, 8 bits; EDEN rotates by itself)
     entropy      zstd | zstd:L                   (L = zstd level 1..22; plain zstd picks 19 for
                                                   bodies up to 4 KiB, 9 up to 64 KiB, else 3)
 
-Examples: ``fp32``, ``q8+zstd:3``, ``topk:0.01+q4+zstd``, ``randk:0.01+fp16``, ``rht+q2+zstd``.
+Examples: ``fp32``, ``q8+zstd:3``, ``topk:0.01+q4+zstd``, ``randk:0.01+fp16``, ``rht+q2+zstd``,
+``eden4``, ``topk:0.01+eden2+zstd``, ``eden4:shared``.
+
+``edenB`` is EDEN (Vargaftik et al., 2022): a seeded Hadamard rotation, then each
+coordinate rounded to the nearest Lloyd-Max level of N(0, 1) for B bits, one
+unbiased scale per rotation block. ``edenB:mse`` uses the error-minimising scale
+instead (biased; for use under error feedback). ``edenB:shared`` is the mode for a
+round whose clients share one rotation seed (``Codec.encode(..., rotation_seed=)``):
+unbiased stochastic rounding between neighbouring levels, so the server can sum
+the clients in the rotated domain and invert once (see :class:`fedpress.Aggregator`).
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from . import payload as _payload
 __all__ = ["Spec", "parse_spec", "Codec"]
 
 SPARSIFIERS = ("topk", "thresh", "randk")
-VALUE_STAGES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign")
+EDEN_STAGES = ("eden1", "eden2", "eden3", "eden4", "eden8")
+EDEN_MODES = ("shared", "mse")
+VALUE_STAGES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", *EDEN_STAGES)
 _STAGE_RANK = {"sparsifier": 0, "rotation": 1, "values": 2, "entropy": 3}
 _RATIO = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 
@@ -42,6 +54,11 @@ class Spec:
     rotate: bool = False
     values: str = "fp32"
     zstd_level: Optional[int] = None
+    eden_mode: Optional[str] = None   # edenB values: None, "shared" or "mse"
+
+    @property
+    def eden(self) -> bool:
+        return self.values in EDEN_STAGES
 
     def __str__(self) -> str:
         parts = []
@@ -49,7 +66,7 @@ class Spec:
             parts.append(f"{self.sparsifier}:{self.ratio!r}")  # shortest text that parses back exactly
         if self.rotate:
             parts.append("rht")
-        parts.append(self.values)
+        parts.append(f"{self.values}:{self.eden_mode}" if self.eden_mode else self.values)
         if self.zstd_level is not None:
             parts.append(f"zstd:{self.zstd_level}" if self.zstd_level else "zstd")
         return "+".join(parts)
@@ -86,7 +103,13 @@ def parse_spec(spec: str) -> Spec:
             fields["rotate"] = True
         elif name in VALUE_STAGES:
             kind = "values"
-            if arg:
+            if name in EDEN_STAGES:
+                if fields.get("rotate"):
+                    raise _stage_error(spec, stage, f"{name} rotates by itself: drop the rht stage")
+                if arg and arg not in EDEN_MODES:
+                    raise _stage_error(spec, stage, f"{name} takes ':shared' or ':mse', got {arg!r}")
+                fields["eden_mode"] = arg or None
+            elif arg:
                 raise _stage_error(spec, stage, f"{name} takes no argument")
             fields["values"] = name
         elif name == "zstd":
@@ -157,12 +180,22 @@ class Codec:
         return f"Codec({str(self.spec)!r}, per_tensor={self.per_tensor})"
 
     def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
-               _dtypes: Optional[Mapping[str, str]] = None) -> bytes:
+               rotation_seed: Optional[int] = None, _dtypes: Optional[Mapping[str, str]] = None) -> bytes:
         """Compresses ``update`` into payload bytes. ``seed`` fixes every random
-        choice (stochastic rounding, random-k, rotation signs); by default it is fresh."""
+        choice (stochastic rounding, random-k, rotation signs); by default it is fresh.
+
+        ``rotation_seed``: for ``edenB:shared``, the seed every client of the round
+        rotates with (the server hands it out); each tensor's rotation derives from it
+        and its position in the update. Without it the rotation derives from ``seed``
+        and the server decodes the payload on its own.
+        """
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
         payload_seed = secrets.randbits(64) if seed is None else ops._seed(seed)
+        if rotation_seed is not None:
+            rotation_seed = ops._seed(rotation_seed)
+            if self.spec.eden_mode != "shared":
+                raise ValueError(f"rotation_seed is for the edenB:shared values, the spec is {self.spec}")
         names, arrays, dtypes = [], [], []
         for name, value in update.items():
             if not isinstance(name, str):
@@ -182,7 +215,7 @@ class Codec:
                 entries.append(_payload.raw_entry(name, arr, dtype))
                 continue
             entries.append(self._float_entry(name, arr, dtype, flat[i], selected.get(i),
-                                             payload_seed, i))
+                                             payload_seed, i, rotation_seed))
         return _payload.write(str(self.spec), payload_seed, entries, self.spec.zstd_level)
 
     # -- selection ----------------------------------------------------------
@@ -221,20 +254,24 @@ class Codec:
             return self.bucket * 8
         return self.bucket if self.spec.values in ("q8", "q4", "q2") else 0
 
+    def _values_bytes(self, count: int) -> int:
+        """Bytes of a values section of ``count`` values (eden: without shared-mode outliers)."""
+        if self.spec.eden:
+            return _payload.eden_fixed_size(count, self.rht_block, _payload.EDEN_BITS[self.spec.values])
+        return _payload.values_size(self.spec.values, count, self._value_bucket())
+
     def _float_entry(self, name: str, original: np.ndarray, dtype: str, v: np.ndarray,
                      selected: Optional[tuple[np.ndarray, np.ndarray]], payload_seed: int,
-                     ordinal: int) -> _payload.Entry:
+                     ordinal: int, rotation_seed: Optional[int] = None) -> _payload.Entry:
         sp = self.spec
         n = v.size
         indices, kept = selected if selected is not None else (None, None)
         if indices is not None and sp.sparsifier != "randk":
             # Dense when the sparse form would not be smaller (tiny tensors, high ratios).
             k = indices.size
-            bucket = self._value_bucket()
             # Golomb codes take about log2(n/k) + 1.6 bits per index, plus two varints.
             index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
-            sparse = _payload.values_size(sp.values, k, bucket) + index_bytes
-            if sparse >= _payload.values_size(sp.values, n, bucket):
+            if self._values_bytes(k) + index_bytes >= self._values_bytes(n):
                 indices = None
         if indices is None:
             values = v
@@ -250,6 +287,20 @@ class Codec:
         shape = original.shape
         if kind == _payload.KIND_DENSE and sp.values == "fp16" and original.dtype == np.float64:
             values = original.reshape(-1)  # round to half once, not through float32 first
+        if sp.eden:
+            shared = sp.eden_mode == "shared"
+            rotation_seed = _payload.stage_seed(
+                rotation_seed if shared and rotation_seed is not None else payload_seed,
+                ordinal, _payload.PURPOSE_RHT)
+            coded = _payload.encode_eden(
+                sp.values, ops._as_float32(values, name).reshape(-1), self.rht_block, rotation_seed,
+                _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_QUANT), shared=shared,
+                mse=sp.eden_mode == "mse")
+            return _payload.Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in shape), kind=kind,
+                                  count=int(indices.size if indices is not None else n),
+                                  rht_block=self.rht_block,
+                                  indices=None if kind != _payload.KIND_SPARSE else indices,
+                                  values=coded, value_code=sp.values, bucket=0)
         block = 0
         if sp.rotate and values.size:
             block = self.rht_block

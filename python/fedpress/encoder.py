@@ -46,7 +46,10 @@ class Encoder:
     def spec(self) -> str:
         return str(self.codec.spec)
 
-    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None) -> bytes:
+    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
+               rotation_seed: Optional[int] = None) -> bytes:
+        """The payload of ``update`` plus what earlier rounds did not send; ``seed`` and
+        ``rotation_seed`` as in :meth:`fedpress.Codec.encode`."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
         to_send: dict[str, np.ndarray] = {}
@@ -72,7 +75,7 @@ class Encoder:
                 if r is not None and r.shape == g.shape:
                     g += r
             to_send[name] = g
-        payload = self.codec.encode(to_send, seed=seed, _dtypes=dtypes)
+        payload = self.codec.encode(to_send, seed=seed, rotation_seed=rotation_seed, _dtypes=dtypes)
         if self.error_feedback or self.momentum is not None:
             sent = decode(payload)
             for name, g in to_send.items():

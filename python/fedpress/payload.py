@@ -47,10 +47,14 @@ DTYPE_CODE = {name: code for code, name in enumerate(DTYPES)}
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 # value codes on the wire
-VALUE_CODES = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign"]
+VALUE_CODES = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "eden1", "eden2", "eden3", "eden4", "eden8"]
 VALUE_CODE = {name: code for code, name in enumerate(VALUE_CODES)}
 VALUE_RAW = 255
 _QBITS = {"q8": 8, "q4": 4, "q2": 2}
+EDEN_BITS = {"eden1": 1, "eden2": 2, "eden3": 3, "eden4": 4, "eden8": 8}
+# First byte of an eden values section.
+EDEN_SHARED = 0x01      # stochastic rounding under a rotation seed shared by the round's clients
+EDEN_MSE_SCALE = 0x02   # the scale minimises the error instead of making the estimate unbiased
 
 # Seeds for each random choice, derived from the payload seed and the tensor's
 # position in the table, so a decoder can regenerate them.
@@ -172,6 +176,242 @@ def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.nd
     return ops.dequantize(body, scales, bits, count, bucket)
 
 
+# -------------------------------------------------------------- eden values --
+# EDEN cuts the n values into *segments* whose lengths are powers of two, so no
+# coordinate is padding: the whole blocks of the rotation block B, then the tail
+# t = n mod B split by the set bits of t, largest first (t = 34467 gives 32768,
+# 1024, 512, 128, 32, 2, 1). Zero padding would waste bits, and its share of the
+# rounding error would vanish with the padding, so the error would no longer be
+# EDEN's on every length. Each segment is rotated twice (two seeded Hadamard
+# passes with independent signs): one pass maps a spike to a flat +-1/sqrt(L)
+# vector, which rounds with no error; two make every input Gaussian-like, as a
+# uniformly random rotation would. Each block of a segment has one scale.
+#
+# An eden section: mode (u8), the rotation seed (u64, shared mode only), one f32
+# scale per block (segments in order), the packed codes of each segment in turn
+# (ceil(L*bits/8) bytes each, LSB first), then in shared mode the outliers:
+# varint count, varint index stream length, the Golomb index stream over [0, n)
+# (positions in the rotated vector) and one f32 per outlier.
+_U64 = struct.Struct("<Q")
+
+
+def eden_segments(n: int, block: int) -> list[tuple[int, int]]:
+    """(offset, length) of each segment of n values under rotation block ``block``."""
+    segments = []
+    whole = (n // block) * block
+    if whole:
+        segments.append((0, whole))
+    offset, tail = whole, n - whole
+    while tail:
+        length = 1 << (tail.bit_length() - 1)
+        segments.append((offset, length))
+        offset += length
+        tail -= length
+    return segments
+
+
+def _segment_blocks(length: int, block: int) -> int:
+    return length // block if length >= block else 1
+
+
+def _segment_seeds(rotation_seed: int, i: int) -> tuple[int, int]:
+    return stage_seed(rotation_seed, 2 * i, PURPOSE_RHT), stage_seed(rotation_seed, 2 * i + 1, PURPOSE_RHT)
+
+
+def eden_rotate(v: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
+    """The rotated float32[n] vector EDEN quantizes (a new array)."""
+    out = np.array(v, dtype=np.float32, copy=True).reshape(-1)
+    for i, (off, length) in enumerate(eden_segments(out.size, block)):
+        first, second = _segment_seeds(rotation_seed, i)
+        part = out[off:off + length]  # segments are powers of two: each pass is rht, in place
+        ops.fwht(ops.random_signs(part, first), block)
+        ops.fwht(ops.random_signs(part, second), block)
+    return out
+
+
+def eden_unrotate(y: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
+    """Inverse of :func:`eden_rotate`, in place on the float32 array ``y``; returns it."""
+    for i, (off, length) in enumerate(eden_segments(y.size, block)):
+        first, second = _segment_seeds(rotation_seed, i)
+        part = y[off:off + length]
+        ops.random_signs(ops.fwht(part, block), second)
+        ops.random_signs(ops.fwht(part, block), first)
+    return y
+
+
+def eden_fixed_size(count: int, block: int, bits: int) -> int:
+    """Bytes of an eden section's mode, scales and codes (the shared mode adds a seed and outliers)."""
+    segments = eden_segments(count, block)
+    return 1 + sum(4 * _segment_blocks(length, block) + (length * bits + 7) // 8 for _, length in segments)
+
+
+@dataclass
+class EdenSection:
+    """A validated eden values section (views into the payload)."""
+
+    bits: int
+    shared: bool
+    mse: bool
+    rotation_seed: int
+    n: int
+    block: int
+    scales: np.ndarray
+    packed: np.ndarray
+    outlier_idx: np.ndarray
+    outlier_val: np.ndarray
+
+    def _parts(self):
+        """(offset, length, scales, packed codes) of each segment."""
+        s_at = p_at = 0
+        for off, length in eden_segments(self.n, self.block):
+            nb, nbytes = _segment_blocks(length, self.block), (length * self.bits + 7) // 8
+            yield off, length, self.scales[s_at:s_at + nb], self.packed[p_at:p_at + nbytes]
+            s_at, p_at = s_at + nb, p_at + nbytes
+
+    def rotated(self) -> np.ndarray:
+        """The dequantized rotated vector, outliers in place: float32[n] (a new array)."""
+        parts = list(self._parts())
+        if len(parts) == 1:  # the common case: whole blocks only, no copy
+            _, length, scales, packed = parts[0]
+            y = ops.eden_dequantize(packed, scales, length, self.bits, block=self.block, stochastic=self.shared)
+        else:
+            y = np.empty(self.n, np.float32)
+            for off, length, scales, packed in parts:
+                y[off:off + length] = ops.eden_dequantize(packed, scales, length, self.bits, block=self.block,
+                                                          stochastic=self.shared)
+        if self.outlier_idx.size:
+            y[self.outlier_idx.astype(np.intp)] = self.outlier_val
+        return y
+
+    def values(self) -> np.ndarray:
+        """The decoded values: float32[n]."""
+        return eden_unrotate(self.rotated(), self.rotation_seed, self.block)
+
+    def accumulate(self, acc: np.ndarray, weight: float) -> None:
+        """``acc += weight * rotated()`` without building the rotated vector."""
+        for off, length, scales, packed in self._parts():
+            ops.eden_accumulate(acc[off:off + length], packed, scales, length, self.bits, block=self.block,
+                                stochastic=self.shared, weight=weight)
+        if self.outlier_idx.size:
+            # Outliers replace their codes' values: add the difference.
+            levels, scales = self._outlier_codes()
+            correction = self.outlier_val - scales * levels
+            ops.scatter_add(acc, self.outlier_idx, correction.astype(np.float32), weight)
+
+    def _outlier_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The level and the scale the codes give at each outlier position."""
+        codes = np.empty(self.outlier_idx.size, np.intp)
+        scales = np.empty(self.outlier_idx.size, np.float32)
+        pos = self.outlier_idx.astype(np.int64)
+        for off, length, seg_scales, packed in self._parts():
+            inside = (pos >= off) & (pos < off + length)
+            if inside.any():
+                local = pos[inside] - off
+                codes[inside] = _codes_at(packed, local, self.bits)
+                scales[inside] = seg_scales[local // self.block if length >= self.block else 0]
+        return ops.eden_levels(self.bits)[codes], scales
+
+    def outlier_code_indices(self) -> np.ndarray:
+        codes = np.empty(self.outlier_idx.size, np.intp)
+        pos = self.outlier_idx.astype(np.int64)
+        for off, length, _, packed in self._parts():
+            inside = (pos >= off) & (pos < off + length)
+            if inside.any():
+                codes[inside] = _codes_at(packed, pos[inside] - off, self.bits)
+        return codes
+
+
+def _codes_at(packed: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarray:
+    """The codes stored for the given element positions (LSB-first bit stream)."""
+    bit = positions.astype(np.int64) * bits
+    byte = bit >> 3
+    padded = np.concatenate([packed, np.zeros(1, np.uint8)])
+    window = padded[byte].astype(np.uint32) | (padded[byte + 1].astype(np.uint32) << 8)
+    return ((window >> (bit & 7).astype(np.uint32)) & ((1 << bits) - 1)).astype(np.intp)
+
+
+def encode_eden(code: str, v: np.ndarray, block: int, rotation_seed: int, quant_seed: int, *,
+                shared: bool, mse: bool) -> bytes:
+    """An eden values section for the float32 vector ``v``."""
+    bits = EDEN_BITS[code]
+    mode = (EDEN_SHARED if shared else 0) | (EDEN_MSE_SCALE if mse else 0)
+    head = [bytes((mode,))]
+    if shared:
+        head.append(_U64.pack(rotation_seed))
+    y = eden_rotate(v, rotation_seed, block)
+    scales, codes, oidx, oval = [], [], [], []
+    for i, (off, length) in enumerate(eden_segments(v.size, block)):
+        packed, seg_scales, seg_idx, seg_val = ops.eden_quantize(
+            y[off:off + length], length, bits, seed=stage_seed(quant_seed, i, PURPOSE_QUANT), block=block,
+            stochastic=shared, scale="mse" if mse else "unbiased")
+        scales.append(seg_scales.astype("<f4").tobytes())
+        codes.append(packed.tobytes())
+        if seg_idx.size:
+            oidx.append(seg_idx.astype(np.int64) + off)
+            oval.append(seg_val)
+    parts = head + scales + codes
+    if shared:
+        idx = np.concatenate(oidx).astype(np.uint32) if oidx else np.zeros(0, np.uint32)
+        stream = ops.encode_indices(idx, v.size) if idx.size else b""
+        values = np.concatenate(oval).astype("<f4").tobytes() if oval else b""
+        parts += [_varint(int(idx.size)), _varint(len(stream)), stream, values]
+    return b"".join(parts)
+
+
+def parse_eden(code: str, data: memoryview, count: int, block: int, derived_seed: int) -> EdenSection:
+    """Validates an eden section of ``count`` values; ``derived_seed`` is the rotation
+    seed of the per-payload mode (the shared mode carries its own)."""
+    bits = EDEN_BITS[code]
+    r = _Reader(data, f"{code} section")
+    (mode,) = r.take(1, "mode")
+    if mode & ~(EDEN_SHARED | EDEN_MSE_SCALE):
+        raise DecodeError(f"{code} section: unknown mode bits 0x{mode:02x}")
+    shared, mse = bool(mode & EDEN_SHARED), bool(mode & EDEN_MSE_SCALE)
+    if shared and mse:
+        raise DecodeError(f"{code} section: the shared mode has no MSE scale (mode 0x{mode:02x})")
+    seed = r.unpack(_U64, "rotation seed")[0] if shared else derived_seed
+    segments = eden_segments(count, block)
+    n_scales = sum(_segment_blocks(length, block) for _, length in segments)
+    scales = np.frombuffer(r.take(4 * n_scales, "scales"), dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise DecodeError(f"{code} section holds a negative or non-finite scale")
+    chunks = []
+    for off, length in segments:
+        chunk = np.frombuffer(r.take((length * bits + 7) // 8, f"codes at {off}"), dtype=np.uint8)
+        if (length * bits) % 8 and chunk[-1] >> ((length * bits) % 8):
+            raise DecodeError(f"{code} section: nonzero padding bits after the codes at {off}")
+        chunks.append(chunk)
+    packed = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+    oidx, oval = np.zeros(0, np.uint32), np.zeros(0, np.float32)
+    if shared:
+        k = r.varint("outlier count")
+        if k > count:
+            raise DecodeError(f"{code} section: {k} outliers among {count} values")
+        stream_len = r.varint("outlier index length")
+        if (k == 0) != (stream_len == 0):
+            raise DecodeError(f"{code} section: {k} outliers with an index stream of {stream_len} bytes")
+        stream = r.take(stream_len, "outlier indices")
+        oval = np.frombuffer(r.take(4 * k, "outlier values"), dtype="<f4").astype(np.float32)
+        if k:
+            try:
+                oidx = ops.decode_indices(stream, count, max_count=k)
+            except ValueError as exc:
+                raise DecodeError(f"{code} section: outlier indices: {exc}") from None
+            if oidx.size != k:
+                raise DecodeError(f"{code} section: outlier stream holds {oidx.size} indices, expected {k}")
+            if not np.all(np.isfinite(oval)):
+                raise DecodeError(f"{code} section: non-finite outlier value")
+    if r.pos != len(data):
+        raise DecodeError(f"{code} section: {len(data) - r.pos} trailing bytes")
+    section = EdenSection(bits, shared, mse, seed, count, block, scales, packed, oidx, oval)
+    if oidx.size:
+        # An outlier's code is the end level of its sign: what the aggregator corrects.
+        ends = np.where(oval < 0, 0, (1 << bits) - 1)
+        if np.any(section.outlier_code_indices() != ends):
+            raise DecodeError(f"{code} section: an outlier's code is not the end level of its sign")
+    return section
+
+
 # ------------------------------------------------------------------ writing --
 @dataclass
 class Entry:
@@ -265,6 +505,7 @@ class TensorRecord:
     value_data: memoryview
     index_len: int = 0
     value_len: int = 0
+    eden: Optional[EdenSection] = None   # eden value codes: the parsed section
 
 
 @dataclass
@@ -440,6 +681,12 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
     for rec in records:
         rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
         rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
+        if rec.value_code in EDEN_BITS:
+            try:
+                rec.eden = parse_eden(rec.value_code, rec.value_data, rec.count, rec.rht_block,
+                                      stage_seed(parsed.seed, rec.ordinal, PURPOSE_RHT))
+            except DecodeError as exc:
+                raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     if r.pos != len(body):
         raise DecodeError(f"{len(body) - r.pos} trailing bytes after the last section")
     parsed.tensors = records
@@ -481,6 +728,16 @@ def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, bl
             raise DecodeError(f"{where}: rotation block {block} is not a power of two <= 2^24")
     elif block:
         raise DecodeError(f"{where}: rotation block {block} set without the rotation flag")
+    if code in EDEN_BITS:
+        if not rotated:
+            raise DecodeError(f"{where}: {code} values are rotated, but the rotation flag is not set")
+        if bucket:
+            raise DecodeError(f"{where}: {code} values take no bucket, found {bucket}")
+        if value_len < eden_fixed_size(count, block, EDEN_BITS[code]):
+            raise DecodeError(f"{where}: {code} section of {value_len} bytes, at least "
+                              f"{eden_fixed_size(count, block, EDEN_BITS[code])} needed for {count} values")
+        return TensorRecord(ordinal, name, dtype, tuple(shape), size, kind, code, count, 0, block,
+                            memoryview(b""), memoryview(b""), index_len, value_len)
     coded = ops.rht_padded_size(count, block) if rotated and count else count
     if code in ("fp32", "fp16", "bf16"):
         if bucket:
@@ -497,13 +754,16 @@ def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, bl
 
 def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np.ndarray]:
     """(indices or None for dense, float32 values) of a float tensor, decoded and validated."""
-    coded = ops.rht_padded_size(rec.count, rec.rht_block) if rec.rht_block and rec.count else rec.count
-    try:
-        values = decode_values(rec.value_code, rec.value_data, coded, rec.bucket)
-    except DecodeError as exc:
-        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
-    if rec.rht_block and rec.count:
-        values = ops.irht(values, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RHT), block=rec.rht_block)
+    if rec.eden is not None:
+        values = rec.eden.values()
+    else:
+        coded = ops.rht_padded_size(rec.count, rec.rht_block) if rec.rht_block and rec.count else rec.count
+        try:
+            values = decode_values(rec.value_code, rec.value_data, coded, rec.bucket)
+        except DecodeError as exc:
+            raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+        if rec.rht_block and rec.count:
+            values = ops.irht(values, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RHT), block=rec.rht_block)
     if not np.all(np.isfinite(values)):
         raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
     if rec.kind == KIND_DENSE:
@@ -575,6 +835,10 @@ def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
             "rotated": bool(rec.rht_block), "index_bytes": rec.index_len, "value_bytes": rec.value_len,
             "bytes": rec.index_len + rec.value_len, "raw_bytes": rec.size * itemsize,
         })
+        if rec.eden is not None:
+            tensors[-1]["eden"] = {"bits": rec.eden.bits, "shared": rec.eden.shared, "mse_scale": rec.eden.mse,
+                                   "rotation_seed": rec.eden.rotation_seed,
+                                   "outliers": int(rec.eden.outlier_idx.size)}
     size = parsed.payload_size
     return {
         "codec": parsed.spec, "format_version": parsed.version, "zstd": bool(parsed.flags & FLAG_ZSTD),

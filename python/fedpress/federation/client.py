@@ -23,6 +23,7 @@ A wrong token on either side raises :class:`AuthenticationError` at once
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import inspect
 import logging
@@ -309,7 +310,11 @@ class Client:
             metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
             aligned = align_update(update, model)
             encoder = self.encoder
-            payload = await asyncio.to_thread(encoder.encode, aligned)
+            # edenB:shared rotates with the round's common seed (the server sums in the rotated domain).
+            shared = encoder.codec.spec.eden_mode == "shared"
+            rotation_seed = task.config.get("rotation_seed") if shared else None
+            payload = await asyncio.to_thread(functools.partial(encoder.encode, aligned,
+                                                                rotation_seed=rotation_seed))
         except Exception as exc:  # noqa: BLE001 - a failed round is reported, the client carries on
             log.exception("client %s: training failed in round %d", self.client_id, r)
             await self._send_failure(conn, r, repr(exc))

@@ -541,7 +541,11 @@ class Server:
                 pass
 
     def _config(self, r: int) -> dict[str, Any]:
-        config: dict[str, Any] = {"round": r, "rounds": self.rounds, "codec": self.codec}
+        # One rotation seed per round: clients coding edenB:shared all rotate with it, so the
+        # aggregator sums them in the rotated domain and inverts once.
+        rotation_seed = int(np.random.SeedSequence([self.seed, r, 0x0E0E]).generate_state(1, np.uint64)[0])
+        config: dict[str, Any] = {"round": r, "rounds": self.rounds, "codec": self.codec,
+                                  "rotation_seed": rotation_seed}
         extra = self.fit_config(r) if callable(self.fit_config) else self.fit_config
         if extra:
             config.update(dict(extra))
