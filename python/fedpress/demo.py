@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 __all__ = ["DEFAULT_CODECS", "run_demo", "add_arguments", "run_from_args"]
 
-DEFAULT_CODECS = ("fp32", "fp16", "q8+zstd", "topk:0.01+q4+zstd", "sign")
+DEFAULT_CODECS = ("fp32", "fp16", "q8+zstd", "q4", "eden4", "topk:0.01+q4+zstd", "sign")
 
 
 def _progress(text: str, done: int, total: int, stream=sys.stderr) -> None:
