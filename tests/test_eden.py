@@ -290,3 +290,13 @@ def test_an_outlier_code_must_be_an_end_level() -> None:
 
     with pytest.raises(fp.DecodeError, match="end level"):
         fp.decode(_rewrite_section(payload, edit))
+
+
+def test_cli_inspect_names_the_eden_mode(tmp_path, capsys) -> None:
+    from fedpress.cli import main
+
+    path = tmp_path / "p.bin"
+    path.write_bytes(_payload("eden3:shared"))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "eden3:shared" in out and "outliers" in out and "+rht" not in out

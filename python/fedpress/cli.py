@@ -41,6 +41,15 @@ def _add_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the inspection as JSON")
 
 
+
+def _values_label(t: dict) -> str:
+    """How a tensor's values were coded: the value code, +rht if rotated (eden rotates by itself)."""
+    eden = t.get("eden")
+    if eden is not None:
+        mode = ":shared" if eden["shared"] else ":mse" if eden["mse_scale"] else ""
+        return f"{t['values']}{mode}" + (f" ({eden['outliers']} outliers)" if eden["outliers"] else "")
+    return t["values"] + ("+rht" if t["rotated"] else "")
+
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -64,7 +73,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     rows = [("name", "shape", "dtype", "kind", "values", "count", "bytes", "raw bytes")]
     for t in info["tensors"]:
         rows.append((t["name"], "x".join(map(str, t["shape"])) or "()", t["dtype"], t["kind"],
-                     t["values"] + ("+rht" if t["rotated"] else ""), str(t["count"]), str(t["bytes"]),
+                     _values_label(t), str(t["count"]), str(t["bytes"]),
                      str(t["raw_bytes"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
