@@ -50,13 +50,18 @@ def _values_label(t: dict) -> str:
         return f"{t['values']}{mode}" + (f" ({eden['outliers']} outliers)" if eden["outliers"] else "")
     return t["values"] + ("+rht" if t["rotated"] else "")
 
+
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
     from .payload import DecodeError, inspect
 
     try:
-        data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read()
     except OSError as exc:
         print(f"fedpress inspect: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
