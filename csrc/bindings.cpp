@@ -480,8 +480,8 @@ py::tuple eden_quantized(std::size_t n, std::size_t block, int bits, Kernel&& ke
 void register_eden(py::module_& m) {
   m.def("eden_centroids", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_centroids(bits)); },
         "bits"_a, "The 2^bits Lloyd-Max centroids of N(0, 1), ascending: float32.");
-  m.def("eden_levels", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_uniform_levels(bits)); },
-        "bits"_a, "The 2^bits uniform levels on [-3.3, 3.3] of the stochastic mode: float32.");
+  m.def("eden_levels", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_stochastic_levels(bits)); },
+        "bits"_a, "The 2^bits levels on [-3.3, 3.3] of the stochastic mode, spaced for N(0, 1): float32.");
   m.def("eden_derived_seed", &fedpress::eden_derived_seed, "seed"_a,
         "The quantization seed eden_encode derives from the rotation seed.");
   m.def(

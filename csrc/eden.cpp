@@ -104,41 +104,57 @@ FEDPRESS_INLINE void lookup(const VF* table, const VI& idx, VF& out) {
 }
 
 // ------------------------------------------------------------------ tables --
-// Tables of one bit width. The nearest search is a branchless binary search
-// over the H - 1 positive boundaries tpos (H = 2^(bits-1)): at the step of
-// size s the position is a multiple of 2s and the boundary to compare is
-// tpos[pos + s - 1], one of H / (2s) candidates, kept in registers.
+// Tables of one bit width. Both modes find a value's place among H - 1
+// positive thresholds (H = 2^(bits-1)) with a branchless binary search: at
+// the step of size s the position is a multiple of 2s and the threshold to
+// compare is thr[pos + s - 1], one of H / (2s) candidates, kept in registers.
+// Both tables are symmetric, so the search runs on |z|.
+using SearchCandidates = std::array<float, 128 + kW>;
 struct Tables {
   int bits = 0;
-  int half = 0;                        // H: codes >= H are the positive centroids
+  int half = 0;                        // H: codes >= H are the positive entries
   std::array<float, 256> centroids{};  // eden_centroids(bits)
-  std::array<float, 256> levels{};     // eden_uniform_levels(bits)
+  std::array<float, 256> levels{};     // eden_stochastic_levels(bits)
   std::array<float, 128> cpos{};       // positive centroids: cpos[j] = centroids[H + j]
-  std::array<float, 128> tpos{};       // positive boundaries 0.5f * (cpos[j] + cpos[j + 1]), then +inf
+  // Nearest: thresholds the positive boundaries 0.5f * (cpos[j] + cpos[j + 1]).
   // Candidates of the step with c = H / (2s) of them at search[c - 1 ...]
   // (1 + 2 + ... + c / 2 = c - 1 floats before them), zero-padded for loads.
-  std::array<float, 128 + kW> search{};
-  float inv_step = 0.0f;  // (2^bits - 1) / (2 kEdenClip): z to level units
+  SearchCandidates search{};
+  // Stochastic: |z| lies in the interval [llow[j], lpos[j]] of the positive
+  // half, j the number of positive levels below |z| (the last, kEdenClip,
+  // not counted): lpos[j] = levels[H + j], llow[j] = levels[H + j - 1]
+  // (llow[0] = -lpos[0], the interval across 0). Thresholds lpos[0 .. H - 2].
+  std::array<float, 128> lpos{}, llow{};
+  SearchCandidates lsearch{};
 };
 
-Tables make_tables(int bits, const float* centroids) {
+// The candidates of a search over thresholds thr[0 .. half - 2] (the largest
+// index compared is half - 2: the last step's H / 2 candidates end there).
+SearchCandidates search_candidates(const std::array<float, 128>& thr, int half) {
+  SearchCandidates out{};
+  for (int s = half / 2; s >= 1; s /= 2) {
+    const int c = half / (2 * s);
+    for (int k = 0; k < c; ++k) out[c - 1 + k] = thr[k * 2 * s + s - 1];
+  }
+  return out;
+}
+
+Tables make_tables(int bits, const float* centroids, const float* levels) {
   Tables t;
   t.bits = bits;
   const int count = 1 << bits;
   t.half = count / 2;
-  const double top = static_cast<double>(count - 1);
-  for (int j = 0; j < count; ++j) {
-    t.centroids[j] = centroids[j];
-    t.levels[j] = static_cast<float>(static_cast<double>(kEdenClip) * (2.0 * j - top) / top);
-  }
-  std::fill(t.tpos.begin(), t.tpos.end(), std::numeric_limits<float>::infinity());
+  std::copy(centroids, centroids + count, t.centroids.begin());
+  std::copy(levels, levels + count, t.levels.begin());
+  std::array<float, 128> tpos{};
   for (int j = 0; j < t.half; ++j) t.cpos[j] = centroids[t.half + j];
-  for (int j = 0; j + 1 < t.half; ++j) t.tpos[j] = 0.5f * (t.cpos[j] + t.cpos[j + 1]);
-  for (int s = t.half / 2; s >= 1; s /= 2) {
-    const int c = t.half / (2 * s);
-    for (int k = 0; k < c; ++k) t.search[c - 1 + k] = t.tpos[k * 2 * s + s - 1];
+  for (int j = 0; j + 1 < t.half; ++j) tpos[j] = 0.5f * (t.cpos[j] + t.cpos[j + 1]);
+  t.search = search_candidates(tpos, t.half);
+  for (int j = 0; j < t.half; ++j) {
+    t.lpos[j] = levels[t.half + j];
+    t.llow[j] = j == 0 ? -levels[t.half] : levels[t.half + j - 1];
   }
-  t.inv_step = static_cast<float>(top / (2.0 * static_cast<double>(kEdenClip)));
+  t.lsearch = search_candidates(t.lpos, t.half);
   return t;
 }
 
@@ -146,7 +162,8 @@ const Tables& tables(int bits) {
   static const std::array<Tables, 5> all = [] {
     std::array<Tables, 5> a;
     const int widths[5] = {1, 2, 3, 4, 8};
-    for (int i = 0; i < 5; ++i) a[i] = make_tables(widths[i], eden_centroids(widths[i]));
+    for (int i = 0; i < 5; ++i)
+      a[i] = make_tables(widths[i], eden_centroids(widths[i]), eden_stochastic_levels(widths[i]));
     return a;
   }();
   return all[bits == 8 ? 4 : bits - 1];
@@ -313,16 +330,19 @@ void unpack(const std::uint8_t* in, std::size_t len, int bits, std::uint8_t* cod
 // run's first element, which starts a byte) or one per byte into a buffer.
 enum class Sink { packed, bytes };
 
-// Runs body(src, w, i) over a run of len floats, 8 at a time (i the offset in
-// the run); the last partial vector reads a zero-padded copy.
-template <typename Body>
-FEDPRESS_INLINE void for_each_vector(const float* y, std::size_t len, Body&& body) {
+// Runs body(K, src, w, i) over a run of len floats (K an integral_constant, i
+// the offset in the run): K = kBatch vectors of 8 at a time while they fit,
+// then K = 1, the last partial vector (w < 8 lanes) read from a zero-padded
+// copy.
+template <int kBatch, typename Body>
+FEDPRESS_INLINE void for_each_batch(const float* y, std::size_t len, Body&& body) {
   std::size_t i = 0;
-  for (; i + kW <= len; i += kW) body(y + i, kW, i);
+  for (; i + kBatch * kW <= len; i += kBatch * kW) body(std::integral_constant<int, kBatch>{}, y + i, kW, i);
+  for (; i + kW <= len; i += kW) body(std::integral_constant<int, 1>{}, y + i, kW, i);
   if (i < len) {
     float pad[kW] = {};
     std::memcpy(pad, y + i, (len - i) * sizeof(float));
-    body(pad, len - i, i);
+    body(std::integral_constant<int, 1>{}, pad, len - i, i);
   }
 }
 
@@ -341,6 +361,17 @@ struct Normaliser {
   float pre, mul;
 };
 
+// z and |z| of K vectors from src.
+template <int K>
+FEDPRESS_INLINE void normalise(const float* src, const VF& pre, const VF& mul, VF* z, VF* a) {
+  for (int k = 0; k < K; ++k) {
+    VF v;
+    std::memcpy(&v, src + k * kW, sizeof v);
+    z[k] = (v * pre) * mul;
+    a[k] = (VF)((VI)z[k] & kAbsMask);
+  }
+}
+
 // Sums of one run for the nearest mode, in N(0, 1) units (bounded, so the
 // float partial sums cannot overflow whatever y is).
 struct NearestSums {
@@ -351,12 +382,16 @@ struct NearestSums {
 // Vectors of a table of n entries (at least one).
 constexpr int table_vectors(int n) { return n > 8 ? n / 8 : 1; }
 
-// The steps of the nearest search with C, 2C, ... candidates (see Tables)
-// for K vectors side by side: the step with C candidates compares against
-// tpos[pos + s - 1], s = H / (2C). Each step is a chain of dependent permutes
-// and compares; interleaving K independent vectors hides their latency.
-template <int H, int C, int K>
-FEDPRESS_INLINE void search_steps(const VF* cand, const VF& first, const VF* a, VI* pos) {
+// The steps of a search with C, 2C, ... candidates (see Tables) for K vectors
+// side by side: the step with C candidates compares against thr[pos + s - 1],
+// s = H / (2C). Each step is a chain of dependent permutes and compares;
+// interleaving K independent vectors hides their latency. With kBracket the
+// steps also keep the last threshold found below a[k] in lo[k] and the last
+// not below in hi[k]: the search path of a perfect binary tree passes through
+// both neighbours of the final position, so these end as thr[pos - 1] and
+// thr[pos] (or stay as given where pos is 0 or H - 1).
+template <int H, int C, int K, bool kBracket>
+FEDPRESS_INLINE void search_steps(const VF* cand, const VF& first, const VF* a, VI* pos, VF* lo, VF* hi) {
   if constexpr (C <= H / 2) {
     constexpr int s = H / (2 * C);
     for (int k = 0; k < K; ++k) {
@@ -365,11 +400,57 @@ FEDPRESS_INLINE void search_steps(const VF* cand, const VF& first, const VF* a, 
         thr = first;
       else
         lookup<C>(cand, pos[k] >> log2_exact(2 * s), thr);
-      pos[k] += (a[k] > thr) & s;
+      const VI above = a[k] > thr;
+      pos[k] += above & s;
+      if constexpr (kBracket) {
+        lo[k] = above ? thr : lo[k];
+        hi[k] = above ? hi[k] : thr;
+      }
     }
-    search_steps<H, 2 * C, K>(cand + (C == 1 ? 0 : table_vectors(C)), first, a, pos);
+    search_steps<H, 2 * C, K, kBracket>(cand + (C == 1 ? 0 : table_vectors(C)), first, a, pos, lo, hi);
   }
 }
+
+// Vectors of the candidates of a search over H - 1 thresholds, less the
+// first step's single one (broadcast instead).
+constexpr int candidate_vectors(int h) {
+  int n = 0;
+  for (int c = 2; c <= h / 2; c *= 2) n += table_vectors(c);
+  return n > 0 ? n : 1;
+}
+
+// A search's candidates, in registers.
+template <int H>
+struct SearchRegisters {
+  VF cand[candidate_vectors(H)] = {};
+  VF first = {};
+  FEDPRESS_INLINE explicit SearchRegisters(const SearchCandidates& src) {
+    for (int k = 0, c = 2; c <= H / 2; c *= 2)
+      for (int part = 0; part < table_vectors(c); ++part)
+        std::memcpy(&cand[k++], src.data() + c - 1 + 8 * part, sizeof(VF));
+    first = VF{} + src[0];
+  }
+  // pos[k] = the number of thresholds below a[k] (pos[k] zero on entry).
+  template <int K>
+  FEDPRESS_INLINE void find(const VF* a, VI* pos) const {
+    search_steps<H, 1, K, false>(cand, first, a, pos, nullptr, nullptr);
+  }
+  // Also the thresholds on either side (see search_steps).
+  template <int K>
+  FEDPRESS_INLINE void bracket(const VF* a, VI* pos, VF* lo, VF* hi) const {
+    search_steps<H, 1, K, true>(cand, first, a, pos, lo, hi);
+  }
+};
+
+// A table of H floats in registers.
+template <int H>
+struct TableRegisters {
+  VF v[table_vectors(H)];
+  FEDPRESS_INLINE explicit TableRegisters(const float* src) {
+    for (int k = 0; k < table_vectors(H); ++k) std::memcpy(&v[k], src + 8 * k, sizeof(VF));
+  }
+  FEDPRESS_INLINE void get(const VI& idx, VF& out) const { lookup<H>(v, idx, out); }
+};
 
 // Nearest-centroid codes of one run. The code's distance from the middle,
 // pos, is the number of positive boundaries below |z|; |z| on a boundary
@@ -382,20 +463,8 @@ FEDPRESS_INLINE NearestSums nearest_run(const float* y, std::size_t len, Normali
   constexpr int H = 1 << (B - 1);
   constexpr int kBatch = B == 8 ? 8 : 2;  // vectors searched side by side
   constexpr std::size_t kFlush = 16;
-  constexpr int kCand = [] {
-    int n = 0;
-    for (int c = 2; c <= H / 2; c *= 2) n += table_vectors(c);
-    return n;
-  }();
-  // The search candidates (the first step's one is broadcast) and the
-  // positive centroids, in registers.
-  VF cand[kCand > 0 ? kCand : 1] = {};
-  for (int k = 0, c = 2; c <= H / 2; c *= 2)
-    for (int part = 0; part < table_vectors(c); ++part)
-      std::memcpy(&cand[k++], t.search.data() + c - 1 + 8 * part, sizeof(VF));
-  VF cent[table_vectors(H)];
-  for (int k = 0; k < table_vectors(H); ++k) std::memcpy(&cent[k], t.cpos.data() + 8 * k, sizeof(VF));
-  const VF first = VF{} + t.search[0];
+  const SearchRegisters<H> search(t.search);
+  const TableRegisters<H> cent(t.cpos.data());
   const VF pre = VF{} + nm.pre, mul = VF{} + nm.mul;
   LaneSums dot, csq;
   VF part_dot = {}, part_csq = {};
@@ -404,14 +473,9 @@ FEDPRESS_INLINE NearestSums nearest_run(const float* y, std::size_t len, Normali
     constexpr int K = decltype(batch)::value;
     VF z[K], a[K], c[K];
     VI pos[K] = {};
-    for (int k = 0; k < K; ++k) {
-      VF v;
-      std::memcpy(&v, src + k * kW, sizeof v);
-      z[k] = (v * pre) * mul;
-      a[k] = (VF)((VI)z[k] & kAbsMask);
-    }
-    search_steps<H, 1, K>(cand, first, a, pos);
-    for (int k = 0; k < K; ++k) lookup<H>(cent, pos[k], c[k]);
+    normalise<K>(src, pre, mul, z, a);
+    search.template find<K>(a, pos);
+    for (int k = 0; k < K; ++k) cent.get(pos[k], c[k]);
     for (int k = 0; k < K; ++k) {
       const std::size_t at = i + k * kW, lanes = k == K - 1 ? w : kW;
       const VI code = z[k] < 0.0f ? (H - 1) - pos[k] : H + pos[k];
@@ -428,11 +492,7 @@ FEDPRESS_INLINE NearestSums nearest_run(const float* y, std::size_t len, Normali
       }
     }
   };
-  std::size_t i = 0;
-  for (; i + kBatch * kW <= len; i += kBatch * kW) body(std::integral_constant<int, kBatch>{}, y + i, kW, i);
-  for_each_vector(y + i, len - i, [&](const float* src, std::size_t w, std::size_t j) FEDPRESS_INLINE_LAMBDA {
-    body(std::integral_constant<int, 1>{}, src, w, i + j);
-  });
+  for_each_batch<kBatch>(y, len, body);
   return {dot.fold(), kWithCsq ? csq.fold() : 0.0};
 }
 
@@ -446,47 +506,54 @@ NearestSums nearest_codes(const float* y, std::size_t len, Normaliser nm, const 
   });
 }
 
-// Stochastic codes of one run between the uniform levels. Element g (global
-// position `first` + i) rounds up when u_g < frac, u_g = (hash32(key, g) >> 8)
-// / 2^24. |z| > kEdenClip is an outlier: flag 1, code the end level of its
-// sign. Returns the number of outliers.
+// Stochastic codes of one run. Element g (global position `first` + i), in
+// the interval [lo, hi] of |z| found as Tables describes, rounds away from lo
+// when u_g * (hi - lo) < (|z| - lo), u_g = (hash32(key, g) >> 8) / 2^24 (for
+// z < 0 the interval is [-hi, -lo] and "up" is toward -lo: the distance from
+// -hi is hi - |z|). |z| > kEdenClip is an outlier: flag 1, code the end level
+// of its sign. Returns the number of outliers.
 template <int B>
 FEDPRESS_INLINE std::size_t stochastic_run(const float* y, std::size_t len, std::size_t first, Normaliser nm,
                                            const Tables& t, std::uint32_t key, Sink sink, std::uint8_t* out,
                                            std::uint8_t* flags) {
-  constexpr std::int32_t top = (1 << B) - 1;
-  const VF clip = VF{} + kEdenClip, inv_step = VF{} + t.inv_step, ftop = VF{} + static_cast<float>(top);
-  const VF pre = VF{} + nm.pre, mul = VF{} + nm.mul;
+  constexpr int H = 1 << (B - 1);
+  constexpr int kBatch = B == 8 ? 4 : 2;  // vectors searched side by side
+  const SearchRegisters<H> search(t.lsearch);
+  const VF clip = VF{} + kEdenClip, pre = VF{} + nm.pre, mul = VF{} + nm.mul;
   VI outliers = {};
-  auto body = [&](const float* src, std::size_t w, std::size_t i) {
-    VF v;
-    std::memcpy(&v, src, sizeof v);
-    const VF z = (v * pre) * mul;
-    const VI out_lane = (VF)((VI)z & kAbsMask) > clip;
-    // In level units: 0 at -kEdenClip, top at +kEdenClip; clamped so that
-    // outliers convert to int without overflow.
-    VF level = (z + clip) * inv_step;
-    level = level > 0.0f ? level : VF{};
-    level = level < ftop ? level : ftop;
-    VI j = __builtin_convertvector(level, VI);  // truncation: floor, as level >= 0
-    j = j < top - 1 ? j : VI{} + (top - 1);
-    const VF frac = level - __builtin_convertvector(j, VF);
-    VU h = ((VU)kIota + static_cast<std::uint32_t>(first + i)) ^ key;  // hash32, lane-wise
-    h ^= h >> 16;
-    h *= 0x7FEB352Du;
-    h ^= h >> 15;
-    h *= 0x846CA68Bu;
-    h ^= h >> 16;
-    const VF u = __builtin_convertvector((VI)(h >> 8), VF) * 0x1p-24f;
-    const VI up = u < frac;  // -1 or 0
-    const VI end = z < 0.0f ? VI{} : VI{} + top;
-    const VI code = out_lane ? end : j - up;
-    emit<B>(code, w, i, sink, out);
-    outliers -= out_lane;  // zero padding is never an outlier
-    const VB flag_bytes = __builtin_convertvector(out_lane & 1, VB);
-    std::memcpy(flags + i, &flag_bytes, w);
+  auto body = [&](auto batch, const float* src, std::size_t w, std::size_t i) FEDPRESS_INLINE_LAMBDA {
+    constexpr int K = decltype(batch)::value;
+    VF z[K], a[K], lo[K], hi[K];
+    VI pos[K] = {};
+    normalise<K>(src, pre, mul, z, a);
+    for (int k = 0; k < K; ++k) {
+      lo[k] = VF{} + t.llow[0];
+      hi[k] = VF{} + t.lpos[H - 1];
+    }
+    // [lo, hi] = [llow[pos], lpos[pos]] without table lookups.
+    search.template bracket<K>(a, pos, lo, hi);
+    for (int k = 0; k < K; ++k) {
+      const std::size_t at = i + k * kW, lanes = k == K - 1 ? w : kW;
+      const VI neg = z[k] < 0.0f;
+      const VF dist = neg ? hi[k] - a[k] : a[k] - lo[k];
+      VU h = ((VU)kIota + static_cast<std::uint32_t>(first + at)) ^ key;  // hash32, lane-wise
+      h ^= h >> 16;
+      h *= 0x7FEB352Du;
+      h ^= h >> 15;
+      h *= 0x846CA68Bu;
+      h ^= h >> 16;
+      const VF u = __builtin_convertvector((VI)(h >> 8), VF) * 0x1p-24f;
+      const VI up = u * (hi[k] - lo[k]) < dist;  // -1 or 0
+      const VI out_lane = a[k] > clip;
+      const VI end = neg ? VI{} : VI{} + (2 * H - 1);
+      const VI code = out_lane ? end : (H - 1) + (neg ? -pos[k] : pos[k]) - up;
+      emit<B>(code, lanes, at, sink, out);
+      outliers -= out_lane;  // zero padding is never an outlier
+      const VB flag_bytes = __builtin_convertvector(out_lane & 1, VB);
+      std::memcpy(flags + at, &flag_bytes, lanes);
+    }
   };
-  for_each_vector(y, len, body);
+  for_each_batch<kBatch>(y, len, body);
   std::size_t count = 0;
   for (std::size_t l = 0; l < kW; ++l) count += static_cast<std::size_t>(outliers[l]);
   return count;
@@ -776,8 +843,6 @@ void decode_all(const std::uint8_t* packed, const float* scales, const RhtLayout
 }  // namespace
 
 bool valid_eden_bits(int bits) { return bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8; }
-
-const float* eden_uniform_levels(int bits) { return valid_eden_bits(bits) ? tables(bits).levels.data() : nullptr; }
 
 const float* eden_table(int bits, EdenRounding rounding) {
   return valid_eden_bits(bits) ? table_of(tables(bits), rounding) : nullptr;

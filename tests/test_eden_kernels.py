@@ -1,5 +1,6 @@
 """ops.eden_*: EDEN rotated quantization kernels (Lloyd-Max levels of N(0, 1),
-stochastic shared-rotation mode, packing, fused encode/decode, accumulation).
+stochastic shared-rotation mode and its levels, packing, fused encode/decode,
+accumulation).
 
 Every numeric check compares against a numpy reference of the documented
 algorithm (csrc/eden.hpp) computed here."""
@@ -83,6 +84,62 @@ def lloyd_max() -> dict[int, np.ndarray]:
     return {b: lloyd_max_positive(b) for b in BITS}
 
 
+# ------------------------------------------- stochastic levels, numpy --
+def _interval_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """P(a < Z < b), from the small tails."""
+    both_pos = _upper_tail(a) - _upper_tail(b)
+    both_neg = _upper_tail(-b) - _upper_tail(-a)
+    across = 1.0 - _upper_tail(b) - _upper_tail(-a)
+    return np.where(a >= 0, both_pos, np.where(b <= 0, both_neg, across))
+
+
+def rounding_variance(levels: np.ndarray) -> float:
+    """J = E[(Z - l_j)(l_{j+1} - Z); l_0 <= Z <= l_top]: stochastic rounding's variance."""
+    a, b = levels[:-1], levels[1:]
+    m0 = _interval_mass(a, b)
+    m1 = _pdf(a) - _pdf(b)
+    m2 = m0 + a * _pdf(a) - b * _pdf(b)
+    return float(np.sum(-m2 + (a + b) * m1 - a * b * m0))
+
+
+def _balance(levels: np.ndarray) -> np.ndarray:
+    """The optimality condition of each interior level (zero at the optimum):
+    the integral of (z - l_{j-1}) phi over [l_{j-1}, l_j] minus that of
+    (l_{j+1} - z) phi over [l_j, l_{j+1}]."""
+    a, b = levels[:-1], levels[1:]
+    m0, m1 = _interval_mass(a, b), _pdf(a) - _pdf(b)
+    return (m1 - a * m0)[:-1] - (b * m0 - m1)[1:]
+
+
+def optimal_stochastic_levels(bits: int) -> np.ndarray:
+    """The 2^bits levels on [-CLIP, CLIP] (ends fixed) minimising J: Newton's
+    method on _balance from uniform levels, the tridiagonal Jacobian by finite
+    differences (every third level moved at once), damped to keep the order."""
+    top = (1 << bits) - 1
+    levels = float(CLIP) * (2.0 * np.arange(top + 1) - top) / top
+    if top == 1:
+        return levels
+    for _ in range(100):
+        f = _balance(levels)
+        jac = np.zeros((top - 1, top - 1))
+        eps = 1e-7
+        for r in range(3):
+            moved = np.zeros(top + 1)
+            moved[1:-1][r::3] = eps
+            df = (_balance(levels + moved) - f) / eps
+            for col in range(r, top - 1, 3):
+                rows = slice(max(col - 1, 0), col + 2)
+                jac[rows, col] = df[rows]
+        step = np.concatenate([[0.0], -np.linalg.solve(jac, f), [0.0]])
+        while np.any(np.diff(levels + step) <= 0):
+            step /= 2
+        levels = levels + step
+        if np.max(np.abs(step)) < 1e-13:
+            break
+    assert np.max(np.abs(_balance(levels))) < 1e-14
+    return levels
+
+
 # ------------------------------------------------------------ the reference --
 def ref_blocks(n: int, block: int) -> list[tuple[int, int]]:
     """(offset, length) of every rotation block of the rotated vector."""
@@ -109,11 +166,6 @@ def hash64(seed: int, counter: int) -> int:
     return z ^ (z >> 31)
 
 
-def ref_levels(bits: int) -> np.ndarray:
-    top = (1 << bits) - 1
-    return (float(CLIP) * (2.0 * np.arange(top + 1) - top) / top).astype(np.float32)
-
-
 def ref_quantize(y: np.ndarray, n: int, bits: int, block: int, mode: str, seed: int):
     """(codes, scales, outlier_idx, outlier_val) as csrc/eden.hpp specifies; the
     full blocks are the rows of one 2-D array, the tail block another."""
@@ -122,7 +174,7 @@ def ref_quantize(y: np.ndarray, n: int, bits: int, block: int, mode: str, seed: 
     cpos = cent[half:]
     tpos = (cpos[:-1] + cpos[1:]) * np.float32(0.5)
     key = hash64(seed, 0xEDE5) & _M32
-    inv_step = np.float32(top / (2.0 * float(CLIP)))
+    levels = ops.eden_levels(bits)
     full = n // block
     groups = [(0, y[: full * block].reshape(full, block))] if full else []
     if n % block:
@@ -139,11 +191,11 @@ def ref_quantize(y: np.ndarray, n: int, bits: int, block: int, mode: str, seed: 
         if mode == "stochastic":
             s = (r / math.sqrt(length)).astype(np.float32)
             z = rows * (np.float32(1) / s)[:, None]
-            level = np.clip((z + CLIP) * inv_step, np.float32(0), np.float32(top))
-            j = np.minimum(level.astype(np.int64), top - 1)
-            frac = level - j.astype(np.float32)
+            # l_j <= z <= l_{j+1}, j the number of interior levels <= z.
+            j = np.searchsorted(levels[1:-1], z, side="right")
+            lo, hi = levels[j], levels[j + 1]
             u = (hash32(key, positions) >> 8).astype(np.float32) * np.float32(2.0**-24)
-            c = j + (u < frac)
+            c = j + (u * (hi - lo) < z - lo)
             out = (np.abs(z) > CLIP) & ~zero[:, None]
             c = np.where(out, np.where(z < 0, 0, top), c)
             outliers.append(positions[out])
@@ -215,11 +267,51 @@ def test_quantizer_mse(lloyd_max) -> None:
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_uniform_levels(bits: int) -> None:
+def test_stochastic_levels_are_optimal(bits: int) -> None:
     levels = ops.eden_levels(bits)
-    np.testing.assert_array_equal(levels, ref_levels(bits))
+    assert levels.dtype == np.float32 and levels.shape == (1 << bits,)
+    assert np.all(np.diff(levels) > 0)
     np.testing.assert_array_equal(levels[::-1], -levels)
     assert levels[-1] == CLIP and ops.EDEN_CLIP == pytest.approx(3.3)
+    best = optimal_stochastic_levels(bits)
+    np.testing.assert_allclose(levels, best, rtol=0, atol=1e-6)
+    if bits == 1:
+        return
+    # A minimum, below uniform levels and below nearby perturbations.
+    top = (1 << bits) - 1
+    j = rounding_variance(best)
+    assert j < 0.8 * rounding_variance(float(CLIP) * (2.0 * np.arange(top + 1) - top) / top)
+    rng = np.random.default_rng(bits)
+    for _ in range(5):
+        nudged = best + np.concatenate([[0.0], rng.normal(0, 1e-3, top - 1), [0.0]])
+        assert rounding_variance(nudged) > j
+
+
+def test_rounding_variance_of_uniform_levels() -> None:
+    # At 4 bits uniform levels of step d have J close to d^2 / 6 (1 - P(|Z| > CLIP)).
+    clip = float(CLIP)
+    d = 2 * clip / 15
+    uniform = clip * (2.0 * np.arange(16) - 15) / 15
+    assert rounding_variance(uniform) == pytest.approx(d * d / 6, rel=0.01)
+    # One interval: E[(CLIP + Z)(CLIP - Z)] = CLIP^2 P - E[Z^2; |Z| <= CLIP].
+    p = 1 - 2 * _upper_tail(np.array([clip]))[0]
+    second = p - 2 * clip * _pdf(np.array([clip]))[0]
+    assert rounding_variance(np.array([-clip, clip])) == pytest.approx(clip**2 * p - second)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_stochastic_vnmse_is_the_rounding_variance(bits: int) -> None:
+    """The shared mode's error on a Gaussian vector of 2^16: J of its levels."""
+    n = 2**16
+    x = np.random.default_rng(100 + bits).standard_normal(n).astype(np.float32)
+    errors = []
+    for seed in range(8):
+        packed, scales, oidx, oval = ops.eden_encode(x, bits, seed, stochastic=True)
+        out = ops.eden_decode(packed, scales, n, bits, seed, stochastic=True,
+                              outlier_idx=oidx, outlier_val=oval)
+        errors.append(vnmse(out, x))
+    j = rounding_variance(ops.eden_levels(bits).astype(np.float64))
+    assert np.mean(errors) == pytest.approx(j, rel=0.03)
 
 
 # ------------------------------------------------ quantize against numpy --
@@ -258,6 +350,40 @@ def test_stochastic_finds_the_planted_outliers() -> None:
     np.testing.assert_array_equal(oidx, np.flatnonzero(z > CLIP))
     assert 3 <= oidx.size < 0.01 * n
     np.testing.assert_array_equal(oval, y[oidx.astype(np.intp)])
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_stochastic_values_on_levels(bits: int) -> None:
+    """A z exactly on a level (the ends included) gets that level's code whatever
+    the draw: the kernel may bracket it by either neighbouring interval."""
+    n = 4096
+    levels = ops.eden_levels(bits)
+    y = np.random.default_rng(bits).standard_normal(n).astype(np.float32)
+    planted = np.arange(levels.size) * 7
+
+    def multiplier() -> np.float32:  # z = y * multiplier(), as in ref_quantize
+        s = np.float32(np.sqrt(np.sum(y.astype(np.float64) ** 2)) / math.sqrt(n))
+        return np.float32(1) / s
+
+    inv = multiplier()
+    for _ in range(10):  # planting moves the norm a little; repeat until it stays
+        for p, level in zip(planted, levels):
+            v = np.float32(level / inv)
+            for _ in range(4):  # the float nearest level / inv, or a neighbour
+                if v * inv != level:
+                    v = np.nextafter(v, np.float32(np.inf if v * inv < level else -np.inf))
+            y[p] = v
+        inv, previous = multiplier(), inv
+        if inv == previous:
+            break
+    hit = y[planted] * inv == levels
+    assert hit.sum() >= levels.size // 2 and hit[0] and hit[-1]
+    for seed in range(20):
+        packed, _, oidx, _ = ops.eden_quantize(y, n, bits, seed=seed, block=n, stochastic=True)
+        codes = unpack(packed, n, bits)
+        np.testing.assert_array_equal(codes, ref_quantize(y, n, bits, n, "stochastic", seed)[0])
+        np.testing.assert_array_equal(codes[planted[hit]], np.flatnonzero(hit))
+        assert not np.isin(planted, oidx).any()
 
 
 @pytest.mark.parametrize("bits", BITS)

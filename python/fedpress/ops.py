@@ -409,8 +409,16 @@ def eden_centroids(bits: int) -> np.ndarray:
 
 
 def eden_levels(bits: int) -> np.ndarray:
-    """The ``2**bits`` levels of the stochastic mode, evenly spaced on
-    ``[-EDEN_CLIP, EDEN_CLIP]`` (float32)."""
+    """The ``2**bits`` levels of the stochastic mode, ascending and symmetric
+    (float32).
+
+    They run from ``-EDEN_CLIP`` to ``EDEN_CLIP``, spaced for N(0, 1)
+    coordinates: the interior levels minimise the variance of stochastic
+    rounding, ``E[(z - l_j)(l_{j+1} - z)]`` for z ~ N(0, 1), which is the
+    mode's vNMSE (about 0.625, 0.0989, 0.0206 at 2, 3, 4 bits). A coordinate
+    between ``l_j`` and ``l_{j+1}`` becomes ``l_{j+1}`` with probability
+    ``(z - l_j) / (l_{j+1} - l_j)``, else ``l_j``.
+    """
     return _core.eden_levels(_eden_bits(bits))
 
 
