@@ -1,6 +1,7 @@
 """Writes the golden payloads of format version 1 (run once; the files are committed).
 
-    python tests/data/make_golden.py
+    python tests/data/make_golden.py            # every spec
+    python tests/data/make_golden.py eden3      # one (new) spec only
 
 For each spec in SPECS it writes golden_v1_<name>.bin (the payload of
 golden_input() encoded with seed SEED) and golden_v1_<name>.npz (what
@@ -19,7 +20,8 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 SEED = 20240611
-SPECS = ("fp32", "fp16", "q8+zstd:3", "sign", "topk:0.05+q4+zstd", "randk:0.1+fp16", "thresh:0.1+bf16")
+SPECS = ("fp32", "fp16", "q8+zstd:3", "sign", "topk:0.05+q4+zstd", "randk:0.1+fp16", "thresh:0.1+bf16",
+         "eden3", "eden4:shared", "topk:0.5+eden2:mse")
 
 
 def file_stem(spec: str) -> str:
@@ -43,11 +45,11 @@ def golden_input() -> dict:
     }
 
 
-def main() -> None:
+def main(specs: tuple = SPECS) -> None:
     import fedpress as fp
 
     update = golden_input()
-    for spec in SPECS:
+    for spec in specs:
         payload = fp.Codec(spec).encode(update, seed=SEED)
         stem = file_stem(spec)
         (HERE / f"{stem}.bin").write_bytes(payload)
@@ -56,4 +58,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(tuple(sys.argv[1:]) or SPECS)  # python tests/data/make_golden.py [SPEC ...]
