@@ -48,7 +48,8 @@ TRAIN_STEPS = 30
 TRAIN_START_ITER = 2
 BATCH_PER_RANK = 64
 FEATURES, HIDDEN = 32, 64
-TRAIN_RUNS: dict[str, Optional[str]] = {"allreduce": None, "topk": "topk:0.1+q8", "q8": "q8+zstd"}
+TRAIN_RUNS: dict[str, Optional[str]] = {"allreduce": None, "topk": "topk:0.1+q8", "q8": "q8+zstd",
+                                         "eden": "eden4:shared"}  # ranks share a rotation per step
 
 
 # ------------------------------------------------------------------ worker --
@@ -257,7 +258,7 @@ def test_direct_history_counts_steps(runs: Path) -> None:
 def test_training_converges_close_to_allreduce(runs: Path) -> None:
     baseline = _json(runs / "allreduce_rank0.json")
     assert baseline["final_loss"] < baseline["initial_loss"] / 3
-    for name in ("topk", "q8"):
+    for name in ("topk", "q8", "eden"):
         run = _json(runs / f"{name}_rank0.json")
         assert run["initial_loss"] == pytest.approx(baseline["initial_loss"], rel=1e-6)
         assert run["final_loss"] < run["initial_loss"] / 3, name
@@ -272,7 +273,8 @@ def test_replicas_stay_identical(runs: Path, name: str) -> None:
 
 def test_bytes_per_step(runs: Path) -> None:
     num_params = sum(p.numel() for p in _mlp().parameters())
-    for name, spec, min_ratio in (("topk", "topk:0.1+q8", 10.0), ("q8", "q8+zstd", 3.0)):
+    for name, spec, min_ratio in (("topk", "topk:0.1+q8", 10.0), ("q8", "q8+zstd", 3.0),
+                                  ("eden", "eden4:shared", 6.0)):
         run = _json(runs / f"{name}_rank0.json")
         history = [StepBytes(**r) for r in run["history"]]
         assert run["num_buckets"] > 1, "the bucket cap should split the model"

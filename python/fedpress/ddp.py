@@ -141,6 +141,11 @@ class CompressionState:
             self.encoders[bucket_index] = encoder
         return encoder
 
+    def _rotation_seed(self, bucket_index: int) -> int:
+        """The rotation every rank shares for one bucket at the current step (edenB:shared)."""
+        entropy = [self.seed, self.iter, bucket_index, 0xEDE5]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
     def _payload_seed(self, rank: int, bucket_index: int) -> int:
         """The seed of one rank's payload for one bucket at the current step."""
         entropy = [self.seed, rank, self.iter, bucket_index]
@@ -185,8 +190,12 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
                         "only floating-point buckets can be compressed")
     rank = dist.get_rank(group)
     world = group.size()
-    payload = state._encoder(bucket.index()).encode(
-        {_TENSOR: buffer}, seed=state._payload_seed(rank, bucket.index()))
+    encoder = state._encoder(bucket.index())
+    # edenB:shared: every rank rotates this bucket with the same seed, so the callback's
+    # Aggregator sums the payloads in the rotated domain and inverts once.
+    shared = encoder.codec.spec.eden_mode == "shared"
+    payload = encoder.encode({_TENSOR: buffer}, seed=state._payload_seed(rank, bucket.index()),
+                             rotation_seed=state._rotation_seed(bucket.index()) if shared else None)
 
     # All-gather needs equal shapes, so every rank pads to the longest payload; the sizes go
     # first, blocking, and are issued here rather than in a callback so that every rank
