@@ -632,3 +632,32 @@ def test_client_side_dp_clipping_mod_composes_with_compress_mod() -> None:
     # Each node's update was clipped to norm 0.1 (after the fp16 downlink was decoded), so their mean is too.
     assert 0.0 < moved <= 0.1 + 1e-5
     assert strategy.history[-1]["replies"] == 3 and strategy.history[-1]["path"] == "generic"
+
+
+def test_shared_eden_rotation_is_summed_in_the_rotated_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedPress hands each round a rotation seed; compress_mod('eden4:shared') uses it, so the
+    FedAvg fast path sums the nodes' payloads in the rotated domain."""
+    from fedpress.aggregate import Aggregator
+    from fedpress.flower import ROTATION_SEED_KEY
+
+    seeds: list[int] = []
+    original = Aggregator._add_rotated
+    monkeypatch.setattr(Aggregator, "_add_rotated",
+                        lambda self, name, sec, w: (seeds.append(sec.rotation_seed), original(self, name, sec, w)))
+    g = {k: v for k, v in _params().items() if v.dtype.kind == "f"}
+    app = ClientApp(mods=[compress_mod("eden4:shared")])
+    received_seeds: list[int] = []
+
+    @app.train()
+    def train_handler(msg: Message, ctxt: Context) -> Message:
+        received_seeds.append(msg.content["config"][ROTATION_SEED_KEY])
+        received = arrays_to_numpy(msg.content["arrays"])
+        return Message(content=RecordDict({"arrays": numpy_to_arrays(_trained(received, ctxt.node_id)),
+                                           "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+
+    strategy = FedPress(FedAvg(fraction_evaluate=0.0, min_available_nodes=3))
+    strategy.start(grid=_LocalGrid(app, {i: _context(i) for i in range(3)}), initial_arrays=numpy_to_arrays(g),
+                   num_rounds=2)
+    assert [row["path"] for row in strategy.history] == ["fast", "fast"]
+    assert len(set(received_seeds)) == 2 and len(received_seeds) == 6  # one seed per round, for every node
+    assert len(seeds) == 2 * 3 * len(g) and len(set(seeds)) == 2 * len(g)

@@ -33,6 +33,7 @@ the wrapper a reply that cannot be decoded is logged and left out of the round.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
@@ -50,12 +51,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("fedpress.flower needs Flower >= 1.20: pip install 'fedpress[flower]'") from exc
 
-__all__ = ["STYPE", "RECORD_NAME", "compress_mod", "FedPress", "pack", "unpack", "is_packed",
+__all__ = ["STYPE", "RECORD_NAME", "ROTATION_SEED_KEY", "compress_mod", "FedPress", "pack", "unpack", "is_packed",
            "arrays_to_numpy", "numpy_to_arrays"]
 
 STYPE = f"fedpress/{FORMAT_VERSION}"
 RECORD_NAME = "fedpress"          # the reply's ConfigRecord with the sizes
 PACKED_KEY = "payload"            # the one Array inside a packed ArrayRecord
+ROTATION_SEED_KEY = "fedpress.rotation-seed"   # in the train config: the round's shared rotation
 _STATE_RESIDUALS = "fedpress.residuals"
 _STATE_INFO = "fedpress.encoder"
 
@@ -193,6 +195,7 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
     """
     Codec(spec, **codec_options)  # a bad spec fails here, not in the first round
     spec_text = str(parse_spec(spec))
+    shared = parse_spec(spec).eden_mode == "shared"
 
     def fedpress_compress_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]
                               ) -> Message:
@@ -219,7 +222,7 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
             return _error_reply(msg, f"fedpress compress_mod: {exc}")
 
         encoder = _load_encoder(ctxt, spec_text, error_feedback, momentum, codec_options)
-        payload = encoder.encode(update)
+        payload = encoder.encode(update, rotation_seed=_round_rotation_seed(msg) if shared else None)
         _save_encoder(ctxt, encoder)
         reply.content[record_name] = pack(payload)
         reply.content[RECORD_NAME] = ConfigRecord({
@@ -230,6 +233,15 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
         return reply
 
     return fedpress_compress_mod
+
+
+def _round_rotation_seed(msg: Message) -> Optional[int]:
+    """The rotation seed FedPress put in the train config (edenB:shared), if any."""
+    for record in msg.content.config_records.values():
+        value = record.get(ROTATION_SEED_KEY)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
 
 
 def _load_encoder(ctxt: Context, spec: str, error_feedback: bool, momentum: Optional[float],
@@ -288,6 +300,7 @@ class FedPress(Strategy):
         self.fast_path = fast_path
         self.limits = limits
         self.history: list[dict[str, Any]] = []
+        self._seed_base = secrets.randbits(63)
         self._bases: dict[int, dict[str, np.ndarray]] = {}   # node id -> the arrays it was sent
         self._downlink_cache: dict[int, tuple[ArrayRecord, ArrayRecord, int]] = {}
 
@@ -305,6 +318,10 @@ class FedPress(Strategy):
     # -- rounds ---------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
                         ) -> Iterable[Message]:
+        # One rotation seed per round: nodes coding edenB:shared all rotate with it, and the
+        # FedAvg fast path sums their payloads in the rotated domain (one inverse transform).
+        config[ROTATION_SEED_KEY] = int(np.random.SeedSequence([self._seed_base, server_round])
+                                        .generate_state(1, np.uint64)[0] >> np.uint64(1))  # fits sint64
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         row = self._row(server_round)
         self._bases = {}
