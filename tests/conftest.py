@@ -269,7 +269,7 @@ class Wire:
     FLAG_ZSTD = 0x01
     DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
               "uint8", "uint16", "uint32", "uint64", "bool")
-    VALUES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign")
+    VALUES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "eden1", "eden2", "eden3", "eden4", "eden8")
     RAW, DENSE, SPARSE, SEEDED = 0, 1, 2, 3
     VALUE_RAW = 255
     ENTRY_VARINTS = ("count", "bucket", "block", "index_len", "value_len")

@@ -32,7 +32,8 @@ import fedpress as fp
 
 SPECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk:0.01", "topk:0.01+q4", "topk:0.001+q4+zstd",
          "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd", "thresh:0.2", "topk:0.2+q8+zstd:1", "randk:0.3+q2",
-         "topk:0.3+sign", "topk:0.25+bf16+zstd"]
+         "topk:0.3+sign", "topk:0.25+bf16+zstd", "eden1", "eden3", "eden4:shared", "eden8+zstd",
+         "topk:0.1+eden2:mse"]
 SPEC_PARAMS = [pytest.param(s, id=s) for s in SPECS]
 ZSTD_SPEC_PARAMS = [p for p in SPEC_PARAMS if "zstd" in p.values[0]]
 FUZZ_LIMITS = fp.Limits(max_tensors=64, max_dims=8, max_elements=1 << 20, max_total_elements=1 << 21,
