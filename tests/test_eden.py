@@ -300,3 +300,11 @@ def test_cli_inspect_names_the_eden_mode(tmp_path, capsys) -> None:
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "eden3:shared" in out and "outliers" in out and "+rht" not in out
+
+
+@pytest.mark.parametrize("spec", ["eden4", "rht+q4"])
+def test_values_too_large_to_rotate_are_refused_by_name(spec: str) -> None:
+    with pytest.raises(ValueError, match="'big' holds values too large to rotate"):
+        fp.Codec(spec).encode({"big": np.array([3e38, -1e38, 2e38], np.float32)})
+    x = np.array([1e30, -3e29], np.float32)  # large but rotatable
+    np.testing.assert_allclose(fp.decode(fp.Codec(spec).encode({"x": x}))["x"], x, rtol=0.3)

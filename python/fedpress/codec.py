@@ -287,6 +287,13 @@ class Codec:
         shape = original.shape
         if kind == _payload.KIND_DENSE and sp.values == "fp16" and original.dtype == np.float64:
             values = original.reshape(-1)  # round to half once, not through float32 first
+        if (sp.eden or sp.rotate) and values.size:
+            # The unnormalised Hadamard butterflies grow a vector by up to its block length.
+            bound = max(float(values.max()), -float(values.min())) * math.sqrt(values.size) * self.rht_block
+            if bound > 1e38:
+                raise ValueError(f"tensor {name!r} holds values too large to rotate in float32 "
+                                 f"(max|x| * sqrt(n) * rht_block = {bound:.3g} > 1e38); scale the update "
+                                 "down or use a codec without rht/eden")
         if sp.eden:
             shared = sp.eden_mode == "shared"
             rotation_seed = _payload.stage_seed(
