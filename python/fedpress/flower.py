@@ -186,14 +186,19 @@ def _decode_downlink(msg: Message, limits: Limits) -> Message:
 
 # -------------------------------------------------------------- client mod --
 def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[float] = None,
-                 limits: Limits = DEFAULT_LIMITS, **codec_options: Any) -> Callable[..., Message]:
+                 seed: Optional[int] = None, limits: Limits = DEFAULT_LIMITS,
+                 **codec_options: Any) -> Callable[..., Message]:
     """A ``ClientApp`` mod compressing train replies with ``spec`` (put it first in ``mods``).
 
     ``error_feedback`` keeps what a round did not send in ``Context.state`` and
     adds it to the next update; ``momentum`` enables DGC momentum correction;
+    ``seed`` makes every payload's random choices a function of (seed, node id,
+    round), so a run repeats exactly (by default they are fresh);
     ``codec_options`` go to :class:`fedpress.Codec` (``per_tensor``, ``bucket``...).
     """
     Codec(spec, **codec_options)  # a bad spec fails here, not in the first round
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     spec_text = str(parse_spec(spec))
     shared = parse_spec(spec).eden_mode == "shared"
 
@@ -222,7 +227,12 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
             return _error_reply(msg, f"fedpress compress_mod: {exc}")
 
         encoder = _load_encoder(ctxt, spec_text, error_feedback, momentum, codec_options)
-        payload = encoder.encode(update, rotation_seed=_round_rotation_seed(msg) if shared else None)
+        payload_seed = None
+        if seed is not None:
+            entropy = [seed, int(ctxt.node_id) & (2**64 - 1), encoder.rounds]
+            payload_seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+        payload = encoder.encode(update, seed=payload_seed,
+                                 rotation_seed=_round_rotation_seed(msg) if shared else None)
         _save_encoder(ctxt, encoder)
         reply.content[record_name] = pack(payload)
         reply.content[RECORD_NAME] = ConfigRecord({
