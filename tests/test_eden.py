@@ -308,3 +308,20 @@ def test_values_too_large_to_rotate_are_refused_by_name(spec: str) -> None:
         fp.Codec(spec).encode({"big": np.array([3e38, -1e38, 2e38], np.float32)})
     x = np.array([1e30, -3e29], np.float32)  # large but rotatable
     np.testing.assert_allclose(fp.decode(fp.Codec(spec).encode({"x": x}))["x"], x, rtol=0.3)
+
+
+def test_aggregator_rejects_what_decode_rejects_in_the_rotated_domain() -> None:
+    """A finite but huge scale would overflow the inverse rotation: the rotated-domain sum must
+    refuse it as decode does, and leave the aggregate untouched."""
+    x = np.random.default_rng(13).standard_normal(5000).astype(np.float32)
+    codec = fp.Codec("eden2:shared")
+    good = codec.encode({"w": x}, rotation_seed=7)
+    bad = _rewrite_section(good, lambda s: s[:9] + np.float32(3e38).tobytes() + s[13:])
+    with pytest.raises(fp.DecodeError, match="non-finite"):
+        fp.decode(bad)
+    agg = fp.Aggregator()
+    agg.add(good)
+    with pytest.raises(fp.DecodeError, match="non-finite"):
+        agg.add(bad)
+    assert agg.count == 1
+    np.testing.assert_allclose(agg.result()["w"], fp.decode(good)["w"], atol=1e-6)

@@ -676,3 +676,24 @@ def test_seeded_mod_repeats_its_payloads_exactly() -> None:
     assert run(12) != first and run(None) != run(None)
     with pytest.raises(ValueError, match="seed must be"):
         compress_mod("q8", seed=-1)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_small_integer_tensors_do_not_wrap_around(fast: bool) -> None:
+    g = {"w": np.zeros(3, np.float32), "u8": np.array([200, 200, 10, 10], np.uint8),
+         "i8": np.array([-100, 100], np.int8)}
+    targets = [{"u8": np.array([100, 200, 10, 60], np.uint8), "i8": np.array([100, -100], np.int8)},
+               {"u8": np.array([200, 200, 10, 10], np.uint8), "i8": np.array([-100, 100], np.int8)}]
+    replies = []
+    for node, target in zip((1, 2), targets):
+        def handler(msg: Message, ctxt: Context, target=target) -> Message:
+            arrays = dict(g, **target)
+            return Message(content=RecordDict({"arrays": numpy_to_arrays(arrays),
+                                               "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+        replies.append(compress_mod("fp32")(_message(g, node=node), _context(node), handler))
+    strategy = FedPress(FedAvg(), fast_path=fast)
+    _configured(strategy, g, [1, 2])
+    arrays, _ = strategy.aggregate_train(1, replies)
+    got = arrays_to_numpy(arrays)
+    np.testing.assert_array_equal(got["u8"], [150, 200, 10, 35])
+    np.testing.assert_array_equal(got["i8"], [0, 0])

@@ -82,6 +82,8 @@ class Aggregator:
         sec = rec.eden
         if sec is None or not sec.shared or rec.kind != KIND_DENSE or self.dtype != np.float32 or sec.n == 0:
             return False
+        if not sec.rotation_bound() <= 1e38:
+            return False  # could overflow: decode it, whose finiteness check rejects what must be
         current = self._rotated.get(rec.name)
         return current is None or current[:3] == (sec.rotation_seed, sec.block, sec.n)
 
@@ -108,7 +110,7 @@ class Aggregator:
             return
         if self._table is None:
             self._table = list(other._table)
-            self._sums = {k: v.copy() for k, v in other._sums.items()}
+            self._sums = {k: v.astype(np.result_type(v.dtype, self.dtype)) for k, v in other._sums.items()}
         else:
             if other._table != self._table:
                 raise DecodeError(_table_difference(self._table, other._table))

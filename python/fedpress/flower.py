@@ -128,6 +128,8 @@ def _subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> d
                              "in the message received")
         if value.dtype.kind == "b":
             out[key] = value  # bool tensors travel as their values (the server takes a majority)
+        elif value.dtype.kind in "iu":
+            out[key] = np.subtract(value, ref, dtype=np.int64)  # a uint8 decrease must not wrap around
         else:
             out[key] = np.subtract(value, ref, dtype=np.result_type(value.dtype, ref.dtype))
     return out
@@ -142,7 +144,7 @@ def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> di
         if ref.dtype.kind == "b":
             out[key] = u != 0
         elif ref.dtype.kind in "iu":
-            out[key] = (ref + np.rint(u).astype(ref.dtype)).astype(ref.dtype)
+            out[key] = (ref.astype(np.int64) + np.rint(u).astype(np.int64)).astype(ref.dtype)
         else:
             out[key] = (ref + u.astype(ref.dtype, copy=False)).astype(ref.dtype, copy=False)
     return out

@@ -287,6 +287,17 @@ class EdenSection:
         """The decoded values: float32[n]."""
         return eden_unrotate(self.rotated(), self.rotation_seed, self.block)
 
+    def rotation_bound(self) -> float:
+        """An upper bound on every value the inverse rotation computes (its unnormalised
+        butterflies grow a block by up to L**1.5): at most 1e38, nothing can overflow."""
+        if self.n == 0:
+            return 0.0
+        table = ops.eden_levels(self.bits) if self.shared else ops.eden_centroids(self.bits)
+        largest = float(self.scales.max()) * float(np.abs(table).max()) if self.scales.size else 0.0
+        if self.outlier_val.size:
+            largest = max(largest, float(np.abs(self.outlier_val).max()))
+        return largest * float(min(self.block, self.n)) ** 1.5
+
     def accumulate(self, acc: np.ndarray, weight: float) -> None:
         """``acc += weight * rotated()`` without building the rotated vector."""
         for off, length, scales, packed in self._parts():
