@@ -697,3 +697,11 @@ def test_small_integer_tensors_do_not_wrap_around(fast: bool) -> None:
     got = arrays_to_numpy(arrays)
     np.testing.assert_array_equal(got["u8"], [150, 200, 10, 35])
     np.testing.assert_array_equal(got["i8"], [0, 0])
+
+
+def test_a_metrics_only_train_reply_passes_through() -> None:
+    def metrics_only(msg: Message, ctxt: Context) -> Message:
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+
+    reply = compress_mod("q8")(_message(_params()), _context(), metrics_only)
+    assert not reply.has_error() and list(reply.content.keys()) == ["metrics"]

@@ -219,6 +219,8 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
         if reply.has_error() or not reply.has_content():
             return reply
         records = reply.content.array_records
+        if not records:
+            return reply  # nothing to compress (a metrics-only reply)
         if len(records) != 1:
             return _error_reply(msg, f"fedpress compress_mod expects exactly one ArrayRecord in the "
                                      f"train reply, found {len(records)}")
