@@ -42,7 +42,7 @@ import numpy as np
 WORLD_SIZE = 2
 START_ITER = 2  # PowerSGD's start_powerSGD_iter and fedpress's start_iter
 BUCKET_CAP_MB = 64
-DEFAULT_SPECS = ["q8", "q8+zstd", "topk:0.1+q8+zstd", "topk:0.01+q8+zstd", "topk:0.01+q4+zstd"]
+DEFAULT_SPECS = ["q8", "q8+zstd", "eden4", "eden4:shared", "topk:0.1+q8+zstd", "topk:0.01+q8+zstd", "topk:0.01+q4+zstd"]
 
 
 @contextlib.contextmanager
