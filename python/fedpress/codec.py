@@ -276,50 +276,52 @@ class Codec:
         if indices is None:
             values = v
             kind = _payload.KIND_DENSE
-            if not np.isfinite(values).all():
-                raise ValueError(f"tensor {name!r} holds NaN or infinity (or float64 values beyond the "
-                                 "float32 range); compressed tensors must be finite")
         else:
             values = kept
-            if not np.isfinite(values).all():
-                raise ValueError(f"tensor {name!r} holds NaN or infinity among its selected values")
             kind = _payload.KIND_SPARSE_SEEDED if sp.sparsifier == "randk" else _payload.KIND_SPARSE
+        rotated = (sp.eden or sp.rotate) and values.size > 0
+        _check_values(name, values, self.rht_block if rotated else 0, sparse=indices is not None)
         shape = original.shape
         if kind == _payload.KIND_DENSE and sp.values == "fp16" and original.dtype == np.float64:
             values = original.reshape(-1)  # round to half once, not through float32 first
-        if (sp.eden or sp.rotate) and values.size:
-            # The unnormalised Hadamard butterflies grow a vector by up to its block length.
-            bound = max(float(values.max()), -float(values.min())) * math.sqrt(values.size) * self.rht_block
-            if bound > 1e38:
-                raise ValueError(f"tensor {name!r} holds values too large to rotate in float32 "
-                                 f"(max|x| * sqrt(n) * rht_block = {bound:.3g} > 1e38); scale the update "
-                                 "down or use a codec without rht/eden")
+        quant_seed = _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_QUANT)
+        block = self.rht_block if sp.eden or rotated else 0
         if sp.eden:
             shared = sp.eden_mode == "shared"
-            rotation_seed = _payload.stage_seed(
-                rotation_seed if shared and rotation_seed is not None else payload_seed,
-                ordinal, _payload.PURPOSE_RHT)
-            coded = _payload.encode_eden(
-                sp.values, ops._as_float32(values, name).reshape(-1), self.rht_block, rotation_seed,
-                _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_QUANT), shared=shared,
-                mse=sp.eden_mode == "mse")
-            return _payload.Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in shape), kind=kind,
-                                  count=int(indices.size if indices is not None else n),
-                                  rht_block=self.rht_block,
-                                  indices=None if kind != _payload.KIND_SPARSE else indices,
-                                  values=coded, value_code=sp.values, bucket=0)
-        block = 0
-        if sp.rotate and values.size:
-            block = self.rht_block
-            values = ops.rht(values, _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_RHT),
-                             block=block)
-        quant_seed = _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_QUANT)
-        bucket = self._value_bucket()
-        coded = _payload.encode_values(sp.values, values, bucket, quant_seed)
+            rotation = _payload.stage_seed(rotation_seed if shared and rotation_seed is not None else payload_seed,
+                                           ordinal, _payload.PURPOSE_RHT)
+            bucket = 0
+            coded = _payload.encode_eden(sp.values, ops._as_float32(values, name).reshape(-1), block, rotation,
+                                         quant_seed, shared=shared, mse=sp.eden_mode == "mse")
+        else:
+            if rotated:
+                values = ops.rht(values, _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_RHT),
+                                 block=block)
+            bucket = self._value_bucket()
+            coded = _payload.encode_values(sp.values, values, bucket, quant_seed)
         return _payload.Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in shape), kind=kind,
                               count=int(indices.size if indices is not None else n), rht_block=block,
                               indices=None if kind != _payload.KIND_SPARSE else indices,
                               values=coded, value_code=sp.values, bucket=bucket)
+
+
+def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse: bool) -> None:
+    """ValueError unless the values are finite and, when rotated, small enough that the
+    unnormalised Hadamard butterflies (which grow a vector by up to its block length)
+    stay within float32. One max and one min: NaN and infinity show in them too."""
+    if not values.size:
+        return
+    peak = max(float(values.max()), -float(values.min()))
+    if not math.isfinite(peak):
+        if sparse:
+            raise ValueError(f"tensor {name!r} holds NaN or infinity among its selected values")
+        raise ValueError(f"tensor {name!r} holds NaN or infinity (or float64 values beyond the "
+                         "float32 range); compressed tensors must be finite")
+    bound = peak * math.sqrt(values.size) * rotation_block
+    if bound > 1e38:
+        raise ValueError(f"tensor {name!r} holds values too large to rotate in float32 "
+                         f"(max|x| * sqrt(n) * rht_block = {bound:.3g} > 1e38); scale the update "
+                         "down or use a codec without rht/eden")
 
 
 def _k(ratio: float, n: int) -> int:
