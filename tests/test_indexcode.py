@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 from fedpress import ops
 from hypothesis import given
+from conftest import leb128 as varint
 from hypothesis import strategies as st
 
 N32 = 2**32
 
 
 # ---------------------------------------------------------------- helpers --
-def varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     v, shift = 0, 0
     while True:

@@ -94,13 +94,14 @@ class Aggregator:
             self._rotated[name] = current
         sec.accumulate(current[3], weight)
 
-    def _unrotated(self, name: str) -> Optional[np.ndarray]:
-        """The rotated-domain sum of a tensor brought back: one inverse transform."""
+    def _unrotated(self, name: str, *, consume: bool = False) -> Optional[np.ndarray]:
+        """The rotated-domain sum of a tensor brought back: one inverse transform, in place
+        on the sum itself when ``consume`` (the aggregator is being emptied)."""
         current = self._rotated.get(name)
         if current is None:
             return None
         seed, block, n, acc = current
-        return eden_unrotate(acc.copy(), seed, block)
+        return eden_unrotate(acc if consume else acc.copy(), seed, block)
 
     def merge(self, other: Aggregator) -> None:
         """Adds another aggregator's sums (hierarchical aggregation)."""
@@ -141,7 +142,7 @@ class Aggregator:
         out = {}
         for name, dtype, shape in self._table:
             acc = self._sums[name]
-            unrotated = self._unrotated(name)
+            unrotated = self._unrotated(name, consume=not copy)
             if unrotated is not None:
                 acc = acc + unrotated if copy else np.add(acc, unrotated, out=acc)
             if dtype in ("float32", "float16", "float64", "bfloat16"):

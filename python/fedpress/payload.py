@@ -305,12 +305,12 @@ class EdenSection:
                                 stochastic=self.shared, weight=weight)
         if self.outlier_idx.size:
             # Outliers replace their codes' values: add the difference.
-            levels, scales = self._outlier_codes()
-            correction = self.outlier_val - scales * levels
+            codes, scales = self._outlier_codes()
+            correction = self.outlier_val - scales * ops.eden_levels(self.bits)[codes]
             ops.scatter_add(acc, self.outlier_idx, correction.astype(np.float32), weight)
 
     def _outlier_codes(self) -> tuple[np.ndarray, np.ndarray]:
-        """The level and the scale the codes give at each outlier position."""
+        """The code and the scale stored at each outlier position."""
         codes = np.empty(self.outlier_idx.size, np.intp)
         scales = np.empty(self.outlier_idx.size, np.float32)
         pos = self.outlier_idx.astype(np.int64)
@@ -320,16 +320,7 @@ class EdenSection:
                 local = pos[inside] - off
                 codes[inside] = _codes_at(packed, local, self.bits)
                 scales[inside] = seg_scales[local // self.block if length >= self.block else 0]
-        return ops.eden_levels(self.bits)[codes], scales
-
-    def outlier_code_indices(self) -> np.ndarray:
-        codes = np.empty(self.outlier_idx.size, np.intp)
-        pos = self.outlier_idx.astype(np.int64)
-        for off, length, _, packed in self._parts():
-            inside = (pos >= off) & (pos < off + length)
-            if inside.any():
-                codes[inside] = _codes_at(packed, pos[inside] - off, self.bits)
-        return codes
+        return codes, scales
 
 
 def _codes_at(packed: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarray:
@@ -418,7 +409,7 @@ def parse_eden(code: str, data: memoryview, count: int, block: int, derived_seed
     if oidx.size:
         # An outlier's code is the end level of its sign: what the aggregator corrects.
         ends = np.where(oval < 0, 0, (1 << bits) - 1)
-        if np.any(section.outlier_code_indices() != ends):
+        if np.any(section._outlier_codes()[0] != ends):
             raise DecodeError(f"{code} section: an outlier's code is not the end level of its sign")
     return section
 
