@@ -1,5 +1,5 @@
 """Flower adapter: a client mod that compresses train replies and a strategy
-wrapper that takes them apart again (Flower >= 1.20, the Message API).
+wrapper that takes them apart again (Flower >= 1.21, the Message API).
 
 Client, one argument added to the ``ClientApp``::
 
@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .aggregate import Aggregator
 from .codec import Codec, parse_spec
 from .encoder import Encoder
 from .payload import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect
@@ -49,7 +50,8 @@ try:
     from flwr.common.constant import ErrorCode
     from flwr.serverapp.strategy import FedAvg, Strategy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("fedpress.flower needs Flower >= 1.20: pip install 'fedpress[flower]'") from exc
+    raise ImportError("fedpress.flower needs Flower >= 1.21 (the Message API and its strategies): "
+                      "pip install 'fedpress[flower]'") from exc
 
 __all__ = ["STYPE", "RECORD_NAME", "ROTATION_SEED_KEY", "compress_mod", "FedPress", "pack", "unpack", "is_packed",
            "arrays_to_numpy", "numpy_to_arrays"]
@@ -430,7 +432,7 @@ class FedPress(Strategy):
             unpacked.append((msg, name, payload))
 
         if unpacked and self._use_fast_path(kept, unpacked):
-            result = self._aggregate_fedavg(server_round, row, unpacked)
+            result = self._aggregate_fedavg(row, unpacked)
             if result is not None:
                 return result
         for msg, name, payload in unpacked:
@@ -461,11 +463,8 @@ class FedPress(Strategy):
         # One running sum needs one base: every node must have been sent the same model.
         return len({id(self._bases[m.metadata.src_node_id]) for m, _, _ in unpacked}) == 1
 
-    def _aggregate_fedavg(self, server_round: int, row: dict[str, Any],
-                          unpacked: list[tuple[Message, str, bytes]]
+    def _aggregate_fedavg(self, row: dict[str, Any], unpacked: list[tuple[Message, str, bytes]]
                           ) -> Optional[tuple[Optional[ArrayRecord], Optional[MetricRecord]]]:
-        from .aggregate import Aggregator
-
         inner: FedAvg = self.inner  # type: ignore[assignment]
         key = inner.weighted_by_key
         weights = []
