@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import warnings
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Callable
 
@@ -531,3 +532,14 @@ def memory_cap() -> Callable[..., contextlib.AbstractContextManager[None]]:
     ops.quantize(x, 4, seed=0)
     ops.scatter_add(np.zeros(x.size, np.float32), np.arange(0, x.size, 7), x[::7])
     return capped_memory
+
+
+def load_make_golden():
+    """tests/data/make_golden.py as a module: the golden payloads' specs, input and seed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "data" / "make_golden.py"
+    spec = importlib.util.spec_from_file_location("fedpress_make_golden", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ fp.Limits, trailing bytes and golden payloads of format version 1."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import struct
 
@@ -11,16 +10,10 @@ import numpy as np
 import pytest
 
 import fedpress as fp
+from conftest import load_make_golden
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 TRAILER_SIZE = 4
-
-
-def load_make_golden():
-    spec = importlib.util.spec_from_file_location("fedpress_make_golden", DATA / "make_golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 GOLDEN = load_make_golden()
@@ -154,9 +147,10 @@ def test_unknown_version(version: int, wire) -> None:
 
 
 @pytest.mark.parametrize("spec", ["q8", "q8+zstd"])
-@pytest.mark.parametrize("flags", [0x02, 0x80, 0xFE])
+@pytest.mark.parametrize("flags", [0x04, 0x80, 0xFC, 0xFE])
 def test_unknown_flags(flags: int, spec: str, wire) -> None:
-    """Header flag bits 1-7 are reserved and must be zero, with or without the zstd bit."""
+    """Header flag bits 2-7 are reserved and must be zero, with or without the zstd bit
+    (bit 1, TABLE_DIGEST, is tests/test_table_digest.py's)."""
     payload = fp.Codec(spec).encode(sample_update(), seed=1)
     with pytest.raises(fp.DecodeError, match=r"(?i)flag"):
         fp.decode(_patched(payload, wire, 5, bytes([flags | payload[5]])))

@@ -13,6 +13,10 @@ Every decode here runs with the address space capped at +2 GiB (conftest
 memory_cap), so an attempt to allocate gigabytes surfaces as MemoryError,
 and under small Limits, so a mutation cannot legitimately decode to
 gigabytes either (the hand-built cases also run under the default limits).
+
+The specs ending in "/table=digest" are payloads without their tensor table
+(Codec(table="digest")), decoded with the update's table as the receiver's
+model: every mutation of the bytes applies to them as well.
 """
 
 from __future__ import annotations
@@ -34,8 +38,12 @@ SPECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk:0.01", "topk:0.
          "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd", "thresh:0.2", "topk:0.2+q8+zstd:1", "randk:0.3+q2",
          "topk:0.3+sign", "topk:0.25+bf16+zstd", "eden1", "eden3", "eden4:shared", "eden8+zstd",
          "topk:0.1+eden2:mse"]
+DIGEST = "/table=digest"
+DIGEST_SPECS = [s + DIGEST for s in ("fp32", "q4", "topk:0.01+q4", "topk:0.001+q4+zstd", "randk:0.01+fp16",
+                                     "rht+q2+zstd", "sign", "eden3", "eden4:shared", "topk:0.1+eden2:mse")]
 SPEC_PARAMS = [pytest.param(s, id=s) for s in SPECS]
-ZSTD_SPEC_PARAMS = [p for p in SPEC_PARAMS if "zstd" in p.values[0]]
+ALL_SPEC_PARAMS = SPEC_PARAMS + [pytest.param(s, id=s) for s in DIGEST_SPECS]  # tests that see bytes only
+ZSTD_SPEC_PARAMS = [p for p in ALL_SPEC_PARAMS if "zstd" in p.values[0]]
 FUZZ_LIMITS = fp.Limits(max_tensors=64, max_dims=8, max_elements=1 << 20, max_total_elements=1 << 21,
                         max_decoded_bytes=1 << 24, max_body_bytes=1 << 22)
 SLOW = 2.0  # seconds: "promptly"
@@ -59,8 +67,17 @@ _PAYLOADS: dict = {}
 
 def valid_payload(spec: str) -> bytes:
     if spec not in _PAYLOADS:
-        _PAYLOADS[spec] = fp.Codec(spec).encode(small_update(), seed=99)
+        codec_spec, _, table = spec.partition("/table=")
+        _PAYLOADS[spec] = fp.Codec(codec_spec, table=table or "inline").encode(small_update(), seed=99)
     return _PAYLOADS[spec]
+
+
+SMALL_TABLE = [(name, a.dtype.name, a.shape) for name, a in small_update().items()]
+
+
+def table_for(spec: str):
+    """The receiver's table a spec's payloads are decoded with: the update's, for payloads without theirs."""
+    return SMALL_TABLE if spec.endswith(DIGEST) else None
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +87,16 @@ def W(wire):
 
 @pytest.fixture(scope="module")
 def attempt(memory_cap) -> Callable[..., None]:
-    def run(data: bytes, *, must_fail: bool, what: str, aggregate: bool = False) -> None:
-        """Decodes hostile bytes: DecodeError passes; success passes unless must_fail;
-        any other exception, or a slow decode, fails the test."""
+    def run(data: bytes, *, must_fail: bool, what: str, aggregate: bool = False, table=None) -> None:
+        """Decodes hostile bytes (with ``table`` as the receiver's model): DecodeError passes;
+        success passes unless must_fail; any other exception, or a slow decode, fails the test."""
         start = time.perf_counter()
         try:
             with memory_cap():
-                fp.decode(data, limits=FUZZ_LIMITS)
-                fp.inspect(data, limits=FUZZ_LIMITS)
+                fp.decode(data, limits=FUZZ_LIMITS, table=table)
+                fp.inspect(data, limits=FUZZ_LIMITS, table=table)
                 if aggregate:
-                    fp.Aggregator(limits=FUZZ_LIMITS).add(data)
+                    fp.Aggregator(limits=FUZZ_LIMITS, table=table).add(data)
         except fp.DecodeError:
             pass
         except Exception as exc:  # noqa: BLE001 - IndexError, struct.error, MemoryError, ...
@@ -102,59 +119,62 @@ def positions(n: int, seed: int, at_least: int = 200) -> list:
 
 
 # ---------------------------------------------------------- raw mutations --
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_valid_payloads_decode(spec: str) -> None:
-    dec = fp.decode(valid_payload(spec), limits=FUZZ_LIMITS)
+    dec = fp.decode(valid_payload(spec), limits=FUZZ_LIMITS, table=table_for(spec))
     assert set(dec) == set(small_update())
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_truncation_at_every_offset(spec: str, attempt) -> None:
     p = valid_payload(spec)
     for cut in range(len(p)):
-        attempt(p[:cut], must_fail=True, what=f"{spec}: truncated to {cut} of {len(p)} bytes")
+        attempt(p[:cut], must_fail=True, table=table_for(spec), what=f"{spec}: truncated to {cut} of {len(p)} bytes")
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_single_bit_flips(spec: str, attempt) -> None:
     p = valid_payload(spec)
     for pos in positions(len(p), 1):
         for bit in {pos % 8, 7 - pos % 8}:
             data = bytearray(p)
             data[pos] ^= 1 << bit
-            attempt(bytes(data), must_fail=True, what=f"{spec}: bit {bit} of byte {pos} flipped")
+            attempt(bytes(data), must_fail=True, table=table_for(spec),
+                    what=f"{spec}: bit {bit} of byte {pos} flipped")
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_inserted_and_deleted_bytes(spec: str, attempt) -> None:
     p = valid_payload(spec)
     for pos in positions(len(p) + 1, 2, at_least=100):
         for ins in (b"\0", b"\xff", b"\x00" * 8):
-            attempt(p[:pos] + ins + p[pos:], must_fail=True, what=f"{spec}: {ins!r} inserted at {pos}")
+            attempt(p[:pos] + ins + p[pos:], must_fail=True, table=table_for(spec),
+                    what=f"{spec}: {ins!r} inserted at {pos}")
         if pos < len(p):
-            attempt(p[:pos] + p[pos + 1:], must_fail=True, what=f"{spec}: byte {pos} deleted")
+            attempt(p[:pos] + p[pos + 1:], must_fail=True, table=table_for(spec), what=f"{spec}: byte {pos} deleted")
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_huge_length_overwrites(spec: str, attempt) -> None:
     p = valid_payload(spec)
     for pos in range(0, len(p), 8):
         data = bytearray(p)
         data[pos:pos + 8] = b"\xff" * len(data[pos:pos + 8])
         if bytes(data) != p:
-            attempt(bytes(data), must_fail=True, what=f"{spec}: 0xff * 8 at {pos}")
+            attempt(bytes(data), must_fail=True, table=table_for(spec), what=f"{spec}: 0xff * 8 at {pos}")
 
 
 # ------------------------------------------- mutations past the checksum --
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_body_truncation_with_consistent_sizes(spec: str, W, attempt) -> None:
     p = valid_payload(spec)
     body = W.plain_body(p)
     for cut in range(len(body)):
-        attempt(W.rebuild(p, body[:cut]), must_fail=True, what=f"{spec}: body cut to {cut} of {len(body)}")
+        attempt(W.rebuild(p, body[:cut]), must_fail=True, table=table_for(spec),
+                what=f"{spec}: body cut to {cut} of {len(body)}")
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_body_bit_flips_with_valid_crc(spec: str, W, attempt) -> None:
     p = valid_payload(spec)
     body = W.plain_body(p)
@@ -163,10 +183,10 @@ def test_body_bit_flips_with_valid_crc(spec: str, W, attempt) -> None:
             data = bytearray(body)
             data[pos] ^= 1 << bit
             attempt(W.rebuild(p, bytes(data)), must_fail=False, aggregate=True,
-                    what=f"{spec}: body bit {bit} of byte {pos} flipped (CRC fixed)")
+                    table=table_for(spec), what=f"{spec}: body bit {bit} of byte {pos} flipped (CRC fixed)")
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_body_huge_field_overwrites_with_valid_crc(spec: str, W, attempt) -> None:
     """0xff.. over every 4- and 8-byte window of the body (every offset: table
     fields are not aligned), giving overlong varint runs or, where a byte below
@@ -179,20 +199,20 @@ def test_body_huge_field_overwrites_with_valid_crc(spec: str, W, attempt) -> Non
             data = bytearray(body)
             data[pos:pos + len(fill)] = fill[:len(data) - pos]
             if bytes(data) != body:
-                attempt(W.rebuild(p, bytes(data)), must_fail=False,
+                attempt(W.rebuild(p, bytes(data)), must_fail=False, table=table_for(spec),
                         what=f"{spec}: body bytes {pos}..{pos + len(fill)} set to {fill.hex()} (CRC fixed)")
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
+@pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
 def test_body_inserted_deleted_bytes_with_valid_crc(spec: str, W, attempt) -> None:
     p = valid_payload(spec)
     body = W.plain_body(p)
     for pos in positions(len(body) + 1, 4, at_least=150):
         attempt(W.rebuild(p, body[:pos] + b"\x01" + body[pos:]), must_fail=False,
-                what=f"{spec}: byte inserted in the body at {pos} (CRC fixed)")
+                table=table_for(spec), what=f"{spec}: byte inserted in the body at {pos} (CRC fixed)")
         if pos < len(body):
             attempt(W.rebuild(p, body[:pos] + body[pos + 1:]), must_fail=False,
-                    what=f"{spec}: body byte {pos} deleted (CRC fixed)")
+                    table=table_for(spec), what=f"{spec}: body byte {pos} deleted (CRC fixed)")
 
 
 @pytest.mark.parametrize("spec", ZSTD_SPEC_PARAMS)
@@ -204,7 +224,8 @@ def test_compressed_body_flips_with_valid_crc(spec: str, W, attempt) -> None:
         for bit in (0, 5):
             data = bytearray(p)
             data[pos] ^= 1 << bit
-            attempt(W.fix_crc(bytes(data)), must_fail=False, what=f"{spec}: zstd byte {pos} bit {bit} (CRC fixed)")
+            attempt(W.fix_crc(bytes(data)), must_fail=False, table=table_for(spec),
+                    what=f"{spec}: zstd byte {pos} bit {bit} (CRC fixed)")
 
 
 HOSTILE_NUMBERS = (0, 1, 2, 7, 255, 256, 511, 4096, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**33 + 1, 2**63, 2**64 - 1)
@@ -293,15 +314,16 @@ def mutate(data: bytes, ops: list) -> bytes:
     return bytes(buf)
 
 
-@given(spec=st.sampled_from(SPECS), ops=st.lists(mutation, min_size=1, max_size=4), fix=st.booleans())
+@given(spec=st.sampled_from(SPECS + DIGEST_SPECS), ops=st.lists(mutation, min_size=1, max_size=4), fix=st.booleans())
 def test_random_mutations(spec: str, ops: list, fix: bool, W, attempt) -> None:
     p = valid_payload(spec)
     if fix:  # mutate the body, recompute sizes and checksum
         data = mutate(W.plain_body(p), ops)
-        attempt(W.rebuild(p, data), must_fail=False, aggregate=True, what=f"{spec}: body {ops} (CRC fixed)")
+        attempt(W.rebuild(p, data), must_fail=False, aggregate=True, table=table_for(spec),
+                what=f"{spec}: body {ops} (CRC fixed)")
     else:
         data = mutate(p, ops)
-        attempt(data, must_fail=data != p, what=f"{spec}: {ops}")
+        attempt(data, must_fail=data != p, table=table_for(spec), what=f"{spec}: {ops}")
 
 
 @given(body=st.binary(max_size=300), zstd=st.booleans())

@@ -11,8 +11,8 @@ from . import ops
 from .aggregate import Aggregator
 from .codec import Codec, Spec, parse_spec
 from .encoder import Encoder
-from .payload import DecodeError, Limits, decode, inspect
+from .payload import DecodeError, Limits, decode, inspect, table_digest
 
 __version__ = "0.1.0"
-__all__ = ["ops", "Codec", "Encoder", "Aggregator", "Spec", "parse_spec", "decode", "inspect", "DecodeError", "Limits",
-           "__version__"]
+__all__ = ["ops", "Codec", "Encoder", "Aggregator", "Spec", "parse_spec", "decode", "inspect", "table_digest",
+           "DecodeError", "Limits", "__version__"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import ops
 from .payload import (DEFAULT_LIMITS, KIND_DENSE, KIND_RAW, DecodeError, EdenSection, Limits, _output_dtype,
-                      eden_unrotate, parse, raw_array, sparse_parts)
+                      eden_unrotate, parse, raw_array, sparse_parts, table_difference, table_entries)
 
 __all__ = ["Aggregator"]
 
@@ -27,13 +27,21 @@ class Aggregator:
     (or one whose tensor table disagrees with the first) raises DecodeError and
     leaves the aggregate as it was. Sparse sections are scattered straight into
     the float32 (or float64, ``dtype=np.float64``) sums.
+
+    ``table`` (as for :func:`fedpress.table_digest`: the model, or a list of (name,
+    dtype name, shape)) is the model every payload must be made for, and lets the
+    aggregator read payloads encoded with ``table="digest"`` from the first one on.
+    Without it the aggregator learns the table from the first payload that carries
+    one, and then reads digest payloads that match it.
     """
 
-    def __init__(self, dtype: Any = np.float32, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, dtype: Any = np.float32, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> None:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.limits = limits
+        # The receiver's model: kept across reset(), unlike the table learned from payloads.
+        self._model: Optional[list[tuple[str, str, tuple]]] = None if table is None else table_entries(table)
         self._sums: dict[str, np.ndarray] = {}
         # name -> (rotation seed, rotation block, values, float32 rotated sum)
         self._rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
@@ -45,10 +53,10 @@ class Aggregator:
         w = float(weight)
         if not np.isfinite(w) or w < 0:
             raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
-        parsed = parse(payload, self.limits)
+        parsed = parse(payload, self.limits, self._table if self._table is not None else self._model)
         table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
         if self._table is not None and table != self._table:
-            raise DecodeError(_table_difference(self._table, table))
+            raise DecodeError(table_difference(self._table, table, "the first payload"))
         # Decode everything first: nothing is added unless the whole payload is valid.
         parts = []
         for rec in parsed.tensors:
@@ -110,11 +118,13 @@ class Aggregator:
         if other._table is None:
             return
         if self._table is None:
+            if self._model is not None and other._table != self._model:
+                raise DecodeError(table_difference(self._model, other._table, "the receiver's model"))
             self._table = list(other._table)
             self._sums = {k: v.astype(np.result_type(v.dtype, self.dtype)) for k, v in other._sums.items()}
         else:
             if other._table != self._table:
-                raise DecodeError(_table_difference(self._table, other._table))
+                raise DecodeError(table_difference(self._table, other._table, "the first payload"))
             for k, v in other._sums.items():
                 self._sums[k] += v.astype(self._sums[k].dtype, copy=False)
         for name, (seed, block, n, acc) in other._rotated.items():
@@ -164,19 +174,11 @@ class Aggregator:
         return out
 
     def reset(self) -> None:
-        """Forgets everything added (the tensor table too)."""
+        """Forgets everything added (the tensor table learned from payloads too; a
+        ``table`` given to the constructor stays)."""
         self._sums = {}
         self._rotated = {}
         self._table = None
         self.count = 0
         self.total_weight = 0.0
 
-
-def _table_difference(expected: list, got: list) -> str:
-    if len(expected) != len(got):
-        return f"tensor table differs from the first payload: {len(got)} tensors, expected {len(expected)}"
-    for (n1, d1, s1), (n2, d2, s2) in zip(expected, got):
-        if (n1, d1, s1) != (n2, d2, s2):
-            return (f"tensor table differs from the first payload: {n2!r} {d2} {s2}, "
-                    f"expected {n1!r} {d1} {s1}")
-    return "tensor table differs from the first payload"

@@ -141,7 +141,7 @@ def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
         t = value.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        dtype = str(t.dtype).replace("torch.", "")
+        dtype = _payload.wire_dtype(t)
         if dtype == "bfloat16":
             return t.float().contiguous().numpy(), "bfloat16"
         return t.contiguous().numpy(), dtype
@@ -150,7 +150,7 @@ def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
         return arr.astype(np.float32), "bfloat16"
     if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
         raise TypeError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
-    return arr, arr.dtype.name
+    return arr, _payload.wire_dtype(arr)
 
 
 # ------------------------------------------------------------------ codec --
@@ -163,10 +163,17 @@ class Codec:
     losslessly. Selection runs over the whole update (a global top-k over all
     float tensors) unless ``per_tensor=True``. A tensor whose sparse form would
     be larger than its dense form is sent dense.
+
+    ``table="digest"`` leaves the tensor table (names, dtypes, shapes) out of the
+    payload and sends its 8-byte digest (:func:`fedpress.table_digest`) instead: for
+    a receiver that knows the model, which decodes with ``table=`` the model.
     """
 
     def __init__(self, spec: str, *, per_tensor: bool = False, bucket: int = 512,
-                 rht_block: int = 1 << 16) -> None:
+                 rht_block: int = 1 << 16, table: str = "inline") -> None:
+        if table not in _payload.TABLE_FORMS:
+            raise ValueError(f"table must be one of {', '.join(map(repr, _payload.TABLE_FORMS))}, got {table!r}")
+        self.table = table
         self.spec = parse_spec(spec)
         self.per_tensor = bool(per_tensor)
         self.bucket = ops._bucket(bucket)
@@ -177,7 +184,8 @@ class Codec:
         self.rht_block = int(rht_block)
 
     def __repr__(self) -> str:
-        return f"Codec({str(self.spec)!r}, per_tensor={self.per_tensor})"
+        table = f", table={self.table!r}" if self.table != "inline" else ""
+        return f"Codec({str(self.spec)!r}, per_tensor={self.per_tensor}{table})"
 
     def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
                rotation_seed: Optional[int] = None, _dtypes: Optional[Mapping[str, str]] = None) -> bytes:
@@ -216,7 +224,7 @@ class Codec:
                 continue
             entries.append(self._float_entry(name, arr, dtype, flat[i], selected.get(i),
                                              payload_seed, i, rotation_seed))
-        return _payload.write(str(self.spec), payload_seed, entries, self.spec.zstd_level)
+        return _payload.write(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
 
     # -- selection ----------------------------------------------------------
     def _select(self, flat: dict[int, np.ndarray], seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:

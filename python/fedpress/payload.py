@@ -9,6 +9,9 @@ Layout (all integers little-endian)::
              entry: name_len varint | name | dtype u8 | ndim u8 | ndim x dim varint
                     | kind u8 | value code u8 | flags u8 | count, bucket, rotation block,
                     index section length, values section length: varints
+             with flags bit 1 (TABLE_DIGEST) set, the table is left to the receiver:
+             spec_len varint | spec | table digest (8 bytes) | n_tensors varint
+             | compact entries (an entry from kind on) | sections
     trailer  crc32c u32 over header and stored body
 
 Every length, count, shape and index is checked against the buffer and against
@@ -18,8 +21,11 @@ Every length, count, shape and index is checked against the buffer and against
 
 from __future__ import annotations
 
+import hashlib
+import operator
 import struct
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,13 +34,18 @@ import zstandard
 
 from . import _core, ops
 
-__all__ = ["DecodeError", "Limits", "FORMAT_VERSION", "MAGIC", "decode", "inspect"]
+__all__ = ["DecodeError", "Limits", "FORMAT_VERSION", "MAGIC", "decode", "inspect", "table_digest",
+           "payload_table_digest"]
 
 MAGIC = b"FPRS"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sBBQ")  # magic, version, flags, seed; then raw body size (varint) if zstd
 TRAILER = struct.Struct("<I")
 FLAG_ZSTD = 0x01
+FLAG_TABLE_DIGEST = 0x02  # the body carries a digest of the tensor table instead of the table
+HEADER_FLAGS = FLAG_ZSTD | FLAG_TABLE_DIGEST
+DIGEST_BYTES = 8
+TABLE_FORMS = ("inline", "digest")  # Codec(table=...)
 
 KIND_RAW, KIND_DENSE, KIND_SPARSE, KIND_SPARSE_SEEDED = 0, 1, 2, 3
 KIND_NAMES = {KIND_RAW: "raw", KIND_DENSE: "dense", KIND_SPARSE: "sparse", KIND_SPARSE_SEEDED: "sparse-seeded"}
@@ -63,6 +74,7 @@ PURPOSE_RANDK, PURPOSE_RHT, PURPOSE_QUANT = 1, 2, 3
 # Table entries are mostly small numbers: they travel as LEB128 varints, which
 # keeps the table of a many-tensor model a few bytes per tensor.
 ENTRY_MIN_BYTES = 11  # name_len, dtype, ndim, kind, value code, flags, 5 varints: at least 1 byte each
+COMPACT_ENTRY_MIN_BYTES = 8  # kind, value code, flags, 5 varints
 
 
 def _varint(value: int) -> bytes:
@@ -114,6 +126,96 @@ def stage_seed(payload_seed: int, ordinal: int, purpose: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
+
+
+# ------------------------------------------------------------ tensor tables --
+# A receiver that knows the model (a federation server, a simulation) does not
+# need the names, dtypes and shapes in every payload: with table="digest" the
+# payload carries an 8-byte digest of them instead, and the receiver passes the
+# table it expects (see docs/format.md, "Table digest").
+TableEntry = tuple[str, str, tuple[int, ...]]
+
+
+def wire_dtype(value: Any) -> str:
+    """The dtype name a payload's table gives a tensor: numpy's name (``float32``,
+    ``bool``, ``bfloat16`` for ml_dtypes' type), torch's without ``torch.``."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype
+    if isinstance(dtype, np.dtype):
+        return dtype.name
+    text = str(dtype)
+    return text[len("torch."):] if text.startswith("torch.") else np.dtype(dtype).name
+
+
+def table_entries(table: Any) -> list[TableEntry]:
+    """``table`` as a list of (name, wire dtype name, shape): from a mapping of names
+    to arrays (anything with ``.dtype`` and ``.shape``: numpy, torch) or from a list
+    of (name, dtype name, shape). ValueError or TypeError for what no payload can hold."""
+    if isinstance(table, Mapping):
+        items = []
+        for name, value in table.items():
+            if not (hasattr(value, "dtype") and hasattr(value, "shape")):
+                value = np.asarray(value)
+            items.append((name, wire_dtype(value), value.shape))
+    elif isinstance(table, (list, tuple)):
+        items = []
+        for i, item in enumerate(table):
+            if not isinstance(item, (list, tuple)) or len(item) != 3:
+                raise TypeError(f"table entry {i} must be (name, dtype name, shape), got {item!r}")
+            items.append(tuple(item))
+    else:
+        raise TypeError("table must be a mapping of names to arrays or a list of (name, dtype name, shape), "
+                        f"got {type(table).__name__}")
+    out: list[TableEntry] = []
+    seen = set()
+    for name, dtype, shape in items:
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be strings, got {type(name).__name__}")
+        if name in seen:
+            raise ValueError(f"tensor name {name!r} appears twice in the table")
+        seen.add(name)
+        if isinstance(dtype, np.dtype):
+            dtype = dtype.name
+        if dtype not in DTYPE_CODE:
+            raise ValueError(f"tensor {name!r}: dtype {dtype!r} has no wire code (known: {', '.join(DTYPES)})")
+        try:
+            dims = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            raise TypeError(f"tensor {name!r}: shape must be a sequence of integers, got {shape!r}") from None
+        if len(dims) > 255 or any(d < 0 or d >= 1 << 64 for d in dims):
+            raise ValueError(f"tensor {name!r}: shape {dims} cannot travel (at most 255 dimensions, "
+                             "each in [0, 2^64))")
+        out.append((name, dtype, dims))
+    return out
+
+
+def _entry_head(name: str, dtype: str, shape: tuple) -> bytes:
+    """The first fields of an inline table entry: name_len, name, dtype, ndim, dims."""
+    raw = name.encode("utf-8")
+    return b"".join([_varint(len(raw)), raw, bytes((DTYPE_CODE[dtype], len(shape))), *(_varint(d) for d in shape)])
+
+
+def _digest(heads: list[bytes]) -> bytes:
+    """The table digest: SHA-256 over n_tensors (varint) and every entry head, first 8 bytes."""
+    return hashlib.sha256(_varint(len(heads)) + b"".join(heads)).digest()[:DIGEST_BYTES]
+
+
+def table_digest(table: Any) -> bytes:
+    """The 8-byte digest a ``table="digest"`` payload carries for ``table``: a mapping
+    of names to arrays (the update or the model's state) or a list of (name, dtype
+    name, shape), in the update's order. Order, names, dtypes and shapes all count."""
+    return _digest([_entry_head(*e) for e in table_entries(table)])
+
+
+def table_difference(expected: list, got: list, against: str) -> str:
+    """A DecodeError message naming the first difference of two tables."""
+    if len(expected) != len(got):
+        return f"tensor table differs from {against}: {len(got)} tensors, expected {len(expected)}"
+    for (n1, d1, s1), (n2, d2, s2) in zip(expected, got):
+        if (n1, d1, tuple(s1)) != (n2, d2, tuple(s2)):
+            return f"tensor table differs from {against}: {n2!r} {d2} {tuple(s2)}, expected {n1!r} {d1} {tuple(s1)}"
+    return f"tensor table differs from {against}"
 
 
 # ------------------------------------------------------------- value coding --
@@ -439,7 +541,11 @@ def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
                  count=int(a.size), values=data)
 
 
-def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int]) -> bytes:
+def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int], table: str = "inline") -> bytes:
+    """The payload of ``entries``; ``table="digest"`` writes the table's digest and
+    compact entries instead of the table (the receiver must know the model)."""
+    if table not in TABLE_FORMS:
+        raise ValueError(f"table must be one of {', '.join(map(repr, TABLE_FORMS))}, got {table!r}")
     # Whatever is written must decode under the default limits.
     if len(entries) > DEFAULT_LIMITS.max_tensors:
         raise ValueError(f"an update of {len(entries)} tensors exceeds the format's default limit of "
@@ -457,24 +563,28 @@ def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int])
         raise ValueError(f"an update of {total} elements exceeds the format's default limit of "
                          f"{DEFAULT_LIMITS.max_total_elements}")
     spec_bytes = spec.encode("utf-8")
-    parts = [_varint(len(spec_bytes)), spec_bytes, _varint(len(entries))]
+    heads = [_entry_head(e.name, e.dtype, e.shape) for e in entries]
+    compact = table == "digest"
+    parts = [_varint(len(spec_bytes)), spec_bytes]
+    if compact:
+        parts.append(_digest(heads))
+    parts.append(_varint(len(entries)))
     sections = []
-    for e in entries:
-        name = e.name.encode("utf-8")
+    for e, head in zip(entries, heads):
         index_bytes = b""
         if e.kind == KIND_SPARSE:
             n = int(np.prod(e.shape, dtype=np.int64)) if e.shape else 1
             index_bytes = ops.encode_indices(e.indices, n)
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
-        parts += [_varint(len(name)), name, bytes((DTYPE_CODE[e.dtype], len(e.shape))),
-                  b"".join(_varint(d) for d in e.shape), bytes((e.kind, vcode, flags)),
-                  _varint(e.count), _varint(e.bucket), _varint(e.rht_block), _varint(len(index_bytes)),
-                  _varint(len(e.values))]
+        if not compact:
+            parts.append(head)
+        parts += [bytes((e.kind, vcode, flags)), _varint(e.count), _varint(e.bucket), _varint(e.rht_block),
+                  _varint(len(index_bytes)), _varint(len(e.values))]
         sections += [index_bytes, e.values]
     body = b"".join(parts + sections)
     raw_size = len(body)
-    flags = 0
+    flags = FLAG_TABLE_DIGEST if compact else 0
     size_field = b""
     if zstd_level is not None:
         # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
@@ -519,6 +629,7 @@ class Parsed:
     payload_size: int
     body_size: int
     tensors: list = field(default_factory=list)
+    table_digest: Optional[bytes] = None   # what a payload without its table carries
 
 
 class _Reader:
@@ -571,8 +682,31 @@ def _as_buffer(payload: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def parse(payload: Any, limits: Limits = DEFAULT_LIMITS) -> Parsed:
-    """Validates a whole payload and returns its table with section views."""
+def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> Parsed:
+    """Validates a whole payload and returns its table with section views.
+
+    ``table`` (as for :func:`table_digest`) is the model the payload must be made
+    for: a payload without its table needs it, and one with its table must match it."""
+    known = None if table is None else table_entries(table)
+    parsed, body = _open(payload, limits)
+    _parse_body(body, parsed, limits, known)
+    return parsed
+
+
+def payload_table_digest(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> Optional[bytes]:
+    """The table digest a payload carries instead of its tensor table, or None when it
+    carries its table. Checks the header, checksum and body framing only: for telling
+    which model a payload was made for before decoding it with that model's table."""
+    parsed, body = _open(payload, limits)
+    if not parsed.flags & FLAG_TABLE_DIGEST:
+        return None
+    r = _Reader(body, "payload body")
+    r.take(r.varint("codec spec length"), "codec spec")
+    return bytes(r.take(DIGEST_BYTES, "tensor table digest"))
+
+
+def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
+    """Checks the header and trailer and returns the (decompressed) body."""
     buf = _as_buffer(payload)
     if len(buf) < HEADER.size + TRAILER.size:
         raise DecodeError(f"payload truncated: {len(buf)} bytes, the header and checksum alone take "
@@ -582,7 +716,7 @@ def parse(payload: Any, limits: Limits = DEFAULT_LIMITS) -> Parsed:
         raise DecodeError(f"not a fedpress payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
         raise DecodeError(f"unsupported payload format version {version} (this decoder reads {FORMAT_VERSION})")
-    if flags & ~FLAG_ZSTD:
+    if flags & ~HEADER_FLAGS:
         raise DecodeError(f"unknown header flags 0x{flags:02x} (reserved bits must be zero)")
     end = len(buf) - TRAILER.size
     head = _Reader(buf[:end], "payload header")
@@ -604,8 +738,7 @@ def parse(payload: Any, limits: Limits = DEFAULT_LIMITS) -> Parsed:
         body = stored
         raw_size = body_size
     parsed = Parsed(spec="", seed=seed, version=version, flags=flags, payload_size=len(buf), body_size=raw_size)
-    _parse_body(body, parsed, limits)
-    return parsed
+    return parsed, body
 
 
 def _unzstd(stored: memoryview, raw_size: int) -> bytes:
@@ -626,37 +759,44 @@ def _unzstd(stored: memoryview, raw_size: int) -> bytes:
     return out
 
 
-def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
+def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optional[list[TableEntry]]) -> None:
     r = _Reader(body, "payload body")
     spec_len = r.varint("codec spec length")
     try:
         parsed.spec = bytes(r.take(spec_len, "codec spec")).decode("utf-8")
     except UnicodeDecodeError:
         raise DecodeError("codec spec is not valid UTF-8") from None
+    compact = bool(parsed.flags & FLAG_TABLE_DIGEST)
+    if compact:
+        digest = parsed.table_digest = bytes(r.take(DIGEST_BYTES, "tensor table digest"))
+        if known is None:
+            raise DecodeError(f"payload omits its tensor table (digest 0x{digest.hex()}); pass table= "
+                              "(the model it was made for)")
+        expected = _digest([_entry_head(*e) for e in known])
+        if digest != expected:
+            raise DecodeError(f"tensor table digest 0x{digest.hex()} does not match the receiver's model "
+                              f"(0x{expected.hex()})")
     n_tensors = r.varint("tensor count")
     if n_tensors > limits.max_tensors:
         raise DecodeError(f"tensor count {n_tensors} exceeds the limit of {limits.max_tensors}")
-    # Each table entry takes at least ENTRY_MIN_BYTES: refuse counts the body cannot hold.
-    if n_tensors * ENTRY_MIN_BYTES > len(body) - r.pos:
+    if compact and known is not None and n_tensors != len(known):
+        raise DecodeError(f"tensor count {n_tensors} differs from the receiver's model's {len(known)} tensors")
+    # Each table entry takes at least ENTRY_MIN_BYTES (a compact one COMPACT_ENTRY_MIN_BYTES):
+    # refuse counts the body cannot hold.
+    min_bytes = COMPACT_ENTRY_MIN_BYTES if compact else ENTRY_MIN_BYTES
+    if n_tensors * min_bytes > len(body) - r.pos:
         raise DecodeError(f"tensor count {n_tensors} cannot fit in the {len(body) - r.pos} bytes left")
     names = set()
     total_elements = total_bytes = 0
     records = []
     for ordinal in range(n_tensors):
-        name_len = r.varint(f"tensor {ordinal} name length")
-        try:
-            name = bytes(r.take(name_len, f"tensor {ordinal} name")).decode("utf-8")
-        except UnicodeDecodeError:
-            raise DecodeError(f"tensor {ordinal} name is not valid UTF-8") from None
-        if name in names:
-            raise DecodeError(f"tensor name {name!r} appears twice")
-        names.add(name)
-        dtype_code, ndim = r.unpack(_BB, f"tensor {name!r} dtype")
-        if dtype_code >= len(DTYPES):
-            raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
-        if ndim > limits.max_dims:
-            raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
-        shape = tuple(r.varint(f"tensor {name!r} dimension {d}") for d in range(ndim))
+        if compact:
+            assert known is not None
+            name, dtype, shape = known[ordinal]
+            if len(shape) > limits.max_dims:  # the receiver's table meets the same limits
+                raise DecodeError(f"tensor {name!r}: {len(shape)} dimensions exceed the limit of {limits.max_dims}")
+        else:
+            name, dtype, shape = _read_entry_head(r, ordinal, names, limits)
         size = 1
         for d in shape:
             # Each dimension on its own too: a zero elsewhere must not hide a huge one.
@@ -664,7 +804,6 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
             size = min(size, limits.max_elements + 1)
         if size > limits.max_elements or any(d > limits.max_elements for d in shape):
             raise DecodeError(f"tensor {name!r}: shape {shape} exceeds the limit of {limits.max_elements} elements")
-        dtype = DTYPES[dtype_code]
         kind, vcode, flags = r.unpack(_BBB, f"tensor {name!r} kind")
         count = r.varint(f"tensor {name!r} count")
         bucket = r.varint(f"tensor {name!r} bucket")
@@ -680,6 +819,10 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
         if total_bytes > limits.max_decoded_bytes:
             raise DecodeError(f"payload decodes to more than {limits.max_decoded_bytes} bytes")
         records.append(rec)
+    if not compact and known is not None:
+        got = [(rec.name, rec.dtype, rec.shape) for rec in records]
+        if got != known:
+            raise DecodeError(table_difference(known, got, "the receiver's model"))
     for rec in records:
         rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
         rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
@@ -692,6 +835,25 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits) -> None:
     if r.pos != len(body):
         raise DecodeError(f"{len(body) - r.pos} trailing bytes after the last section")
     parsed.tensors = records
+
+
+def _read_entry_head(r: _Reader, ordinal: int, names: set, limits: Limits) -> TableEntry:
+    """Name, dtype and shape of an inline table entry, checked (the size is checked by the caller)."""
+    name_len = r.varint(f"tensor {ordinal} name length")
+    try:
+        name = bytes(r.take(name_len, f"tensor {ordinal} name")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"tensor {ordinal} name is not valid UTF-8") from None
+    if name in names:
+        raise DecodeError(f"tensor name {name!r} appears twice")
+    names.add(name)
+    dtype_code, ndim = r.unpack(_BB, f"tensor {name!r} dtype")
+    if dtype_code >= len(DTYPES):
+        raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
+    if ndim > limits.max_dims:
+        raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
+    shape = tuple(r.varint(f"tensor {name!r} dimension {d}") for d in range(ndim))
+    return name, DTYPES[dtype_code], shape
 
 
 def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, block,
@@ -803,10 +965,14 @@ def _to_output(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(_output_dtype(dtype), copy=False)
 
 
-def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> dict[str, np.ndarray]:
     """Restores an update from payload bytes alone: ``{name: array}`` with the
-    original shapes and dtypes (bfloat16 tensors come back as float32)."""
-    parsed = parse(payload, limits)
+    original shapes and dtypes (bfloat16 tensors come back as float32).
+
+    ``table``: the model the payload was made for, as for :func:`table_digest` (a
+    mapping of names to arrays, or a list of (name, dtype name, shape)). A payload
+    encoded with ``table="digest"`` needs it; any other payload must then match it."""
+    parsed = parse(payload, limits, table)
     out: dict[str, np.ndarray] = {}
     for rec in parsed.tensors:
         if rec.kind == KIND_RAW:
@@ -822,10 +988,12 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.nda
     return out
 
 
-def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> dict[str, Any]:
     """What a payload holds: codec, each tensor's name, shape, dtype, section kind
-    and bytes, the raw (float32/original) size, the payload size and the ratio."""
-    parsed = parse(payload, limits)
+    and bytes, the raw (float32/original) size, the payload size and the ratio,
+    whether the table travels inline or as a digest, and the table's digest.
+    ``table`` as for :func:`decode`."""
+    parsed = parse(payload, limits, table)
     tensors = []
     raw = 0
     for rec in parsed.tensors:
@@ -842,8 +1010,10 @@ def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
                                    "rotation_seed": rec.eden.rotation_seed,
                                    "outliers": int(rec.eden.outlier_idx.size)}
     size = parsed.payload_size
+    digest = parsed.table_digest or _digest([_entry_head(r.name, r.dtype, r.shape) for r in parsed.tensors])
     return {
         "codec": parsed.spec, "format_version": parsed.version, "zstd": bool(parsed.flags & FLAG_ZSTD),
+        "table": "digest" if parsed.flags & FLAG_TABLE_DIGEST else "inline", "table_digest": digest.hex(),
         "seed": parsed.seed, "tensors": tensors, "raw_bytes": raw, "payload_bytes": size,
         "ratio": (raw / size) if size else 0.0,
     }

@@ -9,7 +9,10 @@ fp.decode returned for it). tests/test_payload.py decodes the stored bytes and
 compares them with the stored arrays, and re-encodes golden_input() to check
 that the same bytes come out: a change of the wire format, of a value stage or
 of a seeded random choice shows up there and needs a new format version (or,
-deliberately, regenerated golden files).
+deliberately, regenerated golden files). Each spec in DIGEST_SPECS is written
+the same way with Codec(spec, table="digest") (the payload without its tensor
+table) as golden_v1_<name>-table_digest.*, and tests/test_table_digest.py
+checks those.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ HERE = pathlib.Path(__file__).resolve().parent
 SEED = 20240611
 SPECS = ("fp32", "fp16", "q8+zstd:3", "sign", "topk:0.05+q4+zstd", "randk:0.1+fp16", "thresh:0.1+bf16",
          "eden3", "eden4:shared", "topk:0.5+eden2:mse")
+DIGEST_SPECS = ("topk:0.05+q4",)  # written with table="digest"
 
 
-def file_stem(spec: str) -> str:
-    return "golden_v1_" + spec.replace(":", "_").replace("+", "-")
+def file_stem(spec: str, table: str = "inline") -> str:
+    stem = "golden_v1_" + spec.replace(":", "_").replace("+", "-")
+    return stem + "-table_digest" if table == "digest" else stem
 
 
 def golden_input() -> dict:
@@ -45,19 +50,24 @@ def golden_input() -> dict:
     }
 
 
-def main(specs: tuple = SPECS) -> None:
+def main(specs: tuple = SPECS, digest_specs: tuple = DIGEST_SPECS) -> None:
     import fedpress as fp
 
     update = golden_input()
-    for spec in specs:
-        payload = fp.Codec(spec).encode(update, seed=SEED)
-        stem = file_stem(spec)
+    for spec, table in [(s, "inline") for s in specs] + [(s, "digest") for s in digest_specs]:
+        payload = fp.Codec(spec, table=table).encode(update, seed=SEED)
+        stem = file_stem(spec, table)
         (HERE / f"{stem}.bin").write_bytes(payload)
-        np.savez_compressed(HERE / f"{stem}.npz", **fp.decode(payload))
+        np.savez_compressed(HERE / f"{stem}.npz", **fp.decode(payload, table=update))
         print(f"{stem}: {len(payload)} bytes")
 
 
 if __name__ == "__main__":
     import sys
 
-    main(tuple(sys.argv[1:]) or SPECS)  # python tests/data/make_golden.py [SPEC ...]
+    named = tuple(sys.argv[1:])  # python tests/data/make_golden.py [SPEC ...]
+    if named:
+        main(tuple(s for s in named if s in SPECS or s not in DIGEST_SPECS),
+             tuple(s for s in named if s in DIGEST_SPECS))
+    else:
+        main()

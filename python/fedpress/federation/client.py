@@ -40,7 +40,8 @@ from ..codec import parse_spec
 from ..encoder import Encoder
 from ..payload import DecodeError, decode
 from . import protocol as P
-from .model import align_update, apply_delta
+from .._seeds import derive_seed
+from .model import align_update, apply_delta, as_params, canonical, model_tag
 from .transport import Connection, open_connection
 
 __all__ = ["Client", "parse_address"]
@@ -86,6 +87,13 @@ class Client:
     connect_timeout: seconds for TCP connect plus TLS and the handshake.
     max_frame_bytes: the largest TASK accepted.
     downlink_deltas: ask for compressed downlink deltas (when the server has a downlink codec).
+    initial_params: the initial model, when this client builds it itself (the same model
+        factory and seed as the server): it announces the model's tag and the server
+        sends compressed deltas from the first round on instead of the full model.
+    seed: makes every payload's random choices a function of (seed, client id, round),
+        so a run repeats byte for byte (None: fresh randomness).
+    clip, warmup_rounds, warmup_start: the Encoder's local clipping and density warm-up.
+    codec_options: more :class:`fedpress.Codec` options (e.g. ``table="digest"``).
     """
 
     def __init__(self, connect: str, token: Any, train_fn: TrainFn, codec: Optional[str] = None,
@@ -94,7 +102,10 @@ class Client:
                  backoff: float = 0.5, max_backoff: float = 30.0, *, server_hostname: Optional[str] = None,
                  momentum: Optional[float] = None, connect_timeout: float = 10.0,
                  max_frame_bytes: int = P.DEFAULT_MAX_FRAME, train_in_thread: bool = True,
-                 downlink_deltas: bool = True, shutdown_timeout: float = 5.0) -> None:
+                 downlink_deltas: bool = True, shutdown_timeout: float = 5.0,
+                 initial_params: Optional[Mapping[str, Any]] = None, seed: Optional[int] = None,
+                 clip: Optional[float] = None, warmup_rounds: int = 0, warmup_start: float = 0.25,
+                 codec_options: Optional[Mapping[str, Any]] = None) -> None:
         self.host, self.port = parse_address(connect)
         self.token = P.as_token(token)
         if not callable(train_fn):
@@ -121,6 +132,9 @@ class Client:
         self.max_frame_bytes = int(max_frame_bytes)
         self.train_in_thread = bool(train_in_thread)
         self.downlink_deltas = bool(downlink_deltas)
+        self.seed = None if seed is None else int(seed)
+        self.encoder_options: dict[str, Any] = {"clip": clip, "warmup_rounds": int(warmup_rounds),
+                                                "warmup_start": float(warmup_start), **dict(codec_options or {})}
 
         #: The fedpress Encoder (created at the first TASK, kept across reconnects).
         self.encoder: Optional[Encoder] = None
@@ -138,6 +152,9 @@ class Client:
         }
         self._conn: Optional[Connection] = None
         self._rng = random.Random()
+        if initial_params is not None:
+            self.model = canonical(as_params(initial_params))
+            self.model_tag = model_tag(self.model)
 
     def __repr__(self) -> str:
         return f"Client({self.host}:{self.port}, id={self.client_id!r}, codec={self.codec!r})"
@@ -298,7 +315,8 @@ class Client:
         self.model, self.model_tag = model, task.model_tag
         codec = self.codec or task.config.get("codec") or self.settings.get("codec") or "fp32"
         if self.encoder is None or (self.codec is None and self.encoder.spec != str(parse_spec(codec))):
-            self.encoder = Encoder(codec, error_feedback=self.error_feedback, momentum=self.momentum)
+            self.encoder = Encoder(codec, error_feedback=self.error_feedback, momentum=self.momentum,
+                                   **self.encoder_options)
         try:
             result = await self._call(self.train_fn, {k: v.copy() for k, v in model.items()}, dict(task.config))
             if not isinstance(result, (tuple, list)) or len(result) != 3:
@@ -313,13 +331,15 @@ class Client:
             # edenB:shared rotates with the round's common seed (the server sums in the rotated domain).
             shared = encoder.codec.spec.eden_mode == "shared"
             rotation_seed = task.config.get("rotation_seed") if shared else None
-            payload = await asyncio.to_thread(functools.partial(encoder.encode, aligned,
-                                                                rotation_seed=rotation_seed))
+            payload_seed = None if self.seed is None else derive_seed(self.seed, self.client_id, r)
+            payload = await asyncio.to_thread(functools.partial(encoder.encode, aligned, seed=payload_seed,
+                                                                rotation_seed=rotation_seed, round=r))
         except Exception as exc:  # noqa: BLE001 - a failed round is reported, the client carries on
             log.exception("client %s: training failed in round %d", self.client_id, r)
             await self._send_failure(conn, r, repr(exc))
             return
-        metrics.setdefault("train_seconds", round(time.monotonic() - started, 6))
+        if self.seed is None:  # with a seed the bytes repeat exactly: no timings in them
+            metrics.setdefault("train_seconds", round(time.monotonic() - started, 6))
         update_frame = P.Update(r, num_examples, metrics, payload)
         await conn.send(P.FrameType.UPDATE, *update_frame.parts())
         self.stats["uplink_payload_bytes"] += len(payload)

@@ -21,11 +21,23 @@ one they hold; the others receive the replica in full. Delta application is
 float32 arithmetic on both sides, so client and server replicas stay
 bit-identical; float64 tensors are kept at float32 precision in the replica
 (they travel as float32 values).
+
+The first replica's tag is a digest of the initial model itself
+(:func:`model_tag`), so a client that builds the same initial model (the same
+model factory and seed) announces that tag and receives deltas from the first
+round on: the initial model need not cross the wire.
+
+Server momentum (FedAvgM, Hsu et al. 2019): ``m = beta * m + mean``, then
+``global += server_lr * m``; with sparse updates it keeps applying the
+coordinates a round's sample did not touch, so what rarely-sampled clients
+sent keeps acting (:class:`ServerOptimizer`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -34,12 +46,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._seeds import derive_seed
 from ..codec import Codec, _to_numpy
 from ..payload import decode
 from .protocol import TAG_BYTES, new_tag
 
 __all__ = ["as_params", "table", "canonical", "encode_full", "decode_params", "make_delta", "apply_delta",
-           "apply_update", "align_update", "zero_reference", "Downlink", "save_checkpoint",
+           "apply_update", "align_update", "zero_reference", "Downlink", "ServerOptimizer", "model_tag", "save_checkpoint",
            "load_checkpoint", "atomic_write", "CHECKPOINT_JSON"]
 
 _FULL = Codec("fp32")
@@ -149,6 +162,45 @@ def align_update(update: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> 
     return out
 
 
+def model_tag(params: Mapping[str, np.ndarray]) -> bytes:
+    """The tag of an initial model: the first TAG_BYTES of SHA-256 over its full fp32
+    payload, so a client holding the same model computes the same tag."""
+    return hashlib.sha256(encode_full(canonical(params))).digest()[:TAG_BYTES]
+
+
+class ServerOptimizer:
+    """The server's step from the weighted mean update: plain FedAvg
+    (``global += server_lr * mean``) or, with ``momentum`` beta > 0, FedAvgM
+    (``m = beta * m + mean; global += server_lr * m``) on the float tensors;
+    integer and bool tensors follow :func:`apply_update`."""
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0) -> None:
+        self.server_lr = float(server_lr)
+        if not math.isfinite(self.server_lr):
+            raise ValueError(f"server_lr must be finite, got {server_lr}")
+        self.momentum = float(momentum)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def step(self, params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.momentum == 0.0:
+            return apply_update(params, mean, self.server_lr)
+        moved = dict(mean)
+        for k, g in params.items():
+            if g.dtype.kind != "f":
+                continue
+            work = np.float64 if g.dtype == np.float64 else np.float32
+            m = self.buffers.get(k)
+            if m is None or m.shape != g.shape:
+                m = np.zeros(g.shape, work)
+            m *= work(self.momentum)
+            m += mean[k].astype(work, copy=False)
+            self.buffers[k] = m
+            moved[k] = m
+        return apply_update(params, moved, self.server_lr)
+
+
 def zero_reference(params: Mapping[str, np.ndarray]) -> bytes:
     """A payload of zeros with the model's tensor table: added to an
     Aggregator with weight 0, it makes every payload with another table fail."""
@@ -162,11 +214,15 @@ class Downlink:
     ``chain`` holds the last ``history`` deltas as (base tag, tag, payload).
     """
 
-    def __init__(self, spec: Optional[str], params: Mapping[str, np.ndarray], history: int = 8) -> None:
+    def __init__(self, spec: Optional[str], params: Mapping[str, np.ndarray], history: int = 8,
+                 seed: Optional[int] = None) -> None:
         self.codec = Codec(spec) if spec else None
         self.history = max(0, int(history))
+        #: With a seed, each delta's random choices derive from (seed, version): runs repeat exactly.
+        self.seed = None if seed is None else int(seed)
+        self.version = 0
         self.replica = canonical(params)
-        self.tag = new_tag()
+        self.tag = model_tag(self.replica)
         self.chain: list[tuple[bytes, bytes, bytes]] = []
         self._full: Optional[tuple[bytes, bytes]] = None
 
@@ -177,7 +233,9 @@ class Downlink:
         if self.codec is None:
             self.replica = canonical(params)
             return
-        payload = self.codec.encode(make_delta(params, self.replica))
+        self.version += 1
+        seed = None if self.seed is None else derive_seed(self.seed, "downlink", self.version)
+        payload = self.codec.encode(make_delta(params, self.replica), seed=seed)
         self.replica = apply_delta(self.replica, decode(payload))
         self.chain.append((old, self.tag, payload))
         del self.chain[:max(0, len(self.chain) - self.history)]
@@ -204,7 +262,7 @@ class Downlink:
 
     # -- persistence
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        meta = {"tag": self.tag.hex(),
+        meta = {"tag": self.tag.hex(), "version": self.version,
                 "chain": [{"base": b.hex(), "tag": t.hex()} for b, t, _ in self.chain]}
         arrays = {f"r{i}": v for i, v in enumerate(self.replica.values())}
         arrays.update({f"h{i}": np.frombuffer(p, np.uint8) for i, (_, _, p) in enumerate(self.chain)})
@@ -213,6 +271,7 @@ class Downlink:
     def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], names: list) -> None:
         self.replica = {name: np.array(arrays[f"r{i}"]) for i, name in enumerate(names)}
         self.tag = bytes.fromhex(meta["tag"])
+        self.version = int(meta.get("version", 0))
         self.chain = [(bytes.fromhex(c["base"]), bytes.fromhex(c["tag"]), np.asarray(arrays[f"h{i}"]).tobytes())
                       for i, c in enumerate(meta.get("chain", []))]
         self._full = None

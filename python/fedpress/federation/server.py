@@ -45,11 +45,11 @@ from ..codec import parse_spec
 from ..payload import DecodeError
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow
-from .model import (CHECKPOINT_JSON, Downlink, apply_update, as_params, atomic_write, load_checkpoint,
+from .model import (CHECKPOINT_JSON, Downlink, ServerOptimizer, as_params, atomic_write, load_checkpoint,
                     save_checkpoint, table, zero_reference)
 from .transport import Connection, CountingProtocol, CountingTransport, establish
 
-__all__ = ["Server"]
+__all__ = ["Server", "round_config"]
 
 log = logging.getLogger("fedpress.federation.server")
 
@@ -101,6 +101,7 @@ class Server:
     round_timeout: seconds from sending the TASKs until the round closes.
     min_fit: valid updates needed for the round to change the model.
     server_lr: the server step applied to the mean update.
+    server_momentum: FedAvgM's beta (0: plain FedAvg); see :class:`ServerOptimizer`.
     evaluate_fn: ``evaluate_fn(params) -> {"loss": .., "accuracy": ..}`` after
         each round (and on the initial model, in the round-0 row).
     out_dir: where ``rounds.jsonl`` and the checkpoints go (None: nowhere).
@@ -128,7 +129,8 @@ class Server:
                  handshake_timeout: float = 10.0, *,
                  fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
                  downlink_history: int = 8, shutdown_timeout: float = 5.0,
-                 wait_timeout: Optional[float] = None, max_pending: int = 256) -> None:
+                 wait_timeout: Optional[float] = None, max_pending: int = 256,
+                 server_momentum: float = 0.0) -> None:
         if token is None:
             raise ValueError("token is required: the shared secret clients authenticate with")
         self.token = P.as_token(token)
@@ -152,6 +154,7 @@ class Server:
         self.server_lr = float(server_lr)
         if not math.isfinite(self.server_lr):
             raise ValueError(f"server_lr must be finite, got {server_lr}")
+        self.optimizer = ServerOptimizer(self.server_lr, server_momentum)
         self.evaluate_fn = evaluate_fn
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if resume and self.out_dir is None:
@@ -272,7 +275,7 @@ class Server:
     def _prepare_state(self) -> None:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history)
+        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history, seed=self.seed)
         self._reference = zero_reference(self.params)
         if self.out_dir is None:
             return
@@ -294,7 +297,7 @@ class Server:
         self.params = {k: np.array(v) for k, v in params.items()}
         self._start_round = self.round = int(meta["round"])
         self.federation_id = str(meta.get("federation", self.federation_id))
-        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history)
+        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history, seed=self.seed)
         if self.downlink is not None and meta.get("downlink") and meta.get("downlink_spec") == self.downlink:
             self._downlink_state.restore(meta["downlink"], arrays, list(self.params))
         rows = []
@@ -541,15 +544,7 @@ class Server:
                 pass
 
     def _config(self, r: int) -> dict[str, Any]:
-        # One rotation seed per round: clients coding edenB:shared all rotate with it, so the
-        # aggregator sums them in the rotated domain and inverts once.
-        rotation_seed = int(np.random.SeedSequence([self.seed, r, 0x0E0E]).generate_state(1, np.uint64)[0])
-        config: dict[str, Any] = {"round": r, "rounds": self.rounds, "codec": self.codec,
-                                  "rotation_seed": rotation_seed}
-        extra = self.fit_config(r) if callable(self.fit_config) else self.fit_config
-        if extra:
-            config.update(dict(extra))
-        return config
+        return round_config(self.seed, r, self.rounds, self.codec, self.fit_config)
 
     async def _send_task(self, peer: _Peer, task: P.Task) -> None:
         try:
@@ -644,7 +639,7 @@ class Server:
     def _step(self, aggregator: Aggregator) -> dict[str, np.ndarray]:
         """The next global model, and the downlink replica that follows it (worker thread)."""
         assert self._downlink_state is not None
-        params = apply_update(self.params, aggregator.result(copy=False), self.server_lr)
+        params = self.optimizer.step(self.params, aggregator.result(copy=False))
         self._downlink_state.advance(params)
         return params
 
@@ -710,6 +705,20 @@ class Server:
         if self._listener is not None:
             await self._listener.wait_closed()
         log.info("server closed")
+
+
+def round_config(seed: int, r: int, rounds: int, codec: Optional[str],
+                 fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None
+                 ) -> dict[str, Any]:
+    """The config a round's TASKs carry (the in-process sweep sends the same bytes)."""
+    # One rotation seed per round: clients coding edenB:shared all rotate with it, so the
+    # aggregator sums them in the rotated domain and inverts once.
+    rotation_seed = int(np.random.SeedSequence([seed, r, 0x0E0E]).generate_state(1, np.uint64)[0])
+    config: dict[str, Any] = {"round": r, "rounds": rounds, "codec": codec, "rotation_seed": rotation_seed}
+    extra = fit_config(r) if callable(fit_config) else fit_config
+    if extra:
+        config.update(dict(extra))
+    return config
 
 
 def _peer(counting: CountingTransport) -> str:

@@ -1,0 +1,178 @@
+"""The algorithms around the codec, each against a small numpy reference:
+DGC's local clipping and density warm-up in the Encoder, server momentum
+(FedAvgM), and compressed downlink deltas with server-side error feedback
+that a client catches up on exactly after skipped rounds."""
+
+from __future__ import annotations
+
+import math
+
+import fedpress as fp
+import numpy as np
+import pytest
+from fedpress._seeds import derive_seed
+from fedpress.federation.model import Downlink, ServerOptimizer, apply_delta, apply_update, canonical, model_tag
+from fedpress.payload import decode
+
+
+def top_k_reference(acc: np.ndarray, k: int) -> np.ndarray:
+    keep = np.argsort(-np.abs(acc), kind="stable")[:k]
+    out = np.zeros_like(acc)
+    out[keep] = acc[keep]
+    return out
+
+
+# ------------------------------------------------------------ local clipping --
+def test_clipping_matches_a_numpy_reference() -> None:
+    """DGC with clipping: g <- g * min(1, C/||g||) over all float tensors, then
+    momentum correction, error feedback and top-k as before."""
+    clip, m, ratio = 3.0, 0.9, 0.05
+    rng = np.random.default_rng(7)
+    enc = fp.Encoder(f"topk:{ratio}", momentum=m, clip=clip)
+    sizes = {"a": 300, "b": 200}
+    v = {k: np.zeros(n, np.float32) for k, n in sizes.items()}
+    r = {k: np.zeros(n, np.float32) for k, n in sizes.items()}
+    n_total = sum(sizes.values())
+    k = int(round(ratio * n_total))
+    for t in range(5):
+        g = {name: (rng.standard_normal(n) * (1 + 2 * t)).astype(np.float32) for name, n in sizes.items()}
+        g["steps"] = np.array(t, np.int64)  # integer tensors are neither clipped nor counted in the norm
+        norm = math.sqrt(sum(float(np.dot(g[n].astype(np.float64), g[n])) for n in sizes))
+        scale = np.float32(clip / norm) if norm > clip else None
+        acc = {}
+        for name in sizes:
+            gi = g[name] * scale if scale is not None else g[name].copy()
+            v[name] = v[name] * np.float32(m) + gi if t else gi
+            acc[name] = v[name] + r[name]
+        flat = np.concatenate([acc["a"], acc["b"]])
+        sent_flat = top_k_reference(flat, k)
+        sent_ref = {"a": sent_flat[:300], "b": sent_flat[300:]}
+        sent = fp.decode(enc.encode(g, seed=t))
+        assert int(sent["steps"]) == t
+        for name in sizes:
+            np.testing.assert_allclose(sent[name], sent_ref[name], rtol=1e-5, atol=1e-6)
+            r[name] = acc[name] - sent_ref[name]
+            v[name][sent_ref[name] != 0] = 0
+            np.testing.assert_allclose(enc.residuals[name], r[name], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(enc.velocities[name], v[name], rtol=1e-5, atol=1e-5)
+    assert enc.state_dict()["clip"] == clip
+
+
+def test_clipping_leaves_small_updates_alone() -> None:
+    x = {"w": np.full(100, 0.01, np.float32)}
+    a = fp.decode(fp.Encoder("fp32", clip=10.0).encode(x, seed=1))
+    np.testing.assert_array_equal(a["w"], x["w"])
+    b = fp.decode(fp.Encoder("fp32", clip=0.05).encode(x, seed=1))
+    assert np.linalg.norm(b["w"]) == pytest.approx(0.05, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_clip_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="clip"):
+        fp.Encoder("topk:0.1", clip=bad)
+
+
+# ------------------------------------------------------------ density warm-up --
+def test_warmup_density_schedule_and_payloads() -> None:
+    """Density falls geometrically from warmup_start to the spec's ratio over the warm-up
+    (DGC's exponential schedule), and each payload keeps round(density * n) entries."""
+    target, start, rounds, n = 0.01, 0.25, 4, 10_000
+    enc = fp.Encoder(f"topk:{target}+fp32", warmup_rounds=rounds, warmup_start=start)
+    expected = [start * (target / start) ** (t / rounds) for t in range(rounds)] + [target, target]
+    assert [enc.density(r) for r in range(1, 7)] == pytest.approx(expected)
+    rng = np.random.default_rng(0)
+    for r in range(1, 7):
+        payload = enc.encode({"w": rng.standard_normal(n).astype(np.float32)}, seed=r, round=r)
+        kept = int(np.count_nonzero(decode(payload)["w"]))
+        assert kept == int(round(expected[r - 1] * n))
+        assert fp.inspect(payload)["codec"] == f"topk:{expected[r - 1]!r}+fp32"
+    # Without a round number the encoder counts its own calls.
+    own = fp.Encoder(f"topk:{target}", warmup_rounds=rounds, warmup_start=start)
+    assert own.density() == pytest.approx(start)
+    own.encode({"w": np.ones(100, np.float32)})
+    assert own.density() == pytest.approx(expected[1])
+
+
+def test_warmup_needs_a_sparsifier_and_sane_arguments() -> None:
+    with pytest.raises(ValueError, match="sparsifier"):
+        fp.Encoder("q8", warmup_rounds=3)
+    with pytest.raises(ValueError, match="warmup_start"):
+        fp.Encoder("topk:0.01", warmup_rounds=3, warmup_start=0.0)
+    with pytest.raises(ValueError, match="warmup_rounds"):
+        fp.Encoder("topk:0.01", warmup_rounds=-1)
+    # A start below the target is no warm-up at all.
+    assert fp.Encoder("topk:0.5", warmup_rounds=3, warmup_start=0.1).density(1) == 0.5
+
+
+# ------------------------------------------------------------ server momentum --
+def test_server_momentum_matches_fedavgm() -> None:
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal(50).astype(np.float32), "n": np.array(3, np.int64),
+              "flag": np.array(True)}
+    opt = ServerOptimizer(server_lr=0.5, momentum=0.9)
+    w, m = params["w"].copy(), np.zeros(50, np.float32)
+    for t in range(5):
+        mean = {"w": rng.standard_normal(50).astype(np.float32), "n": np.array(1, np.int64),
+                "flag": np.array(t % 2 == 0)}
+        params = opt.step(params, mean)
+        m = np.float32(0.9) * m + mean["w"]
+        w = w + np.float32(0.5) * m
+        np.testing.assert_allclose(params["w"], w, rtol=1e-6, atol=1e-6)
+        assert int(params["n"]) == 3 + t + 1 and bool(params["flag"]) == (t % 2 == 0)
+    plain = ServerOptimizer(server_lr=1.0)
+    assert plain.step(params, mean)["w"].tolist() == apply_update(params, mean, 1.0)["w"].tolist()
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="momentum"):
+            ServerOptimizer(momentum=bad)
+
+
+# --------------------------------------------- downlink with server-side EF --
+def test_downlink_error_feedback_and_exact_catch_up() -> None:
+    """replica += decode(C(global - replica)) each round, so what a round does not send
+    stays in global - replica and goes out later; a client that skipped rounds applies
+    the deltas it missed and holds exactly the server's replica."""
+    rng = np.random.default_rng(5)
+    params = canonical({"w": rng.standard_normal(4000).astype(np.float32),
+                        "b": rng.standard_normal(10).astype(np.float32)})
+    dl = Downlink("topk:0.05+q8+zstd", params, history=100, seed=9)
+    assert dl.tag == model_tag(params)  # a client that built the same model knows this tag
+    replica = {k: v.copy() for k, v in params.items()}
+    held = {"early": dl.tag, "late": dl.tag}
+    codec = fp.Codec("topk:0.05+q8+zstd")
+    client_models = {"early": dict(replica), "late": dict(replica)}
+    global_model = dict(params)
+    for t in range(1, 7):
+        global_model = {k: v + (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+                        for k, v in global_model.items()}
+        dl.advance(global_model)
+        # The numpy reference of one downlink step, with the same payload seed.
+        delta = {k: global_model[k] - replica[k] for k in replica}
+        sent = decode(codec.encode(delta, seed=derive_seed(9, "downlink", t)))
+        replica = {k: replica[k] + sent[k] for k in replica}
+        for k in replica:
+            np.testing.assert_array_equal(dl.replica[k], replica[k])
+        # Server-side error feedback: the lag is exactly what was not sent.
+        for k in replica:
+            np.testing.assert_allclose(global_model[k] - dl.replica[k], delta[k] - sent[k], atol=1e-6)
+        for name in (["early"] if t % 3 else ["early", "late"]):
+            kind, base, payloads = dl.plan(held[name], True)
+            assert kind == "delta" and base == held[name]
+            assert len(payloads) == (1 if name == "early" else 3)
+            for p in payloads:
+                client_models[name] = apply_delta(client_models[name], decode(p))
+            held[name] = dl.tag
+            for k in replica:
+                np.testing.assert_array_equal(client_models[name][k], dl.replica[k])
+    # A client that holds something else gets the full model.
+    kind, _, payloads = dl.plan(b"\x00" * 16, True)
+    assert kind == "full" and decode(payloads[0])["w"].tolist() == dl.replica["w"].tolist()
+
+
+def test_downlink_falls_back_to_the_full_model_when_the_chain_is_longer() -> None:
+    params = canonical({"w": np.zeros(100, np.float32)})
+    dl = Downlink("fp32", params, history=50, seed=0)
+    first = dl.tag
+    for t in range(3):
+        dl.advance({"w": np.full(100, t + 1.0, np.float32)})
+    kind, _, payloads = dl.plan(first, True)
+    assert kind == "full" and len(payloads) == 1  # three fp32 deltas outweigh one fp32 model
