@@ -4,6 +4,7 @@
     fedpress bench [--quick] [--json PATH] [--sizes N ...] [--repeat N] [--threads N] [--only K ...]
     fedpress inspect FILE [--json]
     fedpress demo [--quick] [--codecs SPEC ...] [--out DIR]
+    fedpress sweep --task digits|mnist --cells CELL ... [--seeds 0 1 2] [--jobs N] --out DIR
     fedpress server --port P --rounds R --clients-per-round C --min-clients M --codec SPEC ...
     fedpress client --connect HOST:P --token-file F --task digits|mnist --partition I/N ...
 
@@ -54,7 +55,7 @@ def _values_label(t: dict) -> str:
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .payload import DecodeError, inspect
+    from .payload import DecodeError, inspect, payload_table_digest
 
     try:
         if args.file == "-":
@@ -66,6 +67,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"fedpress inspect: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
+        digest = payload_table_digest(data)
+        if digest is not None:
+            print(f"fedpress inspect: {args.file}: the payload omits its tensor table (digest 0x{digest.hex()}); "
+                  "only the model it was made for can list its tensors: fedpress.inspect(data, table=model)",
+                  file=sys.stderr)
+            return 1
         info = inspect(data)
     except DecodeError as exc:
         print(f"fedpress inspect: {args.file}: invalid payload: {exc}", file=sys.stderr)
@@ -101,6 +108,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run_from_args(args)
 
 
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    from .sweep import command
+
+    command.add_arguments(parser)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .sweep import command
+
+    return command.run_from_args(args)
+
+
 def _read_token(path: str) -> bytes:
     try:
         token = open(path, "rb").read().strip()
@@ -127,6 +146,10 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--round-timeout", type=float, default=120.0)
     parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--server-momentum", type=float, default=0.0, metavar="BETA",
+                        help="server momentum (FedAvgM): keeps applying what rarely-sampled clients sent")
+    parser.add_argument("--downlink-history", type=int, default=8, metavar="N",
+                        help="downlink deltas kept for clients that skipped rounds (then: the full model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--resume", action="store_true")
@@ -155,7 +178,8 @@ def _run_server(args: argparse.Namespace) -> int:
                     rounds=args.rounds, clients_per_round=args.clients_per_round,
                     min_clients=args.min_clients, codec=args.codec, downlink=args.downlink,
                     token=_read_token(args.token_file), round_timeout=args.round_timeout,
-                    min_fit=args.min_fit, server_lr=args.server_lr,
+                    min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                    downlink_history=args.downlink_history,
                     evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
                     resume=args.resume, seed=args.seed, ssl_context=context)
     asyncio.run(server.run())
@@ -174,7 +198,17 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=None)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of local training")
+    parser.add_argument("--ef", choices=["on", "off"], default="on", help="error feedback")
+    parser.add_argument("--momentum-correction", type=float, default=None, metavar="BETA",
+                        help="DGC momentum correction with momentum-factor masking in the encoder")
+    parser.add_argument("--clip", type=float, default=None, help="largest L2 norm of an update before compression")
+    parser.add_argument("--warmup-rounds", type=int, default=0, help="DGC density warm-up over the first rounds")
+    parser.add_argument("--warmup-start", type=float, default=0.25, help="kept fraction in the first warm-up round")
+    parser.add_argument("--table", choices=["inline", "digest"], default="inline",
+                        help="digest: payloads carry only an 8-byte digest of the tensor table")
+    parser.add_argument("--seeded-model", action="store_true",
+                        help="build the initial model from --seed (as the server does) instead of downloading it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--client-id", default=None)
 
@@ -184,7 +218,7 @@ def _run_client(args: argparse.Namespace) -> int:
     import ssl
 
     from .federation import Client
-    from .train import client_partition, load_task, make_train_fn
+    from .train import client_partition, get_params, load_task, make_model, make_train_fn
 
     try:
         index_text, total_text = args.partition.split("/")
@@ -202,7 +236,10 @@ def _run_client(args: argparse.Namespace) -> int:
     client = Client(args.connect, token=_read_token(args.token_file),
                     train_fn=make_train_fn(args.task, part, epochs=args.epochs, lr=args.lr,
                                            momentum=args.momentum, seed=args.seed * 1000 + index),
-                    codec=args.codec, error_feedback=True,
+                    codec=args.codec, error_feedback=args.ef == "on", momentum=args.momentum_correction,
+                    clip=args.clip, warmup_rounds=args.warmup_rounds, warmup_start=args.warmup_start,
+                    codec_options={"table": args.table} if args.table != "inline" else None,
+                    initial_params=get_params(make_model(args.task, seed=args.seed)) if args.seeded_model else None,
                     client_id=args.client_id or f"client-{index}", ssl_context=context)
     asyncio.run(client.run())
     return 0
@@ -222,6 +259,11 @@ _SUBCOMMANDS: dict[
         "a real federation on loopback sockets for several codecs: accuracy against bytes on the wire",
         _add_demo,
         _run_demo,
+    ),
+    "sweep": (
+        "bytes against accuracy: simulate FedAvg over tasks x cells x seeds, count the federation's bytes",
+        _add_sweep,
+        _run_sweep,
     ),
     "server": (
         "run a federation server (TCP, optional TLS) on a training task",

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -38,19 +39,22 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
                    out_dir: Path, seed: int, lr: float, epochs: int, downlink: Optional[str],
                    data_dir: Optional[str], show_progress: bool) -> dict[str, Any]:
     from .federation import Client, Server
+    from .sweep.cell import parse_cell
     from .train import client_partition, get_params, load_task, make_evaluate_fn, make_model, make_train_fn
 
+    cell = parse_cell(codec)
     train, test = load_task(task, data_dir=data_dir, seed=seed)
     token = secrets.token_bytes(32)
     model = make_model(task, seed=seed)
-    run_dir = out_dir / codec.replace(":", "_").replace("+", "-")
+    run_dir = out_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", str(cell).replace("+", "-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("rounds.jsonl",):
         if (run_dir / stale).exists():
             (run_dir / stale).unlink()
     server = Server(host="127.0.0.1", port=0, initial_params=get_params(model), rounds=rounds,
-                    clients_per_round=clients_per_round, min_clients=clients, codec=codec,
-                    downlink=downlink, token=token, round_timeout=60.0, min_fit=1,
+                    clients_per_round=clients_per_round, min_clients=clients, codec=cell.spec,
+                    downlink=cell.downlink or downlink, token=token, round_timeout=60.0, min_fit=1,
+                    server_lr=cell.server_lr, server_momentum=cell.server_momentum,
                     evaluate_fn=make_evaluate_fn(task, test), out_dir=str(run_dir), seed=seed)
     label = f"{codec}"
     started = time.perf_counter()
@@ -63,8 +67,10 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
     for i in range(clients):
         part = client_partition(train, i, clients, scheme="iid", seed=seed)
         train_fn = make_train_fn(task, part, epochs=epochs, lr=lr, momentum=0.9, seed=seed * 1000 + i)
-        c = Client(f"127.0.0.1:{server.port}", token=token, train_fn=train_fn, codec=codec,
-                   error_feedback=True, client_id=f"client-{i}")
+        options = cell.encoder_options()
+        table = options.pop("table", None)
+        c = Client(f"127.0.0.1:{server.port}", token=token, train_fn=train_fn, codec=cell.spec,
+                   client_id=f"client-{i}", codec_options={"table": table} if table else None, **options)
         client_tasks.append(asyncio.create_task(c.run()))
     if show_progress:
         while not server_task.done():
@@ -157,7 +163,9 @@ def _print_table(results: list[dict], out: Path, note: Optional[str]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds and clients (under 30 s)")
-    parser.add_argument("--codecs", nargs="+", default=list(DEFAULT_CODECS), metavar="SPEC")
+    parser.add_argument("--codecs", nargs="+", default=list(DEFAULT_CODECS), metavar="CELL",
+                        help="uplink specs, each optionally with sweep cell options: SPEC[@key=value,...], "
+                             "e.g. topk:0.01+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd")
     parser.add_argument("--task", default="digits", choices=["digits", "mnist"])
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder for --task mnist")
     parser.add_argument("--rounds", type=int, default=None)
@@ -169,6 +177,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from .sweep.cell import parse_cell
+
+    for text in args.codecs:
+        try:
+            parse_cell(text)
+        except ValueError as exc:
+            print(f"fedpress demo: {exc}", file=sys.stderr)
+            return 2
     rounds = args.rounds or (4 if args.quick else 30)
     clients = args.clients or (4 if args.quick else 8)
     run_demo(codecs=args.codecs, task=args.task, rounds=rounds, clients=clients, out_dir=args.out,

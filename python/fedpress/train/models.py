@@ -21,17 +21,18 @@ def _build(task: str) -> torch.nn.Module:
     nn = require_torch().nn
     if task == "digits":  # (N, 1, 8, 8) -> 64 -> 64 -> 10
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    if task == "mnist":  # (N, 1, 28, 28) -> 16x12x12 -> 32x4x4 -> 10
+    if task == "mnist":  # (N, 1, 28, 28) -> 16x12x12 -> 32x4x4 -> 384 -> 10: 214,090 parameters
         return nn.Sequential(
             nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 384), nn.ReLU(), nn.Linear(384, 10))
     raise ValueError(f"unknown task {task!r}; choose one of digits, mnist")
 
 
 def make_model(task: str, seed: int = 0) -> torch.nn.Module:
     """The model of ``task`` (``"digits"``: an MLP 64-64-10 on (N, 1, 8, 8);
-    ``"mnist"``: a small CNN on (N, 1, 28, 28)), its initial weights a function of
+    ``"mnist"``: a CNN of 214k parameters on (N, 1, 28, 28), most of them in its
+    hidden dense layer, so it trains fast on a CPU), its initial weights a function of
     ``seed`` only. torch's global random state is left untouched."""
     torch = require_torch()
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,291 @@
+"""One FedAvg run in one process: the clients, the server and the bytes between them.
+
+No sockets, but every byte is the byte ``fedpress server`` and ``fedpress
+client`` would exchange for the same configuration: the TASK frames come from
+the federation's own :class:`~fedpress.federation.model.Downlink` (the full
+fp32 model, or the chain of compressed deltas since the model a client holds),
+the UPDATE frames from the federation's own frame layout around the client's
+payload, the round config from :func:`~fedpress.federation.server.round_config`,
+the client sampling and every seed as the server and a client with ``seed=``
+draw them. Clients start from the initial model they build themselves from the
+run's seed (``Client(initial_params=...)``), so it never crosses the wire; a
+client that has not yet been sampled, or that skipped rounds, catches up with
+the deltas it missed (or the full model, when that is smaller).
+
+Each simulated client reports ``{"loss": training loss}`` as its metrics, rounded to
+six decimals (:func:`client_metrics`). The server sums the updates in the order
+they arrive, the simulation in the order the clients were sampled: the global
+models can differ in the last bit, which the rounding keeps out of the bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from .._seeds import derive_seed
+from ..aggregate import Aggregator
+from ..encoder import Encoder
+from ..federation import protocol as P
+from ..federation.model import Downlink, ServerOptimizer, align_update, canonical, zero_reference
+from ..federation.server import round_config
+from ..train.datasets import Dataset, load_task
+from ..train.loops import evaluate, round_seed, train_local
+from ..train.models import get_params, make_model, set_params
+from ..train.partition import partition
+from .cell import Cell, parse_cell
+
+__all__ = ["Settings", "SweepTask", "builtin_task", "simulate", "client_ids", "sample_clients", "ClientTrainer",
+           "frame_bytes", "client_metrics"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The federation every cell of a sweep runs in (the issue's MNIST setting by default)."""
+
+    clients: int = 50
+    per_round: int = 10
+    alpha: float = 0.5            # Dirichlet label skew; partition="iid" ignores it
+    partition: str = "dirichlet"
+    rounds: int = 100
+    local_epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    local_momentum: float = 0.0
+    eval_every: int = 5           # the last round is always evaluated, and round 0
+    target: float = 0.95
+    downlink_history: int = 0     # deltas kept for clients that skipped rounds; 0: all rounds
+
+    def __post_init__(self) -> None:
+        for name in ("clients", "per_round", "rounds", "local_epochs", "batch_size", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.per_round > self.clients:
+            raise ValueError(f"per_round ({self.per_round}) cannot exceed clients ({self.clients})")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.local_momentum < 1.0:
+            raise ValueError(f"local_momentum must be in [0, 1), got {self.local_momentum}")
+        if not 0.0 < self.target <= 1.0:
+            raise ValueError(f"target must be an accuracy in (0, 1], got {self.target}")
+        if self.downlink_history < 0:
+            raise ValueError(f"downlink_history must be >= 0, got {self.downlink_history}")
+
+    @property
+    def participation(self) -> float:
+        return self.per_round / self.clients
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SweepTask:
+    """What a sweep trains: a model factory and the train and test data.
+
+    ``model_fn(seed)`` returns a fresh ``torch.nn.Module`` whose initial weights are
+    a function of ``seed``; it maps a batch of ``train.x`` to class logits (trained
+    with cross-entropy). ``train`` and ``test`` are :class:`fedpress.train.Dataset`
+    or ``(x, y)`` pairs of arrays (``y``: integer labels 0..C-1). For ``jobs > 1``
+    the task is sent to worker processes, so ``model_fn`` must be a module-level
+    function (picklable).
+    """
+
+    name: str
+    model_fn: Callable[[int], Any]
+    train: Any
+    test: Any
+    num_classes: Optional[int] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.train = _as_data(self.train, "train", self.num_classes)
+        self.test = _as_data(self.test, "test", self.num_classes)
+        if not callable(self.model_fn):
+            raise TypeError("model_fn must be callable: seed -> torch.nn.Module")
+
+
+class _Data:
+    """Arrays a task trains on (any input shape; integer labels)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, name: str) -> None:
+        self.x, self.y, self.name = x, y, name
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: np.ndarray) -> _Data:
+        return _Data(self.x[idx], self.y[idx], self.name)
+
+
+def _as_data(data: Any, what: str, num_classes: Optional[int]) -> Any:
+    if isinstance(data, (Dataset, _Data)):
+        return data
+    if isinstance(data, Sequence) and len(data) == 2:
+        x, y = (np.asarray(getattr(a, "numpy", lambda a=a: a)()) for a in data)
+        if x.shape[:1] != y.shape or y.ndim != 1 or not x.shape[0]:
+            raise ValueError(f"{what} data: x has shape {x.shape}, y {y.shape}; need N > 0 examples in both")
+        if y.dtype.kind not in "iu" or y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+            raise ValueError(f"{what} data: labels must be integers in 0..C-1")
+        return _Data(np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64), what)
+    raise TypeError(f"{what} data must be a fedpress.train.Dataset or an (x, y) pair of arrays, "
+                    f"got {type(data).__name__}")
+
+
+def _builtin_model(task: str) -> Callable[[int], Any]:
+    return _BuiltinModel(task)
+
+
+class _BuiltinModel:
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def __call__(self, seed: int) -> Any:
+        return make_model(self.task, seed=seed)
+
+
+def builtin_task(name: str, data_dir: Optional[str] = None) -> SweepTask:
+    """``digits`` (scikit-learn's bundled set: 1,438 train / 359 test, an MLP) or
+    ``mnist`` (IDX files in ``data_dir``: 10,000 images split 8,000 / 2,000, stratified
+    with seed 0, a 214k-parameter CNN). The split is the same for every run seed."""
+    train, test = load_task(name, data_dir=data_dir, seed=0)
+    return SweepTask(name=str(name).lower(), model_fn=_builtin_model(str(name).lower()), train=train, test=test,
+                     num_classes=train.num_classes, meta={"data_dir": None if data_dir is None else str(data_dir)})
+
+
+def client_ids(n: int) -> list[str]:
+    """The ids of a sweep's clients (as a federation would name them)."""
+    return [f"client-{i:04d}" for i in range(n)]
+
+
+def sample_clients(seed: int, r: int, idle: Sequence[str], k: int) -> list[str]:
+    """The clients of round ``r``: exactly as :class:`fedpress.federation.Server` samples."""
+    rng = np.random.default_rng([seed, r])
+    k = min(k, len(idle))
+    return [idle[i] for i in sorted(rng.choice(len(idle), size=k, replace=False))]
+
+
+def frame_bytes(ftype: int, parts: list) -> int:
+    """Bytes of one federation frame on the wire (header included; no TLS)."""
+    return sum(memoryview(p).nbytes for p in P.encode_frame(ftype, *parts))
+
+
+class ClientTrainer:
+    """Local training of the simulated clients: one torch model, reloaded per call.
+
+    ``train(params, data, client_seed, r)`` -> (update, num_examples, loss), where
+    the update is local minus received (float32), the example order of round ``r``
+    comes from ``round_seed(client_seed, r)`` as in ``make_train_fn``.
+    """
+
+    def __init__(self, task: SweepTask, settings: Settings, seed: int) -> None:
+        self.model = task.model_fn(seed)
+        self.settings = settings
+
+    def train(self, params: Mapping[str, np.ndarray], data: Any, client_seed: int, r: int
+              ) -> tuple[dict[str, np.ndarray], int, float]:
+        s = self.settings
+        set_params(self.model, params)
+        stats = train_local(self.model, data, epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
+                            momentum=s.local_momentum, seed=round_seed(client_seed, r))
+        local = get_params(self.model)
+        update = {}
+        for k, v in local.items():
+            base = np.asarray(params[k])
+            update[k] = v - base.astype(v.dtype) if v.dtype.kind == "f" else \
+                (v.astype(np.int64) - base.astype(np.int64)).astype(v.dtype)
+        return update, int(stats["num_examples"]), float(stats["loss"])
+
+
+def client_metrics(train_loss: float) -> dict[str, float]:
+    """The metrics a simulated client puts in its UPDATE frame."""
+    return {"loss": round(float(train_loss), 6)}
+
+
+def _client_seed(seed: int, index: int) -> int:
+    return seed * 1000 + index
+
+
+def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Settings = Settings(), *,
+             on_round: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
+    """Runs one (cell, seed) and returns its rows: round 0 (the initial model) and one per
+    round, with the bytes each direction carried and, on evaluated rounds, the test
+    accuracy and loss of the server's global model."""
+    import torch
+
+    cell = parse_cell(cell) if isinstance(cell, str) else cell
+    s = settings
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # results must not depend on the machine's core count
+    try:
+        ids = client_ids(s.clients)
+        shares = partition(task.train.y, s.clients, scheme=s.partition, alpha=s.alpha, seed=seed)
+        data = {cid: task.train.subset(idx) for cid, idx in zip(ids, shares)}
+        trainer = ClientTrainer(task, s, seed)
+        params = canonical(get_params(trainer.model))
+        evaluator = task.model_fn(seed)
+        downlink = Downlink(cell.downlink, params, history=s.downlink_history or s.rounds, seed=seed)
+        held = dict.fromkeys(ids, downlink.tag)  # every client built the initial model itself
+        encoders = {cid: Encoder(cell.spec, **cell.encoder_options()) for cid in ids}
+        optimizer = ServerOptimizer(cell.server_lr, cell.server_momentum)
+        reference = zero_reference(params)
+        shared_rotation = encoders[ids[0]].codec.spec.eden_mode == "shared"
+        base = {"task": task.name, "cell": str(cell), "seed": int(seed)}
+        totals = {"uplink": 0, "downlink": 0}
+        rows: list[dict[str, Any]] = []
+
+        def emit(r: int, up: int, down: int, up_payload: int, down_payload: int, extra: dict) -> None:
+            totals["uplink"] += up
+            totals["downlink"] += down
+            evaluated = r == 0 or r == s.rounds or r % s.eval_every == 0
+            acc = loss = None
+            if evaluated:
+                set_params(evaluator, params)
+                loss, acc = evaluate(evaluator, task.test)
+            row = dict(base, round=r, test_accuracy=acc, test_loss=loss, uplink_bytes=up, downlink_bytes=down,
+                       uplink_total=totals["uplink"], downlink_total=totals["downlink"],
+                       total_bytes=totals["uplink"] + totals["downlink"], uplink_payload_bytes=up_payload,
+                       downlink_payload_bytes=down_payload, seconds=round(time.perf_counter() - started, 3),
+                       **extra)
+            rows.append(row)
+            if on_round is not None:
+                on_round(row)
+
+        emit(0, 0, 0, 0, 0, {"clients": 0, "full_models": 0})
+        for r in range(1, s.rounds + 1):
+            config = round_config(seed, r, s.rounds, cell.spec)
+            sampled = sample_clients(seed, r, ids, s.per_round)
+            aggregator = Aggregator(**({"table": params} if cell.table == "digest" else {}))
+            aggregator.add(reference, 0.0)
+            up = down = up_payload = down_payload = full = 0
+            model = downlink.replica
+            for cid in sampled:
+                kind, base_tag, payloads = downlink.plan(held[cid], True)
+                task_frame = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, downlink.tag, base_tag,
+                                    config, payloads)
+                down += frame_bytes(P.FrameType.TASK, task_frame.parts())
+                down_payload += task_frame.payload_bytes
+                full += kind == "full"
+                index = ids.index(cid)
+                update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
+                payload = encoders[cid].encode(
+                    align_update(update, model), seed=derive_seed(seed, cid, r), round=r,
+                    rotation_seed=config["rotation_seed"] if shared_rotation else None)
+                update_frame = P.Update(r, n, client_metrics(train_loss), payload)
+                up += frame_bytes(P.FrameType.UPDATE, update_frame.parts())
+                up_payload += update_frame.payload_bytes
+                aggregator.add(payload, float(n))
+                held[cid] = downlink.tag
+            params = optimizer.step(params, aggregator.result(copy=False))
+            downlink.advance(params)
+            emit(r, up, down, up_payload, down_payload, {"clients": len(sampled), "full_models": full})
+        return rows
+    finally:
+        torch.set_num_threads(threads)
