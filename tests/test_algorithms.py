@@ -176,3 +176,23 @@ def test_downlink_falls_back_to_the_full_model_when_the_chain_is_longer() -> Non
         dl.advance({"w": np.full(100, t + 1.0, np.float32)})
     kind, _, payloads = dl.plan(first, True)
     assert kind == "full" and len(payloads) == 1  # three fp32 deltas outweigh one fp32 model
+
+
+def test_server_momentum_survives_a_resume(tmp_path) -> None:
+    """The checkpoint holds the momentum buffers, so a resumed server takes the same steps."""
+    from fedpress.federation import Server
+
+    params = {"w": np.arange(6, dtype=np.float32), "n": np.array(0, np.int64)}
+    first = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path,
+                   server_momentum=0.9)
+    first._prepare_state()
+    first.params = first.optimizer.step(first.params, {"w": np.ones(6, np.float32), "n": np.array(0, np.int64)})
+    first._checkpoint(1)
+    second = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path,
+                    server_momentum=0.9, resume=True)
+    second._prepare_state()
+    assert second.round == 1
+    np.testing.assert_array_equal(second.optimizer.buffers["w"], np.ones(6, np.float32))
+    mean = {"w": np.full(6, 2.0, np.float32), "n": np.array(0, np.int64)}
+    np.testing.assert_array_equal(second.optimizer.step(second.params, mean)["w"],
+                                  first.optimizer.step(first.params, mean)["w"])

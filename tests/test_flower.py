@@ -708,3 +708,35 @@ def test_a_metrics_only_train_reply_passes_through() -> None:
 
     reply = compress_mod("q8")(_message(_params()), _context(), metrics_only)
     assert not reply.has_error() and list(reply.content.keys()) == ["metrics"]
+
+
+def test_digest_payloads_and_dgc_options_through_the_mod() -> None:
+    """compress_mod(table="digest", clip=, warmup_rounds=) makes smaller payloads the wrapper
+    decodes with the model it sent; both paths give the same model as inline payloads."""
+    g = _params()
+    nodes = [3, 4, 5]
+
+    def replies(**options: Any) -> list[Message]:
+        out = []
+        for i, node in enumerate(nodes):
+            mod = compress_mod("topk:0.1+q4+zstd", seed=7, clip=50.0, warmup_rounds=2, warmup_start=0.5, **options)
+            out.append(mod(_message(g, node=node), _context(node), _handler(100 + node, 10 * (i + 1))))
+        return out
+
+    inline, digest = replies(), replies(table="digest")
+    sizes = [(len(unpack(a.content["arrays"])), len(unpack(b.content["arrays"]))) for a, b in zip(inline, digest)]
+    assert all(d < i for i, d in sizes)
+    with pytest.raises(fp.DecodeError, match="omits its tensor table"):
+        fp.decode(unpack(digest[0].content["arrays"]))
+    results = {}
+    for name, batch in (("inline", inline), ("digest", digest)):
+        for fast in (True, False):
+            strategy = FedPress(FedAvg(), fast_path=fast)
+            _configured(strategy, g, nodes)
+            arrays, _ = strategy.aggregate_train(1, batch)
+            assert strategy.history[-1]["skipped"] == 0 and strategy.history[-1]["replies"] == 3
+            results[name, fast] = arrays_to_numpy(arrays)
+    for key in g:
+        for other in (("digest", True), ("digest", False), ("inline", False)):
+            np.testing.assert_allclose(np.asarray(results[other][key], np.float64),
+                                       np.asarray(results["inline", True][key], np.float64), atol=1e-6)

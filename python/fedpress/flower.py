@@ -42,7 +42,7 @@ import numpy as np
 from .aggregate import Aggregator
 from .codec import Codec, parse_spec
 from .encoder import Encoder
-from .payload import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect
+from .payload import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect, payload_table_digest
 
 try:
     from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType,
@@ -152,6 +152,18 @@ def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> di
     return out
 
 
+def _update_table(base: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple]]:
+    """The tensor table of an update ``compress_mod`` makes against ``base`` (see
+    :func:`_subtract`): what a payload coded ``table="digest"`` was made for."""
+    return [(k, "bool" if v.dtype.kind == "b" else "int64" if v.dtype.kind in "iu" else v.dtype.name, v.shape)
+            for k, v in base.items()]
+
+
+def _table_for(payload: bytes, base: Mapping[str, np.ndarray], limits: Limits) -> Optional[list]:
+    """The table to decode ``payload`` with: None when it carries its own."""
+    return None if payload_table_digest(payload, limits=limits) is None else _update_table(base)
+
+
 def _check_fits(info: Mapping[str, Any], base: Mapping[str, np.ndarray]) -> None:
     """DecodeError unless the payload described by ``info`` has the base model's tensors."""
     tensors = {t["name"]: t for t in info["tensors"]}
@@ -190,7 +202,8 @@ def _decode_downlink(msg: Message, limits: Limits) -> Message:
 
 # -------------------------------------------------------------- client mod --
 def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[float] = None,
-                 seed: Optional[int] = None, limits: Limits = DEFAULT_LIMITS,
+                 seed: Optional[int] = None, limits: Limits = DEFAULT_LIMITS, clip: Optional[float] = None,
+                 warmup_rounds: int = 0, warmup_start: float = 0.25,
                  **codec_options: Any) -> Callable[..., Message]:
     """A ``ClientApp`` mod compressing train replies with ``spec`` (put it first in ``mods``).
 
@@ -198,9 +211,15 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
     adds it to the next update; ``momentum`` enables DGC momentum correction;
     ``seed`` makes every payload's random choices a function of (seed, node id,
     round), so a run repeats exactly (by default they are fresh);
-    ``codec_options`` go to :class:`fedpress.Codec` (``per_tensor``, ``bucket``...).
+    ``clip``, ``warmup_rounds`` and ``warmup_start`` are the Encoder's DGC local
+    clipping and density warm-up (counted in this node's own rounds);
+    ``codec_options`` go to :class:`fedpress.Codec` (``per_tensor``, ``bucket``,
+    ``table="digest"``: the ``FedPress`` wrapper decodes with the model it sent).
     """
-    Codec(spec, **codec_options)  # a bad spec fails here, not in the first round
+    # Bad arguments fail here, not in the first round.
+    Encoder(spec, error_feedback, momentum, clip=clip, warmup_rounds=warmup_rounds, warmup_start=warmup_start,
+            **codec_options)
+    encoder_options = {"clip": clip, "warmup_rounds": warmup_rounds, "warmup_start": warmup_start, **codec_options}
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     spec_text = str(parse_spec(spec))
@@ -232,7 +251,7 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
         except (TypeError, ValueError) as exc:
             return _error_reply(msg, f"fedpress compress_mod: {exc}")
 
-        encoder = _load_encoder(ctxt, spec_text, error_feedback, momentum, codec_options)
+        encoder = _load_encoder(ctxt, spec_text, error_feedback, momentum, encoder_options)
         payload_seed = None
         if seed is not None:
             entropy = [seed, int(ctxt.node_id) & (2**64 - 1), encoder.rounds]
@@ -261,8 +280,8 @@ def _round_rotation_seed(msg: Message) -> Optional[int]:
 
 
 def _load_encoder(ctxt: Context, spec: str, error_feedback: bool, momentum: Optional[float],
-                  codec_options: Mapping[str, Any]) -> Encoder:
-    encoder = Encoder(spec, error_feedback=error_feedback, momentum=momentum, **codec_options)
+                  encoder_options: Mapping[str, Any]) -> Encoder:
+    encoder = Encoder(spec, error_feedback=error_feedback, momentum=momentum, **encoder_options)
     info = ctxt.state.get(_STATE_INFO)
     if isinstance(info, ConfigRecord) and info.get("spec") == spec:
         residuals = ctxt.state.get(_STATE_RESIDUALS)
@@ -420,7 +439,7 @@ class FedPress(Strategy):
                 continue
             try:
                 payload = unpack(record)
-                _check_fits(inspect(payload, limits=self.limits), base)
+                _check_fits(inspect(payload, limits=self.limits, table=_table_for(payload, base, self.limits)), base)
             except DecodeError as exc:
                 self._skip(row, msg, str(exc))
                 continue
@@ -438,7 +457,8 @@ class FedPress(Strategy):
         for msg, name, payload in unpacked:
             base = self._bases[msg.metadata.src_node_id]
             try:
-                full = _add(base, decode(payload, limits=self.limits))
+                full = _add(base, decode(payload, limits=self.limits,
+                                         table=_table_for(payload, base, self.limits)))
             except (DecodeError, ValueError) as exc:
                 self._skip(row, msg, str(exc))
                 continue
@@ -474,7 +494,8 @@ class FedPress(Strategy):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return None  # let FedAvg's own consistency checks report it
             weights.append(float(value))
-        agg = Aggregator(limits=self.limits)
+        base = self._bases[unpacked[0][0].metadata.src_node_id]
+        agg = Aggregator(limits=self.limits, table=_update_table(base))
         used = []
         for (msg, name, payload), w in zip(unpacked, weights):
             try:
@@ -483,7 +504,6 @@ class FedPress(Strategy):
                 self._skip(row, msg, str(exc))
                 continue
             used.append(msg)
-        base = self._bases[unpacked[0][0].metadata.src_node_id]
         row["path"] = "fast"
         row["replies"] += len(used)
         self._log_row(row)

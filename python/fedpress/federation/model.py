@@ -312,7 +312,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(out_dir: Path, round: int, params: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-                    downlink: Optional[Downlink]) -> Path:
+                    downlink: Optional[Downlink], momentum: Optional[Mapping[str, np.ndarray]] = None) -> Path:
     """checkpoint-<round>.npz (global model, replica, delta chain) and then
     checkpoint.json naming it, each written atomically; older npz files go."""
     out_dir = Path(out_dir)
@@ -321,6 +321,9 @@ def save_checkpoint(out_dir: Path, round: int, params: Mapping[str, np.ndarray],
     info = dict(meta)
     info.update(format="fedpress-checkpoint-v1", round=int(round), names=names,
                 dtypes=[v.dtype.name for v in params.values()])
+    if momentum:
+        # The server's momentum buffers, so a resumed run takes the same steps.
+        arrays.update({f"m{names.index(k)}": v for k, v in momentum.items()})
     if downlink is not None:
         dmeta, darrays = downlink.state()
         arrays.update(darrays)

@@ -295,6 +295,9 @@ class Server:
             raise ValueError(f"checkpoint in {self.out_dir} holds a different model "
                              f"({len(params)} tensors) than initial_params ({len(self.params)} tensors)")
         self.params = {k: np.array(v) for k, v in params.items()}
+        if self.optimizer.momentum and meta.get("server_momentum") == self.optimizer.momentum:
+            self.optimizer.buffers = {name: np.array(arrays[f"m{i}"]) for i, name in enumerate(self.params)
+                                      if f"m{i}" in arrays}
         self._start_round = self.round = int(meta["round"])
         self.federation_id = str(meta.get("federation", self.federation_id))
         self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history, seed=self.seed)
@@ -322,7 +325,8 @@ class Server:
         dl = self._downlink_state if self.downlink is not None else None
         save_checkpoint(self.out_dir, r, self.params,
                         {"federation": self.federation_id, "seed": self.seed, "rounds": self.rounds,
-                         "downlink_spec": self.downlink, "codec": self.codec, "time": time.time()}, dl)
+                         "downlink_spec": self.downlink, "codec": self.codec, "time": time.time(),
+                         "server_momentum": self.optimizer.momentum}, dl, self.optimizer.buffers)
 
     def _finish_row(self, row: TrafficRow, info: dict[str, Any]) -> dict[str, Any]:
         record = dict(info)
