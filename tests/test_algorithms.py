@@ -178,6 +178,26 @@ def test_downlink_falls_back_to_the_full_model_when_the_chain_is_longer() -> Non
     assert kind == "full" and len(payloads) == 1  # three fp32 deltas outweigh one fp32 model
 
 
+def test_server_lr_decay_follows_a_half_cosine() -> None:
+    rounds, lr, floor = 11, 2.0, 0.1
+    opt = ServerOptimizer(server_lr=lr, momentum=0.5, decay=floor, rounds=rounds)
+    expected = [lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / (rounds - 1)))) for t in range(rounds)]
+    assert [opt.lr(r) for r in range(1, rounds + 1)] == pytest.approx(expected)
+    assert opt.lr(1) == pytest.approx(lr) and opt.lr(rounds) == pytest.approx(lr * floor)
+    params, m, w = {"w": np.zeros(4, np.float32)}, np.zeros(4, np.float32), np.zeros(4, np.float32)
+    rng = np.random.default_rng(2)
+    for r in range(1, rounds + 1):
+        g = rng.standard_normal(4).astype(np.float32)
+        params = opt.step(params, {"w": g}, round=r)
+        m = np.float32(0.5) * m + g
+        w = w + np.float32(expected[r - 1]) * m
+        np.testing.assert_allclose(params["w"], w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="number of rounds"):
+        ServerOptimizer(decay=0.1)
+    with pytest.raises(ValueError, match="fraction"):
+        ServerOptimizer(decay=1.5, rounds=3)
+
+
 def test_server_momentum_survives_a_resume(tmp_path) -> None:
     """The checkpoint holds the momentum buffers, so a resumed server takes the same steps."""
     from fedpress.federation import Server

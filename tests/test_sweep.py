@@ -50,6 +50,7 @@ def strip_time(rows):
     ("topk:0.01+q4@warmup=5,warmup_start=0.1,clip=2.5,table=digest,server_lr=2",
      "topk:0.01+q4@clip=2.5,warmup=5,warmup_start=0.1,server_lr=2.0,table=digest"),
     ("q8@momentum=0", "q8"),
+    ("topk:0.01+sign@server_decay=0.1,server_momentum=0.8", "topk:0.01+sign@server_momentum=0.8,server_decay=0.1"),
 ])
 def test_cells_parse_to_a_canonical_form(text, canonical):
     cell = parse_cell(text)
@@ -79,6 +80,7 @@ def test_cell_options_reach_the_encoder():
     ("q4@downlink=q5", "downlink: bad stage 'q5'"),
     ("q4@downlink=eden4:shared", "shared-rotation"),
     ("q4@table=none", "table must be inline or digest"),
+    ("q4@server_decay=2", "server_decay='2' must be a number in [0.0, 1.0]"),
     ("q4@momentum=0.5,momentum=0.9", "given twice"),
 ])
 def test_bad_cells_name_the_problem(text, message):
@@ -198,7 +200,8 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
         server = Server("127.0.0.1", 0, params0, rounds=s.rounds, clients_per_round=s.per_round,
                         min_clients=s.clients, codec=cell.spec, downlink=cell.downlink, token=TOKEN,
                         round_timeout=60, seed=seed, evaluate_fn=evaluate_fn, downlink_history=s.rounds,
-                        server_lr=cell.server_lr, server_momentum=cell.server_momentum)
+                        server_lr=cell.server_lr, server_momentum=cell.server_momentum,
+                        server_lr_decay=cell.server_decay)
         await server.start()
         opts = cell.encoder_options()
         codec_options = {"table": opts.pop("table")} if "table" in opts else {}
@@ -221,7 +224,8 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
 
 @pytest.mark.parametrize("cell", [
     "fp32",
-    "topk:0.1+q4+zstd@momentum=0.9,clip=5,warmup=2,downlink=topk:0.3+q8+zstd,server_momentum=0.5,table=digest",
+    "topk:0.1+q4+zstd@momentum=0.9,clip=5,warmup=2,downlink=topk:0.3+q8+zstd,server_momentum=0.5,table=digest,"
+    "server_decay=0.2",
     "q8+zstd@ef=off,downlink=q8",
 ])
 def test_bytes_equal_the_federation(digits, cell):
@@ -356,7 +360,7 @@ def test_command_runs_and_reports_mistakes(tmp_path, capsys):
     assert cli.main(args[:5] + ["q4@bogus=1"] + args[6:]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: " \
-        "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, downlink, table"
+        "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, server_decay, downlink, table"
     bad_rounds = args[:]
     bad_rounds[bad_rounds.index("--rounds") + 1] = "3"
     assert cli.main(bad_rounds) == 2

@@ -148,6 +148,8 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-lr", type=float, default=1.0)
     parser.add_argument("--server-momentum", type=float, default=0.0, metavar="BETA",
                         help="server momentum (FedAvgM): keeps applying what rarely-sampled clients sent")
+    parser.add_argument("--server-lr-decay", type=float, default=None, metavar="F",
+                        help="the server lr falls along a half cosine to F times itself in the last round")
     parser.add_argument("--downlink-history", type=int, default=8, metavar="N",
                         help="downlink deltas kept for clients that skipped rounds (then: the full model)")
     parser.add_argument("--seed", type=int, default=0)
@@ -179,6 +181,7 @@ def _run_server(args: argparse.Namespace) -> int:
                     min_clients=args.min_clients, codec=args.codec, downlink=args.downlink,
                     token=_read_token(args.token_file), round_timeout=args.round_timeout,
                     min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                    server_lr_decay=args.server_lr_decay,
                     downlink_history=args.downlink_history,
                     evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
                     resume=args.resume, seed=args.seed, ssl_context=context)

@@ -172,20 +172,43 @@ class ServerOptimizer:
     """The server's step from the weighted mean update: plain FedAvg
     (``global += server_lr * mean``) or, with ``momentum`` beta > 0, FedAvgM
     (``m = beta * m + mean; global += server_lr * m``) on the float tensors;
-    integer and bool tensors follow :func:`apply_update`."""
+    integer and bool tensors follow :func:`apply_update`.
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0) -> None:
+    ``decay`` (with ``rounds``): the step size follows a half cosine from
+    ``server_lr`` in round 1 to ``decay * server_lr`` in round ``rounds``. With few
+    clients per round on skewed data, each round's mean points somewhere else and
+    momentum carries that around; a falling step lets the last rounds settle
+    instead of ending on a swing."""
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0, *, decay: Optional[float] = None,
+                 rounds: Optional[int] = None) -> None:
         self.server_lr = float(server_lr)
         if not math.isfinite(self.server_lr):
             raise ValueError(f"server_lr must be finite, got {server_lr}")
         self.momentum = float(momentum)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
+        if decay is not None:
+            if not 0.0 <= float(decay) <= 1.0:
+                raise ValueError(f"server lr decay must be a fraction in [0, 1], got {decay}")
+            if rounds is None or int(rounds) < 1:
+                raise ValueError("a server lr decay needs the number of rounds")
+        self.decay = None if decay is None else float(decay)
+        self.rounds = None if rounds is None else int(rounds)
         self.buffers: dict[str, np.ndarray] = {}
 
-    def step(self, params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def lr(self, round: Optional[int] = None) -> float:
+        """The step size of ``round`` (1-based)."""
+        if self.decay is None or round is None or self.rounds is None:
+            return self.server_lr
+        t = min(max(int(round) - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
+        return self.server_lr * (self.decay + (1.0 - self.decay) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+    def step(self, params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
+             round: Optional[int] = None) -> dict[str, np.ndarray]:
+        lr = self.lr(round)
         if self.momentum == 0.0:
-            return apply_update(params, mean, self.server_lr)
+            return apply_update(params, mean, lr)
         moved = dict(mean)
         for k, g in params.items():
             if g.dtype.kind != "f":
@@ -198,7 +221,7 @@ class ServerOptimizer:
             m += mean[k].astype(work, copy=False)
             self.buffers[k] = m
             moved[k] = m
-        return apply_update(params, moved, self.server_lr)
+        return apply_update(params, moved, lr)
 
 
 def zero_reference(params: Mapping[str, np.ndarray]) -> bytes:

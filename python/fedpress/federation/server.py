@@ -102,6 +102,8 @@ class Server:
     min_fit: valid updates needed for the round to change the model.
     server_lr: the server step applied to the mean update.
     server_momentum: FedAvgM's beta (0: plain FedAvg); see :class:`ServerOptimizer`.
+    server_lr_decay: None, or the fraction of ``server_lr`` a half-cosine schedule reaches
+        in the last round.
     evaluate_fn: ``evaluate_fn(params) -> {"loss": .., "accuracy": ..}`` after
         each round (and on the initial model, in the round-0 row).
     out_dir: where ``rounds.jsonl`` and the checkpoints go (None: nowhere).
@@ -130,7 +132,7 @@ class Server:
                  fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
                  downlink_history: int = 8, shutdown_timeout: float = 5.0,
                  wait_timeout: Optional[float] = None, max_pending: int = 256,
-                 server_momentum: float = 0.0) -> None:
+                 server_momentum: float = 0.0, server_lr_decay: Optional[float] = None) -> None:
         if token is None:
             raise ValueError("token is required: the shared secret clients authenticate with")
         self.token = P.as_token(token)
@@ -154,7 +156,7 @@ class Server:
         self.server_lr = float(server_lr)
         if not math.isfinite(self.server_lr):
             raise ValueError(f"server_lr must be finite, got {server_lr}")
-        self.optimizer = ServerOptimizer(self.server_lr, server_momentum)
+        self.optimizer = ServerOptimizer(self.server_lr, server_momentum, decay=server_lr_decay, rounds=self.rounds)
         self.evaluate_fn = evaluate_fn
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if resume and self.out_dir is None:
@@ -621,7 +623,7 @@ class Server:
             log.warning("round %d: client %s left out: %s", r, c, outcomes[c].get("reason"))
         ok = len(completed) >= self.min_fit
         if ok:
-            self.params = await asyncio.to_thread(self._step, aggregator)
+            self.params = await asyncio.to_thread(self._step, aggregator, r)
         else:
             log.warning("round %d failed: %d valid updates, min_fit is %d; the model is kept",
                         r, len(completed), self.min_fit)
@@ -640,10 +642,10 @@ class Server:
                  len(sampled), info.get("test_accuracy"))
         return info
 
-    def _step(self, aggregator: Aggregator) -> dict[str, np.ndarray]:
+    def _step(self, aggregator: Aggregator, r: int) -> dict[str, np.ndarray]:
         """The next global model, and the downlink replica that follows it (worker thread)."""
         assert self._downlink_state is not None
-        params = self.optimizer.step(self.params, aggregator.result(copy=False))
+        params = self.optimizer.step(self.params, aggregator.result(copy=False), round=r)
         self._downlink_state.advance(params)
         return params
 

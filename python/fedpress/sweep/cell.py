@@ -26,6 +26,7 @@ OPTIONS = {
     "warmup_start": "the kept fraction in round 1 of the warm-up (default 0.25)",
     "server_momentum": "server momentum (FedAvgM), beta in [0, 1)",
     "server_lr": "server learning rate applied to the mean update (default 1)",
+    "server_decay": "the server lr falls along a half cosine to this fraction of itself in the last round",
     "downlink": "SPEC: compressed downlink deltas with server-side error feedback",
     "table": "inline|digest: payloads carry the tensor table, or only its 8-byte digest",
 }
@@ -43,6 +44,7 @@ class Cell:
     warmup_start: float = 0.25
     server_momentum: float = 0.0
     server_lr: float = 1.0
+    server_decay: Optional[float] = None
     downlink: Optional[str] = None
     table: str = "inline"
 
@@ -125,6 +127,8 @@ def parse_cell(text: str) -> Cell:
             values[key] = _number(raw, key, value, 1e-9, 1.0, closed_high=True)
         elif key == "server_lr":
             values[key] = _number(raw, key, value, 1e-9, 1e3, closed_high=True)
+        elif key == "server_decay":
+            values[key] = _number(raw, key, value, 0.0, 1.0, closed_high=True)
         elif key == "downlink":
             try:
                 values[key] = str(parse_spec(value))

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .. import __version__
-from ..federation.model import atomic_write
 from .cell import Cell, parse_cell
 from .report import cell_summaries, plot_summary, run_summary, summary_markdown
 from .simulate import Settings, SweepTask, builtin_task, simulate
@@ -67,9 +66,18 @@ def _load_runs(path: Path, rounds: int) -> tuple[dict[tuple, list], int]:
     return complete, dropped
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write-then-rename, so a stop mid-write never leaves half a file (mode per umask)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _write_runs(path: Path, runs: dict[tuple, list]) -> None:
-    text = "".join(json.dumps(r) + "\n" for rows in runs.values() for r in rows).encode()
-    atomic_write(path, lambda f: f.write(text))
+    _write_text(path, "".join(json.dumps(r) + "\n" for rows in runs.values() for r in rows))
 
 
 def _append_run(path: Path, rows: list) -> None:
@@ -165,7 +173,7 @@ def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seed
     if dropped:
         log.info("dropping %d rows of runs that were cut short; they run again", dropped)
         _write_runs(runs_path, done)
-    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    _write_text(meta_path, json.dumps(meta, indent=1))
 
     todo = [(key, task, str(cell), seed) for key, task in resolved for cell in parsed for seed in seeds
             if (task.name, str(cell), seed) not in done]
@@ -218,8 +226,8 @@ def write_reports(out: Path, runs: dict[tuple, list], meta: dict, *, baseline: s
                            participation=settings["per_round"] / settings["clients"])
     summary = {"format": "fedpress-sweep-summary-v1", "settings": settings, "seeds": meta.get("seeds"),
                "runs": per_run, "cells": cells}
-    atomic_write(out / SUMMARY_JSON, lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    atomic_write(out / SUMMARY_MD, lambda f: f.write(summary_markdown(cells, meta).encode()))
+    _write_text(out / SUMMARY_JSON, json.dumps(summary, indent=1))
+    _write_text(out / SUMMARY_MD, summary_markdown(cells, meta))
     note = plot_summary(cells, [r for k in keys for r in runs[k]], out)
     if note:
         log.warning(note)

@@ -234,7 +234,7 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
         downlink = Downlink(cell.downlink, params, history=s.downlink_history or s.rounds, seed=seed)
         held = dict.fromkeys(ids, downlink.tag)  # every client built the initial model itself
         encoders = {cid: Encoder(cell.spec, **cell.encoder_options()) for cid in ids}
-        optimizer = ServerOptimizer(cell.server_lr, cell.server_momentum)
+        optimizer = ServerOptimizer(cell.server_lr, cell.server_momentum, decay=cell.server_decay, rounds=s.rounds)
         reference = zero_reference(params)
         shared_rotation = encoders[ids[0]].codec.spec.eden_mode == "shared"
         base = {"task": task.name, "cell": str(cell), "seed": int(seed)}
@@ -283,7 +283,7 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
                 up_payload += update_frame.payload_bytes
                 aggregator.add(payload, float(n))
                 held[cid] = downlink.tag
-            params = optimizer.step(params, aggregator.result(copy=False))
+            params = optimizer.step(params, aggregator.result(copy=False), round=r)
             downlink.advance(params)
             emit(r, up, down, up_payload, down_payload, {"clients": len(sampled), "full_models": full})
         return rows
