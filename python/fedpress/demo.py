@@ -150,11 +150,12 @@ def run_demo(*, codecs=DEFAULT_CODECS, task: str = "digits", rounds: int = 20, c
 
 
 def _print_table(results: list[dict], out: Path, note: Optional[str]) -> None:
-    print(f"{'codec':20s} {'accuracy':>9s} {'uplink MB':>10s} {'downlink MB':>12s} {'uplink vs fp32':>15s} {'seconds':>8s}")
+    width = max([20] + [len(r["codec"]) for r in results])
+    print(f"{'codec':{width}s} {'accuracy':>9s} {'uplink MB':>10s} {'downlink MB':>12s} {'uplink vs fp32':>15s} {'seconds':>8s}")
     for r in results:
         acc = f"{r['final_accuracy']:.3f}" if r["final_accuracy"] is not None else "n/a"
         ratio = f"{r['uplink_ratio_vs_fp32']:.1f}x" if r.get("uplink_ratio_vs_fp32") else "n/a"
-        print(f"{r['codec']:20s} {acc:>9s} {r['uplink_wire_bytes'] / 1e6:10.3f} "
+        print(f"{r['codec']:{width}s} {acc:>9s} {r['uplink_wire_bytes'] / 1e6:10.3f} "
               f"{r['downlink_wire_bytes'] / 1e6:12.3f} {ratio:>15s} {r['seconds']:8.1f}")
     print(f"results: {out / 'results.json'}; plot: {out / 'accuracy_vs_uplink.png'}")
     if note:
