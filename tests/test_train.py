@@ -376,7 +376,7 @@ def test_integer_buffers():
     assert after["2.num_batches_tracked"] == 1
     ft.set_params(model, params)
     assert ft.get_params(model)["2.num_batches_tracked"] == 0
-    delta = ft_loops._subtract(after["2.num_batches_tracked"], params["2.num_batches_tracked"])
+    delta = ft_loops.param_delta(after["2.num_batches_tracked"], params["2.num_batches_tracked"])
     assert delta.dtype == np.int64 and delta == 1
 
 

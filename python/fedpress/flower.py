@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ._seeds import derive_seed
 from .aggregate import Aggregator
 from .codec import Codec, parse_spec
 from .encoder import Encoder
@@ -254,8 +255,7 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
         encoder = _load_encoder(ctxt, spec_text, error_feedback, momentum, encoder_options)
         payload_seed = None
         if seed is not None:
-            entropy = [seed, int(ctxt.node_id) & (2**64 - 1), encoder.rounds]
-            payload_seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+            payload_seed = derive_seed(seed, int(ctxt.node_id), encoder.rounds)
         payload = encoder.encode(update, seed=payload_seed,
                                  rotation_seed=_round_rotation_seed(msg) if shared else None)
         _save_encoder(ctxt, encoder)

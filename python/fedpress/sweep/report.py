@@ -188,15 +188,9 @@ def plot_summary(cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str,
         if len(front) > 1:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.4", linestyle="--",
                     linewidth=1, label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel("total uplink bytes on the wire (all clients, all rounds)")
-        ax.set_ylabel("final test accuracy (mean, min-max over seeds)")
-        ax.set_title(f"fedpress sweep ({task}): accuracy against uplink bytes")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        _save(fig, out_dir / f"accuracy_vs_uplink{suffix}.png")
-        plt.close(fig)
+        _finish(plt, fig, ax, "total uplink bytes on the wire (all clients, all rounds)",
+                "final test accuracy (mean, min-max over seeds)",
+                f"fedpress sweep ({task}): accuracy against uplink bytes", out_dir / f"accuracy_vs_uplink{suffix}.png")
 
         fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
         for c in mine:
@@ -208,19 +202,22 @@ def plot_summary(cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str,
             pts = [(sum(b for b, _ in v) / len(v), sum(a for _, a in v) / len(v)) for _, v in sorted(curve.items())]
             if pts:
                 ax.plot(*zip(*pts), marker=".", markersize=3, linewidth=1, label=c["cell"])
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative bytes on the wire, uplink + downlink")
-        ax.set_ylabel("test accuracy (mean over seeds)")
-        ax.set_title(f"fedpress sweep ({task}): accuracy against total traffic")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        _save(fig, out_dir / f"accuracy_vs_total_bytes{suffix}.png")
-        plt.close(fig)
+        _finish(plt, fig, ax, "cumulative bytes on the wire, uplink + downlink", "test accuracy (mean over seeds)",
+                f"fedpress sweep ({task}): accuracy against total traffic",
+                out_dir / f"accuracy_vs_total_bytes{suffix}.png")
     return None
 
 
-def _save(fig: Any, path: Path) -> None:
+def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Log x axis, labels, grid and legend; then the figure is saved (write, then rename) and closed."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+    plt.close(fig)

@@ -34,7 +34,7 @@ from ..federation import protocol as P
 from ..federation.model import Downlink, ServerOptimizer, align_update, canonical, zero_reference
 from ..federation.server import round_config
 from ..train.datasets import Dataset, load_task
-from ..train.loops import evaluate, round_seed, train_local
+from ..train.loops import evaluate, param_delta, round_seed, train_local
 from ..train.models import get_params, make_model, set_params
 from ..train.partition import partition
 from .cell import Cell, parse_cell
@@ -138,11 +138,9 @@ def _as_data(data: Any, what: str, num_classes: Optional[int]) -> Any:
                     f"got {type(data).__name__}")
 
 
-def _builtin_model(task: str) -> Callable[[int], Any]:
-    return _BuiltinModel(task)
-
-
 class _BuiltinModel:
+    """``make_model(task, seed)`` as a picklable callable (sent to worker processes)."""
+
     def __init__(self, task: str) -> None:
         self.task = task
 
@@ -155,7 +153,7 @@ def builtin_task(name: str, data_dir: Optional[str] = None) -> SweepTask:
     ``mnist`` (IDX files in ``data_dir``: 10,000 images split 8,000 / 2,000, stratified
     with seed 0, a 214k-parameter CNN). The split is the same for every run seed."""
     train, test = load_task(name, data_dir=data_dir, seed=0)
-    return SweepTask(name=str(name).lower(), model_fn=_builtin_model(str(name).lower()), train=train, test=test,
+    return SweepTask(name=str(name).lower(), model_fn=_BuiltinModel(str(name).lower()), train=train, test=test,
                      num_classes=train.num_classes, meta={"data_dir": None if data_dir is None else str(data_dir)})
 
 
@@ -194,12 +192,7 @@ class ClientTrainer:
         set_params(self.model, params)
         stats = train_local(self.model, data, epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
                             momentum=s.local_momentum, seed=round_seed(client_seed, r))
-        local = get_params(self.model)
-        update = {}
-        for k, v in local.items():
-            base = np.asarray(params[k])
-            update[k] = v - base.astype(v.dtype) if v.dtype.kind == "f" else \
-                (v.astype(np.int64) - base.astype(np.int64)).astype(v.dtype)
+        update = {k: param_delta(v, params[k]) for k, v in get_params(self.model).items()}
         return update, int(stats["num_examples"]), float(stats["loss"])
 
 
@@ -226,6 +219,7 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
     torch.set_num_threads(1)  # results must not depend on the machine's core count
     try:
         ids = client_ids(s.clients)
+        index_of = {cid: i for i, cid in enumerate(ids)}
         shares = partition(task.train.y, s.clients, scheme=s.partition, alpha=s.alpha, seed=seed)
         data = {cid: task.train.subset(idx) for cid, idx in zip(ids, shares)}
         trainer = ClientTrainer(task, s, seed)
@@ -267,13 +261,13 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
             up = down = up_payload = down_payload = full = 0
             model = downlink.replica
             for cid in sampled:
+                index = index_of[cid]
                 kind, base_tag, payloads = downlink.plan(held[cid], True)
                 task_frame = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, downlink.tag, base_tag,
                                     config, payloads)
                 down += frame_bytes(P.FrameType.TASK, task_frame.parts())
                 down_payload += task_frame.payload_bytes
                 full += kind == "full"
-                index = ids.index(cid)
                 update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
                 payload = encoders[cid].encode(
                     align_update(update, model), seed=derive_seed(seed, cid, r), round=r,

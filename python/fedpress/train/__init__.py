@@ -17,7 +17,7 @@ extra: ``pip install 'fedpress[train]'``) are imported when a function needs the
 from __future__ import annotations
 
 from .datasets import TASKS, Dataset, default_mnist_dir, load_digits, load_mnist_idx, load_task, stratified_split
-from .loops import evaluate, make_evaluate_fn, make_train_fn, round_seed, train_local
+from .loops import evaluate, make_evaluate_fn, make_train_fn, param_delta, round_seed, train_local
 from .models import get_params, init_params, make_model, set_params
 from .partition import (SCHEMES, client_partition, partition, partition_dirichlet, partition_iid,
                         partition_shards)
@@ -26,5 +26,5 @@ __all__ = [
     "Dataset", "TASKS", "load_digits", "load_mnist_idx", "load_task", "default_mnist_dir", "stratified_split",
     "SCHEMES", "partition", "partition_iid", "partition_dirichlet", "partition_shards", "client_partition",
     "make_model", "get_params", "set_params", "init_params",
-    "train_local", "evaluate", "make_train_fn", "make_evaluate_fn", "round_seed",
+    "train_local", "evaluate", "make_train_fn", "make_evaluate_fn", "round_seed", "param_delta",
 ]

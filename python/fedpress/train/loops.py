@@ -23,7 +23,7 @@ from .models import get_params, make_model, set_params
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["train_local", "evaluate", "make_train_fn", "make_evaluate_fn", "round_seed"]
+__all__ = ["train_local", "evaluate", "make_train_fn", "make_evaluate_fn", "round_seed", "param_delta"]
 
 TrainFn = Callable[..., "tuple[dict[str, np.ndarray], int, dict[str, Any]]"]
 EvaluateFn = Callable[[Mapping[str, Any]], "dict[str, float]"]
@@ -125,7 +125,9 @@ def round_seed(seed: int, round_number: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def _subtract(new: np.ndarray, old: Any) -> np.ndarray:
+def param_delta(new: np.ndarray, old: Any) -> np.ndarray:
+    """One tensor's update, ``new - old``: in ``new``'s float dtype, or the integer difference
+    (``old`` rounded) for integer tensors."""
     old_arr = np.asarray(old)
     if np.issubdtype(new.dtype, np.floating):
         return new - old_arr.astype(new.dtype, copy=False)
@@ -168,7 +170,7 @@ def make_train_fn(task: str, dataset: Dataset, epochs: int = 1, lr: float = 0.05
             stats = train_local(model, dataset, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                                 lr=cfg["lr"], momentum=cfg["momentum"], seed=run_seed)
             local = get_params(model)
-        update = {name: _subtract(value, global_params[name]) for name, value in local.items()}
+        update = {name: param_delta(value, global_params[name]) for name, value in local.items()}
         metrics = {"train_loss": float(stats["loss"]), "loss": float(stats["loss"]),
                    "num_examples": int(stats["num_examples"]), "epochs": cfg["epochs"], "lr": cfg["lr"],
                    "steps": int(stats["steps"]), "seed": int(run_seed)}
