@@ -1,4 +1,4 @@
-"""The MNIST bytes-vs-accuracy benchmark of the README: 8 cells x 3 seeds at 20% participation
+"""The MNIST bytes-vs-accuracy benchmark of the README: 9 cells x 3 seeds at 20% participation
 (Dirichlet 0.5), then the same cells at 10% participation (Dirichlet 0.3).
 
     python bench/sweep_mnist.py [--out DIR] [--jobs 2] [--data-dir ../shared/data/mnist]
@@ -14,15 +14,18 @@ from pathlib import Path
 
 from fedpress.sweep import Settings, run_sweep
 
+_UPLINK_1000X = "topk:0.0023+sign+zstd@server_momentum=0.9,server_decay=0.1,table=digest"
 CELLS = [
     "fp32",
     "eden2",
     "topk:0.01+q4+zstd",
     "topk:0.001+q4+zstd",
-    "topk:0.0023+sign+zstd@server_momentum=0.8,table=digest",
-    "topk:0.0023+sign+zstd@server_momentum=0.9,server_decay=0.1,table=digest",
-    "topk:0.0023+sign+zstd@server_momentum=0.9,server_decay=0.1,table=digest,downlink=topk:0.01+q4+zstd",
-    "topk:0.0023+sign+zstd@server_momentum=0.9,server_decay=0.1,table=digest,downlink=topk:0.004+q4+zstd",
+    _UPLINK_1000X,
+    _UPLINK_1000X + ",downlink=topk:0.01+q4+zstd",
+    _UPLINK_1000X + ",downlink=topk:0.02+q4+zstd,downlink_mode=client",
+    _UPLINK_1000X + ",downlink=topk:0.02+q2+zstd,downlink_mode=client",
+    "topk:0.004+sign+zstd@server_momentum=0.9,server_decay=0.1,table=digest,downlink=topk:0.02+q2+zstd,"
+    "downlink_mode=client",
 ]
 
 

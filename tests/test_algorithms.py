@@ -1,7 +1,8 @@
 """The algorithms around the codec, each against a small numpy reference:
 DGC's local clipping and density warm-up in the Encoder, server momentum
 (FedAvgM), and compressed downlink deltas with server-side error feedback
-that a client catches up on exactly after skipped rounds."""
+that a client catches up on exactly after skipped rounds, and the per-client
+downlink (one compressed difference from the model each client holds)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import fedpress as fp
 import numpy as np
 import pytest
 from fedpress._seeds import derive_seed
-from fedpress.federation.model import Downlink, ServerOptimizer, apply_delta, apply_update, canonical, model_tag
+from fedpress.federation.model import (ClientDownlink, Downlink, ServerOptimizer, apply_delta, apply_update, canonical,
+                                      load_checkpoint, make_downlink, model_tag, save_checkpoint)
 from fedpress.payload import decode
 
 
@@ -176,6 +178,109 @@ def test_downlink_falls_back_to_the_full_model_when_the_chain_is_longer() -> Non
         dl.advance({"w": np.full(100, t + 1.0, np.float32)})
     kind, _, payloads = dl.plan(first, True)
     assert kind == "full" and len(payloads) == 1  # three fp32 deltas outweigh one fp32 model
+
+
+def _drift(rng, model):
+    return {k: v + (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in model.items()}
+
+
+def test_client_downlink_is_error_feedback_per_client() -> None:
+    """held <- held + decode(C(global - held)) each time a client is sampled, whatever it
+    skipped: one payload per task, and what was not sent stays in that client's lag."""
+    rng = np.random.default_rng(3)
+    params = canonical({"w": rng.standard_normal(5000).astype(np.float32),
+                        "b": rng.standard_normal(10).astype(np.float32)})
+    spec = "topk:0.05+q8+zstd"
+    dl = make_downlink(spec, params, "client", seed=4)
+    assert isinstance(dl, ClientDownlink) and dl.tag == model_tag(params)
+    codec = fp.Codec(spec)
+    ref = {c: dict(params) for c in ("a", "b", "c")}      # the numpy reference of each client's model
+    tags = dict.fromkeys(ref, dl.tag)
+    global_model = dict(params)
+    sizes = {"a": [], "c": []}
+    for t in range(1, 9):
+        global_model = _drift(rng, global_model)
+        dl.advance(global_model)
+        sampled = ["a"] + (["b"] if t == 5 else []) + (["c"] if t % 4 == 0 else [])
+        for c in sampled:
+            kind, base, tag, payloads = dl.task_for(c, tags[c], True)
+            assert kind == "delta" and base == tags[c] and tag != base and len(payloads) == 1
+            delta = {k: global_model[k] - ref[c][k] for k in params}
+            expected = codec.encode(delta, seed=derive_seed(4, "downlink", c, t))
+            assert payloads[0] == expected
+            sent = decode(payloads[0])
+            ref[c] = {k: ref[c][k] + sent[k] for k in params}
+            for k in params:  # the client applies it as Client does, and the server knows the result
+                np.testing.assert_array_equal(apply_delta(dl.held_model(c, base), sent)[k], ref[c][k])
+                np.testing.assert_array_equal(dl.held_model(c, tag)[k], ref[c][k])
+                np.testing.assert_allclose(global_model[k] - ref[c][k], delta[k] - sent[k], atol=1e-6)
+            dl.confirm(c, tag)
+            assert list(dl.models[c]) == [tag]  # the model it held before is forgotten
+            tags[c] = tag
+            sizes.setdefault(c, []).append(len(payloads[0]))
+    # A client that skipped three rounds pays one payload, not three.
+    assert max(sizes["c"]) < 1.5 * max(sizes["a"])
+
+
+def test_client_downlink_lossless_spec_holds_the_global_model() -> None:
+    rng = np.random.default_rng(8)
+    params = canonical({"w": rng.standard_normal(300).astype(np.float32)})
+    dl = ClientDownlink("fp32", params)
+    tag, model = dl.tag, params
+    for t in range(3):
+        dl.advance(_drift(rng, params if t == 0 else dl.params))
+        kind, _, tag, payloads = dl.task_for("x", tag, True)
+        model = apply_delta(model, decode(payloads[0]))
+        np.testing.assert_allclose(model["w"], dl.params["w"], atol=1e-6)
+        dl.confirm("x", tag)
+    # The global did not move (a failed round): what is left to send is nothing.
+    assert not decode(dl.task_for("x", tag, True)[3][0])["w"].any()
+    full_tag = dl.task_for("y", None, True)[2]
+    assert dl.task_for("y", full_tag, True)[3] == []  # holds the exact global: an empty delta
+
+
+def test_client_downlink_retries_fallbacks_and_memory_bound() -> None:
+    rng = np.random.default_rng(1)
+    params = canonical({"w": rng.standard_normal(400).astype(np.float32)})
+    dl = ClientDownlink("topk:0.1+q8", params, seed=0, max_clients=2)
+    dl.advance(_drift(rng, params))
+    first = dl.initial[0]
+    _, _, t1, _ = dl.task_for("a", first, True)
+    # "a" never answered: it still holds the initial model, and either tag gets a delta.
+    kind, base, _, _ = dl.task_for("a", first, True)
+    assert (kind, base) == ("delta", first)
+    _, _, t2, _ = dl.task_for("a", first, True)
+    assert dl.task_for("a", t2, True)[0] == "delta"
+    # Unknown tags, no delta support, or no tag at all: the full model (then the exact global).
+    for held, ok in ((b"\x01" * 16, True), (first, False), (None, True)):
+        kind, base, tag, payloads = dl.task_for("b", held, ok)
+        assert kind == "full" and base == bytes(16) and tag == dl.tag
+        np.testing.assert_array_equal(decode(payloads[0])["w"], dl.params["w"])
+    # At most two clients remembered: the least recently sampled is forgotten.
+    dl.task_for("c", first, True)
+    assert list(dl.models) == ["b", "c"]
+    assert dl.task_for("a", t2, True)[0] == "full"
+    with pytest.raises(ValueError, match="needs a downlink codec"):
+        make_downlink(None, params, "client")
+    with pytest.raises(ValueError, match="downlink mode"):
+        make_downlink("q8", params, "lazy")
+
+
+def test_client_downlink_survives_a_checkpoint(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    params = canonical({"w": rng.standard_normal(600).astype(np.float32), "n": np.array([3], np.int64)})
+    dl = ClientDownlink("topk:0.1+q4+zstd", params, seed=6)
+    dl.advance(_drift(rng, params))
+    held = {c: dl.task_for(c, dl.initial[0], True)[2] for c in ("a", "b")}
+    dl.confirm("a", held["a"])  # "b" has not answered yet: two models kept for it
+    dl.advance(_drift(rng, dl.params))
+    save_checkpoint(tmp_path, 2, dl.params, {}, dl)
+    meta, saved, arrays = load_checkpoint(tmp_path)
+    again = ClientDownlink("topk:0.1+q4+zstd", saved, seed=6)
+    again.restore(meta["downlink"], arrays, list(saved))
+    assert again.tag == dl.tag and again.version == dl.version and list(again.models) == list(dl.models)
+    for c in ("a", "b"):
+        assert dl.task_for(c, held[c], True)[3] == again.task_for(c, held[c], True)[3]
 
 
 def test_server_lr_decay_follows_a_half_cosine() -> None:

@@ -549,10 +549,12 @@ def test_slow_client_times_out_and_is_not_resampled_while_busy():
     assert r2["uplink_payload_bytes"] >= 0
 
 
-def test_server_killed_and_resumed(tmp_path):
+@pytest.mark.parametrize("mode", ["chain", "client"])
+def test_server_killed_and_resumed(tmp_path, mode):
     """The server dies in round 3 (no BYE, no row); a new one resumes from the
     round-2 checkpoint on the same port, the clients reconnect and the
-    federation finishes rounds 3 and 4. The restored downlink deltas still apply."""
+    federation finishes rounds 3 and 4. The restored downlink (the delta chain,
+    or the model each client holds) still gives deltas."""
     async def body(h: Harness) -> tuple[Server, Server, list[Client]]:
         holder: dict[str, asyncio.Task] = {}
 
@@ -561,7 +563,8 @@ def test_server_killed_and_resumed(tmp_path):
                 holder["killed"] = holder["run"]
                 holder["run"].cancel()  # dies inside round 3
             return {"lr": 0.1}
-        first = server_for(rounds=4, out_dir=tmp_path, fit_config=fit_config, downlink="topk:0.5+fp16")
+        first = server_for(rounds=4, out_dir=tmp_path, fit_config=fit_config, downlink="topk:0.5+fp16",
+                           downlink_mode=mode)
         await first.start()
         port = first.port
         holder["run"] = h.spawn(first.run())
@@ -571,7 +574,8 @@ def test_server_killed_and_resumed(tmp_path):
             await holder["run"]
         assert [r["round"] for r in read_rows(tmp_path / "rounds.jsonl")] == [0, 1, 2]
         assert json.loads((tmp_path / "checkpoint.json").read_text())["round"] == 2
-        second = server_for(port, rounds=4, out_dir=tmp_path, resume=True, downlink="topk:0.5+fp16")
+        second = server_for(port, rounds=4, out_dir=tmp_path, resume=True, downlink="topk:0.5+fp16",
+                            downlink_mode=mode)
         await second.run()
         await asyncio.gather(*tasks)
         return first, second, clients
@@ -584,8 +588,13 @@ def test_server_killed_and_resumed(tmp_path):
     assert rows[3]["resumed_from"] == 2
     assert rows[3]["test_loss"] == pytest.approx(rows[2]["test_loss"], rel=1e-6)  # the checkpointed model
     assert rows[4]["status"] == rows[5]["status"] == "ok"
-    # The clients held round 2's model: the restored delta chain brought them up to date.
-    assert all(rows[4]["clients"][c]["downlink"] == "delta" for c in rows[4]["completed"])
+    if mode == "chain":
+        # The clients held round 2's model: the restored delta chain brought them up to date.
+        assert all(rows[4]["clients"][c]["downlink"] == "delta" for c in rows[4]["completed"])
+    else:
+        # Round 3's tasks went out after the checkpoint: models the resumed server never saw
+        # are replaced by the full model once, and deltas follow.
+        assert all(rows[5]["clients"][c]["downlink"] == "delta" for c in rows[5]["completed"])
     assert rows[5]["test_loss"] < rows[2]["test_loss"]
     assert json.loads((tmp_path / "checkpoint.json").read_text())["round"] == 4
     assert len(list(tmp_path.glob("checkpoint-*.npz"))) == 1
@@ -713,10 +722,10 @@ def test_downlink_deltas_are_smaller_and_exact():
     dim = 2000
 
     async def federation(h: Harness, downlink: Optional[str], clients: int,
-                         per_round: int) -> tuple[Server, list[Client]]:
+                         per_round: int, mode: str = "chain") -> tuple[Server, list[Client]]:
         server = server_for(initial_params=initial_params(dim), evaluate_fn=evaluate_fn(dim), rounds=4,
                             clients_per_round=per_round, min_clients=clients, downlink=downlink,
-                            codec="topk:0.1+fp16")
+                            codec="topk:0.1+fp16", downlink_mode=mode)
         await server.start()
         cs = [client_for(server.port, i, train_fn=make_train_fn(i, dim=dim)) for i in range(clients)]
         tasks = [h.spawn(c.run()) for c in cs]
@@ -726,9 +735,9 @@ def test_downlink_deltas_are_smaller_and_exact():
 
     async def body(h: Harness) -> tuple:
         return (await federation(h, None, 3, 3), await federation(h, "topk:0.1+fp16", 3, 3),
-                await federation(h, "topk:0.1+fp16", 5, 2))
+                await federation(h, "topk:0.1+fp16", 5, 2), await federation(h, "topk:0.1+fp16", 5, 2, "client"))
 
-    (full, _), (delta, delta_clients), (sampled, sampled_clients) = run_async(body, timeout=30)
+    (full, _), (delta, delta_clients), (sampled, sampled_clients), (own, own_clients) = run_async(body, timeout=40)
     full_bytes = total(full.history, "downlink_payload_bytes")
     delta_bytes = total(delta.history, "downlink_payload_bytes")
     assert delta_bytes < 0.5 * full_bytes
@@ -751,6 +760,27 @@ def test_downlink_deltas_are_smaller_and_exact():
             assert all(np.array_equal(model[k], dl.replica[k]) for k in model)
     kinds = [v["downlink"] for r in sampled.history[1:] for v in r["clients"].values()]
     assert "delta" in kinds and "full" in kinds
+    # Per-client downlink: one payload per task however many rounds a client skipped, and
+    # the server knows the model each client holds, bit for bit.
+    assert all(v["downlink_payloads"] == 1 for r in own.history[1:] for v in r["clients"].values())
+    assert total(own.history, "downlink_payload_bytes") < total(sampled.history, "downlink_payload_bytes")
+    assert all(r["downlink_mode"] == "client" for r in own.history)
+    for c in own_clients:
+        held = own._downlink_state.held_model(c.client_id, c.model_tag)
+        assert held is not None and all(np.array_equal(c.model[k], held[k]) for k in c.model)
+    assert own.history[-1]["test_loss"] < own.history[0]["test_loss"]
+
+
+def test_server_command_refuses_a_client_downlink_without_a_codec(tmp_path):
+    from fedpress import cli
+
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    with pytest.raises(SystemExit, match="--downlink-mode client needs --downlink SPEC"):
+        cli.main(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
+                  "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"),
+                  "--downlink-mode", "client"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_fn_failure_is_reported_and_the_client_carries_on(tmp_path):

@@ -51,6 +51,9 @@ def strip_time(rows):
      "topk:0.01+q4@clip=2.5,warmup=5,warmup_start=0.1,server_lr=2.0,table=digest"),
     ("q8@momentum=0", "q8"),
     ("topk:0.01+sign@server_decay=0.1,server_momentum=0.8", "topk:0.01+sign@server_momentum=0.8,server_decay=0.1"),
+    ("topk:0.01+sign@downlink_mode=CLIENT,downlink=topk:0.02+q2+zstd",
+     "topk:0.01+sign@downlink=topk:0.02+q2+zstd,downlink_mode=client"),
+    ("q4@downlink=q8,downlink_mode=chain", "q4@downlink=q8"),
 ])
 def test_cells_parse_to_a_canonical_form(text, canonical):
     cell = parse_cell(text)
@@ -82,6 +85,8 @@ def test_cell_options_reach_the_encoder():
     ("q4@table=none", "table must be inline or digest"),
     ("q4@server_decay=2", "server_decay='2' must be a number in [0.0, 1.0]"),
     ("q4@momentum=0.5,momentum=0.9", "given twice"),
+    ("q4@downlink_mode=client", "downlink_mode=client needs downlink=SPEC"),
+    ("q4@downlink=q8,downlink_mode=peer", "downlink_mode must be chain or client"),
 ])
 def test_bad_cells_name_the_problem(text, message):
     with pytest.raises(ValueError) as info:
@@ -201,7 +206,7 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
                         min_clients=s.clients, codec=cell.spec, downlink=cell.downlink, token=TOKEN,
                         round_timeout=60, seed=seed, evaluate_fn=evaluate_fn, downlink_history=s.rounds,
                         server_lr=cell.server_lr, server_momentum=cell.server_momentum,
-                        server_lr_decay=cell.server_decay)
+                        server_lr_decay=cell.server_decay, downlink_mode=cell.downlink_mode)
         await server.start()
         opts = cell.encoder_options()
         codec_options = {"table": opts.pop("table")} if "table" in opts else {}
@@ -227,6 +232,7 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
     "topk:0.1+q4+zstd@momentum=0.9,clip=5,warmup=2,downlink=topk:0.3+q8+zstd,server_momentum=0.5,table=digest,"
     "server_decay=0.2",
     "q8+zstd@ef=off,downlink=q8",
+    "topk:0.2+q4+zstd@server_momentum=0.5,downlink=topk:0.2+q4+zstd,downlink_mode=client",
 ])
 def test_bytes_equal_the_federation(digits, cell):
     s = Settings(clients=4, per_round=2, rounds=3, eval_every=1)
@@ -360,7 +366,7 @@ def test_command_runs_and_reports_mistakes(tmp_path, capsys):
     assert cli.main(args[:5] + ["q4@bogus=1"] + args[6:]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: " \
-        "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, server_decay, downlink, table"
+        "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, server_decay, downlink, downlink_mode, table"
     bad_rounds = args[:]
     bad_rounds[bad_rounds.index("--rounds") + 1] = "3"
     assert cli.main(bad_rounds) == 2

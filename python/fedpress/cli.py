@@ -152,6 +152,12 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
                         help="the server lr falls along a half cosine to F times itself in the last round")
     parser.add_argument("--downlink-history", type=int, default=8, metavar="N",
                         help="downlink deltas kept for clients that skipped rounds (then: the full model)")
+    parser.add_argument("--downlink-mode", choices=["chain", "client"], default="chain",
+                        help="chain: every client catches up with the deltas it missed; client: the server keeps "
+                             "each client's model and sends it one compressed difference (needs --downlink; "
+                             "one model of server memory per client)")
+    parser.add_argument("--downlink-clients", type=int, default=None, metavar="N",
+                        help="with --downlink-mode client: the most client models kept (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--resume", action="store_true")
@@ -168,6 +174,10 @@ def _run_server(args: argparse.Namespace) -> int:
     parse_spec(args.codec)
     if args.downlink:
         parse_spec(args.downlink)
+    if args.downlink_mode == "client" and not args.downlink:
+        raise SystemExit("fedpress server: --downlink-mode client needs --downlink SPEC (the codec of the differences)")
+    if args.downlink_clients is not None and args.downlink_clients < 1:
+        raise SystemExit(f"fedpress server: --downlink-clients must be at least 1, got {args.downlink_clients}")
     context = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -182,7 +192,8 @@ def _run_server(args: argparse.Namespace) -> int:
                     token=_read_token(args.token_file), round_timeout=args.round_timeout,
                     min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
                     server_lr_decay=args.server_lr_decay,
-                    downlink_history=args.downlink_history,
+                    downlink_history=args.downlink_history, downlink_mode=args.downlink_mode,
+                    downlink_clients=args.downlink_clients,
                     evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
                     resume=args.resume, seed=args.seed, ssl_context=context)
     asyncio.run(server.run())

@@ -27,6 +27,17 @@ The first replica's tag is a digest of the initial model itself
 model factory and seed) announces that tag and receives deltas from the first
 round on: the initial model need not cross the wire.
 
+Per-client downlink (:class:`ClientDownlink`, ``downlink_mode="client"``): the
+chain costs every client the sum of all the deltas it missed, so with few
+clients per round the downlink no longer shrinks with participation. Instead
+the server may keep the model each client holds and send a sampled client one
+compressed difference ``C(global - held)``; what is not sent stays in that
+client's difference and goes out the next time it is sampled (error feedback
+per client, as in Sattler et al.'s sparse ternary compression). Each client then
+trains on its own approximation of the global model; the server's memory grows
+by one model per client it remembers (``max_clients`` bounds it; a client it
+forgot receives the full model).
+
 Server momentum (FedAvgM, Hsu et al. 2019): ``m = beta * m + mean``, then
 ``global += server_lr * m``; with sparse updates it keeps applying the
 coordinates a round's sample did not touch, so what rarely-sampled clients
@@ -40,6 +51,7 @@ import json
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -52,7 +64,8 @@ from ..payload import decode
 from .protocol import TAG_BYTES, new_tag
 
 __all__ = ["as_params", "table", "canonical", "encode_full", "decode_params", "make_delta", "apply_delta",
-           "apply_update", "align_update", "zero_reference", "Downlink", "ServerOptimizer", "model_tag", "save_checkpoint",
+           "apply_update", "align_update", "zero_reference", "Downlink", "ClientDownlink", "make_downlink",
+           "DOWNLINK_MODES", "ServerOptimizer", "model_tag", "save_checkpoint",
            "load_checkpoint", "atomic_write", "CHECKPOINT_JSON"]
 
 _FULL = Codec("fp32")
@@ -237,6 +250,8 @@ class Downlink:
     ``chain`` holds the last ``history`` deltas as (base tag, tag, payload).
     """
 
+    mode = "chain"
+
     def __init__(self, spec: Optional[str], params: Mapping[str, np.ndarray], history: int = 8,
                  seed: Optional[int] = None) -> None:
         self.codec = Codec(spec) if spec else None
@@ -262,6 +277,14 @@ class Downlink:
         self.replica = apply_delta(self.replica, decode(payload))
         self.chain.append((old, self.tag, payload))
         del self.chain[:max(0, len(self.chain) - self.history)]
+
+    def task_for(self, client_id: str, held: Optional[bytes], deltas_ok: bool) -> tuple[str, bytes, bytes, list]:
+        """(kind, base tag, tag the client will hold, payloads) of the TASK for ``client_id``."""
+        kind, base, payloads = self.plan(held, deltas_ok)
+        return kind, base, self.tag, payloads
+
+    def confirm(self, client_id: str, tag: bytes) -> None:
+        """``client_id`` answered the task that gave it ``tag`` (nothing to do for a chain)."""
 
     def full(self) -> bytes:
         """The replica as one fp32 payload (cached per version)."""
@@ -298,6 +321,136 @@ class Downlink:
         self.chain = [(bytes.fromhex(c["base"]), bytes.fromhex(c["tag"]), np.asarray(arrays[f"h{i}"]).tobytes())
                       for i, c in enumerate(meta.get("chain", []))]
         self._full = None
+
+
+class ClientDownlink:
+    """The downlink with one model per client: a sampled client receives one
+    compressed difference between the global model and the model it holds
+    (see the module doc).
+
+    ``tag`` names the exact global model (what a full payload carries); each
+    catch-up gives the client a fresh tag for its new model. Until the client
+    answers (:meth:`confirm`), the server keeps both the model it held and the one
+    it was sent, so a client that fails in between and comes back with either
+    tag still receives a delta. A server resumed from a checkpoint does not know
+    the models it sent after that checkpoint: those clients receive the full model
+    once.
+    """
+
+    mode = "client"
+
+    def __init__(self, spec: str, params: Mapping[str, np.ndarray], seed: Optional[int] = None,
+                 max_clients: Optional[int] = None) -> None:
+        if not spec:
+            raise ValueError("a per-client downlink needs a downlink codec spec")
+        self.codec = Codec(spec)
+        self.seed = None if seed is None else int(seed)
+        if max_clients is not None and int(max_clients) < 1:
+            raise ValueError(f"max_clients must be at least 1, got {max_clients}")
+        self.max_clients = None if max_clients is None else int(max_clients)
+        self.params = canonical(params)
+        self.tag = model_tag(self.params)
+        #: The initial model: a client that built it itself announces its tag.
+        self.initial: tuple[bytes, dict[str, np.ndarray]] = (self.tag, self.params)
+        #: client id -> {tag: the model that tag names}, least recently used first.
+        self.models: OrderedDict[str, dict[bytes, dict[str, np.ndarray]]] = OrderedDict()
+        self.version = 0
+        self._full: Optional[tuple[bytes, bytes]] = None
+
+    def advance(self, params: Mapping[str, np.ndarray]) -> None:
+        """A new global model."""
+        self.params = canonical(params)
+        self.tag = new_tag()
+        self.version += 1
+
+    def full(self) -> bytes:
+        """The global model as one fp32 payload (cached per version)."""
+        if self._full is None or self._full[0] != self.tag:
+            self._full = (self.tag, encode_full(self.params))
+        return self._full[1]
+
+    def held_model(self, client_id: str, held: Optional[bytes]) -> Optional[dict[str, np.ndarray]]:
+        """The model ``client_id`` holds when it announces ``held``, if the server knows it."""
+        if held is None:
+            return None
+        known = self.models.get(client_id, {})
+        if held in known:
+            return known[held]
+        return self.initial[1] if held == self.initial[0] else None
+
+    def task_for(self, client_id: str, held: Optional[bytes], deltas_ok: bool) -> tuple[str, bytes, bytes, list]:
+        """(kind, base tag, tag the client will hold, payloads) of the TASK for ``client_id``;
+        the model it will hold is remembered under that tag."""
+        base_model = self.held_model(client_id, held) if deltas_ok else None
+        if base_model is None:
+            kind, base, tag, payloads, model = "full", bytes(TAG_BYTES), self.tag, [self.full()], self.params
+        elif held == self.tag:
+            kind, base, tag, payloads, model = "delta", held, held, [], base_model
+        else:
+            seed = None if self.seed is None else derive_seed(self.seed, "downlink", client_id, self.version)
+            payload = self.codec.encode(make_delta(self.params, base_model), seed=seed)
+            kind, base, tag, payloads = "delta", held, new_tag(), [payload]
+            model = apply_delta(base_model, decode(payload))
+        entries = self.models.pop(client_id, {})
+        if held is not None and held in entries:
+            entries = {held: entries[held]}
+        else:
+            entries = {}
+        entries[tag] = model
+        self.models[client_id] = entries
+        while self.max_clients is not None and len(self.models) > self.max_clients:
+            self.models.popitem(last=False)
+        return kind, base, tag, payloads
+
+    def confirm(self, client_id: str, tag: bytes) -> None:
+        """``client_id`` answered the task that gave it ``tag``: the model it held before is gone."""
+        entries = self.models.get(client_id)
+        if entries is not None and tag in entries:
+            self.models[client_id] = {tag: entries[tag]}
+
+    # -- persistence
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        arrays: dict[str, np.ndarray] = {f"i{i}": v for i, v in enumerate(self.initial[1].values())}
+        clients = []
+        for j, (cid, entries) in enumerate(self.models.items()):
+            tags = []
+            for t, (tag, model) in enumerate(entries.items()):
+                tags.append(tag.hex())
+                arrays.update({f"c{j}_{t}_{i}": v for i, v in enumerate(model.values())})
+            clients.append([cid, tags])
+        meta = {"mode": self.mode, "tag": self.tag.hex(), "version": self.version,
+                "initial": self.initial[0].hex(), "clients": clients}
+        return meta, arrays
+
+    def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], names: list) -> None:
+        def model(prefix: str) -> dict[str, np.ndarray]:
+            return {name: np.array(arrays[f"{prefix}{i}"]) for i, name in enumerate(names)}
+
+        self.tag = bytes.fromhex(meta["tag"])
+        self.version = int(meta.get("version", 0))
+        self.initial = (bytes.fromhex(meta["initial"]), model("i"))
+        self.models = OrderedDict()
+        for j, (cid, tags) in enumerate(meta.get("clients", [])):
+            self.models[str(cid)] = {bytes.fromhex(tag): model(f"c{j}_{t}_") for t, tag in enumerate(tags)}
+        self._full = None
+
+
+#: The downlink's ways of catching a client up (:func:`make_downlink`).
+DOWNLINK_MODES = ("chain", "client")
+
+
+def make_downlink(spec: Optional[str], params: Mapping[str, np.ndarray], mode: str = "chain", *,
+                  history: int = 8, seed: Optional[int] = None, max_clients: Optional[int] = None
+                  ) -> Any:
+    """The server's downlink: :class:`Downlink` (one shared replica and the chain of
+    deltas since it) or, with ``mode="client"``, :class:`ClientDownlink`."""
+    if mode not in DOWNLINK_MODES:
+        raise ValueError(f"downlink mode must be one of {', '.join(DOWNLINK_MODES)}, got {mode!r}")
+    if mode == "client":
+        if not spec:
+            raise ValueError("downlink mode 'client' needs a downlink codec spec (--downlink SPEC)")
+        return ClientDownlink(spec, params, seed=seed, max_clients=max_clients)
+    return Downlink(spec, params, history, seed=seed)
 
 
 # ------------------------------------------------------------ checkpoints --

@@ -45,8 +45,8 @@ from ..codec import parse_spec
 from ..payload import DecodeError
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow
-from .model import (CHECKPOINT_JSON, Downlink, ServerOptimizer, as_params, atomic_write, load_checkpoint,
-                    save_checkpoint, table, zero_reference)
+from .model import (CHECKPOINT_JSON, DOWNLINK_MODES, ClientDownlink, Downlink, ServerOptimizer, as_params,
+                    atomic_write, load_checkpoint, make_downlink, save_checkpoint, table, zero_reference)
 from .transport import Connection, CountingProtocol, CountingTransport, establish
 
 __all__ = ["Server", "round_config"]
@@ -115,6 +115,13 @@ class Server:
     handshake_timeout: seconds for TCP accept to WELCOME (TLS included).
     fit_config: a dict, or ``fit_config(round) -> dict``, merged into each TASK's config.
     downlink_history: delta versions kept for clients that skipped rounds.
+    downlink_mode: ``"chain"`` (one replica for all clients; a client that skipped
+        rounds receives every delta it missed) or ``"client"`` (the server keeps the
+        model each client holds and sends it one compressed difference; the
+        downlink then shrinks with participation). See :class:`ClientDownlink`.
+    downlink_clients: with ``downlink_mode="client"``, the most client models kept
+        (least recently sampled forgotten first; a forgotten client receives the full
+        model); None: all. Each costs one model of server memory.
     shutdown_timeout: seconds to wait for clients to close after BYE.
     wait_timeout: seconds to wait for ``min_clients`` before a round (None: forever);
         exceeding it raises TimeoutError from :meth:`run`.
@@ -132,7 +139,8 @@ class Server:
                  fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
                  downlink_history: int = 8, shutdown_timeout: float = 5.0,
                  wait_timeout: Optional[float] = None, max_pending: int = 256,
-                 server_momentum: float = 0.0, server_lr_decay: Optional[float] = None) -> None:
+                 server_momentum: float = 0.0, server_lr_decay: Optional[float] = None,
+                 downlink_mode: str = "chain", downlink_clients: Optional[int] = None) -> None:
         if token is None:
             raise ValueError("token is required: the shared secret clients authenticate with")
         self.token = P.as_token(token)
@@ -171,6 +179,13 @@ class Server:
             raise ValueError(f"max_frame_bytes must be in 1..{P.MAX_FRAME_LIMIT}, got {max_frame_bytes}")
         self.fit_config = fit_config
         self.downlink_history = int(downlink_history)
+        if downlink_mode not in DOWNLINK_MODES:
+            raise ValueError(f"downlink_mode must be one of {', '.join(DOWNLINK_MODES)}, got {downlink_mode!r}")
+        if downlink_mode == "client" and self.downlink is None:
+            raise ValueError("downlink_mode='client' needs a downlink codec spec (downlink=...)")
+        self.downlink_mode = downlink_mode
+        self.downlink_clients = (None if downlink_clients is None
+                                 else _positive_int(downlink_clients, "downlink_clients"))
         self.max_pending = _positive_int(max_pending, "max_pending")
 
         #: The port the server listens on (None until bound).
@@ -184,7 +199,7 @@ class Server:
         self.federation_id = secrets.token_hex(8)
 
         self._start_round = 0
-        self._downlink_state: Optional[Downlink] = None
+        self._downlink_state: Optional[Union[Downlink, ClientDownlink]] = None
         self._ledger = Ledger()
         self._peers: dict[str, _Peer] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -277,7 +292,7 @@ class Server:
     def _prepare_state(self) -> None:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history, seed=self.seed)
+        self._downlink_state = self._new_downlink()
         self._reference = zero_reference(self.params)
         if self.out_dir is None:
             return
@@ -302,9 +317,11 @@ class Server:
                                       if f"m{i}" in arrays}
         self._start_round = self.round = int(meta["round"])
         self.federation_id = str(meta.get("federation", self.federation_id))
-        self._downlink_state = Downlink(self.downlink, self.params, self.downlink_history, seed=self.seed)
-        if self.downlink is not None and meta.get("downlink") and meta.get("downlink_spec") == self.downlink:
-            self._downlink_state.restore(meta["downlink"], arrays, list(self.params))
+        self._downlink_state = self._new_downlink()
+        saved = meta.get("downlink")
+        if (self.downlink is not None and saved and meta.get("downlink_spec") == self.downlink
+                and saved.get("mode", "chain") == self.downlink_mode):
+            self._downlink_state.restore(saved, arrays, list(self.params))
         rows = []
         if rounds_path.exists():
             for line in rounds_path.read_text().splitlines():
@@ -321,6 +338,10 @@ class Server:
         self.history = rows
         log.info("resumed from %s at round %d", self.out_dir, self._start_round)
 
+    def _new_downlink(self) -> Union[Downlink, ClientDownlink]:
+        return make_downlink(self.downlink, self.params, self.downlink_mode, history=self.downlink_history,
+                             seed=self.seed, max_clients=self.downlink_clients)
+
     def _checkpoint(self, r: int) -> None:
         if self.out_dir is None:
             return
@@ -336,6 +357,8 @@ class Server:
         record["seconds"] = round(time.monotonic() - row.started, 6)
         record["codec"] = self.codec
         record["downlink"] = self.downlink
+        if self.downlink_mode != "chain":
+            record["downlink_mode"] = self.downlink_mode
         record["connected"] = len(self._peers)
         record = json.loads(P.dumps_json(record))
         self.history.append(record)
@@ -576,10 +599,10 @@ class Server:
         sends = []
         for cid in sampled:
             peer = self._peers[cid]
-            kind, base, payloads = dl.plan(peer.held, peer.deltas_ok)
-            task = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, dl.tag, base, config, payloads)
+            kind, base, tag, payloads = dl.task_for(cid, peer.held, peer.deltas_ok)
+            task = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, tag, base, config, payloads)
             peer.busy_round = r
-            peer.task_tag = dl.tag
+            peer.task_tag = tag
             peer.held = None  # unknown until it answers
             peer.waiter = loop.create_future()
             waiters[peer.waiter] = cid
@@ -670,6 +693,8 @@ class Server:
         peer = self._peers.get(cid)
         if peer is not None and peer.task_tag is not None:
             peer.held = peer.task_tag
+            if self._downlink_state is not None:
+                self._downlink_state.confirm(cid, peer.task_tag)
 
     async def _evaluate(self, params: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}

@@ -28,6 +28,8 @@ OPTIONS = {
     "server_lr": "server learning rate applied to the mean update (default 1)",
     "server_decay": "the server lr falls along a half cosine to this fraction of itself in the last round",
     "downlink": "SPEC: compressed downlink deltas with server-side error feedback",
+    "downlink_mode": "chain|client: a client catches up with every delta it missed (chain, default), or receives "
+                     "one compressed difference from the model the server keeps for it (client)",
     "table": "inline|digest: payloads carry the tensor table, or only its 8-byte digest",
 }
 
@@ -46,6 +48,7 @@ class Cell:
     server_lr: float = 1.0
     server_decay: Optional[float] = None
     downlink: Optional[str] = None
+    downlink_mode: str = "chain"
     table: str = "inline"
 
     def __str__(self) -> str:
@@ -134,6 +137,10 @@ def parse_cell(text: str) -> Cell:
                 values[key] = str(parse_spec(value))
             except ValueError as exc:
                 raise ValueError(f"cell {raw!r}: downlink: {exc}") from None
+        elif key == "downlink_mode":
+            if value.lower() not in ("chain", "client"):
+                raise ValueError(f"cell {raw!r}: downlink_mode must be chain or client, got {value!r}")
+            values[key] = value.lower()
         elif key == "table":
             if value.lower() not in ("inline", "digest"):
                 raise ValueError(f"cell {raw!r}: table must be inline or digest, got {value!r}")
@@ -142,6 +149,8 @@ def parse_cell(text: str) -> Cell:
         raise ValueError(f"cell {raw!r}: warmup needs a sparsifier in the spec (topk/thresh/randk)")
     if values.get("downlink") and parse_spec(values["downlink"]).eden_mode == "shared":
         raise ValueError(f"cell {raw!r}: downlink cannot use a shared-rotation eden mode")
+    if values.get("downlink_mode") == "client" and not values.get("downlink"):
+        raise ValueError(f"cell {raw!r}: downlink_mode=client needs downlink=SPEC (the codec of the differences)")
     if values.get("momentum") == 0.0:
         values["momentum"] = None
     return Cell(**values)

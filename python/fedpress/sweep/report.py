@@ -215,7 +215,11 @@ def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, p
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    # Below the axes: long cell names would cover the curves.
+    handles, labels = ax.get_legend_handles_labels()
+    rows = len(labels)
+    fig.set_size_inches(fig.get_size_inches()[0], fig.get_size_inches()[1] + 0.16 * rows)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=1, frameon=False)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)

@@ -2,15 +2,17 @@
 
 No sockets, but every byte is the byte ``fedpress server`` and ``fedpress
 client`` would exchange for the same configuration: the TASK frames come from
-the federation's own :class:`~fedpress.federation.model.Downlink` (the full
-fp32 model, or the chain of compressed deltas since the model a client holds),
+the federation's own downlink (:func:`~fedpress.federation.model.make_downlink`:
+the full fp32 model, the chain of compressed deltas since the model a client
+holds, or with ``downlink_mode=client`` one compressed difference per client),
 the UPDATE frames from the federation's own frame layout around the client's
 payload, the round config from :func:`~fedpress.federation.server.round_config`,
 the client sampling and every seed as the server and a client with ``seed=``
 draw them. Clients start from the initial model they build themselves from the
 run's seed (``Client(initial_params=...)``), so it never crosses the wire; a
 client that has not yet been sampled, or that skipped rounds, catches up with
-the deltas it missed (or the full model, when that is smaller).
+the deltas it missed (or the full model, when that is smaller). Each simulated
+client applies what it receives to the model it holds, as ``Client`` does.
 
 Each simulated client reports ``{"loss": training loss}`` as its metrics, rounded to
 six decimals (:func:`client_metrics`). The server sums the updates in the order
@@ -31,7 +33,9 @@ from .._seeds import derive_seed
 from ..aggregate import Aggregator
 from ..encoder import Encoder
 from ..federation import protocol as P
-from ..federation.model import Downlink, ServerOptimizer, align_update, canonical, zero_reference
+from ..federation.model import (ServerOptimizer, align_update, apply_delta, canonical, make_downlink,
+                                zero_reference)
+from ..payload import decode
 from ..federation.server import round_config
 from ..train.datasets import Dataset, load_task
 from ..train.loops import evaluate, param_delta, round_seed, train_local
@@ -201,6 +205,15 @@ def client_metrics(train_loss: float) -> dict[str, float]:
     return {"loss": round(float(train_loss), 6)}
 
 
+def _receive(model: Mapping[str, np.ndarray], kind: str, payloads: list) -> dict[str, np.ndarray]:
+    """The model a client holds after a TASK (as ``Client`` applies it)."""
+    if kind == "full":
+        return decode(payloads[0])
+    for payload in payloads:
+        model = apply_delta(model, decode(payload))
+    return dict(model)
+
+
 def _client_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
 
@@ -225,8 +238,10 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
         trainer = ClientTrainer(task, s, seed)
         params = canonical(get_params(trainer.model))
         evaluator = task.model_fn(seed)
-        downlink = Downlink(cell.downlink, params, history=s.downlink_history or s.rounds, seed=seed)
-        held = dict.fromkeys(ids, downlink.tag)  # every client built the initial model itself
+        downlink = make_downlink(cell.downlink, params, cell.downlink_mode, history=s.downlink_history or s.rounds,
+                                 seed=seed)
+        # (tag, model) each client holds: every client built the initial model itself.
+        held = dict.fromkeys(ids, (downlink.tag, params))
         encoders = {cid: Encoder(cell.spec, **cell.encoder_options()) for cid in ids}
         optimizer = ServerOptimizer(cell.server_lr, cell.server_momentum, decay=cell.server_decay, rounds=s.rounds)
         reference = zero_reference(params)
@@ -259,15 +274,15 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
             aggregator = Aggregator(**({"table": params} if cell.table == "digest" else {}))
             aggregator.add(reference, 0.0)
             up = down = up_payload = down_payload = full = 0
-            model = downlink.replica
             for cid in sampled:
                 index = index_of[cid]
-                kind, base_tag, payloads = downlink.plan(held[cid], True)
-                task_frame = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, downlink.tag, base_tag,
+                kind, base_tag, tag, payloads = downlink.task_for(cid, held[cid][0], True)
+                task_frame = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, tag, base_tag,
                                     config, payloads)
                 down += frame_bytes(P.FrameType.TASK, task_frame.parts())
                 down_payload += task_frame.payload_bytes
                 full += kind == "full"
+                model = _receive(held[cid][1], kind, payloads)
                 update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
                 payload = encoders[cid].encode(
                     align_update(update, model), seed=derive_seed(seed, cid, r), round=r,
@@ -276,7 +291,8 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
                 up += frame_bytes(P.FrameType.UPDATE, update_frame.parts())
                 up_payload += update_frame.payload_bytes
                 aggregator.add(payload, float(n))
-                held[cid] = downlink.tag
+                held[cid] = (tag, model)
+                downlink.confirm(cid, tag)
             params = optimizer.step(params, aggregator.result(copy=False), round=r)
             downlink.advance(params)
             emit(r, up, down, up_payload, down_payload, {"clients": len(sampled), "full_models": full})
