@@ -55,6 +55,7 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
                     clients_per_round=clients_per_round, min_clients=clients, codec=cell.spec,
                     downlink=cell.downlink or downlink, token=token, round_timeout=60.0, min_fit=1,
                     server_lr=cell.server_lr, server_momentum=cell.server_momentum, server_lr_decay=cell.server_decay,
+                    downlink_mode=cell.downlink_mode,
                     evaluate_fn=make_evaluate_fn(task, test), out_dir=str(run_dir), seed=seed)
     label = f"{codec}"
     started = time.perf_counter()
