@@ -144,7 +144,7 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def header(ftype: int, length: int, *, magic: bytes = b"FP", version: int = 1) -> bytes:
+def header(ftype: int, length: int, *, magic: bytes = b"FP", version: int = P.PROTOCOL_VERSION) -> bytes:
     return struct.pack("<2sBBI", magic, version, ftype, length)
 
 
@@ -162,7 +162,7 @@ async def raw_exchange(port: int, data: bytes, *, ssl_context: Optional[ssl.SSLC
             return None
         head = await asyncio.wait_for(reader.readexactly(8), 5)
         magic, version, ftype, length = struct.unpack("<2sBBI", head)
-        assert (magic, version, ftype) == (b"FP", 1, 7)
+        assert (magic, version, ftype) == (b"FP", P.PROTOCOL_VERSION, 7)
         body = await reader.readexactly(length)
         assert await asyncio.wait_for(reader.read(), 5) == b""  # then the server closes
         return struct.unpack("<H", body[:2])[0], body[2:].decode()
@@ -174,11 +174,31 @@ async def raw_exchange(port: int, data: bytes, *, ssl_context: Optional[ssl.SSLC
             pass
 
 
-async def raw_handshake(port: int, client_id: str, token: bytes = TOKEN) -> tuple[Any, Any]:
+class RawSession:
+    """A hand-written client after its handshake: seals what it sends and checks
+    what it receives as the protocol requires (or not, to test the server)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, c2s: bytes, s2c: bytes):
+        self.reader, self.writer = reader, writer
+        self.sealer, self.opener = P.FrameSealer(c2s), P.FrameOpener(s2c)
+
+    def frame(self, ftype: int, body: bytes) -> bytes:
+        return b"".join(bytes(p) for p in self.sealer.seal(ftype, body))
+
+    def send(self, ftype: int, body: bytes) -> None:
+        self.writer.write(self.frame(ftype, body))
+
+    async def recv(self) -> tuple[int, bytes]:
+        ftype, body = await raw_frame(self.reader)
+        opened = self.opener.open(P.Frame(P.FrameType(ftype), body))
+        return ftype, opened.body
+
+
+async def raw_handshake(port: int, client_id: str, token: bytes = TOKEN) -> RawSession:
     """A hand-written client handshake: HELLO, CHALLENGE, AUTH, WELCOME."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     cid = client_id.encode()
-    hello = struct.pack("<HH", 1, len(cid)) + cid + b'{"features":[]}'
+    hello = struct.pack("<HH", P.PROTOCOL_VERSION, len(cid)) + cid + b'{"features":[]}'
     writer.write(header(1, len(hello)) + hello)
     ftype, body = await raw_frame(reader)
     assert ftype == 2 and len(body) == 32
@@ -188,7 +208,8 @@ async def raw_handshake(port: int, client_id: str, token: bytes = TOKEN) -> tupl
     ftype, welcome = await raw_frame(reader)
     assert ftype == 4, (ftype, welcome)
     assert welcome[:32] == P.server_mac(token, nonce, body, client_id)
-    return reader, writer
+    c2s, s2c = P.session_keys(token, body, nonce, client_id, hello, welcome)
+    return RawSession(reader, writer, c2s, s2c)
 
 
 async def raw_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -468,10 +489,11 @@ def test_bad_updates_are_left_out_and_min_fit(tmp_path):
     foreign tensor table and one sending a garbage frame are left out of the
     round; below min_fit valid updates the model is kept and the round fails."""
     async def rogue(port: int, mode: str) -> None:
-        reader, writer = await raw_handshake(port, f"rogue-{mode}")
+        session = await raw_handshake(port, f"rogue-{mode}")
+        writer = session.writer
         try:
             while True:
-                ftype, body = await raw_frame(reader)
+                ftype, body = await session.recv()
                 if ftype != P.FrameType.TASK:
                     break
                 task = P.Task.unpack(body)
@@ -481,7 +503,7 @@ def test_bad_updates_are_left_out_and_min_fit(tmp_path):
                     payload = (b"definitely not a payload" if mode == "payload"
                                else fp.Codec("fp32").encode({"w": np.ones(3, np.float32)}))
                     data = b"".join(bytes(p) for p in P.Update(task.round, 10, {}, payload).parts())
-                    writer.write(header(6, len(data)) + data)
+                    session.send(P.FrameType.UPDATE, data)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -19,7 +19,7 @@ from fedpress.federation import protocol as P
 from fedpress.federation.accounting import Ledger
 
 
-def header(ftype: int, length: int, *, magic: bytes = b"FP", version: int = 1) -> bytes:
+def header(ftype: int, length: int, *, magic: bytes = b"FP", version: int = P.PROTOCOL_VERSION) -> bytes:
     return struct.pack("<2sBBI", magic, version, ftype, length)
 
 
@@ -48,7 +48,7 @@ def test_frame_layout_matches_the_documented_header():
 
 @pytest.mark.parametrize("data, code", [
     (b"GET / HTTP/1.1\r\n", P.ErrorCode.PROTOCOL),            # bad magic
-    (header(1, 0, version=2), P.ErrorCode.VERSION),            # another protocol version
+    (header(1, 0, version=1), P.ErrorCode.VERSION),            # another protocol version
     (header(99, 0), P.ErrorCode.PROTOCOL),                     # unknown frame type
     (header(1, 0xFFFFFFFF), P.ErrorCode.TOO_LARGE),            # oversized: no body follows
 ])
@@ -80,13 +80,13 @@ def test_hello_roundtrip_and_checks():
     tag = bytes(range(16))
     h = P.Hello("site-1", ("downlink-delta",), tag, "topk:0.01+q4")
     body = h.pack()
-    assert body[:2] == struct.pack("<H", 1) and body[2:4] == struct.pack("<H", 6) and body[4:10] == b"site-1"
+    assert body[:2] == struct.pack("<H", P.PROTOCOL_VERSION) and body[2:4] == struct.pack("<H", 6) and body[4:10] == b"site-1"
     assert P.Hello.unpack(body) == h
     with pytest.raises(P.ProtocolError) as info:
         P.Hello.unpack(struct.pack("<H", 99) + body[2:])
     assert info.value.code == P.ErrorCode.VERSION
-    for bad in [struct.pack("<HH", 1, 50) + b"short", struct.pack("<HH", 1, 1) + b"\x00{}",
-                struct.pack("<HH", 1, 1) + b"a[1]", struct.pack("<HH", 1, 1) + b'a{"model":"zz"}']:
+    for bad in [struct.pack("<HH", P.PROTOCOL_VERSION, 50) + b"short", struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"\x00{}",
+                struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"a[1]", struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b'a{"model":"zz"}']:
         with pytest.raises(P.ProtocolError):
             P.Hello.unpack(bad)
     with pytest.raises(ValueError):
@@ -327,3 +327,86 @@ def test_counting_layer_counts_both_ways_and_unsent_bytes_are_returned():
         assert counting.closed.done()
 
     asyncio.run(go())
+
+
+# ------------------------------------------------------------------ sealing --
+def sealed(sealer: P.FrameSealer, ftype: int, body: bytes) -> P.Frame:
+    """What a receiver's read_frame returns for one sealed frame."""
+    data = b"".join(bytes(p) for p in sealer.seal(ftype, body))
+    return read(data)
+
+
+def keys(**change: object) -> tuple[bytes, bytes]:
+    args = dict(token=b"t" * 32, server_nonce=b"s" * 32, client_nonce=b"c" * 32, client_id="site-1",
+                hello_body=b"hello", welcome_body=b"welcome")
+    args.update(change)
+    return P.session_keys(**args)  # type: ignore[arg-type]
+
+
+def test_session_keys_depend_on_everything_the_handshake_fixed():
+    c2s, s2c = keys()
+    assert len(c2s) == len(s2c) == 32 and c2s != s2c
+    for change in [dict(token=b"u" * 32), dict(server_nonce=b"S" * 32), dict(client_nonce=b"C" * 32),
+                   dict(client_id="site-2"), dict(hello_body=b"hellO"), dict(welcome_body=b"welcomE")]:
+        other = keys(**change)
+        assert other[0] != c2s and other[1] != s2c, change
+
+
+def test_sealed_frames_round_trip_and_count_their_tag():
+    c2s, _ = keys()
+    sealer, opener = P.FrameSealer(c2s), P.FrameOpener(c2s)
+    for i, body in enumerate([b"", b"x", b"update" * 1000]):
+        frame = sealed(sealer, P.FrameType.UPDATE, body)
+        assert len(frame.body) == len(body) + P.TRAILER_BYTES
+        assert opener.open(frame) == P.Frame(P.FrameType.UPDATE, body)
+        assert opener.seq == i + 1
+
+
+@pytest.mark.parametrize("attack", ["flip_body", "flip_tag", "retype", "truncate", "other_key", "other_dir",
+                                    "replay", "reorder", "drop", "short"])
+def test_tampered_replayed_or_reordered_frames_are_rejected(attack):
+    c2s, s2c = keys()
+    sealer, opener = P.FrameSealer(c2s), P.FrameOpener(c2s)
+    first = sealed(sealer, P.FrameType.UPDATE, b"first update")
+    second = sealed(sealer, P.FrameType.UPDATE, b"second update")
+    if attack == "replay":
+        opener.open(first)
+        bad = first
+    elif attack in ("reorder", "drop"):
+        bad = second
+    elif attack == "flip_body":
+        bad = P.Frame(first.type, bytes([first.body[0] ^ 1]) + first.body[1:])
+    elif attack == "flip_tag":
+        bad = P.Frame(first.type, first.body[:-1] + bytes([first.body[-1] ^ 0x80]))
+    elif attack == "retype":
+        bad = P.Frame(P.FrameType.BYE, first.body)
+    elif attack == "truncate":
+        bad = P.Frame(first.type, first.body[1:])
+    elif attack == "other_key":
+        bad = sealed(P.FrameSealer(keys(client_id="site-2")[0]), P.FrameType.UPDATE, b"first update")
+    elif attack == "other_dir":
+        bad = sealed(P.FrameSealer(s2c), P.FrameType.UPDATE, b"first update")
+    else:
+        bad = P.Frame(first.type, b"\x00" * (P.TRAILER_BYTES - 1))
+    with pytest.raises(P.ProtocolError) as info:
+        opener.open(bad)
+    assert info.value.code == P.ErrorCode.INTEGRITY
+
+
+def test_client_tokens_are_per_id_and_need_the_master():
+    master = b"m" * 32
+    a, b = P.client_token(master, "site-1"), P.client_token(master, "site-2")
+    assert len(a) == 64 and int(a, 16) >= 0 and a != b and a == P.client_token(master.decode(), "site-1")
+    assert P.client_token(b"n" * 32, "site-1") != a
+    with pytest.raises(ValueError):
+        P.client_token(master, "")
+
+
+@pytest.mark.parametrize("depth", [33, 5_000, 200_000])
+def test_deeply_nested_json_is_a_protocol_error(depth):
+    data = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(P.ProtocolError, match="nested"):
+        P.loads_json(data, "HELLO", limit=len(data))
+    hello = struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"a" + data[:P.MAX_JSON_BYTES]
+    with pytest.raises(P.ProtocolError):
+        P.Hello.unpack(hello)

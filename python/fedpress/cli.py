@@ -5,6 +5,7 @@
     fedpress inspect FILE [--json]
     fedpress demo [--quick] [--codecs SPEC ...] [--out DIR]
     fedpress sweep --task digits|mnist --cells CELL ... [--seeds 0 1 2] [--jobs N] --out DIR
+    fedpress token --new --out F | --master F --client-id ID [--out F]
     fedpress server --port P --rounds R --clients-per-round C --min-clients M --codec SPEC ...
     fedpress client --connect HOST:P --token-file F --task digits|mnist --partition I/N ...
 
@@ -122,12 +123,60 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _read_token(path: str) -> bytes:
     try:
-        token = open(path, "rb").read().strip()
+        with open(path, "rb") as f:
+            token = f.read().strip()
     except OSError as exc:
         raise SystemExit(f"fedpress: cannot read the token file {path}: {exc.strerror}") from None
     if len(token) < 16:
         raise SystemExit(f"fedpress: the token in {path} is shorter than 16 bytes")
     return token
+
+
+def _add_token(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--new", action="store_true", help="make a fresh random token (a shared or a master token)")
+    what.add_argument("--master", metavar="FILE", help="derive a client's token from this master token file")
+    parser.add_argument("--client-id", metavar="ID", help="with --master: the client whose token to derive")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="write the token to FILE (mode 0600; an existing file is kept unless --force); "
+                             "default: standard output")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    from .federation.protocol import check_client_id, client_token
+
+    if args.master is not None:
+        if not args.client_id:
+            raise SystemExit("fedpress token: --master needs --client-id ID (the client whose token to derive)")
+        try:
+            check_client_id(args.client_id)
+        except ValueError as exc:
+            raise SystemExit(f"fedpress token: {exc}") from None
+        token = client_token(_read_token(args.master), args.client_id)
+    else:
+        if args.client_id:
+            raise SystemExit("fedpress token: --client-id goes with --master FILE")
+        token = secrets.token_hex(32).encode("ascii")
+    if args.out is None:
+        sys.stdout.write(token.decode("ascii") + "\n")
+        return 0
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(args.out, flags, 0o600)
+    except FileExistsError:
+        raise SystemExit(f"fedpress token: {args.out} exists; pass --force to replace it") from None
+    except OSError as exc:
+        raise SystemExit(f"fedpress token: cannot write {args.out}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(token + b"\n")
+    if args.force:
+        os.chmod(args.out, 0o600)
+    print(f"fedpress token: wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def _add_server(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +188,11 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-fit", type=int, default=1)
     parser.add_argument("--codec", required=True, metavar="SPEC", help="uplink codec the clients use")
     parser.add_argument("--downlink", default=None, metavar="SPEC")
-    parser.add_argument("--token-file", required=True)
+    tokens = parser.add_mutually_exclusive_group(required=True)
+    tokens.add_argument("--token-file", metavar="FILE", help="one token shared by every client")
+    tokens.add_argument("--master-token-file", metavar="FILE",
+                        help="per-client tokens: each client holds `fedpress token --master FILE --client-id ID`, "
+                             "so one client cannot claim another's id")
     parser.add_argument("--tls-cert", default=None)
     parser.add_argument("--tls-key", default=None)
     parser.add_argument("--task", choices=["digits", "mnist"], default="digits")
@@ -189,7 +242,9 @@ def _run_server(args: argparse.Namespace) -> int:
                     initial_params=get_params(make_model(args.task, seed=args.seed)),
                     rounds=args.rounds, clients_per_round=args.clients_per_round,
                     min_clients=args.min_clients, codec=args.codec, downlink=args.downlink,
-                    token=_read_token(args.token_file), round_timeout=args.round_timeout,
+                    token=_read_token(args.token_file) if args.token_file else None,
+                    master_token=_read_token(args.master_token_file) if args.master_token_file else None,
+                    round_timeout=args.round_timeout,
                     min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
                     server_lr_decay=args.server_lr_decay,
                     downlink_history=args.downlink_history, downlink_mode=args.downlink_mode,
@@ -278,6 +333,11 @@ _SUBCOMMANDS: dict[
         "bytes against accuracy: simulate FedAvg over tasks x cells x seeds, count the federation's bytes",
         _add_sweep,
         _run_sweep,
+    ),
+    "token": (
+        "make a token file: a fresh shared or master token, or a client's token derived from a master",
+        _add_token,
+        _run_token,
     ),
     "server": (
         "run a federation server (TCP, optional TLS) on a training task",

@@ -228,8 +228,8 @@ class Client:
 
     async def _handshake(self, conn: Connection) -> None:
         features = P.FEATURES if self.downlink_deltas else ()
-        hello = P.Hello(self.client_id, tuple(features), self.model_tag, self.codec)
-        await conn.send(P.FrameType.HELLO, hello.pack())
+        hello = P.Hello(self.client_id, tuple(features), self.model_tag, self.codec).pack()
+        await conn.send(P.FrameType.HELLO, hello)
         frame = await self._expect(conn, P.FrameType.CHALLENGE)
         if len(frame.body) != P.NONCE_BYTES:
             raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"CHALLENGE of {len(frame.body)} bytes")
@@ -243,6 +243,8 @@ class Client:
         if not hmac.compare_digest(expected, welcome.mac):
             conn.send_nowait(P.FrameType.ERROR, P.pack_error(P.ErrorCode.AUTH, "server failed to authenticate"))
             raise P.AuthenticationError(f"the server at {self.host}:{self.port} does not know the token")
+        c2s, s2c = P.session_keys(self.token, server_nonce, client_nonce, self.client_id, hello, frame.body)
+        conn.secure(send_key=c2s, recv_key=s2c)
         self.settings = welcome.settings
         log.info("client %s: connected to %s:%d", self.client_id, self.host, self.port)
 

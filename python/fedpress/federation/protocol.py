@@ -4,7 +4,7 @@ Every message is one frame (all integers little-endian)::
 
     offset  size  field
     0       2     magic b"FP"
-    2       1     protocol version (PROTOCOL_VERSION = 1)
+    2       1     protocol version (PROTOCOL_VERSION = 2)
     3       1     frame type (FrameType)
     4       4     body length N, u32; checked against the reader's limit
                   BEFORE a single body byte is read
@@ -37,7 +37,27 @@ Frame bodies::
     BYE        either way
                reason (UTF-8, rest; may be empty)
 
-The shared token never crosses the wire: the client proves it knows the token
+Every frame after WELCOME is sealed: its body is followed by a 16-byte tag,
+and the header's length counts it::
+
+    body | tag (16) = HMAC-SHA256(key, seq u64 | header | body)[:16]
+
+``seq`` counts the frames of one direction from 0 and is never sent (as in TLS,
+each side knows which frame comes next), so a replayed, reordered, dropped or
+altered frame fails the same check: a protocol error that closes the
+connection. 16 bytes is HMAC-SHA256-128 (RFC 4868), what IPsec uses, and the
+smallest price per frame for compressed updates of a few hundred bytes. The
+keys come from HKDF-SHA256 (:func:`session_keys`) over the token, salted with
+both nonces, with the client id and a SHA-256 of the HELLO and WELCOME bodies
+in the info, so a proxy that changes either handshake frame gets keys that
+verify nothing. One key per direction (client to server, server to client).
+
+Tokens: either one shared token, or per-client tokens derived from a master
+(:func:`client_token`: HKDF-SHA256 of the master with the client id), so a
+server holding only the master checks each client against its own token and
+one client cannot speak for another.
+
+The token never crosses the wire: the client proves it knows the token
 by a MAC over the server's fresh nonce, the server proves it by a MAC over the
 client's fresh nonce (mutual authentication; the two MACs use distinct labels
 so neither can be replayed as the other). MACs are compared with
@@ -64,16 +84,20 @@ __all__ = [
     "AuthenticationError", "ConnectionClosed",
     "Frame", "Hello", "Auth", "Welcome", "Task", "Update",
     "encode_frame", "parse_header", "read_frame", "client_mac", "server_mac", "new_nonce", "new_tag",
+    "SEQ", "TRAILER_BYTES", "session_keys", "client_token", "FrameSealer", "FrameOpener",
     "pack_error", "unpack_error", "pack_text", "unpack_text", "dumps_json", "loads_json",
     "check_client_id", "as_token", "check_features", "TASK_FULL", "TASK_DELTA", "UPDATE_OK", "UPDATE_FAILED",
 ]
 
 MAGIC = b"FP"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<2sBBI")  # magic, version, type, body length
 NONCE_BYTES = 32
 MAC_BYTES = 32
+SEQ = struct.Struct("<Q")
+TRAILER_BYTES = 16  # the tag sealing adds to every frame after the handshake (HMAC-SHA256-128)
 TAG_BYTES = 16
+MAX_JSON_DEPTH = 32                   # settings and configs are shallow; deeper is an attack
 HANDSHAKE_MAX_FRAME = 64 * 1024       # HELLO / AUTH / WELCOME / CHALLENGE are small
 DEFAULT_MAX_FRAME = 1 << 30           # TASK / UPDATE: a 256M-parameter fp32 model
 MAX_FRAME_LIMIT = (1 << 32) - 1       # the u32 length field
@@ -87,6 +111,8 @@ FEATURES = ("downlink-delta",)
 
 _LABEL_CLIENT = b"fedpress-auth-client-v1"
 _LABEL_SERVER = b"fedpress-auth-server-v1"
+_LABEL_SESSION = b"fedpress-session-v1"
+_LABEL_CLIENT_TOKEN = b"fedpress-client-token-v1"
 
 
 class FrameType(enum.IntEnum):
@@ -114,6 +140,7 @@ class ErrorCode(enum.IntEnum):
     REPLACED = 7       # a newer connection with the same client id took over
     SHUTDOWN = 8       # the server is shutting down
     INTERNAL = 9       # unexpected failure on the sender's side
+    INTEGRITY = 10     # a sealed frame failed its MAC or came out of sequence (altered in transit)
 
     @classmethod
     def name_of(cls, code: int) -> str:
@@ -260,9 +287,24 @@ def loads_json(data: Any, what: str, *, limit: int = MAX_JSON_BYTES) -> dict:
         value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: invalid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: expected a JSON object")
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class _Cursor:
@@ -521,6 +563,73 @@ def server_mac(token: bytes, client_nonce: bytes, server_nonce: bytes, client_id
     """The server's proof: HMAC-SHA256 keyed with the token, a different label."""
     return hmac.new(token, _LABEL_SERVER + client_nonce + server_nonce + _id_field(client_id),
                     hashlib.sha256).digest()
+
+
+def _hkdf(key: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
+def session_keys(token: bytes, server_nonce: bytes, client_nonce: bytes, client_id: str, hello_body: bytes,
+                 welcome_body: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server key, server-to-client key) of one connection (HKDF-SHA256)."""
+    info = (_LABEL_SESSION + _id_field(client_id) + hashlib.sha256(hello_body).digest()
+            + hashlib.sha256(welcome_body).digest())
+    keys = _hkdf(token, server_nonce + client_nonce, info, 2 * MAC_BYTES)
+    return keys[:MAC_BYTES], keys[MAC_BYTES:]
+
+
+def client_token(master: Any, client_id: str) -> bytes:
+    """The token of ``client_id`` under a master token: HKDF-SHA256 of the master
+    with the client id, as 64 hex digits (ASCII), so it can live in a token file."""
+    key = _hkdf(as_token(master), b"", _LABEL_CLIENT_TOKEN + _id_field(check_client_id(client_id)), 32)
+    return key.hex().encode("ascii")
+
+
+def _frame_tag(key: bytes, seq: int, header: bytes, parts: Any) -> bytes:
+    mac = hmac.new(key, SEQ.pack(seq) + header, hashlib.sha256)
+    for p in parts:
+        mac.update(p)
+    return mac.digest()[:TRAILER_BYTES]
+
+
+class FrameSealer:
+    """Seals the frames one side sends after the handshake (see the module doc)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.seq = 0
+
+    def seal(self, ftype: int, *parts: Any) -> list:
+        length = sum(memoryview(p).nbytes for p in parts) + TRAILER_BYTES
+        if length > MAX_FRAME_LIMIT:
+            raise ValueError(f"frame body of {length} bytes exceeds the u32 length field")
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(ftype), length)
+        tag = _frame_tag(self.key, self.seq, header, parts)
+        self.seq += 1
+        return [header, *parts, tag]
+
+
+class FrameOpener:
+    """Checks and strips the tag of each frame received after the handshake."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.seq = 0
+
+    def open(self, frame: Frame) -> Frame:
+        body = memoryview(frame.body)
+        if len(body) < TRAILER_BYTES:
+            raise ProtocolError(ErrorCode.INTEGRITY, f"{frame.type.name} frame of {len(body)} bytes has no MAC tag")
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(frame.type), len(body))
+        inner, tag = body[:-TRAILER_BYTES], body[-TRAILER_BYTES:]
+        if not hmac.compare_digest(_frame_tag(self.key, self.seq, header, (inner,)), bytes(tag)):
+            raise ProtocolError(ErrorCode.INTEGRITY, f"{frame.type.name} frame {self.seq} does not verify (altered, "
+                                                "replayed, reordered, or sealed for another connection)")
+        self.seq += 1
+        return Frame(frame.type, bytes(inner))
 
 
 def as_token(token: Any) -> bytes:

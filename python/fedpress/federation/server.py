@@ -98,6 +98,10 @@ class Server:
     downlink: None (the full model, fp32, every TASK) or a codec spec for
         compressed deltas to clients that hold the previous global model.
     token: the shared secret (bytes or str); it never crosses the wire.
+    master_token: instead of ``token``: each client authenticates with its own
+        token, :func:`fedpress.federation.protocol.client_token` of this master and
+        its client id (``fedpress token --master F --client-id ID``), so one client
+        cannot claim another's id. The server holds only the master.
     round_timeout: seconds from sending the TASKs until the round closes.
     min_fit: valid updates needed for the round to change the model.
     server_lr: the server step applied to the mean update.
@@ -140,10 +144,13 @@ class Server:
                  downlink_history: int = 8, shutdown_timeout: float = 5.0,
                  wait_timeout: Optional[float] = None, max_pending: int = 256,
                  server_momentum: float = 0.0, server_lr_decay: Optional[float] = None,
-                 downlink_mode: str = "chain", downlink_clients: Optional[int] = None) -> None:
-        if token is None:
-            raise ValueError("token is required: the shared secret clients authenticate with")
-        self.token = P.as_token(token)
+                 downlink_mode: str = "chain", downlink_clients: Optional[int] = None,
+                 master_token: Union[bytes, str, None] = None) -> None:
+        if (token is None) == (master_token is None):
+            raise ValueError("give exactly one of token (shared by all clients) and master_token "
+                             "(per-client tokens derived from it)")
+        self.token = None if token is None else P.as_token(token)
+        self.master_token = None if master_token is None else P.as_token(master_token)
         self.host = host
         self._requested_port = int(port)
         if not 0 <= self._requested_port <= 65535:
@@ -422,9 +429,13 @@ class Server:
             settings = {"features": list(features), "federation": self.federation_id,
                         "codec": self.codec, "downlink": self.downlink, "rounds": self.rounds,
                         "round": self.round, "max_frame_bytes": self.max_frame_bytes}
-            welcome = P.Welcome(P.server_mac(self.token, auth.client_nonce, nonce, hello.client_id), settings)
+            token = self._token_for(hello.client_id)
+            welcome_body = P.Welcome(P.server_mac(token, auth.client_nonce, nonce, hello.client_id), settings).pack()
             try:
-                await conn.send(P.FrameType.WELCOME, welcome.pack())
+                await conn.send(P.FrameType.WELCOME, welcome_body)
+                c2s, s2c = P.session_keys(token, nonce, auth.client_nonce, hello.client_id, holder["hello"],
+                                          welcome_body)
+                conn.secure(send_key=s2c, recv_key=c2s)
             except (ConnectionError, OSError) as exc:
                 log.info("client %s dropped during its WELCOME: %r", hello.client_id, exc)
                 await conn.close(1.0)
@@ -449,14 +460,21 @@ class Server:
         conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
                                handshake_timeout=self.handshake_timeout, shutdown_timeout=self.shutdown_timeout)
         holder["conn"] = conn
-        hello = P.Hello.unpack(await _expect(conn, P.FrameType.HELLO))
+        holder["hello"] = await _expect(conn, P.FrameType.HELLO)
+        hello = P.Hello.unpack(holder["hello"])
         nonce = P.new_nonce()
         await conn.send(P.FrameType.CHALLENGE, nonce)
         auth = P.Auth.unpack(await _expect(conn, P.FrameType.AUTH))
-        expected = P.client_mac(self.token, nonce, auth.client_nonce, hello.client_id)
+        expected = P.client_mac(self._token_for(hello.client_id), nonce, auth.client_nonce, hello.client_id)
         if not hmac.compare_digest(expected, auth.mac):
             raise P.AuthenticationError(f"client {hello.client_id!r}: wrong token")
         return hello, nonce, auth
+
+    def _token_for(self, client_id: str) -> bytes:
+        if self.master_token is not None:
+            return P.client_token(self.master_token, client_id)
+        assert self.token is not None
+        return self.token
 
     async def _reject(self, counting: CountingTransport, account: ConnectionAccount, holder: dict[str, Any],
                       code: Optional[int], reason: str, public: Optional[str] = None) -> None:

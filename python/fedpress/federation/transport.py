@@ -31,7 +31,8 @@ import ssl as _ssl
 import sys
 from typing import Any, Callable, Optional
 
-from .protocol import ConnectionClosed, Frame, encode_frame, read_frame
+from .protocol import (MAX_FRAME_LIMIT, TRAILER_BYTES, ConnectionClosed, Frame, FrameOpener, FrameSealer,
+                       encode_frame, read_frame)
 
 __all__ = ["CountingProtocol", "CountingTransport", "Connection", "establish", "open_connection"]
 
@@ -244,6 +245,17 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        self._sealer: Optional[FrameSealer] = None
+        self._opener: Optional[FrameOpener] = None
+
+    def secure(self, send_key: bytes, recv_key: bytes) -> None:
+        """From now on every frame is sealed (sequence number and MAC) and every
+        frame received must verify (see :mod:`.protocol`)."""
+        self._sealer = FrameSealer(send_key)
+        self._opener = FrameOpener(recv_key)
+
+    def _frame(self, ftype: int, parts: tuple) -> list:
+        return self._sealer.seal(ftype, *parts) if self._sealer is not None else encode_frame(ftype, *parts)
 
     @property
     def rx(self) -> int:
@@ -258,19 +270,23 @@ class Connection:
         return self.writer.transport.is_closing()
 
     async def read_frame(self, max_body: int) -> Frame:
-        return await read_frame(self.reader, max_body)
+        """The next frame; after :meth:`secure`, verified and without its trailer
+        (``max_body`` bounds the body without the trailer)."""
+        if self._opener is None:
+            return await read_frame(self.reader, max_body)
+        return self._opener.open(await read_frame(self.reader, min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT)))
 
     async def send(self, ftype: int, *parts: Any) -> None:
         """Writes one frame and waits until the transport buffer drains."""
         if self.writer.transport.is_closing():
             raise ConnectionClosed("connection is closing")
-        self.writer.writelines(encode_frame(ftype, *parts))
+        self.writer.writelines(self._frame(ftype, parts))
         await self.writer.drain()
 
     def send_nowait(self, ftype: int, *parts: Any) -> None:
         """Queues one frame (best effort, e.g. an ERROR right before closing)."""
         if not self.writer.transport.is_closing():
-            self.writer.writelines(encode_frame(ftype, *parts))
+            self.writer.writelines(self._frame(ftype, parts))
 
     def abort(self) -> None:
         self.writer.transport.abort()

@@ -174,8 +174,9 @@ def sample_clients(seed: int, r: int, idle: Sequence[str], k: int) -> list[str]:
 
 
 def frame_bytes(ftype: int, parts: list) -> int:
-    """Bytes of one federation frame on the wire (header included; no TLS)."""
-    return sum(memoryview(p).nbytes for p in P.encode_frame(ftype, *parts))
+    """Bytes of one federation frame sent after the handshake, on the wire: header,
+    body and the tag that seals it (no TLS)."""
+    return sum(memoryview(p).nbytes for p in P.encode_frame(ftype, *parts)) + P.TRAILER_BYTES
 
 
 class ClientTrainer:

@@ -1,0 +1,278 @@
+"""The federation under attack, over real sockets on 127.0.0.1: a proxy that
+rewrites, replays or reorders a client's frames after the handshake, a client
+that claims another's id, a client that claims a huge weight.
+
+The task and the helpers are those of test_federation.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+from fedpress.federation import AuthenticationError, Server
+from fedpress.federation import protocol as P
+from test_federation import (Harness, RawSession, client_for, close_writer, raw_handshake, run_async, server_for,
+                             wait_until)
+
+UPDATE_HEAD = struct.Struct("<IBQI")  # round, status, num_examples, metrics length
+
+
+class TamperingProxy:
+    """A TCP forwarder that hands every client-to-server frame after the
+    handshake to ``tamper(index, frame) -> frames to send instead``."""
+
+    def __init__(self, target_port: int, tamper: Callable[[int, bytes], list[bytes]]) -> None:
+        self.target_port = target_port
+        self.tamper = tamper
+        self.sealed = 0  # sealed client frames seen, all connections
+        self.handlers: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
+        try:
+            await asyncio.gather(self._up(creader, swriter), self._down(sreader, cwriter))
+        finally:
+            await close_writer(swriter)
+            await close_writer(cwriter)
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for n in range(1 << 30):
+                head = await reader.readexactly(P.HEADER.size)
+                frame = head + await reader.readexactly(P.HEADER.unpack(head)[3])
+                if n >= 2:  # HELLO and AUTH pass; the rest is sealed
+                    out = self.tamper(self.sealed, frame)
+                    self.sealed += 1
+                else:
+                    out = [frame]
+                for f in out:
+                    writer.write(f)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            if not writer.transport.is_closing():
+                writer.close()
+
+    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if not writer.transport.is_closing():
+                writer.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def is_update(frame: bytes) -> bool:
+    return frame[3] == P.FrameType.UPDATE
+
+
+def rewrite_values(frame: bytes) -> bytes:
+    """Every payload byte after the update's head and metrics replaced (the tag kept)."""
+    body = frame[P.HEADER.size:]
+    _, _, _, metrics_len = UPDATE_HEAD.unpack_from(body)
+    start = P.HEADER.size + UPDATE_HEAD.size + metrics_len
+    end = len(frame) - P.TRAILER_BYTES
+    return frame[:start] + bytes(b ^ 0x55 for b in frame[start:end]) + frame[end:]
+
+
+def rewrite_weight(frame: bytes) -> bytes:
+    at = P.HEADER.size + 5
+    return frame[:at] + struct.pack("<Q", 10**9) + frame[at + 8:]
+
+
+def make_tamper(mode: str) -> Callable[[int, bytes], list[bytes]]:
+    kept: list[bytes] = []
+
+    def tamper(index: int, frame: bytes) -> list[bytes]:
+        if not is_update(frame):
+            return [frame]
+        if mode == "values":
+            return [rewrite_values(frame)]
+        if mode == "weight":
+            return [rewrite_weight(frame)]
+        assert mode == "replay"
+        if not kept:  # the first update goes through, and every later one is replaced by it
+            kept.append(frame)
+            return [frame]
+        return [kept[0]]
+    return tamper
+
+
+@pytest.mark.parametrize("mode", ["values", "weight", "replay"])
+def test_tampering_proxy_frames_are_rejected_and_the_round_completes(mode, caplog):
+    """A proxy between one client and the server rewrites that client's UPDATE
+    values, its num_examples, or replays its first UPDATE in later rounds: each
+    altered frame fails its MAC, costs that client its connection, is logged,
+    and is never aggregated; the rounds complete with the honest clients."""
+    async def body(h: Harness) -> tuple[Server, Server]:
+        server = server_for(rounds=3, clients_per_round=3, min_clients=3, round_timeout=5.0)
+        await server.start()
+        proxy = TamperingProxy(server.port, make_tamper(mode))
+        port = await proxy.start()
+        h.closers.append(proxy.close)
+        run = h.spawn(server.run())
+        honest = [h.spawn(client_for(server.port, i).run()) for i in (0, 1)]
+        h.spawn(client_for(port, 2).run())
+        await run
+        await asyncio.gather(*honest)
+        return server, proxy
+
+    with caplog.at_level(logging.WARNING, logger="fedpress.federation.server"):
+        server, proxy = run_async(body, timeout=40)
+    rows = server.history[1:]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    rejected = [r for r in rows if "c2" in r["failed"]]
+    assert rejected, rows
+    for r in rows:
+        assert {"c0", "c1"} <= set(r["completed"])
+    for r in rejected:
+        assert "does not verify" in r["failures"]["c2"]
+    tampered_rounds = rows[1:] if mode == "replay" else rows
+    for r in tampered_rounds:  # every update the proxy touched was left out
+        assert "c2" not in r["completed"]
+    if mode == "replay":
+        assert "c2" in rows[0]["completed"]
+    assert any("does not verify" in rec.getMessage() for rec in caplog.records)
+    assert rows[-1]["test_loss"] < server.history[0]["test_loss"]
+    assert all(r["num_examples"] <= 2 * 128 + (128 if r is rows[0] else 0) for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["reorder", "unsealed", "foreign_key"])
+def test_reordered_unsealed_or_foreign_frames_from_an_authenticated_client(mode):
+    """A client that passed the handshake sends its UPDATE out of order (the
+    second sealed frame first), without a tag, or sealed with another
+    connection's key: the server closes it, the round completes without it."""
+    async def rogue(port: int) -> Optional[tuple[int, str]]:
+        session: RawSession = await raw_handshake(port, "rogue")
+        try:
+            ftype, body = await session.recv()
+            assert ftype == P.FrameType.TASK
+            task = P.Task.unpack(body)
+            update = b"".join(bytes(p) for p in P.Update(task.round, 10**6, {}, b"x").parts())
+            if mode == "reorder":
+                first, second = session.frame(P.FrameType.UPDATE, update), session.frame(P.FrameType.BYE, b"")
+                session.writer.write(second + first)
+            elif mode == "unsealed":
+                session.writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.UPDATE, update)))
+            else:
+                other = P.FrameSealer(P.session_keys(b"k" * 32, b"s" * 32, b"c" * 32, "rogue", b"", b"")[0])
+                session.writer.write(b"".join(bytes(p) for p in other.seal(P.FrameType.UPDATE, update)))
+            await session.writer.drain()
+            ftype, body = await session.recv()  # the server's answer is sealed too
+            return P.unpack_error(body) if ftype == P.FrameType.ERROR else None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        finally:
+            await close_writer(session.writer)
+
+    async def body(h: Harness) -> tuple[Server, Optional[tuple[int, str]]]:
+        server = server_for(rounds=1, clients_per_round=3, min_clients=3)
+        await server.start()
+        run = h.spawn(server.run())
+        bad = h.spawn(rogue(server.port))
+        for i in (0, 1):
+            h.spawn(client_for(server.port, i).run())
+        await run
+        return server, await bad
+
+    server, answer = run_async(body)
+    row = server.history[1]
+    assert row["status"] == "ok" and sorted(row["completed"]) == ["c0", "c1"]
+    assert row["failed"] == ["rogue"] and "does not verify" in row["failures"]["rogue"]
+    assert row["num_examples"] == 2 * 128
+    assert answer is not None and answer[0] == P.ErrorCode.INTEGRITY
+
+
+def test_per_client_tokens_refuse_an_id_takeover():
+    """With a master token on the server, each client authenticates with its own
+    derived token: a client holding c1's token cannot connect as c0 (c0 keeps
+    its connection and its rounds), nor can the master's holder be guessed."""
+    master = b"master-token-0123456789abcdef-xyz"
+
+    async def body(h: Harness) -> Server:
+        server = server_for(rounds=2, clients_per_round=2, min_clients=2, token=None, master_token=master)
+        await server.start()
+        run = h.spawn(server.run())
+        clients = [client_for(server.port, i, token=P.client_token(master, f"c{i}")) for i in (0, 1)]
+        tasks = [h.spawn(clients[0].run())]
+        await wait_until(lambda: server.clients == ["c0"], 10)  # no round starts before c1 joins
+        for token in (P.client_token(master, "c1"), master, P.client_token(b"another master 0123456789", "c0")):
+            thief = client_for(server.port, 0, token=token, reconnect=False)
+            with pytest.raises(AuthenticationError):
+                await thief.run()
+        assert server.clients == ["c0"]
+        tasks.append(h.spawn(clients[1].run()))
+        await run
+        await asyncio.gather(*tasks)
+        return server
+
+    server = run_async(body)
+    assert [r["status"] for r in server.history[1:]] == ["ok", "ok"]
+    assert all(sorted(r["completed"]) == ["c0", "c1"] for r in server.history[1:])
+    assert sum(r["rejected_connections"] for r in server.history) == 3
+
+
+def test_server_needs_exactly_one_kind_of_token():
+    params = {"w": np.zeros(3, np.float32)}
+    for kw in ({}, {"token": b"t" * 32, "master_token": b"m" * 32}):
+        with pytest.raises(ValueError, match="exactly one"):
+            Server("127.0.0.1", 0, params, rounds=1, clients_per_round=1, min_clients=1, codec="fp32", **kw)
+
+
+def test_token_command_makes_and_derives_token_files(tmp_path, capsys):
+    from fedpress import cli
+
+    master = tmp_path / "master"
+    assert cli.main(["token", "--new", "--out", str(master)]) == 0
+    assert master.stat().st_mode & 0o777 == 0o600
+    secret = master.read_bytes().strip()
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        cli.main(["token", "--new", "--out", str(master)])
+    assert master.read_bytes().strip() == secret  # nothing a user made is lost without --force
+    capsys.readouterr()
+    assert cli.main(["token", "--master", str(master), "--client-id", "site-3"]) == 0
+    assert capsys.readouterr().out.strip().encode() == P.client_token(secret, "site-3")
+    site = tmp_path / "site-3.token"
+    assert cli.main(["token", "--master", str(master), "--client-id", "site-3", "--out", str(site)]) == 0
+    assert site.read_bytes().strip() == P.client_token(secret, "site-3")
+    for argv, message in [(["--master", str(master)], "needs --client-id"),
+                          (["--new", "--client-id", "a"], "goes with --master"),
+                          (["--master", str(tmp_path / "none"), "--client-id", "a"], "cannot read the token file"),
+                          (["--master", str(master), "--client-id", "x" * 300], "client id must be")]:
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["token", *argv])
+
+
+def test_server_command_takes_exactly_one_token_option(tmp_path, capsys):
+    from fedpress import cli
+
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    base = ["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
+            "--codec", "q8", "--out", str(tmp_path / "run")]
+    for extra in ([], ["--token-file", str(token), "--master-token-file", str(token)]):
+        with pytest.raises(SystemExit):
+            cli.main(base + extra)
+        assert "token-file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
