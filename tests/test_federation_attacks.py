@@ -16,38 +16,24 @@ import numpy as np
 import pytest
 from fedpress.federation import AuthenticationError, Server
 from fedpress.federation import protocol as P
-from test_federation import (Harness, RawSession, client_for, close_writer, raw_handshake, run_async, server_for,
+from test_federation import (CountingProxy, Harness, RawSession, client_for, close_writer, raw_handshake, run_async, server_for,
                              wait_until)
 
 UPDATE_HEAD = struct.Struct("<IBQI")  # round, status, num_examples, metrics length
 
 
-class TamperingProxy:
+class TamperingProxy(CountingProxy):
     """A TCP forwarder that hands every client-to-server frame after the
     handshake to ``tamper(index, frame) -> frames to send instead``."""
 
     def __init__(self, target_port: int, tamper: Callable[[int, bytes], list[bytes]]) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.tamper = tamper
         self.sealed = 0  # sealed client frames seen, all connections
-        self.handlers: set[asyncio.Task] = set()
 
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
-        try:
-            await asyncio.gather(self._up(creader, swriter), self._down(sreader, cwriter))
-        finally:
-            await close_writer(swriter)
-            await close_writer(cwriter)
-
-    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+        if direction == "down":
+            return await super()._pump(reader, writer, direction)
         try:
             for n in range(1 << 30):
                 head = await reader.readexactly(P.HEADER.size)
@@ -65,21 +51,6 @@ class TamperingProxy:
         finally:
             if not writer.transport.is_closing():
                 writer.close()
-
-    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if not writer.transport.is_closing():
-                writer.close()
-
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def is_update(frame: bytes) -> bool:
