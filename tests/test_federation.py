@@ -596,6 +596,10 @@ def test_server_killed_and_resumed(tmp_path, mode):
             await holder["run"]
         assert [r["round"] for r in read_rows(tmp_path / "rounds.jsonl")] == [0, 1, 2]
         assert json.loads((tmp_path / "checkpoint.json").read_text())["round"] == 2
+        # What a kill inside atomic_write leaves (before its rename), and a user's file that stays.
+        for name in (".checkpoint.json.k3j2.tmp", ".checkpoint-3.npz.x9q1.tmp", ".rounds.jsonl.a1b2.tmp"):
+            (tmp_path / name).write_bytes(b"partial")
+        (tmp_path / ".notes.tmp").write_text("mine")
         second = server_for(port, rounds=4, out_dir=tmp_path, resume=True, downlink="topk:0.5+fp16",
                             downlink_mode=mode)
         await second.run()
@@ -607,6 +611,7 @@ def test_server_killed_and_resumed(tmp_path, mode):
     assert [(r["round"], r["phase"]) for r in rows] == [(0, "setup"), (1, "train"), (2, "train"), (0, "setup"),
                                                         (3, "train"), (4, "train")]
     assert rows == second.history
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".notes.tmp"]
     assert rows[3]["resumed_from"] == 2
     assert rows[3]["test_loss"] == pytest.approx(rows[2]["test_loss"], rel=1e-6)  # the checkpointed model
     assert rows[4]["status"] == rows[5]["status"] == "ok"

@@ -247,3 +247,83 @@ def test_server_command_takes_exactly_one_token_option(tmp_path, capsys):
             cli.main(base + extra)
         assert "token-file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------- weights and values --
+def poisoned_train_fn(num_examples: int = 128, scale: float = 1.0) -> Callable:
+    """An authenticated client that lies: a huge weight, or an update scaled up."""
+    from test_federation import make_train_fn
+
+    honest = make_train_fn(7)
+
+    def train(params: dict, config: dict) -> tuple[dict, int, dict]:
+        update, _, metrics = honest(params, config)
+        return {k: (v * np.float32(scale) if v.dtype == np.float32 else v) for k, v in update.items()}, \
+            num_examples, metrics
+    return train
+
+
+def run_with_liar(liar: Callable, rounds: int = 3, **server_kw: object) -> Server:
+    async def body(h: Harness) -> Server:
+        server = server_for(rounds=rounds, clients_per_round=4, min_clients=4, **server_kw)
+        await server.start()
+        run = h.spawn(server.run())
+        tasks = [h.spawn(client_for(server.port, i).run()) for i in range(3)]
+        tasks.append(h.spawn(client_for(server.port, 9, train_fn=liar).run()))
+        await run
+        await asyncio.gather(*tasks)
+        return server
+    return run_async(body, timeout=30)
+
+
+def test_a_claimed_weight_is_cut_to_max_examples():
+    """num_examples = 2**64 - 1 would make one client the whole mean; with
+    max_examples it weighs as much as an honest client and the model learns."""
+    liar = poisoned_train_fn(num_examples=2**64 - 1, scale=-1.0)  # its update points the wrong way
+    free = run_with_liar(liar)
+    capped = run_with_liar(liar, max_examples=128)
+    assert free.history[-1]["test_loss"] > free.history[0]["test_loss"]  # the liar steers the mean
+    for row in capped.history[1:]:
+        assert row["clients"]["c9"]["weight_capped"] is True and row["clients"]["c9"]["weight"] == 128
+        assert row["clients"]["c0"]["weight"] == 128 and "weight_capped" not in row["clients"]["c0"]
+        assert row["clients"]["c9"]["num_examples"] == 2**64 - 1  # what it claimed stays on record
+    assert capped.history[-1]["test_loss"] < capped.history[0]["test_loss"] / 2
+
+
+def test_max_share_bounds_one_clients_weight():
+    liar = poisoned_train_fn(num_examples=10**12, scale=-1.0)
+    shared = run_with_liar(liar, max_share=0.3)
+    free = run_with_liar(liar)
+    assert free.history[-1]["test_loss"] > free.history[0]["test_loss"]
+    assert shared.history[-1]["test_loss"] < shared.history[0]["test_loss"] * 0.75
+    weights = {c: v["weight"] for c, v in shared.history[1]["clients"].items()}
+    assert weights["c9"] == 10**12  # the cap applies to the round's mean, the row keeps the claim
+
+
+@pytest.mark.parametrize("defense", [dict(clip_norm=1.0), dict(aggregation="median"),
+                                     dict(aggregation="trimmed:0.25")])
+def test_clipping_or_a_robust_rule_stops_a_huge_update(defense):
+    """An update of 3e37-sized values: finite, accepted by the decoder, and an
+    overflowing sum under a plain mean (the round fails, the model is kept: never
+    an inf model); clipped, or outvoted coordinate-wise, it does no harm."""
+    liar = poisoned_train_fn(scale=3e38 / 10)
+    plain = run_with_liar(liar, rounds=2, codec="fp32")
+    defended = run_with_liar(liar, rounds=2, codec="fp32", **defense)
+    assert [r["status"] for r in plain.history[1:]] == ["failed", "failed"]
+    assert "not finite" in plain.history[1]["error"]
+    assert plain.history[-1]["test_loss"] == plain.history[0]["test_loss"]
+    assert defended.history[-1]["test_loss"] < defended.history[0]["test_loss"]
+    assert all(r["status"] == "ok" and "c9" in r["completed"] for r in defended.history[1:])
+    if "clip_norm" in defense:
+        assert defended.history[1]["clients"]["c9"]["clip_factor"] < 1e-30
+
+
+def test_server_refuses_bad_defense_settings():
+    params = {"w": np.zeros(1000, np.float32)}
+    base = dict(rounds=1, clients_per_round=10, min_clients=1, codec="fp32", token=b"t" * 32)
+    for kw, message in [(dict(max_examples=0), "max_examples"), (dict(max_share=1.5), "max_share"),
+                        (dict(clip_norm=-1.0), "clip_norm"), (dict(aggregation="mode"), "unknown aggregation"),
+                        (dict(aggregation="trimmed:0.5"), "trimmed"),
+                        (dict(aggregation="median", robust_memory=1000), "robust_memory")]:
+        with pytest.raises(ValueError, match=message):
+            Server("127.0.0.1", 0, params, **base, **kw)  # type: ignore[arg-type]

@@ -132,6 +132,19 @@ def _read_token(path: str) -> bytes:
     return token
 
 
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="what goes to stderr: info (default) says where it listens or connects, TLS or "
+                             "not, who joins and one line per round")
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def _add_token(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--new", action="store_true", help="make a fresh random token (a shared or a master token)")
@@ -211,9 +224,20 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
                              "one model of server memory per client)")
     parser.add_argument("--downlink-clients", type=int, default=None, metavar="N",
                         help="with --downlink-mode client: the most client models kept (default: all)")
+    parser.add_argument("--max-examples", type=int, default=None, metavar="N",
+                        help="the most num_examples one client's update may weigh (larger claims are cut to N)")
+    parser.add_argument("--max-share", type=float, default=None, metavar="F",
+                        help="the largest fraction of a round's total weight one client may hold")
+    parser.add_argument("--clip-norm", type=float, default=None, metavar="C",
+                        help="scale each decoded update to at most L2 norm C before averaging")
+    parser.add_argument("--aggregate", default="mean", metavar="RULE",
+                        help="mean (FedAvg, default), median or trimmed:F (coordinate-wise over the decoded "
+                             "updates; tolerates a minority of arbitrary updates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in --out (partial writes there are removed)")
+    _add_log_level(parser)
 
 
 def _run_server(args: argparse.Namespace) -> int:
@@ -222,9 +246,20 @@ def _run_server(args: argparse.Namespace) -> int:
 
     from .codec import parse_spec
     from .federation import Server
+    from .robust import AggregationRule
     from .train import get_params, load_task, make_evaluate_fn, make_model
 
+    _setup_logging(args.log_level)
     parse_spec(args.codec)
+    try:
+        AggregationRule.parse(args.aggregate)
+    except ValueError as exc:
+        raise SystemExit(f"fedpress server: --aggregate: {exc}") from None
+    for flag, value, ok in [("--max-examples", args.max_examples, lambda v: v >= 1),
+                            ("--max-share", args.max_share, lambda v: 0 < v <= 1),
+                            ("--clip-norm", args.clip_norm, lambda v: 0 < v < float("inf"))]:
+        if value is not None and not ok(value):
+            raise SystemExit(f"fedpress server: {flag} out of range: {value}")
     if args.downlink:
         parse_spec(args.downlink)
     if args.downlink_mode == "client" and not args.downlink:
@@ -248,7 +283,8 @@ def _run_server(args: argparse.Namespace) -> int:
                     min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
                     server_lr_decay=args.server_lr_decay,
                     downlink_history=args.downlink_history, downlink_mode=args.downlink_mode,
-                    downlink_clients=args.downlink_clients,
+                    downlink_clients=args.downlink_clients, max_examples=args.max_examples,
+                    max_share=args.max_share, clip_norm=args.clip_norm, aggregation=args.aggregate,
                     evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
                     resume=args.resume, seed=args.seed, ssl_context=context)
     asyncio.run(server.run())
@@ -280,6 +316,7 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
                         help="build the initial model from --seed (as the server does) instead of downloading it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--client-id", default=None)
+    _add_log_level(parser)
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -289,6 +326,7 @@ def _run_client(args: argparse.Namespace) -> int:
     from .federation import Client
     from .train import client_partition, get_params, load_task, make_model, make_train_fn
 
+    _setup_logging(args.log_level)
     try:
         index_text, total_text = args.partition.split("/")
         index, total = int(index_text), int(total_text)

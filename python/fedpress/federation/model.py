@@ -54,7 +54,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -66,7 +66,7 @@ from .protocol import TAG_BYTES, new_tag
 __all__ = ["as_params", "table", "canonical", "encode_full", "decode_params", "make_delta", "apply_delta",
            "apply_update", "align_update", "zero_reference", "Downlink", "ClientDownlink", "make_downlink",
            "DOWNLINK_MODES", "ServerOptimizer", "model_tag", "save_checkpoint",
-           "load_checkpoint", "atomic_write", "CHECKPOINT_JSON"]
+           "load_checkpoint", "atomic_write", "remove_partial_writes", "CHECKPOINT_JSON"]
 
 _FULL = Codec("fp32")
 CHECKPOINT_JSON = "checkpoint.json"
@@ -485,6 +485,21 @@ def atomic_write(path: Path, write: Any) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def remove_partial_writes(directory: Path, names: Iterable[str]) -> list[Path]:
+    """Deletes the temporary files :func:`atomic_write` leaves when killed before
+    its rename (``.<name>.<random>.tmp`` for each target name, a glob pattern
+    such as ``checkpoint-*.npz`` included); returns what it removed."""
+    removed = []
+    for name in names:
+        for tmp in Path(directory).glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def save_checkpoint(out_dir: Path, round: int, params: Mapping[str, np.ndarray], meta: Mapping[str, Any],

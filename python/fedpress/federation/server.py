@@ -35,6 +35,7 @@ import secrets
 import ssl as _ssl
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -42,11 +43,13 @@ import numpy as np
 
 from ..aggregate import Aggregator
 from ..codec import parse_spec
-from ..payload import DecodeError
+from ..payload import DecodeError, decode
+from ..robust import AggregationRule, cap_shares, clip_factor, robust_combine
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow
 from .model import (CHECKPOINT_JSON, DOWNLINK_MODES, ClientDownlink, Downlink, ServerOptimizer, as_params,
-                    atomic_write, load_checkpoint, make_downlink, save_checkpoint, table, zero_reference)
+                    atomic_write, load_checkpoint, make_downlink, remove_partial_writes, save_checkpoint, table,
+                    zero_reference)
 from .transport import Connection, CountingProtocol, CountingTransport, establish
 
 __all__ = ["Server", "round_config"]
@@ -71,6 +74,16 @@ class _Peer:
         self.task_tag: Optional[bytes] = None
         self.waiter: Optional[asyncio.Future] = None
 
+
+
+@dataclass
+class _Held:
+    """One valid update of the round, kept until the round closes."""
+
+    payload: Any                                  # the compressed update (the streamed mean's input)
+    weight: float                                 # num_examples, capped by max_examples
+    factor: float                                 # the clip factor, 1.0 when not clipped
+    update: Optional[dict[str, np.ndarray]]       # decoded and clipped, for a robust statistic
 
 
 async def _expect(conn: Any, kind: P.FrameType) -> bytes:
@@ -130,6 +143,16 @@ class Server:
     wait_timeout: seconds to wait for ``min_clients`` before a round (None: forever);
         exceeding it raises TimeoutError from :meth:`run`.
     max_pending: connections allowed in their handshake at once; more are rejected.
+    max_examples: the most ``num_examples`` one client's update may weigh; a larger
+        claim is cut to it (and marked ``weight_capped`` in the round's row).
+    max_share: the largest fraction of a round's total weight one client may hold
+        (:func:`fedpress.robust.cap_shares`); None: no cap.
+    clip_norm: each decoded update is scaled to at most this L2 norm before it is
+        averaged (the mean still divides by the unclipped weights); None: no clip.
+    aggregation: ``"mean"`` (FedAvg, streamed over compressed payloads), ``"median"`` or
+        ``"trimmed:F"`` (coordinate-wise over the decoded updates, unweighted; the
+        round's updates are held at once, so the model must fit
+        ``clients_per_round`` times in ``robust_memory`` bytes).
     """
 
     def __init__(self, host: str, port: int, initial_params: Mapping[str, Any], rounds: int,
@@ -145,7 +168,9 @@ class Server:
                  wait_timeout: Optional[float] = None, max_pending: int = 256,
                  server_momentum: float = 0.0, server_lr_decay: Optional[float] = None,
                  downlink_mode: str = "chain", downlink_clients: Optional[int] = None,
-                 master_token: Union[bytes, str, None] = None) -> None:
+                 master_token: Union[bytes, str, None] = None, max_examples: Optional[int] = None,
+                 max_share: Optional[float] = None, clip_norm: Optional[float] = None,
+                 aggregation: str = "mean", robust_memory: int = 2 << 30) -> None:
         if (token is None) == (master_token is None):
             raise ValueError("give exactly one of token (shared by all clients) and master_token "
                              "(per-client tokens derived from it)")
@@ -194,6 +219,19 @@ class Server:
         self.downlink_clients = (None if downlink_clients is None
                                  else _positive_int(downlink_clients, "downlink_clients"))
         self.max_pending = _positive_int(max_pending, "max_pending")
+        self.max_examples = None if max_examples is None else _positive_int(max_examples, "max_examples")
+        self.max_share = None if max_share is None else float(max_share)
+        if self.max_share is not None and not 0.0 < self.max_share <= 1.0:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        self.clip_norm = None if clip_norm is None else _positive_float(clip_norm, "clip_norm")
+        self.aggregation = AggregationRule.parse(aggregation)
+        if self.aggregation.holds_updates:
+            held = self.clients_per_round * sum(4 * max(1, int(v.size)) for v in self.params.values())
+            if held > robust_memory:
+                raise ValueError(f"aggregation={aggregation!r} holds the round's {self.clients_per_round} decoded "
+                                 f"updates ({held / 2**20:.0f} MiB) in memory, more than robust_memory "
+                                 f"({robust_memory / 2**20:.0f} MiB): use the streamed mean with clip_norm / "
+                                 "max_share, or raise robust_memory")
 
         #: The port the server listens on (None until bound).
         self.port: Optional[int] = None
@@ -304,6 +342,8 @@ class Server:
         if self.out_dir is None:
             return
         rounds_path = self.out_dir / ROUNDS_FILE
+        for leftover in remove_partial_writes(self.out_dir, [CHECKPOINT_JSON, "checkpoint-*.npz", ROUNDS_FILE]):
+            log.info("removed %s, left by a write that was interrupted", leftover)
         checkpoint = load_checkpoint(self.out_dir) if self.resume else None
         if self.resume and checkpoint is None:
             log.info("resume: no checkpoint in %s, starting from round 0", self.out_dir)
@@ -630,6 +670,7 @@ class Server:
         log.info("round %d: sampled %s", r, ", ".join(sampled))
         aggregator = Aggregator()
         aggregator.add(self._reference, 0.0)
+        held: list[_Held] = []  # the updates, when the mean is not simply streamed
         deadline = loop.time() + self.round_timeout
         pending = set(waiters)
         try:
@@ -643,7 +684,7 @@ class Server:
                     cid = waiters[fut]
                     what, value = fut.result()
                     if what == "update":
-                        await self._take_update(aggregator, cid, value, outcomes[cid])
+                        await self._take_update(aggregator, held, cid, value, outcomes[cid])
                     else:
                         outcomes[cid].update(status="failed", reason=value)
         finally:
@@ -663,8 +704,15 @@ class Server:
         for c in failed:
             log.warning("round %d: client %s left out: %s", r, c, outcomes[c].get("reason"))
         ok = len(completed) >= self.min_fit
+        round_error = None
         if ok:
-            self.params = await asyncio.to_thread(self._step, aggregator, r)
+            stepped = await asyncio.to_thread(self._step, aggregator, held, r)
+            if stepped is None:
+                ok = False
+                round_error = "the mean update is not finite (an update too large to sum: see clip_norm)"
+                log.warning("round %d failed: %s; the model is kept", r, round_error)
+            else:
+                self.params = stepped
         else:
             log.warning("round %d failed: %d valid updates, min_fit is %d; the model is kept",
                         r, len(completed), self.min_fit)
@@ -678,19 +726,53 @@ class Server:
             "fit_metrics": _weighted_metrics([(examples[c], outcomes[c].get("metrics", {})) for c in completed]),
             "clients": outcomes,
         }
+        if round_error is not None:
+            info["error"] = round_error
         info.update(evaluation)
         log.info("round %d %s: %d/%d updates, test accuracy %s", r, info["status"], len(completed),
                  len(sampled), info.get("test_accuracy"))
         return info
 
-    def _step(self, aggregator: Aggregator, r: int) -> dict[str, np.ndarray]:
-        """The next global model, and the downlink replica that follows it (worker thread)."""
+    @property
+    def _streamed(self) -> bool:
+        """Whether each update goes straight into the running weighted sum."""
+        return not (self.aggregation.holds_updates or self.clip_norm is not None or self.max_share is not None)
+
+    def _combine(self, aggregator: Aggregator, held: list[_Held]) -> dict[str, np.ndarray]:
+        """The round's update: the streamed mean, or the held updates combined with
+        capped shares and clip factors, or their robust statistic (worker thread)."""
+        if self._streamed:
+            return aggregator.result(copy=False)
+        if self.aggregation.holds_updates:
+            return robust_combine(self.aggregation, [h.update for h in held])
+        weights = [h.weight for h in held]
+        if self.max_share is not None:
+            weights = cap_shares(weights, self.max_share)
+        mean = Aggregator()
+        mean.add(self._reference, 0.0)
+        scaled = 0.0
+        for h, w in zip(held, weights):
+            mean.add(h.payload, w * h.factor)
+            scaled += w * h.factor
+        if scaled <= 0:  # every update clipped to nothing (non-finite norms): no change
+            return {k: np.zeros(v.shape, np.float32) for k, v in self.params.items()}
+        # The aggregator divides by sum(w * f); FedAvg with clipping divides by sum(w).
+        ratio = scaled / sum(weights)
+        return {k: v * np.asarray(ratio, v.dtype) for k, v in mean.result(copy=False).items()}
+
+    def _step(self, aggregator: Aggregator, held: list[_Held], r: int) -> Optional[dict[str, np.ndarray]]:
+        """The next global model, and the downlink replica that follows it (worker
+        thread); None, and nothing changes, when the round's update is not finite."""
         assert self._downlink_state is not None
-        params = self.optimizer.step(self.params, aggregator.result(copy=False), round=r)
+        with np.errstate(over="ignore", invalid="ignore"):
+            update = self._combine(aggregator, held)
+        if not all(np.isfinite(v).all() for v in update.values()):
+            return None
+        params = self.optimizer.step(self.params, update, round=r)
         self._downlink_state.advance(params)
         return params
 
-    async def _take_update(self, aggregator: Aggregator, cid: str, update: P.Update,
+    async def _take_update(self, aggregator: Aggregator, held: list[_Held], cid: str, update: P.Update,
                            outcome: dict[str, Any]) -> None:
         outcome["num_examples"] = int(update.num_examples)
         outcome["metrics"] = update.metrics
@@ -701,8 +783,18 @@ class Server:
         if update.num_examples <= 0:
             outcome.update(status="failed", reason="num_examples must be positive")
             return
+        weight = float(update.num_examples)
+        if self.max_examples is not None and update.num_examples > self.max_examples:
+            weight = float(self.max_examples)
+            outcome["weight_capped"] = True
+            log.warning("client %s claims %d examples; weighed as %d (max_examples)", cid, update.num_examples,
+                        self.max_examples)
+        outcome["weight"] = weight
         try:
-            await asyncio.to_thread(aggregator.add, update.payload, float(update.num_examples))
+            if self._streamed:
+                await asyncio.to_thread(_add_update, aggregator, update.payload, weight)
+            else:
+                held.append(await asyncio.to_thread(self._hold, update.payload, weight, outcome))
         except (DecodeError, ValueError, TypeError) as exc:
             outcome.update(status="failed", reason=f"invalid payload: {exc}")
             log.warning("client %s sent an invalid payload: %s", cid, exc)
@@ -713,6 +805,20 @@ class Server:
             peer.held = peer.task_tag
             if self._downlink_state is not None:
                 self._downlink_state.confirm(cid, peer.task_tag)
+
+    def _hold(self, payload: Any, weight: float, outcome: dict[str, Any]) -> _Held:
+        """Decodes one update against the model, for clipping or a robust statistic
+        (worker thread); an update made for another model raises DecodeError."""
+        update = decode(payload, table=self.params)
+        if list(update) != list(self.params) or any(update[k].shape != v.shape for k, v in self.params.items()):
+            raise DecodeError("the update's tensors are not the model's")
+        factor = 1.0 if self.clip_norm is None else clip_factor(update, self.clip_norm)
+        if factor < 1.0:
+            outcome["clip_factor"] = factor
+        if self.aggregation.holds_updates:
+            return _Held(None, weight, factor, {k: np.asarray(v, np.float32 if v.dtype == np.float32 else np.float64)
+                                                * factor for k, v in update.items()})
+        return _Held(payload, weight, factor, None)
 
     async def _evaluate(self, params: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}
@@ -768,6 +874,14 @@ def round_config(seed: int, r: int, rounds: int, codec: Optional[str],
     if extra:
         config.update(dict(extra))
     return config
+
+
+def _add_update(aggregator: Aggregator, payload: Any, weight: float) -> None:
+    """Adds one update to the round's running sum (worker thread). Finite values
+    can still overflow the float32 sum: that is the round's problem, found when
+    the sum is read (see Server._step), not this client's."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        aggregator.add(payload, weight)
 
 
 def _peer(counting: CountingTransport) -> str:
