@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from typing import Callable, Optional
 
 import numpy as np
 import pytest
 from fedpress.federation import AuthenticationError, Server
 from fedpress.federation import protocol as P
-from test_federation import (CountingProxy, Harness, RawSession, client_for, close_writer, raw_handshake, run_async, server_for,
-                             wait_until)
+from test_federation import (CountingProxy, Harness, RawSession, client_for, close_writer, initial_params,
+                             make_train_fn, raw_frame, raw_handshake, run_async, server_for, wait_until)
 
 UPDATE_HEAD = struct.Struct("<IBQI")  # round, status, num_examples, metrics length
 
@@ -252,8 +253,6 @@ def test_server_command_takes_exactly_one_token_option(tmp_path, capsys):
 # ------------------------------------------------------- weights and values --
 def poisoned_train_fn(num_examples: int = 128, scale: float = 1.0) -> Callable:
     """An authenticated client that lies: a huge weight, or an update scaled up."""
-    from test_federation import make_train_fn
-
     honest = make_train_fn(7)
 
     def train(params: dict, config: dict) -> tuple[dict, int, dict]:
@@ -327,3 +326,174 @@ def test_server_refuses_bad_defense_settings():
                         (dict(aggregation="median", robust_memory=1000), "robust_memory")]:
         with pytest.raises(ValueError, match=message):
             Server("127.0.0.1", 0, params, **base, **kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------ time and memory limits --
+async def idle_connections(port: int, n: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(n):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+    return writers
+
+
+@pytest.mark.parametrize("hello_timeout", [60.0, 2.0])
+def test_a_client_joins_while_300_idle_connections_are_held(hello_timeout):
+    """300 connections from the client's own address that never speak: the
+    per-address cap evicts the oldest, so the legitimate client's handshake gets
+    a slot at once (with hello_timeout 60 s the idle ones would otherwise stay)."""
+    async def body(h: Harness) -> tuple[Server, float, list[bool]]:
+        server = server_for(rounds=1, clients_per_round=1, min_clients=1, hello_timeout=hello_timeout,
+                            handshake_timeout=max(hello_timeout, 3.0))
+        await server.start()
+        run = h.spawn(server.run())
+        idle = await idle_connections(server.port, 300)
+        h.closers.append(lambda: asyncio.gather(*(close_writer(w) for w in idle)))
+        assert len(server._handshaking) <= server.max_pending_per_address
+        started = time.monotonic()
+        client = client_for(server.port, 0, reconnect=False)
+        await client.run()
+        joined = time.monotonic() - started
+        await run
+        return server, joined, [w.transport.is_closing() or w.is_closing() for w in idle]
+
+    server, joined, _ = run_async(body, timeout=40)
+    assert joined < 5.0
+    assert server.history[1]["completed"] == ["c0"]
+    assert server.rejected_connections >= 300 - server.max_pending_per_address
+
+
+def test_a_silent_connection_is_dropped_after_hello_timeout():
+    async def body(h: Harness) -> tuple[Optional[tuple[int, str]], float]:
+        server = server_for(rounds=1, clients_per_round=1, min_clients=1, hello_timeout=0.5)
+        await server.start()
+        h.spawn(server.run())
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.monotonic()
+        try:
+            ftype, body = await raw_frame(reader)
+            data = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            await close_writer(writer)
+        assert ftype == P.FrameType.ERROR and data == b""
+        return P.unpack_error(body), time.monotonic() - started
+
+    (code, message), took = run_async(body)
+    assert code == P.ErrorCode.TIMEOUT and "no HELLO within 0.5 s" in message
+    assert 0.4 < took < 3.0
+
+
+async def stalling_rogue(port: int, announce: int, send: int, name: str = "rogue") -> tuple[float, Optional[int]]:
+    """Authenticates, takes its TASK, announces an UPDATE of ``announce`` bytes,
+    sends ``send`` of them and stops; returns (seconds until the server closed
+    the connection, the ERROR code it got)."""
+    session = await raw_handshake(port, name)
+    try:
+        ftype, _ = await session.recv()
+        assert ftype == P.FrameType.TASK
+        session.writer.write(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.FrameType.UPDATE, announce))
+        chunk = b"\0" * (1 << 20)
+        for start in range(0, send, len(chunk)):
+            session.writer.write(chunk[:min(len(chunk), send - start)])
+            await session.writer.drain()
+        stalled = time.monotonic()
+        code = None
+        try:
+            ftype, body = await asyncio.wait_for(raw_frame(session.reader), 30)
+            if ftype == P.FrameType.ERROR:
+                code = P.unpack_error(session.opener.open(P.Frame(P.FrameType(ftype), body)).body)[0]
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        return time.monotonic() - stalled, code
+    finally:
+        await close_writer(session.writer)
+
+
+def small_steps(params: dict, config: dict) -> tuple[dict, int, dict]:
+    """A train_fn for a large model that costs nothing: a tiny step on every weight."""
+    return {k: np.full(v.shape, 1e-3, v.dtype) for k, v in params.items()}, 10, {}
+
+
+def test_a_stalled_frame_is_cut_off_and_the_round_completes():
+    """A client announces a 4 MiB UPDATE, sends 2 MiB and stalls: after
+    frame_grace + 4 MiB / frame_min_rate the server cuts it (TIMEOUT), the
+    in-flight budget is free again, and the round completes with the others."""
+    big = initial_params(dim=1 << 20)  # a 4 MiB model: the derived max frame is 9 MiB
+
+    async def body(h: Harness) -> tuple[Server, tuple[float, Optional[int]]]:
+        server = server_for(rounds=1, clients_per_round=3, min_clients=3, initial_params=big, frame_grace=0.5,
+                            frame_min_rate=8 << 20, round_timeout=20.0, evaluate_fn=None, codec="topk:0.001")
+        await server.start()
+        run = h.spawn(server.run())
+        rogue = h.spawn(stalling_rogue(server.port, 4 << 20, 2 << 20))
+        for i in (0, 1):
+            h.spawn(client_for(server.port, i, train_fn=small_steps).run())
+        result = await rogue
+        assert server.budget.used == 0
+        await run
+        return server, result
+
+    server, (took, code) = run_async(body, timeout=40)
+    assert code == P.ErrorCode.TIMEOUT and 0.3 < took < 5.0
+    row = server.history[1]
+    assert row["status"] == "ok" and sorted(row["completed"]) == ["c0", "c1"]
+    assert "not received within" in row["failures"]["rogue"]
+    assert server.max_frame_bytes == 2 * 4 * ((1 << 20) + 1 + 1) + (1 << 20)
+    assert server.budget.peak <= server.budget.total
+
+
+def test_a_frame_larger_than_the_model_allows_is_refused_before_its_body():
+    async def body(h: Harness) -> tuple[float, Optional[int]]:
+        server = server_for(rounds=1, clients_per_round=2, min_clients=2)
+        await server.start()
+        h.spawn(server.run())
+        rogue = h.spawn(stalling_rogue(server.port, 400 << 20, 0))
+        h.spawn(client_for(server.port, 0).run())
+        return await rogue
+
+    took, code = run_async(body)
+    assert code == P.ErrorCode.TOO_LARGE and took < 2.0
+
+
+def test_the_inflight_budget_bounds_what_stalled_frames_hold():
+    """Three clients announce 1 MiB bodies against a 2.5 MiB budget and stall:
+    at most two hold the budget, the third waits (and times out like them)."""
+    async def body(h: Harness) -> Server:
+        server = server_for(rounds=1, clients_per_round=3, min_clients=3, max_frame_bytes=1 << 20,
+                            inflight_bytes=(5 << 20) // 2, frame_grace=1.0, frame_min_rate=1 << 20)
+        await server.start()
+        run = h.spawn(server.run())
+        rogues = [h.spawn(stalling_rogue(server.port, 1 << 20, 1 << 19, f"rogue{i}")) for i in range(3)]
+        results = await asyncio.gather(*rogues)
+        assert all(code == P.ErrorCode.TIMEOUT for _, code in results)
+        await run
+        return server
+
+    server = run_async(body)
+    assert server.budget.peak == 2 * (1 << 20) and server.budget.used == 0
+    assert server.history[1]["status"] == "failed"
+
+
+def test_limit_settings_are_checked():
+    params = {"w": np.zeros(10, np.float32)}
+    base = dict(rounds=1, clients_per_round=1, min_clients=1, codec="fp32", token=b"t" * 32)
+    for kw, message in [(dict(hello_timeout=0), "hello_timeout"), (dict(max_pending_per_address=0), "per_address"),
+                        (dict(frame_grace=-1), "frame_grace"), (dict(frame_min_rate=0), "frame_min_rate"),
+                        (dict(max_frame_bytes=1 << 20, inflight_bytes=1 << 10), "inflight_bytes")]:
+        with pytest.raises(ValueError, match=message):
+            Server("127.0.0.1", 0, params, **base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag, value, message", [("--hello-timeout", "0", "hello_timeout"),
+                                                  ("--inflight-bytes", "10", "inflight_bytes"),
+                                                  ("--aggregate", "mode", "unknown aggregation"),
+                                                  ("--max-share", "2", "--max-share out of range")])
+def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
+    from fedpress import cli
+
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
+                  "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"), flag, value])
+    assert not (tmp_path / "run").exists()

@@ -233,6 +233,24 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregate", default="mean", metavar="RULE",
                         help="mean (FedAvg, default), median or trimmed:F (coordinate-wise over the decoded "
                              "updates; tolerates a minority of arbitrary updates)")
+    limits = parser.add_argument_group("connection limits")
+    limits.add_argument("--max-frame-bytes", type=int, default=None, metavar="N",
+                        help="largest frame a client may send (default: twice the model's float32 size + 1 MiB)")
+    limits.add_argument("--hello-timeout", type=float, default=2.0, metavar="S",
+                        help="seconds from connect to a complete HELLO (TLS included); idle sockets are dropped")
+    limits.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds from connect to the end of the handshake")
+    limits.add_argument("--max-pending", type=int, default=256, metavar="N",
+                        help="connections in their handshake at once; a further one evicts the oldest")
+    limits.add_argument("--max-pending-per-address", type=int, default=16, metavar="N",
+                        help="the same, per client IP address")
+    limits.add_argument("--frame-grace", type=float, default=30.0, metavar="S",
+                        help="a frame body must arrive within S seconds plus its size at --frame-min-rate")
+    limits.add_argument("--frame-min-rate", type=float, default=64 * 1024, metavar="B",
+                        help="bytes per second a frame body must keep up (default 65536)")
+    limits.add_argument("--inflight-bytes", type=int, default=None, metavar="N",
+                        help="frame bytes being received at once over all clients (default: 4 max frames, "
+                             ">= 64 MiB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--resume", action="store_true",
@@ -273,20 +291,27 @@ def _run_server(args: argparse.Namespace) -> int:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.tls_cert, args.tls_key)
     _, test = load_task(args.task, data_dir=args.data_dir, seed=args.seed)
-    server = Server(host=args.host, port=args.port,
-                    initial_params=get_params(make_model(args.task, seed=args.seed)),
-                    rounds=args.rounds, clients_per_round=args.clients_per_round,
-                    min_clients=args.min_clients, codec=args.codec, downlink=args.downlink,
-                    token=_read_token(args.token_file) if args.token_file else None,
-                    master_token=_read_token(args.master_token_file) if args.master_token_file else None,
-                    round_timeout=args.round_timeout,
-                    min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
-                    server_lr_decay=args.server_lr_decay,
-                    downlink_history=args.downlink_history, downlink_mode=args.downlink_mode,
-                    downlink_clients=args.downlink_clients, max_examples=args.max_examples,
-                    max_share=args.max_share, clip_norm=args.clip_norm, aggregation=args.aggregate,
-                    evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
-                    resume=args.resume, seed=args.seed, ssl_context=context)
+    options = dict(evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
+                   resume=args.resume, seed=args.seed, ssl_context=context)
+    try:
+        server = Server(host=args.host, port=args.port,
+                        initial_params=get_params(make_model(args.task, seed=args.seed)),
+                        rounds=args.rounds, clients_per_round=args.clients_per_round,
+                        min_clients=args.min_clients, codec=args.codec, downlink=args.downlink,
+                        token=_read_token(args.token_file) if args.token_file else None,
+                        master_token=_read_token(args.master_token_file) if args.master_token_file else None,
+                        round_timeout=args.round_timeout,
+                        min_fit=args.min_fit, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                        server_lr_decay=args.server_lr_decay,
+                        downlink_history=args.downlink_history, downlink_mode=args.downlink_mode,
+                        downlink_clients=args.downlink_clients, max_examples=args.max_examples,
+                        max_share=args.max_share, clip_norm=args.clip_norm, aggregation=args.aggregate,
+                        max_frame_bytes=args.max_frame_bytes, hello_timeout=args.hello_timeout,
+                        handshake_timeout=args.handshake_timeout, max_pending=args.max_pending,
+                        max_pending_per_address=args.max_pending_per_address, frame_grace=args.frame_grace,
+                        frame_min_rate=args.frame_min_rate, inflight_bytes=args.inflight_bytes, **options)
+    except ValueError as exc:  # a setting out of range: the user's mistake, not a traceback
+        raise SystemExit(f"fedpress server: {exc}") from None
     asyncio.run(server.run())
     return 0
 

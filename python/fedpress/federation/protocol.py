@@ -75,7 +75,7 @@ import secrets
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HEADER", "NONCE_BYTES", "TAG_BYTES", "MAC_BYTES",
@@ -225,9 +225,17 @@ def parse_header(header: bytes, max_body: int) -> tuple[FrameType, int]:
     return kind, length
 
 
-async def read_frame(reader: Any, max_body: int) -> Frame:
+async def read_frame(reader: Any, max_body: int, *, body_timeout: Optional[Callable[[int], float]] = None,
+                     budget: Any = None) -> Frame:
     """Reads one frame from an asyncio StreamReader. EOF raises ConnectionClosed;
-    a bad header raises ProtocolError before the body is read."""
+    a bad header raises ProtocolError before the body is read.
+
+    ``body_timeout(length)``: seconds the body may take once its header is in (a
+    peer that announces a frame and stalls is cut off: ProtocolError TIMEOUT).
+    ``budget``: an object with ``async acquire(n)`` / ``release(n)`` (see
+    :class:`fedpress.federation.transport.InflightBudget`) holding the body's bytes
+    while they are received, so that all connections together buffer at most its
+    total; waiting for it counts against the body's time."""
     import asyncio
 
     try:
@@ -238,12 +246,26 @@ async def read_frame(reader: Any, max_body: int) -> Frame:
     ftype, length = parse_header(header, max_body)
     if not length:
         return Frame(ftype, b"")
+
+    async def body() -> bytes:
+        if budget is None:
+            return await reader.readexactly(length)
+        await budget.acquire(length)
+        try:
+            return await reader.readexactly(length)
+        finally:
+            budget.release(length)
+
+    seconds = None if body_timeout is None else body_timeout(length)
     try:
-        body = await reader.readexactly(length)
+        data = await asyncio.wait_for(body(), seconds)
     except asyncio.IncompleteReadError as exc:
         raise ConnectionClosed(f"connection closed in a {ftype.name} frame body "
                                f"({len(exc.partial)} of {length} bytes)") from None
-    return Frame(ftype, body)
+    except asyncio.TimeoutError:
+        raise ProtocolError(ErrorCode.TIMEOUT, f"{ftype.name} frame body of {length} bytes not received within "
+                                               f"{seconds:.1f} s") from None
+    return Frame(ftype, data)
 
 
 # ------------------------------------------------------------------- JSON --

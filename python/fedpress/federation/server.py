@@ -50,7 +50,7 @@ from .accounting import ConnectionAccount, Ledger, TrafficRow
 from .model import (CHECKPOINT_JSON, DOWNLINK_MODES, ClientDownlink, Downlink, ServerOptimizer, as_params,
                     atomic_write, load_checkpoint, make_downlink, remove_partial_writes, save_checkpoint, table,
                     zero_reference)
-from .transport import Connection, CountingProtocol, CountingTransport, establish
+from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish
 
 __all__ = ["Server", "round_config"]
 
@@ -128,8 +128,19 @@ class Server:
     seed: client sampling seed.
     ssl_context: a server-side :class:`ssl.SSLContext` for TLS.
     max_frame_bytes: the largest frame body accepted from an authenticated
-        client (handshake frames are capped at 64 KiB).
+        client (handshake frames are capped at 64 KiB). None: twice the model's
+        float32 size plus 1 MiB (an fp32 update and its framing fit with room).
     handshake_timeout: seconds for TCP accept to WELCOME (TLS included).
+    hello_timeout: seconds from TCP accept to a complete HELLO (TLS included): an
+        idle connection is dropped this soon.
+    max_pending_per_address: connections from one IP address allowed in their
+        handshake at once; a further one evicts that address's oldest.
+    frame_grace, frame_min_rate: once a frame header is in, its body must arrive
+        within ``frame_grace + length / frame_min_rate`` seconds (bytes per second);
+        a client that announces a frame and stalls loses its connection.
+    inflight_bytes: the most frame-body bytes being received at once over all
+        connections (a body waits for room, within its deadline); None: four
+        times ``max_frame_bytes``, at least 64 MiB.
     fit_config: a dict, or ``fit_config(round) -> dict``, merged into each TASK's config.
     downlink_history: delta versions kept for clients that skipped rounds.
     downlink_mode: ``"chain"`` (one replica for all clients; a client that skipped
@@ -142,7 +153,8 @@ class Server:
     shutdown_timeout: seconds to wait for clients to close after BYE.
     wait_timeout: seconds to wait for ``min_clients`` before a round (None: forever);
         exceeding it raises TimeoutError from :meth:`run`.
-    max_pending: connections allowed in their handshake at once; more are rejected.
+    max_pending: connections allowed in their handshake at once; a further one
+        evicts the oldest.
     max_examples: the most ``num_examples`` one client's update may weigh; a larger
         claim is cut to it (and marked ``weight_capped`` in the round's row).
     max_share: the largest fraction of a round's total weight one client may hold
@@ -161,7 +173,7 @@ class Server:
                  round_timeout: float = 60.0, min_fit: int = 1, server_lr: float = 1.0,
                  evaluate_fn: Optional[Callable[[dict], Mapping[str, Any]]] = None,
                  out_dir: Union[str, os.PathLike, None] = None, resume: bool = False, seed: int = 0,
-                 ssl_context: Optional[_ssl.SSLContext] = None, max_frame_bytes: int = P.DEFAULT_MAX_FRAME,
+                 ssl_context: Optional[_ssl.SSLContext] = None, max_frame_bytes: Optional[int] = None,
                  handshake_timeout: float = 10.0, *,
                  fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
                  downlink_history: int = 8, shutdown_timeout: float = 5.0,
@@ -170,7 +182,9 @@ class Server:
                  downlink_mode: str = "chain", downlink_clients: Optional[int] = None,
                  master_token: Union[bytes, str, None] = None, max_examples: Optional[int] = None,
                  max_share: Optional[float] = None, clip_norm: Optional[float] = None,
-                 aggregation: str = "mean", robust_memory: int = 2 << 30) -> None:
+                 aggregation: str = "mean", robust_memory: int = 2 << 30, hello_timeout: float = 2.0,
+                 max_pending_per_address: int = 16, frame_grace: float = 30.0,
+                 frame_min_rate: float = 64 * 1024, inflight_bytes: Optional[int] = None) -> None:
         if (token is None) == (master_token is None):
             raise ValueError("give exactly one of token (shared by all clients) and master_token "
                              "(per-client tokens derived from it)")
@@ -206,9 +220,22 @@ class Server:
         if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
         self.ssl_context = ssl_context
+        if max_frame_bytes is None:
+            fp32 = sum(4 * int(v.size) for v in self.params.values())
+            max_frame_bytes = min(2 * fp32 + (1 << 20), P.MAX_FRAME_LIMIT - P.TRAILER_BYTES)
         self.max_frame_bytes = int(max_frame_bytes)
         if not 1 <= self.max_frame_bytes <= P.MAX_FRAME_LIMIT:
             raise ValueError(f"max_frame_bytes must be in 1..{P.MAX_FRAME_LIMIT}, got {max_frame_bytes}")
+        self.hello_timeout = _positive_float(hello_timeout, "hello_timeout")
+        self.max_pending_per_address = _positive_int(max_pending_per_address, "max_pending_per_address")
+        self.body_deadline = BodyDeadline(_positive_float(frame_grace, "frame_grace"),
+                                          _positive_float(frame_min_rate, "frame_min_rate"))
+        if inflight_bytes is None:
+            inflight_bytes = max(4 * (self.max_frame_bytes + P.TRAILER_BYTES), 64 << 20)
+        if int(inflight_bytes) < self.max_frame_bytes + P.TRAILER_BYTES:
+            raise ValueError(f"inflight_bytes ({inflight_bytes}) must hold at least one frame of max_frame_bytes "
+                             f"({self.max_frame_bytes}) and its tag")
+        self.budget = InflightBudget(int(inflight_bytes))
         self.fit_config = fit_config
         self.downlink_history = int(downlink_history)
         if downlink_mode not in DOWNLINK_MODES:
@@ -248,7 +275,9 @@ class Server:
         self._ledger = Ledger()
         self._peers: dict[str, _Peer] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._pending = 0
+        # Connections in their handshake, oldest first, with their IP address.
+        self._handshaking: dict[asyncio.Task, str] = {}
+        self._evicted: dict[asyncio.Task, str] = {}
         self._listener: Optional[asyncio.AbstractServer] = None
         self._changed: Optional[asyncio.Event] = None
         self._closing = False
@@ -424,16 +453,30 @@ class Server:
         task = asyncio.get_running_loop().create_task(self._serve_connection(counting, account))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self._closing:
+            return
+        address = _host(counting)
+        same = [t for t, a in self._handshaking.items() if a == address]
+        if len(same) >= self.max_pending_per_address:
+            self._evict(same[0], f"{len(same)} handshakes pending from {address}; the oldest goes")
+        elif len(self._handshaking) >= self.max_pending:
+            self._evict(next(iter(self._handshaking)), f"{len(self._handshaking)} handshakes pending; the oldest goes")
+        self._handshaking[task] = address
+
+    def _evict(self, task: asyncio.Task, reason: str) -> None:
+        """Ends a connection still in its handshake to make room for a newer one:
+        an idle flood cannot lock out a client that completes its handshake."""
+        del self._handshaking[task]
+        self._evicted[task] = reason
+        task.cancel()
 
     async def _serve_connection(self, counting: CountingTransport, account: ConnectionAccount) -> None:
         holder: dict[str, Any] = {}
         peer: Optional[_Peer] = None
         try:
-            if self._closing or self._pending >= self.max_pending:
-                await self._reject(counting, account, holder, None,
-                                   "server shutting down" if self._closing else "too many pending handshakes")
+            if self._closing:
+                await self._reject(counting, account, holder, None, "server shutting down")
                 return
-            self._pending += 1
             try:
                 hello, nonce, auth = await asyncio.wait_for(self._handshake(counting, holder),
                                                             self.handshake_timeout)
@@ -459,7 +502,7 @@ class Server:
                                    public="internal error")
                 return
             finally:
-                self._pending -= 1
+                self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             conn: Connection = holder["conn"]
             account.admit(hello.client_id)
             features = P.check_features(hello.features)
@@ -480,9 +523,18 @@ class Server:
                 log.info("client %s dropped during its WELCOME: %r", hello.client_id, exc)
                 await conn.close(1.0)
                 return
+            conn.body_timeout, conn.budget = self.body_deadline, self.budget
             self._register(peer)
             await self._peer_loop(peer)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            evicted = self._evicted.pop(task, None)  # type: ignore[arg-type]
+            if evicted is not None and not self._closing:
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                await self._reject(counting, account, holder, P.ErrorCode.BUSY, f"evicted: {evicted}")
+                return
             if account.state == "pending":  # cancelled in its handshake (shutdown)
                 account.reject()
                 self.rejected_connections += 1
@@ -497,10 +549,16 @@ class Server:
 
     async def _handshake(self, counting: CountingTransport,
                          holder: dict[str, Any]) -> tuple[P.Hello, bytes, P.Auth]:
-        conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
-                               handshake_timeout=self.handshake_timeout, shutdown_timeout=self.shutdown_timeout)
-        holder["conn"] = conn
-        holder["hello"] = await _expect(conn, P.FrameType.HELLO)
+        async def first_frame() -> bytes:
+            conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
+                                   handshake_timeout=self.hello_timeout, shutdown_timeout=self.shutdown_timeout)
+            holder["conn"] = conn
+            return await _expect(conn, P.FrameType.HELLO)
+        try:
+            holder["hello"] = await asyncio.wait_for(first_frame(), self.hello_timeout)
+        except asyncio.TimeoutError:
+            raise P.ProtocolError(P.ErrorCode.TIMEOUT, f"no HELLO within {self.hello_timeout:g} s of connecting") from None
+        conn: Connection = holder["conn"]
         hello = P.Hello.unpack(holder["hello"])
         nonce = P.new_nonce()
         await conn.send(P.FrameType.CHALLENGE, nonce)
@@ -882,6 +940,11 @@ def _add_update(aggregator: Aggregator, payload: Any, weight: float) -> None:
     the sum is read (see Server._step), not this client's."""
     with np.errstate(over="ignore", invalid="ignore"):
         aggregator.add(payload, weight)
+
+
+def _host(counting: CountingTransport) -> str:
+    peer = counting.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def _peer(counting: CountingTransport) -> str:

@@ -34,7 +34,8 @@ from typing import Any, Callable, Optional
 from .protocol import (MAX_FRAME_LIMIT, TRAILER_BYTES, ConnectionClosed, Frame, FrameOpener, FrameSealer,
                        encode_frame, read_frame)
 
-__all__ = ["CountingProtocol", "CountingTransport", "Connection", "establish", "open_connection"]
+__all__ = ["CountingProtocol", "CountingTransport", "Connection", "InflightBudget", "BodyDeadline", "establish",
+           "open_connection"]
 
 log = logging.getLogger("fedpress.federation")
 
@@ -233,6 +234,57 @@ class CountingTransport(asyncio.Transport):
         return self._shim.closed
 
 
+class InflightBudget:
+    """The bytes of frame bodies being received, over all connections: a body
+    holds its announced length from its header until it is complete, and waits
+    while the total would exceed ``total``. So a few peers that announce large
+    frames and stall hold at most ``total`` bytes of memory together."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError(f"the in-flight budget must be at least 1 byte, got {total}")
+        self.total = int(total)
+        self.used = 0
+        self.peak = 0
+        self._waiters: list[asyncio.Future] = []
+
+    async def acquire(self, n: int) -> None:
+        if n > self.total:  # the server checks max_frame_bytes <= total, so only a bug gets here
+            raise ValueError(f"a body of {n} bytes cannot fit an in-flight budget of {self.total}")
+        while self.used + n > self.total:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:  # each checks again whether its body fits now
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class BodyDeadline:
+    """The time a frame body may take once its header is in: ``grace`` seconds
+    plus its length at ``min_rate`` bytes per second (a slow link is fine, a
+    peer that announces a frame and stops sending is not)."""
+
+    def __init__(self, grace: float = 30.0, min_rate: float = 64 * 1024) -> None:
+        if not (grace > 0 and min_rate > 0):
+            raise ValueError(f"grace and min_rate must be positive, got {grace}, {min_rate}")
+        self.grace = float(grace)
+        self.min_rate = float(min_rate)
+
+    def __call__(self, length: int) -> float:
+        return self.grace + length / self.min_rate
+
+
 class Connection:
     """A framed, counted stream connection (either side).
 
@@ -247,6 +299,9 @@ class Connection:
         self.peer = peer
         self._sealer: Optional[FrameSealer] = None
         self._opener: Optional[FrameOpener] = None
+        #: Limits on each frame body (None: none): see :func:`.protocol.read_frame`.
+        self.body_timeout: Optional[Callable[[int], float]] = None
+        self.budget: Optional[InflightBudget] = None
 
     def secure(self, send_key: bytes, recv_key: bytes) -> None:
         """From now on every frame is sealed (sequence number and MAC) and every
@@ -272,9 +327,11 @@ class Connection:
     async def read_frame(self, max_body: int) -> Frame:
         """The next frame; after :meth:`secure`, verified and without its trailer
         (``max_body`` bounds the body without the trailer)."""
+        limits = {"body_timeout": self.body_timeout, "budget": self.budget}
         if self._opener is None:
-            return await read_frame(self.reader, max_body)
-        return self._opener.open(await read_frame(self.reader, min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT)))
+            return await read_frame(self.reader, max_body, **limits)
+        return self._opener.open(await read_frame(self.reader, min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT),
+                                                  **limits))
 
     async def send(self, ftype: int, *parts: Any) -> None:
         """Writes one frame and waits until the transport buffer drains."""
