@@ -9,12 +9,9 @@ at the end, so a hang fails fast instead of stalling the suite.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import logging
 import os
-import shutil
 import ssl
 import struct
 import subprocess
@@ -28,6 +25,7 @@ import fedpress as fp
 import numpy as np
 import pytest
 from fedpress.federation import AuthenticationError, Client, ErrorCode, Server, client_context, server_context
+from fedpress.federation.tls import self_signed_certificate
 from fedpress.federation import model as M
 from fedpress.federation import protocol as P
 
@@ -118,6 +116,7 @@ def server_for(port: int = 0, **kw: Any) -> Server:
     options: dict[str, Any] = dict(rounds=3, clients_per_round=3, min_clients=3, codec="topk:0.25+q8",
                                    token=TOKEN, round_timeout=10.0, min_fit=1, evaluate_fn=evaluate_fn(),
                                    fit_config={"lr": 0.1}, shutdown_timeout=3.0, handshake_timeout=3.0)
+    options["insecure"] = kw.get("ssl_context") is None  # loopback; the TLS tests pass a context
     options.update(kw)
     params = options.pop("initial_params", None) or initial_params()
     return Server("127.0.0.1", port, params, **options)
@@ -125,7 +124,7 @@ def server_for(port: int = 0, **kw: Any) -> Server:
 
 def client_for(port: int, i: int, **kw: Any) -> Client:
     options: dict[str, Any] = dict(client_id=f"c{i}", backoff=0.05, max_backoff=0.2, max_retries=40,
-                                   connect_timeout=3.0, shutdown_timeout=3.0)
+                                   connect_timeout=3.0, shutdown_timeout=3.0, insecure=kw.get("ssl_context") is None)
     train_fn = kw.pop("train_fn", None) or make_train_fn(i)
     token = kw.pop("token", TOKEN)
     options.update(kw)
@@ -282,45 +281,9 @@ class CountingProxy:
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost / 127.0.0.1: cryptography, else
-    the openssl CLI, else the test is skipped."""
+    """A self-signed certificate for localhost / 127.0.0.1."""
     cert, key = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("neither the cryptography package nor the openssl CLI is available")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=30)
-        return cert, key
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ski = x509.SubjectKeyIdentifier.from_public_key(private.public_key())
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(ski, False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)
-        .sign(private, hashes.SHA256())
-    )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    self_signed_certificate(cert, key, ["localhost", "127.0.0.1"], days=2)
     return cert, key
 
 
@@ -401,7 +364,7 @@ def test_client_killed_mid_round(tmp_path):
             pathlib.Path({str(marker)!r}).write_text("x")
             time.sleep(60)
         Client("127.0.0.1:" + sys.argv[1], {TOKEN!r}, train, codec="fp16", client_id="victim",
-               reconnect=False).run_sync()
+               reconnect=False, insecure=True).run_sync()
     """)
 
     async def body(h: Harness) -> Server:

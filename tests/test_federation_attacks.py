@@ -208,7 +208,8 @@ def test_server_needs_exactly_one_kind_of_token():
     params = {"w": np.zeros(3, np.float32)}
     for kw in ({}, {"token": b"t" * 32, "master_token": b"m" * 32}):
         with pytest.raises(ValueError, match="exactly one"):
-            Server("127.0.0.1", 0, params, rounds=1, clients_per_round=1, min_clients=1, codec="fp32", **kw)
+            Server("127.0.0.1", 0, params, rounds=1, clients_per_round=1, min_clients=1, codec="fp32", insecure=True,
+                   **kw)
 
 
 def test_token_command_makes_and_derives_token_files(tmp_path, capsys):
@@ -319,7 +320,7 @@ def test_clipping_or_a_robust_rule_stops_a_huge_update(defense):
 
 def test_server_refuses_bad_defense_settings():
     params = {"w": np.zeros(1000, np.float32)}
-    base = dict(rounds=1, clients_per_round=10, min_clients=1, codec="fp32", token=b"t" * 32)
+    base = dict(rounds=1, clients_per_round=10, min_clients=1, codec="fp32", token=b"t" * 32, insecure=True)
     for kw, message in [(dict(max_examples=0), "max_examples"), (dict(max_share=1.5), "max_share"),
                         (dict(clip_norm=-1.0), "clip_norm"), (dict(aggregation="mode"), "unknown aggregation"),
                         (dict(aggregation="trimmed:0.5"), "trimmed"),
@@ -476,7 +477,7 @@ def test_the_inflight_budget_bounds_what_stalled_frames_hold():
 
 def test_limit_settings_are_checked():
     params = {"w": np.zeros(10, np.float32)}
-    base = dict(rounds=1, clients_per_round=1, min_clients=1, codec="fp32", token=b"t" * 32)
+    base = dict(rounds=1, clients_per_round=1, min_clients=1, codec="fp32", token=b"t" * 32, insecure=True)
     for kw, message in [(dict(hello_timeout=0), "hello_timeout"), (dict(max_pending_per_address=0), "per_address"),
                         (dict(frame_grace=-1), "frame_grace"), (dict(frame_min_rate=0), "frame_min_rate"),
                         (dict(max_frame_bytes=1 << 20, inflight_bytes=1 << 10), "inflight_bytes")]:
@@ -495,5 +496,6 @@ def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match=message):
         cli.main(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
-                  "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"), flag, value])
+                  "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"), "--insecure",
+                  flag, value])
     assert not (tmp_path / "run").exists()

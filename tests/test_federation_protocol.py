@@ -228,8 +228,12 @@ def test_constructor_checks(tmp_path):
     from fedpress.federation import Client, Server, parse_address
 
     params = {"w": np.zeros(3, np.float32)}
-    ok = dict(rounds=1, clients_per_round=2, token=b"t")
+    ok = dict(rounds=1, clients_per_round=2, token=b"t", insecure=True)
     Server("127.0.0.1", 0, params, **ok)
+    with pytest.raises(ValueError, match="no TLS"):  # TLS unless plain TCP is asked for
+        Server("127.0.0.1", 0, params, rounds=1, clients_per_round=2, token=b"t")
+    with pytest.raises(ValueError, match="no TLS"):
+        Client("h:1", b"t", lambda p, c: None)
     for bad in [dict(token=None), dict(token=b""), dict(min_fit=3), dict(rounds=0), dict(codec="topk"),
                 dict(downlink="nope"), dict(resume=True), dict(round_timeout=0), dict(max_frame_bytes=1 << 33)]:
         with pytest.raises((ValueError, TypeError)):
@@ -242,9 +246,9 @@ def test_constructor_checks(tmp_path):
         with pytest.raises(ValueError):
             parse_address(bad_address)
     with pytest.raises(ValueError):
-        Client("h:1", b"t", lambda p, c: None, codec="bogus")
+        Client("h:1", b"t", lambda p, c: None, codec="bogus", insecure=True)
     with pytest.raises(ValueError):
-        Client("h:1", b"t", lambda p, c: None, client_id="bad\nid")
+        Client("h:1", b"t", lambda p, c: None, client_id="bad\nid", insecure=True)
 
 
 def test_checkpoint_roundtrip(tmp_path):

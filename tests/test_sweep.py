@@ -206,14 +206,14 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
                         min_clients=s.clients, codec=cell.spec, downlink=cell.downlink, token=TOKEN,
                         round_timeout=60, seed=seed, evaluate_fn=evaluate_fn, downlink_history=s.rounds,
                         server_lr=cell.server_lr, server_momentum=cell.server_momentum,
-                        server_lr_decay=cell.server_decay, downlink_mode=cell.downlink_mode)
+                        server_lr_decay=cell.server_decay, downlink_mode=cell.downlink_mode, insecure=True)
         await server.start()
         opts = cell.encoder_options()
         codec_options = {"table": opts.pop("table")} if "table" in opts else {}
         clients = [Client(f"127.0.0.1:{server.port}", TOKEN, train_fn_for(i), client_id=cid, initial_params=params0,
                           seed=seed, error_feedback=opts["error_feedback"], momentum=opts["momentum"],
                           clip=opts["clip"], warmup_rounds=opts["warmup_rounds"], warmup_start=opts["warmup_start"],
-                          codec_options=codec_options, train_in_thread=False)
+                          codec_options=codec_options, train_in_thread=False, insecure=True)
                    for i, cid in enumerate(ids)]
         tasks = [asyncio.ensure_future(c.run()) for c in clients]
         try:

@@ -6,6 +6,7 @@
     fedpress demo [--quick] [--codecs SPEC ...] [--out DIR]
     fedpress sweep --task digits|mnist --cells CELL ... [--seeds 0 1 2] [--jobs N] --out DIR
     fedpress token --new --out F | --master F --client-id ID [--out F]
+    fedpress certificate --out DIR [--host NAME ...]
     fedpress server --port P --rounds R --clients-per-round C --min-clients M --codec SPEC ...
     fedpress client --connect HOST:P --token-file F --task digits|mnist --partition I/N ...
 
@@ -192,6 +193,36 @@ def _run_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_certificate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/cert.pem and DIR/key.pem (0600)")
+    parser.add_argument("--host", action="append", default=None, metavar="NAME",
+                        help="a DNS name or IP address the clients connect to (repeat; default: localhost and "
+                             "127.0.0.1)")
+    parser.add_argument("--days", type=int, default=30, help="validity (default 30)")
+    parser.add_argument("--force", action="store_true", help="replace existing files")
+
+
+def _run_certificate(args: argparse.Namespace) -> int:
+    import os
+
+    from .federation.tls import self_signed_certificate
+
+    hosts = args.host or ["localhost", "127.0.0.1"]
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        cert, key = os.path.join(args.out, "cert.pem"), os.path.join(args.out, "key.pem")
+        self_signed_certificate(cert, key, hosts, days=args.days, overwrite=args.force)
+    except FileExistsError as exc:
+        raise SystemExit(f"fedpress certificate: {exc}; pass --force to replace it") from None
+    except ValueError as exc:
+        raise SystemExit(f"fedpress certificate: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"fedpress certificate: cannot write to {args.out}: {exc.strerror}") from None
+    print(f"fedpress certificate: wrote {cert} and {key} (self-signed, for {', '.join(hosts)}, {args.days} days)\n"
+          f"  server: --tls-cert {cert} --tls-key {key}\n  clients: --tls-ca {cert}", file=sys.stderr)
+    return 0
+
+
 def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
@@ -206,8 +237,11 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     tokens.add_argument("--master-token-file", metavar="FILE",
                         help="per-client tokens: each client holds `fedpress token --master FILE --client-id ID`, "
                              "so one client cannot claim another's id")
-    parser.add_argument("--tls-cert", default=None)
-    parser.add_argument("--tls-key", default=None)
+    parser.add_argument("--tls-cert", default=None, metavar="FILE", help="the server's certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, metavar="FILE", help="its private key (PEM)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve plain TCP without TLS (frames stay authenticated; models and updates travel "
+                             "in clear): only for loopback and trusted networks")
     parser.add_argument("--task", choices=["digits", "mnist"], default="digits")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--round-timeout", type=float, default=120.0)
@@ -263,7 +297,7 @@ def _run_server(args: argparse.Namespace) -> int:
     import ssl
 
     from .codec import parse_spec
-    from .federation import Server
+    from .federation import Server, server_context
     from .robust import AggregationRule
     from .train import get_params, load_task, make_evaluate_fn, make_model
 
@@ -288,8 +322,20 @@ def _run_server(args: argparse.Namespace) -> int:
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("fedpress server: --tls-cert and --tls-key go together")
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.insecure:
+            raise SystemExit("fedpress server: --insecure means no TLS; drop it or --tls-cert/--tls-key")
+        try:
+            context = server_context(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"fedpress server: cannot load the certificate {args.tls_cert} and key "
+                             f"{args.tls_key}: {exc}") from None
+    elif not args.insecure:
+        raise SystemExit("fedpress server: no TLS: give --tls-cert FILE --tls-key FILE (`fedpress certificate --out "
+                         "DIR --host NAME` makes a self-signed pair for a test deployment), or --insecure for plain "
+                         "TCP on a trusted network")
+    else:
+        print("fedpress server: WARNING: --insecure: plain TCP, models and updates travel in clear "
+              "(frames are still authenticated)", file=sys.stderr)
     _, test = load_task(args.task, data_dir=args.data_dir, seed=args.seed)
     options = dict(evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
                    resume=args.resume, seed=args.seed, ssl_context=context)
@@ -309,10 +355,14 @@ def _run_server(args: argparse.Namespace) -> int:
                         max_frame_bytes=args.max_frame_bytes, hello_timeout=args.hello_timeout,
                         handshake_timeout=args.handshake_timeout, max_pending=args.max_pending,
                         max_pending_per_address=args.max_pending_per_address, frame_grace=args.frame_grace,
-                        frame_min_rate=args.frame_min_rate, inflight_bytes=args.inflight_bytes, **options)
+                        frame_min_rate=args.frame_min_rate, inflight_bytes=args.inflight_bytes,
+                        insecure=context is None, **options)
     except ValueError as exc:  # a setting out of range: the user's mistake, not a traceback
         raise SystemExit(f"fedpress server: {exc}") from None
-    asyncio.run(server.run())
+    try:
+        asyncio.run(server.run())
+    except OSError as exc:  # the port is taken, the address is not this machine's...
+        raise SystemExit(f"fedpress server: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -325,7 +375,11 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None)
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (non-IID)")
     parser.add_argument("--codec", default=None, metavar="SPEC", help="override the server's codec")
-    parser.add_argument("--tls-ca", default=None)
+    parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="CA file the server's certificate must chain to (for a self-signed server: its "
+                             "certificate); default: the system's CAs")
+    parser.add_argument("--insecure", action="store_true",
+                        help="connect in plain TCP without TLS: only for loopback and trusted networks")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of local training")
@@ -341,6 +395,8 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
                         help="build the initial model from --seed (as the server does) instead of downloading it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--client-id", default=None)
+    parser.add_argument("--max-retries", type=int, default=10, metavar="N",
+                        help="consecutive failed connection attempts before giving up (0: no retry)")
     _add_log_level(parser)
 
 
@@ -348,7 +404,7 @@ def _run_client(args: argparse.Namespace) -> int:
     import asyncio
     import ssl
 
-    from .federation import Client
+    from .federation import Client, FederationError, client_context
     from .train import client_partition, get_params, load_task, make_model, make_train_fn
 
     _setup_logging(args.log_level)
@@ -363,17 +419,33 @@ def _run_client(args: argparse.Namespace) -> int:
     train, _ = load_task(args.task, data_dir=args.data_dir, seed=args.seed)
     part = client_partition(train, index, total, scheme=scheme, alpha=args.alpha or 0.5, seed=args.seed)
     context = None
-    if args.tls_ca:
-        context = ssl.create_default_context(cafile=args.tls_ca)
-    client = Client(args.connect, token=_read_token(args.token_file),
-                    train_fn=make_train_fn(args.task, part, epochs=args.epochs, lr=args.lr,
-                                           momentum=args.momentum, seed=args.seed * 1000 + index),
-                    codec=args.codec, error_feedback=args.ef == "on", momentum=args.momentum_correction,
-                    clip=args.clip, warmup_rounds=args.warmup_rounds, warmup_start=args.warmup_start,
-                    codec_options={"table": args.table} if args.table != "inline" else None,
-                    initial_params=get_params(make_model(args.task, seed=args.seed)) if args.seeded_model else None,
-                    client_id=args.client_id or f"client-{index}", ssl_context=context)
-    asyncio.run(client.run())
+    if args.insecure:
+        if args.tls_ca:
+            raise SystemExit("fedpress client: --insecure means no TLS; drop it or --tls-ca")
+        print("fedpress client: WARNING: --insecure: plain TCP, models and updates travel in clear",
+              file=sys.stderr)
+    else:
+        try:
+            context = client_context(args.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"fedpress client: cannot load the CA file {args.tls_ca}: {exc}") from None
+    try:
+        client = Client(args.connect, token=_read_token(args.token_file),
+                        train_fn=make_train_fn(args.task, part, epochs=args.epochs, lr=args.lr,
+                                               momentum=args.momentum, seed=args.seed * 1000 + index),
+                        codec=args.codec, error_feedback=args.ef == "on", momentum=args.momentum_correction,
+                        clip=args.clip, warmup_rounds=args.warmup_rounds, warmup_start=args.warmup_start,
+                        codec_options={"table": args.table} if args.table != "inline" else None,
+                        initial_params=(get_params(make_model(args.task, seed=args.seed))
+                                        if args.seeded_model else None),
+                        client_id=args.client_id or f"client-{index}", ssl_context=context,
+                        insecure=context is None, max_retries=args.max_retries)
+    except ValueError as exc:
+        raise SystemExit(f"fedpress client: {exc}") from None
+    try:
+        asyncio.run(client.run())
+    except (FederationError, ConnectionError, ssl.SSLError) as exc:  # what a user can fix: no traceback
+        raise SystemExit(f"fedpress client: {exc}") from None
     return 0
 
 
@@ -402,8 +474,13 @@ _SUBCOMMANDS: dict[
         _add_token,
         _run_token,
     ),
+    "certificate": (
+        "make a self-signed TLS certificate and key for a test deployment",
+        _add_certificate,
+        _run_certificate,
+    ),
     "server": (
-        "run a federation server (TCP, optional TLS) on a training task",
+        "run a federation server (TLS, or --insecure plain TCP) on a training task",
         _add_server,
         _run_server,
     ),

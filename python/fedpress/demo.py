@@ -56,7 +56,8 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
                     downlink=cell.downlink or downlink, token=token, round_timeout=60.0, min_fit=1,
                     server_lr=cell.server_lr, server_momentum=cell.server_momentum, server_lr_decay=cell.server_decay,
                     downlink_mode=cell.downlink_mode,
-                    evaluate_fn=make_evaluate_fn(task, test), out_dir=str(run_dir), seed=seed)
+                    evaluate_fn=make_evaluate_fn(task, test), out_dir=str(run_dir), seed=seed,
+                    insecure=True)  # loopback only: nothing leaves this machine
     label = f"{codec}"
     started = time.perf_counter()
     server_task = asyncio.create_task(server.run())
@@ -71,7 +72,8 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
         options = cell.encoder_options()
         table = options.pop("table", None)
         c = Client(f"127.0.0.1:{server.port}", token=token, train_fn=train_fn, codec=cell.spec,
-                   client_id=f"client-{i}", codec_options={"table": table} if table else None, **options)
+                   client_id=f"client-{i}", codec_options={"table": table} if table else None, insecure=True,
+                   **options)
         client_tasks.append(asyncio.create_task(c.run()))
     if show_progress:
         while not server_task.done():

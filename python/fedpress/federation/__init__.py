@@ -4,8 +4,15 @@ bytes-on-wire accounting.
     from fedpress.federation import Server, Client
 
     server = Server("0.0.0.0", 8080, initial_params, rounds=20, clients_per_round=8,
-                    codec="topk:0.01+q4+zstd", token=token, out_dir="run")
-    Client("server:8080", token=token, train_fn=train_fn).run_sync()
+                    codec="topk:0.01+q4+zstd", token=token, out_dir="run",
+                    ssl_context=server_context("cert.pem", "key.pem"))
+    Client("server:8080", token=token, train_fn=train_fn,
+           ssl_context=client_context("cert.pem")).run_sync()
+
+TLS is the default: without an ``ssl_context`` both refuse to start unless
+``insecure=True`` (plain TCP, for loopback and trusted networks; every frame
+after the handshake is still authenticated). :func:`.tls.self_signed_certificate`
+(``fedpress certificate``) makes a pair for a test deployment.
 
 Modules: :mod:`.protocol` (frames, handshake), :mod:`.transport` (counting
 below TLS), :mod:`.accounting` (per-round, per-client rows), :mod:`.model`

@@ -5,7 +5,8 @@
         return update, num_examples, {"loss": loss}
 
     client = Client("server.example:8080", token=token, train_fn=train_fn,
-                    codec="topk:0.01+q4+zstd", client_id="hospital-3")
+                    codec="topk:0.01+q4+zstd", client_id="hospital-3",
+                    ssl_context=client_context("cert.pem"))
     stats = client.run_sync()                 # or: await client.run()
 
 ``update`` is ``{name: delta}`` (trained minus received; see
@@ -78,7 +79,9 @@ class Client:
     error_feedback: keep what a round did not send for the next one.
     client_id: this client's name on the server (default: random); reconnecting
         with the same id replaces the previous connection.
-    ssl_context: a client-side :class:`ssl.SSLContext` (e.g. with the server's CA).
+    ssl_context: a client-side :class:`ssl.SSLContext` (:func:`fedpress.federation.client_context`
+        with the server's CA). Required unless ``insecure``.
+    insecure: connect in plain TCP (no TLS): for loopback and trusted networks.
     reconnect, max_retries, backoff, max_backoff: after a dropped connection,
         retry after ``backoff * 2**(n-1)`` seconds (capped at ``max_backoff``,
         with jitter), at most ``max_retries`` consecutive failures.
@@ -105,7 +108,7 @@ class Client:
                  downlink_deltas: bool = True, shutdown_timeout: float = 5.0,
                  initial_params: Optional[Mapping[str, Any]] = None, seed: Optional[int] = None,
                  clip: Optional[float] = None, warmup_rounds: int = 0, warmup_start: float = 0.25,
-                 codec_options: Optional[Mapping[str, Any]] = None) -> None:
+                 codec_options: Optional[Mapping[str, Any]] = None, insecure: bool = False) -> None:
         self.host, self.port = parse_address(connect)
         self.token = P.as_token(token)
         if not callable(train_fn):
@@ -117,6 +120,9 @@ class Client:
         self.client_id = P.check_client_id(client_id if client_id is not None else f"client-{secrets.token_hex(4)}")
         if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
+        if ssl_context is None and not insecure:
+            raise ValueError("no TLS: give ssl_context=client_context(ca_file) (None: the system's CAs), or "
+                             "insecure=True to connect in plain TCP")
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.reconnect = bool(reconnect)
@@ -219,6 +225,12 @@ class Client:
         self._conn = conn
         try:
             await asyncio.wait_for(self._handshake(conn), self.connect_timeout)
+        except P.ConnectionClosed as exc:
+            await self._close(conn)
+            if self.ssl_context is None:  # the usual cause: a TLS server, which drops a plain HELLO
+                raise P.ConnectionClosed(f"{exc} during the handshake (if the server requires TLS, connect with "
+                                         "an ssl_context / --tls-ca instead of insecure plain TCP)") from None
+            raise
         except BaseException as exc:
             if isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)):
                 conn.abort()

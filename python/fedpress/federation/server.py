@@ -3,7 +3,7 @@
     server = Server("0.0.0.0", 8080, initial_params, rounds=20, clients_per_round=8,
                     min_clients=8, codec="topk:0.01+q4+zstd", downlink="topk:0.1+fp16",
                     token=token, round_timeout=120, min_fit=4, evaluate_fn=evaluate,
-                    out_dir="run1")
+                    out_dir="run1", ssl_context=server_context("cert.pem", "key.pem"))
     history = server.run_sync()          # or: await server.run()
 
 Each round: wait until ``min_clients`` authenticated clients are idle, sample
@@ -126,7 +126,10 @@ class Server:
     out_dir: where ``rounds.jsonl`` and the checkpoints go (None: nowhere).
     resume: continue from ``out_dir``'s last checkpoint.
     seed: client sampling seed.
-    ssl_context: a server-side :class:`ssl.SSLContext` for TLS.
+    ssl_context: a server-side :class:`ssl.SSLContext` for TLS
+        (:func:`fedpress.federation.server_context`). Required unless ``insecure``.
+    insecure: serve plain TCP (frames stay authenticated, but the model and the
+        updates cross the network in clear): for loopback and trusted networks.
     max_frame_bytes: the largest frame body accepted from an authenticated
         client (handshake frames are capped at 64 KiB). None: twice the model's
         float32 size plus 1 MiB (an fp32 update and its framing fit with room).
@@ -184,7 +187,8 @@ class Server:
                  max_share: Optional[float] = None, clip_norm: Optional[float] = None,
                  aggregation: str = "mean", robust_memory: int = 2 << 30, hello_timeout: float = 2.0,
                  max_pending_per_address: int = 16, frame_grace: float = 30.0,
-                 frame_min_rate: float = 64 * 1024, inflight_bytes: Optional[int] = None) -> None:
+                 frame_min_rate: float = 64 * 1024, inflight_bytes: Optional[int] = None,
+                 insecure: bool = False) -> None:
         if (token is None) == (master_token is None):
             raise ValueError("give exactly one of token (shared by all clients) and master_token "
                              "(per-client tokens derived from it)")
@@ -219,7 +223,11 @@ class Server:
         self.seed = int(seed)
         if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
+        if ssl_context is None and not insecure:
+            raise ValueError("no TLS: give ssl_context=server_context(cert, key) (`fedpress certificate` makes a "
+                             "self-signed pair for a test deployment), or insecure=True to serve plain TCP")
         self.ssl_context = ssl_context
+        self.insecure = ssl_context is None
         if max_frame_bytes is None:
             fp32 = sum(4 * int(v.size) for v in self.params.values())
             max_frame_bytes = min(2 * fp32 + (1 << 20), P.MAX_FRAME_LIMIT - P.TRAILER_BYTES)
@@ -313,6 +321,11 @@ class Server:
         self.port = self._listener.sockets[0].getsockname()[1]
         log.info("listening on %s:%d (%s), rounds %d..%d", self.host, self.port,
                  "TLS" if self.ssl_context else "plain TCP", self._start_round + 1, self.rounds)
+        if self.insecure:  # loud unless nothing leaves the machine
+            loopback = self.host in ("127.0.0.1", "::1", "localhost")
+            log.log(logging.INFO if loopback else logging.WARNING,
+                    "plain TCP on %s:%d: frames are authenticated, but models and updates travel in clear",
+                    self.host, self.port)
 
     async def run(self) -> list[dict[str, Any]]:
         """Runs the remaining rounds, says BYE and closes; returns :attr:`history`.
