@@ -249,23 +249,47 @@ async def read_frame(reader: Any, max_body: int, *, body_timeout: Optional[Calla
 
     async def body() -> bytes:
         if budget is None:
-            return await reader.readexactly(length)
+            return await _read_body(reader, ftype, length)
         await budget.acquire(length)
         try:
-            return await reader.readexactly(length)
+            return await _read_body(reader, ftype, length)
         finally:
             budget.release(length)
 
     seconds = None if body_timeout is None else body_timeout(length)
     try:
         data = await asyncio.wait_for(body(), seconds)
-    except asyncio.IncompleteReadError as exc:
-        raise ConnectionClosed(f"connection closed in a {ftype.name} frame body "
-                               f"({len(exc.partial)} of {length} bytes)") from None
     except asyncio.TimeoutError:
         raise ProtocolError(ErrorCode.TIMEOUT, f"{ftype.name} frame body of {length} bytes not received within "
                                                f"{seconds:.1f} s") from None
     return Frame(ftype, data)
+
+
+_BODY_CHUNK = 1 << 20
+
+
+async def _read_body(reader: Any, ftype: FrameType, length: int) -> bytes:
+    """``length`` bytes, collected in chunks of at most 1 MiB and joined at the end:
+    a peer that stops halfway holds what it sent, not a buffer grown (and copied
+    on each growth) to the size it announced."""
+    import asyncio
+
+    if length <= _BODY_CHUNK:
+        try:
+            return await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            got = len(exc.partial)
+    else:
+        chunks, got = [], 0
+        while got < length:
+            chunk = await reader.read(min(length - got, _BODY_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got == length:
+            return b"".join(chunks)
+    raise ConnectionClosed(f"connection closed in a {ftype.name} frame body ({got} of {length} bytes)")
 
 
 # ------------------------------------------------------------------- JSON --
