@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -40,9 +41,16 @@ template <> const char* dtype_name<std::uint32_t>() { return "uint32"; }
 template <> const char* dtype_name<std::uint8_t>() { return "uint8"; }
 template <> const char* dtype_name<std::uint16_t>() { return "uint16"; }
 
+// How a kernel reaches an array's elements.
+enum class Access {
+  read,              // through const T*
+  write,             // through T*, in place
+  read_any_address,  // with memcpy, at any address (the kernel's header says so)
+};
+
 // A 1-D C-contiguous array of exactly dtype T, or a clear TypeError/ValueError.
 template <typename T>
-py::array checked(const py::handle& obj, const char* name, bool writable = false) {
+py::array checked(const py::handle& obj, const char* name, Access access = Access::read) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
@@ -54,10 +62,22 @@ py::array checked(const py::handle& obj, const char* name, bool writable = false
     throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
   if (!(arr.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + " must be C-contiguous");
-  if (writable && !arr.writeable()) throw py::value_error(std::string(name) + " must be writable");
+  if (access == Access::write && !arr.writeable()) throw py::value_error(std::string(name) + " must be writable");
   if (static_cast<std::uint64_t>(arr.shape(0)) > kMaxLength)
     throw py::value_error(std::string(name) + " has " + std::to_string(arr.shape(0)) +
                           " elements; at most 2^32 - 1 are supported");
+  // numpy makes arrays at any address (np.frombuffer at an odd offset), and a
+  // load through a T* that is not a multiple of alignof(T) is undefined
+  // behaviour: such an input is copied to fresh memory, such an output refused.
+  if (access != Access::read_any_address && reinterpret_cast<std::uintptr_t>(arr.data()) % alignof(T) != 0) {
+    if (access == Access::write)
+      throw py::value_error(std::string(name) + " is updated in place and must be " + std::to_string(alignof(T)) +
+                            "-byte aligned, not a view of a buffer at an offset that is not a multiple of " +
+                            std::to_string(alignof(T)));
+    py::array_t<T> copy(arr.shape(0));
+    std::memcpy(copy.mutable_data(), arr.data(), static_cast<std::size_t>(arr.shape(0)) * sizeof(T));
+    return std::move(copy);
+  }
   return arr;
 }
 
@@ -147,7 +167,7 @@ void register_topk(py::module_& m) {
       "ef_topk",
       [](const py::handle& u_obj, const py::handle& r_obj, long long k_arg) {
         py::array u = checked<float>(u_obj, "update");
-        py::array r = checked<float>(r_obj, "residual", /*writable=*/true);
+        py::array r = checked<float>(r_obj, "residual", Access::write);
         if (len(u) != len(r))
           throw py::value_error("update and residual lengths differ: " + std::to_string(len(u)) + " vs " +
                                 std::to_string(len(r)));
@@ -281,7 +301,7 @@ void register_accumulate(py::module_& m) {
   m.def(
       "scatter_add",
       [](const py::handle& acc_obj, const py::handle& i_obj, const py::handle& v_obj, double weight) {
-        py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
+        py::array acc = checked<float>(acc_obj, "acc", Access::write);
         std::vector<py::array> keep;
         std::vector<fedpress::SparseUpdate> updates{typed_update(i_obj, v_obj, weight, "", keep)};
         add_checked(mptr<float>(acc), len(acc), std::move(updates), {""});
@@ -291,7 +311,7 @@ void register_accumulate(py::module_& m) {
       "scatter_add_many",
       [](const py::handle& acc_obj, const py::sequence& idx_list, const py::sequence& val_list,
          const std::vector<double>& weights) {
-        py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
+        py::array acc = checked<float>(acc_obj, "acc", Access::write);
         const std::size_t clients = py::len(idx_list);
         if (py::len(val_list) != clients || weights.size() != clients)
           throw py::value_error("indices_list, values_list and weights must have equal lengths, got " +
@@ -386,7 +406,7 @@ void register_rotate(py::module_& m) {
   m.def(
       "fwht",
       [](const py::handle& x_obj, long long block_arg) {
-        py::array x = checked<float>(x_obj, "x", /*writable=*/true);
+        py::array x = checked<float>(x_obj, "x", Access::write);
         const std::size_t b = rotate_block(block_arg), n = len(x);
         if (fedpress::rht_padded_size(n, b) != n)
           throw py::value_error("x has " + std::to_string(n) + " elements: not whole blocks of " + std::to_string(b) +
@@ -399,7 +419,7 @@ void register_rotate(py::module_& m) {
   m.def(
       "random_signs",
       [](const py::handle& x_obj, std::uint64_t seed) {
-        py::array x = checked<float>(x_obj, "x", /*writable=*/true);
+        py::array x = checked<float>(x_obj, "x", Access::write);
         float* p = mptr<float>(x);
         const std::size_t n = len(x);
         py::gil_scoped_release release;  // the buffer is kept alive by x
@@ -520,7 +540,7 @@ void register_eden(py::module_& m) {
       "eden_accumulate",
       [](const py::handle& acc_obj, const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits,
          long long block_arg, bool stochastic, double weight) {
-        py::array acc = checked<float>(acc_obj, "acc", /*writable=*/true);
+        py::array acc = checked<float>(acc_obj, "acc", Access::write);
         const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
         const EdenCodes c = eden_codes(p_obj, s_obj, n, eden_bits(bits), block);
         expect_length(acc, c.m, "acc", padded_size_text(n, block));
@@ -571,25 +591,36 @@ void register_eden(py::module_& m) {
       "eden_dequantize, outliers put in place, irht: float32[n], fused.");
 }
 
-template <typename In, typename Out>
-py::array_t<Out> convert(const py::handle& obj, const char* name, void (*kernel)(const In*, std::size_t, Out*)) {
-  py::array in = checked<In>(obj, name);
+py::array_t<std::uint16_t> narrow(const py::handle& obj, void (*kernel)(const float*, std::size_t, std::uint16_t*)) {
+  py::array in = checked<float>(obj, "x");
   const std::size_t n = len(in);
-  py::array_t<Out> out(static_cast<py::ssize_t>(n));
-  Out* o = out.mutable_data();
+  py::array_t<std::uint16_t> out(static_cast<py::ssize_t>(n));
+  std::uint16_t* o = out.mutable_data();
   py::gil_scoped_release release;  // raw buffers only
-  kernel(cptr<In>(in), n, o);
+  kernel(cptr<float>(in), n, o);
+  return out;
+}
+
+// h is usually a view of a payload section at an odd offset: the kernels read
+// it at any address, so it is passed as it is, without a copy.
+py::array_t<float> widen(const py::handle& obj, void (*kernel)(const void*, std::size_t, float*)) {
+  py::array in = checked<std::uint16_t>(obj, "h", Access::read_any_address);
+  const std::size_t n = len(in);
+  py::array_t<float> out(static_cast<py::ssize_t>(n));
+  float* o = out.mutable_data();
+  py::gil_scoped_release release;  // raw buffers only
+  kernel(in.data(), n, o);
   return out;
 }
 
 void register_convert(py::module_& m) {
-  m.def("to_half", [](const py::handle& x) { return convert<float, std::uint16_t>(x, "x", fedpress::float_to_half); },
+  m.def("to_half", [](const py::handle& x) { return narrow(x, fedpress::float_to_half); },
         "x"_a, "float32 -> float16 bit patterns (uint16), round to nearest even, saturating at 65504.");
-  m.def("from_half", [](const py::handle& h) { return convert<std::uint16_t, float>(h, "h", fedpress::half_to_float); },
+  m.def("from_half", [](const py::handle& h) { return widen(h, fedpress::half_to_float); },
         "h"_a, "float16 bit patterns (uint16) -> float32.");
-  m.def("to_bfloat16", [](const py::handle& x) { return convert<float, std::uint16_t>(x, "x", fedpress::float_to_bfloat16); },
+  m.def("to_bfloat16", [](const py::handle& x) { return narrow(x, fedpress::float_to_bfloat16); },
         "x"_a, "float32 -> bfloat16 bit patterns (uint16), round to nearest even, saturating.");
-  m.def("from_bfloat16", [](const py::handle& h) { return convert<std::uint16_t, float>(h, "h", fedpress::bfloat16_to_float); },
+  m.def("from_bfloat16", [](const py::handle& h) { return widen(h, fedpress::bfloat16_to_float); },
         "h"_a, "bfloat16 bit patterns (uint16) -> float32.");
 }
 

@@ -61,3 +61,16 @@ def test_wrong_dtype_is_a_type_error() -> None:
         _core.to_half(np.zeros(3, np.float64))
     with pytest.raises(TypeError, match="uint16"):
         _core.from_half(np.zeros(3, np.int16))
+
+
+@pytest.mark.parametrize("n", [1, 7, 1001, 200_003])
+def test_from_half_and_bfloat16_read_a_section_at_an_odd_offset(n: int) -> None:
+    # Payload sections sit at any offset: the kernels must read 16-bit patterns at odd
+    # addresses (the sanitizer build, scripts/sanitize, catches a typed load there).
+    h = np.random.default_rng(n).integers(0, 65536, n).astype(np.uint16)
+    odd = np.frombuffer(b"\0" + h.tobytes(), dtype=np.uint16, offset=1)
+    assert not odd.flags.aligned
+    from_half = _core.from_half(odd).view(np.uint32)
+    from_bf16 = _core.from_bfloat16(odd).view(np.uint32)
+    np.testing.assert_array_equal(from_half, _core.from_half(h).view(np.uint32))
+    np.testing.assert_array_equal(from_bf16, h.astype(np.uint32) << 16)

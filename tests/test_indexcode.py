@@ -165,7 +165,7 @@ def test_round_trip_clustered(seed: int) -> None:
 
 
 def test_round_trip_input_types() -> None:
-    import torch
+    torch = pytest.importorskip("torch")  # an optional extra, as in test_eden_kernels
 
     idx = random_indices(10_000, 300, 1)
     ref = ops.encode_indices(idx, 10_000)
