@@ -9,13 +9,16 @@ once, instead of once per client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Optional
 
 import numpy as np
 
 from . import ops
 from .payload import (DEFAULT_LIMITS, KIND_DENSE, KIND_RAW, DecodeError, EdenSection, Limits, _output_dtype,
-                      eden_unrotate, parse, raw_array, sparse_parts, table_difference, table_entries)
+                      eden_unrotate, out_of_memory_as_decode_error, parse, raw_array, sparse_parts,
+                      table_difference, table_entries)
 
 __all__ = ["Aggregator"]
 
@@ -23,10 +26,11 @@ __all__ = ["Aggregator"]
 class Aggregator:
     """Weighted mean of many payloads: ``agg.add(payload, weight)``, then ``agg.result()``.
 
-    Each payload is validated in full before the sums change, so a malformed one
-    (or one whose tensor table disagrees with the first) raises DecodeError and
-    leaves the aggregate as it was. Sparse sections are scattered straight into
-    the float32 (or float64, ``dtype=np.float64``) sums.
+    Each payload is validated in full, and everything it needs allocated, before
+    the sums change, so a malformed one (or one whose tensor table disagrees with
+    the first, or whose output this process cannot allocate) raises DecodeError
+    and leaves the aggregate as it was. Sparse sections are scattered straight
+    into the float32 (or float64, ``dtype=np.float64``) sums.
 
     ``table`` (as for :func:`fedpress.table_digest`: the model, or a list of (name,
     dtype name, shape)) is the model every payload must be made for, and lets the
@@ -53,36 +57,44 @@ class Aggregator:
         w = float(weight)
         if not np.isfinite(w) or w < 0:
             raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
-        parsed = parse(payload, self.limits, self._table if self._table is not None else self._model)
-        table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
-        if self._table is not None and table != self._table:
-            raise DecodeError(table_difference(self._table, table, "the first payload"))
-        # Decode everything first: nothing is added unless the whole payload is valid.
-        parts = []
-        for rec in parsed.tensors:
-            if rec.kind == KIND_RAW:
-                parts.append((rec, None, raw_array(rec).reshape(-1).astype(np.float64)))
-            elif self._sums_rotated(rec):
-                parts.append((rec, None, rec.eden))
-            else:
-                idx, values = sparse_parts(rec, parsed.seed)
-                parts.append((rec, idx, values))
-        if self._table is None:
-            self._table = table
-            self._sums = {rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
-                          for rec in parsed.tensors}
-        for rec, idx, values in parts:
-            acc = self._sums[rec.name]
-            if isinstance(values, EdenSection):
-                self._add_rotated(rec.name, values, w)
-            elif idx is None:
-                acc += values.astype(acc.dtype, copy=False) * acc.dtype.type(w)
-            elif acc.dtype == np.float32:
-                ops.scatter_add(acc, idx, values, w)
-            else:
-                np.add.at(acc, idx.astype(np.intp), values.astype(np.float64) * w)
+        with out_of_memory_as_decode_error():
+            # The payload must match the table this aggregator sums (parse checks it).
+            parsed = parse(payload, self.limits, self._table if self._table is not None else self._model)
+            # Everything that allocates comes first: a payload that fails, malformed or beyond
+            # this process's memory, leaves the aggregate as it was.
+            sums = self._sums
+            if self._table is None:
+                sums = {rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                        for rec in parsed.tensors}
+            new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
+            steps = [self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated) for rec in parsed.tensors]
+            table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
+            self._rotated.update(new_rotated)
+            for step in steps:  # in place, allocating nothing sized by the payload
+                step()
+        self._table, self._sums = table, sums
         self.count += 1
         self.total_weight += w
+
+    def _prepare(self, rec: Any, seed: int, weight: float, acc: np.ndarray,
+                 new_rotated: dict[str, tuple[int, int, int, np.ndarray]]) -> Callable[[], None]:
+        """Decodes one tensor; returns the step that adds it, times ``weight``, to ``acc``
+        (or to its rotated-domain sum, a new one going into ``new_rotated``)."""
+        if rec.kind == KIND_RAW:
+            idx, values = None, raw_array(rec).reshape(-1)
+        elif self._sums_rotated(rec):
+            sec = rec.eden
+            if rec.name not in self._rotated:
+                new_rotated[rec.name] = (sec.rotation_seed, sec.block, sec.n, np.zeros(sec.n, np.float32))
+            sec.outlier_correction()  # made now, used by the step
+            return partial(self._add_rotated, rec.name, sec, weight)
+        else:
+            idx, values = sparse_parts(rec, seed)
+        if idx is None:
+            return partial(np.add, acc, values.astype(acc.dtype, copy=False) * acc.dtype.type(weight), out=acc)
+        if acc.dtype == np.float32:
+            return partial(ops.scatter_add, acc, idx, values, weight)
+        return partial(np.add.at, acc, idx.astype(np.intp), values.astype(np.float64) * weight)
 
     def _sums_rotated(self, rec: Any) -> bool:
         """Whether a tensor joins the rotated-domain sum: a dense shared-mode eden section
@@ -96,11 +108,8 @@ class Aggregator:
         return current is None or current[:3] == (sec.rotation_seed, sec.block, sec.n)
 
     def _add_rotated(self, name: str, sec: EdenSection, weight: float) -> None:
-        current = self._rotated.get(name)
-        if current is None:
-            current = (sec.rotation_seed, sec.block, sec.n, np.zeros(sec.n, np.float32))
-            self._rotated[name] = current
-        sec.accumulate(current[3], weight)
+        """Adds a section to its tensor's rotated-domain sum, in place."""
+        sec.accumulate(self._rotated[name][3], weight)
 
     def _unrotated(self, name: str, *, consume: bool = False) -> Optional[np.ndarray]:
         """The rotated-domain sum of a tensor brought back: one inverse transform, in place
@@ -143,12 +152,17 @@ class Aggregator:
 
         With ``copy=False`` the running sums are divided in place and handed
         over, so no second model-sized buffer is allocated; the aggregator is
-        then empty again (``count`` 0), ready for the next round.
+        then empty again (``count`` 0), ready for the next round. An output this
+        process cannot allocate raises DecodeError, as :meth:`add` does.
         """
         if self._table is None:
             raise ValueError("no payload was added")
         if self.total_weight <= 0:
             raise ValueError("the total weight is zero")
+        with out_of_memory_as_decode_error():
+            return self._result(copy)
+
+    def _result(self, copy: bool) -> dict[str, np.ndarray]:
         out = {}
         for name, dtype, shape in self._table:
             acc = self._sums[name]
@@ -168,7 +182,15 @@ class Aggregator:
             else:
                 mean = acc / self.total_weight
                 target = np.dtype(dtype)
-                out[name] = (np.rint(mean) if target.kind in "iu" else mean > 0.5).astype(target).reshape(shape)
+                if target.kind in "iu":
+                    # The mean of integers lies within the type's range, but float64 rounds its ends
+                    # outward (2**63 - 1 becomes 2**63): clamp to the largest representable value inside.
+                    info = np.iinfo(target)
+                    high = np.nextafter(np.float64(info.max), -np.inf) if info.max > 2**53 else info.max
+                    rounded = np.clip(np.rint(mean), info.min, high)
+                    out[name] = rounded.astype(target).reshape(shape)
+                else:
+                    out[name] = (mean > 0.5).astype(target).reshape(shape)
         if not copy:
             self.reset()
         return out

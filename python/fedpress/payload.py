@@ -25,7 +25,8 @@ import hashlib
 import operator
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -94,6 +95,19 @@ class DecodeError(ValueError):
     """A payload is malformed, truncated, corrupted or beyond the configured limits."""
 
 
+@contextmanager
+def out_of_memory_as_decode_error() -> Iterator[None]:
+    """Reports a MemoryError inside the block as a DecodeError: a payload within the
+    limits can still decode to more than this process can allocate, and a receiver
+    handles one exception for every payload it cannot take (decode, inspect and
+    Aggregator.add run under it)."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise DecodeError(f"the payload's output could not be allocated ({exc or 'out of memory'}); "
+                          "smaller Limits refuse such payloads before allocating") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """Caps a decoder enforces before allocating (python-zstandard's max_output_size idea)."""
@@ -104,10 +118,21 @@ class Limits:
     max_total_elements: int = 1 << 33      # over the whole payload
     max_decoded_bytes: int = 1 << 34       # dense output, all tensors
     max_body_bytes: int = 1 << 33          # the body after zstd
+    # Dense output bytes per payload byte, for a table the payload declares itself (a
+    # table the receiver passes bounds the output instead), never less than
+    # EXPANSION_FLOOR: without it a 46-byte payload declares 16 GiB. The codecs' worst
+    # is randk:0.0001 with 1-bit values (sign, eden1), 1/8 byte per kept value standing
+    # for 10^4 elements: 317,000x for float32 and 635,000x for float64 tensors as they
+    # grow (measured, table="digest": 293,000x for a 256 MiB float32 tensor, 543,000x for
+    # a 256 MiB float64 one). topk:0.0001 with 1-bit values needs 20,000x (float32) and
+    # 40,000x (float64), dense codecs 64x. 2^20 leaves 1.65x room over the float64
+    # worst. Beyond it: randk far below 0.0001, and constant (all-zero) tensors under
+    # zstd, which stores 128 KiB of zeros in 4 bytes; those need table= or a raised limit.
+    max_expansion: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in ("max_tensors", "max_dims", "max_elements", "max_total_elements",
-                     "max_decoded_bytes", "max_body_bytes"):
+                     "max_decoded_bytes", "max_body_bytes", "max_expansion"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"Limits.{name} must be a non-negative integer, got {value!r}")
@@ -118,6 +143,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Every payload may declare this much output whatever Limits.max_expansion says, so
+# a caller that tightens it still reads the tiny payloads of small models.
+EXPANSION_FLOOR = 1 << 20
 
 
 def stage_seed(payload_seed: int, ordinal: int, purpose: int) -> int:
@@ -214,8 +242,14 @@ def table_difference(expected: list, got: list, against: str) -> str:
         return f"tensor table differs from {against}: {len(got)} tensors, expected {len(expected)}"
     for (n1, d1, s1), (n2, d2, s2) in zip(expected, got):
         if (n1, d1, tuple(s1)) != (n2, d2, tuple(s2)):
-            return f"tensor table differs from {against}: {n2!r} {d2} {tuple(s2)}, expected {n1!r} {d1} {tuple(s1)}"
+            return entry_difference((n1, d1, s1), (n2, d2, s2), against)
     return f"tensor table differs from {against}"
+
+
+def entry_difference(expected: TableEntry, got: TableEntry, against: str) -> str:
+    """A DecodeError message naming a table entry that differs from the expected one."""
+    (n1, d1, s1), (n2, d2, s2) = expected, got
+    return f"tensor table differs from {against}: {n2!r} {d2} {tuple(s2)}, expected {n1!r} {d1} {tuple(s1)}"
 
 
 # ------------------------------------------------------------- value coding --
@@ -361,6 +395,7 @@ class EdenSection:
     packed: np.ndarray
     outlier_idx: np.ndarray
     outlier_val: np.ndarray
+    _correction: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def _parts(self):
         """(offset, length, scales, packed codes) of each segment."""
@@ -400,16 +435,28 @@ class EdenSection:
             largest = max(largest, float(np.abs(self.outlier_val).max()))
         return largest * float(min(self.block, self.n)) ** 1.5
 
+    def outlier_correction(self) -> np.ndarray:
+        """What each outlier adds to the value its code stands for (outliers replace their
+        codes' values): float32, one per outlier. Computed once, so an aggregator can have it
+        made before its sums change, and :meth:`accumulate` then allocates nothing."""
+        if self._correction is None:
+            if self.outlier_idx.size:
+                codes, scales = self._outlier_codes()
+                correction = self.outlier_val - scales * ops.eden_levels(self.bits)[codes]
+                self._correction = correction.astype(np.float32)
+            else:
+                self._correction = np.zeros(0, np.float32)
+        return self._correction
+
     def accumulate(self, acc: np.ndarray, weight: float) -> None:
-        """``acc += weight * rotated()`` without building the rotated vector."""
+        """``acc += weight * rotated()`` in place, without building the rotated vector; after
+        :meth:`outlier_correction`, nothing sized by the section is allocated."""
+        correction = self.outlier_correction()
         for off, length, scales, packed in self._parts():
             ops.eden_accumulate(acc[off:off + length], packed, scales, length, self.bits, block=self.block,
                                 stochastic=self.shared, weight=weight)
-        if self.outlier_idx.size:
-            # Outliers replace their codes' values: add the difference.
-            codes, scales = self._outlier_codes()
-            correction = self.outlier_val - scales * ops.eden_levels(self.bits)[codes]
-            ops.scatter_add(acc, self.outlier_idx, correction.astype(np.float32), weight)
+        if correction.size:
+            ops.scatter_add(acc, self.outlier_idx, correction, weight)
 
     def _outlier_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """The code and the scale stored at each outlier position."""
@@ -697,7 +744,8 @@ def payload_table_digest(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> Op
     """The table digest a payload carries instead of its tensor table, or None when it
     carries its table. Checks the header, checksum and body framing only: for telling
     which model a payload was made for before decoding it with that model's table."""
-    parsed, body = _open(payload, limits)
+    with out_of_memory_as_decode_error():  # the body may be zstd-compressed
+        parsed, body = _open(payload, limits)
     if not parsed.flags & FLAG_TABLE_DIGEST:
         return None
     r = _Reader(body, "payload body")
@@ -779,8 +827,11 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     n_tensors = r.varint("tensor count")
     if n_tensors > limits.max_tensors:
         raise DecodeError(f"tensor count {n_tensors} exceeds the limit of {limits.max_tensors}")
-    if compact and known is not None and n_tensors != len(known):
-        raise DecodeError(f"tensor count {n_tensors} differs from the receiver's model's {len(known)} tensors")
+    if known is not None and n_tensors != len(known):
+        if compact:
+            raise DecodeError(f"tensor count {n_tensors} differs from the receiver's model's {len(known)} tensors")
+        raise DecodeError(f"tensor table differs from the receiver's model: {n_tensors} tensors, "
+                          f"expected {len(known)}")
     # Each table entry takes at least ENTRY_MIN_BYTES (a compact one COMPACT_ENTRY_MIN_BYTES):
     # refuse counts the body cannot hold.
     min_bytes = COMPACT_ENTRY_MIN_BYTES if compact else ENTRY_MIN_BYTES
@@ -797,6 +848,9 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
                 raise DecodeError(f"tensor {name!r}: {len(shape)} dimensions exceed the limit of {limits.max_dims}")
         else:
             name, dtype, shape = _read_entry_head(r, ordinal, names, limits)
+            # Checked as each entry is read, so the receiver's model, not the payload, sets the sizes.
+            if known is not None and (name, dtype, shape) != known[ordinal]:
+                raise DecodeError(entry_difference(known[ordinal], (name, dtype, shape), "the receiver's model"))
         size = 1
         for d in shape:
             # Each dimension on its own too: a zero elsewhere must not hide a huge one.
@@ -813,16 +867,23 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
         rec = _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, block,
                            index_len, value_len, ordinal)
         total_elements += size
-        total_bytes += size * (4 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
+        total_bytes += _output_bytes(rec)
         if total_elements > limits.max_total_elements:
             raise DecodeError(f"payload holds more than {limits.max_total_elements} elements")
         if total_bytes > limits.max_decoded_bytes:
             raise DecodeError(f"payload decodes to more than {limits.max_decoded_bytes} bytes")
         records.append(rec)
-    if not compact and known is not None:
-        got = [(rec.name, rec.dtype, rec.shape) for rec in records]
-        if got != known:
-            raise DecodeError(table_difference(known, got, "the receiver's model"))
+    if known is None:
+        # A table nobody vouched for: its output is bounded by the payload's size, checked
+        # on the whole table, so a structural defect in a later entry is named first.
+        bound = max(EXPANSION_FLOOR, limits.max_expansion * parsed.payload_size)
+        if total_bytes > bound:
+            big = max(records, key=_output_bytes)
+            raise DecodeError(
+                f"payload of {parsed.payload_size} bytes declares {total_bytes} bytes of output (tensor "
+                f"{big.name!r}, {big.dtype} {big.shape}: {_output_bytes(big)} bytes), beyond its bound of {bound} "
+                f"bytes (Limits.max_expansion = {limits.max_expansion} per payload byte, at least "
+                f"{EXPANSION_FLOOR}); pass table= (the model it was made for) or raise Limits.max_expansion")
     for rec in records:
         rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
         rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
@@ -958,6 +1019,11 @@ def _output_dtype(dtype: str) -> np.dtype:
     return np.dtype(np.float32) if dtype == "bfloat16" else np.dtype(dtype)
 
 
+def _output_bytes(rec: TensorRecord) -> int:
+    """Bytes of a tensor's dense output, what Limits.max_decoded_bytes and max_expansion count."""
+    return rec.size * _output_dtype(rec.dtype).itemsize
+
+
 def _to_output(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values in the tensor's own dtype; float16 saturates instead of overflowing."""
     if dtype == "float16":
@@ -971,21 +1037,24 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
 
     ``table``: the model the payload was made for, as for :func:`table_digest` (a
     mapping of names to arrays, or a list of (name, dtype name, shape)). A payload
-    encoded with ``table="digest"`` needs it; any other payload must then match it."""
-    parsed = parse(payload, limits, table)
-    out: dict[str, np.ndarray] = {}
-    for rec in parsed.tensors:
-        if rec.kind == KIND_RAW:
-            out[rec.name] = raw_array(rec)
-            continue
-        idx, values = sparse_parts(rec, parsed.seed)
-        if idx is None:
-            dense = values
-        else:
-            dense = np.zeros(rec.size, np.float32)
-            dense[idx.astype(np.intp)] = values
-        out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
-    return out
+    encoded with ``table="digest"`` needs it; any other payload must then match it.
+    Without it, the output may be at most ``limits.max_expansion`` bytes per payload
+    byte (docs/format.md, "Expansion bound"); with it, the model bounds the output."""
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits, table)
+        out: dict[str, np.ndarray] = {}
+        for rec in parsed.tensors:
+            if rec.kind == KIND_RAW:
+                out[rec.name] = raw_array(rec)
+                continue
+            idx, values = sparse_parts(rec, parsed.seed)
+            if idx is None:
+                dense = values
+            else:
+                dense = np.zeros(rec.size, np.float32)
+                dense[idx.astype(np.intp)] = values
+            out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
+        return out
 
 
 def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> dict[str, Any]:
@@ -993,7 +1062,8 @@ def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None)
     and bytes, the raw (float32/original) size, the payload size and the ratio,
     whether the table travels inline or as a digest, and the table's digest.
     ``table`` as for :func:`decode`."""
-    parsed = parse(payload, limits, table)
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits, table)
     tensors = []
     raw = 0
     for rec in parsed.tensors:
