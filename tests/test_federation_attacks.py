@@ -15,9 +15,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import pytest
-from fedpress.federation import AuthenticationError, Server
+from fedpress.federation import AuthenticationError, Client, Server
 from fedpress.federation import protocol as P
-from test_federation import (CountingProxy, Harness, RawSession, client_for, close_writer, initial_params,
+from test_federation import (TOKEN, CountingProxy, Harness, RawSession, client_for, close_writer, initial_params,
                              make_train_fn, raw_frame, raw_handshake, run_async, server_for, wait_until)
 
 UPDATE_HEAD = struct.Struct("<IBQI")  # round, status, num_examples, metrics length
@@ -499,3 +499,83 @@ def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
                   "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"), "--insecure",
                   flag, value])
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------ a hostile server --
+def test_a_model_bomb_in_a_task_costs_the_client_one_round(wire):
+    """A server (it knows the token: compromised, or the proxy of one) sends a
+    TASK whose 47-byte model payload declares a 16 GiB float32 tensor: the client
+    reports a failed round, asks for the full model again, and carries on to BYE
+    (it used to exit with numpy's MemoryError)."""
+    from test_payload_bounds import sparse_bomb
+
+    bomb = sparse_bomb(wire)
+    assert len(bomb) < 64
+    seen: dict[str, object] = {}
+
+    async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            ftype, hello = await raw_frame(reader)
+            assert ftype == P.FrameType.HELLO
+            cid = P.Hello.unpack(hello).client_id
+            nonce = P.new_nonce()
+            writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.CHALLENGE, nonce)))
+            _, auth_body = await raw_frame(reader)
+            auth = P.Auth.unpack(auth_body)
+            welcome = P.Welcome(P.server_mac(TOKEN, auth.client_nonce, nonce, cid), {"codec": "fp32"}).pack()
+            writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.WELCOME, welcome)))
+            c2s, s2c = P.session_keys(TOKEN, nonce, auth.client_nonce, cid, hello, welcome)
+            sealer, opener = P.FrameSealer(s2c), P.FrameOpener(c2s)
+            for r in (1, 2):
+                task = P.Task(r, P.TASK_FULL, bytes(16), bytes(16), {}, [bomb])
+                writer.write(b"".join(bytes(p) for p in sealer.seal(P.FrameType.TASK, *task.parts())))
+                ftype, body = await raw_frame(reader)
+                update = P.Update.unpack(opener.open(P.Frame(P.FrameType(ftype), body)).body)
+                seen[f"round{r}"] = (update.status, update.metrics.get("error", ""))
+            writer.write(b"".join(bytes(p) for p in sealer.seal(P.FrameType.BYE, b"done")))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 5)
+        finally:
+            await close_writer(writer)
+
+    async def body(h: Harness) -> Client:
+        fake = await asyncio.start_server(fake_server, "127.0.0.1", 0)
+
+        async def stop() -> None:
+            fake.close()
+            await fake.wait_closed()
+        h.closers.append(stop)
+        client = client_for(fake.sockets[0].getsockname()[1], 0, reconnect=False)
+        await client.run()
+        return client
+
+    client = run_async(body)
+    assert client.stats["failed_rounds"] == 2 and client.stats["bye"] == "done" and client.model is None
+    for r in ("round1", "round2"):
+        status, error = seen[r]
+        assert status == P.UPDATE_FAILED and "cannot apply the model" in str(error), seen
+
+
+def test_a_deeply_nested_hello_is_one_protocol_error(caplog):
+    """A HELLO whose JSON nests 5,000 levels: ERROR PROTOCOL and one log line, no
+    traceback (it used to escape the parser as RecursionError)."""
+    from test_federation import header, raw_exchange
+
+    meta = b'{"features":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    hello = struct.pack("<HH", P.PROTOCOL_VERSION, 2) + b"c0" + meta
+
+    async def body(h: Harness) -> tuple[Server, Optional[tuple[int, str]]]:
+        server = server_for(rounds=1, clients_per_round=1, min_clients=1)
+        await server.start()
+        run = h.spawn(server.run())
+        answer = await raw_exchange(server.port, header(P.FrameType.HELLO, len(hello)) + hello)
+        await client_for(server.port, 0).run()
+        await run
+        return server, answer
+
+    with caplog.at_level(logging.INFO, logger="fedpress.federation.server"):
+        server, answer = run_async(body)
+    assert answer is not None and answer[0] == P.ErrorCode.PROTOCOL and "nested too deeply" in answer[1]
+    assert server.history[1]["status"] == "ok"
+    assert not any(r.exc_info for r in caplog.records)
+    assert sum("nested too deeply" in r.getMessage() for r in caplog.records) == 1

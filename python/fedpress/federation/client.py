@@ -39,7 +39,7 @@ import numpy as np
 
 from ..codec import parse_spec
 from ..encoder import Encoder
-from ..payload import DecodeError, decode
+from ..payload import decode
 from . import protocol as P
 from .._seeds import derive_seed
 from .model import align_update, apply_delta, as_params, canonical, model_tag
@@ -305,13 +305,17 @@ class Client:
         return result
 
     def _apply_model(self, task: P.Task) -> dict[str, np.ndarray]:
+        """The model a TASK carries, decoded against the model this client holds
+        (its tensors, dtypes and shapes bound what a payload may declare)."""
         if task.kind == P.TASK_FULL:
-            return decode(task.payloads[0])
+            if len(task.payloads) != 1:
+                raise ValueError(f"a full-model TASK carries one payload, this one {len(task.payloads)}")
+            return decode(task.payloads[0], table=self.model)
         if self.model is None or task.base_tag != self.model_tag:
             raise ValueError("out of sync: the delta applies to a model this client does not hold")
         params = self.model
         for payload in task.payloads:
-            params = apply_delta(params, decode(payload))
+            params = apply_delta(params, decode(payload, table=params))
         return params
 
     async def _on_task(self, conn: Connection, task: P.Task) -> None:
@@ -321,7 +325,7 @@ class Client:
         started = time.monotonic()
         try:
             model = await asyncio.to_thread(self._apply_model, task)
-        except (DecodeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad TASK costs this round, never the client
             self.model = self.model_tag = None  # ask for a full model next time
             log.warning("client %s: cannot use the model of round %d: %s", self.client_id, r, exc)
             await self._send_failure(conn, r, f"cannot apply the model: {exc}")
