@@ -23,6 +23,7 @@ import sys
 import _harness
 import atheris
 import zstandard
+from fedpress.payload import _varint as varint  # the format's LEB128, as the decoder reads it
 
 HEADER = struct.Struct("<4sBBQ")
 MAGIC = b"FPRS"
@@ -31,15 +32,6 @@ FLAG_DIGEST = 0x02
 MAX_PLAIN = 1 << 16
 HOSTILE = sorted({0, 1, 2, 3, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512, 4095, 4096, 65535, 65536}
                  | {(1 << k) + d for k in range(8, 65) for d in (-1, 0, 1) if (1 << k) + d < 1 << 64})
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def read_varint(buf: bytes, pos: int) -> tuple:

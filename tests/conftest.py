@@ -238,13 +238,7 @@ import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 
-def leb128(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+from fedpress.payload import _varint as leb128  # noqa: E402  (the format's varints)
 
 
 class Wire:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import resource
 import sys
 import traceback
 import warnings
@@ -49,6 +48,8 @@ import fedpress as fp
 import numpy as np
 from fedpress.federation import protocol as P
 from fedpress.payload import payload_table_digest
+
+from conftest import capped_memory as _conftest_capped_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus"
@@ -99,14 +100,6 @@ def _attempt(what: str, allowed: tuple, fn: Callable[..., Any], *args: Any, **kw
 
 
 # ------------------------------------------------------------- memory cap --
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmSize in /proc/self/status")
-
-
 _warmed = False
 
 
@@ -127,20 +120,12 @@ def warm_up() -> None:
 
 @contextlib.contextmanager
 def capped_memory(extra: int = MEMORY_CAP_EXTRA) -> Iterator[None]:
-    """Runs a block with the address space capped at its current size + ``extra``."""
-    if not sys.platform.startswith("linux"):
+    """conftest's address-space cap, after the lazy allocations are warmed up
+    (so the cap does not fail them)."""
+    if sys.platform.startswith("linux"):
+        warm_up()
+    with _conftest_capped_memory(extra):
         yield
-        return
-    warm_up()
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = _vm_size() + extra
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ---------------------------------------------------------------- payloads --

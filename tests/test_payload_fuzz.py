@@ -33,6 +33,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fedpress as fp
+from fuzz_checks import small_update  # the update the fuzz corpus seeds encode
 
 SPECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk:0.01", "topk:0.01+q4", "topk:0.001+q4+zstd",
          "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd", "thresh:0.2", "topk:0.2+q8+zstd:1", "randk:0.3+q2",
@@ -49,17 +50,6 @@ FUZZ_LIMITS = fp.Limits(max_tensors=64, max_dims=8, max_elements=1 << 20, max_to
 SLOW = 2.0  # seconds: "promptly"
 
 
-def small_update() -> dict:
-    rng = np.random.default_rng(2024)
-    return {
-        "w": rng.standard_normal((6, 7)).astype(np.float32),
-        "v": rng.standard_normal(20) * 3,                    # float64
-        "h": rng.standard_normal(3).astype(np.float16),
-        "s": np.array(0.5, np.float32),                      # 0-d
-        "e": np.zeros((0, 2), np.float32),                   # empty
-        "i": np.array([-3, 0, 7, 1 << 40], np.int64),
-        "m": np.array([True, False, True]),
-    }
 
 
 _PAYLOADS: dict = {}
