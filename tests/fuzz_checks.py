@@ -263,18 +263,30 @@ def _update(body: bytes) -> None:
 
 def _error(body: bytes) -> None:
     _, (code, message) = _attempt("unpack_error", (), P.unpack_error, body)
-    _attempt("pack_error", (), P.pack_error, code, message)
+    _, packed = _attempt("pack_error", (), P.pack_error, code, message)
+    _valid_utf8("pack_error", packed[2:])
 
 
 def _text(body: bytes) -> None:
     _, text = _attempt("unpack_text", (), P.unpack_text, body)
-    _attempt("pack_text", (), P.pack_text, text)
+    _, packed = _attempt("pack_text", (), P.pack_text, text)
+    _valid_utf8("pack_text", packed)
+
+
+def _valid_utf8(name: str, raw: bytes) -> None:
+    """What a frame carries as text is whole UTF-8 (a long message is cut between characters)."""
+    try:
+        bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _broken(name, f"writes invalid UTF-8 ({exc})") from None
 
 
 def _json(body: bytes) -> None:
     ok, value = _attempt("loads_json", _PROTOCOL_ERRORS, P.loads_json, body, "fuzz")
     if ok:
-        _attempt("dumps_json", (), P.dumps_json, value)
+        _, text = _attempt("dumps_json", (), P.dumps_json, value)
+        if _repack("loads_json", lambda b: P.loads_json(b, "fuzz"), text) != value:
+            raise _broken("loads_json", f"dumps_json does not give back what was read: {value!r}"[:300])
 
 
 def _repack(name: str, unpack: Callable[[bytes], Any], packed: bytes) -> Any:

@@ -502,6 +502,33 @@ def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
 
 
 # ------------------------------------------------------------ a hostile server --
+async def fake_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple:
+    """The server's side of the handshake (it knows the token: compromised, or the
+    proxy of one): (sealer, opener) of the session."""
+    ftype, hello = await raw_frame(reader)
+    assert ftype == P.FrameType.HELLO
+    cid = P.Hello.unpack(hello).client_id
+    nonce = P.new_nonce()
+    writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.CHALLENGE, nonce)))
+    _, auth_body = await raw_frame(reader)
+    auth = P.Auth.unpack(auth_body)
+    welcome = P.Welcome(P.server_mac(TOKEN, auth.client_nonce, nonce, cid), {"codec": "fp32"}).pack()
+    writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.WELCOME, welcome)))
+    c2s, s2c = P.session_keys(TOKEN, nonce, auth.client_nonce, cid, hello, welcome)
+    return P.FrameSealer(s2c), P.FrameOpener(c2s)
+
+
+async def serve_fake(h: Harness, handler: Callable) -> int:
+    """Starts ``handler`` as a server on 127.0.0.1 (closed with the harness): its port."""
+    fake = await asyncio.start_server(handler, "127.0.0.1", 0)
+
+    async def stop() -> None:
+        fake.close()
+        await fake.wait_closed()
+    h.closers.append(stop)
+    return fake.sockets[0].getsockname()[1]
+
+
 def test_a_model_bomb_in_a_task_costs_the_client_one_round(wire):
     """A server (it knows the token: compromised, or the proxy of one) sends a
     TASK whose 47-byte model payload declares a 16 GiB float32 tensor: the client
@@ -515,17 +542,7 @@ def test_a_model_bomb_in_a_task_costs_the_client_one_round(wire):
 
     async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            ftype, hello = await raw_frame(reader)
-            assert ftype == P.FrameType.HELLO
-            cid = P.Hello.unpack(hello).client_id
-            nonce = P.new_nonce()
-            writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.CHALLENGE, nonce)))
-            _, auth_body = await raw_frame(reader)
-            auth = P.Auth.unpack(auth_body)
-            welcome = P.Welcome(P.server_mac(TOKEN, auth.client_nonce, nonce, cid), {"codec": "fp32"}).pack()
-            writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.WELCOME, welcome)))
-            c2s, s2c = P.session_keys(TOKEN, nonce, auth.client_nonce, cid, hello, welcome)
-            sealer, opener = P.FrameSealer(s2c), P.FrameOpener(c2s)
+            sealer, opener = await fake_handshake(reader, writer)
             for r in (1, 2):
                 task = P.Task(r, P.TASK_FULL, bytes(16), bytes(16), {}, [bomb])
                 writer.write(b"".join(bytes(p) for p in sealer.seal(P.FrameType.TASK, *task.parts())))
@@ -539,13 +556,7 @@ def test_a_model_bomb_in_a_task_costs_the_client_one_round(wire):
             await close_writer(writer)
 
     async def body(h: Harness) -> Client:
-        fake = await asyncio.start_server(fake_server, "127.0.0.1", 0)
-
-        async def stop() -> None:
-            fake.close()
-            await fake.wait_closed()
-        h.closers.append(stop)
-        client = client_for(fake.sockets[0].getsockname()[1], 0, reconnect=False)
+        client = client_for(await serve_fake(h, fake_server), 0, reconnect=False)
         await client.run()
         return client
 
@@ -554,6 +565,54 @@ def test_a_model_bomb_in_a_task_costs_the_client_one_round(wire):
     for r in ("round1", "round2"):
         status, error = seen[r]
         assert status == P.UPDATE_FAILED and "cannot apply the model" in str(error), seen
+
+
+def test_a_server_stalling_mid_task_costs_the_client_a_reconnect():
+    """A server announces a 64 MiB TASK, sends 1 MiB of it and stops: the client
+    gives up on the frame after its body deadline (grace 0.5 s + 64 MiB at 64 MiB/s),
+    tells the server ERROR TIMEOUT, reconnects, and ends at BYE. Without the deadline
+    it would wait for the rest for ever."""
+    sessions: list = []
+
+    async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sealer, opener = await fake_handshake(reader, writer)
+            if sessions:  # the reconnect: a clean end
+                writer.write(b"".join(bytes(p) for p in sealer.seal(P.FrameType.BYE, b"done")))
+                await writer.drain()
+                sessions.append("bye")
+                await asyncio.wait_for(reader.read(), 5)
+                return
+            announced = 64 << 20
+            writer.write(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, int(P.FrameType.TASK), announced))
+            writer.write(bytes(1 << 20))
+            await writer.drain()
+            stalled = time.monotonic()
+            ftype, body = await asyncio.wait_for(raw_frame(reader), 10)
+            code, message = P.unpack_error(opener.open(P.Frame(P.FrameType(ftype), body)).body)
+            sessions.append((time.monotonic() - stalled, code, message))
+            await asyncio.wait_for(reader.read(), 5)
+        finally:
+            await close_writer(writer)
+
+    async def body(h: Harness) -> Client:
+        client = client_for(await serve_fake(h, fake_server), 0, max_retries=1, frame_grace=0.5,
+                            frame_min_rate=64 << 20)
+        await asyncio.wait_for(client.run(), 20)
+        return client
+
+    client = run_async(body)
+    assert client.stats["bye"] == "done" and client.stats["reconnects"] == 1, client.stats
+    waited, code, message = sessions[0]
+    assert code == P.ErrorCode.TIMEOUT and "TASK" in message, message
+    assert 1.0 <= waited < 5.0, waited
+    assert sessions[1] == "bye"
+
+
+def test_client_refuses_bad_frame_deadlines():
+    for kw in ({"frame_grace": 0}, {"frame_min_rate": -1.0}, {"frame_grace": float("inf")}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive number"):
+            client_for(1, 0, **kw)
 
 
 def test_a_deeply_nested_hello_is_one_protocol_error(caplog):

@@ -414,3 +414,28 @@ def test_deeply_nested_json_is_a_protocol_error(depth):
     hello = struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"a" + data[:P.MAX_JSON_BYTES]
     with pytest.raises(P.ProtocolError):
         P.Hello.unpack(hello)
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "[1e999]"])
+def test_json_numbers_beyond_float_range_are_refused(text):
+    # json would read them as inf, which dumps_json cannot write back (strict JSON)
+    with pytest.raises(P.ProtocolError, match="out of the float range"):
+        P.loads_json(('{"x": %s}' % text).encode(), "test")
+    assert P.loads_json(b'{"x": 1.5e300}', "test") == {"x": 1.5e300}
+
+
+@pytest.mark.parametrize("pack", [P.pack_text, lambda t: P.pack_error(1, t)[2:]])
+def test_long_texts_are_cut_between_utf8_characters(pack):
+    for prefix in range(4):  # the cut falls inside a 4-byte character at every offset
+        raw = pack("a" * prefix + "\N{GRINNING FACE}" * 2000)
+        assert 4093 <= len(raw) <= P.MAX_TEXT_BYTES
+        raw.decode("utf-8")  # strict: no half character at the end
+    assert pack("short é") == "short é".encode()
+
+
+def test_a_failed_update_carries_no_payload():
+    good = b"".join(bytes(p) for p in P.Update(3, 0, {"error": "x"}, b"", P.UPDATE_FAILED).parts())
+    assert P.Update.unpack(good).status == P.UPDATE_FAILED
+    bad = b"".join(bytes(p) for p in P.Update(3, 0, {"error": "x"}, b"\x01\x02", P.UPDATE_FAILED).parts())
+    with pytest.raises(P.ProtocolError, match="failed update carries 2 payload bytes"):
+        P.Update.unpack(bad)

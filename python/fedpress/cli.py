@@ -397,6 +397,11 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--max-retries", type=int, default=10, metavar="N",
                         help="consecutive failed connection attempts before giving up (0: no retry)")
+    parser.add_argument("--frame-grace", type=float, default=30.0, metavar="S",
+                        help="a frame from the server must arrive within S seconds plus its size at "
+                             "--frame-min-rate, or the client reconnects")
+    parser.add_argument("--frame-min-rate", type=float, default=64 * 1024, metavar="B",
+                        help="bytes per second a frame from the server must keep up (default 65536)")
     _add_log_level(parser)
 
 
@@ -439,7 +444,8 @@ def _run_client(args: argparse.Namespace) -> int:
                         initial_params=(get_params(make_model(args.task, seed=args.seed))
                                         if args.seeded_model else None),
                         client_id=args.client_id or f"client-{index}", ssl_context=context,
-                        insecure=context is None, max_retries=args.max_retries)
+                        insecure=context is None, max_retries=args.max_retries, frame_grace=args.frame_grace,
+                        frame_min_rate=args.frame_min_rate)
     except ValueError as exc:
         raise SystemExit(f"fedpress client: {exc}") from None
     try:

@@ -43,7 +43,7 @@ from ..payload import decode
 from . import protocol as P
 from .._seeds import derive_seed
 from .model import align_update, apply_delta, as_params, canonical, model_tag
-from .transport import Connection, open_connection
+from .transport import BodyDeadline, Connection, open_connection
 
 __all__ = ["Client", "parse_address"]
 
@@ -89,6 +89,9 @@ class Client:
     momentum: momentum correction in the Encoder (None: off).
     connect_timeout: seconds for TCP connect plus TLS and the handshake.
     max_frame_bytes: the largest TASK accepted.
+    frame_grace, frame_min_rate: once a frame header is in, its body must arrive within
+        ``frame_grace + length / frame_min_rate`` seconds (bytes per second), so that a
+        server stalling in the middle of a TASK costs a reconnect, not a hung client.
     downlink_deltas: ask for compressed downlink deltas (when the server has a downlink codec).
     initial_params: the initial model, when this client builds it itself (the same model
         factory and seed as the server): it announces the model's tag and the server
@@ -108,7 +111,8 @@ class Client:
                  downlink_deltas: bool = True, shutdown_timeout: float = 5.0,
                  initial_params: Optional[Mapping[str, Any]] = None, seed: Optional[int] = None,
                  clip: Optional[float] = None, warmup_rounds: int = 0, warmup_start: float = 0.25,
-                 codec_options: Optional[Mapping[str, Any]] = None, insecure: bool = False) -> None:
+                 codec_options: Optional[Mapping[str, Any]] = None, insecure: bool = False,
+                 frame_grace: float = 30.0, frame_min_rate: float = 64 * 1024) -> None:
         self.host, self.port = parse_address(connect)
         self.token = P.as_token(token)
         if not callable(train_fn):
@@ -136,6 +140,7 @@ class Client:
         self.connect_timeout = float(connect_timeout)
         self.shutdown_timeout = float(shutdown_timeout)
         self.max_frame_bytes = int(max_frame_bytes)
+        self.body_deadline = BodyDeadline(frame_grace, frame_min_rate)
         self.train_in_thread = bool(train_in_thread)
         self.downlink_deltas = bool(downlink_deltas)
         self.seed = None if seed is None else int(seed)
@@ -257,6 +262,7 @@ class Client:
             raise P.AuthenticationError(f"the server at {self.host}:{self.port} does not know the token")
         c2s, s2c = P.session_keys(self.token, server_nonce, client_nonce, self.client_id, hello, frame.body)
         conn.secure(send_key=c2s, recv_key=s2c)
+        conn.body_timeout = self.body_deadline
         self.settings = welcome.settings
         log.info("client %s: connected to %s:%d", self.client_id, self.host, self.port)
 

@@ -297,6 +297,14 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number that overflows a float (1e400) is refused, not read as inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of the float range")
+    return value
+
+
 def _json_default(value: Any) -> Any:
     """numpy / torch scalars and small arrays become plain numbers and lists."""
     if hasattr(value, "tolist"):
@@ -330,7 +338,8 @@ def loads_json(data: Any, what: str, *, limit: int = MAX_JSON_BYTES) -> dict:
     if len(data) > limit:
         raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: {len(data)} bytes of JSON exceed {limit}")
     try:
-        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants)
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants,
+                           parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: invalid JSON ({exc})") from None
     except RecursionError:  # the parser recurses once per level of nesting
@@ -563,11 +572,25 @@ class Update:
         if status not in (UPDATE_OK, UPDATE_FAILED):
             raise ProtocolError(ErrorCode.PROTOCOL, f"UPDATE: unknown status {status}")
         metrics = loads_json(c.take(metrics_len, "metrics"), "UPDATE metrics", limit=64 * 1024)
-        return cls(rnd, n, metrics, c.rest(), status)
+        payload = c.rest()
+        if status == UPDATE_FAILED and len(payload):
+            raise ProtocolError(ErrorCode.PROTOCOL, f"UPDATE: a failed update carries {len(payload)} payload bytes")
+        return cls(rnd, n, metrics, payload, status)
+
+
+MAX_TEXT_BYTES = 4096
+
+
+def _utf8_prefix(text: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """At most ``limit`` bytes of ``text`` in UTF-8, cut between characters."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 def pack_error(code: int, message: str) -> bytes:
-    return _U16.pack(int(code)) + message.encode("utf-8", "replace")[:4096]
+    return _U16.pack(int(code)) + _utf8_prefix(message)
 
 
 def unpack_error(body: bytes) -> tuple[int, str]:
@@ -578,7 +601,7 @@ def unpack_error(body: bytes) -> tuple[int, str]:
 
 
 def pack_text(text: str) -> bytes:
-    return text.encode("utf-8", "replace")[:4096]
+    return _utf8_prefix(text)
 
 
 def unpack_text(body: bytes) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl as _ssl
 import sys
 from typing import Any, Callable, Optional
@@ -276,8 +277,9 @@ class BodyDeadline:
     peer that announces a frame and stops sending is not)."""
 
     def __init__(self, grace: float = 30.0, min_rate: float = 64 * 1024) -> None:
-        if not (grace > 0 and min_rate > 0):
-            raise ValueError(f"grace and min_rate must be positive, got {grace}, {min_rate}")
+        for name, value in (("frame_grace", grace), ("frame_min_rate", min_rate)):
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of {'seconds' if name == 'frame_grace' else 'bytes per second'}, got {value!r}")
         self.grace = float(grace)
         self.min_rate = float(min_rate)
 
