@@ -378,3 +378,32 @@ def test_payloads_from_encoders() -> None:
         for name in ("conv", "fc", "steps"):
             np.testing.assert_allclose(res[name].astype(np.float64), ref[name] if name != "steps"
                                        else np.rint(ref[name]), rtol=1e-5, atol=1e-6 * np.abs(ref[name]).max())
+
+
+def test_add_update_sums_decoded_updates_with_payloads():
+    rng = np.random.default_rng(5)
+    model = {"w": rng.standard_normal((6, 7)).astype(np.float32), "n": np.arange(5, dtype=np.int64)}
+    other = {"w": rng.standard_normal((6, 7)).astype(np.float32), "n": np.arange(5, dtype=np.int64) * 3}
+    mixed, payloads = fp.Aggregator(), fp.Aggregator()
+    mixed.add(fp.Codec("fp32").encode(model), 2.0)
+    mixed.add_update(other, 1.0)
+    payloads.add(fp.Codec("fp32").encode(model), 2.0)
+    payloads.add(fp.Codec("fp32").encode(other), 1.0)
+    a, b = mixed.result(), payloads.result()
+    np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+    np.testing.assert_array_equal(a["n"], b["n"])
+    assert a["n"].dtype == np.int64 and mixed.count == 2 and mixed.total_weight == 3.0
+
+
+def test_add_update_refuses_another_table_and_leaves_the_sum():
+    agg = fp.Aggregator(table={"w": np.zeros(4, np.float32)})
+    with pytest.raises(fp.DecodeError, match="receiver's model"):
+        agg.add_update({"w": np.zeros(5, np.float32)})
+    agg.add_update({"w": np.ones(4, np.float32)}, 2.0)
+    with pytest.raises(fp.DecodeError, match="first payload"):
+        agg.add_update({"v": np.ones(4, np.float32)})
+    for bad, error in (([1.0], TypeError), ({"w": np.ones(4, np.float32)}, ValueError)):
+        with pytest.raises(error):
+            agg.add_update(bad, -1.0 if isinstance(bad, dict) else 1.0)
+    assert agg.count == 1
+    np.testing.assert_array_equal(agg.result()["w"], np.ones(4, np.float32))

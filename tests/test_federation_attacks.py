@@ -318,6 +318,36 @@ def test_clipping_or_a_robust_rule_stops_a_huge_update(defense):
         assert defended.history[1]["clients"]["c9"]["clip_factor"] < 1e-30
 
 
+def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
+    """With clip_norm alone each update is decoded once (for its norm) and added as
+    decoded; with max_share as well the shares are known at the round's end, so the
+    payloads are held and decoded again. Both give the same clipped FedAvg."""
+    import fedpress.federation.server as S
+
+    calls = {"decode": 0, "add": 0}
+    real_decode, real_add = S.decode, S.Aggregator.add
+
+    def decode(*a: object, **kw: object) -> object:
+        calls["decode"] += 1
+        return real_decode(*a, **kw)
+
+    def add(self: object, payload: object, weight: float = 1.0) -> None:
+        calls["add"] += weight > 0  # the round's reference payload goes in with weight 0
+        real_add(self, payload, weight)
+    monkeypatch.setattr(S, "decode", decode)
+    monkeypatch.setattr(S.Aggregator, "add", add)
+    liar = poisoned_train_fn(scale=100.0)
+    streamed = run_with_liar(liar, rounds=2, codec="fp32", clip_norm=0.05)
+    updates = sum(len(r["completed"]) for r in streamed.history[1:])
+    assert updates == 8 and calls == {"decode": updates, "add": 0}
+    calls.update(decode=0, add=0)
+    held = run_with_liar(liar, rounds=2, codec="fp32", clip_norm=0.05, max_share=1.0)
+    assert calls == {"decode": updates, "add": updates}
+    for a, b in zip(streamed.history[1:], held.history[1:]):
+        assert a["clients"]["c9"]["clip_factor"] == pytest.approx(b["clients"]["c9"]["clip_factor"], rel=1e-6)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+
+
 def test_server_refuses_bad_defense_settings():
     params = {"w": np.zeros(1000, np.float32)}
     base = dict(rounds=1, clients_per_round=10, min_clients=1, codec="fp32", token=b"t" * 32, insecure=True)

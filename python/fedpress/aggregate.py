@@ -9,7 +9,7 @@ once, instead of once per client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Optional
 
@@ -72,6 +72,35 @@ class Aggregator:
             self._rotated.update(new_rotated)
             for step in steps:  # in place, allocating nothing sized by the payload
                 step()
+        self._table, self._sums = table, sums
+        self.count += 1
+        self.total_weight += w
+
+    def add_update(self, update: Any, weight: float = 1.0) -> None:
+        """Adds an update that is already decoded, ``{name: numpy array}``:
+        what a server that had to decode a payload anyway (to clip its norm) adds,
+        instead of decoding it a second time. Its tensors must be those of the table
+        summed so far (or of the ``table`` given to the constructor): DecodeError
+        otherwise, and the aggregate is left as it was."""
+        w = float(weight)
+        if not np.isfinite(w) or w < 0:
+            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+        if not isinstance(update, Mapping):
+            raise TypeError(f"update must be a mapping of names to arrays, got {type(update).__name__}")
+        arrays = {name: np.asarray(value) for name, value in update.items()}
+        table = table_entries(arrays)
+        expected = self._table if self._table is not None else self._model
+        if expected is not None and table != expected:
+            raise DecodeError(table_difference(expected, table, "the first payload" if self._table is not None
+                                               else "the receiver's model"))
+        with out_of_memory_as_decode_error():
+            sums = self._sums
+            if self._table is None:
+                sums = {name: np.zeros(a.size, self.dtype if a.dtype == np.float32 or a.dtype == np.float16
+                                       else np.float64) for name, a in arrays.items()}
+            for name, a in arrays.items():  # the sums exist: nothing below allocates a failure
+                acc = sums[name]
+                np.add(acc, a.reshape(-1).astype(acc.dtype, copy=False) * acc.dtype.type(w), out=acc)
         self._table, self._sums = table, sums
         self.count += 1
         self.total_weight += w

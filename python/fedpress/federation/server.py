@@ -80,7 +80,7 @@ class _Peer:
 class _Held:
     """One valid update of the round, kept until the round closes."""
 
-    payload: Any                                  # the compressed update (the streamed mean's input)
+    payload: Any                                  # the compressed update (None: already in the sum)
     weight: float                                 # num_examples, capped by max_examples
     factor: float                                 # the clip factor, 1.0 when not clipped
     update: Optional[dict[str, np.ndarray]]       # decoded and clipped, for a robust statistic
@@ -806,14 +806,22 @@ class Server:
 
     @property
     def _streamed(self) -> bool:
-        """Whether each update goes straight into the running weighted sum."""
-        return not (self.aggregation.holds_updates or self.clip_norm is not None or self.max_share is not None)
+        """Whether each update goes straight into the running weighted sum (decoded
+        first when it is clipped; the shares of max_share are known only at the end)."""
+        return not (self.aggregation.holds_updates or self.max_share is not None)
 
     def _combine(self, aggregator: Aggregator, held: list[_Held]) -> dict[str, np.ndarray]:
         """The round's update: the streamed mean, or the held updates combined with
         capped shares and clip factors, or their robust statistic (worker thread)."""
         if self._streamed:
-            return aggregator.result(copy=False)
+            mean = aggregator.result(copy=False)
+            if self.clip_norm is None:
+                return mean
+            # The aggregator divided by sum(w * f); FedAvg with clipping divides by sum(w).
+            scaled, total = sum(h.weight * h.factor for h in held), sum(h.weight for h in held)
+            if scaled <= 0:
+                return {k: np.zeros(v.shape, np.float32) for k, v in self.params.items()}
+            return {k: v * np.asarray(scaled / total, v.dtype) for k, v in mean.items()}
         if self.aggregation.holds_updates:
             return robust_combine(self.aggregation, [h.update for h in held])
         weights = [h.weight for h in held]
@@ -862,8 +870,10 @@ class Server:
                         self.max_examples)
         outcome["weight"] = weight
         try:
-            if self._streamed:
+            if self._streamed and self.clip_norm is None:
                 await asyncio.to_thread(_add_update, aggregator, update.payload, weight)
+            elif self._streamed:  # decoded once, for its norm, and added as decoded
+                held.append(await asyncio.to_thread(self._add_clipped, aggregator, update.payload, weight, outcome))
             else:
                 held.append(await asyncio.to_thread(self._hold, update.payload, weight, outcome))
         except (DecodeError, ValueError, TypeError) as exc:
@@ -877,15 +887,30 @@ class Server:
             if self._downlink_state is not None:
                 self._downlink_state.confirm(cid, peer.task_tag)
 
-    def _hold(self, payload: Any, weight: float, outcome: dict[str, Any]) -> _Held:
-        """Decodes one update against the model, for clipping or a robust statistic
-        (worker thread); an update made for another model raises DecodeError."""
+    def _add_clipped(self, aggregator: Aggregator, payload: Any, weight: float, outcome: dict[str, Any]) -> _Held:
+        """Decodes one update, clips it and adds it to the running sum (worker thread);
+        what is held is its weight and clip factor, not the update."""
+        update, factor = self._decode_clipped(payload, outcome)
+        if factor > 0:  # 0: a norm too large to compute, the update counts for nothing
+            with np.errstate(over="ignore", invalid="ignore"):
+                aggregator.add_update(update, weight * factor)
+        return _Held(None, weight, factor, None)
+
+    def _decode_clipped(self, payload: Any, outcome: dict[str, Any]) -> tuple[dict[str, np.ndarray], float]:
+        """One update decoded against the model, and its clip factor (1.0 when not
+        clipped); an update made for another model raises DecodeError."""
         update = decode(payload, table=self.params)
         if list(update) != list(self.params) or any(update[k].shape != v.shape for k, v in self.params.items()):
             raise DecodeError("the update's tensors are not the model's")
         factor = 1.0 if self.clip_norm is None else clip_factor(update, self.clip_norm)
         if factor < 1.0:
             outcome["clip_factor"] = factor
+        return update, factor
+
+    def _hold(self, payload: Any, weight: float, outcome: dict[str, Any]) -> _Held:
+        """Decodes one update against the model, for max_share or a robust statistic
+        (worker thread); an update made for another model raises DecodeError."""
+        update, factor = self._decode_clipped(payload, outcome)
         if self.aggregation.holds_updates:
             return _Held(None, weight, factor, {k: np.asarray(v, np.float32 if v.dtype == np.float32 else np.float64)
                                                 * factor for k, v in update.items()})
