@@ -28,6 +28,7 @@ from fedpress.federation import AuthenticationError, Client, ErrorCode, Server, 
 from fedpress.federation.tls import self_signed_certificate
 from fedpress.federation import model as M
 from fedpress.federation import protocol as P
+from cli_helpers import run_cli
 
 TOKEN = b"federation-test-token-0123456789"
 DIM = 16
@@ -762,12 +763,11 @@ def test_downlink_deltas_are_smaller_and_exact():
 
 
 def test_server_command_refuses_a_client_downlink_without_a_codec(tmp_path):
-    from fedpress import cli
 
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match="--downlink-mode client needs --downlink SPEC"):
-        cli.main(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
+        run_cli(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
                   "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"),
                   "--downlink-mode", "client"])
     assert not (tmp_path / "run").exists()

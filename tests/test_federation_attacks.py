@@ -19,6 +19,7 @@ from fedpress.federation import AuthenticationError, Client, Server
 from fedpress.federation import protocol as P
 from test_federation import (TOKEN, CountingProxy, Harness, RawSession, client_for, close_writer, initial_params,
                              make_train_fn, raw_frame, raw_handshake, run_async, server_for, wait_until)
+from cli_helpers import run_cli
 
 UPDATE_HEAD = struct.Struct("<IBQI")  # round, status, num_examples, metrics length
 
@@ -221,7 +222,7 @@ def test_token_command_makes_and_derives_token_files(tmp_path, capsys):
     secret = master.read_bytes().strip()
     assert len(secret) == 64 and int(secret, 16) >= 0
     with pytest.raises(SystemExit, match="exists; pass --force"):
-        cli.main(["token", "--new", "--out", str(master)])
+        run_cli(["token", "--new", "--out", str(master)])
     assert master.read_bytes().strip() == secret  # nothing a user made is lost without --force
     capsys.readouterr()
     assert cli.main(["token", "--master", str(master), "--client-id", "site-3"]) == 0
@@ -234,7 +235,7 @@ def test_token_command_makes_and_derives_token_files(tmp_path, capsys):
                           (["--master", str(tmp_path / "none"), "--client-id", "a"], "cannot read the token file"),
                           (["--master", str(master), "--client-id", "x" * 300], "client id must be")]:
         with pytest.raises(SystemExit, match=message):
-            cli.main(["token", *argv])
+            run_cli(["token", *argv])
 
 
 def test_server_command_takes_exactly_one_token_option(tmp_path, capsys):
@@ -245,7 +246,7 @@ def test_server_command_takes_exactly_one_token_option(tmp_path, capsys):
     base = ["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
             "--codec", "q8", "--out", str(tmp_path / "run")]
     for extra in ([], ["--token-file", str(token), "--master-token-file", str(token)]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit):  # argparse's own usage error
             cli.main(base + extra)
         assert "token-file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -520,12 +521,11 @@ def test_limit_settings_are_checked():
                                                   ("--aggregate", "mode", "unknown aggregation"),
                                                   ("--max-share", "2", "--max-share out of range")])
 def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
-    from fedpress import cli
 
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match=message):
-        cli.main(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
+        run_cli(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
                   "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"), "--insecure",
                   flag, value])
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fedpress import cli
+from cli_helpers import run_cli
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -30,12 +31,12 @@ def test_certificate_command_writes_a_pair_and_keeps_existing_files(tmp_path, ca
     assert "--tls-ca" in capsys.readouterr().err
     key = (out / "key.pem").read_bytes()
     with pytest.raises(SystemExit, match="exists; pass --force"):
-        cli.main(["certificate", "--out", str(out)])
+        run_cli(["certificate", "--out", str(out)])
     assert (out / "key.pem").read_bytes() == key
     assert cli.main(["certificate", "--out", str(out), "--force"]) == 0
     assert (out / "key.pem").read_bytes() != key
     with pytest.raises(SystemExit, match="not a host name"):
-        cli.main(["certificate", "--out", str(tmp_path / "x"), "--host", "two words"])
+        run_cli(["certificate", "--out", str(tmp_path / "x"), "--host", "two words"])
 
 
 def test_server_and_client_refuse_plain_tcp_unless_told(tmp_path):
@@ -44,16 +45,16 @@ def test_server_and_client_refuse_plain_tcp_unless_told(tmp_path):
     server = ["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
               "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit, match="no TLS: give --tls-cert FILE --tls-key FILE"):
-        cli.main(server)
+        run_cli(server)
     with pytest.raises(SystemExit, match="--insecure means no TLS"):
-        cli.main(server + ["--insecure", "--tls-cert", "c", "--tls-key", "k"])
+        run_cli(server + ["--insecure", "--tls-cert", "c", "--tls-key", "k"])
     with pytest.raises(SystemExit, match="cannot load the certificate"):
-        cli.main(server + ["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "none.key")])
+        run_cli(server + ["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "none.key")])
     client = ["client", "--connect", "127.0.0.1:1", "--token-file", str(token), "--partition", "0/2"]
     with pytest.raises(SystemExit, match="cannot load the CA file"):
-        cli.main(client + ["--tls-ca", str(tmp_path / "none.pem")])
+        run_cli(client + ["--tls-ca", str(tmp_path / "none.pem")])
     with pytest.raises(SystemExit, match="--insecure means no TLS"):
-        cli.main(client + ["--insecure", "--tls-ca", str(token)])
+        run_cli(client + ["--insecure", "--tls-ca", str(token)])
     assert not (tmp_path / "run").exists()
 
 
@@ -105,7 +106,7 @@ def test_a_tls_federation_from_the_command_line(tmp_path):
                 p.communicate()
     log = "".join(lines) + err
     assert "client site-0 joined" in log and "client site-1 joined" in log
-    assert re.search(r"round 1 ok: 2/2 updates", log)
+    assert re.search(r"round 1/1 ok: accuracy 0\.\d+, clients 2/2, up [\d.]+ kB, down [\d.]+ kB", log), log
     assert "plain TCP" not in log
     rows = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
     assert len(rows) == 2 and Path(tmp_path / "run" / "checkpoint.json").exists()

@@ -19,12 +19,32 @@ only when a subcommand runs, so ``fedpress --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CommandError", "UsageError"]
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line ``fedpress CMD: message``,
+    exit status 1, no traceback (``--debug`` shows it)."""
+
+    status = 1
+
+
+class UsageError(CommandError):
+    """A mistake in the command line or its files: exit status 2."""
+
+    status = 2
+
+
+class Interrupted(CommandError):
+    """Ctrl-C: exit status 130, as a shell reports a process killed by SIGINT."""
+
+    status = 130
 
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
@@ -127,9 +147,9 @@ def _read_token(path: str) -> bytes:
         with open(path, "rb") as f:
             token = f.read().strip()
     except OSError as exc:
-        raise SystemExit(f"fedpress: cannot read the token file {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read the token file {path}: {exc.strerror}") from None
     if len(token) < 16:
-        raise SystemExit(f"fedpress: the token in {path} is shorter than 16 bytes")
+        raise UsageError(f"the token in {path} is shorter than 16 bytes")
     return token
 
 
@@ -165,15 +185,15 @@ def _run_token(args: argparse.Namespace) -> int:
 
     if args.master is not None:
         if not args.client_id:
-            raise SystemExit("fedpress token: --master needs --client-id ID (the client whose token to derive)")
+            raise UsageError("--master needs --client-id ID (the client whose token to derive)")
         try:
             check_client_id(args.client_id)
         except ValueError as exc:
-            raise SystemExit(f"fedpress token: {exc}") from None
+            raise UsageError(f"{exc}") from None
         token = client_token(_read_token(args.master), args.client_id)
     else:
         if args.client_id:
-            raise SystemExit("fedpress token: --client-id goes with --master FILE")
+            raise UsageError("--client-id goes with --master FILE")
         token = secrets.token_hex(32).encode("ascii")
     if args.out is None:
         sys.stdout.write(token.decode("ascii") + "\n")
@@ -182,9 +202,9 @@ def _run_token(args: argparse.Namespace) -> int:
     try:
         fd = os.open(args.out, flags, 0o600)
     except FileExistsError:
-        raise SystemExit(f"fedpress token: {args.out} exists; pass --force to replace it") from None
+        raise UsageError(f"{args.out} exists; pass --force to replace it") from None
     except OSError as exc:
-        raise SystemExit(f"fedpress token: cannot write {args.out}: {exc.strerror}") from None
+        raise CommandError(f"cannot write {args.out}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(token + b"\n")
     if args.force:
@@ -213,25 +233,28 @@ def _run_certificate(args: argparse.Namespace) -> int:
         cert, key = os.path.join(args.out, "cert.pem"), os.path.join(args.out, "key.pem")
         self_signed_certificate(cert, key, hosts, days=args.days, overwrite=args.force)
     except FileExistsError as exc:
-        raise SystemExit(f"fedpress certificate: {exc}; pass --force to replace it") from None
+        raise UsageError(f"{exc}; pass --force to replace it") from None
     except ValueError as exc:
-        raise SystemExit(f"fedpress certificate: {exc}") from None
+        raise UsageError(f"{exc}") from None
     except OSError as exc:
-        raise SystemExit(f"fedpress certificate: cannot write to {args.out}: {exc.strerror}") from None
+        raise CommandError(f"cannot write to {args.out}: {exc.strerror}") from None
     print(f"fedpress certificate: wrote {cert} and {key} (self-signed, for {', '.join(hosts)}, {args.days} days)\n"
           f"  server: --tls-cert {cert} --tls-key {key}\n  clients: --tls-ca {cert}", file=sys.stderr)
     return 0
 
 
 def _add_server(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--rounds", type=int, required=True)
-    parser.add_argument("--clients-per-round", type=int, required=True)
-    parser.add_argument("--min-clients", type=int, required=True)
-    parser.add_argument("--min-fit", type=int, default=1)
-    parser.add_argument("--codec", required=True, metavar="SPEC", help="uplink codec the clients use")
-    parser.add_argument("--downlink", default=None, metavar="SPEC")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    parser.add_argument("--rounds", type=int, required=True, help="federated rounds to run")
+    parser.add_argument("--clients-per-round", type=int, required=True, help="clients sampled each round")
+    parser.add_argument("--min-clients", type=int, required=True,
+                        help="connected clients needed before a round starts")
+    parser.add_argument("--min-fit", type=int, default=1, help="valid updates a round needs to change the model")
+    parser.add_argument("--codec", required=True, metavar="SPEC",
+                        help="uplink codec the clients use, e.g. topk:0.01+q4+zstd (see docs/specs.md)")
+    parser.add_argument("--downlink", default=None, metavar="SPEC",
+                        help="codec of the model deltas sent to clients (default: the full model, fp32)")
     tokens = parser.add_mutually_exclusive_group(required=True)
     tokens.add_argument("--token-file", metavar="FILE", help="one token shared by every client")
     tokens.add_argument("--master-token-file", metavar="FILE",
@@ -242,10 +265,15 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="serve plain TCP without TLS (frames stay authenticated; models and updates travel "
                              "in clear): only for loopback and trusted networks")
-    parser.add_argument("--task", choices=["digits", "mnist"], default="digits")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--round-timeout", type=float, default=120.0)
-    parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--task", choices=["digits", "mnist"], default="digits",
+                        help="the model and test set: digits (bundled with scikit-learn) or mnist (--data-dir)")
+    parser.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files, for --task mnist")
+    parser.add_argument("--round-timeout", type=float, default=120.0, metavar="S",
+                        help="seconds a round waits for the sampled clients' updates")
+    parser.add_argument("--wait-timeout", type=float, default=300.0, metavar="S",
+                        help="seconds a round waits for --min-clients to connect before the server gives up "
+                             "(0: for ever)")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="server learning rate on the mean update")
     parser.add_argument("--server-momentum", type=float, default=0.0, metavar="BETA",
                         help="server momentum (FedAvgM): keeps applying what rarely-sampled clients sent")
     parser.add_argument("--server-lr-decay", type=float, default=None, metavar="F",
@@ -281,14 +309,17 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--frame-grace", type=float, default=30.0, metavar="S",
                         help="a frame body must arrive within S seconds plus its size at --frame-min-rate")
     limits.add_argument("--frame-min-rate", type=float, default=64 * 1024, metavar="B",
-                        help="bytes per second a frame body must keep up (default 65536)")
+                        help="bytes per second a frame body must keep up")
     limits.add_argument("--inflight-bytes", type=int, default=None, metavar="N",
                         help="frame bytes being received at once over all clients (default: 4 max frames, "
                              ">= 64 MiB)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in --out (partial writes there are removed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial model and the client sampling")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where rounds.jsonl and the checkpoints go")
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint in --out (partial writes there are removed)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the previous run in --out (without it, or --resume, a previous run is an error)")
     _add_log_level(parser)
 
 
@@ -297,48 +328,52 @@ def _run_server(args: argparse.Namespace) -> int:
     import ssl
 
     from .codec import parse_spec
-    from .federation import Server, server_context
+    from .federation import RunExistsError, Server, WaitTimeout, server_context
     from .robust import AggregationRule
-    from .train import get_params, load_task, make_evaluate_fn, make_model
+    from .train import get_params, make_evaluate_fn, make_model
 
     _setup_logging(args.log_level)
-    parse_spec(args.codec)
+    for flag, spec in (("--codec", args.codec), ("--downlink", args.downlink)):
+        try:
+            if spec:
+                parse_spec(spec)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
     try:
         AggregationRule.parse(args.aggregate)
     except ValueError as exc:
-        raise SystemExit(f"fedpress server: --aggregate: {exc}") from None
+        raise UsageError(f"--aggregate: {exc}") from None
     for flag, value, ok in [("--max-examples", args.max_examples, lambda v: v >= 1),
                             ("--max-share", args.max_share, lambda v: 0 < v <= 1),
                             ("--clip-norm", args.clip_norm, lambda v: 0 < v < float("inf"))]:
         if value is not None and not ok(value):
-            raise SystemExit(f"fedpress server: {flag} out of range: {value}")
-    if args.downlink:
-        parse_spec(args.downlink)
+            raise UsageError(f"{flag} out of range: {value}")
     if args.downlink_mode == "client" and not args.downlink:
-        raise SystemExit("fedpress server: --downlink-mode client needs --downlink SPEC (the codec of the differences)")
+        raise UsageError("--downlink-mode client needs --downlink SPEC (the codec of the differences)")
     if args.downlink_clients is not None and args.downlink_clients < 1:
-        raise SystemExit(f"fedpress server: --downlink-clients must be at least 1, got {args.downlink_clients}")
+        raise UsageError(f"--downlink-clients must be at least 1, got {args.downlink_clients}")
     context = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
-            raise SystemExit("fedpress server: --tls-cert and --tls-key go together")
+            raise UsageError("--tls-cert and --tls-key go together")
         if args.insecure:
-            raise SystemExit("fedpress server: --insecure means no TLS; drop it or --tls-cert/--tls-key")
+            raise UsageError("--insecure means no TLS; drop it or --tls-cert/--tls-key")
         try:
             context = server_context(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
-            raise SystemExit(f"fedpress server: cannot load the certificate {args.tls_cert} and key "
+            raise UsageError(f"cannot load the certificate {args.tls_cert} and key "
                              f"{args.tls_key}: {exc}") from None
     elif not args.insecure:
-        raise SystemExit("fedpress server: no TLS: give --tls-cert FILE --tls-key FILE (`fedpress certificate --out "
+        raise UsageError("no TLS: give --tls-cert FILE --tls-key FILE (`fedpress certificate --out "
                          "DIR --host NAME` makes a self-signed pair for a test deployment), or --insecure for plain "
                          "TCP on a trusted network")
     else:
         print("fedpress server: WARNING: --insecure: plain TCP, models and updates travel in clear "
               "(frames are still authenticated)", file=sys.stderr)
-    _, test = load_task(args.task, data_dir=args.data_dir, seed=args.seed)
+    _, test = _load_task(args)
     options = dict(evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
-                   resume=args.resume, seed=args.seed, ssl_context=context)
+                   resume=args.resume, overwrite=args.overwrite, seed=args.seed, ssl_context=context,
+                   wait_timeout=args.wait_timeout or None)
     try:
         server = Server(host=args.host, port=args.port,
                         initial_params=get_params(make_model(args.task, seed=args.seed)),
@@ -357,22 +392,52 @@ def _run_server(args: argparse.Namespace) -> int:
                         max_pending_per_address=args.max_pending_per_address, frame_grace=args.frame_grace,
                         frame_min_rate=args.frame_min_rate, inflight_bytes=args.inflight_bytes,
                         insecure=context is None, **options)
+    except RunExistsError as exc:
+        raise UsageError(str(exc).replace("resume=True, --resume", "--resume")
+                         .replace("overwrite=True, --overwrite", "--overwrite")) from None
     except ValueError as exc:  # a setting out of range: the user's mistake, not a traceback
-        raise SystemExit(f"fedpress server: {exc}") from None
+        raise UsageError(f"{exc}") from None
     try:
         asyncio.run(server.run())
+    except WaitTimeout as exc:  # before OSError: a TimeoutError is one
+        raise CommandError(f"{exc}; start more clients, lower --min-clients or raise --wait-timeout"
+                           + _resume_hint(server)) from None
     except OSError as exc:  # the port is taken, the address is not this machine's...
-        raise SystemExit(f"fedpress server: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        raise CommandError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}"
+                           + (" (another server runs there? choose another --port)"
+                              if getattr(exc, "errno", None) == errno.EADDRINUSE else "")) from None
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted" + _resume_hint(server)) from None
     return 0
 
 
+def _resume_hint(server: Any) -> str:
+    """Where the run stands on disk, and how to continue it."""
+    if server.out_dir is None or not server.round:
+        return ""
+    return f"; {server.out_dir} has the checkpoint of round {server.round} of {server.rounds}: add --resume to continue"
+
+
+def _load_task(args: argparse.Namespace) -> tuple:
+    from .train import load_task
+
+    try:
+        return load_task(args.task, data_dir=args.data_dir, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        hint = " (--data-dir DIR: the folder of the MNIST IDX files)" if args.task == "mnist" else ""
+        raise UsageError(f"--task {args.task}: {exc}{hint}") from None
+
+
 def _add_client(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connect", required=True, metavar="HOST:PORT")
-    parser.add_argument("--token-file", required=True)
-    parser.add_argument("--task", choices=["digits", "mnist"], default="digits")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the server's address and port")
+    parser.add_argument("--token-file", required=True, metavar="FILE",
+                        help="this client's token (`fedpress token`; keep it mode 0600)")
+    parser.add_argument("--task", choices=["digits", "mnist"], default="digits",
+                        help="the model and training data; must match the server's")
+    parser.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files, for --task mnist")
     parser.add_argument("--partition", required=True, metavar="I/N", help="this client's share: I of N")
-    parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None)
+    parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None,
+                        help="how the training set is split (default: iid, or dirichlet with --alpha)")
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (non-IID)")
     parser.add_argument("--codec", default=None, metavar="SPEC", help="override the server's codec")
     parser.add_argument("--tls-ca", default=None, metavar="FILE",
@@ -380,8 +445,8 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
                              "certificate); default: the system's CAs")
     parser.add_argument("--insecure", action="store_true",
                         help="connect in plain TCP without TLS: only for loopback and trusted networks")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of local training")
     parser.add_argument("--ef", choices=["on", "off"], default="on", help="error feedback")
     parser.add_argument("--momentum-correction", type=float, default=None, metavar="BETA",
@@ -393,15 +458,16 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
                         help="digest: payloads carry only an 8-byte digest of the tensor table")
     parser.add_argument("--seeded-model", action="store_true",
                         help="build the initial model from --seed (as the server does) instead of downloading it")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--client-id", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the partition and local training")
+    parser.add_argument("--client-id", default=None, metavar="ID",
+                        help="this client's name on the server (default: client-I from --partition)")
     parser.add_argument("--max-retries", type=int, default=10, metavar="N",
                         help="consecutive failed connection attempts before giving up (0: no retry)")
     parser.add_argument("--frame-grace", type=float, default=30.0, metavar="S",
                         help="a frame from the server must arrive within S seconds plus its size at "
                              "--frame-min-rate, or the client reconnects")
     parser.add_argument("--frame-min-rate", type=float, default=64 * 1024, metavar="B",
-                        help="bytes per second a frame from the server must keep up (default 65536)")
+                        help="bytes per second a frame from the server must keep up")
     _add_log_level(parser)
 
 
@@ -410,30 +476,33 @@ def _run_client(args: argparse.Namespace) -> int:
     import ssl
 
     from .federation import Client, FederationError, client_context
-    from .train import client_partition, get_params, load_task, make_model, make_train_fn
+    from .train import client_partition, get_params, make_model, make_train_fn
 
     _setup_logging(args.log_level)
     try:
         index_text, total_text = args.partition.split("/")
         index, total = int(index_text), int(total_text)
     except ValueError:
-        raise SystemExit(f"fedpress client: --partition must look like 0/8, got {args.partition!r}") from None
+        raise UsageError(f"--partition must look like 0/8, got {args.partition!r}") from None
     if not 0 <= index < total:
-        raise SystemExit(f"fedpress client: partition index {index} outside 0..{total - 1}")
+        raise UsageError(f"partition index {index} outside 0..{total - 1}")
     scheme = args.scheme or ("dirichlet" if args.alpha is not None else "iid")
-    train, _ = load_task(args.task, data_dir=args.data_dir, seed=args.seed)
-    part = client_partition(train, index, total, scheme=scheme, alpha=args.alpha or 0.5, seed=args.seed)
+    train, _ = _load_task(args)
+    try:
+        part = client_partition(train, index, total, scheme=scheme, alpha=args.alpha or 0.5, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--partition {args.partition}: {exc}") from None
     context = None
     if args.insecure:
         if args.tls_ca:
-            raise SystemExit("fedpress client: --insecure means no TLS; drop it or --tls-ca")
+            raise UsageError("--insecure means no TLS; drop it or --tls-ca")
         print("fedpress client: WARNING: --insecure: plain TCP, models and updates travel in clear",
               file=sys.stderr)
     else:
         try:
             context = client_context(args.tls_ca)
         except (OSError, ssl.SSLError) as exc:
-            raise SystemExit(f"fedpress client: cannot load the CA file {args.tls_ca}: {exc}") from None
+            raise UsageError(f"cannot load the CA file {args.tls_ca}: {exc}") from None
     try:
         client = Client(args.connect, token=_read_token(args.token_file),
                         train_fn=make_train_fn(args.task, part, epochs=args.epochs, lr=args.lr,
@@ -447,11 +516,13 @@ def _run_client(args: argparse.Namespace) -> int:
                         insecure=context is None, max_retries=args.max_retries, frame_grace=args.frame_grace,
                         frame_min_rate=args.frame_min_rate)
     except ValueError as exc:
-        raise SystemExit(f"fedpress client: {exc}") from None
+        raise UsageError(f"{exc}") from None
     try:
         asyncio.run(client.run())
     except (FederationError, ConnectionError, ssl.SSLError) as exc:  # what a user can fix: no traceback
-        raise SystemExit(f"fedpress client: {exc}") from None
+        raise CommandError(f"{exc}") from None
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted") from None
     return 0
 
 
@@ -512,21 +583,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedpress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add, run) in _SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add(p)
+        p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``fedpress`` console script; returns the exit status."""
+    """Entry point of the ``fedpress`` console script; returns the exit status:
+    0, 1 for a failure, 2 for a usage mistake, 130 for Ctrl-C. Errors are one line on
+    stderr; ``--debug`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)
     if run is None:
         parser.print_help()
         return 2
-    return int(run(args))
+    name = f"fedpress {args.command}"
+    try:
+        return int(run(args))
+    except CommandError as exc:
+        if args.debug:
+            raise
+        print(f"{name}: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fedpress inspect --json | head`: the reader has gone
+        _silence_stdout()
+        return 0
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug or an environment problem
+        if args.debug:
+            raise
+        print(f"{name}: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null so that the interpreter's final flush of what is
+    still buffered for a closed pipe raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = _none(cfg.get("spec", "none"))
     downlink = _none(cfg.get("downlink", "none"))
     fraction_evaluate = float(cfg.get("fraction-evaluate", 1.0))
-    min_nodes = int(cfg.get("min-nodes", 3))
+    min_nodes = int(cfg.get("min-nodes", 2))
 
     fedavg_args = dict(fraction_train=1.0, fraction_evaluate=fraction_evaluate, min_train_nodes=min_nodes,
                        min_evaluate_nodes=min_nodes if fraction_evaluate > 0 else 0,

@@ -64,6 +64,16 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+class TLSMismatch(P.FederationError, ConnectionError):
+    """One side speaks TLS and the other plain TCP: retrying cannot help."""
+
+
+def _not_tls(exc: _ssl.SSLError) -> bool:
+    """Whether a TLS handshake failed because the server answered in plain bytes."""
+    return exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                          "HTTP_REQUEST", "UNKNOWN_PROTOCOL")
+
+
 class Client:
     """A federation client.
 
@@ -190,12 +200,19 @@ class Client:
                 reason = "the server closed the connection"
             except (P.AuthenticationError, _ssl.SSLCertVerificationError):
                 raise
+            except _ssl.SSLError as exc:
+                if _not_tls(exc):  # no retry heals a server that does not speak TLS
+                    raise TLSMismatch(f"the server at {self.host}:{self.port} does not speak TLS ({exc.reason}): "
+                                      "it serves plain TCP (--insecure), so connect with --insecure, or ask for "
+                                      "a TLS server") from None
+                reason = str(exc) or type(exc).__name__
             except P.PeerError as exc:
                 if exc.code in (P.ErrorCode.AUTH, P.ErrorCode.VERSION, P.ErrorCode.REPLACED):
                     raise
                 reason = str(exc)
-            except (ConnectionError, OSError, asyncio.TimeoutError, _ssl.SSLError, P.ProtocolError,
-                    EOFError) as exc:
+            except TLSMismatch:
+                raise
+            except (ConnectionError, OSError, asyncio.TimeoutError, P.ProtocolError, EOFError) as exc:
                 reason = str(exc) or type(exc).__name__
             finally:
                 if conn is not None:
@@ -230,6 +247,13 @@ class Client:
         self._conn = conn
         try:
             await asyncio.wait_for(self._handshake(conn), self.connect_timeout)
+        except P.ProtocolError as exc:
+            await self._close(conn)
+            if self.ssl_context is None and isinstance(exc, P.NotAFrame) and exc.tls:
+                raise TLSMismatch(f"the server at {self.host}:{self.port} speaks TLS: connect with --tls-ca FILE "
+                                  "(its certificate or CA; Client(ssl_context=client_context(FILE))), not "
+                                  "--insecure") from None
+            raise
         except P.ConnectionClosed as exc:
             await self._close(conn)
             if self.ssl_context is None:  # the usual cause: a TLS server, which drops a plain HELLO

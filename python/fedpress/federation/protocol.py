@@ -80,7 +80,7 @@ from typing import Any, Callable, Optional
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HEADER", "NONCE_BYTES", "TAG_BYTES", "MAC_BYTES",
     "HANDSHAKE_MAX_FRAME", "DEFAULT_MAX_FRAME", "MAX_FRAME_LIMIT", "FEATURES",
-    "FrameType", "ErrorCode", "FederationError", "ProtocolError", "FrameTooLarge", "PeerError",
+    "FrameType", "ErrorCode", "FederationError", "ProtocolError", "NotAFrame", "FrameTooLarge", "PeerError",
     "AuthenticationError", "ConnectionClosed",
     "Frame", "Hello", "Auth", "Welcome", "Task", "Update",
     "encode_frame", "parse_header", "read_frame", "client_mac", "server_mac", "new_nonce", "new_tag",
@@ -185,6 +185,20 @@ class AuthenticationError(FederationError):
     """Authentication failed: a wrong token on either side (never retried)."""
 
 
+class NotAFrame(ProtocolError):
+    """The peer's bytes do not start with a fedpress frame header (``header``: the
+    8 bytes read, which say what the peer speaks instead, e.g. a TLS record)."""
+
+    def __init__(self, header: bytes) -> None:
+        super().__init__(ErrorCode.PROTOCOL, f"not a fedpress frame (magic {bytes(header[:4])!r})")
+        self.header = bytes(header)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the bytes are a TLS record (an alert or a handshake)."""
+        return self.header[:1] in (b"\x15", b"\x16") and self.header[1:2] == b"\x03"
+
+
 class ConnectionClosed(FederationError, ConnectionError):
     """The connection ended (EOF), possibly in the middle of a frame."""
 
@@ -212,7 +226,7 @@ def parse_header(header: bytes, max_body: int) -> tuple[FrameType, int]:
     (bad magic, version, type) or FrameTooLarge before any body byte is read."""
     magic, version, ftype, length = HEADER.unpack(header)
     if magic != MAGIC:
-        raise ProtocolError(ErrorCode.PROTOCOL, f"not a fedpress frame (magic {bytes(magic)!r})")
+        raise NotAFrame(bytes(header))
     if version != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.VERSION,
                             f"protocol version {version} in frame header, this side speaks {PROTOCOL_VERSION}")

@@ -52,7 +52,7 @@ from .model import (CHECKPOINT_JSON, DOWNLINK_MODES, ClientDownlink, Downlink, S
                     zero_reference)
 from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish
 
-__all__ = ["Server", "round_config"]
+__all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config"]
 
 log = logging.getLogger("fedpress.federation.server")
 
@@ -74,6 +74,26 @@ class _Peer:
         self.task_tag: Optional[bytes] = None
         self.waiter: Optional[asyncio.Future] = None
 
+
+
+class RunExistsError(P.FederationError, ValueError):
+    """``out_dir`` holds a previous run, and neither resume nor overwrite was asked for."""
+
+
+class WaitTimeout(P.FederationError, asyncio.TimeoutError):
+    """Fewer than ``min_clients`` clients connected within ``wait_timeout`` seconds."""
+
+
+def previous_run(out_dir: Path) -> str:
+    """What of a previous run ``out_dir`` holds ("" if nothing): rounds or checkpoints."""
+    out_dir = Path(out_dir)
+    found = []
+    rounds = out_dir / ROUNDS_FILE
+    if rounds.is_file() and rounds.stat().st_size > 0:
+        found.append(ROUNDS_FILE)
+    if (out_dir / CHECKPOINT_JSON).exists() or any(out_dir.glob("checkpoint-*.npz")):
+        found.append("a checkpoint")
+    return " and ".join(found)
 
 
 @dataclass
@@ -123,8 +143,11 @@ class Server:
         in the last round.
     evaluate_fn: ``evaluate_fn(params) -> {"loss": .., "accuracy": ..}`` after
         each round (and on the initial model, in the round-0 row).
-    out_dir: where ``rounds.jsonl`` and the checkpoints go (None: nowhere).
+    out_dir: where ``rounds.jsonl`` and the checkpoints go (None: nowhere). A previous
+        run there is never replaced silently: RunExistsError unless ``resume`` or ``overwrite``.
     resume: continue from ``out_dir``'s last checkpoint.
+    overwrite: start afresh in an ``out_dir`` that holds a previous run (its rounds.jsonl
+        and checkpoints are replaced once the listener is bound, not before).
     seed: client sampling seed.
     ssl_context: a server-side :class:`ssl.SSLContext` for TLS
         (:func:`fedpress.federation.server_context`). Required unless ``insecure``.
@@ -188,7 +211,7 @@ class Server:
                  aggregation: str = "mean", robust_memory: int = 2 << 30, hello_timeout: float = 2.0,
                  max_pending_per_address: int = 16, frame_grace: float = 30.0,
                  frame_min_rate: float = 64 * 1024, inflight_bytes: Optional[int] = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, overwrite: bool = False) -> None:
         if (token is None) == (master_token is None):
             raise ValueError("give exactly one of token (shared by all clients) and master_token "
                              "(per-client tokens derived from it)")
@@ -219,7 +242,16 @@ class Server:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir")
+        if resume and overwrite:
+            raise ValueError("resume=True continues the run in out_dir, overwrite=True replaces it: not both")
         self.resume = bool(resume)
+        self.overwrite = bool(overwrite)
+        if self.out_dir is not None and not (self.resume or self.overwrite):
+            found = previous_run(self.out_dir)
+            if found:
+                raise RunExistsError(f"{self.out_dir} holds a previous run ({found}): resume it (resume=True, "
+                                     "--resume) or replace it (overwrite=True, --overwrite), or choose another "
+                                     "directory")
         self.seed = int(seed)
         if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
@@ -314,10 +346,15 @@ class Server:
         self._started = True
         loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        self._prepare_state()
         self._ledger = Ledger()
+        # Bound first: a server that cannot listen (the port is taken) leaves out_dir as it was.
         self._listener = await loop.create_server(lambda: CountingProtocol(self._accept), self.host,
                                                   self._requested_port)
+        try:
+            self._prepare_state()
+        except BaseException:
+            self._listener.close()
+            raise
         self.port = self._listener.sockets[0].getsockname()[1]
         log.info("listening on %s:%d (%s), rounds %d..%d", self.host, self.port,
                  "TLS" if self.ssl_context else "plain TCP", self._start_round + 1, self.rounds)
@@ -390,7 +427,7 @@ class Server:
         if self.resume and checkpoint is None:
             log.info("resume: no checkpoint in %s, starting from round 0", self.out_dir)
         if checkpoint is None:
-            # A fresh federation: forget any earlier run in this directory.
+            # A fresh federation (overwrite=True, or nothing was there): forget any earlier run.
             for stale in [self.out_dir / CHECKPOINT_JSON, *self.out_dir.glob("checkpoint-*.npz")]:
                 if stale.exists():
                     stale.unlink()
@@ -451,6 +488,8 @@ class Server:
         record["connected"] = len(self._peers)
         record = json.loads(P.dumps_json(record))
         self.history.append(record)
+        if record.get("phase") == "train":
+            log.info("%s", round_line(record, self.rounds))
         if self.out_dir is not None:
             with open(self.out_dir / ROUNDS_FILE, "ab") as f:
                 f.write(json.dumps(record, allow_nan=False).encode() + b"\n")
@@ -685,19 +724,21 @@ class Server:
         assert self._changed is not None
         loop = asyncio.get_running_loop()
         deadline = None if self.wait_timeout is None else loop.time() + self.wait_timeout
-        logged = False
+        next_log = loop.time()
         while len(self._idle()) < self.min_clients:
-            if not logged:
-                log.info("round %d: waiting for %d clients (%d idle, %d connected)", r, self.min_clients,
-                         len(self._idle()), len(self._peers))
-                logged = True
+            if loop.time() >= next_log:  # at once, then every 30 s of waiting
+                log.info("round %d: waiting for clients: %d of the %d needed connected (%d idle)", r,
+                         len(self._peers), self.min_clients, len(self._idle()))
+                next_log = loop.time() + 30.0
             self._changed.clear()
-            timeout = None if deadline is None else deadline - loop.time()
-            if timeout is not None and timeout <= 0:
-                raise asyncio.TimeoutError(f"round {r}: fewer than {self.min_clients} clients after "
-                                           f"{self.wait_timeout} s")
+            timeout = next_log - loop.time()
+            if deadline is not None:
+                if deadline - loop.time() <= 0:
+                    raise WaitTimeout(f"round {r}: waited {self.wait_timeout:g} s for {self.min_clients} clients, "
+                                      f"{len(self._peers)} connected ({len(self._idle())} idle)")
+                timeout = min(timeout, deadline - loop.time())
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
             except asyncio.TimeoutError:
                 pass
 
@@ -800,8 +841,6 @@ class Server:
         if round_error is not None:
             info["error"] = round_error
         info.update(evaluation)
-        log.info("round %d %s: %d/%d updates, test accuracy %s", r, info["status"], len(completed),
-                 len(sampled), info.get("test_accuracy"))
         return info
 
     @property
@@ -956,6 +995,23 @@ class Server:
         if self._listener is not None:
             await self._listener.wait_closed()
         log.info("server closed")
+
+
+def round_line(record: Mapping[str, Any], rounds: int) -> str:
+    """A row of rounds.jsonl as the one log line a person reads per round."""
+    accuracy = record.get("test_accuracy")
+    text = (f"round {record['round']}/{rounds} {record['status']}: "
+            f"accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}, "
+            f"clients {len(record.get('completed', []))}/{len(record.get('sampled', []))}, "
+            f"up {_megabytes(record.get('uplink_wire_bytes', 0))}, "
+            f"down {_megabytes(record.get('downlink_wire_bytes', 0))}, {record.get('seconds', 0):.1f} s")
+    if record.get("status") != "ok":
+        text += f" ({record.get('error') or 'too few valid updates; the model is kept'})"
+    return text
+
+
+def _megabytes(n: Any) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def round_config(seed: int, r: int, rounds: int, codec: Optional[str],
