@@ -49,9 +49,9 @@ def server_args(tmp_path: Path, token: str, *extra: str, port: int = 0, insecure
             *(["--insecure"] if insecure else []), "--log-level", "error", *extra]
 
 
-def client_args(token: str, *extra: str, connect: str = "127.0.0.1:9") -> list:
-    return ["client", "--connect", connect, "--token-file", token, "--insecure", "--partition", "0/2",
-            "--log-level", "error", *extra]
+def client_args(token: str, *extra: str, connect: str = "127.0.0.1:9", insecure: bool = True) -> list:
+    return ["client", "--connect", connect, "--token-file", token, *(["--insecure"] if insecure else []),
+            "--partition", "0/2", "--log-level", "error", *extra]
 
 
 def assert_one_line(result: subprocess.CompletedProcess, status: int, *needles: str) -> str:
@@ -161,3 +161,27 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     assert result.stdout.strip() == "{" and result.stderr == "", result.stderr
     assert result.returncode == 0
     assert json.loads(fedpress("inspect", "--json", str(path)).stdout)["codec"] == "q8"
+
+
+def test_a_tls_client_stops_at_once_against_a_plain_server(tmp_path, token):
+    assert fedpress("certificate", "--out", str(tmp_path / "tls")).returncode == 0
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedpress.cli",
+                               *server_args(tmp_path, token, "--wait-timeout", "60", port=port)],
+                              stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        started = time.monotonic()
+        result = fedpress(*client_args(token, "--tls-ca", str(tmp_path / "tls" / "cert.pem"),
+                                       connect=f"127.0.0.1:{port}", insecure=False))
+    finally:
+        server.kill()
+        server.communicate()
+    # retried 10 times with back-off this would take half a minute
+    assert time.monotonic() - started < 15
+    assert_one_line(result, 1, "does not speak TLS", "connect with --insecure")

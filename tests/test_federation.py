@@ -763,7 +763,6 @@ def test_downlink_deltas_are_smaller_and_exact():
 
 
 def test_server_command_refuses_a_client_downlink_without_a_codec(tmp_path):
-
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match="--downlink-mode client needs --downlink SPEC"):

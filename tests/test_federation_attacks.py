@@ -521,7 +521,6 @@ def test_limit_settings_are_checked():
                                                   ("--aggregate", "mode", "unknown aggregation"),
                                                   ("--max-share", "2", "--max-share out of range")])
 def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
-
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match=message):
