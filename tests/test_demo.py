@@ -1,4 +1,5 @@
-"""`fedpress demo --quick` end to end: real loopback sockets, table, JSON and plot."""
+"""`fedpress demo --quick` end to end: real loopback sockets, table, JSON and plot;
+the same seed gives the same numbers."""
 
 from __future__ import annotations
 
@@ -9,26 +10,48 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
+CODECS = ["fp32", "topk:0.01+q4+zstd", "eden4"]
 
-def test_demo_quick_writes_results(tmp_path, capsys) -> None:
+
+def run_quick(out, *extra: str) -> dict:
     from fedpress.cli import main
 
+    assert main(["demo", "--quick", "--codecs", *CODECS, "--out", str(out), "--no-progress", *extra]) == 0
+    return {r["codec"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+
+
+def test_demo_quick_writes_results(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--codecs", "fp32", "topk:0.01+q4+zstd", "--out", str(out),
-                 "--no-progress"]) == 0
-    summary = json.loads((out / "results.json").read_text())
-    by_codec = {r["codec"]: r for r in summary["results"]}
-    assert set(by_codec) == {"fp32", "topk:0.01+q4+zstd"}
+    by_codec = run_quick(out)
+    assert set(by_codec) == set(CODECS)
     for r in by_codec.values():
         assert r["rounds"] == 4
         assert 0.0 <= r["final_accuracy"] <= 1.0
         assert r["uplink_wire_bytes"] > r["uplink_payload_bytes"] > 0
-    assert by_codec["topk:0.01+q4+zstd"]["uplink_wire_bytes"] * 10 < by_codec["fp32"]["uplink_wire_bytes"]
-    assert by_codec["fp32"]["final_accuracy"] > 0.5
+        assert r["total_wire_bytes"] == r["uplink_wire_bytes"] + r["downlink_wire_bytes"]
+    fp32, topk = by_codec["fp32"], by_codec["topk:0.01+q4+zstd"]
+    assert fp32["downlink"] is None and topk["downlink"] == "q8+zstd"  # compressed rows compress the downlink
+    assert topk["uplink_wire_bytes"] * 10 < fp32["uplink_wire_bytes"]
+    assert topk["downlink_wire_bytes"] * 2 < fp32["downlink_wire_bytes"]
+    assert topk["total_ratio_vs_fp32"] == pytest.approx(fp32["total_wire_bytes"] / topk["total_wire_bytes"])
+    assert fp32["final_accuracy"] > 0.5
     table = capsys.readouterr().out
-    assert "uplink vs fp32" in table and "topk:0.01+q4+zstd" in table
+    assert "uplink vs fp32" in table and "total vs fp32" in table and "topk:0.01+q4+zstd" in table
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
-    assert (out / "accuracy_vs_uplink.png").stat().st_size > 1000
+    assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
+
+
+def test_demo_numbers_repeat_for_a_seed(tmp_path) -> None:
+    first, second = run_quick(tmp_path / "a"), run_quick(tmp_path / "b")
+    for codec in CODECS:
+        for key in ("final_accuracy", "curve", "uplink_payload_bytes", "downlink_wire_bytes"):
+            assert first[codec][key] == second[codec][key], (codec, key)
+    assert run_quick(tmp_path / "c", "--seed", "1")["fp32"]["curve"] != first["fp32"]["curve"]
+
+
+def test_the_downlink_can_be_the_full_model(tmp_path) -> None:
+    by_codec = run_quick(tmp_path / "demo", "--downlink", "none")
+    assert all(r["downlink"] is None for r in by_codec.values())

@@ -104,6 +104,7 @@ class _Held:
     weight: float                                 # num_examples, capped by max_examples
     factor: float                                 # the clip factor, 1.0 when not clipped
     update: Optional[dict[str, np.ndarray]]       # decoded and clipped, for a robust statistic
+    client: str = ""                              # who sent it: held updates are summed in this order
 
 
 async def _expect(conn: Any, kind: P.FrameType) -> bytes:
@@ -148,6 +149,9 @@ class Server:
     resume: continue from ``out_dir``'s last checkpoint.
     overwrite: start afresh in an ``out_dir`` that holds a previous run (its rounds.jsonl
         and checkpoints are replaced once the listener is bound, not before).
+    ordered: sum each round's updates in client-id order, not in their order of
+        arrival, so that a seeded run repeats bit for bit (float sums depend on their
+        order); the round's compressed updates are held until it closes.
     seed: client sampling seed.
     ssl_context: a server-side :class:`ssl.SSLContext` for TLS
         (:func:`fedpress.federation.server_context`). Required unless ``insecure``.
@@ -211,7 +215,7 @@ class Server:
                  aggregation: str = "mean", robust_memory: int = 2 << 30, hello_timeout: float = 2.0,
                  max_pending_per_address: int = 16, frame_grace: float = 30.0,
                  frame_min_rate: float = 64 * 1024, inflight_bytes: Optional[int] = None,
-                 insecure: bool = False, overwrite: bool = False) -> None:
+                 insecure: bool = False, overwrite: bool = False, ordered: bool = False) -> None:
         if (token is None) == (master_token is None):
             raise ValueError("give exactly one of token (shared by all clients) and master_token "
                              "(per-client tokens derived from it)")
@@ -246,6 +250,7 @@ class Server:
             raise ValueError("resume=True continues the run in out_dir, overwrite=True replaces it: not both")
         self.resume = bool(resume)
         self.overwrite = bool(overwrite)
+        self.ordered = bool(ordered)
         if self.out_dir is not None and not (self.resume or self.overwrite):
             found = previous_run(self.out_dir)
             if found:
@@ -847,7 +852,7 @@ class Server:
     def _streamed(self) -> bool:
         """Whether each update goes straight into the running weighted sum (decoded
         first when it is clipped; the shares of max_share are known only at the end)."""
-        return not (self.aggregation.holds_updates or self.max_share is not None)
+        return not (self.aggregation.holds_updates or self.max_share is not None or self.ordered)
 
     def _combine(self, aggregator: Aggregator, held: list[_Held]) -> dict[str, np.ndarray]:
         """The round's update: the streamed mean, or the held updates combined with
@@ -861,6 +866,7 @@ class Server:
             if scaled <= 0:
                 return {k: np.zeros(v.shape, np.float32) for k, v in self.params.items()}
             return {k: v * np.asarray(scaled / total, v.dtype) for k, v in mean.items()}
+        held = sorted(held, key=lambda h: h.client)  # the same sums whatever the order of arrival
         if self.aggregation.holds_updates:
             return robust_combine(self.aggregation, [h.update for h in held])
         weights = [h.weight for h in held]
@@ -914,7 +920,7 @@ class Server:
             elif self._streamed:  # decoded once, for its norm, and added as decoded
                 held.append(await asyncio.to_thread(self._add_clipped, aggregator, update.payload, weight, outcome))
             else:
-                held.append(await asyncio.to_thread(self._hold, update.payload, weight, outcome))
+                held.append(await asyncio.to_thread(self._hold, update.payload, weight, outcome, cid))
         except (DecodeError, ValueError, TypeError) as exc:
             outcome.update(status="failed", reason=f"invalid payload: {exc}")
             log.warning("client %s sent an invalid payload: %s", cid, exc)
@@ -946,14 +952,14 @@ class Server:
             outcome["clip_factor"] = factor
         return update, factor
 
-    def _hold(self, payload: Any, weight: float, outcome: dict[str, Any]) -> _Held:
+    def _hold(self, payload: Any, weight: float, outcome: dict[str, Any], client: str = "") -> _Held:
         """Decodes one update against the model, for max_share or a robust statistic
         (worker thread); an update made for another model raises DecodeError."""
         update, factor = self._decode_clipped(payload, outcome)
         if self.aggregation.holds_updates:
             return _Held(None, weight, factor, {k: np.asarray(v, np.float32 if v.dtype == np.float32 else np.float64)
-                                                * factor for k, v in update.items()})
-        return _Held(payload, weight, factor, None)
+                                                * factor for k, v in update.items()}, client)
+        return _Held(payload, weight, factor, None, client)
 
     async def _evaluate(self, params: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}
