@@ -4,11 +4,11 @@
     fedpress bench [--quick] [--json PATH] [--sizes N ...] [--repeat N] [--threads N] [--only K ...]
     fedpress inspect FILE [--json]
     fedpress demo [--quick] [--codecs SPEC ...] [--out DIR]
-    fedpress sweep --task digits|mnist --cells CELL ... [--seeds 0 1 2] [--jobs N] --out DIR
+    fedpress sweep --task digits|mnist|module:function --cells CELL ... [--seeds 0 1 2] [--jobs N] --out DIR
     fedpress token --new --out F | --master F --client-id ID [--out F]
     fedpress certificate --out DIR [--host NAME ...]
     fedpress server --port P --rounds R --clients-per-round C --min-clients M --codec SPEC ...
-    fedpress client --connect HOST:P --token-file F --task digits|mnist --partition I/N ...
+    fedpress client --connect HOST:P --token-file F --task TASK --partition I/N ...
 
 Each subcommand registers itself in :data:`_SUBCOMMANDS` with a function that
 adds its options and one that runs it, so later ones (demo, inspect) plug in
@@ -24,27 +24,9 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
+from ._command_errors import CommandError, Interrupted, UsageError
 
 __all__ = ["main", "build_parser", "CommandError", "UsageError"]
-
-
-class CommandError(Exception):
-    """A failure the user can act on: printed as one line ``fedpress CMD: message``,
-    exit status 1, no traceback (``--debug`` shows it)."""
-
-    status = 1
-
-
-class UsageError(CommandError):
-    """A mistake in the command line or its files: exit status 2."""
-
-    status = 2
-
-
-class Interrupted(CommandError):
-    """Ctrl-C: exit status 130, as a shell reports a process killed by SIGINT."""
-
-    status = 130
 
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
@@ -265,8 +247,9 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="serve plain TCP without TLS (frames stay authenticated; models and updates travel "
                              "in clear): only for loopback and trusted networks")
-    parser.add_argument("--task", choices=["digits", "mnist"], default="digits",
-                        help="the model and test set: digits (bundled with scikit-learn) or mnist (--data-dir)")
+    parser.add_argument("--task", default="digits", metavar="TASK",
+                        help="digits (bundled with scikit-learn), mnist (--data-dir) or module:function returning a "
+                             "fedpress.train.Task (your model and data; see docs/tasks.md)")
     parser.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files, for --task mnist")
     parser.add_argument("--round-timeout", type=float, default=120.0, metavar="S",
                         help="seconds a round waits for the sampled clients' updates")
@@ -330,7 +313,7 @@ def _run_server(args: argparse.Namespace) -> int:
     from .codec import parse_spec
     from .federation import RunExistsError, Server, WaitTimeout, server_context
     from .robust import AggregationRule
-    from .train import get_params, make_evaluate_fn, make_model
+    from .train import get_params, make_evaluate_fn
 
     _setup_logging(args.log_level)
     for flag, spec in (("--codec", args.codec), ("--downlink", args.downlink)):
@@ -370,13 +353,13 @@ def _run_server(args: argparse.Namespace) -> int:
     else:
         print("fedpress server: WARNING: --insecure: plain TCP, models and updates travel in clear "
               "(frames are still authenticated)", file=sys.stderr)
-    _, test = _load_task(args)
-    options = dict(evaluate_fn=make_evaluate_fn(args.task, test), out_dir=args.out,
+    task = _load_task(args)
+    options = dict(evaluate_fn=make_evaluate_fn(task, task.test), out_dir=args.out,
                    resume=args.resume, overwrite=args.overwrite, seed=args.seed, ssl_context=context,
                    wait_timeout=args.wait_timeout or None)
     try:
         server = Server(host=args.host, port=args.port,
-                        initial_params=get_params(make_model(args.task, seed=args.seed)),
+                        initial_params=get_params(task.model_fn(args.seed)),
                         rounds=args.rounds, clients_per_round=args.clients_per_round,
                         min_clients=args.min_clients, codec=args.codec, downlink=args.downlink,
                         token=_read_token(args.token_file) if args.token_file else None,
@@ -418,22 +401,24 @@ def _resume_hint(server: Any) -> str:
     return f"; {server.out_dir} has the checkpoint of round {server.round} of {server.rounds}: add --resume to continue"
 
 
-def _load_task(args: argparse.Namespace) -> tuple:
-    from .train import load_task
+def _load_task(args: argparse.Namespace) -> Any:
+    from .train import resolve_task
 
     try:
-        return load_task(args.task, data_dir=args.data_dir, seed=args.seed)
-    except (OSError, ValueError) as exc:
+        return resolve_task(args.task, data_dir=args.data_dir)
+    except (OSError, ValueError, TypeError) as exc:
         hint = " (--data-dir DIR: the folder of the MNIST IDX files)" if args.task == "mnist" else ""
-        raise UsageError(f"--task {args.task}: {exc}{hint}") from None
+        message = str(exc) if str(exc).startswith("--task") else f"--task {args.task}: {exc}"
+        raise UsageError(f"{message}{hint}") from None
 
 
 def _add_client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the server's address and port")
     parser.add_argument("--token-file", required=True, metavar="FILE",
                         help="this client's token (`fedpress token`; keep it mode 0600)")
-    parser.add_argument("--task", choices=["digits", "mnist"], default="digits",
-                        help="the model and training data; must match the server's")
+    parser.add_argument("--task", default="digits", metavar="TASK",
+                        help="the server's --task: digits, mnist (--data-dir) or module:function returning a "
+                             "fedpress.train.Task")
     parser.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files, for --task mnist")
     parser.add_argument("--partition", required=True, metavar="I/N", help="this client's share: I of N")
     parser.add_argument("--scheme", choices=["iid", "dirichlet", "shards"], default=None,
@@ -476,7 +461,7 @@ def _run_client(args: argparse.Namespace) -> int:
     import ssl
 
     from .federation import Client, FederationError, client_context
-    from .train import client_partition, get_params, make_model, make_train_fn
+    from .train import client_partition, get_params, make_train_fn
 
     _setup_logging(args.log_level)
     try:
@@ -487,7 +472,8 @@ def _run_client(args: argparse.Namespace) -> int:
     if not 0 <= index < total:
         raise UsageError(f"partition index {index} outside 0..{total - 1}")
     scheme = args.scheme or ("dirichlet" if args.alpha is not None else "iid")
-    train, _ = _load_task(args)
+    task = _load_task(args)
+    train = task.train
     try:
         part = client_partition(train, index, total, scheme=scheme, alpha=args.alpha or 0.5, seed=args.seed)
     except ValueError as exc:
@@ -505,12 +491,12 @@ def _run_client(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot load the CA file {args.tls_ca}: {exc}") from None
     try:
         client = Client(args.connect, token=_read_token(args.token_file),
-                        train_fn=make_train_fn(args.task, part, epochs=args.epochs, lr=args.lr,
+                        train_fn=make_train_fn(task, part, epochs=args.epochs, lr=args.lr,
                                                momentum=args.momentum, seed=args.seed * 1000 + index),
                         codec=args.codec, error_feedback=args.ef == "on", momentum=args.momentum_correction,
                         clip=args.clip, warmup_rounds=args.warmup_rounds, warmup_start=args.warmup_start,
                         codec_options={"table": args.table} if args.table != "inline" else None,
-                        initial_params=(get_params(make_model(args.task, seed=args.seed))
+                        initial_params=(get_params(task.model_fn(args.seed))
                                         if args.seeded_model else None),
                         client_id=args.client_id or f"client-{index}", ssl_context=context,
                         insecure=context is None, max_retries=args.max_retries, frame_grace=args.frame_grace,

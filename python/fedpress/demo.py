@@ -63,17 +63,17 @@ class _Progress:
             self.bar.close()
 
 
-async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_per_round: int,
+async def _one_run(codec: str, *, task: Any, rounds: int, clients: int, clients_per_round: int,
                    out_dir: Path, seed: int, lr: float, epochs: int, downlink: Optional[str],
                    data_dir: Optional[str], show_progress: bool) -> dict[str, Any]:
     from .federation import Client, Server
     from .sweep.cell import parse_cell
-    from .train import client_partition, get_params, load_task, make_evaluate_fn, make_model, make_train_fn
+    from .train import client_partition, get_params, make_evaluate_fn, make_train_fn
 
     cell = parse_cell(codec)
-    train, test = load_task(task, data_dir=data_dir, seed=seed)
+    spec = task
+    train, test = spec.train, spec.test
     token = secrets.token_bytes(32)
-    model = make_model(task, seed=seed)
     run_dir = out_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", str(cell).replace("+", "-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     if cell.downlink:
@@ -82,12 +82,12 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
         downlink = None if cell.spec == "fp32" else DEFAULT_DOWNLINK
     elif downlink == "none":
         downlink = None
-    server = Server(host="127.0.0.1", port=0, initial_params=get_params(model), rounds=rounds,
+    server = Server(host="127.0.0.1", port=0, initial_params=get_params(spec.model_fn(seed)), rounds=rounds,
                     clients_per_round=clients_per_round, min_clients=clients, codec=cell.spec,
                     downlink=downlink, token=token, round_timeout=60.0, min_fit=1, ordered=True, overwrite=True,
                     server_lr=cell.server_lr, server_momentum=cell.server_momentum, server_lr_decay=cell.server_decay,
                     downlink_mode=cell.downlink_mode,
-                    evaluate_fn=make_evaluate_fn(task, test), out_dir=str(run_dir), seed=seed,
+                    evaluate_fn=make_evaluate_fn(spec, test), out_dir=str(run_dir), seed=seed,
                     insecure=True)  # loopback only: nothing leaves this machine
     started = time.perf_counter()
     server_task = asyncio.create_task(server.run())
@@ -98,7 +98,7 @@ async def _one_run(codec: str, *, task: str, rounds: int, clients: int, clients_
     client_tasks = []
     for i in range(clients):
         part = client_partition(train, i, clients, scheme="iid", seed=seed)
-        train_fn = make_train_fn(task, part, epochs=epochs, lr=lr, momentum=0.9, seed=seed * 1000 + i)
+        train_fn = make_train_fn(spec, part, epochs=epochs, lr=lr, momentum=0.9, seed=seed * 1000 + i)
         options = cell.encoder_options()
         table = options.pop("table", None)
         c = Client(f"127.0.0.1:{server.port}", token=token, train_fn=train_fn, codec=cell.spec,
@@ -168,17 +168,21 @@ def _plot(results: list[dict], path: Path) -> Optional[str]:
     return None
 
 
-def run_demo(*, codecs=DEFAULT_CODECS, task: str = "digits", rounds: int = 20, clients: int = 8,
+def run_demo(*, codecs=DEFAULT_CODECS, task: Any = "digits", rounds: int = 20, clients: int = 8,
              clients_per_round: Optional[int] = None, out_dir: str = "fedpress-demo", seed: int = 0,
              lr: float = 0.05, epochs: int = 2, downlink: Optional[str] = "auto",
              data_dir: Optional[str] = None, show_progress: bool = True) -> list[dict]:
-    """Runs the demo and returns one result dict per codec (also written to out_dir)."""
+    """Runs the demo and returns one result dict per codec (also written to out_dir).
+    ``task``: ``digits``, ``mnist``, ``module:function`` or a :class:`fedpress.train.Task`."""
+    from .train import Task, resolve_task
+
+    spec = task if isinstance(task, Task) else resolve_task(task, data_dir=data_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for codec in codecs:
         results.append(asyncio.run(_one_run(
-            codec, task=task, rounds=rounds, clients=clients,
+            codec, task=spec, rounds=rounds, clients=clients,
             clients_per_round=clients_per_round or clients, out_dir=out, seed=seed, lr=lr,
             epochs=epochs, downlink=downlink, data_dir=data_dir, show_progress=show_progress)))
     base = next((r for r in results if r["codec"] == "fp32"), None)
@@ -187,7 +191,7 @@ def run_demo(*, codecs=DEFAULT_CODECS, task: str = "digits", rounds: int = 20, c
             mine = r[f"{what}_wire_bytes"]
             r[f"{what}_ratio_vs_fp32"] = base[f"{what}_wire_bytes"] / mine if base and mine else None
     note = _plot(results, out / "accuracy_vs_bytes.png")
-    summary = {"task": task, "rounds": rounds, "clients": clients, "seed": seed, "results": results}
+    summary = {"task": spec.name, "rounds": rounds, "clients": clients, "seed": seed, "results": results}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "results.json")
@@ -216,7 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codecs", nargs="+", default=list(DEFAULT_CODECS), metavar="CELL",
                         help="uplink specs, each optionally with sweep cell options: SPEC[@key=value,...], "
                              "e.g. topk:0.01+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd")
-    parser.add_argument("--task", default="digits", choices=["digits", "mnist"])
+    parser.add_argument("--task", default="digits", metavar="TASK",
+                        help="digits (bundled with scikit-learn), mnist (--data-dir) or module:function returning "
+                             "a fedpress.train.Task (your model and data)")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder for --task mnist")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--clients", type=int, default=None)
@@ -236,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     from .sweep.cell import parse_cell
 
-    from .cli import UsageError
+    from ._command_errors import UsageError
     from .codec import parse_spec
 
     for text in args.codecs:
@@ -249,6 +255,12 @@ def run_from_args(args: argparse.Namespace) -> int:
             parse_spec(args.downlink)
         except ValueError as exc:
             raise UsageError(f"--downlink: {exc}") from None
+    from .train import resolve_task
+
+    try:
+        task = resolve_task(args.task, data_dir=args.data_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(str(exc) if str(exc).startswith("--task") else f"--task {args.task}: {exc}") from None
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -259,7 +271,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.getLogger("fedpress").setLevel(logging.ERROR)
     rounds = args.rounds or (4 if args.quick else 30)
     clients = args.clients or (4 if args.quick else 8)
-    run_demo(codecs=args.codecs, task=args.task, rounds=rounds, clients=clients, out_dir=args.out,
+    run_demo(codecs=args.codecs, task=task, rounds=rounds, clients=clients, out_dir=args.out,
              seed=args.seed, downlink=args.downlink, data_dir=args.data_dir,
              show_progress=not (args.no_progress or args.quiet) and args.log_level in ("debug", "info"))
     return 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from typing import Any
 
 from .cell import OPTIONS, parse_cell
 
@@ -16,7 +14,7 @@ __all__ = ["add_arguments", "run_from_args"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
     parser.add_argument("--task", nargs="+", default=["mnist"], metavar="TASK",
-                        help="digits, mnist, or module:function returning a fedpress.sweep.SweepTask")
+                        help="digits, mnist, or module:function returning a fedpress.train.Task")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default ../shared/data/mnist)")
     parser.add_argument("--cells", nargs="+", required=True, metavar="CELL",
                         help=f"SPEC[@key=value,...]; options: {options}")
@@ -41,25 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _user_task(text: str) -> Any:
-    from .simulate import SweepTask
-
-    module_name, _, func = text.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"--task {text}: cannot import {module_name!r} ({exc})") from None
-    factory = getattr(module, func, None)
-    if not callable(factory):
-        raise ValueError(f"--task {text}: {module_name} has no function {func!r}")
-    task = factory()
-    if not isinstance(task, SweepTask):
-        raise ValueError(f"--task {text}: {func}() must return a fedpress.sweep.SweepTask, got "
-                         f"{type(task).__name__}")
-    return task
-
-
 def run_from_args(args: argparse.Namespace) -> int:
+    from ..train.task import BUILTIN_TASKS, resolve_task
     from .runner import SweepError, run_sweep
     from .simulate import Settings
 
@@ -72,10 +53,10 @@ def run_from_args(args: argparse.Namespace) -> int:
                             lr=args.lr, batch_size=args.batch_size, local_momentum=args.local_momentum,
                             eval_every=args.eval_every, target=args.target,
                             downlink_history=args.downlink_history)
-        tasks = [_user_task(t) if ":" in t else t for t in args.task]
-        for t in tasks:
-            if isinstance(t, str) and t.lower() not in ("digits", "mnist"):
+        for t in args.task:
+            if ":" not in t and t.lower() not in BUILTIN_TASKS:
                 raise ValueError(f"--task {t}: unknown task; use digits, mnist or module:function")
+        tasks = [resolve_task(t) if ":" in t else t for t in args.task]
         summary = run_sweep(tasks, cells, args.seeds, settings, args.out, jobs=args.jobs, data_dir=args.data_dir,
                             baseline=args.baseline, progress=not args.no_progress, overwrite=args.overwrite)
     except (SweepError, ValueError, FileNotFoundError, TypeError) as exc:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -37,10 +37,10 @@ from ..federation.model import (ServerOptimizer, align_update, apply_delta, cano
                                 zero_reference)
 from ..payload import decode
 from ..federation.server import round_config
-from ..train.datasets import Dataset, load_task
 from ..train.loops import evaluate, param_delta, round_seed, train_local
-from ..train.models import get_params, make_model, set_params
+from ..train.models import get_params, set_params
 from ..train.partition import partition
+from ..train.task import Task, builtin_task
 from .cell import Cell, parse_cell
 
 __all__ = ["Settings", "SweepTask", "builtin_task", "simulate", "client_ids", "sample_clients", "ClientTrainer",
@@ -89,76 +89,8 @@ class Settings:
         return asdict(self)
 
 
-@dataclass
-class SweepTask:
-    """What a sweep trains: a model factory and the train and test data.
-
-    ``model_fn(seed)`` returns a fresh ``torch.nn.Module`` whose initial weights are
-    a function of ``seed``; it maps a batch of ``train.x`` to class logits (trained
-    with cross-entropy). ``train`` and ``test`` are :class:`fedpress.train.Dataset`
-    or ``(x, y)`` pairs of arrays (``y``: integer labels 0..C-1). For ``jobs > 1``
-    the task is sent to worker processes, so ``model_fn`` must be a module-level
-    function (picklable).
-    """
-
-    name: str
-    model_fn: Callable[[int], Any]
-    train: Any
-    test: Any
-    num_classes: Optional[int] = None
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.train = _as_data(self.train, "train", self.num_classes)
-        self.test = _as_data(self.test, "test", self.num_classes)
-        if not callable(self.model_fn):
-            raise TypeError("model_fn must be callable: seed -> torch.nn.Module")
-
-
-class _Data:
-    """Arrays a task trains on (any input shape; integer labels)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, name: str) -> None:
-        self.x, self.y, self.name = x, y, name
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def subset(self, idx: np.ndarray) -> _Data:
-        return _Data(self.x[idx], self.y[idx], self.name)
-
-
-def _as_data(data: Any, what: str, num_classes: Optional[int]) -> Any:
-    if isinstance(data, (Dataset, _Data)):
-        return data
-    if isinstance(data, Sequence) and len(data) == 2:
-        x, y = (np.asarray(getattr(a, "numpy", lambda a=a: a)()) for a in data)
-        if x.shape[:1] != y.shape or y.ndim != 1 or not x.shape[0]:
-            raise ValueError(f"{what} data: x has shape {x.shape}, y {y.shape}; need N > 0 examples in both")
-        if y.dtype.kind not in "iu" or y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
-            raise ValueError(f"{what} data: labels must be integers in 0..C-1")
-        return _Data(np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64), what)
-    raise TypeError(f"{what} data must be a fedpress.train.Dataset or an (x, y) pair of arrays, "
-                    f"got {type(data).__name__}")
-
-
-class _BuiltinModel:
-    """``make_model(task, seed)`` as a picklable callable (sent to worker processes)."""
-
-    def __init__(self, task: str) -> None:
-        self.task = task
-
-    def __call__(self, seed: int) -> Any:
-        return make_model(self.task, seed=seed)
-
-
-def builtin_task(name: str, data_dir: Optional[str] = None) -> SweepTask:
-    """``digits`` (scikit-learn's bundled set: 1,438 train / 359 test, an MLP) or
-    ``mnist`` (IDX files in ``data_dir``: 10,000 images split 8,000 / 2,000, stratified
-    with seed 0, a 214k-parameter CNN). The split is the same for every run seed."""
-    train, test = load_task(name, data_dir=data_dir, seed=0)
-    return SweepTask(name=str(name).lower(), model_fn=_BuiltinModel(str(name).lower()), train=train, test=test,
-                     num_classes=train.num_classes, meta={"data_dir": None if data_dir is None else str(data_dir)})
+#: The sweep's name for :class:`fedpress.train.Task` (the same class).
+SweepTask = Task
 
 
 def client_ids(n: int) -> list[str]:

@@ -21,10 +21,12 @@ from .loops import evaluate, make_evaluate_fn, make_train_fn, param_delta, round
 from .models import get_params, init_params, make_model, set_params
 from .partition import (SCHEMES, client_partition, partition, partition_dirichlet, partition_iid,
                         partition_shards)
+from .task import BUILTIN_TASKS, Task, builtin_task, resolve_task
 
 __all__ = [
     "Dataset", "TASKS", "load_digits", "load_mnist_idx", "load_task", "default_mnist_dir", "stratified_split",
     "SCHEMES", "partition", "partition_iid", "partition_dirichlet", "partition_shards", "client_partition",
     "make_model", "get_params", "set_params", "init_params",
     "train_local", "evaluate", "make_train_fn", "make_evaluate_fn", "round_seed", "param_delta",
+    "Task", "BUILTIN_TASKS", "builtin_task", "resolve_task",
 ]

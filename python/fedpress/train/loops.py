@@ -134,9 +134,24 @@ def param_delta(new: np.ndarray, old: Any) -> np.ndarray:
     return (new.astype(np.int64) - np.rint(old_arr).astype(np.int64)).astype(new.dtype)
 
 
-def make_train_fn(task: str, dataset: Dataset, epochs: int = 1, lr: float = 0.05, batch_size: int = 32,
+def _build_model(task: Any, seed: int) -> torch.nn.Module:
+    """A fresh model of ``task``: a built-in task's name, a :class:`~fedpress.train.Task`
+    (its ``model_fn``) or a model factory ``seed -> torch.nn.Module``."""
+    if isinstance(task, str):
+        return make_model(task, seed=seed)
+    model_fn = getattr(task, "model_fn", task)
+    if not callable(model_fn):
+        raise TypeError(f"task must be a task name, a fedpress.train.Task or a model factory, "
+                        f"got {type(task).__name__}")
+    return model_fn(int(seed))
+
+
+def make_train_fn(task: Any, dataset: Dataset, epochs: int = 1, lr: float = 0.05, batch_size: int = 32,
                   momentum: float = 0.0, seed: int = 0) -> TrainFn:
     """``train_fn(global_params, config=None) -> (update, num_examples, metrics)``.
+
+    ``task``: a built-in task's name, a :class:`~fedpress.train.Task` or a model
+    factory ``seed -> torch.nn.Module``.
 
     Loads ``global_params`` into a model built once (and kept), trains it with
     train_local on ``dataset`` and returns ``update`` = local params − global params
@@ -149,7 +164,7 @@ def make_train_fn(task: str, dataset: Dataset, epochs: int = 1, lr: float = 0.05
     ``seed``; a ``round`` entry is mixed into the seed (round_seed), so each round
     shuffles differently. Calls are serialised by a lock.
     """
-    model = make_model(task, seed=seed)
+    model = _build_model(task, seed)
     lock = threading.Lock()
     defaults = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
                 "momentum": float(momentum), "seed": int(seed)}
@@ -179,10 +194,11 @@ def make_train_fn(task: str, dataset: Dataset, epochs: int = 1, lr: float = 0.05
     return train_fn
 
 
-def make_evaluate_fn(task: str, test_dataset: Dataset, batch_size: int = 512) -> EvaluateFn:
+def make_evaluate_fn(task: Any, test_dataset: Dataset, batch_size: int = 512) -> EvaluateFn:
     """``evaluate_fn(params) -> {"loss", "accuracy", "num_examples"}`` on ``test_dataset``,
-    with one model built once and reused (calls serialised by a lock)."""
-    model = make_model(task)
+    with one model built once and reused (calls serialised by a lock); ``task`` as for
+    :func:`make_train_fn`."""
+    model = _build_model(task, 0)
     lock = threading.Lock()
 
     def evaluate_fn(params: Mapping[str, Any]) -> dict[str, float]:
