@@ -185,3 +185,54 @@ def test_a_tls_client_stops_at_once_against_a_plain_server(tmp_path, token):
     # retried 10 times with back-off this would take half a minute
     assert time.monotonic() - started < 15
     assert_one_line(result, 1, "does not speak TLS", "connect with --insecure")
+
+
+def test_every_option_has_help_text_and_shows_its_default():
+    from fedpress.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    missing = [f"{name} {action.option_strings[0]}" for name, sub in commands.choices.items()
+               for action in sub._actions if action.option_strings and not action.help]
+    assert not missing, missing
+    text = " ".join(commands.choices["server"].format_help().split())  # unwrapped
+    assert "(default: 300.0)" in text and "(default: 0.0.0.0)" in text  # --wait-timeout, --host
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_world_readable_token_is_warned_about(tmp_path, token):
+    Path(token).chmod(0o644)
+    result = fedpress(*server_args(tmp_path, token, "--rounds", "0"))
+    assert f"the token file {token} can be read by other users (mode 0644): chmod 600 {token}" in result.stderr
+    Path(token).chmod(0o600)
+    assert "can be read by other users" not in fedpress(*server_args(tmp_path, token, "--rounds", "0")).stderr
+
+
+def test_a_wrong_token_and_a_certificate_for_another_name(tmp_path, token):
+    """A TLS server whose certificate names 127.0.0.1 only: a client with another token is
+    told to check it; one that connects as localhost is told the certificate does not match."""
+    assert fedpress("certificate", "--out", str(tmp_path / "tls"), "--host", "127.0.0.1").returncode == 0
+    other = tmp_path / "other"
+    other.write_text("y" * 64)
+    other.chmod(0o600)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedpress.cli",
+                               *server_args(tmp_path, token, "--wait-timeout", "60", "--tls-cert",
+                                            str(tmp_path / "tls" / "cert.pem"), "--tls-key",
+                                            str(tmp_path / "tls" / "key.pem"), port=port, insecure=False)],
+                              stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        ca = ["--tls-ca", str(tmp_path / "tls" / "cert.pem")]
+        wrong = fedpress(*client_args(str(other), *ca, connect=f"127.0.0.1:{port}", insecure=False))
+        renamed = fedpress(*client_args(token, *ca, connect=f"localhost:{port}", insecure=False))
+    finally:
+        server.kill()
+        server.communicate()
+    assert_one_line(wrong, 1, "the server rejected the token", "check --token-file")
+    assert_one_line(renamed, 1, "certificate this client does not trust", "fedpress certificate --host NAME")

@@ -125,9 +125,16 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _read_token(path: str) -> bytes:
+    import os
+    import stat
+
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             token = f.read().strip()
+        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            print(f"fedpress: WARNING: the token file {path} can be read by other users (mode "
+                  f"{stat.S_IMODE(mode):04o}): chmod 600 {path}", file=sys.stderr)
     except OSError as exc:
         raise UsageError(f"cannot read the token file {path}: {exc.strerror}") from None
     if len(token) < 16:
@@ -460,7 +467,7 @@ def _run_client(args: argparse.Namespace) -> int:
     import asyncio
     import ssl
 
-    from .federation import Client, FederationError, client_context
+    from .federation import AuthenticationError, Client, FederationError, client_context, parse_address
     from .train import client_partition, get_params, make_train_fn
 
     _setup_logging(args.log_level)
@@ -490,6 +497,10 @@ def _run_client(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"cannot load the CA file {args.tls_ca}: {exc}") from None
     try:
+        parse_address(args.connect)
+    except ValueError as exc:
+        raise UsageError(f"--connect: {exc}") from None
+    try:
         client = Client(args.connect, token=_read_token(args.token_file),
                         train_fn=make_train_fn(task, part, epochs=args.epochs, lr=args.lr,
                                                momentum=args.momentum, seed=args.seed * 1000 + index),
@@ -505,6 +516,14 @@ def _run_client(args: argparse.Namespace) -> int:
         raise UsageError(f"{exc}") from None
     try:
         asyncio.run(client.run())
+    except ssl.SSLCertVerificationError as exc:
+        reason = str(exc.verify_message or exc).rstrip(".")
+        raise CommandError(f"the server at {args.connect} presented a certificate this client does not trust: "
+                           f"{reason}; connect with a name the certificate was made for "
+                           "(`fedpress certificate --host NAME`) and its --tls-ca") from None
+    except AuthenticationError as exc:
+        raise CommandError(f"{exc}: check --token-file (the server's token, or with per-client tokens the one "
+                           f"`fedpress token --master` derived for --client-id {client.client_id})") from None
     except (FederationError, ConnectionError, ssl.SSLError) as exc:  # what a user can fix: no traceback
         raise CommandError(f"{exc}") from None
     except KeyboardInterrupt:
@@ -560,6 +579,17 @@ _SUBCOMMANDS: dict[
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless there is nothing to show (no
+    default, a flag) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
@@ -569,8 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedpress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add, run) in _SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         add(p)
         p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
         p.set_defaults(_run=run)

@@ -224,14 +224,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="digits (bundled with scikit-learn), mnist (--data-dir) or module:function returning "
                              "a fedpress.train.Task (your model and data)")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder for --task mnist")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--clients", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per codec (default 30; 4 with --quick)")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="clients, all sampled every round (default 8; 4 with --quick)")
     parser.add_argument("--downlink", default="auto", metavar="SPEC",
                         help=f"codec of the model updates sent to the clients: auto ({DEFAULT_DOWNLINK} for the "
                              "rows whose uplink is compressed, the fp32 model for fp32), none (the fp32 model for "
                              "every row), or a spec")
     parser.add_argument("--out", default="fedpress-demo", help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="fixes every number of the run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--quiet", action="store_true", help="only the table and warnings: no progress bar")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

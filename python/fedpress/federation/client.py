@@ -212,6 +212,8 @@ class Client:
                 reason = str(exc)
             except TLSMismatch:
                 raise
+            except ConnectionRefusedError as exc:
+                reason = f"{exc.strerror or exc} (is the server running and listening on that port?)"
             except (ConnectionError, OSError, asyncio.TimeoutError, P.ProtocolError, EOFError) as exc:
                 reason = str(exc) or type(exc).__name__
             finally:

@@ -18,15 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default ../shared/data/mnist)")
     parser.add_argument("--cells", nargs="+", required=True, metavar="CELL",
                         help=f"SPEC[@key=value,...]; options: {options}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED")
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--partition", choices=["dirichlet", "iid", "shards"], default="dirichlet")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                        help="one run per cell and seed; gaps are paired by seed")
+    parser.add_argument("--clients", type=int, default=50, help="clients the training set is split over")
+    parser.add_argument("--per-round", type=int, default=10, help="clients sampled each round")
+    parser.add_argument("--partition", choices=["dirichlet", "iid", "shards"], default="dirichlet",
+                        help="how the training set is split over the clients")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=100, help="federated rounds per run")
+    parser.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate")
+    parser.add_argument("--batch-size", type=int, default=32, help="local minibatch size")
     parser.add_argument("--local-momentum", type=float, default=0.0, help="SGD momentum inside local training")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds (and the last)")
     parser.add_argument("--target", type=float, default=0.95, help="accuracy whose cost in bytes is reported")
@@ -34,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="downlink deltas the server keeps for clients that skipped rounds (0: all)")
     parser.add_argument("--baseline", default="fp32", metavar="CELL", help="the cell ratios are taken against")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="runs.jsonl, summary.json, summary.md and the plots; runs already there are kept")
     parser.add_argument("--overwrite", action="store_true", help="discard the runs already in DIR")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
