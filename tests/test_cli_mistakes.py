@@ -35,6 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Until something listens on 127.0.0.1:port (a server subprocess started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
 @pytest.fixture
 def token(tmp_path: Path) -> str:
     path = tmp_path / "token"
@@ -170,12 +181,7 @@ def test_a_tls_client_stops_at_once_against_a_plain_server(tmp_path, token):
                                *server_args(tmp_path, token, "--wait-timeout", "60", port=port)],
                               stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_for_port(port)
         started = time.monotonic()
         result = fedpress(*client_args(token, "--tls-ca", str(tmp_path / "tls" / "cert.pem"),
                                        connect=f"127.0.0.1:{port}", insecure=False))
@@ -222,12 +228,7 @@ def test_a_wrong_token_and_a_certificate_for_another_name(tmp_path, token):
                                             str(tmp_path / "tls" / "key.pem"), port=port, insecure=False)],
                               stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_for_port(port)
         ca = ["--tls-ca", str(tmp_path / "tls" / "cert.pem")]
         wrong = fedpress(*client_args(str(other), *ca, connect=f"127.0.0.1:{port}", insecure=False))
         renamed = fedpress(*client_args(token, *ca, connect=f"localhost:{port}", insecure=False))
