@@ -4,10 +4,11 @@ the same seed gives the same numbers."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 CODECS = ["fp32", "topk:0.01+q4+zstd", "eden4"]
@@ -55,3 +56,29 @@ def test_demo_numbers_repeat_for_a_seed(tmp_path) -> None:
 def test_the_downlink_can_be_the_full_model(tmp_path) -> None:
     by_codec = run_quick(tmp_path / "demo", "--downlink", "none")
     assert all(r["downlink"] is None for r in by_codec.values())
+
+
+NO_TORCH = """
+import sys
+
+class NoTorch:  # as if torch were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+
+sys.meta_path.insert(0, NoTorch())
+from fedpress.cli import main
+status = main(sys.argv[1:])
+assert "torch" not in sys.modules
+sys.exit(status)
+"""
+
+
+def test_the_demo_needs_no_torch(tmp_path) -> None:
+    """The digits task trains a numpy MLP: `pip install '.[demo]'` brings no torch."""
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, "demo", "--quick", "--codecs", "fp32", "q4",
+                             "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {r["codec"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert rows["fp32"]["final_accuracy"] > 0.5 and rows["q4"]["final_accuracy"] > 0.5

@@ -156,13 +156,17 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
     """Runs one (cell, seed) and returns its rows: round 0 (the initial model) and one per
     round, with the bytes each direction carried and, on evaluated rounds, the test
     accuracy and loss of the server's global model."""
-    import torch
+    try:
+        import torch
+    except ImportError:  # a numpy task (digits) runs without it
+        torch = None
 
     cell = parse_cell(cell) if isinstance(cell, str) else cell
     s = settings
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # results must not depend on the machine's core count
+    threads = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(1)  # results must not depend on the machine's core count
     try:
         ids = client_ids(s.clients)
         index_of = {cid: i for i, cid in enumerate(ids)}
@@ -231,4 +235,5 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
             emit(r, up, down, up_payload, down_payload, {"clients": len(sampled), "full_models": full})
         return rows
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)

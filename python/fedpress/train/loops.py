@@ -18,6 +18,7 @@ import numpy as np
 
 from ._deps import require_torch
 from .datasets import Dataset
+from .mlp import MLP
 from .models import get_params, make_model, set_params
 
 if TYPE_CHECKING:
@@ -51,8 +52,8 @@ def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch
     ``seed`` (torch's global random state is restored afterwards), so the same
     call on the same model gives the same weights. Returns ``loss``: the mean
     training loss over the last epoch, ``num_examples``: len(dataset) (the FedAvg
-    weight), and ``steps``: the number of SGD steps."""
-    torch = require_torch()
+    weight), and ``steps``: the number of SGD steps. A numpy
+    :class:`~fedpress.train.mlp.MLP` trains with the same rule in numpy."""
     epochs, batch_size = int(epochs), int(batch_size)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -63,6 +64,10 @@ def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch
     n = len(dataset)
     if n == 0:
         raise ValueError("train_local: the data set is empty")
+    if isinstance(model, MLP):
+        return model.fit(dataset.x, dataset.y, epochs=epochs, batch_size=batch_size, lr=float(lr),
+                         momentum=float(momentum), seed=int(seed) % (1 << 63))
+    torch = require_torch()
     device = _device(model)
     x = _tensor(dataset.x).to(device)
     y = _tensor(dataset.y).to(device)
@@ -93,11 +98,13 @@ def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy in [0, 1]) of ``model`` on ``dataset``."""
-    torch = require_torch()
     n = len(dataset)
     if n == 0:
         raise ValueError("evaluate: the data set is empty")
     batch_size = max(int(batch_size), 1)
+    if isinstance(model, MLP):
+        return model.evaluate(dataset.x, dataset.y, batch_size)
+    torch = require_torch()
     device = _device(model)
     x = _tensor(dataset.x)
     y = _tensor(dataset.y)

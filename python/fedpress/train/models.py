@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from ._deps import require_torch
+from .mlp import MLP
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,10 @@ def make_model(task: str, seed: int = 0) -> torch.nn.Module:
 
 def get_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's state_dict as numpy copies, in state_dict order: floating
-    tensors as float32, integer tensors (e.g. BatchNorm counters) keep their dtype."""
+    tensors as float32, integer tensors (e.g. BatchNorm counters) keep their dtype.
+    A numpy :class:`~fedpress.train.mlp.MLP` gives its parameters."""
+    if isinstance(model, MLP):
+        return model.get_params()
     torch = require_torch()
     out: dict[str, np.ndarray] = {}
     for name, t in model.state_dict().items():
@@ -63,6 +67,9 @@ def set_params(model: torch.nn.Module, params: Mapping[str, Any]) -> None:
 
     The names must be exactly the state_dict's and every shape must match;
     otherwise ValueError lists the differences and the model is left unchanged."""
+    if isinstance(model, MLP):
+        model.set_params(params)
+        return
     torch = require_torch()
     state = model.state_dict()
     missing = [k for k in state if k not in params]

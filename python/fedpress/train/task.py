@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .datasets import Dataset, load_task
+from .mlp import digits_mlp
 from .models import make_model
 
 __all__ = ["Task", "builtin_task", "resolve_task", "BUILTIN_TASKS"]
@@ -49,9 +50,9 @@ BUILTIN_TASKS = ("digits", "mnist")
 class Task:
     """A model factory and the train and test data.
 
-    ``model_fn(seed)`` returns a fresh ``torch.nn.Module`` whose initial weights are
-    a function of ``seed``; it maps a batch of ``train.x`` to class logits (trained
-    with cross-entropy). ``train`` and ``test`` are :class:`fedpress.train.Dataset`
+    ``model_fn(seed)`` returns a fresh ``torch.nn.Module`` (or a numpy
+    :class:`~fedpress.train.mlp.MLP`) whose initial weights are a function of ``seed``;
+    it maps a batch of ``train.x`` to class logits (trained with cross-entropy). ``train`` and ``test`` are :class:`fedpress.train.Dataset`
     or ``(x, y)`` pairs of arrays (``y``: integer labels 0..C-1). For a sweep with
     ``jobs > 1`` the task is sent to worker processes, so ``model_fn`` must be a
     module-level function (picklable).
@@ -109,12 +110,15 @@ class _BuiltinModel:
 
 
 def builtin_task(name: str, data_dir: Optional[str] = None) -> Task:
-    """``digits`` (scikit-learn's bundled set: 1,438 train / 359 test, an MLP) or
-    ``mnist`` (IDX files in ``data_dir``: 10,000 images split 8,000 / 2,000, stratified
-    with seed 0, a 214k-parameter CNN). The split is the same for every run seed."""
+    """``digits`` (scikit-learn's bundled set: 1,438 train / 359 test, a 64-64-10 MLP in
+    numpy, :mod:`fedpress.train.mlp`: no torch needed) or ``mnist`` (IDX files in
+    ``data_dir``: 10,000 images split 8,000 / 2,000, stratified with seed 0, a
+    214k-parameter CNN in torch). The split is the same for every run seed."""
+    name = str(name).lower()
     train, test = load_task(name, data_dir=data_dir, seed=0)
-    return Task(name=str(name).lower(), model_fn=_BuiltinModel(str(name).lower()), train=train, test=test,
-                num_classes=train.num_classes, meta={"data_dir": None if data_dir is None else str(data_dir)})
+    model_fn = digits_mlp if name == "digits" else _BuiltinModel(name)
+    return Task(name=name, model_fn=model_fn, train=train, test=test, num_classes=train.num_classes,
+                meta={"data_dir": None if data_dir is None else str(data_dir)})
 
 
 def resolve_task(text: str, data_dir: Optional[str] = None) -> Task:
