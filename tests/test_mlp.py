@@ -57,7 +57,7 @@ def test_the_digits_model_has_torchs_names_and_shapes():
     assert all(v.dtype == np.float32 for v in params.values())
     assert all(np.array_equal(v, get_params(digits_mlp(0))[k]) for k, v in params.items())
     assert not np.array_equal(params["1.weight"], get_params(digits_mlp(1))["1.weight"])
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from fedpress.train import make_model
 
     set_params(make_model("digits"), params)  # moves to the torch model as it is
