@@ -237,3 +237,13 @@ def test_a_wrong_token_and_a_certificate_for_another_name(tmp_path, token):
         server.communicate()
     assert_one_line(wrong, 1, "the server rejected the token", "check --token-file")
     assert_one_line(renamed, 1, "certificate this client does not trust", "fedpress certificate --host NAME")
+
+
+def test_info_by_default_and_quiet_on_request(tmp_path, token):
+    base = server_args(tmp_path, token, "--wait-timeout", "1")
+    base.remove("--log-level")
+    base.remove("error")
+    talkative = fedpress(*base).stderr
+    assert "listening on 127.0.0.1:" in talkative and "waiting for clients: 0 of the 1 needed connected" in talkative
+    quiet = fedpress(*base, "--quiet").stderr
+    assert "listening on" not in quiet and "waited 1 s for 1 clients" in quiet.strip().splitlines()[-1]

@@ -146,11 +146,14 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="what goes to stderr: info (default) says where it listens or connects, TLS or "
                              "not, who joins and one line per round")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only (--log-level warning)")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, quiet: bool = False) -> None:
     import logging
 
+    if quiet and level in ("debug", "info"):
+        level = "warning"
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -322,7 +325,7 @@ def _run_server(args: argparse.Namespace) -> int:
     from .robust import AggregationRule
     from .train import get_params, make_evaluate_fn
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.quiet)
     for flag, spec in (("--codec", args.codec), ("--downlink", args.downlink)):
         try:
             if spec:
@@ -470,7 +473,7 @@ def _run_client(args: argparse.Namespace) -> int:
     from .federation import AuthenticationError, Client, FederationError, client_context, parse_address
     from .train import client_partition, get_params, make_train_fn
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.quiet)
     try:
         index_text, total_text = args.partition.split("/")
         index, total = int(index_text), int(total_text)
