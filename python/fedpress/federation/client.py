@@ -298,6 +298,10 @@ class Client:
             code, message = P.unpack_error(frame.body)
             if code == P.ErrorCode.AUTH:
                 raise P.AuthenticationError(f"the server rejected the token: {message}")
+            if code == P.ErrorCode.TLS_REQUIRED:
+                raise TLSMismatch(f"the server at {self.host}:{self.port} speaks TLS: connect with --tls-ca FILE "
+                                  "(its certificate or CA; Client(ssl_context=client_context(FILE))), not "
+                                  "--insecure")
             raise P.PeerError(code, message)
         if frame.type != ftype:
             raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected {ftype.name}, got {frame.type.name}")

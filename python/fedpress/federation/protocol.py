@@ -141,6 +141,7 @@ class ErrorCode(enum.IntEnum):
     SHUTDOWN = 8       # the server is shutting down
     INTERNAL = 9       # unexpected failure on the sender's side
     INTEGRITY = 10     # a sealed frame failed its MAC or came out of sequence (altered in transit)
+    TLS_REQUIRED = 11  # a plain-TCP HELLO reached a TLS server (sent in plain TCP, before closing)
 
     @classmethod
     def name_of(cls, code: int) -> str:

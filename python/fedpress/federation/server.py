@@ -50,7 +50,8 @@ from .accounting import ConnectionAccount, Ledger, TrafficRow
 from .model import (CHECKPOINT_JSON, DOWNLINK_MODES, ClientDownlink, Downlink, ServerOptimizer, as_params,
                     atomic_write, load_checkpoint, make_downlink, remove_partial_writes, save_checkpoint, table,
                     zero_reference)
-from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish
+from .transport import (BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish,
+                        peek)
 
 __all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config"]
 
@@ -607,6 +608,11 @@ class Server:
     async def _handshake(self, counting: CountingTransport,
                          holder: dict[str, Any]) -> tuple[P.Hello, bytes, P.Auth]:
         async def first_frame() -> bytes:
+            if self.ssl_context is not None and await peek(counting, len(P.MAGIC)) == P.MAGIC:
+                # A plain-TCP client: tell it in plain TCP, so that it stops instead of retrying.
+                counting.writelines(P.encode_frame(P.FrameType.ERROR, P.pack_error(
+                    P.ErrorCode.TLS_REQUIRED, "this server requires TLS: connect with --tls-ca (not --insecure)")))
+                raise P.ProtocolError(P.ErrorCode.TLS_REQUIRED, "a plain-TCP HELLO on this TLS server")
             conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
                                    handshake_timeout=self.hello_timeout, shutdown_timeout=self.shutdown_timeout)
             holder["conn"] = conn

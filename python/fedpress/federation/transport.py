@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 from .protocol import (MAX_FRAME_LIMIT, TRAILER_BYTES, ConnectionClosed, Frame, FrameOpener, FrameSealer,
                        encode_frame, read_frame)
 
-__all__ = ["CountingProtocol", "CountingTransport", "Connection", "InflightBudget", "BodyDeadline", "establish",
+__all__ = ["CountingProtocol", "CountingTransport", "Connection", "InflightBudget", "BodyDeadline", "establish", "peek",
            "open_connection"]
 
 log = logging.getLogger("fedpress.federation")
@@ -59,6 +59,7 @@ class CountingProtocol(asyncio.BufferedProtocol):
         self._upper_buffered = False
         self._own: Optional[memoryview] = None
         self._early = bytearray()
+        self._early_waiter: Optional[asyncio.Future] = None
         self.closed: Optional[asyncio.Future] = None
 
     # -- socket transport side
@@ -87,6 +88,7 @@ class CountingProtocol(asyncio.BufferedProtocol):
         assert self._own is not None
         if upper is None:
             self._early += self._own[:nbytes]
+            self._wake_early()
         else:
             upper.data_received(bytes(self._own[:nbytes]))  # type: ignore[attr-defined]
 
@@ -95,7 +97,12 @@ class CountingProtocol(asyncio.BufferedProtocol):
             return self._upper.eof_received()  # type: ignore[attr-defined]
         return None
 
+    def _wake_early(self) -> None:
+        if self._early_waiter is not None and not self._early_waiter.done():
+            self._early_waiter.set_result(None)
+
     def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._wake_early()
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
         if self._upper is not None:
@@ -377,6 +384,24 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
         host = peer[0]
         return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
     return str(peer)
+
+
+async def peek(counting: CountingTransport, n: int) -> bytes:
+    """The first ``n`` bytes the peer sends (fewer if it closes first), before any
+    upper protocol is installed; they stay queued and reach the protocol that
+    :func:`establish` installs (TLS or streams), so nothing is consumed. A server
+    uses it to tell a plain-TCP HELLO from a TLS ClientHello."""
+    shim = counting._shim
+    while len(shim._early) < n and not counting.is_closing() and not shim.closed.done():
+        shim._early_waiter = asyncio.get_running_loop().create_future()
+        counting._raw.resume_reading()
+        try:
+            await shim._early_waiter
+        finally:
+            shim._early_waiter = None
+            if not counting._raw.is_closing():
+                counting._raw.pause_reading()
+    return bytes(shim._early[:n])
 
 
 async def establish(counting: CountingTransport, *, ssl_context: Optional[_ssl.SSLContext] = None,
