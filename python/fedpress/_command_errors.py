@@ -1,5 +1,5 @@
 """The errors a ``fedpress`` command ends with: one line on stderr and an exit status
-(see :func:`fedpress.cli.main`). In their own module so that every subcommand raises
+(see ``fedpress.cli.main``). In their own module so that every subcommand raises
 the same classes, also when the command line runs as ``python -m fedpress.cli``
 (whose ``__main__`` is a second copy of the cli module)."""
 

@@ -32,7 +32,7 @@ class Aggregator:
     and leaves the aggregate as it was. Sparse sections are scattered straight
     into the float32 (or float64, ``dtype=np.float64``) sums.
 
-    ``table`` (as for :func:`fedpress.table_digest`: the model, or a list of (name,
+    ``table`` (as for ``fedpress.table_digest``: the model, or a list of (name,
     dtype name, shape)) is the model every payload must be made for, and lets the
     aggregator read payloads encoded with ``table="digest"`` from the first one on.
     Without it the aggregator learns the table from the first payload that carries
@@ -182,7 +182,7 @@ class Aggregator:
         With ``copy=False`` the running sums are divided in place and handed
         over, so no second model-sized buffer is allocated; the aggregator is
         then empty again (``count`` 0), ready for the next round. An output this
-        process cannot allocate raises DecodeError, as :meth:`add` does.
+        process cannot allocate raises DecodeError, as ``add`` does.
         """
         if self._table is None:
             raise ValueError("no payload was added")

@@ -10,9 +10,9 @@
     fedpress server --port P --rounds R --clients-per-round C --min-clients M --codec SPEC ...
     fedpress client --connect HOST:P --token-file F --task TASK --partition I/N ...
 
-Each subcommand registers itself in :data:`_SUBCOMMANDS` with a function that
+Each subcommand registers itself in ``_SUBCOMMANDS`` with a function that
 adds its options and one that runs it, so later ones (demo, inspect) plug in
-without touching :func:`main`. Optional heavy modules (torch) are imported
+without touching ``main``. Optional heavy modules (torch) are imported
 only when a subcommand runs, so ``fedpress --help`` stays fast.
 """
 

@@ -18,7 +18,7 @@ unbiased scale per rotation block. ``edenB:mse`` uses the error-minimising scale
 instead (biased; for use under error feedback). ``edenB:shared`` is the mode for a
 round whose clients share one rotation seed (``Codec.encode(..., rotation_seed=)``):
 unbiased stochastic rounding between neighbouring levels, so the server can sum
-the clients in the rotated domain and invert once (see :class:`fedpress.Aggregator`).
+the clients in the rotated domain and invert once (see ``fedpress.Aggregator``).
 """
 
 from __future__ import annotations
@@ -158,14 +158,14 @@ class Codec:
     """Encodes a whole update (a mapping of names to tensors) into self-describing bytes.
 
     ``Codec("topk:0.01+q4+zstd").encode(update)`` returns a payload that
-    :func:`fedpress.decode` restores without knowing the codec. Float tensors
+    ``fedpress.decode`` restores without knowing the codec. Float tensors
     (float16/32/64, bfloat16) are compressed; integer and bool tensors travel
     losslessly. Selection runs over the whole update (a global top-k over all
     float tensors) unless ``per_tensor=True``. A tensor whose sparse form would
     be larger than its dense form is sent dense.
 
     ``table="digest"`` leaves the tensor table (names, dtypes, shapes) out of the
-    payload and sends its 8-byte digest (:func:`fedpress.table_digest`) instead: for
+    payload and sends its 8-byte digest (``fedpress.table_digest``) instead: for
     a receiver that knows the model, which decodes with ``table=`` the model.
     """
 

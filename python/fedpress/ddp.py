@@ -69,7 +69,7 @@ _BYTE_FIELDS = ("raw_bytes", "payload_bytes", "sent_bytes", "gathered_bytes")
 
 
 class CompressionState:
-    """State of :func:`compress_hook`: the spec, one error-feedback encoder per bucket, the
+    """State of ``compress_hook``: the spec, one error-feedback encoder per bucket, the
     step counter and byte accounting.
 
     ``spec`` is a fedpress spec (``"q8"``, ``"topk:0.01+q8+zstd"``, ...); a bad one raises
@@ -79,9 +79,9 @@ class CompressionState:
     ``process_group`` None means the default group. ``seed`` fixes the encoders' random
     choices (stochastic rounding, random-k): each payload's seed is a function of
     (seed, rank, step, bucket index), so ranks differ and a rerun repeats. ``codec_options``
-    go to :class:`fedpress.Codec` (``bucket=``, ``per_tensor=``, ``rht_block=``).
+    go to ``fedpress.Codec`` (``bucket=``, ``per_tensor=``, ``rht_block=``).
 
-    ``history`` holds a :class:`StepBytes` per finished step (the last ``history_size``);
+    ``history`` holds a ``StepBytes`` per finished step (the last ``history_size``);
     ``totals()`` sums every step. Pickling drops the process group (it cannot be
     pickled); an unpickled state uses the default group, as torch's PowerSGDState does.
     """
@@ -123,7 +123,7 @@ class CompressionState:
 
     def totals(self) -> dict[str, int]:
         """Sums over every finished step: ``steps``, ``compressed_steps`` and the byte
-        fields of :class:`StepBytes`."""
+        fields of ``StepBytes``."""
         return dict(self._totals)
 
     def residual_norm(self) -> float:

@@ -5,7 +5,7 @@ For each codec a server and several clients run in one process but talk over
 real TCP sockets on 127.0.0.1, so every byte in the table crossed a socket.
 The task is scikit-learn's bundled digits (an MLP, IID clients); the clients
 use error feedback. Rows whose uplink is compressed also compress the downlink
-(``--downlink``, default :data:`DEFAULT_DOWNLINK`), so the table's total-traffic
+(``--downlink``, default ``DEFAULT_DOWNLINK``), so the table's total-traffic
 ratio is what a deployment would see. A seed fixes every number: clients are
 seeded, and the server sums each round's updates in client order (``ordered``).
 The output folder gets ``results.json``, each run's ``rounds.jsonl`` and
@@ -173,7 +173,7 @@ def run_demo(*, codecs=DEFAULT_CODECS, task: Any = "digits", rounds: int = 20, c
              lr: float = 0.05, epochs: int = 2, downlink: Optional[str] = "auto",
              data_dir: Optional[str] = None, show_progress: bool = True) -> list[dict]:
     """Runs the demo and returns one result dict per codec (also written to out_dir).
-    ``task``: ``digits``, ``mnist``, ``module:function`` or a :class:`fedpress.train.Task`."""
+    ``task``: ``digits``, ``mnist``, ``module:function`` or a ``fedpress.train.Task``."""
     from .train import Task, resolve_task
 
     spec = task if isinstance(task, Task) else resolve_task(task, data_dir=data_dir)

@@ -89,7 +89,7 @@ class Encoder:
     def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
                rotation_seed: Optional[int] = None, round: Optional[int] = None) -> bytes:
         """The payload of ``update`` plus what earlier rounds did not send; ``seed`` and
-        ``rotation_seed`` as in :meth:`fedpress.Codec.encode`. ``round`` (1-based, the
+        ``rotation_seed`` as in ``fedpress.Codec.encode``. ``round`` (1-based, the
         federation's round) places the call in the density warm-up; without it the
         encoder counts its own calls."""
         if not isinstance(update, Mapping):

@@ -20,7 +20,7 @@ payload of ``reply - received`` (the update), encoded with an error-feedback
 residual kept in ``Context.state``. Sizes go in a ConfigRecord named
 ``"fedpress"``, never in the MetricRecord that strategies average. The wrapper
 rebuilds ``global + update`` for its inner strategy or, when the inner strategy
-is plain FedAvg, streams the payloads into :class:`fedpress.Aggregator` without
+is plain FedAvg, streams the payloads into ``fedpress.Aggregator`` without
 one dense model per client. With ``downlink=`` the global model travels as one
 payload compressed once per round, and the mod decodes it before any handler
 (or later mod) sees the message.
@@ -139,8 +139,8 @@ def _subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> d
 
 
 def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``base + update`` in the base's dtypes (the inverse of :func:`_subtract`);
-    ``update`` has passed :func:`_check_fits` against ``base``."""
+    """``base + update`` in the base's dtypes (the inverse of ``_subtract``);
+    ``update`` has passed ``_check_fits`` against ``base``."""
     out = {}
     for key, ref in base.items():
         u = update[key].reshape(ref.shape)
@@ -155,7 +155,7 @@ def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> di
 
 def _update_table(base: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple]]:
     """The tensor table of an update ``compress_mod`` makes against ``base`` (see
-    :func:`_subtract`): what a payload coded ``table="digest"`` was made for."""
+    ``_subtract``): what a payload coded ``table="digest"`` was made for."""
     return [(k, "bool" if v.dtype.kind == "b" else "int64" if v.dtype.kind in "iu" else v.dtype.name, v.shape)
             for k, v in base.items()]
 
@@ -214,7 +214,7 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
     round), so a run repeats exactly (by default they are fresh);
     ``clip``, ``warmup_rounds`` and ``warmup_start`` are the Encoder's DGC local
     clipping and density warm-up (counted in this node's own rounds);
-    ``codec_options`` go to :class:`fedpress.Codec` (``per_tensor``, ``bucket``,
+    ``codec_options`` go to ``fedpress.Codec`` (``per_tensor``, ``bucket``,
     ``table="digest"``: the ``FedPress`` wrapper decodes with the model it sent).
     """
     # Bad arguments fail here, not in the first round.
@@ -309,7 +309,7 @@ class FedPress(Strategy):
     ``downlink``: an absolute codec (``"fp16"``, ``"bf16"``, ``"q8"``, ``"q8+zstd"``...)
     for the global model sent to nodes, compressed once per round; ``None`` sends
     Flower's own arrays. ``fast_path``: stream payloads into one
-    :class:`fedpress.Aggregator` when the inner strategy is exactly ``FedAvg``
+    ``fedpress.Aggregator`` when the inner strategy is exactly ``FedAvg``
     (``None``: whenever possible).
 
     ``history`` holds one dict per round: ``round``; ``uplink_payload`` (bytes of the

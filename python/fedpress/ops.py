@@ -5,7 +5,7 @@ without being imported) and returns numpy arrays. Float inputs of any precision
 are converted to float32; a contiguous float32 input is used without a copy.
 Multi-dimensional inputs are flattened in C order, so indices are flat indices.
 
-Results never depend on the number of threads (see :func:`set_num_threads`).
+Results never depend on the number of threads (see ``set_num_threads``).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def randomk(x: ArrayLike, k: int, seed: Seed = None) -> tuple[np.ndarray, np.nda
     """k entries of x chosen uniformly without replacement; indices ascending.
 
     The indices depend only on ``(len(x), k, seed)``: a receiver that knows the
-    seed can regenerate them with :func:`randomk_indices`.
+    seed can regenerate them with ``randomk_indices``.
     """
     arr = _as_float32(x, "x")
     return _core.randomk(arr, _count(k, "k"), _seed(seed))
@@ -274,7 +274,7 @@ def quantize(
 def dequantize(
     packed: ArrayLike, scales: ArrayLike, bits: int, n: int, bucket: int = 512
 ) -> np.ndarray:
-    """Inverse of :func:`quantize`: float32[n]."""
+    """Inverse of ``quantize``: float32[n]."""
     p = _as_packed(packed)
     s = _as_float32(scales, "scales")
     return _core.dequantize(p, s, _bits(bits), _count(n, "n"), _bucket(bucket))
@@ -299,7 +299,7 @@ def _required_seed(seed: Any) -> int:
 
 
 def rht_padded_size(n: int, block: int = _RHT_BLOCK) -> int:
-    """Length of :func:`rht`'s output for n elements.
+    """Length of ``rht``'s output for n elements.
 
     ``n // block`` full blocks, then the remaining ``n % block`` elements padded
     with zeros up to their next power of two (so a vector shorter than a block
@@ -314,18 +314,18 @@ def rht_padded_size(n: int, block: int = _RHT_BLOCK) -> int:
 def rht(x: ArrayLike, seed: int, block: int = _RHT_BLOCK) -> np.ndarray:
     """Seeded randomized Hadamard rotation: float32[rht_padded_size(len(x), block)].
 
-    Each block (see :func:`rht_padded_size`) is multiplied by random signs
+    Each block (see ``rht_padded_size``) is multiplied by random signs
     (a pure function of ``(seed, index)``) and then by the orthonormal
     Walsh-Hadamard matrix, so norms are preserved and heavy-tailed vectors come
-    out Gaussian-like, which suits max-abs :func:`quantize`. ``block`` is a power
-    of two up to 2**24; :func:`irht` with the same seed and block inverts it.
+    out Gaussian-like, which suits max-abs ``quantize``. ``block`` is a power
+    of two up to 2**24; ``irht`` with the same seed and block inverts it.
     """
     arr = _as_float32(x, "x")
     return _core.rht(arr, _required_seed(seed), _rht_block(block))
 
 
 def irht(y: ArrayLike, n: int, seed: int, block: int = _RHT_BLOCK) -> np.ndarray:
-    """Inverse of :func:`rht`: float32[n] from ``y`` of ``rht_padded_size(n, block)``."""
+    """Inverse of ``rht``: float32[n] from ``y`` of ``rht_padded_size(n, block)``."""
     arr = _as_float32(y, "y")
     n = _count(n, "n")
     if n > _MAX_LEN:
@@ -337,7 +337,7 @@ def fwht(x: ArrayLike, block: Optional[int] = None) -> ArrayLike:
     """Orthonormal Walsh-Hadamard transform of each block of x, in place; returns x.
 
     x is a writable contiguous float32 array or CPU tensor whose length is that
-    of :func:`rht`'s output: whole blocks of ``block`` (a power of two), then at
+    of ``rht``'s output: whole blocks of ``block`` (a power of two), then at
     most one shorter power-of-two block. ``block=None`` transforms x as one
     block (its length must be a power of two). The transform is its own
     inverse (up to float rounding), and for a zero-padded x
@@ -358,7 +358,7 @@ def fwht(x: ArrayLike, block: Optional[int] = None) -> ArrayLike:
 
 
 def random_signs(x: ArrayLike, seed: int) -> ArrayLike:
-    """``x_i *= s_i`` in place with the random signs :func:`rht` uses for seed; returns x."""
+    """``x_i *= s_i`` in place with the random signs ``rht`` uses for seed; returns x."""
     arr = _as_inplace_float32(x, "x")
     _core.random_signs(arr, _required_seed(seed))
     return x
@@ -432,12 +432,12 @@ def eden_quantize(y: ArrayLike, n: int, bits: int, seed: Seed = None, block: int
     r) is normalised to ``z = y * sqrt(L) / r`` and every coordinate is coded
     in ``bits`` (1, 2, 3, 4 or 8) bits:
 
-    * ``stochastic=False``: the nearest of :func:`eden_centroids`, with one
+    * ``stochastic=False``: the nearest of ``eden_centroids``, with one
       scale per block, ``r**2 / <y, c>`` (``scale="unbiased"``, EDEN's: the
       error is about mse / (1 - mse) of ||x||^2 on any input) or
       ``<y, c> / ||c||**2`` (``scale="mse"``: smaller error, biased).
     * ``stochastic=True``: unbiased stochastic rounding between the
-      :func:`eden_levels`, scale ``r / sqrt(L)``, driven by ``seed``;
+      ``eden_levels``, scale ``r / sqrt(L)``, driven by ``seed``;
       coordinates beyond ``EDEN_CLIP`` are outliers, sent exactly.
 
     Returns ``(packed, scales, outlier_idx, outlier_val)``: uint8 codes (element
@@ -454,7 +454,7 @@ def eden_quantize(y: ArrayLike, n: int, bits: int, seed: Seed = None, block: int
 
 def eden_dequantize(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, block: int = _RHT_BLOCK,
                     stochastic: bool = False) -> np.ndarray:
-    """The rotated vector :func:`eden_quantize`'s codes stand for:
+    """The rotated vector ``eden_quantize``'s codes stand for:
     float32[rht_padded_size(n, block)], ``scales[block of i] * table[code_i]``.
 
     Outliers are not applied (``y[outlier_idx] = outlier_val`` does that).
@@ -489,7 +489,7 @@ def eden_encode(x: ArrayLike, bits: int, seed: int, block: int = _RHT_BLOCK, sto
 
     The rotation runs a cache-sized range of blocks at a time, so the rotated
     vector is never built. ``quant_seed`` (stochastic rounding only) defaults
-    to a seed derived from ``seed``. Returns what :func:`eden_quantize` returns.
+    to a seed derived from ``seed``. Returns what ``eden_quantize`` returns.
     """
     arr = _as_float32(x, "x")
     b, stochastic, mse = _eden_mode(bits, stochastic, scale)
@@ -501,7 +501,7 @@ def eden_encode(x: ArrayLike, bits: int, seed: int, block: int = _RHT_BLOCK, sto
 def eden_decode(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, seed: int, block: int = _RHT_BLOCK,
                 stochastic: bool = False, outlier_idx: Optional[ArrayLike] = None,
                 outlier_val: Optional[ArrayLike] = None) -> np.ndarray:
-    """Inverse of :func:`eden_encode`: float32[n].
+    """Inverse of ``eden_encode``: float32[n].
 
     Dequantizes, puts the outliers (strictly ascending positions in the rotated
     vector) in place and inverts the rotation, a range of blocks at a time.
@@ -536,7 +536,7 @@ def encode_indices(indices: ArrayLike, n: int) -> bytes:
 
 
 def decode_indices(buf: Union[bytes, bytearray, memoryview], n: int, max_count: Optional[int] = None) -> np.ndarray:
-    """Decode :func:`encode_indices` output into uint32 indices.
+    """Decode ``encode_indices`` output into uint32 indices.
 
     The whole buffer must be one valid stream; any corruption (truncation,
     trailing bytes, an index >= n, a count above ``max_count`` (default n))

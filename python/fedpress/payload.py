@@ -15,8 +15,8 @@ Layout (all integers little-endian)::
     trailer  crc32c u32 over header and stored body
 
 Every length, count, shape and index is checked against the buffer and against
-:class:`Limits` before anything is allocated; any malformed payload raises
-:class:`DecodeError`.
+``Limits`` before anything is allocated; any malformed payload raises
+``DecodeError``.
 """
 
 from __future__ import annotations
@@ -366,7 +366,7 @@ def eden_rotate(v: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
 
 
 def eden_unrotate(y: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
-    """Inverse of :func:`eden_rotate`, in place on the float32 array ``y``; returns it."""
+    """Inverse of ``eden_rotate``, in place on the float32 array ``y``; returns it."""
     for i, (off, length) in enumerate(eden_segments(y.size, block)):
         first, second = _segment_seeds(rotation_seed, i)
         part = y[off:off + length]
@@ -438,7 +438,7 @@ class EdenSection:
     def outlier_correction(self) -> np.ndarray:
         """What each outlier adds to the value its code stands for (outliers replace their
         codes' values): float32, one per outlier. Computed once, so an aggregator can have it
-        made before its sums change, and :meth:`accumulate` then allocates nothing."""
+        made before its sums change, and ``accumulate`` then allocates nothing."""
         if self._correction is None:
             if self.outlier_idx.size:
                 codes, scales = self._outlier_codes()
@@ -450,7 +450,7 @@ class EdenSection:
 
     def accumulate(self, acc: np.ndarray, weight: float) -> None:
         """``acc += weight * rotated()`` in place, without building the rotated vector; after
-        :meth:`outlier_correction`, nothing sized by the section is allocated."""
+        ``outlier_correction``, nothing sized by the section is allocated."""
         correction = self.outlier_correction()
         for off, length, scales, packed in self._parts():
             ops.eden_accumulate(acc[off:off + length], packed, scales, length, self.bits, block=self.block,
@@ -732,7 +732,7 @@ def _as_buffer(payload: Any) -> memoryview:
 def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> Parsed:
     """Validates a whole payload and returns its table with section views.
 
-    ``table`` (as for :func:`table_digest`) is the model the payload must be made
+    ``table`` (as for ``table_digest``) is the model the payload must be made
     for: a payload without its table needs it, and one with its table must match it."""
     known = None if table is None else table_entries(table)
     parsed, body = _open(payload, limits)
@@ -1035,7 +1035,7 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
     """Restores an update from payload bytes alone: ``{name: array}`` with the
     original shapes and dtypes (bfloat16 tensors come back as float32).
 
-    ``table``: the model the payload was made for, as for :func:`table_digest` (a
+    ``table``: the model the payload was made for, as for ``table_digest`` (a
     mapping of names to arrays, or a list of (name, dtype name, shape)). A payload
     encoded with ``table="digest"`` needs it; any other payload must then match it.
     Without it, the output may be at most ``limits.max_expansion`` bytes per payload
@@ -1061,7 +1061,7 @@ def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None)
     """What a payload holds: codec, each tensor's name, shape, dtype, section kind
     and bytes, the raw (float32/original) size, the payload size and the ratio,
     whether the table travels inline or as a digest, and the table's digest.
-    ``table`` as for :func:`decode`."""
+    ``table`` as for ``decode``."""
     with out_of_memory_as_decode_error():
         parsed = parse(payload, limits, table)
     tensors = []

@@ -5,11 +5,11 @@ FedAvg weighs each update by the number of examples its client claims, so one
 client that claims 2**63 examples is the whole mean, and one update of norm
 1e30 swamps all others. A server that cannot trust its clients bounds both:
 
-- :func:`cap_shares`: no client holds more than a fraction of the round's
+- ``cap_shares``: no client holds more than a fraction of the round's
   total weight (the excess is cut, the others keep their proportions);
-- :func:`clip_factor`: each update is scaled down to a maximum L2 norm over
+- ``clip_factor``: each update is scaled down to a maximum L2 norm over
   all its tensors (as in DP-FedAvg, McMahan et al. 2018);
-- :class:`AggregationRule` ``median`` / ``trimmed:F``: the coordinate-wise
+- ``AggregationRule`` ``median`` / ``trimmed:F``: the coordinate-wise
   median, or the mean after dropping the F largest and F smallest values of
   each coordinate (Yin et al. 2018), which tolerate a minority of arbitrary
   updates but need every decoded update of the round in memory.

@@ -25,7 +25,7 @@ What a delta holds, by the dtype of the model's tensor:
 * float64: the float64 difference (a float32 difference would drop the low bits of the update).
 * integer (e.g. BatchNorm's ``num_batches_tracked``): the int64 difference, so a decrease of an
   unsigned buffer does not wrap around; the codec sends it losslessly.
-* bool: the current values themselves, not a difference; :class:`fedpress.Aggregator` turns
+* bool: the current values themselves, not a difference; ``fedpress.Aggregator`` turns
   them into the weighted majority and ``apply_delta`` assigns them.
 
 ``apply_delta`` mirrors this: floats get ``lr * delta`` (float16/bfloat16 tensors are updated in

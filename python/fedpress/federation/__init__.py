@@ -11,13 +11,13 @@ bytes-on-wire accounting.
 
 TLS is the default: without an ``ssl_context`` both refuse to start unless
 ``insecure=True`` (plain TCP, for loopback and trusted networks; every frame
-after the handshake is still authenticated). :func:`.tls.self_signed_certificate`
+after the handshake is still authenticated). ``.tls.self_signed_certificate``
 (``fedpress certificate``) makes a pair for a test deployment.
 
-Modules: :mod:`.protocol` (frames, handshake), :mod:`.transport` (counting
-below TLS), :mod:`.accounting` (per-round, per-client rows), :mod:`.model`
-(update / downlink arithmetic, checkpoints), :mod:`.server`, :mod:`.client`,
-:mod:`.tls` (SSL contexts). This package is not imported by ``import fedpress``.
+Modules: ``.protocol`` (frames, handshake), ``.transport`` (counting
+below TLS), ``.accounting`` (per-round, per-client rows), ``.model``
+(update / downlink arithmetic, checkpoints), ``.server``, ``.client``,
+``.tls`` (SSL contexts). This package is not imported by ``import fedpress``.
 """
 
 from __future__ import annotations

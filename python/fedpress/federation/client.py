@@ -10,14 +10,14 @@
     stats = client.run_sync()                 # or: await client.run()
 
 ``update`` is ``{name: delta}`` (trained minus received; see
-:mod:`fedpress.federation.model` for integer and bool tensors; missing tensors
-mean "unchanged"). It is compressed by one :class:`fedpress.Encoder` that lives
+``fedpress.federation.model`` for integer and bool tensors; missing tensors
+mean "unchanged"). It is compressed by one ``fedpress.Encoder`` that lives
 as long as the Client, so error-feedback residuals carry across rounds and
 reconnections. The client keeps the last global model it received, so a
 server with a downlink codec can send it a compressed delta instead of the
 full model. When the connection drops it reconnects with exponential backoff
 (with jitter), up to ``max_retries`` consecutive failures; it returns on BYE.
-A wrong token on either side raises :class:`AuthenticationError` at once
+A wrong token on either side raises ``AuthenticationError`` at once
 (never retried): the server must prove it knows the token too.
 """
 
@@ -89,7 +89,7 @@ class Client:
     error_feedback: keep what a round did not send for the next one.
     client_id: this client's name on the server (default: random); reconnecting
         with the same id replaces the previous connection.
-    ssl_context: a client-side :class:`ssl.SSLContext` (:func:`fedpress.federation.client_context`
+    ssl_context: a client-side ``ssl.SSLContext`` (``fedpress.federation.client_context``
         with the server's CA). Required unless ``insecure``.
     insecure: connect in plain TCP (no TLS): for loopback and trusted networks.
     reconnect, max_retries, backoff, max_backoff: after a dropped connection,
@@ -109,7 +109,7 @@ class Client:
     seed: makes every payload's random choices a function of (seed, client id, round),
         so a run repeats byte for byte (None: fresh randomness).
     clip, warmup_rounds, warmup_start: the Encoder's local clipping and density warm-up.
-    codec_options: more :class:`fedpress.Codec` options (e.g. ``table="digest"``).
+    codec_options: more ``fedpress.Codec`` options (e.g. ``table="digest"``).
     """
 
     def __init__(self, connect: str, token: Any, train_fn: TrainFn, codec: Optional[str] = None,
@@ -182,7 +182,7 @@ class Client:
 
     # ================================================================ running
     async def run(self) -> dict[str, Any]:
-        """Serves TASKs until the server says BYE; returns :attr:`stats`.
+        """Serves TASKs until the server says BYE; returns ``stats``.
 
         Raises AuthenticationError (wrong token on either side, never retried),
         or ConnectionError once ``max_retries`` consecutive attempts failed.

@@ -23,11 +23,11 @@ bit-identical; float64 tensors are kept at float32 precision in the replica
 (they travel as float32 values).
 
 The first replica's tag is a digest of the initial model itself
-(:func:`model_tag`), so a client that builds the same initial model (the same
+(``model_tag``), so a client that builds the same initial model (the same
 model factory and seed) announces that tag and receives deltas from the first
 round on: the initial model need not cross the wire.
 
-Per-client downlink (:class:`ClientDownlink`, ``downlink_mode="client"``): the
+Per-client downlink (``ClientDownlink``, ``downlink_mode="client"``): the
 chain costs every client the sum of all the deltas it missed, so with few
 clients per round the downlink no longer shrinks with participation. Instead
 the server may keep the model each client holds and send a sampled client one
@@ -41,7 +41,7 @@ forgot receives the full model).
 Server momentum (FedAvgM, Hsu et al. 2019): ``m = beta * m + mean``, then
 ``global += server_lr * m``; with sparse updates it keeps applying the
 coordinates a round's sample did not touch, so what rarely-sampled clients
-sent keeps acting (:class:`ServerOptimizer`).
+sent keeps acting (``ServerOptimizer``).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class ServerOptimizer:
     """The server's step from the weighted mean update: plain FedAvg
     (``global += server_lr * mean``) or, with ``momentum`` beta > 0, FedAvgM
     (``m = beta * m + mean; global += server_lr * m``) on the float tensors;
-    integer and bool tensors follow :func:`apply_update`.
+    integer and bool tensors follow ``apply_update``.
 
     ``decay`` (with ``rounds``): the step size follows a half cosine from
     ``server_lr`` in round 1 to ``decay * server_lr`` in round ``rounds``. With few
@@ -330,7 +330,7 @@ class ClientDownlink:
 
     ``tag`` names the exact global model (what a full payload carries); each
     catch-up gives the client a fresh tag for its new model. Until the client
-    answers (:meth:`confirm`), the server keeps both the model it held and the one
+    answers (``confirm``), the server keeps both the model it held and the one
     it was sent, so a client that fails in between and comes back with either
     tag still receives a delta. A server resumed from a checkpoint does not know
     the models it sent after that checkpoint: those clients receive the full model
@@ -435,15 +435,15 @@ class ClientDownlink:
         self._full = None
 
 
-#: The downlink's ways of catching a client up (:func:`make_downlink`).
+#: The downlink's ways of catching a client up (``make_downlink``).
 DOWNLINK_MODES = ("chain", "client")
 
 
 def make_downlink(spec: Optional[str], params: Mapping[str, np.ndarray], mode: str = "chain", *,
                   history: int = 8, seed: Optional[int] = None, max_clients: Optional[int] = None
                   ) -> Any:
-    """The server's downlink: :class:`Downlink` (one shared replica and the chain of
-    deltas since it) or, with ``mode="client"``, :class:`ClientDownlink`."""
+    """The server's downlink: ``Downlink`` (one shared replica and the chain of
+    deltas since it) or, with ``mode="client"``, ``ClientDownlink``."""
     if mode not in DOWNLINK_MODES:
         raise ValueError(f"downlink mode must be one of {', '.join(DOWNLINK_MODES)}, got {mode!r}")
     if mode == "client":
@@ -488,7 +488,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def remove_partial_writes(directory: Path, names: Iterable[str]) -> list[Path]:
-    """Deletes the temporary files :func:`atomic_write` leaves when killed before
+    """Deletes the temporary files ``atomic_write`` leaves when killed before
     its rename (``.<name>.<random>.tmp`` for each target name, a glob pattern
     such as ``checkpoint-*.npz`` included); returns what it removed."""
     removed = []

@@ -47,13 +47,13 @@ each side knows which frame comes next), so a replayed, reordered, dropped or
 altered frame fails the same check: a protocol error that closes the
 connection. 16 bytes is HMAC-SHA256-128 (RFC 4868), what IPsec uses, and the
 smallest price per frame for compressed updates of a few hundred bytes. The
-keys come from HKDF-SHA256 (:func:`session_keys`) over the token, salted with
+keys come from HKDF-SHA256 (``session_keys``) over the token, salted with
 both nonces, with the client id and a SHA-256 of the HELLO and WELCOME bodies
 in the info, so a proxy that changes either handshake frame gets keys that
 verify nothing. One key per direction (client to server, server to client).
 
 Tokens: either one shared token, or per-client tokens derived from a master
-(:func:`client_token`: HKDF-SHA256 of the master with the client id), so a
+(``client_token``: HKDF-SHA256 of the master with the client id), so a
 server holding only the master checks each client against its own token and
 one client cannot speak for another.
 
@@ -61,7 +61,7 @@ The token never crosses the wire: the client proves it knows the token
 by a MAC over the server's fresh nonce, the server proves it by a MAC over the
 client's fresh nonce (mutual authentication; the two MACs use distinct labels
 so neither can be replayed as the other). MACs are compared with
-:func:`hmac.compare_digest`.
+``hmac.compare_digest``.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ async def read_frame(reader: Any, max_body: int, *, body_timeout: Optional[Calla
     ``body_timeout(length)``: seconds the body may take once its header is in (a
     peer that announces a frame and stalls is cut off: ProtocolError TIMEOUT).
     ``budget``: an object with ``async acquire(n)`` / ``release(n)`` (see
-    :class:`fedpress.federation.transport.InflightBudget`) holding the body's bytes
+    ``fedpress.federation.transport.InflightBudget``) holding the body's bytes
     while they are received, so that all connections together buffer at most its
     total; waiting for it counts against the body's time."""
     import asyncio

@@ -8,9 +8,9 @@
 
 Each round: wait until ``min_clients`` authenticated clients are idle, sample
 ``clients_per_round`` of them (RNG seeded by ``(seed, round)``), send each a
-TASK, stream the UPDATEs into a :class:`fedpress.Aggregator` (weighted by
+TASK, stream the UPDATEs into a ``fedpress.Aggregator`` (weighted by
 ``num_examples``) until all answered or ``round_timeout`` passed, then
-``global += server_lr * mean update`` (see :mod:`fedpress.federation.model` for
+``global += server_lr * mean update`` (see ``fedpress.federation.model`` for
 integer and bool tensors). With fewer than ``min_fit`` valid updates the model
 is kept and the round is marked failed. A client that disconnects, times out
 or sends an invalid payload is left out of the round, never takes it down.
@@ -19,7 +19,7 @@ After each round: ``evaluate_fn(params) -> {"loss", "accuracy", ...}`` (if
 given), one JSON line appended to ``out_dir/rounds.jsonl`` and the global model
 checkpointed atomically (``checkpoint.json`` + ``checkpoint-<round>.npz``);
 ``resume=True`` continues from the last checkpoint. The same rows are in
-:attr:`Server.history`.
+``Server.history``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ async def _expect(conn: Any, kind: P.FrameType) -> bytes:
 
 class Server:
     """A federated-learning server on host:port (port 0: the OS picks; see
-    :attr:`port` once bound).
+    ``port`` once bound).
 
     Parameters
     ----------
@@ -134,13 +134,13 @@ class Server:
         compressed deltas to clients that hold the previous global model.
     token: the shared secret (bytes or str); it never crosses the wire.
     master_token: instead of ``token``: each client authenticates with its own
-        token, :func:`fedpress.federation.protocol.client_token` of this master and
+        token, ``fedpress.federation.protocol.client_token`` of this master and
         its client id (``fedpress token --master F --client-id ID``), so one client
         cannot claim another's id. The server holds only the master.
     round_timeout: seconds from sending the TASKs until the round closes.
     min_fit: valid updates needed for the round to change the model.
     server_lr: the server step applied to the mean update.
-    server_momentum: FedAvgM's beta (0: plain FedAvg); see :class:`ServerOptimizer`.
+    server_momentum: FedAvgM's beta (0: plain FedAvg); see ``ServerOptimizer``.
     server_lr_decay: None, or the fraction of ``server_lr`` a half-cosine schedule reaches
         in the last round.
     evaluate_fn: ``evaluate_fn(params) -> {"loss": .., "accuracy": ..}`` after
@@ -154,8 +154,8 @@ class Server:
         arrival, so that a seeded run repeats bit for bit (float sums depend on their
         order); the round's compressed updates are held until it closes.
     seed: client sampling seed.
-    ssl_context: a server-side :class:`ssl.SSLContext` for TLS
-        (:func:`fedpress.federation.server_context`). Required unless ``insecure``.
+    ssl_context: a server-side ``ssl.SSLContext`` for TLS
+        (``fedpress.federation.server_context``). Required unless ``insecure``.
     insecure: serve plain TCP (frames stay authenticated, but the model and the
         updates cross the network in clear): for loopback and trusted networks.
     max_frame_bytes: the largest frame body accepted from an authenticated
@@ -177,19 +177,19 @@ class Server:
     downlink_mode: ``"chain"`` (one replica for all clients; a client that skipped
         rounds receives every delta it missed) or ``"client"`` (the server keeps the
         model each client holds and sends it one compressed difference; the
-        downlink then shrinks with participation). See :class:`ClientDownlink`.
+        downlink then shrinks with participation). See ``ClientDownlink``.
     downlink_clients: with ``downlink_mode="client"``, the most client models kept
         (least recently sampled forgotten first; a forgotten client receives the full
         model); None: all. Each costs one model of server memory.
     shutdown_timeout: seconds to wait for clients to close after BYE.
     wait_timeout: seconds to wait for ``min_clients`` before a round (None: forever);
-        exceeding it raises TimeoutError from :meth:`run`.
+        exceeding it raises TimeoutError from ``run``.
     max_pending: connections allowed in their handshake at once; a further one
         evicts the oldest.
     max_examples: the most ``num_examples`` one client's update may weigh; a larger
         claim is cut to it (and marked ``weight_capped`` in the round's row).
     max_share: the largest fraction of a round's total weight one client may hold
-        (:func:`fedpress.robust.cap_shares`); None: no cap.
+        (``fedpress.robust.cap_shares``); None: no cap.
     clip_norm: each decoded update is scaled to at most this L2 norm before it is
         averaged (the mean still divides by the unclipped weights); None: no clip.
     aggregation: ``"mean"`` (FedAvg, streamed over compressed payloads), ``"median"`` or
@@ -345,8 +345,8 @@ class Server:
         return sorted(self._peers)
 
     async def start(self) -> None:
-        """Loads the checkpoint (resume) and binds the listener; :attr:`port` is
-        valid afterwards. :meth:`run` calls it when needed."""
+        """Loads the checkpoint (resume) and binds the listener; ``port`` is
+        valid afterwards. ``run`` calls it when needed."""
         if self._started:
             return
         self._started = True
@@ -371,7 +371,7 @@ class Server:
                     self.host, self.port)
 
     async def run(self) -> list[dict[str, Any]]:
-        """Runs the remaining rounds, says BYE and closes; returns :attr:`history`.
+        """Runs the remaining rounds, says BYE and closes; returns ``history``.
 
         Cancelling it (or an error) aborts every connection without BYE and
         writes nothing more: a crash, from which ``resume=True`` recovers.

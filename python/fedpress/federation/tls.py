@@ -1,4 +1,4 @@
-"""TLS contexts for the federation (standard library :mod:`ssl`).
+"""TLS contexts for the federation (standard library ``ssl``).
 
     server = Server(..., ssl_context=server_context("server.crt", "server.key"))
     client = Client(..., ssl_context=client_context("ca.crt"))
@@ -6,9 +6,9 @@
 The server presents its certificate chain; clients verify it against a CA file
 (for a self-signed certificate: the certificate itself) and check the host
 name. Byte accounting counts the TLS records (ciphertext), see
-:mod:`fedpress.federation.transport`.
+``fedpress.federation.transport``.
 
-For a test deployment, :func:`self_signed_certificate` (``fedpress certificate``)
+For a test deployment, ``self_signed_certificate`` (``fedpress certificate``)
 makes a self-signed pair (ECDSA P-256) for the names and addresses the clients
 use; the clients pass the certificate itself as their CA file.
 """

@@ -3,9 +3,9 @@
 How bytes are counted
 ---------------------
 Every connection starts as a plain asyncio socket transport whose protocol is
-a :class:`CountingProtocol`. That protocol never goes away: it counts every
+a ``CountingProtocol``. That protocol never goes away: it counts every
 byte the socket delivers (``buffer_updated``) and hands the bytes on to an
-*upper* protocol. Writes go through a :class:`CountingTransport` that wraps
+*upper* protocol. Writes go through a ``CountingTransport`` that wraps
 the socket transport, counts each buffer and passes it down. The streams
 (asyncio StreamReader / StreamWriter) sit on top:
 
@@ -13,7 +13,7 @@ the socket transport, counts each buffer and passes it down. The streams
     TLS:        StreamReader/Writer -> SSL app transport -> SSLProtocol
                 -> CountingTransport -> socket transport
 
-For TLS the CountingTransport is handed to :meth:`asyncio.loop.start_tls`
+For TLS the CountingTransport is handed to ``asyncio.loop.start_tls``
 (it declares ``_start_tls_compatible``); start_tls installs its SSLProtocol
 as the CountingTransport's upper protocol and writes its records through it.
 So the counts are the ciphertext: TLS handshakes, record headers, MACs and
@@ -308,13 +308,13 @@ class Connection:
         self.peer = peer
         self._sealer: Optional[FrameSealer] = None
         self._opener: Optional[FrameOpener] = None
-        #: Limits on each frame body (None: none): see :func:`.protocol.read_frame`.
+        #: Limits on each frame body (None: none): see ``.protocol.read_frame``.
         self.body_timeout: Optional[Callable[[int], float]] = None
         self.budget: Optional[InflightBudget] = None
 
     def secure(self, send_key: bytes, recv_key: bytes) -> None:
         """From now on every frame is sealed (sequence number and MAC) and every
-        frame received must verify (see :mod:`.protocol`)."""
+        frame received must verify (see ``.protocol``)."""
         self._sealer = FrameSealer(send_key)
         self._opener = FrameOpener(recv_key)
 
@@ -334,7 +334,7 @@ class Connection:
         return self.writer.transport.is_closing()
 
     async def read_frame(self, max_body: int) -> Frame:
-        """The next frame; after :meth:`secure`, verified and without its trailer
+        """The next frame; after ``secure``, verified and without its trailer
         (``max_body`` bounds the body without the trailer)."""
         limits = {"body_timeout": self.body_timeout, "budget": self.budget}
         if self._opener is None:
@@ -389,7 +389,7 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
 async def peek(counting: CountingTransport, n: int) -> bytes:
     """The first ``n`` bytes the peer sends (fewer if it closes first), before any
     upper protocol is installed; they stay queued and reach the protocol that
-    :func:`establish` installs (TLS or streams), so nothing is consumed. A server
+    ``establish`` installs (TLS or streams), so nothing is consumed. A server
     uses it to tell a plain-TCP HELLO from a TLS ClientHello."""
     shim = counting._shim
     while len(shim._early) < n and not counting.is_closing() and not shim.closed.done():

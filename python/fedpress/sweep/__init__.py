@@ -13,7 +13,7 @@ bytes the TCP federation would carry for the same configuration, and writes
     run_sweep([task], cells, seeds=[0])
 
 A cell is an uplink spec with options, ``SPEC[@key=value,...]`` (see
-:data:`fedpress.sweep.cell.OPTIONS`).
+``fedpress.sweep.cell.OPTIONS``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``SPEC[@key=value,...]``, e.g. ``topk:0.001+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd``.
 Each option is one thing a client or the server does besides the codec;
-:data:`OPTIONS` lists them with their meaning. ``str(cell)`` is canonical (the
+``OPTIONS`` lists them with their meaning. ``str(cell)`` is canonical (the
 spec in canonical form, then the options that differ from their defaults in
 a fixed order), so two spellings of one cell are one cell.
 """
@@ -70,7 +70,7 @@ class Cell:
         return str(self) == "fp32"
 
     def encoder_options(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`fedpress.Encoder` for this cell's clients."""
+        """Keyword arguments of ``fedpress.Encoder`` for this cell's clients."""
         opts: dict[str, Any] = {"error_feedback": self.ef, "momentum": self.momentum, "clip": self.clip,
                                 "warmup_rounds": self.warmup, "warmup_start": self.warmup_start}
         if self.table != "inline":

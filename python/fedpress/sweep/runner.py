@@ -119,8 +119,8 @@ def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seed
     """Runs every (task, cell, seed) not already in ``out_dir`` and writes the reports.
 
     ``tasks``: names of built-in tasks (``"digits"``, ``"mnist"``; ``data_dir`` for
-    MNIST's IDX files) or :class:`SweepTask` objects (your own model and data).
-    ``cells``: cell strings (``SPEC[@key=value,...]``) or :class:`Cell`. Returns the
+    MNIST's IDX files) or ``SweepTask`` objects (your own model and data).
+    ``cells``: cell strings (``SPEC[@key=value,...]``) or ``Cell``. Returns the
     summary (also in ``summary.json``)."""
     parsed = list(dict.fromkeys(parse_cell(c) if isinstance(c, str) else c for c in cells))
     if not parsed:

@@ -2,11 +2,11 @@
 
 No sockets, but every byte is the byte ``fedpress server`` and ``fedpress
 client`` would exchange for the same configuration: the TASK frames come from
-the federation's own downlink (:func:`~fedpress.federation.model.make_downlink`:
+the federation's own downlink (``make_downlink``:
 the full fp32 model, the chain of compressed deltas since the model a client
 holds, or with ``downlink_mode=client`` one compressed difference per client),
 the UPDATE frames from the federation's own frame layout around the client's
-payload, the round config from :func:`~fedpress.federation.server.round_config`,
+payload, the round config from ``round_config``,
 the client sampling and every seed as the server and a client with ``seed=``
 draw them. Clients start from the initial model they build themselves from the
 run's seed (``Client(initial_params=...)``), so it never crosses the wire; a
@@ -15,7 +15,7 @@ the deltas it missed (or the full model, when that is smaller). Each simulated
 client applies what it receives to the model it holds, as ``Client`` does.
 
 Each simulated client reports ``{"loss": training loss}`` as its metrics, rounded to
-six decimals (:func:`client_metrics`). The server sums the updates in the order
+six decimals (``client_metrics``). The server sums the updates in the order
 they arrive, the simulation in the order the clients were sampled: the global
 models can differ in the last bit, which the rounding keeps out of the bytes.
 """
@@ -89,7 +89,7 @@ class Settings:
         return asdict(self)
 
 
-#: The sweep's name for :class:`fedpress.train.Task` (the same class).
+#: The sweep's name for ``fedpress.train.Task`` (the same class).
 SweepTask = Task
 
 
@@ -99,7 +99,7 @@ def client_ids(n: int) -> list[str]:
 
 
 def sample_clients(seed: int, r: int, idle: Sequence[str], k: int) -> list[str]:
-    """The clients of round ``r``: exactly as :class:`fedpress.federation.Server` samples."""
+    """The clients of round ``r``: exactly as ``fedpress.federation.Server`` samples."""
     rng = np.random.default_rng([seed, r])
     k = min(k, len(idle))
     return [idle[i] for i in sorted(rng.choice(len(idle), size=k, replace=False))]

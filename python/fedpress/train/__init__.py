@@ -12,8 +12,8 @@
 
 Importing this package needs only numpy; torch and scikit-learn (the ``train``
 extra: ``pip install 'fedpress[train]'``) are imported when a function needs them.
-The built-in ``digits`` task (:func:`builtin_task`, what the command line runs) trains
-a numpy MLP (:mod:`fedpress.train.mlp`) and needs no torch; ``make_model("digits")``
+The built-in ``digits`` task (``builtin_task``, what the command line runs) trains
+a numpy MLP (``fedpress.train.mlp``) and needs no torch; ``make_model("digits")``
 is the same network in torch.
 """
 

@@ -53,7 +53,7 @@ def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch
     call on the same model gives the same weights. Returns ``loss``: the mean
     training loss over the last epoch, ``num_examples``: len(dataset) (the FedAvg
     weight), and ``steps``: the number of SGD steps. A numpy
-    :class:`~fedpress.train.mlp.MLP` trains with the same rule in numpy."""
+    ``MLP`` trains with the same rule in numpy."""
     epochs, batch_size = int(epochs), int(batch_size)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -142,7 +142,7 @@ def param_delta(new: np.ndarray, old: Any) -> np.ndarray:
 
 
 def _build_model(task: Any, seed: int) -> torch.nn.Module:
-    """A fresh model of ``task``: a built-in task's name, a :class:`~fedpress.train.Task`
+    """A fresh model of ``task``: a built-in task's name, a ``Task``
     (its ``model_fn``) or a model factory ``seed -> torch.nn.Module``."""
     if isinstance(task, str):
         return make_model(task, seed=seed)
@@ -157,7 +157,7 @@ def make_train_fn(task: Any, dataset: Dataset, epochs: int = 1, lr: float = 0.05
                   momentum: float = 0.0, seed: int = 0) -> TrainFn:
     """``train_fn(global_params, config=None) -> (update, num_examples, metrics)``.
 
-    ``task``: a built-in task's name, a :class:`~fedpress.train.Task` or a model
+    ``task``: a built-in task's name, a ``Task`` or a model
     factory ``seed -> torch.nn.Module``.
 
     Loads ``global_params`` into a model built once (and kept), trains it with
@@ -204,7 +204,7 @@ def make_train_fn(task: Any, dataset: Dataset, epochs: int = 1, lr: float = 0.05
 def make_evaluate_fn(task: Any, test_dataset: Dataset, batch_size: int = 512) -> EvaluateFn:
     """``evaluate_fn(params) -> {"loss", "accuracy", "num_examples"}`` on ``test_dataset``,
     with one model built once and reused (calls serialised by a lock); ``task`` as for
-    :func:`make_train_fn`."""
+    ``make_train_fn``."""
     model = _build_model(task, 0)
     lock = threading.Lock()
 

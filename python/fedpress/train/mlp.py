@@ -5,8 +5,8 @@ The architecture and parameter names are those of ``make_model("digits")`` in to
 (``Flatten -> Linear(64, 64) -> ReLU -> Linear(64, 10)``: ``1.weight`` of shape
 (out, in), ``1.bias``, ``3.weight``, ``3.bias``), and training is torch's minibatch SGD
 with momentum on the mean cross-entropy, so a digits model moves between the two
-freely. The generic training functions (:func:`fedpress.train.train_local`,
-``evaluate``, ``get_params``, ``set_params``) accept an :class:`MLP` wherever they
+freely. The generic training functions (``fedpress.train.train_local``,
+``evaluate``, ``get_params``, ``set_params``) accept an ``MLP`` wherever they
 accept a torch module.
 """
 

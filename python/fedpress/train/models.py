@@ -44,7 +44,7 @@ def make_model(task: str, seed: int = 0) -> torch.nn.Module:
 def get_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's state_dict as numpy copies, in state_dict order: floating
     tensors as float32, integer tensors (e.g. BatchNorm counters) keep their dtype.
-    A numpy :class:`~fedpress.train.mlp.MLP` gives its parameters."""
+    A numpy ``MLP`` gives its parameters."""
     if isinstance(model, MLP):
         return model.get_params()
     torch = require_torch()

@@ -2,7 +2,7 @@
 
 One contract for ``fedpress server``, ``client``, ``demo`` and ``sweep``: ``--task``
 is ``digits``, ``mnist`` or ``module:function``, a function taking no arguments that
-returns a :class:`Task`::
+returns a ``Task``::
 
     # mytask.py (on PYTHONPATH, or in the directory you run fedpress from)
     import torch
@@ -51,8 +51,8 @@ class Task:
     """A model factory and the train and test data.
 
     ``model_fn(seed)`` returns a fresh ``torch.nn.Module`` (or a numpy
-    :class:`~fedpress.train.mlp.MLP`) whose initial weights are a function of ``seed``;
-    it maps a batch of ``train.x`` to class logits (trained with cross-entropy). ``train`` and ``test`` are :class:`fedpress.train.Dataset`
+    ``MLP``) whose initial weights are a function of ``seed``;
+    it maps a batch of ``train.x`` to class logits (trained with cross-entropy). ``train`` and ``test`` are ``fedpress.train.Dataset``
     or ``(x, y)`` pairs of arrays (``y``: integer labels 0..C-1). For a sweep with
     ``jobs > 1`` the task is sent to worker processes, so ``model_fn`` must be a
     module-level function (picklable).
@@ -111,7 +111,7 @@ class _BuiltinModel:
 
 def builtin_task(name: str, data_dir: Optional[str] = None) -> Task:
     """``digits`` (scikit-learn's bundled set: 1,438 train / 359 test, a 64-64-10 MLP in
-    numpy, :mod:`fedpress.train.mlp`: no torch needed) or ``mnist`` (IDX files in
+    numpy, ``fedpress.train.mlp``: no torch needed) or ``mnist`` (IDX files in
     ``data_dir``: 10,000 images split 8,000 / 2,000, stratified with seed 0, a
     214k-parameter CNN in torch). The split is the same for every run seed."""
     name = str(name).lower()
@@ -124,7 +124,7 @@ def builtin_task(name: str, data_dir: Optional[str] = None) -> Task:
 def resolve_task(text: str, data_dir: Optional[str] = None) -> Task:
     """The task ``--task`` names: ``digits``, ``mnist`` (``data_dir``) or
     ``module:function`` (the function is called with no arguments and must return a
-    :class:`Task`; the current directory is searched for the module, as ``python -m``
+    ``Task``; the current directory is searched for the module, as ``python -m``
     does). ValueError names what is wrong."""
     text = str(text)
     if ":" not in text:
