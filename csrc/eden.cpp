@@ -86,15 +86,48 @@ FEDPRESS_INLINE decltype(auto) with_bits(int bits, F&& f) {
 
 constexpr int log2_exact(int v) { return v <= 1 ? 0 : 1 + log2_exact(v / 2); }
 
+// Lane permutes, results through references (a vector returned by value changes the
+// ABI outside the AVX clones, which GCC warns about). GCC's __builtin_shuffle takes any
+// index vector (indices taken modulo the lane count); Clang has only
+// __builtin_shufflevector, whose indices must be constants, so there a variable permute
+// is a loop over the lanes (which Clang turns into vpermps in the AVX2 clones).
+template <int... I>
+FEDPRESS_INLINE void or_permuted(VU& v) {
+#if defined(__clang__)
+  v |= __builtin_shufflevector(v, v, I...);
+#else
+  v |= __builtin_shuffle(v, VU{I...});
+#endif
+}
+
+FEDPRESS_INLINE void permute(const VF& table, const VI& idx, VF& out) {
+#if defined(__clang__)
+  for (std::size_t i = 0; i < kW; ++i) out[i] = table[idx[i] & 7];
+#else
+  out = __builtin_shuffle(table, idx);
+#endif
+}
+
+FEDPRESS_INLINE void permute2(const VF& low, const VF& high, const VI& idx, VF& out) {
+#if defined(__clang__)
+  for (std::size_t i = 0; i < kW; ++i) {
+    const int j = idx[i] & 15;
+    out[i] = j < 8 ? low[j] : high[j - 8];
+  }
+#else
+  out = __builtin_shuffle(low, high, idx);
+#endif
+}
+
 // out = table[idx] for a table of N entries held in N / 8 vectors (one for
 // N <= 8): 8- and 16-entry permutes, larger tables by selecting on the
 // index's higher bits.
 template <int N>
 FEDPRESS_INLINE void lookup(const VF* table, const VI& idx, VF& out) {
   if constexpr (N <= 8) {
-    out = __builtin_shuffle(table[0], idx);
+    permute(table[0], idx, out);
   } else if constexpr (N == 16) {
-    out = __builtin_shuffle(table[0], table[1], idx);
+    permute2(table[0], table[1], idx, out);
   } else {
     VF low, high;
     lookup<N / 2>(table, idx, low);
@@ -266,9 +299,9 @@ FEDPRESS_INLINE void pack8(const VI& code, std::size_t w, std::uint8_t* o) {
     if (w < kW) c = kIota < static_cast<std::int32_t>(w) ? c : VU{};
     c <<= kGroupShifts<B>;
     // OR all lanes into lane 0.
-    c |= __builtin_shuffle(c, VU{4, 5, 6, 7, 0, 1, 2, 3});
-    c |= __builtin_shuffle(c, VU{2, 3, 0, 1, 6, 7, 4, 5});
-    c |= __builtin_shuffle(c, VU{1, 0, 3, 2, 5, 4, 7, 6});
+    or_permuted<4, 5, 6, 7, 0, 1, 2, 3>(c);
+    or_permuted<2, 3, 0, 1, 6, 7, 4, 5>(c);
+    or_permuted<1, 0, 3, 2, 5, 4, 7, 6>(c);
     const std::uint32_t word = c[0];
     std::memcpy(o, &word, w == kW ? B : code_bytes(w, B));
   }

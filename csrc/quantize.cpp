@@ -18,12 +18,6 @@ constexpr std::uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr std::uint32_t kInfBits = 0x7F800000u;
 constexpr std::size_t kTargetChunk = std::size_t{1} << 16;
 
-inline std::uint32_t float_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
 inline float bits_float(std::uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

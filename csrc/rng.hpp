@@ -32,7 +32,15 @@ inline std::uint32_t hash32(std::uint32_t key, std::uint32_t counter) {
 // Uniform in [0, bound) from 64 random bits (Lemire's multiply-shift); bias is
 // below bound / 2^64.
 inline std::uint64_t bounded64(std::uint64_t random_bits, std::uint64_t bound) {
+#if defined(__SIZEOF_INT128__)
   return static_cast<std::uint64_t>((static_cast<unsigned __int128>(random_bits) * bound) >> 64);
+#else  // no 128-bit integers (MSVC): the high half of the product from 32-bit halves
+  const std::uint64_t a_lo = random_bits & 0xFFFFFFFFu, a_hi = random_bits >> 32;
+  const std::uint64_t b_lo = bound & 0xFFFFFFFFu, b_hi = bound >> 32;
+  const std::uint64_t lo_lo = a_lo * b_lo, hi_lo = a_hi * b_lo, lo_hi = a_lo * b_hi, hi_hi = a_hi * b_hi;
+  const std::uint64_t cross = (lo_lo >> 32) + (hi_lo & 0xFFFFFFFFu) + lo_hi;
+  return hi_hi + (hi_lo >> 32) + (cross >> 32);
+#endif
 }
 
 }  // namespace fedpress

@@ -85,14 +85,15 @@ def test_a_tls_federation_from_the_command_line(tmp_path):
                 break
         assert match, "".join(lines)
         port = match.group(1)
+        # A plain-TCP client first (before the round can end): told at once, never retried.
         plain = fedpress("client", "--connect", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "site-0"),
                          "--client-id", "site-0", "--partition", "0/2", "--insecure", env=env)
-        clients = [fedpress("client", "--connect", f"127.0.0.1:{port}", "--token-file", str(tmp_path / f"site-{i}"),
-                            "--client-id", f"site-{i}", "--partition", f"{i}/2", "--tls-ca",
-                            str(tmp_path / "cert.pem"), env=env) for i in (0, 1)]
         _, plain_err = plain.communicate(timeout=120)
         assert plain.returncode != 0 and "Traceback" not in plain_err
         assert "speaks TLS: connect with --tls-ca FILE" in plain_err and "giving up" not in plain_err
+        clients = [fedpress("client", "--connect", f"127.0.0.1:{port}", "--token-file", str(tmp_path / f"site-{i}"),
+                            "--client-id", f"site-{i}", "--partition", f"{i}/2", "--tls-ca",
+                            str(tmp_path / "cert.pem"), env=env) for i in (0, 1)]
         err = server.communicate(timeout=120)[1]
         assert server.returncode == 0, err
         for c in clients:
