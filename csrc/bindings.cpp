@@ -2,7 +2,8 @@
 // pointers and the GIL released around the kernel, results handed back as
 // numpy arrays that own their std::vector without a copy.
 //
-// Exceptions: std::invalid_argument -> ValueError, std::out_of_range ->
+// Exceptions: IndexStreamError (malformed bytes) -> DecodeError, a ValueError
+// registered here; std::invalid_argument -> ValueError, std::out_of_range ->
 // IndexError, std::overflow_error -> OverflowError (pybind11's mapping); type
 // mismatches raise TypeError here.
 #include <pybind11/numpy.h>
@@ -652,6 +653,9 @@ void register_runtime(py::module_& m) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fedpress compiled kernels (use fedpress.ops)";
+  // Malformed bytes in a stream a kernel parses: fedpress.DecodeError (a ValueError), the
+  // class the payload reader raises too, so every decode path raises the same error.
+  py::register_exception<fedpress::IndexStreamError>(m, "DecodeError", PyExc_ValueError);
   register_topk(m);
   register_quantize(m);
   register_indexcode(m);

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import fedpress as fp
 from fedpress import ops
 from hypothesis import given
 from conftest import leb128 as varint
@@ -424,3 +425,20 @@ def test_property_corrupted_valid_stream(n: int, data: st.DataObject) -> None:
     buf[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(buf)))
     assert_decodes_consistently_or_raises(bytes(buf[:cut]), n)
+
+
+def test_corrupt_streams_raise_the_package_decode_error():
+    """The kernel raises fedpress.DecodeError, the class the payload reader raises: one
+    except clause catches every malformed input, and it is still a ValueError."""
+    import pickle
+
+    good = fp.ops.encode_indices(np.array([3, 17, 90], np.uint32), 100)
+    for bad in (bytes(good[:-1]), b"\xff" * 11, bytes(good) + b"\x00"):
+        with pytest.raises(fp.DecodeError, match="index stream"):
+            fp.ops.decode_indices(bad, 100)
+    with pytest.raises(fp.DecodeError, match="exceeds n"):
+        fp.ops.decode_indices(good, 2)
+    assert issubclass(fp.DecodeError, ValueError) and fp.DecodeError is fp.payload.DecodeError
+    assert repr(fp.DecodeError("x")) == "DecodeError('x')" and fp.DecodeError.__module__ == "fedpress"
+    again = pickle.loads(pickle.dumps(fp.DecodeError("broken")))
+    assert type(again) is fp.DecodeError and str(again) == "broken"

@@ -91,8 +91,11 @@ if sys.byteorder != "little":  # the C++ kernels read multi-byte fields in host 
     raise ImportError("fedpress supports little-endian hosts only")
 
 
-class DecodeError(ValueError):
-    """A payload is malformed, truncated, corrupted or beyond the configured limits."""
+# Defined by the compiled module, so that the kernels that parse bytes (the index stream
+# decoder) raise the same class as the Python reader.
+DecodeError = _core.DecodeError
+DecodeError.__doc__ = "A payload is malformed, truncated, corrupted or beyond the configured limits (a ValueError)."
+DecodeError.__module__ = "fedpress"
 
 
 @contextmanager
@@ -264,18 +267,19 @@ def values_size(code: str, count: int, bucket: int) -> int:
     return 4 * nb + (count * bits + 7) // 8
 
 
-def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> bytes:
-    """Codes a float32 vector with a value stage."""
+def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> Sections:
+    """Codes a float32 vector with a value stage: the section's bytes, as buffers the
+    writer copies once into the payload (see :data:`Sections`)."""
     if code == "fp16" and np.asarray(v).dtype == np.float64:
         # float64 originals round to half once, not through float32 first
-        return np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2").tobytes()
+        return (np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2"),)
     v = np.ascontiguousarray(v, dtype=np.float32)
     if code == "fp16":
-        return _core.to_half(v).tobytes()
+        return (_little(_core.to_half(v)),)
     if code == "bf16":
-        return _core.to_bfloat16(v).tobytes()
+        return (_little(_core.to_bfloat16(v)),)
     if code == "fp32":
-        return v.tobytes()
+        return (_little(v),)
     if code == "sign":
         n = v.size
         starts = np.arange(0, n, bucket, dtype=np.int64)
@@ -283,9 +287,27 @@ def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> bytes:
         counts = np.diff(np.append(starts, n)).astype(np.float64)
         scales = (sums / np.maximum(counts, 1)).astype(np.float32)
         bits = np.packbits(v >= 0, bitorder="little")
-        return scales.astype("<f4").tobytes() + bits.tobytes()
+        return (_little(scales), bits)
     packed, scales = ops.quantize(v, _QBITS[code], bucket=bucket, stochastic=True, seed=seed)
-    return scales.astype("<f4").tobytes() + packed.tobytes()
+    return (_little(scales), packed)
+
+
+#: A section's bytes as a tuple of buffers (bytes, or C-contiguous numpy arrays in
+#: little-endian order) written one after another: the writer copies each once, into
+#: the payload, instead of joining them first.
+Sections = tuple
+
+
+def _little(a: np.ndarray) -> np.ndarray:
+    """``a`` in little-endian byte order, without a copy on little-endian hosts."""
+    return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+
+
+def section_size(values: Any) -> int:
+    """Bytes of a section given as bytes or as :data:`Sections`."""
+    if isinstance(values, tuple):
+        return sum(memoryview(p).nbytes for p in values)
+    return memoryview(values).nbytes
 
 
 def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.ndarray:
@@ -573,7 +595,7 @@ class Entry:
     shape: tuple
     kind: int
     count: int                      # kept entries (n for dense and raw)
-    values: bytes                   # the values section
+    values: Any                     # the values section: bytes, or Sections (buffers in order)
     rht_block: int = 0              # 0: not rotated
     indices: Optional[np.ndarray] = None   # KIND_SPARSE only
     value_code: str = ""            # set by Codec
@@ -627,22 +649,28 @@ def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int],
         if not compact:
             parts.append(head)
         parts += [bytes((e.kind, vcode, flags)), _varint(e.count), _varint(e.bucket), _varint(e.rht_block),
-                  _varint(len(index_bytes)), _varint(len(e.values))]
-        sections += [index_bytes, e.values]
-    body = b"".join(parts + sections)
-    raw_size = len(body)
+                  _varint(len(index_bytes)), _varint(section_size(e.values))]
+        sections.append(index_bytes)
+        sections += e.values if isinstance(e.values, tuple) else (e.values,)
+    pieces = [memoryview(p).cast("B") for p in parts + sections if memoryview(p).nbytes]
     flags = FLAG_TABLE_DIGEST if compact else 0
-    size_field = b""
-    if zstd_level is not None:
-        # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
-        # share of the payload, get a strong level at a cost of microseconds.
-        level = zstd_level or (19 if raw_size <= 4096 else 9 if raw_size <= 65536 else 3)
-        body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
-        flags |= FLAG_ZSTD
-        size_field = _varint(raw_size)
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed) + size_field
+    if zstd_level is None:
+        # One copy of every section, into the payload itself; the checksum runs over the
+        # pieces in order.
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed)
+        crc = _core.crc32c(header)
+        for piece in pieces:
+            crc = _core.crc32c(piece, crc)
+        return b"".join([header, *pieces, TRAILER.pack(crc)])
+    body = b"".join(pieces)
+    raw_size = len(body)
+    # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
+    # share of the payload, get a strong level at a cost of microseconds.
+    level = zstd_level or (19 if raw_size <= 4096 else 9 if raw_size <= 65536 else 3)
+    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, flags | FLAG_ZSTD, seed) + _varint(raw_size)
     crc = _core.crc32c(body, _core.crc32c(header))
-    return header + body + TRAILER.pack(crc)
+    return b"".join([header, body, TRAILER.pack(crc)])
 
 
 # ------------------------------------------------------------------ reading --
