@@ -407,3 +407,44 @@ def test_add_update_refuses_another_table_and_leaves_the_sum():
             agg.add_update(bad, -1.0 if isinstance(bad, dict) else 1.0)
     assert agg.count == 1
     np.testing.assert_array_equal(agg.result()["w"], np.ones(4, np.float32))
+
+
+MANY_SPECS = ["fp32", "q4", "topk:0.01+q4", "topk:0.05+q8+zstd", "randk:0.1+fp16", "sign", "thresh:0.05+bf16",
+              "eden4", "eden4:shared", "topk:0.1+eden2", "rht+q2"]
+
+
+@pytest.mark.parametrize("spec", MANY_SPECS)
+def test_add_many_equals_adding_one_by_one(spec):
+    codec = fp.Codec(spec)
+    payloads = [codec.encode(client_update(i), seed=i, rotation_seed=77) if spec.endswith(":shared")
+                else codec.encode(client_update(i), seed=i) for i in range(5)]
+    one, many = fp.Aggregator(), fp.Aggregator()
+    for p, w in zip(payloads, WEIGHTS):
+        one.add(p, w)
+    many.add_many(payloads[:2], WEIGHTS[:2])
+    many.add_many(payloads[2:], WEIGHTS[2:])
+    assert many.count == one.count == 5 and many.total_weight == pytest.approx(one.total_weight)
+    a, b = one.result(), many.result()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6)
+        assert b[k].dtype == a[k].dtype
+
+
+def test_add_many_is_all_or_nothing():
+    codec = fp.Codec("topk:0.05+q4")
+    good = [codec.encode(client_update(i), seed=i) for i in range(3)]
+    agg = fp.Aggregator()
+    agg.add(good[0])
+    before = agg.result()
+    broken = bytearray(good[2])
+    broken[len(broken) // 2] ^= 0xFF
+    with pytest.raises(fp.DecodeError, match="payload 2"):
+        agg.add_many([good[1], good[0], bytes(broken)])
+    other = fp.Codec("topk:0.05+q4").encode({"other": np.ones(10, np.float32)})
+    with pytest.raises(fp.DecodeError, match="payload 1"):
+        agg.add_many([good[1], other])
+    with pytest.raises(ValueError, match="2 payloads but 1 weights"):
+        agg.add_many(good[:2], [1.0])
+    assert agg.count == 1
+    for k, v in agg.result().items():
+        np.testing.assert_array_equal(v, before[k])

@@ -9,18 +9,27 @@ once, instead of once per client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Optional
 
 import numpy as np
 
 from . import ops
-from .payload import (DEFAULT_LIMITS, KIND_DENSE, KIND_RAW, DecodeError, EdenSection, Limits, _output_dtype,
-                      eden_unrotate, out_of_memory_as_decode_error, parse, raw_array, sparse_parts,
+from .payload import (DEFAULT_LIMITS, KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED, DecodeError,
+                      EdenSection, Limits, _output_dtype, eden_unrotate, out_of_memory_as_decode_error, parse, raw_array, sparse_parts,
                       table_difference, table_entries)
 
 __all__ = ["Aggregator"]
+
+
+def _add_scaled(acc: np.ndarray, values: np.ndarray, weight: float) -> None:
+    """``acc += weight * values`` without a temporary: ``values`` (decoded for this sum,
+    owned by it) is scaled in place."""
+    if weight != 1.0:
+        np.multiply(values, acc.dtype.type(weight), out=values)
+    np.add(acc, values, out=acc)
 
 
 class Aggregator:
@@ -76,6 +85,70 @@ class Aggregator:
         self.count += 1
         self.total_weight += w
 
+    def add_many(self, payloads: Sequence[Any], weights: Optional[Sequence[float]] = None) -> None:
+        """Adds many payloads in one call, as ``add`` each would, faster: their index
+        streams are decoded in parallel threads and the sparse tensors of all of them go
+        through the cache-blocked ``ops.scatter_add_many`` instead of one scatter per
+        payload. Every payload is checked and decoded before any sum changes: a bad one
+        raises DecodeError naming its position and nothing is added. It holds the decoded
+        sparse parts of the whole batch (the kept entries, never a dense copy per payload),
+        so split very large rounds into batches."""
+        payloads = list(payloads)
+        ws = [1.0] * len(payloads) if weights is None else [float(w) for w in weights]
+        if len(ws) != len(payloads):
+            raise ValueError(f"{len(payloads)} payloads but {len(ws)} weights")
+        for i, w in enumerate(ws):
+            if not np.isfinite(w) or w < 0:
+                raise ValueError(f"weight {i} must be finite and >= 0, got {w!r}")
+        if not payloads:
+            return
+        with out_of_memory_as_decode_error():
+            table = self._table if self._table is not None else self._model
+            parsed = []
+            for i, payload in enumerate(payloads):
+                try:
+                    one = parse(payload, self.limits, table)
+                except DecodeError as exc:
+                    raise DecodeError(f"payload {i}: {exc}") from None
+                if table is None:  # the first payload sets the table for the others
+                    table = [(t.name, t.dtype, t.shape) for t in one.tensors]
+                parsed.append(one)
+            sums = self._sums
+            if self._table is None:
+                sums = {rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                        for rec in parsed[0].tensors}
+            # Sparse float32 tensors are batched; the rest become steps as in add().
+            batched = [(i, rec) for i, one in enumerate(parsed) for rec in one.tensors
+                       if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED) and rec.eden is None
+                       and sums[rec.name].dtype == np.float32]
+            with ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
+                try:
+                    decoded = list(pool.map(lambda item: sparse_parts(item[1], parsed[item[0]].seed), batched))
+                except DecodeError as exc:
+                    raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
+            new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
+            steps = []
+            skip = {(i, rec.name) for i, rec in batched}
+            for i, one in enumerate(parsed):
+                for rec in one.tensors:
+                    if (i, rec.name) not in skip:
+                        steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
+            groups: dict[str, tuple[list, list, list]] = {}
+            for (i, rec), (idx, values) in zip(batched, decoded):
+                g = groups.setdefault(rec.name, ([], [], []))
+                g[0].append(idx)
+                g[1].append(values)
+                g[2].append(ws[i])
+            self._rotated.update(new_rotated)
+            for step in steps:
+                step()
+            for name, (idx_list, val_list, w_list) in groups.items():
+                ops.scatter_add_many(sums[name], idx_list, val_list, w_list)
+        self._table = [(t.name, t.dtype, t.shape) for t in parsed[0].tensors]
+        self._sums = sums
+        self.count += len(payloads)
+        self.total_weight += sum(ws)
+
     def add_update(self, update: Any, weight: float = 1.0) -> None:
         """Adds an update that is already decoded, ``{name: numpy array}``:
         what a server that had to decode a payload anyway (to clip its norm) adds,
@@ -111,29 +184,36 @@ class Aggregator:
         (or to its rotated-domain sum, a new one going into ``new_rotated``)."""
         if rec.kind == KIND_RAW:
             idx, values = None, raw_array(rec).reshape(-1)
-        elif self._sums_rotated(rec):
+        elif self._sums_rotated(rec, new_rotated):
             sec = rec.eden
-            if rec.name not in self._rotated:
+            if rec.name not in self._rotated and rec.name not in new_rotated:
                 new_rotated[rec.name] = (sec.rotation_seed, sec.block, sec.n, np.zeros(sec.n, np.float32))
             sec.outlier_correction()  # made now, used by the step
             return partial(self._add_rotated, rec.name, sec, weight)
         else:
             idx, values = sparse_parts(rec, seed)
         if idx is None:
-            return partial(np.add, acc, values.astype(acc.dtype, copy=False) * acc.dtype.type(weight), out=acc)
+            values = values.astype(acc.dtype, copy=False)
+            if weight != 1.0 and not (values.flags.writeable and values.flags.owndata):
+                values = values * acc.dtype.type(weight)  # a view of the payload: scaled on a copy, now
+                weight = 1.0
+            return partial(_add_scaled, acc, values, weight)
         if acc.dtype == np.float32:
             return partial(ops.scatter_add, acc, idx, values, weight)
         return partial(np.add.at, acc, idx.astype(np.intp), values.astype(np.float64) * weight)
 
-    def _sums_rotated(self, rec: Any) -> bool:
+    def _sums_rotated(self, rec: Any, pending: Optional[dict] = None) -> bool:
         """Whether a tensor joins the rotated-domain sum: a dense shared-mode eden section
-        whose rotation matches the one already summed (or the first one)."""
+        whose rotation matches the one already summed, or about to be (``pending``: the
+        sums a batch creates), or the first one."""
         sec = rec.eden
         if sec is None or not sec.shared or rec.kind != KIND_DENSE or self.dtype != np.float32 or sec.n == 0:
             return False
         if not sec.rotation_bound() <= 1e38:
             return False  # could overflow: decode it, whose finiteness check rejects what must be
         current = self._rotated.get(rec.name)
+        if current is None and pending:
+            current = pending.get(rec.name)
         return current is None or current[:3] == (sec.rotation_seed, sec.block, sec.n)
 
     def _add_rotated(self, name: str, sec: EdenSection, weight: float) -> None:
