@@ -448,3 +448,20 @@ def test_add_many_is_all_or_nothing():
     assert agg.count == 1
     for k, v in agg.result().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("spec", ["fp32", "q4", "topk:0.05+q4+zstd", "randk:0.1+fp16", "eden4", "topk:0.1+eden2",
+                                  "rht+q2", "sign"])
+def test_decode_parts_is_decode_without_the_dense_copy(spec):
+    """What the Encoder's error feedback subtracts: decode's values, kept entries only."""
+    payload = fp.Codec(spec).encode(client_update(3), seed=5)
+    dense = fp.decode(payload)
+    parts = fp.payload.decode_parts(payload)
+    assert set(parts) == {k for k, v in dense.items() if v.dtype.kind == "f"}
+    for name, (idx, values) in parts.items():
+        assert values.dtype == np.float32
+        expected = dense[name].reshape(-1).astype(np.float32)
+        rebuilt = values if idx is None else np.zeros(expected.size, np.float32)
+        if idx is not None:
+            rebuilt[idx] = values
+        np.testing.assert_array_equal(rebuilt, expected)

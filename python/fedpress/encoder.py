@@ -25,7 +25,7 @@ import numpy as np
 
 from . import ops
 from .codec import Codec, _to_numpy
-from .payload import decode, wire_dtype
+from .payload import decode_parts, wire_dtype
 
 __all__ = ["Encoder"]
 
@@ -126,16 +126,27 @@ class Encoder:
             table = None
             if codec.table == "digest":  # the payload decodes with the update's own table (its original dtypes)
                 table = [(name, dtypes.get(name) or wire_dtype(a), a.shape) for name, a in to_send.items()]
-            sent = decode(payload, table=table)
+            # What the receiver decodes, as (indices, values): the residual is what was
+            # meant minus that, made in place in O(kept entries) for a sparse tensor.
+            sent = decode_parts(payload, table=table)
             for name, g in to_send.items():
                 if g.dtype != np.float32 or name not in sent:
                     continue
-                s = sent[name].astype(np.float32, copy=False)
+                idx, s = sent[name]
                 if self.error_feedback:
-                    self.residuals[name] = g - s
+                    flat = g.reshape(-1)  # g is this encoder's own copy
+                    if idx is None:
+                        flat -= s
+                    else:
+                        ops.scatter_add(flat, idx, s, -1.0)
+                    self.residuals[name] = g
                 if self.momentum is not None:
                     # Momentum factor masking: entries that went out stop carrying velocity.
-                    self.velocities[name][s != 0] = 0.0
+                    velocity = self.velocities[name].reshape(-1)
+                    if idx is None:
+                        velocity[s != 0] = 0.0
+                    else:
+                        velocity[idx[s != 0]] = 0.0
         self.rounds += 1
         return payload
 

@@ -1088,6 +1088,24 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
         return out
 
 
+def decode_parts(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None
+                 ) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
+    """What ``decode`` restores for each float tensor, without the dense copy of a sparse
+    one: ``{name: (indices or None for dense, float32 values)}``, the values as
+    ``decode`` gives them (rounded to the tensor's dtype, then widened to float32), in
+    the flattened tensor. Raw (integer, bool) tensors are left out. An encoder's error
+    feedback subtracts these from what it meant to send, in O(kept entries)."""
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits, table)
+        out: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}
+        for rec in parsed.tensors:
+            if rec.kind == KIND_RAW:
+                continue
+            idx, values = sparse_parts(rec, parsed.seed)
+            out[rec.name] = idx, _to_output(values, rec.dtype).astype(np.float32, copy=False)
+        return out
+
+
 def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> dict[str, Any]:
     """What a payload holds: codec, each tensor's name, shape, dtype, section kind
     and bytes, the raw (float32/original) size, the payload size and the ratio,
