@@ -78,9 +78,8 @@ def make_model(hidden: int) -> Any:
 
 def register(method: str, model: Any) -> Optional[Any]:
     """Registers the method's hook on the DDP model; returns the hook's state."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
     from fedpress.ddp import CompressionState, compress_hook
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if method == "allreduce":
         return None
@@ -101,9 +100,8 @@ def register(method: str, model: Any) -> Optional[Any]:
 def run_method(method: str, rank: int, steps: int, hidden: int, batch: int, data: tuple) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
     from fedpress.ddp import CompressionState
+    from torch.nn.parallel import DistributedDataParallel
 
     x_train, y_train, x_test, y_test = data
     # One bucket for every method: PowerSGD's future callbacks issue all-reduces from gloo's
@@ -153,7 +151,6 @@ def run_method(method: str, rank: int, steps: int, hidden: int, batch: int, data
 def worker(rank: int, store: str, methods: list[str], steps: int, hidden: int, batch: int) -> None:
     import torch
     import torch.distributed as dist
-
     from fedpress.train import load_task
 
     torch.set_num_threads(1)  # two ranks on two cores

@@ -23,9 +23,8 @@ import sys
 import time
 import tracemalloc
 
-import numpy as np
-
 import fedpress as fp
+import numpy as np
 from fedpress import ops
 
 SPECS = ["fp32", "fp16", "bf16", "q8", "q8+zstd", "q4", "q2", "sign", "rht+q2+zstd", "topk:0.01",
@@ -123,10 +122,10 @@ def throughput(results: dict, n: int, repeat: int) -> bool:
     for spec in THROUGHPUT_SPECS:
         codec = fp.Codec(spec)
         payload = codec.encode(update, seed=3)
-        t_enc = timed(lambda: codec.encode(update, seed=3), repeat)
-        t_dec = timed(lambda: fp.decode(payload), repeat)
+        t_enc = timed(lambda codec=codec: codec.encode(update, seed=3), repeat)
+        t_dec = timed(lambda payload=payload: fp.decode(payload), repeat)
 
-        def agg_once() -> None:
+        def agg_once(payload: bytes = payload) -> None:
             agg = fp.Aggregator()
             agg.add(payload, 1.0)
         t_agg = timed(agg_once, repeat)
@@ -204,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     b = results.get("bytes", {}).get("specs", {})
     t = results["throughput"]["specs"]
     checks = [
-        ("topk:0.01+q4+zstd >= 240x smaller than float32 (CNN update)", b.get("topk:0.01+q4+zstd", {}).get("ratio"), 240, ">="),
+        ("topk:0.01+q4+zstd >= 240x smaller than float32 (CNN update)",
+         b.get("topk:0.01+q4+zstd", {}).get("ratio"), 240, ">="),
         ("topk:0.001+q4+zstd >= 1500x (CNN update)", b.get("topk:0.001+q4+zstd", {}).get("ratio"), 1500, ">="),
         ("q8+zstd >= 4x (CNN update)", b.get("q8+zstd", {}).get("ratio"), 4, ">="),
         ("sign >= 30x (CNN update)", b.get("sign", {}).get("ratio"), 30, ">="),
-        (f"encode topk:0.01+q4+zstd within 2x of exact top-k at N={n:,}", t["topk:0.01+q4+zstd"]["encode_over_topk"], 2, "<="),
-        (f"aggregating {clients} payloads peaks under 2x the dense model", results["aggregation"]["peak_over_dense"], 2, "<"),
+        (f"encode topk:0.01+q4+zstd within 2x of exact top-k at N={n:,}",
+         t["topk:0.01+q4+zstd"]["encode_over_topk"], 2, "<="),
+        (f"aggregating {clients} payloads peaks under 2x the dense model",
+         results["aggregation"]["peak_over_dense"], 2, "<"),
     ]
     for name, value, target, op in checks:
         if value is None:

@@ -19,9 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 import fedpress as fp
+import numpy as np
 from fedpress import ops
 
 

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from custom_task import make_model, spirals  # noqa: E402  (this directory's task)
-
 from fedpress.federation import Client, Server  # noqa: E402
 
 

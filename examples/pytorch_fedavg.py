@@ -18,10 +18,9 @@ import argparse
 import copy
 from typing import Optional, Sequence
 
+import fedpress as fp  # fedpress
 import torch
 import torch.nn.functional as F
-
-import fedpress as fp  # fedpress
 from fedpress.torch import apply_delta, state_delta  # fedpress
 from fedpress.train import load_task, make_model, partition_iid
 

@@ -16,11 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import fedpress as fp
-import numpy as np
-from fedpress import payload as pl
-from fedpress.federation import protocol as P
-from fuzz_checks import KEY, small_update
+import fedpress as fp  # noqa: E402 - after the sys.path line above
+import numpy as np  # noqa: E402 - after the sys.path line above
+from fedpress import payload as pl  # noqa: E402 - after the sys.path line above
+from fedpress.federation import protocol as P  # noqa: E402 - after the sys.path line above
+from fuzz_checks import KEY, small_update  # noqa: E402 - after the sys.path line above
 
 # Every stage of python/fedpress/codec.py at least once: sparsifiers, rht, every value
 # format and eden mode, zstd with and without a level (tests/test_payload_fuzz.py's SPECS
@@ -120,7 +120,8 @@ def frame_seeds() -> dict:
     # One connection each way: the handshake in the clear, then sealed frames in sequence.
     seeds["seed-stream-client"] = (_frame(T.HELLO, bodies["hello"]) + _frame(T.AUTH, bodies["auth"]))
     sealer = P.FrameSealer(KEY)
-    seeds["seed-stream-sealed"] = (_sealed(sealer, T.UPDATE, bodies["update"]) + _sealed(sealer, T.ERROR, bodies["error"])
+    seeds["seed-stream-sealed"] = (_sealed(sealer, T.UPDATE, bodies["update"])
+                                   + _sealed(sealer, T.ERROR, bodies["error"])
                                    + _sealed(sealer, T.BYE, bodies["bye"]))
     sealer = P.FrameSealer(KEY)
     seeds["seed-stream-server"] = (_sealed(sealer, T.TASK, bodies["task-full"]) + _sealed(sealer, T.BYE, b""))

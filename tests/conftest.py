@@ -15,8 +15,8 @@ import contextlib
 import functools
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -236,7 +236,6 @@ import resource  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-
 
 from fedpress.payload import _varint as leb128  # noqa: E402  (the format's varints)
 

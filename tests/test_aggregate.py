@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import struct
 
+import fedpress as fp
 import numpy as np
 import pytest
-
-import fedpress as fp
 
 HAVE_RHT = hasattr(fp.ops, "rht")
 SPECS = ["fp32", "q8", "topk:0.01+q4", "topk:0.001+q4+zstd", "randk:0.1+fp16", "sign", "thresh:0.05+bf16",

@@ -12,8 +12,18 @@ import fedpress as fp
 import numpy as np
 import pytest
 from fedpress._seeds import derive_seed
-from fedpress.federation.model import (ClientDownlink, Downlink, ServerOptimizer, apply_delta, apply_update, canonical,
-                                      load_checkpoint, make_downlink, model_tag, save_checkpoint)
+from fedpress.federation.model import (
+    ClientDownlink,
+    Downlink,
+    ServerOptimizer,
+    apply_delta,
+    apply_update,
+    canonical,
+    load_checkpoint,
+    make_downlink,
+    model_tag,
+    save_checkpoint,
+)
 from fedpress.payload import decode
 
 
@@ -308,12 +318,14 @@ def test_server_momentum_survives_a_resume(tmp_path) -> None:
     from fedpress.federation import Server
 
     params = {"w": np.arange(6, dtype=np.float32), "n": np.array(0, np.int64)}
-    first = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path, insecure=True,
+    first = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path,
+                   insecure=True,
                    server_momentum=0.9)
     first._prepare_state()
     first.params = first.optimizer.step(first.params, {"w": np.ones(6, np.float32), "n": np.array(0, np.int64)})
     first._checkpoint(1)
-    second = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path, insecure=True,
+    second = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path,
+                    insecure=True,
                     server_momentum=0.9, resume=True)
     second._prepare_state()
     assert second.round == 1

@@ -12,7 +12,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-
 from fedpress import ops
 
 N = 5000

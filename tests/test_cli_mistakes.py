@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import fedpress as fp
 import numpy as np
 import pytest
-
-import fedpress as fp
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")

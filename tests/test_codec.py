@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 
+import fedpress as fp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import fedpress as fp
-
 
 HAVE_RHT = hasattr(fp.ops, "rht")
 needs_rht = pytest.mark.skipif(not HAVE_RHT, reason="fedpress.ops.rht is not available yet")

@@ -111,7 +111,8 @@ def test_shared_mode_error_of_the_mean_falls_as_one_over_n(bits: int) -> None:
         agg = fp.Aggregator()
         for i, x in enumerate(xs):
             payload = codec.encode({"x": x}, seed=1000 * t + i, rotation_seed=t)
-            single.append(np.sum((fp.decode(payload)["x"] - x.astype(np.float64)) ** 2) / np.sum(x.astype(np.float64) ** 2))
+            error = fp.decode(payload)["x"] - x.astype(np.float64)
+            single.append(np.sum(error ** 2) / np.sum(x.astype(np.float64) ** 2))
             agg.add(payload)
         together.append(np.sum((agg.result()["x"] - truth) ** 2) / mean_sq_norm)
     # DME convention: the mean's error normalised by the clients' mean squared norm.

@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 import pickle
 
+import fedpress as fp
 import numpy as np
 import pytest
-
-import fedpress as fp
 
 HAVE_RHT = hasattr(fp.ops, "rht")
 EF_SPECS = ["topk:0.01+q4", "randk:0.1+fp16", "sign", "q2", "topk:0.01", "topk:0.001+q4+zstd",
@@ -140,7 +139,7 @@ def test_momentum_runs_and_differs() -> None:
     assert any(a != b for a, b in outs[1:])
     assert set(mom.velocities) == {"conv", "bias"}
     assert plain.velocities == {}
-    for a, b in outs:
+    for _a, b in outs:
         assert set(fp.decode(b)) == {"conv", "bias", "steps"}
 
 

@@ -24,11 +24,11 @@ from typing import Any, Awaitable, Callable, Optional
 import fedpress as fp
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 from fedpress.federation import AuthenticationError, Client, ErrorCode, Server, client_context, server_context
-from fedpress.federation.tls import self_signed_certificate
 from fedpress.federation import model as M
 from fedpress.federation import protocol as P
-from cli_helpers import run_cli
+from fedpress.federation.tls import self_signed_certificate
 
 TOKEN = b"federation-test-token-0123456789"
 DIM = 16

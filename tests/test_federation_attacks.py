@@ -15,11 +15,24 @@ from typing import Callable, Optional
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 from fedpress.federation import AuthenticationError, Client, Server
 from fedpress.federation import protocol as P
-from test_federation import (TOKEN, CountingProxy, Harness, RawSession, client_for, close_writer, initial_params,
-                             make_train_fn, raw_frame, raw_handshake, run_async, server_for, wait_until)
-from cli_helpers import run_cli
+from test_federation import (
+    TOKEN,
+    CountingProxy,
+    Harness,
+    RawSession,
+    client_for,
+    close_writer,
+    initial_params,
+    make_train_fn,
+    raw_frame,
+    raw_handshake,
+    run_async,
+    server_for,
+    wait_until,
+)
 
 UPDATE_HEAD = struct.Struct("<IBQI")  # round, status, num_examples, metrics length
 

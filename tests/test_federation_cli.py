@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fedpress import cli
 from cli_helpers import run_cli
+from fedpress import cli
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")

@@ -80,13 +80,15 @@ def test_hello_roundtrip_and_checks():
     tag = bytes(range(16))
     h = P.Hello("site-1", ("downlink-delta",), tag, "topk:0.01+q4")
     body = h.pack()
-    assert body[:2] == struct.pack("<H", P.PROTOCOL_VERSION) and body[2:4] == struct.pack("<H", 6) and body[4:10] == b"site-1"
+    assert body[:2] == struct.pack("<H", P.PROTOCOL_VERSION) and body[2:4] == struct.pack("<H", 6)
+    assert body[4:10] == b"site-1"
     assert P.Hello.unpack(body) == h
     with pytest.raises(P.ProtocolError) as info:
         P.Hello.unpack(struct.pack("<H", 99) + body[2:])
     assert info.value.code == P.ErrorCode.VERSION
-    for bad in [struct.pack("<HH", P.PROTOCOL_VERSION, 50) + b"short", struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"\x00{}",
-                struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"a[1]", struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b'a{"model":"zz"}']:
+    head = struct.pack("<HH", P.PROTOCOL_VERSION, 1)
+    for bad in [struct.pack("<HH", P.PROTOCOL_VERSION, 50) + b"short", head + b"\x00{}", head + b"a[1]",
+                head + b'a{"model":"zz"}']:
         with pytest.raises(P.ProtocolError):
             P.Hello.unpack(bad)
     with pytest.raises(ValueError):

@@ -15,14 +15,39 @@ import numpy as np
 import pytest
 
 flwr_app = pytest.importorskip("flwr.app")
-from fedpress.flower import (RECORD_NAME, STYPE, FedPress, arrays_to_numpy, compress_mod,  # noqa: E402
-                             is_packed, numpy_to_arrays, pack, unpack)
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType,  # noqa: E402
-                      Metadata, MetricRecord, RecordDict)
+from fedpress.flower import (  # noqa: E402
+    RECORD_NAME,
+    STYPE,
+    FedPress,
+    arrays_to_numpy,
+    compress_mod,
+    is_packed,
+    numpy_to_arrays,
+    pack,
+    unpack,
+)
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
-from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,  # noqa: E402
-                                     FedMedian, FedProx, Krum)
+from flwr.serverapp.strategy import (  # noqa: E402
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    Krum,
+)
 
 _ids = itertools.count(1)
 
@@ -552,7 +577,8 @@ def _digits_apps(spec: Optional[str], rounds: int, num_nodes: int = 3) -> tuple[
         model = make_model("digits")
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         data = train.subset(parts[ctxt.node_id])
-        stats = train_local(model, data, epochs=2, lr=0.05, momentum=0.9, seed=int(msg.content["config"]["server-round"]))
+        stats = train_local(model, data, epochs=2, lr=0.05, momentum=0.9,
+                            seed=int(msg.content["config"]["server-round"]))
         return Message(content=RecordDict({
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord({"num-examples": len(data), "train_loss": float(stats["loss"])})}),

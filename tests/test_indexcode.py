@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+import fedpress as fp
 import numpy as np
 import pytest
-import fedpress as fp
+from conftest import leb128 as varint
 from fedpress import ops
 from hypothesis import given
-from conftest import leb128 as varint
 from hypothesis import strategies as st
 
 N32 = 2**32

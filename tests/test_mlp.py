@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fedpress.train import get_params, set_params, train_local
 from fedpress.train.datasets import Dataset
 from fedpress.train.mlp import MLP, digits_mlp

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pathlib
 import struct
 
+import fedpress as fp
 import numpy as np
 import pytest
-
-import fedpress as fp
 from conftest import load_make_golden
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"

@@ -21,14 +21,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import fedpress as fp
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-import fedpress as fp
 from fedpress import aggregate, payload
 from fedpress.codec import EDEN_MODES, EDEN_STAGES, VALUE_STAGES
+from hypothesis import given
+from hypothesis import strategies as st
 
 DEFAULT = fp.Limits()
 FLOOR = 1 << 20  # docs/format.md, "Expansion bound"

@@ -26,14 +26,13 @@ import struct
 import time
 from typing import Callable
 
+import fedpress as fp
 import numpy as np
 import pytest
 import zstandard
+from fuzz_checks import small_update  # the update the fuzz corpus seeds encode
 from hypothesis import given
 from hypothesis import strategies as st
-
-import fedpress as fp
-from fuzz_checks import small_update  # the update the fuzz corpus seeds encode
 
 SPECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk:0.01", "topk:0.01+q4", "topk:0.001+q4+zstd",
          "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd", "thresh:0.2", "topk:0.2+q8+zstd:1", "randk:0.3+q2",

@@ -365,8 +365,9 @@ def test_command_runs_and_reports_mistakes(tmp_path, capsys):
     assert (out / "summary.json").exists()
     assert cli.main(args[:5] + ["q4@bogus=1"] + args[6:]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == "fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: " \
-        "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, server_decay, downlink, downlink_mode, table"
+    assert err.strip().splitlines()[-1] == ("fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: "
+                                            "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, "
+                                            "server_decay, downlink, downlink_mode, table")
     bad_rounds = args[:]
     bad_rounds[bad_rounds.index("--rounds") + 1] = "3"
     assert cli.main(bad_rounds) == 2

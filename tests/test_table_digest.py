@@ -11,15 +11,14 @@ import hashlib
 import pathlib
 import re
 
+import fedpress as fp
 import numpy as np
 import pytest
 from conftest import leb128, load_make_golden
-from hypothesis import given
-from hypothesis import strategies as st
-
-import fedpress as fp
 from fedpress.cli import main as cli_main
 from fedpress.payload import payload_table_digest
+from hypothesis import given
+from hypothesis import strategies as st
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",

@@ -37,7 +37,8 @@ def test_builtin_and_user_tasks_resolve(monkeypatch):
 @pytest.mark.parametrize("text, message", [("cifar", "unknown task 'cifar'"),
                                            ("no_such_module_x:build", "cannot import"),
                                            ("examples.custom_task:nothing", "has no function 'nothing'"),
-                                           ("examples.custom_task:build", "must return a fedpress.train.Task, got int")])
+                                           ("examples.custom_task:build",
+                                            "must return a fedpress.train.Task, got int")])
 def test_bad_tasks_are_named(text, message, monkeypatch):
     monkeypatch.chdir(ROOT)
     if message.startswith("must return"):

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fedpress.train as ft
 import numpy as np
 import pytest
-
-import fedpress.train as ft
 from fedpress.train import loops as ft_loops
 
 REPO = Path(__file__).resolve().parents[1]

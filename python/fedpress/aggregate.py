@@ -17,9 +17,24 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from .payload import (DEFAULT_LIMITS, KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED, DecodeError,
-                      EdenSection, Limits, _output_dtype, eden_unrotate, out_of_memory_as_decode_error, parse, raw_array, sparse_parts,
-                      table_difference, table_entries)
+from .payload import (
+    DEFAULT_LIMITS,
+    KIND_DENSE,
+    KIND_RAW,
+    KIND_SPARSE,
+    KIND_SPARSE_SEEDED,
+    DecodeError,
+    EdenSection,
+    Limits,
+    _output_dtype,
+    eden_unrotate,
+    out_of_memory_as_decode_error,
+    parse,
+    raw_array,
+    sparse_parts,
+    table_difference,
+    table_entries,
+)
 
 __all__ = ["Aggregator"]
 

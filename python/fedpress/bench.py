@@ -403,7 +403,7 @@ class _Bench:
         read = read_times[read_name]
         out = np.empty_like(x)
         copy_ms = float(self.time(lambda: np.copyto(out, x)))
-        del out
+        out = None  # frees the arrays (the closures above are done with them)
         gbs = x.nbytes / (read * 1e-3) / 1e9
         self.reads.append(
             {"n": n, "read_op": read_name, "read_ms": read, "read_GBps": gbs,
@@ -421,7 +421,7 @@ class _Bench:
             getattr(self, f"k_{name}")(n, ctx)
             gc.collect()
         ctx.clear()
-        del x
+        x = None  # frees the arrays (the closures above are done with them)
         gc.collect()
 
     # -- kernels
@@ -451,7 +451,8 @@ class _Bench:
             note = "fedpress output not ascending / values != x[idx] / tie rule broken"
         self.add(Row("topk", n, fp_ms, "np.argpartition(|x|)+gather", np_ms, read,
                      fp_ok and same, note))
-        del pidx, pvals
+        del pvals
+        pidx = None  # frees the array (the closures above are done with it)
 
         torch = self.cfg.torch
         peer = "torch.topk(|t|)+gather"
@@ -510,7 +511,7 @@ class _Bench:
         size_ok = packed.size == ops.packed_size(n, bits) and scales.size == -(-n // BUCKET)
         fp_mae = float(np.mean(np.abs(err)))
         fp_bias = float(np.mean(err))
-        del deq, err
+        deq = err = None  # frees the arrays (the closures above are done with them)
 
         torch = self.cfg.torch
         peer = "torch QSGD 4-bit packed"
@@ -562,7 +563,7 @@ class _Bench:
             note += "; fedpress.dequantize disagrees on peer bytes"
         self.add(Row("quantize 4b", n, fp_ms, peer, t_ms, read, ok, note,
                      {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": t_mae, "fp_bias": fp_bias}))
-        del tp, ts, codes, tdeq, terr, cross
+        tp = ts = codes = tdeq = terr = cross = None  # frees the arrays (the closures above are done with them)
 
     def k_int8(self, n: int, ctx: dict[str, Any]) -> None:
         x, read = ctx["x"], ctx["read"]
@@ -574,7 +575,7 @@ class _Bench:
         fp_ok = bool(np.all(_bucket_max(err, BUCKET) <= scales / 255 + _ULPS * scales))
         fp_mae = float(err.mean())
         fp_note = "" if fp_ok else "; fedpress |err| > scale/255"
-        del deq, err
+        deq = err = None  # frees the arrays (the closures above are done with them)
         torch = self.cfg.torch
         if torch is None:
             self.skipped("quantize 8b", n, fp_ms, "torch qint8", read,
@@ -598,7 +599,7 @@ class _Bench:
                          f"mean|err| fp {fp_mae:.3g} (bucket {BUCKET}) torch {terr.mean():.3g}"
                          + fp_note + ("" if t_ok else "; torch |err| > scale/2"),
                          {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(terr.mean())}))
-            del q, terr
+            q = terr = None  # frees the arrays (the closures above are done with them)
             peer = "torch per-channel qint8 b512"
             if not self.slow_peer_ok(n):
                 self.skipped("quantize 8b", n, fp_ms, peer, read, "skipped (--quick)" + fp_note, fp_ok)
@@ -621,7 +622,7 @@ class _Bench:
                          f"mean|err| torch {cerr.mean():.3g}" + fp_note
                          + ("" if c_ok else "; torch |err| > scale/2"),
                          {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(cerr.mean())}))
-            del q, cerr
+            q = cerr = None  # frees the arrays (the closures above are done with them)
 
     def k_scatter(self, n: int, ctx: dict[str, Any]) -> None:
         read = ctx["read"]
@@ -675,7 +676,7 @@ class _Bench:
             ok = bool(np.allclose(fp_acc, acc, rtol=1e-5, atol=1e-6))
             self.add(Row(label, n, fp_ms, "torch index_add_ loop", t_ms, read, ok,
                          f"max|diff| {diff:.2g}"))
-        del idx_list, val_list, idx64, acc, fp_acc
+        idx_list = val_list = idx64 = acc = fp_acc = None  # frees the arrays (the closures above are done with them)
 
     def k_indexcode(self, n: int, ctx: dict[str, Any]) -> None:
         x, k, read = ctx["x"], ctx["k"], ctx["read"]
@@ -711,9 +712,9 @@ class _Bench:
         for level in levels:
             cctx = zstd.ZstdCompressor(level=level)
             dctx = zstd.ZstdDecompressor()
-            z_ms = self.time(lambda: cctx.compress(delta_bytes()))
+            z_ms = self.time(lambda cctx=cctx: cctx.compress(delta_bytes()))
             blob = cctx.compress(delta_bytes())
-            zd_ms = self.time(lambda: zdecode(dctx, blob))
+            zd_ms = self.time(lambda dctx=dctx, blob=blob: zdecode(dctx, blob))
             z_ok = bool(np.array_equal(zdecode(dctx, blob), idx))
             z_bits = 8 * len(blob) / k
             peer = f"zstd-{level} on uint32 deltas"
@@ -793,7 +794,7 @@ class _Bench:
             tidx, _ = torch_ef()
             ok, note = check(tidx.numpy())
             self.add(Row("ef_topk", n, fp_ms, peer, t_ms, read, ok, note))
-        del r0, res, fp_res
+        r0 = res = fp_res = None  # frees the arrays (the closures above are done with them)
 
     # -- summary
     def targets(self) -> list[dict[str, Any]]:

@@ -241,10 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from .sweep.cell import parse_cell
-
     from ._command_errors import UsageError
     from .codec import parse_spec
+    from .sweep.cell import parse_cell
 
     for text in args.codecs:
         try:

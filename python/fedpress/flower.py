@@ -46,8 +46,17 @@ from .encoder import Encoder
 from .payload import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect, payload_table_digest
 
 try:
-    from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType,
-                          MetricRecord, RecordDict)
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Error,
+        Message,
+        MessageType,
+        MetricRecord,
+        RecordDict,
+    )
     from flwr.common.constant import ErrorCode
     from flwr.serverapp.strategy import FedAvg, Strategy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -408,7 +417,7 @@ class FedPress(Strategy):
             row[f"{phase}_messages"] += 1
 
     def _packed_raw(self, packed: ArrayRecord) -> int:
-        for original, record, raw in self._downlink_cache.values():
+        for _original, record, raw in self._downlink_cache.values():
             if record is packed:
                 return raw
         return 0
@@ -497,7 +506,7 @@ class FedPress(Strategy):
         base = self._bases[unpacked[0][0].metadata.src_node_id]
         agg = Aggregator(limits=self.limits, table=_update_table(base))
         used = []
-        for (msg, name, payload), w in zip(unpacked, weights):
+        for (msg, _name, payload), w in zip(unpacked, weights):
             try:
                 agg.add(payload, w)
             except (DecodeError, ValueError) as exc:

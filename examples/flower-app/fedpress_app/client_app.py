@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from fedpress.flower import compress_mod
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from fedpress.flower import compress_mod
 
 from fedpress_app.task import get_model, load_partition, test, train
 

@@ -12,12 +12,11 @@ from logging import INFO
 from pathlib import Path
 from typing import Any, Optional
 
+from fedpress.flower import FedPress
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-
-from fedpress.flower import FedPress
 
 from fedpress_app.task import get_model, load_test, test
 

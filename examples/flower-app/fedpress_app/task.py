@@ -11,7 +11,6 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-
 from fedpress.train import Dataset, evaluate, load_task, make_model, partition, round_seed, train_local
 
 TASK = "digits"

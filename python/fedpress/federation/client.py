@@ -37,11 +37,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .._seeds import derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
 from ..payload import decode
 from . import protocol as P
-from .._seeds import derive_seed
 from .model import align_update, apply_delta, as_params, canonical, model_tag
 from .transport import BodyDeadline, Connection, open_connection
 

@@ -47,11 +47,22 @@ from ..payload import DecodeError, decode
 from ..robust import AggregationRule, cap_shares, clip_factor, robust_combine
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow
-from .model import (CHECKPOINT_JSON, DOWNLINK_MODES, ClientDownlink, Downlink, ServerOptimizer, as_params,
-                    atomic_write, load_checkpoint, make_downlink, remove_partial_writes, save_checkpoint, table,
-                    zero_reference)
-from .transport import (BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish,
-                        peek)
+from .model import (
+    CHECKPOINT_JSON,
+    DOWNLINK_MODES,
+    ClientDownlink,
+    Downlink,
+    ServerOptimizer,
+    as_params,
+    atomic_write,
+    load_checkpoint,
+    make_downlink,
+    remove_partial_writes,
+    save_checkpoint,
+    table,
+    zero_reference,
+)
+from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish, peek
 
 __all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config"]
 
@@ -620,7 +631,8 @@ class Server:
         try:
             holder["hello"] = await asyncio.wait_for(first_frame(), self.hello_timeout)
         except asyncio.TimeoutError:
-            raise P.ProtocolError(P.ErrorCode.TIMEOUT, f"no HELLO within {self.hello_timeout:g} s of connecting") from None
+            raise P.ProtocolError(P.ErrorCode.TIMEOUT,
+                                  f"no HELLO within {self.hello_timeout:g} s of connecting") from None
         conn: Connection = holder["conn"]
         hello = P.Hello.unpack(holder["hello"])
         nonce = P.new_nonce()

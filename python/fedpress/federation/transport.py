@@ -32,8 +32,16 @@ import ssl as _ssl
 import sys
 from typing import Any, Callable, Optional
 
-from .protocol import (MAX_FRAME_LIMIT, TRAILER_BYTES, ConnectionClosed, Frame, FrameOpener, FrameSealer,
-                       encode_frame, read_frame)
+from .protocol import (
+    MAX_FRAME_LIMIT,
+    TRAILER_BYTES,
+    ConnectionClosed,
+    Frame,
+    FrameOpener,
+    FrameSealer,
+    encode_frame,
+    read_frame,
+)
 
 __all__ = ["CountingProtocol", "CountingTransport", "Connection", "InflightBudget", "BodyDeadline", "establish", "peek",
            "open_connection"]
@@ -286,7 +294,8 @@ class BodyDeadline:
     def __init__(self, grace: float = 30.0, min_rate: float = 64 * 1024) -> None:
         for name, value in (("frame_grace", grace), ("frame_min_rate", min_rate)):
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number of {'seconds' if name == 'frame_grace' else 'bytes per second'}, got {value!r}")
+                unit = "seconds" if name == "frame_grace" else "bytes per second"
+                raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
         self.grace = float(grace)
         self.min_rate = float(min_rate)
 

@@ -112,8 +112,12 @@ def _run_one(task: Any, cell: str, seed: int, settings: Settings) -> list[dict[s
                     on_round=(lambda row: queue.put(1)) if queue is not None else None)
 
 
+#: The settings of a sweep run without any (a frozen dataclass: safe to share).
+DEFAULT_SETTINGS = Settings()
+
+
 def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seeds: Sequence[int],
-              settings: Settings = Settings(), out_dir: Union[str, os.PathLike] = "fedpress-sweep", *,
+              settings: Settings = DEFAULT_SETTINGS, out_dir: Union[str, os.PathLike] = "fedpress-sweep", *,
               jobs: int = 1, data_dir: Optional[str] = None, baseline: str = "fp32", progress: bool = True,
               overwrite: bool = False) -> dict[str, Any]:
     """Runs every (task, cell, seed) not already in ``out_dir`` and writes the reports.
@@ -182,7 +186,7 @@ def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seed
     bar = _Progress(len(todo) * (settings.rounds + 1), enabled=progress and bool(todo))
     try:
         if jobs == 1 or len(todo) <= 1:
-            for key, task, cell, seed in todo:
+            for _key, task, cell, seed in todo:
                 rows = simulate(task, cell, seed, settings, on_round=lambda row: bar.update(1))
                 _append_run(runs_path, rows)
                 done[(task.name, cell, seed)] = rows

@@ -22,8 +22,7 @@ from __future__ import annotations
 from .datasets import TASKS, Dataset, default_mnist_dir, load_digits, load_mnist_idx, load_task, stratified_split
 from .loops import evaluate, make_evaluate_fn, make_train_fn, param_delta, round_seed, train_local
 from .models import get_params, init_params, make_model, set_params
-from .partition import (SCHEMES, client_partition, partition, partition_dirichlet, partition_iid,
-                        partition_shards)
+from .partition import SCHEMES, client_partition, partition, partition_dirichlet, partition_iid, partition_shards
 from .task import BUILTIN_TASKS, Task, builtin_task, resolve_task
 
 __all__ = [

@@ -52,7 +52,8 @@ class Task:
 
     ``model_fn(seed)`` returns a fresh ``torch.nn.Module`` (or a numpy
     ``MLP``) whose initial weights are a function of ``seed``;
-    it maps a batch of ``train.x`` to class logits (trained with cross-entropy). ``train`` and ``test`` are ``fedpress.train.Dataset``
+    it maps a batch of ``train.x`` to class logits (trained with cross-entropy).
+    ``train`` and ``test`` are ``fedpress.train.Dataset``
     or ``(x, y)`` pairs of arrays (``y``: integer labels 0..C-1). For a sweep with
     ``jobs > 1`` the task is sent to worker processes, so ``model_fn`` must be a
     module-level function (picklable).
