@@ -403,7 +403,7 @@ class _Bench:
         read = read_times[read_name]
         out = np.empty_like(x)
         copy_ms = float(self.time(lambda: np.copyto(out, x)))
-        out = None  # frees the arrays (the closures above are done with them)
+        del out
         gbs = x.nbytes / (read * 1e-3) / 1e9
         self.reads.append(
             {"n": n, "read_op": read_name, "read_ms": read, "read_GBps": gbs,
@@ -421,7 +421,7 @@ class _Bench:
             getattr(self, f"k_{name}")(n, ctx)
             gc.collect()
         ctx.clear()
-        x = None  # frees the arrays (the closures above are done with them)
+        del x
         gc.collect()
 
     # -- kernels
@@ -451,8 +451,7 @@ class _Bench:
             note = "fedpress output not ascending / values != x[idx] / tie rule broken"
         self.add(Row("topk", n, fp_ms, "np.argpartition(|x|)+gather", np_ms, read,
                      fp_ok and same, note))
-        del pvals
-        pidx = None  # frees the array (the closures above are done with it)
+        del pidx, pvals
 
         torch = self.cfg.torch
         peer = "torch.topk(|t|)+gather"
@@ -511,7 +510,7 @@ class _Bench:
         size_ok = packed.size == ops.packed_size(n, bits) and scales.size == -(-n // BUCKET)
         fp_mae = float(np.mean(np.abs(err)))
         fp_bias = float(np.mean(err))
-        deq = err = None  # frees the arrays (the closures above are done with them)
+        del deq, err
 
         torch = self.cfg.torch
         peer = "torch QSGD 4-bit packed"
@@ -563,7 +562,7 @@ class _Bench:
             note += "; fedpress.dequantize disagrees on peer bytes"
         self.add(Row("quantize 4b", n, fp_ms, peer, t_ms, read, ok, note,
                      {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": t_mae, "fp_bias": fp_bias}))
-        tp = ts = codes = tdeq = terr = cross = None  # frees the arrays (the closures above are done with them)
+        del tp, ts, codes, tdeq, terr, cross
 
     def k_int8(self, n: int, ctx: dict[str, Any]) -> None:
         x, read = ctx["x"], ctx["read"]
@@ -575,7 +574,7 @@ class _Bench:
         fp_ok = bool(np.all(_bucket_max(err, BUCKET) <= scales / 255 + _ULPS * scales))
         fp_mae = float(err.mean())
         fp_note = "" if fp_ok else "; fedpress |err| > scale/255"
-        deq = err = None  # frees the arrays (the closures above are done with them)
+        del deq, err
         torch = self.cfg.torch
         if torch is None:
             self.skipped("quantize 8b", n, fp_ms, "torch qint8", read,
@@ -599,7 +598,7 @@ class _Bench:
                          f"mean|err| fp {fp_mae:.3g} (bucket {BUCKET}) torch {terr.mean():.3g}"
                          + fp_note + ("" if t_ok else "; torch |err| > scale/2"),
                          {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(terr.mean())}))
-            q = terr = None  # frees the arrays (the closures above are done with them)
+            del q, terr
             peer = "torch per-channel qint8 b512"
             if not self.slow_peer_ok(n):
                 self.skipped("quantize 8b", n, fp_ms, peer, read, "skipped (--quick)" + fp_note, fp_ok)
@@ -622,7 +621,7 @@ class _Bench:
                          f"mean|err| torch {cerr.mean():.3g}" + fp_note
                          + ("" if c_ok else "; torch |err| > scale/2"),
                          {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(cerr.mean())}))
-            q = cerr = None  # frees the arrays (the closures above are done with them)
+            del q, cerr
 
     def k_scatter(self, n: int, ctx: dict[str, Any]) -> None:
         read = ctx["read"]
@@ -676,7 +675,7 @@ class _Bench:
             ok = bool(np.allclose(fp_acc, acc, rtol=1e-5, atol=1e-6))
             self.add(Row(label, n, fp_ms, "torch index_add_ loop", t_ms, read, ok,
                          f"max|diff| {diff:.2g}"))
-        idx_list = val_list = idx64 = acc = fp_acc = None  # frees the arrays (the closures above are done with them)
+        del idx_list, val_list, idx64, acc, fp_acc
 
     def k_indexcode(self, n: int, ctx: dict[str, Any]) -> None:
         x, k, read = ctx["x"], ctx["k"], ctx["read"]
@@ -794,7 +793,7 @@ class _Bench:
             tidx, _ = torch_ef()
             ok, note = check(tidx.numpy())
             self.add(Row("ef_topk", n, fp_ms, peer, t_ms, read, ok, note))
-        r0 = res = fp_res = None  # frees the arrays (the closures above are done with them)
+        del r0, res, fp_res
 
     # -- summary
     def targets(self) -> list[dict[str, Any]]:
