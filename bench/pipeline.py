@@ -1,6 +1,6 @@
 """The payload path against the kernels it is built on: what orchestration costs.
 
-    python bench/pipeline.py [--n 25.6M] [--repeat 5] [--clients 100] [--json PATH]
+    python bench/pipeline.py [--n 25.6M] [--repeat 5] [--clients 100] [--memory] [--json PATH]
 
 Each row times a call users make (Encoder, Codec.encode, Aggregator, decode) and the bare
 kernel underneath it, on the same float32 update of N elements, in this process, and prints
@@ -120,21 +120,63 @@ def rows(n: int, repeat: int, clients: int) -> list[dict[str, Any]]:
     return out
 
 
+_PEAK = """
+import resource, sys
+import numpy as np
+import fedpress as fp
+n, spec, encoder = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+coder = fp.Encoder(spec) if encoder else fp.Codec(spec)
+small = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+coder.encode({"w": small})  # imports, thread pools and caches, before the baseline
+x = np.random.default_rng(0).standard_normal(n, dtype=np.float32)  # no float64 temporary
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+payload = coder.encode({"w": x})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(x.nbytes, len(payload), (peak - base) * 1024)
+"""
+
+
+def peak_memory(n: int) -> list[dict[str, Any]]:
+    """The memory one encode needs beyond its input, from the process's peak resident set
+    (one fresh process per row, so every allocation counts, C++ ones included)."""
+    import subprocess
+
+    out = []
+    for label, spec, encoder in (('Codec("q4").encode', "q4", False), ('Codec("fp16").encode', "fp16", False),
+                                 ('Encoder("topk:0.01+q4+zstd")', "topk:0.01+q4+zstd", True)):
+        result = subprocess.run([sys.executable, "-c", _PEAK, str(n), spec, "1" if encoder else "0"],
+                                capture_output=True, text=True, check=True)
+        update, payload, extra = (int(v) for v in result.stdout.split())
+        # The target: the update, the payload and 10% more, at the peak.
+        ratio = (update + extra) / (update + payload)
+        out.append({"call": label, "update_bytes": update, "payload_bytes": payload, "extra_bytes": extra,
+                    "peak_over_update_plus_payload": ratio})
+        print(f"  {label:40s} update {update / 2**20:7.1f} MiB  payload {payload / 2**20:7.1f} MiB  "
+              f"extra at peak {extra / 2**20:7.1f} MiB  peak/(update+payload) {ratio:5.2f} (target <= 1.10)",
+              flush=True)
+    return out
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=_size, default=25_600_000, help="elements of the update (default 25.6M)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the median is used")
     parser.add_argument("--clients", type=int, default=100, help="payloads the aggregation row sums")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--memory", action="store_true", help="also measure the peak memory of one encode")
     args = parser.parse_args(argv)
     print(f"fedpress payload path vs kernels: n = {args.n:,} float32, {ops.get_num_threads()} threads, "
           f"SIMD {ops.simd()}, {platform.processor() or platform.machine()}")
     print(f"  {'call':48s} {'against':34s} {'product':>12s} {'kernel':>12s} {'ratio':>8s}")
     result = rows(args.n, args.repeat, args.clients)
+    memory = []
+    if args.memory:
+        print("peak memory of one encode (a fresh process each):")
+        memory = peak_memory(args.n)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n": args.n, "threads": ops.get_num_threads(), "simd": ops.simd(), "rows": result}, f,
-                      indent=2)
+            json.dump({"n": args.n, "threads": ops.get_num_threads(), "simd": ops.simd(), "rows": result,
+                       "memory": memory}, f, indent=2)
     return 0
 
 
