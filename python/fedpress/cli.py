@@ -416,10 +416,8 @@ def _load_task(args: argparse.Namespace) -> Any:
 
     try:
         return resolve_task(args.task, data_dir=args.data_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        hint = " (--data-dir DIR: the folder of the MNIST IDX files)" if args.task == "mnist" else ""
-        message = str(exc) if str(exc).startswith("--task") else f"--task {args.task}: {exc}"
-        raise UsageError(f"{message}{hint}") from None
+    except ValueError as exc:  # it names --task and the fix
+        raise UsageError(str(exc)) from None
 
 
 def _add_client(parser: argparse.ArgumentParser) -> None:

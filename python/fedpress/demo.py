@@ -259,8 +259,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     try:
         task = resolve_task(args.task, data_dir=args.data_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(str(exc) if str(exc).startswith("--task") else f"--task {args.task}: {exc}") from None
+    except ValueError as exc:  # it names --task and the fix
+        raise UsageError(str(exc)) from None
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

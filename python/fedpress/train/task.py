@@ -126,13 +126,18 @@ def resolve_task(text: str, data_dir: Optional[str] = None) -> Task:
     """The task ``--task`` names: ``digits``, ``mnist`` (``data_dir``) or
     ``module:function`` (the function is called with no arguments and must return a
     ``Task``; the current directory is searched for the module, as ``python -m``
-    does). ValueError names what is wrong."""
+    does). Every failure is a ValueError that starts with ``--task TEXT:`` and says
+    what to do, ready for a command line to print."""
     text = str(text)
     if ":" not in text:
         if text.lower() not in BUILTIN_TASKS:
-            raise ValueError(f"unknown task {text!r}; use digits, mnist or module:function (a function "
-                             "returning a fedpress.train.Task)")
-        return builtin_task(text.lower(), data_dir)
+            raise ValueError(f"--task {text}: unknown task {text!r}; use digits, mnist or module:function (a "
+                             "function returning a fedpress.train.Task)")
+        try:
+            return builtin_task(text.lower(), data_dir)
+        except (OSError, ValueError) as exc:
+            hint = " (--data-dir DIR: the folder of the MNIST IDX files)" if text.lower() == "mnist" else ""
+            raise ValueError(f"--task {text}: {exc}{hint}") from None
     module_name, _, func = text.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -143,7 +148,10 @@ def resolve_task(text: str, data_dir: Optional[str] = None) -> Task:
     factory = getattr(module, func, None)
     if not callable(factory):
         raise ValueError(f"--task {text}: {module_name} has no function {func!r}")
-    task = factory()
+    try:
+        task = factory()
+    except (TypeError, ValueError) as exc:  # a factory that needs arguments, or data Task refuses
+        raise ValueError(f"--task {text}: {exc}") from None
     if not isinstance(task, Task):
         raise ValueError(f"--task {text}: {func}() must return a fedpress.train.Task, got {type(task).__name__}")
     return task
