@@ -204,14 +204,15 @@ def _fill_opt(mod: types.ModuleType, core: str, eden_pkg: str) -> None:
         def ep_for_bits(self, bits_low: int, bits_frac: Optional[float] = None) -> float:
             if bits_frac is None:
                 return lloyd_max_normal(bits_low)[1]
-            return (bits_frac * lloyd_max_normal(bits_low)[1]
-                    + (1 - bits_frac) * lloyd_max_normal(bits_low + 1)[1])
+            return bits_frac * lloyd_max_normal(bits_low)[1] + (1 - bits_frac) * lloyd_max_normal(bits_low + 1)[1]
 
     @cache
     def get_opt_in_device(device: str) -> tuple[dict[int, Any], dict[int, Any]]:
         centroids, boundaries = OptQuantizer.data.clusters
-        return ({b: torch.from_numpy(c).to(device) for b, c in centroids.items()},
-                {b: torch.from_numpy(v).to(device) for b, v in boundaries.items()})
+        return (
+            {b: torch.from_numpy(c).to(device) for b, c in centroids.items()},
+            {b: torch.from_numpy(v).to(device) for b, v in boundaries.items()},
+        )
 
     class OptQuantizer(base.Quantizer):
         data = OptData()
@@ -222,10 +223,10 @@ def _fill_opt(mod: types.ModuleType, core: str, eden_pkg: str) -> None:
             self.boundaries = boundaries[bits]
 
         def assign_clusters(self, x: Any) -> Any:
-            return torch.bucketize(x, self.boundaries)          # int64 cluster indices
+            return torch.bucketize(x, self.boundaries)  # int64 cluster indices
 
         def to_values(self, assignments: Any) -> Any:
-            return torch.take(self.centroids, assignments)      # float64 centroids
+            return torch.take(self.centroids, assignments)  # float64 centroids
 
     mod.OptData, mod.OptQuantizer, mod.get_opt_in_device = OptData, OptQuantizer, get_opt_in_device
 
@@ -239,8 +240,9 @@ def _fill_entropy_delta(mod: types.ModuleType, core: str, eden_pkg: str) -> None
         data = None
 
         def __init__(self, bits: int) -> None:
-            raise NotImplementedError("entropy_delta quantization is missing from the PyPI wheel "
-                                      "and not supplied by bench/_eden_reference.py")
+            raise NotImplementedError(
+                "entropy_delta quantization is missing from the PyPI wheel and not supplied by bench/_eden_reference.py"
+            )
 
     mod.EntropyDeltaQuantizer = EntropyDeltaQuantizer
 
@@ -283,8 +285,7 @@ def _supply(core: str, eden_pkg: str) -> list[str]:
         return []
     core_sub = core.split(".")[1:]
     eden_sub = eden_pkg.split(".")[1:] if eden_pkg.startswith(core.split(".")[0] + ".") else None
-    eden_dir = (os.path.join(core_dir, *eden_sub) if eden_sub is not None
-                else _installed_dir(eden_pkg))
+    eden_dir = os.path.join(core_dir, *eden_sub) if eden_sub is not None else _installed_dir(eden_pkg)
     fillers: dict[str, Optional[Callable[[types.ModuleType], None]]] = {}
     if not os.path.exists(os.path.join(core_dir, *core_sub, "rotations", "hadamard.py")):
         fillers[f"{core}.rotations"] = None
@@ -293,8 +294,7 @@ def _supply(core: str, eden_pkg: str) -> list[str]:
         fillers[f"{eden_pkg}.quantization"] = None
         fillers[f"{eden_pkg}.quantization.quantizer"] = lambda m: _fill_quantizer(m, core)
         fillers[f"{eden_pkg}.quantization.opt"] = lambda m: _fill_opt(m, core, eden_pkg)
-        fillers[f"{eden_pkg}.quantization.entropy_delta"] = (
-            lambda m: _fill_entropy_delta(m, core, eden_pkg))
+        fillers[f"{eden_pkg}.quantization.entropy_delta"] = lambda m: _fill_entropy_delta(m, core, eden_pkg)
     if fillers:
         sys.meta_path.insert(0, _Supplier(fillers))
     return [n for n, f in fillers.items() if f is not None]
@@ -303,6 +303,7 @@ def _supply(core: str, eden_pkg: str) -> list[str]:
 def _version(dist: str) -> str:
     try:
         from importlib.metadata import version
+
         return version(dist)
     except Exception:  # noqa: BLE001 - only for the printed note
         return "?"
@@ -321,11 +322,14 @@ class Reference:
     def note(self) -> str:
         text = f"reference: {self.package} {self.version} (PyPI), eden(bits, rotation_seed=s)"
         if self.supplied:
-            text += ("; its wheel lacks " + ", ".join(self.supplied)
-                     + " (supplied by bench/_eden_reference.py: rotation = hadamard-transform "
-                     + _version("hadamard-transform")
-                     + " x Rademacher signs, quantizer = torch.bucketize/take over Lloyd-Max "
-                     + "levels of N(0,1))")
+            text += (
+                "; its wheel lacks "
+                + ", ".join(self.supplied)
+                + " (supplied by bench/_eden_reference.py: rotation = hadamard-transform "
+                + _version("hadamard-transform")
+                + " x Rademacher signs, quantizer = torch.bucketize/take over Lloyd-Max "
+                + "levels of N(0,1))"
+            )
         return text
 
 
@@ -333,8 +337,10 @@ def load() -> Reference:
     """Imports the reference, supplying the modules its wheel lacks. Raises ImportError
     (with the install command) when neither package is installed."""
     errors = []
-    for dist, core, eden_pkg in (("cmprs-eden", "cmprs_core", "cmprs_eden"),
-                                 ("distributed-mean-estimation", "cmprs", "cmprs.eden")):
+    for dist, core, eden_pkg in (
+        ("cmprs-eden", "cmprs_core", "cmprs_eden"),
+        ("distributed-mean-estimation", "cmprs", "cmprs.eden"),
+    ):
         if _installed_dir(core) is None:
             errors.append(f"{dist} not installed")
             continue
@@ -346,10 +352,17 @@ def load() -> Reference:
             errors.append(f"{dist}: {type(exc).__name__}: {exc}")
             continue
         SUPPLIED[:] = supplied
-        return Reference(eden=eden_mod.eden, package=dist, version=_version(dist),
-                         qsgd=getattr(core_mod, "qsgd", None), supplied=supplied)
-    raise ImportError("; ".join(errors) + ". Install the reference with: pip install --no-deps "
-                      "cmprs-eden distributed-mean-estimation 'hadamard-transform==0.1.*'")
+        return Reference(
+            eden=eden_mod.eden,
+            package=dist,
+            version=_version(dist),
+            qsgd=getattr(core_mod, "qsgd", None),
+            supplied=supplied,
+        )
+    raise ImportError(
+        "; ".join(errors) + ". Install the reference with: pip install --no-deps "
+        "cmprs-eden distributed-mean-estimation 'hadamard-transform==0.1.*'"
+    )
 
 
 # ------------------------------------------------------------------ QSGD --

@@ -72,8 +72,9 @@ def make_model(hidden: int) -> Any:
 
     torch.manual_seed(0)
     nn = torch.nn
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
 
 
 def register(method: str, model: Any) -> Optional[Any]:
@@ -87,9 +88,9 @@ def register(method: str, model: Any) -> Optional[Any]:
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
         return None
     if method.startswith("powersgd:"):
-        state = powerSGD_hook.PowerSGDState(process_group=None,
-                                            matrix_approximation_rank=int(method.split(":")[1]),
-                                            start_powerSGD_iter=START_ITER)
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(method.split(":")[1]), start_powerSGD_iter=START_ITER
+        )
         model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return state
     state = CompressionState(method, start_iter=START_ITER)
@@ -121,7 +122,7 @@ def run_method(method: str, rank: int, steps: int, hidden: int, batch: int, data
                 dist.barrier()
                 start = time.perf_counter()
             order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(step))
-            idx = order[rank * batch:(rank + 1) * batch]
+            idx = order[rank * batch : (rank + 1) * batch]
             optimizer.zero_grad()
             loss_fn(model(x_train[idx]), y_train[idx]).backward()
             optimizer.step()
@@ -143,9 +144,16 @@ def run_method(method: str, rank: int, steps: int, hidden: int, batch: int, data
     with torch.no_grad():
         train_loss = float(loss_fn(model(x_train), y_train))
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
-    return {"method": method, "bytes": float(np.mean(sent[START_ITER:])), "raw": 4 * num_params,
-            "loss": train_loss, "accuracy": accuracy, "ms": 1e3 * seconds, "identical": identical,
-            "params": num_params}
+    return {
+        "method": method,
+        "bytes": float(np.mean(sent[START_ITER:])),
+        "raw": 4 * num_params,
+        "loss": train_loss,
+        "accuracy": accuracy,
+        "ms": 1e3 * seconds,
+        "identical": identical,
+        "params": num_params,
+    }
 
 
 def worker(rank: int, store: str, methods: list[str], steps: int, hidden: int, batch: int) -> None:
@@ -154,12 +162,17 @@ def worker(rank: int, store: str, methods: list[str], steps: int, hidden: int, b
     from fedpress.train import load_task
 
     torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=300)
+    )
     try:
         train, test = load_task("digits", seed=0)
-        data = (torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x),
-                torch.from_numpy(test.y))
+        data = (
+            torch.from_numpy(train.x),
+            torch.from_numpy(train.y),
+            torch.from_numpy(test.x),
+            torch.from_numpy(test.y),
+        )
         rows = []
         for method in methods:
             rows.append(run_method(method, rank, steps, hidden, batch, data))
@@ -184,16 +197,24 @@ def label(method: str) -> str:
 
 def print_table(rows: list[dict[str, Any]], steps: int, hidden: int, batch: int) -> None:
     base = rows[0]
-    print(f"\nDDP, {WORLD_SIZE} gloo ranks on CPU, MLP 64-{hidden}-{hidden}-10 ({base['params']:,} params), "
-          f"digits, {steps} steps, batch {batch} per rank, SGD lr 0.05 momentum 0.9")
-    print(f"{'method':30s} {'bytes/rank/step':>16s} {'vs allreduce':>13s} {'train loss':>11s} "
-          f"{'test acc':>9s} {'ms/step':>8s} {'replicas':>9s}")
+    print(
+        f"\nDDP, {WORLD_SIZE} gloo ranks on CPU, MLP 64-{hidden}-{hidden}-10 ({base['params']:,} params), "
+        f"digits, {steps} steps, batch {batch} per rank, SGD lr 0.05 momentum 0.9"
+    )
+    print(
+        f"{'method':30s} {'bytes/rank/step':>16s} {'vs allreduce':>13s} {'train loss':>11s} "
+        f"{'test acc':>9s} {'ms/step':>8s} {'replicas':>9s}"
+    )
     for r in rows:
-        print(f"{label(r['method']):30s} {r['bytes']:16,.0f} {base['bytes'] / r['bytes']:12.1f}x "
-              f"{r['loss']:11.4f} {100 * r['accuracy']:8.1f}% {r['ms']:8.1f} "
-              f"{'same' if r['identical'] else 'DIFFER':>9s}")
-    print(f"bytes and ms: means over steps {START_ITER}..{steps - 1}; bytes are each rank's input to "
-          "the collectives (see the module docstring)")
+        print(
+            f"{label(r['method']):30s} {r['bytes']:16,.0f} {base['bytes'] / r['bytes']:12.1f}x "
+            f"{r['loss']:11.4f} {100 * r['accuracy']:8.1f}% {r['ms']:8.1f} "
+            f"{'same' if r['identical'] else 'DIFFER':>9s}"
+        )
+    print(
+        f"bytes and ms: means over steps {START_ITER}..{steps - 1}; bytes are each rank's input to "
+        "the collectives (see the module docstring)"
+    )
     if not all(r["identical"] for r in rows):
         print("FAIL: replicas differ after a run", file=sys.stderr)
 
@@ -224,8 +245,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         fp.parse_spec(spec)  # a bad spec fails here, not in both workers
     methods = ["allreduce", "fp16", "powersgd:1", "powersgd:2", *args.specs]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(os.path.join(tmp, "store"), methods, args.steps, args.hidden, args.batch),
-                 nprocs=WORLD_SIZE, join=True)
+        mp.spawn(
+            worker,
+            args=(os.path.join(tmp, "store"), methods, args.steps, args.hidden, args.batch),
+            nprocs=WORLD_SIZE,
+            join=True,
+        )
     return 0
 
 

@@ -45,9 +45,19 @@ def small_steps(params: dict, config: dict) -> tuple[dict, int, dict]:
 async def join_time(idle: int) -> float:
     from fedpress.federation import Client, Server
 
-    server = Server("127.0.0.1", 0, {"w": np.zeros(1000, np.float32)}, rounds=1, clients_per_round=1,
-                    min_clients=1, codec="topk:0.1+q8", token=TOKEN, insecure=True, hello_timeout=60.0,
-                    handshake_timeout=60.0)
+    server = Server(
+        "127.0.0.1",
+        0,
+        {"w": np.zeros(1000, np.float32)},
+        rounds=1,
+        clients_per_round=1,
+        min_clients=1,
+        codec="topk:0.1+q8",
+        token=TOKEN,
+        insecure=True,
+        hello_timeout=60.0,
+        handshake_timeout=60.0,
+    )
     await server.start()
     run = asyncio.ensure_future(server.run())
     writers = []
@@ -66,12 +76,25 @@ def serve(params: int, port_queue: mp.Queue) -> None:
     from fedpress.federation import Server
 
     async def main() -> None:
-        server = Server("127.0.0.1", 0, {"w": np.zeros(params, np.float32)}, rounds=1, clients_per_round=1,
-                        min_clients=1, codec="topk:0.01+q8", token=TOKEN, insecure=True, round_timeout=600,
-                        frame_grace=5.0, frame_min_rate=16 << 20, evaluate_fn=None)
+        server = Server(
+            "127.0.0.1",
+            0,
+            {"w": np.zeros(params, np.float32)},
+            rounds=1,
+            clients_per_round=1,
+            min_clients=1,
+            codec="topk:0.01+q8",
+            token=TOKEN,
+            insecure=True,
+            round_timeout=600,
+            frame_grace=5.0,
+            frame_min_rate=16 << 20,
+            evaluate_fn=None,
+        )
         await server.start()
         port_queue.put((server.port, server.max_frame_bytes))
         await server.run()
+
     asyncio.run(main())
 
 
@@ -85,6 +108,7 @@ async def stall(port: int, announce: int, on_task: Callable[[], None]) -> float:
         head = await reader.readexactly(P.HEADER.size)
         _, _, ftype, length = P.HEADER.unpack(head)
         return ftype, await reader.readexactly(length)
+
     hello = P.Hello("staller", (), None, None).pack()
     writer.write(b"".join(bytes(p) for p in P.encode_frame(P.FrameType.HELLO, hello)))
     _, challenge = await frame()
@@ -121,8 +145,10 @@ def main() -> int:
     args = parser.parse_args()
 
     took = asyncio.run(join_time(args.idle))
-    print(f"join: a client completed its handshake and a round in {took:.3f} s while {args.idle} idle "
-          "connections from its address were held")
+    print(
+        f"join: a client completed its handshake and a round in {took:.3f} s while {args.idle} idle "
+        "connections from its address were held"
+    )
 
     ctx = mp.get_context("spawn")
     ports: mp.Queue = ctx.Queue()
@@ -147,10 +173,12 @@ def main() -> int:
     after = rss_mib(proc.pid)
     proc.kill()
     peak = max(samples) if samples else before[0]
-    print(f"stall: model {model_mib:.0f} MiB (fp32), max frame {max_frame / 2**20:.0f} MiB; server RSS {idle:.0f} MiB "
-          f"listening, {before[0]:.0f} MiB once it had sent the model, peak {peak:.0f} MiB while the client stalled "
-          f"at 95% of a max-size frame (+{peak - before[0]:.0f} MiB; the target: under 2x model + 100 MiB = "
-          f"{2 * model_mib + 100:.0f} MiB), {after:.0f} MiB after; cut off {cut:.1f} s after it stalled")
+    print(
+        f"stall: model {model_mib:.0f} MiB (fp32), max frame {max_frame / 2**20:.0f} MiB; server RSS {idle:.0f} MiB "
+        f"listening, {before[0]:.0f} MiB once it had sent the model, peak {peak:.0f} MiB while the client stalled "
+        f"at 95% of a max-size frame (+{peak - before[0]:.0f} MiB; the target: under 2x model + 100 MiB = "
+        f"{2 * model_mib + 100:.0f} MiB), {after:.0f} MiB after; cut off {cut:.1f} s after it stalled"
+    )
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     return 0
 

@@ -25,8 +25,9 @@ from typing import Any, Optional
 DEFAULT_SPECS = ["none", "q8+zstd", "topk:0.01+q4+zstd"]
 
 
-def run_one(spec: str, rounds: int, nodes: int, epochs: int, lr: float, downlink: Optional[str],
-            seed: int) -> dict[str, Any]:
+def run_one(
+    spec: str, rounds: int, nodes: int, epochs: int, lr: float, downlink: Optional[str], seed: int
+) -> dict[str, Any]:
     """One simulation in this process; returns accuracies and the wrapper's byte history."""
     import torch
     from fedpress.flower import FedPress, compress_mod
@@ -51,18 +52,24 @@ def run_one(spec: str, rounds: int, nodes: int, epochs: int, lr: float, downlink
         data = train.subset(parts[int(context.node_config["partition-id"])])
         server_round = int(msg.content["config"]["server-round"])
         stats = train_local(model, data, epochs=epochs, lr=lr, momentum=0.9, seed=seed * 1000 + server_round)
-        return Message(content=RecordDict({
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": len(data), "train_loss": float(stats["loss"])})}),
-            reply_to=msg)
+        return Message(
+            content=RecordDict(
+                {
+                    "arrays": ArrayRecord(model.state_dict()),
+                    "metrics": MetricRecord({"num-examples": len(data), "train_loss": float(stats["loss"])}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     server_app = ServerApp()
     out: dict[str, Any] = {"spec": spec, "downlink": downlink, "rounds": rounds, "nodes": nodes}
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedPress(FedAvg(fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes),
-                            downlink=downlink)
+        strategy = FedPress(
+            FedAvg(fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes), downlink=downlink
+        )
         accuracies: dict[int, float] = {}
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -72,13 +79,21 @@ def run_one(spec: str, rounds: int, nodes: int, epochs: int, lr: float, downlink
             accuracies[server_round] = float(accuracy)
             return MetricRecord({"accuracy": float(accuracy)})
 
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(make_model("digits", seed=seed).state_dict()),
-                       num_rounds=rounds, evaluate_fn=evaluate_fn)
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(make_model("digits", seed=seed).state_dict()),
+            num_rounds=rounds,
+            evaluate_fn=evaluate_fn,
+        )
         out["accuracy"] = [accuracies[r] for r in sorted(accuracies)]
         out["history"] = strategy.history
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=nodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     if "history" not in out:
         raise RuntimeError(f"the simulation for {spec!r} did not finish")
     return out
@@ -86,8 +101,10 @@ def run_one(spec: str, rounds: int, nodes: int, epochs: int, lr: float, downlink
 
 def _table(results: list[dict[str, Any]]) -> str:
     base = next((r for r in results if r["spec"] == "none"), None)
-    lines = ["| spec | final accuracy | uplink bytes / round (3 nodes) | vs Flower float32 | downlink / round |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| spec | final accuracy | uplink bytes / round (3 nodes) | vs Flower float32 | downlink / round |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         up = sum(row["uplink_payload"] for row in r["history"]) / len(r["history"])
         down = sum(row["train_downlink_payload"] for row in r["history"]) / len(r["history"])
@@ -126,9 +143,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     for spec in args.specs:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "result.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", "--specs", spec, "--rounds", str(args.rounds),
-                   "--nodes", str(args.nodes), "--epochs", str(args.epochs), "--lr", str(args.lr),
-                   "--seed", str(args.seed), "--json", path]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                "--specs",
+                spec,
+                "--rounds",
+                str(args.rounds),
+                "--nodes",
+                str(args.nodes),
+                "--epochs",
+                str(args.epochs),
+                "--lr",
+                str(args.lr),
+                "--seed",
+                str(args.seed),
+                "--json",
+                path,
+            ]
             if args.downlink:
                 cmd += ["--downlink", args.downlink]
             env = dict(os.environ, RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", RAY_DEDUP_LOGS="0")

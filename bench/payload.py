@@ -27,9 +27,23 @@ import fedpress as fp
 import numpy as np
 from fedpress import ops
 
-SPECS = ["fp32", "fp16", "bf16", "q8", "q8+zstd", "q4", "q2", "sign", "rht+q2+zstd", "topk:0.01",
-         "topk:0.01+q4", "topk:0.01+q4+zstd", "topk:0.001+q4+zstd", "thresh:0.01+q4+zstd",
-         "randk:0.01+fp16"]
+SPECS = [
+    "fp32",
+    "fp16",
+    "bf16",
+    "q8",
+    "q8+zstd",
+    "q4",
+    "q2",
+    "sign",
+    "rht+q2+zstd",
+    "topk:0.01",
+    "topk:0.01+q4",
+    "topk:0.01+q4+zstd",
+    "topk:0.001+q4+zstd",
+    "thresh:0.01+q4+zstd",
+    "randk:0.01+fp16",
+]
 THROUGHPUT_SPECS = ["topk:0.01+q4+zstd", "topk:0.001+q4+zstd", "q8+zstd", "sign", "fp16"]
 
 
@@ -53,9 +67,16 @@ def cnn_update(steps: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64 * 16, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 16, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
@@ -113,10 +134,14 @@ def throughput(results: dict, n: int, repeat: int) -> bool:
     update = {"w": x}
     k = n // 100
     t_topk = timed(lambda: ops.topk(x, k), repeat)
-    print(f"\nThroughput at N = {n:,} floats ({4 * n / 1e6:.1f} MB), {ops.get_num_threads()} threads;"
-          f" exact top-k 1% kernel alone: {t_topk * 1e3:.2f} ms")
-    print(f"{'spec':22s} {'bytes':>10s} {'ratio':>8s} {'encode ms':>10s} {'/topk':>6s} {'decode ms':>10s}"
-          f" {'agg add ms':>11s} {'encode GB/s':>12s}")
+    print(
+        f"\nThroughput at N = {n:,} floats ({4 * n / 1e6:.1f} MB), {ops.get_num_threads()} threads;"
+        f" exact top-k 1% kernel alone: {t_topk * 1e3:.2f} ms"
+    )
+    print(
+        f"{'spec':22s} {'bytes':>10s} {'ratio':>8s} {'encode ms':>10s} {'/topk':>6s} {'decode ms':>10s}"
+        f" {'agg add ms':>11s} {'encode GB/s':>12s}"
+    )
     rows = {}
     ok = True
     for spec in THROUGHPUT_SPECS:
@@ -128,6 +153,7 @@ def throughput(results: dict, n: int, repeat: int) -> bool:
         def agg_once(payload: bytes = payload) -> None:
             agg = fp.Aggregator()
             agg.add(payload, 1.0)
+
         t_agg = timed(agg_once, repeat)
         dec = fp.decode(payload)["w"]
         agg = fp.Aggregator()
@@ -135,10 +161,18 @@ def throughput(results: dict, n: int, repeat: int) -> bool:
         if not np.allclose(agg.result()["w"], dec, rtol=1e-6, atol=1e-12):
             print(f"{spec}: aggregator mean differs from the decoded payload")
             ok = False
-        rows[spec] = {"bytes": len(payload), "ratio": 4 * n / len(payload), "encode_ms": t_enc * 1e3,
-                      "encode_over_topk": t_enc / t_topk, "decode_ms": t_dec * 1e3, "aggregate_add_ms": t_agg * 1e3}
-        print(f"{spec:22s} {len(payload):10d} {4 * n / len(payload):7.1f}x {t_enc * 1e3:10.2f} "
-              f"{t_enc / t_topk:6.2f} {t_dec * 1e3:10.2f} {t_agg * 1e3:11.2f} {4 * n / t_enc / 1e9:12.2f}")
+        rows[spec] = {
+            "bytes": len(payload),
+            "ratio": 4 * n / len(payload),
+            "encode_ms": t_enc * 1e3,
+            "encode_over_topk": t_enc / t_topk,
+            "decode_ms": t_dec * 1e3,
+            "aggregate_add_ms": t_agg * 1e3,
+        }
+        print(
+            f"{spec:22s} {len(payload):10d} {4 * n / len(payload):7.1f}x {t_enc * 1e3:10.2f} "
+            f"{t_enc / t_topk:6.2f} {t_dec * 1e3:10.2f} {t_agg * 1e3:11.2f} {4 * n / t_enc / 1e9:12.2f}"
+        )
     results["throughput"] = {"n": n, "topk_ms": t_topk * 1e3, "specs": rows}
     return ok
 
@@ -169,14 +203,23 @@ def aggregation_memory(results: dict, n: int, clients: int) -> bool:
     copied = check.result()
     del check
     held = sum(len(p) for p in payloads)
-    print(f"\nAggregating {clients} payloads of topk:0.01+q4+zstd at N = {n:,}: {elapsed * 1e3:.0f} ms "
-          f"({elapsed / clients * 1e3:.2f} ms per payload); peak traced allocation {peak / 1e6:.1f} MB "
-          f"= {peak / dense:.2f}x the dense model ({dense / 1e6:.1f} MB) with result(copy=False) "
-          f"({peak_adds / dense:.2f}x during the adds; result() with a copy adds 1x); "
-          f"the {clients} payloads themselves hold {held / 1e6:.1f} MB")
-    results["aggregation"] = {"n": n, "clients": clients, "ms": elapsed * 1e3, "peak_bytes": peak,
-                              "dense_bytes": dense, "peak_over_dense": peak / dense,
-                              "peak_adds_over_dense": peak_adds / dense, "payload_bytes": held}
+    print(
+        f"\nAggregating {clients} payloads of topk:0.01+q4+zstd at N = {n:,}: {elapsed * 1e3:.0f} ms "
+        f"({elapsed / clients * 1e3:.2f} ms per payload); peak traced allocation {peak / 1e6:.1f} MB "
+        f"= {peak / dense:.2f}x the dense model ({dense / 1e6:.1f} MB) with result(copy=False) "
+        f"({peak_adds / dense:.2f}x during the adds; result() with a copy adds 1x); "
+        f"the {clients} payloads themselves hold {held / 1e6:.1f} MB"
+    )
+    results["aggregation"] = {
+        "n": n,
+        "clients": clients,
+        "ms": elapsed * 1e3,
+        "peak_bytes": peak,
+        "dense_bytes": dense,
+        "peak_over_dense": peak / dense,
+        "peak_adds_over_dense": peak_adds / dense,
+        "payload_bytes": held,
+    }
     return mean["w"].shape == (n,) and copied["w"].shape == (n,)
 
 
@@ -203,15 +246,27 @@ def main(argv: list[str] | None = None) -> int:
     b = results.get("bytes", {}).get("specs", {})
     t = results["throughput"]["specs"]
     checks = [
-        ("topk:0.01+q4+zstd >= 240x smaller than float32 (CNN update)",
-         b.get("topk:0.01+q4+zstd", {}).get("ratio"), 240, ">="),
+        (
+            "topk:0.01+q4+zstd >= 240x smaller than float32 (CNN update)",
+            b.get("topk:0.01+q4+zstd", {}).get("ratio"),
+            240,
+            ">=",
+        ),
         ("topk:0.001+q4+zstd >= 1500x (CNN update)", b.get("topk:0.001+q4+zstd", {}).get("ratio"), 1500, ">="),
         ("q8+zstd >= 4x (CNN update)", b.get("q8+zstd", {}).get("ratio"), 4, ">="),
         ("sign >= 30x (CNN update)", b.get("sign", {}).get("ratio"), 30, ">="),
-        (f"encode topk:0.01+q4+zstd within 2x of exact top-k at N={n:,}",
-         t["topk:0.01+q4+zstd"]["encode_over_topk"], 2, "<="),
-        (f"aggregating {clients} payloads peaks under 2x the dense model",
-         results["aggregation"]["peak_over_dense"], 2, "<"),
+        (
+            f"encode topk:0.01+q4+zstd within 2x of exact top-k at N={n:,}",
+            t["topk:0.01+q4+zstd"]["encode_over_topk"],
+            2,
+            "<=",
+        ),
+        (
+            f"aggregating {clients} payloads peaks under 2x the dense model",
+            results["aggregation"]["peak_over_dense"],
+            2,
+            "<",
+        ),
     ]
     for name, value, target, op in checks:
         if value is None:

@@ -50,23 +50,54 @@ def rows(n: int, repeat: int, clients: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def row(call: str, against: str, product: float, kernel: float, target: Optional[float]) -> None:
-        out.append({"call": call, "against": against, "product_s": product, "kernel_s": kernel,
-                    "ratio": product / kernel, "target": target})
-        print(f"  {call:48s} {against:34s} {product * 1e3:9.1f} ms {kernel * 1e3:9.1f} ms "
-              f"{product / kernel:7.2f}x" + (f"  (target <= {target:g}x)" if target else ""), flush=True)
+        out.append(
+            {
+                "call": call,
+                "against": against,
+                "product_s": product,
+                "kernel_s": kernel,
+                "ratio": product / kernel,
+                "target": target,
+            }
+        )
+        print(
+            f"  {call:48s} {against:34s} {product * 1e3:9.1f} ms {kernel * 1e3:9.1f} ms "
+            f"{product / kernel:7.2f}x" + (f"  (target <= {target:g}x)" if target else ""),
+            flush=True,
+        )
 
     encoder = fp.Encoder("topk:0.01+q4+zstd")
-    row('Encoder("topk:0.01+q4+zstd"), error feedback', "ops.topk(x, 1%)",
-        timed(lambda: encoder.encode({"w": x}), repeat), timed(lambda: ops.topk(x, k), repeat), 2.0)
+    row(
+        'Encoder("topk:0.01+q4+zstd"), error feedback',
+        "ops.topk(x, 1%)",
+        timed(lambda: encoder.encode({"w": x}), repeat),
+        timed(lambda: ops.topk(x, k), repeat),
+        2.0,
+    )
     q4 = fp.Codec("q4")
-    row('Codec("q4").encode', "ops.quantize(x, 4)", timed(lambda: q4.encode({"w": x}), repeat),
-        timed(lambda: ops.quantize(x, 4, seed=1), repeat), 1.3)
+    row(
+        'Codec("q4").encode',
+        "ops.quantize(x, 4)",
+        timed(lambda: q4.encode({"w": x}), repeat),
+        timed(lambda: ops.quantize(x, 4, seed=1), repeat),
+        1.3,
+    )
     fp16 = fp.Codec("fp16")
-    row('Codec("fp16").encode', "x.astype(np.float16)", timed(lambda: fp16.encode({"w": x}), repeat),
-        timed(lambda: x.astype(np.float16), repeat), 1.0)
+    row(
+        'Codec("fp16").encode',
+        "x.astype(np.float16)",
+        timed(lambda: fp16.encode({"w": x}), repeat),
+        timed(lambda: x.astype(np.float16), repeat),
+        1.0,
+    )
     eden = fp.Codec("eden4")
-    row('Codec("eden4").encode', "ops.eden_encode(x, 4)", timed(lambda: eden.encode({"w": x}), repeat),
-        timed(lambda: ops.eden_encode(x, 4, seed=1), repeat), 1.2)
+    row(
+        'Codec("eden4").encode',
+        "ops.eden_encode(x, 4)",
+        timed(lambda: eden.encode({"w": x}), repeat),
+        timed(lambda: ops.eden_encode(x, 4, seed=1), repeat),
+        1.2,
+    )
 
     dense = q4.encode({"w": x})
     packed, scales = ops.quantize(x, 4, seed=1)
@@ -74,8 +105,14 @@ def rows(n: int, repeat: int, clients: int) -> list[dict[str, Any]]:
     def add_one() -> None:
         agg = fp.Aggregator()
         agg.add(dense)
-    row("Aggregator.add, one dense q4 payload", "ops.dequantize(4 bits)", timed(add_one, repeat),
-        timed(lambda: ops.dequantize(packed, scales, 4, n), repeat), 1.2)
+
+    row(
+        "Aggregator.add, one dense q4 payload",
+        "ops.dequantize(4 bits)",
+        timed(add_one, repeat),
+        timed(lambda: ops.dequantize(packed, scales, 4, n), repeat),
+        1.2,
+    )
 
     topk = fp.Codec("topk:0.01")
     sparse, idx_list, val_list = [], [], []
@@ -97,6 +134,7 @@ def rows(n: int, repeat: int, clients: int) -> list[dict[str, Any]]:
     def scatter_many() -> None:
         acc = np.zeros(n, np.float32)
         ops.scatter_add_many(acc, idx_list, val_list)
+
     def aggregate_many() -> None:
         agg = fp.Aggregator()
         agg.add_many(sparse)
@@ -104,10 +142,20 @@ def rows(n: int, repeat: int, clients: int) -> list[dict[str, Any]]:
 
     few = max(1, repeat // 2)
     kernel = timed(scatter_many, few)
-    row(f"Aggregator.add x {clients} top-1% payloads", "ops.scatter_add_many, same data", timed(aggregate, few),
-        kernel, None)
-    row(f"Aggregator.add_many({clients} top-1% payloads)", "ops.scatter_add_many, same data",
-        timed(aggregate_many, few), kernel, 1.3)
+    row(
+        f"Aggregator.add x {clients} top-1% payloads",
+        "ops.scatter_add_many, same data",
+        timed(aggregate, few),
+        kernel,
+        None,
+    )
+    row(
+        f"Aggregator.add_many({clients} top-1% payloads)",
+        "ops.scatter_add_many, same data",
+        timed(aggregate_many, few),
+        kernel,
+        1.3,
+    )
 
     def decode_sparse() -> None:
         fp.decode(sparse[0])
@@ -115,8 +163,14 @@ def rows(n: int, repeat: int, clients: int) -> list[dict[str, Any]]:
     def fill() -> None:
         acc = np.zeros(n, np.float32)
         ops.scatter_add(acc, idx_list[0], val_list[0])
-    row("fp.decode, a top-1% payload", "np.zeros + ops.scatter_add", timed(decode_sparse, repeat),
-        timed(fill, repeat), 1.2)
+
+    row(
+        "fp.decode, a top-1% payload",
+        "np.zeros + ops.scatter_add",
+        timed(decode_sparse, repeat),
+        timed(fill, repeat),
+        1.2,
+    )
     return out
 
 
@@ -142,18 +196,34 @@ def peak_memory(n: int) -> list[dict[str, Any]]:
     import subprocess
 
     out = []
-    for label, spec, encoder in (('Codec("q4").encode', "q4", False), ('Codec("fp16").encode', "fp16", False),
-                                 ('Encoder("topk:0.01+q4+zstd")', "topk:0.01+q4+zstd", True)):
-        result = subprocess.run([sys.executable, "-c", _PEAK, str(n), spec, "1" if encoder else "0"],
-                                capture_output=True, text=True, check=True)
+    for label, spec, encoder in (
+        ('Codec("q4").encode', "q4", False),
+        ('Codec("fp16").encode', "fp16", False),
+        ('Encoder("topk:0.01+q4+zstd")', "topk:0.01+q4+zstd", True),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", _PEAK, str(n), spec, "1" if encoder else "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         update, payload, extra = (int(v) for v in result.stdout.split())
         # The target: the update, the payload and 10% more, at the peak.
         ratio = (update + extra) / (update + payload)
-        out.append({"call": label, "update_bytes": update, "payload_bytes": payload, "extra_bytes": extra,
-                    "peak_over_update_plus_payload": ratio})
-        print(f"  {label:40s} update {update / 2**20:7.1f} MiB  payload {payload / 2**20:7.1f} MiB  "
-              f"extra at peak {extra / 2**20:7.1f} MiB  peak/(update+payload) {ratio:5.2f} (target <= 1.10)",
-              flush=True)
+        out.append(
+            {
+                "call": label,
+                "update_bytes": update,
+                "payload_bytes": payload,
+                "extra_bytes": extra,
+                "peak_over_update_plus_payload": ratio,
+            }
+        )
+        print(
+            f"  {label:40s} update {update / 2**20:7.1f} MiB  payload {payload / 2**20:7.1f} MiB  "
+            f"extra at peak {extra / 2**20:7.1f} MiB  peak/(update+payload) {ratio:5.2f} (target <= 1.10)",
+            flush=True,
+        )
     return out
 
 
@@ -165,8 +235,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--memory", action="store_true", help="also measure the peak memory of one encode")
     args = parser.parse_args(argv)
-    print(f"fedpress payload path vs kernels: n = {args.n:,} float32, {ops.get_num_threads()} threads, "
-          f"SIMD {ops.simd()}, {platform.processor() or platform.machine()}")
+    print(
+        f"fedpress payload path vs kernels: n = {args.n:,} float32, {ops.get_num_threads()} threads, "
+        f"SIMD {ops.simd()}, {platform.processor() or platform.machine()}"
+    )
     print(f"  {'call':48s} {'against':34s} {'product':>12s} {'kernel':>12s} {'ratio':>8s}")
     result = rows(args.n, args.repeat, args.clients)
     memory = []
@@ -175,8 +247,11 @@ def main(argv: Optional[list] = None) -> int:
         memory = peak_memory(args.n)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n": args.n, "threads": ops.get_num_threads(), "simd": ops.simd(), "rows": result,
-                       "memory": memory}, f, indent=2)
+            json.dump(
+                {"n": args.n, "threads": ops.get_num_threads(), "simd": ops.simd(), "rows": result, "memory": memory},
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -67,7 +67,7 @@ EDEN_BITS = (1, 2, 3, 4)
 # fedpress's vNMSE must stay within these factors of the reference's at the same bits:
 # both quantize a rotated vector with the Lloyd-Max levels of N(0, 1) and the unbiased scale.
 VNMSE_BAND = (0.8, 1.25)
-AGG_SAME_TOL = 1e-5    # rel. L2 gap allowed between the rotated-domain sum and decode-each
+AGG_SAME_TOL = 1e-5  # rel. L2 gap allowed between the rotated-domain sum and decode-each
 AGG_INDEPENDENT = 1.25  # the mean's NMSE over what independent client errors would give
 
 
@@ -124,8 +124,8 @@ def _fmt_e(v: Optional[float]) -> str:
 @dataclass
 class Row:
     size: int
-    impl: str           # fedpress codec | fedpress kernel | reference | torch
-    method: str         # q4, eden4, ...
+    impl: str  # fedpress codec | fedpress kernel | reference | torch
+    method: str  # q4, eden4, ...
     threads: int
     bits: Optional[float] = None
     vnmse_normal: Optional[float] = None
@@ -150,8 +150,7 @@ def _time_round_trip(row: Row, t: Any, x: Any, reps: int) -> None:
         last[0] = t.forward(x)
 
     row.encode_ms, row.encode_min_ms = _time(encode, reps, warmup=reps > 2)
-    row.decode_ms, row.decode_min_ms = _time(lambda: t.backward(last[0].tx, last[0].tcontext),
-                                             reps, warmup=reps > 2)
+    row.decode_ms, row.decode_min_ms = _time(lambda: t.backward(last[0].tx, last[0].tcontext), reps, warmup=reps > 2)
 
 
 @dataclass
@@ -174,8 +173,9 @@ class Bench:
             self.failed = True
 
     # -- fedpress ---------------------------------------------------------
-    def codec_row(self, d: int, spec: str, xs: dict[str, np.ndarray], threads: int,
-                  method: Optional[str] = None) -> Optional[Row]:
+    def codec_row(
+        self, d: int, spec: str, xs: dict[str, np.ndarray], threads: int, method: Optional[str] = None
+    ) -> Optional[Row]:
         x = xs["normal"]
         ops.set_num_threads(threads)
         codec = fp.Codec(spec)
@@ -186,8 +186,7 @@ class Bench:
             row.vnmse_normal = _vnmse(fp.decode(payload)["x"], x)
             lx = xs["lognormal"]
             row.vnmse_lognormal = _vnmse(fp.decode(codec.encode({"x": lx}, seed=SEED + 1))["x"], lx)
-            row.encode_ms, row.encode_min_ms = _time(lambda: codec.encode({"x": x}, seed=SEED),
-                                                     self.args.repeats)
+            row.encode_ms, row.encode_min_ms = _time(lambda: codec.encode({"x": x}, seed=SEED), self.args.repeats)
             row.decode_ms, row.decode_min_ms = _time(lambda: fp.decode(payload), self.args.repeats)
         except Exception as exc:  # noqa: BLE001 - a missing stage is reported, not fatal
             row.note = f"unavailable: {type(exc).__name__}: {exc}"[:160]
@@ -211,8 +210,7 @@ class Bench:
 
             def dec(coded: tuple, n: int, seed: int = SEED) -> np.ndarray:
                 packed, scales, oidx, oval = coded
-                return ops.eden_decode(packed, scales, n, bits, seed,
-                                       outlier_idx=oidx, outlier_val=oval)
+                return ops.eden_decode(packed, scales, n, bits, seed, outlier_idx=oidx, outlier_val=oval)
 
             coded = enc(x)
             row.bits = 8 * sum(int(np.asarray(a).nbytes) for a in coded if a is not None) / d
@@ -242,8 +240,10 @@ class Bench:
         finally:
             ops.set_num_threads(self.fp_threads)
         same = one == many
-        self.notes.append(f"d={_label(d)}: eden4 payload on 1 vs {self.fp_threads} threads: "
-                          + ("identical" if same else "DIFFERENT (results depend on threads)"))
+        self.notes.append(
+            f"d={_label(d)}: eden4 payload on 1 vs {self.fp_threads} threads: "
+            + ("identical" if same else "DIFFERENT (results depend on threads)")
+        )
         if not same:
             self.failed = True
 
@@ -283,8 +283,7 @@ class Bench:
             if share >= 2 * call_s:
                 tl = self.ref.eden(bits=b, rotation_seed=SEED + 10 + b)
                 lo = tl.forward(torch.from_numpy(xs["lognormal"]))
-                row.vnmse_lognormal = _vnmse(tl.backward(lo.tx, lo.tcontext).numpy(),
-                                             xs["lognormal"])
+                row.vnmse_lognormal = _vnmse(tl.backward(lo.tx, lo.tcontext).numpy(), xs["lognormal"])
                 del tl, lo
             reps = min(self.args.repeats, int(share / call_s) - 2)
             if reps >= 1:
@@ -313,8 +312,7 @@ class Bench:
         lp, ln, _ = q.encode(torch.from_numpy(lx))
         row.vnmse_lognormal = _vnmse(q.decode(lp, ln, d).numpy(), lx)
         row.encode_ms, row.encode_min_ms = _time(lambda: q.encode(x), self.args.repeats)
-        row.decode_ms, row.decode_min_ms = _time(lambda: q.decode(packed, norms, n),
-                                                 self.args.repeats)
+        row.decode_ms, row.decode_min_ms = _time(lambda: q.decode(packed, norms, n), self.args.repeats)
         bound = eref.qsgd_vnmse_bound(4, QSGD_BUCKET)
         row.ok = row.vnmse_normal <= bound and row.vnmse_lognormal <= bound
         row.note = f"vNMSE bound {bound:.3g}"
@@ -331,16 +329,17 @@ class Bench:
         row.vnmse_lognormal = _vnmse(t.backward(lo.tx, lo.tcontext).numpy(), lx)
         row.encode_ms, row.encode_min_ms = _time(lambda: t.forward(x), self.args.repeats)
         last = t.forward(x)
-        row.decode_ms, row.decode_min_ms = _time(lambda: t.backward(last.tx, last.tcontext),
-                                                 self.args.repeats)
+        row.decode_ms, row.decode_min_ms = _time(lambda: t.backward(last.tx, last.tcontext), self.args.repeats)
         row.note = "one L2 norm per vector; bits = its Elias-omega estimate, nothing packed"
         self.add(row)
 
     # -- one size -------------------------------------------------------------
     def run_size(self, d: int) -> None:
         rng = np.random.default_rng(SEED ^ d)
-        xs = {"normal": rng.standard_normal(d, dtype=np.float32),
-              "lognormal": rng.lognormal(0.0, 1.0, d).astype(np.float32)}
+        xs = {
+            "normal": rng.standard_normal(d, dtype=np.float32),
+            "lognormal": rng.lognormal(0.0, 1.0, d).astype(np.float32),
+        }
         self.echo(f"\n== d = {d:,} ({_label(d)})")
         for spec in ("q2", "q4", "q8", "rht+q4"):
             self.codec_row(d, spec, xs, 1)
@@ -354,8 +353,7 @@ class Bench:
         refs = self.reference_rows(d, xs)
         self.qsgd_rows(d, xs)
         for b in EDEN_BITS:
-            rows = [fp_codec[b], fp_kernel[b]] + ([many["codec"], many["kernel"]] if b == 4 and many
-                                                  else [])
+            rows = [fp_codec[b], fp_kernel[b]] + ([many["codec"], many["kernel"]] if b == 4 and many else [])
             self._compare(refs.get(b), [r for r in rows if r is not None])
         self.print_table(d)
 
@@ -383,28 +381,51 @@ class Bench:
                 self.failed = True
 
     def print_table(self, d: int) -> None:
-        head = ("impl", "method", "thr", "bits/coord", "vNMSE N(0,1)", "vNMSE LogN", "enc ms",
-                "dec ms", "ref/fp enc", "ref/fp dec", "check / note")
+        head = (
+            "impl",
+            "method",
+            "thr",
+            "bits/coord",
+            "vNMSE N(0,1)",
+            "vNMSE LogN",
+            "enc ms",
+            "dec ms",
+            "ref/fp enc",
+            "ref/fp dec",
+            "check / note",
+        )
         widths = (15, 14, 3, 10, 12, 10, 8, 8, 10, 10, 0)
         lines = []
         for r in [r for r in self.rows if r.size == d]:
             check = {True: "ok", False: "FAIL", None: ""}[r.ok]
             note = "; ".join(s for s in (check, r.note) if s)
-            lines.append((r.impl, r.method, str(r.threads),
-                           "-" if r.bits is None else f"{r.bits:.3f}",
-                           _fmt_e(r.vnmse_normal), _fmt_e(r.vnmse_lognormal),
-                           _fmt_ms(r.encode_ms), _fmt_ms(r.decode_ms),
-                           _fmt_ratio(r.ref_over_fp_encode), _fmt_ratio(r.ref_over_fp_decode),
-                           note))
+            lines.append(
+                (
+                    r.impl,
+                    r.method,
+                    str(r.threads),
+                    "-" if r.bits is None else f"{r.bits:.3f}",
+                    _fmt_e(r.vnmse_normal),
+                    _fmt_e(r.vnmse_lognormal),
+                    _fmt_ms(r.encode_ms),
+                    _fmt_ms(r.decode_ms),
+                    _fmt_ratio(r.ref_over_fp_encode),
+                    _fmt_ratio(r.ref_over_fp_decode),
+                    note,
+                )
+            )
         for cells in [head, *lines]:
-            self.echo("  ".join(c.ljust(w) if i < 2 or i == len(cells) - 1 else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
+            self.echo(
+                "  ".join(
+                    c.ljust(w) if i < 2 or i == len(cells) - 1 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(cells, widths))
+                ).rstrip()
+            )
 
     # -- aggregation --------------------------------------------------------------
     def run_aggregation(self) -> None:
         d, clients, torch = AGG_SIZE, self.args.clients, self.torch
-        self.echo(f"\n== aggregation: {clients} clients x eden4 at d = {d:,} "
-                  "(mean of the payloads)")
+        self.echo(f"\n== aggregation: {clients} clients x eden4 at d = {d:,} (mean of the payloads)")
         rng = np.random.default_rng(SEED + 7)
         common = rng.standard_normal(d, dtype=np.float32)
         # Clients share a direction and differ by noise, as gradients of one round do.
@@ -418,8 +439,7 @@ class Bench:
         try:
             codec = fp.Codec("eden4:shared")
             # Every client rotates with the round's seed; its rounding seed is its own.
-            payloads = [codec.encode({"x": x}, seed=SEED + i, rotation_seed=ROTATION_SEED)
-                        for i, x in enumerate(xs)]
+            payloads = [codec.encode({"x": x}, seed=SEED + i, rotation_seed=ROTATION_SEED) for i, x in enumerate(xs)]
             agg["fp_bits"] = 8 * len(payloads[0]) / d
 
             def fp_aggregate() -> np.ndarray:
@@ -438,10 +458,8 @@ class Bench:
             agg["fp_nmse"] = _vnmse(mean, truth)
             each = fp_decode_each()
             agg["fp_vs_decode_each"] = float(np.linalg.norm(mean - each) / np.linalg.norm(each))
-            sse = [np.sum((fp.decode(p)["x"].astype(np.float64) - x) ** 2)
-                   for p, x in zip(payloads, xs)]
-            agg["fp_client_vnmse"] = float(np.mean([e / np.sum(x.astype(np.float64) ** 2)
-                                                    for e, x in zip(sse, xs)]))
+            sse = [np.sum((fp.decode(p)["x"].astype(np.float64) - x) ** 2) for p, x in zip(payloads, xs)]
+            agg["fp_client_vnmse"] = float(np.mean([e / np.sum(x.astype(np.float64) ** 2) for e, x in zip(sse, xs)]))
             # Independent client errors add up: the mean's error is their sum over n^2.
             agg["fp_nmse_if_independent"] = float(sum(sse) / clients**2 / np.sum(truth**2))
             del mean, each
@@ -470,8 +488,9 @@ class Bench:
                 return acc / clients
 
             agg["ref_nmse"] = _vnmse(ref_decode_each().numpy(), truth)
-            agg["ref_client_vnmse"] = float(np.mean(
-                [_vnmse(t.backward(o.tx, o.tcontext).numpy(), x) for t, o, x in zip(ts, outs, xs)]))
+            agg["ref_client_vnmse"] = float(
+                np.mean([_vnmse(t.backward(o.tx, o.tcontext).numpy(), x) for t, o, x in zip(ts, outs, xs)])
+            )
             ref_ms, _ = _time(ref_decode_each, reps)
             agg["ref_decode_each_ms"] = ref_ms
             del ts, outs
@@ -480,8 +499,10 @@ class Bench:
         if fp_ms is not None:
             # The rotated-domain sum must equal decoding every payload (float32 rounding
             # apart), and the clients' rounding errors must be independent (no shared dither).
-            agg["ok"] = (agg["fp_vs_decode_each"] <= AGG_SAME_TOL
-                         and agg["fp_nmse"] <= AGG_INDEPENDENT * agg["fp_nmse_if_independent"])
+            agg["ok"] = (
+                agg["fp_vs_decode_each"] <= AGG_SAME_TOL
+                and agg["fp_nmse"] <= AGG_INDEPENDENT * agg["fp_nmse_if_independent"]
+            )
             if not agg["ok"]:
                 self.failed = True
         if fp_ms is not None and ref_ms is not None:
@@ -493,27 +514,38 @@ class Bench:
             self.echo(f"  fedpress eden4:shared + Aggregator: {agg['fp_note']}")
         else:
             for threads in sorted({1, self.fp_threads}):
-                self.echo(f"  {f'fedpress Aggregator, rotated-domain sum ({threads} thr)':<58}"
-                          f"{_fmt_ms(agg[f'fp_aggregator_ms_t{threads}']):>9}  "
-                          f"{agg['fp_nmse']:>12.4g}  {agg['fp_bits']:.3f}")
-                self.echo(f"  {f'fedpress decode each + average ({threads} thr)':<58}"
-                          f"{_fmt_ms(agg[f'fp_decode_each_ms_t{threads}']):>9}")
+                self.echo(
+                    f"  {f'fedpress Aggregator, rotated-domain sum ({threads} thr)':<58}"
+                    f"{_fmt_ms(agg[f'fp_aggregator_ms_t{threads}']):>9}  "
+                    f"{agg['fp_nmse']:>12.4g}  {agg['fp_bits']:.3f}"
+                )
+                self.echo(
+                    f"  {f'fedpress decode each + average ({threads} thr)':<58}"
+                    f"{_fmt_ms(agg[f'fp_decode_each_ms_t{threads}']):>9}"
+                )
         if ref_ms is not None:
-            self.echo(f"  {'reference decode each + average (1 thr)':<58}{_fmt_ms(ref_ms):>9}  "
-                      f"{agg['ref_nmse']:>12.4g}  {agg['ref_bits']:.3f}")
+            self.echo(
+                f"  {'reference decode each + average (1 thr)':<58}{_fmt_ms(ref_ms):>9}  "
+                f"{agg['ref_nmse']:>12.4g}  {agg['ref_bits']:.3f}"
+            )
         if "ok" in agg:
-            self.echo(f"  check {'ok' if agg['ok'] else 'FAIL'}: Aggregator vs decode-each "
-                      f"mean differ by {agg['fp_vs_decode_each']:.1e} (rel. L2, <= "
-                      f"{AGG_SAME_TOL:g}); NMSE of the mean {agg['fp_nmse']:.4g} vs "
-                      f"{agg['fp_nmse_if_independent']:.4g} for independent client errors")
+            self.echo(
+                f"  check {'ok' if agg['ok'] else 'FAIL'}: Aggregator vs decode-each "
+                f"mean differ by {agg['fp_vs_decode_each']:.1e} (rel. L2, <= "
+                f"{AGG_SAME_TOL:g}); NMSE of the mean {agg['fp_nmse']:.4g} vs "
+                f"{agg['fp_nmse_if_independent']:.4g} for independent client errors"
+            )
         if "ratio_t1" in agg:
-            more = (f", {_fmt_ratio(agg[f'ratio_t{self.fp_threads}'])} on {self.fp_threads}"
-                    if self.fp_threads != 1 else "")
+            more = (
+                f", {_fmt_ratio(agg[f'ratio_t{self.fp_threads}'])} on {self.fp_threads}" if self.fp_threads != 1 else ""
+            )
             self.echo(f"  reference / fedpress: {_fmt_ratio(agg['ratio_t1'])} on 1 thread{more}")
-            self.echo(f"  error: fedpress's mean has {agg['fp_nmse'] / agg['ref_nmse']:.2f}x the "
-                      f"reference's NMSE; per client vNMSE {agg['fp_client_vnmse']:.4g} "
-                      f"(eden4:shared, stochastic rounding) vs {agg['ref_client_vnmse']:.4g} "
-                      "(reference, own rotation, nearest level)")
+            self.echo(
+                f"  error: fedpress's mean has {agg['fp_nmse'] / agg['ref_nmse']:.2f}x the "
+                f"reference's NMSE; per client vNMSE {agg['fp_client_vnmse']:.4g} "
+                f"(eden4:shared, stochastic rounding) vs {agg['ref_client_vnmse']:.4g} "
+                "(reference, own rotation, nearest level)"
+            )
 
     # -- targets --------------------------------------------------------------------
     def targets(self) -> list[dict[str, Any]]:
@@ -527,16 +559,25 @@ class Bench:
         d = AGG_SIZE if AGG_SIZE in self.args.sizes else self.args.sizes[0]
         for impl in ("fedpress codec", "fedpress kernel"):
             row = pick(impl, 1, d)
-            for what, attr, goal in (("encode", "ref_over_fp_encode", 10.0),
-                                     ("decode", "ref_over_fp_decode", 10.0)):
+            for what, attr, goal in (("encode", "ref_over_fp_encode", 10.0), ("decode", "ref_over_fp_decode", 10.0)):
                 value = getattr(row, attr) if row is not None else None
-                out.append({"target": f"eden4 {what} vs reference, 1 thread, {impl}, d={d}",
-                            "goal": goal, "value": value,
-                            "met": None if value is None else value >= goal})
+                out.append(
+                    {
+                        "target": f"eden4 {what} vs reference, 1 thread, {impl}, d={d}",
+                        "goal": goal,
+                        "value": value,
+                        "met": None if value is None else value >= goal,
+                    }
+                )
         value = self.aggregation.get("ratio_t1")
-        out.append({"target": f"aggregation of {self.args.clients} clients vs reference "
-                              "decode-each, 1 thread", "goal": 20.0, "value": value,
-                    "met": None if value is None else value >= 20.0})
+        out.append(
+            {
+                "target": f"aggregation of {self.args.clients} clients vs reference decode-each, 1 thread",
+                "goal": 20.0,
+                "value": value,
+                "met": None if value is None else value >= 20.0,
+            }
+        )
         return out
 
 
@@ -546,21 +587,34 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", type=_size, default=None,
-                   help="vector lengths (default: 1048576 25600000; --quick: 1048576)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed runs per row (default 7, --quick 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="d = 2^20 only, fewer runs (under 2 minutes)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=_size,
+        default=None,
+        help="vector lengths (default: 1048576 25600000; --quick: 1048576)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 7, --quick 3)")
+    p.add_argument("--quick", action="store_true", help="d = 2^20 only, fewer runs (under 2 minutes)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--threads", type=int, default=None,
-                   help="fedpress threads for the multi-thread rows (default: fedpress's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="fedpress threads for the multi-thread rows (default: fedpress's default)",
+    )
     p.add_argument("--clients", type=int, default=100, help="clients in the aggregation row")
-    p.add_argument("--ref-budget", type=float, default=150.0, metavar="S",
-                   help="seconds the reference may take per size; fewer timed runs, then none "
-                        "(default 150; it needs about 10 s per round trip at 25.6M)")
+    p.add_argument(
+        "--ref-budget",
+        type=float,
+        default=150.0,
+        metavar="S",
+        help="seconds the reference may take per size; fewer timed runs, then none "
+        "(default 150; it needs about 10 s per round trip at 25.6M)",
+    )
     p.add_argument("--no-aggregation", action="store_true", help="skip the aggregation row")
     return p
 
@@ -586,13 +640,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as exc:
         ref_note = f"reference unavailable: {exc}"
     bench = Bench(args, torch, ref, fp_threads)
-    bench.echo(f"fedpress {fp.__version__} ({ops.simd()}), torch {torch.__version__}, numpy "
-               f"{np.__version__}, {platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores; fedpress threads 1 and {fp_threads}, torch 1")
+    bench.echo(
+        f"fedpress {fp.__version__} ({ops.simd()}), torch {torch.__version__}, numpy "
+        f"{np.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; fedpress threads 1 and {fp_threads}, torch 1"
+    )
     bench.echo(ref_note)
     if not hasattr(ops, "eden_encode"):
-        bench.echo("note: fedpress.ops.eden_encode is not built yet: the fedpress eden rows say "
-                   "'unavailable' and their ratios are missing")
+        bench.echo(
+            "note: fedpress.ops.eden_encode is not built yet: the fedpress eden rows say "
+            "'unavailable' and their ratios are missing"
+        )
     for d in args.sizes:
         bench.run_size(d)
     if not args.no_aggregation:
@@ -607,11 +665,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bench.echo(f"  {t['target']}: {value} (goal >= {t['goal']:g}x) {met}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"fedpress": fp.__version__, "torch": torch.__version__,
-                       "fedpress_threads": fp_threads, "reference": ref_note,
-                       "sizes": args.sizes, "rows": [asdict(r) for r in bench.rows],
-                       "aggregation": bench.aggregation, "notes": bench.notes,
-                       "targets": targets}, f, indent=2)
+            json.dump(
+                {
+                    "fedpress": fp.__version__,
+                    "torch": torch.__version__,
+                    "fedpress_threads": fp_threads,
+                    "reference": ref_note,
+                    "sizes": args.sizes,
+                    "rows": [asdict(r) for r in bench.rows],
+                    "aggregation": bench.aggregation,
+                    "notes": bench.notes,
+                    "targets": targets,
+                },
+                f,
+                indent=2,
+            )
     if bench.failed:
         bench.echo("\nSOME CHECKS FAILED")
     return 1 if bench.failed else 0

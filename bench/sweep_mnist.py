@@ -36,8 +36,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    for name, settings in (("participation-20", Settings()), ("participation-10-alpha-0.3",
-                                                               Settings(per_round=5, alpha=0.3))):
+    for name, settings in (
+        ("participation-20", Settings()),
+        ("participation-10-alpha-0.3", Settings(per_round=5, alpha=0.3)),
+    ):
         out = Path(args.out) / name
         run_sweep(["mnist"], CELLS, args.seeds, settings, out, jobs=args.jobs, data_dir=args.data_dir)
         print(f"== {name}\n{(out / 'summary.md').read_text()}")

@@ -24,8 +24,9 @@ def make_model(seed: int) -> torch.nn.Module:
     """A 2-32-32-3 MLP; module-level, so that `fedpress sweep --jobs N` can send it to workers."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
-                                   torch.nn.ReLU(), torch.nn.Linear(32, 3))
+        return torch.nn.Sequential(
+            torch.nn.Linear(2, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)
+        )
 
 
 def spirals(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,5 +42,4 @@ def spirals(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def build() -> Task:
     """The same data on every machine: fixed seeds, nothing read from disk."""
     x, y = spirals(3000, seed=1234)
-    return Task("spirals", model_fn=make_model, train=(x[:2400], y[:2400]), test=(x[2400:], y[2400:]),
-                num_classes=3)
+    return Task("spirals", model_fn=make_model, train=(x[:2400], y[:2400]), test=(x[2400:], y[2400:]), num_classes=3)

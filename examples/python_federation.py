@@ -78,12 +78,30 @@ def make_evaluate_fn(x: np.ndarray, y: np.ndarray):
 async def federate(codec: str, rounds: int, clients: int) -> Server:
     x, y = spirals(3000, seed=1234)
     token = secrets.token_bytes(32)
-    server = Server("127.0.0.1", 0, params_of(make_model(0)), rounds=rounds, clients_per_round=clients,
-                    codec=codec, token=token, evaluate_fn=make_evaluate_fn(x[2400:], y[2400:]), insecure=True)
+    server = Server(
+        "127.0.0.1",
+        0,
+        params_of(make_model(0)),
+        rounds=rounds,
+        clients_per_round=clients,
+        codec=codec,
+        token=token,
+        evaluate_fn=make_evaluate_fn(x[2400:], y[2400:]),
+        insecure=True,
+    )
     await server.start()  # binds the port
     shards = np.array_split(np.arange(2400), clients)
-    runs = [Client(f"127.0.0.1:{server.port}", token, make_train_fn(x[s], y[s], seed=i), client_id=f"site-{i}",
-                   insecure=True, seed=i).run() for i, s in enumerate(shards)]
+    runs = [
+        Client(
+            f"127.0.0.1:{server.port}",
+            token,
+            make_train_fn(x[s], y[s], seed=i),
+            client_id=f"site-{i}",
+            insecure=True,
+            seed=i,
+        ).run()
+        for i, s in enumerate(shards)
+    ]
     await asyncio.gather(server.run(), *runs)
     return server
 
@@ -98,8 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     up = sum(r.get("uplink_wire_bytes", 0) for r in server.history)
     down = sum(r.get("downlink_wire_bytes", 0) for r in server.history)
     last = server.history[-1]
-    print(f"{args.codec}: accuracy {last['test_accuracy']:.3f} after {last['round']} rounds; "
-          f"uplink {up / 1e3:.1f} kB, downlink {down / 1e3:.1f} kB on the wire")
+    print(
+        f"{args.codec}: accuracy {last['test_accuracy']:.3f} after {last['round']} rounds; "
+        f"uplink {up / 1e3:.1f} kB, downlink {down / 1e3:.1f} kB on the wire"
+    )
     return 0
 
 

@@ -25,8 +25,15 @@ from fedpress.torch import apply_delta, state_delta  # fedpress
 from fedpress.train import load_task, make_model, partition_iid
 
 
-def train_locally(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
-                  batch_size: int, generator: torch.Generator) -> None:
+def train_locally(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
@@ -43,8 +50,9 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--spec", default="topk:0.01+q4+zstd", help="codec spec of the uplink")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=8)
@@ -52,8 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.2, help="client SGD learning rate")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads: a model this small runs fastest on one")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads: a model this small runs fastest on one")
     args = parser.parse_args(argv)
     for flag in ("rounds", "clients", "epochs", "batch_size", "threads"):
         if getattr(args, flag) < 1:
@@ -67,17 +74,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = load_task("digits", seed=args.seed)
-    shards = [(torch.from_numpy(train.x[idx]), torch.from_numpy(train.y[idx]))
-              for idx in partition_iid(train.y, args.clients, seed=args.seed)]
+    shards = [
+        (torch.from_numpy(train.x[idx]), torch.from_numpy(train.y[idx]))
+        for idx in partition_iid(train.y, args.clients, seed=args.seed)
+    ]
     x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
 
     global_model = make_model("digits", seed=args.seed)
     encoders = [fp.Encoder(args.spec) for _ in shards]  # fedpress
     raw_update_bytes = sum(t.numel() * 4 for t in global_model.state_dict().values())
-    history = {"initial_accuracy": accuracy(global_model, x_test, y_test), "accuracy": [],
-               "uplink_bytes": 0, "raw_bytes": 0}
-    print(f"spec {args.spec}: {args.clients} clients, {raw_update_bytes:,} bytes per float32 "
-          f"update, initial accuracy {history['initial_accuracy']:.3f}")
+    history = {
+        "initial_accuracy": accuracy(global_model, x_test, y_test),
+        "accuracy": [],
+        "uplink_bytes": 0,
+        "raw_bytes": 0,
+    }
+    print(
+        f"spec {args.spec}: {args.clients} clients, {raw_update_bytes:,} bytes per float32 "
+        f"update, initial accuracy {history['initial_accuracy']:.3f}"
+    )
     for round_number in range(1, args.rounds + 1):
         agg = fp.Aggregator()  # fedpress
         uplink = 0
@@ -96,11 +111,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         history["accuracy"].append(acc)
         history["uplink_bytes"] += uplink
         history["raw_bytes"] += raw
-        print(f"round {round_number:3d}  accuracy {acc:.3f}  uplink {uplink:9,} bytes  "
-              f"(float32 {raw:,}: {raw / uplink:5.1f}x smaller)")
-    print(f"final accuracy {history['accuracy'][-1]:.3f} after {args.rounds} rounds; uplink "
-          f"{history['uplink_bytes']:,} bytes vs {history['raw_bytes']:,} as float32 "
-          f"({history['raw_bytes'] / history['uplink_bytes']:.1f}x smaller)")
+        print(
+            f"round {round_number:3d}  accuracy {acc:.3f}  uplink {uplink:9,} bytes  "
+            f"(float32 {raw:,}: {raw / uplink:5.1f}x smaller)"
+        )
+    print(
+        f"final accuracy {history['accuracy'][-1]:.3f} after {args.rounds} rounds; uplink "
+        f"{history['uplink_bytes']:,} bytes vs {history['raw_bytes']:,} as float32 "
+        f"({history['raw_bytes'] / history['uplink_bytes']:.1f}x smaller)"
+    )
     return history
 
 

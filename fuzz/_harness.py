@@ -110,8 +110,8 @@ def target(check: Callable[[bytes], None], checks: Any, findings: Optional[Path]
                 path = findings / checks.finding_name(data, exc)
                 path.write_bytes(data)
                 if seen[exc.signature] == 1:
-                    print(f"\n#FINDING {exc.signature}\n  {str(exc)[:300]}\n  saved {path}", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"\n#FINDING {exc.signature}\n  {str(exc)[:300]}\n  saved {path}", file=sys.stderr, flush=True
+                    )
 
     return one
-

@@ -34,7 +34,7 @@ def split_frames(data: bytes, P) -> tuple:
         if magic != P.MAGIC or pos + P.HEADER.size + length > len(data):
             break
         start = pos + P.HEADER.size
-        frames.append((ftype, version, data[start:start + length]))
+        frames.append((ftype, version, data[start : start + length]))
         pos = start + length
     return frames, data[pos:]
 
@@ -63,7 +63,7 @@ def make_mutator(checks):
             except Exception:  # noqa: BLE001 - does not open: not sealed
                 sealed.append(None)
         ftype, version, body = frames[i]
-        inner = body[:-P.TRAILER_BYTES] if sealed[i] is not None else body
+        inner = body[: -P.TRAILER_BYTES] if sealed[i] is not None else body
         inner = atheris.Mutate(inner, max(len(inner) + 64, max_size // 2))
         if rnd.random() < 0.05:
             ftype = rnd.randrange(256)
@@ -74,7 +74,7 @@ def make_mutator(checks):
         for j, (ft, ver, b) in enumerate(frames):
             if sealed[j] is not None and ft in types:
                 if j != i:
-                    b = b[:-P.TRAILER_BYTES]
+                    b = b[: -P.TRAILER_BYTES]
                 sealer.seq = sealed[j]
                 out.append(b"".join(bytes(x) for x in sealer.seal(ft, b)))
             else:

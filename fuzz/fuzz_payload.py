@@ -30,8 +30,10 @@ MAGIC = b"FPRS"
 FLAG_ZSTD = 0x01
 FLAG_DIGEST = 0x02
 MAX_PLAIN = 1 << 16
-HOSTILE = sorted({0, 1, 2, 3, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512, 4095, 4096, 65535, 65536}
-                 | {(1 << k) + d for k in range(8, 65) for d in (-1, 0, 1) if (1 << k) + d < 1 << 64})
+HOSTILE = sorted(
+    {0, 1, 2, 3, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512, 4095, 4096, 65535, 65536}
+    | {(1 << k) + d for k in range(8, 65) for d in (-1, 0, 1) if (1 << k) + d < 1 << 64}
+)
 
 
 def read_varint(buf: bytes, pos: int) -> tuple:
@@ -61,7 +63,7 @@ def split(data: bytes):
     pos = HEADER.size
     if flags & FLAG_ZSTD:
         _, pos = read_varint(data, pos)
-    stored = data[pos:len(data) - 4]
+    stored = data[pos : len(data) - 4]
     if flags & FLAG_ZSTD:
         with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
             stored = reader.read(MAX_PLAIN)  # bounded: a hostile frame cannot blow up the mutator

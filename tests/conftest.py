@@ -34,9 +34,7 @@ with warnings.catch_warnings(), contextlib.suppress(Exception):
     import hypothesis.extra._patching  # noqa: F401
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
-settings.register_profile(
-    "ci", max_examples=50, deadline=None, suppress_health_check=_SUPPRESS, print_blob=True
-)
+settings.register_profile("ci", max_examples=50, deadline=None, suppress_health_check=_SUPPRESS, print_blob=True)
 settings.register_profile("dev", max_examples=300, deadline=None, suppress_health_check=_SUPPRESS)
 settings.register_profile("deep", max_examples=2500, deadline=None, suppress_health_check=_SUPPRESS)
 settings.load_profile(os.environ.get("FEDPRESS_HYPOTHESIS_PROFILE", "ci"))
@@ -56,9 +54,7 @@ TIE_VALUES = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=np.float32)
 
 @functools.lru_cache(maxsize=64)
 def _generate_cached(kind: str, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(
-        [seed, n, DISTRIBUTIONS.index(kind) if kind in DISTRIBUTIONS else 99]
-    )
+    rng = np.random.default_rng([seed, n, DISTRIBUTIONS.index(kind) if kind in DISTRIBUTIONS else 99])
     if kind == "normal":
         x = rng.standard_normal(n)
     elif kind == "student_t":  # heavy tails: df=2 has infinite variance
@@ -261,8 +257,21 @@ class Wire:
     SEED_OFFSET = 6
     TRAILER = struct.Struct("<I")
     FLAG_ZSTD = 0x01
-    DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
-              "uint8", "uint16", "uint32", "uint64", "bool")
+    DTYPES = (
+        "float32",
+        "float64",
+        "float16",
+        "bfloat16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    )
     VALUES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "eden1", "eden2", "eden3", "eden4", "eden8")
     RAW, DENSE, SPARSE, SEEDED = 0, 1, 2, 3
     VALUE_RAW = 255
@@ -285,18 +294,18 @@ class Wire:
         dtype: str
         shape: tuple
         kind: int
-        values: str = "fp32"       # value code name, or "raw"
-        count: int = -1            # -1: the shape's size
+        values: str = "fp32"  # value code name, or "raw"
+        count: int = -1  # -1: the shape's size
         bucket: int = 0
         block: int = 0
         flags: int = 0
         index_data: bytes = b""
         value_data: bytes = b""
-        index_len: int = -1        # -1: len(index_data)
-        value_len: int = -1        # -1: len(value_data)
-        dtype_code: int = -1       # -1: from dtype
-        ndim: int = -1             # -1: len(shape)
-        value_code: int = -1       # -1: from values
+        index_len: int = -1  # -1: len(index_data)
+        value_len: int = -1  # -1: len(value_data)
+        dtype_code: int = -1  # -1: from dtype
+        ndim: int = -1  # -1: len(shape)
+        value_code: int = -1  # -1: from values
 
     def tensor(self, name: str, dtype: str, shape: tuple, kind: int, **kw) -> Wire.Tensor:
         return Wire.Tensor(name, dtype, tuple(shape), kind, **kw)
@@ -306,15 +315,25 @@ class Wire:
         name = t.name.encode("utf-8", "surrogateescape")
         size = int(np.prod(t.shape, dtype=object)) if t.shape else 1
         count = size if t.count < 0 else t.count
-        vcode = t.value_code if t.value_code >= 0 else (
-            self.VALUE_RAW if t.values == "raw" else self.VALUES.index(t.values))
+        vcode = (
+            t.value_code
+            if t.value_code >= 0
+            else (self.VALUE_RAW if t.values == "raw" else self.VALUES.index(t.values))
+        )
         dcode = self.DTYPES.index(t.dtype) if t.dtype_code < 0 else t.dtype_code
         ndim = len(t.shape) if t.ndim < 0 else t.ndim
         index_len = len(t.index_data) if t.index_len < 0 else t.index_len
         value_len = len(t.value_data) if t.value_len < 0 else t.value_len
-        return b"".join([leb128(len(name)), name, bytes((dcode, ndim)), *(leb128(d) for d in t.shape),
-                         bytes((t.kind, vcode, t.flags)),
-                         *(leb128(v) for v in (count, t.bucket, t.block, index_len, value_len))])
+        return b"".join(
+            [
+                leb128(len(name)),
+                name,
+                bytes((dcode, ndim)),
+                *(leb128(d) for d in t.shape),
+                bytes((t.kind, vcode, t.flags)),
+                *(leb128(v) for v in (count, t.bucket, t.block, index_len, value_len)),
+            ]
+        )
 
     def body(self, tensors: list, spec: str = "fp32", n_tensors: int = -1, trailing: bytes = b"") -> bytes:
         spec_b = spec.encode()
@@ -346,12 +365,12 @@ class Wire:
             return v, end
 
         n, pos = varint("spec_len", 0)
-        spec = body[pos:pos + n].decode()
+        spec = body[pos : pos + n].decode()
         count, pos = varint("n_tensors", pos + n)
         tensors = []
         for i in range(count):
             name_len, pos = varint(f"tensor {i} name_len", pos)
-            name = body[pos:pos + name_len].decode()
+            name = body[pos : pos + name_len].decode()
             pos += name_len
             dcode, ndim = body[pos], body[pos + 1]
             pos += 2
@@ -359,20 +378,28 @@ class Wire:
             for d in range(ndim):
                 v, pos = varint(f"tensor {i} dim {d}", pos)
                 shape.append(v)
-            kind, vcode, flags = body[pos:pos + 3]
+            kind, vcode, flags = body[pos : pos + 3]
             pos += 3
             fields = {}
             for field in self.ENTRY_VARINTS:
                 fields[field], pos = varint(f"tensor {i} {field}", pos)
-            tensors.append(self.Tensor(name, self.DTYPES[dcode], tuple(shape), kind,
-                                       values="raw" if vcode == self.VALUE_RAW else self.VALUES[vcode],
-                                       flags=flags, **fields))
+            tensors.append(
+                self.Tensor(
+                    name,
+                    self.DTYPES[dcode],
+                    tuple(shape),
+                    kind,
+                    values="raw" if vcode == self.VALUE_RAW else self.VALUES[vcode],
+                    flags=flags,
+                    **fields,
+                )
+            )
         return spec, tensors, spans, pos
 
     def read_prefix(self, body: bytes) -> tuple:
         """(spec, n_tensors, offset of the first entry) of a plain body."""
         n, pos = self._read_varint(body, 0)
-        spec = body[pos:pos + n].decode()
+        spec = body[pos : pos + n].decode()
         count, pos = self._read_varint(body, pos + n)
         return spec, count, pos
 
@@ -398,12 +425,13 @@ class Wire:
 
         spec, tensors, _, pos = self._walk(body)
         for i, t in enumerate(tensors):
-            index_data = body[pos:pos + t.index_len]
+            index_data = body[pos : pos + t.index_len]
             pos += t.index_len
-            value_data = body[pos:pos + t.value_len]
+            value_data = body[pos : pos + t.value_len]
             pos += t.value_len
-            tensors[i] = dataclasses.replace(t, index_data=index_data, value_data=value_data,
-                                             index_len=-1, value_len=-1)
+            tensors[i] = dataclasses.replace(
+                t, index_data=index_data, value_data=value_data, index_len=-1, value_len=-1
+            )
         assert pos == len(body), "trailing bytes"
         return spec, tensors
 
@@ -412,8 +440,17 @@ class Wire:
         return self._walk(body)[3]
 
     # -- whole payloads
-    def wrap(self, body: bytes, *, flags: int = 0, seed: int = 0, raw_size: int = -1, version: int = 1,
-             magic: bytes = MAGIC, zstd_level: int = 0) -> bytes:
+    def wrap(
+        self,
+        body: bytes,
+        *,
+        flags: int = 0,
+        seed: int = 0,
+        raw_size: int = -1,
+        version: int = 1,
+        magic: bytes = MAGIC,
+        zstd_level: int = 0,
+    ) -> bytes:
         """Header + stored body + a correct CRC. zstd_level > 0 compresses the body
         (and sets the zstd flag); raw_size defaults to the uncompressed body's size.
         With the zstd flag in `flags` and zstd_level 0, `body` is stored as given."""
@@ -435,7 +472,7 @@ class Wire:
     def header(self, payload: bytes) -> dict:
         """magic, version, flags, seed, raw_size (of the body after zstd) and header_size
         (14, plus the raw_body_size varint when the zstd flag is set)."""
-        magic, version, flags, seed = self.HEADER.unpack(payload[:self.HEADER.size])
+        magic, version, flags, seed = self.HEADER.unpack(payload[: self.HEADER.size])
         size = self.HEADER.size
         raw = len(payload) - size - self.TRAILER.size
         if flags & self.FLAG_ZSTD:
@@ -443,7 +480,7 @@ class Wire:
         return dict(magic=magic, version=version, flags=flags, seed=seed, raw_size=raw, header_size=size)
 
     def stored_body(self, payload: bytes) -> bytes:
-        return bytes(payload[self.header(payload)["header_size"]:len(payload) - self.TRAILER.size])
+        return bytes(payload[self.header(payload)["header_size"] : len(payload) - self.TRAILER.size])
 
     def plain_body(self, payload: bytes) -> bytes:
         """The body after zstd (if any)."""
@@ -459,13 +496,21 @@ class Wire:
         when the original was, with sizes and CRC recomputed."""
         h = self.header(payload)
         zstd = h["flags"] & self.FLAG_ZSTD
-        return self.wrap(plain_body, flags=h["flags"] & ~self.FLAG_ZSTD, seed=h["seed"], version=h["version"],
-                         zstd_level=zstd_level if zstd else 0)
+        return self.wrap(
+            plain_body,
+            flags=h["flags"] & ~self.FLAG_ZSTD,
+            seed=h["seed"],
+            version=h["version"],
+            zstd_level=zstd_level if zstd else 0,
+        )
 
     def reference_payload(self) -> tuple:
         """(update, seed, spec, the bytes the format says Codec(spec).encode(update, seed) gives)."""
-        update = {"w": np.array([1.5, -2.0, 0.25], np.float32), "n": np.array([[3, -4]], np.int64),
-                  "s": np.array(0.5, np.float64)}
+        update = {
+            "w": np.array([1.5, -2.0, 0.25], np.float32),
+            "n": np.array([[3, -4]], np.int64),
+            "s": np.array(0.5, np.float64),
+        }
         tensors = [
             self.tensor("w", "float32", (3,), self.DENSE, value_data=update["w"].astype("<f4").tobytes()),
             self.tensor("n", "int64", (1, 2), self.RAW, values="raw", value_data=update["n"].astype("<i8").tobytes()),
@@ -483,8 +528,10 @@ def wire() -> Wire:
     update, seed, spec, expected = w.reference_payload()
     got = Codec(spec).encode(update, seed=seed)
     if got != expected:
-        pytest.fail(f"the library's payload differs from the format-v1 layout Wire builds:\n"
-                    f"  library {got.hex()}\n  Wire    {expected.hex()}")
+        pytest.fail(
+            f"the library's payload differs from the format-v1 layout Wire builds:\n"
+            f"  library {got.hex()}\n  Wire    {expected.hex()}"
+        )
     return w
 
 

@@ -55,10 +55,10 @@ CORPUS = ROOT / "fuzz" / "corpus"
 PAYLOAD_CORPUS = CORPUS / "payload"
 FRAMES_CORPUS = CORPUS / "frames"
 
-MEMORY_CAP_EXTRA = 1 << 30      # bytes of address space a check may add
-FRAME_MAX_BODY = 8192           # read_frame's limit: small, so FrameTooLarge is reachable
-FRAMES_PER_INPUT = 4            # frames read_frame reads from one input at most
-KEY = bytes(range(32))          # the sealing key of the frames harness (seeds are sealed with it)
+MEMORY_CAP_EXTRA = 1 << 30  # bytes of address space a check may add
+FRAME_MAX_BODY = 8192  # read_frame's limit: small, so FrameTooLarge is reachable
+FRAMES_PER_INPUT = 4  # frames read_frame reads from one input at most
+KEY = bytes(range(32))  # the sealing key of the frames harness (seeds are sealed with it)
 
 
 class Finding(AssertionError):
@@ -134,10 +134,10 @@ def small_update() -> dict:
     rng = np.random.default_rng(2024)
     return {
         "w": rng.standard_normal((6, 7)).astype(np.float32),
-        "v": rng.standard_normal(20) * 3,                    # float64
+        "v": rng.standard_normal(20) * 3,  # float64
         "h": rng.standard_normal(3).astype(np.float16),
-        "s": np.array(0.5, np.float32),                      # 0-d
-        "e": np.zeros((0, 2), np.float32),                   # empty
+        "s": np.array(0.5, np.float32),  # 0-d
+        "e": np.zeros((0, 2), np.float32),  # empty
         "i": np.array([-3, 0, 7, 1 << 40], np.int64),
         "m": np.array([True, False, True]),
     }
@@ -145,8 +145,14 @@ def small_update() -> dict:
 
 MODEL = [(name, a.dtype.name, a.shape) for name, a in small_update().items()]
 # tests/test_payload_fuzz.py's FUZZ_LIMITS: a second decode under them reaches the limit checks.
-SMALL_LIMITS = fp.Limits(max_tensors=64, max_dims=8, max_elements=1 << 20, max_total_elements=1 << 21,
-                         max_decoded_bytes=1 << 24, max_body_bytes=1 << 22)
+SMALL_LIMITS = fp.Limits(
+    max_tensors=64,
+    max_dims=8,
+    max_elements=1 << 20,
+    max_total_elements=1 << 21,
+    max_decoded_bytes=1 << 24,
+    max_body_bytes=1 << 22,
+)
 _DECODE_ERRORS = (fp.DecodeError,)
 
 
@@ -188,8 +194,11 @@ def _check_payload(data: bytes) -> None:
             arr = decoded[t["name"]]
             want = np.float32 if t["dtype"] == "bfloat16" else np.dtype(t["dtype"])
             if arr.shape != tuple(t["shape"]) or arr.dtype != want:
-                raise _broken("decode", f"tensor {t['name']!r}: decode gives {arr.dtype}{arr.shape}, "
-                                        f"inspect says {t['dtype']}{tuple(t['shape'])}")
+                raise _broken(
+                    "decode",
+                    f"tensor {t['name']!r}: decode gives {arr.dtype}{arr.shape}, "
+                    f"inspect says {t['dtype']}{tuple(t['shape'])}",
+                )
         if not ok_agg:
             raise _broken("Aggregator.add", "decode accepts a payload Aggregator.add refuses")
     if ok_tdec and not ok_tagg:
@@ -243,8 +252,13 @@ def _task(body: bytes) -> None:
     if ok:
         packed = _joined(t.parts())
         again = _repack("Task", P.Task.unpack, packed)
-        same = (again.round, again.kind, again.model_tag, again.base_tag, [bytes(p) for p in again.payloads]) == \
-               (t.round, t.kind, t.model_tag, t.base_tag, [bytes(p) for p in t.payloads])
+        same = (again.round, again.kind, again.model_tag, again.base_tag, [bytes(p) for p in again.payloads]) == (
+            t.round,
+            t.kind,
+            t.model_tag,
+            t.base_tag,
+            [bytes(p) for p in t.payloads],
+        )
         if not same or _joined(again.parts()) != packed or again.payload_bytes != t.payload_bytes:
             raise _broken("Task.unpack", f"pack/unpack changes the value: {t!r}")
 
@@ -254,8 +268,12 @@ def _update(body: bytes) -> None:
     if ok:
         packed = _joined(u.parts())
         again = _repack("Update", P.Update.unpack, packed)
-        same = (again.round, again.status, again.num_examples, bytes(again.payload)) == \
-               (u.round, u.status, u.num_examples, bytes(u.payload))
+        same = (again.round, again.status, again.num_examples, bytes(again.payload)) == (
+            u.round,
+            u.status,
+            u.num_examples,
+            bytes(u.payload),
+        )
         if not same or _joined(again.parts()) != packed or again.payload_bytes != u.payload_bytes:
             raise _broken("Update.unpack", f"pack/unpack changes the value: {u!r}")
 
@@ -292,8 +310,7 @@ def _repack(name: str, unpack: Callable[[bytes], Any], packed: bytes) -> Any:
     try:
         return unpack(packed)
     except Exception as exc:  # what pack wrote must unpack
-        raise _broken(f"{name}.unpack", f"its own pack() output does not unpack "
-                                        f"({type(exc).__name__}: {exc})") from exc
+        raise _broken(f"{name}.unpack", f"its own pack() output does not unpack ({type(exc).__name__}: {exc})") from exc
 
 
 def _challenge(body: bytes) -> None:
@@ -301,9 +318,14 @@ def _challenge(body: bytes) -> None:
 
 
 UNPACKERS: dict = {
-    P.FrameType.HELLO: _hello, P.FrameType.CHALLENGE: _challenge, P.FrameType.AUTH: _auth,
-    P.FrameType.WELCOME: _welcome, P.FrameType.TASK: _task, P.FrameType.UPDATE: _update,
-    P.FrameType.ERROR: _error, P.FrameType.BYE: _text,
+    P.FrameType.HELLO: _hello,
+    P.FrameType.CHALLENGE: _challenge,
+    P.FrameType.AUTH: _auth,
+    P.FrameType.WELCOME: _welcome,
+    P.FrameType.TASK: _task,
+    P.FrameType.UPDATE: _update,
+    P.FrameType.ERROR: _error,
+    P.FrameType.BYE: _text,
 }
 BODY_CHECKS = (_hello, _auth, _welcome, _task, _update, _error, _text, _json)
 
@@ -388,8 +410,7 @@ def corpus_files(directory: Path) -> list:
     """The corpus files of one harness, sorted (README and dot files excepted)."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and p.suffix != ".md")
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
 
 
 def finding_name(data: bytes, finding: Finding) -> str:

@@ -280,8 +280,7 @@ def test_scatter_add_many_range_boundaries(threads, n: int, n_threads: int) -> N
     # total for the multi-threaded split.
     rng = np.random.default_rng(n)
     edges = np.array(
-        [0, 1, n - 2, n - 1]
-        + [m + d for s in range(13, 18) for m in range(2**s, n, 2**s) for d in (-1, 0, 1)]
+        [0, 1, n - 2, n - 1] + [m + d for s in range(13, 18) for m in range(2**s, n, 2**s) for d in (-1, 0, 1)]
     )
     edges = edges[(edges >= 0) & (edges < n)]
     idx_list, val_list = [], []
@@ -416,9 +415,7 @@ def test_scatter_add_many_length_mismatches() -> None:
     with pytest.raises(ValueError):
         ops.scatter_add_many(acc, [np.array([1, 2], np.uint32)], [np.array([1.0], np.float32)])
     with pytest.raises(ValueError):
-        ops.scatter_add_many(
-            acc, [np.array([5, 2, 9], np.uint32)], [np.array([1.0, 2.0], np.float32)]
-        )
+        ops.scatter_add_many(acc, [np.array([5, 2, 9], np.uint32)], [np.array([1.0, 2.0], np.float32)])
     assert not acc.any()
 
 
@@ -456,9 +453,7 @@ def test_property_scatter_add_many(n: int, n_clients: int, data: st.DataObject) 
     for _ in range(n_clients):
         k = data.draw(st.integers(0, 100))
         idx_list.append(data.draw(hnp.arrays(np.uint32, k, elements=st.integers(0, n - 1))))
-        val_list.append(
-            data.draw(hnp.arrays(np.float32, k, elements=st.floats(-1e3, 1e3, width=32)))
-        )
+        val_list.append(data.draw(hnp.arrays(np.float32, k, elements=st.floats(-1e3, 1e3, width=32))))
         weights.append(data.draw(st.floats(-4, 4)))
     acc = np.zeros(n, dtype=np.float32)
     ops.scatter_add_many(acc, idx_list, val_list, weights)

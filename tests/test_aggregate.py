@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 HAVE_RHT = hasattr(fp.ops, "rht")
-SPECS = ["fp32", "q8", "topk:0.01+q4", "topk:0.001+q4+zstd", "randk:0.1+fp16", "sign", "thresh:0.05+bf16",
-         "topk:0.05", pytest.param("rht+q2+zstd", marks=pytest.mark.skipif(not HAVE_RHT, reason="no ops.rht yet"))]
+SPECS = [
+    "fp32",
+    "q8",
+    "topk:0.01+q4",
+    "topk:0.001+q4+zstd",
+    "randk:0.1+fp16",
+    "sign",
+    "thresh:0.05+bf16",
+    "topk:0.05",
+    pytest.param("rht+q2+zstd", marks=pytest.mark.skipif(not HAVE_RHT, reason="no ops.rht yet")),
+]
 WEIGHTS = [1.0, 2.5, 0.5, 3.0, 1.0]
 
 
@@ -19,7 +28,7 @@ def client_update(i: int) -> dict:
     rng = np.random.default_rng(1000 + i)
     return {
         "conv": rng.standard_t(3, (30, 40)).astype(np.float32),
-        "fc": rng.standard_normal(500),                               # float64
+        "fc": rng.standard_normal(500),  # float64
         "half": rng.standard_normal((5, 6)).astype(np.float16),
         "scalar": np.array(rng.standard_normal(), np.float32),
         "steps": rng.integers(0, 1000, size=(3,), dtype=np.int64),
@@ -98,7 +107,7 @@ def test_result_without_copy_hands_over_the_sums() -> None:
     kept, handed = a.result(), b.result(copy=False)
     for name in kept:
         np.testing.assert_array_equal(handed[name], kept[name])
-    assert b.count == 0 and b.total_weight == 0      # empty again, ready for the next round
+    assert b.count == 0 and b.total_weight == 0  # empty again, ready for the next round
     with pytest.raises(ValueError):
         b.result()
     b.add(ps[0], 1.0)
@@ -107,8 +116,10 @@ def test_result_without_copy_hands_over_the_sums() -> None:
 
 def test_payloads_of_different_specs_mix() -> None:
     """The table is names, dtypes and shapes: clients may use different codecs."""
-    ps = [fp.Codec(spec).encode(client_update(i), seed=i)
-          for i, spec in enumerate(["fp32", "topk:0.01+q4", "randk:0.1+fp16", "sign+zstd", "q8"])]
+    ps = [
+        fp.Codec(spec).encode(client_update(i), seed=i)
+        for i, spec in enumerate(["fp32", "topk:0.01+q4", "randk:0.1+fp16", "sign+zstd", "q8"])
+    ]
     agg = fp.Aggregator()
     for p, w in zip(ps, WEIGHTS):
         agg.add(p, w)
@@ -137,12 +148,18 @@ def test_zero_weights_are_allowed_but_not_all() -> None:
 
 def test_integer_tensors_averaged_and_cast_back() -> None:
     ps = []
-    values = [np.array([1, 10, -7, 200], np.int64), np.array([2, 20, -8, 100], np.int64),
-              np.array([4, 31, -9, 0], np.int64)]
+    values = [
+        np.array([1, 10, -7, 200], np.int64),
+        np.array([2, 20, -8, 100], np.int64),
+        np.array([4, 31, -9, 0], np.int64),
+    ]
     masks = [np.array([True, True, False]), np.array([True, False, False]), np.array([False, False, True])]
     for i, (v, m) in enumerate(zip(values, masks)):
-        ps.append(fp.Codec("topk:0.5+q8").encode({"v": v, "u8": v.astype(np.uint8), "m": m,
-                                                   "f": np.ones(3, np.float32)}, seed=i))
+        ps.append(
+            fp.Codec("topk:0.5+q8").encode(
+                {"v": v, "u8": v.astype(np.uint8), "m": m, "f": np.ones(3, np.float32)}, seed=i
+            )
+        )
     agg = fp.Aggregator()
     weights = [1.0, 1.5, 2.0]
     for p, w in zip(ps, weights):
@@ -156,14 +173,15 @@ def test_integer_tensors_averaged_and_cast_back() -> None:
     u8_mean = sum(v.astype(np.uint8).astype(np.float64) * w for v, w in zip(values, weights)) / 4.5
     np.testing.assert_array_equal(res["u8"], np.rint(u8_mean).astype(np.uint8))
     assert res["m"].dtype == np.bool_
-    np.testing.assert_array_equal(res["m"], [True, False, False])             # weighted votes 5/9, 2/9, 4/9
+    np.testing.assert_array_equal(res["m"], [True, False, False])  # weighted votes 5/9, 2/9, 4/9
     np.testing.assert_allclose(res["f"], 1.0)
 
 
 def test_bfloat16_tensors_come_back_float32() -> None:
     torch = pytest.importorskip("torch")
-    ps = [fp.Codec("bf16").encode({"w": torch.full((4,), float(i + 1), dtype=torch.bfloat16)}, seed=i)
-          for i in range(3)]
+    ps = [
+        fp.Codec("bf16").encode({"w": torch.full((4,), float(i + 1), dtype=torch.bfloat16)}, seed=i) for i in range(3)
+    ]
     agg = fp.Aggregator()
     for p in ps:
         agg.add(p, 1.0)
@@ -191,8 +209,9 @@ def test_float64_accumulation() -> None:
     got = agg.result()
     for name in ("conv", "fc"):
         tol = 1e-12 if got[name].dtype == np.float64 else 1e-6
-        np.testing.assert_allclose(got[name].astype(np.float64), ref[name], rtol=tol,
-                                   atol=tol * np.abs(ref[name]).max())
+        np.testing.assert_allclose(
+            got[name].astype(np.float64), ref[name], rtol=tol, atol=tol * np.abs(ref[name]).max()
+        )
 
 
 def test_aggregator_dtype_must_be_float() -> None:
@@ -215,8 +234,12 @@ def test_merge_equals_one_aggregator(spec: str, dtype) -> None:
     a, b = left.result(), whole.result()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
-        np.testing.assert_allclose(a[name].astype(np.float64), b[name].astype(np.float64), rtol=1e-5,
-                                   atol=1e-6 * max(1.0, float(np.abs(b[name].astype(np.float64)).max())))
+        np.testing.assert_allclose(
+            a[name].astype(np.float64),
+            b[name].astype(np.float64),
+            rtol=1e-5,
+            atol=1e-6 * max(1.0, float(np.abs(b[name].astype(np.float64)).max())),
+        )
     check_against_reference(a, reference_mean(ps, WEIGHTS), client_update(0))
 
 
@@ -226,10 +249,10 @@ def test_merge_with_empty_aggregators() -> None:
     full.add(ps[0], 1.0)
     full.add(ps[1], 3.0)
     before = full.result()
-    full.merge(fp.Aggregator())              # nothing to add
+    full.merge(fp.Aggregator())  # nothing to add
     assert full.count == 2 and full.total_weight == 4.0
     empty = fp.Aggregator()
-    empty.merge(full)                         # takes everything
+    empty.merge(full)  # takes everything
     assert empty.count == 2 and empty.total_weight == 4.0
     after = empty.result()
     for name in before:
@@ -275,8 +298,14 @@ def _mismatches() -> dict:
     extra = dict(u, more=np.zeros(3, np.float32))
     missing = {k: v for k, v in u.items() if k != "mask"}
     int_retyped = dict(u, steps=u["steps"].astype(np.int32))
-    return {"reshaped": reshaped, "retyped": retyped, "renamed": renamed, "extra": extra, "missing": missing,
-            "int retyped": int_retyped}
+    return {
+        "reshaped": reshaped,
+        "retyped": retyped,
+        "renamed": renamed,
+        "extra": extra,
+        "missing": missing,
+        "int retyped": int_retyped,
+    }
 
 
 @pytest.mark.parametrize("which", list(_mismatches()))
@@ -317,8 +346,7 @@ def test_corrupt_payloads_raise_and_leave_sums(wire) -> None:
     good = fp.Codec("fp32").encode(client_update(7), seed=0)
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x04
-    bad = [good[:-1], good[: len(good) // 2], bytes(flipped), good + b"\0", b"", b"FPRS",
-           _nan_in_last_tensor(wire)]
+    bad = [good[:-1], good[: len(good) // 2], bytes(flipped), good + b"\0", b"", b"FPRS", _nan_in_last_tensor(wire)]
     for data in bad:
         with pytest.raises(fp.DecodeError):
             agg.add(data, 1.0)
@@ -375,8 +403,12 @@ def test_payloads_from_encoders() -> None:
         ref = reference_mean(ps, [1.0, 2.0, 3.0])
         res = agg.result()
         for name in ("conv", "fc", "steps"):
-            np.testing.assert_allclose(res[name].astype(np.float64), ref[name] if name != "steps"
-                                       else np.rint(ref[name]), rtol=1e-5, atol=1e-6 * np.abs(ref[name]).max())
+            np.testing.assert_allclose(
+                res[name].astype(np.float64),
+                ref[name] if name != "steps" else np.rint(ref[name]),
+                rtol=1e-5,
+                atol=1e-6 * np.abs(ref[name]).max(),
+            )
 
 
 def test_add_update_sums_decoded_updates_with_payloads():
@@ -408,15 +440,30 @@ def test_add_update_refuses_another_table_and_leaves_the_sum():
     np.testing.assert_array_equal(agg.result()["w"], np.ones(4, np.float32))
 
 
-MANY_SPECS = ["fp32", "q4", "topk:0.01+q4", "topk:0.05+q8+zstd", "randk:0.1+fp16", "sign", "thresh:0.05+bf16",
-              "eden4", "eden4:shared", "topk:0.1+eden2", "rht+q2"]
+MANY_SPECS = [
+    "fp32",
+    "q4",
+    "topk:0.01+q4",
+    "topk:0.05+q8+zstd",
+    "randk:0.1+fp16",
+    "sign",
+    "thresh:0.05+bf16",
+    "eden4",
+    "eden4:shared",
+    "topk:0.1+eden2",
+    "rht+q2",
+]
 
 
 @pytest.mark.parametrize("spec", MANY_SPECS)
 def test_add_many_equals_adding_one_by_one(spec):
     codec = fp.Codec(spec)
-    payloads = [codec.encode(client_update(i), seed=i, rotation_seed=77) if spec.endswith(":shared")
-                else codec.encode(client_update(i), seed=i) for i in range(5)]
+    payloads = [
+        codec.encode(client_update(i), seed=i, rotation_seed=77)
+        if spec.endswith(":shared")
+        else codec.encode(client_update(i), seed=i)
+        for i in range(5)
+    ]
     one, many = fp.Aggregator(), fp.Aggregator()
     for p, w in zip(payloads, WEIGHTS):
         one.add(p, w)
@@ -449,8 +496,9 @@ def test_add_many_is_all_or_nothing():
         np.testing.assert_array_equal(v, before[k])
 
 
-@pytest.mark.parametrize("spec", ["fp32", "q4", "topk:0.05+q4+zstd", "randk:0.1+fp16", "eden4", "topk:0.1+eden2",
-                                  "rht+q2", "sign"])
+@pytest.mark.parametrize(
+    "spec", ["fp32", "q4", "topk:0.05+q4+zstd", "randk:0.1+fp16", "eden4", "topk:0.1+eden2", "rht+q2", "sign"]
+)
 def test_decode_parts_is_decode_without_the_dense_copy(spec):
     """What the Encoder's error feedback subtracts: decode's values, kept entries only."""
     payload = fp.Codec(spec).encode(client_update(3), seed=5)

@@ -119,13 +119,15 @@ def test_warmup_needs_a_sparsifier_and_sane_arguments() -> None:
 # ------------------------------------------------------------ server momentum --
 def test_server_momentum_matches_fedavgm() -> None:
     rng = np.random.default_rng(1)
-    params = {"w": rng.standard_normal(50).astype(np.float32), "n": np.array(3, np.int64),
-              "flag": np.array(True)}
+    params = {"w": rng.standard_normal(50).astype(np.float32), "n": np.array(3, np.int64), "flag": np.array(True)}
     opt = ServerOptimizer(server_lr=0.5, momentum=0.9)
     w, m = params["w"].copy(), np.zeros(50, np.float32)
     for t in range(5):
-        mean = {"w": rng.standard_normal(50).astype(np.float32), "n": np.array(1, np.int64),
-                "flag": np.array(t % 2 == 0)}
+        mean = {
+            "w": rng.standard_normal(50).astype(np.float32),
+            "n": np.array(1, np.int64),
+            "flag": np.array(t % 2 == 0),
+        }
         params = opt.step(params, mean)
         m = np.float32(0.9) * m + mean["w"]
         w = w + np.float32(0.5) * m
@@ -144,8 +146,9 @@ def test_downlink_error_feedback_and_exact_catch_up() -> None:
     stays in global - replica and goes out later; a client that skipped rounds applies
     the deltas it missed and holds exactly the server's replica."""
     rng = np.random.default_rng(5)
-    params = canonical({"w": rng.standard_normal(4000).astype(np.float32),
-                        "b": rng.standard_normal(10).astype(np.float32)})
+    params = canonical(
+        {"w": rng.standard_normal(4000).astype(np.float32), "b": rng.standard_normal(10).astype(np.float32)}
+    )
     dl = Downlink("topk:0.05+q8+zstd", params, history=100, seed=9)
     assert dl.tag == model_tag(params)  # a client that built the same model knows this tag
     replica = {k: v.copy() for k, v in params.items()}
@@ -154,8 +157,7 @@ def test_downlink_error_feedback_and_exact_catch_up() -> None:
     client_models = {"early": dict(replica), "late": dict(replica)}
     global_model = dict(params)
     for t in range(1, 7):
-        global_model = {k: v + (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-                        for k, v in global_model.items()}
+        global_model = {k: v + (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in global_model.items()}
         dl.advance(global_model)
         # The numpy reference of one downlink step, with the same payload seed.
         delta = {k: global_model[k] - replica[k] for k in replica}
@@ -166,7 +168,7 @@ def test_downlink_error_feedback_and_exact_catch_up() -> None:
         # Server-side error feedback: the lag is exactly what was not sent.
         for k in replica:
             np.testing.assert_allclose(global_model[k] - dl.replica[k], delta[k] - sent[k], atol=1e-6)
-        for name in (["early"] if t % 3 else ["early", "late"]):
+        for name in ["early"] if t % 3 else ["early", "late"]:
             kind, base, payloads = dl.plan(held[name], True)
             assert kind == "delta" and base == held[name]
             assert len(payloads) == (1 if name == "early" else 3)
@@ -198,13 +200,14 @@ def test_client_downlink_is_error_feedback_per_client() -> None:
     """held <- held + decode(C(global - held)) each time a client is sampled, whatever it
     skipped: one payload per task, and what was not sent stays in that client's lag."""
     rng = np.random.default_rng(3)
-    params = canonical({"w": rng.standard_normal(5000).astype(np.float32),
-                        "b": rng.standard_normal(10).astype(np.float32)})
+    params = canonical(
+        {"w": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(10).astype(np.float32)}
+    )
     spec = "topk:0.05+q8+zstd"
     dl = make_downlink(spec, params, "client", seed=4)
     assert isinstance(dl, ClientDownlink) and dl.tag == model_tag(params)
     codec = fp.Codec(spec)
-    ref = {c: dict(params) for c in ("a", "b", "c")}      # the numpy reference of each client's model
+    ref = {c: dict(params) for c in ("a", "b", "c")}  # the numpy reference of each client's model
     tags = dict.fromkeys(ref, dl.tag)
     global_model = dict(params)
     sizes = {"a": [], "c": []}
@@ -318,18 +321,36 @@ def test_server_momentum_survives_a_resume(tmp_path) -> None:
     from fedpress.federation import Server
 
     params = {"w": np.arange(6, dtype=np.float32), "n": np.array(0, np.int64)}
-    first = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path,
-                   insecure=True,
-                   server_momentum=0.9)
+    first = Server(
+        "127.0.0.1",
+        0,
+        params,
+        rounds=3,
+        clients_per_round=1,
+        token=b"t" * 32,
+        out_dir=tmp_path,
+        insecure=True,
+        server_momentum=0.9,
+    )
     first._prepare_state()
     first.params = first.optimizer.step(first.params, {"w": np.ones(6, np.float32), "n": np.array(0, np.int64)})
     first._checkpoint(1)
-    second = Server("127.0.0.1", 0, params, rounds=3, clients_per_round=1, token=b"t" * 32, out_dir=tmp_path,
-                    insecure=True,
-                    server_momentum=0.9, resume=True)
+    second = Server(
+        "127.0.0.1",
+        0,
+        params,
+        rounds=3,
+        clients_per_round=1,
+        token=b"t" * 32,
+        out_dir=tmp_path,
+        insecure=True,
+        server_momentum=0.9,
+        resume=True,
+    )
     second._prepare_state()
     assert second.round == 1
     np.testing.assert_array_equal(second.optimizer.buffers["w"], np.ones(6, np.float32))
     mean = {"w": np.full(6, 2.0, np.float32), "n": np.array(0, np.int64)}
-    np.testing.assert_array_equal(second.optimizer.step(second.params, mean)["w"],
-                                  first.optimizer.step(first.params, mean)["w"])
+    np.testing.assert_array_equal(
+        second.optimizer.step(second.params, mean)["w"], first.optimizer.step(first.params, mean)["w"]
+    )

@@ -53,15 +53,11 @@ CASES: dict[str, Callable[[Callable[[np.ndarray], np.ndarray]], object]] = {
     "threshold_topk": lambda p: ops.threshold_topk(p(_x()), 0.01, seed=SEED),
     "randomk": lambda p: ops.randomk(p(_x()), 50, seed=SEED),
     "quantize": lambda p: ops.quantize(p(_x()), 4, bucket=64, seed=SEED),
-    "dequantize": lambda p: ops.dequantize(
-        *map(p, ops.quantize(_x(), 4, bucket=64, seed=SEED)), 4, N, 64
-    ),
+    "dequantize": lambda p: ops.dequantize(*map(p, ops.quantize(_x(), 4, bucket=64, seed=SEED)), 4, N, 64),
     "rht": lambda p: ops.rht(p(_x()), SEED, block=1024),
     "irht": lambda p: ops.irht(p(ops.rht(_x(), SEED, block=1024)), N, SEED, block=1024),
     "eden_encode": lambda p: ops.eden_encode(p(_x()), 4, SEED, block=1024),
-    "eden_quantize": lambda p: ops.eden_quantize(
-        p(ops.rht(_x(), SEED, block=1024)), N, 4, block=1024
-    ),
+    "eden_quantize": lambda p: ops.eden_quantize(p(ops.rht(_x(), SEED, block=1024)), N, 4, block=1024),
     "eden_decode": lambda p: ops.eden_decode(
         *map(p, _eden()[:2]),
         N,
@@ -72,9 +68,7 @@ CASES: dict[str, Callable[[Callable[[np.ndarray], np.ndarray]], object]] = {
         outlier_idx=p(_eden()[2]),
         outlier_val=p(_eden()[3]),
     ),
-    "eden_dequantize": lambda p: ops.eden_dequantize(
-        *map(p, _eden()[:2]), N, 4, block=1024, stochastic=True
-    ),
+    "eden_dequantize": lambda p: ops.eden_dequantize(*map(p, _eden()[:2]), N, 4, block=1024, stochastic=True),
     "encode_indices": lambda p: ops.encode_indices(p(np.arange(0, N, 7, dtype=np.uint32)), N),
     "scatter_add": lambda p: _scatter(p),
 }

@@ -24,8 +24,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def fedpress(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpress.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpress.cli", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def free_port() -> int:
@@ -54,14 +55,45 @@ def token(tmp_path: Path) -> str:
 
 
 def server_args(tmp_path: Path, token: str, *extra: str, port: int = 0, insecure: bool = True) -> list:
-    return ["server", "--host", "127.0.0.1", "--port", str(port), "--rounds", "1", "--clients-per-round", "1",
-            "--min-clients", "1", "--codec", "q8", "--token-file", token, "--out", str(tmp_path / "run"),
-            *(["--insecure"] if insecure else []), "--log-level", "error", *extra]
+    return [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--rounds",
+        "1",
+        "--clients-per-round",
+        "1",
+        "--min-clients",
+        "1",
+        "--codec",
+        "q8",
+        "--token-file",
+        token,
+        "--out",
+        str(tmp_path / "run"),
+        *(["--insecure"] if insecure else []),
+        "--log-level",
+        "error",
+        *extra,
+    ]
 
 
 def client_args(token: str, *extra: str, connect: str = "127.0.0.1:9", insecure: bool = True) -> list:
-    return ["client", "--connect", connect, "--token-file", token, *(["--insecure"] if insecure else []),
-            "--partition", "0/2", "--log-level", "error", *extra]
+    return [
+        "client",
+        "--connect",
+        connect,
+        "--token-file",
+        token,
+        *(["--insecure"] if insecure else []),
+        "--partition",
+        "0/2",
+        "--log-level",
+        "error",
+        *extra,
+    ]
 
 
 def assert_one_line(result: subprocess.CompletedProcess, status: int, *needles: str) -> str:
@@ -79,21 +111,40 @@ def assert_one_line(result: subprocess.CompletedProcess, status: int, *needles: 
 MISTAKES = {  # name -> (argv builder, status, what the line must say)
     "bad codec": (lambda t, tok: server_args(t, tok, "--codec", "q3"), 2, ["--codec", "unknown stage", "q3"]),
     "rounds 0": (lambda t, tok: server_args(t, tok, "--rounds", "0"), 2, ["rounds must be"]),
-    "mnist without data": (lambda t, tok: server_args(t, tok, "--task", "mnist", "--data-dir", str(t / "none")), 2,
-                           ["--task mnist", "--data-dir"]),
-    "missing token file": (lambda t, tok: server_args(t, str(t / "no-token")), 2,
-                           ["cannot read the token file", "no-token"]),
-    "missing TLS files": (lambda t, tok: server_args(t, tok, "--tls-cert", str(t / "c.pem"), "--tls-key",
-                                                     str(t / "k.pem"), insecure=False), 2,
-                          ["cannot load the certificate", "c.pem"]),
+    "mnist without data": (
+        lambda t, tok: server_args(t, tok, "--task", "mnist", "--data-dir", str(t / "none")),
+        2,
+        ["--task mnist", "--data-dir"],
+    ),
+    "missing token file": (
+        lambda t, tok: server_args(t, str(t / "no-token")),
+        2,
+        ["cannot read the token file", "no-token"],
+    ),
+    "missing TLS files": (
+        lambda t, tok: server_args(
+            t, tok, "--tls-cert", str(t / "c.pem"), "--tls-key", str(t / "k.pem"), insecure=False
+        ),
+        2,
+        ["cannot load the certificate", "c.pem"],
+    ),
     "connect without port": (lambda t, tok: client_args(tok, connect="127.0.0.1"), 2, ["host:port"]),
-    "partition beyond the data": (lambda t, tok: client_args(tok, "--partition", "0/2000"), 2,
-                                  ["--partition 0/2000", "examples"]),
+    "partition beyond the data": (
+        lambda t, tok: client_args(tok, "--partition", "0/2000"),
+        2,
+        ["--partition 0/2000", "examples"],
+    ),
     "partition index": (lambda t, tok: client_args(tok, "--partition", "3/2"), 2, ["partition index 3"]),
-    "nothing listening": (lambda t, tok: client_args(tok, "--max-retries", "0", connect=f"127.0.0.1:{free_port()}"),
-                          1, ["giving up after 1 failed attempt"]),
-    "bad demo codec": (lambda t, tok: ["demo", "--codecs", "fp32", "q3", "--out", str(t / "demo")], 2,
-                       ["q3", "unknown stage"]),
+    "nothing listening": (
+        lambda t, tok: client_args(tok, "--max-retries", "0", connect=f"127.0.0.1:{free_port()}"),
+        1,
+        ["giving up after 1 failed attempt"],
+    ),
+    "bad demo codec": (
+        lambda t, tok: ["demo", "--codecs", "fp32", "q3", "--out", str(t / "demo")],
+        2,
+        ["q3", "unknown stage"],
+    ),
     "bad frame deadline": (lambda t, tok: client_args(tok, "--frame-grace", "0"), 2, ["frame_grace must be"]),
 }
 
@@ -121,8 +172,9 @@ def previous_run(tmp_path: Path) -> dict:
 
 def test_a_previous_run_survives_a_server_started_without_resume(tmp_path, token):
     files = previous_run(tmp_path)
-    line = assert_one_line(fedpress(*server_args(tmp_path, token)), 2, "holds a previous run", "--resume",
-                           "--overwrite")
+    line = assert_one_line(
+        fedpress(*server_args(tmp_path, token)), 2, "holds a previous run", "--resume", "--overwrite"
+    )
     assert "rounds.jsonl" in line and "checkpoint" in line
     for name, text in files.items():
         assert (tmp_path / "run" / name).read_text() == text
@@ -142,15 +194,19 @@ def test_overwrite_touches_nothing_when_the_port_is_taken(tmp_path, token):
 
 
 def test_the_server_gives_up_waiting_for_clients_and_says_how_many_came(tmp_path, token):
-    result = fedpress(*server_args(tmp_path, token, "--min-clients", "2", "--clients-per-round", "2",
-                                   "--wait-timeout", "1"))
+    result = fedpress(
+        *server_args(tmp_path, token, "--min-clients", "2", "--clients-per-round", "2", "--wait-timeout", "1")
+    )
     assert_one_line(result, 1, "waited 1 s for 2 clients, 0 connected", "--min-clients", "--wait-timeout")
 
 
 def test_ctrl_c_stops_the_server_cleanly(tmp_path, token):
-    proc = subprocess.Popen([sys.executable, "-m", "fedpress.cli",
-                             *server_args(tmp_path, token, "--log-level", "info")],
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpress.cli", *server_args(tmp_path, token, "--log-level", "info")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "listening on" not in proc.stderr.readline():
@@ -166,8 +222,7 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     path = tmp_path / "update.fp"
     path.write_bytes(fp.Codec("q8").encode(model))
     cmd = f"{sys.executable} -m fedpress.cli inspect --json {path} | head -n 1"
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=ENV,
-                            timeout=60)
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=ENV, timeout=60)
     assert result.stdout.strip() == "{" and result.stderr == "", result.stderr
     assert result.returncode == 0
     assert json.loads(fedpress("inspect", "--json", str(path)).stdout)["codec"] == "q8"
@@ -176,14 +231,20 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
 def test_a_tls_client_stops_at_once_against_a_plain_server(tmp_path, token):
     assert fedpress("certificate", "--out", str(tmp_path / "tls")).returncode == 0
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fedpress.cli",
-                               *server_args(tmp_path, token, "--wait-timeout", "60", port=port)],
-                              stderr=subprocess.PIPE, text=True, env=ENV)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedpress.cli", *server_args(tmp_path, token, "--wait-timeout", "60", port=port)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         wait_for_port(port)
         started = time.monotonic()
-        result = fedpress(*client_args(token, "--tls-ca", str(tmp_path / "tls" / "cert.pem"),
-                                       connect=f"127.0.0.1:{port}", insecure=False))
+        result = fedpress(
+            *client_args(
+                token, "--tls-ca", str(tmp_path / "tls" / "cert.pem"), connect=f"127.0.0.1:{port}", insecure=False
+            )
+        )
     finally:
         server.kill()
         server.communicate()
@@ -197,8 +258,12 @@ def test_every_option_has_help_text_and_shows_its_default():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
-    missing = [f"{name} {action.option_strings[0]}" for name, sub in commands.choices.items()
-               for action in sub._actions if action.option_strings and not action.help]
+    missing = [
+        f"{name} {action.option_strings[0]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
     assert not missing, missing
     text = " ".join(commands.choices["server"].format_help().split())  # unwrapped
     assert "(default: 300.0)" in text and "(default: 0.0.0.0)" in text  # --wait-timeout, --host
@@ -221,11 +286,28 @@ def test_a_wrong_token_and_a_certificate_for_another_name(tmp_path, token):
     other.write_text("y" * 64)
     other.chmod(0o600)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fedpress.cli",
-                               *server_args(tmp_path, token, "--wait-timeout", "60", "--tls-cert",
-                                            str(tmp_path / "tls" / "cert.pem"), "--tls-key",
-                                            str(tmp_path / "tls" / "key.pem"), port=port, insecure=False)],
-                              stderr=subprocess.PIPE, text=True, env=ENV)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedpress.cli",
+            *server_args(
+                tmp_path,
+                token,
+                "--wait-timeout",
+                "60",
+                "--tls-cert",
+                str(tmp_path / "tls" / "cert.pem"),
+                "--tls-key",
+                str(tmp_path / "tls" / "key.pem"),
+                port=port,
+                insecure=False,
+            ),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         wait_for_port(port)
         ca = ["--tls-ca", str(tmp_path / "tls" / "cert.pem")]

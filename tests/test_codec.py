@@ -18,11 +18,37 @@ from hypothesis import strategies as st
 HAVE_RHT = hasattr(fp.ops, "rht")
 needs_rht = pytest.mark.skipif(not HAVE_RHT, reason="fedpress.ops.rht is not available yet")
 
-EXAMPLE_SPECS = ["fp32", "fp16", "q8", "q4", "sign", "topk:0.01", "topk:0.01+q4", "topk:0.001+q4+zstd",
-                 "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd"]
-EXTRA_SPECS = ["bf16", "q2", "thresh:0.1", "topk:0.2+q8", "randk:0.3+q2+zstd", "topk:0.05+sign", "topk:1",
-               "topk:0.1+rht+q8", "randk:0.5+rht+fp32", "eden1", "eden2:mse", "eden3+zstd", "eden4:shared",
-               "eden8", "topk:0.1+eden4", "randk:0.2+eden2"]
+EXAMPLE_SPECS = [
+    "fp32",
+    "fp16",
+    "q8",
+    "q4",
+    "sign",
+    "topk:0.01",
+    "topk:0.01+q4",
+    "topk:0.001+q4+zstd",
+    "randk:0.01+fp16",
+    "q8+zstd:3",
+    "rht+q2+zstd",
+]
+EXTRA_SPECS = [
+    "bf16",
+    "q2",
+    "thresh:0.1",
+    "topk:0.2+q8",
+    "randk:0.3+q2+zstd",
+    "topk:0.05+sign",
+    "topk:1",
+    "topk:0.1+rht+q8",
+    "randk:0.5+rht+fp32",
+    "eden1",
+    "eden2:mse",
+    "eden3+zstd",
+    "eden4:shared",
+    "eden8",
+    "topk:0.1+eden4",
+    "randk:0.2+eden2",
+]
 
 
 def spec_param(spec: str):
@@ -80,13 +106,18 @@ def make_array(dtype: str, shape: tuple, kind: str, seed: int) -> np.ndarray:
 
 
 shapes = st.one_of(
-    st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple),   # 0-d, empty and small n-d
+    st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple),  # 0-d, empty and small n-d
     st.integers(0, 3000).map(lambda n: (n,)),
 )
-tensor_specs = st.tuples(st.sampled_from(FLOAT_DTYPES + EXACT_DTYPES), shapes,
-                         st.sampled_from(["normal", "ties", "zeros", "wide"]), st.integers(0, 2**32 - 1))
+tensor_specs = st.tuples(
+    st.sampled_from(FLOAT_DTYPES + EXACT_DTYPES),
+    shapes,
+    st.sampled_from(["normal", "ties", "zeros", "wide"]),
+    st.integers(0, 2**32 - 1),
+)
 updates = st.dictionaries(st.text("abcxyz_.0", min_size=1, max_size=5), tensor_specs, min_size=1, max_size=4).map(
-    lambda d: {name: make_array(*spec) for name, spec in d.items()})
+    lambda d: {name: make_array(*spec) for name, spec in d.items()}
+)
 
 
 def half_ulp_tol(dtype: np.dtype, ref: np.ndarray) -> np.ndarray:
@@ -128,8 +159,9 @@ def check_values(code: str, x: np.ndarray, dec: np.ndarray, kept_mask: np.ndarra
             bound = 2.0 * scale / levels * (1 + 1e-6) + out_tol[m] + 1e-30
             err = np.abs(d[m] - v)
             bad = np.flatnonzero(err > bound)
-            assert bad.size == 0, (f"{code}: |error| {err[bad[:5]]} exceeds 2*scale/L {bound[bad[:5]]} "
-                                   f"at kept positions {bad[:5]}")
+            assert bad.size == 0, (
+                f"{code}: |error| {err[bad[:5]]} exceeds 2*scale/L {bound[bad[:5]]} at kept positions {bad[:5]}"
+            )
     elif code == "sign":
         v = x32[m].astype(np.float64)
         dv = d[m]
@@ -150,8 +182,17 @@ def check_rotated(code: str, x: np.ndarray, dec: np.ndarray, kept_mask: np.ndarr
     d = dec.astype(np.float64).reshape(-1)[kept_mask]
     norm = float(np.linalg.norm(x64))
     # eden: no hard bound short of sqrt(block); these are many standard deviations of its error.
-    rel = {"fp32": 1e-5, "fp16": 2.0**-10, "bf16": 2.0**-7, "sign": 1.0, "eden1": 3.0, "eden2": 1.5,
-           "eden3": 0.8, "eden4": 0.5, "eden8": 0.05}.get(code)
+    rel = {
+        "fp32": 1e-5,
+        "fp16": 2.0**-10,
+        "bf16": 2.0**-7,
+        "sign": 1.0,
+        "eden1": 3.0,
+        "eden2": 1.5,
+        "eden3": 0.8,
+        "eden4": 0.5,
+        "eden8": 0.05,
+    }.get(code)
     if rel is None:
         rel = 2.0 / QLEVELS[code] * math.sqrt(BUCKET)
     if dec.dtype == np.float16:
@@ -258,11 +299,27 @@ def test_parsed_fields() -> None:
 
 @pytest.mark.parametrize(
     "spec, stage",
-    [("", ""), ("topk", "topk"), ("topk:0", "topk:0"), ("topk:1.5", "topk:1.5"), ("q3", "q3"),
-     ("q4+topk:0.1", "topk:0.1"), ("zstd:0", "zstd:0"), ("zstd:23", "zstd:23"), ("q4+q8", "q8"),
-     ("rht:3", "rht:3"), ("fp32+", ""), ("thresh:-0.1", "thresh:-0.1"), ("randk:nan", "randk:nan"),
-     ("topk:0.1+topk:0.2", "topk:0.2"), ("q8+zstd+rht", "rht"), ("fp32:2", "fp32:2"), ("zstd:x", "zstd:x"),
-     ("topk:0.1++q4", ""), ("lz4", "lz4")],
+    [
+        ("", ""),
+        ("topk", "topk"),
+        ("topk:0", "topk:0"),
+        ("topk:1.5", "topk:1.5"),
+        ("q3", "q3"),
+        ("q4+topk:0.1", "topk:0.1"),
+        ("zstd:0", "zstd:0"),
+        ("zstd:23", "zstd:23"),
+        ("q4+q8", "q8"),
+        ("rht:3", "rht:3"),
+        ("fp32+", ""),
+        ("thresh:-0.1", "thresh:-0.1"),
+        ("randk:nan", "randk:nan"),
+        ("topk:0.1+topk:0.2", "topk:0.2"),
+        ("q8+zstd+rht", "rht"),
+        ("fp32:2", "fp32:2"),
+        ("zstd:x", "zstd:x"),
+        ("topk:0.1++q4", ""),
+        ("lz4", "lz4"),
+    ],
 )
 def test_bad_specs_raise_naming_the_stage(spec: str, stage: str) -> None:
     with pytest.raises(ValueError) as exc:
@@ -272,8 +329,11 @@ def test_bad_specs_raise_naming_the_stage(spec: str, stage: str) -> None:
         fp.parse_spec(spec)
 
 
-@given(ratio=st.floats(min_value=1e-9, max_value=1.0), kind=st.sampled_from(["topk", "thresh", "randk"]),
-       values=st.sampled_from(["", "+q4", "+rht+fp16+zstd:7"]))
+@given(
+    ratio=st.floats(min_value=1e-9, max_value=1.0),
+    kind=st.sampled_from(["topk", "thresh", "randk"]),
+    values=st.sampled_from(["", "+q4", "+rht+fp16+zstd:7"]),
+)
 def test_canonical_spec_text_round_trips(ratio: float, kind: str, values: str) -> None:
     """str(spec) is the canonical text: parsing it gives the same spec back, ratio included."""
     spec = fp.parse_spec(f"{kind}:{ratio!r}{values}")
@@ -414,8 +474,10 @@ def test_global_topk_exact_against_numpy() -> None:
 
 def test_per_tensor_topk_counts() -> None:
     rng = np.random.default_rng(12)
-    update = {"a": rng.standard_normal(10_000).astype(np.float32),
-              "b": (100 * rng.standard_normal((100, 70))).astype(np.float32)}
+    update = {
+        "a": rng.standard_normal(10_000).astype(np.float32),
+        "b": (100 * rng.standard_normal((100, 70))).astype(np.float32),
+    }
     payload = fp.Codec("topk:0.01", per_tensor=True).encode(update, seed=0)
     dec = fp.decode(payload)
     for name, x in update.items():
@@ -433,9 +495,11 @@ def test_per_tensor_topk_counts() -> None:
 
 def test_randk_counts_and_values() -> None:
     rng = np.random.default_rng(13)
-    update = {"a": rng.standard_normal(10_000).astype(np.float32) + 10,
-              "b": rng.standard_normal((30, 30)).astype(np.float32) + 10,
-              "c": np.full((2,), 5.0, np.float32)}
+    update = {
+        "a": rng.standard_normal(10_000).astype(np.float32) + 10,
+        "b": rng.standard_normal((30, 30)).astype(np.float32) + 10,
+        "c": np.full((2,), 5.0, np.float32),
+    }
     payload = fp.Codec("randk:0.01+fp32").encode(update, seed=4)
     dec = fp.decode(payload)
     info = {t["name"]: t for t in fp.inspect(payload)["tensors"]}
@@ -454,8 +518,10 @@ def test_randk_counts_and_values() -> None:
 
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_thresh_within_ten_percent(per_tensor: bool) -> None:
-    update = {"a": np.array(generate("normal", 60_000, seed=14)),
-              "b": np.array(generate("student_t", 40_000, seed=15)).reshape(200, 200)}
+    update = {
+        "a": np.array(generate("normal", 60_000, seed=14)),
+        "b": np.array(generate("student_t", 40_000, seed=15)).reshape(200, 200),
+    }
     for ratio in (0.01, 0.1):
         payload = fp.Codec(f"thresh:{ratio}", per_tensor=per_tensor).encode(update, seed=2)
         dec = fp.decode(payload)
@@ -473,8 +539,11 @@ def test_thresh_within_ten_percent(per_tensor: bool) -> None:
 
 
 def test_tiny_tensors_may_go_dense_but_stay_exact() -> None:
-    update = {"big": np.arange(1, 5001, dtype=np.float32), "tiny": np.array([1e6, -1e6], np.float32),
-              "scalar": np.array(1e7, np.float32)}
+    update = {
+        "big": np.arange(1, 5001, dtype=np.float32),
+        "tiny": np.array([1e6, -1e6], np.float32),
+        "scalar": np.array(1e7, np.float32),
+    }
     payload = fp.Codec("topk:0.001").encode(update, seed=0)
     check_roundtrip("topk:0.001", update, payload)
 
@@ -516,9 +585,17 @@ def test_torch_tensors() -> None:
     dec = fp.decode(payload)
     info = {t["name"]: t for t in fp.inspect(payload)["tensors"]}
     assert info["bf16"]["dtype"] == "bfloat16"
-    expected_dtypes = {"f32": np.float32, "grad": np.float32, "bf16": np.float32, "f16": np.float16,
-                       "noncontig": np.float32, "strided": np.float32, "scalar": np.float32,
-                       "ints": np.int64, "mask": np.bool_}
+    expected_dtypes = {
+        "f32": np.float32,
+        "grad": np.float32,
+        "bf16": np.float32,
+        "f16": np.float16,
+        "noncontig": np.float32,
+        "strided": np.float32,
+        "scalar": np.float32,
+        "ints": np.int64,
+        "mask": np.bool_,
+    }
     for name, t in update.items():
         ref = t.detach().float().numpy() if name == "bf16" else t.detach().numpy()
         assert dec[name].dtype == expected_dtypes[name], name
@@ -537,8 +614,11 @@ def test_torch_tensors() -> None:
 # --------------------------------------------------------------- determinism --
 @pytest.mark.parametrize("spec", ALL_SPECS)
 def test_seed_determinism(spec: str) -> None:
-    update = {"w": np.array(generate("student_t", 5000, seed=20)).reshape(50, 100),
-              "b": np.array(generate("normal", 300, seed=21)), "n": np.arange(4)}
+    update = {
+        "w": np.array(generate("student_t", 5000, seed=20)).reshape(50, 100),
+        "b": np.array(generate("normal", 300, seed=21)),
+        "n": np.arange(4),
+    }
     codec = fp.Codec(spec)
     a = codec.encode(update, seed=123)
     assert codec.encode(update, seed=123) == a
@@ -562,8 +642,10 @@ def test_seed_extremes() -> None:
         assert fp.Codec("randk:0.1+q4").encode(x, seed=seed) == p
 
 
-@pytest.mark.parametrize("spec", ["topk:0.01+q4+zstd", "thresh:0.01+q8", "sign", "randk:0.05+fp16", "q2",
-                                  "bf16", spec_param("topk:0.1+rht+q8")])
+@pytest.mark.parametrize(
+    "spec",
+    ["topk:0.01+q4+zstd", "thresh:0.01+q8", "sign", "randk:0.05+fp16", "q2", "bf16", spec_param("topk:0.1+rht+q8")],
+)
 def test_bytes_independent_of_threads_and_simd(spec: str, threads, simd) -> None:
     """Same seed, same bytes, whatever the thread count or instruction set (the
     rotation's float arithmetic is only held to this across thread counts)."""
@@ -613,8 +695,9 @@ def realistic_update() -> dict:
     }
 
 
-@pytest.mark.parametrize("spec, factor", [("topk:0.01+q4+zstd", 240), ("topk:0.001+q4+zstd", 1500),
-                                          ("q8+zstd", 4), ("sign", 30)])
+@pytest.mark.parametrize(
+    "spec, factor", [("topk:0.01+q4+zstd", 240), ("topk:0.001+q4+zstd", 1500), ("q8+zstd", 4), ("sign", 30)]
+)
 def test_issue_size_targets(realistic_update: dict, spec: str, factor: float) -> None:
     raw = sum(4 * v.size for k, v in realistic_update.items() if v.dtype.kind == "f")
     payload = fp.Codec(spec).encode(realistic_update, seed=0)

@@ -48,8 +48,12 @@ TRAIN_STEPS = 30
 TRAIN_START_ITER = 2
 BATCH_PER_RANK = 64
 FEATURES, HIDDEN = 32, 64
-TRAIN_RUNS: dict[str, Optional[str]] = {"allreduce": None, "topk": "topk:0.1+q8", "q8": "q8+zstd",
-                                         "eden": "eden4:shared"}  # ranks share a rotation per step
+TRAIN_RUNS: dict[str, Optional[str]] = {
+    "allreduce": None,
+    "topk": "topk:0.1+q8",
+    "q8": "q8+zstd",
+    "eden": "eden4:shared",
+}  # ranks share a rotation per step
 
 
 # ------------------------------------------------------------------ worker --
@@ -86,32 +90,36 @@ def _run_direct(rank: int, out: Path) -> None:
             assert averaged.data_ptr() == grad.data_ptr(), "the hook must return the bucket's buffer"
             results[f"step{step}_bucket{index}"] = averaged.numpy().copy()
     half = torch.from_numpy(_direct_grad(rank, 0, 0, 500)).half()
-    results["half"] = compress_hook(CompressionState("q8", start_iter=0),
-                                    _StandInBucket(0, half, last=True)).wait().float().numpy()
+    results["half"] = (
+        compress_hook(CompressionState("q8", start_iter=0), _StandInBucket(0, half, last=True)).wait().float().numpy()
+    )
     try:
-        compress_hook(CompressionState("q8", start_iter=0),
-                      _StandInBucket(0, torch.zeros(10, dtype=torch.int32), last=True))
+        compress_hook(
+            CompressionState("q8", start_iter=0), _StandInBucket(0, torch.zeros(10, dtype=torch.int32), last=True)
+        )
         int_error = ""
     except TypeError as exc:
         int_error = str(exc)
     np.savez(out / f"direct_rank{rank}.npz", **results)
-    (out / f"direct_rank{rank}.json").write_text(json.dumps({
-        "int_error": int_error, "history": [vars(r) for r in state.history]}))
+    (out / f"direct_rank{rank}.json").write_text(
+        json.dumps({"int_error": int_error, "history": [vars(r) for r in state.history]})
+    )
 
 
 def _teacher_data(n: int = 4096) -> tuple[Any, Any]:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, FEATURES, generator=g)
-    w1 = torch.randn(FEATURES, HIDDEN, generator=g) / FEATURES ** 0.5
-    w2 = torch.randn(HIDDEN, 1, generator=g) / HIDDEN ** 0.5
+    w1 = torch.randn(FEATURES, HIDDEN, generator=g) / FEATURES**0.5
+    w2 = torch.randn(HIDDEN, 1, generator=g) / HIDDEN**0.5
     return x, torch.tanh(x @ w1) @ w2
 
 
 def _mlp() -> Any:
     torch.manual_seed(0)
     nn = torch.nn
-    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                         nn.Linear(HIDDEN, 1))
+    return nn.Sequential(
+        nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1)
+    )
 
 
 def _run_training(rank: int, name: str, spec: Optional[str], out: Path) -> None:
@@ -130,7 +138,7 @@ def _run_training(rank: int, name: str, spec: Optional[str], out: Path) -> None:
         initial = float(loss_fn(model(x), y))
     for step in range(TRAIN_STEPS):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(step))
-        batch = order[rank * BATCH_PER_RANK:(rank + 1) * BATCH_PER_RANK]
+        batch = order[rank * BATCH_PER_RANK : (rank + 1) * BATCH_PER_RANK]
         optimizer.zero_grad()
         loss_fn(model(x[batch]), y[batch]).backward()
         optimizer.step()
@@ -145,8 +153,10 @@ def _run_training(rank: int, name: str, spec: Optional[str], out: Path) -> None:
         record["num_buckets"] = len(state.encoders)
         state.process_group = dist.group.WORLD  # pickling must drop it
         (out / f"{name}_state_rank{rank}.pkl").write_bytes(pickle.dumps(state))
-        np.savez(out / f"{name}_residuals_rank{rank}.npz",
-                 **{str(k): e.residuals["bucket"] for k, e in state.encoders.items()})
+        np.savez(
+            out / f"{name}_residuals_rank{rank}.npz",
+            **{str(k): e.residuals["bucket"] for k, e in state.encoders.items()},
+        )
     (out / f"{name}_rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -159,8 +169,13 @@ def _worker_main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=args.rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{args.store}",
+        rank=args.rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
     try:
         _run_direct(args.rank, args.out)
         for name, spec in TRAIN_RUNS.items():
@@ -177,10 +192,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on 127.0.0.1, whatever the host name resolves to
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(rank), "--store", str(out / "store"),
-                               "--out", str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD_SIZE)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--rank", str(rank), "--store", str(out / "store"), "--out", str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     logs = []
     try:
@@ -218,9 +239,14 @@ def test_compressed_steps_are_mean_of_decoded_payloads(runs: Path) -> None:
     for step in range(DIRECT_START_ITER, DIRECT_STEPS):
         seeds.iter = step
         for index, size in enumerate(DIRECT_SIZES):
-            decoded = [fp.decode(encoders[r, index].encode(
-                {"bucket": _direct_grad(r, step, index, size)}, seed=seeds._payload_seed(r, index)))["bucket"]
-                for r in range(WORLD_SIZE)]
+            decoded = [
+                fp.decode(
+                    encoders[r, index].encode(
+                        {"bucket": _direct_grad(r, step, index, size)}, seed=seeds._payload_seed(r, index)
+                    )
+                )["bucket"]
+                for r in range(WORLD_SIZE)
+            ]
             expected = np.mean(decoded, axis=0, dtype=np.float64)
             np.testing.assert_allclose(got[f"step{step}_bucket{index}"], expected, rtol=1e-5, atol=1e-9)
             assert np.count_nonzero(got[f"step{step}_bucket{index}"]) <= WORLD_SIZE * round(0.1 * size)
@@ -235,8 +261,9 @@ def test_ranks_decode_identical_bits(runs: Path) -> None:
 
 def test_half_bucket_is_averaged_in_its_dtype(runs: Path) -> None:
     got = np.load(runs / "direct_rank0.npz")["half"]
-    expected = np.mean([_direct_grad(r, 0, 0, 500).astype(np.float16).astype(np.float32)
-                        for r in range(WORLD_SIZE)], axis=0)
+    expected = np.mean(
+        [_direct_grad(r, 0, 0, 500).astype(np.float16).astype(np.float32) for r in range(WORLD_SIZE)], axis=0
+    )
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, atol=0.02 * scale)
 
@@ -273,8 +300,7 @@ def test_replicas_stay_identical(runs: Path, name: str) -> None:
 
 def test_bytes_per_step(runs: Path) -> None:
     num_params = sum(p.numel() for p in _mlp().parameters())
-    for name, spec, min_ratio in (("topk", "topk:0.1+q8", 10.0), ("q8", "q8+zstd", 3.0),
-                                  ("eden", "eden4:shared", 6.0)):
+    for name, spec, min_ratio in (("topk", "topk:0.1+q8", 10.0), ("q8", "q8+zstd", 3.0), ("eden", "eden4:shared", 6.0)):
         run = _json(runs / f"{name}_rank0.json")
         history = [StepBytes(**r) for r in run["history"]]
         assert run["num_buckets"] > 1, "the bucket cap should split the model"

@@ -77,8 +77,24 @@ sys.exit(status)
 def test_the_demo_needs_no_torch(tmp_path) -> None:
     """The digits task trains a numpy MLP: `pip install '.[demo]'` brings no torch."""
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-c", NO_TORCH, "demo", "--quick", "--codecs", "fp32", "q4",
-                             "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_TORCH,
+            "demo",
+            "--quick",
+            "--codecs",
+            "fp32",
+            "q4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     rows = {r["codec"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert rows["fp32"]["final_accuracy"] > 0.5 and rows["q4"]["final_accuracy"] > 0.5

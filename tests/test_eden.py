@@ -62,8 +62,16 @@ def test_vnmse_on_odd_lengths(bits: int, d: int) -> None:
 
 def test_odd_lengths_cost_no_padding_bits() -> None:
     # 100003 = 65536 + 32768 + 1024 + 512 + 128 + 32 + 2 + 1: power-of-two segments, nothing padded.
-    assert fpp.eden_segments(100_003, 1 << 16) == [(0, 65536), (65536, 32768), (98304, 1024), (99328, 512),
-                                                   (99840, 128), (99968, 32), (100000, 2), (100002, 1)]
+    assert fpp.eden_segments(100_003, 1 << 16) == [
+        (0, 65536),
+        (65536, 32768),
+        (98304, 1024),
+        (99328, 512),
+        (99840, 128),
+        (99968, 32),
+        (100000, 2),
+        (100002, 1),
+    ]
     x = _vector("gaussian", 100_003)
     payload = fp.Codec("eden4").encode({"x": x})
     assert 8 * len(payload) / x.size < 4.02
@@ -112,21 +120,25 @@ def test_shared_mode_error_of_the_mean_falls_as_one_over_n(bits: int) -> None:
         for i, x in enumerate(xs):
             payload = codec.encode({"x": x}, seed=1000 * t + i, rotation_seed=t)
             error = fp.decode(payload)["x"] - x.astype(np.float64)
-            single.append(np.sum(error ** 2) / np.sum(x.astype(np.float64) ** 2))
+            single.append(np.sum(error**2) / np.sum(x.astype(np.float64) ** 2))
             agg.add(payload)
         together.append(np.sum((agg.result()["x"] - truth) ** 2) / mean_sq_norm)
     # DME convention: the mean's error normalised by the clients' mean squared norm.
     assert np.mean(together) == pytest.approx(np.mean(single) / clients, rel=0.15)
 
 
-@pytest.mark.parametrize("spec", ["eden1", "eden3", "eden4:mse", "topk:0.05+eden2+zstd", "randk:0.1+eden4",
-                                  "eden4:shared+zstd"])
+@pytest.mark.parametrize(
+    "spec", ["eden1", "eden3", "eden4:mse", "topk:0.05+eden2+zstd", "randk:0.1+eden4", "eden4:shared+zstd"]
+)
 def test_round_trip_keeps_names_shapes_dtypes(spec: str) -> None:
     rng = np.random.default_rng(6)
-    update = {"w": rng.standard_normal((64, 33)).astype(np.float32),
-              "b": rng.standard_normal(33).astype(np.float16),
-              "d": rng.standard_normal(7).astype(np.float64),
-              "n": np.array(3, np.int64), "empty": np.zeros((0, 4), np.float32)}
+    update = {
+        "w": rng.standard_normal((64, 33)).astype(np.float32),
+        "b": rng.standard_normal(33).astype(np.float16),
+        "d": rng.standard_normal(7).astype(np.float64),
+        "n": np.array(3, np.int64),
+        "empty": np.zeros((0, 4), np.float32),
+    }
     out = fp.decode(fp.Codec(spec).encode(update, seed=1))
     assert list(out) == list(update)
     for k, v in update.items():
@@ -186,8 +198,11 @@ def test_mixed_rotation_seeds_fall_back_to_decoding() -> None:
     rng = np.random.default_rng(8)
     x1, x2, x3 = (rng.standard_normal(5000).astype(np.float32) for _ in range(3))
     codec = fp.Codec("eden4:shared")
-    ps = [codec.encode({"x": x1}, rotation_seed=1), codec.encode({"x": x2}, rotation_seed=2),
-          fp.Codec("eden4").encode({"x": x3})]
+    ps = [
+        codec.encode({"x": x1}, rotation_seed=1),
+        codec.encode({"x": x2}, rotation_seed=2),
+        fp.Codec("eden4").encode({"x": x3}),
+    ]
     agg = fp.Aggregator()
     for p in ps:
         agg.add(p)
@@ -248,8 +263,16 @@ def _rewrite_section(payload: bytes, edit) -> bytes:
     (with a valid checksum, so only the section's own checks can object)."""
     parsed = fpp.parse(payload)
     rec = parsed.tensors[0]
-    entry = fpp.Entry(name=rec.name, dtype=rec.dtype, shape=rec.shape, kind=rec.kind, count=rec.count,
-                      values=edit(bytes(rec.value_data)), rht_block=rec.rht_block, value_code=rec.value_code)
+    entry = fpp.Entry(
+        name=rec.name,
+        dtype=rec.dtype,
+        shape=rec.shape,
+        kind=rec.kind,
+        count=rec.count,
+        values=edit(bytes(rec.value_data)),
+        rht_block=rec.rht_block,
+        value_code=rec.value_code,
+    )
     return fpp.write(parsed.spec, parsed.seed, [entry], None)
 
 
@@ -274,7 +297,7 @@ def _bump_outlier_count(section: bytes) -> bytes:
     parsed = fpp.parse(_payload())
     rec = parsed.tensors[0]
     fixed = 8 + fpp.eden_fixed_size(rec.count, rec.rht_block, 3)
-    return section[:fixed] + fpp._varint(1 << 40) + section[fixed + 1:]
+    return section[:fixed] + fpp._varint(1 << 40) + section[fixed + 1 :]
 
 
 def test_an_outlier_code_must_be_an_end_level() -> None:

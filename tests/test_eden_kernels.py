@@ -225,8 +225,15 @@ def unpack(packed: np.ndarray, m: int, bits: int) -> np.ndarray:
 
 
 def quantize(y: np.ndarray, n: int, bits: int, block: int, mode: str, seed: int = SEED):
-    return ops.eden_quantize(y, n, bits, seed=seed, block=block, stochastic=mode == "stochastic",
-                             scale="mse" if mode == "mse" else "unbiased")
+    return ops.eden_quantize(
+        y,
+        n,
+        bits,
+        seed=seed,
+        block=block,
+        stochastic=mode == "stochastic",
+        scale="mse" if mode == "mse" else "unbiased",
+    )
 
 
 def rotated_input(n: int, block: int, seed: int = 0) -> np.ndarray:
@@ -307,8 +314,7 @@ def test_stochastic_vnmse_is_the_rounding_variance(bits: int) -> None:
     errors = []
     for seed in range(8):
         packed, scales, oidx, oval = ops.eden_encode(x, bits, seed, stochastic=True)
-        out = ops.eden_decode(packed, scales, n, bits, seed, stochastic=True,
-                              outlier_idx=oidx, outlier_val=oval)
+        out = ops.eden_decode(packed, scales, n, bits, seed, stochastic=True, outlier_idx=oidx, outlier_val=oval)
         errors.append(vnmse(out, x))
     j = rounding_variance(ops.eden_levels(bits).astype(np.float64))
     assert np.mean(errors) == pytest.approx(j, rel=0.03)
@@ -335,8 +341,7 @@ def test_quantize_matches_reference(n: int, block: int, bits: int, mode: str) ->
     # Dequantization: scale of the element's block times the table entry, in float32.
     table = ops.eden_levels(bits) if mode == "stochastic" else ops.eden_centroids(bits)
     per_element = np.repeat(scales, [length for _, length in ref_blocks(n, block)])
-    y_hat = ops.eden_dequantize(packed, scales, n, bits, block=block,
-                                stochastic=mode == "stochastic")
+    y_hat = ops.eden_dequantize(packed, scales, n, bits, block=block, stochastic=mode == "stochastic")
     np.testing.assert_array_equal(y_hat, per_element * table[codes])
 
 
@@ -409,9 +414,7 @@ def test_three_bit_layout() -> None:
 
 @pytest.mark.parametrize("bits", (1, 2, 3, 4))
 @pytest.mark.parametrize("block", (8, 16))
-@pytest.mark.parametrize(
-    ("full", "tail"), [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 4), (2, 1), (256, 2)]
-)
+@pytest.mark.parametrize(("full", "tail"), [(0, 1), (0, 2), (0, 4), (1, 1), (1, 2), (1, 4), (2, 1), (256, 2)])
 def test_padding_bits_are_zero_and_checked(full: int, tail: int, block: int, bits: int) -> None:
     """Rotated lengths m with a partial last byte: the padding bits are zero, and a
     stream with one set is rejected."""
@@ -419,8 +422,7 @@ def test_padding_bits_are_zero_and_checked(full: int, tail: int, block: int, bit
     assert ops.rht_padded_size(m, block) == m
     y = np.random.default_rng(m).standard_normal(m).astype(np.float32) + 3
     for stochastic in (False, True):
-        packed, scales, _, _ = ops.eden_quantize(y, m, bits, seed=1, block=block,
-                                                 stochastic=stochastic)
+        packed, scales, _, _ = ops.eden_quantize(y, m, bits, seed=1, block=block, stochastic=stochastic)
         unpack(packed, m, bits)  # asserts zero padding
         if (m * bits) % 8 == 0:
             continue
@@ -506,8 +508,7 @@ def test_stochastic_is_unbiased(bits: int) -> None:
     mean = np.zeros(n)
     single = []
     for seed in range(trials):
-        packed, scales, oidx, oval = ops.eden_quantize(y, n, bits, seed=seed, block=1024,
-                                                       stochastic=True)
+        packed, scales, oidx, oval = ops.eden_quantize(y, n, bits, seed=seed, block=1024, stochastic=True)
         y_hat = ops.eden_dequantize(packed, scales, n, bits, block=1024, stochastic=True)
         y_hat[oidx.astype(np.intp)] = oval
         np.testing.assert_array_equal(y_hat[oidx.astype(np.intp)], y[oidx.astype(np.intp)])
@@ -530,8 +531,9 @@ def test_stochastic_depends_on_the_seed_only() -> None:
 # ---------------------------------------------------------------- fused ops --
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize(("n", "block"), [(1, 2**16), (7, 4), (1000, 8), (4099, 16), (65541, 2**16),
-                                          (300_007, 4096), (2**21 + 5, 2**21)])
+@pytest.mark.parametrize(
+    ("n", "block"), [(1, 2**16), (7, 4), (1000, 8), (4099, 16), (65541, 2**16), (300_007, 4096), (2**21 + 5, 2**21)]
+)
 def test_encode_decode_equal_the_steps(n: int, block: int, bits: int, mode: str) -> None:
     """eden_encode = rht + eden_quantize and eden_decode = dequantize, outliers,
     irht, bit for bit."""
@@ -546,8 +548,9 @@ def test_encode_decode_equal_the_steps(n: int, block: int, bits: int, mode: str)
     packed, scales, oidx, oval = fused
     y_hat = ops.eden_dequantize(packed, scales, n, bits, block=block, stochastic=stochastic)
     y_hat[oidx.astype(np.intp)] = oval
-    out = ops.eden_decode(packed, scales, n, bits, SEED, block=block, stochastic=stochastic,
-                          outlier_idx=oidx, outlier_val=oval)
+    out = ops.eden_decode(
+        packed, scales, n, bits, SEED, block=block, stochastic=stochastic, outlier_idx=oidx, outlier_val=oval
+    )
     assert out.dtype == np.float32 and out.shape == (n,)
     np.testing.assert_array_equal(out, ops.irht(y_hat, n, SEED, block))
 
@@ -573,8 +576,9 @@ def test_accumulate_is_weight_times_dequantize(n: int, block: int, bits: int, mo
     y_hat = ops.eden_dequantize(packed, scales, n, bits, block=block, stochastic=stochastic)
     for weight in (1.0, 0.3, -2.5):
         expected = acc + np.float32(weight) * y_hat
-        assert ops.eden_accumulate(acc, packed, scales, n, bits, block=block, stochastic=stochastic,
-                                   weight=weight) is None
+        assert (
+            ops.eden_accumulate(acc, packed, scales, n, bits, block=block, stochastic=stochastic, weight=weight) is None
+        )
         np.testing.assert_array_equal(acc, expected)
 
 
@@ -591,9 +595,7 @@ def test_accumulate_into_a_torch_tensor() -> None:
 
 
 @pytest.mark.parametrize("stochastic", (False, True))
-@pytest.mark.parametrize(
-    ("n", "block"), [(2**20 + 3, 4096), (2**20 + 3, 2**16), (2**20, 2**18), (300_007, 8)]
-)
+@pytest.mark.parametrize(("n", "block"), [(2**20 + 3, 4096), (2**20 + 3, 2**16), (2**20, 2**18), (300_007, 8)])
 def test_thread_count_independent(threads, n: int, block: int, stochastic: bool) -> None:
     x = np.random.default_rng(n).standard_t(3, n).astype(np.float32)
     y = ops.rht(x, SEED, block)
@@ -602,11 +604,11 @@ def test_thread_count_independent(threads, n: int, block: int, stochastic: bool)
         with threads(t):
             enc = ops.eden_encode(x, 3, SEED, block=block, stochastic=stochastic)
             q = ops.eden_quantize(y, n, 3, seed=5, block=block, stochastic=stochastic)
-            dec = ops.eden_decode(enc[0], enc[1], n, 3, SEED, block=block, stochastic=stochastic,
-                                  outlier_idx=enc[2], outlier_val=enc[3])
+            dec = ops.eden_decode(
+                enc[0], enc[1], n, 3, SEED, block=block, stochastic=stochastic, outlier_idx=enc[2], outlier_val=enc[3]
+            )
             acc = np.ones(y.size, np.float32)
-            ops.eden_accumulate(acc, q[0], q[1], n, 3, block=block, stochastic=stochastic,
-                                weight=0.5)
+            ops.eden_accumulate(acc, q[0], q[1], n, 3, block=block, stochastic=stochastic, weight=0.5)
             results.append((*enc, *q, dec, acc))
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -664,8 +666,17 @@ def test_bad_block(block: int) -> None:
     with pytest.raises(ValueError, match="block"):
         ops.eden_dequantize(np.zeros(16, np.uint8), np.ones(1, np.float32), 64, 2, block=block)
     with pytest.raises(ValueError, match="block"):
-        ops._core.eden_decode(np.zeros(16, np.uint8), np.ones(1, np.float32), 64, 2, SEED, block,
-                              False, np.zeros(0, np.uint32), np.zeros(0, np.float32))
+        ops._core.eden_decode(
+            np.zeros(16, np.uint8),
+            np.ones(1, np.float32),
+            64,
+            2,
+            SEED,
+            block,
+            False,
+            np.zeros(0, np.uint32),
+            np.zeros(0, np.float32),
+        )
 
 
 def test_bad_scale_and_seed() -> None:
@@ -677,8 +688,7 @@ def test_bad_scale_and_seed() -> None:
     with pytest.raises(TypeError, match="seed"):
         ops.eden_encode(y, 2, None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="seed"):
-        ops.eden_decode(np.zeros(16, np.uint8), np.ones(1, np.float32), 64, 2,
-                        None)  # type: ignore[arg-type]
+        ops.eden_decode(np.zeros(16, np.uint8), np.ones(1, np.float32), 64, 2, None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seed"):
         ops.eden_quantize(y, 64, 2, seed=-1, block=64, stochastic=True)
 
@@ -713,5 +723,7 @@ def test_types() -> None:
     with pytest.raises(TypeError, match="float32"):
         ops._core.eden_quantize(np.ones(64), 64, 2, 0, 64, False, False)
     # bytes work as the packed stream
-    np.testing.assert_array_equal(ops.eden_dequantize(packed.tobytes(), scales, 64, 2, block=64),
-                                  ops.eden_dequantize(packed, scales, 64, 2, block=64))
+    np.testing.assert_array_equal(
+        ops.eden_dequantize(packed.tobytes(), scales, 64, 2, block=64),
+        ops.eden_dequantize(packed, scales, 64, 2, block=64),
+    )

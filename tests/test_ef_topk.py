@@ -14,13 +14,9 @@ TOPK_SAMPLE_SEED = 0x5EEDF00D
 
 
 # ---------------------------------------------------------------- reference --
-def reference_ef_topk(
-    update: np.ndarray, residual: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference_ef_topk(update: np.ndarray, residual: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices, values, new residual), all computed in numpy float32."""
-    acc = (
-        np.asarray(residual, np.float32).reshape(-1) + np.asarray(update, np.float32).reshape(-1)
-    ).astype(np.float32)
+    acc = (np.asarray(residual, np.float32).reshape(-1) + np.asarray(update, np.float32).reshape(-1)).astype(np.float32)
     order = np.lexsort((np.arange(acc.size), -np.abs(acc)))
     idx = np.sort(order[:k]).astype(np.uint32)
     val = acc[idx].copy()
@@ -28,9 +24,7 @@ def reference_ef_topk(
     return idx, val, acc
 
 
-def check_ef_topk(
-    update: np.ndarray, residual: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def check_ef_topk(update: np.ndarray, residual: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ref_idx, ref_val, ref_res = reference_ef_topk(update, residual, k)
     idx, val = ops.ef_topk(update, residual, k)
     assert idx.dtype == np.uint32 and val.dtype == np.float32

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 HAVE_RHT = hasattr(fp.ops, "rht")
-EF_SPECS = ["topk:0.01+q4", "randk:0.1+fp16", "sign", "q2", "topk:0.01", "topk:0.001+q4+zstd",
-            pytest.param("rht+q2+zstd", marks=pytest.mark.skipif(not HAVE_RHT, reason="no ops.rht yet"))]
+EF_SPECS = [
+    "topk:0.01+q4",
+    "randk:0.1+fp16",
+    "sign",
+    "q2",
+    "topk:0.01",
+    "topk:0.001+q4+zstd",
+    pytest.param("rht+q2+zstd", marks=pytest.mark.skipif(not HAVE_RHT, reason="no ops.rht yet")),
+]
 
 
 def rounds(n_rounds: int, seed: int = 0, dtype=np.float32) -> list:
@@ -19,11 +26,13 @@ def rounds(n_rounds: int, seed: int = 0, dtype=np.float32) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for t in range(n_rounds):
-        out.append({
-            "conv": (rng.standard_t(3, (40, 50)) * 0.1).astype(dtype),
-            "bias": (rng.standard_normal(300) * 0.01 + 0.001 * t).astype(dtype),
-            "steps": np.array([t, 2 * t], np.int64),
-        })
+        out.append(
+            {
+                "conv": (rng.standard_t(3, (40, 50)) * 0.1).astype(dtype),
+                "bias": (rng.standard_normal(300) * 0.01 + 0.001 * t).astype(dtype),
+                "steps": np.array([t, 2 * t], np.int64),
+            }
+        )
     return out
 
 
@@ -90,8 +99,12 @@ def test_codec_options_pass_through() -> None:
 def test_integer_tensors_pass_through() -> None:
     enc = fp.Encoder("topk:0.01+q2", momentum=0.9)
     for t in range(3):
-        u = {"w": np.ones(100, np.float32) * t, "ids": np.arange(7, dtype=np.int32) * t,
-             "mask": np.array([t % 2 == 0, True]), "count": np.array(2**40 + t, np.uint64)}
+        u = {
+            "w": np.ones(100, np.float32) * t,
+            "ids": np.arange(7, dtype=np.int32) * t,
+            "mask": np.array([t % 2 == 0, True]),
+            "count": np.array(2**40 + t, np.uint64),
+        }
         dec = fp.decode(enc.encode(u, seed=t))
         for k in ("ids", "mask", "count"):
             assert dec[k].dtype == u[k].dtype and dec[k].shape == u[k].shape
@@ -103,15 +116,21 @@ def test_integer_tensors_pass_through() -> None:
 def test_encoder_keeps_float_dtypes() -> None:
     """Payloads from an Encoder decode like the Codec's: names, shapes and dtypes
     of the update (float64 and float16 tensors stay float64 and float16)."""
-    u = {"w64": np.linspace(-1, 1, 200), "h16": np.linspace(-1, 1, 50).astype(np.float16),
-         "f32": np.linspace(-1, 1, 30).astype(np.float32)}
+    u = {
+        "w64": np.linspace(-1, 1, 200),
+        "h16": np.linspace(-1, 1, 50).astype(np.float16),
+        "f32": np.linspace(-1, 1, 30).astype(np.float32),
+    }
     for spec in ("fp32", "topk:0.1+q8"):
         dec = fp.decode(fp.Encoder(spec).encode(u, seed=1))
         codec_dec = fp.decode(fp.Codec(spec).encode(u, seed=1))
         assert {k: v.dtype for k, v in dec.items()} == {k: v.dtype for k, v in u.items()}
         assert {k: v.dtype for k, v in codec_dec.items()} == {k: v.dtype for k, v in u.items()}
-        assert [t["dtype"] for t in fp.inspect(fp.Encoder(spec).encode(u, seed=1))["tensors"]] == \
-            ["float64", "float16", "float32"]
+        assert [t["dtype"] for t in fp.inspect(fp.Encoder(spec).encode(u, seed=1))["tensors"]] == [
+            "float64",
+            "float16",
+            "float32",
+        ]
 
 
 def test_encoder_accepts_torch() -> None:
@@ -135,7 +154,7 @@ def test_momentum_runs_and_differs() -> None:
     updates = rounds(4)
     plain, mom = fp.Encoder("topk:0.01+q4"), fp.Encoder("topk:0.01+q4", momentum=0.9)
     outs = [(plain.encode(u, seed=t), mom.encode(u, seed=t)) for t, u in enumerate(updates)]
-    assert outs[0][0] == outs[0][1]            # no history yet
+    assert outs[0][0] == outs[0][1]  # no history yet
     assert any(a != b for a, b in outs[1:])
     assert set(mom.velocities) == {"conv", "bias"}
     assert plain.velocities == {}

@@ -32,10 +32,30 @@ from fedpress.federation.tls import self_signed_certificate
 
 TOKEN = b"federation-test-token-0123456789"
 DIM = 16
-ROW_FIELDS = ("round", "phase", "status", "sampled", "completed", "failed", "failures", "uplink_payload_bytes",
-              "uplink_wire_bytes", "downlink_payload_bytes", "downlink_wire_bytes", "rejected_connections",
-              "rejected_wire_bytes", "rejected_uplink_wire_bytes", "rejected_downlink_wire_bytes", "seconds",
-              "test_accuracy", "test_loss", "client_bytes", "clients", "num_examples", "fit_metrics")
+ROW_FIELDS = (
+    "round",
+    "phase",
+    "status",
+    "sampled",
+    "completed",
+    "failed",
+    "failures",
+    "uplink_payload_bytes",
+    "uplink_wire_bytes",
+    "downlink_payload_bytes",
+    "downlink_wire_bytes",
+    "rejected_connections",
+    "rejected_wire_bytes",
+    "rejected_uplink_wire_bytes",
+    "rejected_downlink_wire_bytes",
+    "seconds",
+    "test_accuracy",
+    "test_loss",
+    "client_bytes",
+    "clients",
+    "num_examples",
+    "fit_metrics",
+)
 
 # ------------------------------------------------------------------- the task --
 W_TRUE = np.random.default_rng(1234).standard_normal(DIM).astype(np.float32)
@@ -58,11 +78,13 @@ def evaluate_fn(dim: int = DIM) -> Callable[[dict], dict]:
     def evaluate(params: dict) -> dict:
         loss = float(np.mean((x @ params["w"] + params["b"][0] - y) ** 2))
         return {"loss": loss, "accuracy": 1.0 / (1.0 + loss)}
+
     return evaluate
 
 
-def make_train_fn(seed: int, *, dim: int = DIM, delay: float = 0.0, steps: int = 5,
-                  hook: Optional[Callable[[dict], None]] = None) -> Callable:
+def make_train_fn(
+    seed: int, *, dim: int = DIM, delay: float = 0.0, steps: int = 5, hook: Optional[Callable[[dict], None]] = None
+) -> Callable:
     x, y = make_data(seed, dim=dim)
 
     def train(params: dict, config: dict) -> tuple[dict, int, dict]:
@@ -76,8 +98,12 @@ def make_train_fn(seed: int, *, dim: int = DIM, delay: float = 0.0, steps: int =
             err = x @ w + b[0] - y
             w -= lr * (x.T @ err) / len(y)
             b -= lr * np.float32(err.mean())
-        return ({"w": w - params["w"], "b": b - params["b"], "steps": np.array(steps, np.int64)}, len(y),
-                {"loss": float(np.mean(err ** 2))})
+        return (
+            {"w": w - params["w"], "b": b - params["b"], "steps": np.array(steps, np.int64)},
+            len(y),
+            {"loss": float(np.mean(err**2))},
+        )
+
     return train
 
 
@@ -110,13 +136,24 @@ def run_async(fn: Callable[[Harness], Awaitable[Any]], timeout: float = 20.0) ->
             return await asyncio.wait_for(fn(h), timeout)
         finally:
             await asyncio.wait_for(h.close(), 10)
+
     return asyncio.run(main())
 
 
 def server_for(port: int = 0, **kw: Any) -> Server:
-    options: dict[str, Any] = dict(rounds=3, clients_per_round=3, min_clients=3, codec="topk:0.25+q8",
-                                   token=TOKEN, round_timeout=10.0, min_fit=1, evaluate_fn=evaluate_fn(),
-                                   fit_config={"lr": 0.1}, shutdown_timeout=3.0, handshake_timeout=3.0)
+    options: dict[str, Any] = dict(
+        rounds=3,
+        clients_per_round=3,
+        min_clients=3,
+        codec="topk:0.25+q8",
+        token=TOKEN,
+        round_timeout=10.0,
+        min_fit=1,
+        evaluate_fn=evaluate_fn(),
+        fit_config={"lr": 0.1},
+        shutdown_timeout=3.0,
+        handshake_timeout=3.0,
+    )
     options["insecure"] = kw.get("ssl_context") is None  # loopback; the TLS tests pass a context
     options.update(kw)
     params = options.pop("initial_params", None) or initial_params()
@@ -124,8 +161,15 @@ def server_for(port: int = 0, **kw: Any) -> Server:
 
 
 def client_for(port: int, i: int, **kw: Any) -> Client:
-    options: dict[str, Any] = dict(client_id=f"c{i}", backoff=0.05, max_backoff=0.2, max_retries=40,
-                                   connect_timeout=3.0, shutdown_timeout=3.0, insecure=kw.get("ssl_context") is None)
+    options: dict[str, Any] = dict(
+        client_id=f"c{i}",
+        backoff=0.05,
+        max_backoff=0.2,
+        max_retries=40,
+        connect_timeout=3.0,
+        shutdown_timeout=3.0,
+        insecure=kw.get("ssl_context") is None,
+    )
     train_fn = kw.pop("train_fn", None) or make_train_fn(i)
     token = kw.pop("token", TOKEN)
     options.update(kw)
@@ -148,12 +192,14 @@ def header(ftype: int, length: int, *, magic: bytes = b"FP", version: int = P.PR
     return struct.pack("<2sBBI", magic, version, ftype, length)
 
 
-async def raw_exchange(port: int, data: bytes, *, ssl_context: Optional[ssl.SSLContext] = None,
-                       read_error: bool = True) -> Optional[tuple[int, str]]:
+async def raw_exchange(
+    port: int, data: bytes, *, ssl_context: Optional[ssl.SSLContext] = None, read_error: bool = True
+) -> Optional[tuple[int, str]]:
     """Sends raw bytes, returns the ERROR frame the server answers with (code, message)
     and checks that the server then closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_context,
-                                                   server_hostname="localhost" if ssl_context else None)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+    )
     try:
         writer.write(data)
         await writer.drain()
@@ -232,8 +278,8 @@ class CountingProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.up = 0     # client -> server
-        self.down = 0   # server -> client
+        self.up = 0  # client -> server
+        self.down = 0  # server -> client
         self.seen = bytearray()
         self.handlers: set[asyncio.Task] = set()
 
@@ -306,6 +352,7 @@ def total(rows: list[dict], field: str) -> int:
 def test_full_federation_topk_three_clients(tmp_path):
     """3 clients, 3 rounds, a top-k codec: the model improves, rounds.jsonl has
     every field, and each client's own socket counts equal the server's rows."""
+
     async def body(h: Harness) -> tuple[Server, list[Client], list[dict]]:
         server = server_for(out_dir=tmp_path, codec="topk:0.25+q8+zstd")
         await server.start()
@@ -342,8 +389,9 @@ def test_full_federation_topk_three_clients(tmp_path):
         up = sum(r["client_bytes"][c.client_id]["uplink_wire_bytes"] for r in rows)
         down = sum(r["client_bytes"][c.client_id]["downlink_wire_bytes"] for r in rows)
         assert (up, down) == (c.stats["uplink_wire_bytes"], c.stats["downlink_wire_bytes"])
-        assert c.stats["uplink_payload_bytes"] == sum(r["client_bytes"][c.client_id]["uplink_payload_bytes"]
-                                                      for r in rows)
+        assert c.stats["uplink_payload_bytes"] == sum(
+            r["client_bytes"][c.client_id]["uplink_payload_bytes"] for r in rows
+        )
         assert c.stats["rounds"] == 3 and c.encoder.residual_norm() > 0  # error feedback kept a residual
     # The setup row holds the handshakes, the last row the BYEs.
     assert rows[0]["uplink_wire_bytes"] > 0 and rows[0]["uplink_payload_bytes"] == 0
@@ -372,14 +420,14 @@ def test_client_killed_mid_round(tmp_path):
         server = server_for(rounds=2, round_timeout=15.0, min_fit=2)
         await server.start()
         log = open(tmp_path / "victim.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-c", script, str(server.port)], stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(server.port)], stdout=log, stderr=subprocess.STDOUT)
 
         async def reap() -> None:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(5)
             log.close()
+
         h.closers.append(reap)
         run = h.spawn(server.run())
         await wait_until(lambda: "victim" in server.clients, 15)
@@ -408,6 +456,7 @@ def test_bad_connections_are_rejected_and_counted():
     """Garbage, an oversized length, a wrong token, wrong protocol versions:
     each gets an ERROR frame (when possible), is closed and counted as rejected
     in the row it happened in; the federation runs on."""
+
     async def body(h: Harness) -> tuple[Server, dict]:
         server = server_for(rounds=2, clients_per_round=2, min_clients=2, handshake_timeout=0.5)
         await server.start()
@@ -452,6 +501,7 @@ def test_bad_updates_are_left_out_and_min_fit(tmp_path):
     """An authenticated client answering with an invalid payload, one with a
     foreign tensor table and one sending a garbage frame are left out of the
     round; below min_fit valid updates the model is kept and the round fails."""
+
     async def rogue(port: int, mode: str) -> None:
         session = await raw_handshake(port, f"rogue-{mode}")
         writer = session.writer
@@ -464,8 +514,11 @@ def test_bad_updates_are_left_out_and_min_fit(tmp_path):
                 if mode == "frame":
                     writer.write(b"\xde\xad\xbe\xef" * 4)
                 else:
-                    payload = (b"definitely not a payload" if mode == "payload"
-                               else fp.Codec("fp32").encode({"w": np.ones(3, np.float32)}))
+                    payload = (
+                        b"definitely not a payload"
+                        if mode == "payload"
+                        else fp.Codec("fp32").encode({"w": np.ones(3, np.float32)})
+                    )
                     data = b"".join(bytes(p) for p in P.Update(task.round, 10, {}, payload).parts())
                     session.send(P.FrameType.UPDATE, data)
                 await writer.drain()
@@ -511,11 +564,13 @@ def test_bad_updates_are_left_out_and_min_fit(tmp_path):
 def test_slow_client_times_out_and_is_not_resampled_while_busy():
     """A client slower than round_timeout is left out of the round; while its
     task is outstanding it is not sampled again; its late update is discarded."""
+
     async def body(h: Harness) -> tuple[Server, Client, dict]:
         calls = {"n": 0}
 
         def count(config: dict) -> None:
             calls["n"] += 1
+
         server = server_for(rounds=2, clients_per_round=4, min_clients=3, round_timeout=0.5)
         await server.start()  # handshakes are served from here on; rounds start with run()
         slow = client_for(server.port, 2, train_fn=make_train_fn(2, delay=1.0, hook=count))
@@ -541,6 +596,7 @@ def test_server_killed_and_resumed(tmp_path, mode):
     round-2 checkpoint on the same port, the clients reconnect and the
     federation finishes rounds 3 and 4. The restored downlink (the delta chain,
     or the model each client holds) still gives deltas."""
+
     async def body(h: Harness) -> tuple[Server, Server, list[Client]]:
         holder: dict[str, asyncio.Task] = {}
 
@@ -549,8 +605,10 @@ def test_server_killed_and_resumed(tmp_path, mode):
                 holder["killed"] = holder["run"]
                 holder["run"].cancel()  # dies inside round 3
             return {"lr": 0.1}
-        first = server_for(rounds=4, out_dir=tmp_path, fit_config=fit_config, downlink="topk:0.5+fp16",
-                           downlink_mode=mode)
+
+        first = server_for(
+            rounds=4, out_dir=tmp_path, fit_config=fit_config, downlink="topk:0.5+fp16", downlink_mode=mode
+        )
         await first.start()
         port = first.port
         holder["run"] = h.spawn(first.run())
@@ -564,16 +622,21 @@ def test_server_killed_and_resumed(tmp_path, mode):
         for name in (".checkpoint.json.k3j2.tmp", ".checkpoint-3.npz.x9q1.tmp", ".rounds.jsonl.a1b2.tmp"):
             (tmp_path / name).write_bytes(b"partial")
         (tmp_path / ".notes.tmp").write_text("mine")
-        second = server_for(port, rounds=4, out_dir=tmp_path, resume=True, downlink="topk:0.5+fp16",
-                            downlink_mode=mode)
+        second = server_for(port, rounds=4, out_dir=tmp_path, resume=True, downlink="topk:0.5+fp16", downlink_mode=mode)
         await second.run()
         await asyncio.gather(*tasks)
         return first, second, clients
 
     first, second, clients = run_async(body, timeout=30)
     rows = read_rows(tmp_path / "rounds.jsonl")
-    assert [(r["round"], r["phase"]) for r in rows] == [(0, "setup"), (1, "train"), (2, "train"), (0, "setup"),
-                                                        (3, "train"), (4, "train")]
+    assert [(r["round"], r["phase"]) for r in rows] == [
+        (0, "setup"),
+        (1, "train"),
+        (2, "train"),
+        (0, "setup"),
+        (3, "train"),
+        (4, "train"),
+    ]
     assert rows == second.history
     assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".notes.tmp"]
     assert rows[3]["resumed_from"] == 2
@@ -633,8 +696,9 @@ def test_wire_bytes_equal_a_forwarding_proxy(tmp_path, tls):
     assert total(rows, "rejected_connections") == (2 if tls else 3)
     for c in clients:
         assert sum(r["client_bytes"][c.client_id]["uplink_wire_bytes"] for r in rows) == c.stats["uplink_wire_bytes"]
-        assert sum(r["client_bytes"][c.client_id]["downlink_wire_bytes"] for r in rows) == \
-            c.stats["downlink_wire_bytes"]
+        assert (
+            sum(r["client_bytes"][c.client_id]["downlink_wire_bytes"] for r in rows) == c.stats["downlink_wire_bytes"]
+        )
     assert TOKEN not in proxy.seen
     payload = total(rows, "uplink_payload_bytes") + total(rows, "downlink_payload_bytes")
     assert rows[-1]["status"] == "ok" and payload > 0
@@ -671,6 +735,7 @@ def test_tls_rejects_untrusted_and_plain_clients(tmp_path):
 def test_client_refuses_a_server_that_does_not_know_the_token():
     """Mutual authentication: a fake server without the token cannot produce the
     WELCOME MAC, the client aborts before anything else crosses the wire."""
+
     async def body(h: Harness) -> list[int]:
         received: list[int] = []
 
@@ -696,6 +761,7 @@ def test_client_refuses_a_server_that_does_not_know_the_token():
         async def stop() -> None:
             fake.close()
             await fake.wait_closed()
+
         h.closers.append(stop)
         client = client_for(fake.sockets[0].getsockname()[1], 0)
         with pytest.raises(AuthenticationError, match="does not know the token"):
@@ -712,11 +778,19 @@ def test_downlink_deltas_are_smaller_and_exact():
     replicas), the others full models; far fewer downlink bytes than full models."""
     dim = 2000
 
-    async def federation(h: Harness, downlink: Optional[str], clients: int,
-                         per_round: int, mode: str = "chain") -> tuple[Server, list[Client]]:
-        server = server_for(initial_params=initial_params(dim), evaluate_fn=evaluate_fn(dim), rounds=4,
-                            clients_per_round=per_round, min_clients=clients, downlink=downlink,
-                            codec="topk:0.1+fp16", downlink_mode=mode)
+    async def federation(
+        h: Harness, downlink: Optional[str], clients: int, per_round: int, mode: str = "chain"
+    ) -> tuple[Server, list[Client]]:
+        server = server_for(
+            initial_params=initial_params(dim),
+            evaluate_fn=evaluate_fn(dim),
+            rounds=4,
+            clients_per_round=per_round,
+            min_clients=clients,
+            downlink=downlink,
+            codec="topk:0.1+fp16",
+            downlink_mode=mode,
+        )
         await server.start()
         cs = [client_for(server.port, i, train_fn=make_train_fn(i, dim=dim)) for i in range(clients)]
         tasks = [h.spawn(c.run()) for c in cs]
@@ -725,8 +799,12 @@ def test_downlink_deltas_are_smaller_and_exact():
         return server, cs
 
     async def body(h: Harness) -> tuple:
-        return (await federation(h, None, 3, 3), await federation(h, "topk:0.1+fp16", 3, 3),
-                await federation(h, "topk:0.1+fp16", 5, 2), await federation(h, "topk:0.1+fp16", 5, 2, "client"))
+        return (
+            await federation(h, None, 3, 3),
+            await federation(h, "topk:0.1+fp16", 3, 3),
+            await federation(h, "topk:0.1+fp16", 5, 2),
+            await federation(h, "topk:0.1+fp16", 5, 2, "client"),
+        )
 
     (full, _), (delta, delta_clients), (sampled, sampled_clients), (own, own_clients) = run_async(body, timeout=40)
     full_bytes = total(full.history, "downlink_payload_bytes")
@@ -766,9 +844,27 @@ def test_server_command_refuses_a_client_downlink_without_a_codec(tmp_path):
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match="--downlink-mode client needs --downlink SPEC"):
-        run_cli(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
-                  "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"),
-                  "--downlink-mode", "client"])
+        run_cli(
+            [
+                "server",
+                "--port",
+                "0",
+                "--rounds",
+                "1",
+                "--clients-per-round",
+                "1",
+                "--min-clients",
+                "1",
+                "--codec",
+                "q8",
+                "--token-file",
+                str(token),
+                "--out",
+                str(tmp_path / "run"),
+                "--downlink-mode",
+                "client",
+            ]
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -781,6 +877,7 @@ def test_train_fn_failure_is_reported_and_the_client_carries_on(tmp_path):
             if calls["n"] == 1:
                 raise RuntimeError("out of memory, pretend")
             return make_train_fn(5)(params, config)
+
         server = server_for(rounds=2, clients_per_round=2, min_clients=2, out_dir=tmp_path)
         await server.start()
         client = client_for(server.port, 5, train_fn=flaky)
@@ -799,6 +896,7 @@ def test_train_fn_failure_is_reported_and_the_client_carries_on(tmp_path):
     async def again(h: Harness) -> list:  # a finished run resumes to nothing
         done = server_for(rounds=2, out_dir=tmp_path, resume=True)
         return await done.run()
+
     rows = run_async(again)
     assert [r["round"] for r in rows] == [0, 1, 2]
 

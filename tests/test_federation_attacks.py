@@ -74,7 +74,7 @@ def is_update(frame: bytes) -> bool:
 
 def rewrite_values(frame: bytes) -> bytes:
     """Every payload byte after the update's head and metrics replaced (the tag kept)."""
-    body = frame[P.HEADER.size:]
+    body = frame[P.HEADER.size :]
     _, _, _, metrics_len = UPDATE_HEAD.unpack_from(body)
     start = P.HEADER.size + UPDATE_HEAD.size + metrics_len
     end = len(frame) - P.TRAILER_BYTES
@@ -83,7 +83,7 @@ def rewrite_values(frame: bytes) -> bytes:
 
 def rewrite_weight(frame: bytes) -> bytes:
     at = P.HEADER.size + 5
-    return frame[:at] + struct.pack("<Q", 10**9) + frame[at + 8:]
+    return frame[:at] + struct.pack("<Q", 10**9) + frame[at + 8 :]
 
 
 def make_tamper(mode: str) -> Callable[[int, bytes], list[bytes]]:
@@ -101,6 +101,7 @@ def make_tamper(mode: str) -> Callable[[int, bytes], list[bytes]]:
             kept.append(frame)
             return [frame]
         return [kept[0]]
+
     return tamper
 
 
@@ -110,6 +111,7 @@ def test_tampering_proxy_frames_are_rejected_and_the_round_completes(mode, caplo
     values, its num_examples, or replays its first UPDATE in later rounds: each
     altered frame fails its MAC, costs that client its connection, is logged,
     and is never aggregated; the rounds complete with the honest clients."""
+
     async def body(h: Harness) -> tuple[Server, Server]:
         server = server_for(rounds=3, clients_per_round=3, min_clients=3, round_timeout=5.0)
         await server.start()
@@ -148,6 +150,7 @@ def test_reordered_unsealed_or_foreign_frames_from_an_authenticated_client(mode)
     """A client that passed the handshake sends its UPDATE out of order (the
     second sealed frame first), without a tag, or sealed with another
     connection's key: the server closes it, the round completes without it."""
+
     async def rogue(port: int) -> Optional[tuple[int, str]]:
         session: RawSession = await raw_handshake(port, "rogue")
         try:
@@ -222,8 +225,9 @@ def test_server_needs_exactly_one_kind_of_token():
     params = {"w": np.zeros(3, np.float32)}
     for kw in ({}, {"token": b"t" * 32, "master_token": b"m" * 32}):
         with pytest.raises(ValueError, match="exactly one"):
-            Server("127.0.0.1", 0, params, rounds=1, clients_per_round=1, min_clients=1, codec="fp32", insecure=True,
-                   **kw)
+            Server(
+                "127.0.0.1", 0, params, rounds=1, clients_per_round=1, min_clients=1, codec="fp32", insecure=True, **kw
+            )
 
 
 def test_token_command_makes_and_derives_token_files(tmp_path, capsys):
@@ -243,10 +247,12 @@ def test_token_command_makes_and_derives_token_files(tmp_path, capsys):
     site = tmp_path / "site-3.token"
     assert cli.main(["token", "--master", str(master), "--client-id", "site-3", "--out", str(site)]) == 0
     assert site.read_bytes().strip() == P.client_token(secret, "site-3")
-    for argv, message in [(["--master", str(master)], "needs --client-id"),
-                          (["--new", "--client-id", "a"], "goes with --master"),
-                          (["--master", str(tmp_path / "none"), "--client-id", "a"], "cannot read the token file"),
-                          (["--master", str(master), "--client-id", "x" * 300], "client id must be")]:
+    for argv, message in [
+        (["--master", str(master)], "needs --client-id"),
+        (["--new", "--client-id", "a"], "goes with --master"),
+        (["--master", str(tmp_path / "none"), "--client-id", "a"], "cannot read the token file"),
+        (["--master", str(master), "--client-id", "x" * 300], "client id must be"),
+    ]:
         with pytest.raises(SystemExit, match=message):
             run_cli(["token", *argv])
 
@@ -256,8 +262,21 @@ def test_server_command_takes_exactly_one_token_option(tmp_path, capsys):
 
     token = tmp_path / "token"
     token.write_text("x" * 32)
-    base = ["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
-            "--codec", "q8", "--out", str(tmp_path / "run")]
+    base = [
+        "server",
+        "--port",
+        "0",
+        "--rounds",
+        "1",
+        "--clients-per-round",
+        "1",
+        "--min-clients",
+        "1",
+        "--codec",
+        "q8",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     for extra in ([], ["--token-file", str(token), "--master-token-file", str(token)]):
         with pytest.raises(SystemExit):  # argparse's own usage error
             cli.main(base + extra)
@@ -272,8 +291,12 @@ def poisoned_train_fn(num_examples: int = 128, scale: float = 1.0) -> Callable:
 
     def train(params: dict, config: dict) -> tuple[dict, int, dict]:
         update, _, metrics = honest(params, config)
-        return {k: (v * np.float32(scale) if v.dtype == np.float32 else v) for k, v in update.items()}, \
-            num_examples, metrics
+        return (
+            {k: (v * np.float32(scale) if v.dtype == np.float32 else v) for k, v in update.items()},
+            num_examples,
+            metrics,
+        )
+
     return train
 
 
@@ -287,6 +310,7 @@ def run_with_liar(liar: Callable, rounds: int = 3, **server_kw: object) -> Serve
         await run
         await asyncio.gather(*tasks)
         return server
+
     return run_async(body, timeout=30)
 
 
@@ -314,8 +338,7 @@ def test_max_share_bounds_one_clients_weight():
     assert weights["c9"] == 10**12  # the cap applies to the round's mean, the row keeps the claim
 
 
-@pytest.mark.parametrize("defense", [dict(clip_norm=1.0), dict(aggregation="median"),
-                                     dict(aggregation="trimmed:0.25")])
+@pytest.mark.parametrize("defense", [dict(clip_norm=1.0), dict(aggregation="median"), dict(aggregation="trimmed:0.25")])
 def test_clipping_or_a_robust_rule_stops_a_huge_update(defense):
     """An update of 3e37-sized values: finite, accepted by the decoder, and an
     overflowing sum under a plain mean (the round fails, the model is kept: never
@@ -348,6 +371,7 @@ def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
     def add(self: object, payload: object, weight: float = 1.0) -> None:
         calls["add"] += weight > 0  # the round's reference payload goes in with weight 0
         real_add(self, payload, weight)
+
     monkeypatch.setattr(S, "decode", decode)
     monkeypatch.setattr(S.Aggregator, "add", add)
     liar = poisoned_train_fn(scale=100.0)
@@ -365,10 +389,14 @@ def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
 def test_server_refuses_bad_defense_settings():
     params = {"w": np.zeros(1000, np.float32)}
     base = dict(rounds=1, clients_per_round=10, min_clients=1, codec="fp32", token=b"t" * 32, insecure=True)
-    for kw, message in [(dict(max_examples=0), "max_examples"), (dict(max_share=1.5), "max_share"),
-                        (dict(clip_norm=-1.0), "clip_norm"), (dict(aggregation="mode"), "unknown aggregation"),
-                        (dict(aggregation="trimmed:0.5"), "trimmed"),
-                        (dict(aggregation="median", robust_memory=1000), "robust_memory")]:
+    for kw, message in [
+        (dict(max_examples=0), "max_examples"),
+        (dict(max_share=1.5), "max_share"),
+        (dict(clip_norm=-1.0), "clip_norm"),
+        (dict(aggregation="mode"), "unknown aggregation"),
+        (dict(aggregation="trimmed:0.5"), "trimmed"),
+        (dict(aggregation="median", robust_memory=1000), "robust_memory"),
+    ]:
         with pytest.raises(ValueError, match=message):
             Server("127.0.0.1", 0, params, **base, **kw)  # type: ignore[arg-type]
 
@@ -387,9 +415,15 @@ def test_a_client_joins_while_300_idle_connections_are_held(hello_timeout):
     """300 connections from the client's own address that never speak: the
     per-address cap evicts the oldest, so the legitimate client's handshake gets
     a slot at once (with hello_timeout 60 s the idle ones would otherwise stay)."""
+
     async def body(h: Harness) -> tuple[Server, float, list[bool]]:
-        server = server_for(rounds=1, clients_per_round=1, min_clients=1, hello_timeout=hello_timeout,
-                            handshake_timeout=max(hello_timeout, 3.0))
+        server = server_for(
+            rounds=1,
+            clients_per_round=1,
+            min_clients=1,
+            hello_timeout=hello_timeout,
+            handshake_timeout=max(hello_timeout, 3.0),
+        )
         await server.start()
         run = h.spawn(server.run())
         idle = await idle_connections(server.port, 300)
@@ -439,7 +473,7 @@ async def stalling_rogue(port: int, announce: int, send: int, name: str = "rogue
         session.writer.write(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.FrameType.UPDATE, announce))
         chunk = b"\0" * (1 << 20)
         for start in range(0, send, len(chunk)):
-            session.writer.write(chunk[:min(len(chunk), send - start)])
+            session.writer.write(chunk[: min(len(chunk), send - start)])
             await session.writer.drain()
         stalled = time.monotonic()
         code = None
@@ -466,8 +500,17 @@ def test_a_stalled_frame_is_cut_off_and_the_round_completes():
     big = initial_params(dim=1 << 20)  # a 4 MiB model: the derived max frame is 9 MiB
 
     async def body(h: Harness) -> tuple[Server, tuple[float, Optional[int]]]:
-        server = server_for(rounds=1, clients_per_round=3, min_clients=3, initial_params=big, frame_grace=0.5,
-                            frame_min_rate=8 << 20, round_timeout=20.0, evaluate_fn=None, codec="topk:0.001")
+        server = server_for(
+            rounds=1,
+            clients_per_round=3,
+            min_clients=3,
+            initial_params=big,
+            frame_grace=0.5,
+            frame_min_rate=8 << 20,
+            round_timeout=20.0,
+            evaluate_fn=None,
+            codec="topk:0.001",
+        )
         await server.start()
         run = h.spawn(server.run())
         rogue = h.spawn(stalling_rogue(server.port, 4 << 20, 2 << 20))
@@ -503,9 +546,17 @@ def test_a_frame_larger_than_the_model_allows_is_refused_before_its_body():
 def test_the_inflight_budget_bounds_what_stalled_frames_hold():
     """Three clients announce 1 MiB bodies against a 2.5 MiB budget and stall:
     at most two hold the budget, the third waits (and times out like them)."""
+
     async def body(h: Harness) -> Server:
-        server = server_for(rounds=1, clients_per_round=3, min_clients=3, max_frame_bytes=1 << 20,
-                            inflight_bytes=(5 << 20) // 2, frame_grace=1.0, frame_min_rate=1 << 20)
+        server = server_for(
+            rounds=1,
+            clients_per_round=3,
+            min_clients=3,
+            max_frame_bytes=1 << 20,
+            inflight_bytes=(5 << 20) // 2,
+            frame_grace=1.0,
+            frame_min_rate=1 << 20,
+        )
         await server.start()
         run = h.spawn(server.run())
         rogues = [h.spawn(stalling_rogue(server.port, 1 << 20, 1 << 19, f"rogue{i}")) for i in range(3)]
@@ -522,24 +573,52 @@ def test_the_inflight_budget_bounds_what_stalled_frames_hold():
 def test_limit_settings_are_checked():
     params = {"w": np.zeros(10, np.float32)}
     base = dict(rounds=1, clients_per_round=1, min_clients=1, codec="fp32", token=b"t" * 32, insecure=True)
-    for kw, message in [(dict(hello_timeout=0), "hello_timeout"), (dict(max_pending_per_address=0), "per_address"),
-                        (dict(frame_grace=-1), "frame_grace"), (dict(frame_min_rate=0), "frame_min_rate"),
-                        (dict(max_frame_bytes=1 << 20, inflight_bytes=1 << 10), "inflight_bytes")]:
+    for kw, message in [
+        (dict(hello_timeout=0), "hello_timeout"),
+        (dict(max_pending_per_address=0), "per_address"),
+        (dict(frame_grace=-1), "frame_grace"),
+        (dict(frame_min_rate=0), "frame_min_rate"),
+        (dict(max_frame_bytes=1 << 20, inflight_bytes=1 << 10), "inflight_bytes"),
+    ]:
         with pytest.raises(ValueError, match=message):
             Server("127.0.0.1", 0, params, **base, **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("flag, value, message", [("--hello-timeout", "0", "hello_timeout"),
-                                                  ("--inflight-bytes", "10", "inflight_bytes"),
-                                                  ("--aggregate", "mode", "unknown aggregation"),
-                                                  ("--max-share", "2", "--max-share out of range")])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--hello-timeout", "0", "hello_timeout"),
+        ("--inflight-bytes", "10", "inflight_bytes"),
+        ("--aggregate", "mode", "unknown aggregation"),
+        ("--max-share", "2", "--max-share out of range"),
+    ],
+)
 def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match=message):
-        run_cli(["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
-                  "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run"), "--insecure",
-                  flag, value])
+        run_cli(
+            [
+                "server",
+                "--port",
+                "0",
+                "--rounds",
+                "1",
+                "--clients-per-round",
+                "1",
+                "--min-clients",
+                "1",
+                "--codec",
+                "q8",
+                "--token-file",
+                str(token),
+                "--out",
+                str(tmp_path / "run"),
+                "--insecure",
+                flag,
+                value,
+            ]
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -567,6 +646,7 @@ async def serve_fake(h: Harness, handler: Callable) -> int:
     async def stop() -> None:
         fake.close()
         await fake.wait_closed()
+
     h.closers.append(stop)
     return fake.sockets[0].getsockname()[1]
 
@@ -638,8 +718,9 @@ def test_a_server_stalling_mid_task_costs_the_client_a_reconnect():
             await close_writer(writer)
 
     async def body(h: Harness) -> Client:
-        client = client_for(await serve_fake(h, fake_server), 0, max_retries=1, frame_grace=0.5,
-                            frame_min_rate=64 << 20)
+        client = client_for(
+            await serve_fake(h, fake_server), 0, max_retries=1, frame_grace=0.5, frame_min_rate=64 << 20
+        )
         await asyncio.wait_for(client.run(), 20)
         return client
 

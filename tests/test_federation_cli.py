@@ -19,8 +19,9 @@ pytest.importorskip("sklearn")
 
 
 def fedpress(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedpress.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedpress.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def test_certificate_command_writes_a_pair_and_keeps_existing_files(tmp_path, capsys):
@@ -42,8 +43,23 @@ def test_certificate_command_writes_a_pair_and_keeps_existing_files(tmp_path, ca
 def test_server_and_client_refuse_plain_tcp_unless_told(tmp_path):
     token = tmp_path / "token"
     token.write_text("t" * 32)
-    server = ["server", "--port", "0", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
-              "--codec", "q8", "--token-file", str(token), "--out", str(tmp_path / "run")]
+    server = [
+        "server",
+        "--port",
+        "0",
+        "--rounds",
+        "1",
+        "--clients-per-round",
+        "1",
+        "--min-clients",
+        "1",
+        "--codec",
+        "q8",
+        "--token-file",
+        str(token),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     with pytest.raises(SystemExit, match="no TLS: give --tls-cert FILE --tls-key FILE"):
         run_cli(server)
     with pytest.raises(SystemExit, match="--insecure means no TLS"):
@@ -65,13 +81,47 @@ def test_a_tls_federation_from_the_command_line(tmp_path):
     assert cli.main(["certificate", "--out", str(tmp_path)]) == 0
     assert cli.main(["token", "--new", "--out", str(tmp_path / "master")]) == 0
     for i in (0, 1):
-        assert cli.main(["token", "--master", str(tmp_path / "master"), "--client-id", f"site-{i}",
-                         "--out", str(tmp_path / f"site-{i}")]) == 0
+        assert (
+            cli.main(
+                [
+                    "token",
+                    "--master",
+                    str(tmp_path / "master"),
+                    "--client-id",
+                    f"site-{i}",
+                    "--out",
+                    str(tmp_path / f"site-{i}"),
+                ]
+            )
+            == 0
+        )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = fedpress("server", "--host", "127.0.0.1", "--port", "0", "--rounds", "1", "--clients-per-round", "2",
-                      "--min-clients", "2", "--codec", "topk:0.1+q8", "--master-token-file", str(tmp_path / "master"),
-                      "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
-                      "--out", str(tmp_path / "run"), "--round-timeout", "60", env=env)
+    server = fedpress(
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--rounds",
+        "1",
+        "--clients-per-round",
+        "2",
+        "--min-clients",
+        "2",
+        "--codec",
+        "topk:0.1+q8",
+        "--master-token-file",
+        str(tmp_path / "master"),
+        "--tls-cert",
+        str(tmp_path / "cert.pem"),
+        "--tls-key",
+        str(tmp_path / "key.pem"),
+        "--out",
+        str(tmp_path / "run"),
+        "--round-timeout",
+        "60",
+        env=env,
+    )
     clients: list[subprocess.Popen] = []
     try:
         assert server.stderr is not None
@@ -86,14 +136,39 @@ def test_a_tls_federation_from_the_command_line(tmp_path):
         assert match, "".join(lines)
         port = match.group(1)
         # A plain-TCP client first (before the round can end): told at once, never retried.
-        plain = fedpress("client", "--connect", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "site-0"),
-                         "--client-id", "site-0", "--partition", "0/2", "--insecure", env=env)
+        plain = fedpress(
+            "client",
+            "--connect",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            str(tmp_path / "site-0"),
+            "--client-id",
+            "site-0",
+            "--partition",
+            "0/2",
+            "--insecure",
+            env=env,
+        )
         _, plain_err = plain.communicate(timeout=120)
         assert plain.returncode != 0 and "Traceback" not in plain_err
         assert "speaks TLS: connect with --tls-ca FILE" in plain_err and "giving up" not in plain_err
-        clients = [fedpress("client", "--connect", f"127.0.0.1:{port}", "--token-file", str(tmp_path / f"site-{i}"),
-                            "--client-id", f"site-{i}", "--partition", f"{i}/2", "--tls-ca",
-                            str(tmp_path / "cert.pem"), env=env) for i in (0, 1)]
+        clients = [
+            fedpress(
+                "client",
+                "--connect",
+                f"127.0.0.1:{port}",
+                "--token-file",
+                str(tmp_path / f"site-{i}"),
+                "--client-id",
+                f"site-{i}",
+                "--partition",
+                f"{i}/2",
+                "--tls-ca",
+                str(tmp_path / "cert.pem"),
+                env=env,
+            )
+            for i in (0, 1)
+        ]
         err = server.communicate(timeout=120)[1]
         assert server.returncode == 0, err
         for c in clients:

@@ -33,6 +33,7 @@ def feed(data: bytes) -> asyncio.StreamReader:
 def read(data: bytes, limit: int = 1 << 20) -> P.Frame:
     async def go() -> P.Frame:
         return await P.read_frame(feed(data), limit)
+
     return asyncio.run(go())
 
 
@@ -46,12 +47,15 @@ def test_frame_layout_matches_the_documented_header():
     assert P.unpack_error(frame.body) == (3, "nope")
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"GET / HTTP/1.1\r\n", P.ErrorCode.PROTOCOL),            # bad magic
-    (header(1, 0, version=1), P.ErrorCode.VERSION),            # another protocol version
-    (header(99, 0), P.ErrorCode.PROTOCOL),                     # unknown frame type
-    (header(1, 0xFFFFFFFF), P.ErrorCode.TOO_LARGE),            # oversized: no body follows
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"GET / HTTP/1.1\r\n", P.ErrorCode.PROTOCOL),  # bad magic
+        (header(1, 0, version=1), P.ErrorCode.VERSION),  # another protocol version
+        (header(99, 0), P.ErrorCode.PROTOCOL),  # unknown frame type
+        (header(1, 0xFFFFFFFF), P.ErrorCode.TOO_LARGE),  # oversized: no body follows
+    ],
+)
 def test_bad_headers_fail_before_the_body_is_read(data, code):
     with pytest.raises(P.ProtocolError) as info:
         read(data, limit=1024)
@@ -87,8 +91,12 @@ def test_hello_roundtrip_and_checks():
         P.Hello.unpack(struct.pack("<H", 99) + body[2:])
     assert info.value.code == P.ErrorCode.VERSION
     head = struct.pack("<HH", P.PROTOCOL_VERSION, 1)
-    for bad in [struct.pack("<HH", P.PROTOCOL_VERSION, 50) + b"short", head + b"\x00{}", head + b"a[1]",
-                head + b'a{"model":"zz"}']:
+    for bad in [
+        struct.pack("<HH", P.PROTOCOL_VERSION, 50) + b"short",
+        head + b"\x00{}",
+        head + b"a[1]",
+        head + b'a{"model":"zz"}',
+    ]:
         with pytest.raises(P.ProtocolError):
             P.Hello.unpack(bad)
     with pytest.raises(ValueError):
@@ -102,8 +110,13 @@ def test_task_and_update_roundtrip():
     task = P.Task(7, P.TASK_DELTA, b"T" * 16, b"B" * 16, {"lr": 0.1}, payloads)
     body = b"".join(bytes(p) for p in task.parts())
     back = P.Task.unpack(body)
-    assert (back.round, back.kind, back.model_tag, back.base_tag, back.config) == (7, 1, b"T" * 16, b"B" * 16,
-                                                                                  {"lr": 0.1})
+    assert (back.round, back.kind, back.model_tag, back.base_tag, back.config) == (
+        7,
+        1,
+        b"T" * 16,
+        b"B" * 16,
+        {"lr": 0.1},
+    )
     assert [bytes(p) for p in back.payloads] == payloads and task.payload_bytes == 13
     with pytest.raises(P.ProtocolError):
         P.Task.unpack(body[:-1])
@@ -113,11 +126,16 @@ def test_task_and_update_roundtrip():
     body = b"".join(bytes(p) for p in up.parts())
     assert body[:4] == struct.pack("<I", 3) and body[4] == 0 and body[5:13] == struct.pack("<Q", 120)
     back = P.Update.unpack(body)
-    assert (back.round, back.num_examples, back.metrics, bytes(back.payload)) == (3, 120, {"loss": 0.5, "n": 2.0},
-                                                                                  b"payload")
+    assert (back.round, back.num_examples, back.metrics, bytes(back.payload)) == (
+        3,
+        120,
+        {"loss": 0.5, "n": 2.0},
+        b"payload",
+    )
     # Strict JSON: NaN becomes null on the way out and is refused on the way in.
-    assert P.Update.unpack(b"".join(bytes(p) for p in P.Update(1, 1, {"x": float("nan")}, b"").parts())
-                           ).metrics == {"x": None}
+    assert P.Update.unpack(b"".join(bytes(p) for p in P.Update(1, 1, {"x": float("nan")}, b"").parts())).metrics == {
+        "x": None
+    }
     bad = struct.pack("<IBQI", 1, 0, 1, 5) + b"[NaN]"
     with pytest.raises(P.ProtocolError):
         P.Update.unpack(bad)
@@ -126,10 +144,14 @@ def test_task_and_update_roundtrip():
 def test_macs_are_hmac_sha256_with_distinct_labels():
     token, sn, cn = b"secret", b"s" * 32, b"c" * 32
     idf = struct.pack("<H", 2) + b"id"
-    assert P.client_mac(token, sn, cn, "id") == hmac.new(token, b"fedpress-auth-client-v1" + sn + cn + idf,
-                                                         hashlib.sha256).digest()
-    assert P.server_mac(token, cn, sn, "id") == hmac.new(token, b"fedpress-auth-server-v1" + cn + sn + idf,
-                                                         hashlib.sha256).digest()
+    assert (
+        P.client_mac(token, sn, cn, "id")
+        == hmac.new(token, b"fedpress-auth-client-v1" + sn + cn + idf, hashlib.sha256).digest()
+    )
+    assert (
+        P.server_mac(token, cn, sn, "id")
+        == hmac.new(token, b"fedpress-auth-server-v1" + cn + sn + idf, hashlib.sha256).digest()
+    )
     assert P.client_mac(token, sn, cn, "id") != P.server_mac(token, sn, cn, "id")
     assert P.client_mac(token, sn, cn, "id") != P.client_mac(b"other", sn, cn, "id")
     with pytest.raises(ValueError):
@@ -150,18 +172,29 @@ def test_ledger_routes_pending_bytes_on_the_decision():
     b.reject()  # counted once
     row = ledger.row.totals()
     assert row["uplink_wire_bytes"] == 11 and row["downlink_wire_bytes"] == 5 and row["uplink_payload_bytes"] == 100
-    assert (row["rejected_connections"], row["rejected_uplink_wire_bytes"], row["rejected_downlink_wire_bytes"]) \
-        == (1, 7, 3)
+    assert (row["rejected_connections"], row["rejected_uplink_wire_bytes"], row["rejected_downlink_wire_bytes"]) == (
+        1,
+        7,
+        3,
+    )
     ledger.start_row(1)
     a("tx", 4)
     assert ledger.row.totals()["client_bytes"]["c1"]["downlink_wire_bytes"] == 4
 
 
 def test_update_arithmetic():
-    g = {"w": np.array([1.0, 2.0], np.float32), "h": np.array([1.0], np.float16),
-         "steps": np.array(10, np.int64), "mask": np.array([True, False])}
-    mean = {"w": np.array([0.5, -1.0], np.float32), "h": np.array([2.0], np.float16),
-            "steps": np.array(3, np.int64), "mask": np.array([False, False])}
+    g = {
+        "w": np.array([1.0, 2.0], np.float32),
+        "h": np.array([1.0], np.float16),
+        "steps": np.array(10, np.int64),
+        "mask": np.array([True, False]),
+    }
+    mean = {
+        "w": np.array([0.5, -1.0], np.float32),
+        "h": np.array([2.0], np.float16),
+        "steps": np.array(3, np.int64),
+        "mask": np.array([False, False]),
+    }
     new = M.apply_update(g, mean, 0.5)
     assert new["w"].tolist() == [1.25, 1.5] and new["w"].dtype == np.float32
     assert new["h"].dtype == np.float16 and float(new["h"][0]) == 2.0
@@ -182,22 +215,29 @@ def test_aggregator_reference_rejects_foreign_tables():
     agg.add(M.zero_reference(g), 0.0)
     with pytest.raises(fp.DecodeError):
         agg.add(fp.Codec("fp32").encode({"w": np.ones(5, np.float32), "n": np.zeros((), np.int64)}), 1.0)
-    agg.add(fp.Codec("topk:0.5+fp16").encode({"w": np.array([4, 0, 0, -2], np.float32),
-                                              "n": np.array(2, np.int64)}), 2.0)
+    agg.add(
+        fp.Codec("topk:0.5+fp16").encode({"w": np.array([4, 0, 0, -2], np.float32), "n": np.array(2, np.int64)}), 2.0
+    )
     out = agg.result()
     assert out["w"].tolist() == [4, 0, 0, -2] and int(out["n"]) == 2
 
 
 def test_downlink_chain_is_bit_exact():
     rng = np.random.default_rng(0)
-    params = {"w": rng.standard_normal(300).astype(np.float32), "d": rng.standard_normal(5),
-              "k": np.array([1, 2], np.int32)}
+    params = {
+        "w": rng.standard_normal(300).astype(np.float32),
+        "d": rng.standard_normal(5),
+        "k": np.array([1, 2], np.int32),
+    }
     dl = M.Downlink("topk:0.1+fp16", params, history=3)
     client = M.decode_params(dl.full())
     held = dl.tag
     for step in range(5):
-        params = {"w": params["w"] + rng.standard_normal(300).astype(np.float32) * 0.1,
-                  "d": params["d"] + 0.01, "k": params["k"] + 1}
+        params = {
+            "w": params["w"] + rng.standard_normal(300).astype(np.float32) * 0.1,
+            "d": params["d"] + 0.01,
+            "k": params["k"] + 1,
+        }
         dl.advance(params)
         if step == 1:  # the client catches up on a chain of two deltas
             kind, base, payloads = dl.plan(held, True)
@@ -221,8 +261,10 @@ def test_import_boundaries():
     import subprocess
     import sys
 
-    code = ("import sys, fedpress; assert 'fedpress.federation' not in sys.modules; "
-            "import fedpress.federation; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, fedpress; assert 'fedpress.federation' not in sys.modules; "
+        "import fedpress.federation; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -236,8 +278,17 @@ def test_constructor_checks(tmp_path):
         Server("127.0.0.1", 0, params, rounds=1, clients_per_round=2, token=b"t")
     with pytest.raises(ValueError, match="no TLS"):
         Client("h:1", b"t", lambda p, c: None)
-    for bad in [dict(token=None), dict(token=b""), dict(min_fit=3), dict(rounds=0), dict(codec="topk"),
-                dict(downlink="nope"), dict(resume=True), dict(round_timeout=0), dict(max_frame_bytes=1 << 33)]:
+    for bad in [
+        dict(token=None),
+        dict(token=b""),
+        dict(min_fit=3),
+        dict(rounds=0),
+        dict(codec="topk"),
+        dict(downlink="nope"),
+        dict(resume=True),
+        dict(round_timeout=0),
+        dict(max_frame_bytes=1 << 33),
+    ]:
         with pytest.raises((ValueError, TypeError)):
             Server("127.0.0.1", 0, params, **{**ok, **bad})
     with pytest.raises(TypeError):
@@ -343,8 +394,14 @@ def sealed(sealer: P.FrameSealer, ftype: int, body: bytes) -> P.Frame:
 
 
 def keys(**change: object) -> tuple[bytes, bytes]:
-    args = dict(token=b"t" * 32, server_nonce=b"s" * 32, client_nonce=b"c" * 32, client_id="site-1",
-                hello_body=b"hello", welcome_body=b"welcome")
+    args = dict(
+        token=b"t" * 32,
+        server_nonce=b"s" * 32,
+        client_nonce=b"c" * 32,
+        client_id="site-1",
+        hello_body=b"hello",
+        welcome_body=b"welcome",
+    )
     args.update(change)
     return P.session_keys(**args)  # type: ignore[arg-type]
 
@@ -352,8 +409,14 @@ def keys(**change: object) -> tuple[bytes, bytes]:
 def test_session_keys_depend_on_everything_the_handshake_fixed():
     c2s, s2c = keys()
     assert len(c2s) == len(s2c) == 32 and c2s != s2c
-    for change in [dict(token=b"u" * 32), dict(server_nonce=b"S" * 32), dict(client_nonce=b"C" * 32),
-                   dict(client_id="site-2"), dict(hello_body=b"hellO"), dict(welcome_body=b"welcomE")]:
+    for change in [
+        dict(token=b"u" * 32),
+        dict(server_nonce=b"S" * 32),
+        dict(client_nonce=b"C" * 32),
+        dict(client_id="site-2"),
+        dict(hello_body=b"hellO"),
+        dict(welcome_body=b"welcomE"),
+    ]:
         other = keys(**change)
         assert other[0] != c2s and other[1] != s2c, change
 
@@ -368,8 +431,10 @@ def test_sealed_frames_round_trip_and_count_their_tag():
         assert opener.seq == i + 1
 
 
-@pytest.mark.parametrize("attack", ["flip_body", "flip_tag", "retype", "truncate", "other_key", "other_dir",
-                                    "replay", "reorder", "drop", "short"])
+@pytest.mark.parametrize(
+    "attack",
+    ["flip_body", "flip_tag", "retype", "truncate", "other_key", "other_dir", "replay", "reorder", "drop", "short"],
+)
 def test_tampered_replayed_or_reordered_frames_are_rejected(attack):
     c2s, s2c = keys()
     sealer, opener = P.FrameSealer(c2s), P.FrameOpener(c2s)
@@ -413,7 +478,7 @@ def test_deeply_nested_json_is_a_protocol_error(depth):
     data = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
     with pytest.raises(P.ProtocolError, match="nested"):
         P.loads_json(data, "HELLO", limit=len(data))
-    hello = struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"a" + data[:P.MAX_JSON_BYTES]
+    hello = struct.pack("<HH", P.PROTOCOL_VERSION, 1) + b"a" + data[: P.MAX_JSON_BYTES]
     with pytest.raises(P.ProtocolError):
         P.Hello.unpack(hello)
 

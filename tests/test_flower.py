@@ -80,13 +80,25 @@ def _params(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _metadata(message_type: str, dst: int, src: int = 0, reply_to: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=f"m{next(_ids)}", src_node_id=src, dst_node_id=dst,
-                    reply_to_message_id=reply_to, group_id="1", created_at=time.time(), ttl=3600.0,
-                    message_type=message_type)
+    return Metadata(
+        run_id=1,
+        message_id=f"m{next(_ids)}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
 
 
-def _message(arrays: dict[str, np.ndarray], node: int = 5, message_type: str = MessageType.TRAIN,
-             config: Optional[dict[str, Any]] = None) -> Message:
+def _message(
+    arrays: dict[str, np.ndarray],
+    node: int = 5,
+    message_type: str = MessageType.TRAIN,
+    config: Optional[dict[str, Any]] = None,
+) -> Message:
     content = RecordDict({"arrays": numpy_to_arrays(arrays), "config": ConfigRecord(config or {"lr": 0.1})})
     return Message(content=content, metadata=_metadata(message_type, dst=node))
 
@@ -111,8 +123,7 @@ def _trained(received: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray
 
 def _update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What compress_mod sends: differences, except bool tensors, which travel as values."""
-    return {k: trained[k] if trained[k].dtype.kind == "b" else np.subtract(trained[k], received[k])
-            for k in received}
+    return {k: trained[k] if trained[k].dtype.kind == "b" else np.subtract(trained[k], received[k]) for k in received}
 
 
 def _handler(seed: int = 1, num_examples: int = 10, seen: Optional[list] = None):
@@ -120,14 +131,25 @@ def _handler(seed: int = 1, num_examples: int = 10, seen: Optional[list] = None)
         received = arrays_to_numpy(msg.content["arrays"])
         if seen is not None:
             seen.append(received)
-        content = RecordDict({"arrays": numpy_to_arrays(_trained(received, seed)),
-                              "metrics": MetricRecord({"num-examples": num_examples, "train_loss": 0.5})})
+        content = RecordDict(
+            {
+                "arrays": numpy_to_arrays(_trained(received, seed)),
+                "metrics": MetricRecord({"num-examples": num_examples, "train_loss": 0.5}),
+            }
+        )
         return Message(content=content, reply_to=msg)
+
     return handler
 
 
-def _reply(spec: str, global_arrays: dict[str, np.ndarray], node: int, seed: int, num_examples: int,
-           ctxt: Optional[Context] = None) -> Message:
+def _reply(
+    spec: str,
+    global_arrays: dict[str, np.ndarray],
+    node: int,
+    seed: int,
+    num_examples: int,
+    ctxt: Optional[Context] = None,
+) -> Message:
     """A node's train reply passed through compress_mod (spec None: Flower's plain reply)."""
     msg = _message(global_arrays, node=node)
     handler = _handler(seed, num_examples)
@@ -176,8 +198,10 @@ class _LocalGrid(_NodesGrid):
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[override]
         replies = []
         for msg in messages:
-            delivered = Message(content=copy.deepcopy(msg.content), metadata=_metadata(
-                msg.metadata.message_type, dst=msg.metadata.dst_node_id))
+            delivered = Message(
+                content=copy.deepcopy(msg.content),
+                metadata=_metadata(msg.metadata.message_type, dst=msg.metadata.dst_node_id),
+            )
             replies.append(self.app(delivered, self.contexts[msg.metadata.dst_node_id]))
         return replies
 
@@ -185,8 +209,9 @@ class _LocalGrid(_NodesGrid):
 def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 1e-6) -> None:
     assert list(a) == list(b)
     for key in a:
-        np.testing.assert_allclose(np.asarray(a[key], np.float64), np.asarray(b[key], np.float64),
-                                   rtol=0, atol=atol, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(a[key], np.float64), np.asarray(b[key], np.float64), rtol=0, atol=atol, err_msg=key
+        )
 
 
 # --------------------------------------------------------------- pack form --
@@ -232,7 +257,8 @@ def test_mod_packs_the_update_of_a_train_reply(spec: str) -> None:
     assert info["payload-bytes"] == len(payload)
     assert info["raw-bytes"] == sum(u.nbytes for u in update.values())
     assert info["flower-bytes"] == numpy_to_arrays(expected).count_bytes() - sum(
-        len(k) for k in expected)  # Array data only, not the keys
+        len(k) for k in expected
+    )  # Array data only, not the keys
     # The metrics a strategy averages are untouched.
     assert dict(reply.content["metrics"]) == {"num-examples": 10, "train_loss": 0.5}
     decoded = fp.decode(payload)
@@ -278,8 +304,7 @@ def test_mod_resets_the_residual_when_the_spec_changes() -> None:
     assert "fedpress.residuals" in ctxt.state
     reply = compress_mod("fp32")(_message(g), ctxt, _handler(2))
     trained = _trained(g, 2)
-    _close(fp.decode(unpack(reply.content["arrays"])), _update(trained, g),
-           atol=1e-7)
+    _close(fp.decode(unpack(reply.content["arrays"])), _update(trained, g), atol=1e-7)
     assert ctxt.state["fedpress.encoder"]["spec"] == "fp32"
 
 
@@ -299,8 +324,10 @@ def test_mod_passes_other_messages_through(message_type: str) -> None:
 def test_mod_decodes_a_compressed_downlink_before_the_handler(message_type: str) -> None:
     g = _params()
     downlink = fp.Codec("fp16").encode(g)
-    msg = Message(content=RecordDict({"arrays": pack(downlink), "config": ConfigRecord({"lr": 0.1})}),
-                  metadata=_metadata(message_type, dst=5))
+    msg = Message(
+        content=RecordDict({"arrays": pack(downlink), "config": ConfigRecord({"lr": 0.1})}),
+        metadata=_metadata(message_type, dst=5),
+    )
     seen: list = []
     reply = compress_mod("fp32", error_feedback=False)(msg, _context(), _handler(6, seen=seen))
     assert is_packed(msg.content["arrays"])  # the caller's message is left as it was
@@ -309,8 +336,7 @@ def test_mod_decodes_a_compressed_downlink_before_the_handler(message_type: str)
     if message_type == MessageType.TRAIN:
         # The update is relative to what the node received, not to the server's exact weights.
         trained = _trained(received, 6)
-        _close(fp.decode(unpack(reply.content["arrays"])),
-               _update(trained, received), atol=1e-7)
+        _close(fp.decode(unpack(reply.content["arrays"])), _update(trained, received), atol=1e-7)
 
 
 def test_mod_reports_a_corrupt_downlink_as_an_error_reply() -> None:
@@ -335,16 +361,20 @@ def test_mod_leaves_error_replies_alone_and_rejects_mismatched_arrays() -> None:
 
     def renamed(msg: Message, ctxt: Context) -> Message:
         arrays = {"other": np.zeros(3, np.float32)}
-        return Message(content=RecordDict({"arrays": numpy_to_arrays(arrays),
-                                           "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+        return Message(
+            content=RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord({"num-examples": 1})}),
+            reply_to=msg,
+        )
 
     reply = mod(_message(g), _context(), renamed)
     assert reply.has_error() and "missing" in reply.error.reason and "'other'" in reply.error.reason
 
     def reshaped(msg: Message, ctxt: Context) -> Message:
         arrays = dict(g, **{"fc.bias": np.zeros(41, np.float32)})
-        return Message(content=RecordDict({"arrays": numpy_to_arrays(arrays),
-                                           "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+        return Message(
+            content=RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord({"num-examples": 1})}),
+            reply_to=msg,
+        )
 
     reply = mod(_message(g), _context(), reshaped)
     assert reply.has_error() and "'fc.bias' has shape (41,)" in reply.error.reason
@@ -358,8 +388,7 @@ def test_compress_mod_rejects_a_bad_spec_at_once() -> None:
 
 
 # --------------------------------------------------------- strategy wrapper --
-def _configured(strategy: FedPress, g: dict[str, np.ndarray], nodes: list[int], server_round: int = 1
-                ) -> list[Message]:
+def _configured(strategy: FedPress, g: dict[str, np.ndarray], nodes: list[int], server_round: int = 1) -> list[Message]:
     return list(strategy.configure_train(server_round, numpy_to_arrays(g), ConfigRecord(), _NodesGrid(nodes)))
 
 
@@ -373,8 +402,12 @@ def _plain_fedavg(g: dict[str, np.ndarray], packed_replies: list[Message]) -> di
     for msg in packed_replies:
         update = fp.decode(unpack(msg.content["arrays"]))
         full = {k: update[k] if g[k].dtype.kind == "b" else (g[k] + update[k]).astype(g[k].dtype) for k in g}
-        replies.append(Message(content=RecordDict({"arrays": numpy_to_arrays(full),
-                                                   "metrics": msg.content["metrics"]}), metadata=msg.metadata))
+        replies.append(
+            Message(
+                content=RecordDict({"arrays": numpy_to_arrays(full), "metrics": msg.content["metrics"]}),
+                metadata=msg.metadata,
+            )
+        )
     arrays, _ = FedAvg().aggregate_train(1, replies)
     return arrays_to_numpy(arrays)
 
@@ -398,8 +431,9 @@ def test_fast_and_generic_paths_give_flowers_fedavg(spec: str) -> None:
     for key in g:
         np.testing.assert_allclose(results[True][key], results[False][key], rtol=0, atol=1e-6)
         # FedAvg turns integer tensors into float means; the fast path keeps their dtype.
-        np.testing.assert_allclose(np.asarray(results[False][key], np.float64),
-                                   np.asarray(expected[key], np.float64), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(results[False][key], np.float64), np.asarray(expected[key], np.float64), rtol=0, atol=1e-6
+        )
     assert results[True]["bn.num_batches_tracked"].dtype == np.int64
     assert results[True]["bn.num_batches_tracked"] == 10
     assert results[True]["bn.running_var"].dtype == np.float64
@@ -417,8 +451,11 @@ def test_history_counts_uplink_payload_and_raw_bytes() -> None:
     assert row["uplink_raw"] == sum(m.content[RECORD_NAME]["flower-bytes"] for m in replies)
     assert row["uplink_raw"] > 5 * row["uplink_payload"]
     assert row["train_messages"] == 2
-    assert row["train_downlink_payload"] == row["train_downlink_raw"] == 2 * sum(
-        len(a.data) for a in numpy_to_arrays(g).values())
+    assert (
+        row["train_downlink_payload"]
+        == row["train_downlink_raw"]
+        == 2 * sum(len(a.data) for a in numpy_to_arrays(g).values())
+    )
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -472,8 +509,9 @@ def test_error_replies_and_unpacked_replies_do_not_lose_the_round() -> None:
     expected = {}
     total = 10 + 20 + 30
     for key in ("fc.weight", "fc.bias"):
-        expected[key] = sum(w / total * _trained(g, 100 + n)[key].astype(np.float64)
-                            for n, w in ((1, 10), (2, 20), (3, 30)))
+        expected[key] = sum(
+            w / total * _trained(g, 100 + n)[key].astype(np.float64) for n, w in ((1, 10), (2, 20), (3, 30))
+        )
     got = arrays_to_numpy(arrays)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
@@ -485,7 +523,8 @@ _INNER_STRATEGIES = {
     "FedAdam": lambda: FedAdam(eta=0.05),
     "Krum": lambda: Krum(num_malicious_nodes=0),
     "DP-server-fixed-clipping": lambda: DifferentialPrivacyServerSideFixedClipping(
-        FedAvg(), noise_multiplier=0.0, clipping_norm=0.5, num_sampled_clients=3),
+        FedAvg(), noise_multiplier=0.0, clipping_norm=0.5, num_sampled_clients=3
+    ),
 }
 
 
@@ -504,8 +543,9 @@ def test_any_inner_strategy_sees_full_arrays(name: str) -> None:
     expected, _ = reference.aggregate_train(1, plain)
     assert expected is not None
     floats = [k for k in g if g[k].dtype.kind == "f"]
-    _close({k: arrays_to_numpy(arrays)[k] for k in floats}, {k: arrays_to_numpy(expected)[k] for k in floats},
-           atol=1e-6)
+    _close(
+        {k: arrays_to_numpy(arrays)[k] for k in floats}, {k: arrays_to_numpy(expected)[k] for k in floats}, atol=1e-6
+    )
 
 
 def test_downlink_is_compressed_once_per_round() -> None:
@@ -516,8 +556,11 @@ def test_downlink_is_compressed_once_per_round() -> None:
     assert all(is_packed(r) for r in records)
     assert all(r is records[0] for r in records)  # one payload, shared
     payload = unpack(records[0])
-    _close(fp.decode(payload), {k: v.astype(np.float16).astype(v.dtype) if v.dtype.kind == "f" else v
-                                for k, v in g.items()}, atol=1e-3)
+    _close(
+        fp.decode(payload),
+        {k: v.astype(np.float16).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in g.items()},
+        atol=1e-3,
+    )
     row = strategy.history[-1]
     assert row["train_messages"] == 3
     assert row["train_downlink_payload"] == 3 * len(payload)
@@ -529,8 +572,10 @@ def test_downlink_is_compressed_once_per_round() -> None:
         replies.append(compress_mod("fp32")(delivered, _context(node), _handler(100 + node)))
     arrays, _ = strategy.aggregate_train(1, replies)
     received = fp.decode(payload)
-    mean_update = {k: np.mean([_trained(received, 100 + n)[k].astype(np.float64) - received[k]
-                               for n in (1, 2, 3)], axis=0) for k in ("fc.weight", "fc.bias")}
+    mean_update = {
+        k: np.mean([_trained(received, 100 + n)[k].astype(np.float64) - received[k] for n in (1, 2, 3)], axis=0)
+        for k in ("fc.weight", "fc.bias")
+    }
     got = arrays_to_numpy(arrays)
     for key, update in mean_update.items():
         np.testing.assert_allclose(got[key], g[key] + update, atol=1e-5)
@@ -577,17 +622,26 @@ def _digits_apps(spec: Optional[str], rounds: int, num_nodes: int = 3) -> tuple[
         model = make_model("digits")
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         data = train.subset(parts[ctxt.node_id])
-        stats = train_local(model, data, epochs=2, lr=0.05, momentum=0.9,
-                            seed=int(msg.content["config"]["server-round"]))
-        return Message(content=RecordDict({
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": len(data), "train_loss": float(stats["loss"])})}),
-            reply_to=msg)
+        stats = train_local(
+            model, data, epochs=2, lr=0.05, momentum=0.9, seed=int(msg.content["config"]["server-round"])
+        )
+        return Message(
+            content=RecordDict(
+                {
+                    "arrays": ArrayRecord(model.state_dict()),
+                    "metrics": MetricRecord({"num-examples": len(data), "train_loss": float(stats["loss"])}),
+                }
+            ),
+            reply_to=msg,
+        )
 
-    contexts = {i: Context(run_id=1, node_id=i, node_config={}, state=RecordDict(), run_config={})
-                for i in range(num_nodes)}
-    strategy = FedPress(FedAvg(fraction_evaluate=0.0, min_train_nodes=num_nodes, min_available_nodes=num_nodes),
-                        downlink="fp16" if spec else None)
+    contexts = {
+        i: Context(run_id=1, node_id=i, node_config={}, state=RecordDict(), run_config={}) for i in range(num_nodes)
+    }
+    strategy = FedPress(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=num_nodes, min_available_nodes=num_nodes),
+        downlink="fp16" if spec else None,
+    )
     accuracies: list[float] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -597,8 +651,12 @@ def _digits_apps(spec: Optional[str], rounds: int, num_nodes: int = 3) -> tuple[
         accuracies.append(accuracy)
         return MetricRecord({"accuracy": accuracy})
 
-    strategy.start(grid=_LocalGrid(app, contexts), initial_arrays=ArrayRecord(make_model("digits").state_dict()),
-                   num_rounds=rounds, evaluate_fn=evaluate_fn)
+    strategy.start(
+        grid=_LocalGrid(app, contexts),
+        initial_arrays=ArrayRecord(make_model("digits").state_dict()),
+        num_rounds=rounds,
+        evaluate_fn=evaluate_fn,
+    )
     return strategy, accuracies
 
 
@@ -625,8 +683,23 @@ def test_flower_simulation_runtime_on_digits(tmp_path) -> None:
 
     script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "flower.py")
     out = tmp_path / "flower.json"
-    proc = subprocess.run([sys.executable, script, "--specs", "topk:0.05+q8+zstd", "--rounds", "3",
-                           "--downlink", "fp16", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--specs",
+            "topk:0.05+q8+zstd",
+            "--rounds",
+            "3",
+            "--downlink",
+            "fp16",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = json.loads(out.read_text())
     assert result["accuracy"][-1] > 0.7 > result["accuracy"][0]
@@ -647,14 +720,26 @@ def test_client_side_dp_clipping_mod_composes_with_compress_mod() -> None:
     @app.train()
     def train_handler(msg: Message, ctxt: Context) -> Message:
         received = arrays_to_numpy(msg.content["arrays"])
-        return Message(content=RecordDict({
-            "arrays": numpy_to_arrays(_trained(received, ctxt.node_id)),
-            "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+        return Message(
+            content=RecordDict(
+                {
+                    "arrays": numpy_to_arrays(_trained(received, ctxt.node_id)),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     contexts = {i: _context(i) for i in range(3)}
-    strategy = FedPress(DifferentialPrivacyClientSideFixedClipping(
-        FedAvg(fraction_evaluate=0.0, min_available_nodes=3), noise_multiplier=0.0, clipping_norm=0.1,
-        num_sampled_clients=3), downlink="fp16")
+    strategy = FedPress(
+        DifferentialPrivacyClientSideFixedClipping(
+            FedAvg(fraction_evaluate=0.0, min_available_nodes=3),
+            noise_multiplier=0.0,
+            clipping_norm=0.1,
+            num_sampled_clients=3,
+        ),
+        downlink="fp16",
+    )
     result = strategy.start(grid=_LocalGrid(app, contexts), initial_arrays=numpy_to_arrays(g), num_rounds=1)
     new = arrays_to_numpy(result.arrays)
     moved = np.sqrt(sum(float(np.sum((new[k].astype(np.float64) - g[k]) ** 2)) for k in g))
@@ -671,8 +756,11 @@ def test_shared_eden_rotation_is_summed_in_the_rotated_domain(monkeypatch: pytes
 
     seeds: list[int] = []
     original = Aggregator._add_rotated
-    monkeypatch.setattr(Aggregator, "_add_rotated",
-                        lambda self, name, sec, w: (seeds.append(sec.rotation_seed), original(self, name, sec, w)))
+    monkeypatch.setattr(
+        Aggregator,
+        "_add_rotated",
+        lambda self, name, sec, w: (seeds.append(sec.rotation_seed), original(self, name, sec, w)),
+    )
     g = {k: v for k, v in _params().items() if v.dtype.kind == "f"}
     app = ClientApp(mods=[compress_mod("eden4:shared")])
     received_seeds: list[int] = []
@@ -681,12 +769,20 @@ def test_shared_eden_rotation_is_summed_in_the_rotated_domain(monkeypatch: pytes
     def train_handler(msg: Message, ctxt: Context) -> Message:
         received_seeds.append(msg.content["config"][ROTATION_SEED_KEY])
         received = arrays_to_numpy(msg.content["arrays"])
-        return Message(content=RecordDict({"arrays": numpy_to_arrays(_trained(received, ctxt.node_id)),
-                                           "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+        return Message(
+            content=RecordDict(
+                {
+                    "arrays": numpy_to_arrays(_trained(received, ctxt.node_id)),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     strategy = FedPress(FedAvg(fraction_evaluate=0.0, min_available_nodes=3))
-    strategy.start(grid=_LocalGrid(app, {i: _context(i) for i in range(3)}), initial_arrays=numpy_to_arrays(g),
-                   num_rounds=2)
+    strategy.start(
+        grid=_LocalGrid(app, {i: _context(i) for i in range(3)}), initial_arrays=numpy_to_arrays(g), num_rounds=2
+    )
     assert [row["path"] for row in strategy.history] == ["fast", "fast"]
     assert len(set(received_seeds)) == 2 and len(received_seeds) == 6  # one seed per round, for every node
     assert len(seeds) == 2 * 3 * len(g) and len(set(seeds)) == 2 * len(g)
@@ -709,16 +805,25 @@ def test_seeded_mod_repeats_its_payloads_exactly() -> None:
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_small_integer_tensors_do_not_wrap_around(fast: bool) -> None:
-    g = {"w": np.zeros(3, np.float32), "u8": np.array([200, 200, 10, 10], np.uint8),
-         "i8": np.array([-100, 100], np.int8)}
-    targets = [{"u8": np.array([100, 200, 10, 60], np.uint8), "i8": np.array([100, -100], np.int8)},
-               {"u8": np.array([200, 200, 10, 10], np.uint8), "i8": np.array([-100, 100], np.int8)}]
+    g = {
+        "w": np.zeros(3, np.float32),
+        "u8": np.array([200, 200, 10, 10], np.uint8),
+        "i8": np.array([-100, 100], np.int8),
+    }
+    targets = [
+        {"u8": np.array([100, 200, 10, 60], np.uint8), "i8": np.array([100, -100], np.int8)},
+        {"u8": np.array([200, 200, 10, 10], np.uint8), "i8": np.array([-100, 100], np.int8)},
+    ]
     replies = []
     for node, target in zip((1, 2), targets):
+
         def handler(msg: Message, ctxt: Context, target=target) -> Message:
             arrays = dict(g, **target)
-            return Message(content=RecordDict({"arrays": numpy_to_arrays(arrays),
-                                               "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+            return Message(
+                content=RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": MetricRecord({"num-examples": 1})}),
+                reply_to=msg,
+            )
+
         replies.append(compress_mod("fp32")(_message(g, node=node), _context(node), handler))
     strategy = FedPress(FedAvg(), fast_path=fast)
     _configured(strategy, g, [1, 2])
@@ -764,5 +869,8 @@ def test_digest_payloads_and_dgc_options_through_the_mod() -> None:
             results[name, fast] = arrays_to_numpy(arrays)
     for key in g:
         for other in (("digest", True), ("digest", False), ("inline", False)):
-            np.testing.assert_allclose(np.asarray(results[other][key], np.float64),
-                                       np.asarray(results["inline", True][key], np.float64), atol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(results[other][key], np.float64),
+                np.asarray(results["inline", True][key], np.float64),
+                atol=1e-6,
+            )

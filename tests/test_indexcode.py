@@ -242,11 +242,7 @@ def test_encode_negative_n() -> None:
 def _small_streams() -> list[tuple[str, bytes, int]]:
     streams = []
     for n, k, seed in [(1000, 40, 1), (64, 64, 2), (5000, 3, 3), (100_000, 25, 4), (N32, 6, 5)]:
-        idx = (
-            random_indices(n, k, seed)
-            if n < N32
-            else np.sort(np.random.default_rng(5).choice(N32, 6))
-        )
+        idx = random_indices(n, k, seed) if n < N32 else np.sort(np.random.default_rng(5).choice(N32, 6))
         streams.append((f"n={n},k={k}", ops.encode_indices(idx, n), n))
     streams.append(("single", ops.encode_indices([777], 1000), 1000))
     return streams
@@ -346,9 +342,7 @@ def test_index_beyond_n_raises() -> None:
         ops.decode_indices(buf, 500)
     # k = 1, m = 1: unary gap of 1000 zeros -> index 1000 >= n
     long_gap = (
-        varint(1)
-        + varint(1)
-        + np.packbits(np.r_[np.zeros(1000, dtype=np.uint8), 1], bitorder="little").tobytes()
+        varint(1) + varint(1) + np.packbits(np.r_[np.zeros(1000, dtype=np.uint8), 1], bitorder="little").tobytes()
     )
     assert ops.decode_indices(long_gap, 1001).tolist() == [1000]
     with pytest.raises(ValueError):
@@ -408,9 +402,7 @@ def test_property_round_trip(n: int, data: st.DataObject) -> None:
     m=st.integers(0, 2**33),
     framed=st.booleans(),
 )
-def test_property_random_bytes_never_escape(
-    n: int, body: bytes, count: int, m: int, framed: bool
-) -> None:
+def test_property_random_bytes_never_escape(n: int, body: bytes, count: int, m: int, framed: bool) -> None:
     # Arbitrary bytes (optionally behind a plausible header) either raise
     # ValueError or decode to a valid, self-consistent list.
     buf = (varint(count) + varint(m) + body) if framed else body

@@ -51,8 +51,12 @@ def test_training_follows_torch_sgd_with_momentum():
 
 def test_the_digits_model_has_torchs_names_and_shapes():
     params = get_params(digits_mlp(0))
-    assert {k: v.shape for k, v in params.items()} == {"1.weight": (64, 64), "1.bias": (64,),
-                                                       "3.weight": (10, 64), "3.bias": (10,)}
+    assert {k: v.shape for k, v in params.items()} == {
+        "1.weight": (64, 64),
+        "1.bias": (64,),
+        "3.weight": (10, 64),
+        "3.bias": (10,),
+    }
     assert all(v.dtype == np.float32 for v in params.values())
     assert all(np.array_equal(v, get_params(digits_mlp(0))[k]) for k, v in params.items())
     assert not np.array_equal(params["1.weight"], get_params(digits_mlp(1))["1.weight"])

@@ -21,8 +21,8 @@ GOLDEN = load_make_golden()
 def sample_update() -> dict:
     rng = np.random.default_rng(5)
     return {
-        "a": rng.standard_normal((4, 5, 6)).astype(np.float32),   # 120 elements, 3 dims
-        "b": rng.standard_normal(50),                               # float64
+        "a": rng.standard_normal((4, 5, 6)).astype(np.float32),  # 120 elements, 3 dims
+        "b": rng.standard_normal(50),  # float64
         "c": np.arange(10, dtype=np.int64),
         "d": np.array([1.0, -2.0, 3.0], np.float32),
         "flag": np.array(True),
@@ -77,8 +77,9 @@ def test_inspect_fields(spec: str, wire) -> None:
     assert lo <= table <= hi
     assert table + sum(t["bytes"] for t in info["tensors"]) == len(body)
     _, tensors = wire.parse_body(body)
-    assert [(len(t.index_data), len(t.value_data)) for t in tensors] == \
-        [(t["index_bytes"], t["value_bytes"]) for t in info["tensors"]]
+    assert [(len(t.index_data), len(t.value_data)) for t in tensors] == [
+        (t["index_bytes"], t["value_bytes"]) for t in info["tensors"]
+    ]
     if not info["zstd"]:
         assert len(payload) == wire.header(payload)["header_size"] + len(body) + TRAILER_SIZE
 
@@ -113,28 +114,28 @@ def test_header_layout(spec: str, wire) -> None:
     seed = 0x1122334455667788
     payload = fp.Codec(spec).encode(sample_update(), seed=seed)
     assert payload[0:4] == b"FPRS"
-    assert payload[4] == 1                                          # version
-    assert payload[5] == (1 if "zstd" in spec else 0)               # flags: bit 0 = zstd
-    assert struct.unpack_from("<Q", payload, 6)[0] == seed          # seed u64, unaligned
+    assert payload[4] == 1  # version
+    assert payload[5] == (1 if "zstd" in spec else 0)  # flags: bit 0 = zstd
+    assert struct.unpack_from("<Q", payload, 6)[0] == seed  # seed u64, unaligned
     h = wire.header(payload)
     stored = len(payload) - h["header_size"] - TRAILER_SIZE
     if "zstd" in spec:
         raw_size = len(wire.plain_body(payload))
         assert h["raw_size"] == raw_size
-        assert payload[14:h["header_size"]] == wire.varint(raw_size)   # minimal raw_body_size varint
-        assert payload[h["header_size"]:h["header_size"] + 4] == b"\x28\xb5\x2f\xfd"   # zstd frame magic
+        assert payload[14 : h["header_size"]] == wire.varint(raw_size)  # minimal raw_body_size varint
+        assert payload[h["header_size"] : h["header_size"] + 4] == b"\x28\xb5\x2f\xfd"  # zstd frame magic
     else:
-        assert h["header_size"] == 14                               # no raw_body_size field
+        assert h["header_size"] == 14  # no raw_body_size field
         assert h["raw_size"] == stored
     body = wire.plain_body(payload)
-    assert body[:1 + len(spec)] == wire.varint(len(spec)) + spec.encode()
-    assert wire.read_prefix(body)[:2] == (spec, 5)                  # spec text, tensor count
+    assert body[: 1 + len(spec)] == wire.varint(len(spec)) + spec.encode()
+    assert wire.read_prefix(body)[:2] == (spec, 5)  # spec text, tensor count
     assert struct.unpack("<I", payload[-4:])[0] == wire.crc32c(payload[:-4])
 
 
 def _patched(payload: bytes, wire, offset: int, data: bytes) -> bytes:
     out = bytearray(payload)
-    out[offset:offset + len(data)] = data
+    out[offset : offset + len(data)] = data
     return wire.fix_crc(bytes(out))
 
 
@@ -209,8 +210,14 @@ def test_trailing_bytes_inside_the_body(spec: str, wire) -> None:
 # ------------------------------------------------------------------- limits --
 def test_limits_defaults() -> None:
     lim = fp.Limits()
-    for field in ("max_tensors", "max_dims", "max_elements", "max_total_elements", "max_decoded_bytes",
-                  "max_body_bytes"):
+    for field in (
+        "max_tensors",
+        "max_dims",
+        "max_elements",
+        "max_total_elements",
+        "max_decoded_bytes",
+        "max_body_bytes",
+    ):
         assert isinstance(getattr(lim, field), int) and getattr(lim, field) > 0
 
 
@@ -221,8 +228,13 @@ def _limit_cases():
     max_elems = max(x.size for x in update.values())
     total = sum(x.size for x in update.values())
     out_bytes = sum(x.nbytes for x in update.values())
-    return [("max_tensors", n_tensors), ("max_dims", ndim), ("max_elements", max_elems),
-            ("max_total_elements", total), ("max_decoded_bytes", out_bytes)]
+    return [
+        ("max_tensors", n_tensors),
+        ("max_dims", ndim),
+        ("max_elements", max_elems),
+        ("max_total_elements", total),
+        ("max_decoded_bytes", out_bytes),
+    ]
 
 
 @pytest.mark.parametrize("spec", ["fp32", "topk:0.05+q4+zstd", "randk:0.1+q8"])
@@ -305,7 +317,8 @@ def test_golden_payload_reencodes_byte_for_byte(spec: str) -> None:
     again = fp.Codec(spec).encode(GOLDEN.golden_input(), seed=GOLDEN.SEED)
     assert again == payload, (
         f"{spec}: the encoder's output changed ({len(again)} bytes, golden {len(payload)}); a format "
-        "change needs a new version, or regenerate with python tests/data/make_golden.py on purpose")
+        "change needs a new version, or regenerate with python tests/data/make_golden.py on purpose"
+    )
 
 
 def test_golden_files_are_small() -> None:

@@ -41,30 +41,30 @@ def f32(*values) -> bytes:
 
 def output_bytes(table) -> int:
     """The dense output a table declares, as docs/format.md counts it (bfloat16 decodes to 4 bytes)."""
-    return sum(math.prod(shape) * (4 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
-               for _, dtype, shape in table)
+    return sum(math.prod(shape) * (4 if dtype == "bfloat16" else np.dtype(dtype).itemsize) for _, dtype, shape in table)
 
 
 # ------------------------------------------------------------------ bombs --
 def sparse_bomb(W, n: int = 2**32 - 1) -> bytes:
     """A seeded sparse float32 tensor of n elements with a single fp32 value."""
-    return W.wrap(W.body([W.tensor("w", "float32", (n,), W.SEEDED, count=1, value_data=f32(1.0))], spec="randk"),
-                  seed=SEED)
+    return W.wrap(
+        W.body([W.tensor("w", "float32", (n,), W.SEEDED, count=1, value_data=f32(1.0))], spec="randk"), seed=SEED
+    )
 
 
 def constant_bomb(W, n: int = 1 << 29) -> bytes:
     """A dense float64 tensor of n sign values that are all +0.5 (one scale, every bit set): zstd stores
     the n/8 bytes of codes in about n/2^18 bytes."""
     section = f32(0.5) + b"\xff" * (n // 8)
-    body = W.body([W.tensor("w", "float64", (n,), W.DENSE, values="sign", bucket=2**32 - 1, value_data=section)],
-                  spec="sign+zstd")
+    body = W.body(
+        [W.tensor("w", "float64", (n,), W.DENSE, values="sign", bucket=2**32 - 1, value_data=section)], spec="sign+zstd"
+    )
     return W.wrap(body, zstd_level=1, seed=SEED)
 
 
 def half_bomb(W, columns: int = 1 << 20, count: int = 47) -> bytes:
     """float16[151, columns] from ``count`` random-k fp16 values of 1.0."""
-    t = W.tensor("w", "float16", (151, columns), W.SEEDED, values="fp16", count=count,
-                 value_data=b"\x00\x3c" * count)
+    t = W.tensor("w", "float16", (151, columns), W.SEEDED, values="fp16", count=count, value_data=b"\x00\x3c" * count)
     return W.wrap(W.body([t], spec="randk:1e-6+fp16"), seed=SEED)
 
 
@@ -86,8 +86,10 @@ def bound_message(data: bytes, table) -> str:
     declared = output_bytes(table)
     name, dtype, shape = table[0]
     bound = max(FLOOR, DEFAULT.max_expansion * len(data))
-    return (rf"payload of {len(data)} bytes declares {declared} bytes of output \(tensor '{name}', {dtype} "
-            rf"{re.escape(str(shape))}: {declared} bytes\), beyond its bound of {bound} bytes")
+    return (
+        rf"payload of {len(data)} bytes declares {declared} bytes of output \(tensor '{name}', {dtype} "
+        rf"{re.escape(str(shape))}: {declared} bytes\), beyond its bound of {bound} bytes"
+    )
 
 
 @pytest.mark.parametrize("what", list(BOMBS))
@@ -126,7 +128,7 @@ def test_legit_but_large_payloads_decode_with_a_raised_limit(what: str, wire, me
             fp.decode(data)
     raised = fp.Limits(max_expansion=output_bytes(table) // len(data) + 1)
     out = fp.decode(data, limits=raised)
-    (name, dtype, shape), = table
+    ((name, dtype, shape),) = table
     arr = out[name]
     assert arr.dtype == np.dtype(dtype) and arr.shape == shape
     if "constant" in what:
@@ -158,12 +160,17 @@ def test_the_bound_is_exact_and_has_a_floor(wire) -> None:
 
 
 def test_the_bound_counts_every_tensor_and_names_the_largest(wire) -> None:
-    tensors = [wire.tensor(name, "float32", (n,), wire.SEEDED, count=1, value_data=f32(1.0))
-               for name, n in (("a", 1 << 20), ("b", 3 << 20), ("c", 1 << 20))]
+    tensors = [
+        wire.tensor(name, "float32", (n,), wire.SEEDED, count=1, value_data=f32(1.0))
+        for name, n in (("a", 1 << 20), ("b", 3 << 20), ("c", 1 << 20))
+    ]
     data = wire.wrap(wire.body(tensors, spec="randk"))
     limits = fp.Limits(max_expansion=(4 << 22) // len(data))  # a bound below the 20 MiB declared
-    with pytest.raises(fp.DecodeError, match=rf"declares {5 << 22} bytes of output \(tensor 'b', float32 "
-                                             rf"\({3 << 20},\): {3 << 22} bytes\)"):
+    with pytest.raises(
+        fp.DecodeError,
+        match=rf"declares {5 << 22} bytes of output \(tensor 'b', float32 "
+        rf"\({3 << 20},\): {3 << 22} bytes\)",
+    ):
         fp.decode(data, limits=limits)
     assert set(fp.decode(data, limits=fp.Limits(max_expansion=(5 << 22) // len(data) + 1))) == {"a", "b", "c"}
 
@@ -189,17 +196,22 @@ def test_a_known_model_refuses_tables_that_differ(what: str, wire, memory_cap) -
     """Given the receiver's model, the payload's table must be the model's: the model sets the sizes."""
     build, table, _ = BOMBS[what]
     data = build(wire)
-    (name, dtype, shape), = table
+    ((name, dtype, shape),) = table
     model = [(name, dtype, (1000,))]
-    differs = re.escape(f"tensor table differs from the receiver's model: '{name}' {dtype} {shape}, "
-                        f"expected '{name}' {dtype} (1000,)")
+    differs = re.escape(
+        f"tensor table differs from the receiver's model: '{name}' {dtype} {shape}, expected '{name}' {dtype} (1000,)"
+    )
     first = fp.Codec("fp32").encode({name: np.ones(1000, dtype)}, seed=1)
     learned = fp.Aggregator()
     learned.add(first)  # knows its table from its first payload
     before = learned.result()
     with memory_cap():
-        for call in (lambda p: fp.decode(p, table=model), lambda p: fp.inspect(p, table=model),
-                     fp.Aggregator(table=model).add, learned.add):
+        for call in (
+            lambda p: fp.decode(p, table=model),
+            lambda p: fp.inspect(p, table=model),
+            fp.Aggregator(table=model).add,
+            learned.add,
+        ):
             with pytest.raises(fp.DecodeError, match=differs):
                 call(data)
         with pytest.raises(fp.DecodeError, match="1 tensors, expected 2"):  # checked before any entry is read
@@ -211,8 +223,15 @@ def test_a_known_model_refuses_tables_that_differ(what: str, wire, memory_cap) -
 def test_a_digest_payload_declaring_a_huge_model_needs_that_model(wire, memory_cap) -> None:
     huge = [("w", "float32", (2**32 - 1,))]
     spec = b"randk"
-    body = (wire.varint(len(spec)) + spec + fp.table_digest(huge) + wire.varint(1)
-            + bytes((wire.SEEDED, 0, 0)) + b"".join(wire.varint(v) for v in (1, 0, 0, 0, 4)) + f32(1.0))
+    body = (
+        wire.varint(len(spec))
+        + spec
+        + fp.table_digest(huge)
+        + wire.varint(1)
+        + bytes((wire.SEEDED, 0, 0))
+        + b"".join(wire.varint(v) for v in (1, 0, 0, 0, 4))
+        + f32(1.0)
+    )
     data = wire.wrap(body, flags=0x02, seed=SEED)
     with memory_cap():
         with pytest.raises(fp.DecodeError, match="omits its tensor table"):
@@ -328,10 +347,13 @@ class FailingAllocations:
 
 def mixed_update(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"conv.w": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
-            "fc.w": rng.standard_normal((40, 50)).astype(np.float32),
-            "fc.b": rng.standard_normal(50).astype(np.float16),
-            "steps": np.array([3, 4], np.int64), "mask": np.array([True, False, True])}
+    return {
+        "conv.w": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+        "fc.w": rng.standard_normal((40, 50)).astype(np.float32),
+        "fc.b": rng.standard_normal(50).astype(np.float16),
+        "steps": np.array([3, 4], np.int64),
+        "mask": np.array([True, False, True]),
+    }
 
 
 def injection_payloads() -> dict:
@@ -391,26 +413,78 @@ def test_a_failed_allocation_leaves_the_aggregate_unchanged(dtype, primed: bool,
 # ------------------------------------------------- legit payloads still fit --
 # The specs the project names (tests, benchmarks, README cells), and the extremes of the grammar.
 PROJECT_SPECS = [
-    "fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "q8+zstd", "q8+zstd:3", "rht+q2+zstd", "eden1", "eden2:mse",
-    "eden3+zstd", "eden4", "eden4:shared", "eden8", "topk:1", "topk:0.3+sign", "topk:0.25+bf16+zstd",
-    "topk:0.2+q8", "topk:0.2+q8+zstd:1", "topk:0.1+fp16", "topk:0.1+rht+q8", "topk:0.1+eden4",
-    "topk:0.1+eden2:mse", "topk:0.1+q8+zstd", "topk:0.05+sign", "topk:0.05+q4+zstd", "topk:0.02+q2+zstd",
-    "topk:0.01", "topk:0.01+q4", "topk:0.01+q4+zstd", "topk:0.01+q8", "topk:0.01+q8+zstd", "topk:0.01+sign+zstd",
-    "topk:0.004+sign+zstd", "topk:0.0023+sign+zstd", "topk:0.001+q4+zstd", "thresh:0.2", "thresh:0.1+bf16",
-    "thresh:0.05+q8", "thresh:0.01+q4+zstd", "randk:0.5+rht+fp32", "randk:0.3+q2", "randk:0.3+q2+zstd",
-    "randk:0.2+eden2", "randk:0.1+fp16", "randk:0.01+fp16",
+    "fp32",
+    "fp16",
+    "bf16",
+    "q8",
+    "q4",
+    "q2",
+    "sign",
+    "q8+zstd",
+    "q8+zstd:3",
+    "rht+q2+zstd",
+    "eden1",
+    "eden2:mse",
+    "eden3+zstd",
+    "eden4",
+    "eden4:shared",
+    "eden8",
+    "topk:1",
+    "topk:0.3+sign",
+    "topk:0.25+bf16+zstd",
+    "topk:0.2+q8",
+    "topk:0.2+q8+zstd:1",
+    "topk:0.1+fp16",
+    "topk:0.1+rht+q8",
+    "topk:0.1+eden4",
+    "topk:0.1+eden2:mse",
+    "topk:0.1+q8+zstd",
+    "topk:0.05+sign",
+    "topk:0.05+q4+zstd",
+    "topk:0.02+q2+zstd",
+    "topk:0.01",
+    "topk:0.01+q4",
+    "topk:0.01+q4+zstd",
+    "topk:0.01+q8",
+    "topk:0.01+q8+zstd",
+    "topk:0.01+sign+zstd",
+    "topk:0.004+sign+zstd",
+    "topk:0.0023+sign+zstd",
+    "topk:0.001+q4+zstd",
+    "thresh:0.2",
+    "thresh:0.1+bf16",
+    "thresh:0.05+q8",
+    "thresh:0.01+q4+zstd",
+    "randk:0.5+rht+fp32",
+    "randk:0.3+q2",
+    "randk:0.3+q2+zstd",
+    "randk:0.2+eden2",
+    "randk:0.1+fp16",
+    "randk:0.01+fp16",
     # the most output per payload byte: 1-bit values at a sparsity of 10^-4
-    "topk:0.0001+sign+zstd", "topk:0.0001+eden1", "thresh:0.0001+sign", "randk:0.0001+sign",
-    "randk:0.0001+eden1", "randk:0.0001+rht+sign+zstd", "randk:0.0001+eden1:shared",
+    "topk:0.0001+sign+zstd",
+    "topk:0.0001+eden1",
+    "thresh:0.0001+sign",
+    "randk:0.0001+sign",
+    "randk:0.0001+eden1",
+    "randk:0.0001+rht+sign+zstd",
+    "randk:0.0001+eden1:shared",
 ]
 
 
 def cnn_update(dtype, seed: int = 0, wide: int = 1 << 20) -> dict:
     """An update shaped like a small CNN's with one wide layer: 1.1 M parameters by default."""
     rng = np.random.default_rng(seed)
-    shapes = {"conv1.weight": (32, 1, 3, 3), "conv1.bias": (32,), "conv2.weight": (64, 32, 3, 3),
-              "conv2.bias": (64,), "fc1.weight": (wide,), "fc1.bias": (128,), "fc2.weight": (10, 128),
-              "fc2.bias": (10,)}
+    shapes = {
+        "conv1.weight": (32, 1, 3, 3),
+        "conv1.bias": (32,),
+        "conv2.weight": (64, 32, 3, 3),
+        "conv2.bias": (64,),
+        "fc1.weight": (wide,),
+        "fc1.bias": (128,),
+        "fc2.weight": (10, 128),
+        "fc2.bias": (10,),
+    }
     update = {name: (rng.standard_normal(shape) * 0.01).astype(dtype) for name, shape in shapes.items()}
     update["bn.num_batches_tracked"] = np.array(100, np.int64)
     return update
@@ -469,9 +543,13 @@ def codec_specs(draw) -> str:
     return "+".join(parts + ([zstd] if zstd else []))
 
 
-@given(spec=codec_specs(), table=st.sampled_from(["inline", "digest"]),
-       dtype=st.sampled_from([np.float32, np.float64, np.float16]),
-       wide=st.integers(1 << 12, 1 << 21), seed=st.integers(0, 2**32 - 1))
+@given(
+    spec=codec_specs(),
+    table=st.sampled_from(["inline", "digest"]),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+    wide=st.integers(1 << 12, 1 << 21),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_codec_payloads_stay_within_the_default_bound(spec: str, table: str, dtype, wide: int, seed: int) -> None:
     """Whatever a codec makes of a realistic update decodes under the default limits, with half
     the default expansion to spare (the worst codec approaches the bound only on huge tensors)."""

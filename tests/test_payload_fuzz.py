@@ -34,21 +34,59 @@ from fuzz_checks import small_update  # the update the fuzz corpus seeds encode
 from hypothesis import given
 from hypothesis import strategies as st
 
-SPECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk:0.01", "topk:0.01+q4", "topk:0.001+q4+zstd",
-         "randk:0.01+fp16", "q8+zstd:3", "rht+q2+zstd", "thresh:0.2", "topk:0.2+q8+zstd:1", "randk:0.3+q2",
-         "topk:0.3+sign", "topk:0.25+bf16+zstd", "eden1", "eden3", "eden4:shared", "eden8+zstd",
-         "topk:0.1+eden2:mse"]
+SPECS = [
+    "fp32",
+    "fp16",
+    "bf16",
+    "q8",
+    "q4",
+    "q2",
+    "sign",
+    "topk:0.01",
+    "topk:0.01+q4",
+    "topk:0.001+q4+zstd",
+    "randk:0.01+fp16",
+    "q8+zstd:3",
+    "rht+q2+zstd",
+    "thresh:0.2",
+    "topk:0.2+q8+zstd:1",
+    "randk:0.3+q2",
+    "topk:0.3+sign",
+    "topk:0.25+bf16+zstd",
+    "eden1",
+    "eden3",
+    "eden4:shared",
+    "eden8+zstd",
+    "topk:0.1+eden2:mse",
+]
 DIGEST = "/table=digest"
-DIGEST_SPECS = [s + DIGEST for s in ("fp32", "q4", "topk:0.01+q4", "topk:0.001+q4+zstd", "randk:0.01+fp16",
-                                     "rht+q2+zstd", "sign", "eden3", "eden4:shared", "topk:0.1+eden2:mse")]
+DIGEST_SPECS = [
+    s + DIGEST
+    for s in (
+        "fp32",
+        "q4",
+        "topk:0.01+q4",
+        "topk:0.001+q4+zstd",
+        "randk:0.01+fp16",
+        "rht+q2+zstd",
+        "sign",
+        "eden3",
+        "eden4:shared",
+        "topk:0.1+eden2:mse",
+    )
+]
 SPEC_PARAMS = [pytest.param(s, id=s) for s in SPECS]
 ALL_SPEC_PARAMS = SPEC_PARAMS + [pytest.param(s, id=s) for s in DIGEST_SPECS]  # tests that see bytes only
 ZSTD_SPEC_PARAMS = [p for p in ALL_SPEC_PARAMS if "zstd" in p.values[0]]
-FUZZ_LIMITS = fp.Limits(max_tensors=64, max_dims=8, max_elements=1 << 20, max_total_elements=1 << 21,
-                        max_decoded_bytes=1 << 24, max_body_bytes=1 << 22)
+FUZZ_LIMITS = fp.Limits(
+    max_tensors=64,
+    max_dims=8,
+    max_elements=1 << 20,
+    max_total_elements=1 << 21,
+    max_decoded_bytes=1 << 24,
+    max_body_bytes=1 << 22,
+)
 SLOW = 2.0  # seconds: "promptly"
-
-
 
 
 _PAYLOADS: dict = {}
@@ -128,8 +166,7 @@ def test_single_bit_flips(spec: str, attempt) -> None:
         for bit in {pos % 8, 7 - pos % 8}:
             data = bytearray(p)
             data[pos] ^= 1 << bit
-            attempt(bytes(data), must_fail=True, table=table_for(spec),
-                    what=f"{spec}: bit {bit} of byte {pos} flipped")
+            attempt(bytes(data), must_fail=True, table=table_for(spec), what=f"{spec}: bit {bit} of byte {pos} flipped")
 
 
 @pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
@@ -137,10 +174,14 @@ def test_inserted_and_deleted_bytes(spec: str, attempt) -> None:
     p = valid_payload(spec)
     for pos in positions(len(p) + 1, 2, at_least=100):
         for ins in (b"\0", b"\xff", b"\x00" * 8):
-            attempt(p[:pos] + ins + p[pos:], must_fail=True, table=table_for(spec),
-                    what=f"{spec}: {ins!r} inserted at {pos}")
+            attempt(
+                p[:pos] + ins + p[pos:],
+                must_fail=True,
+                table=table_for(spec),
+                what=f"{spec}: {ins!r} inserted at {pos}",
+            )
         if pos < len(p):
-            attempt(p[:pos] + p[pos + 1:], must_fail=True, table=table_for(spec), what=f"{spec}: byte {pos} deleted")
+            attempt(p[:pos] + p[pos + 1 :], must_fail=True, table=table_for(spec), what=f"{spec}: byte {pos} deleted")
 
 
 @pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
@@ -148,7 +189,7 @@ def test_huge_length_overwrites(spec: str, attempt) -> None:
     p = valid_payload(spec)
     for pos in range(0, len(p), 8):
         data = bytearray(p)
-        data[pos:pos + 8] = b"\xff" * len(data[pos:pos + 8])
+        data[pos : pos + 8] = b"\xff" * len(data[pos : pos + 8])
         if bytes(data) != p:
             attempt(bytes(data), must_fail=True, table=table_for(spec), what=f"{spec}: 0xff * 8 at {pos}")
 
@@ -159,8 +200,12 @@ def test_body_truncation_with_consistent_sizes(spec: str, W, attempt) -> None:
     p = valid_payload(spec)
     body = W.plain_body(p)
     for cut in range(len(body)):
-        attempt(W.rebuild(p, body[:cut]), must_fail=True, table=table_for(spec),
-                what=f"{spec}: body cut to {cut} of {len(body)}")
+        attempt(
+            W.rebuild(p, body[:cut]),
+            must_fail=True,
+            table=table_for(spec),
+            what=f"{spec}: body cut to {cut} of {len(body)}",
+        )
 
 
 @pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
@@ -171,8 +216,13 @@ def test_body_bit_flips_with_valid_crc(spec: str, W, attempt) -> None:
         for bit in range(0, 8, 3):
             data = bytearray(body)
             data[pos] ^= 1 << bit
-            attempt(W.rebuild(p, bytes(data)), must_fail=False, aggregate=True,
-                    table=table_for(spec), what=f"{spec}: body bit {bit} of byte {pos} flipped (CRC fixed)")
+            attempt(
+                W.rebuild(p, bytes(data)),
+                must_fail=False,
+                aggregate=True,
+                table=table_for(spec),
+                what=f"{spec}: body bit {bit} of byte {pos} flipped (CRC fixed)",
+            )
 
 
 @pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
@@ -186,10 +236,14 @@ def test_body_huge_field_overwrites_with_valid_crc(spec: str, W, attempt) -> Non
     for pos in range(len(body)):
         for fill in (b"\xff" * 8, b"\xff" * 4, W.varint(2**28 - 1), W.varint(2**64 - 1)):
             data = bytearray(body)
-            data[pos:pos + len(fill)] = fill[:len(data) - pos]
+            data[pos : pos + len(fill)] = fill[: len(data) - pos]
             if bytes(data) != body:
-                attempt(W.rebuild(p, bytes(data)), must_fail=False, table=table_for(spec),
-                        what=f"{spec}: body bytes {pos}..{pos + len(fill)} set to {fill.hex()} (CRC fixed)")
+                attempt(
+                    W.rebuild(p, bytes(data)),
+                    must_fail=False,
+                    table=table_for(spec),
+                    what=f"{spec}: body bytes {pos}..{pos + len(fill)} set to {fill.hex()} (CRC fixed)",
+                )
 
 
 @pytest.mark.parametrize("spec", ALL_SPEC_PARAMS)
@@ -197,11 +251,19 @@ def test_body_inserted_deleted_bytes_with_valid_crc(spec: str, W, attempt) -> No
     p = valid_payload(spec)
     body = W.plain_body(p)
     for pos in positions(len(body) + 1, 4, at_least=150):
-        attempt(W.rebuild(p, body[:pos] + b"\x01" + body[pos:]), must_fail=False,
-                table=table_for(spec), what=f"{spec}: byte inserted in the body at {pos} (CRC fixed)")
+        attempt(
+            W.rebuild(p, body[:pos] + b"\x01" + body[pos:]),
+            must_fail=False,
+            table=table_for(spec),
+            what=f"{spec}: byte inserted in the body at {pos} (CRC fixed)",
+        )
         if pos < len(body):
-            attempt(W.rebuild(p, body[:pos] + body[pos + 1:]), must_fail=False,
-                    table=table_for(spec), what=f"{spec}: body byte {pos} deleted (CRC fixed)")
+            attempt(
+                W.rebuild(p, body[:pos] + body[pos + 1 :]),
+                must_fail=False,
+                table=table_for(spec),
+                what=f"{spec}: body byte {pos} deleted (CRC fixed)",
+            )
 
 
 @pytest.mark.parametrize("spec", ZSTD_SPEC_PARAMS)
@@ -213,8 +275,12 @@ def test_compressed_body_flips_with_valid_crc(spec: str, W, attempt) -> None:
         for bit in (0, 5):
             data = bytearray(p)
             data[pos] ^= 1 << bit
-            attempt(W.fix_crc(bytes(data)), must_fail=False, table=table_for(spec),
-                    what=f"{spec}: zstd byte {pos} bit {bit} (CRC fixed)")
+            attempt(
+                W.fix_crc(bytes(data)),
+                must_fail=False,
+                table=table_for(spec),
+                what=f"{spec}: zstd byte {pos} bit {bit} (CRC fixed)",
+            )
 
 
 HOSTILE_NUMBERS = (0, 1, 2, 7, 255, 256, 511, 4096, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**33 + 1, 2**63, 2**64 - 1)
@@ -224,13 +290,34 @@ def field_mutations(t) -> list:
     """(description, changes) for one table entry: every numeric field set to
     edge values, to its neighbours and to the other tensors' values."""
     size = int(np.prod(t.shape, dtype=object)) if t.shape else 1
-    near = {size - 1, size, size + 1, t.count - 1, t.count + 1, len(t.value_data) - 1, len(t.value_data) + 1,
-            len(t.index_data) - 1, len(t.index_data) + 1, t.bucket - 1, t.bucket + 1, t.bucket * 2, t.bucket // 2}
+    near = {
+        size - 1,
+        size,
+        size + 1,
+        t.count - 1,
+        t.count + 1,
+        len(t.value_data) - 1,
+        len(t.value_data) + 1,
+        len(t.index_data) - 1,
+        len(t.index_data) + 1,
+        t.bucket - 1,
+        t.bucket + 1,
+        t.bucket * 2,
+        t.bucket // 2,
+    }
     values = sorted(v for v in set(HOSTILE_NUMBERS) | near if 0 <= v < 2**64)
     out = []
-    for field, limit in (("count", 2**64), ("bucket", 2**64), ("block", 2**64), ("index_len", 2**64),
-                         ("value_len", 2**64), ("flags", 256), ("kind", 256), ("value_code", 256),
-                         ("dtype_code", 256)):
+    for field, limit in (
+        ("count", 2**64),
+        ("bucket", 2**64),
+        ("block", 2**64),
+        ("index_len", 2**64),
+        ("value_len", 2**64),
+        ("flags", 256),
+        ("kind", 256),
+        ("value_code", 256),
+        ("dtype_code", 256),
+    ):
         for v in values:
             if v < limit:
                 out.append((f"{field}={v}", {field: v}))
@@ -266,15 +353,22 @@ def test_structured_table_mutations_with_valid_crc(spec: str, W, attempt) -> Non
         for what, change in field_mutations(t):
             mutated = list(tensors)
             mutated[i] = dataclasses.replace(t, **change)
-            attempt(W.rebuild(p, W.body(mutated, text)), must_fail=False, aggregate=True,
-                    what=f"{spec}: tensor {t.name!r} {what}")
+            attempt(
+                W.rebuild(p, W.body(mutated, text)),
+                must_fail=False,
+                aggregate=True,
+                what=f"{spec}: tensor {t.name!r} {what}",
+            )
         # sections of another tensor, or none
         for j, other in enumerate(tensors):
             if j != i:
                 mutated = list(tensors)
                 mutated[i] = dataclasses.replace(t, index_data=other.index_data, value_data=other.value_data)
-                attempt(W.rebuild(p, W.body(mutated, text)), must_fail=False,
-                        what=f"{spec}: tensor {t.name!r} with the sections of {other.name!r}")
+                attempt(
+                    W.rebuild(p, W.body(mutated, text)),
+                    must_fail=False,
+                    what=f"{spec}: tensor {t.name!r} with the sections of {other.name!r}",
+                )
 
 
 mutation = st.one_of(
@@ -293,11 +387,11 @@ def mutate(data: bytes, ops: list) -> bytes:
         if op == "flip" and pos < len(buf):
             buf[pos] ^= 1 << arg
         elif op == "set":
-            buf[pos:pos + len(arg)] = arg
+            buf[pos : pos + len(arg)] = arg
         elif op == "insert":
             buf[pos:pos] = arg
         elif op == "delete":
-            del buf[pos:pos + arg]
+            del buf[pos : pos + arg]
         elif op == "truncate":
             del buf[pos:]
     return bytes(buf)
@@ -308,8 +402,13 @@ def test_random_mutations(spec: str, ops: list, fix: bool, W, attempt) -> None:
     p = valid_payload(spec)
     if fix:  # mutate the body, recompute sizes and checksum
         data = mutate(W.plain_body(p), ops)
-        attempt(W.rebuild(p, data), must_fail=False, aggregate=True, table=table_for(spec),
-                what=f"{spec}: body {ops} (CRC fixed)")
+        attempt(
+            W.rebuild(p, data),
+            must_fail=False,
+            aggregate=True,
+            table=table_for(spec),
+            what=f"{spec}: body {ops} (CRC fixed)",
+        )
     else:
         data = mutate(p, ops)
         attempt(data, must_fail=data != p, table=table_for(spec), what=f"{spec}: {ops}")
@@ -362,64 +461,164 @@ HOSTILE: dict = {
     "spec length beyond the body": (lambda W: W.varint(0xFFFF) + b"fp32", False),
     "spec not utf-8": (lambda W: W.varint(2) + b"\xff\xfe" + W.varint(0), False),
     "ndim 255 without a shape": (lambda W: W.body([W.tensor("a", "int64", (), W.RAW, values="raw", ndim=255)]), False),
-    "ndim 200 with a shape": (lambda W: W.body([W.tensor("a", "int64", (1,) * 200, W.RAW, values="raw",
-                                                        value_data=b"\0" * 8)]), False),
+    "ndim 200 with a shape": (
+        lambda W: W.body([W.tensor("a", "int64", (1,) * 200, W.RAW, values="raw", value_data=b"\0" * 8)]),
+        False,
+    ),
     "shape 2^40": (lambda W: W.body([W.tensor("a", "float32", (1 << 40,), W.SEEDED, count=0)]), False),
-    "shape product overflows u64": (lambda W: W.body([W.tensor("a", "float32", (1 << 33,) * 3, W.SEEDED,
-                                                               count=0)]), False),
+    "shape product overflows u64": (
+        lambda W: W.body([W.tensor("a", "float32", (1 << 33,) * 3, W.SEEDED, count=0)]),
+        False,
+    ),
     "shape 2^64-1": (lambda W: W.body([dense(W, shape=(2**64 - 1,), count=1, value_data=f32(1))]), False),
     "shape (0, 2^63) raw": (lambda W: W.body([W.tensor("a", "int64", (0, 1 << 63), W.RAW, values="raw")]), True),
-    "shape (0, 2^40, 2^40) raw": (lambda W: W.body([W.tensor("a", "int64", (0, 1 << 40, 1 << 40), W.RAW,
-                                                             values="raw")]), True),
+    "shape (0, 2^40, 2^40) raw": (
+        lambda W: W.body([W.tensor("a", "int64", (0, 1 << 40, 1 << 40), W.RAW, values="raw")]),
+        True,
+    ),
     "shape (0, 2^63) dense": (lambda W: W.body([dense(W, shape=(0, 1 << 63), value_data=b"")]), True),
     "shape (0, 2^63) seeded": (lambda W: W.body([W.tensor("a", "float32", (0, 1 << 63), W.SEEDED, count=0)]), True),
     "shape (2^63, 0) dense": (lambda W: W.body([dense(W, shape=(1 << 63, 0), value_data=b"")]), True),
     "dense count 2^63": (lambda W: W.body([dense(W, shape=(4,), count=1 << 63)]), False),
-    "dense 2^31 elements, values missing": (lambda W: W.body([dense(W, shape=(BIG,), value_data=b"",
-                                                                    value_len=4 * BIG)]), False),
+    "dense 2^31 elements, values missing": (
+        lambda W: W.body([dense(W, shape=(BIG,), value_data=b"", value_len=4 * BIG)]),
+        False,
+    ),
     "values length 2^64-1": (lambda W: W.body([dense(W, value_len=2**64 - 1)]), False),
-    "index length 2^64-1": (lambda W: W.body([W.tensor("a", "float32", (100,), W.SPARSE, count=1,
-                                                       index_data=idx([3], 100), value_data=f32(1),
-                                                       index_len=2**64 - 1)]), False),
-    "sparse count above size": (lambda W: W.body([W.tensor("a", "float32", (10,), W.SPARSE, count=11,
-                                                           index_data=idx([1], 10), value_data=f32(*range(11)))]),
-                                False),
-    "sparse count 2^31, values missing": (lambda W: W.body([W.tensor("a", "float32", (BIG,), W.SPARSE, count=BIG,
-                                                                     index_data=idx([1], BIG), value_data=f32(1),
-                                                                     value_len=4 * BIG)]), False),
-    "sparse index out of range": (lambda W: W.body([W.tensor("a", "float32", (100,), W.SPARSE, count=3,
-                                                             index_data=idx([1, 5, 150], 200),
-                                                             value_data=f32(1, 2, 3))]), True),
-    "sparse index stream holds fewer": (lambda W: W.body([W.tensor("a", "float32", (100,), W.SPARSE, count=3,
-                                                                   index_data=idx([1, 5], 100),
-                                                                   value_data=f32(1, 2, 3))]), True),
-    "sparse index stream holds more": (lambda W: W.body([W.tensor("a", "float32", (100,), W.SPARSE, count=1,
-                                                                  index_data=idx([1, 5], 100), value_data=f32(1))]),
-                                       True),
-    "sparse index stream claims 2^32 indices": (lambda W: W.body([W.tensor(
-        "a", "float32", (100,), W.SPARSE, count=2, index_data=b"\xff\xff\xff\xff\x0f\x01\xff",
-        value_data=f32(1, 2))]), True),
-    "sparse index stream garbage": (lambda W: W.body([W.tensor("a", "float32", (1000,), W.SPARSE, count=4,
-                                                               index_data=b"\x04\x00\xff\xff\xff\xff\xff",
-                                                               value_data=f32(1, 2, 3, 4))]), True),
-    "sparse without an index stream": (lambda W: W.body([W.tensor("a", "float32", (100,), W.SPARSE, count=1,
-                                                                  value_data=f32(1))]), False),
-    "sparse on an integer tensor": (lambda W: W.body([W.tensor("a", "int32", (100,), W.SPARSE, count=1,
-                                                               index_data=idx([3], 100), value_data=f32(1))]), False),
-    "seeded with index bytes": (lambda W: W.body([W.tensor("a", "float32", (100,), W.SEEDED, count=1,
-                                                           index_data=idx([3], 100), value_data=f32(1))]), False),
-    "seeded count above size": (lambda W: W.body([W.tensor("a", "float32", (10,), W.SEEDED, count=11,
-                                                           value_data=f32(*range(11)))]), False),
-    "raw count mismatch": (lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="raw", count=3,
-                                                      value_data=b"\0" * 16)]), False),
-    "raw bytes mismatch": (lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="raw",
-                                                      value_data=b"\0" * 12)]), False),
-    "raw with a value code": (lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="q8",
-                                                         value_data=b"\0" * 16)]), False),
-    "raw with a bucket": (lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="raw", bucket=512,
-                                                     value_data=b"\0" * 16)]), False),
-    "raw bool byte 2": (lambda W: W.body([W.tensor("a", "bool", (3,), W.RAW, values="raw",
-                                                   value_data=b"\x01\x02\x00")]), True),
+    "index length 2^64-1": (
+        lambda W: W.body(
+            [
+                W.tensor(
+                    "a",
+                    "float32",
+                    (100,),
+                    W.SPARSE,
+                    count=1,
+                    index_data=idx([3], 100),
+                    value_data=f32(1),
+                    index_len=2**64 - 1,
+                )
+            ]
+        ),
+        False,
+    ),
+    "sparse count above size": (
+        lambda W: W.body(
+            [W.tensor("a", "float32", (10,), W.SPARSE, count=11, index_data=idx([1], 10), value_data=f32(*range(11)))]
+        ),
+        False,
+    ),
+    "sparse count 2^31, values missing": (
+        lambda W: W.body(
+            [
+                W.tensor(
+                    "a",
+                    "float32",
+                    (BIG,),
+                    W.SPARSE,
+                    count=BIG,
+                    index_data=idx([1], BIG),
+                    value_data=f32(1),
+                    value_len=4 * BIG,
+                )
+            ]
+        ),
+        False,
+    ),
+    "sparse index out of range": (
+        lambda W: W.body(
+            [
+                W.tensor(
+                    "a", "float32", (100,), W.SPARSE, count=3, index_data=idx([1, 5, 150], 200), value_data=f32(1, 2, 3)
+                )
+            ]
+        ),
+        True,
+    ),
+    "sparse index stream holds fewer": (
+        lambda W: W.body(
+            [W.tensor("a", "float32", (100,), W.SPARSE, count=3, index_data=idx([1, 5], 100), value_data=f32(1, 2, 3))]
+        ),
+        True,
+    ),
+    "sparse index stream holds more": (
+        lambda W: W.body(
+            [W.tensor("a", "float32", (100,), W.SPARSE, count=1, index_data=idx([1, 5], 100), value_data=f32(1))]
+        ),
+        True,
+    ),
+    "sparse index stream claims 2^32 indices": (
+        lambda W: W.body(
+            [
+                W.tensor(
+                    "a",
+                    "float32",
+                    (100,),
+                    W.SPARSE,
+                    count=2,
+                    index_data=b"\xff\xff\xff\xff\x0f\x01\xff",
+                    value_data=f32(1, 2),
+                )
+            ]
+        ),
+        True,
+    ),
+    "sparse index stream garbage": (
+        lambda W: W.body(
+            [
+                W.tensor(
+                    "a",
+                    "float32",
+                    (1000,),
+                    W.SPARSE,
+                    count=4,
+                    index_data=b"\x04\x00\xff\xff\xff\xff\xff",
+                    value_data=f32(1, 2, 3, 4),
+                )
+            ]
+        ),
+        True,
+    ),
+    "sparse without an index stream": (
+        lambda W: W.body([W.tensor("a", "float32", (100,), W.SPARSE, count=1, value_data=f32(1))]),
+        False,
+    ),
+    "sparse on an integer tensor": (
+        lambda W: W.body(
+            [W.tensor("a", "int32", (100,), W.SPARSE, count=1, index_data=idx([3], 100), value_data=f32(1))]
+        ),
+        False,
+    ),
+    "seeded with index bytes": (
+        lambda W: W.body(
+            [W.tensor("a", "float32", (100,), W.SEEDED, count=1, index_data=idx([3], 100), value_data=f32(1))]
+        ),
+        False,
+    ),
+    "seeded count above size": (
+        lambda W: W.body([W.tensor("a", "float32", (10,), W.SEEDED, count=11, value_data=f32(*range(11)))]),
+        False,
+    ),
+    "raw count mismatch": (
+        lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="raw", count=3, value_data=b"\0" * 16)]),
+        False,
+    ),
+    "raw bytes mismatch": (
+        lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="raw", value_data=b"\0" * 12)]),
+        False,
+    ),
+    "raw with a value code": (
+        lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="q8", value_data=b"\0" * 16)]),
+        False,
+    ),
+    "raw with a bucket": (
+        lambda W: W.body([W.tensor("a", "int64", (2,), W.RAW, values="raw", bucket=512, value_data=b"\0" * 16)]),
+        False,
+    ),
+    "raw bool byte 2": (
+        lambda W: W.body([W.tensor("a", "bool", (3,), W.RAW, values="raw", value_data=b"\x01\x02\x00")]),
+        True,
+    ),
     "dense int tensor": (lambda W: W.body([dense(W, dtype="int64")]), False),
     "unknown dtype code": (lambda W: W.body([dense(W, dtype_code=200)]), False),
     "unknown kind": (lambda W: W.body([W.tensor("a", "float32", (2,), 7, value_data=f32(1, 2))]), False),
@@ -431,34 +630,49 @@ HOSTILE: dict = {
     "rotation block 2^31": (lambda W: W.body([dense(W, flags=1, block=1 << 31)]), False),
     "q4 bucket 0": (lambda W: W.body([dense(W, shape=(4,), values="q4", value_data=f32(1) + b"\0\0")]), False),
     "fp32 with a bucket": (lambda W: W.body([dense(W, bucket=512)]), False),
-    "q8 NaN scale": (lambda W: W.body([dense(W, values="q8", bucket=512, value_data=f32(float("nan")) + b"\0\0")]),
-                     True),
+    "q8 NaN scale": (
+        lambda W: W.body([dense(W, values="q8", bucket=512, value_data=f32(float("nan")) + b"\0\0")]),
+        True,
+    ),
     "q8 negative scale": (lambda W: W.body([dense(W, values="q8", bucket=512, value_data=f32(-1.0) + b"\0\0")]), True),
-    "q8 infinite scale": (lambda W: W.body([dense(W, values="q8", bucket=512,
-                                                  value_data=f32(float("inf")) + b"\0\0")]), True),
-    "q4 padding bits": (lambda W: W.body([dense(W, shape=(3,), values="q4", bucket=512,
-                                                value_data=f32(1.0) + b"\x00\xf0")]), True),
-    "sign padding bits": (lambda W: W.body([dense(W, shape=(3,), values="sign", bucket=512,
-                                                  value_data=f32(1.0) + b"\xff")]), True),
+    "q8 infinite scale": (
+        lambda W: W.body([dense(W, values="q8", bucket=512, value_data=f32(float("inf")) + b"\0\0")]),
+        True,
+    ),
+    "q4 padding bits": (
+        lambda W: W.body([dense(W, shape=(3,), values="q4", bucket=512, value_data=f32(1.0) + b"\x00\xf0")]),
+        True,
+    ),
+    "sign padding bits": (
+        lambda W: W.body([dense(W, shape=(3,), values="sign", bucket=512, value_data=f32(1.0) + b"\xff")]),
+        True,
+    ),
     "fp32 NaN value": (lambda W: W.body([dense(W, value_data=f32(1, float("nan")))]), True),
-    "fp16 infinity": (lambda W: W.body([dense(W, dtype="float16", shape=(1,), values="fp16",
-                                              value_data=b"\x00\x7c")]), True),
-    "bf16 NaN": (lambda W: W.body([dense(W, dtype="bfloat16", shape=(1,), values="bf16", value_data=b"\xc0\x7f")]),
-                 True),
+    "fp16 infinity": (
+        lambda W: W.body([dense(W, dtype="float16", shape=(1,), values="fp16", value_data=b"\x00\x7c")]),
+        True,
+    ),
+    "bf16 NaN": (
+        lambda W: W.body([dense(W, dtype="bfloat16", shape=(1,), values="bf16", value_data=b"\xc0\x7f")]),
+        True,
+    ),
     "values length off by one": (lambda W: W.body([dense(W, value_data=f32(1, 2) + b"\0")]), False),
     "duplicate names": (lambda W: W.body([ok_raw(W), ok_raw(W)]), False),
     "name not utf-8": (lambda W: renamed(W.body([ok_raw(W)]), b"ok", b"\xff\xfe"), False),
-    "name length beyond the body": (lambda W: W.varint(4) + b"fp32" + W.varint(1) + W.varint(60000)
-                                    + b"a" * 60, False),
+    "name length beyond the body": (lambda W: W.varint(4) + b"fp32" + W.varint(1) + W.varint(60000) + b"a" * 60, False),
     # malformed varints (every varint field of real payloads: test_non_canonical_varints_are_refused)
-    "varint not minimal": (lambda W: W.varint(4) + b"fp32" + b"\x81\x00" + W.entry(ok_raw(W))
-                           + struct.pack("<2q", 1, 2), False),
+    "varint not minimal": (
+        lambda W: W.varint(4) + b"fp32" + b"\x81\x00" + W.entry(ok_raw(W)) + struct.pack("<2q", 1, 2),
+        False,
+    ),
     "varint of 11 bytes": (lambda W: b"\x80" * 10 + b"\x01" + b"fp32", False),
     "varint above 2^64": (lambda W: W.varint(4) + b"fp32" + b"\xff" * 9 + b"\x02", False),
     "varint of 2^64-1 elements": (lambda W: W.varint(4) + b"fp32" + b"\xff" * 9 + b"\x01", False),
     "varint runs past the end": (lambda W: W.varint(4) + b"fp32" + b"\x80", False),
-    "dimension varint runs past the end": (lambda W: W.varint(4) + b"fp32" + W.varint(1) + W.varint(1)
-                                           + b"a" + bytes((0, 1)) + b"\xff\xff", False),
+    "dimension varint runs past the end": (
+        lambda W: W.varint(4) + b"fp32" + W.varint(1) + W.varint(1) + b"a" + bytes((0, 1)) + b"\xff\xff",
+        False,
+    ),
     "sections missing": (lambda W: W.body([dense(W, shape=(4,), value_data=b"", value_len=16)]), False),
     "trailing bytes after the sections": (lambda W: W.body([ok_raw(W)], trailing=b"\0"), False),
     "empty body": (lambda W: b"", False),
@@ -503,10 +717,12 @@ def bad_varints(value: int, W) -> list:
     than 10 bytes, or not below 2^64. A lax reader (lax_varint) still reads each as
     `value`, so a payload with one of them is otherwise intact."""
     n = len(W.varint(value))
-    out = [("with a redundant zero group", leb_groups(value, n + 1)),
-           ("in 11 bytes", leb_groups(value, 11)),
-           ("plus 2^64 (10 bytes)", leb_groups(value + (1 << 64), 10)),
-           ("plus 2^70 (11 bytes)", leb_groups(value + (1 << 70), 11))]
+    out = [
+        ("with a redundant zero group", leb_groups(value, n + 1)),
+        ("in 11 bytes", leb_groups(value, 11)),
+        ("plus 2^64 (10 bytes)", leb_groups(value + (1 << 64), 10)),
+        ("plus 2^70 (11 bytes)", leb_groups(value + (1 << 70), 11)),
+    ]
     if n < 9:
         out.append(("padded to 10 bytes", leb_groups(value, 10)))
     for what, enc in out:
@@ -547,16 +763,21 @@ def test_non_canonical_varints_are_refused(spec: str, W, memory_cap) -> None:
             for how, enc in bad_varints(value, W):
                 mutated = list(tensors)
                 mutated[i] = dataclasses.replace(t, index_data=splice(t.index_data, start, end, enc))
-                cases.append((f"tensor {i} index stream {field} {value} {how}",
-                              W.rebuild(p, W.body(mutated, text)), False))
+                cases.append(
+                    (f"tensor {i} index stream {field} {value} {how}", W.rebuild(p, W.body(mutated, text)), False)
+                )
     h = W.header(p)
     if h["flags"] & W.FLAG_ZSTD:
         covered.add("raw_body_size")
         for how, enc in bad_varints(h["raw_size"], W):
-            cases.append((f"raw_body_size {h['raw_size']} {how}",
-                          W.fix_crc(splice(p, W.HEADER.size, h["header_size"], enc)), True))
-    assert {"spec_len", "n_tensors", "name_len", "dim", "count", "bucket", "block", "index_len",
-            "value_len"} <= covered
+            cases.append(
+                (
+                    f"raw_body_size {h['raw_size']} {how}",
+                    W.fix_crc(splice(p, W.HEADER.size, h["header_size"], enc)),
+                    True,
+                )
+            )
+    assert {"spec_len", "n_tensors", "name_len", "dim", "count", "bucket", "block", "index_len", "value_len"} <= covered
     assert ("raw_body_size" in covered) == ("zstd" in spec)
     assert {"index stream k", "index stream m"} <= covered or not spec.startswith("topk")
     for what, data, in_table in cases:
@@ -600,11 +821,13 @@ def test_odd_buckets_decode_or_refuse(code: str, bucket: int, W, attempt) -> Non
     attempt(W.wrap(body), must_fail=False, what=f"{code} with bucket {bucket}")
 
 
-@pytest.mark.parametrize("count, block, value_len", [(3, 64, 12), (3, 64, 4 * 64 + 1), (100, 64, 4 * 100),
-                                                     (3, 1 << 24, 4 * (1 << 24))])
+@pytest.mark.parametrize(
+    "count, block, value_len", [(3, 64, 12), (3, 64, 4 * 64 + 1), (100, 64, 4 * 100), (3, 1 << 24, 4 * (1 << 24))]
+)
 def test_rotated_sections_with_wrong_sizes(count: int, block: int, value_len: int, W, attempt) -> None:
-    body = W.body([dense(W, shape=(count,), flags=1, block=block, value_data=b"\0" * min(value_len, 4096),
-                         value_len=value_len)])
+    body = W.body(
+        [dense(W, shape=(count,), flags=1, block=block, value_data=b"\0" * min(value_len, 4096), value_len=value_len)]
+    )
     attempt(W.wrap(body), must_fail=True, what=f"rotated {count} values, block {block}, {value_len} bytes")
 
 
@@ -619,7 +842,7 @@ def with_content_size(frame: bytes, size: int) -> bytes:
     single, did_flag, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
     pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag]
     fcs_len = {0: 1 if single else 0, 1: 2, 2: 4, 3: 8}[fcs_flag]
-    return frame[:4] + bytes([(fhd & 0x3F) | 0xC0]) + frame[5:pos] + struct.pack("<Q", size) + frame[pos + fcs_len:]
+    return frame[:4] + bytes([(fhd & 0x3F) | 0xC0]) + frame[5:pos] + struct.pack("<Q", size) + frame[pos + fcs_len :]
 
 
 def zstd_payload(W, stored: bytes, raw_size: int) -> bytes:
@@ -634,13 +857,17 @@ ZSTD_CASES: dict = {
     "header raw size one more than the frame's": lambda W, body, frame: zstd_payload(W, frame, len(body) + 1),
     "header raw size one less than the frame's": lambda W, body, frame: zstd_payload(W, frame, len(body) - 1),
     "frame without a content size": lambda W, body, frame: zstd_payload(
-        W, zstd_frame(body, write_content_size=False), len(body)),
+        W, zstd_frame(body, write_content_size=False), len(body)
+    ),
     "frame content size lies small": lambda W, body, frame: zstd_payload(
-        W, with_content_size(frame, len(body) - 7), len(body) - 7),
+        W, with_content_size(frame, len(body) - 7), len(body) - 7
+    ),
     "frame content size lies large": lambda W, body, frame: zstd_payload(
-        W, with_content_size(frame, len(body) + 7), len(body) + 7),
+        W, with_content_size(frame, len(body) + 7), len(body) + 7
+    ),
     "frame content size 2^33 (bomb claim)": lambda W, body, frame: zstd_payload(
-        W, with_content_size(frame, 1 << 33), 1 << 33),
+        W, with_content_size(frame, 1 << 33), 1 << 33
+    ),
     "frame content size 2^40": lambda W, body, frame: zstd_payload(W, with_content_size(frame, 1 << 40), 1 << 40),
     "garbage after the frame": lambda W, body, frame: zstd_payload(W, frame + b"\0\1\2", len(body)),
     "two frames": lambda W, body, frame: zstd_payload(W, frame + frame, len(body)),
@@ -649,11 +876,14 @@ ZSTD_CASES: dict = {
     "not a frame": lambda W, body, frame: zstd_payload(W, b"\0" * 40, len(body)),
     "empty stored body": lambda W, body, frame: zstd_payload(W, b"", 0),
     "frame holding a hostile table": lambda W, body, frame: zstd_payload(
-        W, zstd_frame(_hostile_table(W)), len(_hostile_table(W))),
+        W, zstd_frame(_hostile_table(W)), len(_hostile_table(W))
+    ),
     "raw size varint runs into the trailer": lambda W, body, frame: W.fix_crc(
-        W.HEADER.pack(W.MAGIC, 1, W.FLAG_ZSTD, 0) + b"\x80\x80" + b"\0" * 4),
+        W.HEADER.pack(W.MAGIC, 1, W.FLAG_ZSTD, 0) + b"\x80\x80" + b"\0" * 4
+    ),
     "raw size varint of 0xff up to the trailer": lambda W, body, frame: W.fix_crc(
-        W.HEADER.pack(W.MAGIC, 1, W.FLAG_ZSTD, 0) + b"\xff" * 12 + b"\0" * 4),
+        W.HEADER.pack(W.MAGIC, 1, W.FLAG_ZSTD, 0) + b"\xff" * 12 + b"\0" * 4
+    ),
     "zstd bomb: 64 MiB of zeros": lambda W, body, frame: zstd_payload(W, zstd_frame(b"\0" * (64 << 20)), 64 << 20),
 }
 

@@ -60,9 +60,7 @@ def ref_dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, bucket: int
     return (per_element(scales, bucket, codes.size) * lut[codes]).astype(np.float32)
 
 
-def check_layout(
-    x: np.ndarray, bits: int, bucket: int, packed: np.ndarray, scales: np.ndarray
-) -> np.ndarray:
+def check_layout(x: np.ndarray, bits: int, bucket: int, packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Shapes, exact scales, zero padding; returns the unpacked codes."""
     n = x.size
     assert packed.dtype == np.uint8 and packed.ndim == 1
@@ -107,9 +105,7 @@ def check_stochastic(x: np.ndarray, bits: int, bucket: int, seed: int) -> None:
     check_error(x, out, scales, bits, bucket, steps=2)
 
 
-def check_error(
-    x: np.ndarray, out: np.ndarray, scales: np.ndarray, bits: int, bucket: int, steps: int
-) -> None:
+def check_error(x: np.ndarray, out: np.ndarray, scales: np.ndarray, bits: int, bucket: int, steps: int) -> None:
     """|dequantized - x| <= steps * scale / L (a half grid step per `step`).
 
     Slack: the kernel's float32 t may be off by AMBIGUITY grid units (2 scale/L
@@ -163,9 +159,7 @@ def test_huge_bucket_path(make_input, bits: int) -> None:
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize(
-    ("n", "bucket"), [(300_007, 131_073), (300_007, 100_003), (2**20 + 5, 2**20)]
-)
+@pytest.mark.parametrize(("n", "bucket"), [(300_007, 131_073), (300_007, 100_003), (2**20 + 5, 2**20)])
 def test_large_odd_buckets(make_input, bits: int, n: int, bucket: int) -> None:
     x = make_input("lognormal", n)
     check_nearest(x, bits, bucket)
@@ -269,9 +263,7 @@ def test_packed_size(bits: int) -> None:
 # --------------------------------------------------------- special inputs --
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_all_zero_dequantizes_to_zeros(
-    all_zero_input: np.ndarray, bits: int, stochastic: bool
-) -> None:
+def test_all_zero_dequantizes_to_zeros(all_zero_input: np.ndarray, bits: int, stochastic: bool) -> None:
     packed, scales = ops.quantize(all_zero_input, bits, bucket=100, stochastic=stochastic, seed=1)
     assert not scales.any()
     out = ops.dequantize(packed, scales, bits, all_zero_input.size, 100)
@@ -382,9 +374,7 @@ def test_stochastic_rounding_probability_on_one_value() -> None:
 
 # -------------------------------------------------------------------- errors --
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize(
-    ("n", "bucket"), [(10, 512), (200_003, 512), (200_003, 7), (HUGE_BUCKET + 10, HUGE_BUCKET)]
-)
+@pytest.mark.parametrize(("n", "bucket"), [(10, 512), (200_003, 512), (200_003, 7), (HUGE_BUCKET + 10, HUGE_BUCKET)])
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_non_finite_raises(bad: float, n: int, bucket: int, stochastic: bool) -> None:
     for pos in (0, n // 2, n - 1):
@@ -467,9 +457,7 @@ _BIG = float(np.float32(1e30))
     bucket=st.integers(1, 400),
     seed=st.integers(0, 2**64 - 1),
 )
-def test_property_round_trip_full_float_range(
-    x: np.ndarray, bits: int, bucket: int, seed: int
-) -> None:
+def test_property_round_trip_full_float_range(x: np.ndarray, bits: int, bucket: int, seed: int) -> None:
     # Any finite float32, subnormals and the extremes included.
     check_nearest(x, bits, bucket)
     check_stochastic(x, bits, bucket, seed)

@@ -197,10 +197,7 @@ def test_positions_uniform_on_large_n() -> None:
 def test_consecutive_seeds_are_not_correlated() -> None:
     # The overlap of two independent k-subsets of n is hypergeometric with mean k^2/n.
     n, k = 1000, 100
-    overlaps = [
-        np.intersect1d(ops.randomk_indices(n, k, s), ops.randomk_indices(n, k, s + 1)).size
-        for s in range(400)
-    ]
+    overlaps = [np.intersect1d(ops.randomk_indices(n, k, s), ops.randomk_indices(n, k, s + 1)).size for s in range(400)]
     mean = float(np.mean(overlaps))
     expected = k * k / n
     sd = math.sqrt(expected * (1 - k / n) * (n - k) / (n - 1))

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e6), st.floats(1e6, 1e30)), min_size=1, max_size=20),
-       st.floats(0.01, 1.0))
+@given(
+    st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e6), st.floats(1e6, 1e30)), min_size=1, max_size=20),
+    st.floats(0.01, 1.0),
+)
 def test_cap_shares_bounds_every_share_and_keeps_the_order(weights, share):
     capped = cap_shares(weights, share)
     positive = [w for w in weights if w > 0]

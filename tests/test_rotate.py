@@ -254,9 +254,7 @@ def test_deterministic_per_seed() -> None:
     np.testing.assert_array_equal(ops.rht(x, 2**64 - 1), ops.rht(x, 2**64 - 1))
 
 
-@pytest.mark.parametrize(
-    ("n", "block"), [(300_007, DEFAULT_BLOCK), (2**20 + 3, 4096), (300_007, 2**20)]
-)
+@pytest.mark.parametrize(("n", "block"), [(300_007, DEFAULT_BLOCK), (2**20 + 3, 4096), (300_007, 2**20)])
 def test_thread_count_independent(threads, n: int, block: int) -> None:
     x = student_t3(n)
     with threads(1):
@@ -438,8 +436,9 @@ def test_fwht_matches_sylvester() -> None:
     x = student_t3(16 * 5 + 8)
     y = x.copy()
     ops.fwht(y, 16)
-    ref = np.concatenate([sylvester(16) @ x[o : o + 16] / 4 for o in range(0, 80, 16)]
-                         + [sylvester(8) @ x[80:] / np.sqrt(8)])
+    ref = np.concatenate(
+        [sylvester(16) @ x[o : o + 16] / 4 for o in range(0, 80, 16)] + [sylvester(8) @ x[80:] / np.sqrt(8)]
+    )
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * float(np.max(np.abs(x))))
 
 

@@ -38,23 +38,34 @@ def strip_time(rows):
 
 
 # ------------------------------------------------------------------- cells --
-@pytest.mark.parametrize("text, canonical", [
-    ("fp32", "fp32"),
-    ("topk:0.01+q4+zstd", "topk:0.01+q4+zstd"),
-    ("TOPK:0.001+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd",
-     "topk:0.001+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd"),
-    ("q4@ef=off", "q4@ef=off"),
-    ("q4@ef=on", "q4"),
-    ("topk:0.01+q4@downlink=q8+zstd:3,server_momentum=0.9,momentum=0.9",
-     "topk:0.01+q4@momentum=0.9,server_momentum=0.9,downlink=q8+zstd:3"),
-    ("topk:0.01+q4@warmup=5,warmup_start=0.1,clip=2.5,table=digest,server_lr=2",
-     "topk:0.01+q4@clip=2.5,warmup=5,warmup_start=0.1,server_lr=2.0,table=digest"),
-    ("q8@momentum=0", "q8"),
-    ("topk:0.01+sign@server_decay=0.1,server_momentum=0.8", "topk:0.01+sign@server_momentum=0.8,server_decay=0.1"),
-    ("topk:0.01+sign@downlink_mode=CLIENT,downlink=topk:0.02+q2+zstd",
-     "topk:0.01+sign@downlink=topk:0.02+q2+zstd,downlink_mode=client"),
-    ("q4@downlink=q8,downlink_mode=chain", "q4@downlink=q8"),
-])
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("fp32", "fp32"),
+        ("topk:0.01+q4+zstd", "topk:0.01+q4+zstd"),
+        (
+            "TOPK:0.001+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd",
+            "topk:0.001+q4+zstd@momentum=0.9,downlink=topk:0.05+q8+zstd",
+        ),
+        ("q4@ef=off", "q4@ef=off"),
+        ("q4@ef=on", "q4"),
+        (
+            "topk:0.01+q4@downlink=q8+zstd:3,server_momentum=0.9,momentum=0.9",
+            "topk:0.01+q4@momentum=0.9,server_momentum=0.9,downlink=q8+zstd:3",
+        ),
+        (
+            "topk:0.01+q4@warmup=5,warmup_start=0.1,clip=2.5,table=digest,server_lr=2",
+            "topk:0.01+q4@clip=2.5,warmup=5,warmup_start=0.1,server_lr=2.0,table=digest",
+        ),
+        ("q8@momentum=0", "q8"),
+        ("topk:0.01+sign@server_decay=0.1,server_momentum=0.8", "topk:0.01+sign@server_momentum=0.8,server_decay=0.1"),
+        (
+            "topk:0.01+sign@downlink_mode=CLIENT,downlink=topk:0.02+q2+zstd",
+            "topk:0.01+sign@downlink=topk:0.02+q2+zstd,downlink_mode=client",
+        ),
+        ("q4@downlink=q8,downlink_mode=chain", "q4@downlink=q8"),
+    ],
+)
 def test_cells_parse_to_a_canonical_form(text, canonical):
     cell = parse_cell(text)
     assert str(cell) == canonical
@@ -63,31 +74,40 @@ def test_cells_parse_to_a_canonical_form(text, canonical):
 
 def test_cell_options_reach_the_encoder():
     cell = parse_cell("topk:0.01+q4+zstd@ef=off,momentum=0.5,clip=3,warmup=4,warmup_start=0.2,table=digest")
-    assert cell.encoder_options() == {"error_feedback": False, "momentum": 0.5, "clip": 3.0, "warmup_rounds": 4,
-                                      "warmup_start": 0.2, "table": "digest"}
+    assert cell.encoder_options() == {
+        "error_feedback": False,
+        "momentum": 0.5,
+        "clip": 3.0,
+        "warmup_rounds": 4,
+        "warmup_start": 0.2,
+        "table": "digest",
+    }
     assert parse_cell("fp32").is_baseline and not parse_cell("fp32@server_momentum=0.9").is_baseline
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty spec"),
-    ("topk:2+q4", "ratio must be in"),
-    ("q4@", "nothing after '@'"),
-    ("q4@speed=3", "unknown option 'speed'"),
-    ("q4@momentum", "needs a value"),
-    ("q4@momentum=1", "momentum='1' must be a number in [0.0, 1.0)"),
-    ("q4@momentum=abc", "must be a number"),
-    ("q4@ef=maybe", "ef must be on or off"),
-    ("q4@warmup=2", "warmup needs a sparsifier"),
-    ("q4@warmup=1.5", "whole number"),
-    ("q4@clip=0", "clip must be positive"),
-    ("q4@downlink=q5", "downlink: bad stage 'q5'"),
-    ("q4@downlink=eden4:shared", "shared-rotation"),
-    ("q4@table=none", "table must be inline or digest"),
-    ("q4@server_decay=2", "server_decay='2' must be a number in [0.0, 1.0]"),
-    ("q4@momentum=0.5,momentum=0.9", "given twice"),
-    ("q4@downlink_mode=client", "downlink_mode=client needs downlink=SPEC"),
-    ("q4@downlink=q8,downlink_mode=peer", "downlink_mode must be chain or client"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty spec"),
+        ("topk:2+q4", "ratio must be in"),
+        ("q4@", "nothing after '@'"),
+        ("q4@speed=3", "unknown option 'speed'"),
+        ("q4@momentum", "needs a value"),
+        ("q4@momentum=1", "momentum='1' must be a number in [0.0, 1.0)"),
+        ("q4@momentum=abc", "must be a number"),
+        ("q4@ef=maybe", "ef must be on or off"),
+        ("q4@warmup=2", "warmup needs a sparsifier"),
+        ("q4@warmup=1.5", "whole number"),
+        ("q4@clip=0", "clip must be positive"),
+        ("q4@downlink=q5", "downlink: bad stage 'q5'"),
+        ("q4@downlink=eden4:shared", "shared-rotation"),
+        ("q4@table=none", "table must be inline or digest"),
+        ("q4@server_decay=2", "server_decay='2' must be a number in [0.0, 1.0]"),
+        ("q4@momentum=0.5,momentum=0.9", "given twice"),
+        ("q4@downlink_mode=client", "downlink_mode=client needs downlink=SPEC"),
+        ("q4@downlink=q8,downlink_mode=peer", "downlink_mode must be chain or client"),
+    ],
+)
 def test_bad_cells_name_the_problem(text, message):
     with pytest.raises(ValueError) as info:
         parse_cell(text)
@@ -148,8 +168,10 @@ def test_accuracy_matches_an_independent_evaluation(digits):
         sampled = sorted(np.random.default_rng([1, r]).choice(len(ids), size=2, replace=False))
         updates = [trainer.train(params, digits.train.subset(shares[i]), 1 * 1000 + int(i), r) for i in sampled]
         total = sum(n for _, n, _ in updates)
-        params = {k: (v + sum(u[k].astype(np.float64) * n for u, n, _ in updates) / total).astype(np.float32)
-                  for k, v in params.items()}
+        params = {
+            k: (v + sum(u[k].astype(np.float64) * n for u, n, _ in updates) / total).astype(np.float32)
+            for k, v in params.items()
+        }
     model = digits.model_fn(0)
     set_params(model, params)
     loss, acc = evaluate(model, digits.test)
@@ -199,22 +221,52 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
         def train_fn(params, config):
             update, n, loss = trainer.train(params, data, seed * 1000 + i, int(config["round"]))
             return update, n, client_metrics(loss)
+
         return train_fn
 
     async def main():
-        server = Server("127.0.0.1", 0, params0, rounds=s.rounds, clients_per_round=s.per_round,
-                        min_clients=s.clients, codec=cell.spec, downlink=cell.downlink, token=TOKEN,
-                        round_timeout=60, seed=seed, evaluate_fn=evaluate_fn, downlink_history=s.rounds,
-                        server_lr=cell.server_lr, server_momentum=cell.server_momentum,
-                        server_lr_decay=cell.server_decay, downlink_mode=cell.downlink_mode, insecure=True)
+        server = Server(
+            "127.0.0.1",
+            0,
+            params0,
+            rounds=s.rounds,
+            clients_per_round=s.per_round,
+            min_clients=s.clients,
+            codec=cell.spec,
+            downlink=cell.downlink,
+            token=TOKEN,
+            round_timeout=60,
+            seed=seed,
+            evaluate_fn=evaluate_fn,
+            downlink_history=s.rounds,
+            server_lr=cell.server_lr,
+            server_momentum=cell.server_momentum,
+            server_lr_decay=cell.server_decay,
+            downlink_mode=cell.downlink_mode,
+            insecure=True,
+        )
         await server.start()
         opts = cell.encoder_options()
         codec_options = {"table": opts.pop("table")} if "table" in opts else {}
-        clients = [Client(f"127.0.0.1:{server.port}", TOKEN, train_fn_for(i), client_id=cid, initial_params=params0,
-                          seed=seed, error_feedback=opts["error_feedback"], momentum=opts["momentum"],
-                          clip=opts["clip"], warmup_rounds=opts["warmup_rounds"], warmup_start=opts["warmup_start"],
-                          codec_options=codec_options, train_in_thread=False, insecure=True)
-                   for i, cid in enumerate(ids)]
+        clients = [
+            Client(
+                f"127.0.0.1:{server.port}",
+                TOKEN,
+                train_fn_for(i),
+                client_id=cid,
+                initial_params=params0,
+                seed=seed,
+                error_feedback=opts["error_feedback"],
+                momentum=opts["momentum"],
+                clip=opts["clip"],
+                warmup_rounds=opts["warmup_rounds"],
+                warmup_start=opts["warmup_start"],
+                codec_options=codec_options,
+                train_in_thread=False,
+                insecure=True,
+            )
+            for i, cid in enumerate(ids)
+        ]
         tasks = [asyncio.ensure_future(c.run()) for c in clients]
         try:
             history = await asyncio.wait_for(server.run(), 120)
@@ -227,13 +279,16 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("cell", [
-    "fp32",
-    "topk:0.1+q4+zstd@momentum=0.9,clip=5,warmup=2,downlink=topk:0.3+q8+zstd,server_momentum=0.5,table=digest,"
-    "server_decay=0.2",
-    "q8+zstd@ef=off,downlink=q8",
-    "topk:0.2+q4+zstd@server_momentum=0.5,downlink=topk:0.2+q4+zstd,downlink_mode=client",
-])
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "fp32",
+        "topk:0.1+q4+zstd@momentum=0.9,clip=5,warmup=2,downlink=topk:0.3+q8+zstd,server_momentum=0.5,table=digest,"
+        "server_decay=0.2",
+        "q8+zstd@ef=off,downlink=q8",
+        "topk:0.2+q4+zstd@server_momentum=0.5,downlink=topk:0.2+q4+zstd,downlink_mode=client",
+    ],
+)
 def test_bytes_equal_the_federation(digits, cell):
     s = Settings(clients=4, per_round=2, rounds=3, eval_every=1)
     rows = simulate(digits, cell, 5, s)
@@ -256,13 +311,29 @@ def test_sweep_writes_reports_and_resumes(tmp_path, digits):
     out = tmp_path / "sweep"
     cells = ["fp32", "topk:0.1+q4+zstd@momentum=0.9"]
     summary = run_sweep([digits], cells, [0, 1], TINY, out, progress=False)
-    for name in ("runs.jsonl", "summary.json", "summary.md", "sweep.json", "accuracy_vs_uplink.png",
-                 "accuracy_vs_total_bytes.png"):
+    for name in (
+        "runs.jsonl",
+        "summary.json",
+        "summary.md",
+        "sweep.json",
+        "accuracy_vs_uplink.png",
+        "accuracy_vs_total_bytes.png",
+    ):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * (TINY.rounds + 1)
-    assert {"task", "cell", "seed", "round", "test_accuracy", "test_loss", "uplink_bytes", "downlink_bytes",
-            "uplink_total", "downlink_total"} <= set(rows[0])
+    assert {
+        "task",
+        "cell",
+        "seed",
+        "round",
+        "test_accuracy",
+        "test_loss",
+        "uplink_bytes",
+        "downlink_bytes",
+        "uplink_total",
+        "downlink_total",
+    } <= set(rows[0])
     assert len(summary["runs"]) == 4 and len(summary["cells"]) == 2
     base, topk = summary["cells"]
     assert base["uplink_ratio"] == 1.0 and topk["uplink_ratio"] > 10
@@ -294,7 +365,7 @@ def test_sweep_writes_reports_and_resumes(tmp_path, digits):
 
     # A run cut short (its rows partly written) runs again; the others stay.
     lines = (out / "runs.jsonl").read_text().splitlines()
-    (out / "runs.jsonl").write_text("\n".join(lines[:-2]) + "\n{\"torn")
+    (out / "runs.jsonl").write_text("\n".join(lines[:-2]) + '\n{"torn')
     calls.clear()
     runner.simulate = counting
     try:
@@ -333,21 +404,38 @@ def _run(cell, seed, accs, up, down, target=0.9):
     for r, a in enumerate(accs):
         tu += up if r else 0
         td += down if r else 0
-        rows.append({"task": "t", "cell": cell, "seed": seed, "round": r, "test_accuracy": a, "test_loss": 1.0,
-                     "uplink_total": tu, "downlink_total": td, "total_bytes": tu + td, "uplink_payload_bytes": 0,
-                     "downlink_payload_bytes": 0, "seconds": 1.0})
+        rows.append(
+            {
+                "task": "t",
+                "cell": cell,
+                "seed": seed,
+                "round": r,
+                "test_accuracy": a,
+                "test_loss": 1.0,
+                "uplink_total": tu,
+                "downlink_total": td,
+                "total_bytes": tu + td,
+                "uplink_payload_bytes": 0,
+                "downlink_payload_bytes": 0,
+                "seconds": 1.0,
+            }
+        )
     return run_summary(rows, target)
 
 
 def test_summaries_against_hand_computed_numbers():
-    runs = [_run("fp32", 0, [0.1, 0.5, 0.92, 0.95], 1000, 1000), _run("fp32", 1, [0.1, 0.6, 0.93, 0.97], 1000, 1000),
-            _run("q8", 0, [0.1, 0.4, 0.85, 0.93], 100, 500), _run("q8", 1, [0.1, 0.5, 0.91, 0.96], 100, 500)]
+    runs = [
+        _run("fp32", 0, [0.1, 0.5, 0.92, 0.95], 1000, 1000),
+        _run("fp32", 1, [0.1, 0.6, 0.93, 0.97], 1000, 1000),
+        _run("q8", 0, [0.1, 0.4, 0.85, 0.93], 100, 500),
+        _run("q8", 1, [0.1, 0.5, 0.91, 0.96], 100, 500),
+    ]
     assert runs[0]["round_to_target"] == 2 and runs[0]["total_bytes_to_target"] == 4000
     assert runs[2]["round_to_target"] == 3 and runs[2]["total_bytes_to_target"] == 1800
     assert runs[0]["mean_last_accuracy"] == pytest.approx((0.5 + 0.92 + 0.95) / 3)
     base, q8 = cell_summaries(runs, participation=0.2)
     assert q8["final_accuracy_mean"] == pytest.approx(0.945)
-    assert q8["final_accuracy_std"] == pytest.approx(math.sqrt(2 * 0.015 ** 2))
+    assert q8["final_accuracy_std"] == pytest.approx(math.sqrt(2 * 0.015**2))
     assert q8["gap_points"] == pytest.approx(100 * ((0.93 - 0.95) + (0.96 - 0.97)) / 2)
     assert q8["uplink_ratio"] == pytest.approx(10.0) and q8["total_ratio"] == pytest.approx(6000 / 1800)
     assert q8["to_target_ratio"] == pytest.approx((4000 + 4000) / (1800 + 1200))
@@ -357,17 +445,38 @@ def test_summaries_against_hand_computed_numbers():
 # ---------------------------------------------------------------- command --
 def test_command_runs_and_reports_mistakes(tmp_path, capsys):
     out = tmp_path / "cmd"
-    args = ["sweep", "--task", "digits", "--cells", "fp32", "topk:0.1+q8+zstd", "--seeds", "0", "--clients", "4",
-            "--per-round", "2", "--rounds", "2", "--eval-every", "1", "--out", str(out), "--no-progress"]
+    args = [
+        "sweep",
+        "--task",
+        "digits",
+        "--cells",
+        "fp32",
+        "topk:0.1+q8+zstd",
+        "--seeds",
+        "0",
+        "--clients",
+        "4",
+        "--per-round",
+        "2",
+        "--rounds",
+        "2",
+        "--eval-every",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     printed = capsys.readouterr()
     assert "| `topk:0.1+q8+zstd` |" in printed.out
     assert (out / "summary.json").exists()
     assert cli.main(args[:5] + ["q4@bogus=1"] + args[6:]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == ("fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: "
-                                            "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, "
-                                            "server_decay, downlink, downlink_mode, table")
+    assert err.strip().splitlines()[-1] == (
+        "fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: "
+        "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, "
+        "server_decay, downlink, downlink_mode, table"
+    )
     bad_rounds = args[:]
     bad_rounds[bad_rounds.index("--rounds") + 1] = "3"
     assert cli.main(bad_rounds) == 2

@@ -21,10 +21,31 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
-          "uint8", "uint16", "uint32", "uint64", "bool")  # the wire codes, docs/format.md
-SPECS = ["fp32", "q8+zstd", "topk:0.01+q4+zstd", "randk:0.1+fp16", "eden4", "topk:0.1+eden2:mse", "sign",
-         "thresh:0.05+q8"]
+DTYPES = (
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+)  # the wire codes, docs/format.md
+SPECS = [
+    "fp32",
+    "q8+zstd",
+    "topk:0.01+q4+zstd",
+    "randk:0.1+fp16",
+    "eden4",
+    "topk:0.1+eden2:mse",
+    "sign",
+    "thresh:0.05+q8",
+]
 
 
 def reference_digest(entries: list) -> bytes:
@@ -45,8 +66,9 @@ def entries_of(update: dict) -> list:
 
 def head_bytes(entries: list) -> int:
     """Bytes of the first five fields of every inline entry (what a compact entry omits)."""
-    return sum(len(leb128(len(n.encode()))) + len(n.encode()) + 2 + sum(len(leb128(d)) for d in s)
-               for n, _, s in entries)
+    return sum(
+        len(leb128(len(n.encode()))) + len(n.encode()) + 2 + sum(len(leb128(d)) for d in s) for n, _, s in entries
+    )
 
 
 def mixed_update(seed: int = 0) -> dict:
@@ -54,22 +76,29 @@ def mixed_update(seed: int = 0) -> dict:
     return {
         "features.conv1.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
         "features.conv1.bias": rng.standard_normal(8).astype(np.float32),
-        "classifier.fc.weight": rng.standard_normal((10, 72)),                       # float64
+        "classifier.fc.weight": rng.standard_normal((10, 72)),  # float64
         "classifier.fc.half": rng.standard_normal((6, 7)).astype(np.float16),
-        "scalar.temperature": np.array(rng.standard_normal(), np.float32),            # 0-d
-        "buffers.empty": np.zeros((0, 4), np.float32),                                # empty
-        "buffers.num_batches_tracked": np.array(1234, np.int64),                      # 0-d int
+        "scalar.temperature": np.array(rng.standard_normal(), np.float32),  # 0-d
+        "buffers.empty": np.zeros((0, 4), np.float32),  # empty
+        "buffers.num_batches_tracked": np.array(1234, np.int64),  # 0-d int
         "buffers.counts": rng.integers(-5, 5, size=(3, 2)).astype(np.int64),
-        "buffers.mask": rng.random(9) < 0.5,                                          # bool
+        "buffers.mask": rng.random(9) < 0.5,  # bool
     }
 
 
 def cnn_update(seed: int = 0) -> dict:
     """The 215k-parameter CNN of the brief: conv 16x1x5x5, conv 32x16x5x5, fc 384x512, fc 10x384."""
     rng = np.random.default_rng(seed)
-    shapes = {"conv1.weight": (16, 1, 5, 5), "conv1.bias": (16,), "conv2.weight": (32, 16, 5, 5),
-              "conv2.bias": (32,), "fc1.weight": (384, 512), "fc1.bias": (384,), "fc2.weight": (10, 384),
-              "fc2.bias": (10,)}
+    shapes = {
+        "conv1.weight": (16, 1, 5, 5),
+        "conv1.bias": (16,),
+        "conv2.weight": (32, 16, 5, 5),
+        "conv2.bias": (32,),
+        "fc1.weight": (384, 512),
+        "fc1.bias": (384,),
+        "fc2.weight": (10, 384),
+        "fc2.bias": (10,),
+    }
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
@@ -116,15 +145,19 @@ def test_table_digest_is_order_sensitive_and_names_every_field() -> None:
 
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-tensors = st.tuples(st.sampled_from(["float32", "float16", "float64", "int32", "uint8", "bool"]),
-                    st.lists(st.integers(0, 6), max_size=3))
+tensors = st.tuples(
+    st.sampled_from(["float32", "float16", "float64", "int32", "uint8", "bool"]),
+    st.lists(st.integers(0, 6), max_size=3),
+)
 tables = st.dictionaries(names, tensors, max_size=5)
 
 
 def update_of(table: dict, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {name: (rng.standard_normal(shape) * 3 if dtype.startswith("float") else rng.integers(0, 2, shape))
-            .astype(dtype) for name, (dtype, shape) in table.items()}
+    return {
+        name: (rng.standard_normal(shape) * 3 if dtype.startswith("float") else rng.integers(0, 2, shape)).astype(dtype)
+        for name, (dtype, shape) in table.items()
+    }
 
 
 @given(table=tables, spec=st.sampled_from(SPECS), seed=st.integers(0, 2**32 - 1))
@@ -141,23 +174,30 @@ def test_random_tables_round_trip_and_digest(table: dict, spec: str, seed: int) 
 
 def test_table_digest_of_torch_tensors() -> None:
     torch = pytest.importorskip("torch")
-    model = {"w": torch.zeros(3, 4, dtype=torch.bfloat16), "b": torch.zeros(4, dtype=torch.float16),
-             "n": torch.tensor(7, dtype=torch.int64), "m": torch.zeros(2, dtype=torch.bool)}
+    model = {
+        "w": torch.zeros(3, 4, dtype=torch.bfloat16),
+        "b": torch.zeros(4, dtype=torch.float16),
+        "n": torch.tensor(7, dtype=torch.int64),
+        "m": torch.zeros(2, dtype=torch.bool),
+    }
     expected = [("w", "bfloat16", (3, 4)), ("b", "float16", (4,)), ("n", "int64", ()), ("m", "bool", (2,))]
     assert fp.table_digest(model) == reference_digest(expected)
 
 
-@pytest.mark.parametrize("table, error, match", [
-    ([("a", "float32", (2,)), ("a", "float32", (2,))], ValueError, "twice"),
-    ([("a", "complex64", (2,))], ValueError, "complex64"),
-    ({"a": np.zeros(2, np.complex64)}, ValueError, "complex64"),
-    ([("a", "float32", (-1,))], ValueError, "shape"),
-    ([("a", "float32", (2.5,))], TypeError, "shape"),
-    ([("a", "float32")], TypeError, "entry 0"),
-    ([(1, "float32", (2,))], TypeError, "names"),
-    ("float32", TypeError, "mapping"),
-    (None, TypeError, "mapping"),
-])
+@pytest.mark.parametrize(
+    "table, error, match",
+    [
+        ([("a", "float32", (2,)), ("a", "float32", (2,))], ValueError, "twice"),
+        ([("a", "complex64", (2,))], ValueError, "complex64"),
+        ({"a": np.zeros(2, np.complex64)}, ValueError, "complex64"),
+        ([("a", "float32", (-1,))], ValueError, "shape"),
+        ([("a", "float32", (2.5,))], TypeError, "shape"),
+        ([("a", "float32")], TypeError, "entry 0"),
+        ([(1, "float32", (2,))], TypeError, "names"),
+        ("float32", TypeError, "mapping"),
+        (None, TypeError, "mapping"),
+    ],
+)
 def test_bad_tables_are_refused(table, error, match: str) -> None:
     with pytest.raises(error, match=match):
         fp.table_digest(table)
@@ -188,8 +228,11 @@ def test_round_trip_equals_the_inline_payload(spec: str) -> None:
 def test_round_trip_with_bfloat16_from_torch() -> None:
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(3)
-    update = {"emb": torch.randn(40, 8, generator=gen).to(torch.bfloat16), "bias": torch.randn(8, generator=gen),
-              "steps": torch.tensor([3, 4], dtype=torch.int64)}
+    update = {
+        "emb": torch.randn(40, 8, generator=gen).to(torch.bfloat16),
+        "bias": torch.randn(8, generator=gen),
+        "steps": torch.tensor([3, 4], dtype=torch.int64),
+    }
     for spec in ("fp32", "topk:0.1+q4+zstd", "bf16"):
         inline = fp.Codec(spec).encode(update, seed=2)
         digest = fp.Codec(spec, table="digest").encode(update, seed=2)
@@ -237,8 +280,10 @@ def test_inline_payloads_are_unchanged_by_the_default() -> None:
 
 
 # ----------------------------------------------------------------- encoder --
-@pytest.mark.parametrize("spec, momentum", [("topk:0.05+q4", None), ("topk:0.02+q8+zstd", 0.9),
-                                            ("randk:0.1+fp16", None), ("eden2:mse", None)])
+@pytest.mark.parametrize(
+    "spec, momentum",
+    [("topk:0.05+q4", None), ("topk:0.02+q8+zstd", 0.9), ("randk:0.1+fp16", None), ("eden2:mse", None)],
+)
 def test_encoder_error_feedback_is_the_same_without_the_table(spec: str, momentum) -> None:
     inline = fp.Encoder(spec, momentum=momentum)
     digest = fp.Encoder(spec, momentum=momentum, table="digest")
@@ -296,8 +341,9 @@ def test_aggregator_keeps_its_table_across_rounds_and_merges() -> None:
     assert list(merged) == list(whole) and empty.count == agg.count == 4
     for name, arr in whole.items():  # sums added in another order: equal up to rounding
         assert merged[name].dtype == arr.dtype and merged[name].shape == arr.shape, name
-        np.testing.assert_allclose(merged[name].astype(np.float64), arr.astype(np.float64), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            merged[name].astype(np.float64), arr.astype(np.float64), rtol=1e-5, atol=1e-6, err_msg=name
+        )
     other = fp.Aggregator()
     other.add(fp.Codec("fp32").encode({"x": np.ones(3, np.float32)}, seed=0))
     with pytest.raises(fp.DecodeError, match="receiver's model"):
@@ -315,8 +361,10 @@ def test_aggregator_refuses_what_it_cannot_read_and_keeps_its_sums() -> None:
     agg.add(digest, 2.0)
     before = agg.result()
     renamed = {("x" if k == "buffers.mask" else k): v for k, v in update.items()}
-    for bad in (fp.Codec("topk:0.05+q4", table="digest").encode(renamed, seed=2),
-                fp.Codec("topk:0.05+q4").encode(renamed, seed=2)):
+    for bad in (
+        fp.Codec("topk:0.05+q4", table="digest").encode(renamed, seed=2),
+        fp.Codec("topk:0.05+q4").encode(renamed, seed=2),
+    ):
         with pytest.raises(fp.DecodeError, match="receiver's model"):
             agg.add(bad)
     assert agg.count == 1 and agg.total_weight == 2.0
@@ -353,8 +401,11 @@ def test_a_different_table_is_refused(which: str) -> None:
     digest = fp.Codec("topk:0.1+q4", table="digest").encode(update, seed=1)
     mine, theirs = fp.table_digest(update).hex(), fp.table_digest(other).hex()
     for call in (fp.decode, fp.inspect):
-        with pytest.raises(fp.DecodeError, match=rf"tensor table digest 0x{mine} does not match the receiver's "
-                                                 rf"model \(0x{theirs}\)"):
+        with pytest.raises(
+            fp.DecodeError,
+            match=rf"tensor table digest 0x{mine} does not match the receiver's "
+            rf"model \(0x{theirs}\)",
+        ):
             call(digest, table=other)
     # an inline payload checked against a table names the first difference
     inline = fp.Codec("topk:0.1+q4").encode(update, seed=1)
@@ -386,14 +437,16 @@ def test_hand_built_compact_body_decodes(wire) -> None:
     table = [("w", "float32", (2,)), ("n", "int64", (2,))]
     values = np.array([1.5, -2.0], "<f4").tobytes()
     ints = np.array([3, -4], "<i8").tobytes()
-    body = _compact_body(wire, "fp32", reference_digest(table), 2,
-                         [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 2, 0, 0, 0, 16)], values + ints)
+    body = _compact_body(
+        wire, "fp32", reference_digest(table), 2, [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 2, 0, 0, 0, 16)], values + ints
+    )
     payload = wire.wrap(body, flags=0x02, seed=7)
     out = fp.decode(payload, table=table)
     np.testing.assert_array_equal(out["w"], [1.5, -2.0])
     np.testing.assert_array_equal(out["n"], [3, -4])
     assert payload == fp.Codec("fp32", table="digest").encode(
-        {"w": np.array([1.5, -2.0], np.float32), "n": np.array([3, -4], np.int64)}, seed=7)
+        {"w": np.array([1.5, -2.0], np.float32), "n": np.array([3, -4], np.int64)}, seed=7
+    )
 
 
 HOSTILE_COMPACT = {
@@ -401,16 +454,36 @@ HOSTILE_COMPACT = {
     "tensor count differs": (3, [(1, 0, 0, 2, 0, 0, 0, 8)] * 3, b"\0" * 24, "tensor count 3 differs"),
     "tensor count 2^32-1": (2**32 - 1, [], b"", r"tensor count 4294967295 (differs|exceeds)"),
     "entries cut short": (2, [], b"\0" * 10, "cannot fit in the 10 bytes"),
-    "dense count above the known size": (2, [(1, 0, 0, 3, 0, 0, 0, 12), (0, 255, 0, 2, 0, 0, 0, 16)], b"\0" * 28,
-                                         "dense count 3 differs from the shape's 2"),
-    "raw count of another shape": (2, [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 3, 0, 0, 0, 24)], b"\0" * 32,
-                                   "raw count 3 differs"),
-    "raw bytes of another dtype": (2, [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 2, 0, 0, 0, 8)], b"\0" * 16,
-                                   "raw section of 8 bytes, expected 16"),
-    "compressing the int tensor": (2, [(1, 0, 0, 2, 0, 0, 0, 8), (1, 0, 0, 2, 0, 0, 0, 8)], b"\0" * 16,
-                                   "int64 can only travel raw"),
-    "values length 2^64-1": (2, [(1, 0, 0, 2, 0, 0, 0, 2**64 - 1), (0, 255, 0, 2, 0, 0, 0, 16)], b"\0" * 24,
-                             "values section"),
+    "dense count above the known size": (
+        2,
+        [(1, 0, 0, 3, 0, 0, 0, 12), (0, 255, 0, 2, 0, 0, 0, 16)],
+        b"\0" * 28,
+        "dense count 3 differs from the shape's 2",
+    ),
+    "raw count of another shape": (
+        2,
+        [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 3, 0, 0, 0, 24)],
+        b"\0" * 32,
+        "raw count 3 differs",
+    ),
+    "raw bytes of another dtype": (
+        2,
+        [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 2, 0, 0, 0, 8)],
+        b"\0" * 16,
+        "raw section of 8 bytes, expected 16",
+    ),
+    "compressing the int tensor": (
+        2,
+        [(1, 0, 0, 2, 0, 0, 0, 8), (1, 0, 0, 2, 0, 0, 0, 8)],
+        b"\0" * 16,
+        "int64 can only travel raw",
+    ),
+    "values length 2^64-1": (
+        2,
+        [(1, 0, 0, 2, 0, 0, 0, 2**64 - 1), (0, 255, 0, 2, 0, 0, 0, 16)],
+        b"\0" * 24,
+        "values section",
+    ),
     "sections missing": (2, [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 2, 0, 0, 0, 16)], b"\0" * 8, "truncated"),
     "trailing bytes": (2, [(1, 0, 0, 2, 0, 0, 0, 8), (0, 255, 0, 2, 0, 0, 0, 16)], b"\0" * 25, "trailing"),
 }
@@ -433,14 +506,17 @@ def test_hostile_compact_tables_raise_decode_error(what: str, wire, memory_cap) 
     assert agg.count == 0
 
 
-@pytest.mark.parametrize("limits, match", [
-    (fp.Limits(max_tensors=8), "tensor count 9 exceeds the limit of 8"),
-    (fp.Limits(max_dims=3), "4 dimensions exceed the limit of 3"),
-    (fp.Limits(max_elements=200), "exceeds the limit of 200 elements"),
-    (fp.Limits(max_total_elements=300), "more than 300 elements"),
-    (fp.Limits(max_decoded_bytes=1000), "more than 1000 bytes"),
-    (fp.Limits(max_body_bytes=100), "exceeds the limit of 100"),
-])
+@pytest.mark.parametrize(
+    "limits, match",
+    [
+        (fp.Limits(max_tensors=8), "tensor count 9 exceeds the limit of 8"),
+        (fp.Limits(max_dims=3), "4 dimensions exceed the limit of 3"),
+        (fp.Limits(max_elements=200), "exceeds the limit of 200 elements"),
+        (fp.Limits(max_total_elements=300), "more than 300 elements"),
+        (fp.Limits(max_decoded_bytes=1000), "more than 1000 bytes"),
+        (fp.Limits(max_body_bytes=100), "exceeds the limit of 100"),
+    ],
+)
 def test_limits_apply_to_the_receivers_table(limits: fp.Limits, match: str) -> None:
     update = mixed_update()
     for table in ("inline", "digest"):
@@ -493,4 +569,5 @@ def test_golden_digest_payload(spec: str) -> None:
     again = fp.Codec(spec, table="digest").encode(update, seed=GOLDEN.SEED)
     assert again == payload, (
         f"{spec}: the encoder's output without its table changed ({len(again)} bytes, golden {len(payload)}); "
-        "a format change needs a new version, or regenerate with python tests/data/make_golden.py on purpose")
+        "a format change needs a new version, or regenerate with python tests/data/make_golden.py on purpose"
+    )

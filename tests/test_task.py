@@ -34,15 +34,20 @@ def test_builtin_and_user_tasks_resolve(monkeypatch):
     assert 0.0 <= make_evaluate_fn(task, task.test)(params)["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("text, message", [("cifar", "unknown task 'cifar'"),
-                                           ("no_such_module_x:build", "cannot import"),
-                                           ("examples.custom_task:nothing", "has no function 'nothing'"),
-                                           ("examples.custom_task:build",
-                                            "must return a fedpress.train.Task, got int")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cifar", "unknown task 'cifar'"),
+        ("no_such_module_x:build", "cannot import"),
+        ("examples.custom_task:nothing", "has no function 'nothing'"),
+        ("examples.custom_task:build", "must return a fedpress.train.Task, got int"),
+    ],
+)
 def test_bad_tasks_are_named(text, message, monkeypatch):
     monkeypatch.chdir(ROOT)
     if message.startswith("must return"):
         import examples.custom_task as module
+
         monkeypatch.setattr(module, "build", lambda: 42)
     with pytest.raises(ValueError, match=message):
         resolve_task(text)
@@ -53,10 +58,36 @@ def test_a_user_task_through_server_and_clients(tmp_path):
     token = tmp_path / "token"
     token.write_text("t" * 64)
     common = ["--task", "examples.custom_task:build", "--seed", "3"]
-    server = subprocess.Popen([sys.executable, "-m", "fedpress.cli", "server", "--host", "127.0.0.1", "--port", "0",
-                               "--rounds", "2", "--clients-per-round", "2", "--min-clients", "2", "--codec",
-                               "topk:0.1+q8", "--token-file", str(token), "--out", str(tmp_path / "run"),
-                               "--insecure", *common], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=ENV)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedpress.cli",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--rounds",
+            "2",
+            "--clients-per-round",
+            "2",
+            "--min-clients",
+            "2",
+            "--codec",
+            "topk:0.1+q8",
+            "--token-file",
+            str(token),
+            "--out",
+            str(tmp_path / "run"),
+            "--insecure",
+            *common,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     clients = []
     try:
         assert server.stderr is not None
@@ -67,14 +98,53 @@ def test_a_user_task_through_server_and_clients(tmp_path):
                 port = line.split("listening on 127.0.0.1:")[1].split()[0]
                 break
         assert port, "no listening line"
-        clients = [subprocess.run([sys.executable, "-m", "fedpress.cli", "client", "--connect", f"127.0.0.1:{port}",
-                                   "--token-file", str(token), "--insecure", "--partition", f"{i}/2",
-                                   "--seeded-model", *common], cwd=ROOT, capture_output=True, text=True,
-                                  env=ENV, timeout=120) if i == 1 else
-                   subprocess.Popen([sys.executable, "-m", "fedpress.cli", "client", "--connect",
-                                     f"127.0.0.1:{port}", "--token-file", str(token), "--insecure", "--partition",
-                                     f"{i}/2", "--seeded-model", *common], cwd=ROOT, stderr=subprocess.PIPE,
-                                    text=True, env=ENV) for i in (0, 1)]
+        clients = [
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedpress.cli",
+                    "client",
+                    "--connect",
+                    f"127.0.0.1:{port}",
+                    "--token-file",
+                    str(token),
+                    "--insecure",
+                    "--partition",
+                    f"{i}/2",
+                    "--seeded-model",
+                    *common,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=120,
+            )
+            if i == 1
+            else subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedpress.cli",
+                    "client",
+                    "--connect",
+                    f"127.0.0.1:{port}",
+                    "--token-file",
+                    str(token),
+                    "--insecure",
+                    "--partition",
+                    f"{i}/2",
+                    "--seeded-model",
+                    *common,
+                ],
+                cwd=ROOT,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=ENV,
+            )
+            for i in (0, 1)
+        ]
         err = server.communicate(timeout=120)[1]
         assert server.returncode == 0, err
         assert clients[1].returncode == 0, clients[1].stderr
@@ -90,7 +160,12 @@ def test_a_user_task_through_server_and_clients(tmp_path):
 
 
 def test_the_python_federation_example_runs():
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "python_federation.py"), "--rounds", "2"],
-                            capture_output=True, text=True, timeout=120, env=ENV)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "python_federation.py"), "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "uplink" in result.stdout

@@ -60,18 +60,14 @@ def test_topk(threads, inputs, kind: str, k: int) -> None:
 @pytest.mark.parametrize("ratio", [0.001, 0.01, 0.3])
 def test_threshold_topk(threads, inputs, kind: str, ratio: float) -> None:
     x = inputs[kind]
-    assert_all_equal(
-        outputs_for_each_thread_count(threads, lambda: pack(*ops.threshold_topk(x, ratio, seed=99)))
-    )
+    assert_all_equal(outputs_for_each_thread_count(threads, lambda: pack(*ops.threshold_topk(x, ratio, seed=99))))
 
 
 @pytest.mark.parametrize("k", [10_000, 900_000])
 def test_randomk(threads, inputs, k: int) -> None:
     x = inputs["normal"]
     assert_all_equal(
-        outputs_for_each_thread_count(
-            threads, lambda: pack(*ops.randomk(x, k, seed=5), ops.randomk_indices(N, k, 5))
-        )
+        outputs_for_each_thread_count(threads, lambda: pack(*ops.randomk(x, k, seed=5), ops.randomk_indices(N, k, 5)))
     )
 
 

@@ -55,9 +55,7 @@ def check_selection(x: np.ndarray, ratio: float, seed: int) -> tuple[np.ndarray,
 # ------------------------------------------------------------------ band/order --
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("n", SIZES)
-def test_count_in_band_and_largest_selected(
-    make_input, distribution: str, n: int, ratio: float
-) -> None:
+def test_count_in_band_and_largest_selected(make_input, distribution: str, n: int, ratio: float) -> None:
     check_selection(make_input(distribution, n), ratio, seed=12345)
 
 
@@ -83,9 +81,7 @@ def test_run_structured_values(run: int, ratio: float) -> None:
 def test_three_magnitudes_with_ties(ratio: float) -> None:
     rng = np.random.default_rng(3)
     mags = np.array([1e-3, 1.0, 1e3], dtype=np.float32)
-    x = rng.choice(mags, LARGE_N, p=[0.95, 0.04, 0.01]) * rng.choice(
-        np.array([-1, 1], dtype=np.float32), LARGE_N
-    )
+    x = rng.choice(mags, LARGE_N, p=[0.95, 0.04, 0.01]) * rng.choice(np.array([-1, 1], dtype=np.float32), LARGE_N)
     check_selection(x.astype(np.float32), ratio, seed=9)
 
 
@@ -200,9 +196,7 @@ def test_accepts_float64_and_multidim(make_input) -> None:
 
 
 # ------------------------------------------------------------------- errors --
-@pytest.mark.parametrize(
-    "ratio", [-0.01, 1.01, -1.0, 2.0, float("nan"), float("inf"), -float("inf")]
-)
+@pytest.mark.parametrize("ratio", [-0.01, 1.01, -1.0, 2.0, float("nan"), float("inf"), -float("inf")])
 def test_bad_ratio(normal_input: np.ndarray, ratio: float) -> None:
     with pytest.raises(ValueError):
         ops.threshold_topk(normal_input, ratio, seed=1)

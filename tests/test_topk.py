@@ -24,9 +24,7 @@ def reference_order(x: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(x32.size), -np.abs(x32)))
 
 
-def reference_topk(
-    x: np.ndarray, k: int, order: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def reference_topk(x: np.ndarray, k: int, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first k of reference_order(x), sorted ascending, with their values."""
     x32 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if order is None:
@@ -49,9 +47,7 @@ def assert_well_formed(x: np.ndarray, idx: np.ndarray, val: np.ndarray, k: int) 
     assert val.tobytes() == x32[idx].tobytes()
 
 
-def assert_topk_matches(
-    x: np.ndarray, k: int, order: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def assert_topk_matches(x: np.ndarray, k: int, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     idx, val = ops.topk(x, k)
     assert_well_formed(x, idx, val, k)
     ref_idx, ref_val = reference_topk(x, k, order)
@@ -87,9 +83,7 @@ def test_k_equals_n_returns_everything(normal_input: np.ndarray) -> None:
     assert val.tobytes() == normal_input.tobytes()
 
 
-def test_k_one_is_argmax_of_magnitude(
-    heavy_tailed_input: np.ndarray, lognormal_input: np.ndarray
-) -> None:
+def test_k_one_is_argmax_of_magnitude(heavy_tailed_input: np.ndarray, lognormal_input: np.ndarray) -> None:
     for x in (heavy_tailed_input, lognormal_input):
         idx, val = ops.topk(x, 1)
         expected = int(np.argmax(np.abs(x)))  # argmax: first maximum
@@ -380,9 +374,7 @@ def test_large_tie_heavy(kind: str, k_frac: float) -> None:
         x = rng.standard_normal(LARGE_N).astype(np.float32)
         x[rng.random(LARGE_N) < 0.5] = 0.0
     elif kind == "three_magnitudes":
-        x = rng.choice(
-            np.array([1e-3, 1.0, 1e3], dtype=np.float32), LARGE_N, p=[0.975, 0.02, 0.005]
-        )
+        x = rng.choice(np.array([1e-3, 1.0, 1e3], dtype=np.float32), LARGE_N, p=[0.975, 0.02, 0.005])
     else:
         x = rng.choice(np.array([-2, -1, 0, 1, 2], dtype=np.float32), LARGE_N)
     assert_topk_matches(x, int(k_frac * LARGE_N))
@@ -482,9 +474,7 @@ def test_simd_levels_agree(simd) -> None:
     results: dict[str, list[tuple[bytes, bytes]]] = {}
     for level in SIMD_LEVELS:
         with simd(level):
-            results[level] = [
-                (i.tobytes(), v.tobytes()) for i, v in (ops.topk(x, k) for _, x, k in cases)
-            ]
+            results[level] = [(i.tobytes(), v.tobytes()) for i, v in (ops.topk(x, k) for _, x, k in cases)]
     for j, (name, x, k) in enumerate(cases):
         ref_idx, ref_val = reference_topk(x, k)
         for level in SIMD_LEVELS:

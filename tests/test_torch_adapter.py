@@ -23,8 +23,7 @@ EXAMPLE = REPO / "examples" / "pytorch_fedavg.py"
 def _bn_model(seed: int = 0) -> torch.nn.Module:
     """A model with float parameters, float running statistics and an int64 step counter."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
-                               torch.nn.Linear(5, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
 
 
 def _train_steps(model: torch.nn.Module, steps: int, seed: int = 1) -> None:
@@ -41,8 +40,10 @@ def _train_steps(model: torch.nn.Module, steps: int, seed: int = 1) -> None:
 
 def _numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Copies of the state (bfloat16, which numpy lacks, as float32)."""
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy().copy()
-            for k, v in model.state_dict().items()}
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy().copy()
+        for k, v in model.state_dict().items()
+    }
 
 
 class _WithBuffers(torch.nn.Module):
@@ -64,12 +65,14 @@ def test_import_fedpress_does_not_import_torch():
 
 
 def test_adapter_imports_the_real_torch():
-    code = ("import fedpress.torch as fpt, torch, sys\n"
-            "assert fpt.torch is torch and torch is sys.modules['torch']\n"
-            "assert 'fedpress' not in torch.__file__, torch.__file__\n"
-            "assert hasattr(torch, 'nn') and torch.zeros(2).sum().item() == 0\n"
-            "import fedpress\n"
-            "assert fedpress.torch is fpt\n")
+    code = (
+        "import fedpress.torch as fpt, torch, sys\n"
+        "assert fpt.torch is torch and torch is sys.modules['torch']\n"
+        "assert 'fedpress' not in torch.__file__, torch.__file__\n"
+        "assert hasattr(torch, 'nn') and torch.zeros(2).sum().item() == 0\n"
+        "import fedpress\n"
+        "assert fedpress.torch is fpt\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert fpt.torch is torch
 
@@ -174,11 +177,9 @@ def test_the_delta_does_not_alias_the_model():
 
 def test_state_delta_rejects_different_names():
     current = {"a": torch.zeros(2), "b": torch.zeros(2)}
-    with pytest.raises(ValueError,
-                       match=r"missing from the reference: \['b'\]; not in the model: \['c'\]"):
+    with pytest.raises(ValueError, match=r"missing from the reference: \['b'\]; not in the model: \['c'\]"):
         fpt.state_delta(current, {"a": np.zeros(2), "c": np.zeros(2)})
-    with pytest.raises(ValueError,
-                       match=r"missing from the reference: \['b'\]; not in the model: \[\]$"):
+    with pytest.raises(ValueError, match=r"missing from the reference: \['b'\]; not in the model: \[\]$"):
         fpt.state_delta(current, {"a": np.zeros(2)})
 
 
@@ -188,14 +189,17 @@ def test_state_delta_rejects_different_shapes():
         fpt.state_delta({"w": torch.zeros(3, 4)}, {"w": np.zeros((4, 3), np.float32)})
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ([1.0, 2.0], r"model entry 'x' is a list; expected a torch.Tensor or a numpy array"),
-    (None, r"model entry 'x' is a NoneType"),
-    (np.array(["a", "b"]), r"model tensor 'x' has unsupported dtype <U1; expected a floating"),
-    (np.zeros(2, np.complex64), r"model tensor 'x' has unsupported dtype complex64"),
-    (torch.zeros(2, dtype=torch.float8_e4m3fn), r"tensor 'x' has unsupported dtype float8_e4m3fn"),
-    (torch.zeros(2, dtype=torch.complex64), r"model tensor 'x' has unsupported dtype complex64"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1.0, 2.0], r"model entry 'x' is a list; expected a torch.Tensor or a numpy array"),
+        (None, r"model entry 'x' is a NoneType"),
+        (np.array(["a", "b"]), r"model tensor 'x' has unsupported dtype <U1; expected a floating"),
+        (np.zeros(2, np.complex64), r"model tensor 'x' has unsupported dtype complex64"),
+        (torch.zeros(2, dtype=torch.float8_e4m3fn), r"tensor 'x' has unsupported dtype float8_e4m3fn"),
+        (torch.zeros(2, dtype=torch.complex64), r"model tensor 'x' has unsupported dtype complex64"),
+    ],
+)
 def test_state_delta_rejects_unsupported_values(value, message):
     with pytest.raises(TypeError, match=message):
         fpt.state_delta({"x": value}, {"x": np.zeros(2, np.float32)})
@@ -223,13 +227,13 @@ def test_apply_delta_round_trip_makes_the_reference_equal_to_the_model():
         got = reference.state_dict()[name]
         if want.is_floating_point():
             # (a - b) + b is within an ulp of a in float32.
-            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7,
-                                       err_msg=name)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
         else:
             assert torch.equal(got, want), name
     # The parameters themselves moved, not only the state_dict's tensors.
-    np.testing.assert_allclose(reference[0].weight.detach().numpy(),
-                               model[0].weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        reference[0].weight.detach().numpy(), model[0].weight.detach().numpy(), rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("lr", [0.5, -1.25, 0.0])
@@ -237,8 +241,7 @@ def test_apply_delta_scales_floats_by_lr_and_not_integer_buffers(lr):
     model = _bn_model()
     rng = np.random.default_rng(3)
     before = _numpy_state(model)
-    delta = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in before.items()
-             if v.dtype.kind == "f"}
+    delta = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in before.items() if v.dtype.kind == "f"}
     delta["1.num_batches_tracked"] = np.array(2.6)  # a float mean of step counts: rounded to 3
     fpt.apply_delta(model, delta, lr=lr)
     after = _numpy_state(model)
@@ -288,8 +291,7 @@ def test_apply_delta_accepts_decoded_and_aggregated_payloads():
     target = copy.deepcopy(reference)
     fpt.apply_delta(target, decoded)
     for name, t in clients[0].state_dict().items():
-        np.testing.assert_allclose(target.state_dict()[name].numpy(), t.numpy(), rtol=1e-6,
-                                   atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(target.state_dict()[name].numpy(), t.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
 
     agg = fp.Aggregator()
     weights = [30.0, 10.0]
@@ -300,11 +302,11 @@ def test_apply_delta_accepts_decoded_and_aggregated_payloads():
     fpt.apply_delta(reference, mean)
     after = _numpy_state(reference)
     for name in before:
-        want_mean = (weights[0] * deltas[0][name].astype(np.float64)
-                     + weights[1] * deltas[1][name].astype(np.float64)) / sum(weights)
+        want_mean = (
+            weights[0] * deltas[0][name].astype(np.float64) + weights[1] * deltas[1][name].astype(np.float64)
+        ) / sum(weights)
         if before[name].dtype.kind == "f":
-            np.testing.assert_allclose(after[name], before[name] + want_mean, rtol=1e-5, atol=1e-6,
-                                       err_msg=name)
+            np.testing.assert_allclose(after[name], before[name] + want_mean, rtol=1e-5, atol=1e-6, err_msg=name)
         else:  # (30 * 2 + 10 * 3) / 40 = 2.25 steps: the aggregator and apply_delta round to 2
             assert int(after[name]) == int(before[name]) + int(np.rint(want_mean)) == 2
 
@@ -321,8 +323,7 @@ def test_apply_delta_leaves_tensors_missing_from_the_delta_alone():
 
 
 def test_apply_delta_updates_tied_weights_once():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False),
-                                torch.nn.Linear(3, 3, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False))
     model[1].weight = model[0].weight
     assert list(model.state_dict()) == ["0.weight", "1.weight"]
     before = model[0].weight.detach().numpy().copy()
@@ -340,17 +341,28 @@ def test_apply_delta_accepts_read_only_arrays_without_warnings():
     np.testing.assert_allclose(_numpy_state(model)["weight"], before["weight"] + 1, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("bad", "error", "message"), [
-    ({"2.weight": np.zeros((3, 5), np.float32)}, ValueError,
-     r"delta holds tensors the model does not have: \['2.weight'\]"),
-    ({"3.weight": np.zeros((5, 3), np.float32)}, ValueError,
-     r"delta for '3.weight' has shape \(5, 3\), the model's tensor \(3, 5\)"),
-    ({"3.bias": np.array([0.0, np.nan, 0.0], np.float32)}, ValueError,
-     r"delta for '3.bias' holds NaN"),
-    ({"3.bias": np.array([True, False, True])}, TypeError,
-     r"delta for '3.bias' is bool but the model's tensor is float32"),
-    ({"3.bias": "abc"}, TypeError, r"delta entry '3.bias' is a str"),
-])
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (
+            {"2.weight": np.zeros((3, 5), np.float32)},
+            ValueError,
+            r"delta holds tensors the model does not have: \['2.weight'\]",
+        ),
+        (
+            {"3.weight": np.zeros((5, 3), np.float32)},
+            ValueError,
+            r"delta for '3.weight' has shape \(5, 3\), the model's tensor \(3, 5\)",
+        ),
+        ({"3.bias": np.array([0.0, np.nan, 0.0], np.float32)}, ValueError, r"delta for '3.bias' holds NaN"),
+        (
+            {"3.bias": np.array([True, False, True])},
+            TypeError,
+            r"delta for '3.bias' is bool but the model's tensor is float32",
+        ),
+        ({"3.bias": "abc"}, TypeError, r"delta entry '3.bias' is a str"),
+    ],
+)
 def test_apply_delta_validates_everything_before_changing_anything(bad, error, message):
     model = _bn_model()
     before = _numpy_state(model)
@@ -388,8 +400,9 @@ def test_cuda_model():
     assert all(isinstance(v, np.ndarray) for v in delta.values())
     fpt.apply_delta(reference, fp.decode(fp.Codec("fp32").encode(delta)))
     for name, t in model.state_dict().items():
-        np.testing.assert_allclose(reference.state_dict()[name].cpu().numpy(), t.cpu().numpy(),
-                                   rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            reference.state_dict()[name].cpu().numpy(), t.cpu().numpy(), rtol=1e-6, atol=1e-7, err_msg=name
+        )
 
 
 # ------------------------------------------------------------------ example --

@@ -35,9 +35,11 @@ def digits():
 
 # ------------------------------------------------------------------ imports --
 def test_import_fedpress_does_not_import_torch_or_sklearn():
-    code = ("import sys, fedpress, fedpress.train\n"
-            "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, fedpress, fedpress.train\n"
+        "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -267,8 +269,10 @@ def _skew(parts, labels):
 
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
-    skews = [np.mean([_skew(ft.partition_dirichlet(LABELS, 10, alpha=a, seed=s), LABELS) for s in range(3)])
-             for a in (100.0, 1.0, 0.1)]
+    skews = [
+        np.mean([_skew(ft.partition_dirichlet(LABELS, 10, alpha=a, seed=s), LABELS) for s in range(3)])
+        for a in (100.0, 1.0, 0.1)
+    ]
     assert skews[0] < skews[1] < skews[2]
     assert skews[0] < 0.2 and skews[2] > 0.5
     parts = ft.partition_dirichlet(LABELS, 10, alpha=0.5, seed=0, min_size=30)
@@ -446,8 +450,9 @@ def _fedavg(train_fns, global_params, rounds, evaluate_fn):
     for r in range(1, rounds + 1):
         results = [fn(global_params, {"round": r}) for fn in train_fns]
         total = sum(n for _, n, _ in results)
-        global_params = {k: (v + sum(u[k] * (n / total) for u, n, _ in results)).astype(v.dtype)
-                         for k, v in global_params.items()}
+        global_params = {
+            k: (v + sum(u[k] * (n / total) for u, n, _ in results)).astype(v.dtype) for k, v in global_params.items()
+        }
         accuracies.append(evaluate_fn(global_params)["accuracy"])
     return global_params, accuracies
 
@@ -455,8 +460,18 @@ def _fedavg(train_fns, global_params, rounds, evaluate_fn):
 def test_fedavg_by_hand_on_digits(digits):
     _torch()
     train, test = digits
-    train_fns = [ft.make_train_fn("digits", ft.client_partition(train, i, 4, scheme="iid", seed=0),
-                                  epochs=2, lr=0.05, batch_size=32, momentum=0.9, seed=i) for i in range(4)]
+    train_fns = [
+        ft.make_train_fn(
+            "digits",
+            ft.client_partition(train, i, 4, scheme="iid", seed=0),
+            epochs=2,
+            lr=0.05,
+            batch_size=32,
+            momentum=0.9,
+            seed=i,
+        )
+        for i in range(4)
+    ]
     _, accuracies = _fedavg(train_fns, ft.init_params("digits", seed=0), 5, ft.make_evaluate_fn("digits", test))
     assert accuracies[-1] >= 0.85, accuracies
     assert accuracies[-1] > accuracies[0]
@@ -468,8 +483,12 @@ def test_fedavg_through_fp32_payloads_matches_by_hand(digits):
 
     train, _ = digits
     global_params = ft.init_params("digits", seed=0)
-    results = [ft.make_train_fn("digits", ft.client_partition(train, i, 3, scheme="dirichlet", seed=0),
-                                lr=0.1, seed=i)(global_params, {"round": 1}) for i in range(3)]
+    results = [
+        ft.make_train_fn("digits", ft.client_partition(train, i, 3, scheme="dirichlet", seed=0), lr=0.1, seed=i)(
+            global_params, {"round": 1}
+        )
+        for i in range(3)
+    ]
     agg = fp.Aggregator()
     for update, n, _ in results:
         agg.add(fp.Codec("fp32").encode(update), weight=n)

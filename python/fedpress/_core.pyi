@@ -47,6 +47,7 @@ def eden_decode(
     outlier_val: _F32,
 ) -> _F32: ...
 def encode_indices(indices: _U32, n: int) -> bytes: ...
+
 class DecodeError(ValueError):
     """Malformed bytes (fedpress.DecodeError)."""
 

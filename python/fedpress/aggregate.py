@@ -88,8 +88,10 @@ class Aggregator:
             # this process's memory, leaves the aggregate as it was.
             sums = self._sums
             if self._table is None:
-                sums = {rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
-                        for rec in parsed.tensors}
+                sums = {
+                    rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                    for rec in parsed.tensors
+                }
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
             steps = [self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated) for rec in parsed.tensors]
             table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
@@ -130,12 +132,19 @@ class Aggregator:
                 parsed.append(one)
             sums = self._sums
             if self._table is None:
-                sums = {rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
-                        for rec in parsed[0].tensors}
+                sums = {
+                    rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                    for rec in parsed[0].tensors
+                }
             # Sparse float32 tensors are batched; the rest become steps as in add().
-            batched = [(i, rec) for i, one in enumerate(parsed) for rec in one.tensors
-                       if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED) and rec.eden is None
-                       and sums[rec.name].dtype == np.float32]
+            batched = [
+                (i, rec)
+                for i, one in enumerate(parsed)
+                for rec in one.tensors
+                if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED)
+                and rec.eden is None
+                and sums[rec.name].dtype == np.float32
+            ]
             with ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
                 try:
                     decoded = list(pool.map(lambda item: sparse_parts(item[1], parsed[item[0]].seed), batched))
@@ -179,13 +188,18 @@ class Aggregator:
         table = table_entries(arrays)
         expected = self._table if self._table is not None else self._model
         if expected is not None and table != expected:
-            raise DecodeError(table_difference(expected, table, "the first payload" if self._table is not None
-                                               else "the receiver's model"))
+            raise DecodeError(
+                table_difference(
+                    expected, table, "the first payload" if self._table is not None else "the receiver's model"
+                )
+            )
         with out_of_memory_as_decode_error():
             sums = self._sums
             if self._table is None:
-                sums = {name: np.zeros(a.size, self.dtype if a.dtype == np.float32 or a.dtype == np.float16
-                                       else np.float64) for name, a in arrays.items()}
+                sums = {
+                    name: np.zeros(a.size, self.dtype if a.dtype == np.float32 or a.dtype == np.float16 else np.float64)
+                    for name, a in arrays.items()
+                }
             for name, a in arrays.items():  # the sums exist: nothing below allocates a failure
                 acc = sums[name]
                 np.add(acc, a.reshape(-1).astype(acc.dtype, copy=False) * acc.dtype.type(w), out=acc)
@@ -193,8 +207,14 @@ class Aggregator:
         self.count += 1
         self.total_weight += w
 
-    def _prepare(self, rec: Any, seed: int, weight: float, acc: np.ndarray,
-                 new_rotated: dict[str, tuple[int, int, int, np.ndarray]]) -> Callable[[], None]:
+    def _prepare(
+        self,
+        rec: Any,
+        seed: int,
+        weight: float,
+        acc: np.ndarray,
+        new_rotated: dict[str, tuple[int, int, int, np.ndarray]],
+    ) -> Callable[[], None]:
         """Decodes one tensor; returns the step that adds it, times ``weight``, to ``acc``
         (or to its rotated-domain sum, a new one going into ``new_rotated``)."""
         if rec.kind == KIND_RAW:
@@ -327,4 +347,3 @@ class Aggregator:
         self._table = None
         self.count = 0
         self.total_weight = 0.0
-

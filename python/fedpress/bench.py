@@ -379,8 +379,9 @@ class _Bench:
             self.failures.append(f"{row.kernel} N={format_size(row.n)} vs {row.peer}: {row.note}")
         self.cfg.echo(_row_line(row))
 
-    def skipped(self, kernel: str, n: int, fp_ms: Optional[float], peer: str, read: float, why: str,
-                ok: Optional[bool] = None) -> None:
+    def skipped(
+        self, kernel: str, n: int, fp_ms: Optional[float], peer: str, read: float, why: str, ok: Optional[bool] = None
+    ) -> None:
         """A row whose peer did not run; `ok` still reports fedpress's own checks."""
         self.add(Row(kernel, n, fp_ms, peer, None, read, ok, why))
 
@@ -406,8 +407,14 @@ class _Bench:
         del out
         gbs = x.nbytes / (read * 1e-3) / 1e9
         self.reads.append(
-            {"n": n, "read_op": read_name, "read_ms": read, "read_GBps": gbs,
-             "read_candidates_ms": read_times, "copyto_ms": copy_ms}
+            {
+                "n": n,
+                "read_op": read_name,
+                "read_ms": read,
+                "read_GBps": gbs,
+                "read_candidates_ms": read_times,
+                "copyto_ms": copy_ms,
+            }
         )
         cfg.echo("")
         cfg.echo(
@@ -426,7 +433,7 @@ class _Bench:
 
     # -- kernels
     def _argpartition_topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.argpartition(np.abs(x), x.size - k)[x.size - k:]
+        idx = np.argpartition(np.abs(x), x.size - k)[x.size - k :]
         return idx, x[idx]
 
     def k_topk(self, n: int, ctx: dict[str, Any]) -> None:
@@ -449,8 +456,7 @@ class _Bench:
         note = _selection_note(same, swapped)
         if not fp_ok:
             note = "fedpress output not ascending / values != x[idx] / tie rule broken"
-        self.add(Row("topk", n, fp_ms, "np.argpartition(|x|)+gather", np_ms, read,
-                     fp_ok and same, note))
+        self.add(Row("topk", n, fp_ms, "np.argpartition(|x|)+gather", np_ms, read, fp_ok and same, note))
         del pidx, pvals
 
         torch = self.cfg.torch
@@ -469,8 +475,7 @@ class _Bench:
             t_ms = self.time(torch_topk)
             ti, _ = torch_topk()
             same, swapped = _same_selection(idx, ti.numpy(), mag)
-            self.add(Row("topk", n, fp_ms, peer, t_ms, read, fp_ok and same,
-                         _selection_note(same, swapped)))
+            self.add(Row("topk", n, fp_ms, peer, t_ms, read, fp_ok and same, _selection_note(same, swapped)))
 
     def k_threshold(self, n: int, ctx: dict[str, Any]) -> None:
         x, k, read = ctx["x"], ctx["k"], ctx["read"]
@@ -482,10 +487,7 @@ class _Bench:
         # It must return exactly the count largest magnitudes, count within +-10% of k.
         largest = idx.size == 0 or idx.size == n or mag[sel].min() >= mag[~sel].max()
         ok = bool(
-            abs(idx.size - k) <= 0.1 * k + 1
-            and np.all(idx[1:] > idx[:-1])
-            and np.array_equal(vals, x[idx])
-            and largest
+            abs(idx.size - k) <= 0.1 * k + 1 and np.all(idx[1:] > idx[:-1]) and np.array_equal(vals, x[idx]) and largest
         )
         np_ms = ctx.get("argpartition_ms")
         if np_ms is None:
@@ -493,8 +495,19 @@ class _Bench:
         note = f"count {idx.size} (k={k}, {100 * (idx.size - k) / k:+.1f}%)"
         if not largest:
             note += "; NOT the largest magnitudes"
-        self.add(Row("threshold_topk", n, fp_ms, "np.argpartition (exact k)", np_ms, read, ok,
-                     note, {"count": int(idx.size), "k": k}))
+        self.add(
+            Row(
+                "threshold_topk",
+                n,
+                fp_ms,
+                "np.argpartition (exact k)",
+                np_ms,
+                read,
+                ok,
+                note,
+                {"count": int(idx.size), "k": k},
+            )
+        )
 
     def k_quantize4(self, n: int, ctx: dict[str, Any]) -> None:
         x, read = ctx["x"], ctx["read"]
@@ -540,7 +553,7 @@ class _Bench:
         # Decode the peer independently of fedpress.
         codes = torch.stack([tp & 15, tp >> 4], dim=1).view(-1)[:n].to(torch.float32)
         pad = (-n) % BUCKET
-        tdeq = (torch.nn.functional.pad(codes, (0, pad)).view(-1, BUCKET) * (2.0 / levels) - 1.0)
+        tdeq = torch.nn.functional.pad(codes, (0, pad)).view(-1, BUCKET) * (2.0 / levels) - 1.0
         tdeq = (tdeq * ts.view(-1, 1)).view(-1)[:n].numpy()
         terr = tdeq - x
         t_mae = float(np.mean(np.abs(terr)))
@@ -550,18 +563,26 @@ class _Bench:
         mae_ratio = fp_mae / t_mae if t_mae > 0 else 1.0
         ok = bound_ok and scales_ok and size_ok and cross_ok and 0.8 <= mae_ratio <= 1.25
         step = float(np.mean(2 * scales / levels))
-        note = (
-            f"mean|err| fp {fp_mae:.4g} peer {t_mae:.4g} (x{mae_ratio:.3f}); "
-            f"bias fp {fp_bias / step:+.1e} step"
-        )
+        note = f"mean|err| fp {fp_mae:.4g} peer {t_mae:.4g} (x{mae_ratio:.3f}); bias fp {fp_bias / step:+.1e} step"
         if not bound_ok:
             note += "; |err| > 2*scale/15"
         if not scales_ok:
             note += "; scales != bucket absmax"
         if not cross_ok:
             note += "; fedpress.dequantize disagrees on peer bytes"
-        self.add(Row("quantize 4b", n, fp_ms, peer, t_ms, read, ok, note,
-                     {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": t_mae, "fp_bias": fp_bias}))
+        self.add(
+            Row(
+                "quantize 4b",
+                n,
+                fp_ms,
+                peer,
+                t_ms,
+                read,
+                ok,
+                note,
+                {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": t_mae, "fp_bias": fp_bias},
+            )
+        )
         del tp, ts, codes, tdeq, terr, cross
 
     def k_int8(self, n: int, ctx: dict[str, Any]) -> None:
@@ -577,8 +598,7 @@ class _Bench:
         del deq, err
         torch = self.cfg.torch
         if torch is None:
-            self.skipped("quantize 8b", n, fp_ms, "torch qint8", read,
-                         "torch not installed" + fp_note, fp_ok)
+            self.skipped("quantize 8b", n, fp_ms, "torch qint8", read, "torch not installed" + fp_note, fp_ok)
             return
         t = torch.from_numpy(x)
 
@@ -593,11 +613,21 @@ class _Bench:
             q = per_tensor()
             terr = np.abs(q.dequantize().numpy() - x)
             t_ok = bool(terr.max() <= q.q_scale() / 2 + _ULPS * 127 * q.q_scale())
-            self.add(Row("quantize 8b", n, fp_ms, "torch.quantize_per_tensor qint8", t_ms, read,
-                         fp_ok and t_ok,
-                         f"mean|err| fp {fp_mae:.3g} (bucket {BUCKET}) torch {terr.mean():.3g}"
-                         + fp_note + ("" if t_ok else "; torch |err| > scale/2"),
-                         {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(terr.mean())}))
+            self.add(
+                Row(
+                    "quantize 8b",
+                    n,
+                    fp_ms,
+                    "torch.quantize_per_tensor qint8",
+                    t_ms,
+                    read,
+                    fp_ok and t_ok,
+                    f"mean|err| fp {fp_mae:.3g} (bucket {BUCKET}) torch {terr.mean():.3g}"
+                    + fp_note
+                    + ("" if t_ok else "; torch |err| > scale/2"),
+                    {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(terr.mean())},
+                )
+            )
             del q, terr
             peer = "torch per-channel qint8 b512"
             if not self.slow_peer_ok(n):
@@ -617,10 +647,19 @@ class _Bench:
             cerr = np.abs(q.dequantize().view(-1)[:n].numpy() - x)
             cscale = q.q_per_channel_scales().numpy()
             c_ok = bool(np.all(_bucket_max(cerr, BUCKET) <= cscale / 2 + _ULPS * 127 * cscale))
-            self.add(Row("quantize 8b", n, fp_ms, peer, c_ms, read, fp_ok and c_ok,
-                         f"mean|err| torch {cerr.mean():.3g}" + fp_note
-                         + ("" if c_ok else "; torch |err| > scale/2"),
-                         {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(cerr.mean())}))
+            self.add(
+                Row(
+                    "quantize 8b",
+                    n,
+                    fp_ms,
+                    peer,
+                    c_ms,
+                    read,
+                    fp_ok and c_ok,
+                    f"mean|err| torch {cerr.mean():.3g}" + fp_note + ("" if c_ok else "; torch |err| > scale/2"),
+                    {"fp_mean_abs_err": fp_mae, "peer_mean_abs_err": float(cerr.mean())},
+                )
+            )
             del q, cerr
 
     def k_scatter(self, n: int, ctx: dict[str, Any]) -> None:
@@ -636,8 +675,7 @@ class _Bench:
         acc = np.zeros(n, dtype=np.float32)
         label = f"scatter_add x{CLIENTS}"
 
-        fp_ms = self.time(lambda: ops.scatter_add_many(acc, idx_list, val_list, wlist),
-                          setup=lambda: acc.fill(0))
+        fp_ms = self.time(lambda: ops.scatter_add_many(acc, idx_list, val_list, wlist), setup=lambda: acc.fill(0))
         acc.fill(0)
         ops.scatter_add_many(acc, idx_list, val_list, wlist)
         fp_acc = acc.copy()
@@ -652,8 +690,7 @@ class _Bench:
         np_loop()
         diff = float(np.max(np.abs(fp_acc - acc)))
         ok = bool(np.allclose(fp_acc, acc, rtol=1e-5, atol=1e-6))
-        self.add(Row(label, n, fp_ms, "numpy acc[i] += w*v loop", np_ms, read, ok,
-                     f"max|diff| {diff:.2g}"))
+        self.add(Row(label, n, fp_ms, "numpy acc[i] += w*v loop", np_ms, read, ok, f"max|diff| {diff:.2g}"))
 
         torch = self.cfg.torch
         if torch is None:
@@ -673,8 +710,7 @@ class _Bench:
             torch_loop()
             diff = float(np.max(np.abs(fp_acc - acc)))
             ok = bool(np.allclose(fp_acc, acc, rtol=1e-5, atol=1e-6))
-            self.add(Row(label, n, fp_ms, "torch index_add_ loop", t_ms, read, ok,
-                         f"max|diff| {diff:.2g}"))
+            self.add(Row(label, n, fp_ms, "torch index_add_ loop", t_ms, read, ok, f"max|diff| {diff:.2g}"))
         del idx_list, val_list, idx64, acc, fp_acc
 
     def k_indexcode(self, n: int, ctx: dict[str, Any]) -> None:
@@ -689,14 +725,35 @@ class _Bench:
         dec_ms = self.time(lambda: ops.decode_indices(buf, n))
         rt_ok = bool(np.array_equal(ops.decode_indices(buf, n), idx))
         fp_bits = 8 * len(buf) / k
-        extra = {"bits_per_index": fp_bits, "bound_bits_per_index": bound, "bytes": len(buf),
-                 "decode_ms": dec_ms}
+        extra = {"bits_per_index": fp_bits, "bound_bits_per_index": bound, "bytes": len(buf), "decode_ms": dec_ms}
         zstd = self.cfg.zstd
         if zstd is None:
-            self.add(Row("encode_indices", n, enc_ms, "zstd (not installed)", None, read, rt_ok,
-                         f"{fp_bits:.3f} b/idx, bound {bound:.3f}", extra))
-            self.add(Row("decode_indices", n, dec_ms, "zstd (not installed)", None, read, rt_ok,
-                         "round trip " + ("exact" if rt_ok else "WRONG"), extra))
+            self.add(
+                Row(
+                    "encode_indices",
+                    n,
+                    enc_ms,
+                    "zstd (not installed)",
+                    None,
+                    read,
+                    rt_ok,
+                    f"{fp_bits:.3f} b/idx, bound {bound:.3f}",
+                    extra,
+                )
+            )
+            self.add(
+                Row(
+                    "decode_indices",
+                    n,
+                    dec_ms,
+                    "zstd (not installed)",
+                    None,
+                    read,
+                    rt_ok,
+                    "round trip " + ("exact" if rt_ok else "WRONG"),
+                    extra,
+                )
+            )
             return
 
         def delta_bytes() -> np.ndarray:
@@ -718,22 +775,52 @@ class _Bench:
             z_bits = 8 * len(blob) / k
             peer = f"zstd-{level} on uint32 deltas"
             if first:
-                self.add(Row("encode_indices", n, enc_ms, peer, z_ms, read, rt_ok and z_ok,
-                             f"b/idx: fp {fp_bits:.3f}, zstd {z_bits:.3f}, bound {bound:.3f}",
-                             dict(extra, peer_bits_per_index=z_bits)))
-                self.add(Row("decode_indices", n, dec_ms, peer, zd_ms, read, rt_ok and z_ok,
-                             "round trip " + ("exact" if rt_ok else "WRONG"),
-                             dict(extra, peer_bits_per_index=z_bits)))
+                self.add(
+                    Row(
+                        "encode_indices",
+                        n,
+                        enc_ms,
+                        peer,
+                        z_ms,
+                        read,
+                        rt_ok and z_ok,
+                        f"b/idx: fp {fp_bits:.3f}, zstd {z_bits:.3f}, bound {bound:.3f}",
+                        dict(extra, peer_bits_per_index=z_bits),
+                    )
+                )
+                self.add(
+                    Row(
+                        "decode_indices",
+                        n,
+                        dec_ms,
+                        peer,
+                        zd_ms,
+                        read,
+                        rt_ok and z_ok,
+                        "round trip " + ("exact" if rt_ok else "WRONG"),
+                        dict(extra, peer_bits_per_index=z_bits),
+                    )
+                )
                 first = False
             else:
-                self.add(Row("encode_indices", n, enc_ms, peer, z_ms, read, z_ok,
-                             f"b/idx: zstd-{level} {z_bits:.3f}; decode {_fmt_ms(zd_ms)} ms",
-                             dict(extra, peer_bits_per_index=z_bits, peer_decode_ms=zd_ms)))
+                self.add(
+                    Row(
+                        "encode_indices",
+                        n,
+                        enc_ms,
+                        peer,
+                        z_ms,
+                        read,
+                        z_ok,
+                        f"b/idx: zstd-{level} {z_bits:.3f}; decode {_fmt_ms(zd_ms)} ms",
+                        dict(extra, peer_bits_per_index=z_bits, peer_decode_ms=zd_ms),
+                    )
+                )
 
     def k_ef_topk(self, n: int, ctx: dict[str, Any]) -> None:
         x, k, read = ctx["x"], ctx["k"], ctx["read"]
         rng = np.random.default_rng(SEED + 2)
-        r0 = (0.5 * rng.standard_normal(n, dtype=np.float32))  # a carried-over residual
+        r0 = 0.5 * rng.standard_normal(n, dtype=np.float32)  # a carried-over residual
         res = np.empty_like(r0)
         restore = lambda: np.copyto(res, r0)  # noqa: E731 - untimed per-run reset
 
@@ -744,7 +831,7 @@ class _Bench:
 
         def np_ef() -> tuple[np.ndarray, np.ndarray]:
             res.__iadd__(x)
-            i = np.argpartition(np.abs(res), n - k)[n - k:]
+            i = np.argpartition(np.abs(res), n - k)[n - k :]
             v = res[i]
             res[i] = 0
             return i, v
@@ -800,42 +887,68 @@ class _Bench:
         """The project's performance targets, judged at the largest N measured."""
 
         def pick(kernel: str, peer_prefix: str) -> Optional[Row]:
-            cands = [r for r in self.rows
-                     if r.kernel == kernel and r.peer.startswith(peer_prefix) and r.peer_ms is not None]
+            cands = [
+                r for r in self.rows if r.kernel == kernel and r.peer.startswith(peer_prefix) and r.peer_ms is not None
+            ]
             return max(cands, key=lambda r: r.n) if cands else None
 
         out: list[dict[str, Any]] = []
 
-        def target(desc: str, row: Optional[Row], value: Optional[float], passed: Optional[bool],
-                   shown: str) -> None:
+        def target(desc: str, row: Optional[Row], value: Optional[float], passed: Optional[bool], shown: str) -> None:
             # The targets are defined at the largest default size: a smaller run (--quick, --sizes)
             # does not measure them, whatever its ratios say.
             measured = row is not None and row.n >= TARGET_SIZE
-            out.append({"target": desc, "n": row.n if row else None, "value": value,
-                        "pass": passed if measured else None, "shown": shown,
-                        "measured": measured})
+            out.append(
+                {
+                    "target": desc,
+                    "n": row.n if row else None,
+                    "value": value,
+                    "pass": passed if measured else None,
+                    "shown": shown,
+                    "measured": measured,
+                }
+            )
 
         r = pick("topk", "np.argpartition")
-        target("topk >= 15x faster than np.argpartition (25.6M)", r, r.ratio if r else None,
-               (r.ratio >= 15) if r else None, _fmt_ratio(r.ratio) if r else "-")
+        target(
+            "topk >= 15x faster than np.argpartition (25.6M)",
+            r,
+            r.ratio if r else None,
+            (r.ratio >= 15) if r else None,
+            _fmt_ratio(r.ratio) if r else "-",
+        )
         r = pick("quantize 4b", "torch QSGD")
-        target("quantize 4b >= 50x faster than torch QSGD", r, r.ratio if r else None,
-               (r.ratio >= 50) if r else None, _fmt_ratio(r.ratio) if r else "-")
+        target(
+            "quantize 4b >= 50x faster than torch QSGD",
+            r,
+            r.ratio if r else None,
+            (r.ratio >= 50) if r else None,
+            _fmt_ratio(r.ratio) if r else "-",
+        )
         cands = [row for row in self.rows if row.kernel == "quantize 4b"]
         r = max(cands, key=lambda row: row.n) if cands else None
         rr = r.read_ratio if r else None
-        target("quantize 4b within 4x of one streaming read", r, rr,
-               (rr <= 4) if rr is not None else None, _fmt_ratio(rr))
+        target(
+            "quantize 4b within 4x of one streaming read", r, rr, (rr <= 4) if rr is not None else None, _fmt_ratio(rr)
+        )
         r = pick(f"scatter_add x{CLIENTS}", "torch index_add_")
-        target(f"scatter_add_many ({CLIENTS} clients) >= 5x faster than torch index_add_ loop", r,
-               r.ratio if r else None, (r.ratio >= 5) if r else None,
-               _fmt_ratio(r.ratio) if r else "-")
+        target(
+            f"scatter_add_many ({CLIENTS} clients) >= 5x faster than torch index_add_ loop",
+            r,
+            r.ratio if r else None,
+            (r.ratio >= 5) if r else None,
+            _fmt_ratio(r.ratio) if r else "-",
+        )
         cands = [row for row in self.rows if row.kernel == "encode_indices"]
         r = max(cands, key=lambda row: row.n) if cands else None
         bits = r.extra.get("bits_per_index") if r else None
-        target("encode_indices <= 8.5 bits/index at 1% density", r, bits,
-               (bits <= 8.5) if bits is not None else None,
-               f"{bits:.3f} b/idx" if bits is not None else "-")
+        target(
+            "encode_indices <= 8.5 bits/index at 1% density",
+            r,
+            bits,
+            (bits <= 8.5) if bits is not None else None,
+            f"{bits:.3f} b/idx" if bits is not None else "-",
+        )
         return out
 
 
@@ -903,8 +1016,15 @@ def run(
         torch.set_num_threads(n_threads)
 
     cfg = _Config(
-        sizes=list(sizes), repeat=repeat, warmup=1, min_total=0.02 if quick else 0.2,
-        quick=quick, kernels=kernels, torch=torch, zstd=zstandard, echo=echo,
+        sizes=list(sizes),
+        repeat=repeat,
+        warmup=1,
+        min_total=0.02 if quick else 0.2,
+        quick=quick,
+        kernels=kernels,
+        torch=torch,
+        zstd=zstandard,
+        echo=echo,
     )
     meta = {
         "fedpress": __version__,
@@ -934,8 +1054,10 @@ def run(
         f"simd {meta['simd']}, numpy {np.__version__}, torch {meta['torch'] or 'missing'}, "
         f"zstandard {meta['zstandard'] or 'missing'}"
     )
-    echo(f"times: median of >= {repeat} runs after {cfg.warmup} warm-up; ratio = peer ms / "
-         "fedpress ms; /read = fedpress ms / one streaming read of x")
+    echo(
+        f"times: median of >= {repeat} runs after {cfg.warmup} warm-up; ratio = peer ms / "
+        "fedpress ms; /read = fedpress ms / one streaming read of x"
+    )
     if torch is None:
         echo("note: torch is not installed; torch peers are skipped")
     if zstandard is None:
@@ -959,8 +1081,10 @@ def run(
         meta["other_cpu_share"] = share
         if share > 0.05:
             echo("")
-            echo(f"WARNING: other processes used {other:.1f} CPU s ({100 * share:.0f}% of the "
-                 "machine) during the run; multi-threaded timings are unreliable")
+            echo(
+                f"WARNING: other processes used {other:.1f} CPU s ({100 * share:.0f}% of the "
+                "machine) during the run; multi-threaded timings are unreliable"
+            )
     echo("")
     if bench.failures:
         echo(f"CORRECTNESS FAILURES ({len(bench.failures)}):")
@@ -986,17 +1110,33 @@ def run(
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options, shared by ``fedpress bench`` and bench/kernels.py."""
-    parser.add_argument("--sizes", nargs="+", metavar="N", type=_size_list,
-                        help="vector lengths, e.g. 1M 11.7M 25.6M or 1000000 (default "
-                             + " ".join(format_size(s) for s in DEFAULT_SIZES) + ")")
-    parser.add_argument("--repeat", type=_positive_int, default=None,
-                        help="timed runs per measurement; the median is reported (default 5, quick 3)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="threads for fedpress and torch (default: fedpress's default)")
-    parser.add_argument("--quick", action="store_true",
-                        help="N = 1M and 4M, fewer repeats, slow peers skipped above 4M (< 30 s)")
-    parser.add_argument("--only", nargs="+", choices=KERNELS, metavar="KERNEL",
-                        help="run only these kernels: " + ", ".join(KERNELS))
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="N",
+        type=_size_list,
+        help="vector lengths, e.g. 1M 11.7M 25.6M or 1000000 (default "
+        + " ".join(format_size(s) for s in DEFAULT_SIZES)
+        + ")",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=None,
+        help="timed runs per measurement; the median is reported (default 5, quick 3)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="threads for fedpress and torch (default: fedpress's default)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 1M and 4M, fewer repeats, slow peers skipped above 4M (< 30 s)"
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=KERNELS, metavar="KERNEL", help="run only these kernels: " + ", ".join(KERNELS)
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     return parser
 
@@ -1021,8 +1161,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     sizes = None
     if args.sizes:
         sizes = [n for group in args.sizes for n in group]
-    report = run(sizes, repeat=args.repeat, threads=args.threads, quick=args.quick,
-                 only=args.only, json_path=args.json)
+    report = run(sizes, repeat=args.repeat, threads=args.threads, quick=args.quick, only=args.only, json_path=args.json)
     return 1 if report["failures"] else 0
 
 

@@ -54,7 +54,7 @@ class Spec:
     rotate: bool = False
     values: str = "fp32"
     zstd_level: Optional[int] = None
-    eden_mode: Optional[str] = None   # edenB values: None, "shared" or "mse"
+    eden_mode: Optional[str] = None  # edenB values: None, "shared" or "mse"
 
     @property
     def eden(self) -> bool:
@@ -127,9 +127,7 @@ def parse_spec(spec: str) -> Spec:
         if rank == last_rank:
             raise _stage_error(spec, stage, f"a second {kind} stage")
         if rank < last_rank:
-            raise _stage_error(
-                spec, stage, "stages must come in the order sparsifier, rht, values, zstd"
-            )
+            raise _stage_error(spec, stage, "stages must come in the order sparsifier, rht, values, zstd")
         last_rank = rank
     return Spec(**fields)
 
@@ -169,8 +167,9 @@ class Codec:
     a receiver that knows the model, which decodes with ``table=`` the model.
     """
 
-    def __init__(self, spec: str, *, per_tensor: bool = False, bucket: int = 512,
-                 rht_block: int = 1 << 16, table: str = "inline") -> None:
+    def __init__(
+        self, spec: str, *, per_tensor: bool = False, bucket: int = 512, rht_block: int = 1 << 16, table: str = "inline"
+    ) -> None:
         if table not in _payload.TABLE_FORMS:
             raise ValueError(f"table must be one of {', '.join(map(repr, _payload.TABLE_FORMS))}, got {table!r}")
         self.table = table
@@ -187,8 +186,14 @@ class Codec:
         table = f", table={self.table!r}" if self.table != "inline" else ""
         return f"Codec({str(self.spec)!r}, per_tensor={self.per_tensor}{table})"
 
-    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
-               rotation_seed: Optional[int] = None, _dtypes: Optional[Mapping[str, str]] = None) -> bytes:
+    def encode(
+        self,
+        update: Mapping[str, Any],
+        *,
+        seed: Optional[int] = None,
+        rotation_seed: Optional[int] = None,
+        _dtypes: Optional[Mapping[str, str]] = None,
+    ) -> bytes:
         """Compresses ``update`` into payload bytes. ``seed`` fixes every random
         choice (stochastic rounding, random-k, rotation signs); by default it is fresh.
 
@@ -222,8 +227,9 @@ class Codec:
             if i not in flat:
                 entries.append(_payload.raw_entry(name, arr, dtype))
                 continue
-            entries.append(self._float_entry(name, arr, dtype, flat[i], selected.get(i),
-                                             payload_seed, i, rotation_seed))
+            entries.append(
+                self._float_entry(name, arr, dtype, flat[i], selected.get(i), payload_seed, i, rotation_seed)
+            )
         return _payload.write(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
 
     # -- selection ----------------------------------------------------------
@@ -234,15 +240,19 @@ class Codec:
             return {}
         if sp.sparsifier == "randk":
             # Indices regenerate from the seed on decode; kept per tensor.
-            return {i: ops.randomk(v, _k(sp.ratio, v.size),
-                                   _payload.stage_seed(seed, i, _payload.PURPOSE_RANDK))
-                    for i, v in flat.items()}
+            return {
+                i: ops.randomk(v, _k(sp.ratio, v.size), _payload.stage_seed(seed, i, _payload.PURPOSE_RANDK))
+                for i, v in flat.items()
+            }
         if sp.sparsifier == "topk":
+
             def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 return ops.topk(v, _k(sp.ratio, v.size))
         else:
+
             def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 return ops.threshold_topk(v, sp.ratio, seed)
+
         if self.per_tensor or len(flat) == 1:
             return {i: pick(v) for i, v in flat.items()}
         # Global selection over the concatenation of every float tensor.
@@ -251,8 +261,10 @@ class Codec:
         offsets = np.concatenate(([0], np.cumsum(sizes)))
         idx, vals = pick(np.concatenate([flat[i] for i in order]))
         cuts = np.searchsorted(idx, offsets)
-        return {i: ((idx[cuts[j]:cuts[j + 1]] - np.uint32(offsets[j])).astype(np.uint32),
-                    vals[cuts[j]:cuts[j + 1]]) for j, i in enumerate(order)}
+        return {
+            i: ((idx[cuts[j] : cuts[j + 1]] - np.uint32(offsets[j])).astype(np.uint32), vals[cuts[j] : cuts[j + 1]])
+            for j, i in enumerate(order)
+        }
 
     # -- values ---------------------------------------------------------------
     def _value_bucket(self) -> int:
@@ -268,9 +280,17 @@ class Codec:
             return _payload.eden_fixed_size(count, self.rht_block, _payload.EDEN_BITS[self.spec.values])
         return _payload.values_size(self.spec.values, count, self._value_bucket())
 
-    def _float_entry(self, name: str, original: np.ndarray, dtype: str, v: np.ndarray,
-                     selected: Optional[tuple[np.ndarray, np.ndarray]], payload_seed: int,
-                     ordinal: int, rotation_seed: Optional[int] = None) -> _payload.Entry:
+    def _float_entry(
+        self,
+        name: str,
+        original: np.ndarray,
+        dtype: str,
+        v: np.ndarray,
+        selected: Optional[tuple[np.ndarray, np.ndarray]],
+        payload_seed: int,
+        ordinal: int,
+        rotation_seed: Optional[int] = None,
+    ) -> _payload.Entry:
         sp = self.spec
         n = v.size
         indices, kept = selected if selected is not None else (None, None)
@@ -300,15 +320,22 @@ class Codec:
         block = self.rht_block if sp.eden or rotated else 0
         if sp.eden:
             shared = sp.eden_mode == "shared"
-            rotation = _payload.stage_seed(rotation_seed if shared and rotation_seed is not None else payload_seed,
-                                           ordinal, _payload.PURPOSE_RHT)
+            rotation = _payload.stage_seed(
+                rotation_seed if shared and rotation_seed is not None else payload_seed, ordinal, _payload.PURPOSE_RHT
+            )
             bucket = 0
-            coded = _payload.encode_eden(sp.values, ops._as_float32(values, name).reshape(-1), block, rotation,
-                                         quant_seed, shared=shared, mse=sp.eden_mode == "mse")
+            coded = _payload.encode_eden(
+                sp.values,
+                ops._as_float32(values, name).reshape(-1),
+                block,
+                rotation,
+                quant_seed,
+                shared=shared,
+                mse=sp.eden_mode == "mse",
+            )
         else:
             if rotated:
-                values = ops.rht(values, _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_RHT),
-                                 block=block)
+                values = ops.rht(values, _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_RHT), block=block)
             bucket = self._value_bucket()
             try:
                 coded = _payload.encode_values(sp.values, values, bucket, quant_seed)
@@ -317,10 +344,18 @@ class Codec:
                     raise
                 _check_values(name, values, 0, sparse=indices is not None)  # names the tensor
                 raise
-        return _payload.Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in shape), kind=kind,
-                              count=int(indices.size if indices is not None else n), rht_block=block,
-                              indices=None if kind != _payload.KIND_SPARSE else indices,
-                              values=coded, value_code=sp.values, bucket=bucket)
+        return _payload.Entry(
+            name=name,
+            dtype=dtype,
+            shape=tuple(int(s) for s in shape),
+            kind=kind,
+            count=int(indices.size if indices is not None else n),
+            rht_block=block,
+            indices=None if kind != _payload.KIND_SPARSE else indices,
+            values=coded,
+            value_code=sp.values,
+            bucket=bucket,
+        )
 
 
 def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse: bool) -> None:
@@ -333,13 +368,17 @@ def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse:
     if not math.isfinite(peak):
         if sparse:
             raise ValueError(f"tensor {name!r} holds NaN or infinity among its selected values")
-        raise ValueError(f"tensor {name!r} holds NaN or infinity (or float64 values beyond the "
-                         "float32 range); compressed tensors must be finite")
+        raise ValueError(
+            f"tensor {name!r} holds NaN or infinity (or float64 values beyond the "
+            "float32 range); compressed tensors must be finite"
+        )
     bound = peak * math.sqrt(values.size) * rotation_block
     if bound > 1e38:
-        raise ValueError(f"tensor {name!r} holds values too large to rotate in float32 "
-                         f"(max|x| * sqrt(n) * rht_block = {bound:.3g} > 1e38); scale the update "
-                         "down or use a codec without rht/eden")
+        raise ValueError(
+            f"tensor {name!r} holds values too large to rotate in float32 "
+            f"(max|x| * sqrt(n) * rht_block = {bound:.3g} > 1e38); scale the update "
+            "down or use a codec without rht/eden"
+        )
 
 
 def _k(ratio: float, n: int) -> int:

@@ -86,9 +86,17 @@ class CompressionState:
     pickled); an unpickled state uses the default group, as torch's PowerSGDState does.
     """
 
-    def __init__(self, spec: str, start_iter: int = 2, error_feedback: bool = True,
-                 process_group: Optional[dist.ProcessGroup] = None, *, seed: int = 0,
-                 history_size: Optional[int] = 10_000, **codec_options: Any) -> None:
+    def __init__(
+        self,
+        spec: str,
+        start_iter: int = 2,
+        error_feedback: bool = True,
+        process_group: Optional[dist.ProcessGroup] = None,
+        *,
+        seed: int = 0,
+        history_size: Optional[int] = 10_000,
+        **codec_options: Any,
+    ) -> None:
         codec = Codec(spec, **codec_options)  # raises ValueError on a bad spec or option
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be an integer >= 0, got {start_iter!r}")
@@ -109,8 +117,10 @@ class CompressionState:
         self._step = dict.fromkeys(_BYTE_FIELDS, 0)
 
     def __repr__(self) -> str:
-        return (f"CompressionState({self.spec!r}, start_iter={self.start_iter}, "
-                f"error_feedback={self.error_feedback}, iter={self.iter})")
+        return (
+            f"CompressionState({self.spec!r}, start_iter={self.start_iter}, "
+            f"error_feedback={self.error_feedback}, iter={self.iter})"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -182,20 +192,23 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     if state.iter < state.start_iter:
         state._count(bucket, raw, raw, raw, raw)
         buffer.div_(group.size())  # before the sum, so half-precision sums cannot overflow
-        return (dist.all_reduce(buffer, group=group, async_op=True)
-                .get_future()
-                .then(lambda fut: fut.value()[0]))
+        return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
     if not buffer.is_floating_point():
-        raise TypeError(f"compress_hook: bucket {bucket.index()} holds {buffer.dtype} gradients; "
-                        "only floating-point buckets can be compressed")
+        raise TypeError(
+            f"compress_hook: bucket {bucket.index()} holds {buffer.dtype} gradients; "
+            "only floating-point buckets can be compressed"
+        )
     rank = dist.get_rank(group)
     world = group.size()
     encoder = state._encoder(bucket.index())
     # edenB:shared: every rank rotates this bucket with the same seed, so the callback's
     # Aggregator sums the payloads in the rotated domain and inverts once.
     shared = encoder.codec.spec.eden_mode == "shared"
-    payload = encoder.encode({_TENSOR: buffer}, seed=state._payload_seed(rank, bucket.index()),
-                             rotation_seed=state._rotation_seed(bucket.index()) if shared else None)
+    payload = encoder.encode(
+        {_TENSOR: buffer},
+        seed=state._payload_seed(rank, bucket.index()),
+        rotation_seed=state._rotation_seed(bucket.index()) if shared else None,
+    )
 
     # All-gather needs equal shapes, so every rank pads to the longest payload; the sizes go
     # first, blocking, and are issued here rather than in a callback so that every rank
@@ -206,7 +219,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     lengths = [int(s.item()) for s in sizes]
     longest = max(lengths)
     host = torch.zeros(longest, dtype=torch.uint8)
-    host.numpy()[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+    host.numpy()[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
     padded = host.to(buffer.device)
     gathered = [torch.empty_like(padded) for _ in range(world)]
     work = dist.all_gather(gathered, padded, group=group, async_op=True)

@@ -38,9 +38,17 @@ class Encoder:
     ``state_dict()`` / ``load_state_dict()`` persist the residuals and velocities.
     """
 
-    def __init__(self, spec: str, error_feedback: bool = True, momentum: Optional[float] = None,
-                 *, clip: Optional[float] = None, warmup_rounds: int = 0, warmup_start: float = 0.25,
-                 **codec_options: Any) -> None:
+    def __init__(
+        self,
+        spec: str,
+        error_feedback: bool = True,
+        momentum: Optional[float] = None,
+        *,
+        clip: Optional[float] = None,
+        warmup_rounds: int = 0,
+        warmup_start: float = 0.25,
+        **codec_options: Any,
+    ) -> None:
         self.codec = Codec(spec, **codec_options)
         self._codec_options = dict(codec_options)
         self._warm_codecs: dict[float, Codec] = {}
@@ -86,8 +94,14 @@ class Encoder:
             codec = self._warm_codecs[ratio] = Codec(spec, **self._codec_options)
         return codec
 
-    def encode(self, update: Mapping[str, Any], *, seed: Optional[int] = None,
-               rotation_seed: Optional[int] = None, round: Optional[int] = None) -> bytes:
+    def encode(
+        self,
+        update: Mapping[str, Any],
+        *,
+        seed: Optional[int] = None,
+        rotation_seed: Optional[int] = None,
+        round: Optional[int] = None,
+    ) -> bytes:
         """The payload of ``update`` plus what earlier rounds did not send; ``seed`` and
         ``rotation_seed`` as in ``fedpress.Codec.encode``. ``round`` (1-based, the
         federation's round) places the call in the density warm-up; without it the
@@ -169,8 +183,12 @@ class Encoder:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "spec": self.spec, "error_feedback": self.error_feedback, "momentum": self.momentum,
-            "clip": self.clip, "warmup_rounds": self.warmup_rounds, "warmup_start": self.warmup_start,
+            "spec": self.spec,
+            "error_feedback": self.error_feedback,
+            "momentum": self.momentum,
+            "clip": self.clip,
+            "warmup_rounds": self.warmup_rounds,
+            "warmup_start": self.warmup_start,
             "rounds": self.rounds,
             "residuals": {k: v.copy() for k, v in self.residuals.items()},
             "velocities": {k: v.copy() for k, v in self.velocities.items()},
@@ -178,10 +196,15 @@ class Encoder:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("spec") not in (None, self.spec):
-            raise ValueError(f"state was saved by an encoder with spec {state.get('spec')!r}, this one has "
-                             f"{self.spec!r}")
-        self.residuals = {k: ops._as_float32(v, f"residuals[{k!r}]").reshape(np.shape(v)).copy()
-                          for k, v in dict(state.get("residuals", {})).items()}
-        self.velocities = {k: ops._as_float32(v, f"velocities[{k!r}]").reshape(np.shape(v)).copy()
-                           for k, v in dict(state.get("velocities", {})).items()}
+            raise ValueError(
+                f"state was saved by an encoder with spec {state.get('spec')!r}, this one has {self.spec!r}"
+            )
+        self.residuals = {
+            k: ops._as_float32(v, f"residuals[{k!r}]").reshape(np.shape(v)).copy()
+            for k, v in dict(state.get("residuals", {})).items()
+        }
+        self.velocities = {
+            k: ops._as_float32(v, f"velocities[{k!r}]").reshape(np.shape(v)).copy()
+            for k, v in dict(state.get("velocities", {})).items()
+        }
         self.rounds = int(state.get("rounds", 0))

@@ -60,16 +60,27 @@ try:
     from flwr.common.constant import ErrorCode
     from flwr.serverapp.strategy import FedAvg, Strategy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("fedpress.flower needs Flower >= 1.21 (the Message API and its strategies): "
-                      "pip install 'fedpress[flower]'") from exc
+    raise ImportError(
+        "fedpress.flower needs Flower >= 1.21 (the Message API and its strategies): pip install 'fedpress[flower]'"
+    ) from exc
 
-__all__ = ["STYPE", "RECORD_NAME", "ROTATION_SEED_KEY", "compress_mod", "FedPress", "pack", "unpack", "is_packed",
-           "arrays_to_numpy", "numpy_to_arrays"]
+__all__ = [
+    "STYPE",
+    "RECORD_NAME",
+    "ROTATION_SEED_KEY",
+    "compress_mod",
+    "FedPress",
+    "pack",
+    "unpack",
+    "is_packed",
+    "arrays_to_numpy",
+    "numpy_to_arrays",
+]
 
 STYPE = f"fedpress/{FORMAT_VERSION}"
-RECORD_NAME = "fedpress"          # the reply's ConfigRecord with the sizes
-PACKED_KEY = "payload"            # the one Array inside a packed ArrayRecord
-ROTATION_SEED_KEY = "fedpress.rotation-seed"   # in the train config: the round's shared rotation
+RECORD_NAME = "fedpress"  # the reply's ConfigRecord with the sizes
+PACKED_KEY = "payload"  # the one Array inside a packed ArrayRecord
+ROTATION_SEED_KEY = "fedpress.rotation-seed"  # in the train config: the round's shared rotation
 _STATE_RESIDUALS = "fedpress.residuals"
 _STATE_INFO = "fedpress.encoder"
 
@@ -95,14 +106,14 @@ def is_packed(record: Any) -> bool:
 def unpack(record: ArrayRecord) -> bytes:
     """The payload bytes of a packed record (DecodeError if it is not one this version reads)."""
     if not is_packed(record):
-        raise DecodeError("record is not a packed fedpress payload: expected one Array with stype "
-                          f"{STYPE!r}")
+        raise DecodeError(f"record is not a packed fedpress payload: expected one Array with stype {STYPE!r}")
     arr = next(iter(record.values()))
     if arr.stype != STYPE:
         raise DecodeError(f"packed payload has stype {arr.stype!r}, this fedpress reads {STYPE!r}")
     if arr.dtype != "uint8" or tuple(arr.shape) != (len(arr.data),):
-        raise DecodeError(f"packed payload Array must be uint8 of shape ({len(arr.data)},), "
-                          f"got {arr.dtype} {tuple(arr.shape)}")
+        raise DecodeError(
+            f"packed payload Array must be uint8 of shape ({len(arr.data)},), got {arr.dtype} {tuple(arr.shape)}"
+        )
     return arr.data
 
 
@@ -121,7 +132,7 @@ def _raw_bytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _key_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> Optional[str]:
-    """"missing [...], extra [...]" when the key sets differ, else None."""
+    """ "missing [...], extra [...]" when the key sets differ, else None."""
     if set(expected) == set(got):
         return None
     return f"missing {sorted(set(expected) - set(got))}, extra {sorted(set(got) - set(expected))}"
@@ -136,8 +147,9 @@ def _subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> d
     for key, value in new.items():
         ref = old[key]
         if value.shape != ref.shape:
-            raise ValueError(f"array {key!r} has shape {value.shape} in the reply but {ref.shape} "
-                             "in the message received")
+            raise ValueError(
+                f"array {key!r} has shape {value.shape} in the reply but {ref.shape} in the message received"
+            )
         if value.dtype.kind == "b":
             out[key] = value  # bool tensors travel as their values (the server takes a majority)
         elif value.dtype.kind in "iu":
@@ -165,8 +177,10 @@ def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> di
 def _update_table(base: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple]]:
     """The tensor table of an update ``compress_mod`` makes against ``base`` (see
     ``_subtract``): what a payload coded ``table="digest"`` was made for."""
-    return [(k, "bool" if v.dtype.kind == "b" else "int64" if v.dtype.kind in "iu" else v.dtype.name, v.shape)
-            for k, v in base.items()]
+    return [
+        (k, "bool" if v.dtype.kind == "b" else "int64" if v.dtype.kind in "iu" else v.dtype.name, v.shape)
+        for k, v in base.items()
+    ]
 
 
 def _table_for(payload: bytes, base: Mapping[str, np.ndarray], limits: Limits) -> Optional[list]:
@@ -211,10 +225,18 @@ def _decode_downlink(msg: Message, limits: Limits) -> Message:
 
 
 # -------------------------------------------------------------- client mod --
-def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[float] = None,
-                 seed: Optional[int] = None, limits: Limits = DEFAULT_LIMITS, clip: Optional[float] = None,
-                 warmup_rounds: int = 0, warmup_start: float = 0.25,
-                 **codec_options: Any) -> Callable[..., Message]:
+def compress_mod(
+    spec: str,
+    error_feedback: bool = True,
+    *,
+    momentum: Optional[float] = None,
+    seed: Optional[int] = None,
+    limits: Limits = DEFAULT_LIMITS,
+    clip: Optional[float] = None,
+    warmup_rounds: int = 0,
+    warmup_start: float = 0.25,
+    **codec_options: Any,
+) -> Callable[..., Message]:
     """A ``ClientApp`` mod compressing train replies with ``spec`` (put it first in ``mods``).
 
     ``error_feedback`` keeps what a round did not send in ``Context.state`` and
@@ -227,22 +249,27 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
     ``table="digest"``: the ``FedPress`` wrapper decodes with the model it sent).
     """
     # Bad arguments fail here, not in the first round.
-    Encoder(spec, error_feedback, momentum, clip=clip, warmup_rounds=warmup_rounds, warmup_start=warmup_start,
-            **codec_options)
+    Encoder(
+        spec,
+        error_feedback,
+        momentum,
+        clip=clip,
+        warmup_rounds=warmup_rounds,
+        warmup_start=warmup_start,
+        **codec_options,
+    )
     encoder_options = {"clip": clip, "warmup_rounds": warmup_rounds, "warmup_start": warmup_start, **codec_options}
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     spec_text = str(parse_spec(spec))
     shared = parse_spec(spec).eden_mode == "shared"
 
-    def fedpress_compress_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]
-                              ) -> Message:
+    def fedpress_compress_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         try:
             msg = _decode_downlink(msg, limits)
         except DecodeError as exc:
             return _error_reply(msg, f"fedpress: cannot decode the downlink payload: {exc}")
-        if _category(msg) != MessageType.TRAIN or not msg.has_content() or \
-                len(msg.content.array_records) != 1:
+        if _category(msg) != MessageType.TRAIN or not msg.has_content() or len(msg.content.array_records) != 1:
             return call_next(msg, ctxt)
         received = arrays_to_numpy(next(iter(msg.content.array_records.values())))
 
@@ -253,8 +280,9 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
         if not records:
             return reply  # nothing to compress (a metrics-only reply)
         if len(records) != 1:
-            return _error_reply(msg, f"fedpress compress_mod expects exactly one ArrayRecord in the "
-                                     f"train reply, found {len(records)}")
+            return _error_reply(
+                msg, f"fedpress compress_mod expects exactly one ArrayRecord in the train reply, found {len(records)}"
+            )
         record_name, record = next(iter(records.items()))
         try:
             update = _subtract(arrays_to_numpy(record), received)
@@ -265,15 +293,19 @@ def compress_mod(spec: str, error_feedback: bool = True, *, momentum: Optional[f
         payload_seed = None
         if seed is not None:
             payload_seed = derive_seed(seed, int(ctxt.node_id), encoder.rounds)
-        payload = encoder.encode(update, seed=payload_seed,
-                                 rotation_seed=_round_rotation_seed(msg) if shared else None)
+        payload = encoder.encode(update, seed=payload_seed, rotation_seed=_round_rotation_seed(msg) if shared else None)
         _save_encoder(ctxt, encoder)
         reply.content[record_name] = pack(payload)
-        reply.content[RECORD_NAME] = ConfigRecord({
-            "spec": spec_text, "format": FORMAT_VERSION, "raw-bytes": _raw_bytes(update),
-            "flower-bytes": sum(len(a.data) for a in record.values()), "payload-bytes": len(payload),
-            "residual-norm": encoder.residual_norm(),
-        })
+        reply.content[RECORD_NAME] = ConfigRecord(
+            {
+                "spec": spec_text,
+                "format": FORMAT_VERSION,
+                "raw-bytes": _raw_bytes(update),
+                "flower-bytes": sum(len(a.data) for a in record.values()),
+                "payload-bytes": len(payload),
+                "residual-norm": encoder.residual_norm(),
+            }
+        )
         return reply
 
     return fedpress_compress_mod
@@ -288,18 +320,22 @@ def _round_rotation_seed(msg: Message) -> Optional[int]:
     return None
 
 
-def _load_encoder(ctxt: Context, spec: str, error_feedback: bool, momentum: Optional[float],
-                  encoder_options: Mapping[str, Any]) -> Encoder:
+def _load_encoder(
+    ctxt: Context, spec: str, error_feedback: bool, momentum: Optional[float], encoder_options: Mapping[str, Any]
+) -> Encoder:
     encoder = Encoder(spec, error_feedback=error_feedback, momentum=momentum, **encoder_options)
     info = ctxt.state.get(_STATE_INFO)
     if isinstance(info, ConfigRecord) and info.get("spec") == spec:
         residuals = ctxt.state.get(_STATE_RESIDUALS)
         velocities = ctxt.state.get(_STATE_RESIDUALS + ".velocity")
-        encoder.load_state_dict({
-            "spec": spec, "rounds": int(info.get("rounds", 0)),
-            "residuals": arrays_to_numpy(residuals) if isinstance(residuals, ArrayRecord) else {},
-            "velocities": arrays_to_numpy(velocities) if isinstance(velocities, ArrayRecord) else {},
-        })
+        encoder.load_state_dict(
+            {
+                "spec": spec,
+                "rounds": int(info.get("rounds", 0)),
+                "residuals": arrays_to_numpy(residuals) if isinstance(residuals, ArrayRecord) else {},
+                "velocities": arrays_to_numpy(velocities) if isinstance(velocities, ArrayRecord) else {},
+            }
+        )
     return encoder
 
 
@@ -329,8 +365,14 @@ class FedPress(Strategy):
     and the same three for ``evaluate``; ``path`` (``"fast"`` or ``"generic"``).
     """
 
-    def __init__(self, inner: Strategy, downlink: Optional[str] = None, *, fast_path: Optional[bool] = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        downlink: Optional[str] = None,
+        *,
+        fast_path: Optional[bool] = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError(f"FedPress wraps a flwr Strategy, got {type(inner).__name__}")
         self.inner = inner
@@ -338,14 +380,15 @@ class FedPress(Strategy):
         if downlink is not None:
             codec = Codec(downlink)
             if codec.spec.sparsifier is not None:
-                raise ValueError(f"downlink needs an absolute codec (every weight sent), got {downlink!r}: "
-                                 "drop the sparsifier")
+                raise ValueError(
+                    f"downlink needs an absolute codec (every weight sent), got {downlink!r}: drop the sparsifier"
+                )
             self.downlink = codec
         self.fast_path = fast_path
         self.limits = limits
         self.history: list[dict[str, Any]] = []
         self._seed_base = secrets.randbits(63)
-        self._bases: dict[int, dict[str, np.ndarray]] = {}   # node id -> the arrays it was sent
+        self._bases: dict[int, dict[str, np.ndarray]] = {}  # node id -> the arrays it was sent
         self._downlink_cache: dict[int, tuple[ArrayRecord, ArrayRecord, int]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -355,17 +398,21 @@ class FedPress(Strategy):
         return getattr(self.inner, name)
 
     def summary(self) -> None:
-        log.info("FedPress: uplink decoded from fedpress payloads, downlink %s",
-                 self.downlink.spec if self.downlink else "uncompressed")
+        log.info(
+            "FedPress: uplink decoded from fedpress payloads, downlink %s",
+            self.downlink.spec if self.downlink else "uncompressed",
+        )
         self.inner.summary()
 
     # -- rounds ---------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
-                        ) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         # One rotation seed per round: nodes coding edenB:shared all rotate with it, and the
         # FedAvg fast path sums their payloads in the rotated domain (one inverse transform).
-        config[ROTATION_SEED_KEY] = int(np.random.SeedSequence([self._seed_base, server_round])
-                                        .generate_state(1, np.uint64)[0] >> np.uint64(1))  # fits sint64
+        config[ROTATION_SEED_KEY] = int(
+            np.random.SeedSequence([self._seed_base, server_round]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+        )  # fits sint64
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         row = self._row(server_round)
         self._bases = {}
@@ -383,8 +430,9 @@ class FedPress(Strategy):
         self._send(messages, row, "train")
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
-                           ) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         self._send(messages, self._row(server_round), "evaluate")
         return messages
@@ -422,8 +470,9 @@ class FedPress(Strategy):
                 return raw
         return 0
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         replies = list(replies)
         row = self._row(server_round)
         kept: list[Message] = []
@@ -466,8 +515,7 @@ class FedPress(Strategy):
         for msg, name, payload in unpacked:
             base = self._bases[msg.metadata.src_node_id]
             try:
-                full = _add(base, decode(payload, limits=self.limits,
-                                         table=_table_for(payload, base, self.limits)))
+                full = _add(base, decode(payload, limits=self.limits, table=_table_for(payload, base, self.limits)))
             except (DecodeError, ValueError) as exc:
                 self._skip(row, msg, str(exc))
                 continue
@@ -492,8 +540,9 @@ class FedPress(Strategy):
         # One running sum needs one base: every node must have been sent the same model.
         return len({id(self._bases[m.metadata.src_node_id]) for m, _, _ in unpacked}) == 1
 
-    def _aggregate_fedavg(self, row: dict[str, Any], unpacked: list[tuple[Message, str, bytes]]
-                          ) -> Optional[tuple[Optional[ArrayRecord], Optional[MetricRecord]]]:
+    def _aggregate_fedavg(
+        self, row: dict[str, Any], unpacked: list[tuple[Message, str, bytes]]
+    ) -> Optional[tuple[Optional[ArrayRecord], Optional[MetricRecord]]]:
         inner: FedAvg = self.inner  # type: ignore[assignment]
         key = inner.weighted_by_key
         weights = []
@@ -526,8 +575,15 @@ class FedPress(Strategy):
     def _row(self, server_round: int) -> dict[str, Any]:
         if self.history and self.history[-1]["round"] == server_round:
             return self.history[-1]
-        row: dict[str, Any] = {"round": server_round, "uplink_payload": 0, "uplink_raw": 0, "replies": 0,
-                               "skipped": 0, "failures": 0, "path": None}
+        row: dict[str, Any] = {
+            "round": server_round,
+            "uplink_payload": 0,
+            "uplink_raw": 0,
+            "replies": 0,
+            "skipped": 0,
+            "failures": 0,
+            "path": None,
+        }
         for phase in ("train", "evaluate"):
             row.update({f"{phase}_downlink_payload": 0, f"{phase}_downlink_raw": 0, f"{phase}_messages": 0})
         self.history.append(row)
@@ -535,11 +591,22 @@ class FedPress(Strategy):
 
     def _skip(self, row: dict[str, Any], msg: Message, reason: str) -> None:
         row["skipped"] += 1
-        log.warning("fedpress: round %d: reply from node %s left out of the round: %s", row["round"],
-                    msg.metadata.src_node_id, reason)
+        log.warning(
+            "fedpress: round %d: reply from node %s left out of the round: %s",
+            row["round"],
+            msg.metadata.src_node_id,
+            reason,
+        )
 
     def _log_row(self, row: dict[str, Any]) -> None:
         ratio = row["uplink_raw"] / row["uplink_payload"] if row["uplink_payload"] else float("nan")
-        log.info("fedpress: round %d: %d replies, uplink %d B (raw %d B, %.1fx), train downlink %d B, "
-                 "%d skipped", row["round"], row["replies"], row["uplink_payload"], row["uplink_raw"], ratio,
-                 row["train_downlink_payload"], row["skipped"])
+        log.info(
+            "fedpress: round %d: %d replies, uplink %d B (raw %d B, %.1fx), train downlink %d B, %d skipped",
+            row["round"],
+            row["replies"],
+            row["uplink_payload"],
+            row["uplink_raw"],
+            ratio,
+            row["train_downlink_payload"],
+            row["skipped"],
+        )

@@ -105,10 +105,7 @@ def _as_inplace_float32(x: ArrayLike, name: str) -> np.ndarray:
     elif isinstance(x, np.ndarray):
         arr = x
     else:
-        raise TypeError(
-            f"{name} is updated in place and must be a numpy array or torch tensor, "
-            f"got {type(x).__name__}"
-        )
+        raise TypeError(f"{name} is updated in place and must be a numpy array or torch tensor, got {type(x).__name__}")
     if arr.dtype != np.float32:
         raise TypeError(f"{name} is updated in place and must be float32, got dtype {arr.dtype}")
     if not arr.flags.c_contiguous:
@@ -271,9 +268,7 @@ def quantize(
     return _core.quantize(arr, b, _bucket(bucket), bool(stochastic), _seed(seed) if stochastic else 0)
 
 
-def dequantize(
-    packed: ArrayLike, scales: ArrayLike, bits: int, n: int, bucket: int = 512
-) -> np.ndarray:
+def dequantize(packed: ArrayLike, scales: ArrayLike, bits: int, n: int, bucket: int = 512) -> np.ndarray:
     """Inverse of ``quantize``: float32[n]."""
     p = _as_packed(packed)
     s = _as_float32(scales, "scales")
@@ -422,9 +417,15 @@ def eden_levels(bits: int) -> np.ndarray:
     return _core.eden_levels(_eden_bits(bits))
 
 
-def eden_quantize(y: ArrayLike, n: int, bits: int, seed: Seed = None, block: int = _RHT_BLOCK,
-                  stochastic: bool = False, scale: str = "unbiased"
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def eden_quantize(
+    y: ArrayLike,
+    n: int,
+    bits: int,
+    seed: Seed = None,
+    block: int = _RHT_BLOCK,
+    stochastic: bool = False,
+    scale: str = "unbiased",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """EDEN quantization of a rotated vector (Vargaftik et al., 2022).
 
     ``y`` is ``rht(x, seed, block)`` of some x of n elements, so it has
@@ -447,13 +448,12 @@ def eden_quantize(y: ArrayLike, n: int, bits: int, seed: Seed = None, block: int
     """
     arr = _as_float32(y, "y")
     b, stochastic, mse = _eden_mode(bits, stochastic, scale)
-    return _core.eden_quantize(
-        arr, _length(n), b, _seed(seed) if stochastic else 0, _rht_block(block), stochastic, mse
-    )
+    return _core.eden_quantize(arr, _length(n), b, _seed(seed) if stochastic else 0, _rht_block(block), stochastic, mse)
 
 
-def eden_dequantize(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, block: int = _RHT_BLOCK,
-                    stochastic: bool = False) -> np.ndarray:
+def eden_dequantize(
+    packed: ArrayLike, scales: ArrayLike, n: int, bits: int, block: int = _RHT_BLOCK, stochastic: bool = False
+) -> np.ndarray:
     """The rotated vector ``eden_quantize``'s codes stand for:
     float32[rht_padded_size(n, block)], ``scales[block of i] * table[code_i]``.
 
@@ -461,13 +461,19 @@ def eden_dequantize(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, blo
     Nonzero padding bits in the last byte raise ValueError.
     """
     p, s = _eden_codes(packed, scales)
-    return _core.eden_dequantize(
-        p, s, _length(n), _eden_bits(bits), _rht_block(block), bool(stochastic)
-    )
+    return _core.eden_dequantize(p, s, _length(n), _eden_bits(bits), _rht_block(block), bool(stochastic))
 
 
-def eden_accumulate(acc: ArrayLike, packed: ArrayLike, scales: ArrayLike, n: int, bits: int,
-                    block: int = _RHT_BLOCK, stochastic: bool = False, weight: float = 1.0) -> None:
+def eden_accumulate(
+    acc: ArrayLike,
+    packed: ArrayLike,
+    scales: ArrayLike,
+    n: int,
+    bits: int,
+    block: int = _RHT_BLOCK,
+    stochastic: bool = False,
+    weight: float = 1.0,
+) -> None:
     """``acc += float32(weight) * eden_dequantize(packed, scales, n, bits, block, stochastic)``
     in place, without building the dequantized vector (bit-identical to doing so).
 
@@ -477,14 +483,18 @@ def eden_accumulate(acc: ArrayLike, packed: ArrayLike, scales: ArrayLike, n: int
     """
     a = _as_inplace_float32(acc, "acc")
     p, s = _eden_codes(packed, scales)
-    _core.eden_accumulate(
-        a, p, s, _length(n), _eden_bits(bits), _rht_block(block), bool(stochastic), float(weight)
-    )
+    _core.eden_accumulate(a, p, s, _length(n), _eden_bits(bits), _rht_block(block), bool(stochastic), float(weight))
 
 
-def eden_encode(x: ArrayLike, bits: int, seed: int, block: int = _RHT_BLOCK, stochastic: bool = False,
-                scale: str = "unbiased", quant_seed: Seed = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def eden_encode(
+    x: ArrayLike,
+    bits: int,
+    seed: int,
+    block: int = _RHT_BLOCK,
+    stochastic: bool = False,
+    scale: str = "unbiased",
+    quant_seed: Seed = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``eden_quantize(rht(x, seed, block), len(x), bits, quant_seed, ...)``, fused.
 
     The rotation runs a cache-sized range of blocks at a time, so the rotated
@@ -498,9 +508,17 @@ def eden_encode(x: ArrayLike, bits: int, seed: int, block: int = _RHT_BLOCK, sto
     return _core.eden_encode(arr, b, rot, _rht_block(block), stochastic, mse, q)
 
 
-def eden_decode(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, seed: int, block: int = _RHT_BLOCK,
-                stochastic: bool = False, outlier_idx: Optional[ArrayLike] = None,
-                outlier_val: Optional[ArrayLike] = None) -> np.ndarray:
+def eden_decode(
+    packed: ArrayLike,
+    scales: ArrayLike,
+    n: int,
+    bits: int,
+    seed: int,
+    block: int = _RHT_BLOCK,
+    stochastic: bool = False,
+    outlier_idx: Optional[ArrayLike] = None,
+    outlier_val: Optional[ArrayLike] = None,
+) -> np.ndarray:
     """Inverse of ``eden_encode``: float32[n].
 
     Dequantizes, puts the outliers (strictly ascending positions in the rotated
@@ -515,8 +533,15 @@ def eden_decode(packed: ArrayLike, scales: ArrayLike, n: int, bits: int, seed: i
         idx = _as_indices(outlier_idx, "outlier_idx", error=ValueError)
         val = _as_float32(outlier_val, "outlier_val")
     return _core.eden_decode(
-        p, s, _length(n), _eden_bits(bits), _required_seed(seed), _rht_block(block),
-        bool(stochastic), idx, val,
+        p,
+        s,
+        _length(n),
+        _eden_bits(bits),
+        _required_seed(seed),
+        _rht_block(block),
+        bool(stochastic),
+        idx,
+        val,
     )
 
 

@@ -35,8 +35,16 @@ import zstandard
 
 from . import _core, ops
 
-__all__ = ["DecodeError", "Limits", "FORMAT_VERSION", "MAGIC", "decode", "inspect", "table_digest",
-           "payload_table_digest"]
+__all__ = [
+    "DecodeError",
+    "Limits",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "decode",
+    "inspect",
+    "table_digest",
+    "payload_table_digest",
+]
 
 MAGIC = b"FPRS"
 FORMAT_VERSION = 1
@@ -53,8 +61,21 @@ KIND_NAMES = {KIND_RAW: "raw", KIND_DENSE: "dense", KIND_SPARSE: "sparse", KIND_
 ENTRY_FLAG_ROTATED = 0x01
 
 # dtype codes on the wire
-DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
-          "uint8", "uint16", "uint32", "uint64", "bool"]
+DTYPES = [
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+]
 DTYPE_CODE = {name: code for code, name in enumerate(DTYPES)}
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
@@ -65,8 +86,8 @@ VALUE_RAW = 255
 _QBITS = {"q8": 8, "q4": 4, "q2": 2}
 EDEN_BITS = {"eden1": 1, "eden2": 2, "eden3": 3, "eden4": 4, "eden8": 8}
 # First byte of an eden values section.
-EDEN_SHARED = 0x01      # stochastic rounding under a rotation seed shared by the round's clients
-EDEN_MSE_SCALE = 0x02   # the scale minimises the error instead of making the estimate unbiased
+EDEN_SHARED = 0x01  # stochastic rounding under a rotation seed shared by the round's clients
+EDEN_MSE_SCALE = 0x02  # the scale minimises the error instead of making the estimate unbiased
 
 # Seeds for each random choice, derived from the payload seed and the tensor's
 # position in the table, so a decoder can regenerate them.
@@ -107,8 +128,10 @@ def out_of_memory_as_decode_error() -> Iterator[None]:
     try:
         yield
     except MemoryError as exc:
-        raise DecodeError(f"the payload's output could not be allocated ({exc or 'out of memory'}); "
-                          "smaller Limits refuse such payloads before allocating") from None
+        raise DecodeError(
+            f"the payload's output could not be allocated ({exc or 'out of memory'}); "
+            "smaller Limits refuse such payloads before allocating"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -117,10 +140,10 @@ class Limits:
 
     max_tensors: int = 1 << 16
     max_dims: int = 32
-    max_elements: int = (1 << 32) - 1      # per tensor
-    max_total_elements: int = 1 << 33      # over the whole payload
-    max_decoded_bytes: int = 1 << 34       # dense output, all tensors
-    max_body_bytes: int = 1 << 33          # the body after zstd
+    max_elements: int = (1 << 32) - 1  # per tensor
+    max_total_elements: int = 1 << 33  # over the whole payload
+    max_decoded_bytes: int = 1 << 34  # dense output, all tensors
+    max_body_bytes: int = 1 << 33  # the body after zstd
     # Dense output bytes per payload byte, for a table the payload declares itself (a
     # table the receiver passes bounds the output instead), never less than
     # EXPANSION_FLOOR: without it a 46-byte payload declares 16 GiB. The codecs' worst
@@ -134,8 +157,15 @@ class Limits:
     max_expansion: int = 1 << 20
 
     def __post_init__(self) -> None:
-        for name in ("max_tensors", "max_dims", "max_elements", "max_total_elements",
-                     "max_decoded_bytes", "max_body_bytes", "max_expansion"):
+        for name in (
+            "max_tensors",
+            "max_dims",
+            "max_elements",
+            "max_total_elements",
+            "max_decoded_bytes",
+            "max_body_bytes",
+            "max_expansion",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"Limits.{name} must be a non-negative integer, got {value!r}")
@@ -176,7 +206,7 @@ def wire_dtype(value: Any) -> str:
     if isinstance(dtype, np.dtype):
         return dtype.name
     text = str(dtype)
-    return text[len("torch."):] if text.startswith("torch.") else np.dtype(dtype).name
+    return text[len("torch.") :] if text.startswith("torch.") else np.dtype(dtype).name
 
 
 def table_entries(table: Any) -> list[TableEntry]:
@@ -196,8 +226,10 @@ def table_entries(table: Any) -> list[TableEntry]:
                 raise TypeError(f"table entry {i} must be (name, dtype name, shape), got {item!r}")
             items.append(tuple(item))
     else:
-        raise TypeError("table must be a mapping of names to arrays or a list of (name, dtype name, shape), "
-                        f"got {type(table).__name__}")
+        raise TypeError(
+            "table must be a mapping of names to arrays or a list of (name, dtype name, shape), "
+            f"got {type(table).__name__}"
+        )
     out: list[TableEntry] = []
     seen = set()
     for name, dtype, shape in items:
@@ -215,8 +247,7 @@ def table_entries(table: Any) -> list[TableEntry]:
         except TypeError:
             raise TypeError(f"tensor {name!r}: shape must be a sequence of integers, got {shape!r}") from None
         if len(dims) > 255 or any(d < 0 or d >= 1 << 64 for d in dims):
-            raise ValueError(f"tensor {name!r}: shape {dims} cannot travel (at most 255 dimensions, "
-                             "each in [0, 2^64))")
+            raise ValueError(f"tensor {name!r}: shape {dims} cannot travel (at most 255 dimensions, each in [0, 2^64))")
         out.append((name, dtype, dims))
     return out
 
@@ -381,7 +412,7 @@ def eden_rotate(v: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
     out = np.array(v, dtype=np.float32, copy=True).reshape(-1)
     for i, (off, length) in enumerate(eden_segments(out.size, block)):
         first, second = _segment_seeds(rotation_seed, i)
-        part = out[off:off + length]  # segments are powers of two: each pass is rht, in place
+        part = out[off : off + length]  # segments are powers of two: each pass is rht, in place
         ops.fwht(ops.random_signs(part, first), block)
         ops.fwht(ops.random_signs(part, second), block)
     return out
@@ -391,7 +422,7 @@ def eden_unrotate(y: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
     """Inverse of ``eden_rotate``, in place on the float32 array ``y``; returns it."""
     for i, (off, length) in enumerate(eden_segments(y.size, block)):
         first, second = _segment_seeds(rotation_seed, i)
-        part = y[off:off + length]
+        part = y[off : off + length]
         ops.random_signs(ops.fwht(part, block), second)
         ops.random_signs(ops.fwht(part, block), first)
     return y
@@ -424,7 +455,7 @@ class EdenSection:
         s_at = p_at = 0
         for off, length in eden_segments(self.n, self.block):
             nb, nbytes = _segment_blocks(length, self.block), (length * self.bits + 7) // 8
-            yield off, length, self.scales[s_at:s_at + nb], self.packed[p_at:p_at + nbytes]
+            yield off, length, self.scales[s_at : s_at + nb], self.packed[p_at : p_at + nbytes]
             s_at, p_at = s_at + nb, p_at + nbytes
 
     def rotated(self) -> np.ndarray:
@@ -436,8 +467,9 @@ class EdenSection:
         else:
             y = np.empty(self.n, np.float32)
             for off, length, scales, packed in parts:
-                y[off:off + length] = ops.eden_dequantize(packed, scales, length, self.bits, block=self.block,
-                                                          stochastic=self.shared)
+                y[off : off + length] = ops.eden_dequantize(
+                    packed, scales, length, self.bits, block=self.block, stochastic=self.shared
+                )
         if self.outlier_idx.size:
             y[self.outlier_idx.astype(np.intp)] = self.outlier_val
         return y
@@ -475,8 +507,16 @@ class EdenSection:
         ``outlier_correction``, nothing sized by the section is allocated."""
         correction = self.outlier_correction()
         for off, length, scales, packed in self._parts():
-            ops.eden_accumulate(acc[off:off + length], packed, scales, length, self.bits, block=self.block,
-                                stochastic=self.shared, weight=weight)
+            ops.eden_accumulate(
+                acc[off : off + length],
+                packed,
+                scales,
+                length,
+                self.bits,
+                block=self.block,
+                stochastic=self.shared,
+                weight=weight,
+            )
         if correction.size:
             ops.scatter_add(acc, self.outlier_idx, correction, weight)
 
@@ -503,8 +543,9 @@ def _codes_at(packed: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarra
     return ((window >> (bit & 7).astype(np.uint32)) & ((1 << bits) - 1)).astype(np.intp)
 
 
-def encode_eden(code: str, v: np.ndarray, block: int, rotation_seed: int, quant_seed: int, *,
-                shared: bool, mse: bool) -> bytes:
+def encode_eden(
+    code: str, v: np.ndarray, block: int, rotation_seed: int, quant_seed: int, *, shared: bool, mse: bool
+) -> bytes:
     """An eden values section for the float32 vector ``v``."""
     bits = EDEN_BITS[code]
     mode = (EDEN_SHARED if shared else 0) | (EDEN_MSE_SCALE if mse else 0)
@@ -515,8 +556,14 @@ def encode_eden(code: str, v: np.ndarray, block: int, rotation_seed: int, quant_
     scales, codes, oidx, oval = [], [], [], []
     for i, (off, length) in enumerate(eden_segments(v.size, block)):
         packed, seg_scales, seg_idx, seg_val = ops.eden_quantize(
-            y[off:off + length], length, bits, seed=stage_seed(quant_seed, i, PURPOSE_QUANT), block=block,
-            stochastic=shared, scale="mse" if mse else "unbiased")
+            y[off : off + length],
+            length,
+            bits,
+            seed=stage_seed(quant_seed, i, PURPOSE_QUANT),
+            block=block,
+            stochastic=shared,
+            scale="mse" if mse else "unbiased",
+        )
         scales.append(seg_scales.astype("<f4").tobytes())
         codes.append(packed.tobytes())
         if seg_idx.size:
@@ -594,11 +641,11 @@ class Entry:
     dtype: str
     shape: tuple
     kind: int
-    count: int                      # kept entries (n for dense and raw)
-    values: Any                     # the values section: bytes, or Sections (buffers in order)
-    rht_block: int = 0              # 0: not rotated
-    indices: Optional[np.ndarray] = None   # KIND_SPARSE only
-    value_code: str = ""            # set by Codec
+    count: int  # kept entries (n for dense and raw)
+    values: Any  # the values section: bytes, or Sections (buffers in order)
+    rht_block: int = 0  # 0: not rotated
+    indices: Optional[np.ndarray] = None  # KIND_SPARSE only
+    value_code: str = ""  # set by Codec
     bucket: int = 0
 
 
@@ -606,8 +653,9 @@ def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
     """A tensor sent losslessly in its own dtype."""
     a = np.asarray(arr)  # not ascontiguousarray: it turns 0-d arrays into 1-d
     data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
-    return Entry(name=name, dtype=dtype, shape=tuple(int(s) for s in a.shape), kind=KIND_RAW,
-                 count=int(a.size), values=data)
+    return Entry(
+        name=name, dtype=dtype, shape=tuple(int(s) for s in a.shape), kind=KIND_RAW, count=int(a.size), values=data
+    )
 
 
 def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int], table: str = "inline") -> bytes:
@@ -617,20 +665,27 @@ def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int],
         raise ValueError(f"table must be one of {', '.join(map(repr, TABLE_FORMS))}, got {table!r}")
     # Whatever is written must decode under the default limits.
     if len(entries) > DEFAULT_LIMITS.max_tensors:
-        raise ValueError(f"an update of {len(entries)} tensors exceeds the format's default limit of "
-                         f"{DEFAULT_LIMITS.max_tensors}")
+        raise ValueError(
+            f"an update of {len(entries)} tensors exceeds the format's default limit of {DEFAULT_LIMITS.max_tensors}"
+        )
     for e in entries:
         if len(e.shape) > DEFAULT_LIMITS.max_dims:
-            raise ValueError(f"tensor {e.name!r} has {len(e.shape)} dimensions; at most "
-                             f"{DEFAULT_LIMITS.max_dims} are supported")
-        if any(d > DEFAULT_LIMITS.max_elements for d in e.shape) or \
-                int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements:
-            raise ValueError(f"tensor {e.name!r} of shape {e.shape} exceeds {DEFAULT_LIMITS.max_elements} "
-                             "elements (or has a dimension that does)")
+            raise ValueError(
+                f"tensor {e.name!r} has {len(e.shape)} dimensions; at most {DEFAULT_LIMITS.max_dims} are supported"
+            )
+        if (
+            any(d > DEFAULT_LIMITS.max_elements for d in e.shape)
+            or int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements
+        ):
+            raise ValueError(
+                f"tensor {e.name!r} of shape {e.shape} exceeds {DEFAULT_LIMITS.max_elements} "
+                "elements (or has a dimension that does)"
+            )
     total = sum(int(np.prod(e.shape, dtype=object)) for e in entries)
     if total > DEFAULT_LIMITS.max_total_elements:
-        raise ValueError(f"an update of {total} elements exceeds the format's default limit of "
-                         f"{DEFAULT_LIMITS.max_total_elements}")
+        raise ValueError(
+            f"an update of {total} elements exceeds the format's default limit of {DEFAULT_LIMITS.max_total_elements}"
+        )
     spec_bytes = spec.encode("utf-8")
     heads = [_entry_head(e.name, e.dtype, e.shape) for e in entries]
     compact = table == "digest"
@@ -648,8 +703,14 @@ def write(spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int],
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
         if not compact:
             parts.append(head)
-        parts += [bytes((e.kind, vcode, flags)), _varint(e.count), _varint(e.bucket), _varint(e.rht_block),
-                  _varint(len(index_bytes)), _varint(section_size(e.values))]
+        parts += [
+            bytes((e.kind, vcode, flags)),
+            _varint(e.count),
+            _varint(e.bucket),
+            _varint(e.rht_block),
+            _varint(len(index_bytes)),
+            _varint(section_size(e.values)),
+        ]
         sections.append(index_bytes)
         sections += e.values if isinstance(e.values, tuple) else (e.values,)
     pieces = [memoryview(p).cast("B") for p in parts + sections if memoryview(p).nbytes]
@@ -692,7 +753,7 @@ class TensorRecord:
     value_data: memoryview
     index_len: int = 0
     value_len: int = 0
-    eden: Optional[EdenSection] = None   # eden value codes: the parsed section
+    eden: Optional[EdenSection] = None  # eden value codes: the parsed section
 
 
 @dataclass
@@ -704,7 +765,7 @@ class Parsed:
     payload_size: int
     body_size: int
     tensors: list = field(default_factory=list)
-    table_digest: Optional[bytes] = None   # what a payload without its table carries
+    table_digest: Optional[bytes] = None  # what a payload without its table carries
 
 
 class _Reader:
@@ -713,9 +774,11 @@ class _Reader:
 
     def take(self, n: int, field_name: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
-            raise DecodeError(f"{self.what} truncated in {field_name}: need {n} bytes at offset "
-                              f"{self.pos}, have {len(self.buf) - self.pos}")
-        out = self.buf[self.pos:self.pos + n]
+            raise DecodeError(
+                f"{self.what} truncated in {field_name}: need {n} bytes at offset "
+                f"{self.pos}, have {len(self.buf) - self.pos}"
+            )
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -728,8 +791,10 @@ class _Reader:
         start = self.pos
         while True:
             if self.pos >= len(self.buf):
-                raise DecodeError(f"{self.what} truncated in {field_name}: varint at offset {start} "
-                                  f"runs past the end ({len(self.buf)} bytes)")
+                raise DecodeError(
+                    f"{self.what} truncated in {field_name}: varint at offset {start} "
+                    f"runs past the end ({len(self.buf)} bytes)"
+                )
             byte = self.buf[self.pos]
             self.pos += 1
             value |= (byte & 0x7F) << shift
@@ -785,9 +850,10 @@ def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
     """Checks the header and trailer and returns the (decompressed) body."""
     buf = _as_buffer(payload)
     if len(buf) < HEADER.size + TRAILER.size:
-        raise DecodeError(f"payload truncated: {len(buf)} bytes, the header and checksum alone take "
-                          f"{HEADER.size + TRAILER.size}")
-    magic, version, flags, seed = HEADER.unpack(buf[:HEADER.size])
+        raise DecodeError(
+            f"payload truncated: {len(buf)} bytes, the header and checksum alone take {HEADER.size + TRAILER.size}"
+        )
+    magic, version, flags, seed = HEADER.unpack(buf[: HEADER.size])
     if magic != MAGIC:
         raise DecodeError(f"not a fedpress payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -802,7 +868,7 @@ def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
     actual = _core.crc32c(buf[:end])
     if crc != actual:
         raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
-    stored = buf[head.pos:end]
+    stored = buf[head.pos : end]
     body_size = len(stored)
     if raw_size is not None:
         if raw_size > limits.max_body_bytes:
@@ -830,8 +896,10 @@ def _unzstd(stored: memoryview, raw_size: int) -> bytes:
     except zstandard.ZstdError as exc:
         raise DecodeError(f"zstd body is corrupt ({exc})") from None
     if len(out) != raw_size or not dobj.eof or dobj.unused_data:
-        raise DecodeError(f"zstd body decodes to {len(out)} bytes with "
-                          f"{len(dobj.unused_data)} bytes left over, expected exactly {raw_size}")
+        raise DecodeError(
+            f"zstd body decodes to {len(out)} bytes with "
+            f"{len(dobj.unused_data)} bytes left over, expected exactly {raw_size}"
+        )
     return out
 
 
@@ -846,20 +914,21 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     if compact:
         digest = parsed.table_digest = bytes(r.take(DIGEST_BYTES, "tensor table digest"))
         if known is None:
-            raise DecodeError(f"payload omits its tensor table (digest 0x{digest.hex()}); pass table= "
-                              "(the model it was made for)")
+            raise DecodeError(
+                f"payload omits its tensor table (digest 0x{digest.hex()}); pass table= (the model it was made for)"
+            )
         expected = _digest([_entry_head(*e) for e in known])
         if digest != expected:
-            raise DecodeError(f"tensor table digest 0x{digest.hex()} does not match the receiver's model "
-                              f"(0x{expected.hex()})")
+            raise DecodeError(
+                f"tensor table digest 0x{digest.hex()} does not match the receiver's model (0x{expected.hex()})"
+            )
     n_tensors = r.varint("tensor count")
     if n_tensors > limits.max_tensors:
         raise DecodeError(f"tensor count {n_tensors} exceeds the limit of {limits.max_tensors}")
     if known is not None and n_tensors != len(known):
         if compact:
             raise DecodeError(f"tensor count {n_tensors} differs from the receiver's model's {len(known)} tensors")
-        raise DecodeError(f"tensor table differs from the receiver's model: {n_tensors} tensors, "
-                          f"expected {len(known)}")
+        raise DecodeError(f"tensor table differs from the receiver's model: {n_tensors} tensors, expected {len(known)}")
     # Each table entry takes at least ENTRY_MIN_BYTES (a compact one COMPACT_ENTRY_MIN_BYTES):
     # refuse counts the body cannot hold.
     min_bytes = COMPACT_ENTRY_MIN_BYTES if compact else ENTRY_MIN_BYTES
@@ -892,8 +961,9 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
         block = r.varint(f"tensor {name!r} rotation block")
         index_len = r.varint(f"tensor {name!r} index section length")
         value_len = r.varint(f"tensor {name!r} values section length")
-        rec = _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, block,
-                           index_len, value_len, ordinal)
+        rec = _check_entry(
+            name, dtype, shape, size, kind, vcode, flags, count, bucket, block, index_len, value_len, ordinal
+        )
         total_elements += size
         total_bytes += _output_bytes(rec)
         if total_elements > limits.max_total_elements:
@@ -911,14 +981,20 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
                 f"payload of {parsed.payload_size} bytes declares {total_bytes} bytes of output (tensor "
                 f"{big.name!r}, {big.dtype} {big.shape}: {_output_bytes(big)} bytes), beyond its bound of {bound} "
                 f"bytes (Limits.max_expansion = {limits.max_expansion} per payload byte, at least "
-                f"{EXPANSION_FLOOR}); pass table= (the model it was made for) or raise Limits.max_expansion")
+                f"{EXPANSION_FLOOR}); pass table= (the model it was made for) or raise Limits.max_expansion"
+            )
     for rec in records:
         rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
         rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
         if rec.value_code in EDEN_BITS:
             try:
-                rec.eden = parse_eden(rec.value_code, rec.value_data, rec.count, rec.rht_block,
-                                      stage_seed(parsed.seed, rec.ordinal, PURPOSE_RHT))
+                rec.eden = parse_eden(
+                    rec.value_code,
+                    rec.value_data,
+                    rec.count,
+                    rec.rht_block,
+                    stage_seed(parsed.seed, rec.ordinal, PURPOSE_RHT),
+                )
             except DecodeError as exc:
                 raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     if r.pos != len(body):
@@ -945,8 +1021,9 @@ def _read_entry_head(r: _Reader, ordinal: int, names: set, limits: Limits) -> Ta
     return name, DTYPES[dtype_code], shape
 
 
-def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, block,
-                 index_len, value_len, ordinal) -> TensorRecord:
+def _check_entry(
+    name, dtype, shape, size, kind, vcode, flags, count, bucket, block, index_len, value_len, ordinal
+) -> TensorRecord:
     where = f"tensor {name!r}"
     if kind not in KIND_NAMES:
         raise DecodeError(f"{where}: unknown section kind {kind}")
@@ -960,8 +1037,22 @@ def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, bl
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         if value_len != size * itemsize:
             raise DecodeError(f"{where}: raw section of {value_len} bytes, expected {size * itemsize}")
-        return TensorRecord(ordinal, name, dtype, tuple(shape), size, kind, "raw", count, 0, 0,
-                            memoryview(b""), memoryview(b""), 0, value_len)
+        return TensorRecord(
+            ordinal,
+            name,
+            dtype,
+            tuple(shape),
+            size,
+            kind,
+            "raw",
+            count,
+            0,
+            0,
+            memoryview(b""),
+            memoryview(b""),
+            0,
+            value_len,
+        )
     if dtype not in FLOAT_DTYPES:
         raise DecodeError(f"{where}: dtype {dtype} can only travel raw")
     if vcode >= len(VALUE_CODES):
@@ -987,10 +1078,26 @@ def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, bl
         if bucket:
             raise DecodeError(f"{where}: {code} values take no bucket, found {bucket}")
         if value_len < eden_fixed_size(count, block, EDEN_BITS[code]):
-            raise DecodeError(f"{where}: {code} section of {value_len} bytes, at least "
-                              f"{eden_fixed_size(count, block, EDEN_BITS[code])} needed for {count} values")
-        return TensorRecord(ordinal, name, dtype, tuple(shape), size, kind, code, count, 0, block,
-                            memoryview(b""), memoryview(b""), index_len, value_len)
+            raise DecodeError(
+                f"{where}: {code} section of {value_len} bytes, at least "
+                f"{eden_fixed_size(count, block, EDEN_BITS[code])} needed for {count} values"
+            )
+        return TensorRecord(
+            ordinal,
+            name,
+            dtype,
+            tuple(shape),
+            size,
+            kind,
+            code,
+            count,
+            0,
+            block,
+            memoryview(b""),
+            memoryview(b""),
+            index_len,
+            value_len,
+        )
     coded = ops.rht_padded_size(count, block) if rotated and count else count
     if code in ("fp32", "fp16", "bf16"):
         if bucket:
@@ -999,10 +1106,25 @@ def _check_entry(name, dtype, shape, size, kind, vcode, flags, count, bucket, bl
         raise DecodeError(f"{where}: {code} values need a bucket size in [1, 2^32), found {bucket}")
     expected = values_size(code, coded, bucket)
     if value_len != expected:
-        raise DecodeError(f"{where}: values section of {value_len} bytes, expected {expected} for "
-                          f"{coded} {code} values")
-    return TensorRecord(ordinal, name, dtype, tuple(shape), size, kind, code, count, bucket,
-                        block if rotated else 0, memoryview(b""), memoryview(b""), index_len, value_len)
+        raise DecodeError(
+            f"{where}: values section of {value_len} bytes, expected {expected} for {coded} {code} values"
+        )
+    return TensorRecord(
+        ordinal,
+        name,
+        dtype,
+        tuple(shape),
+        size,
+        kind,
+        code,
+        count,
+        bucket,
+        block if rotated else 0,
+        memoryview(b""),
+        memoryview(b""),
+        index_len,
+        value_len,
+    )
 
 
 def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np.ndarray]:
@@ -1088,8 +1210,9 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
         return out
 
 
-def decode_parts(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None
-                 ) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
+def decode_parts(
+    payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None
+) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
     """What ``decode`` restores for each float tensor, without the dense copy of a sparse
     one: ``{name: (indices or None for dense, float32 values)}``, the values as
     ``decode`` gives them (rounded to the tensor's dtype, then widened to float32), in
@@ -1118,21 +1241,40 @@ def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None)
     for rec in parsed.tensors:
         itemsize = 2 if rec.dtype == "bfloat16" else np.dtype(rec.dtype).itemsize
         raw += rec.size * itemsize
-        tensors.append({
-            "name": rec.name, "shape": list(rec.shape), "dtype": rec.dtype,
-            "kind": KIND_NAMES[rec.kind], "values": rec.value_code, "count": rec.count,
-            "rotated": bool(rec.rht_block), "index_bytes": rec.index_len, "value_bytes": rec.value_len,
-            "bytes": rec.index_len + rec.value_len, "raw_bytes": rec.size * itemsize,
-        })
+        tensors.append(
+            {
+                "name": rec.name,
+                "shape": list(rec.shape),
+                "dtype": rec.dtype,
+                "kind": KIND_NAMES[rec.kind],
+                "values": rec.value_code,
+                "count": rec.count,
+                "rotated": bool(rec.rht_block),
+                "index_bytes": rec.index_len,
+                "value_bytes": rec.value_len,
+                "bytes": rec.index_len + rec.value_len,
+                "raw_bytes": rec.size * itemsize,
+            }
+        )
         if rec.eden is not None:
-            tensors[-1]["eden"] = {"bits": rec.eden.bits, "shared": rec.eden.shared, "mse_scale": rec.eden.mse,
-                                   "rotation_seed": rec.eden.rotation_seed,
-                                   "outliers": int(rec.eden.outlier_idx.size)}
+            tensors[-1]["eden"] = {
+                "bits": rec.eden.bits,
+                "shared": rec.eden.shared,
+                "mse_scale": rec.eden.mse,
+                "rotation_seed": rec.eden.rotation_seed,
+                "outliers": int(rec.eden.outlier_idx.size),
+            }
     size = parsed.payload_size
     digest = parsed.table_digest or _digest([_entry_head(r.name, r.dtype, r.shape) for r in parsed.tensors])
     return {
-        "codec": parsed.spec, "format_version": parsed.version, "zstd": bool(parsed.flags & FLAG_ZSTD),
-        "table": "digest" if parsed.flags & FLAG_TABLE_DIGEST else "inline", "table_digest": digest.hex(),
-        "seed": parsed.seed, "tensors": tensors, "raw_bytes": raw, "payload_bytes": size,
+        "codec": parsed.spec,
+        "format_version": parsed.version,
+        "zstd": bool(parsed.flags & FLAG_ZSTD),
+        "table": "digest" if parsed.flags & FLAG_TABLE_DIGEST else "inline",
+        "table_digest": digest.hex(),
+        "seed": parsed.seed,
+        "tensors": tensors,
+        "raw_bytes": raw,
+        "payload_bytes": size,
         "ratio": (raw / size) if size else 0.0,
     }

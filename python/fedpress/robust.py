@@ -126,6 +126,6 @@ def robust_combine(rule: AggregationRule, updates: Sequence[Mapping[str, np.ndar
             value = np.median(stack, axis=0)
         else:
             stack.sort(axis=0)
-            value = stack[cut:n - cut].mean(axis=0, dtype=np.float64)
+            value = stack[cut : n - cut].mean(axis=0, dtype=np.float64)
         out[name] = np.asarray(value, dtype=dtype)
     return out

@@ -63,8 +63,7 @@ def _state(value: Any, role: str) -> Mapping[str, Any]:
         return value.state_dict()
     if isinstance(value, Mapping):
         return value
-    raise TypeError(f"{role} must be an nn.Module or a mapping of names to tensors, "
-                    f"got {type(value).__name__}")
+    raise TypeError(f"{role} must be an nn.Module or a mapping of names to tensors, got {type(value).__name__}")
 
 
 def _as_numpy(name: str, value: Any, role: str) -> tuple[np.ndarray, str]:
@@ -72,18 +71,17 @@ def _as_numpy(name: str, value: Any, role: str) -> tuple[np.ndarray, str]:
     it is contiguous, bfloat16 as float32 data."""
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided:
-            raise TypeError(f"{role} tensor {name!r} has layout {value.layout}; only dense tensors "
-                            "are supported")
+            raise TypeError(f"{role} tensor {name!r} has layout {value.layout}; only dense tensors are supported")
     elif not isinstance(value, (np.ndarray, np.generic)):
-        raise TypeError(f"{role} entry {name!r} is a {type(value).__name__}; expected a "
-                        "torch.Tensor or a numpy array")
+        raise TypeError(f"{role} entry {name!r} is a {type(value).__name__}; expected a torch.Tensor or a numpy array")
     try:
         arr, dtype = _to_numpy(name, value)
     except TypeError:  # dtypes numpy lacks (torch's float8, quantized) or refuses (str, object)
         arr, dtype = None, str(value.dtype).replace("torch.", "")
     if arr is None or arr.dtype.kind not in _KINDS:
-        raise TypeError(f"{role} tensor {name!r} has unsupported dtype {dtype}; expected a "
-                        "floating, integer or bool tensor")
+        raise TypeError(
+            f"{role} tensor {name!r} has unsupported dtype {dtype}; expected a floating, integer or bool tensor"
+        )
     return arr, dtype
 
 
@@ -116,8 +114,10 @@ def state_delta(model_or_state: StateLike, reference: StateLike) -> dict[str, np
     missing = [k for k in current if k not in base]
     extra = [k for k in base if k not in current]
     if missing or extra:
-        raise ValueError("state_delta: the model and the reference hold different tensors; missing "
-                         f"from the reference: {missing}; not in the model: {extra}")
+        raise ValueError(
+            "state_delta: the model and the reference hold different tensors; missing "
+            f"from the reference: {missing}; not in the model: {extra}"
+        )
     delta: dict[str, np.ndarray] = {}
     for name, value in current.items():
         if not isinstance(name, str):
@@ -125,11 +125,14 @@ def state_delta(model_or_state: StateLike, reference: StateLike) -> dict[str, np
         now, now_dtype = _as_numpy(name, value, "model")
         then, then_dtype = _as_numpy(name, base[name], "reference")
         if now.shape != then.shape:
-            raise ValueError(f"state_delta: tensor {name!r} has shape {tuple(now.shape)} in the "
-                             f"model but {tuple(then.shape)} in the reference")
+            raise ValueError(
+                f"state_delta: tensor {name!r} has shape {tuple(now.shape)} in the "
+                f"model but {tuple(then.shape)} in the reference"
+            )
         if _KINDS[now.dtype.kind] != _KINDS[then.dtype.kind]:
-            raise TypeError(f"state_delta: tensor {name!r} is {now_dtype} in the model but "
-                            f"{then_dtype} in the reference")
+            raise TypeError(
+                f"state_delta: tensor {name!r} is {now_dtype} in the model but {then_dtype} in the reference"
+            )
         if now.dtype.kind == "b":
             # Copied: the delta must not change when the model trains on.
             delta[name] = np.array(now, copy=True)
@@ -150,8 +153,7 @@ def _check_lr(lr: Any) -> float:
 
 def _alias_key(t: torch.Tensor) -> tuple:
     """Equal for two names of one tensor (tied weights), so it is updated once."""
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-            t.stride(), t.dtype)
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def apply_delta(model: torch.nn.Module, delta: Mapping[str, Any], lr: float = 1.0) -> None:
@@ -179,15 +181,21 @@ def apply_delta(model: torch.nn.Module, delta: Mapping[str, Any], lr: float = 1.
             continue
         arr, dtype = _as_numpy(name, delta[name], "delta")
         if tuple(arr.shape) != tuple(target.shape):
-            raise ValueError(f"apply_delta: delta for {name!r} has shape {tuple(arr.shape)}, the "
-                             f"model's tensor {tuple(target.shape)}")
+            raise ValueError(
+                f"apply_delta: delta for {name!r} has shape {tuple(arr.shape)}, the "
+                f"model's tensor {tuple(target.shape)}"
+            )
         if target.dtype == torch.bool:
             if arr.dtype.kind != "b":
-                raise TypeError(f"apply_delta: {name!r} is a bool buffer; its delta must hold bool "
-                                f"values (the new state), got {dtype}")
+                raise TypeError(
+                    f"apply_delta: {name!r} is a bool buffer; its delta must hold bool "
+                    f"values (the new state), got {dtype}"
+                )
         elif arr.dtype.kind == "b":
-            raise TypeError(f"apply_delta: delta for {name!r} is bool but the model's tensor is "
-                            f"{str(target.dtype).replace('torch.', '')}")
+            raise TypeError(
+                f"apply_delta: delta for {name!r} is bool but the model's tensor is "
+                f"{str(target.dtype).replace('torch.', '')}"
+            )
         elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ValueError(f"apply_delta: delta for {name!r} holds NaN or infinity")
         key = _alias_key(target)

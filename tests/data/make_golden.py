@@ -23,8 +23,18 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 SEED = 20240611
-SPECS = ("fp32", "fp16", "q8+zstd:3", "sign", "topk:0.05+q4+zstd", "randk:0.1+fp16", "thresh:0.1+bf16",
-         "eden3", "eden4:shared", "topk:0.5+eden2:mse")
+SPECS = (
+    "fp32",
+    "fp16",
+    "q8+zstd:3",
+    "sign",
+    "topk:0.05+q4+zstd",
+    "randk:0.1+fp16",
+    "thresh:0.1+bf16",
+    "eden3",
+    "eden4:shared",
+    "topk:0.5+eden2:mse",
+)
 DIGEST_SPECS = ("topk:0.05+q4",)  # written with table="digest"
 
 
@@ -40,7 +50,7 @@ def golden_input() -> dict:
     return {
         "conv.weight": spread[:960].astype(np.float32).reshape(8, 4, 5, 6),
         "conv.bias": (np.arange(8, dtype=np.float32) - 3.25) / 8,
-        "fc.weight": (spread[960:] / 3.0).reshape(12, 20),                      # float64
+        "fc.weight": (spread[960:] / 3.0).reshape(12, 20),  # float64
         "half": (np.arange(-10, 10, dtype=np.float16) / np.float16(4)),
         "scalar": np.array(0.375, np.float32),
         "empty": np.zeros((0, 3), np.float32),
@@ -67,7 +77,8 @@ if __name__ == "__main__":
 
     named = tuple(sys.argv[1:])  # python tests/data/make_golden.py [SPEC ...]
     if named:
-        main(tuple(s for s in named if s in SPECS or s not in DIGEST_SPECS),
-             tuple(s for s in named if s in DIGEST_SPECS))
+        main(
+            tuple(s for s in named if s in SPECS or s not in DIGEST_SPECS), tuple(s for s in named if s in DIGEST_SPECS)
+        )
     else:
         main()

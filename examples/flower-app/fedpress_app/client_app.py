@@ -43,8 +43,12 @@ app = ClientApp(mods=[fedpress_mod])  # fedpress: first in the list
 
 def _node_data(context: Context):
     cfg, node = context.run_config, context.node_config
-    return load_partition(int(node["partition-id"]), int(node["num-partitions"]),
-                          str(cfg.get("partitioning", "iid")), int(cfg.get("seed", 0)))
+    return load_partition(
+        int(node["partition-id"]),
+        int(node["num-partitions"]),
+        str(cfg.get("partitioning", "iid")),
+        int(cfg.get("seed", 0)),
+    )
 
 
 @app.train()
@@ -55,15 +59,23 @@ def train_handler(msg: Message, context: Context) -> Message:
     model = get_model(int(cfg.get("seed", 0)))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     config = msg.content["config"]
-    stats = train(model, train_data, epochs=int(cfg["local-epochs"]),
-                  lr=float(config.get("lr", cfg["lr"])), momentum=float(cfg.get("momentum", 0.0)),
-                  batch_size=int(cfg.get("batch-size", 32)), seed=int(cfg.get("seed", 0)),
-                  partition_id=int(context.node_config["partition-id"]),
-                  server_round=int(config.get("server-round", 0)))
-    content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train_loss": float(stats["loss"]), "num-examples": len(train_data)}),
-    })
+    stats = train(
+        model,
+        train_data,
+        epochs=int(cfg["local-epochs"]),
+        lr=float(config.get("lr", cfg["lr"])),
+        momentum=float(cfg.get("momentum", 0.0)),
+        batch_size=int(cfg.get("batch-size", 32)),
+        seed=int(cfg.get("seed", 0)),
+        partition_id=int(context.node_config["partition-id"]),
+        server_round=int(config.get("server-round", 0)),
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"train_loss": float(stats["loss"]), "num-examples": len(train_data)}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -74,6 +86,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     model = get_model(int(context.run_config.get("seed", 0)))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     loss, accuracy = test(model, test_data)
-    content = RecordDict({"metrics": MetricRecord({"eval_loss": float(loss), "eval_acc": float(accuracy),
-                                                   "num-examples": len(test_data)})})
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"eval_loss": float(loss), "eval_acc": float(accuracy), "num-examples": len(test_data)}
+            )
+        }
+    )
     return Message(content=content, reply_to=msg)

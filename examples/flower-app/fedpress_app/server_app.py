@@ -39,10 +39,20 @@ class ByteCountingFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         sent = sum(_array_bytes(m) for m in messages)
-        self.history.append({"round": server_round, "uplink_payload": 0, "uplink_raw": 0, "replies": 0,
-                             "skipped": 0, "failures": 0, "path": "flower",
-                             "train_downlink_payload": sent, "train_downlink_raw": sent,
-                             "train_messages": len(messages)})
+        self.history.append(
+            {
+                "round": server_round,
+                "uplink_payload": 0,
+                "uplink_raw": 0,
+                "replies": 0,
+                "skipped": 0,
+                "failures": 0,
+                "path": "flower",
+                "train_downlink_payload": sent,
+                "train_downlink_raw": sent,
+                "train_messages": len(messages),
+            }
+        )
         return messages
 
     def aggregate_train(self, server_round: int, replies):
@@ -75,12 +85,16 @@ def main(grid: Grid, context: Context) -> None:
     fraction_evaluate = float(cfg.get("fraction-evaluate", 1.0))
     min_nodes = int(cfg.get("min-nodes", 2))
 
-    fedavg_args = dict(fraction_train=1.0, fraction_evaluate=fraction_evaluate, min_train_nodes=min_nodes,
-                       min_evaluate_nodes=min_nodes if fraction_evaluate > 0 else 0,
-                       min_available_nodes=min_nodes)
+    fedavg_args = dict(
+        fraction_train=1.0,
+        fraction_evaluate=fraction_evaluate,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes if fraction_evaluate > 0 else 0,
+        min_available_nodes=min_nodes,
+    )
     if spec is None:  # plain Flower: float32 arrays both ways
         if downlink is not None:
-            log(INFO, "fedpress app: spec is \"none\" (no wrapper): downlink=%s is ignored", downlink)
+            log(INFO, 'fedpress app: spec is "none" (no wrapper): downlink=%s is ignored', downlink)
             downlink = None
         strategy = ByteCountingFedAvg(**fedavg_args)
     else:  # fedpress: the one line on the server
@@ -94,20 +108,38 @@ def main(grid: Grid, context: Context) -> None:
         loss, accuracy = test(model, test_data)
         return MetricRecord({"accuracy": float(accuracy), "loss": float(loss)})
 
-    log(INFO, "fedpress app: spec=%s downlink=%s rounds=%d local-epochs=%s lr=%s", spec or "none",
-        downlink or "none", num_rounds, cfg["local-epochs"], cfg["lr"])
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=num_rounds,
-                            train_config=ConfigRecord({"lr": float(cfg["lr"])}), evaluate_fn=evaluate_fn)
+    log(
+        INFO,
+        "fedpress app: spec=%s downlink=%s rounds=%d local-epochs=%s lr=%s",
+        spec or "none",
+        downlink or "none",
+        num_rounds,
+        cfg["local-epochs"],
+        cfg["lr"],
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=num_rounds,
+        train_config=ConfigRecord({"lr": float(cfg["lr"])}),
+        evaluate_fn=evaluate_fn,
+    )
 
     rows = _table_rows(strategy.history, result.evaluate_metrics_serverapp)
     for line in _format_table(rows, spec or "none", downlink or "none").splitlines():
         log(INFO, "%s", line)
     path = _none(cfg.get("results-path", ""))
     if path is not None:
-        out = {"spec": spec or "none", "downlink": downlink or "none", "num-server-rounds": num_rounds,
-               "local-epochs": int(cfg["local-epochs"]), "lr": float(cfg["lr"]),
-               "initial-accuracy": _metric(result.evaluate_metrics_serverapp.get(0), "accuracy"),
-               "rounds": rows, "history": strategy.history}
+        out = {
+            "spec": spec or "none",
+            "downlink": downlink or "none",
+            "num-server-rounds": num_rounds,
+            "local-epochs": int(cfg["local-epochs"]),
+            "lr": float(cfg["lr"]),
+            "initial-accuracy": _metric(result.evaluate_metrics_serverapp.get(0), "accuracy"),
+            "rounds": rows,
+            "history": strategy.history,
+        }
         target = Path(path).expanduser()
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
@@ -122,27 +154,38 @@ def _table_rows(history: list[dict[str, Any]], central: dict[int, MetricRecord])
     rows = []
     for h in history:
         payload, raw = int(h["uplink_payload"]), int(h["uplink_raw"])
-        rows.append({"round": int(h["round"]), "accuracy": _metric(central.get(h["round"]), "accuracy"),
-                     "loss": _metric(central.get(h["round"]), "loss"), "replies": int(h["replies"]),
-                     "uplink_payload_bytes": payload, "uplink_raw_bytes": raw,
-                     "ratio": raw / payload if payload else None,
-                     "train_downlink_bytes": int(h["train_downlink_payload"]),
-                     "train_downlink_raw_bytes": int(h["train_downlink_raw"])})
+        rows.append(
+            {
+                "round": int(h["round"]),
+                "accuracy": _metric(central.get(h["round"]), "accuracy"),
+                "loss": _metric(central.get(h["round"]), "loss"),
+                "replies": int(h["replies"]),
+                "uplink_payload_bytes": payload,
+                "uplink_raw_bytes": raw,
+                "ratio": raw / payload if payload else None,
+                "train_downlink_bytes": int(h["train_downlink_payload"]),
+                "train_downlink_raw_bytes": int(h["train_downlink_raw"]),
+            }
+        )
     return rows
 
 
 def _format_table(rows: list[dict[str, Any]], spec: str, downlink: str) -> str:
-    lines = [f"fedpress per-round table (uplink spec {spec}, downlink {downlink}):",
-             f"{'round':>5} {'accuracy':>8} {'replies':>7} {'uplink B':>10} {'raw B':>10} {'ratio':>7} "
-             f"{'downlink B':>10}"]
+    lines = [
+        f"fedpress per-round table (uplink spec {spec}, downlink {downlink}):",
+        f"{'round':>5} {'accuracy':>8} {'replies':>7} {'uplink B':>10} {'raw B':>10} {'ratio':>7} {'downlink B':>10}",
+    ]
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         ratio = f"{r['ratio']:.1f}x" if r["ratio"] is not None else "-"
-        lines.append(f"{r['round']:>5} {acc:>8} {r['replies']:>7} {r['uplink_payload_bytes']:>10,} "
-                     f"{r['uplink_raw_bytes']:>10,} {ratio:>7} {r['train_downlink_bytes']:>10,}")
+        lines.append(
+            f"{r['round']:>5} {acc:>8} {r['replies']:>7} {r['uplink_payload_bytes']:>10,} "
+            f"{r['uplink_raw_bytes']:>10,} {ratio:>7} {r['train_downlink_bytes']:>10,}"
+        )
     if rows:
         up = sum(r["uplink_payload_bytes"] for r in rows)
         raw = sum(r["uplink_raw_bytes"] for r in rows)
-        lines.append(f"total uplink {up:,} B (raw {raw:,} B, {raw / up if up else float('nan'):.1f}x) "
-                     f"over {len(rows)} rounds")
+        lines.append(
+            f"total uplink {up:,} B (raw {raw:,} B, {raw / up if up else float('nan'):.1f}x) over {len(rows)} rounds"
+        )
     return "\n".join(lines)

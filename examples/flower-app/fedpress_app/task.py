@@ -23,13 +23,16 @@ def load_splits(seed: int = 0) -> tuple[Dataset, Dataset]:
 
 
 @lru_cache(maxsize=16)
-def load_partition(partition_id: int, num_partitions: int, scheme: str = "iid", seed: int = 0
-                   ) -> tuple[Dataset, Dataset]:
+def load_partition(
+    partition_id: int, num_partitions: int, scheme: str = "iid", seed: int = 0
+) -> tuple[Dataset, Dataset]:
     """This node's share of the train split and of the test split (disjoint between nodes)."""
     partition_id, num_partitions = int(partition_id), int(num_partitions)
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} outside 0..{num_partitions - 1}: set the node "
-                         "config, e.g. --node-config 'partition-id=0 num-partitions=3'")
+        raise ValueError(
+            f"partition-id {partition_id} outside 0..{num_partitions - 1}: set the node "
+            "config, e.g. --node-config 'partition-id=0 num-partitions=3'"
+        )
     train, test = load_splits(seed)
     train_part = train.subset(partition(train.y, num_partitions, scheme, seed=seed)[partition_id])
     test_part = test.subset(partition(test.y, num_partitions, "iid", seed=seed)[partition_id])
@@ -46,11 +49,27 @@ def get_model(seed: int = 0) -> torch.nn.Module:
     return make_model(TASK, seed=seed)
 
 
-def train(model: torch.nn.Module, data: Dataset, epochs: int, lr: float, momentum: float, batch_size: int,
-          seed: int, partition_id: int, server_round: int) -> dict[str, Any]:
+def train(
+    model: torch.nn.Module,
+    data: Dataset,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    seed: int,
+    partition_id: int,
+    server_round: int,
+) -> dict[str, Any]:
     """Local SGD on ``data`` in place; each node and round shuffles with its own seed."""
-    return train_local(model, data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                       seed=round_seed(seed * 1000 + partition_id, server_round))
+    return train_local(
+        model,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        seed=round_seed(seed * 1000 + partition_id, server_round),
+    )
 
 
 def test(model: torch.nn.Module, data: Dataset) -> tuple[float, float]:

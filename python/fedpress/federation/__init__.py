@@ -24,21 +24,36 @@ from __future__ import annotations
 
 from .client import Client, parse_address
 from .protocol import (
-                       FEATURES,
-                       PROTOCOL_VERSION,
-                       AuthenticationError,
-                       ConnectionClosed,
-                       ErrorCode,
-                       FederationError,
-                       FrameTooLarge,
-                       FrameType,
-                       PeerError,
-                       ProtocolError,
+    FEATURES,
+    PROTOCOL_VERSION,
+    AuthenticationError,
+    ConnectionClosed,
+    ErrorCode,
+    FederationError,
+    FrameTooLarge,
+    FrameType,
+    PeerError,
+    ProtocolError,
 )
 from .server import RunExistsError, Server, WaitTimeout
 from .tls import client_context, server_context
 
-__all__ = ["Server", "RunExistsError", "WaitTimeout", "Client", "parse_address", "server_context", "client_context",
-           "PROTOCOL_VERSION",
-           "FEATURES", "FrameType", "ErrorCode", "FederationError", "ProtocolError", "FrameTooLarge",
-           "PeerError", "AuthenticationError", "ConnectionClosed"]
+__all__ = [
+    "Server",
+    "RunExistsError",
+    "WaitTimeout",
+    "Client",
+    "parse_address",
+    "server_context",
+    "client_context",
+    "PROTOCOL_VERSION",
+    "FEATURES",
+    "FrameType",
+    "ErrorCode",
+    "FederationError",
+    "ProtocolError",
+    "FrameTooLarge",
+    "PeerError",
+    "AuthenticationError",
+    "ConnectionClosed",
+]

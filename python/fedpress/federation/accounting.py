@@ -25,8 +25,13 @@ __all__ = ["ClientTraffic", "TrafficRow", "Ledger", "ConnectionAccount"]
 class ClientTraffic:
     """One client's bytes in one row."""
 
-    __slots__ = ("uplink_wire_bytes", "downlink_wire_bytes", "uplink_payload_bytes",
-                 "downlink_payload_bytes", "connections")
+    __slots__ = (
+        "uplink_wire_bytes",
+        "downlink_wire_bytes",
+        "uplink_payload_bytes",
+        "downlink_payload_bytes",
+        "connections",
+    )
 
     def __init__(self) -> None:
         self.uplink_wire_bytes = 0
@@ -61,8 +66,7 @@ class TrafficRow:
         """The row's byte fields, per-client breakdown included."""
         out: dict[str, Any] = {
             name: sum(getattr(c, name) for c in self.clients.values())
-            for name in ("uplink_payload_bytes", "uplink_wire_bytes", "downlink_payload_bytes",
-                         "downlink_wire_bytes")
+            for name in ("uplink_payload_bytes", "uplink_wire_bytes", "downlink_payload_bytes", "downlink_wire_bytes")
         }
         out["rejected_connections"] = self.rejected_connections
         out["rejected_uplink_wire_bytes"] = self.rejected_uplink_wire_bytes

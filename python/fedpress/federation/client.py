@@ -53,7 +53,7 @@ TrainFn = Callable[[dict, dict], Any]
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6 address]:port" -> (host, port)."""
+    """ "host:port" or "[v6 address]:port" -> (host, port)."""
     if not isinstance(address, str):
         raise TypeError(f"address must be a 'host:port' string, got {type(address).__name__}")
     host, sep, port_text = address.strip().rpartition(":")
@@ -70,8 +70,13 @@ class TLSMismatch(P.FederationError, ConnectionError):
 
 def _not_tls(exc: _ssl.SSLError) -> bool:
     """Whether a TLS handshake failed because the server answered in plain bytes."""
-    return exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
-                          "HTTP_REQUEST", "UNKNOWN_PROTOCOL")
+    return exc.reason in (
+        "WRONG_VERSION_NUMBER",
+        "RECORD_LAYER_FAILURE",
+        "PACKET_LENGTH_TOO_LONG",
+        "HTTP_REQUEST",
+        "UNKNOWN_PROTOCOL",
+    )
 
 
 class Client:
@@ -112,17 +117,37 @@ class Client:
     codec_options: more ``fedpress.Codec`` options (e.g. ``table="digest"``).
     """
 
-    def __init__(self, connect: str, token: Any, train_fn: TrainFn, codec: Optional[str] = None,
-                 error_feedback: bool = True, client_id: Optional[str] = None,
-                 ssl_context: Optional[_ssl.SSLContext] = None, reconnect: bool = True, max_retries: int = 10,
-                 backoff: float = 0.5, max_backoff: float = 30.0, *, server_hostname: Optional[str] = None,
-                 momentum: Optional[float] = None, connect_timeout: float = 10.0,
-                 max_frame_bytes: int = P.DEFAULT_MAX_FRAME, train_in_thread: bool = True,
-                 downlink_deltas: bool = True, shutdown_timeout: float = 5.0,
-                 initial_params: Optional[Mapping[str, Any]] = None, seed: Optional[int] = None,
-                 clip: Optional[float] = None, warmup_rounds: int = 0, warmup_start: float = 0.25,
-                 codec_options: Optional[Mapping[str, Any]] = None, insecure: bool = False,
-                 frame_grace: float = 30.0, frame_min_rate: float = 64 * 1024) -> None:
+    def __init__(
+        self,
+        connect: str,
+        token: Any,
+        train_fn: TrainFn,
+        codec: Optional[str] = None,
+        error_feedback: bool = True,
+        client_id: Optional[str] = None,
+        ssl_context: Optional[_ssl.SSLContext] = None,
+        reconnect: bool = True,
+        max_retries: int = 10,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        *,
+        server_hostname: Optional[str] = None,
+        momentum: Optional[float] = None,
+        connect_timeout: float = 10.0,
+        max_frame_bytes: int = P.DEFAULT_MAX_FRAME,
+        train_in_thread: bool = True,
+        downlink_deltas: bool = True,
+        shutdown_timeout: float = 5.0,
+        initial_params: Optional[Mapping[str, Any]] = None,
+        seed: Optional[int] = None,
+        clip: Optional[float] = None,
+        warmup_rounds: int = 0,
+        warmup_start: float = 0.25,
+        codec_options: Optional[Mapping[str, Any]] = None,
+        insecure: bool = False,
+        frame_grace: float = 30.0,
+        frame_min_rate: float = 64 * 1024,
+    ) -> None:
         self.host, self.port = parse_address(connect)
         self.token = P.as_token(token)
         if not callable(train_fn):
@@ -135,8 +160,10 @@ class Client:
         if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
         if ssl_context is None and not insecure:
-            raise ValueError("no TLS: give ssl_context=client_context(ca_file) (None: the system's CAs), or "
-                             "insecure=True to connect in plain TCP")
+            raise ValueError(
+                "no TLS: give ssl_context=client_context(ca_file) (None: the system's CAs), or "
+                "insecure=True to connect in plain TCP"
+            )
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.reconnect = bool(reconnect)
@@ -154,8 +181,12 @@ class Client:
         self.train_in_thread = bool(train_in_thread)
         self.downlink_deltas = bool(downlink_deltas)
         self.seed = None if seed is None else int(seed)
-        self.encoder_options: dict[str, Any] = {"clip": clip, "warmup_rounds": int(warmup_rounds),
-                                                "warmup_start": float(warmup_start), **dict(codec_options or {})}
+        self.encoder_options: dict[str, Any] = {
+            "clip": clip,
+            "warmup_rounds": int(warmup_rounds),
+            "warmup_start": float(warmup_start),
+            **dict(codec_options or {}),
+        }
 
         #: The fedpress Encoder (created at the first TASK, kept across reconnects).
         self.encoder: Optional[Encoder] = None
@@ -167,9 +198,18 @@ class Client:
         #: Counters: rounds trained/failed, sessions, reconnects, socket bytes
         #: (uplink = sent, downlink = received, TLS records included) and payload bytes.
         self.stats: dict[str, Any] = {
-            "rounds": 0, "failed_rounds": 0, "sessions": 0, "reconnects": 0, "last_round": None,
-            "uplink_wire_bytes": 0, "downlink_wire_bytes": 0, "uplink_payload_bytes": 0,
-            "downlink_payload_bytes": 0, "full_models": 0, "delta_models": 0, "bye": None,
+            "rounds": 0,
+            "failed_rounds": 0,
+            "sessions": 0,
+            "reconnects": 0,
+            "last_round": None,
+            "uplink_wire_bytes": 0,
+            "downlink_wire_bytes": 0,
+            "uplink_payload_bytes": 0,
+            "downlink_payload_bytes": 0,
+            "full_models": 0,
+            "delta_models": 0,
+            "bye": None,
         }
         self._conn: Optional[Connection] = None
         self._rng = random.Random()
@@ -202,9 +242,11 @@ class Client:
                 raise
             except _ssl.SSLError as exc:
                 if _not_tls(exc):  # no retry heals a server that does not speak TLS
-                    raise TLSMismatch(f"the server at {self.host}:{self.port} does not speak TLS ({exc.reason}): "
-                                      "it serves plain TCP (--insecure), so connect with --insecure, or ask for "
-                                      "a TLS server") from None
+                    raise TLSMismatch(
+                        f"the server at {self.host}:{self.port} does not speak TLS ({exc.reason}): "
+                        "it serves plain TCP (--insecure), so connect with --insecure, or ask for "
+                        "a TLS server"
+                    ) from None
                 reason = str(exc) or type(exc).__name__
             except P.PeerError as exc:
                 if exc.code in (P.ErrorCode.AUTH, P.ErrorCode.VERSION, P.ErrorCode.REPLACED):
@@ -221,11 +263,19 @@ class Client:
                     await self._close(conn)
             failures += 1
             if not self.reconnect or failures > self.max_retries:
-                raise ConnectionError(f"client {self.client_id}: giving up after {failures} failed "
-                                      f"attempt(s) to reach {self.host}:{self.port}: {reason}")
+                raise ConnectionError(
+                    f"client {self.client_id}: giving up after {failures} failed "
+                    f"attempt(s) to reach {self.host}:{self.port}: {reason}"
+                )
             delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1)) * (0.5 + 0.5 * self._rng.random())
-            log.info("client %s: %s; reconnecting in %.2f s (attempt %d of %d)", self.client_id, reason,
-                     delay, failures, self.max_retries)
+            log.info(
+                "client %s: %s; reconnecting in %.2f s (attempt %d of %d)",
+                self.client_id,
+                reason,
+                delay,
+                failures,
+                self.max_retries,
+            )
             self.stats["reconnects"] += 1
             await asyncio.sleep(delay)
 
@@ -243,24 +293,33 @@ class Client:
 
     # ============================================================== handshake
     async def _connect(self) -> Connection:
-        conn = await open_connection(self.host, self.port, ssl_context=self.ssl_context,
-                                     server_hostname=self.server_hostname, timeout=self.connect_timeout,
-                                     shutdown_timeout=self.shutdown_timeout)
+        conn = await open_connection(
+            self.host,
+            self.port,
+            ssl_context=self.ssl_context,
+            server_hostname=self.server_hostname,
+            timeout=self.connect_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+        )
         self._conn = conn
         try:
             await asyncio.wait_for(self._handshake(conn), self.connect_timeout)
         except P.ProtocolError as exc:
             await self._close(conn)
             if self.ssl_context is None and isinstance(exc, P.NotAFrame) and exc.tls:
-                raise TLSMismatch(f"the server at {self.host}:{self.port} speaks TLS: connect with --tls-ca FILE "
-                                  "(its certificate or CA; Client(ssl_context=client_context(FILE))), not "
-                                  "--insecure") from None
+                raise TLSMismatch(
+                    f"the server at {self.host}:{self.port} speaks TLS: connect with --tls-ca FILE "
+                    "(its certificate or CA; Client(ssl_context=client_context(FILE))), not "
+                    "--insecure"
+                ) from None
             raise
         except P.ConnectionClosed as exc:
             await self._close(conn)
             if self.ssl_context is None:  # the usual cause: a TLS server, which drops a plain HELLO
-                raise P.ConnectionClosed(f"{exc} during the handshake (if the server requires TLS, connect with "
-                                         "an ssl_context / --tls-ca instead of insecure plain TCP)") from None
+                raise P.ConnectionClosed(
+                    f"{exc} during the handshake (if the server requires TLS, connect with "
+                    "an ssl_context / --tls-ca instead of insecure plain TCP)"
+                ) from None
             raise
         except BaseException as exc:
             if isinstance(exc, (asyncio.CancelledError, asyncio.TimeoutError)):
@@ -299,9 +358,11 @@ class Client:
             if code == P.ErrorCode.AUTH:
                 raise P.AuthenticationError(f"the server rejected the token: {message}")
             if code == P.ErrorCode.TLS_REQUIRED:
-                raise TLSMismatch(f"the server at {self.host}:{self.port} speaks TLS: connect with --tls-ca FILE "
-                                  "(its certificate or CA; Client(ssl_context=client_context(FILE))), not "
-                                  "--insecure")
+                raise TLSMismatch(
+                    f"the server at {self.host}:{self.port} speaks TLS: connect with --tls-ca FILE "
+                    "(its certificate or CA; Client(ssl_context=client_context(FILE))), not "
+                    "--insecure"
+                )
             raise P.PeerError(code, message)
         if frame.type != ftype:
             raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected {ftype.name}, got {frame.type.name}")
@@ -369,15 +430,16 @@ class Client:
         self.model, self.model_tag = model, task.model_tag
         codec = self.codec or task.config.get("codec") or self.settings.get("codec") or "fp32"
         if self.encoder is None or (self.codec is None and self.encoder.spec != str(parse_spec(codec))):
-            self.encoder = Encoder(codec, error_feedback=self.error_feedback, momentum=self.momentum,
-                                   **self.encoder_options)
+            self.encoder = Encoder(
+                codec, error_feedback=self.error_feedback, momentum=self.momentum, **self.encoder_options
+            )
         try:
             result = await self._call(self.train_fn, {k: v.copy() for k, v in model.items()}, dict(task.config))
             if not isinstance(result, (tuple, list)) or len(result) != 3:
                 raise TypeError("train_fn must return (update, num_examples, metrics)")
             update, num_examples, metrics = result
             num_examples = int(num_examples)
-            if not 0 <= num_examples < 2 ** 64:
+            if not 0 <= num_examples < 2**64:
                 raise ValueError(f"num_examples must be a non-negative integer, got {num_examples}")
             metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
             aligned = align_update(update, model)
@@ -386,8 +448,9 @@ class Client:
             shared = encoder.codec.spec.eden_mode == "shared"
             rotation_seed = task.config.get("rotation_seed") if shared else None
             payload_seed = None if self.seed is None else derive_seed(self.seed, self.client_id, r)
-            payload = await asyncio.to_thread(functools.partial(encoder.encode, aligned, seed=payload_seed,
-                                                                rotation_seed=rotation_seed, round=r))
+            payload = await asyncio.to_thread(
+                functools.partial(encoder.encode, aligned, seed=payload_seed, rotation_seed=rotation_seed, round=r)
+            )
         except Exception as exc:  # noqa: BLE001 - a failed round is reported, the client carries on
             log.exception("client %s: training failed in round %d", self.client_id, r)
             await self._send_failure(conn, r, repr(exc))

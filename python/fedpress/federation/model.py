@@ -63,10 +63,29 @@ from ..codec import Codec, _to_numpy
 from ..payload import decode
 from .protocol import TAG_BYTES, new_tag
 
-__all__ = ["as_params", "table", "canonical", "encode_full", "decode_params", "make_delta", "apply_delta",
-           "apply_update", "align_update", "zero_reference", "Downlink", "ClientDownlink", "make_downlink",
-           "DOWNLINK_MODES", "ServerOptimizer", "model_tag", "save_checkpoint",
-           "load_checkpoint", "atomic_write", "remove_partial_writes", "CHECKPOINT_JSON"]
+__all__ = [
+    "as_params",
+    "table",
+    "canonical",
+    "encode_full",
+    "decode_params",
+    "make_delta",
+    "apply_delta",
+    "apply_update",
+    "align_update",
+    "zero_reference",
+    "Downlink",
+    "ClientDownlink",
+    "make_downlink",
+    "DOWNLINK_MODES",
+    "ServerOptimizer",
+    "model_tag",
+    "save_checkpoint",
+    "load_checkpoint",
+    "atomic_write",
+    "remove_partial_writes",
+    "CHECKPOINT_JSON",
+]
 
 _FULL = Codec("fp32")
 CHECKPOINT_JSON = "checkpoint.json"
@@ -93,8 +112,7 @@ def table(params: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple]]:
 def canonical(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float64 tensors rounded to float32 precision (what a full fp32 payload
     carries); other tensors are shared, not copied."""
-    return {k: v.astype(np.float32).astype(np.float64) if v.dtype == np.float64 else v
-            for k, v in params.items()}
+    return {k: v.astype(np.float32).astype(np.float64) if v.dtype == np.float64 else v for k, v in params.items()}
 
 
 def encode_full(params: Mapping[str, np.ndarray]) -> bytes:
@@ -134,8 +152,9 @@ def apply_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
     return out
 
 
-def apply_update(params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
-                 server_lr: float) -> dict[str, np.ndarray]:
+def apply_update(
+    params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], server_lr: float
+) -> dict[str, np.ndarray]:
     """The next global model from the weighted mean update (see the module doc)."""
     out = {}
     for k, g in params.items():
@@ -193,8 +212,14 @@ class ServerOptimizer:
     momentum carries that around; a falling step lets the last rounds settle
     instead of ending on a swing."""
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0, *, decay: Optional[float] = None,
-                 rounds: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        momentum: float = 0.0,
+        *,
+        decay: Optional[float] = None,
+        rounds: Optional[int] = None,
+    ) -> None:
         self.server_lr = float(server_lr)
         if not math.isfinite(self.server_lr):
             raise ValueError(f"server_lr must be finite, got {server_lr}")
@@ -217,8 +242,9 @@ class ServerOptimizer:
         t = min(max(int(round) - 1, 0), self.rounds - 1) / max(self.rounds - 1, 1)
         return self.server_lr * (self.decay + (1.0 - self.decay) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
-    def step(self, params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
-             round: Optional[int] = None) -> dict[str, np.ndarray]:
+    def step(
+        self, params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], round: Optional[int] = None
+    ) -> dict[str, np.ndarray]:
         lr = self.lr(round)
         if self.momentum == 0.0:
             return apply_update(params, mean, lr)
@@ -252,8 +278,9 @@ class Downlink:
 
     mode = "chain"
 
-    def __init__(self, spec: Optional[str], params: Mapping[str, np.ndarray], history: int = 8,
-                 seed: Optional[int] = None) -> None:
+    def __init__(
+        self, spec: Optional[str], params: Mapping[str, np.ndarray], history: int = 8, seed: Optional[int] = None
+    ) -> None:
         self.codec = Codec(spec) if spec else None
         self.history = max(0, int(history))
         #: With a seed, each delta's random choices derive from (seed, version): runs repeat exactly.
@@ -276,7 +303,7 @@ class Downlink:
         payload = self.codec.encode(make_delta(params, self.replica), seed=seed)
         self.replica = apply_delta(self.replica, decode(payload))
         self.chain.append((old, self.tag, payload))
-        del self.chain[:max(0, len(self.chain) - self.history)]
+        del self.chain[: max(0, len(self.chain) - self.history)]
 
     def task_for(self, client_id: str, held: Optional[bytes], deltas_ok: bool) -> tuple[str, bytes, bytes, list]:
         """(kind, base tag, tag the client will hold, payloads) of the TASK for ``client_id``."""
@@ -308,8 +335,11 @@ class Downlink:
 
     # -- persistence
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        meta = {"tag": self.tag.hex(), "version": self.version,
-                "chain": [{"base": b.hex(), "tag": t.hex()} for b, t, _ in self.chain]}
+        meta = {
+            "tag": self.tag.hex(),
+            "version": self.version,
+            "chain": [{"base": b.hex(), "tag": t.hex()} for b, t, _ in self.chain],
+        }
         arrays = {f"r{i}": v for i, v in enumerate(self.replica.values())}
         arrays.update({f"h{i}": np.frombuffer(p, np.uint8) for i, (_, _, p) in enumerate(self.chain)})
         return meta, arrays
@@ -318,8 +348,10 @@ class Downlink:
         self.replica = {name: np.array(arrays[f"r{i}"]) for i, name in enumerate(names)}
         self.tag = bytes.fromhex(meta["tag"])
         self.version = int(meta.get("version", 0))
-        self.chain = [(bytes.fromhex(c["base"]), bytes.fromhex(c["tag"]), np.asarray(arrays[f"h{i}"]).tobytes())
-                      for i, c in enumerate(meta.get("chain", []))]
+        self.chain = [
+            (bytes.fromhex(c["base"]), bytes.fromhex(c["tag"]), np.asarray(arrays[f"h{i}"]).tobytes())
+            for i, c in enumerate(meta.get("chain", []))
+        ]
         self._full = None
 
 
@@ -339,8 +371,9 @@ class ClientDownlink:
 
     mode = "client"
 
-    def __init__(self, spec: str, params: Mapping[str, np.ndarray], seed: Optional[int] = None,
-                 max_clients: Optional[int] = None) -> None:
+    def __init__(
+        self, spec: str, params: Mapping[str, np.ndarray], seed: Optional[int] = None, max_clients: Optional[int] = None
+    ) -> None:
         if not spec:
             raise ValueError("a per-client downlink needs a downlink codec spec")
         self.codec = Codec(spec)
@@ -418,8 +451,13 @@ class ClientDownlink:
                 tags.append(tag.hex())
                 arrays.update({f"c{j}_{t}_{i}": v for i, v in enumerate(model.values())})
             clients.append([cid, tags])
-        meta = {"mode": self.mode, "tag": self.tag.hex(), "version": self.version,
-                "initial": self.initial[0].hex(), "clients": clients}
+        meta = {
+            "mode": self.mode,
+            "tag": self.tag.hex(),
+            "version": self.version,
+            "initial": self.initial[0].hex(),
+            "clients": clients,
+        }
         return meta, arrays
 
     def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], names: list) -> None:
@@ -439,9 +477,15 @@ class ClientDownlink:
 DOWNLINK_MODES = ("chain", "client")
 
 
-def make_downlink(spec: Optional[str], params: Mapping[str, np.ndarray], mode: str = "chain", *,
-                  history: int = 8, seed: Optional[int] = None, max_clients: Optional[int] = None
-                  ) -> Any:
+def make_downlink(
+    spec: Optional[str],
+    params: Mapping[str, np.ndarray],
+    mode: str = "chain",
+    *,
+    history: int = 8,
+    seed: Optional[int] = None,
+    max_clients: Optional[int] = None,
+) -> Any:
     """The server's downlink: ``Downlink`` (one shared replica and the chain of
     deltas since it) or, with ``mode="client"``, ``ClientDownlink``."""
     if mode not in DOWNLINK_MODES:
@@ -502,16 +546,23 @@ def remove_partial_writes(directory: Path, names: Iterable[str]) -> list[Path]:
     return removed
 
 
-def save_checkpoint(out_dir: Path, round: int, params: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-                    downlink: Optional[Downlink], momentum: Optional[Mapping[str, np.ndarray]] = None) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    round: int,
+    params: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    downlink: Optional[Downlink],
+    momentum: Optional[Mapping[str, np.ndarray]] = None,
+) -> Path:
     """checkpoint-<round>.npz (global model, replica, delta chain) and then
     checkpoint.json naming it, each written atomically; older npz files go."""
     out_dir = Path(out_dir)
     names = list(params)
     arrays = {f"g{i}": v for i, v in enumerate(params.values())}
     info = dict(meta)
-    info.update(format="fedpress-checkpoint-v1", round=int(round), names=names,
-                dtypes=[v.dtype.name for v in params.values()])
+    info.update(
+        format="fedpress-checkpoint-v1", round=int(round), names=names, dtypes=[v.dtype.name for v in params.values()]
+    )
     if momentum:
         # The server's momentum buffers, so a resumed run takes the same steps.
         arrays.update({f"m{names.index(k)}": v for k, v in momentum.items()})

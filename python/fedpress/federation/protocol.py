@@ -78,15 +78,57 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 __all__ = [
-    "MAGIC", "PROTOCOL_VERSION", "HEADER", "NONCE_BYTES", "TAG_BYTES", "MAC_BYTES",
-    "HANDSHAKE_MAX_FRAME", "DEFAULT_MAX_FRAME", "MAX_FRAME_LIMIT", "FEATURES",
-    "FrameType", "ErrorCode", "FederationError", "ProtocolError", "NotAFrame", "FrameTooLarge", "PeerError",
-    "AuthenticationError", "ConnectionClosed",
-    "Frame", "Hello", "Auth", "Welcome", "Task", "Update",
-    "encode_frame", "parse_header", "read_frame", "client_mac", "server_mac", "new_nonce", "new_tag",
-    "SEQ", "TRAILER_BYTES", "session_keys", "client_token", "FrameSealer", "FrameOpener",
-    "pack_error", "unpack_error", "pack_text", "unpack_text", "dumps_json", "loads_json",
-    "check_client_id", "as_token", "check_features", "TASK_FULL", "TASK_DELTA", "UPDATE_OK", "UPDATE_FAILED",
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "HEADER",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "MAC_BYTES",
+    "HANDSHAKE_MAX_FRAME",
+    "DEFAULT_MAX_FRAME",
+    "MAX_FRAME_LIMIT",
+    "FEATURES",
+    "FrameType",
+    "ErrorCode",
+    "FederationError",
+    "ProtocolError",
+    "NotAFrame",
+    "FrameTooLarge",
+    "PeerError",
+    "AuthenticationError",
+    "ConnectionClosed",
+    "Frame",
+    "Hello",
+    "Auth",
+    "Welcome",
+    "Task",
+    "Update",
+    "encode_frame",
+    "parse_header",
+    "read_frame",
+    "client_mac",
+    "server_mac",
+    "new_nonce",
+    "new_tag",
+    "SEQ",
+    "TRAILER_BYTES",
+    "session_keys",
+    "client_token",
+    "FrameSealer",
+    "FrameOpener",
+    "pack_error",
+    "unpack_error",
+    "pack_text",
+    "unpack_text",
+    "dumps_json",
+    "loads_json",
+    "check_client_id",
+    "as_token",
+    "check_features",
+    "TASK_FULL",
+    "TASK_DELTA",
+    "UPDATE_OK",
+    "UPDATE_FAILED",
 ]
 
 MAGIC = b"FP"
@@ -97,10 +139,10 @@ MAC_BYTES = 32
 SEQ = struct.Struct("<Q")
 TRAILER_BYTES = 16  # the tag sealing adds to every frame after the handshake (HMAC-SHA256-128)
 TAG_BYTES = 16
-MAX_JSON_DEPTH = 32                   # settings and configs are shallow; deeper is an attack
-HANDSHAKE_MAX_FRAME = 64 * 1024       # HELLO / AUTH / WELCOME / CHALLENGE are small
-DEFAULT_MAX_FRAME = 1 << 30           # TASK / UPDATE: a 256M-parameter fp32 model
-MAX_FRAME_LIMIT = (1 << 32) - 1       # the u32 length field
+MAX_JSON_DEPTH = 32  # settings and configs are shallow; deeper is an attack
+HANDSHAKE_MAX_FRAME = 64 * 1024  # HELLO / AUTH / WELCOME / CHALLENGE are small
+DEFAULT_MAX_FRAME = 1 << 30  # TASK / UPDATE: a 256M-parameter fp32 model
+MAX_FRAME_LIMIT = (1 << 32) - 1  # the u32 length field
 MAX_CLIENT_ID_BYTES = 128
 MAX_JSON_BYTES = 1 << 20
 
@@ -131,16 +173,16 @@ class FrameType(enum.IntEnum):
 class ErrorCode(enum.IntEnum):
     """The code of an ERROR frame."""
 
-    PROTOCOL = 1       # malformed or unexpected frame
-    VERSION = 2        # protocol version mismatch
-    AUTH = 3           # authentication failed
-    TOO_LARGE = 4      # a frame's declared length exceeds the receiver's limit
-    TIMEOUT = 5        # the handshake took too long
-    BUSY = 6           # too many connections waiting for their handshake
-    REPLACED = 7       # a newer connection with the same client id took over
-    SHUTDOWN = 8       # the server is shutting down
-    INTERNAL = 9       # unexpected failure on the sender's side
-    INTEGRITY = 10     # a sealed frame failed its MAC or came out of sequence (altered in transit)
+    PROTOCOL = 1  # malformed or unexpected frame
+    VERSION = 2  # protocol version mismatch
+    AUTH = 3  # authentication failed
+    TOO_LARGE = 4  # a frame's declared length exceeds the receiver's limit
+    TIMEOUT = 5  # the handshake took too long
+    BUSY = 6  # too many connections waiting for their handshake
+    REPLACED = 7  # a newer connection with the same client id took over
+    SHUTDOWN = 8  # the server is shutting down
+    INTERNAL = 9  # unexpected failure on the sender's side
+    INTEGRITY = 10  # a sealed frame failed its MAC or came out of sequence (altered in transit)
     TLS_REQUIRED = 11  # a plain-TCP HELLO reached a TLS server (sent in plain TCP, before closing)
 
     @classmethod
@@ -229,8 +271,9 @@ def parse_header(header: bytes, max_body: int) -> tuple[FrameType, int]:
     if magic != MAGIC:
         raise NotAFrame(bytes(header))
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(ErrorCode.VERSION,
-                            f"protocol version {version} in frame header, this side speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            ErrorCode.VERSION, f"protocol version {version} in frame header, this side speaks {PROTOCOL_VERSION}"
+        )
     try:
         kind = FrameType(ftype)
     except ValueError:
@@ -240,8 +283,9 @@ def parse_header(header: bytes, max_body: int) -> tuple[FrameType, int]:
     return kind, length
 
 
-async def read_frame(reader: Any, max_body: int, *, body_timeout: Optional[Callable[[int], float]] = None,
-                     budget: Any = None) -> Frame:
+async def read_frame(
+    reader: Any, max_body: int, *, body_timeout: Optional[Callable[[int], float]] = None, budget: Any = None
+) -> Frame:
     """Reads one frame from an asyncio StreamReader. EOF raises ConnectionClosed;
     a bad header raises ProtocolError before the body is read.
 
@@ -275,8 +319,9 @@ async def read_frame(reader: Any, max_body: int, *, body_timeout: Optional[Calla
     try:
         data = await asyncio.wait_for(body(), seconds)
     except asyncio.TimeoutError:
-        raise ProtocolError(ErrorCode.TIMEOUT, f"{ftype.name} frame body of {length} bytes not received within "
-                                               f"{seconds:.1f} s") from None
+        raise ProtocolError(
+            ErrorCode.TIMEOUT, f"{ftype.name} frame body of {length} bytes not received within {seconds:.1f} s"
+        ) from None
     return Frame(ftype, data)
 
 
@@ -353,8 +398,7 @@ def loads_json(data: Any, what: str, *, limit: int = MAX_JSON_BYTES) -> dict:
     if len(data) > limit:
         raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: {len(data)} bytes of JSON exceed {limit}")
     try:
-        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants,
-                           parse_float=_finite_float)
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constants, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.PROTOCOL, f"{what}: invalid JSON ({exc})") from None
     except RecursionError:  # the parser recurses once per level of nesting
@@ -387,10 +431,12 @@ class _Cursor:
 
     def take(self, n: int, name: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.view):
-            raise ProtocolError(ErrorCode.PROTOCOL,
-                                f"{self.what} frame truncated in {name} (needs {n} bytes at offset {self.pos}, "
-                                f"body has {len(self.view)})")
-        out = self.view[self.pos:self.pos + n]
+            raise ProtocolError(
+                ErrorCode.PROTOCOL,
+                f"{self.what} frame truncated in {name} (needs {n} bytes at offset {self.pos}, "
+                f"body has {len(self.view)})",
+            )
+        out = self.view[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -398,14 +444,13 @@ class _Cursor:
         return fmt.unpack(self.take(fmt.size, name))
 
     def rest(self) -> memoryview:
-        out = self.view[self.pos:]
+        out = self.view[self.pos :]
         self.pos = len(self.view)
         return out
 
     def done(self) -> None:
         if self.pos != len(self.view):
-            raise ProtocolError(ErrorCode.PROTOCOL,
-                                f"{self.what} frame has {len(self.view) - self.pos} trailing bytes")
+            raise ProtocolError(ErrorCode.PROTOCOL, f"{self.what} frame has {len(self.view) - self.pos} trailing bytes")
 
 
 _U16 = struct.Struct("<H")
@@ -418,8 +463,7 @@ def check_client_id(client_id: str) -> str:
         raise TypeError(f"client id must be a string, got {type(client_id).__name__}")
     raw = client_id.encode("utf-8", "surrogatepass")
     if not 1 <= len(raw) <= MAX_CLIENT_ID_BYTES or not client_id.isprintable():
-        raise ValueError(f"client id must be 1..{MAX_CLIENT_ID_BYTES} bytes of printable characters, "
-                         f"got {client_id!r}")
+        raise ValueError(f"client id must be 1..{MAX_CLIENT_ID_BYTES} bytes of printable characters, got {client_id!r}")
     return client_id
 
 
@@ -436,9 +480,11 @@ class Hello:
 
     def pack(self) -> bytes:
         cid = self.client_id.encode("utf-8")
-        meta = {"features": list(self.features),
-                "model": self.model_tag.hex() if self.model_tag else None,
-                "codec": self.codec}
+        meta = {
+            "features": list(self.features),
+            "model": self.model_tag.hex() if self.model_tag else None,
+            "codec": self.codec,
+        }
         return _U16.pack(self.version) + _U16.pack(len(cid)) + cid + dumps_json(meta)
 
     @classmethod
@@ -446,8 +492,9 @@ class Hello:
         c = _Cursor(body, "HELLO")
         (version,) = c.unpack(_U16, "version")
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(ErrorCode.VERSION,
-                                f"client speaks protocol version {version}, the server speaks {PROTOCOL_VERSION}")
+            raise ProtocolError(
+                ErrorCode.VERSION, f"client speaks protocol version {version}, the server speaks {PROTOCOL_VERSION}"
+            )
         (n,) = c.unpack(_U16, "client id length")
         try:
             cid = check_client_id(bytes(c.take(n, "client id")).decode("utf-8"))
@@ -528,8 +575,9 @@ class Task:
     def parts(self) -> list:
         """The body as buffers: head, config, then each payload with its length."""
         config = dumps_json(self.config)
-        head = _TASK_HEAD.pack(self.round, self.kind, len(self.payloads), self.model_tag,
-                               self.base_tag or bytes(TAG_BYTES), len(config))
+        head = _TASK_HEAD.pack(
+            self.round, self.kind, len(self.payloads), self.model_tag, self.base_tag or bytes(TAG_BYTES), len(config)
+        )
         out: list = [head, config]
         for p in self.payloads:
             out += [_U32.pack(memoryview(p).nbytes), p]
@@ -573,8 +621,7 @@ class Update:
 
     def parts(self) -> list:
         metrics = dumps_json(self.metrics)
-        return [_UPDATE_HEAD.pack(self.round, self.status, self.num_examples, len(metrics)), metrics,
-                self.payload]
+        return [_UPDATE_HEAD.pack(self.round, self.status, self.num_examples, len(metrics)), metrics, self.payload]
 
     @property
     def payload_bytes(self) -> int:
@@ -639,14 +686,12 @@ def _id_field(client_id: str) -> bytes:
 
 def client_mac(token: bytes, server_nonce: bytes, client_nonce: bytes, client_id: str) -> bytes:
     """The client's proof: HMAC-SHA256 keyed with the token."""
-    return hmac.new(token, _LABEL_CLIENT + server_nonce + client_nonce + _id_field(client_id),
-                    hashlib.sha256).digest()
+    return hmac.new(token, _LABEL_CLIENT + server_nonce + client_nonce + _id_field(client_id), hashlib.sha256).digest()
 
 
 def server_mac(token: bytes, client_nonce: bytes, server_nonce: bytes, client_id: str) -> bytes:
     """The server's proof: HMAC-SHA256 keyed with the token, a different label."""
-    return hmac.new(token, _LABEL_SERVER + client_nonce + server_nonce + _id_field(client_id),
-                    hashlib.sha256).digest()
+    return hmac.new(token, _LABEL_SERVER + client_nonce + server_nonce + _id_field(client_id), hashlib.sha256).digest()
 
 
 def _hkdf(key: bytes, salt: bytes, info: bytes, length: int) -> bytes:
@@ -656,11 +701,16 @@ def _hkdf(key: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
 
 
-def session_keys(token: bytes, server_nonce: bytes, client_nonce: bytes, client_id: str, hello_body: bytes,
-                 welcome_body: bytes) -> tuple[bytes, bytes]:
+def session_keys(
+    token: bytes, server_nonce: bytes, client_nonce: bytes, client_id: str, hello_body: bytes, welcome_body: bytes
+) -> tuple[bytes, bytes]:
     """(client-to-server key, server-to-client key) of one connection (HKDF-SHA256)."""
-    info = (_LABEL_SESSION + _id_field(client_id) + hashlib.sha256(hello_body).digest()
-            + hashlib.sha256(welcome_body).digest())
+    info = (
+        _LABEL_SESSION
+        + _id_field(client_id)
+        + hashlib.sha256(hello_body).digest()
+        + hashlib.sha256(welcome_body).digest()
+    )
     keys = _hkdf(token, server_nonce + client_nonce, info, 2 * MAC_BYTES)
     return keys[:MAC_BYTES], keys[MAC_BYTES:]
 
@@ -710,8 +760,11 @@ class FrameOpener:
         header = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(frame.type), len(body))
         inner, tag = body[:-TRAILER_BYTES], body[-TRAILER_BYTES:]
         if not hmac.compare_digest(_frame_tag(self.key, self.seq, header, (inner,)), bytes(tag)):
-            raise ProtocolError(ErrorCode.INTEGRITY, f"{frame.type.name} frame {self.seq} does not verify (altered, "
-                                                "replayed, reordered, or sealed for another connection)")
+            raise ProtocolError(
+                ErrorCode.INTEGRITY,
+                f"{frame.type.name} frame {self.seq} does not verify (altered, "
+                "replayed, reordered, or sealed for another connection)",
+            )
         self.seq += 1
         return Frame(frame.type, bytes(inner))
 

@@ -74,8 +74,9 @@ ROUNDS_FILE = "rounds.jsonl"
 class _Peer:
     """An authenticated client connection."""
 
-    def __init__(self, client_id: str, conn: Connection, account: ConnectionAccount, hello: P.Hello,
-                 features: tuple) -> None:
+    def __init__(
+        self, client_id: str, conn: Connection, account: ConnectionAccount, hello: P.Hello, features: tuple
+    ) -> None:
         self.client_id = client_id
         self.conn = conn
         self.account = account
@@ -85,7 +86,6 @@ class _Peer:
         self.busy_round: Optional[int] = None
         self.task_tag: Optional[bytes] = None
         self.waiter: Optional[asyncio.Future] = None
-
 
 
 class RunExistsError(P.FederationError, ValueError):
@@ -112,11 +112,11 @@ def previous_run(out_dir: Path) -> str:
 class _Held:
     """One valid update of the round, kept until the round closes."""
 
-    payload: Any                                  # the compressed update (None: already in the sum)
-    weight: float                                 # num_examples, capped by max_examples
-    factor: float                                 # the clip factor, 1.0 when not clipped
-    update: Optional[dict[str, np.ndarray]]       # decoded and clipped, for a robust statistic
-    client: str = ""                              # who sent it: held updates are summed in this order
+    payload: Any  # the compressed update (None: already in the sum)
+    weight: float  # num_examples, capped by max_examples
+    factor: float  # the clip factor, 1.0 when not clipped
+    update: Optional[dict[str, np.ndarray]]  # decoded and clipped, for a robust statistic
+    client: str = ""  # who sent it: held updates are summed in this order
 
 
 async def _expect(conn: Any, kind: P.FrameType) -> bytes:
@@ -127,6 +127,7 @@ async def _expect(conn: Any, kind: P.FrameType) -> bytes:
     if frame.type != kind:
         raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"expected {kind.name}, got {frame.type.name}")
     return frame.body
+
 
 class Server:
     """A federated-learning server on host:port (port 0: the OS picks; see
@@ -209,28 +210,56 @@ class Server:
         ``clients_per_round`` times in ``robust_memory`` bytes).
     """
 
-    def __init__(self, host: str, port: int, initial_params: Mapping[str, Any], rounds: int,
-                 clients_per_round: int, min_clients: Optional[int] = None, codec: Optional[str] = None,
-                 downlink: Optional[str] = None, token: Union[bytes, str, None] = None,
-                 round_timeout: float = 60.0, min_fit: int = 1, server_lr: float = 1.0,
-                 evaluate_fn: Optional[Callable[[dict], Mapping[str, Any]]] = None,
-                 out_dir: Union[str, os.PathLike, None] = None, resume: bool = False, seed: int = 0,
-                 ssl_context: Optional[_ssl.SSLContext] = None, max_frame_bytes: Optional[int] = None,
-                 handshake_timeout: float = 10.0, *,
-                 fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
-                 downlink_history: int = 8, shutdown_timeout: float = 5.0,
-                 wait_timeout: Optional[float] = None, max_pending: int = 256,
-                 server_momentum: float = 0.0, server_lr_decay: Optional[float] = None,
-                 downlink_mode: str = "chain", downlink_clients: Optional[int] = None,
-                 master_token: Union[bytes, str, None] = None, max_examples: Optional[int] = None,
-                 max_share: Optional[float] = None, clip_norm: Optional[float] = None,
-                 aggregation: str = "mean", robust_memory: int = 2 << 30, hello_timeout: float = 2.0,
-                 max_pending_per_address: int = 16, frame_grace: float = 30.0,
-                 frame_min_rate: float = 64 * 1024, inflight_bytes: Optional[int] = None,
-                 insecure: bool = False, overwrite: bool = False, ordered: bool = False) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        initial_params: Mapping[str, Any],
+        rounds: int,
+        clients_per_round: int,
+        min_clients: Optional[int] = None,
+        codec: Optional[str] = None,
+        downlink: Optional[str] = None,
+        token: Union[bytes, str, None] = None,
+        round_timeout: float = 60.0,
+        min_fit: int = 1,
+        server_lr: float = 1.0,
+        evaluate_fn: Optional[Callable[[dict], Mapping[str, Any]]] = None,
+        out_dir: Union[str, os.PathLike, None] = None,
+        resume: bool = False,
+        seed: int = 0,
+        ssl_context: Optional[_ssl.SSLContext] = None,
+        max_frame_bytes: Optional[int] = None,
+        handshake_timeout: float = 10.0,
+        *,
+        fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
+        downlink_history: int = 8,
+        shutdown_timeout: float = 5.0,
+        wait_timeout: Optional[float] = None,
+        max_pending: int = 256,
+        server_momentum: float = 0.0,
+        server_lr_decay: Optional[float] = None,
+        downlink_mode: str = "chain",
+        downlink_clients: Optional[int] = None,
+        master_token: Union[bytes, str, None] = None,
+        max_examples: Optional[int] = None,
+        max_share: Optional[float] = None,
+        clip_norm: Optional[float] = None,
+        aggregation: str = "mean",
+        robust_memory: int = 2 << 30,
+        hello_timeout: float = 2.0,
+        max_pending_per_address: int = 16,
+        frame_grace: float = 30.0,
+        frame_min_rate: float = 64 * 1024,
+        inflight_bytes: Optional[int] = None,
+        insecure: bool = False,
+        overwrite: bool = False,
+        ordered: bool = False,
+    ) -> None:
         if (token is None) == (master_token is None):
-            raise ValueError("give exactly one of token (shared by all clients) and master_token "
-                             "(per-client tokens derived from it)")
+            raise ValueError(
+                "give exactly one of token (shared by all clients) and master_token (per-client tokens derived from it)"
+            )
         self.token = None if token is None else P.as_token(token)
         self.master_token = None if master_token is None else P.as_token(master_token)
         self.host = host
@@ -266,15 +295,19 @@ class Server:
         if self.out_dir is not None and not (self.resume or self.overwrite):
             found = previous_run(self.out_dir)
             if found:
-                raise RunExistsError(f"{self.out_dir} holds a previous run ({found}): resume it (resume=True, "
-                                     "--resume) or replace it (overwrite=True, --overwrite), or choose another "
-                                     "directory")
+                raise RunExistsError(
+                    f"{self.out_dir} holds a previous run ({found}): resume it (resume=True, "
+                    "--resume) or replace it (overwrite=True, --overwrite), or choose another "
+                    "directory"
+                )
         self.seed = int(seed)
         if ssl_context is not None and not isinstance(ssl_context, _ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
         if ssl_context is None and not insecure:
-            raise ValueError("no TLS: give ssl_context=server_context(cert, key) (`fedpress certificate` makes a "
-                             "self-signed pair for a test deployment), or insecure=True to serve plain TCP")
+            raise ValueError(
+                "no TLS: give ssl_context=server_context(cert, key) (`fedpress certificate` makes a "
+                "self-signed pair for a test deployment), or insecure=True to serve plain TCP"
+            )
         self.ssl_context = ssl_context
         self.insecure = ssl_context is None
         if max_frame_bytes is None:
@@ -285,13 +318,16 @@ class Server:
             raise ValueError(f"max_frame_bytes must be in 1..{P.MAX_FRAME_LIMIT}, got {max_frame_bytes}")
         self.hello_timeout = _positive_float(hello_timeout, "hello_timeout")
         self.max_pending_per_address = _positive_int(max_pending_per_address, "max_pending_per_address")
-        self.body_deadline = BodyDeadline(_positive_float(frame_grace, "frame_grace"),
-                                          _positive_float(frame_min_rate, "frame_min_rate"))
+        self.body_deadline = BodyDeadline(
+            _positive_float(frame_grace, "frame_grace"), _positive_float(frame_min_rate, "frame_min_rate")
+        )
         if inflight_bytes is None:
             inflight_bytes = max(4 * (self.max_frame_bytes + P.TRAILER_BYTES), 64 << 20)
         if int(inflight_bytes) < self.max_frame_bytes + P.TRAILER_BYTES:
-            raise ValueError(f"inflight_bytes ({inflight_bytes}) must hold at least one frame of max_frame_bytes "
-                             f"({self.max_frame_bytes}) and its tag")
+            raise ValueError(
+                f"inflight_bytes ({inflight_bytes}) must hold at least one frame of max_frame_bytes "
+                f"({self.max_frame_bytes}) and its tag"
+            )
         self.budget = InflightBudget(int(inflight_bytes))
         self.fit_config = fit_config
         self.downlink_history = int(downlink_history)
@@ -300,8 +336,9 @@ class Server:
         if downlink_mode == "client" and self.downlink is None:
             raise ValueError("downlink_mode='client' needs a downlink codec spec (downlink=...)")
         self.downlink_mode = downlink_mode
-        self.downlink_clients = (None if downlink_clients is None
-                                 else _positive_int(downlink_clients, "downlink_clients"))
+        self.downlink_clients = (
+            None if downlink_clients is None else _positive_int(downlink_clients, "downlink_clients")
+        )
         self.max_pending = _positive_int(max_pending, "max_pending")
         self.max_examples = None if max_examples is None else _positive_int(max_examples, "max_examples")
         self.max_share = None if max_share is None else float(max_share)
@@ -312,10 +349,12 @@ class Server:
         if self.aggregation.holds_updates:
             held = self.clients_per_round * sum(4 * max(1, int(v.size)) for v in self.params.values())
             if held > robust_memory:
-                raise ValueError(f"aggregation={aggregation!r} holds the round's {self.clients_per_round} decoded "
-                                 f"updates ({held / 2**20:.0f} MiB) in memory, more than robust_memory "
-                                 f"({robust_memory / 2**20:.0f} MiB): use the streamed mean with clip_norm / "
-                                 "max_share, or raise robust_memory")
+                raise ValueError(
+                    f"aggregation={aggregation!r} holds the round's {self.clients_per_round} decoded "
+                    f"updates ({held / 2**20:.0f} MiB) in memory, more than robust_memory "
+                    f"({robust_memory / 2**20:.0f} MiB): use the streamed mean with clip_norm / "
+                    "max_share, or raise robust_memory"
+                )
 
         #: The port the server listens on (None until bound).
         self.port: Optional[int] = None
@@ -342,8 +381,10 @@ class Server:
         self._reference: Optional[bytes] = None
 
     def __repr__(self) -> str:
-        return (f"Server({self.host!r}, port={self.port}, rounds={self.rounds}, "
-                f"clients_per_round={self.clients_per_round}, codec={self.codec!r}, downlink={self.downlink!r})")
+        return (
+            f"Server({self.host!r}, port={self.port}, rounds={self.rounds}, "
+            f"clients_per_round={self.clients_per_round}, codec={self.codec!r}, downlink={self.downlink!r})"
+        )
 
     # ================================================================ lifecycle
     @property
@@ -365,21 +406,31 @@ class Server:
         self._changed = asyncio.Event()
         self._ledger = Ledger()
         # Bound first: a server that cannot listen (the port is taken) leaves out_dir as it was.
-        self._listener = await loop.create_server(lambda: CountingProtocol(self._accept), self.host,
-                                                  self._requested_port)
+        self._listener = await loop.create_server(
+            lambda: CountingProtocol(self._accept), self.host, self._requested_port
+        )
         try:
             self._prepare_state()
         except BaseException:
             self._listener.close()
             raise
         self.port = self._listener.sockets[0].getsockname()[1]
-        log.info("listening on %s:%d (%s), rounds %d..%d", self.host, self.port,
-                 "TLS" if self.ssl_context else "plain TCP", self._start_round + 1, self.rounds)
+        log.info(
+            "listening on %s:%d (%s), rounds %d..%d",
+            self.host,
+            self.port,
+            "TLS" if self.ssl_context else "plain TCP",
+            self._start_round + 1,
+            self.rounds,
+        )
         if self.insecure:  # loud unless nothing leaves the machine
             loopback = self.host in ("127.0.0.1", "::1", "localhost")
-            log.log(logging.INFO if loopback else logging.WARNING,
-                    "plain TCP on %s:%d: frames are authenticated, but models and updates travel in clear",
-                    self.host, self.port)
+            log.log(
+                logging.INFO if loopback else logging.WARNING,
+                "plain TCP on %s:%d: frames are authenticated, but models and updates travel in clear",
+                self.host,
+                self.port,
+            )
 
     async def run(self) -> list[dict[str, Any]]:
         """Runs the remaining rounds, says BYE and closes; returns ``history``.
@@ -393,10 +444,19 @@ class Server:
         graceful = False
         try:
             setup: Optional[dict[str, Any]] = {
-                "round": 0, "phase": "setup", "status": "ok", "failed_round": False,
+                "round": 0,
+                "phase": "setup",
+                "status": "ok",
+                "failed_round": False,
                 "resumed_from": self._start_round if self._start_round else None,
-                "sampled": [], "completed": [], "failed": [], "failures": {}, "num_examples": 0,
-                "fit_metrics": {}, "clients": {}}
+                "sampled": [],
+                "completed": [],
+                "failed": [],
+                "failures": {},
+                "num_examples": 0,
+                "fit_metrics": {},
+                "clients": {},
+            }
             if self._start_round >= self.rounds:
                 log.info("checkpoint is at round %d of %d: nothing to do", self._start_round, self.rounds)
                 await self._shutdown(graceful=True)
@@ -452,18 +512,25 @@ class Server:
             return
         meta, params, arrays = checkpoint
         if table(params) != table(self.params):
-            raise ValueError(f"checkpoint in {self.out_dir} holds a different model "
-                             f"({len(params)} tensors) than initial_params ({len(self.params)} tensors)")
+            raise ValueError(
+                f"checkpoint in {self.out_dir} holds a different model "
+                f"({len(params)} tensors) than initial_params ({len(self.params)} tensors)"
+            )
         self.params = {k: np.array(v) for k, v in params.items()}
         if self.optimizer.momentum and meta.get("server_momentum") == self.optimizer.momentum:
-            self.optimizer.buffers = {name: np.array(arrays[f"m{i}"]) for i, name in enumerate(self.params)
-                                      if f"m{i}" in arrays}
+            self.optimizer.buffers = {
+                name: np.array(arrays[f"m{i}"]) for i, name in enumerate(self.params) if f"m{i}" in arrays
+            }
         self._start_round = self.round = int(meta["round"])
         self.federation_id = str(meta.get("federation", self.federation_id))
         self._downlink_state = self._new_downlink()
         saved = meta.get("downlink")
-        if (self.downlink is not None and saved and meta.get("downlink_spec") == self.downlink
-                and saved.get("mode", "chain") == self.downlink_mode):
+        if (
+            self.downlink is not None
+            and saved
+            and meta.get("downlink_spec") == self.downlink
+            and saved.get("mode", "chain") == self.downlink_mode
+        ):
             self._downlink_state.restore(saved, arrays, list(self.params))
         rows = []
         if rounds_path.exists():
@@ -482,17 +549,35 @@ class Server:
         log.info("resumed from %s at round %d", self.out_dir, self._start_round)
 
     def _new_downlink(self) -> Union[Downlink, ClientDownlink]:
-        return make_downlink(self.downlink, self.params, self.downlink_mode, history=self.downlink_history,
-                             seed=self.seed, max_clients=self.downlink_clients)
+        return make_downlink(
+            self.downlink,
+            self.params,
+            self.downlink_mode,
+            history=self.downlink_history,
+            seed=self.seed,
+            max_clients=self.downlink_clients,
+        )
 
     def _checkpoint(self, r: int) -> None:
         if self.out_dir is None:
             return
         dl = self._downlink_state if self.downlink is not None else None
-        save_checkpoint(self.out_dir, r, self.params,
-                        {"federation": self.federation_id, "seed": self.seed, "rounds": self.rounds,
-                         "downlink_spec": self.downlink, "codec": self.codec, "time": time.time(),
-                         "server_momentum": self.optimizer.momentum}, dl, self.optimizer.buffers)
+        save_checkpoint(
+            self.out_dir,
+            r,
+            self.params,
+            {
+                "federation": self.federation_id,
+                "seed": self.seed,
+                "rounds": self.rounds,
+                "downlink_spec": self.downlink,
+                "codec": self.codec,
+                "time": time.time(),
+                "server_momentum": self.optimizer.momentum,
+            },
+            dl,
+            self.optimizer.buffers,
+        )
 
     def _finish_row(self, row: TrafficRow, info: dict[str, Any]) -> dict[str, Any]:
         record = dict(info)
@@ -547,8 +632,7 @@ class Server:
                 await self._reject(counting, account, holder, None, "server shutting down")
                 return
             try:
-                hello, nonce, auth = await asyncio.wait_for(self._handshake(counting, holder),
-                                                            self.handshake_timeout)
+                hello, nonce, auth = await asyncio.wait_for(self._handshake(counting, holder), self.handshake_timeout)
             except asyncio.TimeoutError:
                 await self._reject(counting, account, holder, P.ErrorCode.TIMEOUT, "handshake timed out")
                 return
@@ -556,8 +640,9 @@ class Server:
                 await self._reject(counting, account, holder, exc.code, str(exc))
                 return
             except P.AuthenticationError as exc:
-                await self._reject(counting, account, holder, P.ErrorCode.AUTH, str(exc),
-                                   public="authentication failed")
+                await self._reject(
+                    counting, account, holder, P.ErrorCode.AUTH, str(exc), public="authentication failed"
+                )
                 return
             except P.PeerError as exc:
                 await self._reject(counting, account, holder, None, str(exc))
@@ -567,8 +652,9 @@ class Server:
                 return
             except Exception as exc:  # noqa: BLE001 - a bug here must not leak the socket
                 log.exception("handshake failed unexpectedly")
-                await self._reject(counting, account, holder, P.ErrorCode.INTERNAL, f"internal error: {exc!r}",
-                                   public="internal error")
+                await self._reject(
+                    counting, account, holder, P.ErrorCode.INTERNAL, f"internal error: {exc!r}", public="internal error"
+                )
                 return
             finally:
                 self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
@@ -578,15 +664,22 @@ class Server:
             if self.downlink is None:
                 features = tuple(f for f in features if f != "downlink-delta")
             peer = _Peer(hello.client_id, conn, account, hello, features)
-            settings = {"features": list(features), "federation": self.federation_id,
-                        "codec": self.codec, "downlink": self.downlink, "rounds": self.rounds,
-                        "round": self.round, "max_frame_bytes": self.max_frame_bytes}
+            settings = {
+                "features": list(features),
+                "federation": self.federation_id,
+                "codec": self.codec,
+                "downlink": self.downlink,
+                "rounds": self.rounds,
+                "round": self.round,
+                "max_frame_bytes": self.max_frame_bytes,
+            }
             token = self._token_for(hello.client_id)
             welcome_body = P.Welcome(P.server_mac(token, auth.client_nonce, nonce, hello.client_id), settings).pack()
             try:
                 await conn.send(P.FrameType.WELCOME, welcome_body)
-                c2s, s2c = P.session_keys(token, nonce, auth.client_nonce, hello.client_id, holder["hello"],
-                                          welcome_body)
+                c2s, s2c = P.session_keys(
+                    token, nonce, auth.client_nonce, hello.client_id, holder["hello"], welcome_body
+                )
                 conn.secure(send_key=s2c, recv_key=c2s)
             except (ConnectionError, OSError) as exc:
                 log.info("client %s dropped during its WELCOME: %r", hello.client_id, exc)
@@ -616,23 +709,35 @@ class Server:
                 self._drop_peer(peer, "server stopped")
             raise
 
-    async def _handshake(self, counting: CountingTransport,
-                         holder: dict[str, Any]) -> tuple[P.Hello, bytes, P.Auth]:
+    async def _handshake(self, counting: CountingTransport, holder: dict[str, Any]) -> tuple[P.Hello, bytes, P.Auth]:
         async def first_frame() -> bytes:
             if self.ssl_context is not None and await peek(counting, len(P.MAGIC)) == P.MAGIC:
                 # A plain-TCP client: tell it in plain TCP, so that it stops instead of retrying.
-                counting.writelines(P.encode_frame(P.FrameType.ERROR, P.pack_error(
-                    P.ErrorCode.TLS_REQUIRED, "this server requires TLS: connect with --tls-ca (not --insecure)")))
+                counting.writelines(
+                    P.encode_frame(
+                        P.FrameType.ERROR,
+                        P.pack_error(
+                            P.ErrorCode.TLS_REQUIRED, "this server requires TLS: connect with --tls-ca (not --insecure)"
+                        ),
+                    )
+                )
                 raise P.ProtocolError(P.ErrorCode.TLS_REQUIRED, "a plain-TCP HELLO on this TLS server")
-            conn = await establish(counting, ssl_context=self.ssl_context, server_side=True,
-                                   handshake_timeout=self.hello_timeout, shutdown_timeout=self.shutdown_timeout)
+            conn = await establish(
+                counting,
+                ssl_context=self.ssl_context,
+                server_side=True,
+                handshake_timeout=self.hello_timeout,
+                shutdown_timeout=self.shutdown_timeout,
+            )
             holder["conn"] = conn
             return await _expect(conn, P.FrameType.HELLO)
+
         try:
             holder["hello"] = await asyncio.wait_for(first_frame(), self.hello_timeout)
         except asyncio.TimeoutError:
-            raise P.ProtocolError(P.ErrorCode.TIMEOUT,
-                                  f"no HELLO within {self.hello_timeout:g} s of connecting") from None
+            raise P.ProtocolError(
+                P.ErrorCode.TIMEOUT, f"no HELLO within {self.hello_timeout:g} s of connecting"
+            ) from None
         conn: Connection = holder["conn"]
         hello = P.Hello.unpack(holder["hello"])
         nonce = P.new_nonce()
@@ -649,8 +754,15 @@ class Server:
         assert self.token is not None
         return self.token
 
-    async def _reject(self, counting: CountingTransport, account: ConnectionAccount, holder: dict[str, Any],
-                      code: Optional[int], reason: str, public: Optional[str] = None) -> None:
+    async def _reject(
+        self,
+        counting: CountingTransport,
+        account: ConnectionAccount,
+        holder: dict[str, Any],
+        code: Optional[int],
+        reason: str,
+        public: Optional[str] = None,
+    ) -> None:
         """Counts the connection as rejected, logs one line, sends ERROR when the
         connection can still carry a frame, closes."""
         account.reject()
@@ -728,8 +840,9 @@ class Server:
 
     def _on_update(self, peer: _Peer, update: P.Update) -> None:
         if peer.busy_round is None or update.round != peer.busy_round:
-            log.warning("client %s sent an update for round %d without a task for it; ignored",
-                        peer.client_id, update.round)
+            log.warning(
+                "client %s sent an update for round %d without a task for it; ignored", peer.client_id, update.round
+            )
             return
         peer.busy_round = None
         if peer.waiter is not None and not peer.waiter.done():
@@ -750,15 +863,22 @@ class Server:
         next_log = loop.time()
         while len(self._idle()) < self.min_clients:
             if loop.time() >= next_log:  # at once, then every 30 s of waiting
-                log.info("round %d: waiting for clients: %d of the %d needed connected (%d idle)", r,
-                         len(self._peers), self.min_clients, len(self._idle()))
+                log.info(
+                    "round %d: waiting for clients: %d of the %d needed connected (%d idle)",
+                    r,
+                    len(self._peers),
+                    self.min_clients,
+                    len(self._idle()),
+                )
                 next_log = loop.time() + 30.0
             self._changed.clear()
             timeout = next_log - loop.time()
             if deadline is not None:
                 if deadline - loop.time() <= 0:
-                    raise WaitTimeout(f"round {r}: waited {self.wait_timeout:g} s for {self.min_clients} clients, "
-                                      f"{len(self._peers)} connected ({len(self._idle())} idle)")
+                    raise WaitTimeout(
+                        f"round {r}: waited {self.wait_timeout:g} s for {self.min_clients} clients, "
+                        f"{len(self._peers)} connected ({len(self._idle())} idle)"
+                    )
                 timeout = min(timeout, deadline - loop.time())
             try:
                 await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
@@ -799,8 +919,12 @@ class Server:
             peer.held = None  # unknown until it answers
             peer.waiter = loop.create_future()
             waiters[peer.waiter] = cid
-            outcomes[cid] = {"status": "pending", "downlink": kind, "downlink_payloads": len(payloads),
-                             "codec": peer.codec or self.codec}
+            outcomes[cid] = {
+                "status": "pending",
+                "downlink": kind,
+                "downlink_payloads": len(payloads),
+                "codec": peer.codec or self.codec,
+            }
             sends.append(loop.create_task(self._send_task(peer, task)))
         log.info("round %d: sampled %s", r, ", ".join(sampled))
         aggregator = Aggregator()
@@ -813,8 +937,7 @@ class Server:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
-                done, pending = await asyncio.wait(pending, timeout=timeout,
-                                                   return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
                     cid = waiters[fut]
                     what, value = fut.result()
@@ -849,13 +972,19 @@ class Server:
             else:
                 self.params = stepped
         else:
-            log.warning("round %d failed: %d valid updates, min_fit is %d; the model is kept",
-                        r, len(completed), self.min_fit)
+            log.warning(
+                "round %d failed: %d valid updates, min_fit is %d; the model is kept", r, len(completed), self.min_fit
+            )
         evaluation = await self._evaluate(self.params)
         examples = {c: int(outcomes[c]["num_examples"]) for c in completed}
         info: dict[str, Any] = {
-            "round": r, "phase": "train", "status": "ok" if ok else "failed", "failed_round": not ok,
-            "sampled": sampled, "completed": completed, "failed": failed,
+            "round": r,
+            "phase": "train",
+            "status": "ok" if ok else "failed",
+            "failed_round": not ok,
+            "sampled": sampled,
+            "completed": completed,
+            "failed": failed,
             "failures": {c: outcomes[c].get("reason") for c in failed},
             "num_examples": sum(examples.values()),
             "fit_metrics": _weighted_metrics([(examples[c], outcomes[c].get("metrics", {})) for c in completed]),
@@ -914,8 +1043,9 @@ class Server:
         self._downlink_state.advance(params)
         return params
 
-    async def _take_update(self, aggregator: Aggregator, held: list[_Held], cid: str, update: P.Update,
-                           outcome: dict[str, Any]) -> None:
+    async def _take_update(
+        self, aggregator: Aggregator, held: list[_Held], cid: str, update: P.Update, outcome: dict[str, Any]
+    ) -> None:
         outcome["num_examples"] = int(update.num_examples)
         outcome["metrics"] = update.metrics
         if update.status != P.UPDATE_OK:
@@ -929,8 +1059,12 @@ class Server:
         if self.max_examples is not None and update.num_examples > self.max_examples:
             weight = float(self.max_examples)
             outcome["weight_capped"] = True
-            log.warning("client %s claims %d examples; weighed as %d (max_examples)", cid, update.num_examples,
-                        self.max_examples)
+            log.warning(
+                "client %s claims %d examples; weighed as %d (max_examples)",
+                cid,
+                update.num_examples,
+                self.max_examples,
+            )
         outcome["weight"] = weight
         try:
             if self._streamed and self.clip_norm is None:
@@ -975,8 +1109,16 @@ class Server:
         (worker thread); an update made for another model raises DecodeError."""
         update, factor = self._decode_clipped(payload, outcome)
         if self.aggregation.holds_updates:
-            return _Held(None, weight, factor, {k: np.asarray(v, np.float32 if v.dtype == np.float32 else np.float64)
-                                                * factor for k, v in update.items()}, client)
+            return _Held(
+                None,
+                weight,
+                factor,
+                {
+                    k: np.asarray(v, np.float32 if v.dtype == np.float32 else np.float64) * factor
+                    for k, v in update.items()
+                },
+                client,
+            )
         return _Held(payload, weight, factor, None, client)
 
     async def _evaluate(self, params: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -1024,11 +1166,13 @@ class Server:
 def round_line(record: Mapping[str, Any], rounds: int) -> str:
     """A row of rounds.jsonl as the one log line a person reads per round."""
     accuracy = record.get("test_accuracy")
-    text = (f"round {record['round']}/{rounds} {record['status']}: "
-            f"accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}, "
-            f"clients {len(record.get('completed', []))}/{len(record.get('sampled', []))}, "
-            f"up {_megabytes(record.get('uplink_wire_bytes', 0))}, "
-            f"down {_megabytes(record.get('downlink_wire_bytes', 0))}, {record.get('seconds', 0):.1f} s")
+    text = (
+        f"round {record['round']}/{rounds} {record['status']}: "
+        f"accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}, "
+        f"clients {len(record.get('completed', []))}/{len(record.get('sampled', []))}, "
+        f"up {_megabytes(record.get('uplink_wire_bytes', 0))}, "
+        f"down {_megabytes(record.get('downlink_wire_bytes', 0))}, {record.get('seconds', 0):.1f} s"
+    )
     if record.get("status") != "ok":
         text += f" ({record.get('error') or 'too few valid updates; the model is kept'})"
     return text
@@ -1038,9 +1182,13 @@ def _megabytes(n: Any) -> str:
     return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def round_config(seed: int, r: int, rounds: int, codec: Optional[str],
-                 fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None
-                 ) -> dict[str, Any]:
+def round_config(
+    seed: int,
+    r: int,
+    rounds: int,
+    codec: Optional[str],
+    fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
+) -> dict[str, Any]:
     """The config a round's TASKs carry (the in-process sweep sends the same bytes)."""
     # One rotation seed per round: clients coding edenB:shared all rotate with it, so the
     # aggregator sums them in the rotated domain and inverts once.

@@ -26,8 +26,9 @@ __all__ = ["server_context", "client_context", "self_signed_certificate"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def server_context(certfile: PathLike, keyfile: Optional[PathLike] = None,
-                   password: Optional[str] = None) -> ssl.SSLContext:
+def server_context(
+    certfile: PathLike, keyfile: Optional[PathLike] = None, password: Optional[str] = None
+) -> ssl.SSLContext:
     """A server-side context with the certificate chain and key, TLS 1.2+."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -37,15 +38,20 @@ def server_context(certfile: PathLike, keyfile: Optional[PathLike] = None,
 
 def client_context(cafile: Optional[PathLike] = None, *, check_hostname: bool = True) -> ssl.SSLContext:
     """A client-side context trusting ``cafile`` (None: the system's CAs), TLS 1.2+."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=None if cafile is None else os.fspath(cafile))
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=None if cafile is None else os.fspath(cafile))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = check_hostname
     return context
 
 
-def self_signed_certificate(cert_path: PathLike, key_path: PathLike, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-                            days: int = 30, *, overwrite: bool = False) -> None:
+def self_signed_certificate(
+    cert_path: PathLike,
+    key_path: PathLike,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 30,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Writes a self-signed certificate (``cert_path``) and its private key
     (``key_path``, mode 0600) valid for ``hosts`` (DNS names or IP addresses) for
     ``days`` days. Existing files are kept (FileExistsError) unless ``overwrite``."""
@@ -71,21 +77,37 @@ def self_signed_certificate(cert_path: PathLike, key_path: PathLike, hosts: Sequ
     now = datetime.datetime.now(datetime.timezone.utc)
     ski = x509.SubjectKeyIdentifier.from_public_key(private.public_key())
     certificate = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(private.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(ski, False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)
         .sign(private, hashes.SHA256())
     )
-    key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     for path in (cert_path, key_path):
         if not overwrite and os.path.exists(path):
             raise FileExistsError(f"{os.fspath(path)} exists")

@@ -43,8 +43,16 @@ from .protocol import (
     read_frame,
 )
 
-__all__ = ["CountingProtocol", "CountingTransport", "Connection", "InflightBudget", "BodyDeadline", "establish", "peek",
-           "open_connection"]
+__all__ = [
+    "CountingProtocol",
+    "CountingTransport",
+    "Connection",
+    "InflightBudget",
+    "BodyDeadline",
+    "establish",
+    "peek",
+    "open_connection",
+]
 
 log = logging.getLogger("fedpress.federation")
 
@@ -309,8 +317,9 @@ class Connection:
     ``rx`` / ``tx`` are the socket-level byte totals (ciphertext under TLS).
     """
 
-    def __init__(self, counting: CountingTransport, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(
+        self, counting: CountingTransport, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
         self.counting = counting
         self.reader = reader
         self.writer = writer
@@ -348,8 +357,9 @@ class Connection:
         limits = {"body_timeout": self.body_timeout, "budget": self.budget}
         if self._opener is None:
             return await read_frame(self.reader, max_body, **limits)
-        return self._opener.open(await read_frame(self.reader, min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT),
-                                                  **limits))
+        return self._opener.open(
+            await read_frame(self.reader, min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT), **limits)
+        )
 
     async def send(self, ftype: int, *parts: Any) -> None:
         """Writes one frame and waits until the transport buffer drains."""
@@ -413,10 +423,15 @@ async def peek(counting: CountingTransport, n: int) -> bytes:
     return bytes(shim._early[:n])
 
 
-async def establish(counting: CountingTransport, *, ssl_context: Optional[_ssl.SSLContext] = None,
-                    server_side: bool = False, server_hostname: Optional[str] = None,
-                    handshake_timeout: Optional[float] = None,
-                    shutdown_timeout: Optional[float] = None) -> Connection:
+async def establish(
+    counting: CountingTransport,
+    *,
+    ssl_context: Optional[_ssl.SSLContext] = None,
+    server_side: bool = False,
+    server_hostname: Optional[str] = None,
+    handshake_timeout: Optional[float] = None,
+    shutdown_timeout: Optional[float] = None,
+) -> Connection:
     """Puts streams (and TLS, when ``ssl_context`` is given) on a counting transport."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)  # pauses the socket above 2 MiB unread
@@ -439,18 +454,29 @@ async def establish(counting: CountingTransport, *, ssl_context: Optional[_ssl.S
     return Connection(counting, reader, writer, _peer_name(counting))
 
 
-async def open_connection(host: str, port: int, *, ssl_context: Optional[_ssl.SSLContext] = None,
-                          server_hostname: Optional[str] = None, timeout: float = 10.0,
-                          shutdown_timeout: Optional[float] = None) -> Connection:
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    ssl_context: Optional[_ssl.SSLContext] = None,
+    server_hostname: Optional[str] = None,
+    timeout: float = 10.0,
+    shutdown_timeout: Optional[float] = None,
+) -> Connection:
     """Connects to host:port (TCP, then TLS when ``ssl_context`` is given)."""
     loop = asyncio.get_running_loop()
     _, shim = await asyncio.wait_for(loop.create_connection(CountingProtocol, host, port), timeout)
     assert shim.transport is not None
     counting = shim.transport
     try:
-        return await establish(counting, ssl_context=ssl_context, server_side=False,
-                               server_hostname=server_hostname or host, handshake_timeout=timeout,
-                               shutdown_timeout=shutdown_timeout)
+        return await establish(
+            counting,
+            ssl_context=ssl_context,
+            server_side=False,
+            server_hostname=server_hostname or host,
+            handshake_timeout=timeout,
+            shutdown_timeout=shutdown_timeout,
+        )
     except BaseException:
         counting.abort()
         raise

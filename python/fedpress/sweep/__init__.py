@@ -22,5 +22,14 @@ from .cell import OPTIONS, Cell, parse_cell
 from .runner import SweepError, run_sweep
 from .simulate import Settings, SweepTask, builtin_task, simulate
 
-__all__ = ["Cell", "parse_cell", "OPTIONS", "Settings", "SweepTask", "builtin_task", "simulate", "run_sweep",
-           "SweepError"]
+__all__ = [
+    "Cell",
+    "parse_cell",
+    "OPTIONS",
+    "Settings",
+    "SweepTask",
+    "builtin_task",
+    "simulate",
+    "run_sweep",
+    "SweepError",
+]

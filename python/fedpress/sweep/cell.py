@@ -29,7 +29,7 @@ OPTIONS = {
     "server_decay": "the server lr falls along a half cosine to this fraction of itself in the last round",
     "downlink": "SPEC: compressed downlink deltas with server-side error feedback",
     "downlink_mode": "chain|client: a client catches up with every delta it missed (chain, default), or receives "
-                     "one compressed difference from the model the server keeps for it (client)",
+    "one compressed difference from the model the server keeps for it (client)",
     "table": "inline|digest: payloads carry the tensor table, or only its 8-byte digest",
 }
 
@@ -71,8 +71,13 @@ class Cell:
 
     def encoder_options(self) -> dict[str, Any]:
         """Keyword arguments of ``fedpress.Encoder`` for this cell's clients."""
-        opts: dict[str, Any] = {"error_feedback": self.ef, "momentum": self.momentum, "clip": self.clip,
-                                "warmup_rounds": self.warmup, "warmup_start": self.warmup_start}
+        opts: dict[str, Any] = {
+            "error_feedback": self.ef,
+            "momentum": self.momentum,
+            "clip": self.clip,
+            "warmup_rounds": self.warmup,
+            "warmup_start": self.warmup_start,
+        }
         if self.table != "inline":
             opts["table"] = self.table
         return opts

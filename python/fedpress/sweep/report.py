@@ -29,11 +29,15 @@ def run_summary(rows: Sequence[Mapping[str, Any]], target: float) -> dict[str, A
     hit = next((r for r in evals if r["round"] > 0 and r["test_accuracy"] >= target), None)
     tail = [r["test_accuracy"] for r in evals if r["round"] > 0][-LAST_EVALUATIONS:]
     return {
-        "task": last["task"], "cell": last["cell"], "seed": last["seed"], "rounds": last["round"],
+        "task": last["task"],
+        "cell": last["cell"],
+        "seed": last["seed"],
+        "rounds": last["round"],
         "final_accuracy": evals[-1]["test_accuracy"] if evals else None,
         "final_loss": evals[-1]["test_loss"] if evals else None,
         "mean_last_accuracy": sum(tail) / len(tail) if tail else None,
-        "uplink_bytes": last["uplink_total"], "downlink_bytes": last["downlink_total"],
+        "uplink_bytes": last["uplink_total"],
+        "downlink_bytes": last["downlink_total"],
         "total_bytes": last["total_bytes"],
         "uplink_payload_bytes": sum(r["uplink_payload_bytes"] for r in rows),
         "downlink_payload_bytes": sum(r["downlink_payload_bytes"] for r in rows),
@@ -58,8 +62,9 @@ def _std(xs: Sequence[float]) -> Optional[float]:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def cell_summaries(runs: Sequence[Mapping[str, Any]], *, baseline: str = "fp32",
-                   participation: Optional[float] = None) -> list[dict[str, Any]]:
+def cell_summaries(
+    runs: Sequence[Mapping[str, Any]], *, baseline: str = "fp32", participation: Optional[float] = None
+) -> list[dict[str, Any]]:
     """Per (task, cell), across seeds, in the order the cells first appear.
 
     Ratios are the baseline's bytes over the cell's, summed over the seeds both
@@ -76,9 +81,13 @@ def cell_summaries(runs: Sequence[Mapping[str, Any]], *, baseline: str = "fp32",
         last = [r["mean_last_accuracy"] for r in members if r["mean_last_accuracy"] is not None]
         paired = [r for r in members if r["seed"] in base]
         entry: dict[str, Any] = {
-            "task": task, "cell": cell, "seeds": [r["seed"] for r in members],
-            "final_accuracy_mean": _mean(acc), "final_accuracy_std": _std(acc),
-            "final_accuracy_min": min(acc) if acc else None, "final_accuracy_max": max(acc) if acc else None,
+            "task": task,
+            "cell": cell,
+            "seeds": [r["seed"] for r in members],
+            "final_accuracy_mean": _mean(acc),
+            "final_accuracy_std": _std(acc),
+            "final_accuracy_min": min(acc) if acc else None,
+            "final_accuracy_max": max(acc) if acc else None,
             "mean_last_accuracy": _mean(last),
             "uplink_bytes_mean": _mean(r["uplink_bytes"] for r in members),
             "downlink_bytes_mean": _mean(r["downlink_bytes"] for r in members),
@@ -92,16 +101,24 @@ def cell_summaries(runs: Sequence[Mapping[str, Any]], *, baseline: str = "fp32",
         if paired:
             b = [base[r["seed"]] for r in paired]
             entry["gap_points"] = _mean(100.0 * (r["final_accuracy"] - q["final_accuracy"]) for r, q in zip(paired, b))
-            entry["gap_last_points"] = _mean(100.0 * (r["mean_last_accuracy"] - q["mean_last_accuracy"])
-                                             for r, q in zip(paired, b))
+            entry["gap_last_points"] = _mean(
+                100.0 * (r["mean_last_accuracy"] - q["mean_last_accuracy"]) for r, q in zip(paired, b)
+            )
             entry["uplink_ratio"] = sum(q["uplink_bytes"] for q in b) / max(sum(r["uplink_bytes"] for r in paired), 1)
-            entry["downlink_ratio"] = (sum(q["downlink_bytes"] for q in b)
-                                       / max(sum(r["downlink_bytes"] for r in paired), 1))
+            entry["downlink_ratio"] = sum(q["downlink_bytes"] for q in b) / max(
+                sum(r["downlink_bytes"] for r in paired), 1
+            )
             entry["total_ratio"] = sum(q["total_bytes"] for q in b) / max(sum(r["total_bytes"] for r in paired), 1)
-            both = [(r, q) for r, q in zip(paired, b)
-                    if r["total_bytes_to_target"] is not None and q["total_bytes_to_target"] is not None]
-            entry["to_target_ratio"] = (sum(q["total_bytes_to_target"] for _, q in both)
-                                        / sum(r["total_bytes_to_target"] for r, _ in both)) if both else None
+            both = [
+                (r, q)
+                for r, q in zip(paired, b)
+                if r["total_bytes_to_target"] is not None and q["total_bytes_to_target"] is not None
+            ]
+            entry["to_target_ratio"] = (
+                (sum(q["total_bytes_to_target"] for _, q in both) / sum(r["total_bytes_to_target"] for r, _ in both))
+                if both
+                else None
+            )
         out.append(entry)
     return out
 
@@ -119,35 +136,49 @@ def summary_markdown(cells: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
     s = meta.get("settings", {})
     target = s.get("target")
     part = s.get("per_round", 0) / max(s.get("clients", 1), 1)
-    lines = ["# fedpress sweep", "",
-             f"{s.get('clients')} clients ({s.get('partition')}"
-             + (f", alpha {s.get('alpha')}" if s.get("partition") == "dirichlet" else "")
-             + f"), {s.get('per_round')} per round (participation {part:.0%}), {s.get('rounds')} rounds, "
-             f"{s.get('local_epochs')} local epoch(s) of SGD lr {s.get('lr')} batch {s.get('batch_size')}; "
-             f"seeds {', '.join(map(str, meta.get('seeds', [])))}; evaluated every {s.get('eval_every')} rounds "
-             f"(and the last). Bytes are what the TCP federation carries (frames included, no TLS); "
-             f"ratios are against the `fp32` cell over the same seeds; the gap is paired by seed, in points; "
-             f"'last 5' is the mean of the last {LAST_EVALUATIONS} evaluations.", ""]
+    lines = [
+        "# fedpress sweep",
+        "",
+        f"{s.get('clients')} clients ({s.get('partition')}"
+        + (f", alpha {s.get('alpha')}" if s.get("partition") == "dirichlet" else "")
+        + f"), {s.get('per_round')} per round (participation {part:.0%}), {s.get('rounds')} rounds, "
+        f"{s.get('local_epochs')} local epoch(s) of SGD lr {s.get('lr')} batch {s.get('batch_size')}; "
+        f"seeds {', '.join(map(str, meta.get('seeds', [])))}; evaluated every {s.get('eval_every')} rounds "
+        f"(and the last). Bytes are what the TCP federation carries (frames included, no TLS); "
+        f"ratios are against the `fp32` cell over the same seeds; the gap is paired by seed, in points; "
+        f"'last 5' is the mean of the last {LAST_EVALUATIONS} evaluations.",
+        "",
+    ]
     for task in dict.fromkeys(c["task"] for c in cells):
-        lines += [f"## {task}", "",
-                  f"| cell | final acc (mean ± sd) | last 5 | gap vs fp32 | uplink | uplink ratio | total (up+down) "
-                  f"| total ratio | to {target}: bytes (ratio), round | participation |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {task}",
+            "",
+            f"| cell | final acc (mean ± sd) | last 5 | gap vs fp32 | uplink | uplink ratio | total (up+down) "
+            f"| total ratio | to {target}: bytes (ratio), round | participation |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in (c for c in cells if c["task"] == task):
-            acc = "n/a" if c["final_accuracy_mean"] is None else \
-                f"{c['final_accuracy_mean']:.4f} ± {c['final_accuracy_std']:.4f}"
+            acc = (
+                "n/a"
+                if c["final_accuracy_mean"] is None
+                else f"{c['final_accuracy_mean']:.4f} ± {c['final_accuracy_std']:.4f}"
+            )
             last = "n/a" if c["mean_last_accuracy"] is None else f"{c['mean_last_accuracy']:.4f}"
             gap = "—" if c.get("gap_points") is None else f"{c['gap_points']:+.2f} pt"
             n = len(c["seeds"])
             if c["reached_target"]:
-                reach = (f"{_mb(c['total_bytes_to_target_mean'])} ({_ratio(c.get('to_target_ratio'))}), "
-                         f"r{c['round_to_target_mean']:.0f}" + ("" if c["reached_target"] == n else
-                                                                f" ({c['reached_target']}/{n} seeds)"))
+                reach = (
+                    f"{_mb(c['total_bytes_to_target_mean'])} ({_ratio(c.get('to_target_ratio'))}), "
+                    f"r{c['round_to_target_mean']:.0f}"
+                    + ("" if c["reached_target"] == n else f" ({c['reached_target']}/{n} seeds)")
+                )
             else:
                 reach = "not reached"
-            lines.append(f"| `{c['cell']}` | {acc} | {last} | {gap} | {_mb(c['uplink_bytes_mean'])} | "
-                         f"{_ratio(c.get('uplink_ratio'))} | {_mb(c['total_bytes_mean'])} | "
-                         f"{_ratio(c.get('total_ratio'))} | {reach} | {part:.0%} |")
+            lines.append(
+                f"| `{c['cell']}` | {acc} | {last} | {gap} | {_mb(c['uplink_bytes_mean'])} | "
+                f"{_ratio(c.get('uplink_ratio'))} | {_mb(c['total_bytes_mean'])} | "
+                f"{_ratio(c.get('total_ratio'))} | {reach} | {part:.0%} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -162,8 +193,7 @@ def _pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, 
     return front
 
 
-def plot_summary(cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], out_dir: Path
-                 ) -> Optional[str]:
+def plot_summary(cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], out_dir: Path) -> Optional[str]:
     """``accuracy_vs_uplink.png`` and ``accuracy_vs_total_bytes.png``; returns a note
     when matplotlib is missing (no plots), else None."""
     try:
@@ -186,25 +216,48 @@ def plot_summary(cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str,
             points.append((x, y, c["cell"]))
         front = _pareto(points)
         if len(front) > 1:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.4", linestyle="--",
-                    linewidth=1, label="Pareto front")
-        _finish(plt, fig, ax, "total uplink bytes on the wire (all clients, all rounds)",
-                "final test accuracy (mean, min-max over seeds)",
-                f"fedpress sweep ({task}): accuracy against uplink bytes", out_dir / f"accuracy_vs_uplink{suffix}.png")
+            ax.step(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                where="post",
+                color="0.4",
+                linestyle="--",
+                linewidth=1,
+                label="Pareto front",
+            )
+        _finish(
+            plt,
+            fig,
+            ax,
+            "total uplink bytes on the wire (all clients, all rounds)",
+            "final test accuracy (mean, min-max over seeds)",
+            f"fedpress sweep ({task}): accuracy against uplink bytes",
+            out_dir / f"accuracy_vs_uplink{suffix}.png",
+        )
 
         fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
         for c in mine:
             curve: dict[int, list] = defaultdict(list)
             for r in rows:
-                if r["task"] == task and r["cell"] == c["cell"] and r.get("test_accuracy") is not None \
-                        and r["round"] > 0:
+                if (
+                    r["task"] == task
+                    and r["cell"] == c["cell"]
+                    and r.get("test_accuracy") is not None
+                    and r["round"] > 0
+                ):
                     curve[r["round"]].append((r["total_bytes"], r["test_accuracy"]))
             pts = [(sum(b for b, _ in v) / len(v), sum(a for _, a in v) / len(v)) for _, v in sorted(curve.items())]
             if pts:
                 ax.plot(*zip(*pts), marker=".", markersize=3, linewidth=1, label=c["cell"])
-        _finish(plt, fig, ax, "cumulative bytes on the wire, uplink + downlink", "test accuracy (mean over seeds)",
-                f"fedpress sweep ({task}): accuracy against total traffic",
-                out_dir / f"accuracy_vs_total_bytes{suffix}.png")
+        _finish(
+            plt,
+            fig,
+            ax,
+            "cumulative bytes on the wire, uplink + downlink",
+            "test accuracy (mean over seeds)",
+            f"fedpress sweep ({task}): accuracy against total traffic",
+            out_dir / f"accuracy_vs_total_bytes{suffix}.png",
+        )
     return None
 
 

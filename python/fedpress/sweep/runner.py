@@ -108,18 +108,28 @@ _BUILTIN_CACHE: dict[tuple, SweepTask] = {}
 
 def _run_one(task: Any, cell: str, seed: int, settings: Settings) -> list[dict[str, Any]]:
     queue = _QUEUE
-    return simulate(_task_in_worker(task), cell, seed, settings,
-                    on_round=(lambda row: queue.put(1)) if queue is not None else None)
+    return simulate(
+        _task_in_worker(task), cell, seed, settings, on_round=(lambda row: queue.put(1)) if queue is not None else None
+    )
 
 
 #: The settings of a sweep run without any (a frozen dataclass: safe to share).
 DEFAULT_SETTINGS = Settings()
 
 
-def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seeds: Sequence[int],
-              settings: Settings = DEFAULT_SETTINGS, out_dir: Union[str, os.PathLike] = "fedpress-sweep", *,
-              jobs: int = 1, data_dir: Optional[str] = None, baseline: str = "fp32", progress: bool = True,
-              overwrite: bool = False) -> dict[str, Any]:
+def run_sweep(
+    tasks: Sequence[TaskLike],
+    cells: Sequence[Union[str, Cell]],
+    seeds: Sequence[int],
+    settings: Settings = DEFAULT_SETTINGS,
+    out_dir: Union[str, os.PathLike] = "fedpress-sweep",
+    *,
+    jobs: int = 1,
+    data_dir: Optional[str] = None,
+    baseline: str = "fp32",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Runs every (task, cell, seed) not already in ``out_dir`` and writes the reports.
 
     ``tasks``: names of built-in tasks (``"digits"``, ``"mnist"``; ``data_dir`` for
@@ -152,8 +162,12 @@ def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seed
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "fedpress-sweep-v1", "fedpress": __version__, "settings": settings.as_dict(),
-            "tasks": [_task_key(task) for _, task in resolved]}
+    meta = {
+        "format": "fedpress-sweep-v1",
+        "fedpress": __version__,
+        "settings": settings.as_dict(),
+        "tasks": [_task_key(task) for _, task in resolved],
+    }
     meta_path, runs_path = out / SWEEP_JSON, out / RUNS_FILE
     if meta_path.exists() and not overwrite:
         try:
@@ -164,10 +178,15 @@ def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seed
         old_tasks = {t["name"]: t for t in old.get("tasks", [])}
         differ += [f"task {t['name']}" for t in meta["tasks"] if t["name"] in old_tasks and old_tasks[t["name"]] != t]
         if differ:
-            changed = [f"{k}: {old['settings'].get(k)} -> {v}" for k, v in meta["settings"].items()
-                       if old.get("settings", {}).get(k) != v]
-            raise SweepError(f"{out} holds a sweep with other settings ({'; '.join(changed) or ', '.join(differ)}); "
-                             "use another --out, or --overwrite to discard its runs")
+            changed = [
+                f"{k}: {old['settings'].get(k)} -> {v}"
+                for k, v in meta["settings"].items()
+                if old.get("settings", {}).get(k) != v
+            ]
+            raise SweepError(
+                f"{out} holds a sweep with other settings ({'; '.join(changed) or ', '.join(differ)}); "
+                "use another --out, or --overwrite to discard its runs"
+            )
         meta["tasks"] = list(old_tasks.values()) + [t for t in meta["tasks"] if t["name"] not in old_tasks]
     elif overwrite and runs_path.exists():
         runs_path.unlink()
@@ -179,8 +198,13 @@ def run_sweep(tasks: Sequence[TaskLike], cells: Sequence[Union[str, Cell]], seed
         _write_runs(runs_path, done)
     _write_text(meta_path, json.dumps(meta, indent=1))
 
-    todo = [(key, task, str(cell), seed) for key, task in resolved for cell in parsed for seed in seeds
-            if (task.name, str(cell), seed) not in done]
+    todo = [
+        (key, task, str(cell), seed)
+        for key, task in resolved
+        for cell in parsed
+        for seed in seeds
+        if (task.name, str(cell), seed) not in done
+    ]
     log.info("%d runs to do, %d already in %s", len(todo), len(done), out)
     started = time.perf_counter()
     bar = _Progress(len(todo) * (settings.rounds + 1), enabled=progress and bool(todo))
@@ -203,10 +227,11 @@ def _run_parallel(todo: list, settings: Settings, jobs: int, runs_path: Path, do
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
     with ctx.Manager() as manager:
         queue = manager.Queue()
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue,)) as pool:
-            futures = {pool.submit(_run_one, key, cell, seed, settings): (task.name, cell, seed)
-                       for key, task, cell, seed in todo}
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            futures = {
+                pool.submit(_run_one, key, cell, seed, settings): (task.name, cell, seed)
+                for key, task, cell, seed in todo
+            }
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -226,10 +251,16 @@ def write_reports(out: Path, runs: dict[tuple, list], meta: dict, *, baseline: s
     order = {c: i for i, c in enumerate(meta.get("cells", []))}
     keys = sorted(runs, key=lambda k: (k[0], order.get(k[1], len(order)), k[1], k[2]))
     per_run = [run_summary(runs[k], settings["target"]) for k in keys]
-    cells = cell_summaries(per_run, baseline=str(parse_cell(baseline)),
-                           participation=settings["per_round"] / settings["clients"])
-    summary = {"format": "fedpress-sweep-summary-v1", "settings": settings, "seeds": meta.get("seeds"),
-               "runs": per_run, "cells": cells}
+    cells = cell_summaries(
+        per_run, baseline=str(parse_cell(baseline)), participation=settings["per_round"] / settings["clients"]
+    )
+    summary = {
+        "format": "fedpress-sweep-summary-v1",
+        "settings": settings,
+        "seeds": meta.get("seeds"),
+        "runs": per_run,
+        "cells": cells,
+    }
     _write_text(out / SUMMARY_JSON, json.dumps(summary, indent=1))
     _write_text(out / SUMMARY_MD, summary_markdown(cells, meta))
     note = plot_summary(cells, [r for k in keys for r in runs[k]], out)

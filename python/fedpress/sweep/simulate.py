@@ -42,8 +42,17 @@ from ..train.partition import partition
 from ..train.task import Task, builtin_task
 from .cell import Cell, parse_cell
 
-__all__ = ["Settings", "SweepTask", "builtin_task", "simulate", "client_ids", "sample_clients", "ClientTrainer",
-           "frame_bytes", "client_metrics"]
+__all__ = [
+    "Settings",
+    "SweepTask",
+    "builtin_task",
+    "simulate",
+    "client_ids",
+    "sample_clients",
+    "ClientTrainer",
+    "frame_bytes",
+    "client_metrics",
+]
 
 
 @dataclass(frozen=True)
@@ -52,16 +61,16 @@ class Settings:
 
     clients: int = 50
     per_round: int = 10
-    alpha: float = 0.5            # Dirichlet label skew; partition="iid" ignores it
+    alpha: float = 0.5  # Dirichlet label skew; partition="iid" ignores it
     partition: str = "dirichlet"
     rounds: int = 100
     local_epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32
     local_momentum: float = 0.0
-    eval_every: int = 5           # the last round is always evaluated, and round 0
+    eval_every: int = 5  # the last round is always evaluated, and round 0
     target: float = 0.95
-    downlink_history: int = 0     # deltas kept for clients that skipped rounds; 0: all rounds
+    downlink_history: int = 0  # deltas kept for clients that skipped rounds; 0: all rounds
 
     def __post_init__(self) -> None:
         for name in ("clients", "per_round", "rounds", "local_epochs", "batch_size", "eval_every"):
@@ -122,12 +131,20 @@ class ClientTrainer:
         self.model = task.model_fn(seed)
         self.settings = settings
 
-    def train(self, params: Mapping[str, np.ndarray], data: Any, client_seed: int, r: int
-              ) -> tuple[dict[str, np.ndarray], int, float]:
+    def train(
+        self, params: Mapping[str, np.ndarray], data: Any, client_seed: int, r: int
+    ) -> tuple[dict[str, np.ndarray], int, float]:
         s = self.settings
         set_params(self.model, params)
-        stats = train_local(self.model, data, epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
-                            momentum=s.local_momentum, seed=round_seed(client_seed, r))
+        stats = train_local(
+            self.model,
+            data,
+            epochs=s.local_epochs,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            momentum=s.local_momentum,
+            seed=round_seed(client_seed, r),
+        )
         update = {k: param_delta(v, params[k]) for k, v in get_params(self.model).items()}
         return update, int(stats["num_examples"]), float(stats["loss"])
 
@@ -150,8 +167,14 @@ def _client_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
 
 
-def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Settings = Settings(), *,
-             on_round: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
+def simulate(
+    task: SweepTask,
+    cell: Union[Cell, str],
+    seed: int,
+    settings: Settings = Settings(),
+    *,
+    on_round: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> list[dict[str, Any]]:
     """Runs one (cell, seed) and returns its rows: round 0 (the initial model) and one per
     round, with the bytes each direction carried and, on evaluated rounds, the test
     accuracy and loss of the server's global model."""
@@ -174,8 +197,9 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
         trainer = ClientTrainer(task, s, seed)
         params = canonical(get_params(trainer.model))
         evaluator = task.model_fn(seed)
-        downlink = make_downlink(cell.downlink, params, cell.downlink_mode, history=s.downlink_history or s.rounds,
-                                 seed=seed)
+        downlink = make_downlink(
+            cell.downlink, params, cell.downlink_mode, history=s.downlink_history or s.rounds, seed=seed
+        )
         # (tag, model) each client holds: every client built the initial model itself.
         held = dict.fromkeys(ids, (downlink.tag, params))
         encoders = {cid: Encoder(cell.spec, **cell.encoder_options()) for cid in ids}
@@ -194,11 +218,21 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
             if evaluated:
                 set_params(evaluator, params)
                 loss, acc = evaluate(evaluator, task.test)
-            row = dict(base, round=r, test_accuracy=acc, test_loss=loss, uplink_bytes=up, downlink_bytes=down,
-                       uplink_total=totals["uplink"], downlink_total=totals["downlink"],
-                       total_bytes=totals["uplink"] + totals["downlink"], uplink_payload_bytes=up_payload,
-                       downlink_payload_bytes=down_payload, seconds=round(time.perf_counter() - started, 3),
-                       **extra)
+            row = dict(
+                base,
+                round=r,
+                test_accuracy=acc,
+                test_loss=loss,
+                uplink_bytes=up,
+                downlink_bytes=down,
+                uplink_total=totals["uplink"],
+                downlink_total=totals["downlink"],
+                total_bytes=totals["uplink"] + totals["downlink"],
+                uplink_payload_bytes=up_payload,
+                downlink_payload_bytes=down_payload,
+                seconds=round(time.perf_counter() - started, 3),
+                **extra,
+            )
             rows.append(row)
             if on_round is not None:
                 on_round(row)
@@ -213,16 +247,18 @@ def simulate(task: SweepTask, cell: Union[Cell, str], seed: int, settings: Setti
             for cid in sampled:
                 index = index_of[cid]
                 kind, base_tag, tag, payloads = downlink.task_for(cid, held[cid][0], True)
-                task_frame = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, tag, base_tag,
-                                    config, payloads)
+                task_frame = P.Task(r, P.TASK_FULL if kind == "full" else P.TASK_DELTA, tag, base_tag, config, payloads)
                 down += frame_bytes(P.FrameType.TASK, task_frame.parts())
                 down_payload += task_frame.payload_bytes
                 full += kind == "full"
                 model = _receive(held[cid][1], kind, payloads)
                 update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
                 payload = encoders[cid].encode(
-                    align_update(update, model), seed=derive_seed(seed, cid, r), round=r,
-                    rotation_seed=config["rotation_seed"] if shared_rotation else None)
+                    align_update(update, model),
+                    seed=derive_seed(seed, cid, r),
+                    round=r,
+                    rotation_seed=config["rotation_seed"] if shared_rotation else None,
+                )
                 update_frame = P.Update(r, n, client_metrics(train_loss), payload)
                 up += frame_bytes(P.FrameType.UPDATE, update_frame.parts())
                 up_payload += update_frame.payload_bytes

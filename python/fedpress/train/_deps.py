@@ -21,6 +21,7 @@ def require_sklearn_datasets() -> Any:
     try:
         import sklearn.datasets
     except ImportError as exc:
-        raise ImportError(f"fedpress.train needs scikit-learn for the digits data set, "
-                          f"which is not installed: {_HINT}") from exc
+        raise ImportError(
+            f"fedpress.train needs scikit-learn for the digits data set, which is not installed: {_HINT}"
+        ) from exc
     return sklearn.datasets

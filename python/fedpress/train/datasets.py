@@ -20,8 +20,7 @@ import numpy as np
 
 from ._deps import require_sklearn_datasets
 
-__all__ = ["Dataset", "TASKS", "load_digits", "load_mnist_idx", "load_task", "default_mnist_dir",
-           "stratified_split"]
+__all__ = ["Dataset", "TASKS", "load_digits", "load_mnist_idx", "load_task", "default_mnist_dir", "stratified_split"]
 
 TASKS = ("digits", "mnist")
 
@@ -55,8 +54,10 @@ class Dataset:
         return int(self.y.shape[0])
 
     def __repr__(self) -> str:
-        return (f"Dataset(name={self.name!r}, n={len(self)}, shape={tuple(self.x.shape[1:])}, "
-                f"num_classes={self.num_classes})")
+        return (
+            f"Dataset(name={self.name!r}, n={len(self)}, shape={tuple(self.x.shape[1:])}, "
+            f"num_classes={self.num_classes})"
+        )
 
     def subset(self, indices: np.ndarray) -> Dataset:
         """The examples at ``indices`` (copies), same name and classes."""
@@ -152,8 +153,10 @@ def _parse_idx(path: Path, expected_magic: int, ndim: int) -> np.ndarray:
     (magic,) = struct.unpack_from(">I", data, 0)
     if magic != expected_magic:
         kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
-        raise ValueError(f"{path}: bad IDX magic number {magic} (0x{magic:08x}); MNIST {kind} "
-                         f"files start with {expected_magic} (0x{expected_magic:08x})")
+        raise ValueError(
+            f"{path}: bad IDX magic number {magic} (0x{magic:08x}); MNIST {kind} "
+            f"files start with {expected_magic} (0x{expected_magic:08x})"
+        )
     dims = struct.unpack_from(f">{ndim}I", data, 4)
     if dims[0] == 0:
         raise ValueError(f"{path}: IDX file holds no items")
@@ -163,8 +166,10 @@ def _parse_idx(path: Path, expected_magic: int, ndim: int) -> np.ndarray:
     expected = header + dims[0] * item
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: IDX file {what}: {len(data)} bytes, the header "
-                         f"({dims[0]} items of {item} bytes) implies {expected}")
+        raise ValueError(
+            f"{path}: IDX file {what}: {len(data)} bytes, the header "
+            f"({dims[0]} items of {item} bytes) implies {expected}"
+        )
     arr = np.frombuffer(data, dtype=np.uint8, count=dims[0] * item, offset=header)
     return arr.reshape(dims) if ndim > 1 else arr
 
@@ -189,8 +194,9 @@ def _load_idx_pair(directory: Path, prefix: str, limit: Optional[int]) -> Option
     x = _parse_idx(images, IMAGES_MAGIC, 3)
     y = _parse_idx(labels, LABELS_MAGIC, 1)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{directory}: {images.name} holds {x.shape[0]} images but "
-                         f"{labels.name} holds {y.shape[0]} labels")
+        raise ValueError(
+            f"{directory}: {images.name} holds {x.shape[0]} images but {labels.name} holds {y.shape[0]} labels"
+        )
     if limit is not None:
         x, y = x[:limit], y[:limit]
     if y.max() >= MNIST_CLASSES:
@@ -199,8 +205,9 @@ def _load_idx_pair(directory: Path, prefix: str, limit: Optional[int]) -> Option
     return Dataset(xf, y.astype(np.int64), MNIST_CLASSES, "mnist")
 
 
-def load_mnist_idx(directory: PathLike, test_fraction: float = 0.2, seed: int = 0,
-                   limit: Optional[int] = None) -> tuple[Dataset, Dataset]:
+def load_mnist_idx(
+    directory: PathLike, test_fraction: float = 0.2, seed: int = 0, limit: Optional[int] = None
+) -> tuple[Dataset, Dataset]:
     """MNIST from IDX files in ``directory`` as (train, test), images float32 in
     [0, 1] of shape (N, 1, 28, 28), labels int64.
 
@@ -239,8 +246,14 @@ def default_mnist_dir() -> Optional[Path]:
     return None
 
 
-def load_task(name: str, data_dir: Optional[PathLike] = None, seed: int = 0, *,
-              test_fraction: float = 0.2, limit: Optional[int] = None) -> tuple[Dataset, Dataset]:
+def load_task(
+    name: str,
+    data_dir: Optional[PathLike] = None,
+    seed: int = 0,
+    *,
+    test_fraction: float = 0.2,
+    limit: Optional[int] = None,
+) -> tuple[Dataset, Dataset]:
     """(train, test) of a task by name: ``"digits"`` or ``"mnist"`` (IDX files in
     ``data_dir``, by default ``../shared/data/mnist`` from the working directory)."""
     task = str(name).lower()
@@ -249,7 +262,9 @@ def load_task(name: str, data_dir: Optional[PathLike] = None, seed: int = 0, *,
     if task == "mnist":
         directory = Path(data_dir) if data_dir is not None else default_mnist_dir()
         if directory is None:
-            raise FileNotFoundError("the mnist task needs data_dir: a folder with t10k-images-idx3-ubyte.gz and "
-                                    "t10k-labels-idx1-ubyte.gz (../shared/data/mnist was not found)")
+            raise FileNotFoundError(
+                "the mnist task needs data_dir: a folder with t10k-images-idx3-ubyte.gz and "
+                "t10k-labels-idx1-ubyte.gz (../shared/data/mnist was not found)"
+            )
         return load_mnist_idx(directory, test_fraction=test_fraction, seed=seed, limit=limit)
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")

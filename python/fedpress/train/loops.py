@@ -44,8 +44,15 @@ def _device(model: torch.nn.Module) -> Any:
     return require_torch().device("cpu")
 
 
-def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch_size: int = 32,
-                lr: float = 0.05, momentum: float = 0.0, seed: int = 0) -> dict[str, Any]:
+def train_local(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Plain minibatch SGD with cross-entropy on ``dataset``, in place.
 
     The example order of every epoch comes from a torch.Generator seeded with
@@ -65,8 +72,15 @@ def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch
     if n == 0:
         raise ValueError("train_local: the data set is empty")
     if isinstance(model, MLP):
-        return model.fit(dataset.x, dataset.y, epochs=epochs, batch_size=batch_size, lr=float(lr),
-                         momentum=float(momentum), seed=int(seed) % (1 << 63))
+        return model.fit(
+            dataset.x,
+            dataset.y,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=float(lr),
+            momentum=float(momentum),
+            seed=int(seed) % (1 << 63),
+        )
     torch = require_torch()
     device = _device(model)
     x = _tensor(dataset.x).to(device)
@@ -84,7 +98,7 @@ def train_local(model: torch.nn.Module, dataset: Dataset, epochs: int = 1, batch
                 order = torch.randperm(n, generator=generator).to(device)
                 loss_sum = 0.0
                 for start in range(0, n, batch_size):
-                    idx = order[start:start + batch_size]
+                    idx = order[start : start + batch_size]
                     optimizer.zero_grad(set_to_none=True)
                     loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
                     loss.backward()
@@ -115,8 +129,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512) ->
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
-                xb = x[start:start + batch_size].to(device)
-                yb = y[start:start + batch_size].to(device)
+                xb = x[start : start + batch_size].to(device)
+                yb = y[start : start + batch_size].to(device)
                 logits = model(xb)
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
                 correct += int((logits.argmax(dim=1) == yb).sum())
@@ -148,13 +162,21 @@ def _build_model(task: Any, seed: int) -> torch.nn.Module:
         return make_model(task, seed=seed)
     model_fn = getattr(task, "model_fn", task)
     if not callable(model_fn):
-        raise TypeError(f"task must be a task name, a fedpress.train.Task or a model factory, "
-                        f"got {type(task).__name__}")
+        raise TypeError(
+            f"task must be a task name, a fedpress.train.Task or a model factory, got {type(task).__name__}"
+        )
     return model_fn(int(seed))
 
 
-def make_train_fn(task: Any, dataset: Dataset, epochs: int = 1, lr: float = 0.05, batch_size: int = 32,
-                  momentum: float = 0.0, seed: int = 0) -> TrainFn:
+def make_train_fn(
+    task: Any,
+    dataset: Dataset,
+    epochs: int = 1,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    momentum: float = 0.0,
+    seed: int = 0,
+) -> TrainFn:
     """``train_fn(global_params, config=None) -> (update, num_examples, metrics)``.
 
     ``task``: a built-in task's name, a ``Task`` or a model
@@ -173,15 +195,20 @@ def make_train_fn(task: Any, dataset: Dataset, epochs: int = 1, lr: float = 0.05
     """
     model = _build_model(task, seed)
     lock = threading.Lock()
-    defaults = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
-                "momentum": float(momentum), "seed": int(seed)}
+    defaults = {
+        "epochs": int(epochs),
+        "lr": float(lr),
+        "batch_size": int(batch_size),
+        "momentum": float(momentum),
+        "seed": int(seed),
+    }
 
-    def train_fn(global_params: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None
-                 ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
+    def train_fn(
+        global_params: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None
+    ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
         cfg = dict(defaults)
         config = dict(config or {})
-        for key, cast in (("epochs", int), ("lr", float), ("batch_size", int), ("momentum", float),
-                          ("seed", int)):
+        for key, cast in (("epochs", int), ("lr", float), ("batch_size", int), ("momentum", float), ("seed", int)):
             if config.get(key) is not None:
                 cfg[key] = cast(config[key])
         run_seed = cfg["seed"]
@@ -189,13 +216,26 @@ def make_train_fn(task: Any, dataset: Dataset, epochs: int = 1, lr: float = 0.05
             run_seed = round_seed(run_seed, int(config["round"]))
         with lock:
             set_params(model, global_params)
-            stats = train_local(model, dataset, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                                lr=cfg["lr"], momentum=cfg["momentum"], seed=run_seed)
+            stats = train_local(
+                model,
+                dataset,
+                epochs=cfg["epochs"],
+                batch_size=cfg["batch_size"],
+                lr=cfg["lr"],
+                momentum=cfg["momentum"],
+                seed=run_seed,
+            )
             local = get_params(model)
         update = {name: param_delta(value, global_params[name]) for name, value in local.items()}
-        metrics = {"train_loss": float(stats["loss"]), "loss": float(stats["loss"]),
-                   "num_examples": int(stats["num_examples"]), "epochs": cfg["epochs"], "lr": cfg["lr"],
-                   "steps": int(stats["steps"]), "seed": int(run_seed)}
+        metrics = {
+            "train_loss": float(stats["loss"]),
+            "loss": float(stats["loss"]),
+            "num_examples": int(stats["num_examples"]),
+            "epochs": cfg["epochs"],
+            "lr": cfg["lr"],
+            "steps": int(stats["steps"]),
+            "seed": int(run_seed),
+        }
         return update, int(stats["num_examples"]), metrics
 
     return train_fn

@@ -49,8 +49,9 @@ class MLP:
         missing = [k for k in self.params if k not in params]
         unexpected = [k for k in params if k not in self.params]
         if missing or unexpected:
-            raise ValueError(f"set_params: parameter names do not match the model: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise ValueError(
+                f"set_params: parameter names do not match the model: missing {missing}, unexpected {unexpected}"
+            )
         new = {}
         for name, mine in self.params.items():
             value = np.asarray(params[name], dtype=np.float32)
@@ -93,8 +94,9 @@ class MLP:
                 grad = (grad @ w) * (inputs[i] > 0)
         return loss, grads
 
-    def fit(self, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, lr: float, momentum: float,
-            seed: int) -> dict[str, Any]:
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, lr: float, momentum: float, seed: int
+    ) -> dict[str, Any]:
         """Minibatch SGD with momentum (torch's rule: ``v = momentum * v + g``,
         ``p -= lr * v``), the example order of each epoch from ``seed``. Returns
         ``loss`` (the mean over the last epoch), ``num_examples`` and ``steps``."""
@@ -106,7 +108,7 @@ class MLP:
             order = rng.permutation(n)
             loss_sum = 0.0
             for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 loss, grads = self.loss_and_grads(x[idx], y[idx])
                 for name, g in grads.items():
                     v = velocity[name]
@@ -124,7 +126,7 @@ class MLP:
         """(mean cross-entropy, accuracy)."""
         loss_sum, correct = 0.0, 0
         for start in range(0, len(y), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             logits, _ = self.forward(xb)
             shifted = logits - logits.max(axis=1, keepdims=True)
             log_total = np.log(np.exp(shifted).sum(axis=1))

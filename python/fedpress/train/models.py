@@ -24,9 +24,17 @@ def _build(task: str) -> torch.nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     if task == "mnist":  # (N, 1, 28, 28) -> 16x12x12 -> 32x4x4 -> 384 -> 10: 214,090 parameters
         return nn.Sequential(
-            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 384), nn.ReLU(), nn.Linear(384, 10))
+            nn.Conv2d(1, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 384),
+            nn.ReLU(),
+            nn.Linear(384, 10),
+        )
     raise ValueError(f"unknown task {task!r}; choose one of digits, mnist")
 
 

@@ -14,8 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .datasets import Dataset
 
-__all__ = ["SCHEMES", "partition", "partition_iid", "partition_dirichlet", "partition_shards",
-           "client_partition"]
+__all__ = ["SCHEMES", "partition", "partition_iid", "partition_dirichlet", "partition_shards", "client_partition"]
 
 SCHEMES = ("iid", "dirichlet", "shards")
 _DIRICHLET_TRIES = 100
@@ -49,8 +48,9 @@ def partition_iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list:
     return _finish(np.array_split(perm, num_clients))
 
 
-def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float = 0.5, seed: int = 0,
-                        min_size: int = 1) -> list:
+def partition_dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float = 0.5, seed: int = 0, min_size: int = 1
+) -> list:
     """Label skew (Hsu et al. 2019): each class is spread over the clients in
     proportions drawn from Dirichlet(alpha); small alpha gives each client few
     classes, large alpha approaches IID. Draws are repeated (seeded) until every
@@ -103,12 +103,22 @@ def partition_shards(labels: np.ndarray, num_clients: int, shards_per_client: in
     order = perm[np.argsort(y[perm], kind="stable")]
     shards = np.array_split(order, num_clients * shards_per_client)
     ids = rng.permutation(len(shards))
-    return _finish([np.concatenate([shards[s] for s in ids[c * shards_per_client:(c + 1) * shards_per_client]])
-                    for c in range(num_clients)])
+    return _finish(
+        [
+            np.concatenate([shards[s] for s in ids[c * shards_per_client : (c + 1) * shards_per_client]])
+            for c in range(num_clients)
+        ]
+    )
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
-              shards_per_client: int = 2) -> list:
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    shards_per_client: int = 2,
+) -> list:
     """Dispatch on ``scheme``: ``"iid"``, ``"dirichlet"`` (uses ``alpha``) or ``"shards"``."""
     s = str(scheme).lower()
     if s == "iid":
@@ -120,13 +130,21 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", alpha: 
     raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def client_partition(dataset: Dataset, index: int, num_clients: int, scheme: str = "iid", alpha: float = 0.5,
-                     seed: int = 0, shards_per_client: int = 2) -> Dataset:
+def client_partition(
+    dataset: Dataset,
+    index: int,
+    num_clients: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    shards_per_client: int = 2,
+) -> Dataset:
     """Client ``index``'s share (of ``num_clients``) of ``dataset`` under ``scheme``;
     every client computing its own share with the same arguments gets disjoint data."""
     index, num_clients = int(index), int(num_clients)
     if not 0 <= index < num_clients:
         raise ValueError(f"client index {index} outside 0..{num_clients - 1}")
-    parts = partition(dataset.y, num_clients, scheme=scheme, alpha=alpha, seed=seed,
-                      shards_per_client=shards_per_client)
+    parts = partition(
+        dataset.y, num_clients, scheme=scheme, alpha=alpha, seed=seed, shards_per_client=shards_per_client
+    )
     return dataset.subset(parts[index])

@@ -96,8 +96,9 @@ def _as_data(data: Any, what: str, num_classes: Optional[int]) -> Any:
         if y.dtype.kind not in "iu" or y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
             raise ValueError(f"{what} data: labels must be integers in 0..C-1")
         return _Data(np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64), what)
-    raise TypeError(f"{what} data must be a fedpress.train.Dataset or an (x, y) pair of arrays, "
-                    f"got {type(data).__name__}")
+    raise TypeError(
+        f"{what} data must be a fedpress.train.Dataset or an (x, y) pair of arrays, got {type(data).__name__}"
+    )
 
 
 class _BuiltinModel:
@@ -118,8 +119,14 @@ def builtin_task(name: str, data_dir: Optional[str] = None) -> Task:
     name = str(name).lower()
     train, test = load_task(name, data_dir=data_dir, seed=0)
     model_fn = digits_mlp if name == "digits" else _BuiltinModel(name)
-    return Task(name=name, model_fn=model_fn, train=train, test=test, num_classes=train.num_classes,
-                meta={"data_dir": None if data_dir is None else str(data_dir)})
+    return Task(
+        name=name,
+        model_fn=model_fn,
+        train=train,
+        test=test,
+        num_classes=train.num_classes,
+        meta={"data_dir": None if data_dir is None else str(data_dir)},
+    )
 
 
 def resolve_task(text: str, data_dir: Optional[str] = None) -> Task:
@@ -131,8 +138,10 @@ def resolve_task(text: str, data_dir: Optional[str] = None) -> Task:
     text = str(text)
     if ":" not in text:
         if text.lower() not in BUILTIN_TASKS:
-            raise ValueError(f"--task {text}: unknown task {text!r}; use digits, mnist or module:function (a "
-                             "function returning a fedpress.train.Task)")
+            raise ValueError(
+                f"--task {text}: unknown task {text!r}; use digits, mnist or module:function (a "
+                "function returning a fedpress.train.Task)"
+            )
         try:
             return builtin_task(text.lower(), data_dir)
         except (OSError, ValueError) as exc:
