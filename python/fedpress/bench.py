@@ -9,6 +9,10 @@ Besides ``peer ms / fedpress ms`` every row shows fedpress's time divided by
 one streaming read of the input (the fastest of a few full-read numpy
 reductions): a kernel near 1x is memory bound and has nothing left to win.
 
+A second row group, ``pipeline`` (:mod:`fedpress._bench_pipeline`), times the
+payload path (Encoder, Codec.encode, Aggregator, decode) against the kernels it
+is built on, at the largest size.
+
 Run it as ``fedpress bench [options]`` or ``python bench/kernels.py [options]``.
 The exit status is 1 only when a correctness check fails; the performance
 targets printed at the end are informational.
@@ -46,6 +50,7 @@ __all__ = [
     "Row",
     "parse_size",
     "format_size",
+    "cpu_name",
     "add_arguments",
     "run",
     "run_from_args",
@@ -59,6 +64,8 @@ QUICK_SIZES: tuple[int, ...] = (1_000_000, 4_000_000)
 #: The size the performance targets are defined at (a 25.6M-parameter model).
 TARGET_SIZE = 25_600_000
 KERNELS: tuple[str, ...] = ("topk", "threshold", "quantize4", "int8", "scatter", "indexcode", "ef_topk")
+#: Row groups beside the kernels: the payload path against its kernels (fedpress._bench_pipeline).
+PIPELINE = "pipeline"
 
 DENSITY = 0.01  # top-k / random-k keep 1% of the entries
 BUCKET = 512
@@ -313,7 +320,8 @@ def _busy_cpu_seconds() -> Optional[float]:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -972,14 +980,17 @@ def run(
     threads: Optional[int] = None,
     quick: bool = False,
     only: Optional[Sequence[str]] = None,
+    memory: bool = False,
     json_path: Optional[str] = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the benchmark, print the table, and return every number as a dict.
 
     The dict has ``meta``, ``reads`` (the streaming-read baselines per size),
-    ``results`` (one entry per table row), ``targets`` and ``failures``
-    (correctness checks that failed; empty when all passed).
+    ``results`` (one entry per table row), ``targets``, ``failures``
+    (correctness checks that failed; empty when all passed) and ``pipeline``
+    (the pipeline group's numbers, None when it did not run; ``memory`` adds
+    its peak-memory rows).
     """
     t_start = time.perf_counter()
     # Other processes competing for the cores skew every memory-bound,
@@ -991,10 +1002,11 @@ def run(
         repeat = 3 if quick else 5
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    kernels = list(only) if only else list(KERNELS)
-    unknown = [k for k in kernels if k not in KERNELS]
+    kernels = list(only) if only else [*KERNELS, PIPELINE]
+    unknown = [k for k in kernels if k not in KERNELS and k != PIPELINE]
     if unknown:
-        raise ValueError(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
+        raise ValueError(f"unknown kernel(s) {unknown}; choose from {[*KERNELS, PIPELINE]}")
+    pipeline = PIPELINE in kernels
     # threshold reuses topk's argpartition time and indexcode topk's indices,
     # so keep the canonical order whatever order --only gave.
     kernels = [k for k in KERNELS if k in kernels]
@@ -1036,13 +1048,14 @@ def run(
         "zstandard": getattr(zstandard, "__version__", None),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "sizes": list(sizes),
         "repeat": repeat,
         "warmup": cfg.warmup,
         "quick": quick,
         "kernels": kernels,
+        "pipeline": pipeline,
         "density": DENSITY,
         "bucket": BUCKET,
         "clients": CLIENTS,
@@ -1063,14 +1076,25 @@ def run(
     if zstandard is None:
         echo("note: zstandard is not installed; zstd peers are skipped")
     echo("")
-    echo(_line([c[0] for c in _COLS]))
-    echo(_line(["-" * max(c[1], 4) for c in _COLS]))
-
     bench = _Bench(cfg)
-    for n in cfg.sizes:
-        bench.run_size(n)
-    targets = bench.targets()
-    _print_targets(targets, echo)
+    targets: list[dict[str, Any]] = []
+    if kernels:
+        echo(_line([c[0] for c in _COLS]))
+        echo(_line(["-" * max(c[1], 4) for c in _COLS]))
+        for n in cfg.sizes:
+            bench.run_size(n)
+        targets = bench.targets()
+        _print_targets(targets, echo)
+    pipeline_report = None
+    if pipeline:
+        from . import _bench_pipeline
+
+        if kernels:
+            echo("")
+        n = max(cfg.sizes)
+        if quick:
+            echo(f"pipeline group at n = {format_size(n)} (--quick; the largest quick size)")
+        pipeline_report = _bench_pipeline.run(n, repeat=repeat, clients=CLIENTS, memory=memory, echo=echo)
     elapsed = time.perf_counter() - t_start
     meta["elapsed_s"] = elapsed
     busy_end = _busy_cpu_seconds()
@@ -1100,6 +1124,7 @@ def run(
         "results": [r.as_dict() for r in bench.rows],
         "targets": targets,
         "failures": bench.failures,
+        "pipeline": pipeline_report,
     }
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
@@ -1135,7 +1160,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--quick", action="store_true", help="N = 1M and 4M, fewer repeats, slow peers skipped above 4M (< 30 s)"
     )
     parser.add_argument(
-        "--only", nargs="+", choices=KERNELS, metavar="KERNEL", help="run only these kernels: " + ", ".join(KERNELS)
+        "--only",
+        nargs="+",
+        choices=[*KERNELS, PIPELINE],
+        metavar="GROUP",
+        help="run only these kernels or row groups: "
+        + ", ".join(KERNELS)
+        + f", {PIPELINE} (the payload path against its kernels, at the largest size)",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help=f"with the {PIPELINE} group, also measure the peak memory of one encode (a fresh process per row)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     return parser
@@ -1161,7 +1197,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     sizes = None
     if args.sizes:
         sizes = [n for group in args.sizes for n in group]
-    report = run(sizes, repeat=args.repeat, threads=args.threads, quick=args.quick, only=args.only, json_path=args.json)
+    report = run(
+        sizes,
+        repeat=args.repeat,
+        threads=args.threads,
+        quick=args.quick,
+        only=args.only,
+        memory=args.memory,
+        json_path=args.json,
+    )
     return 1 if report["failures"] else 0
 
 

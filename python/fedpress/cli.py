@@ -1,7 +1,7 @@
 """The ``fedpress`` command line.
 
     fedpress --version
-    fedpress bench [--quick] [--json PATH] [--sizes N ...] [--repeat N] [--threads N] [--only K ...]
+    fedpress bench [--quick] [--json PATH] [--sizes N ...] [--repeat N] [--threads N] [--only K ...] [--memory]
     fedpress inspect FILE [--json]
     fedpress demo [--quick] [--codecs SPEC ...] [--out DIR]
     fedpress sweep --task digits|mnist|module:function --cells CELL ... [--seeds 0 1 2] [--jobs N] --out DIR
@@ -38,6 +38,8 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.memory and args.only and bench.PIPELINE not in args.only:
+        raise UsageError(f"--memory measures the {bench.PIPELINE} group's encodes: add {bench.PIPELINE} to --only")
     return bench.run_from_args(args)
 
 
@@ -776,7 +778,8 @@ _SUBCOMMANDS: dict[
     tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
 ] = {
     "bench": (
-        "time every kernel against numpy / torch / zstd peers and check they agree",
+        "time every kernel against numpy / torch / zstd peers and check they agree, then the payload path "
+        "against its kernels",
         _add_bench,
         _run_bench,
     ),
