@@ -30,9 +30,11 @@ What a delta holds, by the dtype of the model's tensor:
 
 ``apply_delta`` mirrors this: floats get ``lr * delta`` (float16/bfloat16 tensors are updated in
 float32 and rounded once); integer buffers get the delta rounded to the nearest integer and not
-scaled by ``lr`` (a step counter advances by the steps taken, as in ``fedpress.federation``);
-bool buffers take the delta's values. Every entry is checked (names, shapes, dtypes, finite
-values) before any tensor changes. Names aliasing one tensor (tied weights) update it once.
+scaled by ``lr`` (a step counter advances by the steps taken, as in ``fedpress.federation``),
+clamped to the buffer's range rather than wrapping around (a uint8 at 0 given -1 stays 0);
+bool buffers take the delta's values. This is the arithmetic ``fedpress.federation`` and
+``fedpress.flower`` use too. Every entry is checked (names, shapes, dtypes, finite values)
+before any tensor changes. Names aliasing one tensor (tied weights) update it once.
 
 Contiguous CPU tensors and numpy arrays are read through views, never copied (bfloat16 is
 converted to float32, non-contiguous tensors are made contiguous); CUDA tensors are copied to the
@@ -49,7 +51,8 @@ from typing import Any, Union
 import numpy as np
 import torch  # absolute: the real torch, not this module
 
-from .codec import _to_numpy
+from . import _update_math
+from ._arrays import to_numpy
 
 __all__ = ["state_delta", "apply_delta"]
 
@@ -75,7 +78,7 @@ def _as_numpy(name: str, value: Any, role: str) -> tuple[np.ndarray, str]:
     elif not isinstance(value, (np.ndarray, np.generic)):
         raise TypeError(f"{role} entry {name!r} is a {type(value).__name__}; expected a torch.Tensor or a numpy array")
     try:
-        arr, dtype = _to_numpy(name, value)
+        arr, dtype = to_numpy(name, value)
     except TypeError:  # dtypes numpy lacks (torch's float8, quantized) or refuses (str, object)
         arr, dtype = None, str(value.dtype).replace("torch.", "")
     if arr is None or arr.dtype.kind not in _KINDS:
@@ -90,12 +93,6 @@ def _host_tensor(arr: np.ndarray) -> torch.Tensor:
     non-native byte order, negative strides); unlike np.ascontiguousarray it keeps 0-d shapes."""
     native = arr.dtype.newbyteorder("=")
     return torch.from_numpy(np.require(arr, dtype=native, requirements=["C", "W"]))
-
-
-def _delta_dtype(arr: np.ndarray) -> np.dtype:
-    if arr.dtype.kind == "f":
-        return np.dtype(np.float64 if arr.dtype == np.float64 else np.float32)
-    return np.dtype(np.int64)
 
 
 def state_delta(model_or_state: StateLike, reference: StateLike) -> dict[str, np.ndarray]:
@@ -133,13 +130,8 @@ def state_delta(model_or_state: StateLike, reference: StateLike) -> dict[str, np
             raise TypeError(
                 f"state_delta: tensor {name!r} is {now_dtype} in the model but {then_dtype} in the reference"
             )
-        if now.dtype.kind == "b":
-            # Copied: the delta must not change when the model trains on.
-            delta[name] = np.array(now, copy=True)
-        else:
-            work = _delta_dtype(now)
-            # out= keeps 0-d tensors arrays (a bare ufunc returns a numpy scalar for them).
-            delta[name] = np.subtract(now, then, out=np.empty(now.shape, work), dtype=work)
+        # A new array (bool values copied too): the delta must not change when the model trains on.
+        delta[name] = _update_math.subtract(now, then)
     return delta
 
 
@@ -205,18 +197,7 @@ def apply_delta(model: torch.nn.Module, delta: Mapping[str, Any], lr: float = 1.
         updates.append((target, arr))
     with torch.no_grad():
         for target, arr in updates:
-            if target.dtype == torch.bool:
-                target.copy_(_host_tensor(arr).to(target.device))
-            elif not target.is_floating_point():
-                if arr.dtype.kind == "f":
-                    arr = np.rint(arr)
-                increment = _host_tensor(arr.astype(np.int64, copy=False))
-                target.add_(increment.to(target.device, target.dtype))
-            else:
-                work = torch.float64 if target.dtype == torch.float64 else torch.float32
-                step = _host_tensor(arr).to(target.device, work)
-                if target.dtype == work:
-                    target.add_(step, alpha=lr)
-                else:
-                    # float16 / bfloat16: add in float32, round once.
-                    target.copy_(target.to(work).add_(step, alpha=lr))
+            # The sum is formed on the host by the arithmetic every fedpress caller shares (a
+            # bfloat16 tensor in float32, rounded once as it is copied back).
+            current, _ = to_numpy("", target)
+            target.copy_(_host_tensor(_update_math.add(current, arr, lr)))
