@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
+import importlib
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import sys
 import time
 import warnings
 from decimal import Decimal, InvalidOperation
+from types import ModuleType
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -318,6 +321,14 @@ def _busy_cpu_seconds() -> Optional[float]:
     ticks = [int(v) for v in fields[1:]]
     busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _optional_module(name: str) -> Optional[ModuleType]:
+    """The module, or None where it is not installed (its peers are then skipped)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def cpu_name() -> str:
@@ -767,6 +778,9 @@ class _Bench:
         def delta_bytes() -> np.ndarray:
             return np.diff(idx, prepend=np.uint32(0)).astype(np.uint32, copy=False)
 
+        def zencode(cctx: Any) -> bytes:
+            return cctx.compress(delta_bytes())
+
         def zdecode(dctx: Any, blob: bytes) -> np.ndarray:
             d = np.frombuffer(dctx.decompress(blob), dtype=np.uint32)
             return np.cumsum(d, dtype=np.uint32)
@@ -776,9 +790,9 @@ class _Bench:
         for level in levels:
             cctx = zstd.ZstdCompressor(level=level)
             dctx = zstd.ZstdDecompressor()
-            z_ms = self.time(lambda cctx=cctx: cctx.compress(delta_bytes()))
-            blob = cctx.compress(delta_bytes())
-            zd_ms = self.time(lambda dctx=dctx, blob=blob: zdecode(dctx, blob))
+            z_ms = self.time(functools.partial(zencode, cctx))
+            blob = zencode(cctx)
+            zd_ms = self.time(functools.partial(zdecode, dctx, blob))
             z_ok = bool(np.array_equal(zdecode(dctx, blob), idx))
             z_bits = 8 * len(blob) / k
             peer = f"zstd-{level} on uint32 deltas"
@@ -922,7 +936,7 @@ class _Bench:
             "topk >= 15x faster than np.argpartition (25.6M)",
             r,
             r.ratio if r else None,
-            (r.ratio >= 15) if r else None,
+            (r.ratio >= 15) if r and r.ratio is not None else None,
             _fmt_ratio(r.ratio) if r else "-",
         )
         r = pick("quantize 4b", "torch QSGD")
@@ -930,7 +944,7 @@ class _Bench:
             "quantize 4b >= 50x faster than torch QSGD",
             r,
             r.ratio if r else None,
-            (r.ratio >= 50) if r else None,
+            (r.ratio >= 50) if r and r.ratio is not None else None,
             _fmt_ratio(r.ratio) if r else "-",
         )
         cands = [row for row in self.rows if row.kernel == "quantize 4b"]
@@ -944,7 +958,7 @@ class _Bench:
             f"scatter_add_many ({CLIENTS} clients) >= 5x faster than torch index_add_ loop",
             r,
             r.ratio if r else None,
-            (r.ratio >= 5) if r else None,
+            (r.ratio >= 5) if r and r.ratio is not None else None,
             _fmt_ratio(r.ratio) if r else "-",
         )
         cands = [row for row in self.rows if row.kernel == "encode_indices"]
@@ -1011,14 +1025,8 @@ def run(
     # so keep the canonical order whatever order --only gave.
     kernels = [k for k in KERNELS if k in kernels]
 
-    try:
-        import torch  # noqa: PLC0415 - optional, and slow to import
-    except ImportError:
-        torch = None
-    try:
-        import zstandard  # noqa: PLC0415
-    except ImportError:
-        zstandard = None
+    torch = _optional_module("torch")  # optional, and slow to import
+    zstandard = _optional_module("zstandard")
 
     if threads is not None:
         ops.set_num_threads(threads)
@@ -1127,8 +1135,8 @@ def run(
         "pipeline": pipeline_report,
     }
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        with open(json_path, "w", encoding="utf-8") as out:
+            json.dump(report, out, indent=2)
         echo(f"wrote {json_path}")
     return report
 

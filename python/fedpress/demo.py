@@ -151,8 +151,8 @@ async def _one_run(
                 progress.update(len(trained), "" if accuracy is None else f"accuracy {accuracy:.3f}")
             await asyncio.wait({server_task}, timeout=0.1)
         await server_task
-        final = [r for r in server.history if r.get("round", 0) >= 1]
-        accuracy = final[-1].get("test_accuracy") if final else None
+        done = [r for r in server.history if r.get("round", 0) >= 1]
+        accuracy = done[-1].get("test_accuracy") if done else None
         progress.update(rounds, "" if accuracy is None else f"accuracy {accuracy:.3f}")
     finally:
         progress.close()

@@ -30,7 +30,7 @@ import logging
 import math
 import ssl as _ssl
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from .protocol import (
     MAX_FRAME_LIMIT,
@@ -81,9 +81,11 @@ class CountingProtocol(asyncio.BufferedProtocol):
     # -- socket transport side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.closed = asyncio.get_running_loop().create_future()
+        # A connection's transport (create_server, create_connection): it reads and writes.
+        stream = cast(asyncio.Transport, transport)
         # Nothing may be delivered before an upper protocol is installed.
-        transport.pause_reading()  # type: ignore[attr-defined]
-        self.transport = CountingTransport(transport, self)
+        stream.pause_reading()
+        self.transport = CountingTransport(stream, self)
         if self._on_connection is not None:
             self._on_connection(self.transport)
 
@@ -117,7 +119,7 @@ class CountingProtocol(asyncio.BufferedProtocol):
         if self._early_waiter is not None and not self._early_waiter.done():
             self._early_waiter.set_result(None)
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, exc: Optional[Exception]) -> None:
         self._wake_early()
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
@@ -207,7 +209,7 @@ class CountingTransport(asyncio.Transport):
         return self._raw.get_write_buffer_size()
 
     def get_write_buffer_limits(self) -> tuple:
-        return self._raw.get_write_buffer_limits()  # type: ignore[attr-defined]
+        return self._raw.get_write_buffer_limits()
 
     def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
         self._raw.set_write_buffer_limits(high, low)
@@ -354,11 +356,11 @@ class Connection:
     async def read_frame(self, max_body: int) -> Frame:
         """The next frame; after ``secure``, verified and without its trailer
         (``max_body`` bounds the body without the trailer)."""
-        limits = {"body_timeout": self.body_timeout, "budget": self.budget}
         if self._opener is None:
-            return await read_frame(self.reader, max_body, **limits)
+            return await read_frame(self.reader, max_body, body_timeout=self.body_timeout, budget=self.budget)
+        limit = min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT)
         return self._opener.open(
-            await read_frame(self.reader, min(max_body + TRAILER_BYTES, MAX_FRAME_LIMIT), **limits)
+            await read_frame(self.reader, limit, body_timeout=self.body_timeout, budget=self.budget)
         )
 
     async def send(self, ftype: int, *parts: Any) -> None:
@@ -411,7 +413,7 @@ async def peek(counting: CountingTransport, n: int) -> bytes:
     ``establish`` installs (TLS or streams), so nothing is consumed. A server
     uses it to tell a plain-TCP HELLO from a TLS ClientHello."""
     shim = counting._shim
-    while len(shim._early) < n and not counting.is_closing() and not shim.closed.done():
+    while len(shim._early) < n and not counting.is_closing() and not (shim.closed is not None and shim.closed.done()):
         shim._early_waiter = asyncio.get_running_loop().create_future()
         counting._raw.resume_reading()
         try:
@@ -448,7 +450,10 @@ async def establish(
             kwargs["server_hostname"] = server_hostname
         if shutdown_timeout is not None and sys.version_info >= (3, 11):
             kwargs["ssl_shutdown_timeout"] = shutdown_timeout
-        transport = await loop.start_tls(counting, protocol, ssl_context, **kwargs)
+        tls = await loop.start_tls(counting, protocol, ssl_context, **kwargs)
+        if tls is None:  # typeshed allows None; CPython always returns the TLS transport
+            raise ConnectionError("TLS could not be started on this connection")
+        transport = tls
         protocol.connection_made(transport)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return Connection(counting, reader, writer, _peer_name(counting))

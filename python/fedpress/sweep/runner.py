@@ -162,7 +162,7 @@ def run_sweep(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
+    meta: dict[str, Any] = {
         "format": "fedpress-sweep-v1",
         "fedpress": __version__,
         "settings": settings.as_dict(),
