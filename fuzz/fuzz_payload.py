@@ -23,7 +23,7 @@ import sys
 import _harness
 import atheris
 import zstandard
-from fedpress.payload import _varint as varint  # the format's LEB128, as the decoder reads it
+from fedpress.format.primitives import encode_varint as varint  # the format's LEB128, as the decoder reads it
 
 HEADER = struct.Struct("<4sBBQ")
 MAGIC = b"FPRS"

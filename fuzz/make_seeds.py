@@ -18,8 +18,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import fedpress as fp  # noqa: E402 - after the sys.path line above
 import numpy as np  # noqa: E402 - after the sys.path line above
-from fedpress import payload as pl  # noqa: E402 - after the sys.path line above
 from fedpress.federation import protocol as P  # noqa: E402 - after the sys.path line above
+from fedpress.format.registry import KIND_RAW  # noqa: E402 - after the sys.path line above
+from fedpress.format.writer import Entry, write_payload  # noqa: E402 - after the sys.path line above
 from fuzz_checks import KEY, small_update  # noqa: E402 - after the sys.path line above
 
 # Every stage of python/fedpress/codec.py at least once: sparsifiers, rht, every value
@@ -104,27 +105,25 @@ def payload_seeds() -> dict:
         )
     # Float tensors sent raw: valid format-v1 payloads no Codec writes.
     raw_floats = [
-        pl.Entry(
+        Entry(
             name="b",
             dtype="bfloat16",
             shape=(3,),
-            kind=pl.KIND_RAW,
+            kind=KIND_RAW,
             count=3,
             values=np.array([0x3F80, 0xC000, 0], "<u2").tobytes(),
         ),
-        pl.Entry(
+        Entry(
             name="f",
             dtype="float32",
             shape=(1, 2),
-            kind=pl.KIND_RAW,
+            kind=KIND_RAW,
             count=2,
             values=np.array([1.5, -2], "<f4").tobytes(),
         ),
-        pl.Entry(
-            name="h", dtype="float16", shape=(), kind=pl.KIND_RAW, count=1, values=np.array([0.25], "<f2").tobytes()
-        ),
+        Entry(name="h", dtype="float16", shape=(), kind=KIND_RAW, count=1, values=np.array([0.25], "<f2").tobytes()),
     ]
-    seeds["seed-raw-floats"] = pl.write("fp32", 1, raw_floats, None)
+    seeds["seed-raw-floats"] = write_payload("fp32", 1, raw_floats, None)
     seeds["seed-empty-update"] = fp.Codec("fp32").encode({}, seed=0)
     seeds["seed-raw-only"] = fp.Codec("q8+zstd").encode(
         {

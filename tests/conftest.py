@@ -233,7 +233,7 @@ import struct  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from fedpress.payload import _varint as leb128  # noqa: E402  (the format's varints)
+from fedpress.format.primitives import encode_varint as leb128  # noqa: E402  (the format's varints)
 
 
 class Wire:

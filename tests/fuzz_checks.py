@@ -48,7 +48,7 @@ import fedpress as fp
 import numpy as np
 from conftest import capped_memory as _conftest_capped_memory
 from fedpress.federation import protocol as P
-from fedpress.payload import payload_table_digest
+from fedpress.format import payload_table_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus"

@@ -503,7 +503,7 @@ def test_decode_parts_is_decode_without_the_dense_copy(spec):
     """What the Encoder's error feedback subtracts: decode's values, kept entries only."""
     payload = fp.Codec(spec).encode(client_update(3), seed=5)
     dense = fp.decode(payload)
-    parts = fp.payload.decode_parts(payload)
+    parts = fp.format.decode_parts(payload)
     assert set(parts) == {k for k, v in dense.items() if v.dtype.kind == "f"}
     for name, (idx, values) in parts.items():
         assert values.dtype == np.float32

@@ -6,7 +6,11 @@ from __future__ import annotations
 import fedpress as fp
 import numpy as np
 import pytest
-from fedpress import payload as fpp
+from fedpress.format.eden import eden_fixed_size, eden_segments
+from fedpress.format.primitives import encode_varint
+from fedpress.format.reader import parse
+from fedpress.format.registry import EDEN_MSE_SCALE
+from fedpress.format.writer import Entry, write_payload
 
 # Known vNMSE of EDEN with the unbiased scale (Vargaftik et al. 2022, Table 1):
 # mse / (1 - mse) for the Lloyd-Max quantizer of N(0, 1).
@@ -62,7 +66,7 @@ def test_vnmse_on_odd_lengths(bits: int, d: int) -> None:
 
 def test_odd_lengths_cost_no_padding_bits() -> None:
     # 100003 = 65536 + 32768 + 1024 + 512 + 128 + 32 + 2 + 1: power-of-two segments, nothing padded.
-    assert fpp.eden_segments(100_003, 1 << 16) == [
+    assert eden_segments(100_003, 1 << 16) == [
         (0, 65536),
         (65536, 32768),
         (98304, 1024),
@@ -261,9 +265,9 @@ def test_truncation_and_bit_flips_raise_decode_error(spec: str) -> None:
 def _rewrite_section(payload: bytes, edit) -> bytes:
     """Re-serialises a payload after ``edit(section_bytes) -> bytes`` on its eden section
     (with a valid checksum, so only the section's own checks can object)."""
-    parsed = fpp.parse(payload)
+    parsed = parse(payload)
     rec = parsed.tensors[0]
-    entry = fpp.Entry(
+    entry = Entry(
         name=rec.name,
         dtype=rec.dtype,
         shape=rec.shape,
@@ -273,7 +277,7 @@ def _rewrite_section(payload: bytes, edit) -> bytes:
         rht_block=rec.rht_block,
         value_code=rec.value_code,
     )
-    return fpp.write(parsed.spec, parsed.seed, [entry], None)
+    return write_payload(parsed.spec, parsed.seed, [entry], None)
 
 
 def test_section_checks_name_what_is_wrong() -> None:
@@ -282,7 +286,7 @@ def test_section_checks_name_what_is_wrong() -> None:
     assert info["eden"]["outliers"] >= 1
     cases = {
         "unknown mode bits": lambda s: bytes((s[0] | 0x80,)) + s[1:],
-        "no MSE scale": lambda s: bytes((s[0] | fpp.EDEN_MSE_SCALE,)) + s[1:],
+        "no MSE scale": lambda s: bytes((s[0] | EDEN_MSE_SCALE,)) + s[1:],
         "trailing bytes": lambda s: s + b"\x00",
         "negative or non-finite scale": lambda s: s[:9] + np.float32(-1).tobytes() + s[13:],
         "outliers among": _bump_outlier_count,
@@ -294,15 +298,15 @@ def test_section_checks_name_what_is_wrong() -> None:
 
 def _bump_outlier_count(section: bytes) -> bytes:
     # The outlier count varint follows the fixed part: make it absurdly large.
-    parsed = fpp.parse(_payload())
+    parsed = parse(_payload())
     rec = parsed.tensors[0]
-    fixed = 8 + fpp.eden_fixed_size(rec.count, rec.rht_block, 3)
-    return section[:fixed] + fpp._varint(1 << 40) + section[fixed + 1 :]
+    fixed = 8 + eden_fixed_size(rec.count, rec.rht_block, 3)
+    return section[:fixed] + encode_varint(1 << 40) + section[fixed + 1 :]
 
 
 def test_an_outlier_code_must_be_an_end_level() -> None:
     payload = _payload()
-    parsed = fpp.parse(payload)
+    parsed = parse(payload)
     sec = parsed.tensors[0].eden
     pos = int(sec.outlier_idx[0])
     offset = 1 + 8 + 4 * sec.scales.size + (pos * 3) // 8

@@ -220,7 +220,7 @@ def test_pack_round_trip_and_form() -> None:
     record = pack(payload)
     (arr,) = record.values()
     assert (arr.dtype, tuple(arr.shape), arr.stype) == ("uint8", (len(payload),), STYPE)
-    assert STYPE == f"fedpress/{fp.payload.FORMAT_VERSION}"
+    assert STYPE == f"fedpress/{fp.format.FORMAT_VERSION}"
     assert is_packed(record) and unpack(record) == payload
     assert not is_packed(numpy_to_arrays(_params()))
     with pytest.raises(fp.DecodeError, match="not a packed fedpress payload"):
@@ -251,7 +251,7 @@ def test_mod_packs_the_update_of_a_train_reply(spec: str) -> None:
     assert is_packed(record)
     payload = unpack(record)
     info = reply.content[RECORD_NAME]
-    assert info["spec"] == str(fp.parse_spec(spec)) and info["format"] == fp.payload.FORMAT_VERSION
+    assert info["spec"] == str(fp.parse_spec(spec)) and info["format"] == fp.format.FORMAT_VERSION
     expected = _trained(g, 3)
     update = _update(expected, g)
     assert info["payload-bytes"] == len(payload)

@@ -430,7 +430,7 @@ def test_corrupt_streams_raise_the_package_decode_error():
             fp.ops.decode_indices(bad, 100)
     with pytest.raises(fp.DecodeError, match="exceeds n"):
         fp.ops.decode_indices(good, 2)
-    assert issubclass(fp.DecodeError, ValueError) and fp.DecodeError is fp.payload.DecodeError
+    assert issubclass(fp.DecodeError, ValueError) and fp.DecodeError is fp.format.DecodeError
     assert repr(fp.DecodeError("x")) == "DecodeError('x')" and fp.DecodeError.__module__ == "fedpress"
     again = pickle.loads(pickle.dumps(fp.DecodeError("broken")))
     assert type(again) is fp.DecodeError and str(again) == "broken"

@@ -24,8 +24,10 @@ from contextlib import contextmanager
 import fedpress as fp
 import numpy as np
 import pytest
-from fedpress import aggregate, payload
+from fedpress import aggregate
 from fedpress.codec import EDEN_MODES, EDEN_STAGES, VALUE_STAGES
+from fedpress.format import decoding, reader
+from fedpress.format.eden import EdenSection
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -295,12 +297,12 @@ def test_memory_errors_while_decoding_are_decode_errors(monkeypatch) -> None:
     def no_memory(*args, **kwargs):
         raise MemoryError("injected")
 
-    monkeypatch.setattr(payload, "_unzstd", no_memory)
-    for call in (fp.decode, fp.inspect, payload.payload_table_digest, fp.Aggregator().add):
+    monkeypatch.setattr(reader, "_unzstd", no_memory)
+    for call in (fp.decode, fp.inspect, fp.format.payload_table_digest, fp.Aggregator().add):
         with pytest.raises(fp.DecodeError, match=r"the payload's output could not be allocated \(injected\)"):
             call(data)
     monkeypatch.undo()
-    monkeypatch.setattr(payload, "sparse_parts", no_memory)
+    monkeypatch.setattr(decoding, "sparse_parts", no_memory)
     with pytest.raises(fp.DecodeError, match="could not be allocated"):
         fp.decode(data)
 
@@ -341,7 +343,7 @@ class FailingAllocations:
             for name in self.HELPERS:
                 m.setattr(aggregate, name, self.counted(getattr(aggregate, name)))
             # What allocates an eden section's outlier correction (made once, before the sums change).
-            m.setattr(payload.EdenSection, "_outlier_codes", self.counted(payload.EdenSection._outlier_codes))
+            m.setattr(EdenSection, "_outlier_codes", self.counted(EdenSection._outlier_codes))
             yield
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import leb128, load_make_golden
 from fedpress.cli import main as cli_main
-from fedpress.payload import payload_table_digest
+from fedpress.format import payload_table_digest
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -11,7 +11,7 @@ from . import ops
 from .aggregate import Aggregator
 from .codec import Codec, Spec, parse_spec
 from .encoder import Encoder
-from .payload import DecodeError, Limits, decode, inspect, table_digest
+from .format import DecodeError, Limits, decode, inspect, table_digest
 
 __version__ = "0.1.0"
 __all__ = [

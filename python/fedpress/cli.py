@@ -60,7 +60,7 @@ def _values_label(t: dict) -> str:
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .payload import DecodeError, inspect, payload_table_digest
+    from .format import DecodeError, inspect, payload_table_digest
 
     try:
         if args.file == "-":

@@ -1,0 +1,175 @@
+"""Decoding a payload into arrays: ``decode`` (the update), ``decode_parts`` (kept
+entries only, for error feedback) and ``inspect`` (what a payload holds), over the
+records ``reader.parse`` validated; ``sparse_parts`` and ``raw_array`` decode one
+record (the Aggregator sums them without a dense copy)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import ops
+from .errors import DecodeError, out_of_memory_as_decode_error
+from .limits import DEFAULT_LIMITS, Limits
+from .reader import TensorRecord, output_dtype, parse
+from .registry import (
+    FLAG_TABLE_DIGEST,
+    FLAG_ZSTD,
+    KIND_DENSE,
+    KIND_NAMES,
+    KIND_RAW,
+    KIND_SPARSE_SEEDED,
+    PURPOSE_RANDK,
+    PURPOSE_RHT,
+    stage_seed,
+)
+from .tables import entry_head, heads_digest
+from .values import decode_values
+
+__all__ = ["decode", "decode_parts", "inspect"]
+
+
+def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """(indices or None for dense, float32 values) of a float tensor, decoded and validated."""
+    if rec.eden is not None:
+        values = rec.eden.values()
+    else:
+        coded = ops.rht_padded_size(rec.count, rec.rht_block) if rec.rht_block and rec.count else rec.count
+        try:
+            values = decode_values(rec.value_code, rec.value_data, coded, rec.bucket)
+        except DecodeError as exc:
+            raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+        if rec.rht_block and rec.count:
+            values = ops.irht(values, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RHT), block=rec.rht_block)
+    # Quantized codes times a checked finite scale cannot leave the scale's range: only
+    # the other stages (and a rotation) need the full pass.
+    finite_by_construction = rec.eden is None and not rec.rht_block and rec.value_code in ("q8", "q4", "q2", "sign")
+    if not finite_by_construction and not np.all(np.isfinite(values)):
+        raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+    if rec.kind == KIND_DENSE:
+        return None, values
+    if rec.kind == KIND_SPARSE_SEEDED:
+        return ops.randomk_indices(rec.size, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RANDK)), values
+    try:
+        idx = ops.decode_indices(rec.index_data, rec.size, max_count=rec.count)
+    except ValueError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    if idx.size != rec.count:
+        raise DecodeError(f"tensor {rec.name!r}: index stream holds {idx.size} indices, the table says {rec.count}")
+    return idx, values
+
+
+def raw_array(rec: TensorRecord) -> np.ndarray:
+    """A raw (lossless) tensor in its own dtype, bfloat16 widened to float32; bool bytes checked."""
+    if rec.dtype == "bfloat16":
+        data = np.frombuffer(rec.value_data, dtype="<u2").astype(np.uint32) << 16
+        return data.view(np.float32).reshape(rec.shape)
+    dt = np.dtype(rec.dtype).newbyteorder("<")
+    arr = np.frombuffer(rec.value_data, dtype=dt).astype(np.dtype(rec.dtype))
+    if rec.dtype == "bool" and arr.size and np.frombuffer(rec.value_data, np.uint8).max() > 1:
+        raise DecodeError(f"tensor {rec.name!r}: bool section holds bytes other than 0 and 1")
+    return arr.reshape(rec.shape)
+
+
+def _to_output(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values in the tensor's own dtype; float16 saturates instead of overflowing."""
+    if dtype == "float16":
+        values = np.clip(values, -65504.0, 65504.0)
+    return values.astype(output_dtype(dtype), copy=False)
+
+
+def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> dict[str, np.ndarray]:
+    """Restores an update from payload bytes alone: ``{name: array}`` with the
+    original shapes and dtypes (bfloat16 tensors come back as float32).
+
+    ``table``: the model the payload was made for, as for ``table_digest`` (a
+    mapping of names to arrays, or a list of (name, dtype name, shape)). A payload
+    encoded with ``table="digest"`` needs it; any other payload must then match it.
+    Without it, the output may be at most ``limits.max_expansion`` bytes per payload
+    byte (docs/format.md, "Expansion bound"); with it, the model bounds the output."""
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits, table)
+        out: dict[str, np.ndarray] = {}
+        for rec in parsed.tensors:
+            if rec.kind == KIND_RAW:
+                out[rec.name] = raw_array(rec)
+                continue
+            idx, values = sparse_parts(rec, parsed.seed)
+            if idx is None:
+                dense = values
+            else:
+                dense = np.zeros(rec.size, np.float32)
+                dense[idx.astype(np.intp)] = values
+            out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
+        return out
+
+
+def decode_parts(
+    payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None
+) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
+    """What ``decode`` restores for each float tensor, without the dense copy of a sparse
+    one: ``{name: (indices or None for dense, float32 values)}``, the values as
+    ``decode`` gives them (rounded to the tensor's dtype, then widened to float32), in
+    the flattened tensor. Raw (integer, bool) tensors are left out. An encoder's error
+    feedback subtracts these from what it meant to send, in O(kept entries)."""
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits, table)
+        out: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}
+        for rec in parsed.tensors:
+            if rec.kind == KIND_RAW:
+                continue
+            idx, values = sparse_parts(rec, parsed.seed)
+            out[rec.name] = idx, _to_output(values, rec.dtype).astype(np.float32, copy=False)
+        return out
+
+
+def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> dict[str, Any]:
+    """What a payload holds: codec, each tensor's name, shape, dtype, section kind
+    and bytes, the raw (float32/original) size, the payload size and the ratio,
+    whether the table travels inline or as a digest, and the table's digest.
+    ``table`` as for ``decode``."""
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits, table)
+    tensors = []
+    raw = 0
+    for rec in parsed.tensors:
+        itemsize = 2 if rec.dtype == "bfloat16" else np.dtype(rec.dtype).itemsize
+        raw += rec.size * itemsize
+        tensors.append(
+            {
+                "name": rec.name,
+                "shape": list(rec.shape),
+                "dtype": rec.dtype,
+                "kind": KIND_NAMES[rec.kind],
+                "values": rec.value_code,
+                "count": rec.count,
+                "rotated": bool(rec.rht_block),
+                "index_bytes": rec.index_len,
+                "value_bytes": rec.value_len,
+                "bytes": rec.index_len + rec.value_len,
+                "raw_bytes": rec.size * itemsize,
+            }
+        )
+        if rec.eden is not None:
+            tensors[-1]["eden"] = {
+                "bits": rec.eden.bits,
+                "shared": rec.eden.shared,
+                "mse_scale": rec.eden.mse,
+                "rotation_seed": rec.eden.rotation_seed,
+                "outliers": int(rec.eden.outlier_idx.size),
+            }
+    size = parsed.payload_size
+    digest = parsed.table_digest or heads_digest([entry_head(r.name, r.dtype, r.shape) for r in parsed.tensors])
+    return {
+        "codec": parsed.spec,
+        "format_version": parsed.version,
+        "zstd": bool(parsed.flags & FLAG_ZSTD),
+        "table": "digest" if parsed.flags & FLAG_TABLE_DIGEST else "inline",
+        "table_digest": digest.hex(),
+        "seed": parsed.seed,
+        "tensors": tensors,
+        "raw_bytes": raw,
+        "payload_bytes": size,
+        "ratio": (raw / size) if size else 0.0,
+    }

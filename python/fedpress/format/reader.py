@@ -1,0 +1,402 @@
+"""Reading a payload: ``parse`` checks the header, checksum, body, table and every
+section against the buffer and the ``Limits`` before anything is allocated, and
+returns a ``Parsed`` with one ``TensorRecord`` (views of its sections, nothing
+decoded) per tensor; ``decoding`` turns records into arrays. Internal to fedpress
+apart from ``payload_table_digest`` (see ``fedpress.format``)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import zstandard
+
+from .. import _core, ops
+from .eden import EdenSection, eden_fixed_size, parse_eden
+from .errors import DecodeError, out_of_memory_as_decode_error
+from .limits import DEFAULT_LIMITS, EXPANSION_FLOOR, MAX_BUCKET, MAX_ROTATION_BLOCK, Limits
+from .primitives import ByteReader
+from .registry import (
+    DIGEST_BYTES,
+    DTYPES,
+    EDEN_BITS,
+    ENTRY_FLAG_ROTATED,
+    FLAG_TABLE_DIGEST,
+    FLAG_ZSTD,
+    FLOAT_DTYPES,
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_FLAGS,
+    KIND_DENSE,
+    KIND_NAMES,
+    KIND_RAW,
+    KIND_SPARSE,
+    MAGIC,
+    PURPOSE_RHT,
+    TRAILER,
+    VALUE_CODES,
+    VALUE_RAW,
+    stage_seed,
+)
+from .tables import TableEntry, entry_difference, entry_head, heads_digest, table_entries
+from .values import values_size
+
+__all__ = ["payload_table_digest"]
+
+# Each table entry takes at least this many bytes, which bounds the tensor count a body can hold.
+ENTRY_MIN_BYTES = 11  # name_len, dtype, ndim, kind, value code, flags, 5 varints: at least 1 byte each
+COMPACT_ENTRY_MIN_BYTES = 8  # kind, value code, flags, 5 varints
+
+_BB, _BBB = struct.Struct("<BB"), struct.Struct("<BBB")
+
+
+@dataclass
+class TensorRecord:
+    """A validated table entry and views of its sections (nothing decoded yet)."""
+
+    ordinal: int
+    name: str
+    dtype: str
+    shape: tuple
+    size: int
+    kind: int
+    value_code: str
+    count: int
+    bucket: int
+    rht_block: int
+    index_len: int
+    value_len: int
+    index_data: memoryview = field(default_factory=lambda: memoryview(b""))  # set once the whole table is checked
+    value_data: memoryview = field(default_factory=lambda: memoryview(b""))
+    eden: Optional[EdenSection] = None  # eden value codes: the parsed section
+
+
+@dataclass
+class Parsed:
+    """A validated payload: its header fields and one record per tensor, in table order."""
+
+    spec: str
+    seed: int
+    version: int
+    flags: int
+    payload_size: int
+    body_size: int
+    tensors: list = field(default_factory=list)
+    table_digest: Optional[bytes] = None  # what a payload without its table carries
+
+
+def output_dtype(dtype: str) -> np.dtype:
+    """The dtype ``decode`` gives a tensor of wire dtype ``dtype`` (bfloat16 comes back as float32)."""
+    return np.dtype(np.float32) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def output_bytes(rec: TensorRecord) -> int:
+    """Bytes of a tensor's dense output, what Limits.max_decoded_bytes and max_expansion count."""
+    return rec.size * output_dtype(rec.dtype).itemsize
+
+
+def as_buffer(payload: Any) -> memoryview:
+    if isinstance(payload, np.ndarray):
+        payload = payload.tobytes()
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}") from None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> Parsed:
+    """Validates a whole payload and returns its table with section views.
+
+    ``table`` (as for ``table_digest``) is the model the payload must be made
+    for: a payload without its table needs it, and one with its table must match it."""
+    known = None if table is None else table_entries(table)
+    parsed, body = _open(payload, limits)
+    _parse_body(body, parsed, limits, known)
+    return parsed
+
+
+def payload_table_digest(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> Optional[bytes]:
+    """The table digest a payload carries instead of its tensor table, or None when it
+    carries its table. Checks the header, checksum and body framing only: for telling
+    which model a payload was made for before decoding it with that model's table."""
+    with out_of_memory_as_decode_error():  # the body may be zstd-compressed
+        parsed, body = _open(payload, limits)
+    if not parsed.flags & FLAG_TABLE_DIGEST:
+        return None
+    r = ByteReader(body, "payload body")
+    r.take(r.varint("codec spec length"), "codec spec")
+    return bytes(r.take(DIGEST_BYTES, "tensor table digest"))
+
+
+def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
+    """Checks the header and trailer and returns the (decompressed) body."""
+    buf = as_buffer(payload)
+    if len(buf) < HEADER.size + TRAILER.size:
+        raise DecodeError(
+            f"payload truncated: {len(buf)} bytes, the header and checksum alone take {HEADER.size + TRAILER.size}"
+        )
+    magic, version, flags, seed = HEADER.unpack(buf[: HEADER.size])
+    if magic != MAGIC:
+        raise DecodeError(f"not a fedpress payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise DecodeError(f"unsupported payload format version {version} (this decoder reads {FORMAT_VERSION})")
+    if flags & ~HEADER_FLAGS:
+        raise DecodeError(f"unknown header flags 0x{flags:02x} (reserved bits must be zero)")
+    end = len(buf) - TRAILER.size
+    head = ByteReader(buf[:end], "payload header")
+    head.pos = HEADER.size
+    raw_size = head.varint("raw body size") if flags & FLAG_ZSTD else None
+    (crc,) = TRAILER.unpack(buf[end:])
+    actual = _core.crc32c(buf[:end])
+    if crc != actual:
+        raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
+    stored = buf[head.pos : end]
+    body_size = len(stored)
+    if raw_size is not None:
+        if raw_size > limits.max_body_bytes:
+            raise DecodeError(f"body of {raw_size} bytes exceeds the limit of {limits.max_body_bytes}")
+        body = memoryview(_unzstd(stored, raw_size))
+    else:
+        if body_size > limits.max_body_bytes:
+            raise DecodeError(f"body of {body_size} bytes exceeds the limit of {limits.max_body_bytes}")
+        body = stored
+        raw_size = body_size
+    parsed = Parsed(spec="", seed=seed, version=version, flags=flags, payload_size=len(buf), body_size=raw_size)
+    return parsed, body
+
+
+def _unzstd(stored: memoryview, raw_size: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"zstd body: bad frame header ({exc})") from None
+    if declared != raw_size:
+        raise DecodeError(f"zstd body declares {declared} bytes, the header says {raw_size}")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = dobj.decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"zstd body is corrupt ({exc})") from None
+    if len(out) != raw_size or not dobj.eof or dobj.unused_data:
+        raise DecodeError(
+            f"zstd body decodes to {len(out)} bytes with "
+            f"{len(dobj.unused_data)} bytes left over, expected exactly {raw_size}"
+        )
+    return out
+
+
+def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optional[list[TableEntry]]) -> None:
+    r = ByteReader(body, "payload body")
+    spec_len = r.varint("codec spec length")
+    try:
+        parsed.spec = bytes(r.take(spec_len, "codec spec")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("codec spec is not valid UTF-8") from None
+    compact = bool(parsed.flags & FLAG_TABLE_DIGEST)
+    if compact:
+        digest = parsed.table_digest = bytes(r.take(DIGEST_BYTES, "tensor table digest"))
+        if known is None:
+            raise DecodeError(
+                f"payload omits its tensor table (digest 0x{digest.hex()}); pass table= (the model it was made for)"
+            )
+        expected = heads_digest([entry_head(*e) for e in known])
+        if digest != expected:
+            raise DecodeError(
+                f"tensor table digest 0x{digest.hex()} does not match the receiver's model (0x{expected.hex()})"
+            )
+    n_tensors = r.varint("tensor count")
+    if n_tensors > limits.max_tensors:
+        raise DecodeError(f"tensor count {n_tensors} exceeds the limit of {limits.max_tensors}")
+    if known is not None and n_tensors != len(known):
+        if compact:
+            raise DecodeError(f"tensor count {n_tensors} differs from the receiver's model's {len(known)} tensors")
+        raise DecodeError(f"tensor table differs from the receiver's model: {n_tensors} tensors, expected {len(known)}")
+    # Each table entry takes at least ENTRY_MIN_BYTES (a compact one COMPACT_ENTRY_MIN_BYTES):
+    # refuse counts the body cannot hold.
+    min_bytes = COMPACT_ENTRY_MIN_BYTES if compact else ENTRY_MIN_BYTES
+    if n_tensors * min_bytes > len(body) - r.pos:
+        raise DecodeError(f"tensor count {n_tensors} cannot fit in the {len(body) - r.pos} bytes left")
+    names = set()
+    total_elements = total_bytes = 0
+    records = []
+    for ordinal in range(n_tensors):
+        if compact:
+            assert known is not None
+            name, dtype, shape = known[ordinal]
+            if len(shape) > limits.max_dims:  # the receiver's table meets the same limits
+                raise DecodeError(f"tensor {name!r}: {len(shape)} dimensions exceed the limit of {limits.max_dims}")
+        else:
+            name, dtype, shape = _read_entry_head(r, ordinal, names, limits)
+            # Checked as each entry is read, so the receiver's model, not the payload, sets the sizes.
+            if known is not None and (name, dtype, shape) != known[ordinal]:
+                raise DecodeError(entry_difference(known[ordinal], (name, dtype, shape), "the receiver's model"))
+        size = 1
+        for d in shape:
+            # Each dimension on its own too: a zero elsewhere must not hide a huge one.
+            size = size * d if d <= limits.max_elements else limits.max_elements + 1
+            size = min(size, limits.max_elements + 1)
+        if size > limits.max_elements or any(d > limits.max_elements for d in shape):
+            raise DecodeError(f"tensor {name!r}: shape {shape} exceeds the limit of {limits.max_elements} elements")
+        rec = _check_entry(ordinal, (name, dtype, shape), size, _EntryFields.read(r, name))
+        total_elements += size
+        total_bytes += output_bytes(rec)
+        if total_elements > limits.max_total_elements:
+            raise DecodeError(f"payload holds more than {limits.max_total_elements} elements")
+        if total_bytes > limits.max_decoded_bytes:
+            raise DecodeError(f"payload decodes to more than {limits.max_decoded_bytes} bytes")
+        records.append(rec)
+    if known is None:
+        # A table nobody vouched for: its output is bounded by the payload's size, checked
+        # on the whole table, so a structural defect in a later entry is named first.
+        bound = max(EXPANSION_FLOOR, limits.max_expansion * parsed.payload_size)
+        if total_bytes > bound:
+            big = max(records, key=output_bytes)
+            raise DecodeError(
+                f"payload of {parsed.payload_size} bytes declares {total_bytes} bytes of output (tensor "
+                f"{big.name!r}, {big.dtype} {big.shape}: {output_bytes(big)} bytes), beyond its bound of {bound} "
+                f"bytes (Limits.max_expansion = {limits.max_expansion} per payload byte, at least "
+                f"{EXPANSION_FLOOR}); pass table= (the model it was made for) or raise Limits.max_expansion"
+            )
+    for rec in records:
+        rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
+        rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
+        if rec.value_code in EDEN_BITS:
+            try:
+                rec.eden = parse_eden(
+                    rec.value_code,
+                    rec.value_data,
+                    rec.count,
+                    rec.rht_block,
+                    stage_seed(parsed.seed, rec.ordinal, PURPOSE_RHT),
+                )
+            except DecodeError as exc:
+                raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    if r.pos != len(body):
+        raise DecodeError(f"{len(body) - r.pos} trailing bytes after the last section")
+    parsed.tensors = records
+
+
+def _read_entry_head(r: ByteReader, ordinal: int, names: set, limits: Limits) -> TableEntry:
+    """Name, dtype and shape of an inline table entry, checked (the size is checked by the caller)."""
+    name_len = r.varint(f"tensor {ordinal} name length")
+    try:
+        name = bytes(r.take(name_len, f"tensor {ordinal} name")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"tensor {ordinal} name is not valid UTF-8") from None
+    if name in names:
+        raise DecodeError(f"tensor name {name!r} appears twice")
+    names.add(name)
+    dtype_code, ndim = r.unpack(_BB, f"tensor {name!r} dtype")
+    if dtype_code >= len(DTYPES):
+        raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
+    if ndim > limits.max_dims:
+        raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
+    shape = tuple(r.varint(f"tensor {name!r} dimension {d}") for d in range(ndim))
+    return name, DTYPES[dtype_code], shape
+
+
+@dataclass(frozen=True)
+class _EntryFields:
+    """A table entry's fields after its head (name, dtype, shape), as read: not checked yet."""
+
+    kind: int
+    value_code: int  # the wire code: an index into VALUE_CODES, or VALUE_RAW
+    flags: int
+    count: int
+    bucket: int
+    block: int  # the rotation block
+    index_len: int
+    value_len: int
+
+    @classmethod
+    def read(cls, r: ByteReader, name: str) -> _EntryFields:
+        kind, value_code, flags = r.unpack(_BBB, f"tensor {name!r} kind")
+        count = r.varint(f"tensor {name!r} count")
+        bucket = r.varint(f"tensor {name!r} bucket")
+        block = r.varint(f"tensor {name!r} rotation block")
+        index_len = r.varint(f"tensor {name!r} index section length")
+        value_len = r.varint(f"tensor {name!r} values section length")
+        return cls(kind, value_code, flags, count, bucket, block, index_len, value_len)
+
+
+def _check_entry(ordinal: int, head: TableEntry, size: int, e: _EntryFields) -> TensorRecord:
+    """The record of tensor ``ordinal`` (``head`` checked, ``size`` elements) once its
+    fields agree with each other and with its dtype and size; its sections' views are
+    set after the whole table is checked."""
+    name, dtype, shape = head
+    where = f"tensor {name!r}"
+
+    def record(value_code: str, bucket: int, rht_block: int) -> TensorRecord:
+        return TensorRecord(
+            ordinal=ordinal,
+            name=name,
+            dtype=dtype,
+            shape=tuple(shape),
+            size=size,
+            kind=e.kind,
+            value_code=value_code,
+            count=e.count,
+            bucket=bucket,
+            rht_block=rht_block,
+            index_len=e.index_len,
+            value_len=e.value_len,
+        )
+
+    if e.kind not in KIND_NAMES:
+        raise DecodeError(f"{where}: unknown section kind {e.kind}")
+    if e.flags & ~ENTRY_FLAG_ROTATED:
+        raise DecodeError(f"{where}: unknown entry flags 0x{e.flags:02x}")
+    if e.kind == KIND_RAW:
+        if e.value_code != VALUE_RAW or e.flags or e.bucket or e.block or e.index_len:
+            raise DecodeError(f"{where}: a raw section carries no value code, rotation, bucket or indices")
+        if e.count != size:
+            raise DecodeError(f"{where}: raw count {e.count} differs from the shape's {size} elements")
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        if e.value_len != size * itemsize:
+            raise DecodeError(f"{where}: raw section of {e.value_len} bytes, expected {size * itemsize}")
+        return record("raw", 0, 0)
+    if dtype not in FLOAT_DTYPES:
+        raise DecodeError(f"{where}: dtype {dtype} can only travel raw")
+    if e.value_code >= len(VALUE_CODES):
+        raise DecodeError(f"{where}: unknown value code {e.value_code}")
+    code = VALUE_CODES[e.value_code]
+    if e.kind == KIND_DENSE and e.count != size:
+        raise DecodeError(f"{where}: dense count {e.count} differs from the shape's {size} elements")
+    if e.count > size:
+        raise DecodeError(f"{where}: count {e.count} exceeds the tensor's {size} elements")
+    if e.kind != KIND_SPARSE and e.index_len:
+        raise DecodeError(f"{where}: only sparse sections carry indices, found {e.index_len} index bytes")
+    if e.kind == KIND_SPARSE and e.index_len == 0:
+        raise DecodeError(f"{where}: sparse section without an index stream")
+    rotated = bool(e.flags & ENTRY_FLAG_ROTATED)
+    if rotated:
+        if e.block == 0 or e.block & (e.block - 1) or e.block > MAX_ROTATION_BLOCK:
+            raise DecodeError(f"{where}: rotation block {e.block} is not a power of two <= 2^24")
+    elif e.block:
+        raise DecodeError(f"{where}: rotation block {e.block} set without the rotation flag")
+    if code in EDEN_BITS:
+        if not rotated:
+            raise DecodeError(f"{where}: {code} values are rotated, but the rotation flag is not set")
+        if e.bucket:
+            raise DecodeError(f"{where}: {code} values take no bucket, found {e.bucket}")
+        if e.value_len < eden_fixed_size(e.count, e.block, EDEN_BITS[code]):
+            raise DecodeError(
+                f"{where}: {code} section of {e.value_len} bytes, at least "
+                f"{eden_fixed_size(e.count, e.block, EDEN_BITS[code])} needed for {e.count} values"
+            )
+        return record(code, 0, e.block)
+    coded = ops.rht_padded_size(e.count, e.block) if rotated and e.count else e.count
+    if code in ("fp32", "fp16", "bf16"):
+        if e.bucket:
+            raise DecodeError(f"{where}: {code} values take no bucket, found {e.bucket}")
+    elif e.bucket == 0 or e.bucket > MAX_BUCKET:
+        raise DecodeError(f"{where}: {code} values need a bucket size in [1, 2^32), found {e.bucket}")
+    expected = values_size(code, coded, e.bucket)
+    if e.value_len != expected:
+        raise DecodeError(
+            f"{where}: values section of {e.value_len} bytes, expected {expected} for {coded} {code} values"
+        )
+    return record(code, e.bucket, e.block if rotated else 0)

@@ -1,0 +1,92 @@
+"""Value sections: a float32 vector coded as fp32, fp16, bf16, q8, q4, q2 or sign
+(EDEN codes live in ``eden``), the exact size of each, and the inverse with its
+checks. Internal to fedpress: the public surface is ``fedpress.format``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import _core, ops
+from .errors import DecodeError
+from .registry import QUANT_BITS
+
+__all__: list[str] = []
+
+#: A section's bytes as a tuple of buffers (bytes, or C-contiguous numpy arrays in
+#: little-endian order) written one after another: the writer copies each once, into
+#: the payload, instead of joining them first.
+Sections = tuple
+
+
+def values_size(code: str, count: int, bucket: int) -> int:
+    """Exact bytes of a values section."""
+    if code == "fp32":
+        return 4 * count
+    if code in ("fp16", "bf16"):
+        return 2 * count
+    nb = -(-count // bucket) if bucket else 0
+    bits = 1 if code == "sign" else QUANT_BITS[code]
+    return 4 * nb + (count * bits + 7) // 8
+
+
+def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> Sections:
+    """Codes a float32 vector with a value stage: the section's bytes, as buffers the
+    writer copies once into the payload (see :data:`Sections`)."""
+    if code == "fp16" and np.asarray(v).dtype == np.float64:
+        # float64 originals round to half once, not through float32 first
+        return (np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2"),)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if code == "fp16":
+        return (_little(_core.to_half(v)),)
+    if code == "bf16":
+        return (_little(_core.to_bfloat16(v)),)
+    if code == "fp32":
+        return (_little(v),)
+    if code == "sign":
+        n = v.size
+        starts = np.arange(0, n, bucket, dtype=np.int64)
+        sums = np.add.reduceat(np.abs(v).astype(np.float64), starts) if n else np.zeros(0)
+        counts = np.diff(np.append(starts, n)).astype(np.float64)
+        scales = (sums / np.maximum(counts, 1)).astype(np.float32)
+        bits = np.packbits(v >= 0, bitorder="little")
+        return (_little(scales), bits)
+    packed, scales = ops.quantize(v, QUANT_BITS[code], bucket=bucket, stochastic=True, seed=seed)
+    return (_little(scales), packed)
+
+
+def _little(a: np.ndarray) -> np.ndarray:
+    """``a`` in little-endian byte order, without a copy on little-endian hosts."""
+    return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+
+
+def section_size(values: Any) -> int:
+    """Bytes of a section given as bytes or as :data:`Sections`."""
+    if isinstance(values, tuple):
+        return sum(memoryview(p).nbytes for p in values)
+    return memoryview(values).nbytes
+
+
+def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.ndarray:
+    """Inverse of encode_values; data has exactly values_size(code, count, bucket) bytes."""
+    if code == "fp32":
+        return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32)
+    if code == "fp16":
+        return _core.from_half(np.frombuffer(data, dtype="<u2", count=count))
+    if code == "bf16":
+        return _core.from_bfloat16(np.frombuffer(data, dtype="<u2", count=count))
+    nb = -(-count // bucket)
+    scales = np.frombuffer(data, dtype="<f4", count=nb).astype(np.float32)
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise DecodeError("values section holds a negative or non-finite scale")
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 * nb)
+    if code == "sign":
+        if count % 8 and body.size and body[-1] >> (count % 8):
+            raise DecodeError("sign section: nonzero padding bits in the last byte")
+        # One bit per value on the 1-bit grid {-s, +s}: exactly the 1-bit dequantizer.
+        return ops.dequantize(body, scales, 1, count, bucket)
+    bits = QUANT_BITS[code]
+    if (count * bits) % 8 and body.size and body[-1] >> ((count * bits) % 8):
+        raise DecodeError(f"{code} section: nonzero padding bits in the last byte")
+    return ops.dequantize(body, scales, bits, count, bucket)

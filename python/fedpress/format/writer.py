@@ -1,0 +1,136 @@
+"""Writing a payload: ``Entry`` (one tensor, its sections already coded) and ``write``
+(header, table or table digest, sections, checksum, optional zstd). Internal to
+fedpress: the public surface is ``fedpress.format``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import zstandard
+
+from .. import _core, ops
+from .limits import DEFAULT_LIMITS
+from .primitives import encode_varint
+from .registry import (
+    ENTRY_FLAG_ROTATED,
+    FLAG_TABLE_DIGEST,
+    FLAG_ZSTD,
+    FORMAT_VERSION,
+    HEADER,
+    KIND_RAW,
+    KIND_SPARSE,
+    MAGIC,
+    TABLE_FORMS,
+    TRAILER,
+    VALUE_CODE,
+    VALUE_RAW,
+)
+from .tables import entry_head, heads_digest
+from .values import section_size
+
+__all__: list[str] = []
+
+
+@dataclass
+class Entry:
+    """One tensor of a payload, ready to serialise."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    kind: int
+    count: int  # kept entries (n for dense and raw)
+    values: Any  # the values section: bytes, or Sections (buffers in order)
+    rht_block: int = 0  # 0: not rotated
+    indices: Optional[np.ndarray] = None  # KIND_SPARSE only
+    value_code: str = ""  # set by Codec
+    bucket: int = 0
+
+
+def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
+    """A tensor sent losslessly in its own dtype."""
+    a = np.asarray(arr)  # not ascontiguousarray: it turns 0-d arrays into 1-d
+    data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+    return Entry(
+        name=name, dtype=dtype, shape=tuple(int(s) for s in a.shape), kind=KIND_RAW, count=int(a.size), values=data
+    )
+
+
+def write_payload(
+    spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int], table: str = "inline"
+) -> bytes:
+    """The payload of ``entries``; ``table="digest"`` writes the table's digest and
+    compact entries instead of the table (the receiver must know the model)."""
+    if table not in TABLE_FORMS:
+        raise ValueError(f"table must be one of {', '.join(map(repr, TABLE_FORMS))}, got {table!r}")
+    # Whatever is written must decode under the default limits.
+    if len(entries) > DEFAULT_LIMITS.max_tensors:
+        raise ValueError(
+            f"an update of {len(entries)} tensors exceeds the format's default limit of {DEFAULT_LIMITS.max_tensors}"
+        )
+    for e in entries:
+        if len(e.shape) > DEFAULT_LIMITS.max_dims:
+            raise ValueError(
+                f"tensor {e.name!r} has {len(e.shape)} dimensions; at most {DEFAULT_LIMITS.max_dims} are supported"
+            )
+        if (
+            any(d > DEFAULT_LIMITS.max_elements for d in e.shape)
+            or int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements
+        ):
+            raise ValueError(
+                f"tensor {e.name!r} of shape {e.shape} exceeds {DEFAULT_LIMITS.max_elements} "
+                "elements (or has a dimension that does)"
+            )
+    total = sum(int(np.prod(e.shape, dtype=object)) for e in entries)
+    if total > DEFAULT_LIMITS.max_total_elements:
+        raise ValueError(
+            f"an update of {total} elements exceeds the format's default limit of {DEFAULT_LIMITS.max_total_elements}"
+        )
+    spec_bytes = spec.encode("utf-8")
+    heads = [entry_head(e.name, e.dtype, e.shape) for e in entries]
+    compact = table == "digest"
+    parts = [encode_varint(len(spec_bytes)), spec_bytes]
+    if compact:
+        parts.append(heads_digest(heads))
+    parts.append(encode_varint(len(entries)))
+    sections = []
+    for e, head in zip(entries, heads):
+        index_bytes = b""
+        if e.kind == KIND_SPARSE:
+            n = int(np.prod(e.shape, dtype=np.int64)) if e.shape else 1
+            index_bytes = ops.encode_indices(e.indices, n)
+        vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
+        flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
+        if not compact:
+            parts.append(head)
+        parts += [
+            bytes((e.kind, vcode, flags)),
+            encode_varint(e.count),
+            encode_varint(e.bucket),
+            encode_varint(e.rht_block),
+            encode_varint(len(index_bytes)),
+            encode_varint(section_size(e.values)),
+        ]
+        sections.append(index_bytes)
+        sections += e.values if isinstance(e.values, tuple) else (e.values,)
+    pieces = [memoryview(p).cast("B") for p in parts + sections if memoryview(p).nbytes]
+    flags = FLAG_TABLE_DIGEST if compact else 0
+    if zstd_level is None:
+        # One copy of every section, into the payload itself; the checksum runs over the
+        # pieces in order.
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed)
+        crc = _core.crc32c(header)
+        for piece in pieces:
+            crc = _core.crc32c(piece, crc)
+        return b"".join([header, *pieces, TRAILER.pack(crc)])
+    body = b"".join(pieces)
+    raw_size = len(body)
+    # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
+    # share of the payload, get a strong level at a cost of microseconds.
+    level = zstd_level or (19 if raw_size <= 4096 else 9 if raw_size <= 65536 else 3)
+    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, flags | FLAG_ZSTD, seed) + encode_varint(raw_size)
+    crc = _core.crc32c(body, _core.crc32c(header))
+    return b"".join([header, body, TRAILER.pack(crc)])
