@@ -24,7 +24,7 @@ from fedpress.federation.model import (
     model_tag,
     save_checkpoint,
 )
-from fedpress.payload import decode
+from fedpress.format import decode
 
 
 def top_k_reference(acc: np.ndarray, k: int) -> np.ndarray:

@@ -17,24 +17,13 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from .payload import (
-    DEFAULT_LIMITS,
-    KIND_DENSE,
-    KIND_RAW,
-    KIND_SPARSE,
-    KIND_SPARSE_SEEDED,
-    DecodeError,
-    EdenSection,
-    Limits,
-    _output_dtype,
-    eden_unrotate,
-    out_of_memory_as_decode_error,
-    parse,
-    raw_array,
-    sparse_parts,
-    table_difference,
-    table_entries,
-)
+from .format.decoding import raw_array, sparse_parts
+from .format.eden import EdenSection, eden_unrotate
+from .format.errors import DecodeError, out_of_memory_as_decode_error
+from .format.limits import DEFAULT_LIMITS, Limits
+from .format.reader import output_dtype, parse
+from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
+from .format.tables import table_difference, table_entries
 
 __all__ = ["Aggregator"]
 
@@ -314,7 +303,7 @@ class Aggregator:
             if unrotated is not None:
                 acc = acc + unrotated if copy else np.add(acc, unrotated, out=acc)
             if dtype in ("float32", "float16", "float64", "bfloat16"):
-                target = self.dtype if dtype == "float32" else _output_dtype(dtype)
+                target = self.dtype if dtype == "float32" else output_dtype(dtype)
                 if copy:
                     mean = np.divide(acc, acc.dtype.type(self.total_weight), dtype=acc.dtype)
                 else:

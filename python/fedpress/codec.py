@@ -33,7 +33,22 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from . import payload as _payload
+from .format.eden import eden_fixed_size, encode_eden
+from .format.limits import MAX_ROTATION_BLOCK
+from .format.registry import (
+    EDEN_BITS,
+    KIND_DENSE,
+    KIND_SPARSE,
+    KIND_SPARSE_SEEDED,
+    PURPOSE_QUANT,
+    PURPOSE_RANDK,
+    PURPOSE_RHT,
+    TABLE_FORMS,
+    stage_seed,
+)
+from .format.tables import wire_dtype
+from .format.values import encode_values, values_size
+from .format.writer import Entry, raw_entry, write_payload
 
 __all__ = ["Spec", "parse_spec", "Codec"]
 
@@ -114,7 +129,7 @@ def parse_spec(spec: str) -> Spec:
             fields["values"] = name
         elif name == "zstd":
             kind = "entropy"
-            level = 0  # adaptive: see payload.write
+            level = 0  # adaptive: see format.writer.write_payload
             if arg:
                 if not arg.lstrip("-").isdigit() or not 1 <= int(arg) <= 22:
                     raise _stage_error(spec, stage, f"zstd level must be an integer in 1..22, got {arg!r}")
@@ -139,7 +154,7 @@ def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
         t = value.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        dtype = _payload.wire_dtype(t)
+        dtype = wire_dtype(t)
         if dtype == "bfloat16":
             return t.float().contiguous().numpy(), "bfloat16"
         return t.contiguous().numpy(), dtype
@@ -148,7 +163,7 @@ def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
         return arr.astype(np.float32), "bfloat16"
     if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
         raise TypeError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
-    return arr, _payload.wire_dtype(arr)
+    return arr, wire_dtype(arr)
 
 
 # ------------------------------------------------------------------ codec --
@@ -170,15 +185,15 @@ class Codec:
     def __init__(
         self, spec: str, *, per_tensor: bool = False, bucket: int = 512, rht_block: int = 1 << 16, table: str = "inline"
     ) -> None:
-        if table not in _payload.TABLE_FORMS:
-            raise ValueError(f"table must be one of {', '.join(map(repr, _payload.TABLE_FORMS))}, got {table!r}")
+        if table not in TABLE_FORMS:
+            raise ValueError(f"table must be one of {', '.join(map(repr, TABLE_FORMS))}, got {table!r}")
         self.table = table
         self.spec = parse_spec(spec)
         self.per_tensor = bool(per_tensor)
         self.bucket = ops._bucket(bucket)
         if self.bucket > (1 << 24):
             raise ValueError(f"bucket must be <= 2**24, got {bucket}")
-        if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > (1 << 24):
+        if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > MAX_ROTATION_BLOCK:
             raise ValueError(f"rht_block must be a power of two <= 2**24, got {rht_block}")
         self.rht_block = int(rht_block)
 
@@ -225,12 +240,12 @@ class Codec:
         entries = []
         for i, (name, arr, dtype) in enumerate(zip(names, arrays, dtypes)):
             if i not in flat:
-                entries.append(_payload.raw_entry(name, arr, dtype))
+                entries.append(raw_entry(name, arr, dtype))
                 continue
             entries.append(
                 self._float_entry(name, arr, dtype, flat[i], selected.get(i), payload_seed, i, rotation_seed)
             )
-        return _payload.write(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
+        return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
 
     # -- selection ----------------------------------------------------------
     def _select(self, flat: dict[int, np.ndarray], seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -241,8 +256,7 @@ class Codec:
         if sp.sparsifier == "randk":
             # Indices regenerate from the seed on decode; kept per tensor.
             return {
-                i: ops.randomk(v, _k(sp.ratio, v.size), _payload.stage_seed(seed, i, _payload.PURPOSE_RANDK))
-                for i, v in flat.items()
+                i: ops.randomk(v, _k(sp.ratio, v.size), stage_seed(seed, i, PURPOSE_RANDK)) for i, v in flat.items()
             }
         if sp.sparsifier == "topk":
 
@@ -277,8 +291,8 @@ class Codec:
     def _values_bytes(self, count: int) -> int:
         """Bytes of a values section of ``count`` values (eden: without shared-mode outliers)."""
         if self.spec.eden:
-            return _payload.eden_fixed_size(count, self.rht_block, _payload.EDEN_BITS[self.spec.values])
-        return _payload.values_size(self.spec.values, count, self._value_bucket())
+            return eden_fixed_size(count, self.rht_block, EDEN_BITS[self.spec.values])
+        return values_size(self.spec.values, count, self._value_bucket())
 
     def _float_entry(
         self,
@@ -290,7 +304,7 @@ class Codec:
         payload_seed: int,
         ordinal: int,
         rotation_seed: Optional[int] = None,
-    ) -> _payload.Entry:
+    ) -> Entry:
         sp = self.spec
         n = v.size
         indices, kept = selected if selected is not None else (None, None)
@@ -303,10 +317,10 @@ class Codec:
                 indices = None
         if indices is None:
             values = v
-            kind = _payload.KIND_DENSE
+            kind = KIND_DENSE
         else:
             values = kept
-            kind = _payload.KIND_SPARSE_SEEDED if sp.sparsifier == "randk" else _payload.KIND_SPARSE
+            kind = KIND_SPARSE_SEEDED if sp.sparsifier == "randk" else KIND_SPARSE
         rotated = (sp.eden or sp.rotate) and values.size > 0
         # The quantizer finds NaN and infinity in its own max-abs pass (its error is renamed
         # below); every other stage is checked here, in one max and one min.
@@ -314,17 +328,17 @@ class Codec:
         if not checked_by_kernel:
             _check_values(name, values, self.rht_block if rotated else 0, sparse=indices is not None)
         shape = original.shape
-        if kind == _payload.KIND_DENSE and sp.values == "fp16" and original.dtype == np.float64:
+        if kind == KIND_DENSE and sp.values == "fp16" and original.dtype == np.float64:
             values = original.reshape(-1)  # round to half once, not through float32 first
-        quant_seed = _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_QUANT)
+        quant_seed = stage_seed(payload_seed, ordinal, PURPOSE_QUANT)
         block = self.rht_block if sp.eden or rotated else 0
         if sp.eden:
             shared = sp.eden_mode == "shared"
-            rotation = _payload.stage_seed(
-                rotation_seed if shared and rotation_seed is not None else payload_seed, ordinal, _payload.PURPOSE_RHT
+            rotation = stage_seed(
+                rotation_seed if shared and rotation_seed is not None else payload_seed, ordinal, PURPOSE_RHT
             )
             bucket = 0
-            coded = _payload.encode_eden(
+            coded = encode_eden(
                 sp.values,
                 ops._as_float32(values, name).reshape(-1),
                 block,
@@ -335,23 +349,23 @@ class Codec:
             )
         else:
             if rotated:
-                values = ops.rht(values, _payload.stage_seed(payload_seed, ordinal, _payload.PURPOSE_RHT), block=block)
+                values = ops.rht(values, stage_seed(payload_seed, ordinal, PURPOSE_RHT), block=block)
             bucket = self._value_bucket()
             try:
-                coded = _payload.encode_values(sp.values, values, bucket, quant_seed)
+                coded = encode_values(sp.values, values, bucket, quant_seed)
             except ValueError:
                 if not checked_by_kernel:
                     raise
                 _check_values(name, values, 0, sparse=indices is not None)  # names the tensor
                 raise
-        return _payload.Entry(
+        return Entry(
             name=name,
             dtype=dtype,
             shape=tuple(int(s) for s in shape),
             kind=kind,
             count=int(indices.size if indices is not None else n),
             rht_block=block,
-            indices=None if kind != _payload.KIND_SPARSE else indices,
+            indices=None if kind != KIND_SPARSE else indices,
             values=coded,
             value_code=sp.values,
             bucket=bucket,

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import ops
 from .codec import Codec, _to_numpy
-from .payload import decode_parts, wire_dtype
+from .format import decode_parts
+from .format.tables import wire_dtype
 
 __all__ = ["Encoder"]
 

@@ -43,7 +43,7 @@ from ._seeds import derive_seed
 from .aggregate import Aggregator
 from .codec import Codec, parse_spec
 from .encoder import Encoder
-from .payload import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect, payload_table_digest
+from .format import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect, payload_table_digest
 
 try:
     from flwr.app import (

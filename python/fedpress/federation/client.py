@@ -40,7 +40,7 @@ import numpy as np
 from .._seeds import derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
-from ..payload import decode
+from ..format import decode
 from . import protocol as P
 from .model import align_update, apply_delta, as_params, canonical, model_tag
 from .transport import BodyDeadline, Connection, open_connection

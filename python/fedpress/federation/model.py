@@ -60,7 +60,7 @@ import numpy as np
 
 from .._seeds import derive_seed
 from ..codec import Codec, _to_numpy
-from ..payload import decode
+from ..format import decode
 from .protocol import TAG_BYTES, new_tag
 
 __all__ = [

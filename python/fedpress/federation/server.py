@@ -43,7 +43,7 @@ import numpy as np
 
 from ..aggregate import Aggregator
 from ..codec import parse_spec
-from ..payload import DecodeError, decode
+from ..format import DecodeError, decode
 from ..robust import AggregationRule, cap_shares, clip_factor, robust_combine
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow

@@ -35,7 +35,7 @@ from ..encoder import Encoder
 from ..federation import protocol as P
 from ..federation.model import ServerOptimizer, align_update, apply_delta, canonical, make_downlink, zero_reference
 from ..federation.server import round_config
-from ..payload import decode
+from ..format import decode
 from ..train.loops import evaluate, param_delta, round_seed, train_local
 from ..train.models import get_params, set_params
 from ..train.partition import partition
