@@ -219,7 +219,7 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     min_bytes = COMPACT_ENTRY_MIN_BYTES if compact else ENTRY_MIN_BYTES
     if n_tensors * min_bytes > len(body) - r.pos:
         raise DecodeError(f"tensor count {n_tensors} cannot fit in the {len(body) - r.pos} bytes left")
-    names = set()
+    names: set[str] = set()
     total_elements = total_bytes = 0
     records = []
     for ordinal in range(n_tensors):
@@ -279,7 +279,7 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     parsed.tensors = records
 
 
-def _read_entry_head(r: ByteReader, ordinal: int, names: set, limits: Limits) -> TableEntry:
+def _read_entry_head(r: ByteReader, ordinal: int, names: set[str], limits: Limits) -> TableEntry:
     """Name, dtype and shape of an inline table entry, checked (the size is checked by the caller)."""
     name_len = r.varint(f"tensor {ordinal} name length")
     try:
