@@ -16,7 +16,7 @@ from fedpress.federation.model import (
     ClientDownlink,
     Downlink,
     ServerOptimizer,
-    apply_delta,
+    apply_downlink_delta,
     apply_update,
     canonical,
     load_checkpoint,
@@ -173,7 +173,7 @@ def test_downlink_error_feedback_and_exact_catch_up() -> None:
             assert kind == "delta" and base == held[name]
             assert len(payloads) == (1 if name == "early" else 3)
             for p in payloads:
-                client_models[name] = apply_delta(client_models[name], decode(p))
+                client_models[name] = apply_downlink_delta(client_models[name], decode(p))
             held[name] = dl.tag
             for k in replica:
                 np.testing.assert_array_equal(client_models[name][k], dl.replica[k])
@@ -224,7 +224,7 @@ def test_client_downlink_is_error_feedback_per_client() -> None:
             sent = decode(payloads[0])
             ref[c] = {k: ref[c][k] + sent[k] for k in params}
             for k in params:  # the client applies it as Client does, and the server knows the result
-                np.testing.assert_array_equal(apply_delta(dl.held_model(c, base), sent)[k], ref[c][k])
+                np.testing.assert_array_equal(apply_downlink_delta(dl.held_model(c, base), sent)[k], ref[c][k])
                 np.testing.assert_array_equal(dl.held_model(c, tag)[k], ref[c][k])
                 np.testing.assert_allclose(global_model[k] - ref[c][k], delta[k] - sent[k], atol=1e-6)
             dl.confirm(c, tag)
@@ -243,7 +243,7 @@ def test_client_downlink_lossless_spec_holds_the_global_model() -> None:
     for t in range(3):
         dl.advance(_drift(rng, params if t == 0 else dl.params))
         kind, _, tag, payloads = dl.task_for("x", tag, True)
-        model = apply_delta(model, decode(payloads[0]))
+        model = apply_downlink_delta(model, decode(payloads[0]))
         np.testing.assert_allclose(model["w"], dl.params["w"], atol=1e-6)
         dl.confirm("x", tag)
     # The global did not move (a failed round): what is left to send is nothing.

@@ -243,7 +243,7 @@ def test_downlink_chain_is_bit_exact():
             kind, base, payloads = dl.plan(held, True)
             assert kind == "delta" and base == held and len(payloads) == 2
             for p in payloads:
-                client = M.apply_delta(client, fp.decode(p))
+                client = M.apply_downlink_delta(client, fp.decode(p))
             held = dl.tag
             for k in params:
                 assert client[k].dtype == dl.replica[k].dtype

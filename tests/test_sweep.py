@@ -21,7 +21,7 @@ from fedpress import cli  # noqa: E402
 from fedpress.federation import Client, Server  # noqa: E402
 from fedpress.sweep import Settings, SweepError, SweepTask, builtin_task, parse_cell, run_sweep, simulate  # noqa: E402
 from fedpress.sweep.report import cell_summaries, run_summary  # noqa: E402
-from fedpress.sweep.simulate import ClientTrainer, client_ids, client_metrics  # noqa: E402
+from fedpress.sweep.simulate import ClientTrainer, client_ids, client_metrics, sample_clients  # noqa: E402
 from fedpress.train import evaluate, partition, set_params  # noqa: E402
 
 TINY = Settings(clients=6, per_round=3, rounds=4, eval_every=2, alpha=0.5)
@@ -165,7 +165,7 @@ def test_accuracy_matches_an_independent_evaluation(digits):
 
     params = get_params(digits.model_fn(1))
     for r in (1, 2):
-        sampled = sorted(np.random.default_rng([1, r]).choice(len(ids), size=2, replace=False))
+        sampled = sample_clients(1, r, range(len(ids)), 2)
         updates = [trainer.train(params, digits.train.subset(shares[i]), 1 * 1000 + int(i), r) for i in sampled]
         total = sum(n for _, n, _ in updates)
         params = {

@@ -24,7 +24,8 @@ Applying an update (``add``) gives the base's dtype back:
 * bool: the update's values (a numeric update, a mean of votes, is True above 0.5).
 
 Out of range, every conversion saturates (``to_dtype``): an integer result beyond its
-dtype is the dtype's nearest end, and float16 stops at +-65504 (as ``fedpress.decode``
+dtype is the dtype's nearest end (an int64 difference too, which only 64-bit values
+near their extremes can exceed), and float16 stops at +-65504 (as ``fedpress.decode``
 does). Why saturate: a buffer that leaves its range has no right answer, and the
 nearest representable value is the least wrong one: a uint8 at 0 that receives -1
 stays 0 and a counter at its maximum stays there, where wrap-around would turn the

@@ -26,6 +26,7 @@ import numpy as np
 import torch  # absolute: the real torch
 import torch.distributed as dist
 
+from ._seeds import PURPOSE_PAYLOAD, PURPOSE_ROTATION, derive_seed
 from .aggregate import Aggregator
 from .codec import Codec
 from .encoder import Encoder
@@ -142,7 +143,10 @@ class CompressionState:
 
     # -- used by compress_hook ------------------------------------------------
     def _group(self) -> dist.ProcessGroup:
-        return self.process_group if self.process_group is not None else dist.group.WORLD
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if group is None:
+            raise RuntimeError("compress_hook needs a process group: call torch.distributed.init_process_group first")
+        return group
 
     def _encoder(self, bucket_index: int) -> Encoder:
         encoder = self.encoders.get(bucket_index)
@@ -153,13 +157,11 @@ class CompressionState:
 
     def _rotation_seed(self, bucket_index: int) -> int:
         """The rotation every rank shares for one bucket at the current step (edenB:shared)."""
-        entropy = [self.seed, self.iter, bucket_index, 0xEDE5]
-        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+        return derive_seed(self.seed, PURPOSE_ROTATION, self.iter, bucket_index)
 
     def _payload_seed(self, rank: int, bucket_index: int) -> int:
         """The seed of one rank's payload for one bucket at the current step."""
-        entropy = [self.seed, rank, self.iter, bucket_index]
-        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+        return derive_seed(self.seed, PURPOSE_PAYLOAD, rank, self.iter, bucket_index)
 
     def _count(self, bucket: dist.GradBucket, raw: int, payload: int, sent: int, gathered: int) -> None:
         """Adds a bucket's bytes to the step; the last bucket of a step closes it."""
@@ -231,7 +233,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
         # Decoding and the sparse scatter-adds run in the compiled kernels without the GIL.
         aggregator = Aggregator()
         for data, length in zip(gathered, lengths):
-            aggregator.add(memoryview(data.cpu().numpy()[:length]), 1.0)
+            aggregator.add(data.cpu().numpy()[:length].data, 1.0)  # a memoryview: no copy
         mean = aggregator.result(copy=False)[_TENSOR]
         buffer.copy_(torch.from_numpy(mean))
         return buffer

@@ -39,7 +39,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ._seeds import derive_seed
+from ._seeds import PURPOSE_PAYLOAD, PURPOSE_ROTATION, derive_seed
+from ._update_math import add, subtract, update_table
 from .aggregate import Aggregator
 from .codec import Codec, parse_spec
 from .encoder import Encoder
@@ -139,7 +140,8 @@ def _key_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> Option
 
 
 def _subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``new - old`` per tensor; the key sets and shapes must agree."""
+    """``new - old`` per tensor (``fedpress._update_math.subtract``: bool tensors travel as
+    their values, integer ones as int64 differences); the key sets and shapes must agree."""
     mismatch = _key_mismatch(old, new)
     if mismatch:
         raise ValueError(f"reply arrays differ from the arrays received: {mismatch}")
@@ -150,42 +152,20 @@ def _subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> d
             raise ValueError(
                 f"array {key!r} has shape {value.shape} in the reply but {ref.shape} in the message received"
             )
-        if value.dtype.kind == "b":
-            out[key] = value  # bool tensors travel as their values (the server takes a majority)
-        elif value.dtype.kind in "iu":
-            out[key] = np.subtract(value, ref, dtype=np.int64)  # a uint8 decrease must not wrap around
-        else:
-            out[key] = np.subtract(value, ref, dtype=np.result_type(value.dtype, ref.dtype))
+        out[key] = subtract(value, ref)
     return out
 
 
 def _add(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``base + update`` in the base's dtypes (the inverse of ``_subtract``);
     ``update`` has passed ``_check_fits`` against ``base``."""
-    out = {}
-    for key, ref in base.items():
-        u = update[key].reshape(ref.shape)
-        if ref.dtype.kind == "b":
-            out[key] = u != 0
-        elif ref.dtype.kind in "iu":
-            out[key] = (ref.astype(np.int64) + np.rint(u).astype(np.int64)).astype(ref.dtype)
-        else:
-            out[key] = (ref + u.astype(ref.dtype, copy=False)).astype(ref.dtype, copy=False)
-    return out
-
-
-def _update_table(base: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple]]:
-    """The tensor table of an update ``compress_mod`` makes against ``base`` (see
-    ``_subtract``): what a payload coded ``table="digest"`` was made for."""
-    return [
-        (k, "bool" if v.dtype.kind == "b" else "int64" if v.dtype.kind in "iu" else v.dtype.name, v.shape)
-        for k, v in base.items()
-    ]
+    return {key: add(ref, update[key].reshape(ref.shape)) for key, ref in base.items()}
 
 
 def _table_for(payload: bytes, base: Mapping[str, np.ndarray], limits: Limits) -> Optional[list]:
-    """The table to decode ``payload`` with: None when it carries its own."""
-    return None if payload_table_digest(payload, limits=limits) is None else _update_table(base)
+    """The table to decode ``payload`` with: None when it carries its own, else the table of
+    the update ``compress_mod`` makes against ``base`` (what ``table="digest"`` was made for)."""
+    return None if payload_table_digest(payload, limits=limits) is None else update_table(base)
 
 
 def _check_fits(info: Mapping[str, Any], base: Mapping[str, np.ndarray]) -> None:
@@ -221,7 +201,14 @@ def _decode_downlink(msg: Message, limits: Limits) -> Message:
     for name, record in msg.content.array_records.items():
         if is_packed(record):
             content[name] = numpy_to_arrays(decode(unpack(record), limits=limits))
-    return Message(content=content, metadata=msg.metadata)
+    return _with_content(msg, content)
+
+
+def _with_content(msg: Message, content: RecordDict) -> Message:
+    """A new Message with ``msg``'s metadata (sender, reply-to, round...) and ``content``."""
+    # flwr's typed overloads leave out the metadata= keyword its __init__ takes (for internal
+    # use): the one way to keep a message's metadata while replacing its content.
+    return Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
 
 
 # -------------------------------------------------------------- client mod --
@@ -292,7 +279,7 @@ def compress_mod(
         encoder = _load_encoder(ctxt, spec_text, error_feedback, momentum, encoder_options)
         payload_seed = None
         if seed is not None:
-            payload_seed = derive_seed(seed, int(ctxt.node_id), encoder.rounds)
+            payload_seed = derive_seed(seed, PURPOSE_PAYLOAD, int(ctxt.node_id), encoder.rounds)
         payload = encoder.encode(update, seed=payload_seed, rotation_seed=_round_rotation_seed(msg) if shared else None)
         _save_encoder(ctxt, encoder)
         reply.content[record_name] = pack(payload)
@@ -328,10 +315,11 @@ def _load_encoder(
     if isinstance(info, ConfigRecord) and info.get("spec") == spec:
         residuals = ctxt.state.get(_STATE_RESIDUALS)
         velocities = ctxt.state.get(_STATE_RESIDUALS + ".velocity")
+        rounds = info.get("rounds", 0)
         encoder.load_state_dict(
             {
                 "spec": spec,
-                "rounds": int(info.get("rounds", 0)),
+                "rounds": rounds if isinstance(rounds, int) else 0,
                 "residuals": arrays_to_numpy(residuals) if isinstance(residuals, ArrayRecord) else {},
                 "velocities": arrays_to_numpy(velocities) if isinstance(velocities, ArrayRecord) else {},
             }
@@ -410,9 +398,7 @@ class FedPress(Strategy):
     ) -> Iterable[Message]:
         # One rotation seed per round: nodes coding edenB:shared all rotate with it, and the
         # FedAvg fast path sums their payloads in the rotated domain (one inverse transform).
-        config[ROTATION_SEED_KEY] = int(
-            np.random.SeedSequence([self._seed_base, server_round]).generate_state(1, np.uint64)[0] >> np.uint64(1)
-        )  # fits sint64
+        config[ROTATION_SEED_KEY] = derive_seed(self._seed_base, PURPOSE_ROTATION, server_round) >> 1  # fits sint64
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         row = self._row(server_round)
         self._bases = {}
@@ -523,7 +509,7 @@ class FedPress(Strategy):
             content = RecordDict({key: value for key, value in msg.content.items() if key != RECORD_NAME})
             content[name] = numpy_to_arrays(full)
             row["replies"] += 1
-            kept.append(Message(content=content, metadata=msg.metadata))
+            kept.append(_with_content(msg, content))
         row["path"] = "generic"
         self._log_row(row)
         return self.inner.aggregate_train(server_round, kept)
@@ -553,7 +539,7 @@ class FedPress(Strategy):
                 return None  # let FedAvg's own consistency checks report it
             weights.append(float(value))
         base = self._bases[unpacked[0][0].metadata.src_node_id]
-        agg = Aggregator(limits=self.limits, table=_update_table(base))
+        agg = Aggregator(limits=self.limits, table=update_table(base))
         used = []
         for (msg, _name, payload), w in zip(unpacked, weights):
             try:
@@ -568,8 +554,8 @@ class FedPress(Strategy):
         if not used or agg.total_weight <= 0:
             return None, None
         full = _add(base, agg.result(copy=False))
-        metrics = inner.train_metrics_aggr_fn([m.content for m in used], key)
-        return numpy_to_arrays(full), metrics
+        aggregated = inner.train_metrics_aggr_fn([m.content for m in used], key)
+        return numpy_to_arrays(full), aggregated
 
     # -- bookkeeping ----------------------------------------------------------
     def _row(self, server_round: int) -> dict[str, Any]:

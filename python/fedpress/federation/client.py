@@ -37,12 +37,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .._seeds import derive_seed
+from .._seeds import PURPOSE_PAYLOAD, derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
 from ..format import decode
 from . import protocol as P
-from .model import align_update, apply_delta, as_params, canonical, model_tag
+from .model import align_update, apply_downlink_delta, as_params, canonical, model_tag
 from .transport import BodyDeadline, Connection, open_connection
 
 __all__ = ["Client", "parse_address"]
@@ -412,7 +412,7 @@ class Client:
             raise ValueError("out of sync: the delta applies to a model this client does not hold")
         params = self.model
         for payload in task.payloads:
-            params = apply_delta(params, decode(payload, table=params))
+            params = apply_downlink_delta(params, decode(payload, table=params))
         return params
 
     async def _on_task(self, conn: Connection, task: P.Task) -> None:
@@ -447,7 +447,7 @@ class Client:
             # edenB:shared rotates with the round's common seed (the server sums in the rotated domain).
             shared = encoder.codec.spec.eden_mode == "shared"
             rotation_seed = task.config.get("rotation_seed") if shared else None
-            payload_seed = None if self.seed is None else derive_seed(self.seed, self.client_id, r)
+            payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
             payload = await asyncio.to_thread(
                 functools.partial(encoder.encode, aligned, seed=payload_seed, rotation_seed=rotation_seed, round=r)
             )

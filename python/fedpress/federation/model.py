@@ -1,21 +1,30 @@
 """Model arithmetic shared by server and client: updates, downlink deltas,
 checkpoints.
 
-Update semantics (what ``train_fn`` returns and the server applies):
+Update semantics (what ``train_fn`` returns and the server applies), the
+arithmetic of ``fedpress._update_math`` that the torch adapter and the Flower
+integration share:
 
-* float tensors carry a delta: ``new global = global + server_lr * weighted mean``;
-* integer tensors carry a delta too (e.g. a BatchNorm step counter): ``global +
-  the weighted mean rounded to an integer`` (no server_lr);
+* float tensors carry a delta (float32; float64 for float64 tensors): ``new
+  global = global + server_lr * weighted mean``;
+* integer tensors carry an int64 delta too (e.g. a BatchNorm step counter):
+  ``global + the weighted mean rounded to an integer`` (no server_lr), clamped to
+  the tensor's range, never wrapped around;
 * bool tensors carry the client's new value: the weighted majority wins.
 
-A tensor missing from an update means "unchanged" (a zero delta, or the held
-value for bools); a tensor the model does not have is an error.
+An update travels in those dtypes (``update_table``), whatever the model's own
+(a uint8 buffer's update is int64, a float16 tensor's float32). A tensor missing
+from an update means "unchanged" (a zero delta, or the held value for bools); a
+tensor the model does not have is an error.
 
 Downlink: the model the clients train on is the server's *replica*. Without a
 downlink codec the replica is the global model and travels as one fp32
 payload. With a downlink codec, each new global model becomes a compressed
 delta ``C(global - replica)`` that is applied to the replica (what is not sent
-stays in the difference and goes out later: error feedback on the server).
+stays in the difference and goes out later: error feedback on the server);
+integer and bool tensors, which the codec sends losslessly, travel as their
+values and replace the replica's (``make_downlink_delta``,
+``apply_downlink_delta``).
 Clients that hold the previous replica receive the chain of deltas since the
 one they hold; the others receive the replica in full. Delta application is
 float32 arithmetic on both sides, so client and server replicas stay
@@ -54,12 +63,14 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
-from .._seeds import derive_seed
-from ..codec import Codec, _to_numpy
+from .._arrays import to_numpy
+from .._seeds import PURPOSE_DOWNLINK, derive_seed
+from .._update_math import add, delta_dtype, subtract, to_dtype, unchanged, update_table
+from ..codec import Codec
 from ..format import decode
 from .protocol import TAG_BYTES, new_tag
 
@@ -69,10 +80,11 @@ __all__ = [
     "canonical",
     "encode_full",
     "decode_params",
-    "make_delta",
-    "apply_delta",
+    "make_downlink_delta",
+    "apply_downlink_delta",
     "apply_update",
     "align_update",
+    "update_table",
     "zero_reference",
     "Downlink",
     "ClientDownlink",
@@ -100,7 +112,7 @@ def as_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in params.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {type(name).__name__}")
-        arr, _ = _to_numpy(name, value)
+        arr, _ = to_numpy(name, value)
         out[name] = np.array(arr, copy=True, order="C")
     return out
 
@@ -124,20 +136,18 @@ def decode_params(payload: Any) -> dict[str, np.ndarray]:
     return decode(payload)
 
 
-def make_delta(target: Mapping[str, np.ndarray], replica: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """float32 differences for float tensors, the target values for the others."""
-    out = {}
-    for k, t in target.items():
-        if t.dtype.kind == "f":
-            out[k] = t.astype(np.float32) - replica[k].astype(np.float32)
-        else:
-            out[k] = t
-    return out
+def make_downlink_delta(target: Mapping[str, np.ndarray], replica: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What brings the clients' ``replica`` to ``target``: the float differences
+    (``target - replica``) for float tensors, the target values for the others."""
+    return {k: subtract(t, replica[k]) if t.dtype.kind == "f" else t for k, t in target.items()}
 
 
-def apply_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One downlink delta applied (new arrays; ``model`` is left as it was).
-    Raises ValueError when the delta does not fit the model."""
+def apply_downlink_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One downlink delta (``make_downlink_delta``, decoded) applied to the replica a
+    client holds: new arrays, ``model`` is left as it was. Float tensors are updated in
+    float32, so float64 tensors stay at the float32 precision of the replica
+    (``canonical``) and client and server replicas stay bit-identical; the others take
+    the delta's values. Raises ValueError when the delta does not fit the model."""
     if list(delta) != list(model):
         raise ValueError("downlink delta does not list the model's tensors")
     out = {}
@@ -146,7 +156,7 @@ def apply_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
         if d.shape != m.shape:
             raise ValueError(f"downlink delta for {k!r} has shape {d.shape}, the model {m.shape}")
         if m.dtype.kind == "f":
-            out[k] = (m.astype(np.float32) + d.astype(np.float32)).astype(m.dtype)
+            out[k] = to_dtype(add(m.astype(np.float32, copy=False), d), m.dtype)
         else:
             out[k] = d.astype(m.dtype)
     return out
@@ -156,23 +166,14 @@ def apply_update(
     params: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], server_lr: float
 ) -> dict[str, np.ndarray]:
     """The next global model from the weighted mean update (see the module doc)."""
-    out = {}
-    for k, g in params.items():
-        m = mean[k]
-        if g.dtype.kind == "f":
-            work = np.float64 if g.dtype == np.float64 else np.float32
-            out[k] = (g.astype(work) + work(server_lr) * m.astype(work)).astype(g.dtype)
-        elif g.dtype.kind == "b":
-            out[k] = m.astype(bool)
-        else:
-            out[k] = g + m.astype(g.dtype)
-    return out
+    return {k: add(g, mean[k], server_lr) for k, g in params.items()}
 
 
 def align_update(update: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An update in the model's tensor order, shapes and dtypes. Missing
-    tensors are unchanged (zero delta / held bool); unknown names or wrong
-    shapes raise ValueError."""
+    """An update in the model's tensor order and shapes, in the update's dtypes
+    (``update_table``: float32 or float64, int64 rounded from floats, bool). Missing
+    tensors are unchanged (zero delta / held bool); unknown names or wrong shapes raise
+    ValueError."""
     if not isinstance(update, Mapping):
         raise TypeError(f"train_fn must return a mapping of names to tensors, got {type(update).__name__}")
     unknown = [k for k in update if k not in model]
@@ -181,16 +182,12 @@ def align_update(update: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> 
     out = {}
     for k, ref in model.items():
         if k not in update:
-            out[k] = ref.copy() if ref.dtype.kind == "b" else np.zeros(ref.shape, ref.dtype)
+            out[k] = unchanged(ref)
             continue
-        arr, _ = _to_numpy(k, update[k])
+        arr, _ = to_numpy(k, update[k])
         if arr.shape != ref.shape:
             raise ValueError(f"update for {k!r} has shape {arr.shape}, the model {ref.shape}")
-        if arr.dtype != ref.dtype:
-            if ref.dtype.kind in "iu" and arr.dtype.kind == "f":
-                arr = np.rint(arr)
-            arr = arr.astype(ref.dtype)
-        out[k] = arr
+        out[k] = to_dtype(arr, delta_dtype(ref.dtype))
     return out
 
 
@@ -264,9 +261,9 @@ class ServerOptimizer:
 
 
 def zero_reference(params: Mapping[str, np.ndarray]) -> bytes:
-    """A payload of zeros with the model's tensor table: added to an
-    Aggregator with weight 0, it makes every payload with another table fail."""
-    return _FULL.encode({k: np.zeros(v.shape, v.dtype) for k, v in params.items()}, seed=0)
+    """A payload of zeros with the tensor table of the model's updates (``update_table``):
+    added to an Aggregator with weight 0, it makes every payload with another table fail."""
+    return _FULL.encode({name: np.zeros(shape, dtype) for name, dtype, shape in update_table(params)}, seed=0)
 
 
 class Downlink:
@@ -299,9 +296,9 @@ class Downlink:
             self.replica = canonical(params)
             return
         self.version += 1
-        seed = None if self.seed is None else derive_seed(self.seed, "downlink", self.version)
-        payload = self.codec.encode(make_delta(params, self.replica), seed=seed)
-        self.replica = apply_delta(self.replica, decode(payload))
+        seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_DOWNLINK, self.version)
+        payload = self.codec.encode(make_downlink_delta(params, self.replica), seed=seed)
+        self.replica = apply_downlink_delta(self.replica, decode(payload))
         self.chain.append((old, self.tag, payload))
         del self.chain[: max(0, len(self.chain) - self.history)]
 
@@ -415,15 +412,15 @@ class ClientDownlink:
         """(kind, base tag, tag the client will hold, payloads) of the TASK for ``client_id``;
         the model it will hold is remembered under that tag."""
         base_model = self.held_model(client_id, held) if deltas_ok else None
-        if base_model is None:
+        if base_model is None or held is None:  # (a held model has a tag)
             kind, base, tag, payloads, model = "full", bytes(TAG_BYTES), self.tag, [self.full()], self.params
         elif held == self.tag:
             kind, base, tag, payloads, model = "delta", held, held, [], base_model
         else:
-            seed = None if self.seed is None else derive_seed(self.seed, "downlink", client_id, self.version)
-            payload = self.codec.encode(make_delta(self.params, base_model), seed=seed)
+            seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_DOWNLINK, client_id, self.version)
+            payload = self.codec.encode(make_downlink_delta(self.params, base_model), seed=seed)
             kind, base, tag, payloads = "delta", held, new_tag(), [payload]
-            model = apply_delta(base_model, decode(payload))
+            model = apply_downlink_delta(base_model, decode(payload))
         entries = self.models.pop(client_id, {})
         if held is not None and held in entries:
             entries = {held: entries[held]}
@@ -551,14 +548,16 @@ def save_checkpoint(
     round: int,
     params: Mapping[str, np.ndarray],
     meta: Mapping[str, Any],
-    downlink: Optional[Downlink],
+    downlink: Optional[Union[Downlink, ClientDownlink]],
     momentum: Optional[Mapping[str, np.ndarray]] = None,
 ) -> Path:
     """checkpoint-<round>.npz (global model, replica, delta chain) and then
     checkpoint.json naming it, each written atomically; older npz files go."""
     out_dir = Path(out_dir)
     names = list(params)
-    arrays = {f"g{i}": v for i, v in enumerate(params.values())}
+    # Any, not ndarray: np.savez's stub would read **arrays as possibly its allow_pickle flag
+    # (the keys are g<i>, m<i> and the downlink's, never that).
+    arrays: dict[str, Any] = {f"g{i}": v for i, v in enumerate(params.values())}
     info = dict(meta)
     info.update(
         format="fedpress-checkpoint-v1", round=int(round), names=names, dtypes=[v.dtype.name for v in params.values()]

@@ -34,13 +34,15 @@ import os
 import secrets
 import ssl as _ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import numpy as np
 
+from .._seeds import PURPOSE_ROTATION, PURPOSE_SAMPLING, derive_seed
+from .._update_math import scale, unchanged, update_table
 from ..aggregate import Aggregator
 from ..codec import parse_spec
 from ..format import DecodeError, decode
@@ -64,7 +66,9 @@ from .model import (
 )
 from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish, peek
 
-__all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config"]
+__all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config", "sample_clients"]
+
+_Id = TypeVar("_Id")  # a client id (the sweep samples indices too)
 
 log = logging.getLogger("fedpress.federation.server")
 
@@ -443,7 +447,7 @@ class Server:
         await self.start()
         graceful = False
         try:
-            setup: Optional[dict[str, Any]] = {
+            setup_row: dict[str, Any] = {
                 "round": 0,
                 "phase": "setup",
                 "status": "ok",
@@ -462,7 +466,8 @@ class Server:
                 await self._shutdown(graceful=True)
                 graceful = True
                 return self.history
-            setup.update(await self._evaluate(self.params))
+            setup_row.update(await self._evaluate(self.params))
+            setup: Optional[dict[str, Any]] = setup_row  # until the first round starts
             for r in range(self._start_round + 1, self.rounds + 1):
                 await self._wait_for_clients(r)
                 if setup is not None:  # the first round starts: the setup row is complete
@@ -700,9 +705,9 @@ class Server:
             if account.state == "pending":  # cancelled in its handshake (shutdown)
                 account.reject()
                 self.rejected_connections += 1
-            conn = holder.get("conn")
-            if conn is not None:
-                conn.abort()
+            opened = holder.get("conn")
+            if opened is not None:
+                opened.abort()
             else:
                 counting.abort()
             if peer is not None:
@@ -903,9 +908,7 @@ class Server:
         dl = self._downlink_state
         await asyncio.to_thread(dl.full)  # model-sized work stays off the event loop
         idle = self._idle()
-        rng = np.random.default_rng([self.seed, r])
-        k = min(self.clients_per_round, len(idle))
-        sampled = [idle[i] for i in sorted(rng.choice(len(idle), size=k, replace=False))]
+        sampled = sample_clients(self.seed, r, idle, self.clients_per_round)
         config = self._config(r)
         outcomes: dict[str, dict[str, Any]] = {}
         waiters: dict[asyncio.Future, str] = {}
@@ -950,9 +953,9 @@ class Server:
                 cid = waiters[fut]
                 outcomes[cid].update(status="failed", reason=f"timed out after {self.round_timeout} s")
                 fut.cancel()
-                peer = self._peers.get(cid)
-                if peer is not None and peer.waiter is fut:
-                    peer.waiter = None  # still busy until its late update arrives
+                waiting = self._peers.get(cid)
+                if waiting is not None and waiting.waiter is fut:
+                    waiting.waiter = None  # still busy until its late update arrives
             for s in sends:
                 if not s.done():
                     s.cancel()
@@ -1011,25 +1014,26 @@ class Server:
             # The aggregator divided by sum(w * f); FedAvg with clipping divides by sum(w).
             scaled, total = sum(h.weight * h.factor for h in held), sum(h.weight for h in held)
             if scaled <= 0:
-                return {k: np.zeros(v.shape, np.float32) for k, v in self.params.items()}
-            return {k: v * np.asarray(scaled / total, v.dtype) for k, v in mean.items()}
+                return {k: unchanged(v) for k, v in self.params.items()}
+            return {k: scale(v, scaled / total) for k, v in mean.items()}
         held = sorted(held, key=lambda h: h.client)  # the same sums whatever the order of arrival
         if self.aggregation.holds_updates:
-            return robust_combine(self.aggregation, [h.update for h in held])
+            # _hold decoded every one of them (holds_updates).
+            return robust_combine(self.aggregation, [h.update for h in held if h.update is not None])
         weights = [h.weight for h in held]
         if self.max_share is not None:
             weights = cap_shares(weights, self.max_share)
-        mean = Aggregator()
-        mean.add(self._reference, 0.0)
+        capped = Aggregator()
+        capped.add(self._reference, 0.0)
         scaled = 0.0
         for h, w in zip(held, weights):
-            mean.add(h.payload, w * h.factor)
+            capped.add(h.payload, w * h.factor)
             scaled += w * h.factor
         if scaled <= 0:  # every update clipped to nothing (non-finite norms): no change
-            return {k: np.zeros(v.shape, np.float32) for k, v in self.params.items()}
+            return {k: unchanged(v) for k, v in self.params.items()}
         # The aggregator divides by sum(w * f); FedAvg with clipping divides by sum(w).
         ratio = scaled / sum(weights)
-        return {k: v * np.asarray(ratio, v.dtype) for k, v in mean.result(copy=False).items()}
+        return {k: scale(v, ratio) for k, v in capped.result(copy=False).items()}
 
     def _step(self, aggregator: Aggregator, held: list[_Held], r: int) -> Optional[dict[str, np.ndarray]]:
         """The next global model, and the downlink replica that follows it (worker
@@ -1096,7 +1100,7 @@ class Server:
     def _decode_clipped(self, payload: Any, outcome: dict[str, Any]) -> tuple[dict[str, np.ndarray], float]:
         """One update decoded against the model, and its clip factor (1.0 when not
         clipped); an update made for another model raises DecodeError."""
-        update = decode(payload, table=self.params)
+        update = decode(payload, table=update_table(self.params))
         if list(update) != list(self.params) or any(update[k].shape != v.shape for k, v in self.params.items()):
             raise DecodeError("the update's tensors are not the model's")
         factor = 1.0 if self.clip_norm is None else clip_factor(update, self.clip_norm)
@@ -1192,12 +1196,20 @@ def round_config(
     """The config a round's TASKs carry (the in-process sweep sends the same bytes)."""
     # One rotation seed per round: clients coding edenB:shared all rotate with it, so the
     # aggregator sums them in the rotated domain and inverts once.
-    rotation_seed = int(np.random.SeedSequence([seed, r, 0x0E0E]).generate_state(1, np.uint64)[0])
+    rotation_seed = derive_seed(seed, PURPOSE_ROTATION, r)
     config: dict[str, Any] = {"round": r, "rounds": rounds, "codec": codec, "rotation_seed": rotation_seed}
     extra = fit_config(r) if callable(fit_config) else fit_config
     if extra:
         config.update(dict(extra))
     return config
+
+
+def sample_clients(seed: int, r: int, idle: Sequence[_Id], k: int) -> list[_Id]:
+    """The clients round ``r`` samples: ``k`` of ``idle`` (all of them when fewer), in
+    their order there (the in-process sweep samples with this function too)."""
+    rng = np.random.default_rng(derive_seed(seed, PURPOSE_SAMPLING, r))
+    k = min(k, len(idle))
+    return [idle[i] for i in sorted(rng.choice(len(idle), size=k, replace=False))]
 
 
 def _add_update(aggregator: Aggregator, payload: Any, weight: float) -> None:

@@ -23,18 +23,27 @@ models can differ in the last bit, which the rounding keeps out of the bytes.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import ModuleType
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .._seeds import derive_seed
+from .._seeds import PURPOSE_PAYLOAD, derive_seed
+from .._update_math import update_table
 from ..aggregate import Aggregator
 from ..encoder import Encoder
 from ..federation import protocol as P
-from ..federation.model import ServerOptimizer, align_update, apply_delta, canonical, make_downlink, zero_reference
-from ..federation.server import round_config
+from ..federation.model import (
+    ServerOptimizer,
+    align_update,
+    apply_downlink_delta,
+    canonical,
+    make_downlink,
+    zero_reference,
+)
+from ..federation.server import round_config, sample_clients
 from ..format import decode
 from ..train.loops import evaluate, param_delta, round_seed, train_local
 from ..train.models import get_params, set_params
@@ -106,13 +115,6 @@ def client_ids(n: int) -> list[str]:
     return [f"client-{i:04d}" for i in range(n)]
 
 
-def sample_clients(seed: int, r: int, idle: Sequence[str], k: int) -> list[str]:
-    """The clients of round ``r``: exactly as ``fedpress.federation.Server`` samples."""
-    rng = np.random.default_rng([seed, r])
-    k = min(k, len(idle))
-    return [idle[i] for i in sorted(rng.choice(len(idle), size=k, replace=False))]
-
-
 def frame_bytes(ftype: int, parts: list) -> int:
     """Bytes of one federation frame sent after the handshake, on the wire: header,
     body and the tag that seals it (no TLS)."""
@@ -159,12 +161,21 @@ def _receive(model: Mapping[str, np.ndarray], kind: str, payloads: list) -> dict
     if kind == "full":
         return decode(payloads[0])
     for payload in payloads:
-        model = apply_delta(model, decode(payload))
+        model = apply_downlink_delta(model, decode(payload))
     return dict(model)
 
 
 def _client_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
+
+
+def _optional_torch() -> Optional[ModuleType]:
+    """torch, or None where it is not installed: a numpy task (digits) runs without it."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def simulate(
@@ -178,11 +189,7 @@ def simulate(
     """Runs one (cell, seed) and returns its rows: round 0 (the initial model) and one per
     round, with the bytes each direction carried and, on evaluated rounds, the test
     accuracy and loss of the server's global model."""
-    try:
-        import torch
-    except ImportError:  # a numpy task (digits) runs without it
-        torch = None
-
+    torch = _optional_torch()
     cell = parse_cell(cell) if isinstance(cell, str) else cell
     s = settings
     started = time.perf_counter()
@@ -241,7 +248,7 @@ def simulate(
         for r in range(1, s.rounds + 1):
             config = round_config(seed, r, s.rounds, cell.spec)
             sampled = sample_clients(seed, r, ids, s.per_round)
-            aggregator = Aggregator(**({"table": params} if cell.table == "digest" else {}))
+            aggregator = Aggregator(table=update_table(params) if cell.table == "digest" else None)
             aggregator.add(reference, 0.0)
             up = down = up_payload = down_payload = full = 0
             for cid in sampled:
@@ -255,7 +262,7 @@ def simulate(
                 update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
                 payload = encoders[cid].encode(
                     align_update(update, model),
-                    seed=derive_seed(seed, cid, r),
+                    seed=derive_seed(seed, PURPOSE_PAYLOAD, cid, r),
                     round=r,
                     rotation_seed=config["rotation_seed"] if shared_rotation else None,
                 )

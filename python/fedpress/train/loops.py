@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from .._seeds import PURPOSE_SHUFFLE, derive_seed
+from .._update_math import subtract
 from ._deps import require_torch
 from .datasets import Dataset
 from .mlp import MLP
@@ -142,17 +144,14 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512) ->
 def round_seed(seed: int, round_number: int) -> int:
     """A seed mixing a base seed and a round number (a 63-bit integer), so each round
     of a client shuffles differently but reproducibly."""
-    ss = np.random.SeedSequence([int(seed) & ((1 << 64) - 1), int(round_number) & ((1 << 64) - 1)])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return derive_seed(seed, PURPOSE_SHUFFLE, round_number) >> 1
 
 
 def param_delta(new: np.ndarray, old: Any) -> np.ndarray:
-    """One tensor's update, ``new - old``: in ``new``'s float dtype, or the integer difference
-    (``old`` rounded) for integer tensors."""
-    old_arr = np.asarray(old)
-    if np.issubdtype(new.dtype, np.floating):
-        return new - old_arr.astype(new.dtype, copy=False)
-    return (new.astype(np.int64) - np.rint(old_arr).astype(np.int64)).astype(new.dtype)
+    """One tensor's update, ``new - old``: the float32 difference (float64 for float64
+    tensors), the int64 difference for integer tensors (``old`` rounded; a decrease of a
+    uint8 buffer is negative, never wrapped around), the new values for bool tensors."""
+    return subtract(new, old)
 
 
 def _build_model(task: Any, seed: int) -> torch.nn.Module:
@@ -184,7 +183,7 @@ def make_train_fn(
 
     Loads ``global_params`` into a model built once (and kept), trains it with
     train_local on ``dataset`` and returns ``update`` = local params − global params
-    (float32 for floating tensors, the integer difference for integer tensors),
+    (``param_delta``: float32 for floating tensors, int64 for integer tensors),
     ``num_examples`` = len(dataset) and ``metrics`` (``train_loss``, its alias
     ``loss``, ``num_examples``, ``epochs``, ``lr``, ``steps``, ``seed``), all plain
     Python numbers.
@@ -195,7 +194,8 @@ def make_train_fn(
     """
     model = _build_model(task, seed)
     lock = threading.Lock()
-    defaults = {
+    # Each value is cast to its own type below (int or float): Any, not their join (float).
+    defaults: dict[str, Any] = {
         "epochs": int(epochs),
         "lr": float(lr),
         "batch_size": int(batch_size),
