@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "accumulate.hpp"
+#include "assemble.hpp"
 #include "checksum.hpp"
 #include "convert.hpp"
 #include "eden.hpp"
@@ -208,7 +209,8 @@ void register_quantize(py::module_& m) {
       "Bucketed max-abs quantization: (packed uint8[ceil(n*bits/8)], scales float32[ceil(n/bucket)]).");
   m.def(
       "dequantize",
-      [](const py::handle& p_obj, const py::handle& s_obj, int bits, long long n_arg, long long bucket) {
+      [](const py::handle& p_obj, const py::handle& s_obj, int bits, long long n_arg, long long bucket,
+         const py::handle& acc_obj, double weight) {
         py::array packed = checked<std::uint8_t>(p_obj, "packed");
         py::array scales = checked<float>(s_obj, "scales");
         if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
@@ -224,15 +226,25 @@ void register_quantize(py::module_& m) {
           throw py::value_error("scales has " + std::to_string(len(scales)) + " entries, expected " +
                                 std::to_string(fedpress::bucket_count(n, b)) + " for n = " + std::to_string(n) +
                                 " and bucket = " + std::to_string(b));
-        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        const bool accumulate = !acc_obj.is_none();
+        py::array out;
+        if (accumulate) {
+          out = checked<float>(acc_obj, "acc", Access::write);
+          if (len(out) != n)
+            throw py::value_error("acc has " + std::to_string(len(out)) + " elements, expected n = " + std::to_string(n));
+        } else {
+          out = py::array_t<float>(static_cast<py::ssize_t>(n));
+        }
         {
-          float* o = out.mutable_data();
+          float* o = static_cast<float*>(out.mutable_data());
           py::gil_scoped_release release;
-          fedpress::dequantize(cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, o);
+          fedpress::dequantize(cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, o, accumulate,
+                               static_cast<float>(weight));
         }
         return out;
       },
-      "packed"_a, "scales"_a, "bits"_a, "n"_a, "bucket"_a, "Inverse of quantize: float32[n].");
+      "packed"_a, "scales"_a, "bits"_a, "n"_a, "bucket"_a, "acc"_a = py::none(), "weight"_a = 1.0,
+      "Inverse of quantize: float32[n]; with acc, acc += weight * that, in place, and acc is returned.");
 }
 
 void register_indexcode(py::module_& m) {
@@ -558,41 +570,75 @@ void register_eden(py::module_& m) {
          std::uint64_t quant_seed) {
         py::array x = checked<float>(x_obj, "x");
         const std::size_t n = len(x), block = rotate_block(block_arg);
-        return eden_quantized(n, block, eden_bits(bits), [&](std::size_t, std::uint8_t* p, float* s, auto& idx, auto& val) {
-          fedpress::eden_encode(cptr<float>(x), n, block, bits, rounding(stochastic), eden_scale(mse), seed, quant_seed, p,
-                                s, idx, val);
-        });
+        eden_bits(bits);
+        py::array_t<std::uint8_t> packed(static_cast<py::ssize_t>(fedpress::eden_layout_code_bytes(n, block, bits)));
+        py::array_t<float> scales(static_cast<py::ssize_t>(fedpress::eden_layout_scales(n, block)));
+        std::vector<std::uint32_t> idx;
+        std::vector<float> val;
+        {
+          std::uint8_t* p = packed.mutable_data();
+          float* s = scales.mutable_data();
+          py::gil_scoped_release release;  // raw buffers kept alive by the arrays
+          fedpress::eden_encode(cptr<float>(x), n, block, bits, rounding(stochastic), eden_scale(mse), seed,
+                                quant_seed, p, s, idx, val);
+        }
+        return py::make_tuple(packed, scales, to_numpy(std::move(idx)), to_numpy(std::move(val)));
       },
       "x"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "mse"_a, "quant_seed"_a,
-      "rht(x, seed, block) then eden_quantize(..., quant_seed), fused.");
+      "EDEN in the wire layout (segments rotated twice, docs/format.md): "
+      "(packed uint8, scales float32, outlier_idx uint32, outlier_val float32).");
   m.def(
       "eden_decode",
       [](const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits, std::uint64_t seed,
-         long long block_arg, bool stochastic, const py::handle& i_obj, const py::handle& v_obj) {
+         long long block_arg, bool stochastic, const py::handle& i_obj, const py::handle& v_obj,
+         const py::handle& acc_obj, double weight) {
         const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
-        const EdenCodes c = eden_codes(p_obj, s_obj, n, eden_bits(bits), block);
+        eden_bits(bits);
+        // Sections are views of a payload at any offset: the codes are bytes and
+        // the scales are read where they lie.
+        py::array packed = checked<std::uint8_t>(p_obj, "packed");
+        py::array scales = checked<float>(s_obj, "scales");
+        const std::string at = "for n = " + std::to_string(n) + ", block = " + std::to_string(block);
+        expect_length(packed, fedpress::eden_layout_code_bytes(n, block, bits), "packed",
+                      at + " at " + std::to_string(bits) + " bits");
+        expect_length(scales, fedpress::eden_layout_scales(n, block), "scales", at);
         py::array idx = checked<std::uint32_t>(i_obj, "outlier_idx");
         py::array val = checked<float>(v_obj, "outlier_val");
         expect_length(val, len(idx), "outlier_val", "(one per outlier_idx)");
-        const std::uint32_t* ip = cptr<std::uint32_t>(idx);
-        for (std::size_t j = 0; j < len(idx); ++j)
-          if (ip[j] >= c.m || (j > 0 && ip[j] <= ip[j - 1]))
-            throw py::value_error("outlier_idx must be strictly ascending and below " + std::to_string(c.m) +
-                                  ": entry " + std::to_string(j) + " is " + std::to_string(ip[j]));
-        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        const bool accumulate = !acc_obj.is_none();
+        py::array out;
+        if (accumulate) {
+          out = checked<float>(acc_obj, "acc", Access::write);
+          expect_length(out, n, "acc", "(n)");
+        } else {
+          out = py::array_t<float>(static_cast<py::ssize_t>(n));
+        }
         {
-          float* o = out.mutable_data();
+          float* o = static_cast<float*>(out.mutable_data());
           py::gil_scoped_release release;  // raw buffers kept alive by the arrays
-          fedpress::eden_decode(cptr<std::uint8_t>(c.packed), cptr<float>(c.scales), n, block, bits,
-                                rounding(stochastic), seed, ip, cptr<float>(val), len(idx), o);
+          fedpress::eden_decode(cptr<std::uint8_t>(packed), cptr<float>(scales), n, block, bits,
+                                rounding(stochastic), seed, cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), o,
+                                accumulate, static_cast<float>(weight));
         }
         return out;
       },
       "packed"_a, "scales"_a, "n"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "outlier_idx"_a, "outlier_val"_a,
-      "eden_dequantize, outliers put in place, irht: float32[n], fused.");
+      "acc"_a = py::none(), "weight"_a = 1.0,
+      "Inverse of eden_encode: float32[n]; with acc, acc += weight * that, in place, and acc is returned.");
+  m.def(
+      "eden_unrotate",
+      [](const py::handle& y_obj, long long block_arg, std::uint64_t seed) {
+        py::array y = checked<float>(y_obj, "y", Access::write);
+        const std::size_t block = rotate_block(block_arg);
+        float* p = static_cast<float*>(y.mutable_data());
+        const std::size_t n = len(y);
+        py::gil_scoped_release release;
+        fedpress::eden_unrotate(p, n, block, seed);
+      },
+      "y"_a, "block"_a, "seed"_a, "Undoes eden_encode's rotation of y, in place.");
 }
 
-py::array_t<std::uint16_t> narrow(const py::handle& obj, void (*kernel)(const float*, std::size_t, std::uint16_t*)) {
+py::array_t<std::uint16_t> narrow(const py::handle& obj, void (*kernel)(const float*, std::size_t, void*)) {
   py::array in = checked<float>(obj, "x");
   const std::size_t n = len(in);
   py::array_t<std::uint16_t> out(static_cast<py::ssize_t>(n));
@@ -623,6 +669,88 @@ void register_convert(py::module_& m) {
         "x"_a, "float32 -> bfloat16 bit patterns (uint16), round to nearest even, saturating.");
   m.def("from_bfloat16", [](const py::handle& h) { return widen(h, fedpress::bfloat16_to_float); },
         "h"_a, "bfloat16 bit patterns (uint16) -> float32.");
+}
+
+// The bytes of a contiguous buffer (bytes, memoryview, numpy array), kept alive by the
+// caller's list while the kernels read them.
+struct ByteView {
+  const void* data;
+  std::size_t size;
+};
+
+ByteView byte_view(const py::handle& obj, std::size_t position) {
+  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
+  if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+    throw py::type_error("piece " + std::to_string(position) + " must be a contiguous bytes-like object");
+  return {info.ptr, static_cast<std::size_t>(info.size * info.itemsize)};
+}
+
+void register_assemble(py::module_& m) {
+  m.def(
+      "assemble",
+      [](const py::list& items, bool checksum) {
+        // Parsed under the GIL: each item is a buffer (copied) or a tuple naming the
+        // kernel that writes it, ("q", x, bits, bucket, seed), ("f16", x), ("bf16", x)
+        // or ("eden", x, bits, block, rotation_seed, quant_seed, mode).
+        std::vector<fedpress::Piece> pieces;
+        std::vector<py::object> keep;  // the float32 arrays the kernels read
+        pieces.reserve(items.size());
+        for (std::size_t i = 0; i < items.size(); ++i) {
+          py::handle item = items[i];
+          fedpress::Piece p;
+          if (!py::isinstance<py::tuple>(item)) {
+            const ByteView v = byte_view(item, i);
+            p.data = v.data;
+            p.n = v.size;
+            pieces.push_back(p);
+            continue;
+          }
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+          const std::string kind = t[0].cast<std::string>();
+          py::array x = checked<float>(t[1], "x");
+          p.data = x.data();
+          p.n = len(x);
+          keep.push_back(x);
+          if (kind == "q" && t.size() == 5) {
+            p.kind = fedpress::PieceKind::quantize;
+            p.bits = t[2].cast<int>();
+            p.block = t[3].cast<std::size_t>();
+            p.seed = t[4].cast<std::uint64_t>();
+          } else if (kind == "f16" && t.size() == 2) {
+            p.kind = fedpress::PieceKind::half;
+          } else if (kind == "bf16" && t.size() == 2) {
+            p.kind = fedpress::PieceKind::bfloat16;
+          } else if (kind == "eden" && t.size() == 7) {
+            p.kind = fedpress::PieceKind::eden;
+            p.bits = eden_bits(t[2].cast<int>());
+            p.block = rotate_block(t[3].cast<long long>());
+            p.seed = t[4].cast<std::uint64_t>();
+            p.quant_seed = t[5].cast<std::uint64_t>();
+            p.mode = t[6].cast<std::uint8_t>();
+          } else {
+            throw py::value_error("piece " + std::to_string(i) + ": unknown kernel piece " + py::repr(item).cast<std::string>());
+          }
+          pieces.push_back(p);
+        }
+        std::size_t total = checksum ? 4 : 0;
+        for (const fedpress::Piece& p : pieces) total += fedpress::piece_size(p);
+        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total));
+        if (raw == nullptr) throw py::error_already_set();
+        py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+        auto* o = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw));  // not yet seen by anyone
+        {
+          py::gil_scoped_release release;  // the kernels touch raw buffers kept alive above
+          const std::size_t body = fedpress::assemble(pieces, o);
+          if (checksum) {
+            const std::uint32_t crc = fedpress::crc32c(o, body);
+            std::memcpy(o + body, &crc, 4);  // little-endian hosts
+          }
+        }
+        return out;
+      },
+      "pieces"_a, "checksum"_a,
+      "The pieces written into one new bytes object, value sections by their kernels in place; "
+      "with checksum, the CRC-32C of everything before it appended (little-endian).");
 }
 
 void register_runtime(py::module_& m) {
@@ -664,5 +792,6 @@ PYBIND11_MODULE(_core, m) {
   register_convert(m);
   register_rotate(m);
   register_eden(m);
+  register_assemble(m);
   register_runtime(m);
 }

@@ -16,12 +16,12 @@ constexpr float kHalfMax = 65504.0f;
 // The compiler's _Float16 conversions are correctly rounded; the x86-64-v3/v4
 // clones turn them into vcvtps2ph / vcvtph2ps.
 FEDPRESS_CLONES
-void to_half_range(const float* x, std::size_t n, std::uint16_t* out) {
+void to_half_range(const float* x, std::size_t n, unsigned char* out) {
   for (std::size_t i = 0; i < n; ++i) {
     float v = x[i];
     v = v > kHalfMax ? kHalfMax : (v < -kHalfMax ? -kHalfMax : v);
     const _Float16 h = static_cast<_Float16>(v);
-    std::memcpy(out + i, &h, 2);
+    std::memcpy(out + 2 * i, &h, 2);
   }
 }
 
@@ -77,8 +77,11 @@ float one_from_half(std::uint16_t h) {
   return v;
 }
 
-void to_half_range(const float* x, std::size_t n, std::uint16_t* out) {
-  for (std::size_t i = 0; i < n; ++i) out[i] = one_to_half(x[i]);
+void to_half_range(const float* x, std::size_t n, unsigned char* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint16_t h = one_to_half(x[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
 }
 
 void from_half_range(const unsigned char* h, std::size_t n, float* out) {
@@ -93,7 +96,7 @@ void from_half_range(const unsigned char* h, std::size_t n, float* out) {
 // bfloat16 is the top half of a float32: round the dropped 16 bits to nearest
 // even, and saturate magnitudes that would round up to infinity.
 FEDPRESS_CLONES
-void to_bf16_range(const float* x, std::size_t n, std::uint16_t* out) {
+void to_bf16_range(const float* x, std::size_t n, unsigned char* out) {
   for (std::size_t i = 0; i < n; ++i) {
     std::uint32_t u;
     std::memcpy(&u, x + i, 4);
@@ -101,7 +104,8 @@ void to_bf16_range(const float* x, std::size_t n, std::uint16_t* out) {
     std::uint32_t mag = u & 0x7FFFFFFFu;
     mag = (mag + 0x7FFFu + ((mag >> 16) & 1u)) >> 16;
     mag = mag > 0x7F7Fu ? 0x7F7Fu : mag;
-    out[i] = static_cast<std::uint16_t>((sign >> 16) | mag);
+    const std::uint16_t h = static_cast<std::uint16_t>((sign >> 16) | mag);
+    std::memcpy(out + 2 * i, &h, 2);
   }
 }
 
@@ -128,8 +132,9 @@ void chunked(std::size_t n, Fn fn) {
 
 }  // namespace
 
-void float_to_half(const float* x, std::size_t n, std::uint16_t* out) {
-  chunked(n, [&](std::size_t begin, std::size_t count) { to_half_range(x + begin, count, out + begin); });
+void float_to_half(const float* x, std::size_t n, void* out) {
+  auto* bytes = static_cast<unsigned char*>(out);
+  chunked(n, [&](std::size_t begin, std::size_t count) { to_half_range(x + begin, count, bytes + 2 * begin); });
 }
 
 void half_to_float(const void* h, std::size_t n, float* out) {
@@ -137,8 +142,9 @@ void half_to_float(const void* h, std::size_t n, float* out) {
   chunked(n, [&](std::size_t begin, std::size_t count) { from_half_range(bytes + 2 * begin, count, out + begin); });
 }
 
-void float_to_bfloat16(const float* x, std::size_t n, std::uint16_t* out) {
-  chunked(n, [&](std::size_t begin, std::size_t count) { to_bf16_range(x + begin, count, out + begin); });
+void float_to_bfloat16(const float* x, std::size_t n, void* out) {
+  auto* bytes = static_cast<unsigned char*>(out);
+  chunked(n, [&](std::size_t begin, std::size_t count) { to_bf16_range(x + begin, count, bytes + 2 * begin); });
 }
 
 void bfloat16_to_float(const void* h, std::size_t n, float* out) {

@@ -8,12 +8,13 @@
 
 namespace fedpress {
 
-// The 16-bit inputs h (n native-endian bit patterns, 2n bytes) may sit at any
-// address: they usually are a section of a payload, at whatever offset it
-// lands. They are read with memcpy, never through a uint16_t pointer.
-void float_to_half(const float* x, std::size_t n, std::uint16_t* out);
+// The 16-bit values (n native-endian bit patterns, 2n bytes), read from h or
+// written to out, may sit at any address: they usually are a section of a
+// payload, at whatever offset it lands. They are read and written with memcpy,
+// never through a uint16_t pointer.
+void float_to_half(const float* x, std::size_t n, void* out);
 void half_to_float(const void* h, std::size_t n, float* out);
-void float_to_bfloat16(const float* x, std::size_t n, std::uint16_t* out);
+void float_to_bfloat16(const float* x, std::size_t n, void* out);
 void bfloat16_to_float(const void* h, std::size_t n, float* out);
 
 }  // namespace fedpress

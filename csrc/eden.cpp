@@ -873,6 +873,42 @@ void decode_all(const std::uint8_t* packed, const float* scales, const RhtLayout
   });
 }
 
+// The seeds of a segment's two rotation passes (docs/format.md, "EDEN sections").
+struct SegmentSeeds {
+  std::uint64_t first, second;
+};
+
+SegmentSeeds segment_seeds(std::uint64_t rotation_seed, std::size_t segment) {
+  return {stage_seed(rotation_seed, 2 * segment, kPurposeRotation),
+          stage_seed(rotation_seed, 2 * segment + 1, kPurposeRotation)};
+}
+
+// Undoes both passes over the range's blocks of a segment of `length`, in place
+// (w[0] is element r.begin of the segment): the second pass, then the first.
+void unrotate_range(float* w, std::size_t length, std::size_t block, const SegmentSeeds& seeds, const Range& r) {
+  fwht_signs_blocks_inplace(w, length, block, seeds.second, r.first_block, r.end_block);
+  fwht_signs_blocks_inplace(w, length, block, seeds.first, r.first_block, r.end_block);
+}
+
+// Runs fn(segment, its seeds, its plan, range) for every range of blocks of every
+// segment, a segment's ranges in parallel (the ranges depend on the sizes only).
+template <typename Fn>
+void for_each_range(const std::vector<EdenSegment>& segments, std::size_t block, std::uint64_t rotation_seed,
+                    Fn&& fn) {
+  for (std::size_t i = 0; i < segments.size(); ++i) {
+    const EdenSegment& g = segments[i];
+    const SegmentSeeds seeds = segment_seeds(rotation_seed, i);
+    const Plan p = make_plan(rht_layout(g.length, block));
+    parallel_for_sized(p.tasks(), p.m, [&](std::size_t task) { fn(g, seeds, p, p.range(task)); });
+  }
+}
+
+// acc[i] += weight * w[i]: a float product then a float sum, as numpy's two steps.
+FEDPRESS_CLONES
+void add_scaled(float* __restrict acc, const float* __restrict w, std::size_t len, float weight) {
+  for (std::size_t i = 0; i < len; ++i) acc[i] += weight * w[i];
+}
+
 }  // namespace
 
 bool valid_eden_bits(int bits) { return bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8; }
@@ -902,19 +938,6 @@ void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t blo
   quantize_all(p, a, outlier_idx, outlier_val, [&](const Range& r, Scratch&) { return y + r.begin; });
 }
 
-void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
-                 EdenScale scale, std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed,
-                 float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
-  check_bits(bits);
-  const Plan p = make_plan(rht_layout(n, block));
-  const QuantizeArgs a{bits, rounding, scale, stochastic_key(quant_seed), packed, scales};
-  quantize_all(p, a, outlier_idx, outlier_val, [&](const Range& r, Scratch& scratch) {
-    float* w = scratch.get(r.end - r.begin);
-    rht_forward_blocks(x, n, block, rotation_seed, r.first_block, r.end_block, w);
-    return static_cast<const float*>(w);
-  });
-}
-
 void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
                      std::size_t block, int bits, EdenRounding rounding, float* y_out) {
   const RhtLayout l = checked_layout(m, n, block, bits);
@@ -929,27 +952,99 @@ void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_
   decode_all(packed, scales, l, bits, rounding, true, weight, acc);
 }
 
+std::vector<EdenSegment> eden_segments(std::size_t n, std::size_t block, int bits) {
+  check_bits(bits);
+  rht_layout(n, block);  // checks the block
+  std::vector<EdenSegment> out;
+  EdenSegment next{0, 0, 0, 0};
+  auto add = [&](std::size_t length) {
+    next.length = length;
+    out.push_back(next);
+    next.offset += length;
+    next.scales += length >= block ? length / block : 1;
+    next.codes += code_bytes(length, bits);
+  };
+  if (n >= block) add(n / block * block);
+  for (std::size_t tail = n % block; tail != 0;) {
+    std::size_t length = 1;
+    while (length * 2 <= tail) length *= 2;  // the largest power of two in the tail
+    add(length);
+    tail -= length;
+  }
+  return out;
+}
+
+std::size_t eden_layout_scales(std::size_t n, std::size_t block) {
+  rht_layout(n, block);
+  std::size_t scales = n / block;
+  for (std::size_t tail = n % block; tail != 0; tail &= tail - 1) ++scales;  // one per set bit
+  return scales;
+}
+
+std::size_t eden_layout_code_bytes(std::size_t n, std::size_t block, int bits) {
+  check_bits(bits);
+  rht_layout(n, block);
+  std::size_t bytes = code_bytes(n / block * block, bits);
+  for (std::size_t tail = n % block; tail != 0; tail &= tail - 1) bytes += code_bytes(tail & (~tail + 1), bits);
+  return bytes;
+}
+
+void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
+                 EdenScale scale, std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed,
+                 float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
+  const std::vector<EdenSegment> segments = eden_segments(n, block, bits);
+  for (std::size_t i = 0; i < segments.size(); ++i) {
+    const EdenSegment& g = segments[i];
+    const SegmentSeeds seeds = segment_seeds(rotation_seed, i);
+    const Plan p = make_plan(rht_layout(g.length, block));
+    const QuantizeArgs a{bits,
+                         rounding,
+                         scale,
+                         stochastic_key(stage_seed(quant_seed, i, kPurposeQuantize)),
+                         packed + g.codes,
+                         scales + g.scales};
+    const std::size_t before = outlier_idx.size();
+    quantize_all(p, a, outlier_idx, outlier_val, [&](const Range& r, Scratch& scratch) {
+      float* w = scratch.get(r.end - r.begin);
+      rht_forward_blocks(x + g.offset, g.length, block, seeds.first, r.first_block, r.end_block, w);
+      rht_forward_blocks_inplace(w, g.length, block, seeds.second, r.first_block, r.end_block);
+      return static_cast<const float*>(w);
+    });
+    for (std::size_t j = before; j < outlier_idx.size(); ++j)
+      outlier_idx[j] += static_cast<std::uint32_t>(g.offset);
+  }
+}
+
 void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n, std::size_t block, int bits,
                  EdenRounding rounding, std::uint64_t rotation_seed, const std::uint32_t* outlier_idx,
-                 const float* outlier_val, std::size_t n_outliers, float* out) {
-  check_bits(bits);
-  const Plan p = make_plan(rht_layout(n, block));
-  eden_check_padding(packed, p.m, bits);
+                 const float* outlier_val, std::size_t n_outliers, float* out, bool accumulate, float weight) {
+  const std::vector<EdenSegment> segments = eden_segments(n, block, bits);
+  for (const EdenSegment& g : segments) eden_check_padding(packed + g.codes, g.length, bits);
   for (std::size_t j = 0; j < n_outliers; ++j)
-    if (outlier_idx[j] >= p.m || (j > 0 && outlier_idx[j] <= outlier_idx[j - 1]))
-      throw std::invalid_argument("outlier_idx must be strictly ascending and below " + std::to_string(p.m) +
+    if (outlier_idx[j] >= n || (j > 0 && outlier_idx[j] <= outlier_idx[j - 1]))
+      throw std::invalid_argument("outlier_idx must be strictly ascending and below " + std::to_string(n) +
                                   "; entry " + std::to_string(j) + " is " + std::to_string(outlier_idx[j]));
   const float* table = table_of(tables(bits), rounding);
   const std::uint32_t* idx_end = outlier_idx + n_outliers;
-  parallel_for_sized(p.tasks(), p.m, [&](std::size_t task) {
-    const Range r = p.range(task);
+  for_each_range(segments, block, rotation_seed, [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan& p,
+                                                     const Range& r) {
     Scratch scratch;
-    float* w = scratch.get(r.end - r.begin);
-    decode_range(packed, scales, p.layout, bits, table, r.begin, r.end, false, 0.0f, w);
-    const std::uint32_t* o = std::lower_bound(outlier_idx, idx_end, r.begin);
-    for (; o != idx_end && *o < r.end; ++o) w[*o - r.begin] = outlier_val[o - outlier_idx];
-    rht_inverse_blocks(w, n, block, rotation_seed, r.first_block, r.end_block, out + r.begin);
+    float* dst = out + g.offset + r.begin;
+    float* w = accumulate ? scratch.get(r.end - r.begin) : dst;
+    decode_range(packed + g.codes, scales + g.scales, p.layout, bits, table, r.begin, r.end, false, 0.0f, w);
+    const std::size_t lo = g.offset + r.begin, hi = g.offset + r.end;
+    for (const std::uint32_t* o = std::lower_bound(outlier_idx, idx_end, lo); o != idx_end && *o < hi; ++o)
+      w[*o - lo] = outlier_val[o - outlier_idx];
+    unrotate_range(w, g.length, block, seeds, r);
+    if (accumulate) add_scaled(dst, w, r.end - r.begin, weight);
   });
+}
+
+void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed) {
+  for_each_range(eden_segments(n, block, 1), block, rotation_seed,
+                 [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan&, const Range& r) {
+                   unrotate_range(y + g.offset + r.begin, g.length, block, seeds, r);
+                 });
 }
 
 }  // namespace fedpress

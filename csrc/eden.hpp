@@ -76,7 +76,7 @@ const float* eden_table(int bits, EdenRounding rounding);
 std::size_t eden_num_blocks(std::size_t n, std::size_t block);
 // Bytes of m packed codes: ceil(m * bits / 8).
 std::size_t eden_packed_size(std::size_t m, int bits);
-// The quantization seed eden_encode uses when the caller gives none.
+// The quantization seed ops.eden_encode uses when the caller gives none.
 std::uint64_t eden_derived_seed(std::uint64_t rotation_seed);
 
 // y: the rotated vector, m == rht_padded_size(n, block) floats. packed:
@@ -105,18 +105,50 @@ void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_
 // m packed codes are not zero.
 void eden_check_padding(const std::uint8_t* packed, std::size_t m, int bits);
 
-// Fused rht_forward(x, n, block, rotation_seed) + eden_quantize(..., quant_seed):
-// the same outputs, rotating a range of blocks at a time into a cache-sized
-// scratch buffer instead of materialising the rotated vector.
+// ------------------------------------------------------------ wire layout --
+// The layout of an EDEN values section (docs/format.md, "EDEN sections"): the
+// n values are cut into segments, first all whole blocks of `block` (one
+// segment, if n >= block), then the remaining n % block values as segments of
+// decreasing powers of two (n % block = 2^a + 2^b + ..., a > b > ...), so no
+// segment needs padding. Segment i is rotated twice, y = R2 R1 x_i with
+// R_j = H D_j blockwise (rht_forward_blocks_inplace; a segment shorter than
+// `block` is one block) and D_1, D_2 the signs of stage_seed(rotation_seed, 2i,
+// kPurposeRotation) and stage_seed(rotation_seed, 2i + 1, kPurposeRotation),
+// indexed from the segment's first element; then quantized by eden_quantize
+// with seed stage_seed(quant_seed, i, kPurposeQuantize). Scales: the segments'
+// in turn (one per block, one for a short segment); codes: each segment's
+// packed stream in turn, each starting on a byte boundary; outliers (the
+// stochastic mode): ascending positions in [0, n).
+struct EdenSegment {
+  std::size_t offset, length;  // elements
+  std::size_t scales, codes;   // where its scales and its code bytes start
+};
+std::vector<EdenSegment> eden_segments(std::size_t n, std::size_t block, int bits);
+// Scales and code bytes of a whole section's layout.
+std::size_t eden_layout_scales(std::size_t n, std::size_t block);
+std::size_t eden_layout_code_bytes(std::size_t n, std::size_t block, int bits);
+
+// x: n floats -> packed (eden_layout_code_bytes) and scales (eden_layout_scales),
+// outliers appended, in the wire layout; each segment is rotated a cache-sized
+// range of blocks at a time, the rotated vector never built. Throws
+// std::invalid_argument on invalid bits or block, or a NaN or infinity met on
+// the way (in x, or made by rotating values too large for float32).
 void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
                  EdenScale scale, std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed,
                  float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val);
 
-// Fused eden_dequantize + outliers (y[idx[j]] = val[j]) + rht_inverse: out gets
-// n floats, equal to those steps done one after the other. outlier_idx must
-// be strictly ascending and < m (std::invalid_argument otherwise).
+// Inverse of eden_encode: dequantizes, puts the outliers (strictly ascending,
+// < n) in place and undoes both rotations of each segment (fwht_signs_blocks_inplace,
+// second then first). accumulate: acc[i] += weight * value_i instead of
+// out[i] = value_i, through a per-range scratch buffer. Throws
+// std::invalid_argument on invalid arguments, nonzero padding bits or bad outliers.
 void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n, std::size_t block, int bits,
                  EdenRounding rounding, std::uint64_t rotation_seed, const std::uint32_t* outlier_idx,
-                 const float* outlier_val, std::size_t n_outliers, float* out);
+                 const float* outlier_val, std::size_t n_outliers, float* out, bool accumulate = false,
+                 float weight = 1.0f);
+
+// Undoes eden_encode's rotation of y (n floats, in place): for a sum of clients'
+// dequantized rotated vectors under one rotation seed.
+void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed);
 
 }  // namespace fedpress

@@ -5,6 +5,13 @@
 #include <cstring>
 #include <string>
 
+
+#if defined(__GNUC__)
+#define FEDPRESS_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FEDPRESS_ALWAYS_INLINE inline
+#endif
+
 namespace fedpress {
 namespace {
 
@@ -95,27 +102,154 @@ bool little_endian() {
   return first == 1;
 }
 
-class BitReader {
+// One index stream being decoded, code by code, resumable: the fast path decodes a
+// whole code from one 8-byte read when it lies away from the end of the buffer, the
+// checked path anything else (long quotients, the last bytes) and every error.
+class GolombDecoder {
  public:
-  BitReader(const std::uint8_t* data, std::size_t size) : data_(data), size_(size), total_(std::uint64_t{size} * 8) {}
-  std::uint64_t position() const { return pos_; }
-  std::uint64_t total() const { return total_; }
+  // Reads and checks the header; allocates nothing. Codes go to out (count() of them).
+  GolombDecoder(const std::uint8_t* data, std::size_t size, std::uint64_t n, std::uint64_t max_count) : n_(n) {
+    if (n > (std::uint64_t{1} << 32)) throw std::invalid_argument("n must be <= 2^32");  // indices are uint32
+    std::size_t pos = 0;
+    k_ = get_varint(data, size, pos, "count");
+    if (k_ > n)
+      throw IndexStreamError("index stream: count " + std::to_string(k_) + " exceeds n = " + std::to_string(n));
+    if (k_ > max_count)
+      throw IndexStreamError("index stream: count " + std::to_string(k_) + " exceeds the limit " +
+                             std::to_string(max_count));
+    if (k_ == 0) {
+      if (pos != size)
+        throw IndexStreamError("index stream: " + std::to_string(size - pos) + " trailing bytes after an empty list");
+      return;
+    }
+    m_ = get_varint(data, size, pos, "golomb parameter");
+    if (m_ == 0 || m_ > std::max<std::uint64_t>(1, n))
+      throw IndexStreamError("index stream: golomb parameter " + std::to_string(m_) + " outside [1, " +
+                             std::to_string(std::max<std::uint64_t>(1, n)) + "]");
+    // Every index costs at least one bit (its unary terminator): a count the
+    // buffer cannot hold is refused before anything is allocated.
+    const std::uint64_t avail_bits = std::uint64_t{size - pos} * 8;
+    if (k_ > avail_bits)
+      throw IndexStreamError("index stream truncated: count " + std::to_string(k_) + " needs at least " +
+                             std::to_string(k_) + " bits, have " + std::to_string(avail_bits));
+    const Golomb g(m_);
+    b_ = g.b;
+    u_ = g.u;
+    low_mask_ = g.b > 0 ? (std::uint64_t{1} << (g.b - 1)) - 1 : 0;
+    data_ = data + pos;
+    size_ = size - pos;
+  }
+
+  std::uint64_t count() const { return k_; }
+  void start(std::uint32_t* out) { out_ = out; }
+  bool done() const { return i_ == k_; }
+  // Whether the next 8 bytes lie in the buffer: the fast path's precondition.
+  bool inside() const { return (pos_ >> 3) + 8 <= size_; }
+
+  // Decodes the next code if the fast path can; false (nothing consumed) otherwise.
+  FEDPRESS_ALWAYS_INLINE bool fast_step() {
+    if (i_ == k_ || !inside()) return false;
+    std::uint64_t w;
+    std::memcpy(&w, data_ + (pos_ >> 3), 8);  // little-endian hosts only (checked by the encoder)
+    w >>= (pos_ & 7);
+    if (w == 0) return false;
+    const unsigned z = static_cast<unsigned>(__builtin_ctzll(w));
+    if (z + 1 + b_ > 57) return false;  // 57 valid bits after the shift
+    // The truncated-binary remainder without a branch on its value (which is random:
+    // a branch there mispredicts about as often as not).
+    std::uint64_t used = z + 1;
+    std::uint64_t r = 0;
+    if (b_ > 0) {
+      const std::uint64_t v = (w >> used) & low_mask_;
+      used += b_ - 1;
+      const std::uint64_t wide = v >= u_ ? 1 : 0;
+      const std::uint64_t longer = ((v << 1) | ((w >> used) & 1)) - u_;
+      r = wide ? longer : v;
+      used += wide;
+    }
+    // z < 57 and m, next, r <= 2^32 (n <= 2^32): the sum cannot wrap.
+    const std::uint64_t value = next_ + std::uint64_t{z} * m_ + r;
+    if (value >= n_) return false;  // the checked path says what is wrong
+    out_[i_++] = static_cast<std::uint32_t>(value);
+    next_ = value + 1;
+    pos_ += used;
+    return true;
+  }
+
+  // Decodes the next code through every check; throws IndexStreamError on a malformed one.
+  void slow_step() {
+    if (next_ >= n_)
+      throw IndexStreamError("index stream: index " + std::to_string(i_) + " would be >= n = " + std::to_string(n_));
+    // Unary quotient: count zero bits up to the terminating one.
+    std::uint64_t q = 0;
+    for (;;) {
+      const std::uint64_t w = peek();
+      const std::uint64_t left = total() - pos_;
+      if (w != 0) {
+        const std::uint64_t z = static_cast<std::uint64_t>(__builtin_ctzll(w));
+        if (z >= left) require(z + 1, "unary quotient");
+        q += z;
+        pos_ += z + 1;
+        break;
+      }
+      const std::uint64_t span = std::min<std::uint64_t>(56, left);
+      if (span == 0) require(1, "unary quotient");
+      q += span;
+      pos_ += span;
+      if (q > n_) break;  // a quotient this large already points past n
+    }
+    std::uint64_t r = 0;
+    if (b_ > 0) {
+      const std::uint64_t v = read(b_ - 1, "remainder");
+      r = v < u_ ? v : ((v << 1) | read(1, "remainder")) - u_;
+    }
+    // next < n here, so q * m + r < n - next decides validity; q is compared
+    // by division first because q * m can exceed 2^64 (n = m = 2^32).
+    const std::uint64_t room = n_ - next_;
+    const bool beyond = q > room / m_;
+    const std::uint64_t value = beyond ? 0 : next_ + q * m_ + r;
+    if (beyond || value >= n_)
+      throw IndexStreamError("index stream: index " + std::to_string(i_) + " decodes to " +
+                             (beyond ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n_));
+    out_[i_++] = static_cast<std::uint32_t>(value);
+    next_ = value + 1;
+  }
+
+  // Decodes everything left, then checks that the stream ends exactly there.
+  void run() {
+    while (!done())
+      if (!fast_step()) slow_step();
+    finish();
+  }
+
+  // After the last code: throws unless the stream was consumed exactly, padding zero.
+  void finish() const {
+    if (k_ == 0) return;
+    const std::uint64_t used_bytes = (pos_ + 7) / 8;
+    if (used_bytes != size_)
+      throw IndexStreamError("index stream: " + std::to_string(size_ - used_bytes) + " trailing bytes after " +
+                             std::to_string(k_) + " indices");
+    if (pos_ % 8 != 0 && (data_[size_ - 1] >> (pos_ % 8)) != 0)
+      throw IndexStreamError("index stream: nonzero padding bits in the last byte");
+  }
+
+ private:
+  std::uint64_t total() const { return std::uint64_t{size_} * 8; }
   // The next (up to) 57 bits starting at the current position, zero past the end.
   std::uint64_t peek() const {
     const std::size_t byte = static_cast<std::size_t>(pos_ >> 3);
     std::uint64_t w = 0;
     if (byte + 8 <= size_) {
-      std::memcpy(&w, data_ + byte, 8);  // little-endian hosts only (checked by the encoder)
+      std::memcpy(&w, data_ + byte, 8);
     } else {
       for (std::size_t i = size_; i-- > byte;) w = (w << 8) | data_[i];
     }
     return w >> (pos_ & 7);
   }
-  void skip(std::uint64_t nb) { pos_ += nb; }
   void require(std::uint64_t nb, const char* what) const {
-    if (pos_ + nb > total_)
+    if (pos_ + nb > total())
       throw IndexStreamError(std::string("index stream truncated in ") + what + ": need " + std::to_string(nb) +
-                             " bits at bit " + std::to_string(pos_) + ", have " + std::to_string(total_ - pos_));
+                             " bits at bit " + std::to_string(pos_) + ", have " + std::to_string(total() - pos_));
   }
   std::uint64_t read(unsigned nb, const char* what) {
     if (nb == 0) return 0;
@@ -125,11 +259,15 @@ class BitReader {
     return v;
   }
 
- private:
-  const std::uint8_t* data_;
-  std::size_t size_;
-  std::uint64_t total_;
-  std::uint64_t pos_ = 0;
+  std::uint64_t n_;
+  std::uint64_t k_ = 0, m_ = 1, u_ = 0, low_mask_ = 0;
+  unsigned b_ = 0;
+  const std::uint8_t* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::uint64_t pos_ = 0;   // bits consumed after the header
+  std::uint64_t next_ = 0;  // smallest value the next index may take
+  std::uint64_t i_ = 0;     // indices decoded
+  std::uint32_t* out_ = nullptr;
 };
 
 }  // namespace
@@ -210,78 +348,10 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k
 
 std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t size, std::uint64_t n,
                                           std::uint64_t max_count) {
-  std::size_t pos = 0;
-  const std::uint64_t k = get_varint(data, size, pos, "count");
-  if (k > n)
-    throw IndexStreamError("index stream: count " + std::to_string(k) + " exceeds n = " + std::to_string(n));
-  if (k > max_count)
-    throw IndexStreamError("index stream: count " + std::to_string(k) + " exceeds the limit " +
-                           std::to_string(max_count));
-  std::vector<std::uint32_t> out;
-  if (k == 0) {
-    if (pos != size)
-      throw IndexStreamError("index stream: " + std::to_string(size - pos) + " trailing bytes after an empty list");
-    return out;
-  }
-  const std::uint64_t m = get_varint(data, size, pos, "golomb parameter");
-  if (m == 0 || m > std::max<std::uint64_t>(1, n))
-    throw IndexStreamError("index stream: golomb parameter " + std::to_string(m) + " outside [1, " +
-                           std::to_string(std::max<std::uint64_t>(1, n)) + "]");
-  // Every index costs at least one bit (its unary terminator): a count the
-  // buffer cannot hold is refused before anything is allocated.
-  const std::uint64_t avail_bits = std::uint64_t{size - pos} * 8;
-  if (k > avail_bits)
-    throw IndexStreamError("index stream truncated: count " + std::to_string(k) + " needs at least " +
-                           std::to_string(k) + " bits, have " + std::to_string(avail_bits));
-  out.resize(static_cast<std::size_t>(k));
-  BitReader br(data + pos, size - pos);
-  const Golomb g(m);
-  std::uint64_t next = 0;  // smallest value the next index may take
-  for (std::uint64_t i = 0; i < k; ++i) {
-    if (next >= n)
-      throw IndexStreamError("index stream: index " + std::to_string(i) + " would be >= n = " + std::to_string(n));
-    // Unary quotient: count zero bits up to the terminating one.
-    std::uint64_t q = 0;
-    for (;;) {
-      const std::uint64_t w = br.peek();
-      const std::uint64_t left = br.total() - br.position();
-      if (w != 0) {
-        const std::uint64_t z = static_cast<std::uint64_t>(__builtin_ctzll(w));
-        if (z >= left) br.require(z + 1, "unary quotient");
-        q += z;
-        br.skip(z + 1);
-        break;
-      }
-      const std::uint64_t span = std::min<std::uint64_t>(56, left);
-      if (span == 0) br.require(1, "unary quotient");
-      q += span;
-      br.skip(span);
-      // A quotient this large already points past n.
-      if (q > n) break;
-    }
-    std::uint64_t r = 0;
-    if (g.b > 0) {
-      const std::uint64_t v = br.read(g.b - 1, "remainder");
-      r = v < g.u ? v : ((v << 1) | br.read(1, "remainder")) - g.u;
-    }
-    // next < n here, so q * m + r < n - next decides validity; q is compared
-    // by division first because q * m can exceed 2^64 (n = m = 2^32).
-    const std::uint64_t room = n - next;
-    const bool beyond = q > room / m;
-    const std::uint64_t value = beyond ? 0 : next + q * m + r;
-    if (beyond || value >= n)
-      throw IndexStreamError("index stream: index " + std::to_string(i) + " decodes to " +
-                             (beyond ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n));
-    out[static_cast<std::size_t>(i)] = static_cast<std::uint32_t>(value);
-    next = value + 1;
-  }
-  const std::uint64_t used = br.position();
-  const std::uint64_t used_bytes = (used + 7) / 8;
-  if (used_bytes != size - pos)
-    throw IndexStreamError("index stream: " + std::to_string(size - pos - used_bytes) +
-                           " trailing bytes after " + std::to_string(k) + " indices");
-  if (used % 8 != 0 && (data[size - 1] >> (used % 8)) != 0)
-    throw IndexStreamError("index stream: nonzero padding bits in the last byte");
+  GolombDecoder d(data, size, n, max_count);
+  std::vector<std::uint32_t> out(static_cast<std::size_t>(d.count()));
+  d.start(out.data());
+  d.run();
   return out;
 }
 

@@ -37,4 +37,5 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* indices, std::size
 std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t size, std::uint64_t n,
                                           std::uint64_t max_count);
 
+
 }  // namespace fedpress

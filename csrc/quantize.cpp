@@ -200,6 +200,14 @@ void scale_codes(const std::uint8_t* codes, std::size_t len, int levels, float s
     out[i] = scale * (static_cast<float>(2 * static_cast<int>(codes[i]) - levels) / lf);
 }
 
+// out[i] += weight * (the value scale_codes writes).
+FEDPRESS_CLONES
+void scale_codes_add(const std::uint8_t* codes, std::size_t len, int levels, float scale, float weight, float* out) {
+  const float lf = static_cast<float>(levels);
+  for (std::size_t i = 0; i < len; ++i)
+    out[i] += weight * (scale * (static_cast<float>(2 * static_cast<int>(codes[i]) - levels) / lf));
+}
+
 std::size_t chunk_elements(std::size_t bucket) {
   // A chunk covers whole buckets and starts on a byte boundary for every bit
   // width (a multiple of 8 elements), so chunks pack independently.
@@ -308,7 +316,7 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
 }
 
 void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
-                std::size_t bucket, float* out) {
+                std::size_t bucket, float* out, bool accumulate, float weight) {
   if (!valid_bits(bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
   if (bucket == 0) throw std::invalid_argument("bucket must be positive");
   const int levels = (1 << bits) - 1;
@@ -322,7 +330,10 @@ void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::
     for (std::size_t s = begin; s < end;) {
       const std::size_t b = s / bucket;
       const std::size_t e = std::min(end, (b + 1) * bucket);
-      scale_codes(codes.data() + (s - begin), e - s, levels, scales[b], out + s);
+      if (accumulate)
+        scale_codes_add(codes.data() + (s - begin), e - s, levels, scales[b], weight, out + s);
+      else
+        scale_codes(codes.data() + (s - begin), e - s, levels, scales[b], out + s);
       s = e;
     }
   });

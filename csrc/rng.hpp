@@ -29,6 +29,17 @@ inline std::uint32_t hash32(std::uint32_t key, std::uint32_t counter) {
   return x;
 }
 
+// The seed of one random choice of a payload (docs/format.md, "Seeds"): SplitMix64
+// over (seed, ordinal, purpose), the same function as fedpress.format's stage_seed.
+// Purposes: what the derived seed drives.
+constexpr std::uint64_t kPurposeRandk = 1, kPurposeRotation = 2, kPurposeQuantize = 3;
+inline std::uint64_t stage_seed(std::uint64_t seed, std::uint64_t ordinal, std::uint64_t purpose) {
+  std::uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (ordinal * 4 + purpose + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
 // Uniform in [0, bound) from 64 random bits (Lemire's multiply-shift); bias is
 // below bound / 2^64.
 inline std::uint64_t bounded64(std::uint64_t random_bits, std::uint64_t bound) {

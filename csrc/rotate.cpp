@@ -274,6 +274,33 @@ void check_block_range(const Layout& l, std::size_t first_block, std::size_t end
                                 ") is not within the " + std::to_string(l.blocks()) + " blocks");
 }
 
+// The orthonormal transform of one block of len floats, in place: scale first, then the
+// stages in rht_forward's order, so that fwht(random_signs(x)) is bit-identical to
+// rht_forward(x) (sign flips are exact).
+void fwht_block(float* w, std::size_t len) {
+  const std::size_t sub = std::min(len, kSub);
+  scale_inplace(w, len, inv_sqrt(len));
+  for (std::size_t s = 0; s < len; s += sub) fwht_small(w + s, sub);
+  if (len > kSub) fwht_large(w, len);
+}
+
+// For the in-place block functions: checks a valid block, no padded tail and a valid
+// range, then runs fn(w, offset, length, sign key) on each block of the range, w its
+// floats in y (y[0] is the first element of block first_block).
+template <typename Fn>
+void for_each_block(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                    std::size_t end_block, Fn&& fn) {
+  check_block(block);
+  const Layout l = layout(n, block);
+  if (l.tail != l.tail_len)
+    throw std::invalid_argument("length " + std::to_string(n) + " is not whole blocks of " + std::to_string(block) +
+                                " and a power-of-two tail");
+  check_block_range(l, first_block, end_block);
+  const std::uint32_t key = sign_key(seed);
+  const std::size_t base = l.offset(first_block);
+  for (std::size_t b = first_block; b < end_block; ++b) fn(y + (l.offset(b) - base), l.offset(b), l.length(b), key);
+}
+
 }  // namespace
 
 bool valid_rotate_block(std::size_t block) {
@@ -343,15 +370,32 @@ void fwht_inplace(float* x, std::size_t len, std::size_t block) {
   if (l.tail != l.tail_len)
     throw std::invalid_argument("fwht: length " + std::to_string(len) + " is not whole blocks of " +
                                 std::to_string(block) + " and a power-of-two tail (the length of rht's output)");
-  parallel_for_sized(l.blocks(), len, [&](std::size_t b) {
-    float* w = x + l.offset(b);
-    const std::size_t n_b = l.length(b), sub = std::min(n_b, kSub);
-    // Scale first, then the stages in rht_forward's order: fwht(random_signs(x))
-    // is then bit-identical to rht_forward(x) (sign flips are exact).
-    scale_inplace(w, n_b, inv_sqrt(n_b));
-    for (std::size_t s = 0; s < n_b; s += sub) fwht_small(w + s, sub);
-    if (n_b > kSub) fwht_large(w, n_b);
-  });
+  parallel_for_sized(l.blocks(), len, [&](std::size_t b) { fwht_block(x + l.offset(b), l.length(b)); });
+}
+
+void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
+                                std::size_t first_block, std::size_t end_block) {
+  for_each_block(y, n, block, seed, first_block, end_block,
+                 [](float* w, std::size_t o, std::size_t len, std::uint32_t key) {
+                   const std::size_t sub = std::min(len, kSub);
+                   const float scale = inv_sqrt(len);
+                   for (std::size_t s = 0; s < len; s += sub) {  // as forward_block, in place
+                     apply_signs_inplace(w + s, sub, key, o + s, scale);
+                     fwht_small(w + s, sub);
+                   }
+                   if (len > kSub) fwht_large(w, len);
+                 });
+}
+
+void fwht_signs_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
+                               std::size_t first_block, std::size_t end_block) {
+  // fwht_inplace's transform, then the signs: the float rounding of every step is that
+  // of the two functions called in turn.
+  for_each_block(y, n, block, seed, first_block, end_block,
+                 [](float* w, std::size_t o, std::size_t len, std::uint32_t key) {
+                   fwht_block(w, len);
+                   apply_signs_inplace(w, len, key, o, 1.0f);
+                 });
 }
 
 void random_signs_inplace(float* x, std::size_t len, std::uint64_t seed) {

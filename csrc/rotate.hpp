@@ -82,4 +82,18 @@ void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::u
 void rht_inverse_blocks(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
                         std::size_t end_block, float* out);
 
+// In place on blocks that need no padding (n is whole blocks and a power-of-two
+// tail): y holds blocks [first_block, end_block) of an n-element vector, y[0]
+// the first element of block first_block. rht_forward_blocks_inplace applies
+// y = H D y per block (D's signs indexed as in rht_forward), bit-identical to
+// random_signs_inplace then fwht_inplace over those blocks; fwht_signs_blocks_inplace
+// applies y = D H y in the order of fwht_inplace then random_signs_inplace, bit
+// for bit. EDEN's rotation (eden.hpp) is two of the first, undone by two of the
+// second. Both throw std::invalid_argument for an invalid block, a padded n or
+// a bad range.
+void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
+                                std::size_t first_block, std::size_t end_block);
+void fwht_signs_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
+                               std::size_t first_block, std::size_t end_block);
+
 }  // namespace fedpress

@@ -486,6 +486,10 @@ SparseVector topk_impl(Source src, std::size_t n, std::size_t k) {
   // the correlation inside sampled blocks): the sample's expected count above
   // the k-th largest key is density * s.
   std::vector<std::uint32_t> sample = sample_keys(src, n, 1024, 0x5EEDF00Du);
+  if (src.acc && std::any_of(sample.begin(), sample.end(), [](std::uint32_t key) { return key > kInfKey; })) {
+    accumulate_only();  // ef_topk's promise: the residual holds the whole sum, whatever is thrown
+    throw std::invalid_argument("x contains NaN");
+  }
   const double s = static_cast<double>(sample.size());
   const double expect = density * s;
   const std::size_t rank = static_cast<std::size_t>(std::ceil(expect + 4.0 * std::sqrt(expect) + 16.0));

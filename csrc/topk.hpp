@@ -31,6 +31,8 @@ SparseVector randomk(const float* x, std::size_t n, std::size_t k, std::uint64_t
 // Error-feedback top-k, fused: residual += update; select the exact top-k of the
 // residual; zero the selected entries of the residual; return them. The update
 // is read once and the residual is read and written once on the common path.
+// When it throws (a NaN in the sum), the residual holds residual + update in
+// full, so a caller can take the update back out.
 SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k);
 
 }  // namespace fedpress

@@ -68,7 +68,13 @@ CASES: dict[str, Callable[[Callable[[np.ndarray], np.ndarray]], object]] = {
         outlier_idx=p(_eden()[2]),
         outlier_val=p(_eden()[3]),
     ),
-    "eden_dequantize": lambda p: ops.eden_dequantize(*map(p, _eden()[:2]), N, 4, block=1024, stochastic=True),
+    "eden_dequantize": lambda p: ops.eden_dequantize(
+        *map(p, ops.eden_quantize(ops.rht(_x(), SEED, block=1024), N, 4, seed=SEED, block=1024, stochastic=True)[:2]),
+        N,
+        4,
+        block=1024,
+        stochastic=True,
+    ),
     "encode_indices": lambda p: ops.encode_indices(p(np.arange(0, N, 7, dtype=np.uint32)), N),
     "scatter_add": lambda p: _scatter(p),
 }

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 from fedpress import ops
+from fedpress.format.eden import eden_segments
+from fedpress.format.registry import PURPOSE_QUANT, PURPOSE_RHT, stage_seed
 
 SEED = 0xEDE
 BITS = (1, 2, 3, 4, 8)
@@ -441,7 +443,7 @@ def test_zero_vector(stochastic: bool) -> None:
     x = np.zeros(5000, np.float32)
     packed, scales, oidx, _ = ops.eden_encode(x, 2, SEED, block=1024, stochastic=stochastic)
     np.testing.assert_array_equal(scales, 0)
-    np.testing.assert_array_equal(unpack(packed, 5120, 2), 2)
+    np.testing.assert_array_equal(unpack(packed, 5000, 2), 2)  # 4096 + 512 + 256 + 128 + 8: whole bytes
     assert oidx.size == 0
     out = ops.eden_decode(packed, scales, x.size, 2, SEED, block=1024, stochastic=stochastic)
     np.testing.assert_array_equal(out, 0)
@@ -535,24 +537,39 @@ def test_stochastic_depends_on_the_seed_only() -> None:
     ("n", "block"), [(1, 2**16), (7, 4), (1000, 8), (4099, 16), (65541, 2**16), (300_007, 4096), (2**21 + 5, 2**21)]
 )
 def test_encode_decode_equal_the_steps(n: int, block: int, bits: int, mode: str) -> None:
-    """eden_encode = rht + eden_quantize and eden_decode = dequantize, outliers,
-    irht, bit for bit."""
+    """eden_encode = per segment (whole blocks, then power-of-two tails) two seeded
+    sign + Walsh-Hadamard passes and eden_quantize; eden_decode = per segment
+    eden_dequantize, outliers, and the two passes undone: bit for bit (docs/format.md)."""
     stochastic = mode == "stochastic"
     x = np.random.default_rng([n, bits]).standard_t(3, n).astype(np.float32)
     scale = "mse" if mode == "mse" else "unbiased"
     kw = dict(block=block, stochastic=stochastic, scale=scale)
     fused = ops.eden_encode(x, bits, SEED, quant_seed=77, **kw)
-    steps = ops.eden_quantize(ops.rht(x, SEED, block), n, bits, seed=77, **kw)
+    steps = [[], [], [], []]
+    segments = eden_segments(n, block)
+    for i, (off, length) in enumerate(segments):
+        y = x[off : off + length].copy()
+        ops.fwht(ops.random_signs(y, stage_seed(SEED, 2 * i, PURPOSE_RHT)), block)
+        ops.fwht(ops.random_signs(y, stage_seed(SEED, 2 * i + 1, PURPOSE_RHT)), block)
+        packed, scales, oidx, oval = ops.eden_quantize(y, length, bits, seed=stage_seed(77, i, PURPOSE_QUANT), **kw)
+        for part, value in zip(steps, (packed, scales, oidx.astype(np.int64) + off, oval)):
+            part.append(value)
     for a, b in zip(fused, steps):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, np.concatenate(b).astype(a.dtype))
     packed, scales, oidx, oval = fused
-    y_hat = ops.eden_dequantize(packed, scales, n, bits, block=block, stochastic=stochastic)
-    y_hat[oidx.astype(np.intp)] = oval
     out = ops.eden_decode(
         packed, scales, n, bits, SEED, block=block, stochastic=stochastic, outlier_idx=oidx, outlier_val=oval
     )
     assert out.dtype == np.float32 and out.shape == (n,)
-    np.testing.assert_array_equal(out, ops.irht(y_hat, n, SEED, block))
+    expected = np.empty(n, np.float32)
+    for i, ((off, length), codes, seg_scales) in enumerate(zip(segments, steps[0], steps[1])):
+        y = ops.eden_dequantize(codes, seg_scales, length, bits, block=block, stochastic=stochastic)
+        inside = (oidx >= off) & (oidx < off + length)
+        y[oidx[inside].astype(np.intp) - off] = oval[inside]
+        ops.random_signs(ops.fwht(y, block), stage_seed(SEED, 2 * i + 1, PURPOSE_RHT))
+        ops.random_signs(ops.fwht(y, block), stage_seed(SEED, 2 * i, PURPOSE_RHT))
+        expected[off : off + length] = y
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_default_quant_seed_is_derived_from_the_seed() -> None:
@@ -570,8 +587,8 @@ def test_default_quant_seed_is_derived_from_the_seed() -> None:
 def test_accumulate_is_weight_times_dequantize(n: int, block: int, bits: int, mode: str) -> None:
     stochastic = mode == "stochastic"
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    packed, scales, _, _ = ops.eden_encode(x, bits, SEED, block=block, stochastic=stochastic)
     m = ops.rht_padded_size(n, block)
+    packed, scales, _, _ = ops.eden_quantize(ops.rht(x, SEED, block), n, bits, block=block, stochastic=stochastic)
     acc = np.random.default_rng(1).standard_normal(m).astype(np.float32)
     y_hat = ops.eden_dequantize(packed, scales, n, bits, block=block, stochastic=stochastic)
     for weight in (1.0, 0.3, -2.5):
@@ -585,13 +602,17 @@ def test_accumulate_is_weight_times_dequantize(n: int, block: int, bits: int, mo
 def test_accumulate_into_a_torch_tensor() -> None:
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).standard_normal(3000).astype(np.float32)
-    packed, scales, _, _ = ops.eden_encode(x, 4, SEED, block=1024)
+    packed, scales, _, _ = ops.eden_quantize(ops.rht(x, SEED, 1024), 3000, 4, block=1024)
     acc = torch.zeros(ops.rht_padded_size(3000, 1024))
     ops.eden_accumulate(acc, packed, scales, 3000, 4, block=1024, weight=2.0)
     expected = np.float32(2.0) * ops.eden_dequantize(packed, scales, 3000, 4, block=1024)
     np.testing.assert_array_equal(acc.numpy(), expected)
     out = ops.eden_encode(torch.from_numpy(x), 4, SEED, block=1024)
-    np.testing.assert_array_equal(out[0], packed)
+    np.testing.assert_array_equal(out[0], ops.eden_encode(x, 4, SEED, block=1024)[0])
+    decoded = torch.ones(3000)
+    ops.eden_decode(out[0], out[1], 3000, 4, SEED, block=1024, acc=decoded, weight=0.5)
+    expected = np.float32(1) + np.float32(0.5) * ops.eden_decode(out[0], out[1], 3000, 4, SEED, block=1024)
+    np.testing.assert_array_equal(decoded.numpy(), expected)
 
 
 @pytest.mark.parametrize("stochastic", (False, True))
@@ -705,8 +726,8 @@ def test_bad_outliers() -> None:
         ops.eden_decode(*args, stochastic=True, outlier_idx=[5, 3], outlier_val=[1.0, 2.0])
     with pytest.raises(ValueError, match="strictly ascending"):
         ops.eden_decode(*args, stochastic=True, outlier_idx=[3, 3], outlier_val=[1.0, 2.0])
-    with pytest.raises(ValueError, match="below 1024"):
-        ops.eden_decode(*args, stochastic=True, outlier_idx=[1024], outlier_val=[1.0])
+    with pytest.raises(ValueError, match="below 1000"):
+        ops.eden_decode(*args, stochastic=True, outlier_idx=[1000], outlier_val=[1.0])
     with pytest.raises(ValueError, match="negative"):
         ops.eden_decode(*args, stochastic=True, outlier_idx=[-1], outlier_val=[1.0])
 

@@ -480,3 +480,23 @@ def test_property_round_trip_full_float_range(x: np.ndarray, bits: int, bucket: 
 def test_property_round_trip(x: np.ndarray, bits: int, bucket: int, seed: int) -> None:
     check_nearest(x, bits, bucket)
     check_stochastic(x, bits, bucket, seed)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_dequantize_into_an_accumulator(bits: int) -> None:
+    """dequantize(..., acc=, weight=) adds weight * values in place, bit for bit the two
+    numpy steps, and returns acc; a wrong-sized or read-only acc is refused."""
+    x = np.random.default_rng(bits).standard_normal(5003).astype(np.float32)
+    packed, scales = ops.quantize(x, bits, bucket=128, seed=3)
+    values = ops.dequantize(packed, scales, bits, x.size, 128)
+    acc = np.random.default_rng(0).standard_normal(x.size).astype(np.float32)
+    expected = acc + np.float32(0.7) * values
+    out = ops.dequantize(packed, scales, bits, x.size, 128, acc=acc, weight=0.7)
+    assert np.shares_memory(out, acc)
+    np.testing.assert_array_equal(acc, expected)
+    with pytest.raises(ValueError, match="acc has 10 elements"):
+        ops.dequantize(packed, scales, bits, x.size, 128, acc=np.zeros(10, np.float32))
+    frozen = np.zeros(x.size, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="acc"):
+        ops.dequantize(packed, scales, bits, x.size, 128, acc=frozen)

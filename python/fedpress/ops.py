@@ -18,6 +18,10 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
+from ._arrays import MAX_ELEMENTS as _MAX_LEN
+from ._arrays import as_float32 as _as_float32
+from ._arrays import is_torch_tensor as _is_torch_tensor
+from ._arrays import torch_to_numpy as _torch_to_numpy
 
 __all__ = [
     "topk",
@@ -53,44 +57,11 @@ __all__ = [
 ArrayLike = Any  # numpy array, torch CPU tensor, or anything np.asarray accepts
 Seed = Optional[int]
 
-_MAX_LEN = 2**32 - 1
 _BITS = (1, 2, 4, 8)
 
 
 # --------------------------------------------------------------- conversion --
-def _is_torch_tensor(x: object) -> bool:
-    t = type(x)
-    return t.__module__.split(".", 1)[0] == "torch" and hasattr(x, "detach")
-
-
-def _torch_to_numpy(x: Any, name: str, want_float32: bool) -> np.ndarray:
-    t = x.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if want_float32:
-        if not (t.is_floating_point()):
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        t = t.float()
-    return t.contiguous().numpy()
-
-
-def _as_float32(x: ArrayLike, name: str) -> np.ndarray:
-    """x as a 1-D C-contiguous float32 array, without a copy when it already is one."""
-    if _is_torch_tensor(x):
-        arr = _torch_to_numpy(x, name, want_float32=True)
-    else:
-        arr = np.asarray(x)
-        if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
-            arr = arr.astype(np.float32)
-        elif arr.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf; kernels report it
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
-    if arr.size > _MAX_LEN:
-        raise ValueError(f"{name} has {arr.size} elements; at most 2**32 - 1 are supported")
-    return arr
-
-
+# (fedpress._arrays converts tensors for every module; these are the kernels' own.)
 def _as_inplace_float32(x: ArrayLike, name: str) -> np.ndarray:
     """A flat float32 view sharing memory with x, which is updated in place."""
     if _is_torch_tensor(x):
@@ -268,11 +239,22 @@ def quantize(
     return _core.quantize(arr, b, _bucket(bucket), bool(stochastic), _seed(seed) if stochastic else 0)
 
 
-def dequantize(packed: ArrayLike, scales: ArrayLike, bits: int, n: int, bucket: int = 512) -> np.ndarray:
-    """Inverse of ``quantize``: float32[n]."""
+def dequantize(
+    packed: ArrayLike,
+    scales: ArrayLike,
+    bits: int,
+    n: int,
+    bucket: int = 512,
+    acc: Optional[ArrayLike] = None,
+    weight: float = 1.0,
+) -> np.ndarray:
+    """Inverse of ``quantize``: float32[n]. With ``acc`` (a writable float32[n]), adds
+    ``weight`` times the result to it in place instead (bit for bit ``acc + float32(weight)
+    * dequantize(...)``, without building the dequantized vector) and returns ``acc``."""
     p = _as_packed(packed)
     s = _as_float32(scales, "scales")
-    return _core.dequantize(p, s, _bits(bits), _count(n, "n"), _bucket(bucket))
+    target = None if acc is None else _as_inplace_float32(acc, "acc")
+    return _core.dequantize(p, s, _bits(bits), _count(n, "n"), _bucket(bucket), target, float(weight))
 
 
 # ----------------------------------------------------------------- rotation --
@@ -495,11 +477,16 @@ def eden_encode(
     scale: str = "unbiased",
     quant_seed: Seed = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``eden_quantize(rht(x, seed, block), len(x), bits, quant_seed, ...)``, fused.
+    """EDEN in the wire layout of a payload's eden section (``docs/format.md``).
 
-    The rotation runs a cache-sized range of blocks at a time, so the rotated
-    vector is never built. ``quant_seed`` (stochastic rounding only) defaults
-    to a seed derived from ``seed``. Returns what ``eden_quantize`` returns.
+    ``x`` is cut into segments (all whole blocks, then power-of-two tails); each
+    segment is rotated twice under seeds derived from ``seed`` and quantized by
+    ``eden_quantize`` under a seed derived from ``quant_seed``, a cache-sized
+    range of blocks at a time (the rotated vector is never built). ``quant_seed``
+    defaults to a seed derived from ``seed``. Returns ``(packed, scales,
+    outlier_idx, outlier_val)``: each segment's codes in turn (each from a byte
+    boundary), the segments' scales in turn, and the stochastic mode's outliers
+    (ascending positions in ``[0, len(x))``).
     """
     arr = _as_float32(x, "x")
     b, stochastic, mse = _eden_mode(bits, stochastic, scale)
@@ -518,11 +505,15 @@ def eden_decode(
     stochastic: bool = False,
     outlier_idx: Optional[ArrayLike] = None,
     outlier_val: Optional[ArrayLike] = None,
+    acc: Optional[ArrayLike] = None,
+    weight: float = 1.0,
 ) -> np.ndarray:
     """Inverse of ``eden_encode``: float32[n].
 
-    Dequantizes, puts the outliers (strictly ascending positions in the rotated
-    vector) in place and inverts the rotation, a range of blocks at a time.
+    Dequantizes, puts the outliers (strictly ascending positions in ``[0, n)``)
+    in place and undoes both rotations of every segment, a range of blocks at a
+    time. With ``acc`` (a writable float32[n]), adds ``weight`` times the result
+    to it in place instead, without building the decoded vector, and returns ``acc``.
     """
     p, s = _eden_codes(packed, scales)
     if (outlier_idx is None) != (outlier_val is None):
@@ -542,6 +533,8 @@ def eden_decode(
         bool(stochastic),
         idx,
         val,
+        None if acc is None else _as_inplace_float32(acc, "acc"),
+        float(weight),
     )
 
 

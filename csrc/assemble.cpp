@@ -1,0 +1,117 @@
+#include "assemble.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "convert.hpp"
+#include "eden.hpp"
+#include "parallel.hpp"
+#include "quantize.hpp"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "assemble.cpp copies float32 scales as the payload's little-endian bytes"
+#endif
+
+namespace fedpress {
+namespace {
+
+constexpr std::size_t kCopyChunk = std::size_t{1} << 20;
+constexpr std::uint8_t kEdenMseScale = 0x02;  // the mode bit of the MSE scale (docs/format.md)
+constexpr double kRotationLimit = 1e38;
+
+const float* floats(const Piece& p) { return static_cast<const float*>(p.data); }
+
+void copy_bytes(const std::uint8_t* src, std::size_t size, std::uint8_t* out) {
+  parallel_for_sized(ceil_div(size, kCopyChunk), size / 4, [&](std::size_t c) {
+    const std::size_t begin = c * kCopyChunk;
+    std::memcpy(out + begin, src + begin, std::min(kCopyChunk, size - begin));
+  });
+}
+
+void write_quantized(const Piece& p, std::uint8_t* out) {
+  std::vector<float> scales(bucket_count(p.n, p.block));  // aligned; the payload's are at any offset
+  const std::size_t scale_bytes = scales.size() * sizeof(float);
+  quantize(floats(p), p.n, p.bits, p.block, true, p.seed, out + scale_bytes, scales.data());
+  if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
+}
+
+// The decoder refuses an EDEN section whose inverse rotation could exceed float32
+// (its butterflies grow a block by up to L^1.5): the encoder must not write one.
+void check_rotation_bound(const std::vector<float>& scales, int bits, std::size_t n, std::size_t block) {
+  if (n == 0 || scales.empty()) return;
+  const float* table = eden_table(bits, EdenRounding::nearest);
+  const double largest = static_cast<double>(*std::max_element(scales.begin(), scales.end())) *
+                         static_cast<double>(std::fabs(table[0]));  // symmetric: the first level is the largest
+  const double bound = largest * std::pow(static_cast<double>(std::min(block, n)), 1.5);
+  if (!(bound <= kRotationLimit))
+    throw std::invalid_argument("values too large to rotate in float32 (the decoder's inverse rotation could reach " +
+                                std::to_string(bound) + " > 1e38)");
+}
+
+void write_eden(const Piece& p, std::uint8_t* out) {
+  const bool mse = (p.mode & kEdenMseScale) != 0;
+  std::vector<float> scales(eden_layout_scales(p.n, p.block));
+  const std::size_t scale_bytes = scales.size() * sizeof(float);
+  std::vector<std::uint32_t> outlier_idx;  // the nearest rounding has none
+  std::vector<float> outlier_val;
+  out[0] = p.mode;
+  eden_encode(floats(p), p.n, p.block, p.bits, EdenRounding::nearest, mse ? EdenScale::mse : EdenScale::unbiased,
+              p.seed, p.quant_seed, out + 1 + scale_bytes, scales.data(), outlier_idx, outlier_val);
+  check_rotation_bound(scales, p.bits, p.n, p.block);
+  if (scale_bytes != 0) std::memcpy(out + 1, scales.data(), scale_bytes);
+}
+
+}  // namespace
+
+std::size_t piece_size(const Piece& p) {
+  switch (p.kind) {
+    case PieceKind::bytes:
+      return p.n;
+    case PieceKind::quantize:
+      if (!valid_bits(p.bits) || p.bits == 1) throw std::invalid_argument("quantize piece: bits must be 2, 4 or 8");
+      if (p.block == 0) throw std::invalid_argument("quantize piece: bucket must be positive");
+      return bucket_count(p.n, p.block) * sizeof(float) + packed_size(p.n, p.bits);
+    case PieceKind::half:
+    case PieceKind::bfloat16:
+      return 2 * p.n;
+    case PieceKind::eden:
+      if (p.mode & ~kEdenMseScale)
+        throw std::invalid_argument("eden piece: only the mode bit 0x02 (MSE scale) is allowed");
+      return 1 + eden_layout_scales(p.n, p.block) * sizeof(float) + eden_layout_code_bytes(p.n, p.block, p.bits);
+  }
+  throw std::invalid_argument("unknown piece kind " + std::to_string(static_cast<int>(p.kind)));
+}
+
+std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < pieces.size(); ++i) try {
+    const Piece& p = pieces[i];
+    const std::size_t size = piece_size(p);
+    switch (p.kind) {
+      case PieceKind::bytes:
+        copy_bytes(static_cast<const std::uint8_t*>(p.data), size, out + at);
+        break;
+      case PieceKind::quantize:
+        write_quantized(p, out + at);
+        break;
+      case PieceKind::half:
+        float_to_half(floats(p), p.n, out + at);
+        break;
+      case PieceKind::bfloat16:
+        float_to_bfloat16(floats(p), p.n, out + at);
+        break;
+      case PieceKind::eden:
+        write_eden(p, out + at);
+        break;
+    }
+    at += size;
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("piece " + std::to_string(i) + ": " + e.what());
+  }
+  return at;
+}
+
+}  // namespace fedpress

@@ -1,0 +1,51 @@
+// A payload written into one buffer: its pieces in order, the value stages run
+// by their kernels straight into their place, then the checksum.
+//
+// The payload layer (fedpress.format) lays a payload out as a sequence of
+// pieces whose sizes it knows before any of them is computed: bytes it has
+// already (header, tensor table, index streams, small sections) and value
+// sections that a kernel produces from a float32 vector (q8/q4/q2 codes with
+// their scales, float16 and bfloat16 halves, EDEN sections without outliers).
+// assemble() writes every piece into one preallocated buffer, with no
+// intermediate copy of a section: the codes go where the payload holds them,
+// at whatever offset that is (the float32 scales, few, through an aligned
+// buffer). Nothing here knows the payload's grammar beyond the sections' own
+// layouts (docs/format.md), which are the kernels'.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace fedpress {
+
+enum class PieceKind : int {
+  bytes = 0,     // copy `size` bytes from `data`
+  quantize = 1,  // the q8/q4/q2 section of x: ceil(n / bucket) float32 scales, then the packed codes
+  half = 2,      // n float16 bit patterns of x
+  bfloat16 = 3,  // n bfloat16 bit patterns of x
+  eden = 4,      // an EDEN section without outliers: mode byte, scales, codes (eden.hpp's wire layout)
+};
+
+struct Piece {
+  PieceKind kind = PieceKind::bytes;
+  const void* data = nullptr;  // bytes: the bytes; the others: the float32 vector x
+  std::size_t n = 0;           // bytes: the byte count; the others: elements of x
+  int bits = 0;                // quantize, eden
+  std::size_t block = 0;       // quantize: the bucket; eden: the rotation block
+  std::uint64_t seed = 0;      // quantize: the rounding seed; eden: the rotation seed
+  std::uint64_t quant_seed = 0;  // eden
+  std::uint8_t mode = 0;         // eden: the section's mode byte (0 or the MSE-scale bit; no outliers)
+};
+
+// Bytes a piece occupies. Throws std::invalid_argument on invalid parameters.
+std::size_t piece_size(const Piece& piece);
+
+// Writes the pieces in order into out, which holds the sum of their sizes, and
+// returns that sum. Throws std::invalid_argument, its message starting with
+// "piece <i>: ", when a kernel refuses its input (NaN or infinity; an EDEN
+// section whose inverse rotation could leave float32, which the decoder would
+// refuse); out is then partly written.
+std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out);
+
+}  // namespace fedpress
