@@ -512,3 +512,23 @@ def test_decode_parts_is_decode_without_the_dense_copy(spec):
         if idx is not None:
             rebuilt[idx] = values
         np.testing.assert_array_equal(rebuilt, expected)
+
+
+@pytest.mark.parametrize("spec", ["q8", "q4", "q2", "sign", "eden3", "eden4:mse", "fp16"])
+def test_dense_sections_add_into_the_sum_as_decoded(spec: str) -> None:
+    """A dense quantized or eden tensor is added straight from its section (no decoded
+    copy): the same float32 sum, bit for bit, as decoding it and adding weight * values."""
+    rng = np.random.default_rng(4)
+    codec = fp.Codec(spec, rht_block=4096)
+    payloads = [codec.encode({"w": rng.standard_normal(10_001).astype(np.float32)}, seed=s) for s in range(3)]
+    weights = [1.0, 0.25, 3.0]
+    agg = fp.Aggregator()
+    for p, w in zip(payloads, weights):
+        agg.add(p, weight=w)
+    expected = np.zeros(10_001, np.float32)
+    for p, w in zip(payloads, weights):
+        expected += np.float32(w) * fp.decode(p)["w"]
+    np.testing.assert_array_equal(agg.result()["w"], expected / np.float32(sum(weights)))
+    many = fp.Aggregator()
+    many.add_many(payloads, weights)
+    np.testing.assert_array_equal(many.result()["w"], agg.result()["w"])

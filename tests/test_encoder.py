@@ -251,3 +251,65 @@ def test_load_state_dict_ratio_differs_in_the_seventh_digit() -> None:
     state = fp.Encoder("topk:0.1234567").state_dict()
     with pytest.raises(ValueError):
         fp.Encoder("topk:0.1234568").load_state_dict(state)
+
+
+# ------------------------------------------------- fused error-feedback top-k --
+@pytest.mark.parametrize("spec", ["topk:0.01+q4+zstd", "topk:0.05+fp16", "topk:0.02+eden3", "topk:0.01+sign"])
+def test_fused_error_feedback_equals_the_definition(spec: str) -> None:
+    """The fused path (ef_topk, then an O(k) correction for the rounding of what was
+    sent) keeps exactly residual = (residual + update) - what the receiver decodes."""
+    rng = np.random.default_rng(7)
+    enc = fp.Encoder(spec)
+    residual = np.zeros(50_000, np.float32)
+    for r in range(4):
+        u = rng.standard_normal(50_000).astype(np.float32)
+        payload = enc.encode({"w": u}, seed=r)
+        meant = residual + u
+        residual = meant - fp.decode(payload)["w"]
+        np.testing.assert_array_equal(enc.residuals["w"], residual)
+        # what the codec alone sends for the same vector and seed: the same bytes
+        assert payload == fp.Codec(spec).encode({"w": meant}, seed=r)
+
+
+@pytest.mark.parametrize("per_tensor", [True, False])
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_every_path_keeps_the_definition(per_tensor: bool, momentum) -> None:
+    """per_tensor top-k runs fused per tensor; a global top-k over two tensors, and
+    momentum, take the general path: every one keeps residual = meant - decoded."""
+    rng = np.random.default_rng(8)
+    enc = fp.Encoder("topk:0.02+q8", momentum=momentum, per_tensor=per_tensor)
+    residual = {"a": np.zeros(3000, np.float32), "b": np.zeros(200, np.float32)}
+    velocity = {"a": np.zeros(3000, np.float32), "b": np.zeros(200, np.float32)}
+    for r in range(3):
+        u = {"a": rng.standard_normal(3000).astype(np.float32), "b": rng.standard_normal(200).astype(np.float32)}
+        payload = enc.encode(u, seed=r)
+        decoded = fp.decode(payload)
+        for name in u:
+            g = u[name]
+            if momentum is not None:
+                velocity[name] = np.float32(momentum) * velocity[name] + g if r else g.copy()
+                g = velocity[name].copy()
+                velocity[name][decoded[name] != 0] = 0.0
+            meant = residual[name] + g
+            residual[name] = meant - decoded[name]
+            np.testing.assert_array_equal(enc.residuals[name], residual[name])
+
+
+@pytest.mark.parametrize("n", [100, 300_000])
+def test_a_failed_encode_takes_its_update_back_out(n: int) -> None:
+    """A NaN in the update raises a one-line error naming the tensor; the residual is
+    what it was (to a rounding), and zero where the update was not finite."""
+    rng = np.random.default_rng(9)
+    enc = fp.Encoder("topk:0.01+q4+zstd")
+    enc.encode({"w": rng.standard_normal(n).astype(np.float32)}, seed=1)
+    before = enc.residuals["w"].copy()
+    bad = rng.standard_normal(n).astype(np.float32)
+    bad[n // 2] = np.nan
+    with pytest.raises(ValueError, match="tensor 'w' holds NaN"):
+        enc.encode({"w": bad}, seed=2)
+    after = enc.residuals["w"]
+    assert after[n // 2] == 0 and np.isfinite(after).all()
+    keep = np.arange(n) != n // 2
+    np.testing.assert_allclose(after[keep], before[keep], rtol=0, atol=1e-6)
+    assert enc.rounds == 1
+    enc.encode({"w": rng.standard_normal(n).astype(np.float32)}, seed=3)  # and it goes on

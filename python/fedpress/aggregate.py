@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
+from ._update_math import to_dtype
 from .format.decoding import raw_array, sparse_parts
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
@@ -24,6 +25,7 @@ from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import table_difference, table_entries
+from .format.values import quantized_parts
 
 __all__ = ["Aggregator"]
 
@@ -34,6 +36,25 @@ def _add_scaled(acc: np.ndarray, values: np.ndarray, weight: float) -> None:
     if weight != 1.0:
         np.multiply(values, acc.dtype.type(weight), out=values)
     np.add(acc, values, out=acc)
+
+
+def _fused_dense_add(rec: Any, acc: np.ndarray, weight: float) -> Optional[Callable[[], Any]]:
+    """The step that adds a dense tensor's values straight from its section (a kernel that
+    decodes into the sum, no decoded copy), validated now; None where the values must be
+    decoded first (their finiteness is not known until they are). Quantized codes times a
+    checked finite scale are finite, and so is an eden section whose inverse rotation is
+    bounded below float32's range."""
+    if rec.eden is not None:
+        if not rec.eden.rotation_bound() <= 1e38:
+            return None
+        return partial(rec.eden.add_to, acc, weight)
+    if rec.rht_block or rec.value_code not in ("q8", "q4", "q2", "sign"):
+        return None
+    try:
+        body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+    except DecodeError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight)
 
 
 class Aggregator:
@@ -108,17 +129,20 @@ class Aggregator:
                 raise ValueError(f"weight {i} must be finite and >= 0, got {w!r}")
         if not payloads:
             return
-        with out_of_memory_as_decode_error():
+        with out_of_memory_as_decode_error(), ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
             table = self._table if self._table is not None else self._model
-            parsed = []
-            for i, payload in enumerate(payloads):
+
+            def parse_one(i: int) -> Any:
                 try:
-                    one = parse(payload, self.limits, table)
+                    return parse(payloads[i], self.limits, table)
                 except DecodeError as exc:
                     raise DecodeError(f"payload {i}: {exc}") from None
-                if table is None:  # the first payload sets the table for the others
-                    table = [(t.name, t.dtype, t.shape) for t in one.tensors]
-                parsed.append(one)
+
+            first = parse_one(0)
+            if table is None:  # the first payload sets the table for the others
+                table = [(t.name, t.dtype, t.shape) for t in first.tensors]
+            # The checksums (most of parsing) run without the GIL: the rest in parallel.
+            parsed = [first, *pool.map(parse_one, range(1, len(payloads)))]
             sums = self._sums
             if self._table is None:
                 sums = {
@@ -134,11 +158,10 @@ class Aggregator:
                 and rec.eden is None
                 and sums[rec.name].dtype == np.float32
             ]
-            with ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
-                try:
-                    decoded = list(pool.map(lambda item: sparse_parts(item[1], parsed[item[0]].seed), batched))
-                except DecodeError as exc:
-                    raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
+            try:
+                decoded = list(pool.map(lambda item: sparse_parts(item[1], parsed[item[0]].seed), batched))
+            except DecodeError as exc:
+                raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
             steps = []
             skip = {(i, rec.name) for i, rec in batched}
@@ -214,6 +237,8 @@ class Aggregator:
                 new_rotated[rec.name] = (sec.rotation_seed, sec.block, sec.n, np.zeros(sec.n, np.float32))
             sec.outlier_correction()  # made now, used by the step
             return partial(self._add_rotated, rec.name, sec, weight)
+        elif rec.kind == KIND_DENSE and acc.dtype == np.float32 and (add := _fused_dense_add(rec, acc, weight)):
+            return add
         else:
             idx, values = sparse_parts(rec, seed)
         if idx is None:
@@ -276,7 +301,7 @@ class Aggregator:
             elif mine is not None and mine[:3] == (seed, block, n):
                 np.add(mine[3], acc, out=mine[3])
             else:  # summed under another rotation: bring it back first
-                self._sums[name] += other._unrotated(name).astype(self._sums[name].dtype, copy=False)
+                self._sums[name] += eden_unrotate(acc.copy(), seed, block).astype(self._sums[name].dtype, copy=False)
         self.count += other.count
         self.total_weight += other.total_weight
 
@@ -293,11 +318,11 @@ class Aggregator:
         if self.total_weight <= 0:
             raise ValueError("the total weight is zero")
         with out_of_memory_as_decode_error():
-            return self._result(copy)
+            return self._result(self._table, copy)
 
-    def _result(self, copy: bool) -> dict[str, np.ndarray]:
+    def _result(self, table: list[tuple[str, str, tuple]], copy: bool) -> dict[str, np.ndarray]:
         out = {}
-        for name, dtype, shape in self._table:
+        for name, dtype, shape in table:
             acc = self._sums[name]
             unrotated = self._unrotated(name, consume=not copy)
             if unrotated is not None:
@@ -309,21 +334,10 @@ class Aggregator:
                 else:
                     mean = acc
                     mean /= acc.dtype.type(self.total_weight)
-                if dtype == "float16":
-                    mean = np.clip(mean, -65504.0, 65504.0)
-                out[name] = mean.astype(target, copy=False).reshape(shape)
+                out[name] = to_dtype(mean, target).reshape(shape)  # float16 saturates
             else:
-                mean = acc / self.total_weight
-                target = np.dtype(dtype)
-                if target.kind in "iu":
-                    # The mean of integers lies within the type's range, but float64 rounds its ends
-                    # outward (2**63 - 1 becomes 2**63): clamp to the largest representable value inside.
-                    info = np.iinfo(target)
-                    high = np.nextafter(np.float64(info.max), -np.inf) if info.max > 2**53 else info.max
-                    rounded = np.clip(np.rint(mean), info.min, high)
-                    out[name] = rounded.astype(target).reshape(shape)
-                else:
-                    out[name] = (mean > 0.5).astype(target).reshape(shape)
+                # Integers: the mean rounded and clamped to the type's range; bool: the majority.
+                out[name] = to_dtype(acc / self.total_weight, dtype).reshape(shape)
         if not copy:
             self.reset()
         return out

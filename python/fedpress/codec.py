@@ -33,7 +33,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from .format.eden import eden_fixed_size, encode_eden
+from ._arrays import as_float32, to_numpy
+from .format.eden import eden_fixed_size, encode_eden, parse_eden
 from .format.limits import MAX_ROTATION_BLOCK
 from .format.registry import (
     EDEN_BITS,
@@ -46,8 +47,7 @@ from .format.registry import (
     TABLE_FORMS,
     stage_seed,
 )
-from .format.tables import wire_dtype
-from .format.values import encode_values, values_size
+from .format.values import KernelSection, decode_values, encode_values, values_size
 from .format.writer import Entry, raw_entry, write_payload
 
 __all__ = ["Spec", "parse_spec", "Codec"]
@@ -148,24 +148,6 @@ def parse_spec(spec: str) -> Spec:
 
 
 # ------------------------------------------------------------ normalisation --
-def _to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
-    """The tensor as a numpy array and its dtype name (bfloat16 becomes float32 data)."""
-    if ops._is_torch_tensor(value):
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        dtype = wire_dtype(t)
-        if dtype == "bfloat16":
-            return t.float().contiguous().numpy(), "bfloat16"
-        return t.contiguous().numpy(), dtype
-    arr = np.asarray(value)
-    if arr.dtype.name == "bfloat16":
-        return arr.astype(np.float32), "bfloat16"
-    if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
-        raise TypeError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
-    return arr, wire_dtype(arr)
-
-
 # ------------------------------------------------------------------ codec --
 class Codec:
     """Encodes a whole update (a mapping of names to tensors) into self-describing bytes.
@@ -207,7 +189,7 @@ class Codec:
         *,
         seed: Optional[int] = None,
         rotation_seed: Optional[int] = None,
-        _dtypes: Optional[Mapping[str, str]] = None,
+        dtypes: Optional[Mapping[str, str]] = None,
     ) -> bytes:
         """Compresses ``update`` into payload bytes. ``seed`` fixes every random
         choice (stochastic rounding, random-k, rotation signs); by default it is fresh.
@@ -216,7 +198,31 @@ class Codec:
         rotates with (the server hands it out); each tensor's rotation derives from it
         and its position in the update. Without it the rotation derives from ``seed``
         and the server decodes the payload on its own.
+
+        ``dtypes``: ``{name: dtype name}``, the dtype the payload records for a floating
+        tensor instead of its own, which is what ``fedpress.decode`` returns: e.g. the
+        float32 sum of a float16 tensor and what earlier rounds did not send (what
+        ``Encoder`` sends) is recorded as ``"float16"``. One of ``float16``, ``bfloat16``,
+        ``float32``, ``float64``; the values are compressed from float32 either way.
         """
+        return self._encode(update, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes)
+
+    def _encode(
+        self,
+        update: Mapping[str, Any],
+        *,
+        seed: Optional[int],
+        rotation_seed: Optional[int],
+        dtypes: Optional[Mapping[str, str]],
+        selected: Optional[Mapping[str, tuple[np.ndarray, np.ndarray]]] = None,
+        sent: Optional[dict[str, tuple[Optional[np.ndarray], np.ndarray]]] = None,
+    ) -> bytes:
+        """``encode``, for ``fedpress.Encoder``: ``selected`` gives the (indices, values)
+        kept of float tensors by name, chosen by the caller instead of this codec's
+        sparsifier (its fused error-feedback top-k; only for tensors that ``_sends_sparse``);
+        ``sent``, when given, receives for each float tensor ``(indices or None for dense,
+        the float32 values the receiver decodes)``, from the coded sections themselves, so
+        the caller's residual is exactly what the receiver will not have."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
         payload_seed = secrets.randbits(64) if seed is None else ops._seed(seed)
@@ -224,28 +230,57 @@ class Codec:
             rotation_seed = ops._seed(rotation_seed)
             if self.spec.eden_mode != "shared":
                 raise ValueError(f"rotation_seed is for the edenB:shared values, the spec is {self.spec}")
-        names, arrays, dtypes = [], [], []
+        names, arrays, recorded = [], [], []
         for name, value in update.items():
             if not isinstance(name, str):
                 raise TypeError(f"tensor names must be strings, got {type(name).__name__}")
-            arr, dtype = _to_numpy(name, value)
-            if _dtypes is not None and name in _dtypes:
-                dtype = _dtypes[name]  # the Encoder sends float32 sums of lower-precision tensors
+            arr, dtype = to_numpy(name, value)
+            if dtypes is not None and name in dtypes:
+                dtype = dtypes[name]
+                if arr.dtype.kind != "f" or dtype not in ("float16", "bfloat16", "float32", "float64"):
+                    raise ValueError(
+                        f"dtypes[{name!r}] is {dtype!r}: only a floating tensor's recorded dtype can be set, "
+                        "to float16, bfloat16, float32 or float64"
+                    )
             names.append(name)
             arrays.append(arr)
-            dtypes.append(dtype)
+            recorded.append(dtype)
         floats = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
-        flat = {i: ops._as_float32(arrays[i], names[i]) for i in floats}
-        selected = self._select(flat, payload_seed)
+        flat = {i: as_float32(arrays[i], names[i]) for i in floats}
+        if selected is None:
+            try:
+                chosen = self._select(flat, payload_seed)
+            except ValueError:  # a NaN met by the sparsifier: name the tensor
+                for i, v in flat.items():
+                    _check_values(names[i], v, 0, sparse=False)
+                raise
+        else:
+            chosen = {i: selected[names[i]] for i in flat if names[i] in selected}
         entries = []
-        for i, (name, arr, dtype) in enumerate(zip(names, arrays, dtypes)):
+        for i, (name, arr, dtype) in enumerate(zip(names, arrays, recorded)):
             if i not in flat:
                 entries.append(raw_entry(name, arr, dtype))
                 continue
-            entries.append(
-                self._float_entry(name, arr, dtype, flat[i], selected.get(i), payload_seed, i, rotation_seed)
+            entry = self._float_entry(
+                name, arr, dtype, flat[i], chosen.get(i), payload_seed, i, rotation_seed, in_place=sent is None
             )
-        return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
+            entries.append(entry)
+            if sent is not None:
+                sent[name] = self._decoded(entry, chosen.get(i), payload_seed, i)
+        try:
+            return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
+        except ValueError as exc:
+            # A kernel writing its section in place refused its input: say why, by name.
+            for e in entries:
+                if isinstance(e.values, KernelSection) and str(exc).startswith(f"tensor {e.name!r}:"):
+                    x = e.values.piece[1]
+                    _check_values(e.name, x, e.rht_block, sparse=e.kind != KIND_DENSE)
+                    if self.spec.eden:
+                        why = str(exc).split(": ", 1)[1]
+                        raise ValueError(
+                            f"tensor {e.name!r} holds {why}; scale the update down or use a codec without eden"
+                        ) from None
+            raise
 
     # -- selection ----------------------------------------------------------
     def _select(self, flat: dict[int, np.ndarray], seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -294,6 +329,36 @@ class Codec:
             return eden_fixed_size(count, self.rht_block, EDEN_BITS[self.spec.values])
         return values_size(self.spec.values, count, self._value_bucket())
 
+    def _sends_sparse(self, n: int, k: int) -> bool:
+        """Whether k kept entries of n go out sparse: not when the sparse form would not
+        be smaller than the dense one (tiny tensors, high ratios)."""
+        # Golomb codes take about log2(n/k) + 1.6 bits per index, plus two varints.
+        index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
+        return self._values_bytes(k) + index_bytes < self._values_bytes(n)
+
+    def _decoded(
+        self, entry: Entry, selected: Optional[tuple[np.ndarray, np.ndarray]], payload_seed: int, ordinal: int
+    ) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """(indices or None, float32 values) that the receiver decodes from a float entry:
+        its values section decoded by the decoder's own functions, in O(section)."""
+        sp = self.spec
+        coded = entry.values if isinstance(entry.values, tuple) else (entry.values,)
+        data = memoryview(b"".join(memoryview(p).cast("B") for p in coded))
+        count, block = entry.count, entry.rht_block
+        if sp.eden:
+            # (a shared-mode section carries its own rotation seed; parse_eden reads it)
+            derived = stage_seed(payload_seed, ordinal, PURPOSE_RHT)
+            values = parse_eden(sp.values, data, count, block, derived).values()
+        elif block and count:
+            values = decode_values(sp.values, data, ops.rht_padded_size(count, block), entry.bucket)
+            values = ops.irht(values, count, stage_seed(payload_seed, ordinal, PURPOSE_RHT), block=block)
+        else:
+            values = decode_values(sp.values, data, count, entry.bucket)
+        if entry.kind == KIND_DENSE:
+            return None, values
+        assert selected is not None
+        return selected[0], values
+
     def _float_entry(
         self,
         name: str,
@@ -304,27 +369,26 @@ class Codec:
         payload_seed: int,
         ordinal: int,
         rotation_seed: Optional[int] = None,
+        *,
+        in_place: bool = False,
     ) -> Entry:
         sp = self.spec
         n = v.size
         indices, kept = selected if selected is not None else (None, None)
-        if indices is not None and sp.sparsifier != "randk":
-            # Dense when the sparse form would not be smaller (tiny tensors, high ratios).
-            k = indices.size
-            # Golomb codes take about log2(n/k) + 1.6 bits per index, plus two varints.
-            index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
-            if self._values_bytes(k) + index_bytes >= self._values_bytes(n):
-                indices = None
+        if indices is not None and sp.sparsifier != "randk" and not self._sends_sparse(n, indices.size):
+            indices = None
         if indices is None:
             values = v
             kind = KIND_DENSE
         else:
+            assert kept is not None
             values = kept
             kind = KIND_SPARSE_SEEDED if sp.sparsifier == "randk" else KIND_SPARSE
         rotated = (sp.eden or sp.rotate) and values.size > 0
-        # The quantizer finds NaN and infinity in its own max-abs pass (its error is renamed
-        # below); every other stage is checked here, in one max and one min.
-        checked_by_kernel = sp.values in ("q8", "q4", "q2") and not rotated
+        # The quantizer finds NaN and infinity in its own max-abs pass, and the EDEN kernel in
+        # its block norms, which a rotation overflowing float32 makes infinite too (their
+        # errors are renamed below); every other stage is checked here, in one max and one min.
+        checked_by_kernel = (sp.values in ("q8", "q4", "q2") and not rotated) or sp.eden
         if not checked_by_kernel:
             _check_values(name, values, self.rht_block if rotated else 0, sparse=indices is not None)
         shape = original.shape
@@ -338,21 +402,29 @@ class Codec:
                 rotation_seed if shared and rotation_seed is not None else payload_seed, ordinal, PURPOSE_RHT
             )
             bucket = 0
-            coded = encode_eden(
-                sp.values,
-                ops._as_float32(values, name).reshape(-1),
-                block,
-                rotation,
-                quant_seed,
-                shared=shared,
-                mse=sp.eden_mode == "mse",
-            )
+            flat = as_float32(values, name).reshape(-1)
+            try:
+                coded = encode_eden(
+                    sp.values,
+                    flat,
+                    block,
+                    rotation,
+                    quant_seed,
+                    shared=shared,
+                    mse=sp.eden_mode == "mse",
+                    in_place=in_place,
+                )
+            except ValueError as exc:
+                _check_values(name, flat, block, sparse=indices is not None)  # names the tensor and the cause
+                raise ValueError(
+                    f"tensor {name!r} holds {exc}; scale the update down or use a codec without eden"
+                ) from None
         else:
             if rotated:
                 values = ops.rht(values, stage_seed(payload_seed, ordinal, PURPOSE_RHT), block=block)
             bucket = self._value_bucket()
             try:
-                coded = encode_values(sp.values, values, bucket, quant_seed)
+                coded = encode_values(sp.values, values, bucket, quant_seed, in_place=in_place)
             except ValueError:
                 if not checked_by_kernel:
                     raise

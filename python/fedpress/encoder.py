@@ -24,9 +24,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from .codec import Codec, _to_numpy
-from .format import decode_parts
-from .format.tables import wire_dtype
+from ._arrays import as_float32, to_numpy
+from .codec import Codec, _k
 
 __all__ = ["Encoder"]
 
@@ -109,68 +108,144 @@ class Encoder:
         encoder counts its own calls."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
-        to_send: dict[str, np.ndarray] = {}
-        dtypes: dict[str, str] = {}
-        scale = self._clip_scale(update) if self.clip is not None else None
-        for name, value in update.items():
-            arr, dtype = _to_numpy(str(name), value)
-            if arr.dtype.kind != "f":
-                to_send[name] = arr
-                continue
-            dtypes[name] = dtype
-            g = np.array(arr, dtype=np.float32, copy=True).reshape(arr.shape)
-            if scale is not None:
-                g *= np.float32(scale)
-            if self.momentum is not None:
-                v = self.velocities.get(name)
-                if v is not None and v.shape == g.shape:
-                    v *= np.float32(self.momentum)
-                    v += g
-                else:
-                    v = g.copy()
-                self.velocities[name] = v
-                g = v.copy()
-            if self.error_feedback:
-                r = self.residuals.get(name)
-                if r is not None and r.shape == g.shape:
-                    g += r
-            to_send[name] = g
         codec = self._codec_for(self.density(round)) if self.warmup_rounds else self.codec
-        payload = codec.encode(to_send, seed=seed, rotation_seed=rotation_seed, _dtypes=dtypes)
-        if self.error_feedback or self.momentum is not None:
-            table = None
-            if codec.table == "digest":  # the payload decodes with the update's own table (its original dtypes)
-                table = [(name, dtypes.get(name) or wire_dtype(a), a.shape) for name, a in to_send.items()]
-            # What the receiver decodes, as (indices, values): the residual is what was
-            # meant minus that, made in place in O(kept entries) for a sparse tensor.
-            sent = decode_parts(payload, table=table)
-            for name, g in to_send.items():
-                if g.dtype != np.float32 or name not in sent:
-                    continue
-                idx, s = sent[name]
+        scale = self._clip_scale(update) if self.clip is not None else None
+        arrays: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        for name, value in update.items():
+            arrays[name], dtype = to_numpy(str(name), value)
+            if arrays[name].dtype.kind == "f":
+                dtypes[name] = dtype
+        if not self.error_feedback and self.momentum is None:
+            # Nothing carried between rounds: the codec compresses the float32 update.
+            to_send = {name: self._float32(arrays[name], scale) if name in dtypes else a for name, a in arrays.items()}
+            payload = codec.encode(to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes)
+            self.rounds += 1
+            return payload
+        fused = self._fused_topk(codec, arrays, dtypes, scale)
+        to_send = dict(arrays)
+        added: dict[str, np.ndarray] = {}  # what went into each residual in place, to undo on failure
+        selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        try:
+            for name in dtypes:
+                g = None if name in fused else self._velocity_step(name, arrays[name], scale)
                 if self.error_feedback:
-                    flat = g.reshape(-1)  # g is this encoder's own copy
-                    if idx is None:
-                        flat -= s
+                    r = self.residuals.get(name)
+                    if r is None or r.shape != arrays[name].shape:
+                        r = self.residuals[name] = np.zeros(arrays[name].shape, np.float32)
+                    update32 = as_float32(arrays[name], name) if g is None else g
+                    added[name] = update32
+                    if name in fused:
+                        # residual += update, its top-k chosen and zeroed in the same pass.
+                        try:
+                            selected[name] = ops.ef_topk(update32, r.reshape(-1), fused[name])
+                        except ValueError:
+                            raise ValueError(
+                                f"tensor {name!r} holds NaN (the update plus what earlier rounds did not send); "
+                                "compressed tensors must be finite"
+                            ) from None
                     else:
-                        ops.scatter_add(flat, idx, s, -1.0)
-                    self.residuals[name] = g
-                if self.momentum is not None:
-                    # Momentum factor masking: entries that went out stop carrying velocity.
-                    velocity = self.velocities[name].reshape(-1)
-                    if idx is None:
-                        velocity[s != 0] = 0.0
-                    else:
-                        velocity[idx[s != 0]] = 0.0
+                        r += update32.reshape(r.shape)
+                    g = r
+                assert g is not None  # with neither feedback nor momentum, encode returned above
+                to_send[name] = g
+            sent: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}
+            payload = codec._encode(
+                to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, selected=selected or None, sent=sent
+            )
+        except BaseException:
+            self._undo(added, selected)
+            raise
+        for name, (idx, s) in sent.items():
+            if self.error_feedback:
+                # The residual becomes what was meant minus what the receiver decodes, in
+                # O(kept entries) for a sparse tensor.
+                flat = self.residuals[name].reshape(-1)
+                if name in selected:  # zeroed by ef_topk: what is left is the rounding of the sent values
+                    kept = selected[name][1]
+                    ops.scatter_add(flat, idx, kept - s, 1.0)
+                elif idx is None:
+                    flat -= s
+                else:
+                    ops.scatter_add(flat, idx, s, -1.0)
+            if self.momentum is not None:
+                # Momentum factor masking: entries that went out stop carrying velocity.
+                velocity = self.velocities[name].reshape(-1)
+                if idx is None:
+                    velocity[s != 0] = 0.0
+                else:
+                    velocity[idx[s != 0]] = 0.0
         self.rounds += 1
         return payload
+
+    @staticmethod
+    def _float32(arr: np.ndarray, scale: Optional[float]) -> np.ndarray:
+        """The update tensor in float32 (times the clip factor): a new array."""
+        g = np.array(arr, dtype=np.float32, copy=True).reshape(arr.shape)
+        if scale is not None:
+            g *= np.float32(scale)
+        return g
+
+    def _velocity_step(self, name: str, arr: np.ndarray, scale: Optional[float]) -> Optional[np.ndarray]:
+        """With momentum, ``v = m * v + update`` and a copy of v to send; else the clipped
+        float32 update, or None when the update can be added as it is."""
+        if self.momentum is None:
+            return self._float32(arr, scale) if scale is not None else None
+        g = self._float32(arr, scale)
+        v = self.velocities.get(name)
+        if v is not None and v.shape == g.shape:
+            v *= np.float32(self.momentum)
+            v += g
+        else:
+            v = g.copy()
+        self.velocities[name] = v
+        return v.copy()
+
+    def _fused_topk(
+        self, codec: Codec, arrays: Mapping[str, np.ndarray], dtypes: Mapping[str, str], scale: Optional[float]
+    ) -> dict[str, int]:
+        """{name: k} of the tensors whose error-feedback top-k runs fused (``ops.ef_topk``:
+        the update is added to the residual and the residual's top-k chosen in one pass):
+        exact top-k per tensor (one float tensor, or ``per_tensor``), sent sparse, with a
+        residual of the tensor's shape, no momentum and no clipping."""
+        sp = codec.spec
+        if (
+            not self.error_feedback
+            or self.momentum is not None
+            or scale is not None
+            or sp.sparsifier != "topk"
+            or sp.ratio >= 1.0
+            or not (len(dtypes) == 1 or codec.per_tensor)
+        ):
+            return {}
+        fused = {}
+        for name in dtypes:
+            r, n = self.residuals.get(name), arrays[name].size
+            k = _k(sp.ratio, n)
+            if r is not None and r.shape == arrays[name].shape and n and codec._sends_sparse(n, k):
+                fused[name] = k
+        return fused
+
+    def _undo(self, added: Mapping[str, np.ndarray], selected: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Takes back what a failed encode added to the residuals: exactly where the update
+        was not finite (those entries go back to zero, which is all that can be said of
+        them), to within a rounding elsewhere (``(r + u) - u``)."""
+        for name, update32 in added.items():
+            r = self.residuals[name].reshape(-1)
+            if name in selected:  # ef_topk zeroed the kept entries: their sums come back first
+                idx, kept = selected[name]
+                r[idx] = kept
+            u = update32.reshape(-1)
+            with np.errstate(invalid="ignore", over="ignore"):
+                r -= u
+            r[~np.isfinite(r)] = 0.0
 
     def _clip_scale(self, update: Mapping[str, Any]) -> Optional[float]:
         """The factor that brings the update's L2 norm (over its float tensors) down to
         ``clip``, or None when it is within it."""
         total = 0.0
         for name, value in update.items():
-            arr, _ = _to_numpy(str(name), value)
+            arr, _ = to_numpy(str(name), value)
             if arr.dtype.kind == "f":
                 flat = arr.reshape(-1).astype(np.float64, copy=False)
                 total += float(np.dot(flat, flat))
@@ -201,11 +276,11 @@ class Encoder:
                 f"state was saved by an encoder with spec {state.get('spec')!r}, this one has {self.spec!r}"
             )
         self.residuals = {
-            k: ops._as_float32(v, f"residuals[{k!r}]").reshape(np.shape(v)).copy()
+            k: as_float32(v, f"residuals[{k!r}]").reshape(np.shape(v)).copy()
             for k, v in dict(state.get("residuals", {})).items()
         }
         self.velocities = {
-            k: ops._as_float32(v, f"velocities[{k!r}]").reshape(np.shape(v)).copy()
+            k: as_float32(v, f"velocities[{k!r}]").reshape(np.shape(v)).copy()
             for k, v in dict(state.get("velocities", {})).items()
         }
         self.rounds = int(state.get("rounds", 0))

@@ -42,9 +42,13 @@ def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np
             raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
         if rec.rht_block and rec.count:
             values = ops.irht(values, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RHT), block=rec.rht_block)
-    # Quantized codes times a checked finite scale cannot leave the scale's range: only
-    # the other stages (and a rotation) need the full pass.
-    finite_by_construction = rec.eden is None and not rec.rht_block and rec.value_code in ("q8", "q4", "q2", "sign")
+    # Quantized codes times a checked finite scale cannot leave the scale's range, nor can
+    # an eden section's inverse rotation when its bound is within float32: only the other
+    # stages (and a plain rotation) need the full pass.
+    if rec.eden is not None:
+        finite_by_construction = rec.eden.rotation_bound() <= 1e38
+    else:
+        finite_by_construction = not rec.rht_block and rec.value_code in ("q8", "q4", "q2", "sign")
     if not finite_by_construction and not np.all(np.isfinite(values)):
         raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
     if rec.kind == KIND_DENSE:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
-from .. import ops
+from .. import _core, ops
 from .errors import DecodeError
 from .primitives import ByteReader, encode_varint
-from .registry import EDEN_BITS, EDEN_MSE_SCALE, EDEN_SHARED, PURPOSE_QUANT, PURPOSE_RHT, stage_seed
+from .registry import EDEN_BITS, EDEN_MSE_SCALE, EDEN_SHARED
+from .values import KernelSection, Sections
 
 __all__: list[str] = []
 
@@ -55,29 +56,24 @@ def _segment_blocks(length: int, block: int) -> int:
     return length // block if length >= block else 1
 
 
-def _segment_seeds(rotation_seed: int, i: int) -> tuple[int, int]:
-    return stage_seed(rotation_seed, 2 * i, PURPOSE_RHT), stage_seed(rotation_seed, 2 * i + 1, PURPOSE_RHT)
-
-
-def eden_rotate(v: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
-    """The rotated float32[n] vector EDEN quantizes (a new array)."""
-    out = np.array(v, dtype=np.float32, copy=True).reshape(-1)
-    for i, (off, length) in enumerate(eden_segments(out.size, block)):
-        first, second = _segment_seeds(rotation_seed, i)
-        part = out[off : off + length]  # segments are powers of two: each pass is rht, in place
-        ops.fwht(ops.random_signs(part, first), block)
-        ops.fwht(ops.random_signs(part, second), block)
-    return out
-
-
 def eden_unrotate(y: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
-    """Inverse of ``eden_rotate``, in place on the float32 array ``y``; returns it."""
-    for i, (off, length) in enumerate(eden_segments(y.size, block)):
-        first, second = _segment_seeds(rotation_seed, i)
-        part = y[off : off + length]
-        ops.random_signs(ops.fwht(part, block), second)
-        ops.random_signs(ops.fwht(part, block), first)
+    """Undoes the rotation of every segment of the float32 array ``y`` (a sum of
+    dequantized rotated vectors under one rotation seed), in place; returns it."""
+    _core.eden_unrotate(y, block, rotation_seed)
     return y
+
+
+def rotation_bound(bits: int, shared: bool, scales: np.ndarray, outlier_val: np.ndarray, n: int, block: int) -> float:
+    """An upper bound on every value the inverse rotation of a section computes (its
+    butterflies grow a block by up to L**1.5): the encoder refuses what the decoder
+    could overflow on, and the rotated-domain sum checks it before adding."""
+    if n == 0:
+        return 0.0
+    table = ops.eden_levels(bits) if shared else ops.eden_centroids(bits)
+    largest = float(scales.max()) * float(np.abs(table).max()) if scales.size else 0.0
+    if outlier_val.size:
+        largest = max(largest, float(np.abs(outlier_val).max()))
+    return largest * float(min(block, n)) ** 1.5
 
 
 def eden_fixed_size(count: int, block: int, bits: int) -> int:
@@ -128,18 +124,32 @@ class EdenSection:
 
     def values(self) -> np.ndarray:
         """The decoded values: float32[n]."""
-        return eden_unrotate(self.rotated(), self.rotation_seed, self.block)
+        return self._decode(None, 1.0)
+
+    def add_to(self, acc: np.ndarray, weight: float) -> None:
+        """``acc += weight * values()`` in place, a cache-sized range at a time: the
+        decoded vector is never built."""
+        self._decode(acc, weight)
+
+    def _decode(self, acc: Optional[np.ndarray], weight: float) -> np.ndarray:
+        return _core.eden_decode(
+            self.packed,
+            self.scales,
+            self.n,
+            self.bits,
+            self.rotation_seed,
+            self.block,
+            self.shared,
+            self.outlier_idx,
+            self.outlier_val,
+            acc,
+            float(weight),
+        )
 
     def rotation_bound(self) -> float:
-        """An upper bound on every value the inverse rotation computes (its unnormalised
-        butterflies grow a block by up to L**1.5): at most 1e38, nothing can overflow."""
-        if self.n == 0:
-            return 0.0
-        table = ops.eden_levels(self.bits) if self.shared else ops.eden_centroids(self.bits)
-        largest = float(self.scales.max()) * float(np.abs(table).max()) if self.scales.size else 0.0
-        if self.outlier_val.size:
-            largest = max(largest, float(np.abs(self.outlier_val).max()))
-        return largest * float(min(self.block, self.n)) ** 1.5
+        """An upper bound on every value the inverse rotation computes: at most 1e38,
+        nothing can overflow (see ``rotation_bound``)."""
+        return rotation_bound(self.bits, self.shared, self.scales, self.outlier_val, self.n, self.block)
 
     def outlier_correction(self) -> np.ndarray:
         """What each outlier adds to the value its code stands for (outliers replace their
@@ -196,38 +206,45 @@ def _codes_at(packed: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarra
 
 
 def encode_eden(
-    code: str, v: np.ndarray, block: int, rotation_seed: int, quant_seed: int, *, shared: bool, mse: bool
-) -> bytes:
-    """An eden values section for the float32 vector ``v``."""
+    code: str,
+    v: np.ndarray,
+    block: int,
+    rotation_seed: int,
+    quant_seed: int,
+    *,
+    shared: bool,
+    mse: bool,
+    in_place: bool = False,
+) -> Union[Sections, KernelSection]:
+    """An eden values section for the float32 vector ``v``, as buffers in order (the
+    writer copies them once into the payload): one fused kernel rotates, quantizes
+    and packs every segment (``ops.eden_encode``, the layout above). With ``in_place``
+    (and no shared-mode outliers, whose number is known only afterwards), a
+    :class:`KernelSection` that the kernel writes where the payload holds it."""
     bits = EDEN_BITS[code]
     mode = (EDEN_SHARED if shared else 0) | (EDEN_MSE_SCALE if mse else 0)
-    head = [bytes((mode,))]
-    if shared:
-        head.append(_U64.pack(rotation_seed))
-    y = eden_rotate(v, rotation_seed, block)
-    scales, codes, oidx, oval = [], [], [], []
-    for i, (off, length) in enumerate(eden_segments(v.size, block)):
-        packed, seg_scales, seg_idx, seg_val = ops.eden_quantize(
-            y[off : off + length],
-            length,
-            bits,
-            seed=stage_seed(quant_seed, i, PURPOSE_QUANT),
-            block=block,
-            stochastic=shared,
-            scale="mse" if mse else "unbiased",
+    if in_place and not shared and v.size:  # no outliers: the size is known before the kernel runs
+        piece = ("eden", np.ascontiguousarray(v, dtype=np.float32), bits, block, rotation_seed, quant_seed, mode)
+        return KernelSection(piece, eden_fixed_size(v.size, block, bits))
+    packed, scales, oidx, oval = ops.eden_encode(
+        v,
+        bits,
+        rotation_seed,
+        block=block,
+        stochastic=shared,
+        scale="mse" if mse else "unbiased",
+        quant_seed=quant_seed,
+    )
+    bound = rotation_bound(bits, shared, scales, oval, v.size, block)
+    if not bound <= 1e38:
+        raise ValueError(
+            f"values too large to rotate in float32 (the decoder's inverse rotation could reach {bound:.3g} > 1e38)"
         )
-        scales.append(seg_scales.astype("<f4").tobytes())
-        codes.append(packed.tobytes())
-        if seg_idx.size:
-            oidx.append(seg_idx.astype(np.int64) + off)
-            oval.append(seg_val)
-    parts = head + scales + codes
-    if shared:
-        idx = np.concatenate(oidx).astype(np.uint32) if oidx else np.zeros(0, np.uint32)
-        stream = ops.encode_indices(idx, v.size) if idx.size else b""
-        values = np.concatenate(oval).astype("<f4").tobytes() if oval else b""
-        parts += [encode_varint(int(idx.size)), encode_varint(len(stream)), stream, values]
-    return b"".join(parts)
+    head = bytes((mode,)) + (_U64.pack(rotation_seed) if shared else b"")
+    if not shared:
+        return (head, scales, packed)  # float32 is little-endian on every platform fedpress builds on
+    stream = ops.encode_indices(oidx, v.size) if oidx.size else b""
+    return (head, scales, packed, encode_varint(int(oidx.size)), encode_varint(len(stream)), stream, oval)
 
 
 def parse_eden(code: str, data: memoryview, count: int, block: int, derived_seed: int) -> EdenSection:
@@ -247,13 +264,13 @@ def parse_eden(code: str, data: memoryview, count: int, block: int, derived_seed
     scales = np.frombuffer(r.take(4 * n_scales, "scales"), dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(scales)) or np.any(scales < 0):
         raise DecodeError(f"{code} section holds a negative or non-finite scale")
-    chunks = []
-    for off, length in segments:
-        chunk = np.frombuffer(r.take((length * bits + 7) // 8, f"codes at {off}"), dtype=np.uint8)
-        if (length * bits) % 8 and chunk[-1] >> ((length * bits) % 8):
+    sizes = [(length * bits + 7) // 8 for _, length in segments]
+    packed = np.frombuffer(r.take(sum(sizes), "codes"), dtype=np.uint8)  # a view: the codes are not copied
+    end = 0
+    for (off, length), size in zip(segments, sizes):
+        end += size
+        if (length * bits) % 8 and packed[end - 1] >> ((length * bits) % 8):
             raise DecodeError(f"{code} section: nonzero padding bits after the codes at {off}")
-        chunks.append(chunk)
-    packed = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
     oidx, oval = np.zeros(0, np.uint32), np.zeros(0, np.float32)
     if shared:
         k = r.varint("outlier count")

@@ -4,7 +4,8 @@ checks. Internal to fedpress: the public surface is ``fedpress.format``."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 
@@ -20,6 +21,18 @@ __all__: list[str] = []
 Sections = tuple
 
 
+@dataclass(frozen=True)
+class KernelSection:
+    """A values section that a kernel writes straight into the payload (``_core.assemble``):
+    its piece (``("q", x, bits, bucket, seed)``, ``("f16", x)``, ``("bf16", x)`` or
+    ``("eden", x, bits, block, rotation_seed, quant_seed, mode)``, x float32) and its
+    size, which is known before it is computed. Such a section exists nowhere but in
+    the payload."""
+
+    piece: tuple
+    nbytes: int
+
+
 def values_size(code: str, count: int, bucket: int) -> int:
     """Exact bytes of a values section."""
     if code == "fp32":
@@ -31,13 +44,22 @@ def values_size(code: str, count: int, bucket: int) -> int:
     return 4 * nb + (count * bits + 7) // 8
 
 
-def encode_values(code: str, v: np.ndarray, bucket: int, seed: int) -> Sections:
+def encode_values(
+    code: str, v: np.ndarray, bucket: int, seed: int, *, in_place: bool = False
+) -> Union[Sections, KernelSection]:
     """Codes a float32 vector with a value stage: the section's bytes, as buffers the
-    writer copies once into the payload (see :data:`Sections`)."""
+    writer copies once into the payload (see :data:`Sections`); with ``in_place``, a
+    q8/q4/q2/fp16/bf16 section is a :class:`KernelSection` the writer has its kernel
+    write where the payload holds it (NaN and infinity are then found there)."""
     if code == "fp16" and np.asarray(v).dtype == np.float64:
         # float64 originals round to half once, not through float32 first
         return (np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2"),)
     v = np.ascontiguousarray(v, dtype=np.float32)
+    if in_place and v.size:
+        if code in QUANT_BITS:
+            return KernelSection(("q", v, QUANT_BITS[code], bucket, seed), values_size(code, v.size, bucket))
+        if code in ("fp16", "bf16"):
+            return KernelSection(("f16" if code == "fp16" else "bf16", v), 2 * v.size)
     if code == "fp16":
         return (_little(_core.to_half(v)),)
     if code == "bf16":
@@ -62,10 +84,27 @@ def _little(a: np.ndarray) -> np.ndarray:
 
 
 def section_size(values: Any) -> int:
-    """Bytes of a section given as bytes or as :data:`Sections`."""
+    """Bytes of a section given as bytes, :data:`Sections` or a :class:`KernelSection`."""
+    if isinstance(values, KernelSection):
+        return values.nbytes
     if isinstance(values, tuple):
         return sum(memoryview(p).nbytes for p in values)
     return memoryview(values).nbytes
+
+
+def quantized_parts(code: str, data: memoryview, count: int, bucket: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The validated (packed codes, float32 scales, bits) of a q8/q4/q2/sign section:
+    what ``ops.dequantize`` takes, so a sum can add the values without building them."""
+    nb = -(-count // bucket)
+    scales = np.frombuffer(data, dtype="<f4", count=nb).astype(np.float32)
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise DecodeError("values section holds a negative or non-finite scale")
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 * nb)
+    # sign: one bit per value on the 1-bit grid {-s, +s}, exactly the 1-bit dequantizer.
+    bits = 1 if code == "sign" else QUANT_BITS[code]
+    if (count * bits) % 8 and body.size and body[-1] >> ((count * bits) % 8):
+        raise DecodeError(f"{code} section: nonzero padding bits in the last byte")
+    return body, scales, bits
 
 
 def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.ndarray:
@@ -76,17 +115,5 @@ def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.nd
         return _core.from_half(np.frombuffer(data, dtype="<u2", count=count))
     if code == "bf16":
         return _core.from_bfloat16(np.frombuffer(data, dtype="<u2", count=count))
-    nb = -(-count // bucket)
-    scales = np.frombuffer(data, dtype="<f4", count=nb).astype(np.float32)
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        raise DecodeError("values section holds a negative or non-finite scale")
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 * nb)
-    if code == "sign":
-        if count % 8 and body.size and body[-1] >> (count % 8):
-            raise DecodeError("sign section: nonzero padding bits in the last byte")
-        # One bit per value on the 1-bit grid {-s, +s}: exactly the 1-bit dequantizer.
-        return ops.dequantize(body, scales, 1, count, bucket)
-    bits = QUANT_BITS[code]
-    if (count * bits) % 8 and body.size and body[-1] >> ((count * bits) % 8):
-        raise DecodeError(f"{code} section: nonzero padding bits in the last byte")
+    body, scales, bits = quantized_parts(code, data, count, bucket)
     return ops.dequantize(body, scales, bits, count, bucket)

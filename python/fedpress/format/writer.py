@@ -28,7 +28,7 @@ from .registry import (
     VALUE_RAW,
 )
 from .tables import entry_head, heads_digest
-from .values import section_size
+from .values import KernelSection, section_size
 
 __all__: list[str] = []
 
@@ -56,6 +56,18 @@ def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
     return Entry(
         name=name, dtype=dtype, shape=tuple(int(s) for s in a.shape), kind=KIND_RAW, count=int(a.size), values=data
     )
+
+
+def _assemble(pieces: list[tuple[Optional[str], Any]], *, checksum: bool) -> bytes:
+    """``_core.assemble`` of the pieces; a kernel's refusal names its tensor."""
+    try:
+        return _core.assemble([p for _, p in pieces], checksum)
+    except ValueError as exc:
+        position, _, why = str(exc).partition(": ")
+        name = pieces[int(position.split()[1])][0] if position.startswith("piece ") else None
+        if name is None:
+            raise
+        raise ValueError(f"tensor {name!r}: {why}") from None
 
 
 def write_payload(
@@ -95,7 +107,7 @@ def write_payload(
     if compact:
         parts.append(heads_digest(heads))
     parts.append(encode_varint(len(entries)))
-    sections = []
+    sections: list[tuple[Optional[str], Any]] = []
     for e, head in zip(entries, heads):
         index_bytes = b""
         if e.kind == KIND_SPARSE:
@@ -113,19 +125,25 @@ def write_payload(
             encode_varint(len(index_bytes)),
             encode_varint(section_size(e.values)),
         ]
-        sections.append(index_bytes)
-        sections += e.values if isinstance(e.values, tuple) else (e.values,)
-    pieces = [memoryview(p).cast("B") for p in parts + sections if memoryview(p).nbytes]
+        sections.append((None, index_bytes))
+        if isinstance(e.values, KernelSection):
+            sections.append((e.name, e.values.piece))
+        else:
+            sections += [(None, p) for p in (e.values if isinstance(e.values, tuple) else (e.values,))]
+    # Every piece in order, into one new buffer: a KernelSection written in place by its
+    # kernel, the rest copied once; the checksum runs over the buffer.
+    pieces: list[tuple[Optional[str], Any]] = [(None, p) for p in parts]
+    pieces += sections
+    pieces = [
+        (name, p if name is not None else memoryview(p).cast("B"))
+        for name, p in pieces
+        if name is not None or memoryview(p).nbytes
+    ]
     flags = FLAG_TABLE_DIGEST if compact else 0
     if zstd_level is None:
-        # One copy of every section, into the payload itself; the checksum runs over the
-        # pieces in order.
         header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed)
-        crc = _core.crc32c(header)
-        for piece in pieces:
-            crc = _core.crc32c(piece, crc)
-        return b"".join([header, *pieces, TRAILER.pack(crc)])
-    body = b"".join(pieces)
+        return _assemble([(None, header), *pieces], checksum=True)
+    body = _assemble(pieces, checksum=False)
     raw_size = len(body)
     # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
     # share of the payload, get a strong level at a cost of microseconds.

@@ -1,0 +1,141 @@
+"""The payload written into one buffer (``_core.assemble``): value sections made by
+their kernels in place give the same bytes as sections made first and copied; the
+checksum is CRC-32C whatever the length, thread count and SIMD level; a kernel's
+refusal names its tensor."""
+
+from __future__ import annotations
+
+import fedpress as fp
+import numpy as np
+import pytest
+from fedpress import _core, ops
+
+SPECS = [
+    "q8",
+    "q4",
+    "q2",
+    "fp16",
+    "bf16",
+    "fp32",
+    "eden1",
+    "eden3",
+    "eden4:mse",
+    "eden8",
+    "q4+zstd",
+    "eden2+zstd:5",
+    "topk:0.05+q4",
+    "topk:0.05+eden4",
+    "rht+q4",
+    "eden2:shared",
+    "sign",
+]
+
+
+def _crc_reference(data: bytes, crc: int = 0) -> int:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+        table.append(c)
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
+    return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n", [1, 1000, 70_001])
+def test_in_place_sections_equal_copied_ones(spec: str, n: int) -> None:
+    """Codec.encode (kernels write into the payload) and the path that builds each section
+    first (the one the Encoder takes, as it reads the sections back) give the same bytes."""
+    rng = np.random.default_rng(n)
+    update = {
+        "w": rng.standard_normal(n).astype(np.float32),
+        "b": rng.standard_normal(7).astype(np.float32),
+        "steps": np.arange(3, dtype=np.int64),
+    }
+    codec = fp.Codec(spec, rht_block=1024)
+    in_place = codec.encode(update, seed=5)
+    copied = codec._encode(update, seed=5, rotation_seed=None, dtypes=None, sent={})
+    assert in_place == copied
+    out = fp.decode(in_place)
+    assert set(out) == set(update)
+
+
+def test_assemble_pieces_and_checksum() -> None:
+    x = np.random.default_rng(1).standard_normal(3001).astype(np.float32)
+    pieces = [
+        b"head",
+        ("q", x, 4, 512, 7),
+        ("f16", x),
+        ("bf16", x),
+        ("eden", x, 3, 256, 11, 12, 2),
+        memoryview(b"tail"),
+    ]
+    out = _core.assemble(pieces, True)
+    body, crc = out[:-4], int.from_bytes(out[-4:], "little")
+    assert crc == _core.crc32c(body)
+    packed, scales = ops.quantize(x, 4, seed=7)
+    packed_eden, scales_eden, _, _ = ops.eden_encode(x, 3, 11, block=256, scale="mse", quant_seed=12)
+    expected = b"".join(
+        [
+            b"head",
+            scales.tobytes(),
+            packed.tobytes(),
+            _core.to_half(x).tobytes(),
+            _core.to_bfloat16(x).tobytes(),
+            bytes([2]),
+            scales_eden.tobytes(),
+            packed_eden.tobytes(),
+            b"tail",
+        ]
+    )
+    assert body == expected
+    assert _core.assemble(pieces, False) == expected
+    assert _core.assemble([], True) == _core.crc32c(b"").to_bytes(4, "little")
+
+
+def test_assemble_refusals_name_the_piece() -> None:
+    x = np.ones(100, np.float32)
+    x[3] = np.inf
+    with pytest.raises(ValueError, match=r"^piece 1: .*NaN or infinity"):
+        _core.assemble([b"a", ("q", x, 4, 64, 1)], True)
+    with pytest.raises(ValueError, match="unknown kernel piece"):
+        _core.assemble([("zz", x)], True)
+    with pytest.raises(ValueError, match="only the mode bit"):
+        _core.assemble([("eden", np.ones(8, np.float32), 2, 8, 1, 2, 1)], True)
+    with pytest.raises(TypeError, match="float32"):
+        _core.assemble([("f16", np.ones(4, np.float64))], True)
+
+
+def test_codec_names_the_tensor_a_kernel_refused() -> None:
+    x = np.ones(5000, np.float32)
+    x[9] = np.nan
+    for spec in ("q4", "fp16", "eden4", "q8+zstd"):
+        with pytest.raises(ValueError, match="tensor 'bad' holds NaN or infinity"):
+            fp.Codec(spec).encode({"good": np.ones(10, np.float32), "bad": x})
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_crc32c_any_length_any_split(threads: int) -> None:
+    """Three interleaved streams per 24 KiB and pieces of 1 MiB checksummed in parallel,
+    combined: the CRC-32C of the bytes, whatever the length and thread count."""
+    rng = np.random.default_rng(threads)
+    big = rng.integers(0, 256, (3 << 20) + 12_345, dtype=np.uint8).tobytes()
+    reference = _core.crc32c(big)  # checked against the scalar table path below
+    level = _core.simd()
+    old = ops.get_num_threads()
+    try:
+        ops.set_num_threads(threads)
+        for size in (0, 1, 7, 8, 24_575, 24_576, 24_577, 3 * 24_576 + 5):
+            data = big[:size]
+            assert _core.crc32c(data) == _crc_reference(data)
+        assert _core.crc32c(big) == reference
+        assert _core.crc32c(big[12_345:], _core.crc32c(big[:12_345])) == reference
+        _core.set_simd("scalar")
+        assert _core.crc32c(big) == reference
+    finally:
+        _core.set_simd(level)
+        ops.set_num_threads(old)
+    assert _core.crc32c(b"123456789") == 0xE3069283
