@@ -167,7 +167,7 @@ void register_topk(py::module_& m) {
       "n"_a, "k"_a, "seed"_a, "The ascending indices randomk(x, k, seed) selects for len(x) == n.");
   m.def(
       "ef_topk",
-      [](const py::handle& u_obj, const py::handle& r_obj, long long k_arg) {
+      [](const py::handle& u_obj, const py::handle& r_obj, long long k_arg, bool zero_selected) {
         py::array u = checked<float>(u_obj, "update");
         py::array r = checked<float>(r_obj, "residual", Access::write);
         if (len(u) != len(r))
@@ -179,12 +179,22 @@ void register_topk(py::module_& m) {
         fedpress::SparseVector s;
         {
           py::gil_scoped_release release;
-          s = fedpress::ef_topk(cptr<float>(u), mptr<float>(r), n, k);
+          s = fedpress::ef_topk(cptr<float>(u), mptr<float>(r), n, k, zero_selected);
         }
         return sparse_to_tuple(std::move(s));
       },
-      "update"_a, "residual"_a, "k"_a,
-      "residual += update; take the exact top-k of residual; zero them in residual; return them.");
+      "update"_a, "residual"_a, "k"_a, "zero_selected"_a = true,
+      "residual += update; take the exact top-k of residual; zero them in residual (unless "
+      "zero_selected is false); return them.");
+}
+
+// Where a decoding kernel writes: a new float32[n], or the caller's acc (writable, n long).
+py::array output_or_acc(const py::handle& acc_obj, std::size_t n) {
+  if (acc_obj.is_none()) return py::array_t<float>(static_cast<py::ssize_t>(n));
+  py::array acc = checked<float>(acc_obj, "acc", Access::write);
+  if (len(acc) != n)
+    throw py::value_error("acc has " + std::to_string(len(acc)) + " elements, expected n = " + std::to_string(n));
+  return acc;
 }
 
 void register_quantize(py::module_& m) {
@@ -210,7 +220,7 @@ void register_quantize(py::module_& m) {
   m.def(
       "dequantize",
       [](const py::handle& p_obj, const py::handle& s_obj, int bits, long long n_arg, long long bucket,
-         const py::handle& acc_obj, double weight) {
+         const py::handle& acc_obj, double weight, bool accumulate) {
         py::array packed = checked<std::uint8_t>(p_obj, "packed");
         py::array scales = checked<float>(s_obj, "scales");
         if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
@@ -226,25 +236,19 @@ void register_quantize(py::module_& m) {
           throw py::value_error("scales has " + std::to_string(len(scales)) + " entries, expected " +
                                 std::to_string(fedpress::bucket_count(n, b)) + " for n = " + std::to_string(n) +
                                 " and bucket = " + std::to_string(b));
-        const bool accumulate = !acc_obj.is_none();
-        py::array out;
-        if (accumulate) {
-          out = checked<float>(acc_obj, "acc", Access::write);
-          if (len(out) != n)
-            throw py::value_error("acc has " + std::to_string(len(out)) + " elements, expected n = " + std::to_string(n));
-        } else {
-          out = py::array_t<float>(static_cast<py::ssize_t>(n));
-        }
+        py::array out = output_or_acc(acc_obj, n);
         {
           float* o = static_cast<float*>(out.mutable_data());
           py::gil_scoped_release release;
-          fedpress::dequantize(cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, o, accumulate,
-                               static_cast<float>(weight));
+          fedpress::dequantize(cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, o,
+                               accumulate && !acc_obj.is_none(), static_cast<float>(weight));
         }
         return out;
       },
       "packed"_a, "scales"_a, "bits"_a, "n"_a, "bucket"_a, "acc"_a = py::none(), "weight"_a = 1.0,
-      "Inverse of quantize: float32[n]; with acc, acc += weight * that, in place, and acc is returned.");
+      "accumulate"_a = true,
+      "weight * the inverse of quantize, float32[n]: a new array, or acc (acc += that, or acc = that "
+      "with accumulate=False), returned.");
 }
 
 void register_indexcode(py::module_& m) {
@@ -591,7 +595,7 @@ void register_eden(py::module_& m) {
       "eden_decode",
       [](const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits, std::uint64_t seed,
          long long block_arg, bool stochastic, const py::handle& i_obj, const py::handle& v_obj,
-         const py::handle& acc_obj, double weight) {
+         const py::handle& acc_obj, double weight, bool accumulate) {
         const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
         eden_bits(bits);
         // Sections are views of a payload at any offset: the codes are bytes and
@@ -605,26 +609,20 @@ void register_eden(py::module_& m) {
         py::array idx = checked<std::uint32_t>(i_obj, "outlier_idx");
         py::array val = checked<float>(v_obj, "outlier_val");
         expect_length(val, len(idx), "outlier_val", "(one per outlier_idx)");
-        const bool accumulate = !acc_obj.is_none();
-        py::array out;
-        if (accumulate) {
-          out = checked<float>(acc_obj, "acc", Access::write);
-          expect_length(out, n, "acc", "(n)");
-        } else {
-          out = py::array_t<float>(static_cast<py::ssize_t>(n));
-        }
+        py::array out = output_or_acc(acc_obj, n);
         {
           float* o = static_cast<float*>(out.mutable_data());
           py::gil_scoped_release release;  // raw buffers kept alive by the arrays
           fedpress::eden_decode(cptr<std::uint8_t>(packed), cptr<float>(scales), n, block, bits,
                                 rounding(stochastic), seed, cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), o,
-                                accumulate, static_cast<float>(weight));
+                                accumulate && !acc_obj.is_none(), static_cast<float>(weight));
         }
         return out;
       },
       "packed"_a, "scales"_a, "n"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "outlier_idx"_a, "outlier_val"_a,
-      "acc"_a = py::none(), "weight"_a = 1.0,
-      "Inverse of eden_encode: float32[n]; with acc, acc += weight * that, in place, and acc is returned.");
+      "acc"_a = py::none(), "weight"_a = 1.0, "accumulate"_a = true,
+      "weight * the inverse of eden_encode, float32[n]: a new array, or acc (acc += that, or acc = that "
+      "with accumulate=False), returned.");
   m.def(
       "eden_unrotate",
       [](const py::handle& y_obj, long long block_arg, std::uint64_t seed) {

@@ -903,6 +903,12 @@ void for_each_range(const std::vector<EdenSegment>& segments, std::size_t block,
   }
 }
 
+// x[i] *= weight.
+FEDPRESS_CLONES
+void scale_values(float* x, std::size_t len, float weight) {
+  for (std::size_t i = 0; i < len; ++i) x[i] *= weight;
+}
+
 // acc[i] += weight * w[i]: a float product then a float sum, as numpy's two steps.
 FEDPRESS_CLONES
 void add_scaled(float* __restrict acc, const float* __restrict w, std::size_t len, float weight) {
@@ -1036,7 +1042,10 @@ void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n,
     for (const std::uint32_t* o = std::lower_bound(outlier_idx, idx_end, lo); o != idx_end && *o < hi; ++o)
       w[*o - lo] = outlier_val[o - outlier_idx];
     unrotate_range(w, g.length, block, seeds, r);
-    if (accumulate) add_scaled(dst, w, r.end - r.begin, weight);
+    if (accumulate)
+      add_scaled(dst, w, r.end - r.begin, weight);
+    else if (weight != 1.0f)
+      scale_values(dst, r.end - r.begin, weight);
   });
 }
 

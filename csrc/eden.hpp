@@ -139,8 +139,8 @@ void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, Ede
 
 // Inverse of eden_encode: dequantizes, puts the outliers (strictly ascending,
 // < n) in place and undoes both rotations of each segment (fwht_signs_blocks_inplace,
-// second then first). accumulate: acc[i] += weight * value_i instead of
-// out[i] = value_i, through a per-range scratch buffer. Throws
+// second then first), out[i] = weight * value_i (value_i for a weight of 1);
+// accumulate: out[i] += weight * value_i instead, through a per-range scratch buffer. Throws
 // std::invalid_argument on invalid arguments, nonzero padding bits or bad outliers.
 void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n, std::size_t block, int bits,
                  EdenRounding rounding, std::uint64_t rotation_seed, const std::uint32_t* outlier_idx,

@@ -48,6 +48,28 @@ unsigned ceil_log2(std::uint64_t m) {
   return b;
 }
 
+// gap / m and gap % m for gaps below 2^32 without a hardware division (tens of cycles,
+// once per index): a double-precision estimate of the quotient, off by at most one,
+// corrected exactly.
+struct DivideBy {
+  std::uint64_t m;
+  double inverse;
+  explicit DivideBy(std::uint64_t m_) : m(m_), inverse(1.0 / static_cast<double>(m_)) {}
+  void divmod(std::uint64_t gap, std::uint64_t& q, std::uint64_t& r) const {
+    auto qe = static_cast<std::int64_t>(static_cast<double>(gap) * inverse);
+    auto re = static_cast<std::int64_t>(gap) - qe * static_cast<std::int64_t>(m);
+    if (re < 0) {
+      --qe;
+      re += static_cast<std::int64_t>(m);
+    } else if (re >= static_cast<std::int64_t>(m)) {
+      ++qe;
+      re -= static_cast<std::int64_t>(m);
+    }
+    q = static_cast<std::uint64_t>(qe);
+    r = static_cast<std::uint64_t>(re);
+  }
+};
+
 struct Golomb {
   std::uint64_t m;
   unsigned b;      // ceil(log2 m)
@@ -301,8 +323,12 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k
   const std::size_t stride = std::max<std::size_t>(1, k / 32768);
   auto sampled_bits = [&](std::uint64_t m) {
     const Golomb g(m);
-    std::uint64_t bits = 0;
-    for (std::size_t i = 0; i < k; i += stride) bits += gaps[i] / m + 1 + g.remainder_bits(gaps[i] % m);
+    const DivideBy d(m);
+    std::uint64_t bits = 0, q, r;
+    for (std::size_t i = 0; i < k; i += stride) {
+      d.divmod(gaps[i], q, r);
+      bits += q + 1 + g.remainder_bits(r);
+    }
     return bits;
   };
   std::uint64_t best_m = m0, best_bits = sampled_bits(m0);
@@ -323,12 +349,10 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k
   const std::uint64_t bound_bits = n / best_m + std::uint64_t{k} * (1 + g.b) + 64;
   out.resize(header + static_cast<std::size_t>(bound_bits / 8) + 16, 0);
   BitWriter w(out.data() + header);
-  const bool small_m = best_m <= 0xFFFFFFFFull;
-  const std::uint32_t m32 = static_cast<std::uint32_t>(best_m);
+  const DivideBy d(best_m);
   for (std::size_t i = 0; i < k; ++i) {
-    // 32-bit division where m allows: several times cheaper than 64-bit.
-    const std::uint64_t q = small_m ? gaps[i] / m32 : gaps[i] / best_m;
-    const std::uint64_t r = gaps[i] - q * best_m;
+    std::uint64_t q, r;
+    d.divmod(gaps[i], q, r);
     w.put_zeros(q);
     w.put(1, 1);
     if (g.b == 0) continue;

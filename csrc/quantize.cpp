@@ -194,10 +194,11 @@ void unpack_codes(const std::uint8_t* packed, std::size_t len, int bits, std::ui
 // division of two exactly representable integers, so it is correctly rounded
 // and identical to a table lookup, while the loop vectorises.
 FEDPRESS_CLONES
-void scale_codes(const std::uint8_t* codes, std::size_t len, int levels, float scale, float* out) {
+void scale_codes(const std::uint8_t* codes, std::size_t len, int levels, float scale, float weight, float* out) {
   const float lf = static_cast<float>(levels);
+  // weight * v: exactly v for a weight of 1.
   for (std::size_t i = 0; i < len; ++i)
-    out[i] = scale * (static_cast<float>(2 * static_cast<int>(codes[i]) - levels) / lf);
+    out[i] = weight * (scale * (static_cast<float>(2 * static_cast<int>(codes[i]) - levels) / lf));
 }
 
 // out[i] += weight * (the value scale_codes writes).
@@ -333,7 +334,7 @@ void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::
       if (accumulate)
         scale_codes_add(codes.data() + (s - begin), e - s, levels, scales[b], weight, out + s);
       else
-        scale_codes(codes.data() + (s - begin), e - s, levels, scales[b], out + s);
+        scale_codes(codes.data() + (s - begin), e - s, levels, scales[b], weight, out + s);
       s = e;
     }
   });

@@ -26,8 +26,9 @@ std::size_t bucket_count(std::size_t n, std::size_t bucket);
 void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
               std::uint64_t seed, std::uint8_t* packed, float* scales);
 
-// out: n floats. accumulate: out[i] += weight * value_i instead of out[i] =
-// value_i (a float product, then a float sum: numpy's two steps, bit for bit).
+// out: n floats, out[i] = weight * value_i (exactly value_i for a weight of 1);
+// accumulate: out[i] += weight * value_i instead (a float product, then a float
+// sum: numpy's two steps, bit for bit).
 void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
                 std::size_t bucket, float* out, bool accumulate = false, float weight = 1.0f);
 

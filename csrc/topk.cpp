@@ -517,10 +517,11 @@ SparseVector topk_exact(const float* x, std::size_t n, std::size_t k) {
   return topk_impl(Source{x}, n, k);
 }
 
-SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k) {
+SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k, bool zero_selected) {
   if (k > n) throw std::invalid_argument("k must be <= n");
   SparseVector out = topk_impl(Source{update, residual}, n, k);
-  for (std::uint32_t i : out.indices) residual[i] = 0.0f;
+  if (zero_selected)
+    for (std::uint32_t i : out.indices) residual[i] = 0.0f;
   return out;
 }
 

@@ -33,6 +33,8 @@ SparseVector randomk(const float* x, std::size_t n, std::size_t k, std::uint64_t
 // is read once and the residual is read and written once on the common path.
 // When it throws (a NaN in the sum), the residual holds residual + update in
 // full, so a caller can take the update back out.
-SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k);
+// zero_selected = false leaves the selected entries in the residual (equal to the
+// values returned), for a caller that overwrites them anyway.
+SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k, bool zero_selected = true);
 
 }  // namespace fedpress

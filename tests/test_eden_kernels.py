@@ -613,6 +613,9 @@ def test_accumulate_into_a_torch_tensor() -> None:
     ops.eden_decode(out[0], out[1], 3000, 4, SEED, block=1024, acc=decoded, weight=0.5)
     expected = np.float32(1) + np.float32(0.5) * ops.eden_decode(out[0], out[1], 3000, 4, SEED, block=1024)
     np.testing.assert_array_equal(decoded.numpy(), expected)
+    ops.eden_decode(out[0], out[1], 3000, 4, SEED, block=1024, acc=decoded, weight=0.5, accumulate=False)
+    values = ops.eden_decode(out[0], out[1], 3000, 4, SEED, block=1024)
+    np.testing.assert_array_equal(decoded.numpy(), np.float32(0.5) * values)
 
 
 @pytest.mark.parametrize("stochastic", (False, True))

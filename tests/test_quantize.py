@@ -494,6 +494,10 @@ def test_dequantize_into_an_accumulator(bits: int) -> None:
     out = ops.dequantize(packed, scales, bits, x.size, 128, acc=acc, weight=0.7)
     assert np.shares_memory(out, acc)
     np.testing.assert_array_equal(acc, expected)
+    fresh = np.empty(x.size, np.float32)
+    ops.dequantize(packed, scales, bits, x.size, 128, acc=fresh, weight=0.7, accumulate=False)
+    np.testing.assert_array_equal(fresh, np.float32(0.7) * values)
+    np.testing.assert_array_equal(ops.dequantize(packed, scales, bits, x.size, 128, weight=2.0), 2 * values)
     with pytest.raises(ValueError, match="acc has 10 elements"):
         ops.dequantize(packed, scales, bits, x.size, 128, acc=np.zeros(10, np.float32))
     frozen = np.zeros(x.size, np.float32)

@@ -38,23 +38,25 @@ def _add_scaled(acc: np.ndarray, values: np.ndarray, weight: float) -> None:
     np.add(acc, values, out=acc)
 
 
-def _fused_dense_add(rec: Any, acc: np.ndarray, weight: float) -> Optional[Callable[[], Any]]:
+def _fused_dense_add(
+    rec: Any, acc: np.ndarray, weight: float, *, accumulate: bool = True
+) -> Optional[Callable[[], Any]]:
     """The step that adds a dense tensor's values straight from its section (a kernel that
-    decodes into the sum, no decoded copy), validated now; None where the values must be
-    decoded first (their finiteness is not known until they are). Quantized codes times a
-    checked finite scale are finite, and so is an eden section whose inverse rotation is
-    bounded below float32's range."""
+    decodes into the sum, no decoded copy; with ``accumulate=False`` it writes the sum),
+    validated now; None where the values must be decoded first (their finiteness is not
+    known until they are). Quantized codes times a checked finite scale are finite, and so
+    is an eden section whose inverse rotation is bounded below float32's range."""
     if rec.eden is not None:
         if not rec.eden.rotation_bound() <= 1e38:
             return None
-        return partial(rec.eden.add_to, acc, weight)
+        return partial(rec.eden.add_to, acc, weight, accumulate=accumulate)
     if rec.rht_block or rec.value_code not in ("q8", "q4", "q2", "sign"):
         return None
     try:
         body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
     except DecodeError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
-    return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight)
+    return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate)
 
 
 class Aggregator:
@@ -97,13 +99,16 @@ class Aggregator:
             # Everything that allocates comes first: a payload that fails, malformed or beyond
             # this process's memory, leaves the aggregate as it was.
             sums = self._sums
-            if self._table is None:
+            fresh = self._table is None
+            if fresh:  # unwritten: each step writes its sum, or has it zeroed first
                 sums = {
-                    rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                    rec.name: np.empty(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
                     for rec in parsed.tensors
                 }
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
-            steps = [self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated) for rec in parsed.tensors]
+            steps = [
+                self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated, fresh=fresh) for rec in parsed.tensors
+            ]
             table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
             self._rotated.update(new_rotated)
             for step in steps:  # in place, allocating nothing sized by the payload
@@ -226,9 +231,23 @@ class Aggregator:
         weight: float,
         acc: np.ndarray,
         new_rotated: dict[str, tuple[int, int, int, np.ndarray]],
-    ) -> Callable[[], None]:
+        *,
+        fresh: bool = False,
+    ) -> Callable[[], Any]:
         """Decodes one tensor; returns the step that adds it, times ``weight``, to ``acc``
-        (or to its rotated-domain sum, a new one going into ``new_rotated``)."""
+        (or to its rotated-domain sum, a new one going into ``new_rotated``). ``fresh``:
+        ``acc`` is a new, unwritten sum: a dense section's kernel writes it (one pass, no
+        read of zero pages), every other step has it zeroed here first."""
+        if (
+            fresh
+            and rec.kind == KIND_DENSE
+            and acc.dtype == np.float32
+            and not self._sums_rotated(rec, new_rotated)
+            and (write := _fused_dense_add(rec, acc, weight, accumulate=False))
+        ):
+            return write
+        if fresh:
+            acc.fill(0)
         if rec.kind == KIND_RAW:
             idx, values = None, raw_array(rec).reshape(-1)
         elif self._sums_rotated(rec, new_rotated):

@@ -136,9 +136,10 @@ class Encoder:
                     update32 = as_float32(arrays[name], name) if g is None else g
                     added[name] = update32
                     if name in fused:
-                        # residual += update, its top-k chosen and zeroed in the same pass.
+                        # residual += update and its top-k chosen in the same pass; the kept
+                        # entries stay in it, and the correction below leaves their rounding.
                         try:
-                            selected[name] = ops.ef_topk(update32, r.reshape(-1), fused[name])
+                            selected[name] = ops.ef_topk(update32, r.reshape(-1), fused[name], zero_selected=False)
                         except ValueError:
                             raise ValueError(
                                 f"tensor {name!r} holds NaN (the update plus what earlier rounds did not send); "
@@ -154,17 +155,14 @@ class Encoder:
                 to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, selected=selected or None, sent=sent
             )
         except BaseException:
-            self._undo(added, selected)
+            self._undo(added)
             raise
         for name, (idx, s) in sent.items():
             if self.error_feedback:
                 # The residual becomes what was meant minus what the receiver decodes, in
                 # O(kept entries) for a sparse tensor.
                 flat = self.residuals[name].reshape(-1)
-                if name in selected:  # zeroed by ef_topk: what is left is the rounding of the sent values
-                    kept = selected[name][1]
-                    ops.scatter_add(flat, idx, kept - s, 1.0)
-                elif idx is None:
+                if idx is None:
                     flat -= s
                 else:
                     ops.scatter_add(flat, idx, s, -1.0)
@@ -226,15 +224,12 @@ class Encoder:
                 fused[name] = k
         return fused
 
-    def _undo(self, added: Mapping[str, np.ndarray], selected: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def _undo(self, added: Mapping[str, np.ndarray]) -> None:
         """Takes back what a failed encode added to the residuals: exactly where the update
         was not finite (those entries go back to zero, which is all that can be said of
         them), to within a rounding elsewhere (``(r + u) - u``)."""
         for name, update32 in added.items():
             r = self.residuals[name].reshape(-1)
-            if name in selected:  # ef_topk zeroed the kept entries: their sums come back first
-                idx, kept = selected[name]
-                r[idx] = kept
             u = update32.reshape(-1)
             with np.errstate(invalid="ignore", over="ignore"):
                 r -= u

@@ -202,18 +202,23 @@ def randomk_indices(n: int, k: int, seed: int) -> np.ndarray:
     return _core.randomk_indices(n, k, _seed(seed))
 
 
-def ef_topk(update: ArrayLike, residual: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+def ef_topk(
+    update: ArrayLike, residual: ArrayLike, k: int, zero_selected: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Error-feedback top-k, fused in one pass.
 
     ``residual += update``; select the exact top-k of the residual; zero the
     selected entries of the residual (it is modified in place and must be a
     writable contiguous float32 array or tensor); return ``(indices, values)``.
+    ``zero_selected=False`` leaves the selected entries in the residual (equal to
+    the values returned), for a caller that overwrites them anyway. If it raises
+    (a NaN in the sum), the residual holds ``residual + update`` in full.
     """
     res = _as_inplace_float32(residual, "residual")
     upd = _as_float32(update, "update")
     if upd.size != res.size:
         raise ValueError(f"update has {upd.size} elements but residual has {res.size}")
-    return _core.ef_topk(upd, res, _count(k, "k"))
+    return _core.ef_topk(upd, res, _count(k, "k"), bool(zero_selected))
 
 
 # ------------------------------------------------------------- quantization --
@@ -247,14 +252,19 @@ def dequantize(
     bucket: int = 512,
     acc: Optional[ArrayLike] = None,
     weight: float = 1.0,
+    accumulate: bool = True,
 ) -> np.ndarray:
-    """Inverse of ``quantize``: float32[n]. With ``acc`` (a writable float32[n]), adds
-    ``weight`` times the result to it in place instead (bit for bit ``acc + float32(weight)
-    * dequantize(...)``, without building the dequantized vector) and returns ``acc``."""
+    """Inverse of ``quantize``, times ``weight`` (1: the values themselves): float32[n].
+
+    With ``acc`` (a writable float32[n]) the result goes there instead of a new array
+    and ``acc`` is returned: added to it (bit for bit ``acc + float32(weight) *
+    dequantize(...)``, without building the dequantized vector), or with
+    ``accumulate=False`` written over it.
+    """
     p = _as_packed(packed)
     s = _as_float32(scales, "scales")
     target = None if acc is None else _as_inplace_float32(acc, "acc")
-    return _core.dequantize(p, s, _bits(bits), _count(n, "n"), _bucket(bucket), target, float(weight))
+    return _core.dequantize(p, s, _bits(bits), _count(n, "n"), _bucket(bucket), target, float(weight), bool(accumulate))
 
 
 # ----------------------------------------------------------------- rotation --
@@ -507,13 +517,15 @@ def eden_decode(
     outlier_val: Optional[ArrayLike] = None,
     acc: Optional[ArrayLike] = None,
     weight: float = 1.0,
+    accumulate: bool = True,
 ) -> np.ndarray:
-    """Inverse of ``eden_encode``: float32[n].
+    """Inverse of ``eden_encode``, times ``weight`` (1: the values themselves): float32[n].
 
     Dequantizes, puts the outliers (strictly ascending positions in ``[0, n)``)
     in place and undoes both rotations of every segment, a range of blocks at a
-    time. With ``acc`` (a writable float32[n]), adds ``weight`` times the result
-    to it in place instead, without building the decoded vector, and returns ``acc``.
+    time. With ``acc`` (a writable float32[n]) the result goes there and ``acc``
+    is returned: added to it (without building the decoded vector), or with
+    ``accumulate=False`` written over it.
     """
     p, s = _eden_codes(packed, scales)
     if (outlier_idx is None) != (outlier_val is None):
@@ -535,6 +547,7 @@ def eden_decode(
         val,
         None if acc is None else _as_inplace_float32(acc, "acc"),
         float(weight),
+        bool(accumulate),
     )
 
 

@@ -126,12 +126,13 @@ class EdenSection:
         """The decoded values: float32[n]."""
         return self._decode(None, 1.0)
 
-    def add_to(self, acc: np.ndarray, weight: float) -> None:
-        """``acc += weight * values()`` in place, a cache-sized range at a time: the
-        decoded vector is never built."""
-        self._decode(acc, weight)
+    def add_to(self, acc: np.ndarray, weight: float, *, accumulate: bool = True) -> None:
+        """``acc += weight * values()`` in place (``acc = weight * values()`` with
+        ``accumulate=False``), a cache-sized range at a time: the decoded vector is
+        never built."""
+        self._decode(acc, weight, accumulate)
 
-    def _decode(self, acc: Optional[np.ndarray], weight: float) -> np.ndarray:
+    def _decode(self, acc: Optional[np.ndarray], weight: float, accumulate: bool = True) -> np.ndarray:
         return _core.eden_decode(
             self.packed,
             self.scales,
@@ -144,6 +145,7 @@ class EdenSection:
             self.outlier_val,
             acc,
             float(weight),
+            accumulate,
         )
 
     def rotation_bound(self) -> float:
