@@ -258,3 +258,19 @@ def test_simd_levels_agree(simd) -> None:
         expected = ref_idx.tobytes() + ref_val.tobytes() + ref_res.tobytes()
         for level in SIMD_LEVELS:
             assert outputs[level][j] == expected, (update.size, k, level)
+
+
+def test_ef_topk_can_leave_the_selected_entries() -> None:
+    """zero_selected=False: the same selection and values, and the residual keeps the
+    selected sums (what the Encoder overwrites with their rounding)."""
+    rng = np.random.default_rng(3)
+    u = rng.standard_normal(200_000).astype(np.float32)
+    r = rng.standard_normal(200_000).astype(np.float32)
+    zeroed, kept = r.copy(), r.copy()
+    idx_a, val_a = ops.ef_topk(u, zeroed, 2000)
+    idx_b, val_b = ops.ef_topk(u, kept, 2000, zero_selected=False)
+    np.testing.assert_array_equal(idx_a, idx_b)
+    np.testing.assert_array_equal(val_a, val_b)
+    np.testing.assert_array_equal(kept[idx_b], val_b)
+    kept[idx_b] = 0
+    np.testing.assert_array_equal(kept, zeroed)
