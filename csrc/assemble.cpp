@@ -38,6 +38,13 @@ void write_quantized(const Piece& p, std::uint8_t* out) {
   if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
 }
 
+void write_signs(const Piece& p, std::uint8_t* out) {
+  std::vector<float> scales(bucket_count(p.n, p.block));
+  const std::size_t scale_bytes = scales.size() * sizeof(float);
+  sign_quantize(floats(p), p.n, p.block, out + scale_bytes, scales.data());
+  if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
+}
+
 // The decoder refuses an EDEN section whose inverse rotation could exceed float32
 // (its butterflies grow a block by up to L^1.5): the encoder must not write one.
 void check_rotation_bound(const std::vector<float>& scales, int bits, std::size_t n, std::size_t block) {
@@ -74,6 +81,9 @@ std::size_t piece_size(const Piece& p) {
       if (!valid_bits(p.bits) || p.bits == 1) throw std::invalid_argument("quantize piece: bits must be 2, 4 or 8");
       if (p.block == 0) throw std::invalid_argument("quantize piece: bucket must be positive");
       return bucket_count(p.n, p.block) * sizeof(float) + packed_size(p.n, p.bits);
+    case PieceKind::sign:
+      if (p.block == 0) throw std::invalid_argument("sign piece: bucket must be positive");
+      return bucket_count(p.n, p.block) * sizeof(float) + packed_size(p.n, 1);
     case PieceKind::half:
     case PieceKind::bfloat16:
       return 2 * p.n;
@@ -105,6 +115,9 @@ std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
         break;
       case PieceKind::eden:
         write_eden(p, out + at);
+        break;
+      case PieceKind::sign:
+        write_signs(p, out + at);
         break;
     }
     at += size;

@@ -5,7 +5,8 @@
 // pieces whose sizes it knows before any of them is computed: bytes it has
 // already (header, tensor table, index streams, small sections) and value
 // sections that a kernel produces from a float32 vector (q8/q4/q2 codes with
-// their scales, float16 and bfloat16 halves, EDEN sections without outliers).
+// their scales, signs with theirs, float16 and bfloat16 halves, EDEN sections
+// without outliers).
 // assemble() writes every piece into one preallocated buffer, with no
 // intermediate copy of a section: the codes go where the payload holds them,
 // at whatever offset that is (the float32 scales, few, through an aligned
@@ -25,6 +26,7 @@ enum class PieceKind : int {
   half = 2,      // n float16 bit patterns of x
   bfloat16 = 3,  // n bfloat16 bit patterns of x
   eden = 4,      // an EDEN section without outliers: mode byte, scales, codes (eden.hpp's wire layout)
+  sign = 5,      // the sign section of x: ceil(n / bucket) float32 mean magnitudes, then one bit per value
 };
 
 struct Piece {
@@ -32,7 +34,7 @@ struct Piece {
   const void* data = nullptr;  // bytes: the bytes; the others: the float32 vector x
   std::size_t n = 0;           // bytes: the byte count; the others: elements of x
   int bits = 0;                // quantize, eden
-  std::size_t block = 0;       // quantize: the bucket; eden: the rotation block
+  std::size_t block = 0;       // quantize, sign: the bucket; eden: the rotation block
   std::uint64_t seed = 0;      // quantize: the rounding seed; eden: the rotation seed
   std::uint64_t quant_seed = 0;  // eden
   std::uint8_t mode = 0;         // eden: the section's mode byte (0 or the MSE-scale bit; no outliers)

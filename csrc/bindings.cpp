@@ -249,6 +249,25 @@ void register_quantize(py::module_& m) {
       "accumulate"_a = true,
       "weight * the inverse of quantize, float32[n]: a new array, or acc (acc += that, or acc = that "
       "with accumulate=False), returned.");
+  m.def(
+      "sign_quantize",
+      [](const py::handle& x_obj, long long bucket) {
+        py::array x = checked<float>(x_obj, "x");
+        if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
+        const std::size_t n = len(x), b = static_cast<std::size_t>(bucket);
+        py::array_t<std::uint8_t> packed(static_cast<py::ssize_t>(fedpress::packed_size(n, 1)));
+        py::array_t<float> scales(static_cast<py::ssize_t>(fedpress::bucket_count(n, b)));
+        {
+          std::uint8_t* p = packed.mutable_data();
+          float* s = scales.mutable_data();
+          py::gil_scoped_release release;
+          fedpress::sign_quantize(cptr<float>(x), n, b, p, s);
+        }
+        return py::make_tuple(packed, scales);
+      },
+      "x"_a, "bucket"_a,
+      "The sign stage: (packed uint8, one bit per value, 1 for x >= 0; scales float32, the mean |x| per "
+      "bucket). Dequantized with bits=1.");
 }
 
 void register_indexcode(py::module_& m) {
@@ -688,7 +707,7 @@ void register_assemble(py::module_& m) {
       "assemble",
       [](const py::list& items, bool checksum) {
         // Parsed under the GIL: each item is a buffer (copied) or a tuple naming the
-        // kernel that writes it, ("q", x, bits, bucket, seed), ("f16", x), ("bf16", x)
+        // kernel that writes it, ("q", x, bits, bucket, seed), ("sign", x, bucket), ("f16", x), ("bf16", x)
         // or ("eden", x, bits, block, rotation_seed, quant_seed, mode).
         std::vector<fedpress::Piece> pieces;
         std::vector<py::object> keep;  // the float32 arrays the kernels read
@@ -714,6 +733,9 @@ void register_assemble(py::module_& m) {
             p.bits = t[2].cast<int>();
             p.block = t[3].cast<std::size_t>();
             p.seed = t[4].cast<std::uint64_t>();
+          } else if (kind == "sign" && t.size() == 3) {
+            p.kind = fedpress::PieceKind::sign;
+            p.block = t[2].cast<std::size_t>();
           } else if (kind == "f16" && t.size() == 2) {
             p.kind = fedpress::PieceKind::half;
           } else if (kind == "bf16" && t.size() == 2) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -217,7 +218,66 @@ std::size_t chunk_elements(std::size_t bucket) {
   return unit * std::max<std::size_t>(1, kTargetChunk / unit);
 }
 
+// numpy's pairwise float64 sum of |x[0..n)| (the order of its add.reduce on a
+// contiguous array): below 8 values in turn, up to 128 with eight accumulators,
+// beyond that the two halves (cut at a multiple of 8) recursively.
+double pairwise_abs_sum(const float* x, std::size_t n) {
+  if (n < 8) {
+    double r = 0.0;
+    for (std::size_t i = 0; i < n; ++i) r += std::fabs(static_cast<double>(x[i]));
+    return r;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (std::size_t j = 0; j < 8; ++j) r[j] = std::fabs(static_cast<double>(x[j]));
+    std::size_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (std::size_t j = 0; j < 8; ++j) r[j] += std::fabs(static_cast<double>(x[i + j]));
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += std::fabs(static_cast<double>(x[i]));
+    return res;
+  }
+  std::size_t half = n / 2;
+  half -= half % 8;
+  return pairwise_abs_sum(x, half) + pairwise_abs_sum(x + half, n - half);
+}
+
+FEDPRESS_CLONES
+void pack_signs(const float* x, std::size_t n, std::uint8_t* out) {
+  for (std::size_t i = 0; i < n / 8; ++i) {
+    unsigned byte = 0;
+    for (unsigned j = 0; j < 8; ++j) byte |= static_cast<unsigned>(x[8 * i + j] >= 0.0f) << j;
+    out[i] = static_cast<std::uint8_t>(byte);
+  }
+  if (n % 8) {
+    unsigned byte = 0;
+    for (std::size_t j = 0; j < n % 8; ++j) byte |= static_cast<unsigned>(x[n / 8 * 8 + j] >= 0.0f) << j;
+    out[n / 8] = static_cast<std::uint8_t>(byte);
+  }
+}
+
 }  // namespace
+
+void sign_quantize(const float* x, std::size_t n, std::size_t bucket, std::uint8_t* packed, float* scales) {
+  if (bucket == 0) throw std::invalid_argument("bucket must be positive");
+  // Chunks of whole buckets starting on byte boundaries (see chunk_elements); huge
+  // buckets: one chunk per bucket, each starting at a multiple of 8 only if the bucket is.
+  std::size_t chunk = chunk_elements(bucket);
+  if (chunk == 0) chunk = std::lcm(bucket, std::size_t{8});
+  std::atomic<bool> non_finite{false};
+  parallel_for_sized(ceil_div(n, chunk), n, [&](std::size_t c) {
+    const std::size_t begin = c * chunk, end = std::min(n, begin + chunk);
+    for (std::size_t s = begin; s < end; s += bucket) {
+      const std::size_t e = std::min(n, s + bucket);
+      // np.add.reduceat: the first value, then the pairwise sum of the rest.
+      const double sum = std::fabs(static_cast<double>(x[s])) + pairwise_abs_sum(x + s + 1, e - s - 1);
+      if (!std::isfinite(sum)) non_finite.store(true, std::memory_order_relaxed);
+      scales[s / bucket] = static_cast<float>(sum / static_cast<double>(e - s));
+    }
+    pack_signs(x + begin, end - begin, packed + begin / 8);
+  });
+  if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
+}
 
 bool valid_bits(int bits) { return bits == 1 || bits == 2 || bits == 4 || bits == 8; }
 

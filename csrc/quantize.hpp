@@ -26,6 +26,15 @@ std::size_t bucket_count(std::size_t n, std::size_t bucket);
 void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
               std::uint64_t seed, std::uint8_t* packed, float* scales);
 
+// The sign stage: one bit per value, 1 for x_i >= 0 (packed LSB first, like 1-bit
+// codes), and per bucket the mean |x_i| as its scale: the float64 sum |x_s| +
+// pairwise(|x_s+1..e|) in numpy's order (so the scale is np.add.reduceat's, bit for
+// bit) divided by the bucket's count, rounded to float32. Dequantized with 1 bit,
+// code 1 is +scale and code 0 is -scale. packed: ceil(n / 8) bytes, the unused high
+// bits of the last byte zero; scales: bucket_count(n, bucket) floats. Throws
+// std::invalid_argument when x holds a NaN or an infinity.
+void sign_quantize(const float* x, std::size_t n, std::size_t bucket, std::uint8_t* packed, float* scales);
+
 // out: n floats, out[i] = weight * value_i (exactly value_i for a weight of 1);
 // accumulate: out[i] += weight * value_i instead (a float product, then a float
 // sum: numpy's two steps, bit for bit).

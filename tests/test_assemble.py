@@ -71,6 +71,7 @@ def test_assemble_pieces_and_checksum() -> None:
         ("f16", x),
         ("bf16", x),
         ("eden", x, 3, 256, 11, 12, 2),
+        ("sign", x, 100),
         memoryview(b"tail"),
     ]
     out = _core.assemble(pieces, True)
@@ -78,6 +79,7 @@ def test_assemble_pieces_and_checksum() -> None:
     assert crc == _core.crc32c(body)
     packed, scales = ops.quantize(x, 4, seed=7)
     packed_eden, scales_eden, _, _ = ops.eden_encode(x, 3, 11, block=256, scale="mse", quant_seed=12)
+    signs, sign_scales = _core.sign_quantize(x, 100)
     expected = b"".join(
         [
             b"head",
@@ -88,12 +90,34 @@ def test_assemble_pieces_and_checksum() -> None:
             bytes([2]),
             scales_eden.tobytes(),
             packed_eden.tobytes(),
+            sign_scales.tobytes(),
+            signs.tobytes(),
             b"tail",
         ]
     )
     assert body == expected
     assert _core.assemble(pieces, False) == expected
     assert _core.assemble([], True) == _core.crc32c(b"").to_bytes(4, "little")
+
+
+def test_sign_stage_is_numpys_mean_magnitude_and_packed_signs() -> None:
+    """The sign kernel gives, bit for bit, what its definition computes in numpy: the
+    float64 np.add.reduceat of |x| over the count, rounded to float32, and x >= 0 packed
+    LSB first (zeros of either sign count as positive)."""
+    rng = np.random.default_rng(11)
+    for n, bucket in ((1, 1), (7, 3), (1000, 64), (70_001, 4096), (5000, 5000), (9, 100)):
+        x = (rng.standard_normal(n) * 10 ** rng.uniform(-5, 5)).astype(np.float32)
+        x[:: max(1, n // 7)] = -0.0
+        starts = np.arange(0, n, bucket)
+        sums = np.add.reduceat(np.abs(x).astype(np.float64), starts)
+        counts = np.diff(np.append(starts, n)).astype(np.float64)
+        packed, scales = _core.sign_quantize(x, bucket)
+        np.testing.assert_array_equal(scales.view(np.uint32), (sums / counts).astype(np.float32).view(np.uint32))
+        np.testing.assert_array_equal(packed, np.packbits(x >= 0, bitorder="little"))
+    bad = np.ones(10, np.float32)
+    bad[4] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        _core.sign_quantize(bad, 4)
 
 
 def test_assemble_refusals_name_the_piece() -> None:

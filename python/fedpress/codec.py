@@ -45,6 +45,7 @@ from .format.registry import (
     PURPOSE_RANDK,
     PURPOSE_RHT,
     TABLE_FORMS,
+    VALUE_CODES,
     stage_seed,
 )
 from .format.values import KernelSection, decode_values, encode_values, values_size
@@ -53,9 +54,9 @@ from .format.writer import Entry, raw_entry, write_payload
 __all__ = ["Spec", "parse_spec", "Codec"]
 
 SPARSIFIERS = ("topk", "thresh", "randk")
-EDEN_STAGES = ("eden1", "eden2", "eden3", "eden4", "eden8")
+EDEN_STAGES = tuple(EDEN_BITS)  # the value stages are the format's value codes
 EDEN_MODES = ("shared", "mse")
-VALUE_STAGES = ("fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", *EDEN_STAGES)
+VALUE_STAGES = tuple(VALUE_CODES)
 _STAGE_RANK = {"sparsifier": 0, "rotation": 1, "values": 2, "entropy": 3}
 _RATIO = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 
@@ -385,10 +386,12 @@ class Codec:
             values = kept
             kind = KIND_SPARSE_SEEDED if sp.sparsifier == "randk" else KIND_SPARSE
         rotated = (sp.eden or sp.rotate) and values.size > 0
-        # The quantizer finds NaN and infinity in its own max-abs pass, and the EDEN kernel in
-        # its block norms, which a rotation overflowing float32 makes infinite too (their
-        # errors are renamed below); every other stage is checked here, in one max and one min.
-        checked_by_kernel = (sp.values in ("q8", "q4", "q2") and not rotated) or sp.eden
+
+        # The quantizer finds NaN and infinity in its own max-abs pass, the sign stage in its
+        # bucket sums and the EDEN kernel in its block norms, which a rotation overflowing
+        # float32 makes infinite too (their errors are renamed below); every other stage is
+        # checked here, in one max and one min.
+        checked_by_kernel = (sp.values in ("q8", "q4", "q2", "sign") and not rotated) or sp.eden
         if not checked_by_kernel:
             _check_values(name, values, self.rht_block if rotated else 0, sparse=indices is not None)
         shape = original.shape

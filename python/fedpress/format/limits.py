@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._arrays import MAX_ELEMENTS as MAX_TENSOR_ELEMENTS  # 2**32 - 1: indices are 32-bit
+
 __all__ = ["Limits", "DEFAULT_LIMITS", "EXPANSION_FLOOR"]
 
-# Bounds of the format itself, whatever Limits say.
-MAX_TENSOR_ELEMENTS = (1 << 32) - 1  # indices are 32-bit
+# Bounds of the format itself, whatever Limits say (the largest tensor, imported above).
 MAX_NDIM = 255  # ndim is one byte
 MAX_ROTATION_BLOCK = 1 << 24  # the largest Hadamard block a rotated entry may declare
 MAX_BUCKET = (1 << 32) - 1  # the largest quantization bucket an entry may declare

@@ -49,8 +49,8 @@ def encode_values(
 ) -> Union[Sections, KernelSection]:
     """Codes a float32 vector with a value stage: the section's bytes, as buffers the
     writer copies once into the payload (see :data:`Sections`); with ``in_place``, a
-    q8/q4/q2/fp16/bf16 section is a :class:`KernelSection` the writer has its kernel
-    write where the payload holds it (NaN and infinity are then found there)."""
+    q8/q4/q2/sign/fp16/bf16 section is a :class:`KernelSection` the writer has its
+    kernel write where the payload holds it (NaN and infinity are then found there)."""
     if code == "fp16" and np.asarray(v).dtype == np.float64:
         # float64 originals round to half once, not through float32 first
         return (np.clip(np.asarray(v), -65504.0, 65504.0).astype("<f2"),)
@@ -60,6 +60,8 @@ def encode_values(
             return KernelSection(("q", v, QUANT_BITS[code], bucket, seed), values_size(code, v.size, bucket))
         if code in ("fp16", "bf16"):
             return KernelSection(("f16" if code == "fp16" else "bf16", v), 2 * v.size)
+        if code == "sign":
+            return KernelSection(("sign", v, bucket), values_size(code, v.size, bucket))
     if code == "fp16":
         return (_little(_core.to_half(v)),)
     if code == "bf16":
@@ -67,13 +69,8 @@ def encode_values(
     if code == "fp32":
         return (_little(v),)
     if code == "sign":
-        n = v.size
-        starts = np.arange(0, n, bucket, dtype=np.int64)
-        sums = np.add.reduceat(np.abs(v).astype(np.float64), starts) if n else np.zeros(0)
-        counts = np.diff(np.append(starts, n)).astype(np.float64)
-        scales = (sums / np.maximum(counts, 1)).astype(np.float32)
-        bits = np.packbits(v >= 0, bitorder="little")
-        return (_little(scales), bits)
+        bits, scales = _core.sign_quantize(v, bucket)
+        return (scales, bits)
     packed, scales = ops.quantize(v, QUANT_BITS[code], bucket=bucket, stochastic=True, seed=seed)
     return (_little(scales), packed)
 
