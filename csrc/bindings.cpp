@@ -2,7 +2,7 @@
 // pointers and the GIL released around the kernel, results handed back as
 // numpy arrays that own their std::vector without a copy.
 //
-// Exceptions: IndexStreamError (malformed bytes) -> DecodeError, a ValueError
+// Exceptions: MalformedData (malformed bytes) -> DecodeError, a ValueError
 // registered here; std::invalid_argument -> ValueError, std::out_of_range ->
 // IndexError, std::overflow_error -> OverflowError (pybind11's mapping); type
 // mismatches raise TypeError here.
@@ -803,7 +803,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fedpress compiled kernels (use fedpress.ops)";
   // Malformed bytes in a stream a kernel parses: fedpress.DecodeError (a ValueError), the
   // class the payload reader raises too, so every decode path raises the same error.
-  py::register_exception<fedpress::IndexStreamError>(m, "DecodeError", PyExc_ValueError);
+  py::register_exception<fedpress::MalformedData>(m, "DecodeError", PyExc_ValueError);
   register_topk(m);
   register_quantize(m);
   register_indexcode(m);

@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "errors.hpp"
 #include "parallel.hpp"
 #include "rng.hpp"
 #include "rotate.hpp"
@@ -933,7 +934,7 @@ void eden_check_padding(const std::uint8_t* packed, std::size_t m, int bits) {
   check_bits(bits);
   const std::size_t used = (m * static_cast<std::size_t>(bits)) % 8;
   if (used != 0 && (packed[code_bytes(m, bits) - 1] >> used) != 0)
-    throw std::invalid_argument("packed: nonzero padding bits in the last byte");
+    throw MalformedData("packed: nonzero padding bits in the last byte");
 }
 
 void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t block, int bits,

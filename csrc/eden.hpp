@@ -101,8 +101,8 @@ void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_
 void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
                      std::size_t block, int bits, EdenRounding rounding, float weight, float* acc);
 
-// Throws std::invalid_argument when the unused high bits of the last byte of
-// m packed codes are not zero.
+// Throws MalformedData (errors.hpp) when the unused high bits of the last byte
+// of m packed codes are not zero.
 void eden_check_padding(const std::uint8_t* packed, std::size_t m, int bits);
 
 // ------------------------------------------------------------ wire layout --

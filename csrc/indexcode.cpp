@@ -27,19 +27,19 @@ std::uint64_t get_varint(const std::uint8_t* data, std::size_t size, std::size_t
   std::uint64_t v = 0;
   for (int shift = 0; shift < 64; shift += 7) {
     if (pos >= size)
-      throw IndexStreamError(std::string("index stream truncated in ") + field + ": need a byte at offset " +
+      throw MalformedData(std::string("index stream truncated in ") + field + ": need a byte at offset " +
                              std::to_string(pos) + ", have " + std::to_string(size));
     const std::uint8_t byte = data[pos++];
     if (shift == 63 && byte > 1)
-      throw IndexStreamError(std::string("index stream: ") + field + " varint overflows 64 bits");
+      throw MalformedData(std::string("index stream: ") + field + " varint overflows 64 bits");
     v |= static_cast<std::uint64_t>(byte & 0x7F) << shift;
     if (!(byte & 0x80)) {
       if (byte == 0 && shift > 0)
-        throw IndexStreamError(std::string("index stream: ") + field + " varint is not minimal");
+        throw MalformedData(std::string("index stream: ") + field + " varint is not minimal");
       return v;
     }
   }
-  throw IndexStreamError(std::string("index stream: ") + field + " varint longer than 10 bytes");
+  throw MalformedData(std::string("index stream: ") + field + " varint longer than 10 bytes");
 }
 
 unsigned ceil_log2(std::uint64_t m) {
@@ -135,24 +135,24 @@ class GolombDecoder {
     std::size_t pos = 0;
     k_ = get_varint(data, size, pos, "count");
     if (k_ > n)
-      throw IndexStreamError("index stream: count " + std::to_string(k_) + " exceeds n = " + std::to_string(n));
+      throw MalformedData("index stream: count " + std::to_string(k_) + " exceeds n = " + std::to_string(n));
     if (k_ > max_count)
-      throw IndexStreamError("index stream: count " + std::to_string(k_) + " exceeds the limit " +
+      throw MalformedData("index stream: count " + std::to_string(k_) + " exceeds the limit " +
                              std::to_string(max_count));
     if (k_ == 0) {
       if (pos != size)
-        throw IndexStreamError("index stream: " + std::to_string(size - pos) + " trailing bytes after an empty list");
+        throw MalformedData("index stream: " + std::to_string(size - pos) + " trailing bytes after an empty list");
       return;
     }
     m_ = get_varint(data, size, pos, "golomb parameter");
     if (m_ == 0 || m_ > std::max<std::uint64_t>(1, n))
-      throw IndexStreamError("index stream: golomb parameter " + std::to_string(m_) + " outside [1, " +
+      throw MalformedData("index stream: golomb parameter " + std::to_string(m_) + " outside [1, " +
                              std::to_string(std::max<std::uint64_t>(1, n)) + "]");
     // Every index costs at least one bit (its unary terminator): a count the
     // buffer cannot hold is refused before anything is allocated.
     const std::uint64_t avail_bits = std::uint64_t{size - pos} * 8;
     if (k_ > avail_bits)
-      throw IndexStreamError("index stream truncated: count " + std::to_string(k_) + " needs at least " +
+      throw MalformedData("index stream truncated: count " + std::to_string(k_) + " needs at least " +
                              std::to_string(k_) + " bits, have " + std::to_string(avail_bits));
     const Golomb g(m_);
     b_ = g.b;
@@ -198,10 +198,10 @@ class GolombDecoder {
     return true;
   }
 
-  // Decodes the next code through every check; throws IndexStreamError on a malformed one.
+  // Decodes the next code through every check; throws MalformedData on a malformed one.
   void slow_step() {
     if (next_ >= n_)
-      throw IndexStreamError("index stream: index " + std::to_string(i_) + " would be >= n = " + std::to_string(n_));
+      throw MalformedData("index stream: index " + std::to_string(i_) + " would be >= n = " + std::to_string(n_));
     // Unary quotient: count zero bits up to the terminating one.
     std::uint64_t q = 0;
     for (;;) {
@@ -231,7 +231,7 @@ class GolombDecoder {
     const bool beyond = q > room / m_;
     const std::uint64_t value = beyond ? 0 : next_ + q * m_ + r;
     if (beyond || value >= n_)
-      throw IndexStreamError("index stream: index " + std::to_string(i_) + " decodes to " +
+      throw MalformedData("index stream: index " + std::to_string(i_) + " decodes to " +
                              (beyond ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n_));
     out_[i_++] = static_cast<std::uint32_t>(value);
     next_ = value + 1;
@@ -249,10 +249,10 @@ class GolombDecoder {
     if (k_ == 0) return;
     const std::uint64_t used_bytes = (pos_ + 7) / 8;
     if (used_bytes != size_)
-      throw IndexStreamError("index stream: " + std::to_string(size_ - used_bytes) + " trailing bytes after " +
+      throw MalformedData("index stream: " + std::to_string(size_ - used_bytes) + " trailing bytes after " +
                              std::to_string(k_) + " indices");
     if (pos_ % 8 != 0 && (data_[size_ - 1] >> (pos_ % 8)) != 0)
-      throw IndexStreamError("index stream: nonzero padding bits in the last byte");
+      throw MalformedData("index stream: nonzero padding bits in the last byte");
   }
 
  private:
@@ -270,7 +270,7 @@ class GolombDecoder {
   }
   void require(std::uint64_t nb, const char* what) const {
     if (pos_ + nb > total())
-      throw IndexStreamError(std::string("index stream truncated in ") + what + ": need " + std::to_string(nb) +
+      throw MalformedData(std::string("index stream truncated in ") + what + ": need " + std::to_string(nb) +
                              " bits at bit " + std::to_string(pos_) + ", have " + std::to_string(total() - pos_));
   }
   std::uint64_t read(unsigned nb, const char* what) {

@@ -21,19 +21,16 @@
 #include <stdexcept>
 #include <vector>
 
-namespace fedpress {
+#include "errors.hpp"
 
-// Thrown for a malformed index stream; the message names the field.
-class IndexStreamError : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
+namespace fedpress {
 
 // Throws std::invalid_argument if indices are not strictly ascending or >= n.
 std::vector<std::uint8_t> encode_indices(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
 
-// Decodes a whole stream; everything must be consumed. Refuses (IndexStreamError)
-// before allocating when the count exceeds n, max_count or what the buffer can hold.
+// Decodes a whole stream; everything must be consumed. Throws MalformedData (errors.hpp,
+// the message naming the field) on a malformed stream, before allocating when the
+// count exceeds n, max_count or what the buffer can hold.
 std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t size, std::uint64_t n,
                                           std::uint64_t max_count);
 

@@ -751,3 +751,22 @@ def test_types() -> None:
         ops.eden_dequantize(packed.tobytes(), scales, 64, 2, block=64),
         ops.eden_dequantize(packed, scales, 64, 2, block=64),
     )
+
+
+def test_malformed_codes_raise_decode_error() -> None:
+    """Bytes that break the format (nonzero padding bits after a segment's codes) raise
+    fedpress.DecodeError from the kernels too, as from every decode path."""
+    import fedpress as fp
+
+    x = np.ones(1001, np.float32)  # the last segment holds one 3-bit code: 5 padding bits
+    packed, scales, _, _ = ops.eden_encode(x, 3, SEED, block=256)
+    packed = packed.copy()
+    packed[-1] |= 0x80
+    with pytest.raises(fp.DecodeError, match="padding"):
+        ops.eden_decode(packed, scales, 1001, 3, SEED, block=256)
+    y = ops.rht(x, SEED, 256)
+    codes, block_scales, _, _ = ops.eden_quantize(y, 1001, 3, block=256)
+    codes = codes.copy()
+    codes[-1] |= 0x80
+    with pytest.raises(fp.DecodeError, match="padding"):
+        ops.eden_dequantize(codes, block_scales, 1001, 3, block=256)
