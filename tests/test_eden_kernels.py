@@ -764,9 +764,9 @@ def test_malformed_codes_raise_decode_error() -> None:
     packed[-1] |= 0x80
     with pytest.raises(fp.DecodeError, match="padding"):
         ops.eden_decode(packed, scales, 1001, 3, SEED, block=256)
-    y = ops.rht(x, SEED, 256)
-    codes, block_scales, _, _ = ops.eden_quantize(y, 1001, 3, block=256)
+    y = ops.rht(np.ones(3, np.float32), SEED, 4)  # four 3-bit codes: 4 padding bits
+    codes, block_scales, _, _ = ops.eden_quantize(y, 3, 3, block=4)
     codes = codes.copy()
     codes[-1] |= 0x80
     with pytest.raises(fp.DecodeError, match="padding"):
-        ops.eden_dequantize(codes, block_scales, 1001, 3, block=256)
+        ops.eden_dequantize(codes, block_scales, 3, 3, block=4)
