@@ -5,6 +5,8 @@
 #include <cstring>
 #include <string>
 
+#include "rng.hpp"
+
 
 #if defined(__GNUC__)
 #define FEDPRESS_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -48,25 +50,15 @@ unsigned ceil_log2(std::uint64_t m) {
   return b;
 }
 
-// gap / m and gap % m for gaps below 2^32 without a hardware division (tens of cycles,
-// once per index): a double-precision estimate of the quotient, off by at most one,
-// corrected exactly.
+// gap / m and gap % m for gaps below 2^32 and 1 <= m <= 2^32 without a hardware
+// division (tens of cycles, once per index): Lemire, Kaser and Kurz's direct
+// computation, q = mulhi(ceil(2^64 / m), gap), exact for 32-bit numerators.
 struct DivideBy {
-  std::uint64_t m;
-  double inverse;
-  explicit DivideBy(std::uint64_t m_) : m(m_), inverse(1.0 / static_cast<double>(m_)) {}
+  std::uint64_t m, magic;
+  explicit DivideBy(std::uint64_t m_) : m(m_), magic(m_ == 1 ? 0 : ~std::uint64_t{0} / m_ + 1) {}
   void divmod(std::uint64_t gap, std::uint64_t& q, std::uint64_t& r) const {
-    auto qe = static_cast<std::int64_t>(static_cast<double>(gap) * inverse);
-    auto re = static_cast<std::int64_t>(gap) - qe * static_cast<std::int64_t>(m);
-    if (re < 0) {
-      --qe;
-      re += static_cast<std::int64_t>(m);
-    } else if (re >= static_cast<std::int64_t>(m)) {
-      ++qe;
-      re -= static_cast<std::int64_t>(m);
-    }
-    q = static_cast<std::uint64_t>(qe);
-    r = static_cast<std::uint64_t>(re);
+    q = m == 1 ? gap : mulhi64(magic, gap);
+    r = gap - q * m;
   }
 };
 
@@ -353,6 +345,21 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k
   for (std::size_t i = 0; i < k; ++i) {
     std::uint64_t q, r;
     d.divmod(gaps[i], q, r);
+    if (q + 1 + g.b <= 32) {
+      // The whole code in one write: q zero bits, the terminating one, the remainder
+      // in truncated binary (its top b-1 bits, then for the wide values its low bit).
+      std::uint64_t code = std::uint64_t{1} << q;
+      unsigned bits = static_cast<unsigned>(q) + 1;
+      if (g.b > 0) {
+        const bool wide = r >= g.u;
+        const std::uint64_t v = wide ? r + g.u : r << 1;  // narrow: r's b-1 bits, shifted as the wide
+        code |= (v >> 1) << bits;
+        code |= (v & 1) << (bits + g.b - 1);
+        bits += g.b - 1 + (wide ? 1 : 0);
+      }
+      w.put(code, bits);
+      continue;
+    }
     w.put_zeros(q);
     w.put(1, 1);
     if (g.b == 0) continue;

@@ -40,18 +40,21 @@ inline std::uint64_t stage_seed(std::uint64_t seed, std::uint64_t ordinal, std::
   return z ^ (z >> 31);
 }
 
-// Uniform in [0, bound) from 64 random bits (Lemire's multiply-shift); bias is
-// below bound / 2^64.
-inline std::uint64_t bounded64(std::uint64_t random_bits, std::uint64_t bound) {
+// The high 64 bits of the 128-bit product a * b.
+inline std::uint64_t mulhi64(std::uint64_t a, std::uint64_t b) {
 #if defined(__SIZEOF_INT128__)
-  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(random_bits) * bound) >> 64);
+  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
 #else  // no 128-bit integers (MSVC): the high half of the product from 32-bit halves
-  const std::uint64_t a_lo = random_bits & 0xFFFFFFFFu, a_hi = random_bits >> 32;
-  const std::uint64_t b_lo = bound & 0xFFFFFFFFu, b_hi = bound >> 32;
+  const std::uint64_t a_lo = a & 0xFFFFFFFFu, a_hi = a >> 32;
+  const std::uint64_t b_lo = b & 0xFFFFFFFFu, b_hi = b >> 32;
   const std::uint64_t lo_lo = a_lo * b_lo, hi_lo = a_hi * b_lo, lo_hi = a_lo * b_hi, hi_hi = a_hi * b_hi;
   const std::uint64_t cross = (lo_lo >> 32) + (hi_lo & 0xFFFFFFFFu) + lo_hi;
   return hi_hi + (hi_lo >> 32) + (cross >> 32);
 #endif
 }
+
+// Uniform in [0, bound) from 64 random bits (Lemire's multiply-shift); bias is
+// below bound / 2^64.
+inline std::uint64_t bounded64(std::uint64_t random_bits, std::uint64_t bound) { return mulhi64(random_bits, bound); }
 
 }  // namespace fedpress
