@@ -2,8 +2,8 @@
 
 Each row times a call users make (``Encoder``, ``Codec.encode``, ``Aggregator``, ``decode``) and
 the bare kernel underneath it on the same float32 update of ``n`` elements, in one process, and
-prints their ratio (medians of ``repeat`` runs after one warm-up; ratios, not absolute times, are
-what travels between machines). One row measures ``ops.topk`` in units of one streaming read of
+prints their ratio (medians of ``repeat`` runs each, the two taking turns, after one warm-up;
+ratios, not absolute times, are what travels between machines). One row measures ``ops.topk`` in units of one streaming read of
 its input. With ``memory``, a fresh process per row measures the peak resident memory one encode
 adds. The targets are issue 13's, defined at 25.6M elements; whatever the ratios, this is a
 benchmark, not a test, and nothing here fails.
@@ -84,6 +84,23 @@ def _median_seconds(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
+def _paired_seconds(product: Callable[[], Any], kernel: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """Median wall times of ``product()`` and ``kernel()`` over ``repeat`` runs each, after
+    one untimed warm-up of each, the two taking turns: a shared machine's speed drifts
+    over seconds, and timing one after the other in the same window keeps that drift
+    out of their ratio."""
+    product()
+    kernel()
+    product_times: list[float] = []
+    kernel_times: list[float] = []
+    for _ in range(repeat):
+        for fn, times in ((product, product_times), (kernel, kernel_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(product_times), statistics.median(kernel_times)
+
+
 def machine() -> dict[str, Any]:
     """What the ratios were measured on."""
     return {
@@ -101,44 +118,42 @@ def machine() -> dict[str, Any]:
 def encode_rows(x: np.ndarray, k: int, repeat: int) -> list[PipelineRow]:
     """Encoder and Codec.encode against the kernel each spec is built on."""
     update = {"w": x}
-    topk_s = _median_seconds(lambda: ops.topk(x, k), repeat)
     encoder = Encoder(SPARSE_SPEC)  # error feedback: every encode adds and updates the residual
     sparse = Codec(SPARSE_SPEC)
     q4, fp16, eden4 = Codec("q4"), Codec("fp16"), Codec("eden4")
+
+    def topk() -> Any:
+        return ops.topk(x, k)
+
     return [
         PipelineRow(
             f'Encoder("{SPARSE_SPEC}"), error feedback',
             "ops.topk(x, 1%)",
-            _median_seconds(lambda: encoder.encode(update), repeat),
-            topk_s,
+            *_paired_seconds(lambda: encoder.encode(update), topk, repeat),
             2.0,
         ),
         PipelineRow(
             f'Codec("{SPARSE_SPEC}").encode, no feedback',
             "ops.topk(x, 1%)",
-            _median_seconds(lambda: sparse.encode(update), repeat),
-            topk_s,
+            *_paired_seconds(lambda: sparse.encode(update), topk, repeat),
             None,
         ),
         PipelineRow(
             'Codec("q4").encode',
             "ops.quantize(x, 4)",
-            _median_seconds(lambda: q4.encode(update), repeat),
-            _median_seconds(lambda: ops.quantize(x, 4, seed=1), repeat),
+            *_paired_seconds(lambda: q4.encode(update), lambda: ops.quantize(x, 4, seed=1), repeat),
             1.3,
         ),
         PipelineRow(
             'Codec("fp16").encode',
             "x.astype(np.float16)",
-            _median_seconds(lambda: fp16.encode(update), repeat),
-            _median_seconds(lambda: x.astype(np.float16), repeat),
+            *_paired_seconds(lambda: fp16.encode(update), lambda: x.astype(np.float16), repeat),
             1.0,
         ),
         PipelineRow(
             'Codec("eden4").encode',
             "ops.eden_encode(x, 4)",
-            _median_seconds(lambda: eden4.encode(update), repeat),
-            _median_seconds(lambda: ops.eden_encode(x, 4, seed=1), repeat),
+            *_paired_seconds(lambda: eden4.encode(update), lambda: ops.eden_encode(x, 4, seed=1), repeat),
             1.2,
         ),
     ]
@@ -173,7 +188,9 @@ def dense_q4_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
     n = x.size
     payload = Codec("q4").encode({"w": x})
     packed, scales = ops.quantize(x, 4, seed=1)
-    dequantize_s = _median_seconds(lambda: ops.dequantize(packed, scales, 4, n), repeat)
+
+    def dequantize() -> Any:
+        return ops.dequantize(packed, scales, 4, n)
 
     def add_one() -> None:
         Aggregator().add(payload)
@@ -182,15 +199,13 @@ def dense_q4_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
         PipelineRow(
             "Aggregator.add, one dense q4 payload",
             "ops.dequantize(4 bits)",
-            _median_seconds(add_one, repeat),
-            dequantize_s,
+            *_paired_seconds(add_one, dequantize, repeat),
             1.2,
         ),
         PipelineRow(
             "fp.decode, a dense q4 payload",
             "ops.dequantize(4 bits)",
-            _median_seconds(lambda: decode(payload), repeat),
-            dequantize_s,
+            *_paired_seconds(lambda: decode(payload), dequantize, repeat),
             None,
         ),
     ]
@@ -225,27 +240,23 @@ def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
         ops.scatter_add(np.zeros(n, np.float32), indices[0], values[0])
 
     few = max(1, repeat // 2)  # each call sums all the clients
-    scatter_many_s = _median_seconds(scatter_many, few)
     return [
         PipelineRow(
             f"Aggregator.add x {clients} top-1% payloads",
             "ops.scatter_add_many, same data",
-            _median_seconds(aggregate_one_by_one, few),
-            scatter_many_s,
+            *_paired_seconds(aggregate_one_by_one, scatter_many, few),
             None,
         ),
         PipelineRow(
             f"Aggregator.add_many({clients} top-1% payloads)",
             "ops.scatter_add_many, same data",
-            _median_seconds(aggregate_many, few),
-            scatter_many_s,
+            *_paired_seconds(aggregate_many, scatter_many, few),
             1.3,
         ),
         PipelineRow(
             "fp.decode, a top-1% payload",
             "np.zeros + ops.scatter_add",
-            _median_seconds(lambda: decode(payloads[0]), repeat),
-            _median_seconds(scatter_one, repeat),
+            *_paired_seconds(lambda: decode(payloads[0]), scatter_one, repeat),
             1.2,
         ),
     ]

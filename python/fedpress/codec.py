@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -217,13 +217,16 @@ class Codec:
         dtypes: Optional[Mapping[str, str]],
         selected: Optional[Mapping[str, tuple[np.ndarray, np.ndarray]]] = None,
         sent: Optional[dict[str, tuple[Optional[np.ndarray], np.ndarray]]] = None,
+        before_write: Optional[Callable[[Mapping[str, tuple[Optional[np.ndarray], np.ndarray]]], None]] = None,
     ) -> bytes:
         """``encode``, for ``fedpress.Encoder``: ``selected`` gives the (indices, values)
         kept of float tensors by name, chosen by the caller instead of this codec's
         sparsifier (its fused error-feedback top-k; only for tensors that ``_sends_sparse``);
         ``sent``, when given, receives for each float tensor ``(indices or None for dense,
         the float32 values the receiver decodes)``, from the coded sections themselves, so
-        the caller's residual is exactly what the receiver will not have."""
+        the caller's residual is exactly what the receiver will not have; ``before_write``
+        is called with it once every section is coded, before the payload is written (the
+        Encoder corrects its residual meanwhile)."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
         payload_seed = secrets.randbits(64) if seed is None else ops._seed(seed)
@@ -268,6 +271,8 @@ class Codec:
             entries.append(entry)
             if sent is not None:
                 sent[name] = self._decoded(entry, chosen.get(i), payload_seed, i)
+        if before_write is not None and sent is not None:
+            before_write(sent)
         try:
             return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
         except ValueError as exc:

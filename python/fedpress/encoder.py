@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -126,6 +127,9 @@ class Encoder:
         to_send = dict(arrays)
         added: dict[str, np.ndarray] = {}  # what went into each residual in place, to undo on failure
         selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        correcting: list[Future] = []  # the residual's correction, on a second thread
+        early: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}  # the tensors it corrects
+        done: list[None] = []
         try:
             for name in dtypes:
                 g = None if name in fused else self._velocity_step(name, arrays[name], scale)
@@ -151,21 +155,39 @@ class Encoder:
                 assert g is not None  # with neither feedback nor momentum, encode returned above
                 to_send[name] = g
             sent: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}
-            payload = codec._encode(
-                to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, selected=selected or None, sent=sent
-            )
+            # The residual's correction (what the receiver decodes, taken out) runs on a second
+            # thread while the codec writes the payload (index coding, zstd, checksum): both
+            # release the GIL, and neither needs the other.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+
+                def correct(values_known: Mapping[str, tuple[Optional[np.ndarray], np.ndarray]]) -> None:
+                    # Sparse tensors only: their sections hold copies of the kept values, while
+                    # a dense fp32 section is the residual itself, still to be written.
+                    sparse = {name: v for name, v in values_known.items() if v[0] is not None}
+                    if self.error_feedback and sparse:
+                        early.update(sparse)
+                        correcting.append(pool.submit(self._take_out, sparse, -1.0))
+
+                try:
+                    payload = codec._encode(
+                        to_send,
+                        seed=seed,
+                        rotation_seed=rotation_seed,
+                        dtypes=dtypes,
+                        selected=selected or None,
+                        sent=sent,
+                        before_write=correct,
+                    )
+                finally:
+                    done = [f.result() for f in correcting]  # joined, success or not
         except BaseException:
+            if correcting and len(done) == len(correcting):
+                self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)
             raise
+        if self.error_feedback:
+            self._take_out({name: v for name, v in sent.items() if name not in early}, -1.0)
         for name, (idx, s) in sent.items():
-            if self.error_feedback:
-                # The residual becomes what was meant minus what the receiver decodes, in
-                # O(kept entries) for a sparse tensor.
-                flat = self.residuals[name].reshape(-1)
-                if idx is None:
-                    flat -= s
-                else:
-                    ops.scatter_add(flat, idx, s, -1.0)
             if self.momentum is not None:
                 # Momentum factor masking: entries that went out stop carrying velocity.
                 velocity = self.velocities[name].reshape(-1)
@@ -175,6 +197,16 @@ class Encoder:
                     velocity[idx[s != 0]] = 0.0
         self.rounds += 1
         return payload
+
+    def _take_out(self, sent: Mapping[str, tuple[Optional[np.ndarray], np.ndarray]], sign: float) -> None:
+        """The residual becomes what was meant minus what the receiver decodes (``sign``
+        -1; +1 reverts it), in O(kept entries) for a sparse tensor."""
+        for name, (idx, s) in sent.items():
+            flat = self.residuals[name].reshape(-1)
+            if idx is None:
+                (np.subtract if sign < 0 else np.add)(flat, s, out=flat)
+            else:
+                ops.scatter_add(flat, idx, s, sign)
 
     @staticmethod
     def _float32(arr: np.ndarray, scale: Optional[float]) -> np.ndarray:
