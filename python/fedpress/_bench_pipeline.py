@@ -1,12 +1,12 @@
 """The payload path against the kernels it is built on: what orchestration costs.
 
-Each row times a call users make (``Encoder``, ``Codec.encode``, ``Aggregator``, ``decode``) and
-the bare kernel underneath it on the same float32 update of ``n`` elements, in one process, and
-prints their ratio (medians of ``repeat`` runs each, the two taking turns, after one warm-up;
-ratios, not absolute times, are what travels between machines). One row measures ``ops.topk``
-in units of one streaming read of its input. With ``memory``, a fresh process per row measures the peak resident memory one encode
-adds. The targets are issue 13's, defined at 25.6M elements; whatever the ratios, this is a
-benchmark, not a test, and nothing here fails.
+Each row times a call users make (``Encoder``, ``Codec.encode``, ``Aggregator``, ``decode``) and the
+bare kernel underneath it on the same float32 update of ``n`` elements, in one process, and prints
+their ratio (medians of ``repeat`` runs each, the two taking turns, after one warm-up; ratios, not
+absolute times, are what travels between machines). One row measures ``ops.topk`` in units of one
+streaming read of its input. With ``memory``, a fresh process per row measures the peak resident
+memory one encode adds. The targets are issue 13's, defined at 25.6M elements; whatever the ratios,
+this is a benchmark, not a test, and nothing here fails.
 
 Run it as ``fedpress bench --only pipeline [--memory]`` (at the largest ``--sizes``, 25.6M by
 default, 4M with ``--quick``) or ``python bench/pipeline.py [--n 25.6M] [--memory] [--json PATH]``.
