@@ -286,21 +286,31 @@ void register_indexcode(py::module_& m) {
       "indices"_a, "n"_a, "Golomb gap coding of strictly ascending uint32 indices < n.");
   m.def(
       "decode_indices",
-      [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count) {
+      [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count, const py::handle& out_obj) -> py::object {
         py::buffer_info info = buf.request();
         if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
           throw py::type_error("buf must be a contiguous bytes-like object");
         if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
-        std::vector<std::uint32_t> out;
-        {
-          const auto* data = static_cast<const std::uint8_t*>(info.ptr);
-          const std::size_t size = static_cast<std::size_t>(info.size);
+        const auto* data = static_cast<const std::uint8_t*>(info.ptr);
+        const std::size_t size = static_cast<std::size_t>(info.size);
+        if (!out_obj.is_none()) {
+          py::array out = checked<std::uint32_t>(out_obj, "out", Access::write);
+          auto* o = static_cast<std::uint32_t*>(out.mutable_data());
+          const std::size_t count = len(out);
           py::gil_scoped_release release;
-          out = fedpress::decode_indices(data, size, n, max_count);
+          fedpress::decode_indices_into(data, size, n, o, count);
+          return std::move(out);
         }
-        return to_numpy(std::move(out));
+        std::vector<std::uint32_t> decoded;
+        {
+          py::gil_scoped_release release;
+          decoded = fedpress::decode_indices(data, size, n, max_count);
+        }
+        return to_numpy(std::move(decoded));
       },
-      "buf"_a, "n"_a, "max_count"_a, "Decodes encode_indices output; raises ValueError on any corruption.");
+      "buf"_a, "n"_a, "max_count"_a, "out"_a = py::none(),
+      "Decodes encode_indices output; raises DecodeError on any corruption. With out (uint32, writable), "
+      "decodes into it, the stream's count being exactly len(out), and returns it.");
 }
 
 // Type and length checks of one client's (indices, values), under the GIL.

@@ -386,4 +386,14 @@ std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t 
   return out;
 }
 
+void decode_indices_into(const std::uint8_t* data, std::size_t size, std::uint64_t n, std::uint32_t* out,
+                         std::size_t count) {
+  GolombDecoder d(data, size, n, count);
+  if (d.count() != count)
+    throw MalformedData("index stream holds " + std::to_string(d.count()) + " indices, expected " +
+                        std::to_string(count));
+  d.start(out);
+  d.run();
+}
+
 }  // namespace fedpress

@@ -34,5 +34,10 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* indices, std::size
 std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t size, std::uint64_t n,
                                           std::uint64_t max_count);
 
+// The same into out, which holds exactly `count` indices: a stream of any other count is
+// malformed. For a caller that decodes many streams into one buffer it allocated once.
+void decode_indices_into(const std::uint8_t* data, std::size_t size, std::uint64_t n, std::uint32_t* out,
+                         std::size_t count);
+
 
 }  // namespace fedpress

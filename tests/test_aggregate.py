@@ -532,3 +532,27 @@ def test_dense_sections_add_into_the_sum_as_decoded(spec: str) -> None:
     many = fp.Aggregator()
     many.add_many(payloads, weights)
     np.testing.assert_array_equal(many.result()["w"], agg.result()["w"])
+
+
+def test_sparse_parts_into_given_buffers() -> None:
+    """An aggregator decodes a batch's kept entries into two buffers allocated once:
+    sparse_parts(out=) gives the same indices and values, in those buffers, for exact,
+    seeded and rotated sparse tensors, and refuses a stream of another count."""
+    from fedpress.format.decoding import sparse_parts
+    from fedpress.format.reader import parse
+
+    x = np.random.default_rng(5).standard_normal(20_000).astype(np.float32)
+    for spec in ("topk:0.01", "topk:0.01+q4", "randk:0.02+fp16", "topk:0.05+rht+q8", "thresh:0.01+sign"):
+        parsed = parse(fp.Codec(spec).encode({"w": x}, seed=3))
+        rec = parsed.tensors[0]
+        idx, values = sparse_parts(rec, parsed.seed)
+        out = (np.empty(rec.count, np.uint32), np.empty(rec.count, np.float32))
+        got_idx, got_values = sparse_parts(rec, parsed.seed, out)
+        assert np.shares_memory(got_idx, out[0]) and np.shares_memory(got_values, out[1])
+        np.testing.assert_array_equal(got_idx, idx)
+        np.testing.assert_array_equal(got_values, values)
+    parsed = parse(fp.Codec("topk:0.01").encode({"w": x}, seed=3))
+    with pytest.raises(fp.DecodeError):
+        fp.ops.decode_indices(
+            parsed.tensors[0].index_data, x.size, out=np.empty(parsed.tensors[0].count + 1, np.uint32)
+        )

@@ -163,8 +163,19 @@ class Aggregator:
                 and rec.eden is None
                 and sums[rec.name].dtype == np.float32
             ]
+            # The kept entries of the whole batch go into two buffers allocated once: many
+            # small arrays would each fault their pages in, one large one takes huge pages.
+            starts = np.cumsum([0] + [rec.count for _, rec in batched])
+            all_idx = np.empty(int(starts[-1]), np.uint32)
+            all_val = np.empty(int(starts[-1]), np.float32)
+
+            def decode_one(j: int) -> tuple[Optional[np.ndarray], np.ndarray]:
+                i, rec = batched[j]
+                into = (all_idx[starts[j] : starts[j + 1]], all_val[starts[j] : starts[j + 1]])
+                return sparse_parts(rec, parsed[i].seed, into)
+
             try:
-                decoded = list(pool.map(lambda item: sparse_parts(item[1], parsed[item[0]].seed), batched))
+                decoded = list(pool.map(decode_one, range(len(batched))))
             except DecodeError as exc:
                 raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}

@@ -566,12 +566,20 @@ def encode_indices(indices: ArrayLike, n: int) -> bytes:
     return _core.encode_indices(idx, n)
 
 
-def decode_indices(buf: Union[bytes, bytearray, memoryview], n: int, max_count: Optional[int] = None) -> np.ndarray:
+def decode_indices(
+    buf: Union[bytes, bytearray, memoryview],
+    n: int,
+    max_count: Optional[int] = None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Decode ``encode_indices`` output into uint32 indices.
 
     The whole buffer must be one valid stream; any corruption (truncation,
     trailing bytes, an index >= n, a count above ``max_count`` (default n))
-    raises ValueError before more than the input's size is allocated.
+    raises ``fedpress.DecodeError`` (a ValueError) before more than the input's
+    size is allocated. With ``out`` (a writable uint32 array), the indices go
+    there and ``out`` is returned; a stream whose count is not ``len(out)`` is
+    malformed.
     """
     if isinstance(buf, np.ndarray):
         buf = buf.tobytes()
@@ -581,7 +589,7 @@ def decode_indices(buf: Union[bytes, bytearray, memoryview], n: int, max_count: 
     if n > 2**32:
         raise ValueError(f"n must be <= 2**32, got {n}")
     limit = n if max_count is None else _count(max_count, "max_count")
-    return _core.decode_indices(memoryview(buf).cast("B"), n, limit)
+    return _core.decode_indices(memoryview(buf).cast("B"), n, limit, out)
 
 
 # ------------------------------------------------------------- accumulation --

@@ -30,18 +30,30 @@ from .values import decode_values
 __all__ = ["decode", "decode_parts", "inspect"]
 
 
-def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np.ndarray]:
-    """(indices or None for dense, float32 values) of a float tensor, decoded and validated."""
+def sparse_parts(
+    rec: TensorRecord, seed: int, out: Optional[tuple[np.ndarray, np.ndarray]] = None
+) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """(indices or None for dense, float32 values) of a float tensor, decoded and validated.
+    ``out``: (uint32, float32) arrays of the kept count to decode a sparse tensor into (an
+    aggregator decodes a batch into two buffers allocated once, not two per payload)."""
+    if out is not None and rec.kind == KIND_DENSE:
+        raise ValueError("out is for sparse tensors")
     if rec.eden is not None:
         values = rec.eden.values()
     else:
-        coded = ops.rht_padded_size(rec.count, rec.rht_block) if rec.rht_block and rec.count else rec.count
+        rotated = bool(rec.rht_block and rec.count)
+        coded = ops.rht_padded_size(rec.count, rec.rht_block) if rotated else rec.count
         try:
-            values = decode_values(rec.value_code, rec.value_data, coded, rec.bucket)
+            values = decode_values(
+                rec.value_code, rec.value_data, coded, rec.bucket, None if out is None or rotated else out[1]
+            )
         except DecodeError as exc:
             raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
-        if rec.rht_block and rec.count:
+        if rotated:
             values = ops.irht(values, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RHT), block=rec.rht_block)
+    if out is not None and not np.may_share_memory(values, out[1]):  # a path that made its own array
+        out[1][...] = values
+        values = out[1]
     # Quantized codes times a checked finite scale cannot leave the scale's range, nor can
     # an eden section's inverse rotation when its bound is within float32: only the other
     # stages (and a plain rotation) need the full pass.
@@ -54,9 +66,13 @@ def sparse_parts(rec: TensorRecord, seed: int) -> tuple[Optional[np.ndarray], np
     if rec.kind == KIND_DENSE:
         return None, values
     if rec.kind == KIND_SPARSE_SEEDED:
-        return ops.randomk_indices(rec.size, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RANDK)), values
+        seeded = ops.randomk_indices(rec.size, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RANDK))
+        if out is not None:
+            out[0][...] = seeded
+            seeded = out[0]
+        return seeded, values
     try:
-        idx = ops.decode_indices(rec.index_data, rec.size, max_count=rec.count)
+        idx = ops.decode_indices(rec.index_data, rec.size, max_count=rec.count, out=None if out is None else out[0])
     except ValueError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     if idx.size != rec.count:

@@ -5,7 +5,7 @@ checks. Internal to fedpress: the public surface is ``fedpress.format``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -104,13 +104,19 @@ def quantized_parts(code: str, data: memoryview, count: int, bucket: int) -> tup
     return body, scales, bits
 
 
-def decode_values(code: str, data: memoryview, count: int, bucket: int) -> np.ndarray:
-    """Inverse of encode_values; data has exactly values_size(code, count, bucket) bytes."""
+def decode_values(code: str, data: memoryview, count: int, bucket: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Inverse of encode_values; data has exactly values_size(code, count, bucket) bytes.
+    With ``out`` (float32[count], writable), the values go there and ``out`` is returned."""
+    if code in QUANT_BITS or code == "sign":
+        body, scales, bits = quantized_parts(code, data, count, bucket)
+        return ops.dequantize(body, scales, bits, count, bucket, acc=out, accumulate=False)
     if code == "fp32":
-        return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32)
-    if code == "fp16":
-        return _core.from_half(np.frombuffer(data, dtype="<u2", count=count))
-    if code == "bf16":
-        return _core.from_bfloat16(np.frombuffer(data, dtype="<u2", count=count))
-    body, scales, bits = quantized_parts(code, data, count, bucket)
-    return ops.dequantize(body, scales, bits, count, bucket)
+        values = np.frombuffer(data, dtype="<f4", count=count)
+    elif code == "fp16":
+        values = _core.from_half(np.frombuffer(data, dtype="<u2", count=count))
+    else:  # bf16
+        values = _core.from_bfloat16(np.frombuffer(data, dtype="<u2", count=count))
+    if out is None:
+        return values.astype(np.float32)  # a copy for fp32, which is a view of the payload
+    out[...] = values
+    return out
