@@ -688,6 +688,38 @@ py::array_t<float> widen(const py::handle& obj, void (*kernel)(const void*, std:
 }
 
 void register_convert(py::module_& m) {
+  m.def(
+      "decode_floats",
+      [](const py::buffer& buf, const std::string& code, long long n_arg, const py::handle& out_obj) {
+        py::buffer_info info = buf.request();
+        if (info.ndim != 1 || info.strides[0] != info.itemsize)
+          throw py::type_error("data must be a contiguous bytes-like object");
+        const std::size_t n = length_arg(n_arg, "n");
+        fedpress::FloatCode c;
+        if (code == "fp32")
+          c = fedpress::FloatCode::fp32;
+        else if (code == "fp16")
+          c = fedpress::FloatCode::fp16;
+        else if (code == "bf16")
+          c = fedpress::FloatCode::bf16;
+        else
+          throw py::value_error("code must be fp32, fp16 or bf16, got " + code);
+        const std::size_t width = c == fedpress::FloatCode::fp32 ? 4 : 2;
+        if (static_cast<std::size_t>(info.size * info.itemsize) != width * n)
+          throw py::value_error("data holds " + std::to_string(info.size * info.itemsize) + " bytes, expected " +
+                                std::to_string(width * n) + " for " + std::to_string(n) + " " + code + " values");
+        py::array out = output_or_acc(out_obj, n);
+        bool finite;
+        {
+          float* o = static_cast<float*>(out.mutable_data());
+          py::gil_scoped_release release;
+          finite = fedpress::decode_floats(c, info.ptr, n, o);
+        }
+        return py::make_tuple(out, finite);
+      },
+      "data"_a, "code"_a, "n"_a, "out"_a = py::none(),
+      "A float value section (fp32/fp16/bf16, little-endian, at any address) as float32[n] (or into out), "
+      "and whether every value is finite: (array, bool).");
   m.def("to_half", [](const py::handle& x) { return narrow(x, fedpress::float_to_half); },
         "x"_a, "float32 -> float16 bit patterns (uint16), round to nearest even, saturating at 65504.");
   m.def("from_half", [](const py::handle& h) { return widen(h, fedpress::half_to_float); },

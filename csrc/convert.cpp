@@ -1,6 +1,7 @@
 #include "convert.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "parallel.hpp"
@@ -121,6 +122,21 @@ void from_bf16_range(const unsigned char* h, std::size_t n, float* out) {
   }
 }
 
+// Whether every value of x[0, len) is finite: its exponent bits are not all ones.
+FEDPRESS_CLONES
+bool all_finite(const float* x, std::size_t len) {
+  std::uint32_t any_special = 0;
+  for (std::size_t i = 0; i < len; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    any_special |= static_cast<std::uint32_t>((u & 0x7F800000u) == 0x7F800000u);
+  }
+  return any_special == 0;
+}
+
+// float32 values at any address, copied.
+void copy_floats(const unsigned char* src, std::size_t n, float* out) { std::memcpy(out, src, 4 * n); }
+
 // Runs fn(begin, count) over fixed chunks of [0, n), in parallel.
 template <typename Fn>
 void chunked(std::size_t n, Fn fn) {
@@ -150,6 +166,23 @@ void float_to_bfloat16(const float* x, std::size_t n, void* out) {
 void bfloat16_to_float(const void* h, std::size_t n, float* out) {
   const auto* bytes = static_cast<const unsigned char*>(h);
   chunked(n, [&](std::size_t begin, std::size_t count) { from_bf16_range(bytes + 2 * begin, count, out + begin); });
+}
+
+bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out) {
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const std::size_t width = code == FloatCode::fp32 ? 4 : 2;
+  std::atomic<bool> finite{true};
+  chunked(n, [&](std::size_t begin, std::size_t count) {
+    const unsigned char* in = bytes + width * begin;
+    switch (code) {
+      case FloatCode::fp32: copy_floats(in, count, out + begin); break;
+      case FloatCode::fp16: from_half_range(in, count, out + begin); break;
+      case FloatCode::bf16: from_bf16_range(in, count, out + begin); break;
+    }
+    // Checked while the chunk is still in cache: the pass costs next to nothing.
+    if (!all_finite(out + begin, count)) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
 }
 
 }  // namespace fedpress

@@ -17,4 +17,10 @@ void half_to_float(const void* h, std::size_t n, float* out);
 void float_to_bfloat16(const float* x, std::size_t n, void* out);
 void bfloat16_to_float(const void* h, std::size_t n, float* out);
 
+// A payload's float value section (fp32, fp16 or bf16 values, little-endian, at any
+// address) decoded into out (n floats), with its finiteness checked in the same pass:
+// returns false when a value is NaN or infinite (out is written in full either way).
+enum class FloatCode : int { fp32 = 0, fp16 = 1, bf16 = 2 };
+bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out);
+
 }  // namespace fedpress

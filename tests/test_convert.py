@@ -73,3 +73,39 @@ def test_from_half_and_bfloat16_read_a_section_at_an_odd_offset(n: int) -> None:
     from_bf16 = _core.from_bfloat16(odd).view(np.uint32)
     np.testing.assert_array_equal(from_half, _core.from_half(h).view(np.uint32))
     np.testing.assert_array_equal(from_bf16, h.astype(np.uint32) << 16)
+
+
+@pytest.mark.parametrize("code", ["fp32", "fp16", "bf16"])
+def test_decode_floats_converts_and_checks_finiteness(code: str) -> None:
+    """A float value section is converted and checked for NaN and infinity in one pass,
+    from any address, into a new array or a given one."""
+    from fedpress import _core
+
+    x = np.random.default_rng(2).standard_normal(300_001).astype(np.float32)
+    raw = {"fp32": x.tobytes(), "fp16": _core.to_half(x).tobytes(), "bf16": _core.to_bfloat16(x).tobytes()}[code]
+    expected = {
+        "fp32": x,
+        "fp16": _core.from_half(_core.to_half(x)),
+        "bf16": _core.from_bfloat16(_core.to_bfloat16(x)),
+    }[code]
+    odd = memoryview(b"\x00" + raw)[1:]  # a section at an odd offset of its payload
+    values, finite = _core.decode_floats(odd, code, x.size)
+    assert finite
+    np.testing.assert_array_equal(values, expected)
+    out = np.empty(x.size, np.float32)
+    same, finite = _core.decode_floats(odd, code, x.size, out)
+    assert finite and np.shares_memory(same, out)
+    np.testing.assert_array_equal(out, expected)
+    # NaN, +infinity and -infinity as each code writes them
+    specials = {
+        "fp32": [np.float32(v).view(np.uint32) for v in (np.nan, np.inf, -np.inf)],
+        "fp16": [0x7E00, 0x7C00, 0xFC00],
+        "bf16": [0x7FC0, 0x7F80, 0xFF80],
+    }[code]
+    width = 4 if code == "fp32" else 2
+    for special in specials:
+        data = bytearray(raw)
+        data[width * 250_000 : width * 250_001] = int(special).to_bytes(width, "little")
+        assert not _core.decode_floats(bytes(data), code, x.size)[1]
+    with pytest.raises(ValueError, match="bytes, expected"):
+        _core.decode_floats(raw[:-2], code, x.size)

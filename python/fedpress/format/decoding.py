@@ -54,13 +54,14 @@ def sparse_parts(
     if out is not None and not np.may_share_memory(values, out[1]):  # a path that made its own array
         out[1][...] = values
         values = out[1]
-    # Quantized codes times a checked finite scale cannot leave the scale's range, nor can
-    # an eden section's inverse rotation when its bound is within float32: only the other
-    # stages (and a plain rotation) need the full pass.
+    # decode_values returns finite values (quantized codes times a checked finite scale
+    # cannot leave the scale's range; float codes are checked as they are converted), and
+    # an eden section's inverse rotation is finite when its bound is within float32: only
+    # a plain rotation's output, and an eden section beyond its bound, need the full pass.
     if rec.eden is not None:
         finite_by_construction = rec.eden.rotation_bound() <= 1e38
     else:
-        finite_by_construction = not rec.rht_block and rec.value_code in ("q8", "q4", "q2", "sign")
+        finite_by_construction = not rec.rht_block  # decode_values checks or guarantees it
     if not finite_by_construction and not np.all(np.isfinite(values)):
         raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
     if rec.kind == KIND_DENSE:

@@ -106,17 +106,14 @@ def quantized_parts(code: str, data: memoryview, count: int, bucket: int) -> tup
 
 def decode_values(code: str, data: memoryview, count: int, bucket: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Inverse of encode_values; data has exactly values_size(code, count, bucket) bytes.
-    With ``out`` (float32[count], writable), the values go there and ``out`` is returned."""
+    With ``out`` (float32[count], writable), the values go there and ``out`` is returned.
+    Every value is finite: quantized codes times checked scales by construction, and the
+    float codes are checked as they are converted (DecodeError otherwise)."""
     if code in QUANT_BITS or code == "sign":
         body, scales, bits = quantized_parts(code, data, count, bucket)
         return ops.dequantize(body, scales, bits, count, bucket, acc=out, accumulate=False)
-    if code == "fp32":
-        values = np.frombuffer(data, dtype="<f4", count=count)
-    elif code == "fp16":
-        values = _core.from_half(np.frombuffer(data, dtype="<u2", count=count))
-    else:  # bf16
-        values = _core.from_bfloat16(np.frombuffer(data, dtype="<u2", count=count))
-    if out is None:
-        return values.astype(np.float32)  # a copy for fp32, which is a view of the payload
-    out[...] = values
-    return out
+    # fp32, fp16, bf16: converted and checked for NaN and infinity in one pass.
+    values, finite = _core.decode_floats(data, code, count, out)
+    if not finite:
+        raise DecodeError("values section decodes to non-finite values")
+    return values
