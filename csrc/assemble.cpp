@@ -45,19 +45,6 @@ void write_signs(const Piece& p, std::uint8_t* out) {
   if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
 }
 
-// The decoder refuses an EDEN section whose inverse rotation could exceed float32
-// (its butterflies grow a block by up to L^1.5): the encoder must not write one.
-void check_rotation_bound(const std::vector<float>& scales, int bits, std::size_t n, std::size_t block) {
-  if (n == 0 || scales.empty()) return;
-  const float* table = eden_table(bits, EdenRounding::nearest);
-  const double largest = static_cast<double>(*std::max_element(scales.begin(), scales.end())) *
-                         static_cast<double>(std::fabs(table[0]));  // symmetric: the first level is the largest
-  const double bound = largest * std::pow(static_cast<double>(std::min(block, n)), 1.5);
-  if (!(bound <= kRotationLimit))
-    throw std::invalid_argument("values too large to rotate in float32 (the decoder's inverse rotation could reach " +
-                                std::to_string(bound) + " > 1e38)");
-}
-
 void write_eden(const Piece& p, std::uint8_t* out) {
   const bool mse = (p.mode & kEdenMseScale) != 0;
   std::vector<float> scales(eden_layout_scales(p.n, p.block));
@@ -67,7 +54,12 @@ void write_eden(const Piece& p, std::uint8_t* out) {
   out[0] = p.mode;
   eden_encode(floats(p), p.n, p.block, p.bits, EdenRounding::nearest, mse ? EdenScale::mse : EdenScale::unbiased,
               p.seed, p.quant_seed, out + 1 + scale_bytes, scales.data(), outlier_idx, outlier_val);
-  check_rotation_bound(scales, p.bits, p.n, p.block);
+  // The decoder refuses a section whose inverse rotation could leave float32: never write one.
+  const double bound = eden_rotation_bound(scales.data(), scales.size(), p.bits, EdenRounding::nearest, nullptr, 0,
+                                           p.n, p.block);
+  if (!(bound <= kRotationLimit))
+    throw std::invalid_argument("values too large to rotate in float32 (the decoder's inverse rotation could reach " +
+                                std::to_string(bound) + " > 1e38)");
   if (scale_bytes != 0) std::memcpy(out + 1, scales.data(), scale_bytes);
 }
 

@@ -653,6 +653,18 @@ void register_eden(py::module_& m) {
       "weight * the inverse of eden_encode, float32[n]: a new array, or acc (acc += that, or acc = that "
       "with accumulate=False), returned.");
   m.def(
+      "eden_rotation_bound",
+      [](const py::handle& s_obj, int bits, bool stochastic, const py::handle& v_obj, long long n_arg,
+         long long block_arg) {
+        py::array scales = checked<float>(s_obj, "scales");
+        py::array val = checked<float>(v_obj, "outlier_val");
+        const std::size_t n = length_arg(n_arg, "n"), block = rotate_block(block_arg);
+        return fedpress::eden_rotation_bound(cptr<float>(scales), len(scales), eden_bits(bits), rounding(stochastic),
+                                             cptr<float>(val), len(val), n, block);
+      },
+      "scales"_a, "bits"_a, "stochastic"_a, "outlier_val"_a, "n"_a, "block"_a,
+      "An upper bound on every value the inverse rotation of an EDEN section computes (csrc/eden.hpp).");
+  m.def(
       "eden_unrotate",
       [](const py::handle& y_obj, long long block_arg, std::uint64_t seed) {
         py::array y = checked<float>(y_obj, "y", Access::write);

@@ -1050,6 +1050,18 @@ void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n,
   });
 }
 
+double eden_rotation_bound(const float* scales, std::size_t n_scales, int bits, EdenRounding rounding,
+                           const float* outlier_val, std::size_t n_outliers, std::size_t n, std::size_t block) {
+  if (n == 0) return 0.0;
+  const float* table = table_of(tables(bits), rounding);  // symmetric: the first level is the largest
+  double largest = n_scales ? static_cast<double>(*std::max_element(scales, scales + n_scales)) *
+                                  static_cast<double>(std::fabs(table[0]))
+                            : 0.0;
+  for (std::size_t j = 0; j < n_outliers; ++j)
+    largest = std::max(largest, std::fabs(static_cast<double>(outlier_val[j])));
+  return largest * std::pow(static_cast<double>(std::min(block, n)), 1.5);
+}
+
 void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed) {
   for_each_range(eden_segments(n, block, 1), block, rotation_seed,
                  [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan&, const Range& r) {

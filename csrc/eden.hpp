@@ -147,6 +147,14 @@ void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n,
                  const float* outlier_val, std::size_t n_outliers, float* out, bool accumulate = false,
                  float weight = 1.0f);
 
+// An upper bound on every value the inverse rotation of a section computes (its
+// butterflies grow a block by up to L^1.5, L = min(block, n)): the largest scale
+// times the table's largest level (or the largest outlier, if larger), times
+// L^1.5, in double precision; 0 for n = 0. The encoder refuses a section whose
+// bound exceeds 1e38, and the decoder trusts one within it to stay finite.
+double eden_rotation_bound(const float* scales, std::size_t n_scales, int bits, EdenRounding rounding,
+                           const float* outlier_val, std::size_t n_outliers, std::size_t n, std::size_t block);
+
 // Undoes eden_encode's rotation of y (n floats, in place): for a sum of clients'
 // dequantized rotated vectors under one rotation seed.
 void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed);

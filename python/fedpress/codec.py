@@ -48,8 +48,8 @@ from .format.registry import (
     VALUE_CODES,
     stage_seed,
 )
-from .format.values import KernelSection, decode_values, encode_values, values_size
-from .format.writer import Entry, raw_entry, write_payload
+from .format.values import decode_values, encode_values, values_size
+from .format.writer import Entry, KernelRefused, raw_entry, write_payload
 
 __all__ = ["Spec", "parse_spec", "Codec"]
 
@@ -275,17 +275,14 @@ class Codec:
             before_write(sent)
         try:
             return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
-        except ValueError as exc:
+        except KernelRefused as exc:
             # A kernel writing its section in place refused its input: say why, by name.
-            for e in entries:
-                if isinstance(e.values, KernelSection) and str(exc).startswith(f"tensor {e.name!r}:"):
-                    x = e.values.piece[1]
-                    _check_values(e.name, x, e.rht_block, sparse=e.kind != KIND_DENSE)
-                    if self.spec.eden:
-                        why = str(exc).split(": ", 1)[1]
-                        raise ValueError(
-                            f"tensor {e.name!r} holds {why}; scale the update down or use a codec without eden"
-                        ) from None
+            refused = next(e for e in entries if e.name == exc.tensor)
+            _check_values(refused.name, refused.values.piece[1], refused.rht_block, sparse=refused.kind != KIND_DENSE)
+            if self.spec.eden:
+                raise ValueError(
+                    f"tensor {exc.tensor!r} holds {exc.why}; scale the update down or use a codec without eden"
+                ) from None
             raise
 
     # -- selection ----------------------------------------------------------

@@ -65,15 +65,9 @@ def eden_unrotate(y: np.ndarray, rotation_seed: int, block: int) -> np.ndarray:
 
 def rotation_bound(bits: int, shared: bool, scales: np.ndarray, outlier_val: np.ndarray, n: int, block: int) -> float:
     """An upper bound on every value the inverse rotation of a section computes (its
-    butterflies grow a block by up to L**1.5): the encoder refuses what the decoder
-    could overflow on, and the rotated-domain sum checks it before adding."""
-    if n == 0:
-        return 0.0
-    table = ops.eden_levels(bits) if shared else ops.eden_centroids(bits)
-    largest = float(scales.max()) * float(np.abs(table).max()) if scales.size else 0.0
-    if outlier_val.size:
-        largest = max(largest, float(np.abs(outlier_val).max()))
-    return largest * float(min(block, n)) ** 1.5
+    butterflies grow a block by up to L**1.5; csrc/eden.hpp): the encoder refuses what the
+    decoder could overflow on, and the rotated-domain sum checks it before adding."""
+    return _core.eden_rotation_bound(scales, bits, shared, outlier_val, n, block)
 
 
 def eden_fixed_size(count: int, block: int, bits: int) -> int:

@@ -58,8 +58,18 @@ def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
     )
 
 
+class KernelRefused(ValueError):
+    """A kernel writing a tensor's section in place refused its input (NaN or infinity,
+    values too large to rotate): ``tensor`` names it, ``why`` is the kernel's reason."""
+
+    def __init__(self, tensor: str, why: str) -> None:
+        super().__init__(f"tensor {tensor!r}: {why}")
+        self.tensor, self.why = tensor, why
+
+
 def _assemble(pieces: list[tuple[Optional[str], Any]], *, checksum: bool) -> bytes:
-    """``_core.assemble`` of the pieces; a kernel's refusal names its tensor."""
+    """``_core.assemble`` of the pieces; a kernel's refusal (its message starts with the
+    piece's position, csrc/assemble.hpp) becomes KernelRefused naming the tensor."""
     try:
         return _core.assemble([p for _, p in pieces], checksum)
     except ValueError as exc:
@@ -67,7 +77,7 @@ def _assemble(pieces: list[tuple[Optional[str], Any]], *, checksum: bool) -> byt
         name = pieces[int(position.split()[1])][0] if position.startswith("piece ") else None
         if name is None:
             raise
-        raise ValueError(f"tensor {name!r}: {why}") from None
+        raise KernelRefused(name, why) from None
 
 
 def write_payload(
