@@ -1,5 +1,11 @@
-"""An independent decoder of fedpress payloads (format version 1), written from
+"""An independent decoder of fedpress payloads (format versions 1 and 2), written from
 docs/format.md alone, in pure Python and numpy: it imports nothing from fedpress.
+
+The two versions differ only in the layout of their index streams: version 2's split
+Rice stream ("Index stream", ``decode_rice_stream``) and version 1's Golomb codes
+("Index stream, version 1", ``decode_golomb_stream``). ``decode`` picks the layout by
+the header's version byte (``decode_index_stream``), for sparse entries and EDEN
+outlier streams alike.
 
 It reads the EDEN tables from the document's normative appendix (``doc_tables``),
 so a test that decodes with it checks the document as much as the code. It
@@ -9,8 +15,9 @@ tests/test_format_vectors.py runs it over tests/data/format-vectors/ and the
 golden payloads in tests/data/.
 
 It also carries the encoder-side rules the document states for information
-(the forward EDEN rotation, nearest and stochastic rounding), which the tests
-use to check the document's description of the reference encoder. It enforces
+(the forward EDEN rotation, nearest and stochastic rounding, the choice of the Rice
+parameter in ``encode_index_stream``), which the tests use to check the document's
+description of the reference encoder. It enforces
 the checks a valid payload needs to be read correctly, not every limit.
 """
 
@@ -138,6 +145,16 @@ def read_varint(buf: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
     raise FormatError(f"{what}: varint longer than 10 bytes")
 
 
+def write_varint(v: int) -> bytes:
+    """The minimal LEB128 varint of v."""
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
 def bit_stream(data: bytes) -> np.ndarray:
     """Bit i of the stream is bit i mod 8 of byte i // 8 (LSB first), as uint8 0/1."""
     return np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), bitorder="little")
@@ -155,14 +172,119 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------ index stream --
-def decode_index_stream(data: bytes, n: int) -> list[int]:
-    """The k ascending indices of an index stream ("Index stream"); the stream must be used up."""
+VERSIONS = (1, 2)  # the format versions this decoder reads: they differ only in their index streams
+MAX_RICE_PARAMETER = 31
+
+
+def decode_index_stream(data: bytes, n: int, version: int = 2) -> list[int]:
+    """The k ascending indices of an index stream in the layout of the payload's version."""
+    if version == 1:
+        return decode_golomb_stream(data, n)
+    return decode_rice_stream(data, n)
+
+
+def stream_count(data: bytes, n: int) -> tuple[int, int]:
+    """(k, position after it) of an index stream of either version, whose rules for k are
+    the same: k <= n, and the stream of k = 0 is that one byte."""
     k, pos = read_varint(data, 0, len(data), "index stream k")
     if k > n:
         raise FormatError(f"index stream: k = {k} > n = {n}")
+    if k == 0 and pos != len(data):
+        raise FormatError("index stream: bytes after k = 0")
+    return k, pos
+
+
+def rice_stream_parts(data: bytes, n: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(k, l, lows, positions of the ones in `unary`) of a version 2 index stream ("Index
+    stream"), after every check the document lists: the stream is valid once this returns.
+    The last index is computed from the last one's position and the sum of the lows alone,
+    in Python integers, so a huge quotient cannot overflow."""
+    k, pos = stream_count(data, n)
     if k == 0:
-        if pos != len(data):
-            raise FormatError("index stream: bytes after k = 0")
+        return 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if pos >= len(data):
+        raise FormatError("index stream: truncated before the Rice parameter")
+    rice, pos = data[pos], pos + 1
+    if rice > MAX_RICE_PARAMETER:
+        raise FormatError(f"index stream: Rice parameter {rice} > {MAX_RICE_PARAMETER}")
+    low_bytes = (k * rice + 7) // 8
+    if len(data) - pos < low_bytes + 1:
+        raise FormatError(f"index stream truncated: {len(data)} bytes, at least {pos + low_bytes + 1} needed")
+    try:
+        lows = unpack_codes(data[pos : pos + low_bytes], k, rice)
+    except FormatError:
+        raise FormatError("index stream: nonzero padding bits in the last byte of the lows") from None
+    unary = data[pos + low_bytes :]
+    ones = np.flatnonzero(bit_stream(unary))
+    if ones.size != k:
+        raise FormatError(f"index stream: {ones.size} one bits in the unary part, k = {k}")
+    if unary[-1] == 0:
+        raise FormatError("index stream: bytes after the one of the last index")
+    p_last = int(ones[-1])
+    last = (k - 1) + ((p_last - (k - 1)) << rice) + int(lows.sum())
+    if last >= n:
+        raise FormatError(f"index stream: last index {last} >= n = {n}")
+    return k, rice, lows, ones.astype(np.int64)
+
+
+def decode_rice_stream(data: bytes, n: int) -> list[int]:
+    """The k ascending indices of a version 2 index stream ("Index stream"):
+    idx_i = i + ((p_i - i) << l) + (low_0 + ... + low_i), p_i the position of the i-th one."""
+    k, rice, lows, ones = rice_stream_parts(data, n)
+    i = np.arange(k, dtype=np.int64)
+    # Every index is at most the last, which the checks put below n: no overflow for n < 2^63.
+    return (i + ((ones - i) << rice) + np.cumsum(lows)).tolist()
+
+
+def rice_gaps(indices, n: int) -> np.ndarray:
+    """g_0 = idx_0, g_i = idx_i - idx_{i-1} - 1 of strictly ascending indices in [0, n)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0)):
+        raise ValueError("indices must be strictly ascending and in [0, n)")
+    return np.diff(idx, prepend=-1) - 1
+
+
+def rice_cost(gaps: np.ndarray, rice: int) -> int:
+    """Coded bits of the lows and the unary part with parameter l: k*(l+1) + sum(g_i >> l)."""
+    return gaps.size * (rice + 1) + int((gaps >> rice).sum())
+
+
+def rice_parameter(gaps: np.ndarray, n: int) -> int:
+    """The reference encoder's l (informative, "Index stream"): with the mean gap
+    mu = (n - k) / k and t = mu * ln 2, the guess l0 = floor(log2 t) (0 when t < 2); of
+    l0 - 1 .. l0 + 2, clamped to [0, 31], the one with the smallest exact coded size, the
+    smaller on a tie."""
+    k = gaps.size
+    t = (n - k) / k * math.log(2.0)
+    guess = math.floor(math.log2(t)) if t >= 2.0 else 0
+    candidates = range(max(0, guess - 1), min(MAX_RICE_PARAMETER, guess + 2) + 1)
+    return min(candidates, key=lambda rice: (rice_cost(gaps, rice), rice))
+
+
+def encode_index_stream(indices, n: int) -> bytes:
+    """A version 2 index stream of strictly ascending indices in [0, n), with the
+    reference encoder's choice of l: the document's layout, written from the document."""
+    gaps = rice_gaps(indices, n)
+    k = gaps.size
+    head = bytearray(write_varint(k))
+    if k == 0:
+        return bytes(head)
+    rice = rice_parameter(gaps, n)
+    head.append(rice)
+    lows = gaps & ((1 << rice) - 1)
+    low_bits = ((lows[:, None] >> np.arange(rice, dtype=np.int64)) & 1).astype(np.uint8).reshape(-1)
+    ones = np.cumsum((gaps >> rice) + 1) - 1  # the position of each gap's one
+    unary = np.zeros(int(ones[-1]) + 1, np.uint8)
+    unary[ones] = 1
+    pack = lambda bits: np.packbits(bits, bitorder="little").tobytes()  # noqa: E731
+    return bytes(head) + pack(low_bits) + pack(unary)
+
+
+def decode_golomb_stream(data: bytes, n: int) -> list[int]:
+    """The k ascending indices of a version 1 index stream ("Index stream, version 1"); the
+    stream must be used up."""
+    k, pos = stream_count(data, n)
+    if k == 0:
         return []
     m, pos = read_varint(data, pos, len(data), "index stream m")
     if not 1 <= m <= max(1, n):
@@ -382,7 +504,9 @@ def eden_fixed_size(count: int, block: int, bits: int) -> int:
     )
 
 
-def parse_eden(data: bytes, code: str, count: int, block: int, derived_seed: int, tables: dict) -> EdenSection:
+def parse_eden(
+    data: bytes, code: str, count: int, block: int, derived_seed: int, tables: dict, version: int = 2
+) -> EdenSection:
     bits = EDEN_BITS[code]
     if not data:
         raise FormatError(f"{code} section: empty")
@@ -428,7 +552,7 @@ def parse_eden(data: bytes, code: str, count: int, block: int, derived_seed: int
         if pos + index_len + 4 * k > len(data):
             raise FormatError(f"{code} section: truncated outliers")
         if k:
-            section.outlier_idx = decode_index_stream(data[pos : pos + index_len], count)
+            section.outlier_idx = decode_index_stream(data[pos : pos + index_len], count, version)
             if len(section.outlier_idx) != k:
                 raise FormatError(f"{code} section: outlier stream holds {len(section.outlier_idx)} indices")
         pos += index_len
@@ -499,20 +623,12 @@ class Entry:
 
 
 def table_image(heads: list[tuple[str, str, tuple]]) -> bytes:
-    def varint(v: int) -> bytes:
-        out = bytearray()
-        while v >= 0x80:
-            out.append((v & 0x7F) | 0x80)
-            v >>= 7
-        out.append(v)
-        return bytes(out)
-
-    out = bytearray(varint(len(heads)))
+    out = bytearray(write_varint(len(heads)))
     for name, dtype, shape in heads:
         raw = name.encode("utf-8")
-        out += varint(len(raw)) + raw + bytes((DTYPES.index(dtype), len(shape)))
+        out += write_varint(len(raw)) + raw + bytes((DTYPES.index(dtype), len(shape)))
         for d in shape:
-            out += varint(d)
+            out += write_varint(d)
     return bytes(out)
 
 
@@ -533,8 +649,9 @@ def decode(
         raise FormatError("payload shorter than 18 bytes")
     if payload[:4] != b"FPRS":
         raise FormatError("bad magic")
-    if payload[4] != 1:
-        raise FormatError(f"version {payload[4]}")
+    version = payload[4]
+    if version not in VERSIONS:
+        raise FormatError(f"unsupported payload format version {version} (this decoder reads versions 1 and 2)")
     flags = payload[5]
     if flags & 0xFC:
         raise FormatError(f"header flags 0x{flags:02x}")
@@ -560,12 +677,12 @@ def decode(
         if len(body) != raw_size or obj.unused_data or not obj.eof:
             raise FormatError("zstd frame does not decode to exactly raw_body_size bytes")
     try:
-        return _decode_body(body, seed, flags, table, tables, {} if sections is None else sections)
+        return _decode_body(body, seed, flags, version, table, tables, {} if sections is None else sections)
     except (IndexError, KeyError, struct.error, UnicodeDecodeError) as exc:  # a field read past its end
         raise FormatError(f"malformed body: {exc!r}") from None
 
 
-def _decode_body(body: bytes, seed: int, flags: int, table, tables: dict, sections: dict) -> dict:
+def _decode_body(body: bytes, seed: int, flags: int, version: int, table, tables: dict, sections: dict) -> dict:
     n_body = len(body)
     spec_len, pos = read_varint(body, 0, n_body, "spec_len")
     body[pos : pos + spec_len].decode("utf-8")
@@ -613,7 +730,7 @@ def _decode_body(body: bytes, seed: int, flags: int, table, tables: dict, sectio
         data, pos = body[pos : pos + e.values_len], pos + e.values_len
         if pos > n_body:
             raise FormatError(f"tensor {e.name!r}: sections run past the body")
-        out[e.name] = _tensor(e, ordinal, index_data, data, seed, tables, sections)
+        out[e.name] = _tensor(e, ordinal, index_data, data, seed, version, tables, sections)
     if pos != n_body:
         raise FormatError(f"{n_body - pos} trailing bytes after the last section")
     return out
@@ -650,7 +767,7 @@ def _check_entry(e: Entry, vcode: int) -> None:
 
 
 def _tensor(
-    e: Entry, ordinal: int, index_data: bytes, data: bytes, seed: int, tables: dict, sections: dict
+    e: Entry, ordinal: int, index_data: bytes, data: bytes, seed: int, version: int, tables: dict, sections: dict
 ) -> np.ndarray:
     if e.kind == RAW:
         if e.dtype == "bfloat16":
@@ -661,7 +778,8 @@ def _tensor(
         return arr.reshape(e.shape)
     with np.errstate(over="ignore", invalid="ignore"):  # binary32 overflow is rejected below, as non-finite
         if e.code in EDEN_BITS:
-            section = parse_eden(data, e.code, e.count, e.block, stage_seed(seed, ordinal, PURPOSE_RHT), tables)
+            derived = stage_seed(seed, ordinal, PURPOSE_RHT)
+            section = parse_eden(data, e.code, e.count, e.block, derived, tables, version)
             values = section.values(tables)
         else:
             c = rht_padded_size(e.count, e.block) if e.rotated and e.count else e.count
@@ -675,7 +793,7 @@ def _tensor(
     elif e.kind == SPARSE_SEEDED:
         indices = randk_indices(e.size, e.count, stage_seed(seed, ordinal, PURPOSE_RANDK))
     else:
-        indices = decode_index_stream(index_data, e.size)
+        indices = decode_index_stream(index_data, e.size, version)
         if len(indices) != e.count:
             raise FormatError(f"tensor {e.name!r}: {len(indices)} indices, count {e.count}")
     if e.code in EDEN_BITS:

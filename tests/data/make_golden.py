@@ -1,18 +1,25 @@
-"""Writes the golden payloads of format version 1 (run once; the files are committed).
+"""Writes the golden payloads of the current format version (run once per version; the
+files are committed).
 
     python tests/data/make_golden.py            # every spec
     python tests/data/make_golden.py eden3      # one (new) spec only
 
-For each spec in SPECS it writes golden_v1_<name>.bin (the payload of
-golden_input() encoded with seed SEED) and golden_v1_<name>.npz (what
-fp.decode returned for it). tests/test_payload.py decodes the stored bytes and
-compares them with the stored arrays, and re-encodes golden_input() to check
-that the same bytes come out: a change of the wire format, of a value stage or
-of a seeded random choice shows up there and needs a new format version (or,
-deliberately, regenerated golden files). Each spec in DIGEST_SPECS is written
-the same way with Codec(spec, table="digest") (the payload without its tensor
-table) as golden_v1_<name>-table_digest.*, and tests/test_table_digest.py
-checks those.
+For each spec in SPECS it writes golden_v<V>_<name>.bin (the payload of
+golden_input() encoded with seed SEED by the current writer, format version
+V = fp.format.FORMAT_VERSION) and golden_v<V>_<name>.npz (what fp.decode returned for
+it). tests/test_payload.py decodes the stored bytes and compares them with the
+stored arrays, and re-encodes golden_input() to check that the same bytes come
+out: a change of the wire format, of a value stage or of a seeded random choice
+shows up there and needs a new format version (or, deliberately, regenerated
+golden files). Each spec in DIGEST_SPECS is written the same way with
+Codec(spec, table="digest") (the payload without its tensor table) as
+golden_v<V>_<name>-table_digest.*, and tests/test_table_digest.py checks those.
+
+The files of earlier versions (VERSIONS; golden_v1_* are version 1, whose index
+streams are Golomb codes) are never rewritten: no writer writes them any more.
+They stay so that tests/test_format_vectors.py checks that every version a decoder
+reads still decodes, by fedpress and by tests/format_reference.py, to its stored
+arrays, and to the same arrays as the current version's file of the same spec.
 """
 
 from __future__ import annotations
@@ -38,8 +45,13 @@ SPECS = (
 DIGEST_SPECS = ("topk:0.05+q4",)  # written with table="digest"
 
 
-def file_stem(spec: str, table: str = "inline") -> str:
-    stem = "golden_v1_" + spec.replace(":", "_").replace("+", "-")
+VERSION = 2  # the version the writer writes (fp.format.FORMAT_VERSION); main() writes only its files
+VERSIONS = (1, 2)  # every version with golden files
+
+
+def file_stem(spec: str, table: str = "inline", version: int = VERSION) -> str:
+    """golden_v<version>_<spec>, with -table_digest for a payload without its table."""
+    stem = f"golden_v{version}_" + spec.replace(":", "_").replace("+", "-")
     return stem + "-table_digest" if table == "digest" else stem
 
 
@@ -63,9 +75,12 @@ def golden_input() -> dict:
 def main(specs: tuple = SPECS, digest_specs: tuple = DIGEST_SPECS) -> None:
     import fedpress as fp
 
+    if fp.format.FORMAT_VERSION != VERSION:
+        raise SystemExit(f"the writer writes format version {fp.format.FORMAT_VERSION}, this script version {VERSION}")
     update = golden_input()
     for spec, table in [(s, "inline") for s in specs] + [(s, "digest") for s in digest_specs]:
         payload = fp.Codec(spec, table=table).encode(update, seed=SEED)
+        assert payload[4] == VERSION, payload[4]
         stem = file_stem(spec, table)
         (HERE / f"{stem}.bin").write_bytes(payload)
         np.savez_compressed(HERE / f"{stem}.npz", **fp.decode(payload, table=update))
