@@ -1,6 +1,7 @@
 #include "accumulate.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 
 #include "parallel.hpp"
@@ -14,6 +15,11 @@ constexpr std::size_t kRange = std::size_t{1} << 15;
 
 void add_run(float* acc, const std::uint32_t* idx, const float* val, std::size_t count, float w) {
   for (std::size_t j = 0; j < count; ++j) acc[idx[j]] += w * val[j];
+}
+
+// How many threads share the ranges of an n-element accumulator receiving `total` entries.
+std::size_t range_parts(std::size_t total, std::size_t n_ranges) {
+  return total < kParallelThreshold ? 1 : std::min<std::size_t>(n_ranges, static_cast<std::size_t>(num_threads()));
 }
 
 }  // namespace
@@ -87,8 +93,7 @@ void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>
   // per thread instead of one per client per range (those searches miss the
   // cache and would cost as much as the additions). Any split gives every
   // element its additions in client order, so the sum is split-independent.
-  const std::size_t parts =
-      total < kParallelThreshold ? 1 : std::min<std::size_t>(n_ranges, static_cast<std::size_t>(num_threads()));
+  const std::size_t parts = range_parts(total, n_ranges);
   parallel_for(parts, [&](std::size_t part) {
     const std::size_t r_begin = n_ranges * part / parts, r_end = n_ranges * (part + 1) / parts;
     if (r_begin == r_end) return;
@@ -109,6 +114,34 @@ void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>
           ++j;
         }
         cursor[c] = j;
+      }
+    }
+  });
+}
+
+void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates) {
+  std::size_t total = 0;
+  for (const auto& u : updates) total += static_cast<std::size_t>(u.indices->count());
+  const std::size_t n_ranges = ceil_div(n, kRange);
+  // The same split as scatter_add_many: each thread starts every stream at its first
+  // range from the stream's nearest checkpoint.
+  const std::size_t parts = range_parts(total, n_ranges);
+  parallel_for(parts, [&](std::size_t part) {
+    const std::size_t r_begin = n_ranges * part / parts, r_end = n_ranges * (part + 1) / parts;
+    if (r_begin == r_end) return;
+    std::vector<RiceCursor> cursors;
+    cursors.reserve(updates.size());
+    for (const auto& u : updates) cursors.push_back(u.indices->seek(std::uint64_t{r_begin} * kRange));
+    for (std::size_t r = r_begin; r < r_end; ++r) {
+      const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
+      for (std::size_t c = 0; c < updates.size(); ++c) {
+        const std::uint8_t* values = updates[c].values;
+        const float w = updates[c].weight;
+        cursors[c].run_below(hi, [&](std::uint64_t i, std::uint64_t x) {
+          float v;
+          std::memcpy(&v, values + 4 * i, 4);
+          acc[x] += w * v;
+        });
       }
     }
   });

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "ricestream.hpp"
+
 namespace fedpress {
 
 struct SparseUpdate {
@@ -44,5 +46,20 @@ void scatter_add(float* acc, std::size_t n, const SparseUpdate& update);
 // are added, client by client in list order, so each element receives its
 // additions in the same order whatever the thread count.
 void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>& updates);
+
+// One client's kept entries straight from its payload: a checked version 2 index
+// stream and its count float32 values (little-endian, at any address: a payload's
+// section).
+struct StreamUpdate {
+  const RiceStream* indices;  // checked with checkpoints, so threads can start anywhere
+  const std::uint8_t* values;
+  float weight;
+};
+
+// scatter_add_many with the index streams decoded as they are added, never
+// materialized: the same cache-blocked order (each element receives its additions in
+// client order), each thread starting every stream at its first range from the
+// stream's nearest checkpoint.
+void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates);
 
 }  // namespace fedpress

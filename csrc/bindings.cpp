@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "indexcode.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
+#include "ricestream.hpp"
 #include "rotate.hpp"
 #include "simd.hpp"
 #include "topk.hpp"
@@ -270,27 +272,38 @@ void register_quantize(py::module_& m) {
       "bucket). Dequantized with bits=1.");
 }
 
+unsigned stream_version(int version) {
+  if (version != 1 && version != 2)
+    throw py::value_error("index stream version must be 1 (Golomb) or 2 (split Rice), got " + std::to_string(version));
+  return static_cast<unsigned>(version);
+}
+
 void register_indexcode(py::module_& m) {
   m.def(
       "encode_indices",
-      [](const py::handle& i_obj, std::uint64_t n) {
+      [](const py::handle& i_obj, std::uint64_t n, int version) {
         py::array idx = checked<std::uint32_t>(i_obj, "indices");
         if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
+        const unsigned v = stream_version(version);
         std::vector<std::uint8_t> out;
         {
           py::gil_scoped_release release;
-          out = fedpress::encode_indices(cptr<std::uint32_t>(idx), len(idx), n);
+          out = v == 1 ? fedpress::encode_indices(cptr<std::uint32_t>(idx), len(idx), n)
+                       : fedpress::encode_rice_stream(cptr<std::uint32_t>(idx), len(idx), n);
         }
         return py::bytes(reinterpret_cast<const char*>(out.data()), static_cast<py::ssize_t>(out.size()));
       },
-      "indices"_a, "n"_a, "Golomb gap coding of strictly ascending uint32 indices < n.");
+      "indices"_a, "n"_a, "version"_a = 2,
+      "Strictly ascending uint32 indices < n as an index stream: version 2 (split Rice) or 1 (Golomb).");
   m.def(
       "decode_indices",
-      [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count, const py::handle& out_obj) -> py::object {
+      [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count, const py::handle& out_obj,
+         int version) -> py::object {
         py::buffer_info info = buf.request();
         if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
           throw py::type_error("buf must be a contiguous bytes-like object");
         if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
+        const unsigned v = stream_version(version);
         const auto* data = static_cast<const std::uint8_t*>(info.ptr);
         const std::size_t size = static_cast<std::size_t>(info.size);
         if (!out_obj.is_none()) {
@@ -298,17 +311,31 @@ void register_indexcode(py::module_& m) {
           auto* o = static_cast<std::uint32_t*>(out.mutable_data());
           const std::size_t count = len(out);
           py::gil_scoped_release release;
-          fedpress::decode_indices_into(data, size, n, o, count);
+          if (v == 1) {
+            fedpress::decode_indices_into(data, size, n, o, count);
+          } else {
+            const fedpress::RiceStream stream(data, size, n, count);
+            if (stream.count() != count)
+              throw fedpress::MalformedData("index stream holds " + std::to_string(stream.count()) +
+                                            " indices, expected " + std::to_string(count));
+            stream.decode(o);
+          }
           return std::move(out);
         }
         std::vector<std::uint32_t> decoded;
         {
           py::gil_scoped_release release;
-          decoded = fedpress::decode_indices(data, size, n, max_count);
+          if (v == 1) {
+            decoded = fedpress::decode_indices(data, size, n, max_count);
+          } else {
+            const fedpress::RiceStream stream(data, size, n, max_count);
+            decoded.resize(static_cast<std::size_t>(stream.count()));
+            stream.decode(decoded.data());
+          }
         }
         return to_numpy(std::move(decoded));
       },
-      "buf"_a, "n"_a, "max_count"_a, "out"_a = py::none(),
+      "buf"_a, "n"_a, "max_count"_a, "out"_a = py::none(), "version"_a = 2,
       "Decodes encode_indices output; raises DecodeError on any corruption. With out (uint32, writable), "
       "decodes into it, the stream's count being exactly len(out), and returns it.");
 }
@@ -756,6 +783,85 @@ ByteView byte_view(const py::handle& obj, std::size_t position) {
   return {info.ptr, static_cast<std::size_t>(info.size * info.itemsize)};
 }
 
+// One client's sparse tensor straight from its payload: a version 2 index stream,
+// checked on construction (GIL released), and its float32 values, read where they lie.
+// Checking each payload's streams right after its checksum, while its bytes are in
+// cache, leaves a batch's sum one pass over the payloads (add_streams).
+class IndexStream {
+ public:
+  IndexStream(const py::handle& index_buf, std::uint64_t n, std::uint64_t count, const py::handle& value_buf,
+              bool check_finite)
+      : n_(n), index_(exported(index_buf, "index_stream")), values_info_(exported(value_buf, "values")) {
+    if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
+    const ByteView index{index_.ptr, static_cast<std::size_t>(index_.size * index_.itemsize)};
+    const ByteView values{values_info_.ptr, static_cast<std::size_t>(values_info_.size * values_info_.itemsize)};
+    if (values.size / 4 != count || values.size % 4 != 0)
+      throw py::value_error("values hold " + std::to_string(values.size) + " bytes, expected 4 * " +
+                            std::to_string(count));
+    values_ = static_cast<const std::uint8_t*>(values.data);
+    py::gil_scoped_release release;
+    stream_ = std::make_unique<fedpress::RiceStream>(static_cast<const std::uint8_t*>(index.data), index.size, n,
+                                                     count, true);
+    if (stream_->count() != count)
+      throw fedpress::MalformedData("index stream holds " + std::to_string(stream_->count()) +
+                                    " indices, expected " + std::to_string(count));
+    if (check_finite && !fedpress::floats_finite(values_, static_cast<std::size_t>(count)))
+      throw fedpress::MalformedData("values section holds NaN or infinity");
+  }
+
+  std::uint64_t size() const { return n_; }
+  std::uint64_t count() const { return stream_->count(); }
+  fedpress::StreamUpdate update(float weight) const { return {stream_.get(), values_, weight}; }
+
+ private:
+  // A contiguous buffer, exported for as long as the stream lives: holding the export,
+  // not just the object, keeps a bytearray from being resized under the stream.
+  static py::buffer_info exported(const py::handle& obj, const char* name) {
+    py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
+    if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+      throw py::type_error(std::string(name) + " must be a contiguous bytes-like object");
+    return info;
+  }
+
+  std::uint64_t n_;
+  py::buffer_info index_, values_info_;  // the buffers the stream and values point into
+  std::unique_ptr<fedpress::RiceStream> stream_;
+  const std::uint8_t* values_ = nullptr;
+};
+
+void register_streams(py::module_& m) {
+  py::class_<IndexStream>(m, "IndexStream",
+                          "A version 2 index stream of n-element tensor and its count float32 values (little-endian "
+                          "bytes at any address, or a float32 array), checked on construction: DecodeError names "
+                          "what is wrong; check_finite also refuses NaN and infinity among the values.")
+      .def(py::init<const py::handle&, std::uint64_t, std::uint64_t, const py::handle&, bool>(), "index_stream"_a,
+           "n"_a, "count"_a, "values"_a, "check_finite"_a)
+      .def_property_readonly("n", &IndexStream::size)
+      .def_property_readonly("count", &IndexStream::count);
+  m.def(
+      "add_streams",
+      [](const py::handle& acc_obj, const std::vector<const IndexStream*>& streams, const std::vector<double>& weights) {
+        py::array acc = checked<float>(acc_obj, "acc", Access::write);
+        if (weights.size() != streams.size())
+          throw py::value_error("streams and weights lengths differ: " + std::to_string(streams.size()) + " vs " +
+                                std::to_string(weights.size()));
+        std::vector<fedpress::StreamUpdate> updates;
+        for (std::size_t c = 0; c < streams.size(); ++c) {
+          if (streams[c] == nullptr) throw py::type_error("streams[" + std::to_string(c) + "] is None");
+          if (streams[c]->size() != len(acc))
+            throw py::value_error("streams[" + std::to_string(c) + "] indexes " + std::to_string(streams[c]->size()) +
+                                  " values, acc holds " + std::to_string(len(acc)));
+          updates.push_back(streams[c]->update(static_cast<float>(weights[c])));
+        }
+        float* a = mptr<float>(acc);
+        py::gil_scoped_release release;  // the streams keep their buffers; the caller keeps them alive
+        fedpress::scatter_add_streams(a, len(acc), updates);
+      },
+      "acc"_a, "streams"_a, "weights"_a,
+      "For each stream c in order: acc[indices] += weights[c] * values, decoding the streams as they are added, "
+      "cache-blocked like scatter_add_many.");
+}
+
 void register_assemble(py::module_& m) {
   m.def(
       "assemble",
@@ -867,5 +973,6 @@ PYBIND11_MODULE(_core, m) {
   register_rotate(m);
   register_eden(m);
   register_assemble(m);
+  register_streams(m);
   register_runtime(m);
 }

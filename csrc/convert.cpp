@@ -122,13 +122,14 @@ void from_bf16_range(const unsigned char* h, std::size_t n, float* out) {
   }
 }
 
-// Whether every value of x[0, len) is finite: its exponent bits are not all ones.
+// Whether every float32 of x[0, len) (at any address) is finite: its exponent bits are not all ones.
 FEDPRESS_CLONES
-bool all_finite(const float* x, std::size_t len) {
+bool all_finite(const void* x, std::size_t len) {
+  const auto* bytes = static_cast<const unsigned char*>(x);
   std::uint32_t any_special = 0;
   for (std::size_t i = 0; i < len; ++i) {
     std::uint32_t u;
-    std::memcpy(&u, x + i, 4);
+    std::memcpy(&u, bytes + 4 * i, 4);
     any_special |= static_cast<std::uint32_t>((u & 0x7F800000u) == 0x7F800000u);
   }
   return any_special == 0;
@@ -184,5 +185,7 @@ bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out) 
   });
   return finite.load();
 }
+
+bool floats_finite(const void* data, std::size_t n) { return all_finite(data, n); }
 
 }  // namespace fedpress

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "rng.hpp"
+#include "varint.hpp"
 
 
 #if defined(__GNUC__)
@@ -16,33 +17,6 @@
 
 namespace fedpress {
 namespace {
-
-void put_varint(std::vector<std::uint8_t>& out, std::uint64_t v) {
-  while (v >= 0x80) {
-    out.push_back(static_cast<std::uint8_t>(v | 0x80));
-    v >>= 7;
-  }
-  out.push_back(static_cast<std::uint8_t>(v));
-}
-
-std::uint64_t get_varint(const std::uint8_t* data, std::size_t size, std::size_t& pos, const char* field) {
-  std::uint64_t v = 0;
-  for (int shift = 0; shift < 64; shift += 7) {
-    if (pos >= size)
-      throw MalformedData(std::string("index stream truncated in ") + field + ": need a byte at offset " +
-                             std::to_string(pos) + ", have " + std::to_string(size));
-    const std::uint8_t byte = data[pos++];
-    if (shift == 63 && byte > 1)
-      throw MalformedData(std::string("index stream: ") + field + " varint overflows 64 bits");
-    v |= static_cast<std::uint64_t>(byte & 0x7F) << shift;
-    if (!(byte & 0x80)) {
-      if (byte == 0 && shift > 0)
-        throw MalformedData(std::string("index stream: ") + field + " varint is not minimal");
-      return v;
-    }
-  }
-  throw MalformedData(std::string("index stream: ") + field + " varint longer than 10 bytes");
-}
 
 unsigned ceil_log2(std::uint64_t m) {
   unsigned b = 0;
@@ -286,10 +260,10 @@ class GolombDecoder {
 
 }  // namespace
 
-std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
+std::vector<std::uint32_t> index_gaps(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
   if (!little_endian()) throw std::runtime_error("fedpress index coding needs a little-endian host");
   if (k > n) throw std::invalid_argument("more indices than n");
-  // Gaps, validated on the way: g_i = idx_i - idx_{i-1} - 1 fits 32 bits since idx < n <= 2^32.
+  // g_i = idx_i - idx_{i-1} - 1 fits 32 bits since idx < n <= 2^32.
   std::vector<std::uint32_t> gaps(k);
   for (std::size_t i = 0; i < k; ++i) {
     if (idx[i] >= n)
@@ -300,6 +274,11 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k
                                   " holds " + std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
     gaps[i] = i == 0 ? idx[0] : idx[i] - idx[i - 1] - 1;
   }
+  return gaps;
+}
+
+std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
+  const std::vector<std::uint32_t> gaps = index_gaps(idx, k, n);
   std::vector<std::uint8_t> out;
   put_varint(out, k);
   if (k == 0) return out;

@@ -25,6 +25,10 @@
 
 namespace fedpress {
 
+// The gaps g_0 = idx_0, g_i = idx_i - idx_{i-1} - 1 of both versions' streams. Throws
+// std::invalid_argument if indices are not strictly ascending or >= n, or k > n.
+std::vector<std::uint32_t> index_gaps(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
+
 // Throws std::invalid_argument if indices are not strictly ascending or >= n.
 std::vector<std::uint8_t> encode_indices(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
 

@@ -237,7 +237,7 @@ from fedpress.format.primitives import encode_varint as leb128  # noqa: E402  (t
 
 
 class Wire:
-    """Builds format-v1 payloads by hand, written from the documented layout
+    """Builds format-v2 payloads by hand, written from the documented layout
     (docs/format.md), independently of python/fedpress/payload.py::
 
         header   magic b"FPRS" | version u8 | flags u8 | seed u64        (14 bytes)
@@ -410,13 +410,10 @@ class Wire:
 
     @classmethod
     def index_varints(cls, stream: bytes) -> list:
-        """(field, start, end, value) of the k and (when k > 0) m varints of an index stream."""
+        """(field, start, end, value) of the varint of a version 2 index stream: its count k
+        (the Rice parameter that follows is one byte)."""
         k, pos = cls._read_varint(stream, 0)
-        out = [("k", 0, pos, k)]
-        if k:
-            m, end = cls._read_varint(stream, pos)
-            out.append(("m", pos, end, m))
-        return out
+        return [("k", 0, pos, k)]
 
     def parse_body(self, body: bytes) -> tuple:
         """(spec, [Tensor]) of a well-formed plain body, sections attached: the
@@ -447,7 +444,7 @@ class Wire:
         flags: int = 0,
         seed: int = 0,
         raw_size: int = -1,
-        version: int = 1,
+        version: int = 2,
         magic: bytes = MAGIC,
         zstd_level: int = 0,
     ) -> bytes:
@@ -521,7 +518,7 @@ class Wire:
 
 @pytest.fixture(scope="session")
 def wire() -> Wire:
-    """Hand-built payloads in the format-v1 layout (see Wire)."""
+    """Hand-built payloads in the format-v2 layout (see Wire)."""
     from fedpress import Codec
 
     w = Wire()
@@ -529,7 +526,7 @@ def wire() -> Wire:
     got = Codec(spec).encode(update, seed=seed)
     if got != expected:
         pytest.fail(
-            f"the library's payload differs from the format-v1 layout Wire builds:\n"
+            f"the library's payload differs from the format-v2 layout Wire builds:\n"
             f"  library {got.hex()}\n  Wire    {expected.hex()}"
         )
     return w

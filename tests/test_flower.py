@@ -600,7 +600,7 @@ def test_wrapper_reads_the_inner_strategys_attributes() -> None:
 def test_a_packed_reply_to_a_plain_strategy_fails_with_a_clear_message() -> None:
     g = _params()
     replies = _round_replies("q8", g, [1, 2])
-    with pytest.raises(TypeError, match="Unsupported serialization type.*fedpress/1"):
+    with pytest.raises(TypeError, match=f"Unsupported serialization type.*{STYPE}"):
         FedAvg().aggregate_train(1, replies)
 
 

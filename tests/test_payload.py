@@ -1,5 +1,5 @@
 """The payload format: fp.inspect, header layout, version/flag/magic checks,
-fp.Limits, trailing bytes and golden payloads of format version 1."""
+fp.Limits, trailing bytes and golden payloads of format versions 1 and 2."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_inspect_fields(spec: str, wire) -> None:
     info = fp.inspect(payload)
     canonical = str(fp.parse_spec(spec))
     assert info["codec"] == canonical
-    assert info["format_version"] == 1
+    assert info["format_version"] == 2
     assert info["seed"] == 77
     assert info["zstd"] == ("zstd" in spec)
     assert info["payload_bytes"] == len(payload)
@@ -114,7 +114,7 @@ def test_header_layout(spec: str, wire) -> None:
     seed = 0x1122334455667788
     payload = fp.Codec(spec).encode(sample_update(), seed=seed)
     assert payload[0:4] == b"FPRS"
-    assert payload[4] == 1  # version
+    assert payload[4] == 2  # version
     assert payload[5] == (1 if "zstd" in spec else 0)  # flags: bit 0 = zstd
     assert struct.unpack_from("<Q", payload, 6)[0] == seed  # seed u64, unaligned
     h = wire.header(payload)
@@ -139,7 +139,7 @@ def _patched(payload: bytes, wire, offset: int, data: bytes) -> bytes:
     return wire.fix_crc(bytes(out))
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 3, 255])
 def test_unknown_version(version: int, wire) -> None:
     payload = fp.Codec("q8").encode(sample_update(), seed=1)
     with pytest.raises(fp.DecodeError, match=rf"(?i)version.*\b{version}\b|\b{version}\b.*version"):
@@ -294,9 +294,11 @@ def test_limits_apply_to_the_aggregator() -> None:
 
 
 # ------------------------------------------------------------------- golden --
+@pytest.mark.parametrize("version", GOLDEN.VERSIONS)
 @pytest.mark.parametrize("spec", GOLDEN.SPECS)
-def test_golden_payload_decodes_to_stored_arrays(spec: str) -> None:
-    stem = GOLDEN.file_stem(spec)
+def test_golden_payload_decodes_to_stored_arrays(spec: str, version: int) -> None:
+    """Every version a decoder reads: version 1's files were written by the Golomb writer."""
+    stem = GOLDEN.file_stem(spec, version=version)
     payload = (DATA / f"{stem}.bin").read_bytes()
     with np.load(DATA / f"{stem}.npz") as expected:
         expected = dict(expected)
@@ -308,7 +310,7 @@ def test_golden_payload_decodes_to_stored_arrays(spec: str) -> None:
         np.testing.assert_array_equal(got[name], arr, err_msg=name)
     info = fp.inspect(payload)
     assert info["codec"] == str(fp.parse_spec(spec))
-    assert info["seed"] == GOLDEN.SEED and info["format_version"] == 1
+    assert info["seed"] == GOLDEN.SEED and info["format_version"] == version
 
 
 @pytest.mark.parametrize("spec", GOLDEN.SPECS)
@@ -322,4 +324,4 @@ def test_golden_payload_reencodes_byte_for_byte(spec: str) -> None:
 
 
 def test_golden_files_are_small() -> None:
-    assert sum(p.stat().st_size for p in DATA.iterdir() if p.is_file()) < 100_000
+    assert sum(p.stat().st_size for p in DATA.iterdir() if p.is_file()) < 100_000 * len(GOLDEN.VERSIONS)

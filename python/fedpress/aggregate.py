@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import ops
+from . import _core, ops
 from ._update_math import to_dtype
 from .format.decoding import raw_array, sparse_parts
 from .format.eden import EdenSection, eden_unrotate
@@ -25,7 +25,7 @@ from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import table_difference, table_entries
-from .format.values import quantized_parts
+from .format.values import decode_values, quantized_parts
 
 __all__ = ["Aggregator"]
 
@@ -57,6 +57,24 @@ def _fused_dense_add(
     except DecodeError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate)
+
+
+def _streamable(rec: Any) -> bool:
+    """Whether a tensor's kept entries can be added straight from its index stream: a
+    version 2 stream (version 1's Golomb codes decode only serially) of plain values."""
+    return rec.kind == KIND_SPARSE and rec.index_version >= 2 and rec.eden is None and not rec.rht_block
+
+
+def _index_stream(rec: Any) -> Any:
+    """A streamable tensor's checked ``_core.IndexStream``: fp32 values read where they
+    lie (checked finite with the stream), other codes decoded first (finite by then)."""
+    try:
+        if rec.value_code == "fp32":
+            return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, True)
+        values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
+        return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
+    except DecodeError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
 
 
 class Aggregator:
@@ -118,13 +136,15 @@ class Aggregator:
         self.total_weight += w
 
     def add_many(self, payloads: Sequence[Any], weights: Optional[Sequence[float]] = None) -> None:
-        """Adds many payloads in one call, as ``add`` each would, faster: their index
-        streams are decoded in parallel threads and the sparse tensors of all of them go
-        through the cache-blocked ``ops.scatter_add_many`` instead of one scatter per
-        payload. Every payload is checked and decoded before any sum changes: a bad one
-        raises DecodeError naming its position and nothing is added. It holds the decoded
-        sparse parts of the whole batch (the kept entries, never a dense copy per payload),
-        so split very large rounds into batches."""
+        """Adds many payloads in one call, as ``add`` each would, faster: payloads are
+        checked in parallel threads, and the sparse tensors of all of them are summed
+        together, cache-blocked, instead of one scatter per payload. A version 2 index
+        stream is checked right after its payload's checksum and decoded as it is added,
+        never into an array; other sparse tensors (version 1 payloads, random-k, rotated)
+        are decoded first into two buffers for the batch and added by
+        ``ops.scatter_add_many``. Every payload is checked (and decoded where it must be)
+        before any sum changes: a bad one raises DecodeError naming its position and
+        nothing is added. It never holds a dense copy per payload."""
         payloads = list(payloads)
         ws = [1.0] * len(payloads) if weights is None else [float(w) for w in weights]
         if len(ws) != len(payloads):
@@ -134,27 +154,31 @@ class Aggregator:
                 raise ValueError(f"weight {i} must be finite and >= 0, got {w!r}")
         if not payloads:
             return
+        stream = self.dtype == np.float32
         with out_of_memory_as_decode_error(), ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
             table = self._table if self._table is not None else self._model
 
-            def parse_one(i: int) -> Any:
+            def parse_one(i: int) -> tuple[Any, dict[str, Any]]:
                 try:
-                    return parse(payloads[i], self.limits, table)
+                    one = parse(payloads[i], self.limits, table)
+                    # Checked now, while this payload's bytes are in cache.
+                    return one, {rec.name: _index_stream(rec) for rec in one.tensors if stream and _streamable(rec)}
                 except DecodeError as exc:
                     raise DecodeError(f"payload {i}: {exc}") from None
 
             first = parse_one(0)
             if table is None:  # the first payload sets the table for the others
-                table = [(t.name, t.dtype, t.shape) for t in first.tensors]
-            # The checksums (most of parsing) run without the GIL: the rest in parallel.
-            parsed = [first, *pool.map(parse_one, range(1, len(payloads)))]
+                table = [(t.name, t.dtype, t.shape) for t in first[0].tensors]
+            # The checksums and stream checks run without the GIL: in parallel.
+            parsed, streams = zip(first, *pool.map(parse_one, range(1, len(payloads))))
             sums = self._sums
             if self._table is None:
                 sums = {
                     rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
                     for rec in parsed[0].tensors
                 }
-            # Sparse float32 tensors are batched; the rest become steps as in add().
+            # The other sparse float32 tensors go into two buffers allocated once (many small
+            # arrays would each fault their pages in, one large one takes huge pages).
             batched = [
                 (i, rec)
                 for i, one in enumerate(parsed)
@@ -162,9 +186,8 @@ class Aggregator:
                 if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED)
                 and rec.eden is None
                 and sums[rec.name].dtype == np.float32
+                and rec.name not in streams[i]
             ]
-            # The kept entries of the whole batch go into two buffers allocated once: many
-            # small arrays would each fault their pages in, one large one takes huge pages.
             starts = np.cumsum([0] + [rec.count for _, rec in batched])
             all_idx = np.empty(int(starts[-1]), np.uint32)
             all_val = np.empty(int(starts[-1]), np.float32)
@@ -183,7 +206,7 @@ class Aggregator:
             skip = {(i, rec.name) for i, rec in batched}
             for i, one in enumerate(parsed):
                 for rec in one.tensors:
-                    if (i, rec.name) not in skip:
+                    if (i, rec.name) not in skip and rec.name not in streams[i]:
                         steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
             groups: dict[str, tuple[list, list, list]] = {}
             for (i, rec), (idx, values) in zip(batched, decoded):
@@ -191,9 +214,17 @@ class Aggregator:
                 g[0].append(idx)
                 g[1].append(values)
                 g[2].append(ws[i])
+            stream_groups: dict[str, tuple[list, list]] = {}
+            for i, by_name in enumerate(streams):
+                for name, checked in by_name.items():
+                    g2 = stream_groups.setdefault(name, ([], []))
+                    g2[0].append(checked)
+                    g2[1].append(ws[i])
             self._rotated.update(new_rotated)
             for step in steps:
                 step()
+            for name, (checked_list, w_list) in stream_groups.items():
+                _core.add_streams(sums[name], checked_list, w_list)
             for name, (idx_list, val_list, w_list) in groups.items():
                 ops.scatter_add_many(sums[name], idx_list, val_list, w_list)
         self._table = [(t.name, t.dtype, t.shape) for t in parsed[0].tensors]
@@ -269,6 +300,8 @@ class Aggregator:
             return partial(self._add_rotated, rec.name, sec, weight)
         elif rec.kind == KIND_DENSE and acc.dtype == np.float32 and (add := _fused_dense_add(rec, acc, weight)):
             return add
+        elif acc.dtype == np.float32 and _streamable(rec):
+            return partial(_core.add_streams, acc, [_index_stream(rec)], [weight])
         else:
             idx, values = sparse_parts(rec, seed)
         if idx is None:

@@ -335,7 +335,7 @@ class Codec:
     def _sends_sparse(self, n: int, k: int) -> bool:
         """Whether k kept entries of n go out sparse: not when the sparse form would not
         be smaller than the dense one (tiny tensors, high ratios)."""
-        # Golomb codes take about log2(n/k) + 1.6 bits per index, plus two varints.
+        # Rice-coded gaps take about log2(n/k) + 1.6 bits per index, plus a varint and a byte.
         index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
         return self._values_bytes(k) + index_bytes < self._values_bytes(n)
 

@@ -26,7 +26,7 @@ payload compressed once per round, and the mod decodes it before any handler
 (or later mod) sees the message.
 
 A packed reply that reaches a strategy without the wrapper fails in Flower's own
-``Array.numpy()`` with "Unsupported serialization type ... 'fedpress/1'"; inside
+``Array.numpy()`` with "Unsupported serialization type ... 'fedpress/2'"; inside
 the wrapper a reply that cannot be decoded is logged and left out of the round.
 """
 
@@ -44,7 +44,16 @@ from ._update_math import add, subtract, update_table
 from .aggregate import Aggregator
 from .codec import Codec, parse_spec
 from .encoder import Encoder
-from .format import DEFAULT_LIMITS, FORMAT_VERSION, DecodeError, Limits, decode, inspect, payload_table_digest
+from .format import (
+    DEFAULT_LIMITS,
+    FORMAT_VERSION,
+    READ_VERSIONS,
+    DecodeError,
+    Limits,
+    decode,
+    inspect,
+    payload_table_digest,
+)
 
 try:
     from flwr.app import (
@@ -78,7 +87,8 @@ __all__ = [
     "numpy_to_arrays",
 ]
 
-STYPE = f"fedpress/{FORMAT_VERSION}"
+STYPE = f"fedpress/{FORMAT_VERSION}"  # what pack writes
+READ_STYPES = tuple(f"fedpress/{v}" for v in READ_VERSIONS)  # what unpack reads
 RECORD_NAME = "fedpress"  # the reply's ConfigRecord with the sizes
 PACKED_KEY = "payload"  # the one Array inside a packed ArrayRecord
 ROTATION_SEED_KEY = "fedpress.rotation-seed"  # in the train config: the round's shared rotation
@@ -109,8 +119,9 @@ def unpack(record: ArrayRecord) -> bytes:
     if not is_packed(record):
         raise DecodeError(f"record is not a packed fedpress payload: expected one Array with stype {STYPE!r}")
     arr = next(iter(record.values()))
-    if arr.stype != STYPE:
-        raise DecodeError(f"packed payload has stype {arr.stype!r}, this fedpress reads {STYPE!r}")
+    if arr.stype not in READ_STYPES:
+        readable = ", ".join(repr(s) for s in READ_STYPES)
+        raise DecodeError(f"packed payload has stype {arr.stype!r}, this fedpress reads {readable}")
     if arr.dtype != "uint8" or tuple(arr.shape) != (len(arr.data),):
         raise DecodeError(
             f"packed payload Array must be uint8 of shape ({len(arr.data)},), got {arr.dtype} {tuple(arr.shape)}"

@@ -552,18 +552,27 @@ def eden_decode(
 
 
 # ------------------------------------------------------------ index coding --
-def encode_indices(indices: ArrayLike, n: int) -> bytes:
-    """Golomb gap coding of strictly ascending indices in [0, n).
+def encode_indices(indices: ArrayLike, n: int, *, version: int = 2) -> bytes:
+    """Gap coding of strictly ascending indices in [0, n): the index stream of payload
+    format ``version`` (docs/format.md, "Index stream").
 
-    Within about 1% of the information bound ``log2(C(n, k)) / k`` bits per
-    index for uniformly spread indices. The stream is self-delimiting in count;
-    see ``docs/format.md`` for the layout.
+    Version 2 (what payloads carry now) is a split Rice code: the gaps' quotients as a
+    unary bitmap and their low bits as a fixed-width array, which decode without a serial
+    chain and check without decoding; version 1 is the Golomb code of version-1 payloads.
+    Both land within about 1% of the information bound ``log2(C(n, k)) / k`` bits per
+    index for uniformly spread indices (version 2 about 0.01 bit above version 1).
     """
     idx = _as_indices(indices, "indices", error=ValueError)
     n = _count(n, "n")
     if n > 2**32:
         raise ValueError(f"n must be <= 2**32, got {n}")
-    return _core.encode_indices(idx, n)
+    return _core.encode_indices(idx, n, _stream_version(version))
+
+
+def _stream_version(version: Any) -> int:
+    if isinstance(version, bool) or version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2 (the payload format versions), got {version!r}")
+    return int(version)
 
 
 def decode_indices(
@@ -571,8 +580,10 @@ def decode_indices(
     n: int,
     max_count: Optional[int] = None,
     out: Optional[np.ndarray] = None,
+    *,
+    version: int = 2,
 ) -> np.ndarray:
-    """Decode ``encode_indices`` output into uint32 indices.
+    """Decode ``encode_indices`` output (of the same ``version``) into uint32 indices.
 
     The whole buffer must be one valid stream; any corruption (truncation,
     trailing bytes, an index >= n, a count above ``max_count`` (default n))
@@ -589,7 +600,7 @@ def decode_indices(
     if n > 2**32:
         raise ValueError(f"n must be <= 2**32, got {n}")
     limit = n if max_count is None else _count(max_count, "max_count")
-    return _core.decode_indices(memoryview(buf).cast("B"), n, limit, out)
+    return _core.decode_indices(memoryview(buf).cast("B"), n, limit, out, _stream_version(version))
 
 
 # ------------------------------------------------------------- accumulation --

@@ -39,7 +39,7 @@ from .decoding import decode, decode_parts, inspect
 from .errors import DecodeError
 from .limits import DEFAULT_LIMITS, EXPANSION_FLOOR, Limits
 from .reader import payload_table_digest
-from .registry import FORMAT_VERSION, MAGIC
+from .registry import FORMAT_VERSION, MAGIC, READ_VERSIONS
 from .tables import table_digest
 
 __all__ = [
@@ -53,5 +53,6 @@ __all__ = [
     "DEFAULT_LIMITS",
     "EXPANSION_FLOOR",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "MAGIC",
 ]

@@ -73,7 +73,13 @@ def sparse_parts(
             seeded = out[0]
         return seeded, values
     try:
-        idx = ops.decode_indices(rec.index_data, rec.size, max_count=rec.count, out=None if out is None else out[0])
+        idx = ops.decode_indices(
+            rec.index_data,
+            rec.size,
+            max_count=rec.count,
+            out=None if out is None else out[0],
+            version=rec.index_version,
+        )
     except ValueError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     if idx.size != rec.count:

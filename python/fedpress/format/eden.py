@@ -14,7 +14,7 @@ import numpy as np
 from .. import _core, ops
 from .errors import DecodeError
 from .primitives import ByteReader, encode_varint
-from .registry import EDEN_BITS, EDEN_MSE_SCALE, EDEN_SHARED
+from .registry import EDEN_BITS, EDEN_MSE_SCALE, EDEN_SHARED, FORMAT_VERSION
 from .values import KernelSection, Sections
 
 __all__: list[str] = []
@@ -32,7 +32,7 @@ __all__: list[str] = []
 # An eden section: mode (u8), the rotation seed (u64, shared mode only), one f32
 # scale per block (segments in order), the packed codes of each segment in turn
 # (ceil(L*bits/8) bytes each, LSB first), then in shared mode the outliers:
-# varint count, varint index stream length, the Golomb index stream over [0, n)
+# varint count, varint index stream length, the index stream over [0, n)
 # (positions in the rotated vector) and one f32 per outlier.
 _U64 = struct.Struct("<Q")
 
@@ -243,9 +243,12 @@ def encode_eden(
     return (head, scales, packed, encode_varint(int(oidx.size)), encode_varint(len(stream)), stream, oval)
 
 
-def parse_eden(code: str, data: memoryview, count: int, block: int, derived_seed: int) -> EdenSection:
+def parse_eden(
+    code: str, data: memoryview, count: int, block: int, derived_seed: int, *, version: int = FORMAT_VERSION
+) -> EdenSection:
     """Validates an eden section of ``count`` values; ``derived_seed`` is the rotation
-    seed of the per-payload mode (the shared mode carries its own)."""
+    seed of the per-payload mode (the shared mode carries its own); ``version``, the
+    payload's, fixes the layout of the outlier index stream."""
     bits = EDEN_BITS[code]
     r = ByteReader(data, f"{code} section")
     (mode,) = r.take(1, "mode")
@@ -279,7 +282,7 @@ def parse_eden(code: str, data: memoryview, count: int, block: int, derived_seed
         oval = np.frombuffer(r.take(4 * k, "outlier values"), dtype="<f4").astype(np.float32)
         if k:
             try:
-                oidx = ops.decode_indices(stream, count, max_count=k)
+                oidx = ops.decode_indices(stream, count, max_count=k, version=version)
             except ValueError as exc:
                 raise DecodeError(f"{code} section: outlier indices: {exc}") from None
             if oidx.size != k:

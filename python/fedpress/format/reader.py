@@ -35,6 +35,7 @@ from .registry import (
     KIND_SPARSE,
     MAGIC,
     PURPOSE_RHT,
+    READ_VERSIONS,
     TRAILER,
     VALUE_CODES,
     VALUE_RAW,
@@ -71,6 +72,7 @@ class TensorRecord:
     index_data: memoryview = field(default_factory=lambda: memoryview(b""))  # set once the whole table is checked
     value_data: memoryview = field(default_factory=lambda: memoryview(b""))
     eden: Optional[EdenSection] = None  # eden value codes: the parsed section
+    index_version: int = FORMAT_VERSION  # the payload's version, which fixes its index streams' layout
 
 
 @dataclass
@@ -141,8 +143,9 @@ def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
     magic, version, flags, seed = HEADER.unpack(buf[: HEADER.size])
     if magic != MAGIC:
         raise DecodeError(f"not a fedpress payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise DecodeError(f"unsupported payload format version {version} (this decoder reads {FORMAT_VERSION})")
+    if version not in READ_VERSIONS:
+        readable = " and ".join(str(v) for v in READ_VERSIONS)
+        raise DecodeError(f"unsupported payload format version {version} (this decoder reads versions {readable})")
     if flags & ~HEADER_FLAGS:
         raise DecodeError(f"unknown header flags 0x{flags:02x} (reserved bits must be zero)")
     end = len(buf) - TRAILER.size
@@ -261,6 +264,7 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
                 f"{EXPANSION_FLOOR}); pass table= (the model it was made for) or raise Limits.max_expansion"
             )
     for rec in records:
+        rec.index_version = parsed.version
         rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
         rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
         if rec.value_code in EDEN_BITS:
@@ -271,6 +275,7 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
                     rec.count,
                     rec.rht_block,
                     stage_seed(parsed.seed, rec.ordinal, PURPOSE_RHT),
+                    version=parsed.version,
                 )
             except DecodeError as exc:
                 raise DecodeError(f"tensor {rec.name!r}: {exc}") from None

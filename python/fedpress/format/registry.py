@@ -7,13 +7,16 @@ from __future__ import annotations
 import struct
 import sys
 
-__all__ = ["MAGIC", "FORMAT_VERSION"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "READ_VERSIONS"]
 
 if sys.byteorder != "little":  # the C++ kernels read multi-byte fields in host order
     raise ImportError("fedpress supports little-endian hosts only")
 
 MAGIC = b"FPRS"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write
+# What readers read: the versions differ only in the index stream's layout (version 1
+# Golomb codes, version 2 split Rice; docs/format.md, "Index stream").
+READ_VERSIONS = (1, 2)
 HEADER = struct.Struct("<4sBBQ")  # magic, version, flags, seed; then raw body size (varint) if zstd
 TRAILER = struct.Struct("<I")
 FLAG_ZSTD = 0x01

@@ -1,0 +1,125 @@
+"""Version 2 index streams decoded as they are added (_core.IndexStream, _core.add_streams),
+and decoded whole, on every SIMD path, thread count and Rice parameter: the same indices and
+the same sums, bit for bit, as decoding first and scattering with ops.scatter_add_many."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SIMD_LEVELS, num_threads
+from fedpress import DecodeError, _core, ops
+
+PARALLEL_ENTRIES = (1 << 17) + 12_345  # enough entries for the multi-threaded path
+
+
+def index_set(rng: np.random.Generator, n: int, k: int, clustered: bool = False) -> np.ndarray:
+    if clustered:  # runs of neighbours: small gaps, and long ones between the runs
+        starts = np.sort(rng.choice(max(1, n - 64), size=max(1, k // 32), replace=False))
+        idx = np.unique(np.concatenate([s + np.arange(32) for s in starts]))
+        return idx[idx < n][:k].astype(np.uint32)
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.uint32)
+
+
+def streams(n: int, sets: list[np.ndarray], rng: np.random.Generator) -> tuple[list, list]:
+    values = [rng.standard_normal(s.size).astype(np.float32) for s in sets]
+    checked = [_core.IndexStream(ops.encode_indices(s, n), n, s.size, v, True) for s, v in zip(sets, values)]
+    return checked, values
+
+
+# (n, k): every Rice parameter region (dense sets have l = 0, sparse ones up to 2^25 and
+# beyond, where the wide path stops), counts that are not multiples of 8, single indices.
+SHAPES = [(1, 1), (7, 3), (100, 100), (1000, 9), (4099, 4097), (70_000, 650), (1 << 20, 8191), (1 << 26, 3)]
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_decode_matches_on_every_path(level: str, n: int, k: int, simd) -> None:
+    rng = np.random.default_rng(n + k)
+    for clustered in (False, True):
+        idx = index_set(rng, n, k, clustered)
+        buf = ops.encode_indices(idx, n)
+        with simd(level):
+            np.testing.assert_array_equal(ops.decode_indices(buf, n), idx)
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_add_streams_equals_scatter_add_many(level: str, threads: int, simd) -> None:
+    rng = np.random.default_rng(threads)
+    n = 3 * (1 << 20) + 17
+    sets = [index_set(rng, n, k, clustered=c % 2 == 1) for c, k in enumerate([40_000, 90_001, 3, 0, 60_000, 1200])]
+    assert sum(s.size for s in sets) > PARALLEL_ENTRIES
+    weights = [1.0, 0.5, 2.0, 1.0, 0.25, 3.0]
+    checked, values = streams(n, sets, rng)
+    expected = rng.standard_normal(n).astype(np.float32)
+    got = expected.copy()
+    ops.scatter_add_many(expected, sets, values, weights)
+    with simd(level), num_threads(threads):
+        _core.add_streams(got, checked, weights)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_add_streams_any_parameter(n: int, k: int) -> None:
+    rng = np.random.default_rng(k)
+    sets = [index_set(rng, n, k), index_set(rng, n, max(1, k // 2), clustered=True)]
+    checked, values = streams(n, sets, rng)
+    expected = np.zeros(n, np.float32)
+    ops.scatter_add_many(expected, sets, values, [1.0, 1.0])
+    got = np.zeros(n, np.float32)
+    _core.add_streams(got, checked, [1.0, 1.0])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_values_may_be_payload_bytes_at_any_address() -> None:
+    n, idx = 1000, np.array([3, 500, 999], np.uint32)
+    raw = b"\x01" + np.array([1.5, -2.0, 4.0], "<f4").tobytes()  # at offset 1: not 4-byte aligned
+    stream = _core.IndexStream(ops.encode_indices(idx, n), n, 3, memoryview(raw)[1:], True)
+    acc = np.zeros(n, np.float32)
+    _core.add_streams(acc, [stream], [2.0])
+    assert acc[[3, 500, 999]].tolist() == [3.0, -4.0, 8.0] and np.count_nonzero(acc) == 3
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused_when_checked(bad: float) -> None:
+    buf = ops.encode_indices([1, 2], 10)
+    values = np.array([1.0, bad], np.float32)
+    with pytest.raises(DecodeError, match="NaN or infinity"):
+        _core.IndexStream(buf, 10, 2, values, True)
+    _core.IndexStream(buf, 10, 2, values, False)  # the caller vouches for decoded values
+
+
+def test_malformed_streams_and_mismatches_are_refused() -> None:
+    good = ops.encode_indices(np.array([3, 17, 90], np.uint32), 100)
+    values = np.ones(3, np.float32)
+    for bad, n, count, what in [
+        (good[:-1], 100, 3, "unary"),
+        (good + b"\x00", 100, 3, "zero byte"),
+        (good, 50, 3, "beyond n"),
+        (good, 100, 2, "exceeds the limit"),
+        (ops.encode_indices(np.array([3, 17], np.uint32), 100), 100, 3, "holds 2 indices"),
+        (b"\x03\x20" + good[2:], 100, 3, "Rice parameter"),
+    ]:
+        with pytest.raises(DecodeError, match=what):
+            _core.IndexStream(bad, n, count, values[:count], True)
+    with pytest.raises(ValueError, match="bytes"):
+        _core.IndexStream(good, 100, 3, np.ones(2, np.float32), True)
+    stream = _core.IndexStream(good, 100, 3, values, True)
+    with pytest.raises(ValueError, match="acc holds"):
+        _core.add_streams(np.zeros(99, np.float32), [stream], [1.0])
+    with pytest.raises(ValueError, match="lengths differ"):
+        _core.add_streams(np.zeros(100, np.float32), [stream], [1.0, 2.0])
+    with pytest.raises(TypeError):
+        _core.add_streams(np.zeros(100, np.float64), [stream], [1.0])
+
+
+def test_buffers_outlive_the_caller_references() -> None:
+    """The stream keeps the bytes it points into: dropping the caller's names is safe."""
+    n, idx = 5000, np.arange(0, 5000, 7, dtype=np.uint32)
+    buf = bytearray(ops.encode_indices(idx, n))
+    values = np.full(idx.size, 2.0, np.float32)
+    stream = _core.IndexStream(buf, n, idx.size, values, True)
+    del buf, values
+    acc = np.zeros(n, np.float32)
+    _core.add_streams(acc, [stream], [1.0])
+    assert acc.sum() == 2.0 * idx.size and stream.count == idx.size and stream.n == n
