@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -418,6 +419,62 @@ void register_checksum(py::module_& m) {
         return fedpress::crc32c(data, size, crc);
       },
       "data"_a, "crc"_a = 0, "CRC-32C of data, continuing from crc.");
+  m.def(
+      "crc32c_decoding",
+      [](const py::buffer& buf, const py::sequence& jobs_in) {
+        py::buffer_info info = buf.request();
+        if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+          throw py::type_error("data must be a contiguous bytes-like object");
+        const auto* data = static_cast<const std::uint8_t*>(info.ptr);
+        const std::size_t size = static_cast<std::size_t>(info.size * info.itemsize);
+        const std::size_t n_jobs = py::len(jobs_in);
+        std::vector<py::array> outs(n_jobs);
+        std::vector<fedpress::ChecksumJob> jobs(n_jobs);
+        // One flag per job, written by whichever piece finds a non-finite value.
+        std::unique_ptr<std::atomic<bool>[]> finite(new std::atomic<bool>[n_jobs]);
+        for (std::size_t j = 0; j < n_jobs; ++j) {
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(jobs_in[j]);
+          if (t.size() != 4) throw py::value_error("a job is (offset, code, n, out)");
+          const std::size_t offset = t[0].cast<std::size_t>(), n = t[2].cast<std::size_t>();
+          const std::string code = t[1].cast<std::string>();
+          finite[j].store(true);
+          const bool check_only = code == "fp32-finite";
+          fedpress::FloatCode c = fedpress::FloatCode::fp32;
+          if (code == "fp16") c = fedpress::FloatCode::fp16;
+          else if (code == "bf16") c = fedpress::FloatCode::bf16;
+          else if (code != "fp32" && !check_only) throw py::value_error("unknown job code " + code);
+          const std::size_t width = c == fedpress::FloatCode::fp32 ? 4 : 2;
+          if (offset > size || n > (size - offset) / width)
+            throw py::value_error("job " + std::to_string(j) + " reaches past the buffer");
+          float* out = nullptr;
+          if (!check_only) {
+            outs[j] = checked<float>(t[3], "out", Access::write);
+            if (len(outs[j]) != n) throw py::value_error("job " + std::to_string(j) + ": out must hold n values");
+            out = mptr<float>(outs[j]);
+          }
+          std::atomic<bool>* flag = &finite[j];
+          const std::uint8_t* at = data + offset;
+          jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
+                       const bool ok = out == nullptr
+                                           ? fedpress::floats_finite(at + 4 * first, last - first)
+                                           : fedpress::decode_floats_serial(c, at + width * first, last - first,
+                                                                            out + first);
+                       if (!ok) flag->store(false, std::memory_order_relaxed);
+                     }};
+        }
+        std::uint32_t crc;
+        {
+          py::gil_scoped_release release;
+          crc = fedpress::crc32c_with_jobs(data, size, jobs);
+        }
+        py::list flags;
+        for (std::size_t j = 0; j < n_jobs; ++j) flags.append(finite[j].load());
+        return py::make_tuple(crc, flags);
+      },
+      "data"_a, "jobs"_a,
+      "CRC-32C of data, decoding float value sections on the way while each piece is in cache: jobs are "
+      "(offset, code, n, out), code fp32/fp16/bf16 (n values into out, float32) or fp32-finite (a check, out "
+      "None). Returns (crc, [whether each job's values are all finite]).");
 }
 
 // A rotation block size: a power of two in [1, 2^24].

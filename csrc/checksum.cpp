@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "parallel.hpp"
@@ -160,13 +161,39 @@ constexpr std::size_t kPiece = std::size_t{1} << 20;
 }  // namespace
 
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc) {
+  return crc32c_with_jobs(data, size, {}, crc);
+}
+
+std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const std::vector<ChecksumJob>& jobs,
+                               std::uint32_t crc) {
   crc = ~crc;
-  if (size < 2 * kPiece || num_threads() == 1) return ~crc_register(data, size, crc);
+  // The units of each job that start in [begin, end).
+  auto run_jobs = [&](std::size_t begin, std::size_t end) {
+    for (const ChecksumJob& job : jobs) {
+      const auto unit_at = [&](std::size_t byte) {  // the first unit starting at or after byte
+        return byte <= job.offset ? 0 : std::min(job.units, ceil_div(byte - job.offset, job.unit));
+      };
+      const std::size_t first = unit_at(begin), last = unit_at(end);
+      if (first < last) job.run(first, last);
+    }
+  };
+  if (size < 2 * kPiece || num_threads() == 1) {
+    if (jobs.empty()) return ~crc_register(data, size, crc);
+    // Still in pieces, so each stays in cache between its checksum and its jobs.
+    for (std::size_t begin = 0; begin < size || begin == 0; begin += kPiece) {
+      const std::size_t end = std::min(size, begin + kPiece);
+      crc = crc_register(data + begin, end - begin, crc);
+      run_jobs(begin, end == size ? std::numeric_limits<std::size_t>::max() : end);
+      if (end == size) break;
+    }
+    return ~crc;
+  }
   const std::size_t pieces = ceil_div(size, kPiece);
   std::vector<std::uint32_t> regs(pieces);
   parallel_for(pieces, [&](std::size_t i) {
-    const std::size_t begin = i * kPiece;
-    regs[i] = crc_register(data + begin, std::min(kPiece, size - begin), i == 0 ? crc : 0u);
+    const std::size_t begin = i * kPiece, end = std::min(size, begin + kPiece);
+    regs[i] = crc_register(data + begin, end - begin, i == 0 ? crc : 0u);
+    run_jobs(begin, i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : end);
   });
   static const Shift over_piece(kPiece);
   std::uint32_t out = regs[0];

@@ -4,10 +4,26 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 namespace fedpress {
 
 // Continues a CRC: crc32c(b, crc32c(a)) == crc32c(a + b). Start with 0.
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t crc = 0);
+
+// Work on a byte range of a buffer being checksummed, cut into units (a value's bytes):
+// run(first, last) handles the units [first, last) of the range. The checksum visits the
+// buffer in pieces, and right after checksumming a piece runs each job on the units that
+// start in it, while the piece is in cache: a decoder that must checksum a payload and
+// convert its sections reads the payload once instead of twice.
+struct ChecksumJob {
+  std::size_t offset = 0, units = 0, unit = 1;
+  std::function<void(std::size_t first, std::size_t last)> run;
+};
+
+// crc32c(data, size, crc), running the jobs on the way (in parallel, pieces of 1 MiB).
+std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const std::vector<ChecksumJob>& jobs,
+                               std::uint32_t crc = 0);
 
 }  // namespace fedpress

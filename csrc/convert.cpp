@@ -169,19 +169,24 @@ void bfloat16_to_float(const void* h, std::size_t n, float* out) {
   chunked(n, [&](std::size_t begin, std::size_t count) { from_bf16_range(bytes + 2 * begin, count, out + begin); });
 }
 
+bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float* out) {
+  const auto* in = static_cast<const unsigned char*>(data);
+  switch (code) {
+    case FloatCode::fp32: copy_floats(in, n, out); break;
+    case FloatCode::fp16: from_half_range(in, n, out); break;
+    case FloatCode::bf16: from_bf16_range(in, n, out); break;
+  }
+  // Checked while the values are still in cache: the pass costs next to nothing.
+  return all_finite(out, n);
+}
+
 bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out) {
   const auto* bytes = static_cast<const unsigned char*>(data);
   const std::size_t width = code == FloatCode::fp32 ? 4 : 2;
   std::atomic<bool> finite{true};
   chunked(n, [&](std::size_t begin, std::size_t count) {
-    const unsigned char* in = bytes + width * begin;
-    switch (code) {
-      case FloatCode::fp32: copy_floats(in, count, out + begin); break;
-      case FloatCode::fp16: from_half_range(in, count, out + begin); break;
-      case FloatCode::bf16: from_bf16_range(in, count, out + begin); break;
-    }
-    // Checked while the chunk is still in cache: the pass costs next to nothing.
-    if (!all_finite(out + begin, count)) finite.store(false, std::memory_order_relaxed);
+    if (!decode_floats_serial(code, bytes + width * begin, count, out + begin))
+      finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();
 }

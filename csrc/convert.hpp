@@ -23,6 +23,9 @@ void bfloat16_to_float(const void* h, std::size_t n, float* out);
 enum class FloatCode : int { fp32 = 0, fp16 = 1, bf16 = 2 };
 bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out);
 
+// decode_floats on the calling thread only (for a caller that splits the work itself).
+bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float* out);
+
 // Whether n little-endian float32 values at any address are all finite; one thread.
 bool floats_finite(const void* data, std::size_t n);
 

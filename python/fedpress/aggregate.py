@@ -22,7 +22,7 @@ from .format.decoding import raw_array, sparse_parts
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.limits import DEFAULT_LIMITS, Limits
-from .format.reader import output_dtype, parse
+from .format.reader import finish_checksum, output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import table_difference, table_entries
 from .format.values import decode_values, quantized_parts
@@ -65,12 +65,26 @@ def _streamable(rec: Any) -> bool:
     return rec.kind == KIND_SPARSE and rec.index_version >= 2 and rec.eden is None and not rec.rht_block
 
 
-def _index_stream(rec: Any) -> Any:
+def _checksum_checking_values(parsed: Any, streamable: list) -> set[str]:
+    """Verifies a deferred checksum, checking the fp32 values of the streamable tensors
+    for NaN and infinity in the same read of the payload; the names of those tensors."""
+    if parsed.unchecked is None:
+        return set()
+    checked = [rec for rec in streamable if rec.value_code == "fp32"]
+    jobs = [(rec.value_offset, "fp32-finite", rec.count, None) for rec in checked]
+    for rec, finite in zip(checked, finish_checksum(parsed, jobs)):
+        if not finite:
+            raise DecodeError(f"tensor {rec.name!r}: values section holds NaN or infinity")
+    return {rec.name for rec in checked}
+
+
+def _index_stream(rec: Any, finite: bool = False) -> Any:
     """A streamable tensor's checked ``_core.IndexStream``: fp32 values read where they
-    lie (checked finite with the stream), other codes decoded first (finite by then)."""
+    lie (checked finite with the stream unless ``finite``: the checksum's read checked
+    them), other codes decoded first (finite by then)."""
     try:
         if rec.value_code == "fp32":
-            return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, True)
+            return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, not finite)
         values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
         return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
     except DecodeError as exc:
@@ -160,9 +174,11 @@ class Aggregator:
 
             def parse_one(i: int) -> tuple[Any, dict[str, Any]]:
                 try:
-                    one = parse(payloads[i], self.limits, table)
+                    one = parse(payloads[i], self.limits, table, defer_checksum=True)
+                    streamable = [rec for rec in one.tensors if stream and _streamable(rec)]
+                    finite_by_checksum = _checksum_checking_values(one, streamable)
                     # Checked now, while this payload's bytes are in cache.
-                    return one, {rec.name: _index_stream(rec) for rec in one.tensors if stream and _streamable(rec)}
+                    return one, {rec.name: _index_stream(rec, rec.name in finite_by_checksum) for rec in streamable}
                 except DecodeError as exc:
                     raise DecodeError(f"payload {i}: {exc}") from None
 

@@ -12,7 +12,7 @@ import numpy as np
 from .. import ops
 from .errors import DecodeError, out_of_memory_as_decode_error
 from .limits import DEFAULT_LIMITS, Limits
-from .reader import TensorRecord, output_dtype, parse
+from .reader import TensorRecord, finish_checksum, output_dtype, parse
 from .registry import (
     FLAG_TABLE_DIGEST,
     FLAG_ZSTD,
@@ -28,6 +28,8 @@ from .tables import entry_head, heads_digest
 from .values import decode_values
 
 __all__ = ["decode", "decode_parts", "inspect"]
+
+FLOAT_CODES = ("fp32", "fp16", "bf16")  # value codes decoded as the checksum reads them
 
 
 def sparse_parts(
@@ -87,6 +89,23 @@ def sparse_parts(
     return idx, values
 
 
+def _convert_while_checksumming(parsed: Any) -> dict[str, np.ndarray]:
+    """Verifies a deferred checksum, decoding the dense float value sections (fp32, fp16,
+    bf16) in the same read of the payload: {name: float32 values} of those tensors."""
+    if parsed.unchecked is None:
+        return {}
+    converted = {
+        rec.name: (rec, np.empty(rec.count, np.float32))
+        for rec in parsed.tensors
+        if rec.kind == KIND_DENSE and rec.eden is None and not rec.rht_block and rec.value_code in FLOAT_CODES
+    }
+    jobs = [(rec.value_offset, rec.value_code, rec.count, values) for rec, values in converted.values()]
+    for (rec, _), finite in zip(converted.values(), finish_checksum(parsed, jobs)):
+        if not finite:
+            raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+    return {name: values for name, (_, values) in converted.items()}
+
+
 def raw_array(rec: TensorRecord) -> np.ndarray:
     """A raw (lossless) tensor in its own dtype, bfloat16 widened to float32; bool bytes checked."""
     if rec.dtype == "bfloat16":
@@ -116,13 +135,14 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
     Without it, the output may be at most ``limits.max_expansion`` bytes per payload
     byte (docs/format.md, "Expansion bound"); with it, the model bounds the output."""
     with out_of_memory_as_decode_error():
-        parsed = parse(payload, limits, table)
+        parsed = parse(payload, limits, table, defer_checksum=True)
+        converted = _convert_while_checksumming(parsed)
         out: dict[str, np.ndarray] = {}
         for rec in parsed.tensors:
             if rec.kind == KIND_RAW:
                 out[rec.name] = raw_array(rec)
                 continue
-            idx, values = sparse_parts(rec, parsed.seed)
+            idx, values = (None, converted[rec.name]) if rec.name in converted else sparse_parts(rec, parsed.seed)
             if idx is None:
                 dense = values
             else:

@@ -73,6 +73,7 @@ class TensorRecord:
     value_data: memoryview = field(default_factory=lambda: memoryview(b""))
     eden: Optional[EdenSection] = None  # eden value codes: the parsed section
     index_version: int = FORMAT_VERSION  # the payload's version, which fixes its index streams' layout
+    value_offset: int = 0  # where the values section starts in the payload (an uncompressed one)
 
 
 @dataclass
@@ -87,6 +88,11 @@ class Parsed:
     body_size: int
     tensors: list = field(default_factory=list)
     table_digest: Optional[bytes] = None  # what a payload without its table carries
+    # parse(defer_checksum=True) of an uncompressed payload: the bytes the checksum covers
+    # and the stored checksum, for finish_checksum; None once verified.
+    unchecked: Optional[memoryview] = None
+    stored_crc: int = 0
+    body_offset: int = 0  # where an uncompressed body starts in the payload
 
 
 def output_dtype(dtype: str) -> np.dtype:
@@ -109,15 +115,40 @@ def as_buffer(payload: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> Parsed:
+def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, table: Any = None, *, defer_checksum: bool = False) -> Parsed:
     """Validates a whole payload and returns its table with section views.
 
     ``table`` (as for ``table_digest``) is the model the payload must be made
-    for: a payload without its table needs it, and one with its table must match it."""
+    for: a payload without its table needs it, and one with its table must match it.
+
+    ``defer_checksum``: an uncompressed payload's checksum is left to the caller's
+    ``finish_checksum``, which converts value sections while it reads them for the
+    checksum, so a decoder reads the payload once; the caller uses nothing it decoded
+    before that returns. A payload whose structure is broken is still reported as a
+    checksum mismatch when its checksum is wrong (the usual cause)."""
     known = None if table is None else table_entries(table)
-    parsed, body = _open(payload, limits)
-    _parse_body(body, parsed, limits, known)
+    parsed, body = _open(payload, limits, verify=not defer_checksum)
+    try:
+        _parse_body(body, parsed, limits, known)
+    except DecodeError:
+        if parsed.unchecked is not None:
+            finish_checksum(parsed, [])
+        raise
     return parsed
+
+
+def finish_checksum(parsed: Parsed, jobs: list) -> list[bool]:
+    """Verifies a deferred checksum (DecodeError on a mismatch), running ``jobs`` on the
+    way: (offset in the payload, code, count, float32 out) decode a float values section
+    (code fp32, fp16 or bf16) into ``out``, (offset, "fp32-finite", count, None) only
+    checks one. Returns whether each job's values are all finite."""
+    if parsed.unchecked is None:
+        raise ValueError("the checksum was not deferred, or is already verified")
+    actual, finite = _core.crc32c_decoding(parsed.unchecked, jobs)
+    if actual != parsed.stored_crc:
+        raise DecodeError(f"checksum mismatch: stored 0x{parsed.stored_crc:08x}, computed 0x{actual:08x}")
+    parsed.unchecked = None
+    return [bool(f) for f in finite]
 
 
 def payload_table_digest(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> Optional[bytes]:
@@ -133,8 +164,9 @@ def payload_table_digest(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> Op
     return bytes(r.take(DIGEST_BYTES, "tensor table digest"))
 
 
-def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
-    """Checks the header and trailer and returns the (decompressed) body."""
+def _open(payload: Any, limits: Limits, *, verify: bool = True) -> tuple[Parsed, memoryview]:
+    """Checks the header and trailer and returns the (decompressed) body. Without
+    ``verify``, an uncompressed payload's checksum is left to ``finish_checksum``."""
     buf = as_buffer(payload)
     if len(buf) < HEADER.size + TRAILER.size:
         raise DecodeError(
@@ -153,9 +185,11 @@ def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
     head.pos = HEADER.size
     raw_size = head.varint("raw body size") if flags & FLAG_ZSTD else None
     (crc,) = TRAILER.unpack(buf[end:])
-    actual = _core.crc32c(buf[:end])
-    if crc != actual:
-        raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
+    deferred = not verify and not flags & FLAG_ZSTD  # a compressed body is checked before it is inflated
+    if not deferred:
+        actual = _core.crc32c(buf[:end])
+        if crc != actual:
+            raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
     stored = buf[head.pos : end]
     body_size = len(stored)
     if raw_size is not None:
@@ -168,6 +202,9 @@ def _open(payload: Any, limits: Limits) -> tuple[Parsed, memoryview]:
         body = stored
         raw_size = body_size
     parsed = Parsed(spec="", seed=seed, version=version, flags=flags, payload_size=len(buf), body_size=raw_size)
+    if deferred:
+        parsed.unchecked, parsed.stored_crc = buf[:end], crc
+        parsed.body_offset = head.pos
     return parsed, body
 
 
@@ -266,6 +303,7 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     for rec in records:
         rec.index_version = parsed.version
         rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
+        rec.value_offset = parsed.body_offset + r.pos
         rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
         if rec.value_code in EDEN_BITS:
             try:

@@ -1,0 +1,155 @@
+"""The checksum that decodes on the way (_core.crc32c_decoding) and the reader's deferred
+checksum: the same CRC as crc32c, the same values as decode_floats, whatever the pieces,
+threads and offsets, and a payload is still refused for its checksum first."""
+
+from __future__ import annotations
+
+import fedpress as fp
+import numpy as np
+import pytest
+from conftest import num_threads
+from fedpress import _core
+from fedpress.format.reader import finish_checksum, parse
+
+PIECE = 1 << 20  # the checksum's parallel pieces (csrc/checksum.cpp)
+
+
+def section(rng: np.random.Generator, code: str, n: int) -> tuple[bytes, np.ndarray]:
+    """n float values coded as `code`, and what decoding them gives."""
+    x = rng.standard_normal(n).astype(np.float32)
+    if code == "fp32":
+        return x.astype("<f4").tobytes(), x
+    if code == "fp16":
+        h = x.astype(np.float16)
+        return h.astype("<f2").tobytes(), h.astype(np.float32)
+    bits = (x.view(np.uint32) >> 16).astype("<u2")  # bf16: the top half (truncated is fine as input)
+    return bits.tobytes(), (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, PIECE - 1, PIECE, 2 * PIECE + 5, 5 * PIECE + 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_crc_without_jobs(size: int, threads: int) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    with num_threads(threads):
+        crc, flags = _core.crc32c_decoding(data, [])
+    assert crc == _core.crc32c(data) and flags == []
+
+
+@pytest.mark.parametrize("code", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_jobs_decode_what_decode_floats_does(code: str, threads: int) -> None:
+    rng = np.random.default_rng(threads)
+    # Offsets that put values across piece boundaries, odd addresses, sections back to back.
+    head = bytes(rng.integers(0, 256, PIECE - 3, dtype=np.uint8))
+    a, va = section(rng, code, 400_001)
+    b, vb = section(rng, code, 3)
+    tail = bytes(rng.integers(0, 256, 11, dtype=np.uint8))
+    data = head + a + b + tail
+    outs = [np.empty(va.size, np.float32), np.empty(vb.size, np.float32)]
+    jobs = [(len(head), code, va.size, outs[0]), (len(head) + len(a), code, vb.size, outs[1])]
+    with num_threads(threads):
+        crc, flags = _core.crc32c_decoding(data, jobs)
+    assert crc == _core.crc32c(data) and flags == [True, True]
+    np.testing.assert_array_equal(outs[0], va)
+    np.testing.assert_array_equal(outs[1], vb)
+    check, _ = _core.decode_floats(a, code, va.size)
+    np.testing.assert_array_equal(outs[0], check)
+
+
+@pytest.mark.parametrize("where", [0, PIECE // 4 - 1, PIECE // 4, 299_999])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_flagged_wherever_they_are(where: int, bad: float) -> None:
+    x = np.ones(300_000, np.float32)
+    x[where] = bad
+    data = b"\x07" * (PIECE - 2) + x.astype("<f4").tobytes()
+    out = np.empty(x.size, np.float32)
+    with num_threads(2):
+        _, flags = _core.crc32c_decoding(
+            data, [(PIECE - 2, "fp32", x.size, out), (PIECE - 2, "fp32-finite", x.size, None)]
+        )
+    assert flags == [False, False]
+    assert _core.crc32c_decoding(data[: PIECE - 2 + 4 * where], [(PIECE - 2, "fp32-finite", where, None)])[1] == [True]
+
+
+def test_bad_jobs_are_refused() -> None:
+    data = bytes(64)
+    for job, error in [
+        ((0, "q8", 4, np.empty(4, np.float32)), ValueError),
+        ((0, "fp32", 17, np.empty(17, np.float32)), ValueError),  # past the buffer
+        ((62, "fp16", 2, np.empty(2, np.float32)), ValueError),
+        ((0, "fp32", 4, np.empty(3, np.float32)), ValueError),
+        ((0, "fp32", 4, np.empty(4, np.float64)), TypeError),
+        ((0, "fp32", 4), ValueError),
+    ]:
+        with pytest.raises(error):
+            _core.crc32c_decoding(data, [job])
+
+
+def dense_payload(spec: str = "fp32") -> bytes:
+    update = {"w": np.random.default_rng(0).standard_normal((300, 700)).astype(np.float32)}
+    return fp.Codec(spec).encode(update, seed=1)
+
+
+def test_decode_matches_the_checked_decode() -> None:
+    for spec in ("fp32", "fp16", "bf16", "q8", "topk:0.1", "fp32+zstd"):
+        payload = dense_payload(spec)
+        deferred = fp.decode(payload)
+        parsed = parse(payload)  # verified first, then decoded from the sections
+        assert parsed.unchecked is None
+        ref = fp.format.decode_parts(payload)
+        for name, arr in deferred.items():
+            idx, values = ref[name]
+            dense = np.zeros(arr.size, np.float32)
+            if idx is None:
+                dense[:] = values
+            else:
+                dense[idx] = values
+            np.testing.assert_array_equal(arr.reshape(-1), dense)
+
+
+def test_corruption_is_a_checksum_mismatch_first() -> None:
+    payload = bytearray(dense_payload())
+    rng = np.random.default_rng(5)
+    for pos in list(rng.integers(14, len(payload) - 4, 40)) + [15, 20, 30]:
+        bad = bytearray(payload)
+        bad[pos] ^= 0x5A
+        with pytest.raises(fp.DecodeError, match="checksum mismatch"):
+            fp.decode(bytes(bad))
+        # A deferred parse names the checksum too: at once where the corruption breaks the
+        # structure, at finish_checksum where it does not.
+        with pytest.raises(fp.DecodeError, match="checksum mismatch"):
+            finish_checksum(parse(bytes(bad), defer_checksum=True), [])
+
+
+def test_non_finite_dense_values_are_refused(wire) -> None:
+    payload = dense_payload()
+    parsed = parse(payload, defer_checksum=True)
+    rec = parsed.tensors[0]
+    bad = bytearray(payload)
+    bad[rec.value_offset + 4 * 12345 : rec.value_offset + 4 * 12346] = np.float32(np.inf).tobytes()
+    with pytest.raises(fp.DecodeError, match="'w'.*non-finite"):
+        fp.decode(wire.fix_crc(bytes(bad)))
+
+
+def test_finish_checksum_needs_a_deferred_parse() -> None:
+    parsed = parse(dense_payload("fp32+zstd"), defer_checksum=True)  # compressed: verified before inflating
+    with pytest.raises(ValueError, match="not deferred"):
+        finish_checksum(parsed, [])
+    parsed = parse(dense_payload(), defer_checksum=True)
+    assert finish_checksum(parsed, []) == [] and parsed.unchecked is None
+    with pytest.raises(ValueError):
+        finish_checksum(parsed, [])
+
+
+def test_aggregator_add_many_refuses_non_finite_streamed_values(wire) -> None:
+    update = {"w": np.random.default_rng(1).standard_normal(50_000).astype(np.float32)}
+    good = fp.Codec("topk:0.05").encode(update, seed=2)
+    rec = parse(good, defer_checksum=True).tensors[0]
+    bad = bytearray(good)
+    bad[rec.value_offset : rec.value_offset + 4] = np.float32(np.nan).tobytes()
+    agg = fp.Aggregator()
+    with pytest.raises(fp.DecodeError, match="payload 1: tensor 'w'.*NaN"):
+        agg.add_many([good, wire.fix_crc(bytes(bad)), good])
+    assert agg.count == 0
+    agg.add_many([good, good])
+    np.testing.assert_allclose(agg.result()["w"], fp.decode(good)["w"])
