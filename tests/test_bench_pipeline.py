@@ -20,6 +20,9 @@ CALLS = [
     "ops.topk(x, 1%)",
     "Aggregator.add, one dense q4 payload",
     "fp.decode, a dense q4 payload",
+    "fp.decode, a dense fp32 payload",
+    "fp.decode, a dense fp16 payload",
+    "fp.decode, a dense bf16 payload",
     "Aggregator.add x 3 top-1% payloads",
     "Aggregator.add_many(3 top-1% payloads)",
     "fp.decode, a top-1% payload",
@@ -39,7 +42,8 @@ def test_every_row_has_both_timings_a_ratio_and_its_target():
         assert all(positive_finite(row[key]) for key in ("product_s", "kernel_s", "ratio"))
         assert row["within_target"] is None  # the targets are defined at 25.6M
     targets = {row["call"]: row["target"] for row in report["rows"]}
-    assert targets['Codec("q4").encode'] == 1.3 and targets["fp.decode, a dense q4 payload"] is None
+    assert targets['Codec("q4").encode'] == 1.3 and targets["fp.decode, a dense q4 payload"] == 1.2
+    assert targets["fp.decode, a dense bf16 payload"] == 1.2
     reads = report["rows"][CALLS.index("ops.topk(x, 1%)")]
     assert reads["unit"] == "reads" and reads["against"].startswith("one streaming read")
     assert report["streaming_read"]["op"] in report["streaming_read"]["candidates_s"]

@@ -24,11 +24,12 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import Aggregator, Codec, Encoder, __version__, decode, ops
+from . import Aggregator, Codec, Encoder, __version__, _core, decode, ops
 from .bench import cpu_name, format_size, parse_size
 
 __all__ = ["TARGET_N", "CLIENTS", "PEAK_TARGET", "PipelineRow", "machine", "run", "add_arguments", "main"]
@@ -206,9 +207,33 @@ def dense_q4_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
             "fp.decode, a dense q4 payload",
             "ops.dequantize(4 bits)",
             *_paired_seconds(lambda: decode(payload), dequantize, repeat),
-            None,
+            1.2,
         ),
     ]
+
+
+def dense_float_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
+    """Decoding dense float payloads (fp32, fp16, bf16) against the conversion that produces
+    the same output: a copy, or widening the 16-bit codes (target: within 1.2x)."""
+    rows = []
+    half, brain = _core.to_half(x), _core.to_bfloat16(x)
+    kernels: dict[str, tuple[str, Callable[[], Any]]] = {
+        "fp32": ("x.copy()", x.copy),
+        "fp16": ("from_half(16-bit codes)", lambda: _core.from_half(half)),
+        "bf16": ("from_bfloat16(16-bit codes)", lambda: _core.from_bfloat16(brain)),
+    }
+    for spec, (against, kernel) in kernels.items():
+        payload = Codec(spec).encode({"w": x})
+        rows.append(
+            PipelineRow(
+                f"fp.decode, a dense {spec} payload",
+                against,
+                *_paired_seconds(partial(decode, payload), kernel, repeat),
+                1.2,
+            )
+        )
+        del payload
+    return rows
 
 
 def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
@@ -416,6 +441,7 @@ def run(
     emit(encode_rows(x, k, repeat))
     emit([topk_in_reads_row(x, k, repeat, read)])
     emit(dense_q4_rows(x, repeat))
+    emit(dense_float_rows(x, repeat))
     del x
     gc.collect()
     emit(sparse_rows(n, k, clients, repeat))
