@@ -303,6 +303,7 @@ def test_memory_errors_while_decoding_are_decode_errors(monkeypatch) -> None:
             call(data)
     monkeypatch.undo()
     monkeypatch.setattr(decoding, "sparse_parts", no_memory)
+    monkeypatch.setattr(decoding, "index_stream", no_memory)  # a version 2 sparse tensor's path
     with pytest.raises(fp.DecodeError, match="could not be allocated"):
         fp.decode(data)
 

@@ -18,14 +18,14 @@ import numpy as np
 
 from . import _core, ops
 from ._update_math import to_dtype
-from .format.decoding import raw_array, sparse_parts
+from .format.decoding import finish_checksum_converting, index_stream, raw_array, sparse_parts, streamable
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.limits import DEFAULT_LIMITS, Limits
-from .format.reader import finish_checksum, output_dtype, parse
+from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import table_difference, table_entries
-from .format.values import decode_values, quantized_parts
+from .format.values import quantized_parts
 
 __all__ = ["Aggregator"]
 
@@ -57,38 +57,6 @@ def _fused_dense_add(
     except DecodeError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate)
-
-
-def _streamable(rec: Any) -> bool:
-    """Whether a tensor's kept entries can be added straight from its index stream: a
-    version 2 stream (version 1's Golomb codes decode only serially) of plain values."""
-    return rec.kind == KIND_SPARSE and rec.index_version >= 2 and rec.eden is None and not rec.rht_block
-
-
-def _checksum_checking_values(parsed: Any, streamable: list) -> set[str]:
-    """Verifies a deferred checksum, checking the fp32 values of the streamable tensors
-    for NaN and infinity in the same read of the payload; the names of those tensors."""
-    if parsed.unchecked is None:
-        return set()
-    checked = [rec for rec in streamable if rec.value_code == "fp32"]
-    jobs = [(rec.value_offset, "fp32-finite", rec.count, None) for rec in checked]
-    for rec, finite in zip(checked, finish_checksum(parsed, jobs)):
-        if not finite:
-            raise DecodeError(f"tensor {rec.name!r}: values section holds NaN or infinity")
-    return {rec.name for rec in checked}
-
-
-def _index_stream(rec: Any, finite: bool = False) -> Any:
-    """A streamable tensor's checked ``_core.IndexStream``: fp32 values read where they
-    lie (checked finite with the stream unless ``finite``: the checksum's read checked
-    them), other codes decoded first (finite by then)."""
-    try:
-        if rec.value_code == "fp32":
-            return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, not finite)
-        values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
-        return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
-    except DecodeError as exc:
-        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
 
 
 class Aggregator:
@@ -175,10 +143,10 @@ class Aggregator:
             def parse_one(i: int) -> tuple[Any, dict[str, Any]]:
                 try:
                     one = parse(payloads[i], self.limits, table, defer_checksum=True)
-                    streamable = [rec for rec in one.tensors if stream and _streamable(rec)]
-                    finite_by_checksum = _checksum_checking_values(one, streamable)
+                    streamed = [rec for rec in one.tensors if stream and streamable(rec)]
+                    _, finite_by_checksum = finish_checksum_converting(one, streamed)
                     # Checked now, while this payload's bytes are in cache.
-                    return one, {rec.name: _index_stream(rec, rec.name in finite_by_checksum) for rec in streamable}
+                    return one, {rec.name: index_stream(rec, rec.name in finite_by_checksum) for rec in streamed}
                 except DecodeError as exc:
                     raise DecodeError(f"payload {i}: {exc}") from None
 
@@ -316,8 +284,8 @@ class Aggregator:
             return partial(self._add_rotated, rec.name, sec, weight)
         elif rec.kind == KIND_DENSE and acc.dtype == np.float32 and (add := _fused_dense_add(rec, acc, weight)):
             return add
-        elif acc.dtype == np.float32 and _streamable(rec):
-            return partial(_core.add_streams, acc, [_index_stream(rec)], [weight])
+        elif acc.dtype == np.float32 and streamable(rec):
+            return partial(_core.add_streams, acc, [index_stream(rec)], [weight])
         else:
             idx, values = sparse_parts(rec, seed)
         if idx is None:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import ops
+from .. import _core, ops
 from .errors import DecodeError, out_of_memory_as_decode_error
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import TensorRecord, finish_checksum, output_dtype, parse
@@ -19,6 +19,7 @@ from .registry import (
     KIND_DENSE,
     KIND_NAMES,
     KIND_RAW,
+    KIND_SPARSE,
     KIND_SPARSE_SEEDED,
     PURPOSE_RANDK,
     PURPOSE_RHT,
@@ -89,21 +90,53 @@ def sparse_parts(
     return idx, values
 
 
-def _convert_while_checksumming(parsed: Any) -> dict[str, np.ndarray]:
-    """Verifies a deferred checksum, decoding the dense float value sections (fp32, fp16,
-    bf16) in the same read of the payload: {name: float32 values} of those tensors."""
+def streamable(rec: TensorRecord) -> bool:
+    """Whether a tensor's kept entries can be added straight from its index stream: a
+    version 2 stream (version 1's Golomb codes decode only serially) of plain values."""
+    return rec.kind == KIND_SPARSE and rec.index_version >= 2 and rec.eden is None and not rec.rht_block
+
+
+def index_stream(rec: TensorRecord, finite: bool = False) -> Any:
+    """A streamable tensor's checked ``_core.IndexStream``: fp32 values read where they
+    lie (checked finite with the stream unless ``finite``: the checksum's read checked
+    them), other codes decoded first (finite by then)."""
+    try:
+        if rec.value_code == "fp32":
+            return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, not finite)
+        values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
+        return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
+    except DecodeError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+
+
+def finish_checksum_converting(
+    parsed: Any, streamed: list[TensorRecord], convert_dense: bool = False
+) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Verifies a deferred checksum (nothing to do when it was not deferred), in the same
+    read of the payload decoding the dense float value sections (fp32, fp16, bf16) with
+    ``convert_dense`` and checking the fp32 values of the ``streamed`` tensors for NaN and
+    infinity: ({name: float32 values} of the dense tensors, names of the checked ones)."""
     if parsed.unchecked is None:
-        return {}
+        return {}, set()
     converted = {
         rec.name: (rec, np.empty(rec.count, np.float32))
         for rec in parsed.tensors
-        if rec.kind == KIND_DENSE and rec.eden is None and not rec.rht_block and rec.value_code in FLOAT_CODES
+        if convert_dense
+        and rec.kind == KIND_DENSE
+        and rec.eden is None
+        and not rec.rht_block
+        and rec.value_code in FLOAT_CODES
     }
-    jobs = [(rec.value_offset, rec.value_code, rec.count, values) for rec, values in converted.values()]
-    for (rec, _), finite in zip(converted.values(), finish_checksum(parsed, jobs)):
+    checked = [rec for rec in streamed if rec.value_code == "fp32"]
+    jobs: list[tuple[int, str, int, Optional[np.ndarray]]] = [
+        (rec.value_offset, rec.value_code, rec.count, values) for rec, values in converted.values()
+    ]
+    jobs += [(rec.value_offset, "fp32-finite", rec.count, None) for rec in checked]
+    records = [rec for rec, _ in converted.values()] + checked
+    for rec, finite in zip(records, finish_checksum(parsed, jobs)):
         if not finite:
             raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
-    return {name: values for name, (_, values) in converted.items()}
+    return {name: values for name, (_, values) in converted.items()}, {rec.name for rec in checked}
 
 
 def raw_array(rec: TensorRecord) -> np.ndarray:
@@ -136,11 +169,17 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
     byte (docs/format.md, "Expansion bound"); with it, the model bounds the output."""
     with out_of_memory_as_decode_error():
         parsed = parse(payload, limits, table, defer_checksum=True)
-        converted = _convert_while_checksumming(parsed)
+        streamed = [rec for rec in parsed.tensors if streamable(rec)]
+        converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True)
         out: dict[str, np.ndarray] = {}
         for rec in parsed.tensors:
             if rec.kind == KIND_RAW:
                 out[rec.name] = raw_array(rec)
+                continue
+            if any(rec is r for r in streamed):  # added into zeros as its stream decodes: no index array
+                dense = np.zeros(rec.size, np.float32)
+                _core.add_streams(dense, [index_stream(rec, rec.name in finite)], [1.0])
+                out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
                 continue
             idx, values = (None, converted[rec.name]) if rec.name in converted else sparse_parts(rec, parsed.seed)
             if idx is None:
