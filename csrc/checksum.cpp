@@ -1,5 +1,6 @@
 #include "checksum.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <limits>
@@ -177,23 +178,27 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
       if (first < last) job.run(first, last);
     }
   };
+  const std::size_t pieces = std::max<std::size_t>(1, ceil_div(size, kPiece));
+  // The last piece takes the units starting at or after its end too (none, in a buffer
+  // that holds its jobs).
+  const auto piece_end = [&](std::size_t i) {
+    return i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : (i + 1) * kPiece;
+  };
   if (size < 2 * kPiece || num_threads() == 1) {
     if (jobs.empty()) return ~crc_register(data, size, crc);
     // Still in pieces, so each stays in cache between its checksum and its jobs.
-    for (std::size_t begin = 0; begin < size || begin == 0; begin += kPiece) {
-      const std::size_t end = std::min(size, begin + kPiece);
+    for (std::size_t i = 0; i < pieces; ++i) {
+      const std::size_t begin = i * kPiece, end = std::min(size, begin + kPiece);
       crc = crc_register(data + begin, end - begin, crc);
-      run_jobs(begin, end == size ? std::numeric_limits<std::size_t>::max() : end);
-      if (end == size) break;
+      run_jobs(begin, piece_end(i));
     }
     return ~crc;
   }
-  const std::size_t pieces = ceil_div(size, kPiece);
   std::vector<std::uint32_t> regs(pieces);
   parallel_for(pieces, [&](std::size_t i) {
     const std::size_t begin = i * kPiece, end = std::min(size, begin + kPiece);
     regs[i] = crc_register(data + begin, end - begin, i == 0 ? crc : 0u);
-    run_jobs(begin, i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : end);
+    run_jobs(begin, piece_end(i));
   });
   static const Shift over_piece(kPiece);
   std::uint32_t out = regs[0];

@@ -164,7 +164,6 @@ __attribute__((target("avx2"))) std::uint64_t indices_avx2(const std::uint8_t* l
 // zeros[j] = (position of the one) - (rank of its index, first + j). Each word's ones are
 // written eight at a time without a branch per one (slots past the last are junk), and
 // the word's ones beyond `count` are left in cur.
-template <bool kHardware>
 FEDPRESS_INLINE void unary_zeros(const std::uint8_t* unary, const std::uint8_t* end, std::size_t& word,
                                  std::uint64_t& cur, std::uint64_t first, unsigned count, std::uint32_t* zeros) {
   unsigned produced = 0;
@@ -193,7 +192,6 @@ FEDPRESS_INLINE void unary_zeros(const std::uint8_t* unary, const std::uint8_t* 
     }
     produced += take;
   }
-  (void)kHardware;
 }
 
 // The ones of the unary part; with marks, also where each checkpoint resumes: one bit
@@ -262,14 +260,14 @@ __attribute__((target("avx512f,avx512vl,bmi,bmi2,popcnt"))) void unary_zeros_avx
     cur = 0;
     produced += ones;
   }
-  if (produced < count) unary_zeros<true>(unary, end, word, cur, first + produced, count - produced, zeros + produced);
+  if (produced < count) unary_zeros(unary, end, word, cur, first + produced, count - produced, zeros + produced);
 }
 
 __attribute__((target("avx2,bmi,bmi2,popcnt"))) void unary_zeros_fast(const std::uint8_t* unary,
                                                                         const std::uint8_t* end, std::size_t& word,
                                                                         std::uint64_t& cur, std::uint64_t first,
                                                                         unsigned count, std::uint32_t* zeros) {
-  unary_zeros<true>(unary, end, word, cur, first, count, zeros);
+  unary_zeros(unary, end, word, cur, first, count, zeros);
 }
 
 #endif
@@ -494,7 +492,7 @@ void RiceCursor::refill() {
   } else
 #endif
   {
-    unary_zeros<false>(s.unary_, s.end_, word_, cur_, first, count, zeros);
+    unary_zeros(s.unary_, s.end_, word_, cur_, first, count, zeros);
     for (unsigned j = 0; j < count; ++j) {
       low_sum_ += low_field(s.lows_, s.end_, first + j, s.l_);
       ahead_[j] = static_cast<std::uint32_t>(first + j + (std::uint64_t{zeros[j]} << s.l_) + low_sum_);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 from typing import Sequence
 
 from fedpress import cli
@@ -19,3 +20,31 @@ def run_cli(argv: Sequence[str]) -> int:
     if status:
         raise SystemExit(f"[{status}] {err.getvalue()}")
     return status
+
+
+def server_args(tmp_path: Path, token: str, *extra: str, port: int = 0, insecure: bool = True) -> list:
+    """A one-round ``fedpress server`` command line on loopback with ``token`` (a token
+    file's path), its run in ``tmp_path / "run"``, then ``extra``."""
+    return [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--rounds",
+        "1",
+        "--clients-per-round",
+        "1",
+        "--min-clients",
+        "1",
+        "--codec",
+        "q8",
+        "--token-file",
+        token,
+        "--out",
+        str(tmp_path / "run"),
+        *(["--insecure"] if insecure else []),
+        "--log-level",
+        "error",
+        *extra,
+    ]

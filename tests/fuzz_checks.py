@@ -144,7 +144,7 @@ def small_update() -> dict:
 
 
 MODEL = [(name, a.dtype.name, a.shape) for name, a in small_update().items()]
-# tests/test_payload_fuzz.py's FUZZ_LIMITS: a second decode under them reaches the limit checks.
+# Small limits (tests/test_payload_fuzz.py's FUZZ_LIMITS too): a second decode under them reaches the limit checks.
 SMALL_LIMITS = fp.Limits(
     max_tensors=64,
     max_dims=8,

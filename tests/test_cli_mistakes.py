@@ -16,6 +16,7 @@ from pathlib import Path
 import fedpress as fp
 import numpy as np
 import pytest
+from cli_helpers import server_args
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -52,32 +53,6 @@ def token(tmp_path: Path) -> str:
     path.write_text("x" * 64 + "\n")
     path.chmod(0o600)
     return str(path)
-
-
-def server_args(tmp_path: Path, token: str, *extra: str, port: int = 0, insecure: bool = True) -> list:
-    return [
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--rounds",
-        "1",
-        "--clients-per-round",
-        "1",
-        "--min-clients",
-        "1",
-        "--codec",
-        "q8",
-        "--token-file",
-        token,
-        "--out",
-        str(tmp_path / "run"),
-        *(["--insecure"] if insecure else []),
-        "--log-level",
-        "error",
-        *extra,
-    ]
 
 
 def client_args(token: str, *extra: str, connect: str = "127.0.0.1:9", insecure: bool = True) -> list:

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Optional
 import fedpress as fp
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, server_args
 from fedpress.federation import AuthenticationError, Client, ErrorCode, Server, client_context, server_context
 from fedpress.federation import model as M
 from fedpress.federation import protocol as P
@@ -846,27 +846,7 @@ def test_server_command_refuses_a_client_downlink_without_a_codec(tmp_path):
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match="--downlink-mode client needs --downlink SPEC"):
-        run_cli(
-            [
-                "server",
-                "--port",
-                "0",
-                "--rounds",
-                "1",
-                "--clients-per-round",
-                "1",
-                "--min-clients",
-                "1",
-                "--codec",
-                "q8",
-                "--token-file",
-                str(token),
-                "--out",
-                str(tmp_path / "run"),
-                "--downlink-mode",
-                "client",
-            ]
-        )
+        run_cli(server_args(tmp_path, str(token), "--downlink-mode", "client", insecure=False))
     assert not (tmp_path / "run").exists()
 
 

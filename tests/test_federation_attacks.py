@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, server_args
 from fedpress.federation import AuthenticationError, Client, Server
 from fedpress.federation import protocol as P
 from test_federation import (
@@ -597,28 +597,7 @@ def test_server_command_explains_bad_limits(tmp_path, flag, value, message):
     token = tmp_path / "token"
     token.write_text("x" * 32)
     with pytest.raises(SystemExit, match=message):
-        run_cli(
-            [
-                "server",
-                "--port",
-                "0",
-                "--rounds",
-                "1",
-                "--clients-per-round",
-                "1",
-                "--min-clients",
-                "1",
-                "--codec",
-                "q8",
-                "--token-file",
-                str(token),
-                "--out",
-                str(tmp_path / "run"),
-                "--insecure",
-                flag,
-                value,
-            ]
-        )
+        run_cli(server_args(tmp_path, str(token), flag, value))
     assert not (tmp_path / "run").exists()
 
 

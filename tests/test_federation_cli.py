@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, server_args
 from fedpress import cli
 
 pytest.importorskip("torch")
@@ -43,23 +43,7 @@ def test_certificate_command_writes_a_pair_and_keeps_existing_files(tmp_path, ca
 def test_server_and_client_refuse_plain_tcp_unless_told(tmp_path):
     token = tmp_path / "token"
     token.write_text("t" * 32)
-    server = [
-        "server",
-        "--port",
-        "0",
-        "--rounds",
-        "1",
-        "--clients-per-round",
-        "1",
-        "--min-clients",
-        "1",
-        "--codec",
-        "q8",
-        "--token-file",
-        str(token),
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    server = server_args(tmp_path, str(token), insecure=False)
     with pytest.raises(SystemExit, match="no TLS: give --tls-cert FILE --tls-key FILE"):
         run_cli(server)
     with pytest.raises(SystemExit, match="--insecure means no TLS"):

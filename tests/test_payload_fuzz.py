@@ -30,7 +30,7 @@ import fedpress as fp
 import numpy as np
 import pytest
 import zstandard
-from fuzz_checks import small_update  # the update the fuzz corpus seeds encode
+from fuzz_checks import SMALL_LIMITS, small_update  # the update the fuzz corpus seeds encode, and its limits
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -78,14 +78,7 @@ DIGEST_SPECS = [
 SPEC_PARAMS = [pytest.param(s, id=s) for s in SPECS]
 ALL_SPEC_PARAMS = SPEC_PARAMS + [pytest.param(s, id=s) for s in DIGEST_SPECS]  # tests that see bytes only
 ZSTD_SPEC_PARAMS = [p for p in ALL_SPEC_PARAMS if "zstd" in p.values[0]]
-FUZZ_LIMITS = fp.Limits(
-    max_tensors=64,
-    max_dims=8,
-    max_elements=1 << 20,
-    max_total_elements=1 << 21,
-    max_decoded_bytes=1 << 24,
-    max_body_bytes=1 << 22,
-)
+FUZZ_LIMITS = SMALL_LIMITS  # the fuzz targets' second decode runs under the same limits
 SLOW = 2.0  # seconds: "promptly"
 
 

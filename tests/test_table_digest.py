@@ -14,28 +14,14 @@ import re
 import fedpress as fp
 import numpy as np
 import pytest
-from conftest import leb128, load_make_golden
+from conftest import Wire, leb128, load_make_golden
 from fedpress.cli import main as cli_main
 from fedpress.format import payload_table_digest
 from hypothesis import given
 from hypothesis import strategies as st
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-DTYPES = (
-    "float32",
-    "float64",
-    "float16",
-    "bfloat16",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "bool",
-)  # the wire codes, docs/format.md
+DTYPES = Wire.DTYPES  # the wire codes, docs/format.md, as the hand-built payloads use them
 SPECS = [
     "fp32",
     "q8+zstd",

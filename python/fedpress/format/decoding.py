@@ -170,13 +170,14 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
     with out_of_memory_as_decode_error():
         parsed = parse(payload, limits, table, defer_checksum=True)
         streamed = [rec for rec in parsed.tensors if streamable(rec)]
+        streamed_ids = {id(rec) for rec in streamed}
         converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True)
         out: dict[str, np.ndarray] = {}
         for rec in parsed.tensors:
             if rec.kind == KIND_RAW:
                 out[rec.name] = raw_array(rec)
                 continue
-            if any(rec is r for r in streamed):  # added into zeros as its stream decodes: no index array
+            if id(rec) in streamed_ids:  # added into zeros as its stream decodes: no index array
                 dense = np.zeros(rec.size, np.float32)
                 _core.add_streams(dense, [index_stream(rec, rec.name in finite)], [1.0])
                 out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
