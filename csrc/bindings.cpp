@@ -15,7 +15,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "accumulate.hpp"
@@ -406,70 +408,88 @@ void register_accumulate(py::module_& m) {
       "indices are sorted (stably) on a copy.");
 }
 
+// The float jobs of a checksum that decodes on the way (crc32c_decoding, check_payloads),
+// built with the GIL held: jobs are (offset, code, n, out), code fp32/fp16/bf16 (n values
+// into out, float32) or fp32-finite (a check, out None).
+struct DecodingJobs {
+  std::vector<py::array> outs;  // kept alive while the jobs write them
+  std::vector<fedpress::ChecksumJob> jobs;
+  // One flag per job, written by whichever piece finds a non-finite value.
+  std::unique_ptr<std::atomic<bool>[]> finite;
+
+  DecodingJobs(const std::uint8_t* data, std::size_t size, const py::sequence& jobs_in)
+      : outs(py::len(jobs_in)), jobs(outs.size()), finite(new std::atomic<bool>[outs.size()]) {
+    for (std::size_t j = 0; j < jobs.size(); ++j) {
+      const py::tuple t = py::reinterpret_borrow<py::tuple>(jobs_in[j]);
+      if (t.size() != 4) throw py::value_error("a job is (offset, code, n, out)");
+      const std::size_t offset = t[0].cast<std::size_t>(), n = t[2].cast<std::size_t>();
+      const std::string code = t[1].cast<std::string>();
+      finite[j].store(true);
+      const bool check_only = code == "fp32-finite";
+      fedpress::FloatCode c = fedpress::FloatCode::fp32;
+      if (code == "fp16") c = fedpress::FloatCode::fp16;
+      else if (code == "bf16") c = fedpress::FloatCode::bf16;
+      else if (code != "fp32" && !check_only) throw py::value_error("unknown job code " + code);
+      const std::size_t width = c == fedpress::FloatCode::fp32 ? 4 : 2;
+      if (offset > size || n > (size - offset) / width)
+        throw py::value_error("job " + std::to_string(j) + " reaches past the buffer");
+      float* out = nullptr;
+      if (!check_only) {
+        outs[j] = checked<float>(t[3], "out", Access::write);
+        if (len(outs[j]) != n) throw py::value_error("job " + std::to_string(j) + ": out must hold n values");
+        out = mptr<float>(outs[j]);
+      }
+      std::atomic<bool>* flag = &finite[j];
+      const std::uint8_t* at = data + offset;
+      jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
+                   const bool ok = out == nullptr
+                                       ? fedpress::floats_finite(at + 4 * first, last - first)
+                                       : fedpress::decode_floats_serial(c, at + width * first, last - first,
+                                                                        out + first);
+                   if (!ok) flag->store(false, std::memory_order_relaxed);
+                 }};
+    }
+  }
+
+  py::list flags() const {
+    py::list out;
+    for (std::size_t j = 0; j < jobs.size(); ++j) out.append(finite[j].load());
+    return out;
+  }
+};
+
+// A contiguous buffer's export (kept for as long as the kernels read it).
+py::buffer_info contiguous_bytes(const py::handle& obj, const char* name) {
+  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
+  if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+    throw py::type_error(std::string(name) + " must be a contiguous bytes-like object");
+  return info;
+}
+
+std::size_t byte_size(const py::buffer_info& info) { return static_cast<std::size_t>(info.size * info.itemsize); }
+
 void register_checksum(py::module_& m) {
   m.def(
       "crc32c",
       [](const py::buffer& buf, std::uint32_t crc) {
-        py::buffer_info info = buf.request();
-        if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
-          throw py::type_error("data must be a contiguous bytes-like object");
+        const py::buffer_info info = contiguous_bytes(buf, "data");
         const auto* data = static_cast<const std::uint8_t*>(info.ptr);
-        const std::size_t size = static_cast<std::size_t>(info.size * info.itemsize);
         py::gil_scoped_release release;  // reads the buffer only
-        return fedpress::crc32c(data, size, crc);
+        return fedpress::crc32c(data, byte_size(info), crc);
       },
       "data"_a, "crc"_a = 0, "CRC-32C of data, continuing from crc.");
   m.def(
       "crc32c_decoding",
       [](const py::buffer& buf, const py::sequence& jobs_in) {
-        py::buffer_info info = buf.request();
-        if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
-          throw py::type_error("data must be a contiguous bytes-like object");
+        const py::buffer_info info = contiguous_bytes(buf, "data");
         const auto* data = static_cast<const std::uint8_t*>(info.ptr);
-        const std::size_t size = static_cast<std::size_t>(info.size * info.itemsize);
-        const std::size_t n_jobs = py::len(jobs_in);
-        std::vector<py::array> outs(n_jobs);
-        std::vector<fedpress::ChecksumJob> jobs(n_jobs);
-        // One flag per job, written by whichever piece finds a non-finite value.
-        std::unique_ptr<std::atomic<bool>[]> finite(new std::atomic<bool>[n_jobs]);
-        for (std::size_t j = 0; j < n_jobs; ++j) {
-          const py::tuple t = py::reinterpret_borrow<py::tuple>(jobs_in[j]);
-          if (t.size() != 4) throw py::value_error("a job is (offset, code, n, out)");
-          const std::size_t offset = t[0].cast<std::size_t>(), n = t[2].cast<std::size_t>();
-          const std::string code = t[1].cast<std::string>();
-          finite[j].store(true);
-          const bool check_only = code == "fp32-finite";
-          fedpress::FloatCode c = fedpress::FloatCode::fp32;
-          if (code == "fp16") c = fedpress::FloatCode::fp16;
-          else if (code == "bf16") c = fedpress::FloatCode::bf16;
-          else if (code != "fp32" && !check_only) throw py::value_error("unknown job code " + code);
-          const std::size_t width = c == fedpress::FloatCode::fp32 ? 4 : 2;
-          if (offset > size || n > (size - offset) / width)
-            throw py::value_error("job " + std::to_string(j) + " reaches past the buffer");
-          float* out = nullptr;
-          if (!check_only) {
-            outs[j] = checked<float>(t[3], "out", Access::write);
-            if (len(outs[j]) != n) throw py::value_error("job " + std::to_string(j) + ": out must hold n values");
-            out = mptr<float>(outs[j]);
-          }
-          std::atomic<bool>* flag = &finite[j];
-          const std::uint8_t* at = data + offset;
-          jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
-                       const bool ok = out == nullptr
-                                           ? fedpress::floats_finite(at + 4 * first, last - first)
-                                           : fedpress::decode_floats_serial(c, at + width * first, last - first,
-                                                                            out + first);
-                       if (!ok) flag->store(false, std::memory_order_relaxed);
-                     }};
-        }
+        const DecodingJobs jobs(data, byte_size(info), jobs_in);
         std::uint32_t crc;
         {
           py::gil_scoped_release release;
-          crc = fedpress::crc32c_with_jobs(data, size, jobs);
+          crc = fedpress::crc32c_with_jobs(data, byte_size(info), jobs.jobs);
         }
-        py::list flags;
-        for (std::size_t j = 0; j < n_jobs; ++j) flags.append(finite[j].load());
-        return py::make_tuple(crc, flags);
+        return py::make_tuple(crc, jobs.flags());
       },
       "data"_a, "jobs"_a,
       "CRC-32C of data, decoding float value sections on the way while each piece is in cache: jobs are "
@@ -840,61 +860,145 @@ ByteView byte_view(const py::handle& obj, std::size_t position) {
   return {info.ptr, static_cast<std::size_t>(info.size * info.itemsize)};
 }
 
-// One client's sparse tensor straight from its payload: a version 2 index stream,
-// checked on construction (GIL released), and its float32 values, read where they lie.
-// Checking each payload's streams right after its checksum, while its bytes are in
-// cache, leaves a batch's sum one pass over the payloads (add_streams).
+// One client's sparse tensor straight from its payload: a version 2 index stream and its
+// float32 values, read where they lie. Checked on construction (GIL released), or, when
+// deferred, by check_payloads: right after its payload's checksum, while the payload's
+// bytes are in cache, for many payloads in parallel. A batch's sum is then one pass over
+// the payloads (add_streams).
 class IndexStream {
  public:
   IndexStream(const py::handle& index_buf, std::uint64_t n, std::uint64_t count, const py::handle& value_buf,
-              bool check_finite)
-      : n_(n), index_(exported(index_buf, "index_stream")), values_info_(exported(value_buf, "values")) {
+              bool check_finite, bool deferred)
+      : n_(n),
+        count_(count),
+        check_finite_(check_finite),
+        index_(contiguous_bytes(index_buf, "index_stream")),
+        values_info_(contiguous_bytes(value_buf, "values")) {
     if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
-    const ByteView index{index_.ptr, static_cast<std::size_t>(index_.size * index_.itemsize)};
-    const ByteView values{values_info_.ptr, static_cast<std::size_t>(values_info_.size * values_info_.itemsize)};
-    if (values.size / 4 != count || values.size % 4 != 0)
-      throw py::value_error("values hold " + std::to_string(values.size) + " bytes, expected 4 * " +
+    if (byte_size(values_info_) / 4 != count || byte_size(values_info_) % 4 != 0)
+      throw py::value_error("values hold " + std::to_string(byte_size(values_info_)) + " bytes, expected 4 * " +
                             std::to_string(count));
-    values_ = static_cast<const std::uint8_t*>(values.data);
+    if (deferred) return;
     py::gil_scoped_release release;
-    stream_ = std::make_unique<fedpress::RiceStream>(static_cast<const std::uint8_t*>(index.data), index.size, n,
-                                                     count, true);
-    if (stream_->count() != count)
-      throw fedpress::MalformedData("index stream holds " + std::to_string(stream_->count()) +
-                                    " indices, expected " + std::to_string(count));
-    if (check_finite && !fedpress::floats_finite(values_, static_cast<std::size_t>(count)))
+    check();
+  }
+
+  // Checks the stream (and the values, with check_finite): MalformedData names what is
+  // wrong. Needs no GIL.
+  void check() {
+    auto stream = std::make_unique<fedpress::RiceStream>(static_cast<const std::uint8_t*>(index_.ptr),
+                                                         byte_size(index_), n_, count_, true);
+    if (stream->count() != count_)
+      throw fedpress::MalformedData("index stream holds " + std::to_string(stream->count()) + " indices, expected " +
+                                    std::to_string(count_));
+    if (check_finite_ && !fedpress::floats_finite(values(), static_cast<std::size_t>(count_)))
       throw fedpress::MalformedData("values section holds NaN or infinity");
+    stream_ = std::move(stream);
   }
 
   std::uint64_t size() const { return n_; }
-  std::uint64_t count() const { return stream_->count(); }
-  fedpress::StreamUpdate update(float weight) const { return {stream_.get(), values_, weight}; }
+  std::uint64_t count() const { return count_; }
+  bool is_checked() const { return stream_ != nullptr; }
+  fedpress::StreamUpdate update(float weight) const { return {stream_.get(), values(), weight}; }
 
  private:
-  // A contiguous buffer, exported for as long as the stream lives: holding the export,
-  // not just the object, keeps a bytearray from being resized under the stream.
-  static py::buffer_info exported(const py::handle& obj, const char* name) {
-    py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
-    if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
-      throw py::type_error(std::string(name) + " must be a contiguous bytes-like object");
-    return info;
-  }
+  const std::uint8_t* values() const { return static_cast<const std::uint8_t*>(values_info_.ptr); }
 
-  std::uint64_t n_;
-  py::buffer_info index_, values_info_;  // the buffers the stream and values point into
-  std::unique_ptr<fedpress::RiceStream> stream_;
-  const std::uint8_t* values_ = nullptr;
+  std::uint64_t n_, count_;
+  bool check_finite_;
+  // The exports, not just the objects, are held: that keeps a bytearray from being
+  // resized under the stream.
+  py::buffer_info index_, values_info_;
+  std::unique_ptr<fedpress::RiceStream> stream_;  // null until checked
+};
+
+// One payload of check_payloads: its checksummed bytes (if its checksum is deferred), the
+// float jobs run on the way, and its deferred streams.
+struct PayloadCheck {
+  std::optional<py::buffer_info> bytes;
+  std::optional<DecodingJobs> jobs;
+  std::vector<IndexStream*> streams;
+  std::uint32_t crc = 0;
+  std::optional<std::size_t> failed_stream;
+  std::string error;
+
+  void run(bool parallel_checksum) {
+    if (bytes) {
+      const auto* data = static_cast<const std::uint8_t*>(bytes->ptr);
+      crc = fedpress::crc32c_with_jobs(data, byte_size(*bytes), jobs->jobs, 0, parallel_checksum);
+    }
+    for (std::size_t s = 0; s < streams.size(); ++s) {
+      if (streams[s]->is_checked()) continue;
+      try {
+        streams[s]->check();
+      } catch (const fedpress::MalformedData& e) {
+        failed_stream = s;
+        error = e.what();
+        return;
+      }
+    }
+  }
 };
 
 void register_streams(py::module_& m) {
   py::class_<IndexStream>(m, "IndexStream",
                           "A version 2 index stream of n-element tensor and its count float32 values (little-endian "
                           "bytes at any address, or a float32 array), checked on construction: DecodeError names "
-                          "what is wrong; check_finite also refuses NaN and infinity among the values.")
-      .def(py::init<const py::handle&, std::uint64_t, std::uint64_t, const py::handle&, bool>(), "index_stream"_a,
-           "n"_a, "count"_a, "values"_a, "check_finite"_a)
+                          "what is wrong; check_finite also refuses NaN and infinity among the values. A deferred "
+                          "stream is checked by check_payloads.")
+      .def(py::init<const py::handle&, std::uint64_t, std::uint64_t, const py::handle&, bool, bool>(),
+           "index_stream"_a, "n"_a, "count"_a, "values"_a, "check_finite"_a, "deferred"_a = false)
       .def_property_readonly("n", &IndexStream::size)
-      .def_property_readonly("count", &IndexStream::count);
+      .def_property_readonly("count", &IndexStream::count)
+      .def_property_readonly("checked", &IndexStream::is_checked);
+  m.def(
+      "check_payloads",
+      [](const py::sequence& items_in) {
+        std::vector<PayloadCheck> items(py::len(items_in));
+        std::unordered_set<const IndexStream*> seen;  // two threads must not check one stream
+        for (std::size_t i = 0; i < items.size(); ++i) {
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(items_in[i]);
+          if (t.size() != 3) throw py::value_error("an item is (bytes or None, jobs, streams)");
+          PayloadCheck& item = items[i];
+          if (!t[0].is_none()) {
+            item.bytes = contiguous_bytes(t[0], "bytes");
+            item.jobs.emplace(static_cast<const std::uint8_t*>(item.bytes->ptr), byte_size(*item.bytes),
+                              py::reinterpret_borrow<py::sequence>(t[1]));
+          } else if (py::len(t[1]) != 0) {
+            throw py::value_error("item " + std::to_string(i) + " has jobs but no bytes");
+          }
+          for (const py::handle& s : py::reinterpret_borrow<py::sequence>(t[2])) {
+            auto* stream = s.cast<IndexStream*>();
+            if (stream == nullptr) throw py::type_error("a stream is None");
+            if (!seen.insert(stream).second) throw py::value_error("a stream is listed twice");
+            item.streams.push_back(stream);
+          }
+        }
+        {
+          py::gil_scoped_release release;
+          // Many payloads: one per thread, each checksummed serially (no nested threads);
+          // a few large ones: one after another, each checksum in parallel pieces.
+          const bool per_thread = items.size() >= 2 * static_cast<std::size_t>(fedpress::num_threads());
+          if (per_thread)
+            fedpress::parallel_for(items.size(), [&](std::size_t i) { items[i].run(false); });
+          else
+            for (PayloadCheck& item : items) item.run(true);
+        }
+        py::list out;
+        for (const PayloadCheck& item : items) {
+          out.append(py::make_tuple(item.bytes ? py::object(py::int_(item.crc)) : py::object(py::none()),
+                                    item.jobs ? py::object(item.jobs->flags()) : py::object(py::list()),
+                                    item.failed_stream ? py::object(py::int_(*item.failed_stream))
+                                                       : py::object(py::none()),
+                                    py::str(item.error)));
+        }
+        return out;
+      },
+      "items"_a,
+      "Checks many payloads at once, in parallel without the GIL: items are (bytes or None, jobs, streams). For "
+      "each, the CRC-32C of bytes (jobs as for crc32c_decoding run on the way), then its deferred IndexStreams "
+      "checked in order until one fails. Returns per item (crc or None, [each job's values finite], index of the "
+      "failed stream or None, its error).");
   m.def(
       "add_streams",
       [](const py::handle& acc_obj, const std::vector<const IndexStream*>& streams, const std::vector<double>& weights) {
@@ -905,6 +1009,8 @@ void register_streams(py::module_& m) {
         std::vector<fedpress::StreamUpdate> updates;
         for (std::size_t c = 0; c < streams.size(); ++c) {
           if (streams[c] == nullptr) throw py::type_error("streams[" + std::to_string(c) + "] is None");
+          if (!streams[c]->is_checked())
+            throw py::value_error("streams[" + std::to_string(c) + "] is deferred and was not checked");
           if (streams[c]->size() != len(acc))
             throw py::value_error("streams[" + std::to_string(c) + "] indexes " + std::to_string(streams[c]->size()) +
                                   " values, acc holds " + std::to_string(len(acc)));

@@ -166,13 +166,15 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t c
 }
 
 std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const std::vector<ChecksumJob>& jobs,
-                               std::uint32_t crc) {
+                               std::uint32_t crc, bool parallel) {
   crc = ~crc;
   // The units of each job that start in [begin, end).
   auto run_jobs = [&](std::size_t begin, std::size_t end) {
     for (const ChecksumJob& job : jobs) {
       const auto unit_at = [&](std::size_t byte) {  // the first unit starting at or after byte
-        return byte <= job.offset ? 0 : std::min(job.units, ceil_div(byte - job.offset, job.unit));
+        if (byte <= job.offset) return std::size_t{0};
+        const std::size_t span = byte - job.offset;  // past the last unit: no ceil_div (it could overflow)
+        return span / job.unit >= job.units ? job.units : ceil_div(span, job.unit);
       };
       const std::size_t first = unit_at(begin), last = unit_at(end);
       if (first < last) job.run(first, last);
@@ -184,7 +186,7 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
   const auto piece_end = [&](std::size_t i) {
     return i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : (i + 1) * kPiece;
   };
-  if (size < 2 * kPiece || num_threads() == 1) {
+  if (!parallel || size < 2 * kPiece || num_threads() == 1) {
     if (jobs.empty()) return ~crc_register(data, size, crc);
     // Still in pieces, so each stays in cache between its checksum and its jobs.
     for (std::size_t i = 0; i < pieces; ++i) {

@@ -22,8 +22,9 @@ struct ChecksumJob {
   std::function<void(std::size_t first, std::size_t last)> run;
 };
 
-// crc32c(data, size, crc), running the jobs on the way (in parallel, pieces of 1 MiB).
+// crc32c(data, size, crc), running the jobs on the way (pieces of 1 MiB, in parallel
+// unless `parallel` is false: a caller checking many buffers runs one per thread).
 std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const std::vector<ChecksumJob>& jobs,
-                               std::uint32_t crc = 0);
+                               std::uint32_t crc = 0, bool parallel = true);
 
 }  // namespace fedpress

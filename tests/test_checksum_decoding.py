@@ -153,3 +153,49 @@ def test_aggregator_add_many_refuses_non_finite_streamed_values(wire) -> None:
     assert agg.count == 0
     agg.add_many([good, good])
     np.testing.assert_allclose(agg.result()["w"], fp.decode(good)["w"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_job_may_start_at_the_first_byte(threads) -> None:
+    """A job at offset 0 runs over its whole range (the last piece's end is unbounded)."""
+    data = np.array([1.0, np.nan, 2.0], np.float32).tobytes()
+    with num_threads(threads):
+        assert _core.crc32c_decoding(data, [(0, "fp32-finite", 3, None), (8, "fp32-finite", 1, None)]) == (
+            _core.crc32c(data),
+            [False, True],
+        )
+
+
+def test_add_many_reports_the_first_bad_payload_in_order(wire) -> None:
+    """A payload that fails its checksum and one that fails to parse: add_many names whichever
+    comes first (payloads are parsed, then checked all at once), and adds nothing."""
+    update = {"w": np.random.default_rng(4).standard_normal(50_000).astype(np.float32)}
+    good = fp.Codec("topk:0.05").encode(update, seed=2)
+    corrupt = bytearray(good)
+    corrupt[-20] ^= 0x01  # a value bit: parses, fails the checksum
+    other_model = fp.Codec("topk:0.05").encode({"v": update["w"]}, seed=2)  # checksum fine, wrong table
+    agg = fp.Aggregator()
+    with pytest.raises(fp.DecodeError, match="payload 1: checksum mismatch"):
+        agg.add_many([good, bytes(corrupt), other_model, good])
+    with pytest.raises(fp.DecodeError, match="payload 1: .*'v'"):
+        agg.add_many([good, other_model, bytes(corrupt), good])
+    assert agg.count == 0
+
+
+def test_add_many_checks_streams_of_compressed_payloads(wire) -> None:
+    """A compressed payload's checksum is verified as it is inflated: its streamed fp32 values
+    are checked finite with its stream instead."""
+    update = {"w": np.random.default_rng(5).standard_normal(50_000).astype(np.float32)}
+    plain = fp.Codec("topk:0.05").encode(update, seed=2)
+    rec = parse(plain, defer_checksum=True).tensors[0]
+    body = bytearray(wire.plain_body(plain))
+    at = rec.value_offset - wire.header(plain)["header_size"] + 8
+    body[at : at + 4] = np.float32(np.inf).tobytes()
+    good = wire.wrap(wire.plain_body(plain), seed=wire.header(plain)["seed"], zstd_level=3)
+    bad = wire.wrap(bytes(body), seed=wire.header(plain)["seed"], zstd_level=3)
+    agg = fp.Aggregator()
+    with pytest.raises(fp.DecodeError, match="payload 2: tensor 'w'.*NaN or infinity"):
+        agg.add_many([good, good, bad])
+    assert agg.count == 0
+    agg.add_many([good, good])
+    np.testing.assert_allclose(agg.result()["w"], fp.decode(plain)["w"])

@@ -123,3 +123,83 @@ def test_buffers_outlive_the_caller_references() -> None:
     acc = np.zeros(n, np.float32)
     _core.add_streams(acc, [stream], [1.0])
     assert acc.sum() == 2.0 * idx.size and stream.count == idx.size and stream.n == n
+
+
+def test_deferred_streams_are_checked_by_check_payloads() -> None:
+    """A deferred stream is refused by add_streams until check_payloads checks it; then it
+    adds what a stream checked on construction adds."""
+    rng = np.random.default_rng(7)
+    n = 50_000
+    sets = [index_set(rng, n, k) for k in (1, 900, PARALLEL_ENTRIES // 4)]
+    values = [rng.standard_normal(s.size).astype(np.float32) for s in sets]
+    deferred = [
+        _core.IndexStream(ops.encode_indices(s, n), n, s.size, v, True, deferred=True) for s, v in zip(sets, values)
+    ]
+    assert not any(s.checked for s in deferred)
+    with pytest.raises(ValueError, match="deferred"):
+        _core.add_streams(np.zeros(n, np.float32), deferred[:1], [1.0])
+    results = _core.check_payloads([(None, [], [s]) for s in deferred])
+    assert results == [(None, [], None, "")] * 3
+    assert all(s.checked for s in deferred)
+    acc, expected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    _core.add_streams(acc, deferred, [1.0, 0.5, 2.0])
+    ops.scatter_add_many(expected, sets, values, [1.0, 0.5, 2.0])
+    np.testing.assert_array_equal(acc, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_check_payloads_reports_each_payload_on_its_own(threads) -> None:
+    """Per item: the checksum of its bytes, its jobs' finiteness and the first of its streams
+    that fails; the other items are unaffected, whatever the thread count (many items run one
+    per thread, a few with the checksum in parallel pieces)."""
+    good = ops.encode_indices(np.array([3, 17, 90], np.uint32), 100)
+    values = np.ones(3, np.float32)
+    blob = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()  # beyond 2 pieces
+    nan_bytes = np.array([1.0, np.nan, 2.0], np.float32).tobytes()
+    old = _core.num_threads()
+    try:
+        _core.set_num_threads(threads)
+        for copies in (1, 8):  # a few items, and many
+            items = []
+            for _ in range(copies):
+                items += [
+                    (blob, [], []),
+                    (nan_bytes, [(0, "fp32-finite", 3, None), (8, "fp32-finite", 1, None)], []),
+                    (
+                        None,
+                        [],
+                        [
+                            _core.IndexStream(good, 100, 3, values, True, deferred=True),
+                            _core.IndexStream(good[:-1], 100, 3, values, True, deferred=True),
+                            _core.IndexStream(good, 100, 3, values, True, deferred=True),
+                        ],
+                    ),
+                ]
+            results = _core.check_payloads(items)
+            for i in range(copies):
+                crc, finite, failed, error = results[3 * i]
+                assert crc == _core.crc32c(blob) and finite == [] and failed is None
+                assert results[3 * i + 1][:3] == (_core.crc32c(nan_bytes), [False, True], None)
+                _, _, failed, error = results[3 * i + 2]
+                assert failed == 1 and "unary" in error
+                streams_of_item = items[3 * i + 2][2]
+                assert [s.checked for s in streams_of_item] == [True, False, False]
+    finally:
+        _core.set_num_threads(old)
+
+
+def test_check_payloads_refuses_misuse() -> None:
+    good = ops.encode_indices(np.array([3, 17, 90], np.uint32), 100)
+    stream = _core.IndexStream(good, 100, 3, np.ones(3, np.float32), True, deferred=True)
+    with pytest.raises(ValueError, match="twice"):
+        _core.check_payloads([(None, [], [stream]), (None, [], [stream])])
+    with pytest.raises(ValueError, match="no bytes"):
+        _core.check_payloads([(None, [(0, "fp32-finite", 1, None)], [])])
+    with pytest.raises(ValueError, match="past the buffer"):
+        _core.check_payloads([(b"abcd", [(0, "fp32-finite", 2, None)], [])])
+    with pytest.raises(ValueError, match="an item is"):
+        _core.check_payloads([(b"abcd", [])])
+    assert not stream.checked
+    _core.check_payloads([(None, [], [stream])])
+    assert stream.checked
+    assert _core.check_payloads([(None, [], [stream])]) == [(None, [], None, "")]  # checked once is enough

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core, ops
 from ._update_math import to_dtype
-from .format.decoding import finish_checksum_converting, index_stream, raw_array, sparse_parts, streamable
+from .format.decoding import checked_streams, index_stream, raw_array, sparse_parts, streamable
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.limits import DEFAULT_LIMITS, Limits
@@ -140,21 +140,31 @@ class Aggregator:
         with out_of_memory_as_decode_error(), ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
             table = self._table if self._table is not None else self._model
 
-            def parse_one(i: int) -> tuple[Any, dict[str, Any]]:
+            def parse_one(i: int) -> Any:
                 try:
-                    one = parse(payloads[i], self.limits, table, defer_checksum=True)
-                    streamed = [rec for rec in one.tensors if stream and streamable(rec)]
-                    _, finite_by_checksum = finish_checksum_converting(one, streamed)
-                    # Checked now, while this payload's bytes are in cache.
-                    return one, {rec.name: index_stream(rec, rec.name in finite_by_checksum) for rec in streamed}
+                    return parse(payloads[i], self.limits, table, defer_checksum=True)
                 except DecodeError as exc:
-                    raise DecodeError(f"payload {i}: {exc}") from None
+                    return DecodeError(f"payload {i}: {exc}")
 
             first = parse_one(0)
+            if isinstance(first, DecodeError):
+                raise first
             if table is None:  # the first payload sets the table for the others
-                table = [(t.name, t.dtype, t.shape) for t in first[0].tensors]
-            # The checksums and stream checks run without the GIL: in parallel.
-            parsed, streams = zip(first, *pool.map(parse_one, range(1, len(payloads))))
+                table = [(t.name, t.dtype, t.shape) for t in first.tensors]
+            parsed = [first, *map(parse_one, range(1, len(payloads)))]
+            # Up to the first that fails to parse, the payloads' checksums and index streams
+            # are checked in one call, in parallel: the first failure in order is reported.
+            broken = next((i for i, one in enumerate(parsed) if isinstance(one, DecodeError)), len(parsed))
+            checks = checked_streams(
+                [(one, [rec for rec in one.tensors if stream and streamable(rec)]) for one in parsed[:broken]]
+            )
+            streams: list[dict[str, Any]] = []
+            for i, result in enumerate(checks):
+                if isinstance(result, DecodeError):
+                    raise DecodeError(f"payload {i}: {result}") from None
+                streams.append(result)
+            if broken < len(parsed):
+                raise parsed[broken]
             sums = self._sums
             if self._table is None:
                 sums = {

@@ -5,14 +5,15 @@ record (the Aggregator sums them without a dense copy)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from .. import _core, ops
 from .errors import DecodeError, out_of_memory_as_decode_error
 from .limits import DEFAULT_LIMITS, Limits
-from .reader import TensorRecord, finish_checksum, output_dtype, parse
+from .reader import Parsed, TensorRecord, checksum_verified, finish_checksum, output_dtype, parse
 from .registry import (
     FLAG_TABLE_DIGEST,
     FLAG_ZSTD,
@@ -107,6 +108,45 @@ def index_stream(rec: TensorRecord, finite: bool = False) -> Any:
         return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
     except DecodeError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+
+
+def checked_streams(batch: Sequence[tuple[Parsed, list[TensorRecord]]]) -> list[Union[dict[str, Any], DecodeError]]:
+    """Finishes the deferred checksums of many parsed payloads and checks the index
+    streams of their ``streamable`` tensors (given with each), in one native call that
+    runs in parallel without the GIL, each payload's streams and fp32 values checked right
+    after its checksum, while its bytes are in cache. For each payload: {name: checked
+    ``_core.IndexStream``}, or the DecodeError it fails with (a checksum mismatch first)."""
+    items = []
+    for parsed, streamed in batch:
+        deferred = parsed.unchecked is not None
+        fp32 = [rec for rec in streamed if rec.value_code == "fp32"]
+        # With a deferred checksum, the checksum's read checks the values finite.
+        jobs = [(rec.value_offset, "fp32-finite", rec.count, None) for rec in fp32] if deferred else []
+        streams = [
+            _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, not deferred, deferred=True)
+            for rec in fp32
+        ]
+        items.append((parsed.unchecked, jobs, streams))
+    results: list[Union[dict[str, Any], DecodeError]] = []
+    for (parsed, streamed), (_, _, streams), (crc, finite, failed, error) in zip(
+        batch, items, _core.check_payloads(items)
+    ):
+        fp32 = [rec for rec in streamed if rec.value_code == "fp32"]
+        try:
+            if crc is not None:
+                checksum_verified(parsed, crc)
+            for rec, ok in zip(fp32, finite):
+                if not ok:
+                    raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+            if failed is not None:
+                raise DecodeError(f"tensor {fp32[failed].name!r}: {error}")
+            checked = {rec.name: stream for rec, stream in zip(fp32, streams)}
+            # Other value codes are decoded now, the checksum verified.
+            checked.update((rec.name, index_stream(rec)) for rec in streamed if rec.value_code != "fp32")
+            results.append(checked)
+        except DecodeError as exc:
+            results.append(exc)
+    return results
 
 
 def finish_checksum_converting(

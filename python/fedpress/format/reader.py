@@ -145,10 +145,20 @@ def finish_checksum(parsed: Parsed, jobs: list) -> list[bool]:
     if parsed.unchecked is None:
         raise ValueError("the checksum was not deferred, or is already verified")
     actual, finite = _core.crc32c_decoding(parsed.unchecked, jobs)
-    if actual != parsed.stored_crc:
-        raise DecodeError(f"checksum mismatch: stored 0x{parsed.stored_crc:08x}, computed 0x{actual:08x}")
-    parsed.unchecked = None
+    checksum_verified(parsed, actual)
     return [bool(f) for f in finite]
+
+
+def checksum_verified(parsed: Parsed, computed: int) -> None:
+    """Marks a deferred checksum verified, given the CRC-32C computed over ``parsed.unchecked``:
+    DecodeError on a mismatch."""
+    if computed != parsed.stored_crc:
+        raise checksum_mismatch(parsed.stored_crc, computed)
+    parsed.unchecked = None
+
+
+def checksum_mismatch(stored: int, computed: int) -> DecodeError:
+    return DecodeError(f"checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x}")
 
 
 def payload_table_digest(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> Optional[bytes]:
@@ -189,7 +199,7 @@ def _open(payload: Any, limits: Limits, *, verify: bool = True) -> tuple[Parsed,
     if not deferred:
         actual = _core.crc32c(buf[:end])
         if crc != actual:
-            raise DecodeError(f"checksum mismatch: stored 0x{crc:08x}, computed 0x{actual:08x}")
+            raise checksum_mismatch(crc, actual)
     stored = buf[head.pos : end]
     body_size = len(stored)
     if raw_size is not None:
