@@ -97,16 +97,32 @@ struct Shift {
 };
 
 #if FEDPRESS_HAVE_X86_DISPATCH
+// The crc32 instruction over a short buffer (and the tail of the folding paths).
+__attribute__((target("sse4.2"))) std::uint32_t crc_sse42_serial(const std::uint8_t* p, std::size_t n,
+                                                                 std::uint32_t crc) {
+  std::uint64_t c = crc;
+  for (; n >= 8; p += 8, n -= 8) {
+    std::uint64_t v;
+    std::memcpy(&v, p, 8);
+    c = _mm_crc32_u64(c, v);
+  }
+  std::uint32_t c32 = static_cast<std::uint32_t>(c);
+  while (n--) c32 = _mm_crc32_u8(c32, *p++);
+  return c32;
+}
+
 // The crc32 instruction has a latency of three cycles and a throughput of one:
 // three independent streams over consecutive stripes keep it busy, and their
 // registers are combined by advancing over the stripes that follow.
 constexpr std::size_t kStripe = 8192;
+constexpr std::size_t kStripes = 3 * kStripe;
 
-__attribute__((target("sse4.2"))) std::uint32_t crc_sse42(const std::uint8_t* p, std::size_t n,
-                                                          std::uint32_t crc) {
+// The register after n bytes, a multiple of kStripes.
+__attribute__((target("sse4.2"))) std::uint32_t crc_sse42_stripes(const std::uint8_t* p, std::size_t n,
+                                                                  std::uint32_t crc) {
   static const Shift over_stripe(kStripe);
   std::uint64_t c0 = crc;
-  while (n >= 3 * kStripe) {
+  for (; n >= kStripes; p += kStripes, n -= kStripes) {
     std::uint64_t c1 = 0, c2 = 0;
     for (std::size_t i = 0; i < kStripe; i += 8) {
       std::uint64_t v0, v1, v2;
@@ -119,25 +135,200 @@ __attribute__((target("sse4.2"))) std::uint32_t crc_sse42(const std::uint8_t* p,
     }
     c0 = over_stripe(static_cast<std::uint32_t>(c0)) ^ static_cast<std::uint32_t>(c1);
     c0 = over_stripe(static_cast<std::uint32_t>(c0)) ^ static_cast<std::uint32_t>(c2);
-    p += 3 * kStripe;
-    n -= 3 * kStripe;
   }
-  while (n >= 8) {
-    std::uint64_t v;
-    std::memcpy(&v, p, 8);
-    c0 = _mm_crc32_u64(c0, v);
-    p += 8;
-    n -= 8;
-  }
-  std::uint32_t c32 = static_cast<std::uint32_t>(c0);
-  while (n--) c32 = _mm_crc32_u8(c32, *p++);
-  return c32;
+  return static_cast<std::uint32_t>(c0);
 }
 
 bool have_sse42() {
   static const bool yes = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("sse4.2") != 0;
+  }();
+  return yes;
+}
+
+// Folding with carry-less multiplication (Intel's "Fast CRC Computation for Generic
+// Polynomials Using PCLMULQDQ"), in the reflected bit order of the CRC register.
+//
+// Read a message as a polynomial over GF(2) whose first bit is the highest power:
+// the register the crc32 instruction leaves is M(x) * x^32 mod P from register 0, and
+// a nonzero starting register is the same as XORing it into the first four bytes. So
+// the register depends only on M mod P, and any block may be replaced by a polynomial
+// congruent to it, as long as it stays aligned with the bytes that follow.
+//
+// A 16-byte block B loaded little-endian holds its first bit in bit 0: bit t is the
+// coefficient of x^(127 - t). Its low qword is H, its high qword L: B = H x^64 + L.
+// Moving B forward onto a block `bits` later means adding B x^bits there, and
+//   B x^bits = H x^(bits + 64) + L x^bits
+//            = H x (x^(bits + 63) mod P) + L x (x^(bits - 1) mod P)   (mod P).
+// Each product has degree at most 63 + 32 = 95, so it fits in the target block.
+//
+// The carry-less product of integers a and b, with bit i of a the coefficient of
+// x^(63 - i) (as in H and L) and bit j of b that of x^(64 - j), has bit i + j the
+// coefficient of x^(127 - (i + j)): the target block's order. A CRC register r holds
+// x^e in bit 31 - e; r << 32 holds it in bit 63 - e = 64 - (e + 1), so read in b's order
+// r << 32 is x r. The multiplier for H (for L) is therefore the register of
+// x^(bits + 63) (of x^(bits - 1)) mod P, shifted left by 32.
+
+// x^k mod P as a CRC register (x^e in bit 31 - e): the register that 1 (x^0, bit 31)
+// becomes over k zero bits.
+std::uint32_t x_pow_mod(std::size_t k) {
+  std::uint32_t r = gf2_times(zeros_operator(k / 8).data(), 0x80000000u);
+  for (std::size_t i = 0; i < k % 8; ++i) r = (r >> 1) ^ (kPoly & (0u - (r & 1u)));
+  return r;
+}
+
+// The multipliers moving a 16-byte block forward, for its low qword and its high qword,
+// once per lane of a 64-byte vector. (Loaded, not broadcast: GCC 12's -Wuninitialized
+// misfires on the AVX-512 intrinsics that take an undefined vector.)
+struct alignas(64) FoldPairs {
+  std::uint64_t k[8];
+};
+
+FoldPairs fold_pairs_by(std::size_t bytes) {
+  const std::uint64_t low = std::uint64_t{x_pow_mod(8 * bytes + 63)} << 32;
+  const std::uint64_t high = std::uint64_t{x_pow_mod(8 * bytes - 1)} << 32;
+  return {{low, high, low, high, low, high, low, high}};
+}
+
+// fold_pairs()[i] moves a block forward by 16 (i + 1) bytes, up to the 256 of a folding step.
+constexpr std::size_t kMaxFold = 256;
+
+const std::array<FoldPairs, kMaxFold / 16>& fold_pairs() {
+  static const auto pairs = [] {
+    std::array<FoldPairs, kMaxFold / 16> t{};
+    for (std::size_t i = 0; i < t.size(); ++i) t[i] = fold_pairs_by(16 * (i + 1));
+    return t;
+  }();
+  return pairs;
+}
+
+__attribute__((target("sse4.2,pclmul"))) inline __m128i fold_pair(std::size_t bytes) {
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(fold_pairs()[bytes / 16 - 1].k));
+}
+
+__attribute__((target("sse4.2,pclmul"))) inline __m128i load_128(const std::uint8_t* at) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+}
+
+// `block` moved forward by the distance of `pair`, onto `onto`.
+__attribute__((target("sse4.2,pclmul"))) inline __m128i fold_128(__m128i block, __m128i pair, __m128i onto) {
+  return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(block, pair, 0x00), _mm_clmulepi64_si128(block, pair, 0x11)),
+                       onto);
+}
+
+// The register of a folded 16-byte block followed by the n bytes at p, which fold onto it
+// 16 at a time first. From register 0: the starting register was XORed into the data.
+__attribute__((target("sse4.2,pclmul"))) std::uint32_t finish_folded(__m128i block, const std::uint8_t* p,
+                                                                     std::size_t n) {
+  const __m128i by16 = fold_pair(16);
+  for (; n >= 16; p += 16, n -= 16) block = fold_128(block, by16, load_128(p));
+  std::uint64_t c = _mm_crc32_u64(0, static_cast<std::uint64_t>(_mm_cvtsi128_si64(block)));
+  c = _mm_crc32_u64(c, static_cast<std::uint64_t>(_mm_extract_epi64(block, 1)));
+  return crc_sse42_serial(p, n, static_cast<std::uint32_t>(c));
+}
+
+// Eight 16-byte accumulators, each moved forward by 128 bytes onto the next data: the
+// products of one step are independent, so the multiplier's latency overlaps.
+constexpr std::size_t kPclmulStep = 128;
+// Where it overtakes one crc32 stream. Measured on Zen 4 it runs at about 12 GB/s from
+// 512 bytes: one stream runs at 9.5, the three of crc_sse42_stripes at 27.
+constexpr std::size_t kPclmulMin = 512;
+static_assert(kPclmulMin >= kPclmulStep, "crc_pclmul loads one step before folding");
+
+__attribute__((target("sse4.2,pclmul"))) std::uint32_t crc_pclmul(const std::uint8_t* p, std::size_t n,
+                                                                  std::uint32_t crc) {
+  __m128i x[8];
+  for (std::size_t i = 0; i < 8; ++i) x[i] = load_128(p + 16 * i);
+  x[0] = _mm_xor_si128(x[0], _mm_cvtsi32_si128(static_cast<int>(crc)));
+  p += kPclmulStep;
+  n -= kPclmulStep;
+  const __m128i step = fold_pair(kPclmulStep);
+  for (; n >= kPclmulStep; p += kPclmulStep, n -= kPclmulStep)
+    for (std::size_t i = 0; i < 8; ++i) x[i] = fold_128(x[i], step, load_128(p + 16 * i));
+  // Each onto the last, from 112, 96, ..., 16 bytes before it.
+  __m128i block = x[7];
+  for (std::size_t i = 0; i < 7; ++i) block = fold_128(x[i], fold_pair(16 * (7 - i)), block);
+  return finish_folded(block, p, n);
+}
+
+#define FEDPRESS_VPCLMUL_TARGET "avx512f,avx512vl,vpclmulqdq,pclmul,sse4.2"
+
+__attribute__((target(FEDPRESS_VPCLMUL_TARGET))) inline __m512i load_512(const std::uint8_t* at) {
+  return _mm512_loadu_si512(at);
+}
+
+// The same pair in each 16-byte lane.
+__attribute__((target(FEDPRESS_VPCLMUL_TARGET))) inline __m512i fold_pair_x4(std::size_t bytes) {
+  return _mm512_load_si512(fold_pairs()[bytes / 16 - 1].k);
+}
+
+// Lanes 0, 1, 2 moved forward by 48, 32, 16 bytes (onto lane 3); lane 3's pair, zero, moves nothing.
+const FoldPairs& onto_last_lane() {
+  static const FoldPairs pairs = [] {
+    FoldPairs t{};
+    for (std::size_t lane = 0; lane < 3; ++lane)
+      for (std::size_t q = 0; q < 2; ++q) t.k[2 * lane + q] = fold_pairs()[2 - lane].k[q];
+    return t;
+  }();
+  return pairs;
+}
+
+// Each 16-byte lane of `blocks` moved forward by the distance of its lane of `pairs`, onto `onto`.
+__attribute__((target(FEDPRESS_VPCLMUL_TARGET))) inline __m512i fold_512(__m512i blocks, __m512i pairs, __m512i onto) {
+  return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(blocks, pairs, 0x00),
+                                   _mm512_clmulepi64_epi128(blocks, pairs, 0x11), onto, 0x96);  // a ^ b ^ c
+}
+
+// Four 64-byte accumulators, each 16-byte lane moved forward by 256 bytes onto the next data.
+// From about 384 bytes it beats one crc32 stream (measured on Zen 4). Loads need not be
+// aligned: from a misaligned start it runs as fast.
+constexpr std::size_t kVpclmulStep = 256;
+constexpr std::size_t kVpclmulMin = 384;
+static_assert(kVpclmulMin >= kVpclmulStep, "crc_vpclmul loads one step before folding");
+
+__attribute__((target(FEDPRESS_VPCLMUL_TARGET))) std::uint32_t crc_vpclmul(const std::uint8_t* p, std::size_t n,
+                                                                          std::uint32_t crc) {
+  __m512i x0 = _mm512_xor_si512(load_512(p), _mm512_set_epi64(0, 0, 0, 0, 0, 0, 0, static_cast<long long>(crc)));
+  __m512i x1 = load_512(p + 64), x2 = load_512(p + 128), x3 = load_512(p + 192);
+  p += kVpclmulStep;
+  n -= kVpclmulStep;
+  const __m512i step = fold_pair_x4(kVpclmulStep);
+  for (; n >= kVpclmulStep; p += kVpclmulStep, n -= kVpclmulStep) {
+    x0 = fold_512(x0, step, load_512(p));
+    x1 = fold_512(x1, step, load_512(p + 64));
+    x2 = fold_512(x2, step, load_512(p + 128));
+    x3 = fold_512(x3, step, load_512(p + 192));
+  }
+  // Onto the last accumulator, from 192, 128 and 64 bytes before it; then 64 bytes at a time.
+  x3 = fold_512(x0, fold_pair_x4(192), fold_512(x1, fold_pair_x4(128), fold_512(x2, fold_pair_x4(64), x3)));
+  const __m512i by64 = fold_pair_x4(64);
+  for (; n >= 64; p += 64, n -= 64) x3 = fold_512(x3, by64, load_512(p));
+  // Its lanes onto the last (kept as it is), then the four lanes XORed.
+  alignas(64) std::uint8_t lanes[64];
+  _mm512_store_si512(lanes,
+                     fold_512(x3, _mm512_load_si512(onto_last_lane().k), _mm512_maskz_mov_epi64(0xC0, x3)));
+  const __m128i block = _mm_xor_si128(_mm_xor_si128(load_128(lanes), load_128(lanes + 16)),
+                                      _mm_xor_si128(load_128(lanes + 32), load_128(lanes + 48)));
+  return finish_folded(block, p, n);
+}
+#undef FEDPRESS_VPCLMUL_TARGET
+
+bool have_pclmul() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.2");
+  }();
+  return yes;
+}
+
+bool have_vpclmul() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    // What FEDPRESS_VPCLMUL_TARGET builds for.
+    return __builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("pclmul") &&
+           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("sse4.2");
   }();
   return yes;
 }
@@ -150,7 +341,18 @@ namespace {
 // The CRC register after `data`, from register `crc` (pre- and post-inversion are the caller's).
 std::uint32_t crc_register(const std::uint8_t* data, std::size_t size, std::uint32_t crc) {
 #if FEDPRESS_HAVE_X86_DISPATCH
-  if (have_sse42() && active_simd() != SimdLevel::scalar) return crc_sse42(data, size, crc);
+  const SimdLevel level = active_simd();
+  if (level == SimdLevel::avx512 && size >= kVpclmulMin && have_vpclmul()) return crc_vpclmul(data, size, crc);
+  if (level != SimdLevel::scalar && have_sse42()) {
+    // 128-bit folding is slower than three crc32 streams, faster than one (on Zen 4):
+    // the streams take whole stripes, folding what is left.
+    const std::size_t striped = size - size % kStripes;
+    crc = crc_sse42_stripes(data, striped, crc);
+    data += striped;
+    size -= striped;
+    if (size >= kPclmulMin && have_pclmul()) return crc_pclmul(data, size, crc);
+    return crc_sse42_serial(data, size, crc);
+  }
 #endif
   return crc_portable(data, size, crc);
 }
