@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -26,6 +27,7 @@
 #include "convert.hpp"
 #include "eden.hpp"
 #include "indexcode.hpp"
+#include "intcode.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
 #include "ricestream.hpp"
@@ -47,6 +49,7 @@ template <> const char* dtype_name<float>() { return "float32"; }
 template <> const char* dtype_name<std::uint32_t>() { return "uint32"; }
 template <> const char* dtype_name<std::uint8_t>() { return "uint8"; }
 template <> const char* dtype_name<std::uint16_t>() { return "uint16"; }
+template <> const char* dtype_name<std::uint64_t>() { return "uint64"; }
 
 // How a kernel reaches an array's elements.
 enum class Access {
@@ -647,6 +650,18 @@ py::tuple eden_quantized(std::size_t n, std::size_t block, int bits, Kernel&& ke
   return py::make_tuple(packed, scales, to_numpy(std::move(idx)), to_numpy(std::move(val)));
 }
 
+// A binding of eden_rotate or eden_unrotate: y (float32, writable) in place.
+auto in_place_rotation(void (*kernel)(float*, std::size_t, std::size_t, std::uint64_t)) {
+  return [kernel](const py::handle& y_obj, long long block_arg, std::uint64_t seed) {
+    py::array y = checked<float>(y_obj, "y", Access::write);
+    const std::size_t block = rotate_block(block_arg);
+    float* p = static_cast<float*>(y.mutable_data());
+    const std::size_t n = len(y);
+    py::gil_scoped_release release;  // raw buffer only
+    kernel(p, n, block, seed);
+  };
+}
+
 void register_eden(py::module_& m) {
   m.def("eden_centroids", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_centroids(bits)); },
         "bits"_a, "The 2^bits Lloyd-Max centroids of N(0, 1), ascending: float32.");
@@ -768,17 +783,75 @@ void register_eden(py::module_& m) {
       },
       "scales"_a, "bits"_a, "stochastic"_a, "outlier_val"_a, "n"_a, "block"_a,
       "An upper bound on every value the inverse rotation of an EDEN section computes (csrc/eden.hpp).");
+  m.def("eden_unrotate", in_place_rotation(fedpress::eden_unrotate), "y"_a, "block"_a, "seed"_a,
+        "Undoes eden_encode's rotation of y, in place.");
+  m.def("eden_rotate", in_place_rotation(fedpress::eden_rotate), "y"_a, "block"_a, "seed"_a,
+        "eden_encode's rotation of y alone, in place (eden_unrotate undoes it).");
+}
+
+int code_width(int width) {
+  if (width < 1 || width > fedpress::kMaxWidth)
+    throw py::value_error("width must be in [1, " + std::to_string(fedpress::kMaxWidth) + "], got " +
+                          std::to_string(width));
+  return width;
+}
+
+void register_intcode(py::module_& m) {
   m.def(
-      "eden_unrotate",
-      [](const py::handle& y_obj, long long block_arg, std::uint64_t seed) {
-        py::array y = checked<float>(y_obj, "y", Access::write);
-        const std::size_t block = rotate_block(block_arg);
-        float* p = static_cast<float*>(y.mutable_data());
-        const std::size_t n = len(y);
-        py::gil_scoped_release release;
-        fedpress::eden_unrotate(p, n, block, seed);
+      "int_encode",
+      [](const py::handle& x_obj, int bits, float clip, std::uint64_t seed) {
+        py::array x = checked<float>(x_obj, "x");
+        if (bits < 1 || bits > 16) throw py::value_error("bits must be in [1, 16], got " + std::to_string(bits));
+        if (!(std::isfinite(clip) && clip > 0.0f)) throw py::value_error("clip must be finite and positive");
+        const std::size_t n = len(x);
+        py::array_t<std::uint64_t> codes(static_cast<py::ssize_t>(n));
+        const float* xp = cptr<float>(x);
+        std::uint64_t* c = codes.mutable_data();
+        {
+          py::gil_scoped_release release;  // raw buffers only
+          fedpress::int_encode(xp, n, bits, clip, seed, c);
+        }
+        return codes;
       },
-      "y"_a, "block"_a, "seed"_a, "Undoes eden_encode's rotation of y, in place.");
+      "x"_a, "bits"_a, "clip"_a, "seed"_a,
+      "Integer levels of x on [-clip, clip] (2^bits levels, unbiased stochastic rounding seeded by seed), uint64.");
+  m.def(
+      "pack_codes",
+      [](const py::handle& codes_obj, int width) {
+        py::array codes = checked<std::uint64_t>(codes_obj, "codes");
+        const std::size_t n = len(codes);
+        const int w = code_width(width);
+        const std::size_t bytes = (n * static_cast<std::size_t>(w) + 7) / 8;
+        py::array_t<std::uint8_t> out(static_cast<py::ssize_t>(bytes));
+        const std::uint64_t* c = cptr<std::uint64_t>(codes);
+        std::uint8_t* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;  // raw buffers only
+          fedpress::pack_codes(c, n, w, o);
+        }
+        return out;
+      },
+      "codes"_a, "width"_a, "The codes (uint64, each < 2^width), width bits each, LSB first, as uint8.");
+  m.def(
+      "unpack_codes",
+      [](const py::buffer& data, std::size_t n, int width) {
+        const py::buffer_info info = contiguous_bytes(data, "data");
+        const int w = code_width(width);
+        if (n > (std::numeric_limits<std::size_t>::max() - 7) / static_cast<std::size_t>(w) ||
+            byte_size(info) != (n * static_cast<std::size_t>(w) + 7) / 8)
+          throw fedpress::MalformedData("int section: " + std::to_string(byte_size(info)) + " bytes of codes, " +
+                                        std::to_string(n) + " codes of " + std::to_string(w) + " bits need " +
+                                        std::to_string((n * static_cast<std::size_t>(w) + 7) / 8));
+        py::array_t<std::uint64_t> codes(static_cast<py::ssize_t>(n));
+        const auto* p = static_cast<const std::uint8_t*>(info.ptr);
+        std::uint64_t* c = codes.mutable_data();
+        {
+          py::gil_scoped_release release;  // raw buffers only
+          fedpress::unpack_codes(p, n, w, c);
+        }
+        return codes;
+      },
+      "data"_a, "n"_a, "width"_a, "Inverse of pack_codes; DecodeError on a wrong size or nonzero padding bits.");
 }
 
 py::array_t<std::uint16_t> narrow(const py::handle& obj, void (*kernel)(const float*, std::size_t, void*)) {
@@ -1135,6 +1208,7 @@ PYBIND11_MODULE(_core, m) {
   register_convert(m);
   register_rotate(m);
   register_eden(m);
+  register_intcode(m);
   register_assemble(m);
   register_streams(m);
   register_runtime(m);

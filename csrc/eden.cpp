@@ -1062,6 +1062,15 @@ double eden_rotation_bound(const float* scales, std::size_t n_scales, int bits, 
   return largest * std::pow(static_cast<double>(std::min(block, n)), 1.5);
 }
 
+void eden_rotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed) {
+  for_each_range(eden_segments(n, block, 1), block, rotation_seed,
+                 [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan&, const Range& r) {
+                   float* w = y + g.offset + r.begin;
+                   rht_forward_blocks_inplace(w, g.length, block, seeds.first, r.first_block, r.end_block);
+                   rht_forward_blocks_inplace(w, g.length, block, seeds.second, r.first_block, r.end_block);
+                 });
+}
+
 void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed) {
   for_each_range(eden_segments(n, block, 1), block, rotation_seed,
                  [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan&, const Range& r) {

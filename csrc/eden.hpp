@@ -159,4 +159,8 @@ double eden_rotation_bound(const float* scales, std::size_t n_scales, int bits, 
 // dequantized rotated vectors under one rotation seed.
 void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed);
 
+// eden_encode's rotation alone (n floats, in place; eden_unrotate undoes it): the
+// rotation of the integer codes, whose values stage is not EDEN's (intcode.hpp).
+void eden_rotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed);
+
 }  // namespace fedpress

@@ -5,12 +5,17 @@ Payloads coded ``edenB:shared`` under the round's common rotation seed are summe
 in the rotated domain (QUIC-FL, THC): each one is a table lookup per coordinate
 added into a rotated running sum, and ``result()`` applies the inverse rotation
 once, instead of once per client.
+
+Payloads coded ``intB`` are summed in integers: exactly, in any order, or modulo 2^m
+when secure aggregation masks them, until ``unmask`` removes the masks of the round's
+surviving clients; ``result()`` decodes the mean once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional
 
@@ -21,6 +26,7 @@ from ._update_math import to_dtype
 from .format.decoding import checked_streams, index_stream, raw_array, sparse_parts, streamable
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
+from .format.intcodes import IntLevels, IntSection, centered
 from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
@@ -59,6 +65,43 @@ def _fused_dense_add(
     return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate)
 
 
+@dataclass
+class _IntSum:
+    """The running sum of one tensor's integer codes: what every client added shares
+    (levels, code width, masked or not), the total (uint64: exact, or residues modulo
+    2^m), how many payloads it holds and their common weight."""
+
+    levels: IntLevels
+    width: int
+    masked: bool
+    total: np.ndarray
+    clients: int = 0
+    weight: float = 1.0
+
+    @property
+    def modular(self) -> bool:
+        return self.width == self.levels.modulus_bits
+
+    def describe(self) -> str:
+        lv = self.levels
+        mode = "masked" if self.masked else ("residues" if self.modular else "plain")
+        return f"int{lv.bits} clip={lv.clip!r} m={lv.modulus_bits} rotation {lv.rotation_seed} ({mode})"
+
+    def add(self, sec: IntSection) -> None:
+        np.add(self.total, sec.codes(), out=self.total)  # uint64 wraps modulo 2^64: fine modulo 2^m
+        if self.modular:
+            np.bitwise_and(self.total, np.uint64((1 << self.levels.modulus_bits) - 1), out=self.total)
+        self.clients += 1
+
+    def weighted_sum(self) -> np.ndarray:
+        """The float32 sum of the clients' values times their weight, unrotated."""
+        if self.modular:
+            total = centered(self.total, self.levels.modulus_bits)
+        else:
+            total = self.total.astype(np.int64)
+        return self.levels.values(total, self.clients, self.weight)
+
+
 class Aggregator:
     """Weighted mean of many payloads: ``agg.add(payload, weight)``, then ``agg.result()``.
 
@@ -86,6 +129,7 @@ class Aggregator:
         # name -> (rotation seed, rotation block, values, float32 rotated sum)
         self._rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
         self._table: Optional[list[tuple[str, str, tuple]]] = None
+        self._ints: dict[str, _IntSum] = {}  # intB tensors: their integer sums
         self.count = 0
         self.total_weight = 0.0
 
@@ -100,15 +144,17 @@ class Aggregator:
             # this process's memory, leaves the aggregate as it was.
             sums = self._sums
             fresh = self._table is None
-            if fresh:  # unwritten: each step writes its sum, or has it zeroed first
-                sums = {
-                    rec.name: np.empty(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
-                    for rec in parsed.tensors
-                }
+            new_ints = self._int_sums([parsed], [w], fresh)
+            # fresh: unwritten, each step writes its sum, or has it zeroed first
+            sums = self._float_sums({} if fresh else sums, [parsed], np.empty if fresh else np.zeros)
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
             steps = [
-                self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated, fresh=fresh) for rec in parsed.tensors
+                self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated, fresh=fresh)
+                for rec in parsed.tensors
+                if rec.intcode is None
             ]
+            steps += [partial(new_ints[rec.name].add, rec.intcode) for rec in parsed.tensors if rec.intcode is not None]
+            self._ints = new_ints
             table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
             self._rotated.update(new_rotated)
             for step in steps:  # in place, allocating nothing sized by the payload
@@ -166,11 +212,8 @@ class Aggregator:
             if broken < len(parsed):
                 raise parsed[broken]
             sums = self._sums
-            if self._table is None:
-                sums = {
-                    rec.name: np.zeros(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
-                    for rec in parsed[0].tensors
-                }
+            new_ints = self._int_sums(parsed, ws, self._table is None)
+            sums = self._float_sums({} if self._table is None else sums, parsed, np.zeros)
             # The other sparse float32 tensors go into two buffers allocated once (many small
             # arrays would each fault their pages in, one large one takes huge pages).
             batched = [
@@ -196,11 +239,13 @@ class Aggregator:
             except DecodeError as exc:
                 raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
-            steps = []
+            steps: list[Callable[[], Any]] = []
             skip = {(i, rec.name) for i, rec in batched}
             for i, one in enumerate(parsed):
                 for rec in one.tensors:
-                    if (i, rec.name) not in skip and rec.name not in streams[i]:
+                    if rec.intcode is not None:
+                        steps.append(partial(new_ints[rec.name].add, rec.intcode))
+                    elif (i, rec.name) not in skip and rec.name not in streams[i]:
                         steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
             groups: dict[str, tuple[list, list, list]] = {}
             for (i, rec), (idx, values) in zip(batched, decoded):
@@ -215,6 +260,7 @@ class Aggregator:
                     g2[0].append(checked)
                     g2[1].append(ws[i])
             self._rotated.update(new_rotated)
+            self._ints = new_ints
             for step in steps:
                 step()
             for name, (checked_list, w_list) in stream_groups.items():
@@ -259,6 +305,88 @@ class Aggregator:
         self._table, self._sums = table, sums
         self.count += 1
         self.total_weight += w
+
+    def _int_sums(self, batch: Sequence[Any], weights: Sequence[float], fresh: bool) -> dict[str, _IntSum]:
+        """The integer sums a batch of parsed payloads adds to (this aggregator's, and new
+        ones allocated), checked but not added to: the caller's steps add, once every
+        payload of the batch is checked. DecodeError when a payload's intB tensor does not
+        add up with the sum (other levels, clip, modulus, rotation or masking), ValueError
+        for unequal weights (codes add up with equal weights only; a tensor may also have
+        float payloads, summed apart and combined by ``result``). Nothing of this
+        aggregator changes here."""
+        ints = {} if fresh else dict(self._ints)
+        for i, parsed in enumerate(batch):
+            for rec in parsed.tensors:
+                current = ints.get(rec.name)
+                if rec.intcode is None:
+                    continue
+                if rec.kind != KIND_DENSE:
+                    raise DecodeError(f"payload {i}: tensor {rec.name!r}: sparse int codes do not add up")
+                sec = rec.intcode
+                candidate = _IntSum(sec.levels, sec.width, sec.masked, np.empty(0, np.uint64), weight=weights[i])
+                if current is None:
+                    candidate.total = np.zeros(rec.count, np.uint64)
+                    ints[rec.name] = candidate
+                    continue
+                if (current.levels, current.width, current.masked) != (sec.levels, sec.width, sec.masked):
+                    raise DecodeError(
+                        f"payload {i}: tensor {rec.name!r}: {candidate.describe()} does not add up with the "
+                        f"sum's {current.describe()}"
+                    )
+                if weights[i] != current.weight:
+                    raise ValueError(
+                        f"payload {i}: int codes add up with equal weights only: weight {weights[i]!r}, "
+                        f"the sum's is {current.weight!r}"
+                    )
+        return ints
+
+    def _float_sums(
+        self, sums: dict[str, np.ndarray], batch: Sequence[Any], make: Callable[..., np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """``sums``, with a new one (``make``: np.zeros, or np.empty for steps that write
+        it) for each tensor that a payload of the batch sends as floats and that has none:
+        a tensor whose payloads were all int codes so far has no float sum."""
+        for parsed in batch:
+            for rec in parsed.tensors:
+                if rec.intcode is None and rec.name not in sums:
+                    sums[rec.name] = make(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+        return sums
+
+    @property
+    def masked_length(self) -> int:
+        """How many codes the secure-aggregation correction covers: those of the masked
+        int tensors, concatenated in table order."""
+        return sum(s.total.size for s in self._masked_sums())
+
+    def _masked_sums(self) -> list[_IntSum]:
+        order = [name for name, _, _ in self._table or []]
+        return [self._ints[name] for name in order if name in self._ints and self._ints[name].masked]
+
+    def unmask(self, correction: Any) -> None:
+        """Removes secure aggregation's masks from the masked int sums: ``correction``
+        (uint64, ``masked_length`` residues modulo 2^m, the masked tensors concatenated in
+        table order) is what ``fedpress.secagg``'s server computes from the round's
+        surviving clients; the sums then hold the plain sum of their codes."""
+        masked = self._masked_sums()
+        if not masked:
+            raise ValueError("no masked int sum to unmask")
+        c = np.asarray(correction)
+        if c.dtype != np.uint64 or c.shape != (self.masked_length,):
+            raise ValueError(f"correction must be {self.masked_length} uint64 values, got {c.dtype} {c.shape}")
+        start = 0
+        for one in masked:
+            part = c[start : start + one.total.size]
+            start += one.total.size
+            m = one.levels.modulus_bits
+            if part.size and int(part.max()) >> m:
+                raise ValueError(f"correction values must be residues modulo 2^{m}")
+        start = 0
+        for one in masked:
+            part = c[start : start + one.total.size]
+            start += one.total.size
+            one.total -= part  # uint64 wraps modulo 2^64: fine modulo 2^m
+            np.bitwise_and(one.total, np.uint64((1 << one.levels.modulus_bits) - 1), out=one.total)
+            one.masked = False
 
     def _prepare(
         self,
@@ -341,6 +469,14 @@ class Aggregator:
             raise TypeError(f"can only merge an Aggregator, got {type(other).__name__}")
         if other._table is None:
             return
+        for name, theirs in other._ints.items():  # checked before anything is merged
+            ours = self._ints.get(name)
+            if ours is not None and (ours.levels, ours.width, ours.masked) != (
+                theirs.levels,
+                theirs.width,
+                theirs.masked,
+            ):
+                raise DecodeError(f"tensor {name!r}: {theirs.describe()} does not add up with {ours.describe()}")
         if self._table is None:
             if self._model is not None and other._table != self._model:
                 raise DecodeError(table_difference(self._model, other._table, "the receiver's model"))
@@ -351,6 +487,17 @@ class Aggregator:
                 raise DecodeError(table_difference(self._table, other._table, "the first payload"))
             for k, v in other._sums.items():
                 self._sums[k] += v.astype(self._sums[k].dtype, copy=False)
+        for name, theirs in other._ints.items():
+            ours = self._ints.get(name)
+            if ours is None:
+                self._ints[name] = _IntSum(
+                    theirs.levels, theirs.width, theirs.masked, theirs.total.copy(), theirs.clients, theirs.weight
+                )
+                continue
+            ours.total += theirs.total
+            if ours.modular:
+                np.bitwise_and(ours.total, np.uint64((1 << ours.levels.modulus_bits) - 1), out=ours.total)
+            ours.clients += theirs.clients
         for name, (seed, block, n, acc) in other._rotated.items():
             mine = self._rotated.get(name)
             if mine is None and self.dtype == np.float32:
@@ -379,14 +526,28 @@ class Aggregator:
 
     def _result(self, table: list[tuple[str, str, tuple]], copy: bool) -> dict[str, np.ndarray]:
         out = {}
+        masked = [name for name, one in self._ints.items() if one.masked]
+        if masked:
+            raise ValueError(
+                f"the sums of {', '.join(map(repr, masked))} are masked by secure aggregation: "
+                "apply the round's correction first (Aggregator.unmask)"
+            )
         for name, dtype, shape in table:
-            acc = self._sums[name]
+            in_place = not copy  # whether acc may be divided where it lies
+            acc = self._sums.get(name)
+            if name in self._ints:
+                part = self._ints[name].weighted_sum().astype(self.dtype, copy=False)
+                # float payloads of the same tensor, if any, were summed apart
+                acc = part if acc is None else (acc + part if copy else np.add(acc, part, out=acc))
+                in_place = True  # a new array, or the sums handed over
+            assert acc is not None
             unrotated = self._unrotated(name, consume=not copy)
             if unrotated is not None:
-                acc = acc + unrotated if copy else np.add(acc, unrotated, out=acc)
+                acc = np.add(acc, unrotated, out=acc) if in_place else acc + unrotated
+                in_place = True
             if dtype in ("float32", "float16", "float64", "bfloat16"):
                 target = self.dtype if dtype == "float32" else output_dtype(dtype)
-                if copy:
+                if not in_place:
                     mean = np.divide(acc, acc.dtype.type(self.total_weight), dtype=acc.dtype)
                 else:
                     mean = acc
@@ -404,6 +565,7 @@ class Aggregator:
         ``table`` given to the constructor stays)."""
         self._sums = {}
         self._rotated = {}
+        self._ints = {}
         self._table = None
         self.count = 0
         self.total_weight = 0.0

@@ -6,6 +6,7 @@ A spec names up to four stages joined by ``+``, in this order, each optional::
     rotation     rht                             (seeded randomized Hadamard transform)
     values       fp32 | fp16 | bf16 | q8 | q4 | q2 | sign
                  | edenB | edenB:shared | edenB:mse  (B = 1, 2, 3, 4, 8 bits; EDEN rotates by itself)
+                 | intB[:clip=C][:nmax=N]            (B = 2..16 bits; linear levels that add up)
     entropy      zstd | zstd:L                   (L = zstd level 1..22; plain zstd picks 19 for
                                                   bodies up to 4 KiB, 9 up to 64 KiB, else 3)
 
@@ -19,6 +20,15 @@ instead (biased; for use under error feedback). ``edenB:shared`` is the mode for
 round whose clients share one rotation seed (``Codec.encode(..., rotation_seed=)``):
 unbiased stochastic rounding between neighbouring levels, so the server can sum
 the clients in the rotated domain and invert once (see ``fedpress.Aggregator``).
+
+``intB`` is the linear stage of secure aggregation: the vector rotated as EDEN rotates
+it (under the round's ``rotation_seed`` when given), clipped to [-C, C] (default
+``clip=0.01``) and rounded without bias to one of 2^B evenly spaced levels. The codes of
+clients that share C and the rotation add up: ``fedpress.Aggregator`` sums them in
+integers, exactly, and decodes the mean once. Under secure aggregation
+(``Codec.encode(..., mask=)``) they travel as residues modulo 2^m,
+m = B + ceil(log2(N)) + 1 bits each, N (default ``nmax=128``) bounding the clients
+of one sum, so that the pairwise masks cancel in the sum.
 """
 
 from __future__ import annotations
@@ -35,6 +45,16 @@ import numpy as np
 from . import ops
 from ._arrays import as_float32, to_numpy
 from .format.eden import eden_fixed_size, encode_eden, parse_eden
+from .format.intcodes import (
+    MAX_BITS,
+    MAX_MODULUS_BITS,
+    IntLevels,
+    encode_int,
+    int_section,
+    int_size,
+    modulus_bits,
+    parse_int,
+)
 from .format.limits import MAX_ROTATION_BLOCK
 from .format.registry import (
     EDEN_BITS,
@@ -56,7 +76,10 @@ __all__ = ["Spec", "parse_spec", "Codec"]
 SPARSIFIERS = ("topk", "thresh", "randk")
 EDEN_STAGES = tuple(EDEN_BITS)  # the value stages are the format's value codes
 EDEN_MODES = ("shared", "mse")
-VALUE_STAGES = tuple(VALUE_CODES)
+VALUE_STAGES = tuple(code for code in VALUE_CODES if code != "int")  # intB names its bits
+INT_STAGE = re.compile(r"^int(\d+)$")
+INT_MIN_BITS = 2  # one bit is sign's job
+DEFAULT_INT_CLIP, DEFAULT_INT_CLIENTS = 0.01, 128
 _STAGE_RANK = {"sparsifier": 0, "rotation": 1, "values": 2, "entropy": 3}
 _RATIO = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 
@@ -71,10 +94,18 @@ class Spec:
     values: str = "fp32"
     zstd_level: Optional[int] = None
     eden_mode: Optional[str] = None  # edenB values: None, "shared" or "mse"
+    int_clip: float = DEFAULT_INT_CLIP  # intB values: the clip range [-C, C]
+    int_clients: int = DEFAULT_INT_CLIENTS  # intB values: the most clients one secure sum holds
 
     @property
     def eden(self) -> bool:
         return self.values in EDEN_STAGES
+
+    @property
+    def int_bits(self) -> int:
+        """Bits per level of intB values; 0 for other stages."""
+        match = INT_STAGE.match(self.values)
+        return int(match.group(1)) if match else 0
 
     def __str__(self) -> str:
         parts = []
@@ -82,7 +113,12 @@ class Spec:
             parts.append(f"{self.sparsifier}:{self.ratio!r}")  # shortest text that parses back exactly
         if self.rotate:
             parts.append("rht")
-        parts.append(f"{self.values}:{self.eden_mode}" if self.eden_mode else self.values)
+        if self.int_bits:
+            # the shortest text of the float32 clip the payload records ("+" joins stages)
+            clip = str(np.float32(self.int_clip)).replace("e+", "e")
+            parts.append(f"{self.values}:clip={clip}:nmax={self.int_clients}")
+        else:
+            parts.append(f"{self.values}:{self.eden_mode}" if self.eden_mode else self.values)
         if self.zstd_level is not None:
             parts.append(f"zstd:{self.zstd_level}" if self.zstd_level else "zstd")
         return "+".join(parts)
@@ -117,6 +153,9 @@ def parse_spec(spec: str) -> Spec:
             if arg:
                 raise _stage_error(spec, stage, "rht takes no argument")
             fields["rotate"] = True
+        elif INT_STAGE.match(name):
+            kind = "values"
+            fields.update(_int_stage(spec, stage, name, arg, rotated=bool(fields.get("rotate"))))
         elif name in VALUE_STAGES:
             kind = "values"
             if name in EDEN_STAGES:
@@ -137,7 +176,7 @@ def parse_spec(spec: str) -> Spec:
                 level = int(arg)
             fields["zstd_level"] = level
         else:
-            known = ", ".join((*SPARSIFIERS, "rht", *VALUE_STAGES, "zstd"))
+            known = ", ".join((*SPARSIFIERS, "rht", *VALUE_STAGES, "intB", "zstd"))
             raise _stage_error(spec, stage or "(empty)", f"unknown stage; known stages: {known}")
         rank = _STAGE_RANK[kind]
         if rank == last_rank:
@@ -146,6 +185,36 @@ def parse_spec(spec: str) -> Spec:
             raise _stage_error(spec, stage, "stages must come in the order sparsifier, rht, values, zstd")
         last_rank = rank
     return Spec(**fields)
+
+
+def _int_stage(spec: str, stage: str, name: str, arg: str, *, rotated: bool) -> dict[str, Any]:
+    """The fields of an ``intB[:clip=C][:nmax=N]`` stage."""
+    bits = int(name[3:])
+    if not INT_MIN_BITS <= bits <= MAX_BITS:
+        raise _stage_error(spec, stage, f"int takes {INT_MIN_BITS} to {MAX_BITS} bits, got {bits}")
+    if rotated:
+        raise _stage_error(spec, stage, f"{name} rotates by itself: drop the rht stage")
+    fields: dict[str, Any] = {"values": name}
+    for option in arg.split(":") if arg else []:
+        key, _, value = option.partition("=")
+        if key == "clip":
+            clip = float(value) if _RATIO.match(value) else math.nan
+            if not (math.isfinite(clip) and clip > 0 and math.isfinite(float(np.float32(clip)))):
+                raise _stage_error(spec, stage, f"clip must be a positive number, got {value!r}")
+            fields["int_clip"] = float(np.float32(clip))  # what the payload records
+        elif key == "nmax":
+            if not value.isdigit() or int(value) < 1:
+                raise _stage_error(spec, stage, f"nmax must be a positive integer, got {value!r}")
+            fields["int_clients"] = int(value)
+            if modulus_bits(bits, int(value)) > MAX_MODULUS_BITS:
+                raise _stage_error(
+                    spec,
+                    stage,
+                    f"nmax={value} needs {modulus_bits(bits, int(value))}-bit sums, over {MAX_MODULUS_BITS}",
+                )
+        else:
+            raise _stage_error(spec, stage, f"{name} takes ':clip=C' and ':nmax=N', got {option!r}")
+    return fields
 
 
 # ------------------------------------------------------------ normalisation --
@@ -191,6 +260,7 @@ class Codec:
         seed: Optional[int] = None,
         rotation_seed: Optional[int] = None,
         dtypes: Optional[Mapping[str, str]] = None,
+        mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ) -> bytes:
         """Compresses ``update`` into payload bytes. ``seed`` fixes every random
         choice (stochastic rounding, random-k, rotation signs); by default it is fresh.
@@ -205,8 +275,14 @@ class Codec:
         float32 sum of a float16 tensor and what earlier rounds did not send (what
         ``Encoder`` sends) is recorded as ``"float16"``. One of ``float16``, ``bfloat16``,
         ``float32``, ``float64``; the values are compressed from float32 either way.
+
+        ``mask``: for ``intB`` values under secure aggregation, a function given the integer
+        codes of every float tensor (uint64, concatenated in table order) that returns the
+        vector sent instead, of residues modulo 2^m (``fedpress.secagg``'s client adds its
+        masks there, after any distributed-DP noise). The payload records its codes as
+        masked: the server decodes them only in the round's sum.
         """
-        return self._encode(update, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes)
+        return self._encode(update, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, mask=mask)
 
     def _encode(
         self,
@@ -218,6 +294,7 @@ class Codec:
         selected: Optional[Mapping[str, tuple[np.ndarray, np.ndarray]]] = None,
         sent: Optional[dict[str, tuple[Optional[np.ndarray], np.ndarray]]] = None,
         before_write: Optional[Callable[[Mapping[str, tuple[Optional[np.ndarray], np.ndarray]]], None]] = None,
+        mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ) -> bytes:
         """``encode``, for ``fedpress.Encoder``: ``selected`` gives the (indices, values)
         kept of float tensors by name, chosen by the caller instead of this codec's
@@ -232,8 +309,18 @@ class Codec:
         payload_seed = secrets.randbits(64) if seed is None else ops._seed(seed)
         if rotation_seed is not None:
             rotation_seed = ops._seed(rotation_seed)
-            if self.spec.eden_mode != "shared":
-                raise ValueError(f"rotation_seed is for the edenB:shared values, the spec is {self.spec}")
+            if self.spec.eden_mode != "shared" and not self.spec.int_bits:
+                raise ValueError(f"rotation_seed is for the edenB:shared and intB values, the spec is {self.spec}")
+        if mask is not None:
+            if not self.spec.int_bits:
+                raise ValueError(f"mask is for intB values (secure aggregation), the spec is {self.spec}")
+            if self.spec.sparsifier is not None or selected is not None:
+                raise ValueError(
+                    f"secure aggregation sums every coordinate: the spec {self.spec} keeps a different "
+                    "subset per client, whose masked codes would not add up; use intB without a sparsifier"
+                )
+            if sent is not None:
+                raise ValueError("a masked payload has no decoded values to report")
         names, arrays, recorded = [], [], []
         for name, value in update.items():
             if not isinstance(name, str):
@@ -261,9 +348,22 @@ class Codec:
         else:
             chosen = {i: selected[names[i]] for i in flat if names[i] in selected}
         entries = []
+        int_codes: dict[int, tuple[IntLevels, np.ndarray]] = {}  # intB tensors: their levels and codes
         for i, (name, arr, dtype) in enumerate(zip(names, arrays, recorded)):
             if i not in flat:
+                if mask is not None:
+                    raise ValueError(
+                        f"tensor {name!r} is {arr.dtype}: secure aggregation sums float tensors only, "
+                        "and would send this one in the clear"
+                    )
                 entries.append(raw_entry(name, arr, dtype))
+                continue
+            if self.spec.int_bits:
+                entries.append(
+                    self._int_entry(name, dtype, arr.shape, flat[i], payload_seed, i, rotation_seed, int_codes)
+                )
+                if sent is not None:
+                    sent[name] = self._decoded(entries[-1], chosen.get(i), payload_seed, i)
                 continue
             entry = self._float_entry(
                 name, arr, dtype, flat[i], chosen.get(i), payload_seed, i, rotation_seed, in_place=sent is None
@@ -271,6 +371,8 @@ class Codec:
             entries.append(entry)
             if sent is not None:
                 sent[name] = self._decoded(entry, chosen.get(i), payload_seed, i)
+        if mask is not None:
+            _mask_int_entries(entries, int_codes, mask)
         if before_write is not None and sent is not None:
             before_write(sent)
         try:
@@ -330,6 +432,8 @@ class Codec:
         """Bytes of a values section of ``count`` values (eden: without shared-mode outliers)."""
         if self.spec.eden:
             return eden_fixed_size(count, self.rht_block, EDEN_BITS[self.spec.values])
+        if self.spec.int_bits:
+            return int_size(count, self.spec.int_bits)
         return values_size(self.spec.values, count, self._value_bucket())
 
     def _sends_sparse(self, n: int, k: int) -> bool:
@@ -348,7 +452,9 @@ class Codec:
         coded = entry.values if isinstance(entry.values, tuple) else (entry.values,)
         data = memoryview(b"".join(memoryview(p).cast("B") for p in coded))
         count, block = entry.count, entry.rht_block
-        if sp.eden:
+        if entry.value_code == "int":
+            values = parse_int(data, count, block).values()
+        elif sp.eden:
             # (a shared-mode section carries its own rotation seed; parse_eden reads it)
             derived = stage_seed(payload_seed, ordinal, PURPOSE_RHT)
             values = parse_eden(sp.values, data, count, block, derived).values()
@@ -361,6 +467,42 @@ class Codec:
             return None, values
         assert selected is not None
         return selected[0], values
+
+    def _int_entry(
+        self,
+        name: str,
+        dtype: str,
+        shape: tuple,
+        v: np.ndarray,
+        payload_seed: int,
+        ordinal: int,
+        rotation_seed: Optional[int],
+        int_codes: dict[int, tuple[IntLevels, np.ndarray]],
+    ) -> Entry:
+        """A dense intB entry (its codes also into ``int_codes``, for the mask)."""
+        sp = self.spec
+        _check_values(name, v, 0, sparse=False)  # the rotation is orthonormal: finite in, finite out
+        levels = IntLevels(
+            bits=sp.int_bits,
+            clip=sp.int_clip,
+            modulus_bits=modulus_bits(sp.int_bits, sp.int_clients),
+            rotation_seed=stage_seed(
+                rotation_seed if rotation_seed is not None else payload_seed, ordinal, PURPOSE_RHT
+            ),
+            block=self.rht_block,
+        )
+        codes = encode_int(v, levels, stage_seed(payload_seed, ordinal, PURPOSE_QUANT))
+        int_codes[ordinal] = (levels, codes)
+        return Entry(
+            name=name,
+            dtype=dtype,
+            shape=tuple(int(d) for d in shape),
+            kind=KIND_DENSE,
+            count=int(v.size),
+            rht_block=self.rht_block,
+            values=int_section(codes, levels, masked=False, width=levels.bits),
+            value_code="int",
+        )
 
     def _float_entry(
         self,
@@ -447,6 +589,26 @@ class Codec:
             value_code=sp.values,
             bucket=bucket,
         )
+
+
+def _mask_int_entries(
+    entries: list[Entry], int_codes: dict[int, tuple[IntLevels, np.ndarray]], mask: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    """Replaces the intB entries' codes by what ``mask`` makes of all of them together:
+    residues modulo 2^m, written m bits each and marked masked."""
+    order = sorted(int_codes)
+    codes = np.concatenate([int_codes[i][1] for i in order]) if order else np.zeros(0, np.uint64)
+    masked = mask(codes)
+    if not isinstance(masked, np.ndarray) or masked.dtype != np.uint64 or masked.shape != codes.shape:
+        raise ValueError(f"mask must return a uint64 array of shape {codes.shape}, got {type(masked).__name__}")
+    start = 0
+    for i in order:
+        levels, own = int_codes[i]
+        part = masked[start : start + own.size]
+        start += own.size
+        if part.size and int(part.max()) >> levels.modulus_bits:
+            raise ValueError(f"mask returned values of {levels.modulus_bits} bits or more (residues modulo 2^m)")
+        entries[i].values = int_section(part, levels, masked=True, width=levels.modulus_bits)
 
 
 def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse: bool) -> None:

@@ -44,6 +44,11 @@ def sparse_parts(
         raise ValueError("out is for sparse tensors")
     if rec.eden is not None:
         values = rec.eden.values()
+    elif rec.intcode is not None:
+        try:
+            values = rec.intcode.values()
+        except DecodeError as exc:
+            raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     else:
         rotated = bool(rec.rht_block and rec.count)
         coded = ops.rht_padded_size(rec.count, rec.rht_block) if rotated else rec.count
@@ -64,6 +69,8 @@ def sparse_parts(
     # a plain rotation's output, and an eden section beyond its bound, need the full pass.
     if rec.eden is not None:
         finite_by_construction = rec.eden.rotation_bound() <= 1e38
+    elif rec.intcode is not None:
+        finite_by_construction = False  # a huge clip can overflow the inverse rotation
     else:
         finite_by_construction = not rec.rht_block  # decode_values checks or guarantees it
     if not finite_by_construction and not np.all(np.isfinite(values)):
@@ -285,6 +292,16 @@ def inspect(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None)
                 "mse_scale": rec.eden.mse,
                 "rotation_seed": rec.eden.rotation_seed,
                 "outliers": int(rec.eden.outlier_idx.size),
+            }
+        if rec.intcode is not None:
+            levels = rec.intcode.levels
+            tensors[-1]["int"] = {
+                "bits": levels.bits,
+                "modulus_bits": levels.modulus_bits,
+                "width": rec.intcode.width,
+                "masked": rec.intcode.masked,
+                "clip": levels.clip,
+                "rotation_seed": levels.rotation_seed,
             }
     size = parsed.payload_size
     digest = parsed.table_digest or heads_digest([entry_head(r.name, r.dtype, r.shape) for r in parsed.tensors])

@@ -16,6 +16,7 @@ import zstandard
 from .. import _core, ops
 from .eden import EdenSection, eden_fixed_size, parse_eden
 from .errors import DecodeError, out_of_memory_as_decode_error
+from .intcodes import INT_HEAD, IntSection, parse_int
 from .limits import DEFAULT_LIMITS, EXPANSION_FLOOR, MAX_BUCKET, MAX_ROTATION_BLOCK, Limits
 from .primitives import ByteReader
 from .registry import (
@@ -72,6 +73,7 @@ class TensorRecord:
     index_data: memoryview = field(default_factory=lambda: memoryview(b""))  # set once the whole table is checked
     value_data: memoryview = field(default_factory=lambda: memoryview(b""))
     eden: Optional[EdenSection] = None  # eden value codes: the parsed section
+    intcode: Optional[IntSection] = None  # the int value code: the parsed section
     index_version: int = FORMAT_VERSION  # the payload's version, which fixes its index streams' layout
     value_offset: int = 0  # where the values section starts in the payload (an uncompressed one)
 
@@ -327,6 +329,11 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
                 )
             except DecodeError as exc:
                 raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+        elif rec.value_code == "int":
+            try:
+                rec.intcode = parse_int(rec.value_data, rec.count, rec.rht_block)
+            except DecodeError as exc:
+                raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
     if r.pos != len(body):
         raise DecodeError(f"{len(body) - r.pos} trailing bytes after the last section")
     parsed.tensors = records
@@ -440,6 +447,14 @@ def _check_entry(ordinal: int, head: TableEntry, size: int, e: _EntryFields) -> 
                 f"{where}: {code} section of {e.value_len} bytes, at least "
                 f"{eden_fixed_size(e.count, e.block, EDEN_BITS[code])} needed for {e.count} values"
             )
+        return record(code, 0, e.block)
+    if code == "int":
+        if not rotated:
+            raise DecodeError(f"{where}: int values are rotated, but the rotation flag is not set")
+        if e.bucket:
+            raise DecodeError(f"{where}: int values take no bucket, found {e.bucket}")
+        if e.value_len < INT_HEAD.size:
+            raise DecodeError(f"{where}: int section of {e.value_len} bytes, its head alone takes {INT_HEAD.size}")
         return record(code, 0, e.block)
     coded = ops.rht_padded_size(e.count, e.block) if rotated and e.count else e.count
     if code in ("fp32", "fp16", "bf16"):

@@ -49,7 +49,7 @@ DTYPE_CODE = {name: code for code, name in enumerate(DTYPES)}
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 # value codes on the wire
-VALUE_CODES = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "eden1", "eden2", "eden3", "eden4", "eden8"]
+VALUE_CODES = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign", "eden1", "eden2", "eden3", "eden4", "eden8", "int"]
 VALUE_CODE = {name: code for code, name in enumerate(VALUE_CODES)}
 VALUE_RAW = 255
 QUANT_BITS = {"q8": 8, "q4": 4, "q2": 2}

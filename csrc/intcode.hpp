@@ -1,0 +1,29 @@
+// Linear integer codes (docs/format.md, "Integer sections"): the value stage whose
+// codes add up. Clients that share a clip range and a rotation send integer levels
+// whose sum (exact, or modulo 2^m under secure aggregation's masks) decodes to the
+// sum of their values.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fedpress {
+
+// codes[i] = floor((min(max(x[i], -clip), clip) + clip) / step + u_i), capped at
+// 2^bits - 1, with step = 2 clip / (2^bits - 1) and u_i = (hash64(seed, i) >> 11) * 2^-53,
+// in double precision: unbiased stochastic rounding to the levels of [-clip, clip].
+// Throws std::invalid_argument for bits outside [1, 16], a clip that is not finite and
+// positive, or a NaN in x (infinities clip to the range).
+void int_encode(const float* x, std::size_t n, int bits, float clip, std::uint64_t seed, std::uint64_t* codes);
+
+constexpr int kMaxWidth = 56;
+
+// Packs n codes of `width` bits (1..kMaxWidth), least significant bit first, into
+// ceil(n * width / 8) bytes; the padding bits of the last byte are zero. Throws
+// std::invalid_argument when a code does not fit in width bits.
+void pack_codes(const std::uint64_t* codes, std::size_t n, int width, std::uint8_t* out);
+
+// Inverse of pack_codes; MalformedData when the padding bits are not zero.
+void unpack_codes(const std::uint8_t* in, std::size_t n, int width, std::uint64_t* codes);
+
+}  // namespace fedpress

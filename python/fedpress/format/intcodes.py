@@ -1,0 +1,144 @@
+"""Integer value sections (value code ``int``): the linear stage whose codes add up, for
+secure aggregation. The vector is rotated as EDEN rotates it (power-of-two segments, two
+seeded Hadamard passes each), clipped to [-clip, clip] and rounded, without bias, to one
+of 2^bits evenly spaced levels. Clients that share the clip range and the rotation seed
+send codes whose sum decodes to the sum of their rotated values: exactly in integers, or
+modulo 2^modulus_bits, where secure aggregation's pairwise masks cancel. Written by
+``encode_int``, validated by ``parse_int`` into an ``IntSection``. Internal to fedpress:
+the public surface is ``fedpress.format``."""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _core
+from .errors import DecodeError
+from .primitives import ByteReader
+
+__all__: list[str] = []
+
+# bits, modulus bits, width, flags, clip, rotation seed (docs/format.md, "Integer sections").
+INT_HEAD = struct.Struct("<BBBBfQ")
+INT_MASKED = 0x01  # the codes carry secure aggregation's masks: they decode only in a sum
+MIN_BITS, MAX_BITS = 1, 16
+MAX_MODULUS_BITS = 56  # the widest code the kernels pack (csrc/intcode.hpp)
+
+
+def modulus_bits(bits: int, max_clients: int) -> int:
+    """The m of a secure sum of up to ``max_clients`` codes of ``bits`` bits: the sum
+    needs bits + ceil(log2(max_clients)) bits, and one more leaves room for
+    distributed-DP noise on either side (``IntSection.centered``)."""
+    return bits + max(0, math.ceil(math.log2(max_clients))) + 1
+
+
+def int_size(count: int, width: int) -> int:
+    """Bytes of an int section of ``count`` codes of ``width`` bits."""
+    return INT_HEAD.size + (count * width + 7) // 8
+
+
+@dataclass(frozen=True)
+class IntLevels:
+    """What every client of one sum shares: ``bits`` per level, the ``clip`` range, the
+    modulus of a masked sum and the rotation (seed and block)."""
+
+    bits: int
+    clip: float
+    modulus_bits: int
+    rotation_seed: int
+    block: int
+
+    @property
+    def step(self) -> float:
+        """The distance between two neighbouring levels."""
+        return 2.0 * float(np.float32(self.clip)) / ((1 << self.bits) - 1)
+
+    def values(self, total: np.ndarray, clients: int, weight: float = 1.0) -> np.ndarray:
+        """``weight`` times the sum, back in the original domain (float32), of the values of
+        ``clients`` vectors whose codes sum to ``total`` (signed integers, int64)."""
+        clip = float(np.float32(self.clip))
+        rotated = ((total.astype(np.float64) * self.step - clients * clip) * weight).astype(np.float32)
+        if rotated.size:
+            _core.eden_unrotate(rotated, self.block, self.rotation_seed)
+        return rotated
+
+
+def encode_int(v: np.ndarray, levels: IntLevels, quant_seed: int) -> np.ndarray:
+    """The integer codes (uint64, in [0, 2^bits)) of the float32 vector ``v``: rotated,
+    clipped and rounded without bias (csrc/intcode.hpp)."""
+    rotated = np.array(v, dtype=np.float32, copy=True)
+    if rotated.size:
+        _core.eden_rotate(rotated, levels.block, levels.rotation_seed)
+    return _core.int_encode(rotated, levels.bits, levels.clip, quant_seed)
+
+
+def int_section(codes: np.ndarray, levels: IntLevels, *, masked: bool, width: int) -> tuple:
+    """The section's buffers: its head, then the codes packed ``width`` bits each."""
+    head = INT_HEAD.pack(
+        levels.bits, levels.modulus_bits, width, INT_MASKED if masked else 0, levels.clip, levels.rotation_seed
+    )
+    return (head, _core.pack_codes(np.ascontiguousarray(codes, dtype=np.uint64), width))
+
+
+@dataclass
+class IntSection:
+    """A validated int values section: its levels, whether it is masked, and its codes."""
+
+    levels: IntLevels
+    width: int  # bits per code on the wire: ``bits``, or ``modulus_bits`` for residues
+    masked: bool
+    count: int
+    packed: memoryview
+
+    @property
+    def modular(self) -> bool:
+        """Whether the codes are residues modulo 2^modulus_bits (masked, or noised)."""
+        return self.width == self.levels.modulus_bits
+
+    def codes(self) -> np.ndarray:
+        """The codes as sent (uint64)."""
+        return _core.unpack_codes(self.packed, self.count, self.width)
+
+    def values(self) -> np.ndarray:
+        """The float32 values of an unmasked section, decoded on their own."""
+        if self.masked:
+            raise DecodeError("int section is masked by secure aggregation: it decodes only as part of the round's sum")
+        codes = self.codes()
+        total = centered(codes, self.levels.modulus_bits) if self.modular else codes.astype(np.int64)
+        return self.levels.values(total, 1)
+
+
+def centered(residues: np.ndarray, m: int) -> np.ndarray:
+    """Residues modulo 2^m as the signed integers they stand for: a sum of codes lies in
+    [0, 2^(m-1)) by the choice of m, and distributed-DP noise may push it below 0 or above;
+    residues from 2^m - 2^(m-2) up are read as negative (int64)."""
+    r = residues.astype(np.int64)
+    return np.where(residues >= (1 << m) - (1 << (m - 2)), r - (1 << m), r)
+
+
+def parse_int(data: memoryview, count: int, block: int) -> IntSection:
+    """Validates an int section of ``count`` codes rotated with block ``block``."""
+    r = ByteReader(data, "int section")
+    bits, m, width, flags, clip, seed = r.unpack(INT_HEAD, "head")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise DecodeError(f"int section: bits {bits} outside [{MIN_BITS}, {MAX_BITS}]")
+    if not bits < m <= MAX_MODULUS_BITS:
+        raise DecodeError(f"int section: modulus bits {m} outside [{bits + 1}, {MAX_MODULUS_BITS}]")
+    if width not in (bits, m):
+        raise DecodeError(f"int section: code width {width} is neither bits ({bits}) nor modulus bits ({m})")
+    if flags & ~INT_MASKED:
+        raise DecodeError(f"int section: unknown flags 0x{flags:02x}")
+    masked = bool(flags & INT_MASKED)
+    if masked and width != m:
+        raise DecodeError(f"int section: masked codes are {m}-bit residues, found width {width}")
+    if not (math.isfinite(clip) and clip > 0):
+        raise DecodeError(f"int section: clip {clip!r} is not finite and positive")
+    packed = r.take((count * width + 7) // 8, "codes")
+    if (count * width) % 8 and packed[-1] >> ((count * width) % 8):
+        raise DecodeError("int section: nonzero padding bits in the last byte")
+    if r.pos != len(data):
+        raise DecodeError(f"int section: {len(data) - r.pos} trailing bytes")
+    return IntSection(IntLevels(bits, clip, m, seed, block), width, masked, count, packed)
