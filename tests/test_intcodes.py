@@ -213,8 +213,12 @@ def test_sums_that_do_not_add_up_are_refused_and_change_nothing() -> None:
             agg.add(other)
         with pytest.raises(fp.DecodeError, match=what):
             agg.add_many([good[1], other])
-    with pytest.raises(ValueError, match="equal weights"):
-        agg.add(good[1], weight=2.0)
+    with pytest.raises(ValueError, match="integer weights"):
+        agg.add(good[1], weight=2.5)
+    masked = fp.Aggregator()
+    masked.add(base.encode(ups[0], rotation_seed=5, mask=lambda c: c))
+    with pytest.raises(ValueError, match="with equal weights"):
+        masked.add(base.encode(ups[1], rotation_seed=5, mask=lambda c: c), weight=2.0)
     assert agg.count == 1
     for name, value in agg.result().items():
         np.testing.assert_array_equal(value, before[name])
@@ -273,3 +277,25 @@ def test_malformed_int_sections_are_refused() -> None:
     ]:
         with pytest.raises(fp.DecodeError, match=what):
             parse_int(memoryview(bad), 13, rec.rht_block)
+
+
+def test_integer_weights_weigh_exactly() -> None:
+    """Plain codes take example counts as integer multipliers: the weighted mean, exact in
+    any order, equal to repeating each payload its weight's times."""
+    ups = updates(3, seed=9)
+    codec = fp.Codec("int8:clip=0.02")
+    payloads = [codec.encode(u, seed=i, rotation_seed=4) for i, u in enumerate(ups)]
+    weighted = fp.Aggregator()
+    weighted.add_many(payloads, [3.0, 1.0, 2.0])
+    reordered = fp.Aggregator()
+    for i in (2, 0, 1):
+        reordered.add(payloads[i], [3.0, 1.0, 2.0][i])
+    repeated = fp.Aggregator()
+    repeated.add_many([payloads[0]] * 3 + [payloads[1]] + [payloads[2]] * 2)
+    for name, value in repeated.result().items():
+        np.testing.assert_array_equal(weighted.result()[name], value)
+        np.testing.assert_array_equal(reordered.result()[name], value)
+    big = fp.Aggregator()
+    big.add(payloads[0], 2.0**32 - 1)
+    with pytest.raises(ValueError, match="63 bits"):  # the sum of k * 255 would reach 2^63
+        big._ints["w"].multiplier(2.0**32 - 1, (1 << 63) // 255 - 2**32)

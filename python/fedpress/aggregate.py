@@ -68,15 +68,24 @@ def _fused_dense_add(
 @dataclass
 class _IntSum:
     """The running sum of one tensor's integer codes: what every client added shares
-    (levels, code width, masked or not), the total (uint64: exact, or residues modulo
-    2^m), how many payloads it holds and their common weight."""
+    (levels, code width, masked or not) and the total, sum of k * codes (uint64: exact,
+    or residues modulo 2^m), each payload's weight being k * ``unit``. Plain codes take
+    integer weights (example counts) as k, unit 1; residues add up with equal weights
+    only (k = 1, unit the common weight): masked codes cannot be multiplied by the server."""
 
     levels: IntLevels
     width: int
     masked: bool
     total: np.ndarray
+    unit: float
+    multipliers: int = 0  # the sum of the payloads' k
     clients: int = 0
-    weight: float = 1.0
+
+    @classmethod
+    def starting(cls, sec: IntSection, weight: float) -> _IntSum:
+        """An empty sum whose unit the first payload's weight sets."""
+        integer = not sec.modular and float(weight).is_integer() and 0 <= weight < 2**32
+        return cls(sec.levels, sec.width, sec.masked, np.zeros(sec.count, np.uint64), 1.0 if integer else weight)
 
     @property
     def modular(self) -> bool:
@@ -87,19 +96,37 @@ class _IntSum:
         mode = "masked" if self.masked else ("residues" if self.modular else "plain")
         return f"int{lv.bits} clip={lv.clip!r} m={lv.modulus_bits} rotation {lv.rotation_seed} ({mode})"
 
-    def add(self, sec: IntSection) -> None:
-        np.add(self.total, sec.codes(), out=self.total)  # uint64 wraps modulo 2^64: fine modulo 2^m
+    def multiplier(self, weight: float, pending: int) -> int:
+        """The k of a payload of ``weight`` (ValueError when there is none), checked that the
+        sum, ``pending`` multipliers already promised, cannot overflow 63 bits."""
+        if weight == self.unit:
+            k = 1
+        elif self.unit == 1.0 and not self.modular and float(weight).is_integer() and 0 <= weight < 2**32:
+            k = int(weight)
+        else:
+            kind = "equal weights" if self.modular else "integer weights (example counts) or equal weights"
+            raise ValueError(f"int codes add up exactly with {kind}: weight {weight!r} does not fit the sum's")
+        if (self.multipliers + pending + k) * ((1 << self.levels.bits) - 1) >= 1 << 63:
+            raise ValueError("the weights of this int sum are too large to sum in 63 bits")
+        return k
+
+    def add(self, sec: IntSection, k: int) -> None:
+        codes = sec.codes()
+        if k != 1:
+            np.multiply(codes, np.uint64(k), out=codes)
+        np.add(self.total, codes, out=self.total)  # uint64 wraps modulo 2^64: fine modulo 2^m
         if self.modular:
             np.bitwise_and(self.total, np.uint64((1 << self.levels.modulus_bits) - 1), out=self.total)
+        self.multipliers += k
         self.clients += 1
 
     def weighted_sum(self) -> np.ndarray:
-        """The float32 sum of the clients' values times their weight, unrotated."""
+        """The float32 sum of the clients' values times their weights, unrotated."""
         if self.modular:
             total = centered(self.total, self.levels.modulus_bits)
         else:
             total = self.total.astype(np.int64)
-        return self.levels.values(total, self.clients, self.weight)
+        return self.levels.values(total, self.multipliers, self.unit)
 
 
 class Aggregator:
@@ -144,7 +171,7 @@ class Aggregator:
             # this process's memory, leaves the aggregate as it was.
             sums = self._sums
             fresh = self._table is None
-            new_ints = self._int_sums([parsed], [w], fresh)
+            new_ints, int_steps = self._int_steps([parsed], [w], fresh)
             # fresh: unwritten, each step writes its sum, or has it zeroed first
             sums = self._float_sums({} if fresh else sums, [parsed], np.empty if fresh else np.zeros)
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
@@ -153,7 +180,7 @@ class Aggregator:
                 for rec in parsed.tensors
                 if rec.intcode is None
             ]
-            steps += [partial(new_ints[rec.name].add, rec.intcode) for rec in parsed.tensors if rec.intcode is not None]
+            steps += int_steps
             self._ints = new_ints
             table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
             self._rotated.update(new_rotated)
@@ -212,7 +239,7 @@ class Aggregator:
             if broken < len(parsed):
                 raise parsed[broken]
             sums = self._sums
-            new_ints = self._int_sums(parsed, ws, self._table is None)
+            new_ints, int_steps = self._int_steps(parsed, ws, self._table is None)
             sums = self._float_sums({} if self._table is None else sums, parsed, np.zeros)
             # The other sparse float32 tensors go into two buffers allocated once (many small
             # arrays would each fault their pages in, one large one takes huge pages).
@@ -243,9 +270,7 @@ class Aggregator:
             skip = {(i, rec.name) for i, rec in batched}
             for i, one in enumerate(parsed):
                 for rec in one.tensors:
-                    if rec.intcode is not None:
-                        steps.append(partial(new_ints[rec.name].add, rec.intcode))
-                    elif (i, rec.name) not in skip and rec.name not in streams[i]:
+                    if rec.intcode is None and (i, rec.name) not in skip and rec.name not in streams[i]:
                         steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
             groups: dict[str, tuple[list, list, list]] = {}
             for (i, rec), (idx, values) in zip(batched, decoded):
@@ -261,7 +286,7 @@ class Aggregator:
                     g2[1].append(ws[i])
             self._rotated.update(new_rotated)
             self._ints = new_ints
-            for step in steps:
+            for step in steps + int_steps:
                 step()
             for name, (checked_list, w_list) in stream_groups.items():
                 _core.add_streams(sums[name], checked_list, w_list)
@@ -306,39 +331,41 @@ class Aggregator:
         self.count += 1
         self.total_weight += w
 
-    def _int_sums(self, batch: Sequence[Any], weights: Sequence[float], fresh: bool) -> dict[str, _IntSum]:
+    def _int_steps(
+        self, batch: Sequence[Any], weights: Sequence[float], fresh: bool
+    ) -> tuple[dict[str, _IntSum], list[Callable[[], Any]]]:
         """The integer sums a batch of parsed payloads adds to (this aggregator's, and new
-        ones allocated), checked but not added to: the caller's steps add, once every
-        payload of the batch is checked. DecodeError when a payload's intB tensor does not
-        add up with the sum (other levels, clip, modulus, rotation or masking), ValueError
-        for unequal weights (codes add up with equal weights only; a tensor may also have
-        float payloads, summed apart and combined by ``result``). Nothing of this
-        aggregator changes here."""
+        ones allocated) and the steps that add them, once every payload of the batch is
+        checked: DecodeError when a payload's intB tensor does not add up with the sum
+        (other levels, clip, modulus, rotation or masking), ValueError for weights the sum
+        cannot take (see ``_IntSum``). A tensor may also have float payloads, summed apart
+        and combined by ``result``. Nothing of this aggregator changes here."""
         ints = {} if fresh else dict(self._ints)
+        pending: dict[str, int] = {}  # multipliers the batch adds to each sum
+        steps: list[Callable[[], Any]] = []
         for i, parsed in enumerate(batch):
             for rec in parsed.tensors:
-                current = ints.get(rec.name)
-                if rec.intcode is None:
+                sec = rec.intcode
+                if sec is None:
                     continue
                 if rec.kind != KIND_DENSE:
                     raise DecodeError(f"payload {i}: tensor {rec.name!r}: sparse int codes do not add up")
-                sec = rec.intcode
-                candidate = _IntSum(sec.levels, sec.width, sec.masked, np.empty(0, np.uint64), weight=weights[i])
+                current = ints.get(rec.name)
                 if current is None:
-                    candidate.total = np.zeros(rec.count, np.uint64)
-                    ints[rec.name] = candidate
-                    continue
+                    current = ints[rec.name] = _IntSum.starting(sec, weights[i])
                 if (current.levels, current.width, current.masked) != (sec.levels, sec.width, sec.masked):
+                    theirs = _IntSum(sec.levels, sec.width, sec.masked, current.total, current.unit)
                     raise DecodeError(
-                        f"payload {i}: tensor {rec.name!r}: {candidate.describe()} does not add up with the "
+                        f"payload {i}: tensor {rec.name!r}: {theirs.describe()} does not add up with the "
                         f"sum's {current.describe()}"
                     )
-                if weights[i] != current.weight:
-                    raise ValueError(
-                        f"payload {i}: int codes add up with equal weights only: weight {weights[i]!r}, "
-                        f"the sum's is {current.weight!r}"
-                    )
-        return ints
+                try:
+                    k = current.multiplier(weights[i], pending.get(rec.name, 0))
+                except ValueError as exc:
+                    raise ValueError(f"payload {i}: tensor {rec.name!r}: {exc}") from None
+                pending[rec.name] = pending.get(rec.name, 0) + k
+                steps.append(partial(current.add, sec, k))
+        return ints, steps
 
     def _float_sums(
         self, sums: dict[str, np.ndarray], batch: Sequence[Any], make: Callable[..., np.ndarray]
@@ -471,12 +498,12 @@ class Aggregator:
             return
         for name, theirs in other._ints.items():  # checked before anything is merged
             ours = self._ints.get(name)
-            if ours is not None and (ours.levels, ours.width, ours.masked) != (
-                theirs.levels,
-                theirs.width,
-                theirs.masked,
-            ):
+            if ours is None:
+                continue
+            if (ours.levels, ours.width, ours.masked) != (theirs.levels, theirs.width, theirs.masked):
                 raise DecodeError(f"tensor {name!r}: {theirs.describe()} does not add up with {ours.describe()}")
+            if ours.unit != theirs.unit:
+                raise ValueError(f"tensor {name!r}: int sums of weight units {theirs.unit!r} and {ours.unit!r}")
         if self._table is None:
             if self._model is not None and other._table != self._model:
                 raise DecodeError(table_difference(self._model, other._table, "the receiver's model"))
@@ -491,12 +518,19 @@ class Aggregator:
             ours = self._ints.get(name)
             if ours is None:
                 self._ints[name] = _IntSum(
-                    theirs.levels, theirs.width, theirs.masked, theirs.total.copy(), theirs.clients, theirs.weight
+                    theirs.levels,
+                    theirs.width,
+                    theirs.masked,
+                    theirs.total.copy(),
+                    theirs.unit,
+                    theirs.multipliers,
+                    theirs.clients,
                 )
                 continue
             ours.total += theirs.total
             if ours.modular:
                 np.bitwise_and(ours.total, np.uint64((1 << ours.levels.modulus_bits) - 1), out=ours.total)
+            ours.multipliers += theirs.multipliers
             ours.clients += theirs.clients
         for name, (seed, block, n, acc) in other._rotated.items():
             mine = self._rotated.get(name)

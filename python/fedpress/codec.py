@@ -102,6 +102,12 @@ class Spec:
         return self.values in EDEN_STAGES
 
     @property
+    def shares_rotation(self) -> bool:
+        """Whether the round's clients rotate with one seed (``Codec.encode(rotation_seed=)``):
+        ``edenB:shared`` and ``intB``, whose sums the server adds in the rotated domain."""
+        return self.eden_mode == "shared" or self.int_bits > 0
+
+    @property
     def int_bits(self) -> int:
         """Bits per level of intB values; 0 for other stages."""
         match = INT_STAGE.match(self.values)

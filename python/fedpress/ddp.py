@@ -205,7 +205,7 @@ def compress_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.fut
     encoder = state._encoder(bucket.index())
     # edenB:shared: every rank rotates this bucket with the same seed, so the callback's
     # Aggregator sums the payloads in the rotated domain and inverts once.
-    shared = encoder.codec.spec.eden_mode == "shared"
+    shared = encoder.codec.spec.shares_rotation
     payload = encoder.encode(
         {_TENSOR: buffer},
         seed=state._payload_seed(rank, bucket.index()),

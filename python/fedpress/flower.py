@@ -260,7 +260,7 @@ def compress_mod(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     spec_text = str(parse_spec(spec))
-    shared = parse_spec(spec).eden_mode == "shared"
+    shared = parse_spec(spec).shares_rotation
 
     def fedpress_compress_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         try:

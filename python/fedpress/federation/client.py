@@ -444,8 +444,8 @@ class Client:
             metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
             aligned = align_update(update, model)
             encoder = self.encoder
-            # edenB:shared rotates with the round's common seed (the server sums in the rotated domain).
-            shared = encoder.codec.spec.eden_mode == "shared"
+            # edenB:shared and intB rotate with the round's common seed (the server sums in the rotated domain).
+            shared = encoder.codec.spec.shares_rotation
             rotation_seed = task.config.get("rotation_seed") if shared else None
             payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
             payload = await asyncio.to_thread(
