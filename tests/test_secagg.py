@@ -111,7 +111,9 @@ def run_round(
         for c in shuffled(c for c in server.survivors if c not in set(after_masked)):
             messages["unmask"][c] = clients[c].unmask(request)
             server.receive_unmask(c, messages["unmask"][c])
-        result = (total - server.correction()) & mask
+        correction = server.correction()
+        assert not correction.flags.writeable and server.correction() is correction
+        result = (total - correction) & mask
     return Round(params, clients, server, masked, messages, request, result, expected & mask)
 
 
@@ -255,6 +257,9 @@ def test_masked_vectors_look_uniform() -> None:
     for c in (1, 2, 3):
         assert chi_square_uniform(done.masked[c], 256) < 420
     assert chi_square_uniform(zeros, 256) > 1e6
+    # The masked sum too: the pairwise masks cancel there, the self masks must not.
+    masked_sum = (done.masked[1] + done.masked[2] + done.masked[3]) & np.uint64(255)
+    assert chi_square_uniform(masked_sum, 256) < 420
     # Means of two different inputs: 127.5 each, sd 0.29 over 65536 values.
     means = [float(done.masked[c].mean()) for c in (1, 2)]
     assert abs(means[0] - 127.5) < 2 and abs(means[1] - 127.5) < 2 and abs(means[0] - means[1]) < 2.5
@@ -513,6 +518,11 @@ def test_an_altered_ciphertext_fails_authentication() -> None:
     with pytest.raises(SecAggError, match="the share from client 1 to client 2 failed authentication"):
         done.clients[2].mask(codes[2], altered)
     # The intact message is accepted: the refusal changed nothing.
+    # Client 1's ciphertext relabelled as client 0's: another key and associated data.
+    entry = HEADER + 8
+    relabelled = forwarded[: entry + 4] + forwarded[entry + 90 : entry + 172] + forwarded[entry + 86 :]
+    with pytest.raises(SecAggError, match="the share from client 0 to client 2 failed authentication"):
+        done.clients[2].mask(codes[2], relabelled)
     masked = done.clients[2].mask(codes[2], forwarded)
     assert masked.shape == (16,) and masked.dtype == np.uint64
 
@@ -541,6 +551,31 @@ def test_a_wrong_share_is_detected_and_left_out(dropped: bool) -> None:
         done.server.receive_unmask(c, tamper_share(message, 8) if c == 3 else message)
     total = sum(done.masked.values())
     np.testing.assert_array_equal((total - done.server.correction()) & np.uint64(4095), done.expected)
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_a_wrong_share_encrypted_by_its_sender_is_left_out(dropped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 9 encrypts a wrong share for client 4: it authenticates, and only the
+    reconstruction's check against the commitment or public key finds it."""
+    split = secagg._shamir_split
+
+    def skewed(secret: bytes, xs: list[int], threshold: int, draw: Callable[[int], bytes]) -> list[int]:
+        shares = split(secret, xs, threshold, draw)
+        if xs[-1] == 8 + 1:  # client 9's neighbours are 0..8
+            shares[4] = (shares[4] + 1) % FIELD_PRIME
+        return shares
+
+    monkeypatch.setattr(secagg, "_shamir_split", skewed)
+    rng = np.random.default_rng(23)
+    params = SecAggParams(list(range(10)), 12, 32, SEED)
+    codes = random_codes(rng, params.client_ids, 12, 32)
+    done = run_round(params, codes, rng=rng, before_masked=[9] if dropped else [])
+    np.testing.assert_array_equal(done.result, done.expected)
+    # The first t holders (0..5) include client 4: they alone give another secret.
+    kind = 1 if dropped else 0
+    first = [(w + 1, done.clients[w]._held[9][kind]) for w in range(6)]
+    others = [(w + 1, done.clients[w]._held[9][kind]) for w in (0, 1, 2, 3, 5, 6)]
+    assert lagrange_at_zero(first) != lagrange_at_zero(others)
 
 
 @pytest.mark.parametrize("dropped", [False, True])

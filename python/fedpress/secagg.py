@@ -947,6 +947,9 @@ class SecAggServer:
     ``protocol_bytes``: the protocol's own traffic, apart from the masked vectors:
     bytes received and sent per stage. Each ``keys_for`` and ``shares_for`` call counts
     as sent; the unmask request counts once per surviving client it must reach.
+
+    Not thread-safe: a federation that receives on several threads serializes its
+    calls (each is short but for ``correction``).
     """
 
     def __init__(self, params: SecAggParams) -> None:
@@ -1220,9 +1223,10 @@ class SecAggServer:
         their self masks, and the pairwise masks they share with clients that dropped.
         Each secret is reconstructed from t shares and checked against the commitment
         (self-mask seeds) or the advertised public key (mask keys); a bad share is left
-        out when enough others arrived."""
+        out when enough others arrived. Computed once: later calls return the same
+        read-only array."""
         if self._correction is not None:
-            return self._correction.copy()
+            return self._correction
         self._expect(_Stage.UNMASK, "correction")
         p = self.params
         keys: list[tuple[bytes, bool]] = []
@@ -1260,9 +1264,10 @@ class SecAggServer:
         _apply_masks(acc, keys)
         out = acc.astype(np.uint64, copy=False)
         np.bitwise_and(out, np.uint64((1 << p.modulus_bits) - 1), out=out)
+        out.flags.writeable = False
         self._correction = out
         self._stage = _Stage.DONE
-        return out.copy()
+        return out
 
 
 # --------------------------------------------------------------- in process --
