@@ -28,6 +28,8 @@ from fedpress.secagg import (
     SecAggServer,
     secure_sum,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 SEED = bytes(range(32))
 HEADER = 12  # magic, version, type, round tag
@@ -142,6 +144,31 @@ def test_sum_is_exact_under_dropouts_at_every_stage(n: int, m: int) -> None:
         np.testing.assert_array_equal(done.result, done.expected)
         sent = [c for c in ids if c not in set(itertools.chain(*list(dropouts.values())[:3]))]
         assert done.server.survivors == tuple(sorted(sent))
+
+
+@given(
+    n=st.integers(2, 9),
+    m=st.integers(2, 62),
+    length=st.integers(1, 40),
+    tolerance=st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.4]),
+    seed=st.binary(min_size=32, max_size=32),
+    draws=st.integers(0, 2**32),
+)
+def test_sum_is_exact_for_any_small_round(
+    n: int, m: int, length: int, tolerance: float, seed: bytes, draws: int
+) -> None:
+    rng = np.random.default_rng(draws)
+    dropouts_allowed = math.floor(tolerance * n)
+    if 2 * (n - 1 - dropouts_allowed) <= n - 1:  # the complete graph's threshold rule
+        with pytest.raises(ValueError, match=f"dropout_tolerance {tolerance} is unsafe for {n} clients"):
+            SecAggParams(list(range(n)), m, length, seed, dropout_tolerance=tolerance)
+        return
+    params = SecAggParams(list(range(3, 3 + 2 * n, 2)), m, length, seed, dropout_tolerance=tolerance)
+    assert params.complete and params.t == n - 1 - dropouts_allowed
+    codes = random_codes(rng, params.client_ids, m, length)
+    dropouts = spread_dropouts(rng, params.client_ids, int(rng.integers(0, dropouts_allowed + 1)))
+    done = run_round(params, codes, rng=rng, **dropouts)
+    np.testing.assert_array_equal(done.result, done.expected)
 
 
 @pytest.mark.parametrize("m, keys_per_pass", [(12, 4096), (33, 4096), (12, 2)])
