@@ -41,10 +41,20 @@ def test_frame_layout_matches_the_documented_header():
     parts = P.encode_frame(P.FrameType.BYE, b"done")
     assert b"".join(parts) == header(8, 4) + b"done"
     assert P.HEADER.size == 8
-    assert [t.value for t in P.FrameType] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [t.value for t in P.FrameType] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     frame = read(header(7, 6) + struct.pack("<H", 3) + b"nope")
     assert frame.type == P.FrameType.ERROR
     assert P.unpack_error(frame.body) == (3, "nope")
+
+
+def test_secagg_frames_round_trip_and_refuse_unknown_steps():
+    body = b"".join(P.SecAgg(7, P.SecAggStep.SHARES, b"message").parts())
+    assert body == struct.pack("<IB", 7, 3) + b"message"
+    assert P.SecAgg.unpack(body) == P.SecAgg(7, P.SecAggStep.SHARES, b"message")
+    with pytest.raises(P.ProtocolError, match="unknown step 7"):
+        P.SecAgg.unpack(struct.pack("<IB", 7, 7))
+    with pytest.raises(P.ProtocolError):
+        P.SecAgg.unpack(b"\x01\x00")
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ __all__ = [
     "PURPOSE_ROTATION",
     "PURPOSE_SAMPLING",
     "PURPOSE_SHUFFLE",
+    "PURPOSE_SECAGG",
 ]
 
 #: One sender's payload: (client id, round) in a federation and its sweep, (node id,
@@ -53,8 +54,13 @@ PURPOSE_ROTATION = "rotation"
 PURPOSE_SAMPLING = "sampling"
 #: The order a client visits its examples in a round of local training: (round).
 PURPOSE_SHUFFLE = "shuffle"
+#: The public seed of a round's secure aggregation graph: (round). The masks themselves
+#: come from key agreement and the OS's randomness, never from a seed.
+PURPOSE_SECAGG = "secagg"
 
-PURPOSES = frozenset({PURPOSE_PAYLOAD, PURPOSE_DOWNLINK, PURPOSE_ROTATION, PURPOSE_SAMPLING, PURPOSE_SHUFFLE})
+PURPOSES = frozenset(
+    {PURPOSE_PAYLOAD, PURPOSE_DOWNLINK, PURPOSE_ROTATION, PURPOSE_SAMPLING, PURPOSE_SHUFFLE, PURPOSE_SECAGG}
+)
 
 _MASK64 = (1 << 64) - 1
 

@@ -392,6 +392,21 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
         help="mean (FedAvg, default), median or trimmed:F (coordinate-wise over the decoded "
         "updates; tolerates a minority of arbitrary updates)",
     )
+    privacy = parser.add_argument_group("privacy")
+    privacy.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="the server learns only each round's sum (Bonawitz et al. 2017 / SecAgg+): needs an intB "
+        "--codec, e.g. int8:clip=0.01; clients follow without an option; every update weighs the same",
+    )
+    privacy.add_argument(
+        "--dropout-tolerance",
+        type=float,
+        default=0.3,
+        metavar="F",
+        help="with --secure-aggregation: the fraction of a round's clients that may drop out and the sum "
+        "still be unmasked",
+    )
     limits = parser.add_argument_group("connection limits")
     limits.add_argument(
         "--max-frame-bytes",
@@ -557,6 +572,8 @@ def _run_server(args: argparse.Namespace) -> int:
             frame_min_rate=args.frame_min_rate,
             inflight_bytes=args.inflight_bytes,
             insecure=context is None,
+            secure_aggregation=args.secure_aggregation,
+            dropout_tolerance=args.dropout_tolerance,
             **options,
         )
     except RunExistsError as exc:

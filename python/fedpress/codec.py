@@ -325,8 +325,6 @@ class Codec:
                     f"secure aggregation sums every coordinate: the spec {self.spec} keeps a different "
                     "subset per client, whose masked codes would not add up; use intB without a sparsifier"
                 )
-            if sent is not None:
-                raise ValueError("a masked payload has no decoded values to report")
         names, arrays, recorded = [], [], []
         for name, value in update.items():
             if not isinstance(name, str):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -102,9 +102,11 @@ class Encoder:
         seed: Optional[int] = None,
         rotation_seed: Optional[int] = None,
         round: Optional[int] = None,
+        mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ) -> bytes:
-        """The payload of ``update`` plus what earlier rounds did not send; ``seed`` and
-        ``rotation_seed`` as in ``fedpress.Codec.encode``. ``round`` (1-based, the
+        """The payload of ``update`` plus what earlier rounds did not send; ``seed``,
+        ``rotation_seed`` and ``mask`` (secure aggregation) as in ``fedpress.Codec.encode``
+        (error feedback keeps what the masked codes stand for, not the masks). ``round`` (1-based, the
         federation's round) places the call in the density warm-up; without it the
         encoder counts its own calls."""
         if not isinstance(update, Mapping):
@@ -120,7 +122,7 @@ class Encoder:
         if not self.error_feedback and self.momentum is None:
             # Nothing carried between rounds: the codec compresses the float32 update.
             to_send = {name: self._float32(arrays[name], scale) if name in dtypes else a for name, a in arrays.items()}
-            payload = codec.encode(to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes)
+            payload = codec.encode(to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, mask=mask)
             self.rounds += 1
             return payload
         fused = self._fused_topk(codec, arrays, dtypes, scale)
@@ -177,6 +179,7 @@ class Encoder:
                         selected=selected or None,
                         sent=sent,
                         before_write=correct,
+                        mask=mask,
                     )
                 finally:
                     done = [f.result() for f in correcting]  # joined, success or not

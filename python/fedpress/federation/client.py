@@ -41,8 +41,10 @@ from .._seeds import PURPOSE_PAYLOAD, derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
 from ..format import decode
+from ..secagg import SecAggClient, SecAggError
 from . import protocol as P
 from .model import align_update, apply_downlink_delta, as_params, canonical, model_tag
+from .secure import client_round
 from .transport import BodyDeadline, Connection, open_connection
 
 __all__ = ["Client", "parse_address"]
@@ -77,6 +79,11 @@ def _not_tls(exc: _ssl.SSLError) -> bool:
         "HTTP_REQUEST",
         "UNKNOWN_PROTOCOL",
     )
+
+
+def _masked(secure: SecAggClient, routed: bytes, codes: np.ndarray) -> np.ndarray:
+    """The codes as secure aggregation sends them: masked modulo 2^m."""
+    return secure.mask(codes, routed)
 
 
 class Client:
@@ -209,9 +216,12 @@ class Client:
             "downlink_payload_bytes": 0,
             "full_models": 0,
             "delta_models": 0,
+            "secagg_uplink_bytes": 0,
             "bye": None,
         }
         self._conn: Optional[Connection] = None
+        self._pushed_back: Optional[P.Frame] = None  # a frame read while a secure round waited
+        self._secure_rounds: dict[int, SecAggClient] = {}  # rounds whose sum this client helps unmask
         self._rng = random.Random()
         if initial_params is not None:
             self.model = canonical(as_params(initial_params))
@@ -373,10 +383,13 @@ class Client:
         """Serves frames; True on BYE."""
         while True:
             try:
-                frame = await conn.read_frame(self.max_frame_bytes)
+                frame = self._pushed_back or await conn.read_frame(self.max_frame_bytes)
+                self._pushed_back = None
                 if frame.type == P.FrameType.TASK:
                     task = P.Task.unpack(frame.body)
                     await self._on_task(conn, task)
+                elif frame.type == P.FrameType.SECAGG:
+                    await self._on_unmask_request(conn, P.SecAgg.unpack(frame.body))
                 elif frame.type == P.FrameType.BYE:
                     self.stats["bye"] = P.unpack_text(frame.body)
                     log.info("client %s: server said BYE (%s)", self.client_id, self.stats["bye"])
@@ -428,8 +441,27 @@ class Client:
             await self._send_failure(conn, r, f"cannot apply the model: {exc}")
             return
         self.model, self.model_tag = model, task.model_tag
-        codec = self.codec or task.config.get("codec") or self.settings.get("codec") or "fp32"
-        if self.encoder is None or (self.codec is None and self.encoder.spec != str(parse_spec(codec))):
+        secure: Optional[SecAggClient] = None
+        routed = b""
+        if "secagg" in task.config:  # the server aggregates securely: its codec, masked codes
+            try:
+                secure = client_round(task.config["secagg"], self.client_id)
+                got = await self._secagg_setup(conn, r, secure)
+            except (ValueError, SecAggError) as exc:
+                log.warning("client %s: secure aggregation of round %d failed: %s", self.client_id, r, exc)
+                await self._send_failure(conn, r, f"secure aggregation: {exc}")
+                return
+            if got is None:  # the server went on without this client
+                return
+            routed = got
+        codec = (
+            (task.config.get("codec") if secure is not None else None)
+            or self.codec
+            or task.config.get("codec")
+            or self.settings.get("codec")
+            or "fp32"
+        )
+        if self.encoder is None or self.encoder.spec != str(parse_spec(codec)):
             self.encoder = Encoder(
                 codec, error_feedback=self.error_feedback, momentum=self.momentum, **self.encoder_options
             )
@@ -448,8 +480,11 @@ class Client:
             shared = encoder.codec.spec.shares_rotation
             rotation_seed = task.config.get("rotation_seed") if shared else None
             payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
+            mask = None if secure is None else functools.partial(_masked, secure, routed)
             payload = await asyncio.to_thread(
-                functools.partial(encoder.encode, aligned, seed=payload_seed, rotation_seed=rotation_seed, round=r)
+                functools.partial(
+                    encoder.encode, aligned, seed=payload_seed, rotation_seed=rotation_seed, round=r, mask=mask
+                )
             )
         except Exception as exc:  # noqa: BLE001 - a failed round is reported, the client carries on
             log.exception("client %s: training failed in round %d", self.client_id, r)
@@ -459,9 +494,51 @@ class Client:
             metrics.setdefault("train_seconds", round(time.monotonic() - started, 6))
         update_frame = P.Update(r, num_examples, metrics, payload)
         await conn.send(P.FrameType.UPDATE, *update_frame.parts())
+        if secure is not None:
+            self._secure_rounds[r] = secure  # for the server's unmask request
         self.stats["uplink_payload_bytes"] += len(payload)
         self.stats["rounds"] += 1
         self.stats["last_round"] = r
+
+    async def _secagg_setup(self, conn: Connection, r: int, secure: SecAggClient) -> Optional[bytes]:
+        """Steps 1 to 4 of a secure round: this client's keys out, its neighbours' in, its
+        shares out, those for it in (returned). None when another frame came instead (a
+        new TASK, BYE): the server went on without this client, and the session serves it."""
+        await self._send_secagg(conn, r, P.SecAggStep.ADVERTISE, secure.advertise())
+        keys = await self._expect_secagg(conn, r, P.SecAggStep.KEYS)
+        if keys is None:
+            return None
+        await self._send_secagg(conn, r, P.SecAggStep.SHARES, secure.share_keys(keys))
+        return await self._expect_secagg(conn, r, P.SecAggStep.ROUTED)
+
+    async def _send_secagg(self, conn: Connection, r: int, step: P.SecAggStep, message: bytes) -> None:
+        await conn.send(P.FrameType.SECAGG, *P.SecAgg(r, step, message).parts())
+        self.stats["secagg_uplink_bytes"] += len(message)
+
+    async def _expect_secagg(self, conn: Connection, r: int, step: P.SecAggStep) -> Optional[bytes]:
+        frame = await conn.read_frame(self.max_frame_bytes)
+        if frame.type == P.FrameType.SECAGG:
+            message = P.SecAgg.unpack(frame.body)
+            if message.round != r or message.step != step:
+                raise P.ProtocolError(
+                    P.ErrorCode.PROTOCOL, f"SECAGG {message.step.name} of round {message.round}, expected {step.name}"
+                )
+            return message.message
+        self._pushed_back = frame
+        return None
+
+    async def _on_unmask_request(self, conn: Connection, message: P.SecAgg) -> None:
+        """Step 5 to 6: the shares that unmask the round's sum (only to the server, once)."""
+        secure = self._secure_rounds.pop(message.round, None)
+        if secure is None or message.step != P.SecAggStep.UNMASK_REQUEST:
+            raise P.ProtocolError(P.ErrorCode.PROTOCOL, f"unexpected SECAGG {message.step.name}")
+        self._secure_rounds.clear()  # earlier rounds are over
+        try:
+            reply = secure.unmask(message.message)
+        except SecAggError as exc:  # e.g. a request for both secrets of one client: refused
+            log.warning("client %s: unmask request of round %d refused: %s", self.client_id, message.round, exc)
+            return
+        await self._send_secagg(conn, message.round, P.SecAggStep.UNMASK, reply)
 
     async def _send_failure(self, conn: Connection, r: int, error: str) -> None:
         self.stats["failed_rounds"] += 1

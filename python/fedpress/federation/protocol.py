@@ -32,6 +32,10 @@ Frame bodies::
     UPDATE     client -> server
                round u32 | status u8 (0 ok, 1 failed) | num_examples u64 | metrics_len u32
                | metrics JSON | fedpress payload (rest; empty when status is failed)
+    SECAGG     either way (rounds under secure aggregation, docs/secure-aggregation.md)
+               round u32 | step u8 | fedpress.secagg message (rest); steps: 1 ADVERTISE (client),
+               2 KEYS (server), 3 SHARES (client), 4 ROUTED (server: the shares for this client),
+               5 UNMASK_REQUEST (server), 6 UNMASK (client)
     ERROR      either way
                code u16 | message (UTF-8, rest)
     BYE        either way
@@ -103,6 +107,8 @@ __all__ = [
     "Welcome",
     "Task",
     "Update",
+    "SecAgg",
+    "SecAggStep",
     "encode_frame",
     "parse_header",
     "read_frame",
@@ -149,7 +155,7 @@ MAX_JSON_BYTES = 1 << 20
 #: Optional features a client may request in HELLO; the server answers with
 #: those it grants in WELCOME. "downlink-delta": the client keeps the last
 #: global model and accepts TASKs carrying a compressed delta chain.
-FEATURES = ("downlink-delta",)
+FEATURES = ("downlink-delta", "secure-aggregation")
 
 _LABEL_CLIENT = b"fedpress-auth-client-v1"
 _LABEL_SERVER = b"fedpress-auth-server-v1"
@@ -168,6 +174,7 @@ class FrameType(enum.IntEnum):
     UPDATE = 6
     ERROR = 7
     BYE = 8
+    SECAGG = 9
 
 
 class ErrorCode(enum.IntEnum):
@@ -638,6 +645,42 @@ class Update:
         if status == UPDATE_FAILED and len(payload):
             raise ProtocolError(ErrorCode.PROTOCOL, f"UPDATE: a failed update carries {len(payload)} payload bytes")
         return cls(rnd, n, metrics, payload, status)
+
+
+class SecAggStep(enum.IntEnum):
+    """The step byte of a SECAGG frame: the secure aggregation stage a message belongs to."""
+
+    ADVERTISE = 1  # client -> server: its public keys
+    KEYS = 2  # server -> client: its neighbours' public keys
+    SHARES = 3  # client -> server: its encrypted shares, for its neighbours
+    ROUTED = 4  # server -> client: the shares addressed to it
+    UNMASK_REQUEST = 5  # server -> client: who survived, who dropped
+    UNMASK = 6  # client -> server: the shares that request asks for
+
+
+_SECAGG_HEAD = struct.Struct("<IB")
+
+
+@dataclass
+class SecAgg:
+    """SECAGG: the round, the step and a ``fedpress.secagg`` message."""
+
+    round: int
+    step: SecAggStep
+    message: bytes
+
+    def parts(self) -> list:
+        return [_SECAGG_HEAD.pack(self.round, self.step), self.message]
+
+    @classmethod
+    def unpack(cls, body: bytes) -> SecAgg:
+        c = _Cursor(body, "SECAGG")
+        rnd, step = c.unpack(_SECAGG_HEAD, "header")
+        try:
+            kind = SecAggStep(step)
+        except ValueError:
+            raise ProtocolError(ErrorCode.PROTOCOL, f"SECAGG: unknown step {step}") from None
+        return cls(rnd, kind, bytes(c.rest()))
 
 
 MAX_TEXT_BYTES = 4096

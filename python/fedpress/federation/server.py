@@ -47,6 +47,7 @@ from ..aggregate import Aggregator
 from ..codec import parse_spec
 from ..format import DecodeError, decode
 from ..robust import AggregationRule, cap_shares, clip_factor, robust_combine
+from ..secagg import SecAggError
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow
 from .model import (
@@ -64,6 +65,7 @@ from .model import (
     table,
     zero_reference,
 )
+from .secure import SecureRound, SecureSettings, secure_settings
 from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish, peek
 
 __all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config", "sample_clients"]
@@ -90,6 +92,11 @@ class _Peer:
         self.busy_round: Optional[int] = None
         self.task_tag: Optional[bytes] = None
         self.waiter: Optional[asyncio.Future] = None
+        self.secagg_ok = "secure-aggregation" in features
+        # SECAGG messages of the round this client takes part in securely (None: none);
+        # None in the queue: the client is gone.
+        self.secagg_round: Optional[int] = None
+        self.secagg_inbox: Optional[asyncio.Queue] = None
 
 
 class RunExistsError(P.FederationError, ValueError):
@@ -208,6 +215,11 @@ class Server:
         (``fedpress.robust.cap_shares``); None: no cap.
     clip_norm: each decoded update is scaled to at most this L2 norm before it is
         averaged (the mean still divides by the unclipped weights); None: no clip.
+    secure_aggregation: the server learns only the sum of each round's updates
+        (``fedpress.secagg``; docs/secure-aggregation.md): ``codec`` must be ``intB``, clients
+        follow it and mask their codes, each update weighs the same, and up to
+        ``dropout_tolerance`` of the sampled clients may drop out. Each stage of the
+        protocol waits ``secagg_timeout`` seconds for the clients' messages.
     aggregation: ``"mean"`` (FedAvg, streamed over compressed payloads), ``"median"`` or
         ``"trimmed:F"`` (coordinate-wise over the decoded updates, unweighted; the
         round's updates are held at once, so the model must fit
@@ -259,6 +271,9 @@ class Server:
         insecure: bool = False,
         overwrite: bool = False,
         ordered: bool = False,
+        secure_aggregation: bool = False,
+        dropout_tolerance: float = 0.3,
+        secagg_timeout: float = 30.0,
     ) -> None:
         if (token is None) == (master_token is None):
             raise ValueError(
@@ -359,6 +374,16 @@ class Server:
                     f"({robust_memory / 2**20:.0f} MiB): use the streamed mean with clip_norm / "
                     "max_share, or raise robust_memory"
                 )
+
+        self.secagg_timeout = _positive_float(secagg_timeout, "secagg_timeout")
+        self.secure: Optional[SecureSettings] = None
+        if secure_aggregation:
+            if self.aggregation.holds_updates or self.max_share is not None or self.clip_norm is not None:
+                raise ValueError(
+                    "secure aggregation shows the server only the round's sum: no robust aggregation, max_share "
+                    "or server-side clip_norm (clients clip before they mask)"
+                )
+            self.secure = secure_settings(self.codec, self.params, self.clients_per_round, dropout_tolerance)
 
         #: The port the server listens on (None until bound).
         self.port: Optional[int] = None
@@ -804,6 +829,8 @@ class Server:
             log.info("client %s left: %s", peer.client_id, reason)
         if peer.waiter is not None and not peer.waiter.done():
             peer.waiter.set_result(("failed", reason))
+        if peer.secagg_inbox is not None:
+            peer.secagg_inbox.put_nowait(None)  # its secure aggregation stages stop waiting
         peer.busy_round = None
         self._notify()
 
@@ -820,6 +847,12 @@ class Server:
                     update = P.Update.unpack(frame.body)
                     peer.account.payload("rx", update.payload_bytes)
                     self._on_update(peer, update)
+                elif frame.type == P.FrameType.SECAGG:
+                    secagg = P.SecAgg.unpack(frame.body)
+                    if peer.secagg_inbox is not None and secagg.round == peer.secagg_round:
+                        peer.secagg_inbox.put_nowait(secagg)
+                    else:
+                        log.info("client %s: SECAGG message for round %d ignored", peer.client_id, secagg.round)
                 elif frame.type == P.FrameType.BYE:
                     reason = "said BYE"
                     break
@@ -908,8 +941,17 @@ class Server:
         dl = self._downlink_state
         await asyncio.to_thread(dl.full)  # model-sized work stays off the event loop
         idle = self._idle()
+        if self.secure is not None:  # a client that cannot mask would send its update in the clear
+            idle = [c for c in idle if self._peers[c].secagg_ok]
         sampled = sample_clients(self.seed, r, idle, self.clients_per_round)
         config = self._config(r)
+        secure = None
+        if self.secure is not None and len(sampled) >= 2:
+            secure = SecureRound(r, sampled, self.secure, self.seed)
+            config.update(codec=self.secure.codec, secagg=secure.config())
+            for cid in sampled:
+                self._peers[cid].secagg_round = r
+                self._peers[cid].secagg_inbox = asyncio.Queue()
         outcomes: dict[str, dict[str, Any]] = {}
         waiters: dict[asyncio.Future, str] = {}
         sends = []
@@ -933,8 +975,12 @@ class Server:
         aggregator = Aggregator()
         aggregator.add(self._reference, 0.0)
         held: list[_Held] = []  # the updates, when the mean is not simply streamed
+        if secure is not None:
+            await self._secagg_setup(secure, outcomes)
         deadline = loop.time() + self.round_timeout
-        pending = set(waiters)
+        pending = {fut for fut in waiters if not fut.done() or fut.result()[0] == "update"}
+        for fut in set(waiters) - pending:  # out in the secure aggregation setup
+            outcomes[waiters[fut]].update(status="failed", reason=fut.result()[1])
         try:
             while pending:
                 timeout = deadline - loop.time()
@@ -945,7 +991,7 @@ class Server:
                     cid = waiters[fut]
                     what, value = fut.result()
                     if what == "update":
-                        await self._take_update(aggregator, held, cid, value, outcomes[cid])
+                        await self._take_update(aggregator, held, cid, value, outcomes[cid], secure)
                     else:
                         outcomes[cid].update(status="failed", reason=value)
         finally:
@@ -960,6 +1006,20 @@ class Server:
                 if not s.done():
                     s.cancel()
             await asyncio.gather(*sends, return_exceptions=True)
+        if secure is not None:
+            try:
+                await self._secagg_unmask(secure, aggregator)
+            except SecAggError as exc:
+                secure.error = str(exc)
+                log.warning("round %d: secure aggregation failed: %s", r, exc)
+                for c in sampled:
+                    if outcomes[c]["status"] == "ok":
+                        outcomes[c].update(status="failed", reason=f"secure aggregation failed: {exc}")
+            finally:
+                for c in sampled:
+                    taking_part = self._peers.get(c)
+                    if taking_part is not None and taking_part.secagg_round == r:
+                        taking_part.secagg_round = taking_part.secagg_inbox = None
         completed = [c for c in sampled if outcomes[c]["status"] == "ok"]
         failed = [c for c in sampled if outcomes[c]["status"] != "ok"]
         for c in failed:
@@ -995,13 +1055,116 @@ class Server:
         }
         if round_error is not None:
             info["error"] = round_error
+        if secure is not None:
+            info["secure_aggregation"] = secure.summary()
         info.update(evaluation)
         return info
+
+    async def _secagg_send(self, secure: SecureRound, cid: str, step: P.SecAggStep, message: bytes) -> bool:
+        """Sends one SECAGG message; False when the client is gone."""
+        peer = self._peers.get(cid)
+        if peer is None:
+            return False
+        try:
+            await peer.conn.send(P.FrameType.SECAGG, *P.SecAgg(secure.round, step, message).parts())
+        except (ConnectionError, OSError, _ssl.SSLError):
+            return False
+        secure.count("downlink", message)
+        return True
+
+    async def _secagg_collect(self, secure: SecureRound, members: list[str], step: P.SecAggStep) -> dict[str, bytes]:
+        """The ``step`` messages of ``members`` that arrive within ``secagg_timeout``."""
+
+        async def one(cid: str) -> tuple[str, Optional[bytes]]:
+            peer = self._peers.get(cid)
+            if peer is None or peer.secagg_inbox is None:
+                return cid, None
+            message = await peer.secagg_inbox.get()
+            if message is None or message.step != step:  # gone, or out of step: out of the round
+                return cid, None
+            return cid, message.message
+
+        tasks = [asyncio.ensure_future(one(cid)) for cid in members]
+        if not tasks:
+            return {}
+        done, pending = await asyncio.wait(tasks, timeout=self.secagg_timeout)
+        for task in pending:
+            task.cancel()
+        got = {}
+        for task in done:
+            cid, message = task.result()
+            if message is not None:
+                secure.count("uplink", message)
+                got[cid] = message
+        return got
+
+    async def _secagg_setup(self, secure: SecureRound, outcomes: dict[str, dict[str, Any]]) -> None:
+        """Steps 1 to 4 of a secure round (keys, then shares, routed): a client that misses
+        a step, or whose message is refused, is out of the round (its masks are then
+        removed from the sum like a dropped client's); when too few are left, all are."""
+
+        def out(cid: str, reason: str) -> None:
+            outcomes[cid]["secagg_reason"] = reason
+            peer = self._peers.get(cid)
+            if peer is not None and peer.waiter is not None and not peer.waiter.done():
+                peer.waiter.set_result(("failed", f"secure aggregation: {reason}"))
+
+        server, index = secure.server, secure.index
+
+        def take(members: list[str], got: dict[str, bytes], what: str, accept: Callable[[int, bytes], None]) -> None:
+            for cid in members:
+                try:
+                    if cid not in got:
+                        raise SecAggError(f"no {what} within {self.secagg_timeout} s")
+                    accept(index(cid), got[cid])
+                except SecAggError as exc:
+                    out(cid, str(exc))
+
+        try:
+            got = await self._secagg_collect(secure, secure.clients, P.SecAggStep.ADVERTISE)
+            take(secure.clients, got, "keys", server.receive_advertise)
+            members = [secure.clients[i] for i in server.advertised]
+            sent = [
+                c for c in members if await self._secagg_send(secure, c, P.SecAggStep.KEYS, server.keys_for(index(c)))
+            ]
+            take(
+                members, await self._secagg_collect(secure, sent, P.SecAggStep.SHARES), "shares", server.receive_shares
+            )
+            for cid in [secure.clients[i] for i in server.shared]:
+                if not await self._secagg_send(secure, cid, P.SecAggStep.ROUTED, server.shares_for(index(cid))):
+                    out(cid, "gone before its shares were routed")
+        except SecAggError as exc:  # the round as a whole: too few clients left
+            secure.error = str(exc)
+            log.warning("round %d: secure aggregation setup failed: %s", secure.round, exc)
+            for cid in secure.clients:
+                out(cid, f"setup failed: {exc}")
+
+    async def _secagg_unmask(self, secure: SecureRound, aggregator: Aggregator) -> None:
+        """Steps 5 and 6, then the correction out of the aggregator's sum (SecAggError
+        when the surviving clients cannot unmask it)."""
+        if secure.error:
+            raise SecAggError(secure.error)
+        server = secure.server
+        request = server.unmask_request()
+        survivors = [secure.clients[i] for i in server.survivors]
+        sent = [c for c in survivors if await self._secagg_send(secure, c, P.SecAggStep.UNMASK_REQUEST, request)]
+        got = await self._secagg_collect(secure, sent, P.SecAggStep.UNMASK)
+        for cid, message in got.items():
+            try:
+                server.receive_unmask(secure.index(cid), message)
+            except SecAggError as exc:
+                log.warning("round %d: client %s's unmask message refused: %s", secure.round, cid, exc)
+        if not survivors:
+            raise SecAggError("no masked update arrived")
+        correction = await asyncio.to_thread(server.correction)
+        aggregator.unmask(correction)
 
     @property
     def _streamed(self) -> bool:
         """Whether each update goes straight into the running weighted sum (decoded
         first when it is clipped; the shares of max_share are known only at the end)."""
+        if self.secure is not None:  # masked codes: summed as they come, in integers (order-free)
+            return True
         return not (self.aggregation.holds_updates or self.max_share is not None or self.ordered)
 
     def _combine(self, aggregator: Aggregator, held: list[_Held]) -> dict[str, np.ndarray]:
@@ -1048,7 +1211,13 @@ class Server:
         return params
 
     async def _take_update(
-        self, aggregator: Aggregator, held: list[_Held], cid: str, update: P.Update, outcome: dict[str, Any]
+        self,
+        aggregator: Aggregator,
+        held: list[_Held],
+        cid: str,
+        update: P.Update,
+        outcome: dict[str, Any],
+        secure: Optional[SecureRound] = None,
     ) -> None:
         outcome["num_examples"] = int(update.num_examples)
         outcome["metrics"] = update.metrics
@@ -1069,6 +1238,8 @@ class Server:
                 update.num_examples,
                 self.max_examples,
             )
+        if secure is not None:
+            weight = 1.0  # masked codes add up with equal weights only
         outcome["weight"] = weight
         try:
             if self._streamed and self.clip_norm is None:
@@ -1081,6 +1252,8 @@ class Server:
             outcome.update(status="failed", reason=f"invalid payload: {exc}")
             log.warning("client %s sent an invalid payload: %s", cid, exc)
             return
+        if secure is not None:
+            secure.server.receive_masked(secure.index(cid))
         outcome["status"] = "ok"
         peer = self._peers.get(cid)
         if peer is not None and peer.task_tag is not None:
