@@ -243,6 +243,9 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
             server_momentum=cell.server_momentum,
             server_lr_decay=cell.server_decay,
             downlink_mode=cell.downlink_mode,
+            secure_aggregation=cell.secagg,
+            clip_norm=cell.clip if cell.secagg or cell.dp is not None else None,
+            dp_noise_multiplier=cell.dp,
             insecure=True,
         )
         await server.start()
@@ -287,6 +290,7 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
         "server_decay=0.2",
         "q8+zstd@ef=off,downlink=q8",
         "topk:0.2+q4+zstd@server_momentum=0.5,downlink=topk:0.2+q4+zstd,downlink_mode=client",
+        "int8:clip=0.05:nmax=4@secagg=on,clip=2,downlink=q8+zstd",  # with the protocol's SECAGG frames
     ],
 )
 def test_bytes_equal_the_federation(digits, cell):
@@ -475,7 +479,7 @@ def test_command_runs_and_reports_mistakes(tmp_path, capsys):
     assert err.strip().splitlines()[-1] == (
         "fedpress sweep: cell 'q4@bogus=1': unknown option 'bogus'; known: "
         "ef, momentum, clip, warmup, warmup_start, server_momentum, server_lr, "
-        "server_decay, downlink, downlink_mode, table"
+        "server_decay, downlink, downlink_mode, table, secagg, dp"
     )
     bad_rounds = args[:]
     bad_rounds[bad_rounds.index("--rounds") + 1] = "3"
@@ -483,3 +487,31 @@ def test_command_runs_and_reports_mistakes(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     assert cli.main(["sweep", "--task", "cifar", "--cells", "fp32", "--out", str(tmp_path / "x")]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_secure_and_private_cells(digits):
+    """secagg=on: the secure round's summary in every row, its protocol bytes in the
+    uplink and downlink; dp=Z: the accountant's epsilon after each round."""
+    s = Settings(clients=4, per_round=4, rounds=3, eval_every=1)
+    plain = simulate(digits, "int8:clip=0.05:nmax=4", 2, s)
+    secure = simulate(digits, "int8:clip=0.05:nmax=4@secagg=on", 2, s)
+    for p, q in zip(plain[1:], secure[1:]):
+        assert q["secure_aggregation"]["survivors"] == client_ids(4)
+        protocol = q["secure_aggregation"]["protocol_uplink_wire_bytes"]
+        assert protocol > 0 and q["uplink_bytes"] - protocol > p["uplink_bytes"]  # 12-bit residues, not 8-bit codes
+    private = simulate(digits, "int8:clip=0.05:nmax=128@secagg=on,clip=1,dp=0.5", 2, s)
+    expected = []
+    from fedpress.privacy import PrivacyAccountant
+
+    for r, row in enumerate(private[1:], start=1):
+        assert row["privacy"]["mechanism"] == "skellam" and row["privacy"]["rounds"] == r
+        expected.append(row["privacy"]["epsilon"])
+    assert expected == sorted(expected) and expected[0] > 0
+    central = simulate(digits, "q8@clip=1,dp=0.5", 2, s)
+    accountant = PrivacyAccountant(0.5, 1.0, 1e-5)
+    accountant.step(3)
+    assert central[-1]["privacy"]["epsilon"] == pytest.approx(accountant.epsilon)
+    with pytest.raises(ValueError, match="dp needs clip"):
+        parse_cell("q8@dp=1")
+    with pytest.raises(ValueError, match="secagg sums integer codes"):
+        parse_cell("q8@secagg=on")

@@ -407,6 +407,32 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
         help="with --secure-aggregation: the fraction of a round's clients that may drop out and the sum "
         "still be unmasked",
     )
+    privacy.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="differential privacy: clients clip to --clip-norm C, the server adds Gaussian noise of Z*C to the sum "
+        "(with --secure-aggregation: each client adds its share of Skellam noise to its codes); rounds.jsonl gives "
+        "epsilon",
+    )
+    privacy.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        default=None,
+        metavar="E",
+        help="instead of --dp-noise-multiplier: the smallest noise that keeps the whole run at epsilon <= E",
+    )
+    privacy.add_argument(
+        "--dp-delta", type=float, default=1e-5, metavar="D", help="the delta of the (epsilon, delta) guarantee"
+    )
+    privacy.add_argument(
+        "--dp-sampling-rate",
+        type=float,
+        default=1.0,
+        metavar="Q",
+        help="the fraction of the client population sampled per round, for the accountant (1: no amplification)",
+    )
     limits = parser.add_argument_group("connection limits")
     limits.add_argument(
         "--max-frame-bytes",
@@ -574,6 +600,10 @@ def _run_server(args: argparse.Namespace) -> int:
             insecure=context is None,
             secure_aggregation=args.secure_aggregation,
             dropout_tolerance=args.dropout_tolerance,
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_target_epsilon=args.dp_target_epsilon,
+            dp_delta=args.dp_delta,
+            dp_sampling_rate=args.dp_sampling_rate,
             **options,
         )
     except RunExistsError as exc:

@@ -113,6 +113,9 @@ async def _one_run(
         server_momentum=cell.server_momentum,
         server_lr_decay=cell.server_decay,
         downlink_mode=cell.downlink_mode,
+        secure_aggregation=cell.secagg,
+        clip_norm=cell.clip if cell.secagg or cell.dp is not None else None,
+        dp_noise_multiplier=cell.dp,
         evaluate_fn=make_evaluate_fn(spec, test),
         out_dir=str(run_dir),
         seed=seed,
@@ -169,8 +172,10 @@ async def _one_run(
         if r.get("round", 0) >= 1 and r.get("test_accuracy") is not None:
             curve.append((up, total, r["test_accuracy"]))
     final = trained[-1].get("test_accuracy") if trained else None
+    privacy = trained[-1].get("privacy") if trained else None
     return {
         "codec": codec,
+        "epsilon": privacy["epsilon"] if privacy else None,
         "downlink": downlink,
         "final_accuracy": final,
         "uplink_wire_bytes": uplink,
@@ -277,7 +282,7 @@ def _print_table(results: list[dict], out: Path, note: Optional[str]) -> None:
     down = max([12] + [len(r["downlink"] or "fp32 model") for r in results])
     print(
         f"{'codec':{width}s} {'downlink':{down}s} {'accuracy':>9s} {'uplink MB':>10s} {'downlink MB':>12s} "
-        f"{'uplink vs fp32':>15s} {'total vs fp32':>14s} {'seconds':>8s}"
+        f"{'uplink vs fp32':>15s} {'total vs fp32':>14s} {'seconds':>8s} {'epsilon':>8s}"
     )
     for r in results:
         acc = f"{r['final_accuracy']:.3f}" if r["final_accuracy"] is not None else "n/a"
@@ -285,7 +290,8 @@ def _print_table(results: list[dict], out: Path, note: Optional[str]) -> None:
         print(
             f"{r['codec']:{width}s} {r['downlink'] or 'fp32 model':{down}s} {acc:>9s} "
             f"{r['uplink_wire_bytes'] / 1e6:10.3f} {r['downlink_wire_bytes'] / 1e6:12.3f} {ratios[0]:>15s} "
-            f"{ratios[1]:>14s} {r['seconds']:8.1f}"
+            f"{ratios[1]:>14s} {r['seconds']:8.1f} "
+            + (f"{r['epsilon']:8.2f}" if r.get("epsilon") is not None else f"{'—':>8s}")
         )
     print(f"results: {out / 'results.json'}; plot: {out / 'accuracy_vs_bytes.png'}")
     if note:

@@ -41,6 +41,7 @@ from .._seeds import PURPOSE_PAYLOAD, derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
 from ..format import decode
+from ..privacy import clip_update, skellam_noise
 from ..secagg import SecAggClient, SecAggError
 from . import protocol as P
 from .model import align_update, apply_downlink_delta, as_params, canonical, model_tag
@@ -81,8 +82,13 @@ def _not_tls(exc: _ssl.SSLError) -> bool:
     )
 
 
-def _masked(secure: SecAggClient, routed: bytes, codes: np.ndarray) -> np.ndarray:
-    """The codes as secure aggregation sends them: masked modulo 2^m."""
+def _masked(secure: SecAggClient, routed: bytes, skellam_mu: Optional[float], codes: np.ndarray) -> np.ndarray:
+    """The codes as secure aggregation sends them: with distributed DP's Skellam noise
+    (from the OS's randomness) added first, masked modulo 2^m."""
+    if skellam_mu:
+        noise = skellam_noise(codes.size, float(skellam_mu), np.random.default_rng())
+        modulus = np.uint64((1 << secure.params.modulus_bits) - 1)
+        codes = (codes + noise.astype(np.uint64)) & modulus  # two's complement: negative noise wraps
     return secure.mask(codes, routed)
 
 
@@ -475,12 +481,15 @@ class Client:
                 raise ValueError(f"num_examples must be a non-negative integer, got {num_examples}")
             metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
             aligned = align_update(update, model)
+            if task.config.get("clip_norm") is not None:  # the server asks for client-level clipping
+                aligned, _ = clip_update(aligned, float(task.config["clip_norm"]))
             encoder = self.encoder
             # edenB:shared and intB rotate with the round's common seed (the server sums in the rotated domain).
             shared = encoder.codec.spec.shares_rotation
             rotation_seed = task.config.get("rotation_seed") if shared else None
             payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
-            mask = None if secure is None else functools.partial(_masked, secure, routed)
+            mu = task.config.get("skellam_mu")  # distributed DP: noise on the codes, under the masks
+            mask = None if secure is None else functools.partial(_masked, secure, routed, mu)
             payload = await asyncio.to_thread(
                 functools.partial(
                     encoder.encode, aligned, seed=payload_seed, rotation_seed=rotation_seed, round=r, mask=mask

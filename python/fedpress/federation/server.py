@@ -50,6 +50,7 @@ from ..robust import AggregationRule, cap_shares, clip_factor, robust_combine
 from ..secagg import SecAggError
 from . import protocol as P
 from .accounting import ConnectionAccount, Ledger, TrafficRow
+from .dp import RunPrivacy, run_privacy
 from .model import (
     CHECKPOINT_JSON,
     DOWNLINK_MODES,
@@ -220,6 +221,13 @@ class Server:
         follow it and mask their codes, each update weighs the same, and up to
         ``dropout_tolerance`` of the sampled clients may drop out. Each stage of the
         protocol waits ``secagg_timeout`` seconds for the clients' messages.
+    dp_noise_multiplier, dp_target_epsilon: differential privacy (``fedpress.federation.dp``),
+        with one of them: Gaussian noise of z * ``clip_norm`` on the sum of clipped updates
+        (central), or under secure aggregation Skellam noise the clients add to their codes
+        (distributed); every update weighs the same, clients clip to ``clip_norm`` before
+        compressing, and rounds.jsonl carries (epsilon, ``dp_delta``) after each round.
+        ``dp_sampling_rate``: the fraction of the population sampled per round (1: no
+        amplification by sampling claimed).
     aggregation: ``"mean"`` (FedAvg, streamed over compressed payloads), ``"median"`` or
         ``"trimmed:F"`` (coordinate-wise over the decoded updates, unweighted; the
         round's updates are held at once, so the model must fit
@@ -274,6 +282,10 @@ class Server:
         secure_aggregation: bool = False,
         dropout_tolerance: float = 0.3,
         secagg_timeout: float = 30.0,
+        dp_noise_multiplier: Optional[float] = None,
+        dp_target_epsilon: Optional[float] = None,
+        dp_delta: float = 1e-5,
+        dp_sampling_rate: float = 1.0,
     ) -> None:
         if (token is None) == (master_token is None):
             raise ValueError(
@@ -377,13 +389,31 @@ class Server:
 
         self.secagg_timeout = _positive_float(secagg_timeout, "secagg_timeout")
         self.secure: Optional[SecureSettings] = None
+        private = dp_noise_multiplier is not None or dp_target_epsilon is not None
+        if (secure_aggregation or private) and (self.aggregation.holds_updates or self.max_share is not None):
+            raise ValueError(
+                "secure aggregation and differential privacy take the plain mean: no robust aggregation or max_share"
+            )
         if secure_aggregation:
-            if self.aggregation.holds_updates or self.max_share is not None or self.clip_norm is not None:
-                raise ValueError(
-                    "secure aggregation shows the server only the round's sum: no robust aggregation, max_share "
-                    "or server-side clip_norm (clients clip before they mask)"
-                )
             self.secure = secure_settings(self.codec, self.params, self.clients_per_round, dropout_tolerance)
+        # Clients clip their updates before compressing them under secure aggregation (the
+        # server sees only the sum) and differential privacy; the server clips decoded
+        # updates itself whenever it sees them.
+        self.client_clip_norm = self.clip_norm if (secure_aggregation or private) else None
+        if secure_aggregation:
+            self.clip_norm = None
+        self.dp: Optional[RunPrivacy] = None
+        if private:
+            self.dp = run_privacy(
+                noise_multiplier=dp_noise_multiplier,
+                target_epsilon=dp_target_epsilon,
+                clip_norm=self.client_clip_norm,
+                delta=float(dp_delta),
+                sampling_rate=float(dp_sampling_rate),
+                rounds=self.rounds,
+                clients_per_round=self.clients_per_round,
+                secure=self.secure,
+            )
 
         #: The port the server listens on (None until bound).
         self.port: Optional[int] = None
@@ -576,6 +606,10 @@ class Server:
         text = "".join(json.dumps(r) + "\n" for r in rows).encode()
         atomic_write(rounds_path, lambda f: f.write(text))
         self.history = rows
+        if self.dp is not None:  # the privacy the rounds before spent (those that released a model)
+            spent = sum(1 for r in rows if r.get("phase") == "train" and r.get("status") == "ok")
+            if spent:
+                self.dp.accountant.step(spent)
         log.info("resumed from %s at round %d", self.out_dir, self._start_round)
 
     def _new_downlink(self) -> Union[Downlink, ClientDownlink]:
@@ -924,7 +958,16 @@ class Server:
                 pass
 
     def _config(self, r: int) -> dict[str, Any]:
-        return round_config(self.seed, r, self.rounds, self.codec, self.fit_config)
+        skellam = None if self.dp is None else self.dp.skellam
+        return round_config(
+            self.seed,
+            r,
+            self.rounds,
+            self.codec,
+            self.fit_config,
+            clip_norm=self.client_clip_norm,
+            skellam_mu=None if skellam is None else skellam.client_mu,
+        )
 
     async def _send_task(self, peer: _Peer, task: P.Task) -> None:
         try:
@@ -1057,6 +1100,10 @@ class Server:
             info["error"] = round_error
         if secure is not None:
             info["secure_aggregation"] = secure.summary()
+        if self.dp is not None:
+            if ok:  # a round that released a model spends privacy
+                self.dp.accountant.step()
+            info["privacy"] = self.dp.record()
         info.update(evaluation)
         return info
 
@@ -1163,7 +1210,8 @@ class Server:
     def _streamed(self) -> bool:
         """Whether each update goes straight into the running weighted sum (decoded
         first when it is clipped; the shares of max_share are known only at the end)."""
-        if self.secure is not None:  # masked codes: summed as they come, in integers (order-free)
+        if self.secure is not None or self.dp is not None:
+            # masked codes: summed as they come, in integers (order-free); DP's noise is fresh anyway
             return True
         return not (self.aggregation.holds_updates or self.max_share is not None or self.ordered)
 
@@ -1172,6 +1220,9 @@ class Server:
         capped shares and clip factors, or their robust statistic (worker thread)."""
         if self._streamed:
             mean = aggregator.result(copy=False)
+            if self.dp is not None and self.secure is None:  # central DP: noise on the clipped sum
+                clipped = sum(h.factor for h in held)
+                return self.dp.noisy_mean(mean, clipped, self.clients_per_round, np.random.default_rng())
             if self.clip_norm is None:
                 return mean
             # The aggregator divided by sum(w * f); FedAvg with clipping divides by sum(w).
@@ -1238,8 +1289,8 @@ class Server:
                 update.num_examples,
                 self.max_examples,
             )
-        if secure is not None:
-            weight = 1.0  # masked codes add up with equal weights only
+        if secure is not None or self.dp is not None:
+            weight = 1.0  # masked codes add up with equal weights only; DP bounds each client's share
         outcome["weight"] = weight
         try:
             if self._streamed and self.clip_norm is None:
@@ -1350,6 +1401,12 @@ def round_line(record: Mapping[str, Any], rounds: int) -> str:
         f"up {_megabytes(record.get('uplink_wire_bytes', 0))}, "
         f"down {_megabytes(record.get('downlink_wire_bytes', 0))}, {record.get('seconds', 0):.1f} s"
     )
+    secure = record.get("secure_aggregation")
+    if secure:
+        text += f", secure sum of {len(secure['survivors'])} ({len(secure['dropped'])} dropped)"
+    privacy = record.get("privacy")
+    if privacy:
+        text += f", epsilon {privacy['epsilon']:.3g} (delta {privacy['delta']:g})"
     if record.get("status") != "ok":
         text += f" ({record.get('error') or 'too few valid updates; the model is kept'})"
     return text
@@ -1365,12 +1422,21 @@ def round_config(
     rounds: int,
     codec: Optional[str],
     fit_config: Union[Mapping[str, Any], Callable[[int], Mapping[str, Any]], None] = None,
+    *,
+    clip_norm: Optional[float] = None,
+    skellam_mu: Optional[float] = None,
 ) -> dict[str, Any]:
-    """The config a round's TASKs carry (the in-process sweep sends the same bytes)."""
+    """The config a round's TASKs carry (the in-process sweep sends the same bytes);
+    ``clip_norm``: clients clip their updates to it, ``skellam_mu``: and add that
+    Skellam noise to their codes (secure aggregation and differential privacy)."""
     # One rotation seed per round: clients coding edenB:shared all rotate with it, so the
     # aggregator sums them in the rotated domain and inverts once.
     rotation_seed = derive_seed(seed, PURPOSE_ROTATION, r)
     config: dict[str, Any] = {"round": r, "rounds": rounds, "codec": codec, "rotation_seed": rotation_seed}
+    if clip_norm is not None:
+        config["clip_norm"] = clip_norm
+    if skellam_mu is not None:
+        config["skellam_mu"] = skellam_mu
     extra = fit_config(r) if callable(fit_config) else fit_config
     if extra:
         config.update(dict(extra))

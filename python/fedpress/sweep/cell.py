@@ -31,6 +31,10 @@ OPTIONS = {
     "downlink_mode": "chain|client: a client catches up with every delta it missed (chain, default), or receives "
     "one compressed difference from the model the server keeps for it (client)",
     "table": "inline|digest: payloads carry the tensor table, or only its 8-byte digest",
+    "secagg": "on|off: secure aggregation (an intB spec): clients mask their codes, the server sees only the sum, "
+    "the protocol's messages count in the bytes; every update weighs the same",
+    "dp": "Z: differential privacy with noise multiplier Z over clip (needed): Gaussian noise on the server's sum, "
+    "or Skellam noise the clients add under secagg; rows carry epsilon (delta 1e-5)",
 }
 
 
@@ -50,6 +54,8 @@ class Cell:
     downlink: Optional[str] = None
     downlink_mode: str = "chain"
     table: str = "inline"
+    secagg: bool = False
+    dp: Optional[float] = None
 
     def __str__(self) -> str:
         parts = []
@@ -117,10 +123,12 @@ def parse_cell(text: str) -> Cell:
             raise ValueError(f"cell {raw!r}: option {key!r} needs a value ({key}=...)")
         if key in values:
             raise ValueError(f"cell {raw!r}: option {key!r} given twice")
-        if key == "ef":
+        if key in ("ef", "secagg"):
             if value.lower() not in ("on", "off"):
-                raise ValueError(f"cell {raw!r}: ef must be on or off, got {value!r}")
+                raise ValueError(f"cell {raw!r}: {key} must be on or off, got {value!r}")
             values[key] = value.lower() == "on"
+        elif key == "dp":
+            values[key] = _number(raw, key, value, 1e-6, 1e6)
         elif key in ("momentum", "server_momentum"):
             values[key] = _number(raw, key, value, 0.0, 1.0)
         elif key == "clip":
@@ -158,4 +166,10 @@ def parse_cell(text: str) -> Cell:
         raise ValueError(f"cell {raw!r}: downlink_mode=client needs downlink=SPEC (the codec of the differences)")
     if values.get("momentum") == 0.0:
         values["momentum"] = None
+    if values.get("dp") is not None and values.get("clip") is None:
+        raise ValueError(f"cell {raw!r}: dp needs clip=C (each client's update is scaled to at most C)")
+    if values.get("secagg"):
+        sp = parse_spec(spec)
+        if not sp.int_bits or sp.sparsifier is not None:
+            raise ValueError(f"cell {raw!r}: secagg sums integer codes: the spec must be intB without a sparsifier")
     return Cell(**values)

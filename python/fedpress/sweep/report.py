@@ -47,6 +47,9 @@ def run_summary(rows: Sequence[Mapping[str, Any]], target: float) -> dict[str, A
         "total_bytes_to_target": hit["total_bytes"] if hit else None,
         "uplink_bytes_to_target": hit["uplink_total"] if hit else None,
         "seconds": last["seconds"],
+        # differential privacy (cell option dp): the run's epsilon at delta, from the last round's accountant
+        "epsilon": (last.get("privacy") or {}).get("epsilon"),
+        "delta": (last.get("privacy") or {}).get("delta"),
     }
 
 
@@ -97,6 +100,7 @@ def cell_summaries(
             "total_bytes_to_target_mean": _mean(r["total_bytes_to_target"] for r in members),
             "participation": participation,
             "baseline": baseline if paired else None,
+            "epsilon": _mean(r.get("epsilon") for r in members),
         }
         if paired:
             b = [base[r["seed"]] for r in paired]
@@ -154,8 +158,8 @@ def summary_markdown(cells: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
             f"## {task}",
             "",
             f"| cell | final acc (mean ± sd) | last 5 | gap vs fp32 | uplink | uplink ratio | total (up+down) "
-            f"| total ratio | to {target}: bytes (ratio), round | participation |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| total ratio | to {target}: bytes (ratio), round | participation | epsilon |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in (c for c in cells if c["task"] == task):
             acc = (
@@ -177,7 +181,9 @@ def summary_markdown(cells: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
             lines.append(
                 f"| `{c['cell']}` | {acc} | {last} | {gap} | {_mb(c['uplink_bytes_mean'])} | "
                 f"{_ratio(c.get('uplink_ratio'))} | {_mb(c['total_bytes_mean'])} | "
-                f"{_ratio(c.get('total_ratio'))} | {reach} | {part:.0%} |"
+                f"{_ratio(c.get('total_ratio'))} | {reach} | {part:.0%} | "
+                + ("—" if c.get("epsilon") is None else f"{c['epsilon']:.2f}")
+                + " |"
             )
         lines.append("")
     return "\n".join(lines)

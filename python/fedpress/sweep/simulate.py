@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any, Callable, Optional, Union
 
@@ -35,6 +36,7 @@ from .._update_math import update_table
 from ..aggregate import Aggregator
 from ..encoder import Encoder
 from ..federation import protocol as P
+from ..federation.dp import run_privacy
 from ..federation.model import (
     ServerOptimizer,
     align_update,
@@ -43,8 +45,11 @@ from ..federation.model import (
     make_downlink,
     zero_reference,
 )
+from ..federation.secure import SecureRound, client_round, secure_settings
 from ..federation.server import round_config, sample_clients
 from ..format import decode
+from ..privacy import SkellamParams, clip_update, skellam_noise
+from ..secagg import DEFAULT_DROPOUT_TOLERANCE, SecAggClient
 from ..train.loops import evaluate, param_delta, round_seed, train_local
 from ..train.models import get_params, set_params
 from ..train.partition import partition
@@ -165,6 +170,51 @@ def _receive(model: Mapping[str, np.ndarray], kind: str, payloads: list) -> dict
     return dict(model)
 
 
+def _secure_setup(sa: SecureRound) -> dict[str, tuple[SecAggClient, bytes]]:
+    """Steps 1 to 4 of a secure round between the simulated clients and server, every
+    message counted as its SECAGG frame: each client's protocol state and the shares
+    routed to it."""
+    clients = {cid: client_round(sa.config(), cid) for cid in sa.clients}
+    for cid, client in clients.items():
+        message = client.advertise()
+        sa.count("uplink", message)
+        sa.server.receive_advertise(sa.index(cid), message)
+    for cid, client in clients.items():
+        keys = sa.server.keys_for(sa.index(cid))
+        sa.count("downlink", keys)
+        message = client.share_keys(keys)
+        sa.count("uplink", message)
+        sa.server.receive_shares(sa.index(cid), message)
+    state = {}
+    for cid, client in clients.items():
+        routed = sa.server.shares_for(sa.index(cid))
+        sa.count("downlink", routed)
+        state[cid] = (client, routed)
+    return state
+
+
+def _mask_with_noise(
+    client: SecAggClient, routed: bytes, skellam: Optional[SkellamParams], rng: np.random.Generator, codes: np.ndarray
+) -> np.ndarray:
+    """The codes as ``Client`` sends them: distributed DP's Skellam noise added first, masked."""
+    if skellam is not None:
+        modulus = np.uint64((1 << client.params.modulus_bits) - 1)
+        codes = (codes + skellam_noise(codes.size, skellam.client_mu, rng).astype(np.uint64)) & modulus
+    return client.mask(codes, routed)
+
+
+def _secure_unmask(sa: SecureRound, state: Mapping[str, tuple[SecAggClient, bytes]]) -> np.ndarray:
+    """Steps 5 and 6: the survivors' shares, and the correction out of the sum."""
+    request = sa.server.unmask_request()
+    for cid, (client, _) in state.items():
+        if sa.index(cid) in sa.server.survivors:
+            sa.count("downlink", request)
+            message = client.unmask(request)
+            sa.count("uplink", message)
+            sa.server.receive_unmask(sa.index(cid), message)
+    return sa.server.correction()
+
+
 def _client_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
 
@@ -212,7 +262,21 @@ def simulate(
         encoders = {cid: Encoder(cell.spec, **cell.encoder_options()) for cid in ids}
         optimizer = ServerOptimizer(cell.server_lr, cell.server_momentum, decay=cell.server_decay, rounds=s.rounds)
         reference = zero_reference(params)
-        shared_rotation = encoders[ids[0]].codec.spec.eden_mode == "shared"
+        shared_rotation = encoders[ids[0]].codec.spec.shares_rotation
+        secure = secure_settings(cell.spec, params, s.per_round, DEFAULT_DROPOUT_TOLERANCE) if cell.secagg else None
+        private = None
+        if cell.dp is not None:  # no amplification by sampling claimed: fixed-size sampling is not Poisson's
+            private = run_privacy(
+                noise_multiplier=cell.dp,
+                target_epsilon=None,
+                clip_norm=cell.clip,
+                delta=1e-5,
+                sampling_rate=1.0,
+                rounds=s.rounds,
+                clients_per_round=s.per_round,
+                secure=secure,
+            )
+        noise_rng = np.random.default_rng()  # DP noise never comes from the run's seed
         base = {"task": task.name, "cell": str(cell), "seed": int(seed)}
         totals = {"uplink": 0, "downlink": 0}
         rows: list[dict[str, Any]] = []
@@ -246,11 +310,28 @@ def simulate(
 
         emit(0, 0, 0, 0, 0, {"clients": 0, "full_models": 0})
         for r in range(1, s.rounds + 1):
-            config = round_config(seed, r, s.rounds, cell.spec)
+            skellam = None if private is None else private.skellam
+            config = round_config(
+                seed,
+                r,
+                s.rounds,
+                cell.spec,
+                clip_norm=cell.clip if cell.secagg or private is not None else None,
+                skellam_mu=None if skellam is None else skellam.client_mu,
+            )
             sampled = sample_clients(seed, r, ids, s.per_round)
             aggregator = Aggregator(table=update_table(params) if cell.table == "digest" else None)
             aggregator.add(reference, 0.0)
             up = down = up_payload = down_payload = full = 0
+            sa = None if secure is None else SecureRound(r, sampled, secure, seed)
+            masking: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+            state: dict[str, tuple[SecAggClient, bytes]] = {}
+            if sa is not None:
+                config.update(secagg=sa.config())
+                state = _secure_setup(sa)
+                masking = {
+                    cid: partial(_mask_with_noise, c, routed, skellam, noise_rng) for cid, (c, routed) in state.items()
+                }
             for cid in sampled:
                 index = index_of[cid]
                 kind, base_tag, tag, payloads = downlink.task_for(cid, held[cid][0], True)
@@ -265,16 +346,34 @@ def simulate(
                     seed=derive_seed(seed, PURPOSE_PAYLOAD, cid, r),
                     round=r,
                     rotation_seed=config["rotation_seed"] if shared_rotation else None,
+                    mask=masking.get(cid),
                 )
                 update_frame = P.Update(r, n, client_metrics(train_loss), payload)
                 up += frame_bytes(P.FrameType.UPDATE, update_frame.parts())
                 up_payload += update_frame.payload_bytes
-                aggregator.add(payload, float(n))
+                if private is not None and sa is None:  # central DP: the server clips what it decodes
+                    aggregator.add_update(clip_update(decode(payload, table=params), private.clip_norm)[0], 1.0)
+                else:
+                    aggregator.add(payload, 1.0 if private is not None or sa is not None else float(n))
+                if sa is not None:
+                    sa.server.receive_masked(sa.index(cid))
                 held[cid] = (tag, model)
                 downlink.confirm(cid, tag)
-            params = optimizer.step(params, aggregator.result(copy=False), round=r)
+            extra: dict[str, Any] = {"clients": len(sampled), "full_models": full}
+            if sa is not None:
+                aggregator.unmask(_secure_unmask(sa, state))
+                extra["secure_aggregation"] = sa.summary()
+                up += sa.frame_bytes["uplink"]
+                down += sa.frame_bytes["downlink"]
+            mean = aggregator.result(copy=False)
+            if private is not None:
+                if sa is None:
+                    mean = private.noisy_mean(mean, float(len(sampled)), s.per_round, noise_rng)
+                private.accountant.step()
+                extra["privacy"] = private.record()
+            params = optimizer.step(params, mean, round=r)
             downlink.advance(params)
-            emit(r, up, down, up_payload, down_payload, {"clients": len(sampled), "full_models": full})
+            emit(r, up, down, up_payload, down_payload, extra)
         return rows
     finally:
         if torch is not None:
