@@ -13,7 +13,7 @@ import pytest
 from fedpress.federation import Client, Server
 from test_federation import TOKEN, Harness, evaluate_fn, make_data, run_async
 
-CODEC = "int8:clip=0.05:nmax=8"
+CODEC = "int8:clip=0.05:nmax=512"  # weighted by 128 examples each: sums of weight 512
 DIM = 16
 
 
@@ -102,9 +102,9 @@ def test_secure_rounds_reach_the_plain_sum_bit_for_bit() -> None:
         assert row["status"] == "ok" and len(row["completed"]) == 4
         sa = row["secure_aggregation"]
         assert sa["clients"] == 4 and sa["survivors"] == ["c0", "c1", "c2", "c3"] and sa["dropped"] == []
-        assert sa["modulus_bits"] == 8 + 3 + 1 and sa["length"] == DIM + 1 and sa["error"] is None
+        assert sa["modulus_bits"] == 8 + 9 + 1 and sa["length"] == DIM + 1 and sa["error"] is None
         assert sa["protocol_uplink_wire_bytes"] > 0 and sa["protocol_downlink_wire_bytes"] > 0
-        assert all(row["clients"][c]["weight"] == 1.0 for c in row["completed"])
+        assert all(row["clients"][c]["weight"] == 128.0 for c in row["completed"])  # example counts
     assert rows[-1]["test_loss"] < rows[0]["test_loss"]
     # The masked payloads carry m-bit residues: bigger than the plain 8-bit codes.
     assert rows[1]["uplink_payload_bytes"] > plain_rows[1]["uplink_payload_bytes"]

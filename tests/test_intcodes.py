@@ -217,7 +217,7 @@ def test_sums_that_do_not_add_up_are_refused_and_change_nothing() -> None:
         agg.add(good[1], weight=2.5)
     masked = fp.Aggregator()
     masked.add(base.encode(ups[0], rotation_seed=5, mask=lambda c: c))
-    with pytest.raises(ValueError, match="with equal weights"):
+    with pytest.raises(ValueError, match="cannot multiply them"):
         masked.add(base.encode(ups[1], rotation_seed=5, mask=lambda c: c), weight=2.0)
     assert agg.count == 1
     for name, value in agg.result().items():
@@ -299,3 +299,57 @@ def test_integer_weights_weigh_exactly() -> None:
     big.add(payloads[0], 2.0**32 - 1)
     with pytest.raises(ValueError, match="63 bits"):  # the sum of k * 255 would reach 2^63
         big._ints["w"].multiplier(2.0**32 - 1, (1 << 63) // 255 - 2**32)
+
+
+def test_weighted_masked_codes_sum_as_the_plain_weighted_sum() -> None:
+    """A client multiplies its codes by its weight before masking (the payload records it):
+    the unmasked sum equals the plain sum weighted by the server, bit for bit."""
+    ups = updates(3, seed=10)
+    codec = fp.Codec("int6:clip=0.02:nmax=64")
+    m = modulus_bits(6, 64)
+    modulus = np.uint64((1 << m) - 1)
+    weights = [5, 1, 30]
+    rng = np.random.default_rng(11)
+    length = sum(v.size for v in ups[0].values())
+    masks = [rng.integers(0, 1 << m, size=length, dtype=np.uint64) for _ in ups]
+    masked = [
+        codec.encode(u, seed=i, rotation_seed=2, mask=lambda c, k=k: (c + k) & modulus, weight=w)
+        for i, (u, k, w) in enumerate(zip(ups, masks, weights))
+    ]
+    plain = [codec.encode(u, seed=i, rotation_seed=2) for i, u in enumerate(ups)]
+    assert [rec.intcode.weight for p in masked for rec in parse(p).tensors] == [5, 5, 1, 1, 30, 30]
+    secure = fp.Aggregator()
+    for p, w in zip(masked, weights):
+        secure.add(p, float(w))
+    correction = np.zeros(length, np.uint64)
+    for k in masks:
+        correction = (correction + k) & modulus
+    secure.unmask(correction)
+    reference = fp.Aggregator()
+    reference.add_many(plain, [float(w) for w in weights])
+    for name, value in reference.result().items():
+        np.testing.assert_array_equal(secure.result()[name], value)
+    with pytest.raises(ValueError, match="cannot multiply them"):
+        fp.Aggregator().add_many(masked, [5.0, 1.0, 3.0])
+    with pytest.raises(ValueError, match="nmax must be at least"):
+        fp.Aggregator().add_many(masked * 3, [5.0, 1.0, 30.0] * 3)  # total weight 108, over nmax 64
+    with pytest.raises(ValueError, match="weight must be an integer"):
+        codec.encode(ups[0], mask=lambda c: c, weight=0)
+    with pytest.raises(ValueError, match="weight is for masked"):
+        codec.encode(ups[0], weight=3)
+
+
+def test_weighted_sections_are_checked() -> None:
+    payload = fp.Codec("int4:nmax=8").encode(
+        {"w": np.linspace(-0.01, 0.01, 9, dtype=np.float32)}, mask=lambda c: c, weight=3
+    )
+    rec = parse(payload).tensors[0]
+    data = bytes(rec.value_data)
+    assert rec.intcode.weight == 3 and data[3] == 0x03  # masked, weighted
+    for bad, what in [
+        (data[:16] + (1).to_bytes(4, "little") + data[20:], "weight 1 is recorded only"),
+        (data[:2] + bytes([4, 0x02]) + data[4:], "weighted codes are"),  # width b, unmasked
+        (data[:18], "truncated"),
+    ]:
+        with pytest.raises(fp.DecodeError, match=what):
+            parse_int(memoryview(bad), 9, rec.rht_block)

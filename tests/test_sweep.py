@@ -290,7 +290,7 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
         "server_decay=0.2",
         "q8+zstd@ef=off,downlink=q8",
         "topk:0.2+q4+zstd@server_momentum=0.5,downlink=topk:0.2+q4+zstd,downlink_mode=client",
-        "int8:clip=0.05:nmax=4@secagg=on,clip=2,downlink=q8+zstd",  # with the protocol's SECAGG frames
+        "int8:clip=0.05:nmax=4096@secagg=on,clip=2,downlink=q8+zstd",  # with the protocol's SECAGG frames
     ],
 )
 def test_bytes_equal_the_federation(digits, cell):
@@ -493,12 +493,13 @@ def test_secure_and_private_cells(digits):
     """secagg=on: the secure round's summary in every row, its protocol bytes in the
     uplink and downlink; dp=Z: the accountant's epsilon after each round."""
     s = Settings(clients=4, per_round=4, rounds=3, eval_every=1)
-    plain = simulate(digits, "int8:clip=0.05:nmax=4", 2, s)
-    secure = simulate(digits, "int8:clip=0.05:nmax=4@secagg=on", 2, s)
+    plain = simulate(digits, "int8:clip=0.05:nmax=4096", 2, s)
+    secure = simulate(digits, "int8:clip=0.05:nmax=4096@secagg=on", 2, s)
     for p, q in zip(plain[1:], secure[1:]):
         assert q["secure_aggregation"]["survivors"] == client_ids(4)
         protocol = q["secure_aggregation"]["protocol_uplink_wire_bytes"]
-        assert protocol > 0 and q["uplink_bytes"] - protocol > p["uplink_bytes"]  # 12-bit residues, not 8-bit codes
+        assert protocol > 0 and q["uplink_bytes"] - protocol > p["uplink_bytes"]  # 21-bit residues, not 8-bit codes
+        assert q["test_loss"] == p["test_loss"]  # the same weighted integer sum, masked or not
     private = simulate(digits, "int8:clip=0.05:nmax=128@secagg=on,clip=1,dp=0.5", 2, s)
     expected = []
     from fedpress.privacy import PrivacyAccountant

@@ -83,9 +83,13 @@ class _IntSum:
 
     @classmethod
     def starting(cls, sec: IntSection, weight: float) -> _IntSum:
-        """An empty sum whose unit the first payload's weight sets."""
-        integer = not sec.modular and float(weight).is_integer() and 0 <= weight < 2**32
-        return cls(sec.levels, sec.width, sec.masked, np.zeros(sec.count, np.uint64), 1.0 if integer else weight)
+        """An empty sum whose unit the first payload's weight sets (residues: weight over
+        the weight its codes were multiplied by, which their payload records)."""
+        if sec.modular:
+            unit = weight / sec.weight
+        else:
+            unit = 1.0 if float(weight).is_integer() and 0 <= weight < 2**32 else weight
+        return cls(sec.levels, sec.width, sec.masked, np.zeros(sec.count, np.uint64), unit)
 
     @property
     def modular(self) -> bool:
@@ -96,23 +100,40 @@ class _IntSum:
         mode = "masked" if self.masked else ("residues" if self.modular else "plain")
         return f"int{lv.bits} clip={lv.clip!r} m={lv.modulus_bits} rotation {lv.rotation_seed} ({mode})"
 
-    def multiplier(self, weight: float, pending: int) -> int:
-        """The k of a payload of ``weight`` (ValueError when there is none), checked that the
-        sum, ``pending`` multipliers already promised, cannot overflow 63 bits."""
-        if weight == self.unit:
+    def multiplier(self, weight: float, pending: int, recorded: int = 1) -> int:
+        """The k of a payload of ``weight`` whose codes were multiplied by ``recorded`` (ValueError
+        when the weight does not fit the sum), checked that the sum, ``pending`` multipliers
+        already promised, cannot overflow: 63 bits, or for residues half the modulus."""
+        if self.modular:
+            k = recorded
+            if weight != k * self.unit:
+                raise ValueError(
+                    f"masked int codes weigh what their payload records ({k} x {self.unit!r}), "
+                    f"not {weight!r}: the server cannot multiply them"
+                )
+        elif weight == self.unit:
             k = 1
-        elif self.unit == 1.0 and not self.modular and float(weight).is_integer() and 0 <= weight < 2**32:
+        elif self.unit == 1.0 and float(weight).is_integer() and 0 <= weight < 2**32:
             k = int(weight)
         else:
-            kind = "equal weights" if self.modular else "integer weights (example counts) or equal weights"
-            raise ValueError(f"int codes add up exactly with {kind}: weight {weight!r} does not fit the sum's")
-        if (self.multipliers + pending + k) * ((1 << self.levels.bits) - 1) >= 1 << 63:
+            raise ValueError(
+                "int codes add up exactly with integer weights (example counts) or equal weights: "
+                f"weight {weight!r} does not fit the sum's"
+            )
+        total = self.multipliers + pending + k
+        top = (1 << self.levels.bits) - 1
+        if self.modular and total * top >= 1 << (self.levels.modulus_bits - 1):
+            raise ValueError(
+                f"a sum of total weight {total} would wrap the {self.levels.modulus_bits}-bit residues: "
+                f"the codec's nmax must be at least {total}"
+            )
+        if total * top >= 1 << 63:
             raise ValueError("the weights of this int sum are too large to sum in 63 bits")
         return k
 
     def add(self, sec: IntSection, k: int) -> None:
         codes = sec.codes()
-        if k != 1:
+        if k != 1 and not self.modular:  # residues come multiplied by their client
             np.multiply(codes, np.uint64(k), out=codes)
         np.add(self.total, codes, out=self.total)  # uint64 wraps modulo 2^64: fine modulo 2^m
         if self.modular:
@@ -360,7 +381,7 @@ class Aggregator:
                         f"sum's {current.describe()}"
                     )
                 try:
-                    k = current.multiplier(weights[i], pending.get(rec.name, 0))
+                    k = current.multiplier(weights[i], pending.get(rec.name, 0), sec.weight)
                 except ValueError as exc:
                     raise ValueError(f"payload {i}: tensor {rec.name!r}: {exc}") from None
                 pending[rec.name] = pending.get(rec.name, 0) + k

@@ -28,7 +28,8 @@ clients that share C and the rotation add up: ``fedpress.Aggregator`` sums them 
 integers, exactly, and decodes the mean once. Under secure aggregation
 (``Codec.encode(..., mask=)``) they travel as residues modulo 2^m,
 m = B + ceil(log2(N)) + 1 bits each, N (default ``nmax=128``) bounding the clients
-of one sum, so that the pairwise masks cancel in the sum.
+of one sum (their total weight, when clients weigh their codes by their example counts),
+so that the pairwise masks cancel in the sum.
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ class Codec:
         rotation_seed: Optional[int] = None,
         dtypes: Optional[Mapping[str, str]] = None,
         mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        weight: int = 1,
     ) -> bytes:
         """Compresses ``update`` into payload bytes. ``seed`` fixes every random
         choice (stochastic rounding, random-k, rotation signs); by default it is fresh.
@@ -286,9 +288,12 @@ class Codec:
         codes of every float tensor (uint64, concatenated in table order) that returns the
         vector sent instead, of residues modulo 2^m (``fedpress.secagg``'s client adds its
         masks there, after any distributed-DP noise). The payload records its codes as
-        masked: the server decodes them only in the round's sum.
+        masked: the server decodes them only in the round's sum. ``weight``: with ``mask``,
+        an integer (e.g. the client's example count) the codes are multiplied by before they
+        are masked, recorded in the payload, so that the sum is weighted without the server
+        seeing a code.
         """
-        return self._encode(update, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, mask=mask)
+        return self._encode(update, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, mask=mask, weight=weight)
 
     def _encode(
         self,
@@ -301,6 +306,7 @@ class Codec:
         sent: Optional[dict[str, tuple[Optional[np.ndarray], np.ndarray]]] = None,
         before_write: Optional[Callable[[Mapping[str, tuple[Optional[np.ndarray], np.ndarray]]], None]] = None,
         mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        weight: int = 1,
     ) -> bytes:
         """``encode``, for ``fedpress.Encoder``: ``selected`` gives the (indices, values)
         kept of float tensors by name, chosen by the caller instead of this codec's
@@ -320,6 +326,8 @@ class Codec:
         if mask is not None:
             if not self.spec.int_bits:
                 raise ValueError(f"mask is for intB values (secure aggregation), the spec is {self.spec}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 1 <= weight < 2**32:
+                raise ValueError(f"weight must be an integer in [1, 2^32), got {weight!r}")
             if self.spec.sparsifier is not None or selected is not None:
                 raise ValueError(
                     f"secure aggregation sums every coordinate: the spec {self.spec} keeps a different "
@@ -376,7 +384,9 @@ class Codec:
             if sent is not None:
                 sent[name] = self._decoded(entry, chosen.get(i), payload_seed, i)
         if mask is not None:
-            _mask_int_entries(entries, int_codes, mask)
+            _mask_int_entries(entries, int_codes, mask, int(weight))
+        elif weight != 1:
+            raise ValueError("weight is for masked intB payloads (mask=)")
         if before_write is not None and sent is not None:
             before_write(sent)
         try:
@@ -596,12 +606,18 @@ class Codec:
 
 
 def _mask_int_entries(
-    entries: list[Entry], int_codes: dict[int, tuple[IntLevels, np.ndarray]], mask: Callable[[np.ndarray], np.ndarray]
+    entries: list[Entry],
+    int_codes: dict[int, tuple[IntLevels, np.ndarray]],
+    mask: Callable[[np.ndarray], np.ndarray],
+    weight: int,
 ) -> None:
-    """Replaces the intB entries' codes by what ``mask`` makes of all of them together:
-    residues modulo 2^m, written m bits each and marked masked."""
+    """Replaces the intB entries' codes by what ``mask`` makes of all of them together,
+    times ``weight`` first: residues modulo 2^m, written m bits each and marked masked."""
     order = sorted(int_codes)
     codes = np.concatenate([int_codes[i][1] for i in order]) if order else np.zeros(0, np.uint64)
+    if weight != 1 and order:
+        modulus = np.uint64((1 << int_codes[order[0]][0].modulus_bits) - 1)
+        codes = (codes * np.uint64(weight)) & modulus
     masked = mask(codes)
     if not isinstance(masked, np.ndarray) or masked.dtype != np.uint64 or masked.shape != codes.shape:
         raise ValueError(f"mask must return a uint64 array of shape {codes.shape}, got {type(masked).__name__}")
@@ -612,7 +628,7 @@ def _mask_int_entries(
         start += own.size
         if part.size and int(part.max()) >> levels.modulus_bits:
             raise ValueError(f"mask returned values of {levels.modulus_bits} bits or more (residues modulo 2^m)")
-        entries[i].values = int_section(part, levels, masked=True, width=levels.modulus_bits)
+        entries[i].values = int_section(part, levels, masked=True, width=levels.modulus_bits, weight=weight)
 
 
 def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse: bool) -> None:

@@ -103,9 +103,10 @@ class Encoder:
         rotation_seed: Optional[int] = None,
         round: Optional[int] = None,
         mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        weight: int = 1,
     ) -> bytes:
         """The payload of ``update`` plus what earlier rounds did not send; ``seed``,
-        ``rotation_seed`` and ``mask`` (secure aggregation) as in ``fedpress.Codec.encode``
+        ``rotation_seed``, ``mask`` and ``weight`` (secure aggregation) as in ``fedpress.Codec.encode``
         (error feedback keeps what the masked codes stand for, not the masks). ``round`` (1-based, the
         federation's round) places the call in the density warm-up; without it the
         encoder counts its own calls."""
@@ -122,7 +123,9 @@ class Encoder:
         if not self.error_feedback and self.momentum is None:
             # Nothing carried between rounds: the codec compresses the float32 update.
             to_send = {name: self._float32(arrays[name], scale) if name in dtypes else a for name, a in arrays.items()}
-            payload = codec.encode(to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, mask=mask)
+            payload = codec.encode(
+                to_send, seed=seed, rotation_seed=rotation_seed, dtypes=dtypes, mask=mask, weight=weight
+            )
             self.rounds += 1
             return payload
         fused = self._fused_topk(codec, arrays, dtypes, scale)
@@ -180,6 +183,7 @@ class Encoder:
                         sent=sent,
                         before_write=correct,
                         mask=mask,
+                        weight=weight,
                     )
                 finally:
                     done = [f.result() for f in correcting]  # joined, success or not

@@ -82,6 +82,16 @@ def _not_tls(exc: _ssl.SSLError) -> bool:
     )
 
 
+def _secure_weight(config: Any, num_examples: int) -> int:
+    """What a client multiplies its codes by under secure aggregation: its example count,
+    capped as the server caps it, when the round is weighted (not under DP)."""
+    if not isinstance(config, Mapping) or not config.get("weighted"):
+        return 1
+    cap = config.get("weight_cap")
+    weight = num_examples if cap is None else min(num_examples, int(cap))
+    return max(1, min(int(weight), 2**32 - 1))
+
+
 def _masked(secure: SecAggClient, routed: bytes, skellam_mu: Optional[float], codes: np.ndarray) -> np.ndarray:
     """The codes as secure aggregation sends them: with distributed DP's Skellam noise
     (from the OS's randomness) added first, masked modulo 2^m."""
@@ -490,9 +500,16 @@ class Client:
             payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
             mu = task.config.get("skellam_mu")  # distributed DP: noise on the codes, under the masks
             mask = None if secure is None else functools.partial(_masked, secure, routed, mu)
+            weight = _secure_weight(task.config.get("secagg"), num_examples) if secure is not None else 1
             payload = await asyncio.to_thread(
                 functools.partial(
-                    encoder.encode, aligned, seed=payload_seed, rotation_seed=rotation_seed, round=r, mask=mask
+                    encoder.encode,
+                    aligned,
+                    seed=payload_seed,
+                    rotation_seed=rotation_seed,
+                    round=r,
+                    mask=mask,
+                    weight=weight,
                 )
             )
         except Exception as exc:  # noqa: BLE001 - a failed round is reported, the client carries on

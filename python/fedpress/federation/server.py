@@ -991,7 +991,9 @@ class Server:
         secure = None
         if self.secure is not None and len(sampled) >= 2:
             secure = SecureRound(r, sampled, self.secure, self.seed)
-            config.update(codec=self.secure.codec, secagg=secure.config())
+            # Clients weigh their codes by their example count (capped), unless DP wants equal shares.
+            weighting = {"weighted": self.dp is None, "weight_cap": self.max_examples}
+            config.update(codec=self.secure.codec, secagg={**secure.config(), **weighting})
             for cid in sampled:
                 self._peers[cid].secagg_round = r
                 self._peers[cid].secagg_inbox = asyncio.Queue()
@@ -1289,8 +1291,8 @@ class Server:
                 update.num_examples,
                 self.max_examples,
             )
-        if secure is not None or self.dp is not None:
-            weight = 1.0  # masked codes add up with equal weights only; DP bounds each client's share
+        if self.dp is not None:
+            weight = 1.0  # DP bounds each client's share
         outcome["weight"] = weight
         try:
             if self._streamed and self.clip_norm is None:

@@ -24,6 +24,8 @@ __all__: list[str] = []
 # bits, modulus bits, width, flags, clip, rotation seed (docs/format.md, "Integer sections").
 INT_HEAD = struct.Struct("<BBBBfQ")
 INT_MASKED = 0x01  # the codes carry secure aggregation's masks: they decode only in a sum
+INT_WEIGHTED = 0x02  # the codes were multiplied by a weight, recorded after the head (u32)
+_U32 = struct.Struct("<I")
 MIN_BITS, MAX_BITS = 1, 16
 MAX_MODULUS_BITS = 56  # the widest code the kernels pack (csrc/intcode.hpp)
 
@@ -75,11 +77,13 @@ def encode_int(v: np.ndarray, levels: IntLevels, quant_seed: int) -> np.ndarray:
     return _core.int_encode(rotated, levels.bits, levels.clip, quant_seed)
 
 
-def int_section(codes: np.ndarray, levels: IntLevels, *, masked: bool, width: int) -> tuple:
-    """The section's buffers: its head, then the codes packed ``width`` bits each."""
-    head = INT_HEAD.pack(
-        levels.bits, levels.modulus_bits, width, INT_MASKED if masked else 0, levels.clip, levels.rotation_seed
-    )
+def int_section(codes: np.ndarray, levels: IntLevels, *, masked: bool, width: int, weight: int = 1) -> tuple:
+    """The section's buffers: its head (and the weight, when not 1), then the codes packed
+    ``width`` bits each."""
+    flags = (INT_MASKED if masked else 0) | (INT_WEIGHTED if weight != 1 else 0)
+    head = INT_HEAD.pack(levels.bits, levels.modulus_bits, width, flags, levels.clip, levels.rotation_seed)
+    if weight != 1:
+        head += _U32.pack(weight)
     return (head, _core.pack_codes(np.ascontiguousarray(codes, dtype=np.uint64), width))
 
 
@@ -92,6 +96,7 @@ class IntSection:
     masked: bool
     count: int
     packed: memoryview
+    weight: int = 1  # the codes are weight times the levels (a client's example count)
 
     @property
     def modular(self) -> bool:
@@ -108,7 +113,7 @@ class IntSection:
             raise DecodeError("int section is masked by secure aggregation: it decodes only as part of the round's sum")
         codes = self.codes()
         total = centered(codes, self.levels.modulus_bits) if self.modular else codes.astype(np.int64)
-        return self.levels.values(total, 1)
+        return self.levels.values(total, self.weight, 1.0 / self.weight)
 
 
 def centered(residues: np.ndarray, m: int) -> np.ndarray:
@@ -129,11 +134,18 @@ def parse_int(data: memoryview, count: int, block: int) -> IntSection:
         raise DecodeError(f"int section: modulus bits {m} outside [{bits + 1}, {MAX_MODULUS_BITS}]")
     if width not in (bits, m):
         raise DecodeError(f"int section: code width {width} is neither bits ({bits}) nor modulus bits ({m})")
-    if flags & ~INT_MASKED:
+    if flags & ~(INT_MASKED | INT_WEIGHTED):
         raise DecodeError(f"int section: unknown flags 0x{flags:02x}")
     masked = bool(flags & INT_MASKED)
     if masked and width != m:
         raise DecodeError(f"int section: masked codes are {m}-bit residues, found width {width}")
+    weight = 1
+    if flags & INT_WEIGHTED:
+        if width != m:
+            raise DecodeError(f"int section: weighted codes are {m}-bit residues, found width {width}")
+        (weight,) = r.unpack(_U32, "weight")
+        if weight < 2:
+            raise DecodeError(f"int section: weight {weight} is recorded only when it is 2 or more")
     if not (math.isfinite(clip) and clip > 0):
         raise DecodeError(f"int section: clip {clip!r} is not finite and positive")
     packed = r.take((count * width + 7) // 8, "codes")
@@ -141,4 +153,4 @@ def parse_int(data: memoryview, count: int, block: int) -> IntSection:
         raise DecodeError("int section: nonzero padding bits in the last byte")
     if r.pos != len(data):
         raise DecodeError(f"int section: {len(data) - r.pos} trailing bytes")
-    return IntSection(IntLevels(bits, clip, m, seed, block), width, masked, count, packed)
+    return IntSection(IntLevels(bits, clip, m, seed, block), width, masked, count, packed, weight)

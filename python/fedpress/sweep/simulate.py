@@ -327,7 +327,7 @@ def simulate(
             masking: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
             state: dict[str, tuple[SecAggClient, bytes]] = {}
             if sa is not None:
-                config.update(secagg=sa.config())
+                config.update(secagg={**sa.config(), "weighted": private is None, "weight_cap": None})
                 state = _secure_setup(sa)
                 masking = {
                     cid: partial(_mask_with_noise, c, routed, skellam, noise_rng) for cid, (c, routed) in state.items()
@@ -347,6 +347,7 @@ def simulate(
                     round=r,
                     rotation_seed=config["rotation_seed"] if shared_rotation else None,
                     mask=masking.get(cid),
+                    weight=n if sa is not None and private is None else 1,
                 )
                 update_frame = P.Update(r, n, client_metrics(train_loss), payload)
                 up += frame_bytes(P.FrameType.UPDATE, update_frame.parts())
@@ -354,7 +355,7 @@ def simulate(
                 if private is not None and sa is None:  # central DP: the server clips what it decodes
                     aggregator.add_update(clip_update(decode(payload, table=params), private.clip_norm)[0], 1.0)
                 else:
-                    aggregator.add(payload, 1.0 if private is not None or sa is not None else float(n))
+                    aggregator.add(payload, 1.0 if private is not None else float(n))
                 if sa is not None:
                     sa.server.receive_masked(sa.index(cid))
                 held[cid] = (tag, model)
