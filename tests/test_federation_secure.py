@@ -137,7 +137,7 @@ def test_secure_aggregation_refuses_what_it_cannot_sum() -> None:
     with pytest.raises(ValueError, match="must be intB"):
         Server("127.0.0.1", 0, params(), codec="q8", **base)
     with pytest.raises(ValueError, match="drop the sparsifier"):
-        Server("127.0.0.1", 0, params(), codec="topk:0.1+int8", **base)
+        Server("127.0.0.1", 0, params(), codec="randk:0.1+int8", **base)
     with pytest.raises(ValueError, match="nmax=2 is below"):
         Server("127.0.0.1", 0, params(), codec="int8:nmax=2", **base)
     with pytest.raises(ValueError, match="in the clear"):
@@ -172,3 +172,16 @@ def test_the_server_command_says_what_secure_aggregation_needs(tmp_path) -> None
                 "0.6",
             )
         )
+
+
+def test_a_shared_random_subset_is_summed_securely() -> None:
+    """randk:R:shared: the round's clients keep the same half of the coordinates (from the
+    round's seed); the secure sum over it equals the plain one."""
+    codec = "randk:0.5:shared+int8:clip=0.05:nmax=512"
+    plain_server, plain_rows, _ = run(False, codec=codec)
+    server, rows, _ = run(True, codec=codec)
+    assert all(r["status"] == "ok" for r in rows[1:])
+    assert rows[1]["secure_aggregation"]["length"] == round(0.5 * DIM) + 1  # w's half, and b's one entry
+    for name, value in plain_server.params.items():
+        np.testing.assert_array_equal(server.params[name], value)
+    assert rows[1]["uplink_payload_bytes"] < plain_rows[1]["uplink_payload_bytes"] * 4

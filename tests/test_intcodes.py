@@ -114,7 +114,7 @@ def test_int_spec_options_and_refusals() -> None:
     with pytest.raises(ValueError, match="mask is for intB"):
         fp.Codec("q4").encode(update, mask=lambda c: c)
     with pytest.raises(ValueError, match="different subset per client"):
-        fp.Codec("topk:0.1+int4").encode(update, mask=lambda c: c)
+        fp.Codec("randk:0.1+int4").encode(update, mask=lambda c: c)
     with pytest.raises(ValueError, match="float tensors only"):
         fp.Codec("int4").encode({**update, "steps": np.array([3])}, mask=lambda c: c)
     with pytest.raises(ValueError, match="uint64 array"):
@@ -123,9 +123,14 @@ def test_int_spec_options_and_refusals() -> None:
         fp.Codec("int4").encode(update, mask=lambda c: c + np.uint64(1 << 40))
     with pytest.raises(ValueError, match="NaN"):
         fp.Codec("int4").encode({"w": np.array([1.0, np.nan], np.float32)})
-    # top-k with int codes decodes (each client alone); it is refused only where codes must add up
-    sparse = fp.Codec("topk:0.5+int8:clip=0.02").encode(update, seed=1)
-    assert fp.decode(sparse)["w"].shape == update["w"].shape
+    with pytest.raises(ValueError, match="randk:R:shared or no sparsifier"):
+        fp.Codec("topk:0.5+int8:clip=0.02")
+    with pytest.raises(ValueError, match="is for intB values"):
+        fp.Codec("randk:0.5:shared+q8")
+    with pytest.raises(ValueError, match="needs intB values"):
+        fp.Codec("randk:0.5:shared")
+    with pytest.raises(ValueError, match="needs the round's rotation_seed"):
+        fp.Codec("randk:0.5:shared+int8").encode(update, mask=lambda c: c)
 
 
 # --------------------------------------------------------------- aggregator --
@@ -353,3 +358,42 @@ def test_weighted_sections_are_checked() -> None:
     ]:
         with pytest.raises(fp.DecodeError, match=what):
             parse_int(memoryview(bad), 9, rec.rht_block)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_random_k_supports_add_up(masked: bool) -> None:
+    """randk:R:shared+intB: every client of a round keeps the same entries (drawn from the
+    round's seed), so their codes add up; the mean is the kept entries' mean, scattered."""
+    ups = updates(4, seed=12)
+    codec = fp.Codec("randk:0.25:shared+int8:clip=0.02:nmax=8")
+    assert str(codec.spec) == "randk:0.25:shared+int8:clip=0.02:nmax=8"
+    m = modulus_bits(8, 8)
+    kept = {name: max(1, round(0.25 * v.size)) for name, v in ups[0].items()}
+    length = sum(kept.values())
+    rng = np.random.default_rng(13)
+    masks = [rng.integers(0, 1 << m, size=length, dtype=np.uint64) for _ in ups]
+    modulus = np.uint64((1 << m) - 1)
+    payloads = [
+        codec.encode(u, seed=i, rotation_seed=99, mask=(lambda c, k=k: (c + k) & modulus) if masked else None)
+        for i, (u, k) in enumerate(zip(ups, masks))
+    ]
+    supports = [{rec.name: rec.intcode.support_seed for rec in parse(p).tensors} for p in payloads]
+    assert all(s == supports[0] for s in supports)  # one support for the round
+    agg = fp.Aggregator()
+    agg.add_many(payloads)
+    if masked:
+        correction = np.zeros(length, np.uint64)
+        for k in masks:
+            correction = (correction + k) & modulus
+        agg.unmask(correction)
+    mean = agg.result()
+    plain = [codec.encode(u, seed=i, rotation_seed=99) for i, u in enumerate(ups)]
+    decoded = [fp.decode(p) for p in plain]
+    for name in ups[0]:
+        expected = np.mean([d[name] for d in decoded], axis=0)
+        np.testing.assert_allclose(mean[name], expected, atol=1e-6)
+        assert np.count_nonzero(mean[name]) <= kept[name]
+    other_round = codec.encode(ups[0], seed=5, rotation_seed=100)
+    with pytest.raises(fp.DecodeError, match="does not add up"):
+        agg2 = fp.Aggregator()
+        agg2.add_many([plain[0], other_round])

@@ -80,16 +80,21 @@ class _IntSum:
     unit: float
     multipliers: int = 0  # the sum of the payloads' k
     clients: int = 0
+    support: Optional[tuple[int, int]] = None  # randk:R:shared: (tensor size, seed of the kept entries)
 
     @classmethod
-    def starting(cls, sec: IntSection, weight: float) -> _IntSum:
+    def starting(cls, sec: IntSection, weight: float, support: Optional[tuple[int, int]]) -> _IntSum:
         """An empty sum whose unit the first payload's weight sets (residues: weight over
         the weight its codes were multiplied by, which their payload records)."""
         if sec.modular:
             unit = weight / sec.weight
         else:
             unit = 1.0 if float(weight).is_integer() and 0 <= weight < 2**32 else weight
-        return cls(sec.levels, sec.width, sec.masked, np.zeros(sec.count, np.uint64), unit)
+        return cls(sec.levels, sec.width, sec.masked, np.zeros(sec.count, np.uint64), unit, support=support)
+
+    def key(self) -> tuple:
+        """What the payloads of one sum share."""
+        return (self.levels, self.width, self.masked, self.support)
 
     @property
     def modular(self) -> bool:
@@ -98,7 +103,8 @@ class _IntSum:
     def describe(self) -> str:
         lv = self.levels
         mode = "masked" if self.masked else ("residues" if self.modular else "plain")
-        return f"int{lv.bits} clip={lv.clip!r} m={lv.modulus_bits} rotation {lv.rotation_seed} ({mode})"
+        support = "" if self.support is None else f", support seed {self.support[1]}"
+        return f"int{lv.bits} clip={lv.clip!r} m={lv.modulus_bits} rotation {lv.rotation_seed}{support} ({mode})"
 
     def multiplier(self, weight: float, pending: int, recorded: int = 1) -> int:
         """The k of a payload of ``weight`` whose codes were multiplied by ``recorded`` (ValueError
@@ -142,12 +148,19 @@ class _IntSum:
         self.clients += 1
 
     def weighted_sum(self) -> np.ndarray:
-        """The float32 sum of the clients' values times their weights, unrotated."""
+        """The float32 sum of the clients' values times their weights, unrotated (and put
+        back in place, for a shared random-k support)."""
         if self.modular:
             total = centered(self.total, self.levels.modulus_bits)
         else:
             total = self.total.astype(np.int64)
-        return self.levels.values(total, self.multipliers, self.unit)
+        kept = self.levels.values(total, self.multipliers, self.unit)
+        if self.support is None:
+            return kept
+        size, seed = self.support
+        dense = np.zeros(size, np.float32)
+        dense[ops.randomk_indices(size, kept.size, seed).astype(np.intp)] = kept
+        return dense
 
 
 class Aggregator:
@@ -270,6 +283,7 @@ class Aggregator:
                 for rec in one.tensors
                 if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED)
                 and rec.eden is None
+                and rec.intcode is None
                 and sums[rec.name].dtype == np.float32
                 and rec.name not in streams[i]
             ]
@@ -369,13 +383,16 @@ class Aggregator:
                 sec = rec.intcode
                 if sec is None:
                     continue
+                support = None
                 if rec.kind != KIND_DENSE:
-                    raise DecodeError(f"payload {i}: tensor {rec.name!r}: sparse int codes do not add up")
+                    if rec.kind != KIND_SPARSE_SEEDED or sec.support_seed is None:
+                        raise DecodeError(f"payload {i}: tensor {rec.name!r}: sparse int codes do not add up")
+                    support = (rec.size, sec.support_seed)
                 current = ints.get(rec.name)
                 if current is None:
-                    current = ints[rec.name] = _IntSum.starting(sec, weights[i])
-                if (current.levels, current.width, current.masked) != (sec.levels, sec.width, sec.masked):
-                    theirs = _IntSum(sec.levels, sec.width, sec.masked, current.total, current.unit)
+                    current = ints[rec.name] = _IntSum.starting(sec, weights[i], support)
+                theirs = _IntSum(sec.levels, sec.width, sec.masked, current.total, current.unit, support=support)
+                if current.key() != theirs.key() or current.total.size != sec.count:
                     raise DecodeError(
                         f"payload {i}: tensor {rec.name!r}: {theirs.describe()} does not add up with the "
                         f"sum's {current.describe()}"
@@ -521,7 +538,7 @@ class Aggregator:
             ours = self._ints.get(name)
             if ours is None:
                 continue
-            if (ours.levels, ours.width, ours.masked) != (theirs.levels, theirs.width, theirs.masked):
+            if ours.key() != theirs.key():
                 raise DecodeError(f"tensor {name!r}: {theirs.describe()} does not add up with {ours.describe()}")
             if ours.unit != theirs.unit:
                 raise ValueError(f"tensor {name!r}: int sums of weight units {theirs.unit!r} and {ours.unit!r}")
@@ -546,6 +563,7 @@ class Aggregator:
                     theirs.unit,
                     theirs.multipliers,
                     theirs.clients,
+                    theirs.support,
                 )
                 continue
             ours.total += theirs.total

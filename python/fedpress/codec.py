@@ -2,7 +2,7 @@
 
 A spec names up to four stages joined by ``+``, in this order, each optional::
 
-    sparsifier   topk:R | thresh:R | randk:R     (R = fraction of entries kept, 0 < R <= 1)
+    sparsifier   topk:R | thresh:R | randk:R | randk:R:shared   (R = fraction of entries kept, 0 < R <= 1)
     rotation     rht                             (seeded randomized Hadamard transform)
     values       fp32 | fp16 | bf16 | q8 | q4 | q2 | sign
                  | edenB | edenB:shared | edenB:mse  (B = 1, 2, 3, 4, 8 bits; EDEN rotates by itself)
@@ -29,7 +29,9 @@ integers, exactly, and decodes the mean once. Under secure aggregation
 (``Codec.encode(..., mask=)``) they travel as residues modulo 2^m,
 m = B + ceil(log2(N)) + 1 bits each, N (default ``nmax=128``) bounding the clients
 of one sum (their total weight, when clients weigh their codes by their example counts),
-so that the pairwise masks cancel in the sum.
+so that the pairwise masks cancel in the sum. ``randk:R:shared+intB`` keeps the same random
+R of the coordinates on every client of a round (drawn from the round's ``rotation_seed``):
+codes over one shared support add up too, at R times the bytes.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Spec:
     rotate: bool = False
     values: str = "fp32"
     zstd_level: Optional[int] = None
+    shared_support: bool = False  # randk:R:shared: the round's clients keep the same entries
     eden_mode: Optional[str] = None  # edenB values: None, "shared" or "mse"
     int_clip: float = DEFAULT_INT_CLIP  # intB values: the clip range [-C, C]
     int_clients: int = DEFAULT_INT_CLIENTS  # intB values: the most clients one secure sum holds
@@ -104,8 +107,9 @@ class Spec:
 
     @property
     def shares_rotation(self) -> bool:
-        """Whether the round's clients rotate with one seed (``Codec.encode(rotation_seed=)``):
-        ``edenB:shared`` and ``intB``, whose sums the server adds in the rotated domain."""
+        """Whether the round's clients share one seed (``Codec.encode(rotation_seed=)``):
+        ``edenB:shared`` and ``intB`` rotate with it (the server sums in the rotated domain),
+        ``randk:R:shared`` draws its entries from it."""
         return self.eden_mode == "shared" or self.int_bits > 0
 
     @property
@@ -117,7 +121,8 @@ class Spec:
     def __str__(self) -> str:
         parts = []
         if self.sparsifier:
-            parts.append(f"{self.sparsifier}:{self.ratio!r}")  # shortest text that parses back exactly
+            shared = ":shared" if self.shared_support else ""
+            parts.append(f"{self.sparsifier}:{self.ratio!r}{shared}")  # shortest text that parses back exactly
         if self.rotate:
             parts.append("rht")
         if self.int_bits:
@@ -149,6 +154,9 @@ def parse_spec(spec: str) -> Spec:
         name, _, arg = stage.partition(":")
         if name in SPARSIFIERS:
             kind = "sparsifier"
+            if name == "randk" and arg.endswith(":shared"):
+                arg = arg[: -len(":shared")]
+                fields["shared_support"] = True
             if not arg or not _RATIO.match(arg):
                 raise _stage_error(spec, stage, f"{name} needs a ratio, e.g. '{name}:0.01'")
             ratio = float(arg)
@@ -185,12 +193,21 @@ def parse_spec(spec: str) -> Spec:
         else:
             known = ", ".join((*SPARSIFIERS, "rht", *VALUE_STAGES, "intB", "zstd"))
             raise _stage_error(spec, stage or "(empty)", f"unknown stage; known stages: {known}")
+        if kind == "values" and fields.get("shared_support") and not INT_STAGE.match(name):
+            raise _stage_error(spec, stage, "randk:R:shared is for intB values, whose codes add up over the support")
         rank = _STAGE_RANK[kind]
         if rank == last_rank:
             raise _stage_error(spec, stage, f"a second {kind} stage")
         if rank < last_rank:
             raise _stage_error(spec, stage, "stages must come in the order sparsifier, rht, values, zstd")
         last_rank = rank
+    if fields.get("sparsifier") in ("topk", "thresh") and INT_STAGE.match(fields.get("values", "")):
+        raise ValueError(
+            f"spec {spec!r}: intB codes add up over a support the clients share, not over each one's top-k: "
+            "use randk:R:shared or no sparsifier"
+        )
+    if fields.get("shared_support") and "values" not in fields:
+        raise ValueError(f"spec {spec!r}: randk:R:shared needs intB values (e.g. 'randk:0.1:shared+int8')")
     return Spec(**fields)
 
 
@@ -328,11 +345,14 @@ class Codec:
                 raise ValueError(f"mask is for intB values (secure aggregation), the spec is {self.spec}")
             if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 1 <= weight < 2**32:
                 raise ValueError(f"weight must be an integer in [1, 2^32), got {weight!r}")
-            if self.spec.sparsifier is not None or selected is not None:
+            if (self.spec.sparsifier is not None and not self.spec.shared_support) or selected is not None:
                 raise ValueError(
                     f"secure aggregation sums every coordinate: the spec {self.spec} keeps a different "
-                    "subset per client, whose masked codes would not add up; use intB without a sparsifier"
+                    "subset per client, whose masked codes would not add up; use intB without a sparsifier, "
+                    "or randk:R:shared"
                 )
+            if self.spec.shared_support and rotation_seed is None:
+                raise ValueError("randk:R:shared under secure aggregation needs the round's rotation_seed")
         names, arrays, recorded = [], [], []
         for name, value in update.items():
             if not isinstance(name, str):
@@ -350,9 +370,12 @@ class Codec:
             recorded.append(dtype)
         floats = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
         flat = {i: as_float32(arrays[i], names[i]) for i in floats}
+        support_base = payload_seed
         if selected is None:
             try:
-                chosen = self._select(flat, payload_seed)
+                # randk:R:shared draws from the round's seed: every client keeps the same entries.
+                support_base = rotation_seed if self.spec.shared_support and rotation_seed is not None else payload_seed
+                chosen = self._select(flat, support_base)
             except ValueError:  # a NaN met by the sparsifier: name the tensor
                 for i, v in flat.items():
                     _check_values(names[i], v, 0, sparse=False)
@@ -360,7 +383,7 @@ class Codec:
         else:
             chosen = {i: selected[names[i]] for i in flat if names[i] in selected}
         entries = []
-        int_codes: dict[int, tuple[IntLevels, np.ndarray]] = {}  # intB tensors: their levels and codes
+        int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]] = {}  # intB tensors: their levels and codes
         for i, (name, arr, dtype) in enumerate(zip(names, arrays, recorded)):
             if i not in flat:
                 if mask is not None:
@@ -371,8 +394,11 @@ class Codec:
                 entries.append(raw_entry(name, arr, dtype))
                 continue
             if self.spec.int_bits:
+                support = None
+                if i in chosen:  # randk: the kept entries and the seed they come from
+                    support = (chosen[i][1], stage_seed(support_base, i, PURPOSE_RANDK))
                 entries.append(
-                    self._int_entry(name, dtype, arr.shape, flat[i], payload_seed, i, rotation_seed, int_codes)
+                    self._int_entry(name, dtype, arr.shape, flat[i], payload_seed, i, rotation_seed, int_codes, support)
                 )
                 if sent is not None:
                     sent[name] = self._decoded(entries[-1], chosen.get(i), payload_seed, i)
@@ -491,11 +517,16 @@ class Codec:
         payload_seed: int,
         ordinal: int,
         rotation_seed: Optional[int],
-        int_codes: dict[int, tuple[IntLevels, np.ndarray]],
+        int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]],
+        support: Optional[tuple[np.ndarray, int]] = None,
     ) -> Entry:
-        """A dense intB entry (its codes also into ``int_codes``, for the mask)."""
+        """An intB entry, dense, or with ``support`` (the kept values of random-k and the
+        seed of their indices) sparse-seeded; its codes also into ``int_codes``, for the mask."""
         sp = self.spec
-        _check_values(name, v, 0, sparse=False)  # the rotation is orthonormal: finite in, finite out
+        n = int(v.size)
+        if support is not None:
+            v, support_seed = support
+        _check_values(name, v, 0, sparse=support is not None)  # the rotation is orthonormal: finite in, finite out
         levels = IntLevels(
             bits=sp.int_bits,
             clip=sp.int_clip,
@@ -506,15 +537,16 @@ class Codec:
             block=self.rht_block,
         )
         codes = encode_int(v, levels, stage_seed(payload_seed, ordinal, PURPOSE_QUANT))
-        int_codes[ordinal] = (levels, codes)
+        seed = None if support is None else support_seed
+        int_codes[ordinal] = (levels, codes, seed)
         return Entry(
             name=name,
             dtype=dtype,
             shape=tuple(int(d) for d in shape),
-            kind=KIND_DENSE,
-            count=int(v.size),
+            kind=KIND_DENSE if support is None else KIND_SPARSE_SEEDED,
+            count=n if support is None else int(v.size),
             rht_block=self.rht_block,
-            values=int_section(codes, levels, masked=False, width=levels.bits),
+            values=int_section(codes, levels, masked=False, width=levels.bits, support_seed=seed),
             value_code="int",
         )
 
@@ -607,7 +639,7 @@ class Codec:
 
 def _mask_int_entries(
     entries: list[Entry],
-    int_codes: dict[int, tuple[IntLevels, np.ndarray]],
+    int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]],
     mask: Callable[[np.ndarray], np.ndarray],
     weight: int,
 ) -> None:
@@ -623,12 +655,14 @@ def _mask_int_entries(
         raise ValueError(f"mask must return a uint64 array of shape {codes.shape}, got {type(masked).__name__}")
     start = 0
     for i in order:
-        levels, own = int_codes[i]
+        levels, own, support_seed = int_codes[i]
         part = masked[start : start + own.size]
         start += own.size
         if part.size and int(part.max()) >> levels.modulus_bits:
             raise ValueError(f"mask returned values of {levels.modulus_bits} bits or more (residues modulo 2^m)")
-        entries[i].values = int_section(part, levels, masked=True, width=levels.modulus_bits, weight=weight)
+        entries[i].values = int_section(
+            part, levels, masked=True, width=levels.modulus_bits, weight=weight, support_seed=support_seed
+        )
 
 
 def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse: bool) -> None:

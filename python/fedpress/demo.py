@@ -28,7 +28,18 @@ from typing import Any, Optional
 
 __all__ = ["DEFAULT_CODECS", "run_demo", "add_arguments", "run_from_args"]
 
-DEFAULT_CODECS = ("fp32", "fp16", "q8+zstd", "q4", "eden4", "topk:0.01+q4+zstd", "sign")
+DEFAULT_CODECS = (
+    "fp32",
+    "fp16",
+    "q8+zstd",
+    "q4",
+    "eden4",
+    "topk:0.01+q4+zstd",
+    "sign",
+    # Secure aggregation (the server sees only the sum), then with distributed DP at epsilon ~8.
+    "int4:clip=0.05:nmax=2048@secagg=on",
+    "int8:clip=0.05:nmax=2048@secagg=on,clip=0.5,dp=3.5",
+)
 #: The downlink codec of the rows whose uplink is compressed (the global model's
 #: round-to-round difference, with the server's error feedback).
 DEFAULT_DOWNLINK = "q8+zstd"

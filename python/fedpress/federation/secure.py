@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._seeds import PURPOSE_SECAGG, derive_seed
-from ..codec import parse_spec
+from ..codec import _k, parse_spec
 from ..format.intcodes import modulus_bits
 from ..secagg import SecAggClient, SecAggParams, SecAggServer
 from . import protocol as P
@@ -57,10 +57,10 @@ def secure_settings(
         raise ValueError(
             f"secure aggregation sums integer codes: the codec must be intB (e.g. 'int8:clip=0.01'), got {spec}"
         )
-    if spec.sparsifier is not None:
+    if spec.sparsifier is not None and not spec.shared_support:
         raise ValueError(
             f"secure aggregation sums every coordinate: {spec} keeps a different subset per client, whose masked "
-            "codes would not add up; drop the sparsifier"
+            "codes would not add up; drop the sparsifier, or keep a shared random subset (randk:R:shared)"
         )
     if spec.int_clients < clients_per_round:
         raise ValueError(
@@ -78,7 +78,9 @@ def secure_settings(
         raise ValueError(
             f"secure aggregation sums float tensors only; the model's {others[0]!r} would travel in the clear"
         )
-    length = sum(int(np.asarray(params[name]).size) for name in floats)
+    sizes = [int(np.asarray(params[name]).size) for name in floats]
+    # randk:R:shared: each client sends the codes of the round's kept entries only
+    length = sum(_k(spec.ratio, n) if spec.shared_support else n for n in sizes)
     if length == 0:
         raise ValueError("secure aggregation needs a model with float parameters")
     # Refuses a tolerance too high for the round's size, now rather than in round 1.

@@ -78,7 +78,9 @@ def sparse_parts(
     if rec.kind == KIND_DENSE:
         return None, values
     if rec.kind == KIND_SPARSE_SEEDED:
-        seeded = ops.randomk_indices(rec.size, rec.count, stage_seed(seed, rec.ordinal, PURPOSE_RANDK))
+        support = rec.intcode.support_seed if rec.intcode is not None else None  # a round's shared support
+        support = stage_seed(seed, rec.ordinal, PURPOSE_RANDK) if support is None else support
+        seeded = ops.randomk_indices(rec.size, rec.count, support)
         if out is not None:
             out[0][...] = seeded
             seeded = out[0]

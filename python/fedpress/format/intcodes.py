@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -25,7 +26,9 @@ __all__: list[str] = []
 INT_HEAD = struct.Struct("<BBBBfQ")
 INT_MASKED = 0x01  # the codes carry secure aggregation's masks: they decode only in a sum
 INT_WEIGHTED = 0x02  # the codes were multiplied by a weight, recorded after the head (u32)
+INT_SUPPORT = 0x04  # a sparse-seeded entry's indices come from this seed (u64, after the weight)
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 MIN_BITS, MAX_BITS = 1, 16
 MAX_MODULUS_BITS = 56  # the widest code the kernels pack (csrc/intcode.hpp)
 
@@ -77,13 +80,24 @@ def encode_int(v: np.ndarray, levels: IntLevels, quant_seed: int) -> np.ndarray:
     return _core.int_encode(rotated, levels.bits, levels.clip, quant_seed)
 
 
-def int_section(codes: np.ndarray, levels: IntLevels, *, masked: bool, width: int, weight: int = 1) -> tuple:
-    """The section's buffers: its head (and the weight, when not 1), then the codes packed
-    ``width`` bits each."""
+def int_section(
+    codes: np.ndarray,
+    levels: IntLevels,
+    *,
+    masked: bool,
+    width: int,
+    weight: int = 1,
+    support_seed: Optional[int] = None,
+) -> tuple:
+    """The section's buffers: its head (the weight, when not 1; the support's seed, for a
+    shared random-k support), then the codes packed ``width`` bits each."""
     flags = (INT_MASKED if masked else 0) | (INT_WEIGHTED if weight != 1 else 0)
+    flags |= INT_SUPPORT if support_seed is not None else 0
     head = INT_HEAD.pack(levels.bits, levels.modulus_bits, width, flags, levels.clip, levels.rotation_seed)
     if weight != 1:
         head += _U32.pack(weight)
+    if support_seed is not None:
+        head += _U64.pack(support_seed)
     return (head, _core.pack_codes(np.ascontiguousarray(codes, dtype=np.uint64), width))
 
 
@@ -97,6 +111,7 @@ class IntSection:
     count: int
     packed: memoryview
     weight: int = 1  # the codes are weight times the levels (a client's example count)
+    support_seed: Optional[int] = None  # a sparse-seeded entry's indices: randk_indices(n, count, seed)
 
     @property
     def modular(self) -> bool:
@@ -134,7 +149,7 @@ def parse_int(data: memoryview, count: int, block: int) -> IntSection:
         raise DecodeError(f"int section: modulus bits {m} outside [{bits + 1}, {MAX_MODULUS_BITS}]")
     if width not in (bits, m):
         raise DecodeError(f"int section: code width {width} is neither bits ({bits}) nor modulus bits ({m})")
-    if flags & ~(INT_MASKED | INT_WEIGHTED):
+    if flags & ~(INT_MASKED | INT_WEIGHTED | INT_SUPPORT):
         raise DecodeError(f"int section: unknown flags 0x{flags:02x}")
     masked = bool(flags & INT_MASKED)
     if masked and width != m:
@@ -146,6 +161,7 @@ def parse_int(data: memoryview, count: int, block: int) -> IntSection:
         (weight,) = r.unpack(_U32, "weight")
         if weight < 2:
             raise DecodeError(f"int section: weight {weight} is recorded only when it is 2 or more")
+    support_seed = r.unpack(_U64, "support seed")[0] if flags & INT_SUPPORT else None
     if not (math.isfinite(clip) and clip > 0):
         raise DecodeError(f"int section: clip {clip!r} is not finite and positive")
     packed = r.take((count * width + 7) // 8, "codes")
@@ -153,4 +169,4 @@ def parse_int(data: memoryview, count: int, block: int) -> IntSection:
         raise DecodeError("int section: nonzero padding bits in the last byte")
     if r.pos != len(data):
         raise DecodeError(f"int section: {len(data) - r.pos} trailing bytes")
-    return IntSection(IntLevels(bits, clip, m, seed, block), width, masked, count, packed, weight)
+    return IntSection(IntLevels(bits, clip, m, seed, block), width, masked, count, packed, weight, support_seed)

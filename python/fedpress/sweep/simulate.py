@@ -49,7 +49,7 @@ from ..federation.secure import SecureRound, client_round, secure_settings
 from ..federation.server import round_config, sample_clients
 from ..format import decode
 from ..privacy import SkellamParams, clip_update, skellam_noise
-from ..secagg import DEFAULT_DROPOUT_TOLERANCE, SecAggClient
+from ..secagg import DEFAULT_DROPOUT_TOLERANCE, SecAggClient, SecAggError
 from ..train.loops import evaluate, param_delta, round_seed, train_local
 from ..train.models import get_params, set_params
 from ..train.partition import partition
@@ -322,7 +322,7 @@ def simulate(
             sampled = sample_clients(seed, r, ids, s.per_round)
             aggregator = Aggregator(table=update_table(params) if cell.table == "digest" else None)
             aggregator.add(reference, 0.0)
-            up = down = up_payload = down_payload = full = 0
+            up = down = up_payload = down_payload = full = failed = 0
             sa = None if secure is None else SecureRound(r, sampled, secure, seed)
             masking: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
             state: dict[str, tuple[SecAggClient, bytes]] = {}
@@ -341,14 +341,18 @@ def simulate(
                 full += kind == "full"
                 model = _receive(held[cid][1], kind, payloads)
                 update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
-                payload = encoders[cid].encode(
-                    align_update(update, model),
-                    seed=derive_seed(seed, PURPOSE_PAYLOAD, cid, r),
-                    round=r,
-                    rotation_seed=config["rotation_seed"] if shared_rotation else None,
-                    mask=masking.get(cid),
-                    weight=n if sa is not None and private is None else 1,
-                )
+                try:
+                    payload = encoders[cid].encode(
+                        align_update(update, model),
+                        seed=derive_seed(seed, PURPOSE_PAYLOAD, cid, r),
+                        round=r,
+                        rotation_seed=config["rotation_seed"] if shared_rotation else None,
+                        mask=masking.get(cid),
+                        weight=n if sa is not None and private is None else 1,
+                    )
+                except ValueError:  # a diverged model's update (NaN): the client reports a failure
+                    failed += 1
+                    continue
                 update_frame = P.Update(r, n, client_metrics(train_loss), payload)
                 up += frame_bytes(P.FrameType.UPDATE, update_frame.parts())
                 up_payload += update_frame.payload_bytes
@@ -361,18 +365,27 @@ def simulate(
                 held[cid] = (tag, model)
                 downlink.confirm(cid, tag)
             extra: dict[str, Any] = {"clients": len(sampled), "full_models": full}
-            if sa is not None:
-                aggregator.unmask(_secure_unmask(sa, state))
+            if failed:
+                extra["failed_clients"] = failed
+            released = failed < len(sampled)
+            if sa is not None and released:
+                try:
+                    aggregator.unmask(_secure_unmask(sa, state))
+                except SecAggError:  # too many failed clients to unmask: the round is lost
+                    released = False
                 extra["secure_aggregation"] = sa.summary()
                 up += sa.frame_bytes["uplink"]
                 down += sa.frame_bytes["downlink"]
-            mean = aggregator.result(copy=False)
+            if released:
+                mean = aggregator.result(copy=False)
+                if private is not None:
+                    if sa is None:
+                        mean = private.noisy_mean(mean, float(len(sampled) - failed), s.per_round, noise_rng)
+                    private.accountant.step()
+                if all(np.isfinite(v).all() for v in mean.values()):  # as the server, keeps a model that would not be
+                    params = optimizer.step(params, mean, round=r)
             if private is not None:
-                if sa is None:
-                    mean = private.noisy_mean(mean, float(len(sampled)), s.per_round, noise_rng)
-                private.accountant.step()
                 extra["privacy"] = private.record()
-            params = optimizer.step(params, mean, round=r)
             downlink.advance(params)
             emit(r, up, down, up_payload, down_payload, extra)
         return rows
