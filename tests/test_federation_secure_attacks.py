@@ -389,17 +389,7 @@ def test_a_client_that_disconnects_at_any_stage(stage: str, counted: bool) -> No
     assert_model(run, counted)
 
 
-STUCK_BUSY = (
-    "server.py: a client left out in _secagg_setup (out()) never sends an UPDATE for the round (client.py "
-    "_secagg_setup returns None and _on_task returns without one), and _Peer.busy_round is reset only by "
-    "an UPDATE or a disconnect: the client is never idle again, and with min_clients = clients_per_round "
-    "the next round waits for it forever (here: WaitTimeout)"
-)
-
-
-@pytest.mark.parametrize(
-    "stage", [pytest.param("task", marks=pytest.mark.xfail(strict=True, reason=STUCK_BUSY)), "shares", "update"]
-)
+@pytest.mark.parametrize("stage", ["task", "shares", "update"])
 def test_more_dropouts_than_tolerated_fail_the_round_cleanly(stage: str) -> None:
     """c1 and c2 both disconnect at the same stage of round 1 (and come back): 2 of 4, above the
     tolerance of one. The round fails (the model is kept, no client completes, the secure
@@ -414,7 +404,6 @@ def test_more_dropouts_than_tolerated_fail_the_round_cleanly(stage: str) -> None
     assert_round_with_everyone(run, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=STUCK_BUSY)
 def test_a_client_too_slow_for_one_stage_is_back_in_the_next_round() -> None:
     """c2 is honest but slow: its keys arrive after ``secagg_timeout``. Round 1 goes on without
     it; round 2 must sample it again."""
@@ -459,13 +448,6 @@ def test_unmasked_codes_after_masked_ones_are_refused_for_their_sender_only() ->
     assert_model(run, False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _take_update adds an update to the Aggregator without checking it against the "
-    "round (intB of the round's codec, masked, recording the weight the server gives it): the first "
-    "payload sets the int sum's kind (aggregate.py _IntSum.starting: masked or not, and the unit "
-    "weight / recorded weight), and every honest masked update after it is refused; the round fails",
-)
 @pytest.mark.parametrize("rewrite", [_plain_codes, _unweighted], ids=["plain codes", "masked, weight not recorded"])
 def test_a_first_update_that_does_not_fit_the_round_is_refused_for_its_sender_only(rewrite: Callable) -> None:
     """c2's update arrives before the honest masked ones (they train slowly) and is not what the
@@ -476,13 +458,6 @@ def test_a_first_update_that_does_not_fit_the_round_is_refused_for_its_sender_on
     assert "invalid payload" in row["failures"]["c2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _take_update accepts an fp32 payload in a secure round (the aggregator sums it "
-    "as floats) and calls receive_masked for its sender: the correction then removes a self-mask "
-    "that is not in the int sum (and the pairwise masks with it do not cancel): the round reports 'ok' "
-    "with a random model update",
-)
 def test_an_update_of_another_codec_is_refused_for_its_sender_only() -> None:
     """c2 shares keys, then sends an fp32 payload instead of masked intB codes: it must be
     refused like any invalid payload, and the round's sum be the others'."""
@@ -491,12 +466,6 @@ def test_an_update_of_another_codec_is_refused_for_its_sender_only() -> None:
     assert_model(run, False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _secagg_unmask: Aggregator.unmask raises ValueError('no masked int sum to "
-    "unmask') when no accepted update was masked; _train_round catches only SecAggError, so the "
-    "ValueError escapes Server.run",
-)
 def test_a_round_where_no_update_is_masked_fails_cleanly() -> None:
     """Every client sends an fp32 payload instead of masked codes (a client build that ignores
     the TASK's codec): the round must fail, not take the server down."""
@@ -505,13 +474,6 @@ def test_a_round_where_no_update_is_masked_fails_cleanly() -> None:
     assert run.rows[1]["status"] == "failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _train_round: an UPDATE that arrives during _secagg_setup resolves the "
-    "client's waiter, so out() cannot fail it; _take_update adds it to the aggregator and then "
-    "secure.server.receive_masked raises SecAggError ('was not sent its shares'), outside the "
-    "try, and the SecAggError escapes Server.run",
-)
 def test_an_update_sent_before_the_protocol_let_it_is_refused() -> None:
     """c2 advertises, sends at once an UPDATE (masked-looking codes weighing its 128 examples),
     then garbage as its shares: it is out of the protocol, and its early update must be refused,
@@ -592,12 +554,6 @@ async def secure_raw_session(port: int, client_id: str, receive_buffer: int) -> 
     return RawSession(reader, writer, c2s, s2c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _secagg_send awaits Connection.send, which awaits the writer's drain with no "
-    "deadline: a client that advertises and then stops reading (its TASK still unsent in the "
-    "buffers) blocks the KEYS send, and with it the round, forever",
-)
 def test_a_client_that_stops_reading_does_not_stall_the_round() -> None:
     """c2 advertises valid keys and never reads again, so the server's TASK to it (a model of
     8 MB) fills the socket buffers. Each stage must still end within ``secagg_timeout``: the
@@ -631,7 +587,8 @@ def test_a_client_that_stops_reading_does_not_stall_the_round() -> None:
             client = Client(f"127.0.0.1:{server.port}", TOKEN, train, client_id=f"c{i}", insecure=True)
             h.spawn(client.run())
         await wait_until(lambda: server._peers.get("c2") is not None and server._peers["c2"].secagg_round == 1)
-        config = SecureRound(1, ["c0", "c1", "c2"], server.secure, server.seed).config()
+        rotation_seed = server._config(1)["rotation_seed"]
+        config = SecureRound(1, ["c0", "c1", "c2"], server.secure, server.seed, rotation_seed).config()
         stuck.send(P.FrameType.SECAGG, secagg(1, ADV, client_round(config, "c2").advertise())[1])
         # 3 stages and the update wait, each bounded: 4 x 0.5 s + 2 s, and room for the CPU.
         await wait_until(lambda: len(server.history) >= 2, timeout=8.0)
@@ -644,12 +601,6 @@ def test_a_client_that_stops_reading_does_not_stall_the_round() -> None:
 
 
 # ------------------------------------------------------------- resources --
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _peer_loop puts every SECAGG frame of the client's round into an unbounded "
-    "asyncio.Queue (_Peer.secagg_inbox) and each stage takes one: a client can make the server "
-    "hold any number of frames of up to max_frame_bytes each until the round ends",
-)
 def test_a_flood_of_secagg_frames_is_not_queued_without_bound() -> None:
     """c2 advertises, then sends 300 SECAGG frames of 16 KiB for the same round. The server
     uses one message per client and stage: it should not keep the other 299."""
@@ -670,12 +621,6 @@ def test_a_flood_of_secagg_frames_is_not_queued_without_bound() -> None:
 
 
 # ------------------------------------------------------------------ leaks --
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _train_round runs a round without secure aggregation when fewer than 2 "
-    "secagg-capable clients are sampled (`if self.secure is not None and len(sampled) >= 2`): the "
-    "one sampled client's update is aggregated in the clear",
-)
 def test_a_secure_server_never_aggregates_a_lone_client_in_the_clear() -> None:
     """A secure server with 2 clients per round; one client can mask, the other (an older
     build, without the secure-aggregation feature) cannot, so only the first is sampled. Its
@@ -714,13 +659,6 @@ def test_a_secure_server_never_aggregates_a_lone_client_in_the_clear() -> None:
         assert row["status"] == "failed" or "secure_aggregation" in row, row
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dp.py run_privacy calibrates each client's Skellam share for floor(clients_per_round * "
-    "(1 - dropout_tolerance)) survivors, and server.py releases a secure round whatever its number of "
-    "survivors: a round that samples fewer clients (min_clients < clients_per_round, or clients without "
-    "the secure-aggregation feature filtered out) carries less noise than the accountant's epsilon assumes",
-)
 def test_a_private_round_never_carries_less_noise_than_it_accounts_for() -> None:
     """Distributed DP for 10 clients per round (each adds a Skellam share calibrated for the 7
     sure to survive); only 4 clients are there (min_clients=4). Either the round is not released
@@ -742,12 +680,6 @@ def test_a_private_round_never_carries_less_noise_than_it_accounts_for() -> None
 
 
 # -------------------------------------------------------------- reconnects --
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _secagg_send sends to self._peers.get(cid), whatever connection that is now: a "
-    "client that dropped mid-round and reconnected gets the round's KEYS on its new connection, where "
-    "client.py _on_unmask_request raises ProtocolError ('unexpected SECAGG KEYS') and it disconnects again",
-)
 def test_a_client_that_reconnects_mid_round_is_not_sent_the_old_rounds_messages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -781,12 +713,6 @@ def test_secagg_traffic_is_counted_frame_for_frame() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="federation/secure.py SecureRound.count is called only for the messages _secagg_collect "
-    "hands to the protocol: SECAGG frames that _peer_loop queued but no stage took (duplicates, a "
-    "message of the wrong step) or ignored (another round) cross the wire uncounted",
-)
 def test_secagg_frames_the_protocol_does_not_use_are_counted_too() -> None:
     """c2 sends its keys twice and once more for another round: the server received those
     frames, and the round's protocol uplink must count them."""

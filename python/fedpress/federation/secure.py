@@ -25,13 +25,15 @@ import numpy as np
 from .._seeds import PURPOSE_SECAGG, derive_seed
 from ..codec import _k, parse_spec
 from ..format.intcodes import modulus_bits
+from ..format.reader import parse
+from ..format.registry import PURPOSE_RANDK, PURPOSE_RHT, stage_seed
 from ..secagg import SecAggClient, SecAggParams, SecAggServer
 from . import protocol as P
 
-__all__ = ["SecureSettings", "secure_settings", "SecureRound", "client_round"]
+__all__ = ["SecureSettings", "secure_settings", "SecureRound", "check_masked_update", "client_round"]
 
 # A SECAGG frame on the wire: the frame header, the round and step, the sealing tag.
-_FRAME_OVERHEAD = P.HEADER.size + 5 + P.TAG_BYTES
+_FRAME_OVERHEAD = P.HEADER.size + 5 + P.TRAILER_BYTES
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,9 @@ class SecureRound:
     """The server's side of one secure round: the sampled clients (by position in sorted
     order, their protocol ids), the protocol's server, and its traffic in SECAGG frames."""
 
-    def __init__(self, r: int, sampled: list[str], settings: SecureSettings, seed: int) -> None:
+    def __init__(self, r: int, sampled: list[str], settings: SecureSettings, seed: int, rotation_seed: int) -> None:
         self.round = r
+        self.rotation_seed = rotation_seed  # the round's, from its config: every client rotates with it
         self.clients = sorted(sampled)
         self.settings = settings
         self.params = SecAggParams(
@@ -159,6 +162,33 @@ class SecureRound:
             "seconds": round(time.monotonic() - self.started, 6),
             "error": self.error or None,
         }
+
+
+def check_masked_update(secure: SecureRound, client_id: str, payload: Any, weight: float) -> None:
+    """ValueError unless ``payload`` can join the round's secure sum: a client that shared
+    its keys in the round, and every tensor masked ``intB`` codes of the round's codec,
+    modulus and rotation, recording ``weight`` (an integer; 1 under DP) and, for
+    ``randk:R:shared``, the round's support. Anything else would corrupt the sum, or
+    be added in the clear."""
+    if secure.index(client_id) not in secure.server.shared:
+        raise ValueError("the client took no part in the round's key sharing")
+    spec = parse_spec(secure.settings.codec)
+    parsed = parse(payload)
+    for rec in parsed.tensors:
+        sec = rec.intcode
+        where = f"tensor {rec.name!r}"
+        if sec is None or not sec.masked:
+            raise ValueError(f"{where} is not masked int codes: it would be summed in the clear")
+        lv = sec.levels
+        expected = (spec.int_bits, float(np.float32(spec.int_clip)), secure.settings.modulus_bits)
+        if (lv.bits, lv.clip, lv.modulus_bits) != expected:
+            raise ValueError(f"{where}: int{lv.bits} clip={lv.clip} m={lv.modulus_bits}, the round's is {expected}")
+        if lv.rotation_seed != stage_seed(secure.rotation_seed, rec.ordinal, PURPOSE_RHT):
+            raise ValueError(f"{where} is not rotated with the round's seed")
+        if sec.weight != int(weight):
+            raise ValueError(f"{where} records weight {sec.weight}, the server weighs it {weight:g}")
+        if spec.shared_support and sec.support_seed != stage_seed(secure.rotation_seed, rec.ordinal, PURPOSE_RANDK):
+            raise ValueError(f"{where} does not keep the round's shared random-k support")
 
 
 def client_round(config: Mapping[str, Any], client_id: str) -> SecAggClient:

@@ -66,7 +66,7 @@ from .model import (
     table,
     zero_reference,
 )
-from .secure import SecureRound, SecureSettings, secure_settings
+from .secure import SecureRound, SecureSettings, check_masked_update, secure_settings
 from .transport import BodyDeadline, Connection, CountingProtocol, CountingTransport, InflightBudget, establish, peek
 
 __all__ = ["Server", "RunExistsError", "WaitTimeout", "previous_run", "round_config", "sample_clients"]
@@ -95,9 +95,10 @@ class _Peer:
         self.waiter: Optional[asyncio.Future] = None
         self.secagg_ok = "secure-aggregation" in features
         # SECAGG messages of the round this client takes part in securely (None: none);
-        # None in the queue: the client is gone.
+        # None in the queue: the client is gone. The counter counts the round's protocol bytes.
         self.secagg_round: Optional[int] = None
         self.secagg_inbox: Optional[asyncio.Queue] = None
+        self.secagg_counter: Optional[Callable[[str, bytes], None]] = None
 
 
 class RunExistsError(P.FederationError, ValueError):
@@ -883,8 +884,13 @@ class Server:
                     self._on_update(peer, update)
                 elif frame.type == P.FrameType.SECAGG:
                     secagg = P.SecAgg.unpack(frame.body)
+                    if peer.secagg_counter is not None:  # the round's protocol traffic, every frame of it
+                        peer.secagg_counter("uplink", secagg.message)
                     if peer.secagg_inbox is not None and secagg.round == peer.secagg_round:
-                        peer.secagg_inbox.put_nowait(secagg)
+                        try:
+                            peer.secagg_inbox.put_nowait(secagg)
+                        except asyncio.QueueFull:  # one message per stage: more is a flood, dropped
+                            log.info("client %s: SECAGG message beyond its stage dropped", peer.client_id)
                     else:
                         log.info("client %s: SECAGG message for round %d ignored", peer.client_id, secagg.round)
                 elif frame.type == P.FrameType.BYE:
@@ -987,16 +993,21 @@ class Server:
         if self.secure is not None:  # a client that cannot mask would send its update in the clear
             idle = [c for c in idle if self._peers[c].secagg_ok]
         sampled = sample_clients(self.seed, r, idle, self.clients_per_round)
+        if self.secure is not None and len(sampled) < 2:
+            # One client's sum is its update: nobody is sampled, and the round fails.
+            log.warning("round %d: secure aggregation needs 2 clients that can mask, %d idle", r, len(sampled))
+            sampled = []
         config = self._config(r)
         secure = None
-        if self.secure is not None and len(sampled) >= 2:
-            secure = SecureRound(r, sampled, self.secure, self.seed)
+        if self.secure is not None and sampled:
+            secure = SecureRound(r, sampled, self.secure, self.seed, config["rotation_seed"])
             # Clients weigh their codes by their example count (capped), unless DP wants equal shares.
             weighting = {"weighted": self.dp is None, "weight_cap": self.max_examples}
             config.update(codec=self.secure.codec, secagg={**secure.config(), **weighting})
             for cid in sampled:
                 self._peers[cid].secagg_round = r
-                self._peers[cid].secagg_inbox = asyncio.Queue()
+                self._peers[cid].secagg_inbox = asyncio.Queue(maxsize=2)
+                self._peers[cid].secagg_counter = secure.count
         outcomes: dict[str, dict[str, Any]] = {}
         waiters: dict[asyncio.Future, str] = {}
         sends = []
@@ -1023,9 +1034,14 @@ class Server:
         if secure is not None:
             await self._secagg_setup(secure, outcomes)
         deadline = loop.time() + self.round_timeout
-        pending = {fut for fut in waiters if not fut.done() or fut.result()[0] == "update"}
+        left_out = {cid for cid, outcome in outcomes.items() if "secagg_reason" in outcome}
+        pending = {
+            fut for fut in waiters if waiters[fut] not in left_out and (not fut.done() or fut.result()[0] == "update")
+        }
         for fut in set(waiters) - pending:  # out in the secure aggregation setup
-            outcomes[waiters[fut]].update(status="failed", reason=fut.result()[1])
+            cid = waiters[fut]
+            reason = outcomes[cid].get("secagg_reason") or fut.result()[1]
+            outcomes[cid].update(status="failed", reason=f"secure aggregation: {reason}")
         try:
             while pending:
                 timeout = deadline - loop.time()
@@ -1054,7 +1070,7 @@ class Server:
         if secure is not None:
             try:
                 await self._secagg_unmask(secure, aggregator)
-            except SecAggError as exc:
+            except (SecAggError, ValueError) as exc:
                 secure.error = str(exc)
                 log.warning("round %d: secure aggregation failed: %s", r, exc)
                 for c in sampled:
@@ -1063,8 +1079,12 @@ class Server:
             finally:
                 for c in sampled:
                     taking_part = self._peers.get(c)
-                    if taking_part is not None and taking_part.secagg_round == r:
-                        taking_part.secagg_round = taking_part.secagg_inbox = None
+                    if taking_part is None or taking_part.secagg_round != r:
+                        continue
+                    taking_part.secagg_round = taking_part.secagg_inbox = taking_part.secagg_counter = None
+                    if "secagg_reason" in outcomes[c] and taking_part.busy_round == r:
+                        # left out in the setup: it sends no update, and is free for the next round
+                        taking_part.busy_round = taking_part.waiter = None
         completed = [c for c in sampled if outcomes[c]["status"] == "ok"]
         failed = [c for c in sampled if outcomes[c]["status"] != "ok"]
         for c in failed:
@@ -1112,11 +1132,15 @@ class Server:
     async def _secagg_send(self, secure: SecureRound, cid: str, step: P.SecAggStep, message: bytes) -> bool:
         """Sends one SECAGG message; False when the client is gone."""
         peer = self._peers.get(cid)
-        if peer is None:
+        if peer is None or peer.secagg_round != secure.round:  # gone, or reconnected since the round began
             return False
         try:
-            await peer.conn.send(P.FrameType.SECAGG, *P.SecAgg(secure.round, step, message).parts())
-        except (ConnectionError, OSError, _ssl.SSLError):
+            # a client that stops reading must not stall the round
+            await asyncio.wait_for(
+                peer.conn.send(P.FrameType.SECAGG, *P.SecAgg(secure.round, step, message).parts()),
+                self.secagg_timeout,
+            )
+        except (ConnectionError, OSError, _ssl.SSLError, asyncio.TimeoutError):
             return False
         secure.count("downlink", message)
         return True
@@ -1143,7 +1167,6 @@ class Server:
         for task in done:
             cid, message = task.result()
             if message is not None:
-                secure.count("uplink", message)
                 got[cid] = message
         return got
 
@@ -1205,6 +1228,12 @@ class Server:
                 log.warning("round %d: client %s's unmask message refused: %s", secure.round, cid, exc)
         if not survivors:
             raise SecAggError("no masked update arrived")
+        skellam = None if self.dp is None else self.dp.skellam
+        if skellam is not None and len(survivors) < skellam.num_clients:
+            raise SecAggError(
+                f"{len(survivors)} masked updates carry less Skellam noise than the {skellam.num_clients} the "
+                "privacy accounting assumes: the sum is not released"
+            )
         correction = await asyncio.to_thread(server.correction)
         aggregator.unmask(correction)
 
@@ -1295,6 +1324,8 @@ class Server:
             weight = 1.0  # DP bounds each client's share
         outcome["weight"] = weight
         try:
+            if secure is not None:  # masked codes of the round's own kind, from a client of its setup
+                await asyncio.to_thread(check_masked_update, secure, cid, update.payload, weight)
             if self._streamed and self.clip_norm is None:
                 await asyncio.to_thread(_add_update, aggregator, update.payload, weight)
             elif self._streamed:  # decoded once, for its norm, and added as decoded

@@ -323,7 +323,7 @@ def simulate(
             aggregator = Aggregator(table=update_table(params) if cell.table == "digest" else None)
             aggregator.add(reference, 0.0)
             up = down = up_payload = down_payload = full = failed = 0
-            sa = None if secure is None else SecureRound(r, sampled, secure, seed)
+            sa = None if secure is None else SecureRound(r, sampled, secure, seed, config["rotation_seed"])
             masking: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
             state: dict[str, tuple[SecAggClient, bytes]] = {}
             if sa is not None:
