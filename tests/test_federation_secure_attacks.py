@@ -6,7 +6,8 @@ whose UPDATE carries codes that are not masked; that fall silent or stop reading
 that asks for both secrets of one client. The server must leave out only the client that
 misbehaves (or fail the whole round cleanly when too few remain), never raise, never wait
 past ``secagg_timeout`` per stage, and reach bit for bit the model of a plain run in which
-the same clients' updates count. Known bugs are ``xfail(strict=True)`` with their cause.
+the same clients' updates count. A bug found here is marked ``xfail(strict=True)`` with its
+cause until it is fixed (none is, now).
 
 The task and the helpers are those of test_federation.py and test_federation_secure.py.
 """
@@ -341,19 +342,15 @@ def _low_order_key(client: Adversary, r: int, message: bytes) -> list[FrameOut]:
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="secagg.py SecAggClient.mask refuses the whole SHARES_FOR message when one ciphertext "
-                "fails authentication, and client.py reports the round failed: the server cannot check "
-                "ciphertexts, so one client that sends bad ones makes every neighbour, and the round, fail",
+                "fails authentication (as in Bonawitz et al.): one client that sends its neighbours bad "
+                "ciphertexts fails the round. Skipping its shares is not enough (nobody could then rebuild "
+                "its mask key if it drops, or its self-mask if it survives): it needs a round in which "
+                "clients report such senders before they mask",
             ),
             id="altered ciphertexts",
         ),
         pytest.param(
             _replace(ADV, _low_order_key),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="secagg.py SecAggServer.receive_advertise accepts any 32 bytes as a public key; each "
-                "honest neighbour's share_keys then fails in _exchange ('a low-order public key') and "
-                "reports the round failed: one client's bad key fails the round for everyone",
-            ),
             id="low-order public key",
         ),
     ],

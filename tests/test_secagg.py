@@ -554,6 +554,17 @@ def test_an_altered_ciphertext_fails_authentication() -> None:
     assert masked.shape == (16,) and masked.dtype == np.uint64
 
 
+def test_a_low_order_public_key_is_refused_at_advertisement() -> None:
+    params = SecAggParams(list(range(3)), 12, 16, SEED)
+    server = SecAggServer(params)
+    good = SecAggClient(params, 0).advertise()
+    key_start = len(good) - 64
+    low_order = good[:key_start] + bytes(32) + good[key_start + 32 :]  # the identity point
+    with pytest.raises(SecAggError, match="low-order public key"):
+        server.receive_advertise(0, low_order)
+    server.receive_advertise(0, good)
+
+
 def tamper_share(message: bytes, owner_index: int) -> bytes:
     """Adds 1 to the share of the ``owner_index``-th entry of an unmask message: it
     still parses and is a field element, but is wrong."""

@@ -1024,6 +1024,9 @@ class SecAggServer:
         reader.finish()
         if keys[:_KEY_BYTES] == keys[_KEY_BYTES:]:
             raise SecAggError(f"client {cid} advertised the same public key twice")
+        probe = X25519PrivateKey.generate()  # a low-order key would fail every neighbour's exchange
+        for which, key in (("share", keys[:_KEY_BYTES]), ("mask", keys[_KEY_BYTES:])):
+            _exchange(probe, key, f"client {cid}'s {which} public key")
         for other, known in self._keys.items():
             if {keys[:_KEY_BYTES], keys[_KEY_BYTES:]} & {known[:_KEY_BYTES], known[_KEY_BYTES:]}:
                 raise SecAggError(f"client {cid} advertised a public key of client {other}")
