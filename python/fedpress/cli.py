@@ -668,7 +668,12 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
         help="how the training set is split (default: iid, or dirichlet with --alpha)",
     )
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (non-IID)")
-    parser.add_argument("--codec", default=None, metavar="SPEC", help="override the server's codec")
+    parser.add_argument(
+        "--codec",
+        default=None,
+        metavar="SPEC",
+        help="override the server's codec (not in a round under secure aggregation, whose codec is the server's)",
+    )
     parser.add_argument(
         "--tls-ca",
         default=None,
