@@ -21,6 +21,25 @@ def params() -> dict[str, np.ndarray]:
     return {"w": np.zeros(DIM, np.float32), "b": np.zeros(1, np.float32)}
 
 
+def server_settings(*, secure: bool, **overrides: Any) -> dict[str, Any]:
+    """The Server options of these tests' runs: 3 rounds of 4 clients on loopback."""
+    options: dict[str, Any] = dict(
+        rounds=3,
+        clients_per_round=4,
+        codec=CODEC,
+        token=TOKEN,
+        round_timeout=10.0,
+        evaluate_fn=evaluate_fn(),
+        insecure=True,
+        secure_aggregation=secure,
+        secagg_timeout=3.0,
+        shutdown_timeout=3.0,
+        seed=5,
+    )
+    options.update(overrides)
+    return options
+
+
 def train_fn(seed: int, fail_rounds: tuple[int, ...] = ()):
     x, y = make_data(seed)
 
@@ -48,21 +67,7 @@ def run(
     then sends no masked update); ``silent``: clients that never answer an unmask request."""
 
     async def body(h: Harness) -> tuple[Server, list[dict], list[Client]]:
-        options: dict[str, Any] = dict(
-            rounds=3,
-            clients_per_round=4,
-            codec=CODEC,
-            token=TOKEN,
-            round_timeout=10.0,
-            evaluate_fn=evaluate_fn(),
-            insecure=True,
-            secure_aggregation=secure,
-            secagg_timeout=3.0,
-            shutdown_timeout=3.0,
-            seed=5,
-        )
-        options.update(server_options)
-        server = Server("127.0.0.1", 0, params(), **options)
+        server = Server("127.0.0.1", 0, params(), **server_settings(secure=secure, **server_options))
         await server.start()
         clients = []
         for i in range(4):

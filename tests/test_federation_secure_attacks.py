@@ -36,14 +36,13 @@ from test_federation import (
     Harness,
     RawSession,
     close_writer,
-    evaluate_fn,
     header,
     raw_frame,
     raw_handshake,
     run_async,
     wait_until,
 )
-from test_federation_secure import CODEC, params, train_fn
+from test_federation_secure import CODEC, params, server_settings, train_fn
 
 N = 4  # clients; secure rounds of 4 tolerate 1 dropout (threshold 2 of 3 neighbours)
 ATTACKER = 2  # c2 misbehaves; c0, c1 and c3 are honest
@@ -173,19 +172,13 @@ def federate(
     the federation. The server waits at most 3 s for 4 idle clients before a round."""
 
     async def body(h: Harness) -> Run:
-        options: dict[str, Any] = dict(
+        options = server_settings(
+            secure=secure,
             rounds=rounds,
             clients_per_round=N,
-            codec=CODEC,
-            token=TOKEN,
-            round_timeout=10.0,
-            evaluate_fn=evaluate_fn(),
-            insecure=True,
-            secure_aggregation=secure,
             secagg_timeout=SECAGG_TIMEOUT,
             shutdown_timeout=2.0,
             wait_timeout=3.0,
-            seed=5,
         )
         options.update(server_options)
         server = Server("127.0.0.1", 0, params(), **options)

@@ -41,11 +41,11 @@ from .._seeds import PURPOSE_PAYLOAD, derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
 from ..format import decode
-from ..privacy import clip_update, skellam_noise
+from ..privacy import clip_update
 from ..secagg import SecAggClient, SecAggError
 from . import protocol as P
 from .model import align_update, apply_downlink_delta, as_params, canonical, model_tag
-from .secure import client_round
+from .secure import client_round, masked_codes
 from .transport import BodyDeadline, Connection, open_connection
 
 __all__ = ["Client", "parse_address"]
@@ -90,16 +90,6 @@ def _secure_weight(config: Any, num_examples: int) -> int:
     cap = config.get("weight_cap")
     weight = num_examples if cap is None else min(num_examples, int(cap))
     return max(1, min(int(weight), 2**32 - 1))
-
-
-def _masked(secure: SecAggClient, routed: bytes, skellam_mu: Optional[float], codes: np.ndarray) -> np.ndarray:
-    """The codes as secure aggregation sends them: with distributed DP's Skellam noise
-    (from the OS's randomness) added first, masked modulo 2^m."""
-    if skellam_mu:
-        noise = skellam_noise(codes.size, float(skellam_mu), np.random.default_rng())
-        modulus = np.uint64((1 << secure.params.modulus_bits) - 1)
-        codes = (codes + noise.astype(np.uint64)) & modulus  # two's complement: negative noise wraps
-    return secure.mask(codes, routed)
 
 
 class Client:
@@ -499,7 +489,10 @@ class Client:
             rotation_seed = task.config.get("rotation_seed") if shared else None
             payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
             mu = task.config.get("skellam_mu")  # distributed DP: noise on the codes, under the masks
-            mask = None if secure is None else functools.partial(_masked, secure, routed, mu)
+            # the noise comes from the OS's randomness, never from a seed
+            mask = (
+                None if secure is None else functools.partial(masked_codes, secure, routed, mu, np.random.default_rng())
+            )
             weight = _secure_weight(task.config.get("secagg"), num_examples) if secure is not None else 1
             payload = await asyncio.to_thread(
                 functools.partial(

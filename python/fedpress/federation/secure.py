@@ -18,7 +18,7 @@ import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -27,10 +27,11 @@ from ..codec import _k, parse_spec
 from ..format.intcodes import modulus_bits
 from ..format.reader import parse
 from ..format.registry import PURPOSE_RANDK, PURPOSE_RHT, stage_seed
+from ..privacy import skellam_noise
 from ..secagg import SecAggClient, SecAggParams, SecAggServer
 from . import protocol as P
 
-__all__ = ["SecureSettings", "secure_settings", "SecureRound", "check_masked_update", "client_round"]
+__all__ = ["SecureSettings", "secure_settings", "SecureRound", "check_masked_update", "masked_codes", "client_round"]
 
 # A SECAGG frame on the wire: the frame header, the round and step, the sealing tag.
 _FRAME_OVERHEAD = P.HEADER.size + 5 + P.TRAILER_BYTES
@@ -173,7 +174,8 @@ def check_masked_update(secure: SecureRound, client_id: str, payload: Any, weigh
     if secure.index(client_id) not in secure.server.shared:
         raise ValueError("the client took no part in the round's key sharing")
     spec = parse_spec(secure.settings.codec)
-    parsed = parse(payload)
+    # The structure is enough here; the aggregator's add verifies the checksum (one pass, not two).
+    parsed = parse(payload, defer_checksum=True)
     for rec in parsed.tensors:
         sec = rec.intcode
         where = f"tensor {rec.name!r}"
@@ -189,6 +191,18 @@ def check_masked_update(secure: SecureRound, client_id: str, payload: Any, weigh
             raise ValueError(f"{where} records weight {sec.weight}, the server weighs it {weight:g}")
         if spec.shared_support and sec.support_seed != stage_seed(secure.rotation_seed, rec.ordinal, PURPOSE_RANDK):
             raise ValueError(f"{where} does not keep the round's shared random-k support")
+
+
+def masked_codes(
+    client: SecAggClient, routed: bytes, skellam_mu: Optional[float], rng: np.random.Generator, codes: np.ndarray
+) -> np.ndarray:
+    """The codes as a client of a secure round sends them: with distributed DP's Skellam
+    noise (``skellam_mu`` per coordinate, or none) added first, then masked modulo 2^m."""
+    if skellam_mu:
+        modulus = np.uint64((1 << client.params.modulus_bits) - 1)
+        noise = skellam_noise(codes.size, float(skellam_mu), rng)
+        codes = (codes + noise.astype(np.uint64)) & modulus  # two's complement: negative noise wraps
+    return client.mask(codes, routed)
 
 
 def client_round(config: Mapping[str, Any], client_id: str) -> SecAggClient:

@@ -45,10 +45,10 @@ from ..federation.model import (
     make_downlink,
     zero_reference,
 )
-from ..federation.secure import SecureRound, client_round, secure_settings
+from ..federation.secure import SecureRound, client_round, masked_codes, secure_settings
 from ..federation.server import round_config, sample_clients
 from ..format import decode
-from ..privacy import SkellamParams, clip_update, skellam_noise
+from ..privacy import clip_update
 from ..secagg import DEFAULT_DROPOUT_TOLERANCE, SecAggClient, SecAggError
 from ..train.loops import evaluate, param_delta, round_seed, train_local
 from ..train.models import get_params, set_params
@@ -193,16 +193,6 @@ def _secure_setup(sa: SecureRound) -> dict[str, tuple[SecAggClient, bytes]]:
     return state
 
 
-def _mask_with_noise(
-    client: SecAggClient, routed: bytes, skellam: Optional[SkellamParams], rng: np.random.Generator, codes: np.ndarray
-) -> np.ndarray:
-    """The codes as ``Client`` sends them: distributed DP's Skellam noise added first, masked."""
-    if skellam is not None:
-        modulus = np.uint64((1 << client.params.modulus_bits) - 1)
-        codes = (codes + skellam_noise(codes.size, skellam.client_mu, rng).astype(np.uint64)) & modulus
-    return client.mask(codes, routed)
-
-
 def _secure_unmask(sa: SecureRound, state: Mapping[str, tuple[SecAggClient, bytes]]) -> np.ndarray:
     """Steps 5 and 6: the survivors' shares, and the correction out of the sum."""
     request = sa.server.unmask_request()
@@ -330,7 +320,8 @@ def simulate(
                 config.update(secagg={**sa.config(), "weighted": private is None, "weight_cap": None})
                 state = _secure_setup(sa)
                 masking = {
-                    cid: partial(_mask_with_noise, c, routed, skellam, noise_rng) for cid, (c, routed) in state.items()
+                    cid: partial(masked_codes, c, routed, None if skellam is None else skellam.client_mu, noise_rng)
+                    for cid, (c, routed) in state.items()
                 }
             for cid in sampled:
                 index = index_of[cid]
