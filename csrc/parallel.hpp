@@ -17,8 +17,9 @@ int num_threads();
 void set_num_threads(int n);
 
 // Runs task(i) for every i in [0, n_tasks) on up to num_threads() threads
-// (never more threads than tasks). Tasks are claimed dynamically, so a task must
-// not depend on which thread runs it. The first exception thrown by a task is
+// (never more threads than tasks). Each thread starts on its own contiguous run of
+// tasks and then claims what is left of the others' runs, so a task must not depend
+// on which thread runs it. The first exception thrown by a task is
 // rethrown on the calling thread after all threads have joined.
 void parallel_for(std::size_t n_tasks, const std::function<void(std::size_t)>& task);
 
