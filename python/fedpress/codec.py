@@ -112,6 +112,13 @@ class Spec:
         ``randk:R:shared`` draws its entries from it."""
         return self.eden_mode == "shared" or self.int_bits > 0
 
+    def kept(self, n: int) -> int:
+        """Entries the sparsifier keeps of a tensor of n: all without one, else the ratio's
+        share, at least one of a non-empty tensor."""
+        if self.sparsifier is None or n == 0:
+            return n
+        return min(n, max(1, int(round(self.ratio * n))))
+
     @property
     def int_bits(self) -> int:
         """Bits per level of intB values; 0 for other stages."""
@@ -436,12 +443,12 @@ class Codec:
         if sp.sparsifier == "randk":
             # Indices regenerate from the seed on decode; kept per tensor.
             return {
-                i: ops.randomk(v, _k(sp.ratio, v.size), stage_seed(seed, i, PURPOSE_RANDK)) for i, v in flat.items()
+                i: ops.randomk(v, sp.kept(v.size), stage_seed(seed, i, PURPOSE_RANDK)) for i, v in flat.items()
             }
         if sp.sparsifier == "topk":
 
             def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                return ops.topk(v, _k(sp.ratio, v.size))
+                return ops.topk(v, sp.kept(v.size))
         else:
 
             def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -686,10 +693,3 @@ def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse:
             f"(max|x| * sqrt(n) * rht_block = {bound:.3g} > 1e38); scale the update "
             "down or use a codec without rht/eden"
         )
-
-
-def _k(ratio: float, n: int) -> int:
-    """Entries kept for a ratio: at least one of a non-empty tensor."""
-    if n == 0:
-        return 0
-    return min(n, max(1, int(round(ratio * n))))

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import ops
 from ._arrays import as_float32, to_numpy
-from .codec import Codec, _k
+from .codec import Codec
 
 __all__ = ["Encoder"]
 
@@ -258,7 +258,7 @@ class Encoder:
         fused = {}
         for name in dtypes:
             r, n = self.residuals.get(name), arrays[name].size
-            k = _k(sp.ratio, n)
+            k = sp.kept(n)
             if r is not None and r.shape == arrays[name].shape and n and codec._sends_sparse(n, k):
                 fused[name] = k
         return fused

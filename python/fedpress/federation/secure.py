@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._seeds import PURPOSE_SECAGG, derive_seed
-from ..codec import _k, parse_spec
+from ..codec import parse_spec
 from ..format.intcodes import modulus_bits
 from ..format.reader import parse
 from ..format.registry import PURPOSE_RANDK, PURPOSE_RHT, stage_seed
@@ -83,7 +83,7 @@ def secure_settings(
         )
     sizes = [int(np.asarray(params[name]).size) for name in floats]
     # randk:R:shared: each client sends the codes of the round's kept entries only
-    length = sum(_k(spec.ratio, n) if spec.shared_support else n for n in sizes)
+    length = sum(spec.kept(n) if spec.shared_support else n for n in sizes)
     if length == 0:
         raise ValueError("secure aggregation needs a model with float parameters")
     # Refuses a tolerance too high for the round's size, now rather than in round 1.
