@@ -442,9 +442,7 @@ class Codec:
             return {}
         if sp.sparsifier == "randk":
             # Indices regenerate from the seed on decode; kept per tensor.
-            return {
-                i: ops.randomk(v, sp.kept(v.size), stage_seed(seed, i, PURPOSE_RANDK)) for i, v in flat.items()
-            }
+            return {i: ops.randomk(v, sp.kept(v.size), stage_seed(seed, i, PURPOSE_RANDK)) for i, v in flat.items()}
         if sp.sparsifier == "topk":
 
             def pick(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
