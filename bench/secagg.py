@@ -77,7 +77,16 @@ def one_round(n: int, length: int, bits: int, tolerance: float, dropped_fraction
         down += len(routed)
         if i in dropped:
             continue
-        masked = timed(c.mask, codes[i], routed, who=i)
+        msg = timed(c.report, routed, who=i)
+        up += len(msg)
+        timed(server.receive_report, i, msg)
+    for i, c in clients.items():
+        if i in dropped:
+            continue
+        verdict = timed(server.verdict)
+        down += len(verdict)
+        timed(c.exclude, verdict, who=i)
+        masked = timed(c.mask, codes[i], who=i)
         total += masked
         timed(server.receive_masked, i)
     request = timed(server.unmask_request)

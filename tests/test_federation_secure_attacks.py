@@ -289,7 +289,8 @@ MALFORMED: dict[str, tuple[Tamper, bool]] = {
     "advertise in c0's name": (_replace(ADV, _impersonation), False),
     "truncated frame": (_replace(ADV, lambda c, r, m: [(P.FrameType.SECAGG, b"\x01\x00")]), False),
     "unknown step": (_replace(ADV, lambda c, r, m: [(P.FrameType.SECAGG, struct.pack("<IB", r, 99) + m)]), False),
-    "shares twice": (_replace(SHARES, lambda c, r, m: [secagg(r, SHARES, m)] * 2), True),
+    # (the second SHARES arrives where its report is due)
+    "shares twice": (_replace(SHARES, lambda c, r, m: [secagg(r, SHARES, m)] * 2), False),
     "garbage unmask": (_replace(UNMASK, lambda c, r, m: [secagg(r, UNMASK, os.urandom(len(m)))]), True),
     "wrong shares in unmask": (_replace(UNMASK, lambda c, r, m: [secagg(r, UNMASK, _bad_shares(m))]), True),
 }
@@ -321,6 +322,13 @@ def _altered_ciphertexts(client: Adversary, r: int, message: bytes) -> list[Fram
     return [secagg(r, SHARES, bytes(out))]
 
 
+def _altered_ciphertext_for_c0(client: Adversary, r: int, message: bytes) -> list[FrameOut]:
+    """c2's SHARES with the AEAD tag of its first ciphertext (for c0) flipped: only c0 sees it."""
+    out = bytearray(message)
+    out[SA_HEADER + 40 + 86 - 1] ^= 0x01
+    return [secagg(r, SHARES, bytes(out))]
+
+
 def _low_order_key(client: Adversary, r: int, message: bytes) -> list[FrameOut]:
     """c2's ADVERTISE with its share-encryption key replaced by 0, a low-order X25519 point."""
     at = SA_HEADER + 4
@@ -330,18 +338,8 @@ def _low_order_key(client: Adversary, r: int, message: bytes) -> list[FrameOut]:
 @pytest.mark.parametrize(
     "tamper",
     [
-        pytest.param(
-            _replace(SHARES, _altered_ciphertexts),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="secagg.py SecAggClient.mask refuses the whole SHARES_FOR message when one ciphertext "
-                "fails authentication (as in Bonawitz et al.): one client that sends its neighbours bad "
-                "ciphertexts fails the round. Skipping its shares is not enough (nobody could then rebuild "
-                "its mask key if it drops, or its self-mask if it survives): it needs a round in which "
-                "clients report such senders before they mask",
-            ),
-            id="altered ciphertexts",
-        ),
+        pytest.param(_replace(SHARES, _altered_ciphertexts), id="altered ciphertexts"),
+        pytest.param(_replace(SHARES, _altered_ciphertext_for_c0), id="one altered ciphertext"),
         pytest.param(
             _replace(ADV, _low_order_key),
             id="low-order public key",
@@ -350,9 +348,9 @@ def _low_order_key(client: Adversary, r: int, message: bytes) -> list[FrameOut]:
 )
 def test_a_message_the_server_cannot_check_costs_only_its_sender(tamper: Tamper) -> None:
     """c2's message is well formed, but what it carries is bad where only its neighbours can
-    see it: ciphertexts that fail authentication, or a low-order public key. The round should go
-    on without c2 (the honest clients mask with every neighbour whose keys they hold; the pairwise
-    masks need only the public keys, and the server leaves out shares that do not reconstruct)."""
+    see it: ciphertexts that fail authentication (for every neighbour, or for c0 only), or a
+    low-order public key. The round goes on without c2: the neighbours report its shares before
+    anyone masks, the server's verdict leaves it out, and nobody masks with it."""
     run = federate(attacks={ATTACKER: dict(tamper=tamper)})
     assert_round_without_c2(run)
 
@@ -696,10 +694,10 @@ def test_secagg_traffic_is_counted_frame_for_frame() -> None:
     sa = assert_round_with_everyone(run)["secure_aggregation"]
     assert sa["protocol_uplink_wire_bytes"] == sum(c.secagg_wire_bytes for c in run.clients)
     sent = sa["protocol_message_bytes"]
-    frames = 3 * N  # KEYS, ROUTED, UNMASK_REQUEST to each client
+    frames = 4 * N  # KEYS, ROUTED, VERDICT, UNMASK_REQUEST to each client
     overhead = P.HEADER.size + 5 + P.TRAILER_BYTES
     assert sa["protocol_downlink_wire_bytes"] == (
-        sent["keys_sent"] + sent["shares_sent"] + sent["unmask_request_sent"] + frames * overhead
+        sent["keys_sent"] + sent["shares_sent"] + sent["verdict_sent"] + sent["unmask_request_sent"] + frames * overhead
     )
 
 

@@ -215,6 +215,8 @@ def test_secure_sum_and_its_byte_counts() -> None:
         "keys_sent": n * (HEADER + 8 + k * 68),
         "shares_received": n * (HEADER + 4 + 32 + 4 + k * (4 + ciphertext)),
         "shares_sent": n * (HEADER + 8 + k * (4 + ciphertext)),
+        "reports_received": 8 * (HEADER + 8),  # the 8 clients that masked, none reporting
+        "verdict_sent": 8 * (HEADER + 4),  # to the same 8, leaving nobody out
         "unmask_request_sent": 8 * (HEADER + (n + 3) // 4),
         "unmask_received": 7 * (HEADER + 8 + k * (4 + 1 + share)),
     }
@@ -532,7 +534,7 @@ def test_each_stage_runs_once() -> None:
 # ------------------------------------------------------------------ bad shares --
 
 
-def test_an_altered_ciphertext_fails_authentication() -> None:
+def test_an_altered_ciphertext_is_reported() -> None:
     rng = np.random.default_rng(20)
     params = SecAggParams(list(range(5)), 12, 16, SEED)
     codes = random_codes(rng, params.client_ids, 12, 16)
@@ -542,16 +544,135 @@ def test_an_altered_ciphertext_fails_authentication() -> None:
     # sender 0's id and ciphertext, sender 1's id, then 30 bytes into its ciphertext.
     offset = HEADER + 8 + (4 + 82) + 4 + 30
     altered = forwarded[:offset] + bytes([forwarded[offset] ^ 1]) + forwarded[offset + 1 :]
-    with pytest.raises(SecAggError, match="the share from client 1 to client 2 failed authentication"):
-        done.clients[2].mask(codes[2], altered)
-    # The intact message is accepted: the refusal changed nothing.
+    report = done.clients[2].report(altered)
+    assert report == secagg._header(params, secagg.MessageType.REPORT) + struct.pack("<III", 2, 1, 1)
+    assert done.clients[2].rejected == (1,)
+    assert done.clients[2].report(altered) == report  # a retransmission
+    with pytest.raises(SecAggError, match="report was already called with another shares message"):
+        done.clients[2].report(forwarded)
     # Client 1's ciphertext relabelled as client 0's: another key and associated data.
+    forwarded = done.server.shares_for(3)
     entry = HEADER + 8
     relabelled = forwarded[: entry + 4] + forwarded[entry + 90 : entry + 172] + forwarded[entry + 86 :]
-    with pytest.raises(SecAggError, match="the share from client 0 to client 2 failed authentication"):
-        done.clients[2].mask(codes[2], relabelled)
-    masked = done.clients[2].mask(codes[2], forwarded)
+    done.clients[3].report(relabelled)
+    assert done.clients[3].rejected == (0,)
+    # The intact message: an empty report, then the verdict and the masked vector.
+    assert done.clients[4].report(done.server.shares_for(4)) == (
+        secagg._header(params, secagg.MessageType.REPORT) + struct.pack("<II", 4, 0)
+    )
+    done.clients[4].exclude(secagg._header(params, secagg.MessageType.VERDICT) + struct.pack("<I", 0))
+    masked = done.clients[4].mask(codes[4])
     assert masked.shape == (16,) and masked.dtype == np.uint64
+
+
+def alter_shares(message: bytes, recipients: Iterable[int]) -> bytes:
+    """A SHARES message with a byte of the ciphertext for each of ``recipients`` flipped."""
+    out = bytearray(message)
+    count = struct.unpack_from("<I", out, HEADER + 4 + 32)[0]
+    at = HEADER + 4 + 32 + 4
+    for _ in range(count):
+        (recipient,) = struct.unpack_from("<I", out, at)
+        if recipient in recipients:
+            out[at + 4 + 40] ^= 0x80
+        at += 4 + 82
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "victims", [(0, 1, 3, 4, 5), (1,), (1, 3), (3, 4, 5)], ids=["to every neighbour", "to one", "to two", "to three"]
+)
+def test_a_client_that_sends_bad_shares_is_left_out(victims: tuple[int, ...]) -> None:
+    """Client 2 encrypts bad shares for some neighbours (however many: the threshold is 4
+    of 5): they report it, the server's verdict leaves it out, nobody masks with it, its
+    masked vector is refused, and the sum of the others comes out exact."""
+    rng = np.random.default_rng(21)
+    params = SecAggParams(list(range(6)), 14, 40, SEED)
+    codes = random_codes(rng, params.client_ids, 14, 40)
+    clients = {c: SecAggClient(params, c, random_bytes=deterministic("bad", c)) for c in params.client_ids}
+    server = SecAggServer(params)
+    for c, client in clients.items():
+        server.receive_advertise(c, client.advertise())
+    for c, client in clients.items():
+        shares = client.share_keys(server.keys_for(c))
+        server.receive_shares(c, alter_shares(shares, victims) if c == 2 else shares)
+    for c, client in clients.items():
+        server.receive_report(c, client.report(server.shares_for(c)))
+        assert client.rejected == ((2,) if c in victims else ())
+    assert server.reported == (2,)
+    with pytest.raises(SecAggError, match="mask before the verdict: a client that reports masks after reading it"):
+        clients[0].mask(codes[0])
+    with pytest.raises(SecAggError, match="client 0's masked vector before the verdict"):
+        server.receive_masked(0, np.zeros(params.length, np.uint64))
+    verdict = server.verdict()
+    assert verdict == secagg._header(params, secagg.MessageType.VERDICT) + struct.pack("<II", 1, 2)
+    with pytest.raises(SecAggError, match="the verdict leaves client 2 .this client. out of the round"):
+        clients[2].exclude(verdict)
+    with pytest.raises(SecAggError, match="receive_report after the verdict or a masked vector: the reports are"):
+        server.receive_report(2, clients[2].report(server.shares_for(2)))
+    total = np.zeros(params.length, np.uint64)
+    for c, client in clients.items():
+        if c == 2:  # out of the round (its exclude refuses the verdict): whatever it sends is refused
+            masked = codes[c]
+        else:
+            if c in victims:  # a verdict that keeps a client it reported in is refused
+                with pytest.raises(SecAggError, match=r"leaves clients \[2\] in the round, but client"):
+                    client.exclude(secagg._header(params, secagg.MessageType.VERDICT) + struct.pack("<I", 0))
+            client.exclude(verdict)
+            masked = client.mask(codes[c])
+        if c == 2:
+            with pytest.raises(SecAggError, match=r"client 2 is out of the round: clients \[.*\] reported its shares"):
+                server.receive_masked(c, masked)
+            continue
+        server.receive_masked(c, masked)
+        total += masked
+    request = server.unmask_request()
+    assert server.dropped == (2,)
+    # Every client refuses a request that counts the client the verdict left out.
+    bitmap = bytearray(request[HEADER:])
+    bitmap[0] = (bitmap[0] & ~(0b11 << 4)) | (SURVIVED << 4)
+    for c in (victims[0], 0 if victims[0] else 1):
+        with pytest.raises(SecAggError, match="does not mark client 2 dropped, but it is out of the round"):
+            clients[c].unmask(request[:HEADER] + bytes(bitmap))
+    for c in server.survivors:
+        server.receive_unmask(c, clients[c].unmask(request))
+    result = (total - server.correction()) & np.uint64((1 << 14) - 1)
+    expected = sum(codes[c] for c in params.client_ids if c != 2) & np.uint64((1 << 14) - 1)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_reports_are_checked() -> None:
+    rng = np.random.default_rng(22)
+    params = SecAggParams(list(range(5)), 12, 16, SEED)
+    codes = random_codes(rng, params.client_ids, 12, 16)
+    done = run_round(params, codes, rng=rng, finish=False, before_masked=params.client_ids)
+    server = done.server
+    forwarded = {c: server.shares_for(c) for c in params.client_ids}
+    head = secagg._header(params, secagg.MessageType.REPORT)
+    with pytest.raises(SecAggError, match="report message is from client 1, received as client 0"):
+        server.receive_report(0, head + struct.pack("<II", 1, 0))
+    with pytest.raises(SecAggError, match="client ids must ascend"):
+        server.receive_report(0, head + struct.pack("<IIII", 0, 2, 3, 1))
+    with pytest.raises(SecAggError, match="reported id 9 is not in this round's client_ids"):
+        server.receive_report(0, head + struct.pack("<III", 0, 1, 9))
+    with pytest.raises(SecAggError, match="has 4 trailing bytes"):
+        server.receive_report(0, head + struct.pack("<III", 0, 0, 7))
+    server.receive_report(0, done.clients[0].report(forwarded[0]))
+    with pytest.raises(SecAggError, match="client 0 already sent its report"):
+        server.receive_report(0, done.clients[0].report(forwarded[0]))
+    server.receive_masked(1, done.clients[1].mask(codes[1], forwarded[1]))  # no report named anyone
+    verdict = secagg._header(params, secagg.MessageType.VERDICT) + struct.pack("<I", 0)
+    assert server.verdict() == verdict  # the masked vector closed the reports: nobody is left out
+    with pytest.raises(SecAggError, match="receive_report after the verdict or a masked vector"):
+        server.receive_report(2, done.clients[2].report(forwarded[2]))
+    with pytest.raises(SecAggError, match="verdict message has 4 trailing bytes"):
+        done.clients[2].exclude(verdict + bytes(4))
+    with pytest.raises(SecAggError, match="exclude before report"):
+        done.clients[3].exclude(verdict)
+    done.clients[2].report(forwarded[2])
+    done.clients[2].exclude(verdict)
+    done.clients[2].exclude(verdict)  # a retransmission
+    with pytest.raises(SecAggError, match="exclude was already called with another verdict"):
+        done.clients[2].exclude(secagg._header(params, secagg.MessageType.VERDICT) + struct.pack("<II", 1, 4))
 
 
 def test_a_low_order_public_key_is_refused_at_advertisement() -> None:

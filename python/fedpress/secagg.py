@@ -21,7 +21,8 @@ federation carries the messages, and another component adds the masked vectors u
     server = SecAggServer(params)                           # one per round
     server.receive_advertise(1, client.advertise())         # stage 1, every client
     ... server.keys_for(1) -> client.share_keys(...) -> server.receive_shares(1, ...)   # stage 2
-    ... server.shares_for(1) -> y = client.mask(codes, ...); server.receive_masked(1)    # stage 3
+    ... server.shares_for(1) -> client.report(...) -> server.receive_report(1, ...)      # stage 3: reports,
+    ... server.verdict() -> client.exclude(...); y = client.mask(codes); server.receive_masked(1)
     ... server.unmask_request() -> client.unmask(...) -> server.receive_unmask(1, ...)   # stage 4
     plain_sum = (sum_of_masked - server.correction()) & (2**m - 1)
 
@@ -136,6 +137,8 @@ class MessageType(enum.IntEnum):
     SHARES_FOR = 4
     UNMASK_REQUEST = 5
     UNMASK = 6
+    REPORT = 7
+    VERDICT = 8
 
 
 _MESSAGE_NAMES = {
@@ -145,6 +148,8 @@ _MESSAGE_NAMES = {
     MessageType.SHARES_FOR: "shares-for message",
     MessageType.UNMASK_REQUEST: "unmask request",
     MessageType.UNMASK: "unmask message",
+    MessageType.REPORT: "report message",
+    MessageType.VERDICT: "verdict message",
 }
 
 
@@ -728,7 +733,12 @@ class SecAggClient:
         self._mask_publics: dict[int, bytes] = {}  # neighbour -> its mask public key
         self._share_publics: dict[int, bytes] = {}  # neighbour -> its share public key
         self._masked = False
+        self._routed: Optional[bytes] = None  # the shares message report() read
+        self._report: Optional[bytes] = None
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (share of b, share of mask key)
+        self._rejected: frozenset[int] = frozenset()  # senders whose shares failed authentication
+        self._verdict: Optional[bytes] = None
+        self._excluded: frozenset[int] = frozenset()  # clients the server's verdict leaves out
         self._request: Optional[bytes] = None
         self._response: Optional[bytes] = None
 
@@ -796,19 +806,22 @@ class SecAggClient:
         self._shares_out = b"".join(out)
         return self._shares_out
 
-    def mask(self, codes: np.ndarray, shares_msg: bytes) -> np.ndarray:
-        """Stage 3: decrypts the shares the server forwards (from the neighbours that
-        shared keys; any altered ciphertext is refused) and returns y_u, ``codes`` (uint64,
-        shape (L,), each below 2^m) plus the self mask and the pairwise masks with those
-        neighbours, modulo 2^m, as uint64."""
+    def report(self, shares_msg: bytes) -> bytes:
+        """Stage 3, first step: decrypts the shares the server forwards (from the
+        neighbours that shared keys) and returns the report message, which names the
+        senders whose shares this client could not use: a ciphertext that fails
+        authentication, or a share that is not an element of the field. The server leaves
+        them out of the round (a client that sends its neighbours bad shares could neither
+        be unmasked nor removed) and says so in its verdict (``exclude``), which every
+        client reads before it masks."""
         p, u = self.params, self.client_id
         if self._self_seed is None:
-            raise SecAggError("mask before share_keys: stage 2 comes first")
-        if self._masked:
-            raise SecAggError(
-                "mask was already called: masking a second vector with the same masks reveals the difference"
-            )
-        codes = _check_vector(p, codes, "codes")
+            raise SecAggError("report before share_keys: stage 2 comes first")
+        if self._routed is not None:
+            if shares_msg == self._routed:
+                assert self._report is not None
+                return self._report
+            raise SecAggError("report was already called with another shares message: each client masks once")
         reader = _open(p, shares_msg, MessageType.SHARES_FOR)
         _read_own_id(reader, u, "recipient")
         count = _read_count(reader, p, "the sender count")
@@ -826,29 +839,101 @@ class SecAggClient:
                 "its self-mask could not be reconstructed"
             )
         held: dict[int, tuple[int, int]] = {}
+        rejected = []
         for v, ciphertext in ciphertexts.items():
             secret = _exchange(self._share_secret, self._share_publics[v], f"client {v}'s share public key")
             try:
                 plaintext = ChaCha20Poly1305(_share_key(p, secret, v, u)).decrypt(
                     bytes(12), ciphertext, _share_ad(p, v, u)
                 )
-            except InvalidTag:
-                raise SecAggError(
-                    f"the share from client {v} to client {u} failed authentication (AEAD tag mismatch): "
-                    "altered in transit or encrypted under other keys"
-                ) from None
+            except InvalidTag:  # altered in transit, or encrypted under other keys
+                rejected.append(v)
+                continue
             b_share = int.from_bytes(plaintext[:_SHARE_BYTES], "little")
             s_share = int.from_bytes(plaintext[_SHARE_BYTES:], "little")
             if b_share >= FIELD_PRIME or s_share >= FIELD_PRIME:
-                raise SecAggError(f"the share from client {v} to client {u} is not an element of the field")
+                rejected.append(v)
+                continue
             held[v] = (b_share, s_share)
+        self._held = held
+        self._rejected = frozenset(rejected)
+        self._routed = bytes(shares_msg)
+        self._report = b"".join(
+            [_header(p, MessageType.REPORT), _u32(u), _u32(len(rejected)), *(_u32(v) for v in rejected)]
+        )
+        return self._report
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        """The senders whose shares this client could not use (see ``report``)."""
+        return tuple(sorted(self._rejected))
+
+    def exclude(self, verdict: bytes) -> None:
+        """Stage 3, second step: reads the server's verdict, the clients out of the round
+        because a neighbour reported their shares; this client will not mask with them.
+        Refuses a verdict that leaves out a client this client reported (its pairwise
+        mask could not be removed), or that leaves out this client (it is out of the
+        round: it must not send a masked vector)."""
+        p, u = self.params, self.client_id
+        if self._routed is None:
+            raise SecAggError("exclude before report: the shares message comes first")
+        if self._verdict is not None:
+            if verdict == self._verdict:
+                return
+            raise SecAggError("exclude was already called with another verdict")
+        if self._masked:
+            raise SecAggError("exclude after mask: the verdict comes before the masked vector")
+        reader = _open(p, verdict, MessageType.VERDICT)
+        count = _read_count(reader, p, "the excluded count")
+        excluded = set()
+        previous = -1
+        for _ in range(count):
+            previous = _read_id(reader, p, previous, "excluded id")
+            excluded.add(previous)
+        reader.finish()
+        missing = sorted(self._rejected - excluded)
+        if missing:
+            raise SecAggError(
+                f"the verdict leaves clients {missing} in the round, but client {u} reported their shares"
+            )
+        if u in excluded:
+            raise SecAggError(f"the verdict leaves client {u} (this client) out of the round")
+        self._excluded = frozenset(excluded)
+        self._verdict = bytes(verdict)
+
+    def mask(self, codes: np.ndarray, shares_msg: Optional[bytes] = None) -> np.ndarray:
+        """Stage 3: returns y_u, ``codes`` (uint64, shape (L,), each below 2^m) plus the
+        self mask and the pairwise masks with the neighbours whose shares this client
+        holds and the verdict (``exclude``) leaves in, modulo 2^m, as uint64.
+        ``shares_msg``: the server's shares message, for a round without reports and
+        verdict (every neighbour's shares must then be good); without it, ``report`` and
+        ``exclude`` come first."""
+        p, u = self.params, self.client_id
+        if self._self_seed is None:
+            raise SecAggError("mask before share_keys: stage 2 comes first")
+        if self._masked:
+            raise SecAggError(
+                "mask was already called: masking a second vector with the same masks reveals the difference"
+            )
+        codes = _check_vector(p, codes, "codes")
+        if shares_msg is not None:
+            self.report(shares_msg)
+        elif self._routed is None:
+            raise SecAggError("mask before report: the shares message comes first")
+        elif self._verdict is None:
+            raise SecAggError("mask before the verdict: a client that reports masks after reading it (exclude)")
+        if self._rejected and self._verdict is None:
+            raise SecAggError(
+                f"client {u} reported clients {sorted(self._rejected)}: it masks after the server's verdict (exclude)"
+            )
         keys = [(_self_mask_key(p, self._self_seed, u), True)]
-        for v in ciphertexts:
+        for v in self._held:
+            if v in self._excluded:
+                continue
             secret = _exchange(self._mask_secret, self._mask_publics[v], f"client {v}'s mask public key")
             keys.append((_pair_mask_key(p, secret, u, v), v > u))
         acc = codes.astype(_word_dtype(p.modulus_bits))
         _apply_masks(acc, keys)
-        self._held = held
         self._masked = True
         out = acc.astype(np.uint64, copy=False)
         np.bitwise_and(out, np.uint64((1 << p.modulus_bits) - 1), out=out)
@@ -877,9 +962,14 @@ class SecAggClient:
         if len(survivors) < p.t:
             raise SecAggError(f"the unmask request lists {len(survivors)} survivors, fewer than the threshold {p.t}")
         for v in p._neighbours_among(u, p._member_set):
-            if v in self._held and status[v] == 0:
+            if v in self._rejected or v in self._excluded:
+                if status[v] != DROPPED:
+                    raise SecAggError(
+                        f"the unmask request does not mark client {v} dropped, but it is out of the round (reported)"
+                    )
+            elif v in self._held and status[v] == 0:
                 raise SecAggError(f"the unmask request marks client {v} absent, but it shared keys with client {u}")
-            if v not in self._held and status[v] != 0:
+            elif v not in self._held and status[v] != 0:
                 raise SecAggError(f"the unmask request marks client {v} present, but it shared no keys with client {u}")
         if not p.connected(survivors):
             raise SecAggError(
@@ -961,6 +1051,9 @@ class SecAggServer:
         self._commitments: dict[int, bytes] = {}
         self._ciphertexts: dict[int, dict[int, bytes]] = {}  # sender -> recipient -> ciphertext
         self._delivered: set[int] = set()
+        self._rejected: dict[int, frozenset[int]] = {}  # reporter -> senders whose shares it could not use
+        self._verdict: Optional[bytes] = None  # closes the reports
+        self._excluded: frozenset[int] = frozenset()  # the clients the verdict leaves out
         self._masked: set[int] = set()
         self._survivors: frozenset[int] = frozenset()
         self._request: Optional[bytes] = None
@@ -972,6 +1065,8 @@ class SecAggServer:
                 "keys_sent",
                 "shares_received",
                 "shares_sent",
+                "reports_received",
+                "verdict_sent",
                 "unmask_request_sent",
                 "unmask_received",
             ),
@@ -997,6 +1092,12 @@ class SecAggServer:
     def survivors(self) -> tuple[int, ...]:
         """Clients whose masked vectors are in the sum (fixed by ``unmask_request``)."""
         return tuple(sorted(self._survivors))
+
+    @property
+    def reported(self) -> tuple[int, ...]:
+        """Clients whose shares a neighbour reported unusable (``receive_report``): the
+        verdict leaves them out of the round, and they count as dropped."""
+        return tuple(sorted(set().union(*self._rejected.values())))
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -1089,7 +1190,9 @@ class SecAggServer:
         self._bytes["shares_received"] += len(reader.data)
 
     def _holders(self, cid: int, members: Collection[int]) -> list[int]:
-        return self.params._neighbours_among(cid, members)
+        """The clients among ``members`` that masked with ``cid``: its neighbours, none
+        for a client the verdict left out (they hold its shares, if any, all the same)."""
+        return [] if cid in self._excluded else self.params._neighbours_among(cid, members)
 
     def shares_for(self, client_id: int) -> bytes:
         """Stage 3: the ciphertexts addressed to ``client_id`` by its neighbours that
@@ -1103,7 +1206,7 @@ class SecAggServer:
             self._stage = _Stage.MASK
         if cid not in self._ciphertexts:
             raise SecAggError(f"client {cid} did not share keys in stage 2")
-        senders = self._holders(cid, self._ciphertexts)
+        senders = self.params._neighbours_among(cid, self._ciphertexts)
         if len(senders) < self.params.t:
             raise SecAggError(
                 f"only {len(senders)} of client {cid}'s neighbours shared keys, fewer than the threshold "
@@ -1117,6 +1220,56 @@ class SecAggServer:
         self._bytes["shares_sent"] += len(msg)
         return msg
 
+    def receive_report(self, client_id: int, msg: bytes) -> None:
+        """Stage 3: records which of the senders whose shares ``client_id`` was sent it
+        could not use (``SecAggClient.report``). Those senders are out of the round: the
+        verdict lists them, nobody masks with them, their masked vectors are refused, and
+        they count as dropped. Reports close with the verdict (or the first masked vector):
+        the federation collects every client's before it sends the verdict."""
+        self._expect(_Stage.MASK, "receive_report")
+        if self._verdict is not None:
+            raise SecAggError("receive_report after the verdict or a masked vector: the reports are closed")
+        cid = self._member(client_id)
+        if cid not in self._delivered:
+            raise SecAggError(f"client {cid} was not sent its shares (shares_for), so it cannot report on them")
+        if cid in self._rejected:
+            raise SecAggError(f"client {cid} already sent its report")
+        p = self.params
+        reader = _open(p, msg, MessageType.REPORT)
+        _read_own_id(reader, cid, "sender")
+        count = _read_count(reader, p, "the reported count")
+        senders = set(self.params._neighbours_among(cid, self._ciphertexts))
+        reported = []
+        previous = -1
+        for _ in range(count):
+            previous = _read_id(reader, p, previous, "reported id")
+            if previous not in senders:
+                raise SecAggError(f"{reader.what}: client {previous} sent no shares to client {cid}")
+            reported.append(previous)
+        reader.finish()
+        self._rejected[cid] = frozenset(reported)
+        self._bytes["reports_received"] += len(reader.data)
+
+    def verdict(self) -> bytes:
+        """Stage 3: closes the reports and returns the verdict, one message for every
+        client still in the round: the clients a report named, which nobody masks with
+        and whose masked vectors are refused. While a report names a client, no masked
+        vector is accepted before the verdict; the first masked vector closes the reports
+        too. Each call counts as sent."""
+        self._expect(_Stage.MASK, "verdict")
+        verdict = self._close_reports()
+        self._bytes["verdict_sent"] += len(verdict)
+        return verdict
+
+    def _close_reports(self) -> bytes:
+        if self._verdict is None:
+            excluded = self.reported
+            self._excluded = frozenset(excluded)
+            self._verdict = b"".join(
+                [_header(self.params, MessageType.VERDICT), _u32(len(excluded)), *(_u32(v) for v in excluded)]
+            )
+        return self._verdict
+
     def receive_masked(self, client_id: int, masked: Optional[np.ndarray] = None) -> None:
         """Stage 3: records that ``client_id``'s masked vector arrived and is in the
         sum (which another component computes). ``masked``, when given, is checked:
@@ -1127,6 +1280,19 @@ class SecAggServer:
             raise SecAggError(f"client {cid} was not sent its shares (shares_for), so it cannot have masked")
         if cid in self._masked:
             raise SecAggError(f"client {cid}'s masked vector already arrived")
+        if self._verdict is None:
+            if self.reported:
+                raise SecAggError(
+                    f"client {cid}'s masked vector before the verdict: reports name clients {list(self.reported)}, "
+                    "and the clients mask after reading it"
+                )
+            self._close_reports()  # a later report could name a client this vector is masked with
+        reporters = sorted(v for v, rejected in self._rejected.items() if cid in rejected)
+        if reporters:
+            raise SecAggError(
+                f"client {cid} is out of the round: clients {reporters} reported its shares unusable "
+                "(failed authentication, or not field elements)"
+            )
         if masked is not None:
             _check_vector(self.params, masked, f"client {cid}'s masked vector")
         self._masked.add(cid)
@@ -1181,10 +1347,12 @@ class SecAggServer:
         reader = _open(p, msg, MessageType.UNMASK)
         _read_own_id(reader, cid, "sender")
         count = _read_count(reader, p, "the share count")
-        expected = self._holders(cid, self._ciphertexts)
+        rejected = self._rejected.get(cid, frozenset())
+        expected = [v for v in self.params._neighbours_among(cid, self._ciphertexts) if v not in rejected]
         if count != len(expected):
             raise SecAggError(
-                f"{reader.what}: {count} shares, expected {len(expected)} (client {cid}'s neighbours that shared keys)"
+                f"{reader.what}: {count} shares, expected {len(expected)} (client {cid}'s neighbours that shared "
+                "keys, less those it reported)"
             )
         shares = {}
         previous = -1
@@ -1314,13 +1482,19 @@ def secure_sum(
         server.receive_shares(cid, client.share_keys(server.keys_for(cid)))
     mask = np.uint64((1 << params.modulus_bits) - 1)
     total = np.zeros(params.length, dtype=np.uint64)
+    pending: dict[int, SecAggClient] = {}
     for cid, client in clients.items():
         shares = server.shares_for(cid)
         if cid in before:
             continue
-        masked = client.mask(codes_by_client[cid], shares)
-        server.receive_masked(cid, masked)
-        np.add(total, masked, out=total)  # wraps modulo 2^64, a multiple of 2^m
+        server.receive_report(cid, client.report(shares))
+        pending[cid] = client
+    for cid, client in pending.items():  # every report is in: the verdict, then the masked vectors
+        if cid not in server.reported:
+            client.exclude(server.verdict())
+            masked = client.mask(codes_by_client[cid])
+            server.receive_masked(cid, masked)
+            np.add(total, masked, out=total)  # wraps modulo 2^64, a multiple of 2^m
     request = server.unmask_request()
     for cid in server.survivors:
         if cid not in after:

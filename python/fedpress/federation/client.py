@@ -448,18 +448,16 @@ class Client:
             return
         self.model, self.model_tag = model, task.model_tag
         secure: Optional[SecAggClient] = None
-        routed = b""
         if "secagg" in task.config:  # the server aggregates securely: its codec, masked codes
             try:
                 secure = client_round(task.config["secagg"], self.client_id)
-                got = await self._secagg_setup(conn, r, secure)
+                ready = await self._secagg_setup(conn, r, secure)
             except (ValueError, SecAggError) as exc:
                 log.warning("client %s: secure aggregation of round %d failed: %s", self.client_id, r, exc)
                 await self._send_failure(conn, r, f"secure aggregation: {exc}")
                 return
-            if got is None:  # the server went on without this client
+            if not ready:  # the server went on without this client
                 return
-            routed = got
         codec = (
             (task.config.get("codec") if secure is not None else None)
             or self.codec
@@ -490,9 +488,7 @@ class Client:
             payload_seed = None if self.seed is None else derive_seed(self.seed, PURPOSE_PAYLOAD, self.client_id, r)
             mu = task.config.get("skellam_mu")  # distributed DP: noise on the codes, under the masks
             # the noise comes from the OS's randomness, never from a seed
-            mask = (
-                None if secure is None else functools.partial(masked_codes, secure, routed, mu, np.random.default_rng())
-            )
+            mask = None if secure is None else functools.partial(masked_codes, secure, mu, np.random.default_rng())
             weight = _secure_weight(task.config.get("secagg"), num_examples) if secure is not None else 1
             payload = await asyncio.to_thread(
                 functools.partial(
@@ -519,16 +515,25 @@ class Client:
         self.stats["rounds"] += 1
         self.stats["last_round"] = r
 
-    async def _secagg_setup(self, conn: Connection, r: int, secure: SecAggClient) -> Optional[bytes]:
-        """Steps 1 to 4 of a secure round: this client's keys out, its neighbours' in, its
-        shares out, those for it in (returned). None when another frame came instead (a
-        new TASK, BYE): the server went on without this client, and the session serves it."""
+    async def _secagg_setup(self, conn: Connection, r: int, secure: SecAggClient) -> bool:
+        """Steps 1 to 4b of a secure round: this client's keys out, its neighbours' in, its
+        shares out, those for it in, its report on them out, the server's verdict in (the
+        clients out of the round). False when another frame came instead (a new TASK,
+        BYE): the server went on without this client, and the session serves it."""
         await self._send_secagg(conn, r, P.SecAggStep.ADVERTISE, secure.advertise())
         keys = await self._expect_secagg(conn, r, P.SecAggStep.KEYS)
         if keys is None:
-            return None
+            return False
         await self._send_secagg(conn, r, P.SecAggStep.SHARES, secure.share_keys(keys))
-        return await self._expect_secagg(conn, r, P.SecAggStep.ROUTED)
+        routed = await self._expect_secagg(conn, r, P.SecAggStep.ROUTED)
+        if routed is None:
+            return False
+        await self._send_secagg(conn, r, P.SecAggStep.REPORT, secure.report(routed))
+        verdict = await self._expect_secagg(conn, r, P.SecAggStep.VERDICT)
+        if verdict is None:
+            return False
+        secure.exclude(verdict)
+        return True
 
     async def _send_secagg(self, conn: Connection, r: int, step: P.SecAggStep, message: bytes) -> None:
         await conn.send(P.FrameType.SECAGG, *P.SecAgg(r, step, message).parts())

@@ -656,6 +656,8 @@ class SecAggStep(enum.IntEnum):
     ROUTED = 4  # server -> client: the shares addressed to it
     UNMASK_REQUEST = 5  # server -> client: who survived, who dropped
     UNMASK = 6  # client -> server: the shares that request asks for
+    REPORT = 7  # client -> server: the senders whose routed shares it could not use
+    VERDICT = 8  # server -> client: the clients out of the round for bad shares
 
 
 _SECAGG_HEAD = struct.Struct("<IB")

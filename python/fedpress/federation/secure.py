@@ -194,15 +194,16 @@ def check_masked_update(secure: SecureRound, client_id: str, payload: Any, weigh
 
 
 def masked_codes(
-    client: SecAggClient, routed: bytes, skellam_mu: Optional[float], rng: np.random.Generator, codes: np.ndarray
+    client: SecAggClient, skellam_mu: Optional[float], rng: np.random.Generator, codes: np.ndarray
 ) -> np.ndarray:
-    """The codes as a client of a secure round sends them: with distributed DP's Skellam
-    noise (``skellam_mu`` per coordinate, or none) added first, then masked modulo 2^m."""
+    """The codes as a client of a secure round sends them, once it has read the server's
+    verdict: with distributed DP's Skellam noise (``skellam_mu`` per coordinate, or none)
+    added first, then masked modulo 2^m."""
     if skellam_mu:
         modulus = np.uint64((1 << client.params.modulus_bits) - 1)
         noise = skellam_noise(codes.size, float(skellam_mu), rng)
         codes = (codes + noise.astype(np.uint64)) & modulus  # two's complement: negative noise wraps
-    return client.mask(codes, routed)
+    return client.mask(codes)
 
 
 def client_round(config: Mapping[str, Any], client_id: str) -> SecAggClient:

@@ -1171,9 +1171,10 @@ class Server:
         return got
 
     async def _secagg_setup(self, secure: SecureRound, outcomes: dict[str, dict[str, Any]]) -> None:
-        """Steps 1 to 4 of a secure round (keys, then shares, routed): a client that misses
-        a step, or whose message is refused, is out of the round (its masks are then
-        removed from the sum like a dropped client's); when too few are left, all are."""
+        """Steps 1 to 4b of a secure round (keys, then shares, routed, the reports on them
+        and the verdict): a client that misses a step, whose message is refused, or whose
+        shares a neighbour reports, is out of the round (its masks are then removed from
+        the sum like a dropped client's); when too few are left, all are."""
 
         def out(cid: str, reason: str) -> None:
             outcomes[cid]["secagg_reason"] = reason
@@ -1202,9 +1203,23 @@ class Server:
             take(
                 members, await self._secagg_collect(secure, sent, P.SecAggStep.SHARES), "shares", server.receive_shares
             )
+            routed = []
             for cid in [secure.clients[i] for i in server.shared]:
-                if not await self._secagg_send(secure, cid, P.SecAggStep.ROUTED, server.shares_for(index(cid))):
+                if await self._secagg_send(secure, cid, P.SecAggStep.ROUTED, server.shares_for(index(cid))):
+                    routed.append(cid)
+                else:
                     out(cid, "gone before its shares were routed")
+            # Every report before any masked vector counts: a client whose shares a neighbour
+            # could not use is out, and the verdict tells the others not to mask with it.
+            got = await self._secagg_collect(secure, routed, P.SecAggStep.REPORT)
+            take(routed, got, "report", server.receive_report)
+            reported = set(server.reported)
+            for cid in routed:
+                if index(cid) in reported:
+                    out(cid, "a neighbour reported the shares it sent unusable (failed authentication)")
+                elif "secagg_reason" not in outcomes[cid]:
+                    if not await self._secagg_send(secure, cid, P.SecAggStep.VERDICT, server.verdict()):
+                        out(cid, "gone before the verdict")
         except SecAggError as exc:  # the round as a whole: too few clients left
             secure.error = str(exc)
             log.warning("round %d: secure aggregation setup failed: %s", secure.round, exc)

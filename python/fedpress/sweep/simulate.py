@@ -170,10 +170,9 @@ def _receive(model: Mapping[str, np.ndarray], kind: str, payloads: list) -> dict
     return dict(model)
 
 
-def _secure_setup(sa: SecureRound) -> dict[str, tuple[SecAggClient, bytes]]:
-    """Steps 1 to 4 of a secure round between the simulated clients and server, every
-    message counted as its SECAGG frame: each client's protocol state and the shares
-    routed to it."""
+def _secure_setup(sa: SecureRound) -> dict[str, SecAggClient]:
+    """Steps 1 to 4b of a secure round between the simulated clients and server, every
+    message counted as its SECAGG frame: each client's protocol state, ready to mask."""
     clients = {cid: client_round(sa.config(), cid) for cid in sa.clients}
     for cid, client in clients.items():
         message = client.advertise()
@@ -185,18 +184,23 @@ def _secure_setup(sa: SecureRound) -> dict[str, tuple[SecAggClient, bytes]]:
         message = client.share_keys(keys)
         sa.count("uplink", message)
         sa.server.receive_shares(sa.index(cid), message)
-    state = {}
     for cid, client in clients.items():
         routed = sa.server.shares_for(sa.index(cid))
         sa.count("downlink", routed)
-        state[cid] = (client, routed)
-    return state
+        message = client.report(routed)
+        sa.count("uplink", message)
+        sa.server.receive_report(sa.index(cid), message)
+    for client in clients.values():
+        verdict = sa.server.verdict()
+        sa.count("downlink", verdict)
+        client.exclude(verdict)
+    return clients
 
 
-def _secure_unmask(sa: SecureRound, state: Mapping[str, tuple[SecAggClient, bytes]]) -> np.ndarray:
+def _secure_unmask(sa: SecureRound, state: Mapping[str, SecAggClient]) -> np.ndarray:
     """Steps 5 and 6: the survivors' shares, and the correction out of the sum."""
     request = sa.server.unmask_request()
-    for cid, (client, _) in state.items():
+    for cid, client in state.items():
         if sa.index(cid) in sa.server.survivors:
             sa.count("downlink", request)
             message = client.unmask(request)
@@ -315,13 +319,13 @@ def simulate(
             up = down = up_payload = down_payload = full = failed = 0
             sa = None if secure is None else SecureRound(r, sampled, secure, seed, config["rotation_seed"])
             masking: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-            state: dict[str, tuple[SecAggClient, bytes]] = {}
+            state: dict[str, SecAggClient] = {}
             if sa is not None:
                 config.update(secagg={**sa.config(), "weighted": private is None, "weight_cap": None})
                 state = _secure_setup(sa)
                 masking = {
-                    cid: partial(masked_codes, c, routed, None if skellam is None else skellam.client_mu, noise_rng)
-                    for cid, (c, routed) in state.items()
+                    cid: partial(masked_codes, c, None if skellam is None else skellam.client_mu, noise_rng)
+                    for cid, c in state.items()
                 }
             for cid in sampled:
                 index = index_of[cid]
