@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -111,6 +112,30 @@ py::tuple sparse_to_tuple(fedpress::SparseVector&& s) {
   return py::make_tuple(to_numpy(std::move(s.indices)), to_numpy(std::move(s.values)));
 }
 
+// Float32 arrays checked one by one (each kept alive here while kernels read or write it),
+// for the kernels that take several arrays back to back.
+struct FloatArrays {
+  std::vector<py::array> arrays;
+  std::vector<const float*> ptrs;
+  std::vector<std::size_t> sizes;
+  std::size_t total = 0;
+
+  FloatArrays(const py::sequence& seq, const char* name, Access access = Access::read) {
+    const std::size_t count = py::len(seq);
+    arrays.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
+      arrays.push_back(checked<float>(seq[i], what.c_str(), access));
+      ptrs.push_back(cptr<float>(arrays.back()));
+      sizes.push_back(len(arrays.back()));
+      total += sizes.back();
+    }
+    if (total > kMaxLength)
+      throw py::value_error(std::string(name) + " hold " + std::to_string(total) +
+                            " elements together; at most 2^32 - 1 are supported");
+  }
+};
+
 std::size_t checked_count(long long k, std::size_t n, const char* name) {
   if (k < 0) throw py::value_error(std::string(name) + " must be >= 0, got " + std::to_string(k));
   if (static_cast<unsigned long long>(k) > n)
@@ -147,6 +172,35 @@ void register_topk(py::module_& m) {
         return sparse_to_tuple(std::move(s));
       },
       "x"_a, "ratio"_a, "seed"_a, "Sampled-threshold selection of about ratio*len(x) largest magnitudes.");
+  m.def(
+      "topk_many",
+      [](const py::sequence& xs_obj, long long k_arg) {
+        const FloatArrays xs(xs_obj, "arrays");
+        const std::size_t k = checked_count(k_arg, xs.total, "k");
+        fedpress::SparseVector s;
+        {
+          py::gil_scoped_release release;
+          s = fedpress::topk_exact_many(xs.ptrs, xs.sizes, k);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "arrays"_a, "k"_a,
+      "topk over float32 arrays taken back to back, without concatenating them: (indices into the "
+      "concatenation, uint32 ascending, values float32).");
+  m.def(
+      "threshold_topk_many",
+      [](const py::sequence& xs_obj, double ratio, std::uint64_t seed) {
+        const FloatArrays xs(xs_obj, "arrays");
+        if (!(ratio >= 0.0 && ratio <= 1.0))
+          throw py::value_error("ratio must be in [0, 1], got " + std::to_string(ratio));
+        fedpress::SparseVector s;
+        {
+          py::gil_scoped_release release;
+          s = fedpress::topk_threshold_many(xs.ptrs, xs.sizes, ratio, seed);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "arrays"_a, "ratio"_a, "seed"_a, "threshold_topk over float32 arrays taken back to back.");
   m.def(
       "randomk",
       [](const py::handle& x_obj, long long k_arg, std::uint64_t seed) {
@@ -194,6 +248,46 @@ void register_topk(py::module_& m) {
       "update"_a, "residual"_a, "k"_a, "zero_selected"_a = true,
       "residual += update; take the exact top-k of residual; zero them in residual (unless "
       "zero_selected is false); return them.");
+  m.def(
+      "ef_topk_many",
+      [](const py::sequence& u_obj, const py::sequence& r_obj, long long k_arg, bool zero_selected) {
+        const FloatArrays u(u_obj, "updates");
+        const FloatArrays r(r_obj, "residuals", Access::write);
+        if (u.sizes != r.sizes)
+          throw py::value_error("updates and residuals must pair up: as many, each of its residual's length");
+        // A residual is written while every array is read: no residual may overlap another
+        // array. Sorted by start, a span must start past the end of every written span
+        // before it, and a written span past the end of every span before it.
+        struct Span {
+          std::uintptr_t begin, end;
+          bool written;
+        };
+        std::vector<Span> spans;
+        for (const FloatArrays* group : {&u, &r})
+          for (std::size_t i = 0; i < group->ptrs.size(); ++i) {
+            const auto begin = reinterpret_cast<std::uintptr_t>(group->ptrs[i]);
+            if (group->sizes[i]) spans.push_back({begin, begin + 4 * group->sizes[i], group == &r});
+          }
+        std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+        std::uintptr_t any_end = 0, written_end = 0;
+        for (const Span& span : spans) {
+          if (span.begin < written_end || (span.written && span.begin < any_end))
+            throw py::value_error("update and residual arrays must not share memory with a residual");
+          any_end = std::max(any_end, span.end);
+          if (span.written) written_end = std::max(written_end, span.end);
+        }
+        const std::size_t k = checked_count(k_arg, u.total, "k");
+        std::vector<float*> residuals(r.ptrs.size());
+        for (std::size_t i = 0; i < residuals.size(); ++i) residuals[i] = const_cast<float*>(r.ptrs[i]);
+        fedpress::SparseVector s;
+        {
+          py::gil_scoped_release release;
+          s = fedpress::ef_topk_many(u.ptrs, residuals, u.sizes, k, zero_selected);
+        }
+        return sparse_to_tuple(std::move(s));
+      },
+      "updates"_a, "residuals"_a, "k"_a, "zero_selected"_a = true,
+      "ef_topk over pairs of float32 arrays taken back to back (indices into the concatenation).");
 }
 
 // Where a decoding kernel writes: a new float32[n], or the caller's acc (writable, n long).

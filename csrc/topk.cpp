@@ -178,12 +178,60 @@ std::size_t filter_range(const float* src, float* acc, std::size_t begin, std::s
   return filter_scalar<kAdd>(src, acc, begin, end, lo, out_idx, out_val, eq);
 }
 
-// The source of magnitudes: x itself, or residual + update (sampled before the
-// fused pass writes the sum back).
-struct Source {
-  const float* x;            // the vector, or the update
-  float* acc = nullptr;      // the residual when accumulating
-  float at(std::size_t i) const { return acc ? acc[i] + x[i] : x[i]; }
+// The input: one array, or several back to back in one index space (a model's
+// tensors, selected together without being concatenated). Each segment is the
+// vector itself, or an update whose sum with a residual (acc) is selected: sampled
+// before the fused pass writes the sum back into acc, read from acc after it.
+struct Segment {
+  const float* x;        // the vector, or the update
+  float* acc;            // the residual when accumulating, else nullptr
+  std::size_t offset;    // index of its first element in the whole input
+  std::size_t n;
+  const float* values() const { return acc ? acc : x; }  // after accumulation
+};
+
+class Input {
+ public:
+  explicit Input(std::vector<Segment> segments) : segs_(std::move(segments)) {
+    n_ = segs_.empty() ? 0 : segs_.back().offset + segs_.back().n;
+  }
+  std::size_t size() const { return n_; }
+  bool accumulating() const { return !segs_.empty() && segs_.front().acc != nullptr; }
+  const std::vector<Segment>& segments() const { return segs_; }
+
+  // fn(segment, local_begin, local_end) for each segment's part of [begin, end), in order.
+  template <class Fn>
+  void pieces(std::size_t begin, std::size_t end, Fn&& fn) const {
+    auto it = std::upper_bound(segs_.begin(), segs_.end(), begin,
+                               [](std::size_t i, const Segment& s) { return i < s.offset + s.n; });
+    for (; it != segs_.end() && it->offset < end; ++it) {
+      const std::size_t lb = std::max(begin, it->offset) - it->offset;
+      const std::size_t le = std::min(end, it->offset + it->n) - it->offset;
+      if (lb < le) fn(*it, lb, le);
+    }
+  }
+
+  // The magnitude source at index i, before accumulation (x, or acc + x).
+  float sum_at(std::size_t i) const {
+    float v = 0.0f;
+    pieces(i, i + 1, [&](const Segment& s, std::size_t j, std::size_t) { v = s.acc ? s.acc[j] + s.x[j] : s.x[j]; });
+    return v;
+  }
+
+  // fn(value, index) for every element of [begin, end) after accumulation, in order,
+  // while fn returns true.
+  template <class Fn>
+  void each_value(std::size_t begin, std::size_t end, Fn&& fn) const {
+    bool go = true;
+    pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
+      const float* v = s.values();
+      for (std::size_t i = lb; go && i < le; ++i) go = fn(v[i], s.offset + i);
+    });
+  }
+
+ private:
+  std::vector<Segment> segs_;
+  std::size_t n_ = 0;
 };
 
 struct ChunkCandidates {
@@ -200,25 +248,34 @@ struct FilterResult {
   bool nan = false;
 };
 
-// One pass over the input keeping every key > lo. With src.acc set, the pass
-// also performs acc += x for every element, even after an overflow.
-FilterResult filter_pass(Source src, std::size_t n, std::uint32_t lo, std::size_t cap) {
-  const std::size_t n_chunks = ceil_div(n, kChunk);
+// One pass over the input keeping every key > lo. When accumulating, the pass also
+// performs acc += x for every element, even after an overflow.
+FilterResult filter_pass(const Input& in, std::uint32_t lo, std::size_t cap) {
+  const std::size_t n = in.size(), n_chunks = ceil_div(n, kChunk);
+  const bool accumulating = in.accumulating();
   FilterResult r;
   r.chunks.resize(n_chunks);
   std::atomic<std::size_t> total{0};
   std::atomic<bool> overflow{false}, nan{false};
   parallel_for_sized(n_chunks, n, [&](std::size_t c) {
     const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-    if (!src.acc && overflow.load(std::memory_order_relaxed)) return;
+    if (!accumulating && overflow.load(std::memory_order_relaxed)) return;
     thread_local std::vector<std::uint32_t> idx_buf;
     thread_local std::vector<float> val_buf;
     idx_buf.resize(kChunk + 64);
     val_buf.resize(kChunk + 64);
-    std::size_t eq = 0;
-    const std::size_t cnt =
-        src.acc ? filter_range<true>(src.x, src.acc, begin, end, lo, idx_buf.data(), val_buf.data(), eq)
-                : filter_range<false>(src.x, nullptr, begin, end, lo, idx_buf.data(), val_buf.data(), eq);
+    std::size_t eq = 0, cnt = 0;
+    // A chunk may span several segments: each piece's kept entries follow the last's
+    // (a piece's SIMD stores run at most 16 past its own, within the buffer's slack).
+    in.pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
+      std::uint32_t* oi = idx_buf.data() + cnt;
+      const std::size_t kept =
+          s.acc ? filter_range<true>(s.x, s.acc, lb, le, lo, oi, val_buf.data() + cnt, eq)
+                : filter_range<false>(s.x, nullptr, lb, le, lo, oi, val_buf.data() + cnt, eq);
+      if (s.offset)
+        for (std::size_t j = 0; j < kept; ++j) oi[j] += static_cast<std::uint32_t>(s.offset);
+      cnt += kept;
+    });
     const std::size_t before = total.fetch_add(cnt, std::memory_order_relaxed);
     if (before + cnt > cap) overflow.store(true, std::memory_order_relaxed);
     if (overflow.load(std::memory_order_relaxed)) return;
@@ -283,10 +340,11 @@ Threshold kth_largest(std::vector<std::uint32_t> keys, std::size_t k) {
   return t;
 }
 
-// The k-th largest key of the whole input by three histogram passes, without
-// materialising anything (the fallback for dense selections and bad samples).
-Threshold kth_largest_streaming(const float* x, std::size_t n, std::size_t k) {
-  const std::size_t n_chunks = ceil_div(n, kChunk);
+// The k-th largest key of the whole input (after accumulation) by three histogram
+// passes, without materialising anything (the fallback for dense selections and bad
+// samples).
+Threshold kth_largest_streaming(const Input& in, std::size_t k) {
+  const std::size_t n = in.size(), n_chunks = ceil_div(n, kChunk);
   Threshold t;
   std::uint64_t need = k;
   std::uint32_t prefix = 0, prefix_mask = 0;
@@ -300,11 +358,14 @@ Threshold kth_largest_streaming(const float* x, std::size_t n, std::size_t k) {
       const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
       std::vector<std::uint32_t> local(bins, 0);
       std::uint32_t max_key = 0;
-      for (std::size_t i = begin; i < end; ++i) {
-        const std::uint32_t key = key_of(x[i]);
-        max_key = std::max(max_key, key);
-        if ((key & prefix_mask) == prefix) ++local[(key >> shift) & mask];
-      }
+      in.pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
+        const float* x = s.values();
+        for (std::size_t i = lb; i < le; ++i) {
+          const std::uint32_t key = key_of(x[i]);
+          max_key = std::max(max_key, key);
+          if ((key & prefix_mask) == prefix) ++local[(key >> shift) & mask];
+        }
+      });
       if (max_key > kInfKey) nan.store(true, std::memory_order_relaxed);
       std::lock_guard<std::mutex> lock(hist_mutex);  // integer sums: order-independent
       for (std::uint32_t b = 0; b < bins; ++b) hist[b] += local[b];
@@ -319,16 +380,22 @@ Threshold kth_largest_streaming(const float* x, std::size_t n, std::size_t k) {
 }
 
 // ---------------------------------------------------------------- sampling --
-// Keys of n_blocks random 16-element blocks, one per equal stratum of x.
-std::vector<std::uint32_t> sample_keys(Source src, std::size_t n, std::size_t n_blocks,
-                                       std::uint64_t seed) {
+// Keys of n_blocks random 16-element blocks, one per equal stratum of the input.
+std::vector<std::uint32_t> sample_keys(const Input& in, std::size_t n_blocks, std::uint64_t seed) {
+  const std::size_t n = in.size();
   n_blocks = std::min(n_blocks, n / kSampleBlock);
   const std::size_t stratum = n / n_blocks;
   std::vector<std::uint32_t> keys(n_blocks * kSampleBlock);
+  const bool one = in.segments().size() == 1;
+  const Segment& first = in.segments().front();
   for (std::size_t b = 0; b < n_blocks; ++b) {
     const std::size_t start =
         b * stratum + static_cast<std::size_t>(bounded64(hash64(seed, b), stratum - kSampleBlock + 1));
-    for (std::size_t j = 0; j < kSampleBlock; ++j) keys[b * kSampleBlock + j] = key_of(src.at(start + j));
+    for (std::size_t j = 0; j < kSampleBlock; ++j) {
+      const std::size_t i = start + j;
+      const float v = one ? (first.acc ? first.acc[i] + first.x[i] : first.x[i]) : in.sum_at(i);
+      keys[b * kSampleBlock + j] = key_of(v);
+    }
   }
   return keys;
 }
@@ -348,10 +415,9 @@ std::uint32_t sample_rank_key(std::vector<std::uint32_t>& keys, std::size_t rank
 // Builds the result from per-chunk candidates: every candidate with key > T,
 // and `ties` entries with key == T, lowest indices first. When ties_in_lists
 // is false the candidates hold only keys > T and the ties are found by
-// rescanning the chunks of `x` (whose eq counts say where they are).
-SparseVector assemble(const FilterResult& f, const float* x, std::size_t n, std::uint32_t T,
-                      std::size_t ties, bool ties_in_lists) {
-  const std::size_t n_chunks = f.chunks.size();
+// rescanning the chunks of the input (whose eq counts say where they are).
+SparseVector assemble(const FilterResult& f, const Input& in, std::uint32_t T, std::size_t ties, bool ties_in_lists) {
+  const std::size_t n = in.size(), n_chunks = f.chunks.size();
   std::vector<std::size_t> take_gt(n_chunks), take_eq(n_chunks), offset(n_chunks + 1, 0);
   for (std::size_t c = 0; c < n_chunks; ++c) {
     const ChunkCandidates& ch = f.chunks[c];
@@ -394,16 +460,17 @@ SparseVector assemble(const FilterResult& f, const float* x, std::size_t n, std:
     // Merge the chunk's candidates with its first eq_left elements equal to T.
     const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
     std::size_t j = 0;
-    for (std::size_t i = begin; i < end && eq_left > 0; ++i) {
-      if (key_of(x[i]) != T) continue;
-      while (j < ch.idx.size() && ch.idx[j] < i) {
-        oi[w] = ch.idx[j];
-        ov[w++] = ch.val[j++];
-      }
-      oi[w] = static_cast<std::uint32_t>(i);
-      ov[w++] = x[i];
-      --eq_left;
-    }
+    if (eq_left > 0)
+      in.each_value(begin, end, [&](float v, std::size_t i) {
+        if (key_of(v) != T) return true;
+        while (j < ch.idx.size() && ch.idx[j] < i) {
+          oi[w] = ch.idx[j];
+          ov[w++] = ch.val[j++];
+        }
+        oi[w] = static_cast<std::uint32_t>(i);
+        ov[w++] = v;
+        return --eq_left > 0;
+      });
     for (; j < ch.idx.size(); ++j) {
       oi[w] = ch.idx[j];
       ov[w++] = ch.val[j];
@@ -413,141 +480,206 @@ SparseVector assemble(const FilterResult& f, const float* x, std::size_t n, std:
 }
 
 // Selects exactly k among the candidates of a filter pass that holds >= k of them.
-SparseVector select_from_candidates(const FilterResult& f, const float* x, std::size_t n, std::size_t k) {
+SparseVector select_from_candidates(const FilterResult& f, const Input& in, std::size_t k) {
   std::vector<std::uint32_t> keys;
   keys.reserve(f.total);
   for (const auto& ch : f.chunks)
     for (float v : ch.val) keys.push_back(key_of(v));
   const Threshold t = kth_largest(std::move(keys), k);
-  return assemble(f, x, n, t.key, k - t.above, /*ties_in_lists=*/true);
+  return assemble(f, in, t.key, k - t.above, /*ties_in_lists=*/true);
 }
 
-// The exact path: exact threshold, then one filtering pass at it.
-SparseVector select_exact_threshold(const float* x, std::size_t n, std::size_t k) {
+// The input after accumulation, read as it stands (the filter pass must not add again).
+Input accumulated(const Input& in) {
+  std::vector<Segment> segs = in.segments();
+  for (Segment& s : segs) {
+    s.x = s.values();
+    s.acc = nullptr;
+  }
+  return Input(std::move(segs));
+}
+
+// The exact path over an accumulated input: exact threshold, then one filtering pass at it.
+SparseVector select_exact_threshold(const Input& in, std::size_t k) {
+  const std::size_t n = in.size();
   Threshold t;
   if (n < kSampleMinN) {
-    std::vector<std::uint32_t> keys(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      keys[i] = key_of(x[i]);
-      if (keys[i] > kInfKey) throw std::invalid_argument("x contains NaN");
-    }
+    std::vector<std::uint32_t> keys;
+    keys.reserve(n);
+    in.each_value(0, n, [&](float v, std::size_t) {
+      keys.push_back(key_of(v));
+      return true;
+    });
+    for (std::uint32_t key : keys)
+      if (key > kInfKey) throw std::invalid_argument("x contains NaN");
     t = kth_largest(std::move(keys), k);
   } else {
-    t = kth_largest_streaming(x, n, k);
+    t = kth_largest_streaming(in, k);
   }
-  const FilterResult f = filter_pass(Source{x}, n, t.key, k);
+  const FilterResult f = filter_pass(in, t.key, k);
   if (f.nan) throw std::invalid_argument("x contains NaN");
-  return assemble(f, x, n, t.key, k - t.above, /*ties_in_lists=*/false);
+  return assemble(f, in, t.key, k - t.above, /*ties_in_lists=*/false);
 }
 
-void check_no_nan(const float* x, std::size_t n) {
-  const std::size_t n_chunks = ceil_div(n, kChunk);
+void check_no_nan(const Input& in) {
+  const std::size_t n = in.size(), n_chunks = ceil_div(n, kChunk);
   std::atomic<bool> nan{false};
   parallel_for_sized(n_chunks, n, [&](std::size_t c) {
     const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
     std::uint32_t m = 0;
-    for (std::size_t i = begin; i < end; ++i) m = std::max(m, key_of(x[i]));
+    in.pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
+      const float* x = s.values();
+      for (std::size_t i = lb; i < le; ++i) m = std::max(m, key_of(x[i]));
+    });
     if (m > kInfKey) nan.store(true, std::memory_order_relaxed);
   });
   if (nan.load()) throw std::invalid_argument("x contains NaN");
 }
 
-SparseVector take_all(const float* x, std::size_t n) {
+SparseVector take_all(const Input& in) {
   SparseVector out;
-  out.indices.resize(n);
-  out.values.assign(x, x + n);
-  for (std::size_t i = 0; i < n; ++i) out.indices[i] = static_cast<std::uint32_t>(i);
+  out.indices.reserve(in.size());
+  out.values.reserve(in.size());
+  in.each_value(0, in.size(), [&](float v, std::size_t i) {
+    out.indices.push_back(static_cast<std::uint32_t>(i));
+    out.values.push_back(v);
+    return true;
+  });
   return out;
 }
 
-// Exact top-k; with src.acc set, performs acc += x on the way and selects from acc.
-SparseVector topk_impl(Source src, std::size_t n, std::size_t k) {
-  // After accumulation the magnitudes live in acc; otherwise in x.
-  const float* values = src.acc ? src.acc : src.x;
-  auto accumulate_only = [&]() {
-    if (!src.acc) return;
-    const std::size_t n_chunks = ceil_div(n, kChunk);
-    parallel_for_sized(n_chunks, n, [&](std::size_t c) {
-      const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-      for (std::size_t i = begin; i < end; ++i) src.acc[i] += src.x[i];
+// acc += x over the whole input (nothing when not accumulating).
+void accumulate_only(const Input& in) {
+  if (!in.accumulating()) return;
+  const std::size_t n = in.size(), n_chunks = ceil_div(n, kChunk);
+  parallel_for_sized(n_chunks, n, [&](std::size_t c) {
+    const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    in.pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
+      for (std::size_t i = lb; i < le; ++i) s.acc[i] += s.x[i];
     });
-  };
+  });
+}
+
+// Exact top-k; when accumulating, performs acc += x on the way and selects from acc.
+SparseVector topk_impl(const Input& in, std::size_t k) {
+  const std::size_t n = in.size();
   if (k == 0 || k == n) {
-    accumulate_only();
-    check_no_nan(values, n);
-    return k == 0 ? SparseVector{} : take_all(values, n);
+    accumulate_only(in);
+    const Input values = accumulated(in);
+    check_no_nan(values);
+    return k == 0 ? SparseVector{} : take_all(values);
   }
   const double density = static_cast<double>(k) / static_cast<double>(n);
   if (n < kSampleMinN || density > kSampleMaxDensity) {
-    accumulate_only();
-    return select_exact_threshold(values, n, k);
+    accumulate_only(in);
+    return select_exact_threshold(accumulated(in), k);
   }
   // Sampled threshold with a margin of ~4 standard deviations (plus slack for
   // the correlation inside sampled blocks): the sample's expected count above
   // the k-th largest key is density * s.
-  std::vector<std::uint32_t> sample = sample_keys(src, n, 1024, 0x5EEDF00Du);
-  if (src.acc && std::any_of(sample.begin(), sample.end(), [](std::uint32_t key) { return key > kInfKey; })) {
-    accumulate_only();  // ef_topk's promise: the residual holds the whole sum, whatever is thrown
+  std::vector<std::uint32_t> sample = sample_keys(in, 1024, 0x5EEDF00Du);
+  if (in.accumulating() &&
+      std::any_of(sample.begin(), sample.end(), [](std::uint32_t key) { return key > kInfKey; })) {
+    accumulate_only(in);  // ef_topk's promise: the residual holds the whole sum, whatever is thrown
     throw std::invalid_argument("x contains NaN");
   }
   const double s = static_cast<double>(sample.size());
   const double expect = density * s;
   const std::size_t rank = static_cast<std::size_t>(std::ceil(expect + 4.0 * std::sqrt(expect) + 16.0));
   if (rank >= sample.size()) {
-    accumulate_only();
-    return select_exact_threshold(values, n, k);
+    accumulate_only(in);
+    return select_exact_threshold(accumulated(in), k);
   }
   const std::uint32_t lo = sample_rank_key(sample, rank);
   // Budget for candidates: generous enough for any sane sample, bounded memory.
   const std::size_t cap = std::max<std::size_t>(4 * k, std::size_t{1} << 16);
-  const FilterResult f = filter_pass(src, n, lo, cap);
+  const FilterResult f = filter_pass(in, lo, cap);
   if (f.nan) throw std::invalid_argument("x contains NaN");
+  const Input values = accumulated(in);
   if (!f.overflow) {
-    if (f.total >= k) return select_from_candidates(f, values, n, k);
-    if (f.total + f.total_eq >= k) return assemble(f, values, n, lo, k - f.total, false);
+    if (f.total >= k) return select_from_candidates(f, values, k);
+    if (f.total + f.total_eq >= k) return assemble(f, values, lo, k - f.total, false);
   }
   // The sample misjudged the distribution: exact threshold over the full input.
-  return select_exact_threshold(values, n, k);
+  return select_exact_threshold(values, k);
+}
+
+SparseVector topk_threshold_impl(const Input& in, double ratio, std::uint64_t seed) {
+  if (!(ratio >= 0.0 && ratio <= 1.0)) throw std::invalid_argument("ratio must be in [0, 1]");
+  const std::size_t n = in.size();
+  const std::size_t target = std::min<std::size_t>(n, static_cast<std::size_t>(std::llround(ratio * static_cast<double>(n))));
+  const std::size_t band_lo = static_cast<std::size_t>(std::ceil(0.9 * static_cast<double>(target)));
+  const std::size_t band_hi = static_cast<std::size_t>(std::floor(1.1 * static_cast<double>(target)));
+  if (n < kSampleMinN || target == 0 || target == n || band_lo >= band_hi) return topk_impl(in, target);
+  std::vector<std::uint32_t> sample = sample_keys(in, 4096, seed);
+  const double expect = static_cast<double>(target) / static_cast<double>(n) * static_cast<double>(sample.size());
+  // Aim slightly above the target: an overshoot is fixed from the candidates
+  // alone, an undershoot needs another pass over x.
+  const std::size_t rank = static_cast<std::size_t>(std::llround(expect * 1.04));
+  if (rank == 0 || rank >= sample.size()) return topk_impl(in, target);
+  const std::uint32_t lo = sample_rank_key(sample, rank - 1);
+  const FilterResult f = filter_pass(in, lo, std::max<std::size_t>(8 * target, std::size_t{1} << 16));
+  if (f.nan) throw std::invalid_argument("x contains NaN");
+  if (!f.overflow) {
+    if (f.total >= band_lo && f.total <= band_hi) return assemble(f, in, lo, 0, false);
+    if (f.total > band_hi) return select_from_candidates(f, in, target);
+    if (f.total + f.total_eq >= band_lo)
+      return assemble(f, in, lo, std::min(f.total_eq, target - f.total), false);
+  }
+  return topk_impl(in, target);
+}
+
+// The arrays back to back in one index space (whose size must stay below 2^32).
+Input input_of(const std::vector<const float*>& xs, const std::vector<float*>& accs, const std::vector<std::size_t>& ns) {
+  std::vector<Segment> segs(xs.size());
+  std::size_t offset = 0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    segs[i] = Segment{xs[i], accs.empty() ? nullptr : accs[i], offset, ns[i]};
+    offset += ns[i];
+  }
+  if (offset > 0xFFFFFFFFu) throw std::invalid_argument("the arrays hold 2^32 or more elements together");
+  return Input(std::move(segs));
 }
 
 }  // namespace
 
 SparseVector topk_exact(const float* x, std::size_t n, std::size_t k) {
   if (k > n) throw std::invalid_argument("k must be <= n");
-  return topk_impl(Source{x}, n, k);
+  return topk_impl(Input({Segment{x, nullptr, 0, n}}), k);
+}
+
+SparseVector topk_exact_many(const std::vector<const float*>& xs, const std::vector<std::size_t>& ns, std::size_t k) {
+  const Input in = input_of(xs, {}, ns);
+  if (k > in.size()) throw std::invalid_argument("k must be <= the total length");
+  return topk_impl(in, k);
 }
 
 SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k, bool zero_selected) {
-  if (k > n) throw std::invalid_argument("k must be <= n");
-  SparseVector out = topk_impl(Source{update, residual}, n, k);
-  if (zero_selected)
-    for (std::uint32_t i : out.indices) residual[i] = 0.0f;
+  return ef_topk_many({update}, {residual}, {n}, k, zero_selected);
+}
+
+SparseVector ef_topk_many(const std::vector<const float*>& updates, const std::vector<float*>& residuals,
+                          const std::vector<std::size_t>& ns, std::size_t k, bool zero_selected) {
+  const Input in = input_of(updates, residuals, ns);
+  if (k > in.size()) throw std::invalid_argument("k must be <= n");
+  SparseVector out = topk_impl(in, k);
+  if (zero_selected) {
+    std::size_t seg = 0;  // indices ascend: walk the segments along
+    for (std::uint32_t i : out.indices) {
+      while (i >= in.segments()[seg].offset + in.segments()[seg].n) ++seg;
+      residuals[seg][i - in.segments()[seg].offset] = 0.0f;
+    }
+  }
   return out;
 }
 
 SparseVector topk_threshold(const float* x, std::size_t n, double ratio, std::uint64_t seed) {
-  if (!(ratio >= 0.0 && ratio <= 1.0)) throw std::invalid_argument("ratio must be in [0, 1]");
-  const std::size_t target = std::min<std::size_t>(n, static_cast<std::size_t>(std::llround(ratio * static_cast<double>(n))));
-  const std::size_t band_lo = static_cast<std::size_t>(std::ceil(0.9 * static_cast<double>(target)));
-  const std::size_t band_hi = static_cast<std::size_t>(std::floor(1.1 * static_cast<double>(target)));
-  if (n < kSampleMinN || target == 0 || target == n || band_lo >= band_hi)
-    return topk_impl(Source{x}, n, target);
-  std::vector<std::uint32_t> sample = sample_keys(Source{x}, n, 4096, seed);
-  const double expect = static_cast<double>(target) / static_cast<double>(n) * static_cast<double>(sample.size());
-  // Aim slightly above the target: an overshoot is fixed from the candidates
-  // alone, an undershoot needs another pass over x.
-  const std::size_t rank = static_cast<std::size_t>(std::llround(expect * 1.04));
-  if (rank == 0 || rank >= sample.size()) return topk_impl(Source{x}, n, target);
-  const std::uint32_t lo = sample_rank_key(sample, rank - 1);
-  const FilterResult f = filter_pass(Source{x}, n, lo, std::max<std::size_t>(8 * target, std::size_t{1} << 16));
-  if (f.nan) throw std::invalid_argument("x contains NaN");
-  if (!f.overflow) {
-    if (f.total >= band_lo && f.total <= band_hi) return assemble(f, x, n, lo, 0, false);
-    if (f.total > band_hi) return select_from_candidates(f, x, n, target);
-    if (f.total + f.total_eq >= band_lo)
-      return assemble(f, x, n, lo, std::min(f.total_eq, target - f.total), false);
-  }
-  return topk_impl(Source{x}, n, target);
+  return topk_threshold_impl(Input({Segment{x, nullptr, 0, n}}), ratio, seed);
+}
+
+SparseVector topk_threshold_many(const std::vector<const float*>& xs, const std::vector<std::size_t>& ns, double ratio,
+                                 std::uint64_t seed) {
+  return topk_threshold_impl(input_of(xs, {}, ns), ratio, seed);
 }
 
 std::vector<std::uint32_t> randomk_indices(std::size_t n, std::size_t k, std::uint64_t seed) {

@@ -24,6 +24,13 @@ SparseVector topk_exact(const float* x, std::size_t n, std::size_t k);
 // band is empty), target = round(ratio * n).
 SparseVector topk_threshold(const float* x, std::size_t n, double ratio, std::uint64_t seed);
 
+// The same selections over several arrays taken back to back, as if concatenated
+// (indices count from the first array's start; the total must be below 2^32),
+// without concatenating them: a model's tensors selected together.
+SparseVector topk_exact_many(const std::vector<const float*>& xs, const std::vector<std::size_t>& ns, std::size_t k);
+SparseVector topk_threshold_many(const std::vector<const float*>& xs, const std::vector<std::size_t>& ns, double ratio,
+                                 std::uint64_t seed);
+
 // k indices drawn uniformly without replacement, a pure function of (n, k, seed).
 std::vector<std::uint32_t> randomk_indices(std::size_t n, std::size_t k, std::uint64_t seed);
 SparseVector randomk(const float* x, std::size_t n, std::size_t k, std::uint64_t seed);
@@ -36,5 +43,7 @@ SparseVector randomk(const float* x, std::size_t n, std::size_t k, std::uint64_t
 // zero_selected = false leaves the selected entries in the residual (equal to the
 // values returned), for a caller that overwrites them anyway.
 SparseVector ef_topk(const float* update, float* residual, std::size_t n, std::size_t k, bool zero_selected = true);
+SparseVector ef_topk_many(const std::vector<const float*>& updates, const std::vector<float*>& residuals,
+                          const std::vector<std::size_t>& ns, std::size_t k, bool zero_selected = true);
 
 }  // namespace fedpress

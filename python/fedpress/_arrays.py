@@ -46,8 +46,13 @@ def torch_to_numpy(x: Any, name: str, want_float32: bool) -> np.ndarray:
     return t.contiguous().numpy()
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def as_float32(x: Any, name: str) -> np.ndarray:
     """x as a 1-D C-contiguous float32 array, without a copy when it already is one."""
+    if type(x) is np.ndarray and x.dtype == _FLOAT32 and x.flags.c_contiguous and x.size <= MAX_ELEMENTS:
+        return x.reshape(-1)  # the common case, called several times per tensor: no further checks
     if is_torch_tensor(x):
         arr = torch_to_numpy(x, name, want_float32=True)
     else:
@@ -76,8 +81,18 @@ def to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
             return t.float().contiguous().numpy(), "bfloat16"
         return t.contiguous().numpy(), dtype
     arr = np.asarray(value)
+    known = _DTYPE_NAMES.get(arr.dtype)
+    if known is not None:
+        return arr, known
     if arr.dtype.name == "bfloat16":
         return arr.astype(np.float32), "bfloat16"
     if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
         raise TypeError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
     return arr, arr.dtype.name
+
+
+# numpy's dtype.name is computed on every read: the usual dtypes' names, looked up.
+_DTYPE_NAMES = {
+    np.dtype(t): np.dtype(t).name
+    for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_)
+}

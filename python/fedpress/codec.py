@@ -454,16 +454,14 @@ class Codec:
 
         if self.per_tensor or len(flat) == 1:
             return {i: pick(v) for i, v in flat.items()}
-        # Global selection over the concatenation of every float tensor.
+        # Global selection over every float tensor, as if concatenated (in their order).
         order = sorted(flat)
-        sizes = np.array([flat[i].size for i in order], dtype=np.int64)
-        offsets = np.concatenate(([0], np.cumsum(sizes)))
-        idx, vals = pick(np.concatenate([flat[i] for i in order]))
-        cuts = np.searchsorted(idx, offsets)
-        return {
-            i: ((idx[cuts[j] : cuts[j + 1]] - np.uint32(offsets[j])).astype(np.uint32), vals[cuts[j] : cuts[j + 1]])
-            for j, i in enumerate(order)
-        }
+        tensors = [flat[i] for i in order]
+        if sp.sparsifier == "topk":
+            parts = ops.topk_many(tensors, sp.kept(sum(v.size for v in tensors)))
+        else:
+            parts = ops.threshold_topk_many(tensors, sp.ratio, seed)
+        return dict(zip(order, parts))
 
     # -- values ---------------------------------------------------------------
     def _value_bucket(self) -> int:

@@ -136,12 +136,40 @@ class Encoder:
         early: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}  # the tensors it corrects
         done: list[None] = []
         try:
+            if self._fuses_globally(codec, dtypes, scale):
+                # Every residual += its update and the top-k of them all, in one pass over each,
+                # without concatenating them; the kept entries stay in the residuals.
+                fused = dict.fromkeys(dtypes, 0)
+                updates, residuals = [], []
+                for name in dtypes:
+                    r = self.residuals.get(name)
+                    if r is None or r.shape != arrays[name].shape:
+                        r = self.residuals[name] = np.zeros(arrays[name].shape, np.float32)
+                    updates.append(as_float32(arrays[name], name))
+                    residuals.append(r.reshape(-1))
+                total = sum(u.size for u in updates)
+                try:
+                    parts = ops.ef_topk_many(updates, residuals, codec.spec.kept(total), zero_selected=False)
+                except ValueError as exc:
+                    if "NaN" not in str(exc):  # refused before adding anything
+                        raise
+                    added.update(zip(dtypes, updates))  # every residual holds residual + update
+                    bad = next((n for n, r in zip(dtypes, residuals) if not np.isfinite(r).all()), next(iter(dtypes)))
+                    raise ValueError(
+                        f"tensor {bad!r} holds NaN (the update plus what earlier rounds did not send); "
+                        "compressed tensors must be finite"
+                    ) from None
+                added.update(zip(dtypes, updates))
+                selected.update(zip(dtypes, parts))
             for name in dtypes:
                 g = None if name in fused else self._velocity_step(name, arrays[name], scale)
                 if self.error_feedback:
                     r = self.residuals.get(name)
                     if r is None or r.shape != arrays[name].shape:
                         r = self.residuals[name] = np.zeros(arrays[name].shape, np.float32)
+                    if name in selected:  # chosen with every tensor above
+                        to_send[name] = r
+                        continue
                     update32 = as_float32(arrays[name], name) if g is None else g
                     added[name] = update32
                     if name in fused:
@@ -262,6 +290,22 @@ class Encoder:
             if r is not None and r.shape == arrays[name].shape and n and codec._sends_sparse(n, k):
                 fused[name] = k
         return fused
+
+    def _fuses_globally(self, codec: Codec, dtypes: Mapping[str, str], scale: Optional[float]) -> bool:
+        """Whether the error-feedback top-k over several float tensors runs fused
+        (``ops.ef_topk_many``: each update added to its residual and the top-k of them all
+        chosen in one pass, without concatenating them): exact top-k over every tensor
+        together, no momentum and no clipping."""
+        sp = codec.spec
+        return (
+            self.error_feedback
+            and self.momentum is None
+            and scale is None
+            and sp.sparsifier == "topk"
+            and sp.ratio < 1.0
+            and len(dtypes) > 1
+            and not codec.per_tensor
+        )
 
     def _undo(self, added: Mapping[str, np.ndarray]) -> None:
         """Takes back what a failed encode added to the residuals: exactly where the update

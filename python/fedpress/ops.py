@@ -29,6 +29,9 @@ __all__ = [
     "randomk",
     "randomk_indices",
     "ef_topk",
+    "topk_many",
+    "threshold_topk_many",
+    "ef_topk_many",
     "quantize",
     "dequantize",
     "packed_size",
@@ -219,6 +222,65 @@ def ef_topk(
     if upd.size != res.size:
         raise ValueError(f"update has {upd.size} elements but residual has {res.size}")
     return _core.ef_topk(upd, res, _count(k, "k"), bool(zero_selected))
+
+
+def _split(idx: np.ndarray, vals: np.ndarray, sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A selection over arrays taken back to back, cut back into one (indices, values) per array."""
+    offsets = np.concatenate(([0], np.cumsum(np.asarray(sizes, dtype=np.int64))))
+    cuts = np.searchsorted(idx, offsets)
+    out = []
+    for j in range(len(sizes)):
+        part = idx[cuts[j] : cuts[j + 1]]
+        out.append(((part - np.uint32(offsets[j])).astype(np.uint32, copy=False), vals[cuts[j] : cuts[j + 1]]))
+    return out
+
+
+def _float32_list(arrays: Sequence[ArrayLike], name: str) -> list[np.ndarray]:
+    if isinstance(arrays, (np.ndarray, str, bytes)) or not isinstance(arrays, Sequence):
+        raise TypeError(f"{name} must be a sequence of arrays, got {type(arrays).__name__}")
+    return [_as_float32(a, f"{name}[{i}]") for i, a in enumerate(arrays)]
+
+
+def topk_many(arrays: Sequence[ArrayLike], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``topk`` over several arrays as if concatenated, without concatenating them (a
+    model's tensors selected together): the k largest magnitudes of them all, as one
+    ``(indices, values)`` per array, indices into that array. Ties go to the earlier
+    array, then the lower index, as in the concatenation."""
+    flat = _float32_list(arrays, "arrays")
+    idx, vals = _core.topk_many(flat, _count(k, "k"))
+    return _split(idx, vals, [a.size for a in flat])
+
+
+def threshold_topk_many(
+    arrays: Sequence[ArrayLike], ratio: float, seed: Seed = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``threshold_topk`` over several arrays as if concatenated, one ``(indices, values)`` per array."""
+    flat = _float32_list(arrays, "arrays")
+    r = float(ratio)
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+    idx, vals = _core.threshold_topk_many(flat, r, _seed(seed))
+    return _split(idx, vals, [a.size for a in flat])
+
+
+def ef_topk_many(
+    updates: Sequence[ArrayLike], residuals: Sequence[ArrayLike], k: int, zero_selected: bool = True
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``ef_topk`` over pairs of (update, residual) as if each were concatenated: every
+    residual += its update, the k largest magnitudes of all the residuals together, one
+    ``(indices, values)`` per pair. If it raises (a NaN in a sum), every residual holds
+    residual + update in full."""
+    if isinstance(residuals, (np.ndarray, str, bytes)) or not isinstance(residuals, Sequence):
+        raise TypeError(f"residuals must be a sequence of arrays, got {type(residuals).__name__}")
+    res = [_as_inplace_float32(r, f"residuals[{i}]") for i, r in enumerate(residuals)]
+    upd = _float32_list(updates, "updates")
+    if len(upd) != len(res):
+        raise ValueError(f"{len(upd)} updates but {len(res)} residuals")
+    for i, (u, r) in enumerate(zip(upd, res)):
+        if u.size != r.size:
+            raise ValueError(f"updates[{i}] has {u.size} elements but residuals[{i}] has {r.size}")
+    idx, vals = _core.ef_topk_many(upd, res, _count(k, "k"), bool(zero_selected))
+    return _split(idx, vals, [a.size for a in upd])
 
 
 # ------------------------------------------------------------- quantization --
