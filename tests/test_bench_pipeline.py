@@ -23,6 +23,10 @@ CALLS = [
     "fp.decode, a dense fp32 payload",
     "fp.decode, a dense fp16 payload",
     "fp.decode, a dense bf16 payload",
+    'Encoder("topk:0.01+q4+zstd"), 160 tensors',
+    'Codec("q4").encode, 160 tensors',
+    "fp.decode, q4, 160 tensors",
+    "Aggregator.add, q4, 160 tensors",
     "Aggregator.add x 3 top-1% payloads",
     "Aggregator.add_many(3 top-1% payloads)",
     "fp.decode, a top-1% payload",
@@ -53,6 +57,16 @@ def test_every_row_has_both_timings_a_ratio_and_its_target():
     assert "reads (target <= 2.5)" in text and "(target <= 1.3x)" in text
     assert "the ratios are information only" in text
     json.dumps(report)  # plain numbers and strings only
+
+
+@pytest.mark.parametrize("n", [100, 5_000, 100_000, 25_600_000])
+def test_the_model_rows_cut_the_update_into_views_that_cover_it(n):
+    np = pytest.importorskip("numpy")
+    x = np.arange(n, dtype=np.float32)
+    model = _bench_pipeline.model_of(x)
+    assert len(model) == (160 if n >= 40 * 64 else 4 * max(1, n // 64))
+    assert all(np.shares_memory(v, x) or v.size == 0 for v in model.values())
+    np.testing.assert_array_equal(np.concatenate(list(model.values())), x)
 
 
 def test_peak_memory_rows_measure_each_encode_in_a_fresh_process():

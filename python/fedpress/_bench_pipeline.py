@@ -236,6 +236,70 @@ def dense_float_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
     return rows
 
 
+def model_of(x: np.ndarray, layers: int = 40) -> dict[str, np.ndarray]:
+    """``x`` cut into a convolutional network's tensors (views, no copy): per layer a
+    c x c x 3 x 3 kernel and three c-vectors (bias, norm scale and shift), c doubling every
+    quarter of the layers, the kernels scaled so that the tensors cover ``x`` exactly."""
+    layers = max(1, min(layers, x.size // 64))
+    widths = [64 << (4 * i // layers) for i in range(layers)]
+    if 3 * sum(widths) > x.size // 4:  # a small x: narrower vectors, so that the kernels stay most of it
+        widths = [max(1, c * (x.size // 4) // (3 * sum(widths))) for c in widths]
+    vectors = sum(3 * c for c in widths)
+    weights = np.array([9 * c * c for c in widths], dtype=np.float64)
+    sizes = np.floor(weights / weights.sum() * max(0, x.size - vectors)).astype(np.int64)
+    sizes[-1] += x.size - vectors - sizes.sum()
+    model, at = {}, 0
+    for i, (c, size) in enumerate(zip(widths, sizes)):
+        for name, length in (
+            (f"layer{i}.weight", int(size)),
+            *((f"layer{i}.{v}", c) for v in ("bias", "scale", "shift")),
+        ):
+            model[name] = x[at : at + length]
+            at += length
+    return model
+
+
+def model_rows(x: np.ndarray, k: int, repeat: int) -> list[PipelineRow]:
+    """The same calls on the same update cut into a model's 160 tensors, against the kernel
+    on the whole update: what the payload path costs per tensor (the targets as for one)."""
+    model = model_of(x)
+    encoder = Encoder(SPARSE_SPEC)
+    q4 = Codec("q4")
+    payload = q4.encode(model)
+    packed, scales = ops.quantize(x, 4, seed=1)
+    n, tensors = x.size, len(model)
+
+    def dequantize() -> Any:
+        return ops.dequantize(packed, scales, 4, n)
+
+    return [
+        PipelineRow(
+            f'Encoder("{SPARSE_SPEC}"), {tensors} tensors',
+            "ops.topk(x, 1%)",
+            *_paired_seconds(lambda: encoder.encode(model), lambda: ops.topk(x, k), repeat),
+            2.0,
+        ),
+        PipelineRow(
+            f'Codec("q4").encode, {tensors} tensors',
+            "ops.quantize(x, 4)",
+            *_paired_seconds(lambda: q4.encode(model), lambda: ops.quantize(x, 4, seed=1), repeat),
+            1.3,
+        ),
+        PipelineRow(
+            f"fp.decode, q4, {tensors} tensors",
+            "ops.dequantize(4 bits)",
+            *_paired_seconds(lambda: decode(payload), dequantize, repeat),
+            1.2,
+        ),
+        PipelineRow(
+            f"Aggregator.add, q4, {tensors} tensors",
+            "ops.dequantize(4 bits)",
+            *_paired_seconds(lambda: Aggregator().add(payload), dequantize, repeat),
+            1.2,
+        ),
+    ]
+
+
 def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
     """Aggregating and decoding top-1% payloads against scattering the same indices and values."""
     codec = Codec("topk:0.01")
@@ -442,6 +506,7 @@ def run(
     emit([topk_in_reads_row(x, k, repeat, read)])
     emit(dense_q4_rows(x, repeat))
     emit(dense_float_rows(x, repeat))
+    emit(model_rows(x, k, repeat))
     del x
     gc.collect()
     emit(sparse_rows(n, k, clients, repeat))
