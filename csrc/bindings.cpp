@@ -299,6 +299,33 @@ py::array output_or_acc(const py::handle& acc_obj, std::size_t n) {
   return acc;
 }
 
+// A dequantize call's arguments, checked, and the job they make (the arrays kept alive here).
+struct CheckedDequantize {
+  py::array packed, scales, out;
+  fedpress::DequantizeJob job{};
+
+  CheckedDequantize(const py::handle& p_obj, const py::handle& s_obj, int bits, long long n_arg, long long bucket,
+                    const py::handle& acc_obj, double weight, bool accumulate)
+      : packed(checked<std::uint8_t>(p_obj, "packed")), scales(checked<float>(s_obj, "scales")) {
+    if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
+    if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
+    if (n_arg < 0 || static_cast<std::uint64_t>(n_arg) > kMaxLength)
+      throw py::value_error("n must be in [0, 2^32 - 1], got " + std::to_string(n_arg));
+    const std::size_t n = static_cast<std::size_t>(n_arg), b = static_cast<std::size_t>(bucket);
+    if (len(packed) != fedpress::packed_size(n, bits))
+      throw py::value_error("packed has " + std::to_string(len(packed)) + " bytes, expected " +
+                            std::to_string(fedpress::packed_size(n, bits)) + " for n = " + std::to_string(n) + " at " +
+                            std::to_string(bits) + " bits");
+    if (len(scales) != fedpress::bucket_count(n, b))
+      throw py::value_error("scales has " + std::to_string(len(scales)) + " entries, expected " +
+                            std::to_string(fedpress::bucket_count(n, b)) + " for n = " + std::to_string(n) +
+                            " and bucket = " + std::to_string(b));
+    out = output_or_acc(acc_obj, n);
+    job = {cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, static_cast<float*>(out.mutable_data()),
+           accumulate && !acc_obj.is_none(), static_cast<float>(weight)};
+  }
+};
+
 void register_quantize(py::module_& m) {
   m.def(
       "quantize",
@@ -323,34 +350,49 @@ void register_quantize(py::module_& m) {
       "dequantize",
       [](const py::handle& p_obj, const py::handle& s_obj, int bits, long long n_arg, long long bucket,
          const py::handle& acc_obj, double weight, bool accumulate) {
-        py::array packed = checked<std::uint8_t>(p_obj, "packed");
-        py::array scales = checked<float>(s_obj, "scales");
-        if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
-        if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
-        if (n_arg < 0 || static_cast<std::uint64_t>(n_arg) > kMaxLength)
-          throw py::value_error("n must be in [0, 2^32 - 1], got " + std::to_string(n_arg));
-        const std::size_t n = static_cast<std::size_t>(n_arg), b = static_cast<std::size_t>(bucket);
-        if (len(packed) != fedpress::packed_size(n, bits))
-          throw py::value_error("packed has " + std::to_string(len(packed)) + " bytes, expected " +
-                                std::to_string(fedpress::packed_size(n, bits)) + " for n = " + std::to_string(n) +
-                                " at " + std::to_string(bits) + " bits");
-        if (len(scales) != fedpress::bucket_count(n, b))
-          throw py::value_error("scales has " + std::to_string(len(scales)) + " entries, expected " +
-                                std::to_string(fedpress::bucket_count(n, b)) + " for n = " + std::to_string(n) +
-                                " and bucket = " + std::to_string(b));
-        py::array out = output_or_acc(acc_obj, n);
+        CheckedDequantize d(p_obj, s_obj, bits, n_arg, bucket, acc_obj, weight, accumulate);
         {
-          float* o = static_cast<float*>(out.mutable_data());
           py::gil_scoped_release release;
-          fedpress::dequantize(cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, o,
-                               accumulate && !acc_obj.is_none(), static_cast<float>(weight));
+          fedpress::dequantize_many({d.job});
         }
-        return out;
+        return d.out;
       },
       "packed"_a, "scales"_a, "bits"_a, "n"_a, "bucket"_a, "acc"_a = py::none(), "weight"_a = 1.0,
       "accumulate"_a = true,
       "weight * the inverse of quantize, float32[n]: a new array, or acc (acc += that, or acc = that "
       "with accumulate=False), returned.");
+  m.def(
+      "dequantize_many",
+      [](const py::sequence& jobs_in) {
+        std::vector<CheckedDequantize> checked_jobs;
+        checked_jobs.reserve(py::len(jobs_in));
+        for (const py::handle& item : jobs_in) {
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+          if (t.size() != 8) throw py::value_error("a job is (packed, scales, bits, n, bucket, acc, weight, accumulate)");
+          checked_jobs.emplace_back(t[0], t[1], t[2].cast<int>(), t[3].cast<long long>(), t[4].cast<long long>(), t[5],
+                                    t[6].cast<double>(), t[7].cast<bool>());
+        }
+        std::vector<fedpress::DequantizeJob> jobs;
+        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> outs;  // written concurrently: disjoint
+        for (const CheckedDequantize& d : checked_jobs) {
+          jobs.push_back(d.job);
+          const auto begin = reinterpret_cast<std::uintptr_t>(d.job.out);
+          if (d.job.n) outs.emplace_back(begin, begin + 4 * d.job.n);
+        }
+        std::sort(outs.begin(), outs.end());
+        for (std::size_t i = 1; i < outs.size(); ++i)
+          if (outs[i].first < outs[i - 1].second) throw py::value_error("two jobs' outputs share memory");
+        {
+          py::gil_scoped_release release;
+          fedpress::dequantize_many(jobs);
+        }
+        py::list out;
+        for (const CheckedDequantize& d : checked_jobs) out.append(d.out);
+        return out;
+      },
+      "jobs"_a,
+      "dequantize for each (packed, scales, bits, n, bucket, acc, weight, accumulate) in one parallel pass "
+      "(a payload's tensors, their outputs back to back in two halves, one per thread); the outputs, in order.");
   m.def(
       "sign_quantize",
       [](const py::handle& x_obj, long long bucket) {

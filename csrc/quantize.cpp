@@ -376,28 +376,51 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
   if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
 }
 
+namespace {
+
+// Chunk c (kTargetChunk elements) of one dequantization.
+void dequantize_chunk(const DequantizeJob& job, std::size_t c) {
+  thread_local std::vector<std::uint8_t> codes;
+  const int levels = (1 << job.bits) - 1;
+  const std::size_t begin = c * kTargetChunk, end = std::min(job.n, begin + kTargetChunk);
+  codes.resize(end - begin);
+  // Chunks start at multiples of 8 elements, hence on byte boundaries.
+  unpack_codes(job.packed + begin / 8 * static_cast<std::size_t>(job.bits), end - begin, job.bits, codes.data());
+  for (std::size_t s = begin; s < end;) {
+    const std::size_t b = s / job.bucket;
+    const std::size_t e = std::min(end, (b + 1) * job.bucket);
+    if (job.accumulate)
+      scale_codes_add(codes.data() + (s - begin), e - s, levels, job.scales[b], job.weight, job.out + s);
+    else
+      scale_codes(codes.data() + (s - begin), e - s, levels, job.scales[b], job.weight, job.out + s);
+    s = e;
+  }
+}
+
+void check_job(const DequantizeJob& job) {
+  if (!valid_bits(job.bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
+  if (job.bucket == 0) throw std::invalid_argument("bucket must be positive");
+}
+
+}  // namespace
+
 void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
                 std::size_t bucket, float* out, bool accumulate, float weight) {
-  if (!valid_bits(bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
-  if (bucket == 0) throw std::invalid_argument("bucket must be positive");
-  const int levels = (1 << bits) - 1;
-  const std::size_t n_chunks = ceil_div(n, kTargetChunk);
-  parallel_for_sized(n_chunks, n, [&](std::size_t c) {
-    thread_local std::vector<std::uint8_t> codes;
-    const std::size_t begin = c * kTargetChunk, end = std::min(n, begin + kTargetChunk);
-    codes.resize(end - begin);
-    // Chunks start at multiples of 8 elements, hence on byte boundaries.
-    unpack_codes(packed + begin / 8 * static_cast<std::size_t>(bits), end - begin, bits, codes.data());
-    for (std::size_t s = begin; s < end;) {
-      const std::size_t b = s / bucket;
-      const std::size_t e = std::min(end, (b + 1) * bucket);
-      if (accumulate)
-        scale_codes_add(codes.data() + (s - begin), e - s, levels, scales[b], weight, out + s);
-      else
-        scale_codes(codes.data() + (s - begin), e - s, levels, scales[b], weight, out + s);
-      s = e;
-    }
-  });
+  dequantize_many({DequantizeJob{packed, scales, bits, n, bucket, out, accumulate, weight}});
+}
+
+void dequantize_many(const std::vector<DequantizeJob>& jobs) {
+  // One task per chunk of every job, in order: the threads take contiguous runs of them,
+  // so that outputs laid out back to back (a model's tensors) are written in two halves,
+  // not alternately (which would fault every fresh page from both threads).
+  std::vector<std::pair<std::size_t, std::size_t>> tasks;  // (job, chunk)
+  std::size_t total = 0;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    check_job(jobs[j]);
+    for (std::size_t c = 0; c < ceil_div(jobs[j].n, kTargetChunk); ++c) tasks.emplace_back(j, c);
+    total += jobs[j].n;
+  }
+  parallel_for_sized(tasks.size(), total, [&](std::size_t t) { dequantize_chunk(jobs[tasks[t].first], tasks[t].second); });
 }
 
 }  // namespace fedpress

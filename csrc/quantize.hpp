@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace fedpress {
 
@@ -40,5 +41,17 @@ void sign_quantize(const float* x, std::size_t n, std::size_t bucket, std::uint8
 // sum: numpy's two steps, bit for bit).
 void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
                 std::size_t bucket, float* out, bool accumulate = false, float weight = 1.0f);
+
+// Several dequantizations in one parallel pass (a payload's tensors), each as above.
+struct DequantizeJob {
+  const std::uint8_t* packed;
+  const float* scales;
+  int bits;
+  std::size_t n, bucket;
+  float* out;
+  bool accumulate;
+  float weight;
+};
+void dequantize_many(const std::vector<DequantizeJob>& jobs);
 
 }  // namespace fedpress

@@ -504,3 +504,52 @@ def test_dequantize_into_an_accumulator(bits: int) -> None:
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="acc"):
         ops.dequantize(packed, scales, bits, x.size, 128, acc=frozen)
+
+
+# ------------------------------------------------------------ many at once --
+def test_dequantize_many_equals_one_call_per_job() -> None:
+    """_core.dequantize_many (a payload's tensors in one parallel pass) writes what
+    dequantize writes for each job: new values, or added with a weight."""
+    from fedpress import _core
+
+    rng = np.random.default_rng(9)
+    sizes = [0, 5, 512, 70_000, 200_003, 3]
+    jobs, want, outs = [], [], []
+    buffer = np.full(sum(sizes), 7.0, np.float32)  # outputs back to back, as decode lays them out
+    at = 0
+    for i, n in enumerate(sizes):
+        bits = (1, 2, 4, 8)[i % 4]
+        x = rng.standard_normal(n).astype(np.float32)
+        packed, scales = ops.quantize(x, bits, bucket=256, seed=i)
+        out = buffer[at : at + n]
+        at += n
+        accumulate = i % 2 == 1
+        weight = 0.5 if accumulate else 1.0
+        expected = out.copy()
+        ops.dequantize(packed, scales, bits, n, 256, acc=expected, weight=weight, accumulate=accumulate)
+        jobs.append((packed, scales, bits, n, 256, out, weight, accumulate))
+        want.append(expected)
+        outs.append(out)
+    returned = _core.dequantize_many(jobs)
+    for got, expected, out in zip(returned, want, outs):
+        assert got.tobytes() == expected.tobytes()
+        assert got.size == 0 or np.shares_memory(got, out)
+    assert _core.dequantize_many([]) == []
+
+
+def test_dequantize_many_refuses_overlapping_outputs_and_bad_jobs() -> None:
+    from fedpress import _core
+
+    packed, scales = ops.quantize(np.ones(100, np.float32), 4, seed=1)
+    buffer = np.zeros(150, np.float32)
+    with pytest.raises(ValueError, match="two jobs' outputs share memory"):
+        _core.dequantize_many(
+            [
+                (packed, scales, 4, 100, 512, buffer[:100], 1.0, False),
+                (packed, scales, 4, 100, 512, buffer[50:], 1.0, False),
+            ]
+        )
+    with pytest.raises(ValueError, match="a job is"):
+        _core.dequantize_many([(packed, scales, 4)])
+    with pytest.raises(ValueError, match="packed has 50 bytes, expected 13"):
+        _core.dequantize_many([(packed, scales, 4, 25, 512, None, 1.0, False)])

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core, ops
+from ._arrays import flat_views
 from ._update_math import to_dtype
 from .format.decoding import checked_streams, index_stream, raw_array, sparse_parts, streamable
 from .format.eden import EdenSection, eden_unrotate
@@ -62,7 +63,42 @@ def _fused_dense_add(
         body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
     except DecodeError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
-    return partial(ops.dequantize, body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate)
+    return _Dequantize((body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate))
+
+
+class _Dequantize:
+    """The step that dequantizes a dense tensor into its sum: ``_run`` runs those of many
+    tensors in one kernel call (``_core.dequantize_many``, one parallel pass)."""
+
+    __slots__ = ("job",)
+
+    def __init__(self, job: tuple) -> None:
+        self.job = job
+
+    def __call__(self) -> None:
+        _core.dequantize_many([self.job])
+
+
+def _run(steps: Sequence[Callable[[], Any]]) -> None:
+    """Runs the steps in order, consecutive dequantizing steps in one kernel call each run
+    (a sum met twice starts another call: two writers of one sum in a call would race)."""
+    batch: list[tuple] = []
+    targets: set[int] = set()
+    for step in steps:
+        if isinstance(step, _Dequantize) and id(step.job[5]) not in targets:
+            batch.append(step.job)
+            targets.add(id(step.job[5]))
+            continue
+        if batch:
+            _core.dequantize_many(batch)
+            batch, targets = [], set()
+        if isinstance(step, _Dequantize):
+            batch.append(step.job)
+            targets.add(id(step.job[5]))
+        else:
+            step()
+    if batch:
+        _core.dequantize_many(batch)
 
 
 @dataclass
@@ -218,8 +254,7 @@ class Aggregator:
             self._ints = new_ints
             table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
             self._rotated.update(new_rotated)
-            for step in steps:  # in place, allocating nothing sized by the payload
-                step()
+            _run(steps)  # in place, allocating nothing sized by the payload
         self._table, self._sums = table, sums
         self.count += 1
         self.total_weight += w
@@ -321,8 +356,7 @@ class Aggregator:
                     g2[1].append(ws[i])
             self._rotated.update(new_rotated)
             self._ints = new_ints
-            for step in steps + int_steps:
-                step()
+            _run(steps + int_steps)
             for name, (checked_list, w_list) in stream_groups.items():
                 _core.add_streams(sums[name], checked_list, w_list)
             for name, (idx_list, val_list, w_list) in groups.items():
@@ -411,10 +445,14 @@ class Aggregator:
         """``sums``, with a new one (``make``: np.zeros, or np.empty for steps that write
         it) for each tensor that a payload of the batch sends as floats and that has none:
         a tensor whose payloads were all int codes so far has no float sum."""
+        new: dict[str, tuple[int, Any]] = {}
         for parsed in batch:
             for rec in parsed.tensors:
-                if rec.intcode is None and rec.name not in sums:
-                    sums[rec.name] = make(rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+                if rec.intcode is None and rec.name not in sums and rec.name not in new:
+                    new[rec.name] = (rec.size, np.float64 if rec.kind == KIND_RAW else self.dtype)
+        for dtype in {d for _, d in new.values()}:  # one allocation per dtype for a model's tensors
+            names = [name for name, (_, d) in new.items() if d == dtype]
+            sums.update(zip(names, flat_views([new[name][0] for name in names], dtype, make)))
         return sums
 
     @property

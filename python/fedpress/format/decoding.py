@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .. import _core, ops
+from .._arrays import flat_views
 from .errors import DecodeError, out_of_memory_as_decode_error
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import Parsed, TensorRecord, checksum_verified, finish_checksum, output_dtype, parse
@@ -27,7 +28,7 @@ from .registry import (
     stage_seed,
 )
 from .tables import entry_head, heads_digest
-from .values import decode_values
+from .values import QUANT_BITS, decode_values, quantized_parts
 
 __all__ = ["decode", "decode_parts", "inspect"]
 
@@ -159,16 +160,18 @@ def checked_streams(batch: Sequence[tuple[Parsed, list[TensorRecord]]]) -> list[
 
 
 def finish_checksum_converting(
-    parsed: Any, streamed: list[TensorRecord], convert_dense: bool = False
+    parsed: Any, streamed: list[TensorRecord], convert_dense: bool = False, outs: Optional[dict[int, np.ndarray]] = None
 ) -> tuple[dict[str, np.ndarray], set[str]]:
     """Verifies a deferred checksum (nothing to do when it was not deferred), in the same
     read of the payload decoding the dense float value sections (fp32, fp16, bf16) with
-    ``convert_dense`` and checking the fp32 values of the ``streamed`` tensors for NaN and
-    infinity: ({name: float32 values} of the dense tensors, names of the checked ones)."""
+    ``convert_dense`` (into ``outs[id(record)]`` where given) and checking the fp32 values
+    of the ``streamed`` tensors for NaN and infinity: ({name: float32 values} of the dense
+    tensors, names of the checked ones)."""
     if parsed.unchecked is None:
         return {}, set()
+    outs = outs or {}
     converted = {
-        rec.name: (rec, np.empty(rec.count, np.float32))
+        rec.name: (rec, outs[id(rec)] if id(rec) in outs else np.empty(rec.count, np.float32))
         for rec in parsed.tensors
         if convert_dense
         and rec.kind == KIND_DENSE
@@ -220,25 +223,72 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
         parsed = parse(payload, limits, table, defer_checksum=True)
         streamed = [rec for rec in parsed.tensors if streamable(rec)]
         streamed_ids = {id(rec) for rec in streamed}
-        converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True)
+        # The tensors whose values are decoded where they go get one buffer together (from
+        # np.empty: numpy asks the kernel for huge pages there, not for np.zeros' calloc).
+        placed = [rec for rec in parsed.tensors if rec.kind != KIND_RAW and _plain(rec)]
+        views = dict(zip(map(id, placed), flat_views([rec.size for rec in placed], np.float32, np.empty)))
+        converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True, outs=views)
+        dequantized = _dequantize_dense([rec for rec in placed if rec.kind == KIND_DENSE], views)
         out: dict[str, np.ndarray] = {}
         for rec in parsed.tensors:
             if rec.kind == KIND_RAW:
                 out[rec.name] = raw_array(rec)
                 continue
+            view = views.get(id(rec))
             if id(rec) in streamed_ids:  # added into zeros as its stream decodes: no index array
-                dense = np.zeros(rec.size, np.float32)
+                dense = _zeroed(view, rec.size)
                 _core.add_streams(dense, [index_stream(rec, rec.name in finite)], [1.0])
-                out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
-                continue
-            idx, values = (None, converted[rec.name]) if rec.name in converted else sparse_parts(rec, parsed.seed)
-            if idx is None:
-                dense = values
+            elif rec.name in converted:
+                dense = converted[rec.name]
+            elif id(rec) in dequantized:
+                dense = views[id(rec)]
+            elif view is not None and rec.kind == KIND_DENSE:
+                try:
+                    dense = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket, view)
+                except DecodeError as exc:
+                    raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
             else:
-                dense = np.zeros(rec.size, np.float32)
-                dense[idx.astype(np.intp)] = values
+                idx, values = sparse_parts(rec, parsed.seed)
+                if idx is None:
+                    dense = values
+                else:
+                    dense = _zeroed(view, rec.size)
+                    dense[idx.astype(np.intp)] = values
             out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
         return out
+
+
+def _dequantize_dense(records: list[TensorRecord], views: dict[int, np.ndarray]) -> set[int]:
+    """Dequantizes the dense quantized tensors among ``records`` into their views, all in
+    one parallel kernel call (a model's tensors: one pass, not one call per tensor, each
+    thread writing one half of the outputs); the ids of the records it decoded."""
+    jobs, done = [], set()
+    for rec in records:
+        if rec.value_code not in QUANT_BITS and rec.value_code != "sign":
+            continue
+        try:
+            body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+        except DecodeError as exc:
+            raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+        jobs.append((body, scales, bits, rec.count, rec.bucket, views[id(rec)], 1.0, False))
+        done.add(id(rec))
+    if jobs:
+        _core.dequantize_many(jobs)
+    return done
+
+
+def _zeroed(view: Optional[np.ndarray], size: int) -> np.ndarray:
+    """``view`` zeroed, or new zeros when there is none."""
+    if view is None:
+        return np.zeros(size, np.float32)
+    view.fill(0.0)
+    return view
+
+
+def _plain(rec: TensorRecord) -> bool:
+    """Whether a float tensor's values are decoded by a kernel that writes where told:
+    not rotated, not EDEN, not int codes."""
+    return rec.eden is None and rec.intcode is None and not rec.rht_block
 
 
 def decode_parts(
