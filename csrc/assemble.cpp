@@ -87,36 +87,63 @@ std::size_t piece_size(const Piece& p) {
   throw std::invalid_argument("unknown piece kind " + std::to_string(static_cast<int>(p.kind)));
 }
 
+namespace {
+
+void write_piece(const Piece& p, std::size_t size, std::uint8_t* out) {
+  switch (p.kind) {
+    case PieceKind::bytes:
+      copy_bytes(static_cast<const std::uint8_t*>(p.data), size, out);
+      break;
+    case PieceKind::quantize:
+      write_quantized(p, out);
+      break;
+    case PieceKind::half:
+      float_to_half(floats(p), p.n, out);
+      break;
+    case PieceKind::bfloat16:
+      float_to_bfloat16(floats(p), p.n, out);
+      break;
+    case PieceKind::eden:
+      write_eden(p, out);
+      break;
+    case PieceKind::sign:
+      write_signs(p, out);
+      break;
+  }
+}
+
+}  // namespace
+
 std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
-  std::size_t at = 0;
+  std::vector<std::size_t> at(pieces.size() + 1, 0);
+  std::size_t largest = 0;
   for (std::size_t i = 0; i < pieces.size(); ++i) try {
-    const Piece& p = pieces[i];
-    const std::size_t size = piece_size(p);
-    switch (p.kind) {
-      case PieceKind::bytes:
-        copy_bytes(static_cast<const std::uint8_t*>(p.data), size, out + at);
-        break;
-      case PieceKind::quantize:
-        write_quantized(p, out + at);
-        break;
-      case PieceKind::half:
-        float_to_half(floats(p), p.n, out + at);
-        break;
-      case PieceKind::bfloat16:
-        float_to_bfloat16(floats(p), p.n, out + at);
-        break;
-      case PieceKind::eden:
-        write_eden(p, out + at);
-        break;
-      case PieceKind::sign:
-        write_signs(p, out + at);
-        break;
-    }
-    at += size;
+    const std::size_t size = piece_size(pieces[i]);
+    at[i + 1] = at[i] + size;
+    largest = std::max(largest, size);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument("piece " + std::to_string(i) + ": " + e.what());
   }
-  return at;
+  const auto write = [&](std::size_t i) {
+    try {
+      write_piece(pieces[i], at[i + 1] - at[i], out + at[i]);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("piece " + std::to_string(i) + ": " + e.what());
+    }
+  };
+  // A model's many tensors: the pieces are spread over the threads, each written by one
+  // (its kernel split again would put both threads in the same fresh pages, and a small
+  // piece's kernel runs on one thread anyway). One piece that is most of the payload:
+  // the pieces in order, each kernel splitting its own.
+  if (pieces.size() > 1 && 2 * largest < at.back() && at.back() >= kParallelThreshold) {
+    parallel_for(pieces.size(), [&](std::size_t i) {
+      const SerialScope serial;
+      write(i);
+    });
+  } else {
+    for (std::size_t i = 0; i < pieces.size(); ++i) write(i);
+  }
+  return at.back();
 }
 
 }  // namespace fedpress

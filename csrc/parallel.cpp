@@ -206,9 +206,16 @@ class Pool {
 
 }  // namespace
 
+namespace {
+thread_local bool serial_here = false;
+}  // namespace
+
+SerialScope::SerialScope() : previous_(serial_here) { serial_here = true; }
+SerialScope::~SerialScope() { serial_here = previous_; }
+
 void parallel_for(std::size_t n_tasks, const std::function<void(std::size_t)>& task) {
   const std::size_t n_workers = std::min<std::size_t>(static_cast<std::size_t>(num_threads()), n_tasks);
-  if (n_workers <= 1) {
+  if (n_workers <= 1 || serial_here) {
     for (std::size_t i = 0; i < n_tasks; ++i) task(i);
     return;
   }

@@ -28,6 +28,20 @@ void parallel_for(std::size_t n_tasks, const std::function<void(std::size_t)>& t
 void parallel_for_sized(std::size_t n_tasks, std::size_t total_elements,
                         const std::function<void(std::size_t)>& task);
 
+// While one is alive on a thread, parallel_for there runs every task itself: for a caller
+// that already spreads its work over the threads (a payload's pieces, one per task), whose
+// kernels must not split each piece again.
+class SerialScope {
+ public:
+  SerialScope();
+  ~SerialScope();
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  bool previous_;
+};
+
 // Elements below which kernels stay on the calling thread.
 constexpr std::size_t kParallelThreshold = std::size_t{1} << 17;
 

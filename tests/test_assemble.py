@@ -121,6 +121,30 @@ def test_assemble_refusals_name_the_piece() -> None:
         _core.assemble([("f16", np.ones(4, np.float64))], True)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_pieces_spread_over_threads_give_the_same_bytes(threads: int) -> None:
+    """A model's many sections are written one per thread (each kernel serial inside), a
+    single large one by its kernel's own threads: the same payload either way, and a
+    refused piece is still named."""
+    rng = np.random.default_rng(4)
+    model = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate([70_001, 3, 9_000] * 12)}
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(threads)
+        for spec in ("q4", "sign", "fp16", "bf16", "eden4", "q8+zstd"):
+            payload = fp.Codec(spec).encode(model, seed=3)
+            ops.set_num_threads(1)
+            assert fp.Codec(spec).encode(model, seed=3) == payload, spec
+            ops.set_num_threads(threads)
+        bad = dict(model)
+        bad["t30"] = model["t30"].copy()
+        bad["t30"][5] = np.nan
+        with pytest.raises(ValueError, match="tensor 't30' holds NaN or infinity"):
+            fp.Codec("q4").encode(bad)
+    finally:
+        ops.set_num_threads(before)
+
+
 def test_codec_names_the_tensor_a_kernel_refused() -> None:
     x = np.ones(5000, np.float32)
     x[9] = np.nan

@@ -15,12 +15,17 @@ __all__: list[str] = []
 # keeps the table of a many-tensor model a few bytes per tensor.
 def encode_varint(value: int) -> bytes:
     """``value`` (a non-negative integer) as a LEB128 varint, minimally encoded."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 class ByteReader:

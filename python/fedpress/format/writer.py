@@ -4,6 +4,7 @@ fedpress: the public surface is ``fedpress.format``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -97,15 +98,12 @@ def write_payload(
             raise ValueError(
                 f"tensor {e.name!r} has {len(e.shape)} dimensions; at most {DEFAULT_LIMITS.max_dims} are supported"
             )
-        if (
-            any(d > DEFAULT_LIMITS.max_elements for d in e.shape)
-            or int(np.prod(e.shape, dtype=object)) > DEFAULT_LIMITS.max_elements
-        ):
+        if any(d > DEFAULT_LIMITS.max_elements for d in e.shape) or math.prod(e.shape) > DEFAULT_LIMITS.max_elements:
             raise ValueError(
                 f"tensor {e.name!r} of shape {e.shape} exceeds {DEFAULT_LIMITS.max_elements} "
                 "elements (or has a dimension that does)"
             )
-    total = sum(int(np.prod(e.shape, dtype=object)) for e in entries)
+    total = sum(math.prod(e.shape) for e in entries)
     if total > DEFAULT_LIMITS.max_total_elements:
         raise ValueError(
             f"an update of {total} elements exceeds the format's default limit of {DEFAULT_LIMITS.max_total_elements}"
@@ -113,28 +111,24 @@ def write_payload(
     spec_bytes = spec.encode("utf-8")
     heads = [entry_head(e.name, e.dtype, e.shape) for e in entries]
     compact = table == "digest"
-    parts = [encode_varint(len(spec_bytes)), spec_bytes]
+    # The table is written into one buffer (one piece for the kernel, not a few per tensor).
+    parts = bytearray(encode_varint(len(spec_bytes)))
+    parts += spec_bytes
     if compact:
-        parts.append(heads_digest(heads))
-    parts.append(encode_varint(len(entries)))
+        parts += heads_digest(heads)
+    parts += encode_varint(len(entries))
     sections: list[tuple[Optional[str], Any]] = []
     for e, head in zip(entries, heads):
         index_bytes = b""
         if e.kind == KIND_SPARSE:
-            n = int(np.prod(e.shape, dtype=np.int64)) if e.shape else 1
-            index_bytes = ops.encode_indices(e.indices, n)
+            index_bytes = ops.encode_indices(e.indices, math.prod(e.shape))
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
         if not compact:
-            parts.append(head)
-        parts += [
-            bytes((e.kind, vcode, flags)),
-            encode_varint(e.count),
-            encode_varint(e.bucket),
-            encode_varint(e.rht_block),
-            encode_varint(len(index_bytes)),
-            encode_varint(section_size(e.values)),
-        ]
+            parts += head
+        parts += bytes((e.kind, vcode, flags))
+        for number in (e.count, e.bucket, e.rht_block, len(index_bytes), section_size(e.values)):
+            parts += encode_varint(number)
         sections.append((None, index_bytes))
         if isinstance(e.values, KernelSection):
             sections.append((e.name, e.values.piece))
@@ -142,7 +136,7 @@ def write_payload(
             sections += [(None, p) for p in (e.values if isinstance(e.values, tuple) else (e.values,))]
     # Every piece in order, into one new buffer: a KernelSection written in place by its
     # kernel, the rest copied once; the checksum runs over the buffer.
-    pieces: list[tuple[Optional[str], Any]] = [(None, p) for p in parts]
+    pieces: list[tuple[Optional[str], Any]] = [(None, parts)]
     pieces += sections
     pieces = [
         (name, p if name is not None else memoryview(p).cast("B"))
