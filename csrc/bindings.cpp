@@ -523,6 +523,47 @@ void register_accumulate(py::module_& m) {
       },
       "acc"_a, "indices"_a, "values"_a, "weight"_a, "acc[indices] += weight * values, in place.");
   m.def(
+      "scatter_add_each",
+      [](const py::sequence& accs_obj, const py::sequence& idx_list, const py::sequence& val_list, double weight) {
+        const std::size_t count = py::len(accs_obj);
+        if (py::len(idx_list) != count || py::len(val_list) != count)
+          throw py::value_error("accs, indices_list and values_list must have equal lengths, got " +
+                                std::to_string(count) + ", " + std::to_string(py::len(idx_list)) + ", " +
+                                std::to_string(py::len(val_list)));
+        std::vector<py::array> accs, keep;
+        std::vector<fedpress::SparseUpdate> updates;
+        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;  // written concurrently: disjoint
+        for (std::size_t i = 0; i < count; ++i) {
+          const std::string label = "[" + std::to_string(i) + "]";
+          accs.push_back(checked<float>(accs_obj[i], ("accs" + label).c_str(), Access::write));
+          updates.push_back(typed_update(idx_list[i], val_list[i], weight, label, keep));
+          const auto begin = reinterpret_cast<std::uintptr_t>(accs.back().data());
+          if (len(accs.back())) spans.emplace_back(begin, begin + 4 * len(accs.back()));
+        }
+        std::sort(spans.begin(), spans.end());
+        for (std::size_t i = 1; i < spans.size(); ++i)
+          if (spans[i].first < spans[i - 1].second) throw py::value_error("two accumulators share memory");
+        std::vector<fedpress::UpdateCheck> checks;
+        {
+          py::gil_scoped_release release;
+          checks = fedpress::check_updates(updates);
+        }
+        for (std::size_t i = 0; i < count; ++i)
+          if (updates[i].count > 0 && checks[i].max_index >= len(accs[i]))
+            throw py::index_error("indices[" + std::to_string(i) + "] holds " + std::to_string(checks[i].max_index) +
+                                  ", out of range for an accumulator of " + std::to_string(len(accs[i])));
+        std::vector<float*> outs;
+        for (const py::array& a : accs) outs.push_back(static_cast<float*>(const_cast<void*>(a.data())));
+        py::gil_scoped_release release;
+        fedpress::parallel_for(count, [&](std::size_t i) {
+          const fedpress::SerialScope serial;  // one accumulator per task
+          fedpress::scatter_add_many_any(outs[i], len(accs[i]), {updates[i]}, {checks[i]});
+        });
+      },
+      "accs"_a, "indices_list"_a, "values_list"_a, "weight"_a,
+      "For each i: accs[i][indices_list[i]] += weight * values_list[i], in place; the accumulators "
+      "(a model's tensors) are spread over the threads.");
+  m.def(
       "scatter_add_many",
       [](const py::handle& acc_obj, const py::sequence& idx_list, const py::sequence& val_list,
          const std::vector<double>& weights) {

@@ -464,3 +464,27 @@ def test_property_scatter_add_many(n: int, n_clients: int, data: st.DataObject) 
         ops.scatter_add(sequential, idx, val, w)
     np.testing.assert_allclose(acc, expected, rtol=1e-5, atol=1e-3)
     assert acc.tobytes() == sequential.tobytes()
+
+
+def test_scatter_add_each_adds_into_each_accumulator() -> None:
+    """_core.scatter_add_each: a model's tensors, one (indices, values) each, in one call."""
+    from fedpress import _core
+
+    rng = np.random.default_rng(2)
+    sizes = [10, 0, 200_000, 5]
+    accs = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    want = [a.copy() for a in accs]
+    idx = [np.sort(rng.choice(n, min(n, 3 + n // 10), replace=False)).astype(np.uint32) for n in sizes]
+    val = [rng.standard_normal(i.size).astype(np.float32) for i in idx]
+    for w, i, v in zip(want, idx, val):
+        ops.scatter_add(w, i, v, -1.0)
+    _core.scatter_add_each(accs, idx, val, -1.0)
+    for a, w in zip(accs, want):
+        assert a.tobytes() == w.tobytes()
+    shared = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="two accumulators share memory"):
+        _core.scatter_add_each([shared[:5], shared[3:]], [idx[0][:0]] * 2, [val[0][:0]] * 2, 1.0)
+    with pytest.raises(IndexError, match=r"indices\[0\] holds 9, out of range for an accumulator of 5"):
+        _core.scatter_add_each([np.zeros(5, np.float32)], [np.array([9], np.uint32)], [np.ones(1, np.float32)], 1.0)
+    with pytest.raises(ValueError, match="equal lengths"):
+        _core.scatter_add_each([np.zeros(5, np.float32)], [], [], 1.0)

@@ -45,8 +45,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import ops
-from ._arrays import as_float32, to_numpy
+from . import _core, ops
+from ._arrays import as_float32, flat_views, to_numpy
 from .format.eden import eden_fixed_size, encode_eden, parse_eden
 from .format.intcodes import (
     MAX_BITS,
@@ -67,6 +67,7 @@ from .format.registry import (
     PURPOSE_QUANT,
     PURPOSE_RANDK,
     PURPOSE_RHT,
+    QUANT_BITS,
     TABLE_FORMS,
     VALUE_CODES,
     stage_seed,
@@ -390,6 +391,7 @@ class Codec:
         else:
             chosen = {i: selected[names[i]] for i in flat if names[i] in selected}
         entries = []
+        decoding: list[tuple[str, Entry, Optional[tuple[np.ndarray, np.ndarray]], int]] = []  # for ``sent``
         int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]] = {}  # intB tensors: their levels and codes
         for i, (name, arr, dtype) in enumerate(zip(names, arrays, recorded)):
             if i not in flat:
@@ -415,7 +417,9 @@ class Codec:
             )
             entries.append(entry)
             if sent is not None:
-                sent[name] = self._decoded(entry, chosen.get(i), payload_seed, i)
+                decoding.append((name, entry, chosen.get(i), i))
+        if sent is not None:
+            sent.update(self._decoded_many(decoding, payload_seed))
         if mask is not None:
             _mask_int_entries(entries, int_codes, mask, int(weight))
         elif weight != 1:
@@ -510,6 +514,36 @@ class Codec:
             return None, values
         assert selected is not None
         return selected[0], values
+
+    def _decoded_many(
+        self, decoding: list[tuple[str, Entry, Optional[tuple[np.ndarray, np.ndarray]], int]], payload_seed: int
+    ) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
+        """``_decoded`` of many float entries, {name: (indices or None, values)}: the plain
+        quantized sections (codes and scales as the codec made them, not rotated) are
+        dequantized together, into one buffer, by one kernel call."""
+        out = {}
+        batched = []
+        for name, entry, selected, ordinal in decoding:
+            code = entry.value_code
+            if (code in QUANT_BITS or code == "sign") and not entry.rht_block and isinstance(entry.values, tuple):
+                batched.append((name, entry, selected))
+            else:
+                out[name] = self._decoded(entry, selected, payload_seed, ordinal)
+        views = flat_views([entry.count for _, entry, _ in batched], np.float32, np.empty)
+        jobs = []
+        for (_, entry, _), view in zip(batched, views):
+            scales, packed = entry.values  # as encode_values made them: what the section holds
+            bits = 1 if entry.value_code == "sign" else QUANT_BITS[entry.value_code]
+            jobs.append((packed, scales, bits, entry.count, entry.bucket, view, 1.0, False))
+        if jobs:
+            _core.dequantize_many(jobs)
+        for (name, entry, selected), view in zip(batched, views):
+            if entry.kind == KIND_DENSE:
+                out[name] = (None, view)
+            else:
+                assert selected is not None
+                out[name] = (selected[0], view)
+        return out
 
     def _int_entry(
         self,

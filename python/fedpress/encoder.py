@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import ops
+from . import _core, ops
 from ._arrays import as_float32, to_numpy
 from .codec import Codec
 
@@ -236,12 +236,17 @@ class Encoder:
     def _take_out(self, sent: Mapping[str, tuple[Optional[np.ndarray], np.ndarray]], sign: float) -> None:
         """The residual becomes what was meant minus what the receiver decodes (``sign``
         -1; +1 reverts it), in O(kept entries) for a sparse tensor."""
+        accs, indices, values = [], [], []
         for name, (idx, s) in sent.items():
             flat = self.residuals[name].reshape(-1)
             if idx is None:
                 (np.subtract if sign < 0 else np.add)(flat, s, out=flat)
             else:
-                ops.scatter_add(flat, idx, s, sign)
+                accs.append(flat)
+                indices.append(idx)
+                values.append(as_float32(s, name))
+        if accs:  # a model's sparse tensors in one call, spread over the threads
+            _core.scatter_add_each(accs, indices, values, sign)
 
     @staticmethod
     def _float32(arr: np.ndarray, scale: Optional[float]) -> np.ndarray:

@@ -227,7 +227,8 @@ def ef_topk(
 def _split(idx: np.ndarray, vals: np.ndarray, sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """A selection over arrays taken back to back, cut back into one (indices, values) per array."""
     offsets = np.concatenate(([0], np.cumsum(np.asarray(sizes, dtype=np.int64))))
-    cuts = np.searchsorted(idx, offsets)
+    # (offsets as uint32, the indices' type: searching with int64 would convert all of idx)
+    cuts = np.searchsorted(idx, np.minimum(offsets, 2**32 - 1).astype(np.uint32))
     out = []
     for j in range(len(sizes)):
         part = idx[cuts[j] : cuts[j + 1]]
