@@ -7,6 +7,7 @@ apart from ``payload_table_digest`` (see ``fedpress.format``)."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -314,9 +315,9 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
             )
     for rec in records:
         rec.index_version = parsed.version
-        rec.index_data = r.take(rec.index_len, f"tensor {rec.name!r} index section")
+        rec.index_data = r.take(rec.index_len, _about(rec.name, "index section"))
         rec.value_offset = parsed.body_offset + r.pos
-        rec.value_data = r.take(rec.value_len, f"tensor {rec.name!r} values section")
+        rec.value_data = r.take(rec.value_len, _about(rec.name, "values section"))
         if rec.value_code in EDEN_BITS:
             try:
                 rec.eden = parse_eden(
@@ -339,22 +340,27 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     parsed.tensors = records
 
 
+def _about(name: str, field: str) -> Callable[[], str]:
+    """A field's name for an error message, made only if one is raised."""
+    return lambda: f"tensor {name!r} {field}"
+
+
 def _read_entry_head(r: ByteReader, ordinal: int, names: set[str], limits: Limits) -> TableEntry:
     """Name, dtype and shape of an inline table entry, checked (the size is checked by the caller)."""
-    name_len = r.varint(f"tensor {ordinal} name length")
+    name_len = r.varint(lambda: f"tensor {ordinal} name length")
     try:
-        name = bytes(r.take(name_len, f"tensor {ordinal} name")).decode("utf-8")
+        name = bytes(r.take(name_len, lambda: f"tensor {ordinal} name")).decode("utf-8")
     except UnicodeDecodeError:
         raise DecodeError(f"tensor {ordinal} name is not valid UTF-8") from None
     if name in names:
         raise DecodeError(f"tensor name {name!r} appears twice")
     names.add(name)
-    dtype_code, ndim = r.unpack(_BB, f"tensor {name!r} dtype")
+    dtype_code, ndim = r.unpack(_BB, lambda: f"tensor {name!r} dtype")
     if dtype_code >= len(DTYPES):
         raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
     if ndim > limits.max_dims:
         raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
-    shape = tuple(r.varint(f"tensor {name!r} dimension {d}") for d in range(ndim))
+    shape = tuple(r.varint(_about(name, f"dimension {d}")) for d in range(ndim))
     return name, DTYPES[dtype_code], shape
 
 
@@ -373,12 +379,12 @@ class _EntryFields:
 
     @classmethod
     def read(cls, r: ByteReader, name: str) -> _EntryFields:
-        kind, value_code, flags = r.unpack(_BBB, f"tensor {name!r} kind")
-        count = r.varint(f"tensor {name!r} count")
-        bucket = r.varint(f"tensor {name!r} bucket")
-        block = r.varint(f"tensor {name!r} rotation block")
-        index_len = r.varint(f"tensor {name!r} index section length")
-        value_len = r.varint(f"tensor {name!r} values section length")
+        kind, value_code, flags = r.unpack(_BBB, lambda: f"tensor {name!r} kind")
+        count = r.varint(lambda: f"tensor {name!r} count")
+        bucket = r.varint(lambda: f"tensor {name!r} bucket")
+        block = r.varint(lambda: f"tensor {name!r} rotation block")
+        index_len = r.varint(lambda: f"tensor {name!r} index section length")
+        value_len = r.varint(lambda: f"tensor {name!r} values section length")
         return cls(kind, value_code, flags, count, bucket, block, index_len, value_len)
 
 
