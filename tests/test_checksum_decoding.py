@@ -71,6 +71,28 @@ def test_non_finite_values_are_flagged_wherever_they_are(where: int, bad: float)
     assert _core.crc32c_decoding(data[: PIECE - 2 + 4 * where], [(PIECE - 2, "fp32-finite", where, None)])[1] == [True]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bad_at", [None, 0, 2_500_000, 2_999_999])
+def test_a_large_fp32_section_among_others(threads: int, bad_at) -> None:
+    """An fp32 section of 12 MB at an odd offset, with a NaN anywhere or none, and a small
+    fp16 section after it: the same values, CRC and flags."""
+    rng = np.random.default_rng(threads)
+    x = rng.standard_normal(3_000_000).astype(np.float32)
+    if bad_at is not None:
+        x[bad_at] = np.nan
+    head = bytes(rng.integers(0, 256, PIECE + 5, dtype=np.uint8))  # an odd offset
+    small, vs = section(rng, "fp16", 1000)
+    data = head + x.astype("<f4").tobytes() + small
+    outs = [np.empty(x.size, np.float32), np.empty(vs.size, np.float32)]
+    jobs = [(len(head), "fp32", x.size, outs[0]), (len(head) + 4 * x.size, "fp16", vs.size, outs[1])]
+    with num_threads(threads):
+        crc, flags = _core.crc32c_decoding(data, jobs)
+    assert crc == _core.crc32c(data)
+    assert flags == [bad_at is None, True]
+    assert outs[0].tobytes() == x.tobytes()
+    np.testing.assert_array_equal(outs[1], vs)
+
+
 def test_bad_jobs_are_refused() -> None:
     data = bytes(64)
     for job, error in [
