@@ -223,10 +223,15 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
         parsed = parse(payload, limits, table, defer_checksum=True)
         streamed = [rec for rec in parsed.tensors if streamable(rec)]
         streamed_ids = {id(rec) for rec in streamed}
-        # The tensors whose values are decoded where they go get one buffer together (from
-        # np.empty: numpy asks the kernel for huge pages there, not for np.zeros' calloc).
+        # The tensors whose values are decoded where they go get one buffer together: the
+        # dense ones from np.empty (numpy asks the kernel for huge pages there, not for
+        # np.zeros' calloc), the sparse ones from np.zeros (the kernel's zero pages: a fill
+        # would write them all twice).
         placed = [rec for rec in parsed.tensors if rec.kind != KIND_RAW and _plain(rec)]
-        views = dict(zip(map(id, placed), flat_views([rec.size for rec in placed], np.float32, np.empty)))
+        views: dict[int, np.ndarray] = {}
+        for written, make in ((True, np.empty), (False, np.zeros)):
+            group = [rec for rec in placed if (rec.kind == KIND_DENSE) == written]
+            views.update(zip(map(id, group), flat_views([rec.size for rec in group], np.float32, make)))
         converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True, outs=views)
         dequantized = _dequantize_dense([rec for rec in placed if rec.kind == KIND_DENSE], views)
         out: dict[str, np.ndarray] = {}
@@ -236,7 +241,7 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
                 continue
             view = views.get(id(rec))
             if id(rec) in streamed_ids:  # added into zeros as its stream decodes: no index array
-                dense = _zeroed(view, rec.size)
+                dense = np.zeros(rec.size, np.float32) if view is None else view
                 _core.add_streams(dense, [index_stream(rec, rec.name in finite)], [1.0])
             elif rec.name in converted:
                 dense = converted[rec.name]
@@ -252,7 +257,7 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
                 if idx is None:
                     dense = values
                 else:
-                    dense = _zeroed(view, rec.size)
+                    dense = np.zeros(rec.size, np.float32) if view is None else view
                     dense[idx.astype(np.intp)] = values
             out[rec.name] = _to_output(dense, rec.dtype).reshape(rec.shape)
         return out
@@ -275,14 +280,6 @@ def _dequantize_dense(records: list[TensorRecord], views: dict[int, np.ndarray])
     if jobs:
         _core.dequantize_many(jobs)
     return done
-
-
-def _zeroed(view: Optional[np.ndarray], size: int) -> np.ndarray:
-    """``view`` zeroed, or new zeros when there is none."""
-    if view is None:
-        return np.zeros(size, np.float32)
-    view.fill(0.0)
-    return view
 
 
 def _plain(rec: TensorRecord) -> bool:
