@@ -35,7 +35,8 @@ Frame bodies::
     SECAGG     either way (rounds under secure aggregation, docs/secure-aggregation.md)
                round u32 | step u8 | fedpress.secagg message (rest); steps: 1 ADVERTISE (client),
                2 KEYS (server), 3 SHARES (client), 4 ROUTED (server: the shares for this client),
-               5 UNMASK_REQUEST (server), 6 UNMASK (client)
+               7 REPORT (client: the senders of bad shares), 8 VERDICT (server: who is out),
+               5 UNMASK_REQUEST (server), 6 UNMASK (client), in that order
     ERROR      either way
                code u16 | message (UTF-8, rest)
     BYE        either way
