@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -136,10 +137,19 @@ std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
   // piece's kernel runs on one thread anyway). One piece that is most of the payload:
   // the pieces in order, each kernel splitting its own.
   if (pieces.size() > 1 && 2 * largest < at.back() && at.back() >= kParallelThreshold) {
+    // Each piece's refusal is kept, and the first piece's in order is raised: the same
+    // message whatever the threads (parallel_for would raise the first in time).
+    std::vector<std::exception_ptr> errors(pieces.size());
     parallel_for(pieces.size(), [&](std::size_t i) {
       const SerialScope serial;
-      write(i);
+      try {
+        write(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
     });
+    for (const std::exception_ptr& error : errors)
+      if (error) std::rethrow_exception(error);
   } else {
     for (std::size_t i = 0; i < pieces.size(); ++i) write(i);
   }

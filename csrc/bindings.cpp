@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <unordered_set>
 #include <vector>
 
@@ -111,6 +112,36 @@ py::array_t<T> to_numpy(std::vector<T>&& v) {
 py::tuple sparse_to_tuple(fedpress::SparseVector&& s) {
   return py::make_tuple(to_numpy(std::move(s.indices)), to_numpy(std::move(s.values)));
 }
+
+// The memory a kernel that runs tasks in parallel reads and writes: every written span
+// must overlap no other span, read or written (a task would read what another writes, or
+// two would write the same bytes, and the result would depend on the threads' timing).
+class Spans {
+ public:
+  void add(const void* data, std::size_t bytes, bool written) {
+    const auto begin = reinterpret_cast<std::uintptr_t>(data);
+    if (bytes) spans_.push_back({begin, begin + bytes, written});
+  }
+  void add(const py::array& a, bool written) { add(a.data(), static_cast<std::size_t>(a.nbytes()), written); }
+
+  // ValueError(message) when a written span overlaps another span.
+  void check(const std::string& message) {
+    std::sort(spans_.begin(), spans_.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    std::uintptr_t any_end = 0, written_end = 0;
+    for (const Span& span : spans_) {
+      if (span.begin < written_end || (span.written && span.begin < any_end)) throw py::value_error(message);
+      any_end = std::max(any_end, span.end);
+      if (span.written) written_end = std::max(written_end, span.end);
+    }
+  }
+
+ private:
+  struct Span {
+    std::uintptr_t begin, end;
+    bool written;
+  };
+  std::vector<Span> spans_;
+};
 
 // Float32 arrays checked one by one (each kept alive here while kernels read or write it),
 // for the kernels that take several arrays back to back.
@@ -255,27 +286,11 @@ void register_topk(py::module_& m) {
         const FloatArrays r(r_obj, "residuals", Access::write);
         if (u.sizes != r.sizes)
           throw py::value_error("updates and residuals must pair up: as many, each of its residual's length");
-        // A residual is written while every array is read: no residual may overlap another
-        // array. Sorted by start, a span must start past the end of every written span
-        // before it, and a written span past the end of every span before it.
-        struct Span {
-          std::uintptr_t begin, end;
-          bool written;
-        };
-        std::vector<Span> spans;
-        for (const FloatArrays* group : {&u, &r})
-          for (std::size_t i = 0; i < group->ptrs.size(); ++i) {
-            const auto begin = reinterpret_cast<std::uintptr_t>(group->ptrs[i]);
-            if (group->sizes[i]) spans.push_back({begin, begin + 4 * group->sizes[i], group == &r});
-          }
-        std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
-        std::uintptr_t any_end = 0, written_end = 0;
-        for (const Span& span : spans) {
-          if (span.begin < written_end || (span.written && span.begin < any_end))
-            throw py::value_error("update and residual arrays must not share memory with a residual");
-          any_end = std::max(any_end, span.end);
-          if (span.written) written_end = std::max(written_end, span.end);
-        }
+        // A residual is written while every array is read: no residual may overlap another array.
+        Spans spans;
+        for (const py::array& a : u.arrays) spans.add(a, false);
+        for (const py::array& a : r.arrays) spans.add(a, true);
+        spans.check("update and residual arrays must not share memory with a residual");
         const std::size_t k = checked_count(k_arg, u.total, "k");
         std::vector<float*> residuals(r.ptrs.size());
         for (std::size_t i = 0; i < residuals.size(); ++i) residuals[i] = const_cast<float*>(r.ptrs[i]);
@@ -297,6 +312,23 @@ py::array output_or_acc(const py::handle& acc_obj, std::size_t n) {
   if (len(acc) != n)
     throw py::value_error("acc has " + std::to_string(len(acc)) + " elements, expected n = " + std::to_string(n));
   return acc;
+}
+
+// A job tuple's field as T: TypeError naming it otherwise (not pybind11's RuntimeError).
+template <typename T>
+T field(const py::handle& value, const std::string& name) {
+  const bool is_bool = py::isinstance<py::bool_>(value), is_int = py::isinstance<py::int_>(value) && !is_bool;
+  const char* wanted = std::is_same<T, bool>::value ? "a bool" : std::is_floating_point<T>::value ? "a number" : "an integer";
+  const bool ok = std::is_same<T, bool>::value        ? is_bool
+                  : std::is_floating_point<T>::value ? is_int || py::isinstance<py::float_>(value)
+                                                     : is_int;
+  if (!ok)
+    throw py::type_error(name + " must be " + wanted + ", got " + std::string(py::str(py::type::of(value).attr("__name__"))));
+  try {
+    return value.cast<T>();
+  } catch (const py::cast_error&) {
+    throw py::value_error(name + " is out of range: " + std::string(py::str(value)));
+  }
 }
 
 // A dequantize call's arguments, checked, and the job they make (the arrays kept alive here).
@@ -366,22 +398,25 @@ void register_quantize(py::module_& m) {
       [](const py::sequence& jobs_in) {
         std::vector<CheckedDequantize> checked_jobs;
         checked_jobs.reserve(py::len(jobs_in));
+        std::size_t index = 0;
         for (const py::handle& item : jobs_in) {
+          const std::string where = "jobs[" + std::to_string(index++) + "]";
+          if (!py::isinstance<py::tuple>(item) || py::len(item) != 8)
+            throw py::value_error(where + ": a job is a tuple (packed, scales, bits, n, bucket, acc, weight, accumulate)");
           const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-          if (t.size() != 8) throw py::value_error("a job is (packed, scales, bits, n, bucket, acc, weight, accumulate)");
-          checked_jobs.emplace_back(t[0], t[1], t[2].cast<int>(), t[3].cast<long long>(), t[4].cast<long long>(), t[5],
-                                    t[6].cast<double>(), t[7].cast<bool>());
+          checked_jobs.emplace_back(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
+                                    field<long long>(t[4], where + ".bucket"), t[5],
+                                    field<double>(t[6], where + ".weight"), field<bool>(t[7], where + ".accumulate"));
         }
         std::vector<fedpress::DequantizeJob> jobs;
-        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> outs;  // written concurrently: disjoint
+        Spans spans;  // the jobs' chunks run together: no output may overlap any job's memory
         for (const CheckedDequantize& d : checked_jobs) {
           jobs.push_back(d.job);
-          const auto begin = reinterpret_cast<std::uintptr_t>(d.job.out);
-          if (d.job.n) outs.emplace_back(begin, begin + 4 * d.job.n);
+          spans.add(d.packed, false);
+          spans.add(d.scales, false);
+          spans.add(d.job.out, 4 * d.job.n, true);
         }
-        std::sort(outs.begin(), outs.end());
-        for (std::size_t i = 1; i < outs.size(); ++i)
-          if (outs[i].first < outs[i - 1].second) throw py::value_error("two jobs' outputs share memory");
+        spans.check("a job's output shares memory with another job's output or input, or with its own input");
         {
           py::gil_scoped_release release;
           fedpress::dequantize_many(jobs);
@@ -532,17 +567,15 @@ void register_accumulate(py::module_& m) {
                                 std::to_string(py::len(val_list)));
         std::vector<py::array> accs, keep;
         std::vector<fedpress::SparseUpdate> updates;
-        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;  // written concurrently: disjoint
         for (std::size_t i = 0; i < count; ++i) {
           const std::string label = "[" + std::to_string(i) + "]";
           accs.push_back(checked<float>(accs_obj[i], ("accs" + label).c_str(), Access::write));
           updates.push_back(typed_update(idx_list[i], val_list[i], weight, label, keep));
-          const auto begin = reinterpret_cast<std::uintptr_t>(accs.back().data());
-          if (len(accs.back())) spans.emplace_back(begin, begin + 4 * len(accs.back()));
         }
-        std::sort(spans.begin(), spans.end());
-        for (std::size_t i = 1; i < spans.size(); ++i)
-          if (spans[i].first < spans[i - 1].second) throw py::value_error("two accumulators share memory");
+        Spans spans;  // the entries run together: no accumulator may overlap any entry's memory
+        for (const py::array& a : keep) spans.add(a, false);
+        for (const py::array& a : accs) spans.add(a, true);
+        spans.check("an accumulator shares memory with another accumulator, or with indices or values");
         std::vector<fedpress::UpdateCheck> checks;
         {
           py::gil_scoped_release release;
@@ -553,11 +586,15 @@ void register_accumulate(py::module_& m) {
             throw py::index_error("indices[" + std::to_string(i) + "] holds " + std::to_string(checks[i].max_index) +
                                   ", out of range for an accumulator of " + std::to_string(len(accs[i])));
         std::vector<float*> outs;
-        for (const py::array& a : accs) outs.push_back(static_cast<float*>(const_cast<void*>(a.data())));
+        std::vector<std::size_t> sizes;
+        for (const py::array& a : accs) {
+          outs.push_back(static_cast<float*>(const_cast<void*>(a.data())));
+          sizes.push_back(len(a));
+        }
         py::gil_scoped_release release;
         fedpress::parallel_for(count, [&](std::size_t i) {
           const fedpress::SerialScope serial;  // one accumulator per task
-          fedpress::scatter_add_many_any(outs[i], len(accs[i]), {updates[i]}, {checks[i]});
+          fedpress::scatter_add_many_any(outs[i], sizes[i], {updates[i]}, {checks[i]});
         });
       },
       "accs"_a, "indices_list"_a, "values_list"_a, "weight"_a,

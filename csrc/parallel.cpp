@@ -10,6 +10,7 @@
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -140,7 +141,11 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       while (workers_ < helpers) {
-        std::thread(&Pool::serve, this).detach();
+        try {
+          std::thread(&Pool::serve, this).detach();
+        } catch (const std::system_error&) {
+          break;  // no more threads to be had (a process limit): the caller and the others do the work
+        }
         ++workers_;
       }
       jobs_.push_back(job);

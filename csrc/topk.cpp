@@ -196,7 +196,9 @@ class Input {
     n_ = segs_.empty() ? 0 : segs_.back().offset + segs_.back().n;
   }
   std::size_t size() const { return n_; }
-  bool accumulating() const { return !segs_.empty() && segs_.front().acc != nullptr; }
+  bool accumulating() const {
+    return std::any_of(segs_.begin(), segs_.end(), [](const Segment& s) { return s.acc != nullptr; });
+  }
   const std::vector<Segment>& segments() const { return segs_; }
 
   // fn(segment, local_begin, local_end) for each segment's part of [begin, end), in order.
@@ -555,6 +557,7 @@ void accumulate_only(const Input& in) {
   parallel_for_sized(n_chunks, n, [&](std::size_t c) {
     const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
     in.pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
+      if (s.acc == nullptr) return;
       for (std::size_t i = lb; i < le; ++i) s.acc[i] += s.x[i];
     });
   });

@@ -482,7 +482,7 @@ def test_scatter_add_each_adds_into_each_accumulator() -> None:
     for a, w in zip(accs, want):
         assert a.tobytes() == w.tobytes()
     shared = np.zeros(8, np.float32)
-    with pytest.raises(ValueError, match="two accumulators share memory"):
+    with pytest.raises(ValueError, match="shares memory with another accumulator"):
         _core.scatter_add_each([shared[:5], shared[3:]], [idx[0][:0]] * 2, [val[0][:0]] * 2, 1.0)
     with pytest.raises(IndexError, match=r"indices\[0\] holds 9, out of range for an accumulator of 5"):
         _core.scatter_add_each([np.zeros(5, np.float32)], [np.array([9], np.uint32)], [np.ones(1, np.float32)], 1.0)

@@ -542,7 +542,7 @@ def test_dequantize_many_refuses_overlapping_outputs_and_bad_jobs() -> None:
 
     packed, scales = ops.quantize(np.ones(100, np.float32), 4, seed=1)
     buffer = np.zeros(150, np.float32)
-    with pytest.raises(ValueError, match="two jobs' outputs share memory"):
+    with pytest.raises(ValueError, match="shares memory with another job"):
         _core.dequantize_many(
             [
                 (packed, scales, 4, 100, 512, buffer[:100], 1.0, False),

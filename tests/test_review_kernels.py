@@ -9,7 +9,8 @@ pool, indices into arrays taken back to back near 2^32, empty arrays and zero-le
 segments, outputs that share memory with inputs, results that depend on the thread
 count, and the errors bad arguments raise.
 
-Strict xfails mark real bugs found by the review; each reason says what is wrong.
+Strict xfails mark real bugs found by the review; each reason says what is wrong (the ones
+fixed since are plain tests now).
 """
 
 from __future__ import annotations
@@ -241,13 +242,6 @@ def test_task_exceptions_from_concurrent_callers() -> None:
         assert list(pool.map(caller, range(4))) == [6, 6, 6, 6]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csrc/assemble.cpp:139 writes pieces in parallel and parallel_for rethrows the first exception "
-    "in time, not the lowest task index: with several bad pieces the ValueError names whichever piece a "
-    "thread reached first, so the message depends on the thread count and timing (serially it was always "
-    "the first bad piece)",
-)
 def test_assemble_error_names_the_first_bad_piece() -> None:
     rng = np.random.default_rng(10)
     first_bad = rng.standard_normal(1 << 21).astype(np.float32)
@@ -443,14 +437,14 @@ def test_overlapping_outputs_are_refused() -> None:
     buf = np.zeros(1500, np.float32)
     before = buf.tobytes()
     job = (p, s, 4, 1000, 128)
-    with pytest.raises(ValueError, match="two jobs' outputs share memory"):
+    with pytest.raises(ValueError, match="shares memory with another job"):
         _core.dequantize_many([(*job, buf[:1000], 1.0, True), (*job, buf[500:], 1.0, True)])
-    with pytest.raises(ValueError, match="two jobs' outputs share memory"):
+    with pytest.raises(ValueError, match="shares memory with another job"):
         _core.dequantize_many([(*job, buf[:1000], 1.0, True)] * 2)
     assert buf.tobytes() == before
     i = np.arange(10, dtype=np.uint32)
     v = np.ones(10, np.float32)
-    with pytest.raises(ValueError, match="two accumulators share memory"):
+    with pytest.raises(ValueError, match="shares memory with another accumulator"):
         _core.scatter_add_each([buf[:10], buf[9:19]], [i, i], [v, v], 1.0)
     assert buf.tobytes() == before
     upd = np.ones(20, np.float32)
@@ -465,13 +459,6 @@ def test_overlapping_outputs_are_refused() -> None:
     assert as_bytes(got) == split(*ops.topk(np.ones(20, np.float32), 3), [10, 10])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_core.dequantize_many (csrc/bindings.cpp:375-384) refuses outputs that overlap each other "
-    "but not an output that overlaps another job's scales or packed codes: the jobs' chunks run "
-    "concurrently, so that job reads its scales before or after they are overwritten depending on the "
-    "thread count and timing (nondeterministic result, a data race)",
-)
 def test_dequantize_many_output_over_another_jobs_scales_is_refused() -> None:
     rng = np.random.default_rng(15)
     n0, n1 = 1 << 20, 1 << 16
@@ -480,23 +467,16 @@ def test_dequantize_many_output_over_another_jobs_scales_is_refused() -> None:
     buf = np.zeros(n0, np.float32)
     buf[-s1.size :] = s1  # job 1's scales, where job 0 writes its output last
     jobs = [(p0, s0, 4, n0, n0, buf, 1.0, False), (p1, buf[-s1.size :], 4, n1, 512, None, 1.0, False)]
-    with nthreads(8), pytest.raises(ValueError, match="share memory"):
+    with nthreads(8), pytest.raises(ValueError, match="shares memory"):
         _core.dequantize_many(jobs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_core.scatter_add_each (csrc/bindings.cpp:535-545) refuses accumulators that overlap each "
-    "other but not an accumulator that overlaps another entry's values (or indices): the entries run "
-    "on different threads, so that entry adds values read before or after they were updated "
-    "(result depends on the thread count; a data race)",
-)
 def test_scatter_add_each_acc_over_another_entrys_values_is_refused() -> None:
     n0, n1 = 1 << 20, 1 << 16
     acc0 = np.ones(n0, np.float32)
     acc1 = np.zeros(n1, np.float32)
     idx0, idx1 = np.arange(n0, dtype=np.uint32), np.arange(n1, dtype=np.uint32)
-    with nthreads(8), pytest.raises(ValueError, match="share memory"):
+    with nthreads(8), pytest.raises(ValueError, match="shares memory"):
         _core.scatter_add_each([acc0, acc1], [idx0, idx1], [np.ones(n0, np.float32), acc0[-n1:]], 1.0)
 
 
@@ -508,9 +488,9 @@ def test_dequantize_many_bad_jobs_are_clear_errors() -> None:
     ro = np.zeros(100, np.float32)
     ro.setflags(write=False)
     cases = [
-        ([list(good)], ValueError, r"a job is \(packed, scales"),
-        ([good[:7]], ValueError, r"a job is \(packed, scales"),
-        ([None], ValueError, r"a job is \(packed, scales"),
+        ([list(good)], ValueError, r"a job is a tuple \(packed, scales"),
+        ([good[:7]], ValueError, r"a job is a tuple \(packed, scales"),
+        ([None], ValueError, r"a job is a tuple \(packed, scales"),
         ([(p.astype(np.int8), *good[1:])], TypeError, "packed must have dtype uint8"),
         ([(p, s.astype(np.float64), *good[2:])], TypeError, "scales must have dtype float32"),
         ([(p, s, 3, *good[3:])], ValueError, "bits must be 1, 2, 4 or 8"),
@@ -529,14 +509,6 @@ def test_dequantize_many_bad_jobs_are_clear_errors() -> None:
             _core.dequantize_many(jobs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="_core.dequantize_many (csrc/bindings.cpp:372-373) converts a job's bits, n, bucket, weight and "
-    "accumulate with handle.cast<T>(), whose failure is pybind11's cast_error: a RuntimeError 'Unable to "
-    "cast Python instance of type ... to C++ type ?', not a TypeError/ValueError naming the field "
-    "(_core.dequantize raises a TypeError for the same arguments)",
-)
 @pytest.mark.parametrize(
     "field, value",
     [(2, "4"), (2, 4.0), (2, 2**40), (3, 2**70), (4, None), (6, "heavy")],
