@@ -81,7 +81,7 @@ def one_round(n: int, length: int, bits: int, tolerance: float, dropped_fraction
         up += len(msg)
         timed(server.receive_report, i, msg)
     for i, c in clients.items():
-        if i in dropped:
+        if i in dropped or i in server.reported:
             continue
         verdict = timed(server.verdict)
         down += len(verdict)

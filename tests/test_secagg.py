@@ -631,7 +631,7 @@ def test_a_client_that_sends_bad_shares_is_left_out(victims: tuple[int, ...]) ->
     bitmap = bytearray(request[HEADER:])
     bitmap[0] = (bitmap[0] & ~(0b11 << 4)) | (SURVIVED << 4)
     for c in (victims[0], 0 if victims[0] else 1):
-        with pytest.raises(SecAggError, match="does not mark client 2 dropped, but it is out of the round"):
+        with pytest.raises(SecAggError, match="asks about client 2, but the verdict left it out of the round"):
             clients[c].unmask(request[:HEADER] + bytes(bitmap))
     for c in server.survivors:
         server.receive_unmask(c, clients[c].unmask(request))
@@ -659,11 +659,17 @@ def test_reports_are_checked() -> None:
     server.receive_report(0, done.clients[0].report(forwarded[0]))
     with pytest.raises(SecAggError, match="client 0 already sent its report"):
         server.receive_report(0, done.clients[0].report(forwarded[0]))
-    server.receive_masked(1, done.clients[1].mask(codes[1], forwarded[1]))  # no report named anyone
+    with pytest.raises(SecAggError, match="client 1 sent no report: in a round with reports, every client"):
+        server.receive_masked(1, done.clients[1].mask(codes[1], forwarded[1]))  # no report of its own
     verdict = secagg._header(params, secagg.MessageType.VERDICT) + struct.pack("<I", 0)
-    assert server.verdict() == verdict  # the masked vector closed the reports: nobody is left out
+    assert server.verdict() == verdict  # nobody named: nobody left out
     with pytest.raises(SecAggError, match="receive_report after the verdict or a masked vector"):
         server.receive_report(2, done.clients[2].report(forwarded[2]))
+    # Without any report, the first masked vector closes the reports (a round run without them).
+    other = run_round(params, codes, rng=rng, finish=False, before_masked=params.client_ids)
+    other.server.receive_masked(1, other.clients[1].mask(codes[1], other.server.shares_for(1)))
+    with pytest.raises(SecAggError, match="receive_report after the verdict or a masked vector"):
+        other.server.receive_report(0, other.clients[0].report(other.server.shares_for(0)))
     with pytest.raises(SecAggError, match="verdict message has 4 trailing bytes"):
         done.clients[2].exclude(verdict + bytes(4))
     with pytest.raises(SecAggError, match="exclude before report"):

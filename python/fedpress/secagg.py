@@ -916,11 +916,12 @@ class SecAggClient:
                 "mask was already called: masking a second vector with the same masks reveals the difference"
             )
         codes = _check_vector(p, codes, "codes")
+        reported = self._routed is not None  # report() came first: the verdict must have too
         if shares_msg is not None:
             self.report(shares_msg)
-        elif self._routed is None:
+        elif not reported:
             raise SecAggError("mask before report: the shares message comes first")
-        elif self._verdict is None:
+        if reported and self._verdict is None:
             raise SecAggError("mask before the verdict: a client that reports masks after reading it (exclude)")
         if self._rejected and self._verdict is None:
             raise SecAggError(
@@ -963,9 +964,9 @@ class SecAggClient:
             raise SecAggError(f"the unmask request lists {len(survivors)} survivors, fewer than the threshold {p.t}")
         for v in p._neighbours_among(u, p._member_set):
             if v in self._rejected or v in self._excluded:
-                if status[v] != DROPPED:
+                if status[v] != 0:
                     raise SecAggError(
-                        f"the unmask request does not mark client {v} dropped, but it is out of the round (reported)"
+                        f"the unmask request asks about client {v}, but the verdict left it out of the round"
                     )
             elif v in self._held and status[v] == 0:
                 raise SecAggError(f"the unmask request marks client {v} absent, but it shared keys with client {u}")
@@ -975,8 +976,9 @@ class SecAggClient:
             raise SecAggError(
                 "the unmask request's survivors form a disconnected graph: unmasking would reveal partial sums"
             )
-        out = [_header(p, MessageType.UNMASK), _u32(u), _u32(len(self._held))]
-        for v in sorted(self._held):
+        answered = sorted(v for v in self._held if v not in self._excluded)
+        out = [_header(p, MessageType.UNMASK), _u32(u), _u32(len(answered))]
+        for v in answered:
             kind = status[v]
             share = self._held[v][0 if kind == SURVIVED else 1]
             out += [_u32(v), bytes([kind]), share.to_bytes(_SHARE_BYTES, "little")]
@@ -1092,6 +1094,12 @@ class SecAggServer:
     def survivors(self) -> tuple[int, ...]:
         """Clients whose masked vectors are in the sum (fixed by ``unmask_request``)."""
         return tuple(sorted(self._survivors))
+
+    @property
+    def reports(self) -> dict[int, tuple[int, ...]]:
+        """Who named whom: {reporter: the clients its report named}, for the reports that
+        named anyone (a copy). Reports cannot be verified: an operator can see who uses them."""
+        return {v: tuple(sorted(named)) for v, named in sorted(self._rejected.items()) if named}
 
     @property
     def reported(self) -> tuple[int, ...]:
@@ -1293,6 +1301,10 @@ class SecAggServer:
                 f"client {cid} is out of the round: clients {reporters} reported its shares unusable "
                 "(failed authentication, or not field elements)"
             )
+        if self._rejected and cid not in self._rejected:
+            raise SecAggError(
+                f"client {cid} sent no report: in a round with reports, every client reports before it masks"
+            )
         if masked is not None:
             _check_vector(self.params, masked, f"client {cid}'s masked vector")
         self._masked.add(cid)
@@ -1326,7 +1338,10 @@ class SecAggServer:
                 )
         bitmap = bytearray((p.n + 3) // 4)
         for i, cid in enumerate(p.client_ids):
-            value = SURVIVED if cid in survivors else DROPPED if cid in self._ciphertexts else 0
+            # 0 for a client the verdict left out too: nobody masked with it, and its mask key
+            # has no use (its holders would reveal their shares of it for nothing).
+            dropped = cid in self._ciphertexts and cid not in self._excluded
+            value = SURVIVED if cid in survivors else DROPPED if dropped else 0
             bitmap[i // 4] |= value << (2 * (i % 4))
         self._request = _header(p, MessageType.UNMASK_REQUEST) + bytes(bitmap)
         self._survivors = survivors
@@ -1347,12 +1362,12 @@ class SecAggServer:
         reader = _open(p, msg, MessageType.UNMASK)
         _read_own_id(reader, cid, "sender")
         count = _read_count(reader, p, "the share count")
-        rejected = self._rejected.get(cid, frozenset())
-        expected = [v for v in self.params._neighbours_among(cid, self._ciphertexts) if v not in rejected]
+        left_out = self._rejected.get(cid, frozenset()) | self._excluded
+        expected = [v for v in self.params._neighbours_among(cid, self._ciphertexts) if v not in left_out]
         if count != len(expected):
             raise SecAggError(
                 f"{reader.what}: {count} shares, expected {len(expected)} (client {cid}'s neighbours that shared "
-                "keys, less those it reported)"
+                "keys, less those the verdict left out)"
             )
         shares = {}
         previous = -1

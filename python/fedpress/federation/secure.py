@@ -153,6 +153,8 @@ class SecureRound:
             "shared_keys": len(s.shared),
             "survivors": [name(i) for i in s.survivors],
             "dropped": [name(i) for i in s.dropped],
+            # who named whom in a report: those named are out (reports are taken on trust)
+            "reports": {name(v): [name(c) for c in named] for v, named in s.reports.items()},
             "threshold": p.threshold,
             "degree": p.degree,
             "modulus_bits": p.modulus_bits,

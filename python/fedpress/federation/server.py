@@ -1213,10 +1213,11 @@ class Server:
             # could not use is out, and the verdict tells the others not to mask with it.
             got = await self._secagg_collect(secure, routed, P.SecAggStep.REPORT)
             take(routed, got, "report", server.receive_report)
-            reported = set(server.reported)
+            reports = server.reports
             for cid in routed:
-                if index(cid) in reported:
-                    out(cid, "a neighbour reported the shares it sent unusable (failed authentication)")
+                reporters = [secure.clients[v] for v, named in reports.items() if index(cid) in named]
+                if reporters:
+                    out(cid, f"named in the reports of {', '.join(reporters)}: the shares it sent them were unusable")
                 elif "secagg_reason" not in outcomes[cid]:
                     if not await self._secagg_send(secure, cid, P.SecAggStep.VERDICT, server.verdict()):
                         out(cid, "gone before the verdict")

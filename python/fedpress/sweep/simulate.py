@@ -190,11 +190,14 @@ def _secure_setup(sa: SecureRound) -> dict[str, SecAggClient]:
         message = client.report(routed)
         sa.count("uplink", message)
         sa.server.receive_report(sa.index(cid), message)
-    for client in clients.values():
+    reported = set(sa.server.reported)
+    for cid, client in clients.items():
+        if sa.index(cid) in reported:  # out of the round, as the federation leaves it out
+            continue
         verdict = sa.server.verdict()
         sa.count("downlink", verdict)
         client.exclude(verdict)
-    return clients
+    return {cid: client for cid, client in clients.items() if sa.index(cid) not in reported}
 
 
 def _secure_unmask(sa: SecureRound, state: Mapping[str, SecAggClient]) -> np.ndarray:
@@ -335,6 +338,9 @@ def simulate(
                 down_payload += task_frame.payload_bytes
                 full += kind == "full"
                 model = _receive(held[cid][1], kind, payloads)
+                if sa is not None and cid not in masking:  # left out by the verdict: no update counts
+                    failed += 1
+                    continue
                 update, n, train_loss = trainer.train(model, data[cid], _client_seed(seed, index), r)
                 try:
                     payload = encoders[cid].encode(
