@@ -35,6 +35,7 @@
 #include "ricestream.hpp"
 #include "rotate.hpp"
 #include "simd.hpp"
+#include "table.hpp"
 #include "topk.hpp"
 
 namespace py = pybind11;
@@ -1383,6 +1384,37 @@ void register_assemble(py::module_& m) {
       "with checksum, the CRC-32C of everything before it appended (little-endian).");
 }
 
+void register_table(py::module_& m) {
+  m.def(
+      "read_table",
+      [](const py::buffer& body, std::size_t pos, std::size_t n, bool heads, std::size_t max_dims) -> py::object {
+        const py::buffer_info info = contiguous_bytes(body, "body");
+        const auto* data = static_cast<const std::uint8_t*>(info.ptr);
+        const std::size_t size = byte_size(info);
+        // Each entry takes at least 8 bytes (3 code bytes and 5 varints): a count the body
+        // cannot hold is the Python reader's to report, before anything is allocated.
+        if (pos > size || n > (size - pos) / 8) return py::none();
+        std::vector<fedpress::TableEntry> entries;
+        std::size_t end = 0;
+        if (!fedpress::read_table(data, size, pos, n, heads, max_dims, entries, end)) return py::none();
+        py::list rows;
+        for (const fedpress::TableEntry& e : entries) {
+          py::tuple shape(e.shape.size());
+          for (std::size_t d = 0; d < e.shape.size(); ++d) shape[d] = py::int_(e.shape[d]);
+          py::object name = heads ? py::object(py::bytes(reinterpret_cast<const char*>(data + e.name_offset),
+                                                         static_cast<py::ssize_t>(e.name_length)))
+                                  : py::object(py::none());
+          rows.append(py::make_tuple(name, e.dtype, shape, e.kind, e.value_code, e.flags, e.count, e.bucket, e.block,
+                                     e.index_length, e.value_length));
+        }
+        return py::make_tuple(end, rows);
+      },
+      "body"_a, "pos"_a, "n"_a, "heads"_a, "max_dims"_a,
+      "A payload's tensor table as written, n entries from body[pos:] (with heads: name bytes, dtype "
+      "code, shape): (end, [(name, dtype, shape, kind, value code, flags, count, bucket, block, index "
+      "length, values length)]), or None for a table it cannot read (the Python reader reports why).");
+}
+
 void register_runtime(py::module_& m) {
   m.def("num_threads", &fedpress::num_threads, "Threads the kernels may use.");
   m.def(
@@ -1419,6 +1451,7 @@ PYBIND11_MODULE(_core, m) {
   register_indexcode(m);
   register_accumulate(m);
   register_checksum(m);
+  register_table(m);
   register_convert(m);
   register_rotate(m);
   register_eden(m);

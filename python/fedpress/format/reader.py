@@ -275,14 +275,22 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
     names: set[str] = set()
     total_elements = total_bytes = 0
     records = []
+    # The table's fields read natively when it is well formed; otherwise (rows None) read
+    # here, field by field, which names what is wrong. Either way they are checked here.
+    fast = _core.read_table(body, r.pos, n_tensors, not compact, limits.max_dims)
+    rows = None if fast is None else fast[1]
     for ordinal in range(n_tensors):
+        row = None if rows is None else rows[ordinal]
         if compact:
             assert known is not None
             name, dtype, shape = known[ordinal]
             if len(shape) > limits.max_dims:  # the receiver's table meets the same limits
                 raise DecodeError(f"tensor {name!r}: {len(shape)} dimensions exceed the limit of {limits.max_dims}")
         else:
-            name, dtype, shape = _read_entry_head(r, ordinal, names, limits)
+            if row is None:
+                name, dtype, shape = _read_entry_head(r, ordinal, names, limits)
+            else:
+                name, dtype, shape = _entry_head(ordinal, row[0], row[1], row[2], names, limits)
             # Checked as each entry is read, so the receiver's model, not the payload, sets the sizes.
             if known is not None and (name, dtype, shape) != known[ordinal]:
                 raise DecodeError(entry_difference(known[ordinal], (name, dtype, shape), "the receiver's model"))
@@ -293,7 +301,8 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
             size = min(size, limits.max_elements + 1)
         if size > limits.max_elements or any(d > limits.max_elements for d in shape):
             raise DecodeError(f"tensor {name!r}: shape {shape} exceeds the limit of {limits.max_elements} elements")
-        rec = _check_entry(ordinal, (name, dtype, shape), size, _EntryFields.read(r, name))
+        fields = _EntryFields.read(r, name) if row is None else _EntryFields(*row[3:])
+        rec = _check_entry(ordinal, (name, dtype, shape), size, fields)
         total_elements += size
         total_bytes += output_bytes(rec)
         if total_elements > limits.max_total_elements:
@@ -301,6 +310,8 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
         if total_bytes > limits.max_decoded_bytes:
             raise DecodeError(f"payload decodes to more than {limits.max_decoded_bytes} bytes")
         records.append(rec)
+    if fast is not None:
+        r.pos = fast[0]
     if known is None:
         # A table nobody vouched for: its output is bounded by the payload's size, checked
         # on the whole table, so a structural defect in a later entry is named first.
@@ -346,22 +357,41 @@ def _about(name: str, field: str) -> Callable[[], str]:
 
 
 def _read_entry_head(r: ByteReader, ordinal: int, names: set[str], limits: Limits) -> TableEntry:
-    """Name, dtype and shape of an inline table entry, checked (the size is checked by the caller)."""
+    """Name, dtype and shape of an inline table entry, read and checked (the size is
+    checked by the caller)."""
     name_len = r.varint(lambda: f"tensor {ordinal} name length")
+    name = _entry_name(ordinal, bytes(r.take(name_len, lambda: f"tensor {ordinal} name")), names)
+    dtype_code, ndim = r.unpack(_BB, lambda: f"tensor {name!r} dtype")
+    _check_dtype_and_dims(name, dtype_code, ndim, limits)
+    shape = tuple(r.varint(_about(name, f"dimension {d}")) for d in range(ndim))
+    return name, DTYPES[dtype_code], shape
+
+
+def _entry_head(
+    ordinal: int, name_bytes: bytes, dtype_code: int, shape: tuple, names: set[str], limits: Limits
+) -> TableEntry:
+    """``_read_entry_head`` of fields already read (``_core.read_table``): the same checks."""
+    name = _entry_name(ordinal, name_bytes, names)
+    _check_dtype_and_dims(name, dtype_code, len(shape), limits)
+    return name, DTYPES[dtype_code], shape
+
+
+def _entry_name(ordinal: int, name_bytes: bytes, names: set[str]) -> str:
     try:
-        name = bytes(r.take(name_len, lambda: f"tensor {ordinal} name")).decode("utf-8")
+        name = name_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise DecodeError(f"tensor {ordinal} name is not valid UTF-8") from None
     if name in names:
         raise DecodeError(f"tensor name {name!r} appears twice")
     names.add(name)
-    dtype_code, ndim = r.unpack(_BB, lambda: f"tensor {name!r} dtype")
+    return name
+
+
+def _check_dtype_and_dims(name: str, dtype_code: int, ndim: int, limits: Limits) -> None:
     if dtype_code >= len(DTYPES):
         raise DecodeError(f"tensor {name!r}: unknown dtype code {dtype_code}")
     if ndim > limits.max_dims:
         raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
-    shape = tuple(r.varint(_about(name, f"dimension {d}")) for d in range(ndim))
-    return name, DTYPES[dtype_code], shape
 
 
 @dataclass(frozen=True)
