@@ -396,7 +396,7 @@ void register_quantize(py::module_& m) {
       "with accumulate=False), returned.");
   m.def(
       "dequantize_many",
-      [](const py::sequence& jobs_in) {
+      [](const py::sequence& jobs_in, bool check) -> py::object {
         std::vector<CheckedDequantize> checked_jobs;
         checked_jobs.reserve(py::len(jobs_in));
         std::size_t index = 0;
@@ -418,17 +418,31 @@ void register_quantize(py::module_& m) {
           spans.add(d.job.out, 4 * d.job.n, true);
         }
         spans.check("a job's output shares memory with another job's output or input, or with its own input");
+        if (check) {
+          // A payload's sections, before anything is written: scales finite and >= 0 (as
+          // the decoder's quantized_parts checks), and no padding bit set in a last byte.
+          for (std::size_t j = 0; j < jobs.size(); ++j) {
+            const fedpress::DequantizeJob& job = jobs[j];
+            const std::size_t scales = len(checked_jobs[j].scales), bytes = len(checked_jobs[j].packed);
+            for (std::size_t b = 0; b < scales; ++b)
+              if (!(job.scales[b] >= 0.0f) || !std::isfinite(job.scales[b])) return py::int_(j);
+            const std::size_t used = (job.n * static_cast<std::size_t>(job.bits)) % 8;
+            if (used && bytes && (job.packed[bytes - 1] >> used)) return py::int_(j);
+          }
+        }
         {
           py::gil_scoped_release release;
           fedpress::dequantize_many(jobs);
         }
         py::list out;
         for (const CheckedDequantize& d : checked_jobs) out.append(d.out);
-        return out;
+        return std::move(out);
       },
-      "jobs"_a,
+      "jobs"_a, "check"_a = false,
       "dequantize for each (packed, scales, bits, n, bucket, acc, weight, accumulate) in one parallel pass "
-      "(a payload's tensors, their outputs back to back in two halves, one per thread); the outputs, in order.");
+      "(a payload's tensors, their outputs back to back in two halves, one per thread); the outputs, in order. "
+      "With check, first every job's scales must be finite and >= 0 and its last byte's padding bits zero: "
+      "the index of the first job that fails is returned instead, and nothing is written.");
   m.def(
       "sign_quantize",
       [](const py::handle& x_obj, long long bucket) {

@@ -553,3 +553,39 @@ def test_dequantize_many_refuses_overlapping_outputs_and_bad_jobs() -> None:
         _core.dequantize_many([(packed, scales, 4)])
     with pytest.raises(ValueError, match="packed has 50 bytes, expected 13"):
         _core.dequantize_many([(packed, scales, 4, 25, 512, None, 1.0, False)])
+
+
+def test_dequantize_many_checks_every_section_before_writing() -> None:
+    """check=True: scales finite and >= 0 (-0.0 passes, as in the decoder), padding bits
+    zero; the first failing job's index comes back and no output is written."""
+    from fedpress import _core
+
+    p10, s10 = ops.quantize(np.ones(10, np.float32), 4, seed=1)
+    p3, s3 = ops.quantize(np.ones(3, np.float32), 2, seed=1)  # 6 bits of 8: two padding bits
+    out = np.full(13, 7.0, np.float32)
+    good = [(p10, s10, 4, 10, 512, out[:10], 1.0, False), (p3, s3, 2, 3, 512, out[10:], 1.0, False)]
+    for bad_job, index in (
+        ((p10, np.array([-1.0], np.float32), 4, 10, 512, out[:10], 1.0, False), 0),
+        ((p10, np.array([np.inf], np.float32), 4, 10, 512, out[:10], 1.0, False), 0),
+        ((p3 | np.uint8(0xC0), s3, 2, 3, 512, out[10:], 1.0, False), 1),
+    ):
+        jobs = list(good)
+        jobs[index] = bad_job
+        assert _core.dequantize_many(jobs, True) == index
+        assert (out == 7.0).all()
+    negative_zero = (p10, np.array([-0.0], np.float32), 4, 10, 512, out[:10], 1.0, False)
+    assert isinstance(_core.dequantize_many([negative_zero, good[1]], True), list)
+
+
+def test_decode_names_the_tensor_whose_section_is_bad() -> None:
+    import struct
+
+    import fedpress as fp
+    from fedpress import _core
+
+    payload = bytearray(fp.Codec("q4").encode({"a": np.ones(600, np.float32), "b": np.ones(10, np.float32)}, seed=1))
+    at = bytes(payload).rfind(struct.pack("<f", 1.0))  # b's one scale, the last 1.0 written
+    payload[at : at + 4] = struct.pack("<f", -1.0)
+    payload[-4:] = struct.pack("<I", _core.crc32c(bytes(payload[:-4])))
+    with pytest.raises(fp.DecodeError, match="tensor 'b': values section holds a negative or non-finite scale"):
+        fp.decode(bytes(payload))

@@ -28,7 +28,7 @@ from .registry import (
     stage_seed,
 )
 from .tables import entry_head, heads_digest
-from .values import QUANT_BITS, decode_values, quantized_parts
+from .values import QUANT_BITS, decode_values, quantized_parts, unchecked_quantized_parts
 
 __all__ = ["decode", "decode_parts", "inspect"]
 
@@ -267,19 +267,23 @@ def _dequantize_dense(records: list[TensorRecord], views: dict[int, np.ndarray])
     """Dequantizes the dense quantized tensors among ``records`` into their views, all in
     one parallel kernel call (a model's tensors: one pass, not one call per tensor, each
     thread writing one half of the outputs); the ids of the records it decoded."""
-    jobs, done = [], set()
+    jobs, done = [], []
     for rec in records:
         if rec.value_code not in QUANT_BITS and rec.value_code != "sign":
             continue
-        try:
-            body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
-        except DecodeError as exc:
-            raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+        body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
         jobs.append((body, scales, bits, rec.count, rec.bucket, views[id(rec)], 1.0, False))
-        done.add(id(rec))
+        done.append(rec)
     if jobs:
-        _core.dequantize_many(jobs)
-    return done
+        failed = _core.dequantize_many(jobs, True)  # every section checked first, then decoded
+        if isinstance(failed, int):  # the checks' own words for what is wrong with it
+            rec = done[failed]
+            try:
+                quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+            except DecodeError as exc:
+                raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+            raise AssertionError(f"tensor {rec.name!r}: the kernel refused a section the decoder accepts")
+    return {id(rec) for rec in done}
 
 
 def _plain(rec: TensorRecord) -> bool:

@@ -89,6 +89,16 @@ def section_size(values: Any) -> int:
     return memoryview(values).nbytes
 
 
+def unchecked_quantized_parts(
+    code: str, data: memoryview, count: int, bucket: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``quantized_parts`` without its checks, views of the section: for a kernel call
+    that checks many sections at once (``_core.dequantize_many(..., check=True)``)."""
+    nb = -(-count // bucket)
+    bits = 1 if code == "sign" else QUANT_BITS[code]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 * nb), np.frombuffer(data, dtype="<f4", count=nb), bits
+
+
 def quantized_parts(code: str, data: memoryview, count: int, bucket: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The validated (packed codes, float32 scales, bits) of a q8/q4/q2/sign section:
     what ``ops.dequantize`` takes, so a sum can add the values without building them."""
