@@ -73,15 +73,14 @@ def test_well_formed_tables_read_the_same(index: int, monkeypatch: pytest.Monkey
     assert fast == slow and isinstance(fast, list) and len(fast) == 6
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11])  # 4 and 5 are zstd-compressed
 def test_mutated_tables_fail_the_same(index: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every byte of the body's start flipped in turn, with the checksum fixed up so the
     table itself is what is read: the same records or the same message either way."""
     payload, table = payloads()[index]
     rng = np.random.default_rng(index)
     raw = bytearray(payload)
-    if raw[5] & 0x01:  # zstd-compressed (flag bit 0): mutations would mostly hit the frame
-        pytest.skip("the body is compressed")
+    assert not raw[5] & 0x01  # not zstd-compressed (flag bit 0): the mutations hit the table
     body_start = 14  # magic (4), version, flags, seed (8): docs/format.md, "Header"
     limit = min(len(raw) - 4, body_start + 400)
     for at in range(body_start, limit):
