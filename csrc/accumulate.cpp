@@ -147,4 +147,12 @@ void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpda
   });
 }
 
+void divide(float* acc, std::size_t n, float divisor) {
+  constexpr std::size_t kChunk = std::size_t{1} << 16;
+  parallel_for_sized(ceil_div(n, kChunk), n, [&](std::size_t c) {
+    const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    for (std::size_t i = begin; i < end; ++i) acc[i] /= divisor;
+  });
+}
+
 }  // namespace fedpress

@@ -62,4 +62,8 @@ struct StreamUpdate {
 // stream's nearest checkpoint.
 void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates);
 
+// acc[i] /= divisor for every i, in parallel: a sum's mean, each element exactly as
+// float32 division gives it (numpy's in-place division, on one thread).
+void divide(float* acc, std::size_t n, float divisor);
+
 }  // namespace fedpress

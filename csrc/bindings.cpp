@@ -573,6 +573,16 @@ void register_accumulate(py::module_& m) {
       },
       "acc"_a, "indices"_a, "values"_a, "weight"_a, "acc[indices] += weight * values, in place.");
   m.def(
+      "divide",
+      [](const py::handle& acc_obj, double divisor) {
+        py::array acc = checked<float>(acc_obj, "acc", Access::write);
+        float* a = mptr<float>(acc);
+        const std::size_t n = len(acc);
+        py::gil_scoped_release release;
+        fedpress::divide(a, n, static_cast<float>(divisor));
+      },
+      "acc"_a, "divisor"_a, "acc /= divisor in place, in parallel (float32 division, element by element).");
+  m.def(
       "scatter_add_each",
       [](const py::sequence& accs_obj, const py::sequence& idx_list, const py::sequence& val_list, double weight) {
         const std::size_t count = py::len(accs_obj);

@@ -488,3 +488,20 @@ def test_scatter_add_each_adds_into_each_accumulator() -> None:
         _core.scatter_add_each([np.zeros(5, np.float32)], [np.array([9], np.uint32)], [np.ones(1, np.float32)], 1.0)
     with pytest.raises(ValueError, match="equal lengths"):
         _core.scatter_add_each([np.zeros(5, np.float32)], [], [], 1.0)
+
+
+@pytest.mark.parametrize("n", [0, 7, 70_000, 1_000_003])
+def test_divide_gives_numpys_float32_division(n: int) -> None:
+    """_core.divide (an aggregate's mean, in parallel): numpy's in-place float32 division, bit for bit."""
+    from fedpress import _core
+
+    x = (np.random.default_rng(n).standard_normal(n) * 1e3).astype(np.float32)
+    for divisor in (3.0, 7.1, 1e-3, 123456.789):
+        want, got = x.copy(), x.copy()
+        want /= np.float32(divisor)
+        _core.divide(got, divisor)
+        assert got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="acc must be writable"):
+        ro = np.zeros(3, np.float32)
+        ro.setflags(write=False)
+        _core.divide(ro, 2.0)

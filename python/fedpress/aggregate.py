@@ -662,7 +662,10 @@ class Aggregator:
                     mean = np.divide(acc, acc.dtype.type(self.total_weight), dtype=acc.dtype)
                 else:
                     mean = acc
-                    mean /= acc.dtype.type(self.total_weight)
+                    if mean.dtype == np.float32 and mean.flags.c_contiguous:
+                        _core.divide(mean.reshape(-1), self.total_weight)  # in parallel, the same bits
+                    else:
+                        mean /= acc.dtype.type(self.total_weight)
                 out[name] = to_dtype(mean, target).reshape(shape)  # float16 saturates
             else:
                 # Integers: the mean rounded and clamped to the type's range; bool: the majority.
