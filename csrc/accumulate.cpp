@@ -12,6 +12,18 @@ namespace {
 // 2^15 floats = 128 KiB of accumulator per range: well inside a core's L2, so
 // every client's additions to it hit cache (measured best among 2^13..2^19).
 constexpr std::size_t kRange = std::size_t{1} << 15;
+// Entries ahead whose accumulator line is fetched early. One client's kept entries
+// land about a few cache lines apart, each a miss; fetched ahead, the misses overlap
+// (a top-1% correction into 25.6M floats: 3.2 to about 1 ms).
+constexpr std::size_t kAhead = 24;
+// Sorted entries one task of scatter_add_each adds, at least.
+constexpr std::size_t kTaskEntries = std::size_t{1} << 14;
+
+#if defined(__GNUC__) || defined(__clang__)
+inline void prefetch_for_write(const float* p) { __builtin_prefetch(p, 1, 3); }
+#else
+inline void prefetch_for_write(const float*) {}
+#endif
 
 void add_run(float* acc, const std::uint32_t* idx, const float* val, std::size_t count, float w) {
   for (std::size_t j = 0; j < count; ++j) acc[idx[j]] += w * val[j];
@@ -21,6 +33,65 @@ void add_run(float* acc, const std::uint32_t* idx, const float* val, std::size_t
 std::size_t range_parts(std::size_t total, std::size_t n_ranges) {
   return total < kParallelThreshold ? 1 : std::min<std::size_t>(n_ranges, static_cast<std::size_t>(num_threads()));
 }
+
+// Adds every update's entries that fall in ranges [r_begin, r_end) of the
+// accumulator, range by range and client by client in list order (the sorted
+// indices walked forward from one binary search per client).
+void add_ranges(float* acc, std::size_t n, const std::vector<SparseUpdate>& updates, std::size_t r_begin,
+                std::size_t r_end) {
+  if (r_begin == r_end) return;
+  std::vector<std::size_t> cursor(updates.size());
+  const std::uint32_t start = static_cast<std::uint32_t>(r_begin * kRange);
+  for (std::size_t c = 0; c < updates.size(); ++c)
+    cursor[c] = static_cast<std::size_t>(
+        std::lower_bound(updates[c].indices, updates[c].indices + updates[c].count, start) - updates[c].indices);
+  // With one client the range does not stay in cache for another: fetch ahead instead.
+  const bool ahead = updates.size() == 1;
+  for (std::size_t r = r_begin; r < r_end; ++r) {
+    // Indices are < n <= 2^32 - 1, so a range end of n needs 64 bits.
+    const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
+    for (std::size_t c = 0; c < updates.size(); ++c) {
+      const SparseUpdate& u = updates[c];
+      std::size_t j = cursor[c];
+      const float w = u.weight;
+      if (ahead) {
+        for (; j < u.count && u.indices[j] < hi; ++j) {
+          if (j + kAhead < u.count) prefetch_for_write(acc + u.indices[j + kAhead]);
+          acc[u.indices[j]] += w * u.values[j];
+        }
+      } else {
+        for (; j < u.count && u.indices[j] < hi; ++j) acc[u.indices[j]] += w * u.values[j];
+      }
+      cursor[c] = j;
+    }
+  }
+}
+
+// Sorted copies of the updates that are not sorted (stably, so equal indices keep
+// their order), held in the copies' storage.
+struct SortedCopies {
+  std::vector<std::vector<std::uint32_t>> indices;
+  std::vector<std::vector<float>> values;
+
+  void sort_unsorted(std::vector<SparseUpdate>& updates, const std::vector<UpdateCheck>& checks) {
+    for (std::size_t c = 0; c < updates.size(); ++c) {
+      if (checks[c].sorted) continue;
+      SparseUpdate& u = updates[c];
+      std::vector<std::size_t> order(u.count);
+      std::iota(order.begin(), order.end(), std::size_t{0});
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::size_t a, std::size_t b) { return u.indices[a] < u.indices[b]; });
+      indices.emplace_back(u.count);
+      values.emplace_back(u.count);
+      for (std::size_t j = 0; j < u.count; ++j) {
+        indices.back()[j] = u.indices[order[j]];
+        values.back()[j] = u.values[order[j]];
+      }
+      u.indices = indices.back().data();
+      u.values = values.back().data();
+    }
+  }
+};
 
 }  // namespace
 
@@ -55,25 +126,33 @@ std::vector<UpdateCheck> check_updates(const std::vector<SparseUpdate>& updates)
 
 void scatter_add_many_any(float* acc, std::size_t n, std::vector<SparseUpdate> updates,
                           const std::vector<UpdateCheck>& checks) {
-  std::vector<std::vector<std::uint32_t>> idx_copies;
-  std::vector<std::vector<float>> val_copies;
-  for (std::size_t c = 0; c < updates.size(); ++c) {
-    if (checks[c].sorted) continue;
-    SparseUpdate& u = updates[c];
-    std::vector<std::size_t> order(u.count);
-    std::iota(order.begin(), order.end(), std::size_t{0});
-    std::stable_sort(order.begin(), order.end(),
-                     [&](std::size_t a, std::size_t b) { return u.indices[a] < u.indices[b]; });
-    idx_copies.emplace_back(u.count);
-    val_copies.emplace_back(u.count);
-    for (std::size_t j = 0; j < u.count; ++j) {
-      idx_copies.back()[j] = u.indices[order[j]];
-      val_copies.back()[j] = u.values[order[j]];
-    }
-    u.indices = idx_copies.back().data();
-    u.values = val_copies.back().data();
-  }
+  SortedCopies copies;
+  copies.sort_unsorted(updates, checks);
   scatter_add_many(acc, n, updates);
+}
+
+void scatter_add_each(const std::vector<float*>& accs, const std::vector<std::size_t>& sizes,
+                      std::vector<SparseUpdate> updates, const std::vector<UpdateCheck>& checks) {
+  SortedCopies copies;
+  copies.sort_unsorted(updates, checks);
+  // Tasks are runs of one accumulator's ranges, about kTaskEntries entries each, so a
+  // model's few large tensors spread over the threads as well as its many small ones.
+  struct Task {
+    std::size_t which, r_begin, r_end;
+  };
+  std::vector<Task> tasks;
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < accs.size(); ++i) {
+    const std::size_t n_ranges = ceil_div(sizes[i], kRange);
+    if (updates[i].count == 0 || n_ranges == 0) continue;
+    const std::size_t parts = std::min(n_ranges, ceil_div(updates[i].count, kTaskEntries));
+    for (std::size_t p = 0; p < parts; ++p) tasks.push_back({i, n_ranges * p / parts, n_ranges * (p + 1) / parts});
+    total += updates[i].count;
+  }
+  parallel_for_sized(tasks.size(), total, [&](std::size_t t) {
+    const Task& task = tasks[t];
+    add_ranges(accs[task.which], sizes[task.which], {updates[task.which]}, task.r_begin, task.r_end);
+  });
 }
 
 void scatter_add(float* acc, std::size_t n, const SparseUpdate& update) {
@@ -95,27 +174,7 @@ void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>
   // element its additions in client order, so the sum is split-independent.
   const std::size_t parts = range_parts(total, n_ranges);
   parallel_for(parts, [&](std::size_t part) {
-    const std::size_t r_begin = n_ranges * part / parts, r_end = n_ranges * (part + 1) / parts;
-    if (r_begin == r_end) return;
-    std::vector<std::size_t> cursor(updates.size());
-    const std::uint32_t start = static_cast<std::uint32_t>(r_begin * kRange);
-    for (std::size_t c = 0; c < updates.size(); ++c)
-      cursor[c] = static_cast<std::size_t>(
-          std::lower_bound(updates[c].indices, updates[c].indices + updates[c].count, start) - updates[c].indices);
-    for (std::size_t r = r_begin; r < r_end; ++r) {
-      // Indices are < n <= 2^32 - 1, so a range end of n needs 64 bits.
-      const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
-      for (std::size_t c = 0; c < updates.size(); ++c) {
-        const SparseUpdate& u = updates[c];
-        std::size_t j = cursor[c];
-        const float w = u.weight;
-        while (j < u.count && u.indices[j] < hi) {
-          acc[u.indices[j]] += w * u.values[j];
-          ++j;
-        }
-        cursor[c] = j;
-      }
-    }
+    add_ranges(acc, n, updates, n_ranges * part / parts, n_ranges * (part + 1) / parts);
   });
 }
 
@@ -132,16 +191,22 @@ void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpda
     std::vector<RiceCursor> cursors;
     cursors.reserve(updates.size());
     for (const auto& u : updates) cursors.push_back(u.indices->seek(std::uint64_t{r_begin} * kRange));
+    const bool ahead = updates.size() == 1;  // as in add_ranges
     for (std::size_t r = r_begin; r < r_end; ++r) {
       const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
       for (std::size_t c = 0; c < updates.size(); ++c) {
         const std::uint8_t* values = updates[c].values;
         const float w = updates[c].weight;
-        cursors[c].run_below(hi, [&](std::uint64_t i, std::uint64_t x) {
+        const auto add = [&](std::uint64_t i, std::uint64_t x) {
           float v;
           std::memcpy(&v, values + 4 * i, 4);
           acc[x] += w * v;
-        });
+        };
+        if (ahead)
+          cursors[c].run_below_touching(hi, static_cast<unsigned>(kAhead), add,
+                                        [&](std::uint64_t x) { prefetch_for_write(acc + x); });
+        else
+          cursors[c].run_below(hi, add);
       }
     }
   });

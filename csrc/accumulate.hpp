@@ -37,6 +37,12 @@ std::vector<UpdateCheck> check_updates(const std::vector<SparseUpdate>& updates)
 void scatter_add_many_any(float* acc, std::size_t n, std::vector<SparseUpdate> updates,
                           const std::vector<UpdateCheck>& checks);
 
+// For each i, accs[i][j] += the entries of updates[i] (sorted or not, as in
+// scatter_add_many_any), every accumulator of sizes[i] elements its own: runs of each
+// one's ranges are spread over the threads together (a model's tensors in one call).
+void scatter_add_each(const std::vector<float*>& accs, const std::vector<std::size_t>& sizes,
+                      std::vector<SparseUpdate> updates, const std::vector<UpdateCheck>& checks);
+
 // One update. Multi-threaded by accumulator range when the indices are sorted;
 // serial (in the given order) otherwise.
 void scatter_add(float* acc, std::size_t n, const SparseUpdate& update);

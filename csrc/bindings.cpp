@@ -617,10 +617,7 @@ void register_accumulate(py::module_& m) {
           sizes.push_back(len(a));
         }
         py::gil_scoped_release release;
-        fedpress::parallel_for(count, [&](std::size_t i) {
-          const fedpress::SerialScope serial;  // one accumulator per task
-          fedpress::scatter_add_many_any(outs[i], sizes[i], {updates[i]}, {checks[i]});
-        });
+        fedpress::scatter_add_each(outs, sizes, std::move(updates), checks);
       },
       "accs"_a, "indices_list"_a, "values_list"_a, "weight"_a,
       "For each i: accs[i][indices_list[i]] += weight * values_list[i], in place; the accumulators "

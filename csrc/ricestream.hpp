@@ -113,6 +113,25 @@ class RiceCursor {
     }
   }
 
+  // run_below, also calling touch(index) for the index `lead` entries ahead of the one fn
+  // is given (within the decoded block; a fresh block's first `lead` as it is decoded):
+  // a caller that writes at random addresses fetches them early, so the misses overlap.
+  template <typename Fn, typename Touch>
+  inline void run_below_touching(std::uint64_t hi, unsigned lead, Fn&& fn, Touch&& touch) {
+    for (;;) {
+      unsigned p = pos_;
+      const unsigned len = len_;
+      for (; p < len && ahead_[p] < hi; ++p) {
+        if (p + lead < len) touch(std::uint64_t{ahead_[p + lead]});
+        fn(first_ + p, std::uint64_t{ahead_[p]});
+      }
+      pos_ = p;
+      if (p < len || next_ >= k_) return;
+      refill();
+      for (unsigned q = 0; q < lead && q < len_; ++q) touch(std::uint64_t{ahead_[q]});
+    }
+  }
+
  private:
   void refill();  // decodes the next (up to) kAhead indices into ahead_
 

@@ -505,3 +505,33 @@ def test_divide_gives_numpys_float32_division(n: int) -> None:
         ro = np.zeros(3, np.float32)
         ro.setflags(write=False)
         _core.divide(ro, 2.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sparse_adds_into_large_accumulators_match_numpy(threads: int) -> None:
+    """The one-client walk fetches accumulator lines ahead, and scatter_add_each cuts each
+    large accumulator into runs of ranges for the threads: the sums stay exactly numpy's
+    (sorted indices: one addition per element, so no order question arises)."""
+    from fedpress import _core
+
+    rng = np.random.default_rng(31)
+    sizes = [3_000_000, 70_000, 1, 0, 1_000_001]
+    accs = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    idx = [np.sort(rng.choice(n, n // 10 + (n > 0), replace=False)).astype(np.uint32) for n in sizes]
+    val = [rng.standard_normal(i.size).astype(np.float32) for i in idx]
+    want = [a.copy() for a in accs]
+    for w, i, v in zip(want, idx, val):
+        w[i] -= v  # weight -1: exact products, whatever the compiler contracts
+    previous = ops.get_num_threads()
+    ops.set_num_threads(threads)
+    try:
+        each = [a.copy() for a in accs]
+        _core.scatter_add_each(each, idx, val, -1.0)
+        one = [a.copy() for a in accs]
+        for a, i, v in zip(one, idx, val):
+            ops.scatter_add(a, i, v, -1.0)
+    finally:
+        ops.set_num_threads(previous)
+    for w, e, o in zip(want, each, one):
+        assert e.tobytes() == w.tobytes()
+        assert o.tobytes() == w.tobytes()

@@ -5,6 +5,7 @@ fedpress: the public surface is ``fedpress.format``."""
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -57,6 +58,21 @@ def raw_entry(name: str, arr: np.ndarray, dtype: str) -> Entry:
     return Entry(
         name=name, dtype=dtype, shape=tuple(int(s) for s in a.shape), kind=KIND_RAW, count=int(a.size), values=data
     )
+
+
+_compressors = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level``: a context is not safe to share between
+    threads, and making one costs more than compressing a top-1% payload's tail."""
+    by_level = getattr(_compressors, "by_level", None)
+    if by_level is None:
+        by_level = _compressors.by_level = {}
+    cctx = by_level.get(level)
+    if cctx is None:
+        cctx = by_level[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cctx
 
 
 class KernelRefused(ValueError):
@@ -152,7 +168,7 @@ def write_payload(
     # Level 0 (plain "zstd") adapts: small bodies, where every byte is a large
     # share of the payload, get a strong level at a cost of microseconds.
     level = zstd_level or (19 if raw_size <= 4096 else 9 if raw_size <= 65536 else 3)
-    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
+    body = _compressor(level).compress(body)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, flags | FLAG_ZSTD, seed) + encode_varint(raw_size)
     crc = _core.crc32c(body, _core.crc32c(header))
     return b"".join([header, body, TRAILER.pack(crc)])
