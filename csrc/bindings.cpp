@@ -359,6 +359,16 @@ struct CheckedDequantize {
   }
 };
 
+// What the decoder's quantized_parts checks of a section, before anything is written:
+// scales finite and >= 0, and no padding bit set in the last byte.
+bool section_is_sound(const CheckedDequantize& d) {
+  const std::size_t scales = len(d.scales), bytes = len(d.packed);
+  for (std::size_t b = 0; b < scales; ++b)
+    if (!(d.job.scales[b] >= 0.0f) || !std::isfinite(d.job.scales[b])) return false;
+  const std::size_t used = (d.job.n * static_cast<std::size_t>(d.job.bits)) % 8;
+  return !(used && bytes && (d.job.packed[bytes - 1] >> used));
+}
+
 void register_quantize(py::module_& m) {
   m.def(
       "quantize",
@@ -418,18 +428,9 @@ void register_quantize(py::module_& m) {
           spans.add(d.job.out, 4 * d.job.n, true);
         }
         spans.check("a job's output shares memory with another job's output or input, or with its own input");
-        if (check) {
-          // A payload's sections, before anything is written: scales finite and >= 0 (as
-          // the decoder's quantized_parts checks), and no padding bit set in a last byte.
-          for (std::size_t j = 0; j < jobs.size(); ++j) {
-            const fedpress::DequantizeJob& job = jobs[j];
-            const std::size_t scales = len(checked_jobs[j].scales), bytes = len(checked_jobs[j].packed);
-            for (std::size_t b = 0; b < scales; ++b)
-              if (!(job.scales[b] >= 0.0f) || !std::isfinite(job.scales[b])) return py::int_(j);
-            const std::size_t used = (job.n * static_cast<std::size_t>(job.bits)) % 8;
-            if (used && bytes && (job.packed[bytes - 1] >> used)) return py::int_(j);
-          }
-        }
+        if (check)
+          for (std::size_t j = 0; j < jobs.size(); ++j)
+            if (!section_is_sound(checked_jobs[j])) return py::int_(j);
         {
           py::gil_scoped_release release;
           fedpress::dequantize_many(jobs);
@@ -443,6 +444,26 @@ void register_quantize(py::module_& m) {
       "(a payload's tensors, their outputs back to back in two halves, one per thread); the outputs, in order. "
       "With check, first every job's scales must be finite and >= 0 and its last byte's padding bits zero: "
       "the index of the first job that fails is returned instead, and nothing is written.");
+  m.def(
+      "check_quantized_many",
+      [](const py::sequence& jobs_in) -> py::object {
+        std::size_t index = 0;
+        for (const py::handle& item : jobs_in) {
+          const std::string where = "jobs[" + std::to_string(index) + "]";
+          if (!py::isinstance<py::tuple>(item) || py::len(item) != 8)
+            throw py::value_error(where + ": a job is a tuple (packed, scales, bits, n, bucket, acc, weight, accumulate)");
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+          const CheckedDequantize d(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
+                                    field<long long>(t[4], where + ".bucket"), t[5],
+                                    field<double>(t[6], where + ".weight"), field<bool>(t[7], where + ".accumulate"));
+          if (!section_is_sound(d)) return py::int_(index);
+          ++index;
+        }
+        return py::none();
+      },
+      "jobs"_a,
+      "The check of dequantize_many(jobs, check=True) alone, writing nothing: the index of the first job whose "
+      "scales are not all finite and >= 0 or whose last byte has a padding bit set, or None.");
   m.def(
       "sign_quantize",
       [](const py::handle& x_obj, long long bucket) {
@@ -487,6 +508,38 @@ void register_indexcode(py::module_& m) {
       },
       "indices"_a, "n"_a, "version"_a = 2,
       "Strictly ascending uint32 indices < n as an index stream: version 2 (split Rice) or 1 (Golomb).");
+  m.def(
+      "encode_indices_many",
+      [](const py::sequence& idx_list, const py::sequence& n_list) {
+        if (py::len(idx_list) != py::len(n_list))
+          throw py::value_error("indices_list and n_list must have equal lengths, got " +
+                                std::to_string(py::len(idx_list)) + " and " + std::to_string(py::len(n_list)));
+        std::vector<py::array> keep;
+        std::vector<const std::uint32_t*> ptrs;
+        std::vector<std::size_t> counts;
+        std::vector<std::uint64_t> sizes;
+        for (std::size_t i = 0; i < py::len(idx_list); ++i) {
+          const std::string label = "indices_list[" + std::to_string(i) + "]";
+          keep.push_back(checked<std::uint32_t>(idx_list[i], label.c_str()));
+          ptrs.push_back(cptr<std::uint32_t>(keep.back()));
+          counts.push_back(len(keep.back()));
+          const std::uint64_t n = field<std::uint64_t>(n_list[i], "n_list[" + std::to_string(i) + "]");
+          if (n > kMaxLength + 1) throw py::value_error("n_list[" + std::to_string(i) + "] must be <= 2^32");
+          sizes.push_back(n);
+        }
+        std::vector<std::vector<std::uint8_t>> streams;
+        {
+          py::gil_scoped_release release;
+          streams = fedpress::encode_rice_streams(ptrs, counts, sizes);
+        }
+        py::list out;
+        for (const auto& s : streams)
+          out.append(py::bytes(reinterpret_cast<const char*>(s.data()), static_cast<py::ssize_t>(s.size())));
+        return out;
+      },
+      "indices_list"_a, "n_list"_a,
+      "encode_indices (version 2) of each array of strictly ascending uint32 indices < its n, spread over the "
+      "threads: the streams, in order. A refusal names its array (\"array i: ...\"), the first in order.");
   m.def(
       "decode_indices",
       [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count, const py::handle& out_obj,

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
 #include "indexcode.hpp"
+#include "parallel.hpp"
 #include "simd.hpp"
 #include "varint.hpp"
 
@@ -356,6 +358,26 @@ std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* idx, std::size
     ++bit;
   }
   out.resize(header + low_bytes + unary_bytes);
+  return out;
+}
+
+std::vector<std::vector<std::uint8_t>> encode_rice_streams(const std::vector<const std::uint32_t*>& indices,
+                                                           const std::vector<std::size_t>& counts,
+                                                           const std::vector<std::uint64_t>& sizes) {
+  std::vector<std::vector<std::uint8_t>> out(indices.size());
+  std::vector<std::string> errors(indices.size());
+  std::size_t total = 0;
+  for (const std::size_t k : counts) total += k;
+  parallel_for_sized(indices.size(), 8 * total, [&](std::size_t i) {  // ~8 element-passes per index
+    const SerialScope serial;
+    try {
+      out[i] = encode_rice_stream(indices[i], counts[i], sizes[i]);
+    } catch (const std::invalid_argument& e) {
+      errors[i] = e.what();
+    }
+  });
+  for (std::size_t i = 0; i < errors.size(); ++i)
+    if (!errors[i].empty()) throw std::invalid_argument("array " + std::to_string(i) + ": " + errors[i]);
   return out;
 }
 

@@ -38,6 +38,11 @@ constexpr unsigned kMaxRiceParameter = 31;
 
 // Throws std::invalid_argument if indices are not strictly ascending or >= n.
 std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
+// encode_rice_stream of many index arrays (a model's sparse tensors), spread over the
+// threads; a refusal names its array ("array i: ..."), the first in order.
+std::vector<std::vector<std::uint8_t>> encode_rice_streams(const std::vector<const std::uint32_t*>& indices,
+                                                           const std::vector<std::size_t>& counts,
+                                                           const std::vector<std::uint64_t>& sizes);
 
 // The decoder's state before index i: where to resume scanning the unary part (one bit
 // past the previous index's one) and the smallest value index i may take.

@@ -572,7 +572,11 @@ def test_dequantize_many_checks_every_section_before_writing() -> None:
         jobs = list(good)
         jobs[index] = bad_job
         assert _core.dequantize_many(jobs, True) == index
+        assert _core.check_quantized_many(jobs) == index  # the same check alone
         assert (out == 7.0).all()
+    assert _core.check_quantized_many(good) is None
+    assert _core.check_quantized_many([]) is None
+    assert (out == 7.0).all()
     negative_zero = (p10, np.array([-0.0], np.float32), 4, 10, 512, out[:10], 1.0, False)
     assert isinstance(_core.dequantize_many([negative_zero, good[1]], True), list)
 
@@ -589,3 +593,33 @@ def test_decode_names_the_tensor_whose_section_is_bad() -> None:
     payload[-4:] = struct.pack("<I", _core.crc32c(bytes(payload[:-4])))
     with pytest.raises(fp.DecodeError, match="tensor 'b': values section holds a negative or non-finite scale"):
         fp.decode(bytes(payload))
+
+
+def test_aggregator_names_the_tensor_whose_section_is_bad_and_adds_nothing() -> None:
+    """The Aggregator checks a payload's quantized sections in one call before any sum
+    changes: the decoder's message, naming the tensor; add and add_many alike."""
+    import struct
+
+    import fedpress as fp
+    from fedpress import _core
+
+    update = {"a": np.ones(600, np.float32), "b": np.ones(10, np.float32), "c": np.arange(3, dtype=np.int32)}
+    good = fp.Codec("q4").encode(update, seed=2)
+    payload = bytearray(fp.Codec("q4").encode(update, seed=1))
+    at = bytes(payload).rfind(struct.pack("<f", 1.0))  # b's one scale, the last 1.0 written
+    payload[at : at + 4] = struct.pack("<f", -1.0)
+    payload[-4:] = struct.pack("<I", _core.crc32c(bytes(payload[:-4])))
+    message = "tensor 'b': values section holds a negative or non-finite scale"
+    for fresh in (True, False):
+        agg = fp.Aggregator()
+        if not fresh:
+            agg.add(good)
+        before = {name: value.copy() for name, value in agg.result().items()} if not fresh else None
+        with pytest.raises(fp.DecodeError, match=message):
+            agg.add(bytes(payload))
+        with pytest.raises(fp.DecodeError, match=message):
+            agg.add_many([good, bytes(payload)])
+        assert agg.count == (0 if fresh else 1)
+        if before is not None:
+            for name, value in agg.result().items():
+                assert value.tobytes() == before[name].tobytes()

@@ -73,6 +73,10 @@ def to_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
     """The tensor as a numpy array and the dtype name a payload's table records for it
     (numpy's name, torch's without ``torch.``; bfloat16 becomes float32 data).
     TypeError for a dtype no payload can hold."""
+    if type(value) is np.ndarray:  # the common case, twice per tensor per encode: no torch check
+        known = _DTYPE_NAMES.get(value.dtype)
+        if known is not None:
+            return value, known
     if is_torch_tensor(value):
         t = value.detach()
         if t.device.type != "cpu":

@@ -32,7 +32,7 @@ from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import table_difference, table_entries
-from .format.values import quantized_parts
+from .format.values import quantized_parts, unchecked_quantized_parts
 
 __all__ = ["Aggregator"]
 
@@ -59,24 +59,40 @@ def _fused_dense_add(
         return partial(rec.eden.add_to, acc, weight, accumulate=accumulate)
     if rec.rht_block or rec.value_code not in ("q8", "q4", "q2", "sign"):
         return None
-    try:
-        body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
-    except DecodeError as exc:
-        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
-    return _Dequantize((body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate))
+    # The section's scales and padding are checked with the payload's others, in one call
+    # (``_check_sections``), before any step runs.
+    body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+    return _Dequantize((body, scales, bits, rec.count, rec.bucket, acc, weight, accumulate), rec)
 
 
 class _Dequantize:
     """The step that dequantizes a dense tensor into its sum: ``_run`` runs those of many
-    tensors in one kernel call (``_core.dequantize_many``, one parallel pass)."""
+    tensors in one kernel call (``_core.dequantize_many``, one parallel pass). ``rec``: the
+    tensor, whose section ``_check_sections`` checks."""
 
-    __slots__ = ("job",)
+    __slots__ = ("job", "rec")
 
-    def __init__(self, job: tuple) -> None:
-        self.job = job
+    def __init__(self, job: tuple, rec: Any) -> None:
+        self.job, self.rec = job, rec
 
     def __call__(self) -> None:
         _core.dequantize_many([self.job])
+
+
+def _check_sections(steps: Sequence[Callable[[], Any]]) -> None:
+    """DecodeError naming the first tensor, in step order, whose quantized section the
+    decoder would refuse (a negative or non-finite scale, a padding bit set), in the
+    decoder's words: every dequantizing step's section checked in one kernel call."""
+    pending = [step for step in steps if isinstance(step, _Dequantize)]
+    failed = _core.check_quantized_many([step.job for step in pending]) if pending else None
+    if failed is None:
+        return
+    rec = pending[failed].rec
+    try:
+        quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+    except DecodeError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    raise AssertionError(f"tensor {rec.name!r}: the kernel refused a section the decoder accepts")
 
 
 def _run(steps: Sequence[Callable[[], Any]]) -> None:
@@ -250,6 +266,7 @@ class Aggregator:
                 for rec in parsed.tensors
                 if rec.intcode is None
             ]
+            _check_sections(steps)
             steps += int_steps
             self._ints = new_ints
             table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
@@ -342,6 +359,7 @@ class Aggregator:
                 for rec in one.tensors:
                     if rec.intcode is None and (i, rec.name) not in skip and rec.name not in streams[i]:
                         steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
+            _check_sections(steps)
             groups: dict[str, tuple[list, list, list]] = {}
             for (i, rec), (idx, values) in zip(batched, decoded):
                 g = groups.setdefault(rec.name, ([], [], []))

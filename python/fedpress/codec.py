@@ -36,6 +36,7 @@ codes over one shared support add up too, at R times the bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import secrets
@@ -120,9 +121,9 @@ class Spec:
             return n
         return min(n, max(1, int(round(self.ratio * n))))
 
-    @property
+    @functools.cached_property
     def int_bits(self) -> int:
-        """Bits per level of intB values; 0 for other stages."""
+        """Bits per level of intB values; 0 for other stages (asked per tensor: kept)."""
         match = INT_STAGE.match(self.values)
         return int(match.group(1)) if match else 0
 

@@ -4,6 +4,7 @@ Internal to fedpress apart from ``table_digest`` (see ``fedpress.format``)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 from collections.abc import Mapping
@@ -79,8 +80,10 @@ def table_entries(table: Any) -> list[TableEntry]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def entry_head(name: str, dtype: str, shape: tuple) -> bytes:
-    """The first fields of an inline table entry: name_len, name, dtype, ndim, dims."""
+    """The first fields of an inline table entry: name_len, name, dtype, ndim, dims (kept:
+    a model's tensors are the same every round)."""
     raw = name.encode("utf-8")
     return b"".join(
         [encode_varint(len(raw)), raw, bytes((DTYPE_CODE[dtype], len(shape))), *(encode_varint(d) for d in shape)]

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import zstandard
 
-from .. import _core, ops
+from .. import _core
 from .limits import DEFAULT_LIMITS
 from .primitives import encode_varint
 from .registry import (
@@ -133,11 +133,16 @@ def write_payload(
     if compact:
         parts += heads_digest(heads)
     parts += encode_varint(len(entries))
-    sections: list[tuple[Optional[str], Any]] = []
+    # Every piece in order, into one new buffer: a KernelSection written in place by its
+    # kernel, the rest (any contiguous buffers) copied once; the checksum runs over the buffer.
+    pieces: list[tuple[Optional[str], Any]] = [(None, parts)]  # the table, filled below
+    # Every sparse tensor's index stream in one call, spread over the threads.
+    sparse = [e for e in entries if e.kind == KIND_SPARSE]
+    streams = iter(
+        _core.encode_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse]) if sparse else ()
+    )
     for e, head in zip(entries, heads):
-        index_bytes = b""
-        if e.kind == KIND_SPARSE:
-            index_bytes = ops.encode_indices(e.indices, math.prod(e.shape))
+        index_bytes = next(streams) if e.kind == KIND_SPARSE else b""
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
         if not compact:
@@ -145,20 +150,14 @@ def write_payload(
         parts += bytes((e.kind, vcode, flags))
         for number in (e.count, e.bucket, e.rht_block, len(index_bytes), section_size(e.values)):
             parts += encode_varint(number)
-        sections.append((None, index_bytes))
+        if index_bytes:
+            pieces.append((None, index_bytes))
         if isinstance(e.values, KernelSection):
-            sections.append((e.name, e.values.piece))
+            pieces.append((e.name, e.values.piece))
+        elif isinstance(e.values, tuple):
+            pieces += [(None, p) for p in e.values]
         else:
-            sections += [(None, p) for p in (e.values if isinstance(e.values, tuple) else (e.values,))]
-    # Every piece in order, into one new buffer: a KernelSection written in place by its
-    # kernel, the rest copied once; the checksum runs over the buffer.
-    pieces: list[tuple[Optional[str], Any]] = [(None, parts)]
-    pieces += sections
-    pieces = [
-        (name, p if name is not None else memoryview(p).cast("B"))
-        for name, p in pieces
-        if name is not None or memoryview(p).nbytes
-    ]
+            pieces.append((None, e.values))
     flags = FLAG_TABLE_DIGEST if compact else 0
     if zstd_level is None:
         header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed)
