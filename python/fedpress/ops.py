@@ -229,11 +229,11 @@ def _split(idx: np.ndarray, vals: np.ndarray, sizes: Sequence[int]) -> list[tupl
     offsets = np.concatenate(([0], np.cumsum(np.asarray(sizes, dtype=np.int64))))
     # (offsets as uint32, the indices' type: searching with int64 would convert all of idx)
     cuts = np.searchsorted(idx, np.minimum(offsets, 2**32 - 1).astype(np.uint32))
-    out = []
-    for j in range(len(sizes)):
-        part = idx[cuts[j] : cuts[j + 1]]
-        out.append(((part - np.uint32(offsets[j])).astype(np.uint32, copy=False), vals[cuts[j] : cuts[j + 1]]))
-    return out
+    # Every index made local to its array in one pass (each array's offset, repeated over its
+    # entries), then cut into views: no array made per tensor of a many-tensor model.
+    local = idx - np.repeat(offsets[:-1].astype(np.uint32), np.diff(cuts))
+    bounds = cuts.tolist()
+    return [(local[a:b], vals[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _float32_list(arrays: Sequence[ArrayLike], name: str) -> list[np.ndarray]:
