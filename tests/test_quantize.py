@@ -617,7 +617,7 @@ def test_aggregator_names_the_tensor_whose_section_is_bad_and_adds_nothing() -> 
         before = {name: value.copy() for name, value in agg.result().items()} if not fresh else None
         with pytest.raises(fp.DecodeError, match=message):
             agg.add(bytes(payload))
-        with pytest.raises(fp.DecodeError, match=message):
+        with pytest.raises(fp.DecodeError, match=f"^payload 1: {message}"):  # its position in the batch
             agg.add_many([good, bytes(payload)])
         assert agg.count == (0 if fresh else 1)
         if before is not None:

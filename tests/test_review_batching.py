@@ -544,13 +544,7 @@ def test_two_bad_tensors_refused_and_nothing_changes() -> None:
         fedpress.Aggregator(dtype=np.float64).add(bad)  # decodes tensor by tensor, in order
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: python/fedpress/aggregate.py:269 Aggregator.add checks the dense quantized "
-    "sections (_check_sections) only after _prepare has decoded every other tensor, so a later "
-    "tensor's error is raised first: 'tensor 'z'' where fedpress.decode, the float64 "
-    "Aggregator and add before f0b4656 name the first bad tensor, 'a'",
-)
+# Was a strict xfail: add checked the dense sections only after every other tensor was decoded.
 def test_add_names_the_first_bad_tensor_as_the_decoder_does() -> None:
     bad, message = payload_with_two_bad_tensors()
     with pytest.raises(fedpress.DecodeError) as refused:

@@ -79,19 +79,22 @@ class _Dequantize:
         _core.dequantize_many([self.job])
 
 
-def _check_sections(steps: Sequence[Callable[[], Any]]) -> None:
+def _check_sections(steps: Sequence[Callable[[], Any]], owners: Optional[Sequence[int]] = None) -> None:
     """DecodeError naming the first tensor, in step order, whose quantized section the
     decoder would refuse (a negative or non-finite scale, a padding bit set), in the
-    decoder's words: every dequantizing step's section checked in one kernel call."""
-    pending = [step for step in steps if isinstance(step, _Dequantize)]
-    failed = _core.check_quantized_many([step.job for step in pending]) if pending else None
+    decoder's words: every dequantizing step's section checked in one kernel call.
+    ``owners``: each step's payload position, which the message then starts with."""
+    pending = [j for j, step in enumerate(steps) if isinstance(step, _Dequantize)]
+    failed = _core.check_quantized_many([steps[j].job for j in pending]) if pending else None  # type: ignore[attr-defined]
     if failed is None:
         return
-    rec = pending[failed].rec
+    at = pending[failed]
+    rec = steps[at].rec  # type: ignore[attr-defined]
+    where = "" if owners is None else f"payload {owners[at]}: "
     try:
         quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
     except DecodeError as exc:
-        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+        raise DecodeError(f"{where}tensor {rec.name!r}: {exc}") from None
     raise AssertionError(f"tensor {rec.name!r}: the kernel refused a section the decoder accepts")
 
 
@@ -261,11 +264,14 @@ class Aggregator:
             # fresh: unwritten, each step writes its sum, or has it zeroed first
             sums = self._float_sums({} if fresh else sums, [parsed], np.empty if fresh else np.zeros)
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
-            steps = [
-                self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated, fresh=fresh)
-                for rec in parsed.tensors
-                if rec.intcode is None
-            ]
+            steps: list[Callable[[], Any]] = []
+            try:
+                for rec in parsed.tensors:
+                    if rec.intcode is None:
+                        steps.append(self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated, fresh=fresh))
+            except DecodeError:
+                _check_sections(steps)  # an earlier tensor's bad section is the first error
+                raise
             _check_sections(steps)
             steps += int_steps
             self._ints = new_ints
@@ -355,11 +361,17 @@ class Aggregator:
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
             steps: list[Callable[[], Any]] = []
             skip = {(i, rec.name) for i, rec in batched}
+            owners: list[int] = []  # each step's payload, for the messages
             for i, one in enumerate(parsed):
                 for rec in one.tensors:
                     if rec.intcode is None and (i, rec.name) not in skip and rec.name not in streams[i]:
-                        steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
-            _check_sections(steps)
+                        try:
+                            steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
+                        except DecodeError as exc:
+                            _check_sections(steps, owners)  # an earlier tensor's bad section is the first error
+                            raise DecodeError(f"payload {i}: {exc}") from None
+                        owners.append(i)
+            _check_sections(steps, owners)
             groups: dict[str, tuple[list, list, list]] = {}
             for (i, rec), (idx, values) in zip(batched, decoded):
                 g = groups.setdefault(rec.name, ([], [], []))
