@@ -447,18 +447,21 @@ void register_quantize(py::module_& m) {
   m.def(
       "check_quantized_many",
       [](const py::sequence& jobs_in) -> py::object {
-        std::size_t index = 0;
+        // Every job is read and its shapes checked first, as dequantize_many does: a malformed
+        // job raises whatever comes before it.
+        std::vector<CheckedDequantize> jobs;
+        jobs.reserve(py::len(jobs_in));
         for (const py::handle& item : jobs_in) {
-          const std::string where = "jobs[" + std::to_string(index) + "]";
+          const std::string where = "jobs[" + std::to_string(jobs.size()) + "]";
           if (!py::isinstance<py::tuple>(item) || py::len(item) != 8)
             throw py::value_error(where + ": a job is a tuple (packed, scales, bits, n, bucket, acc, weight, accumulate)");
           const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-          const CheckedDequantize d(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
-                                    field<long long>(t[4], where + ".bucket"), t[5],
-                                    field<double>(t[6], where + ".weight"), field<bool>(t[7], where + ".accumulate"));
-          if (!section_is_sound(d)) return py::int_(index);
-          ++index;
+          jobs.emplace_back(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
+                            field<long long>(t[4], where + ".bucket"), t[5], field<double>(t[6], where + ".weight"),
+                            field<bool>(t[7], where + ".accumulate"));
         }
+        for (std::size_t j = 0; j < jobs.size(); ++j)
+          if (!section_is_sound(jobs[j])) return py::int_(j);
         return py::none();
       },
       "jobs"_a,

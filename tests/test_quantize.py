@@ -575,6 +575,9 @@ def test_dequantize_many_checks_every_section_before_writing() -> None:
         assert _core.check_quantized_many(jobs) == index  # the same check alone
         assert (out == 7.0).all()
     assert _core.check_quantized_many(good) is None
+    short = (p10[:2], s10, 4, 10, 512, out[:10], 1.0, False)  # malformed after a bad one: raises, as dequantize_many
+    with pytest.raises(ValueError, match="packed has 2 bytes"):
+        _core.check_quantized_many([(p10, np.array([-1.0], np.float32), 4, 10, 512, out[:10], 1.0, False), short])
     assert _core.check_quantized_many([]) is None
     assert (out == 7.0).all()
     negative_zero = (p10, np.array([-0.0], np.float32), 4, 10, 512, out[:10], 1.0, False)
