@@ -359,6 +359,22 @@ struct CheckedDequantize {
   }
 };
 
+// The jobs of dequantize_many and check_quantized_many, each read and its shapes checked.
+std::vector<CheckedDequantize> dequantize_jobs(const py::sequence& jobs_in) {
+  std::vector<CheckedDequantize> jobs;
+  jobs.reserve(py::len(jobs_in));
+  for (const py::handle& item : jobs_in) {
+    const std::string where = "jobs[" + std::to_string(jobs.size()) + "]";
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 8)
+      throw py::value_error(where + ": a job is a tuple (packed, scales, bits, n, bucket, acc, weight, accumulate)");
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+    jobs.emplace_back(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
+                      field<long long>(t[4], where + ".bucket"), t[5], field<double>(t[6], where + ".weight"),
+                      field<bool>(t[7], where + ".accumulate"));
+  }
+  return jobs;
+}
+
 // What the decoder's quantized_parts checks of a section, before anything is written:
 // scales finite and >= 0, and no padding bit set in the last byte.
 bool section_is_sound(const CheckedDequantize& d) {
@@ -407,18 +423,7 @@ void register_quantize(py::module_& m) {
   m.def(
       "dequantize_many",
       [](const py::sequence& jobs_in, bool check) -> py::object {
-        std::vector<CheckedDequantize> checked_jobs;
-        checked_jobs.reserve(py::len(jobs_in));
-        std::size_t index = 0;
-        for (const py::handle& item : jobs_in) {
-          const std::string where = "jobs[" + std::to_string(index++) + "]";
-          if (!py::isinstance<py::tuple>(item) || py::len(item) != 8)
-            throw py::value_error(where + ": a job is a tuple (packed, scales, bits, n, bucket, acc, weight, accumulate)");
-          const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-          checked_jobs.emplace_back(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
-                                    field<long long>(t[4], where + ".bucket"), t[5],
-                                    field<double>(t[6], where + ".weight"), field<bool>(t[7], where + ".accumulate"));
-        }
+        const std::vector<CheckedDequantize> checked_jobs = dequantize_jobs(jobs_in);
         std::vector<fedpress::DequantizeJob> jobs;
         Spans spans;  // the jobs' chunks run together: no output may overlap any job's memory
         for (const CheckedDequantize& d : checked_jobs) {
@@ -449,17 +454,7 @@ void register_quantize(py::module_& m) {
       [](const py::sequence& jobs_in) -> py::object {
         // Every job is read and its shapes checked first, as dequantize_many does: a malformed
         // job raises whatever comes before it.
-        std::vector<CheckedDequantize> jobs;
-        jobs.reserve(py::len(jobs_in));
-        for (const py::handle& item : jobs_in) {
-          const std::string where = "jobs[" + std::to_string(jobs.size()) + "]";
-          if (!py::isinstance<py::tuple>(item) || py::len(item) != 8)
-            throw py::value_error(where + ": a job is a tuple (packed, scales, bits, n, bucket, acc, weight, accumulate)");
-          const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-          jobs.emplace_back(t[0], t[1], field<int>(t[2], where + ".bits"), field<long long>(t[3], where + ".n"),
-                            field<long long>(t[4], where + ".bucket"), t[5], field<double>(t[6], where + ".weight"),
-                            field<bool>(t[7], where + ".accumulate"));
-        }
+        const std::vector<CheckedDequantize> jobs = dequantize_jobs(jobs_in);
         for (std::size_t j = 0; j < jobs.size(); ++j)
           if (!section_is_sound(jobs[j])) return py::int_(j);
         return py::none();

@@ -17,7 +17,6 @@ Strict xfails mark real bugs found by the review; each reason says what is wrong
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -26,7 +25,6 @@ import pickle
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import format_reference as ref
 import numpy as np
 import pytest
 import zstandard
+from conftest import num_threads
 from fedpress import _core, ops
 from fedpress._arrays import to_numpy
 from fedpress.codec import Spec, parse_spec
@@ -49,16 +48,6 @@ THREAD_COUNTS = (1, 2, 3, 5)
 # The writer before these commits (ops.encode_indices per tensor, pieces cast to bytes,
 # a fresh zstd compressor per payload).
 OLD_WRITER_COMMIT = "ebe9369038384e1d777bd59c622b833113ef9b77"
-
-
-@contextlib.contextmanager
-def nthreads(n: int) -> Iterator[None]:
-    old = ops.get_num_threads()
-    ops.set_num_threads(n)
-    try:
-        yield
-    finally:
-        ops.set_num_threads(old)
 
 
 def numpy_sum(acc: np.ndarray, idx: np.ndarray, val: np.ndarray, w: float) -> np.ndarray:
@@ -97,7 +86,7 @@ def test_sparse_adds_equal_numpy_at_range_edges_for_any_thread_count(kind: str) 
     for w in (0.3, -1.0):
         want = [numpy_sum(a, i, v, w).tobytes() for a, i, v in zip(accs, idx, val)]
         for t in THREAD_COUNTS:
-            with nthreads(t):
+            with num_threads(t):
                 each = [a.copy() for a in accs]
                 assert _core.scatter_add_each(each, idx, val, w) is None
                 one, many = [a.copy() for a in accs], [a.copy() for a in accs]
@@ -121,7 +110,7 @@ def test_scatter_add_each_leaves_inputs_alone_and_takes_empty_updates() -> None:
     acc = np.zeros(n, np.float32)
     empty_i, empty_v = np.zeros(0, np.uint32), np.zeros(0, np.float32)
     others = [np.ones(0, np.float32), np.ones(5, np.float32)]
-    with nthreads(3):
+    with num_threads(3):
         _core.scatter_add_each([acc, *others], [idx, empty_i, empty_i], [val, empty_v, empty_v], 1.0)
     assert idx.tobytes() == idx0.tobytes() and val.tobytes() == val0.tobytes()
     assert acc.tobytes() == numpy_sum(np.zeros(n, np.float32), idx, val, 1.0).tobytes()
@@ -140,7 +129,7 @@ def test_scatter_add_many_several_clients_equal_sequential_adds() -> None:
     for i, v, w in zip(idx, val, ws):
         want = numpy_sum(want, i, v, w)
     for t in THREAD_COUNTS:
-        with nthreads(t):
+        with num_threads(t):
             got = acc0.copy()
             ops.scatter_add_many(got, idx, val, ws)
         assert got.tobytes() == want.tobytes(), t
@@ -169,7 +158,7 @@ def test_add_streams_one_client_equals_scatter_add(n: int) -> None:
         want1 = numpy_sum(acc0, idx, val, 0.3)
         want2 = numpy_sum(want1, idx, val, -1.0)
         for t in THREAD_COUNTS:
-            with nthreads(t):
+            with num_threads(t):
                 one = acc0.copy()
                 _core.add_streams(one, [_core.IndexStream(stream, n, idx.size, val.tobytes(), True)], [0.3])
                 two = acc0.copy()
@@ -206,7 +195,7 @@ def test_encode_indices_many_equals_encode_indices_and_the_reference() -> None:
         assert ref.encode_index_stream(i.astype(np.int64), n) == w, (i.size, n)
     idx, ns = [i for i, _ in sets], [n for _, n in sets]
     for t in THREAD_COUNTS:
-        with nthreads(t):
+        with num_threads(t):
             assert _core.encode_indices_many(idx, ns) == want, t
             assert _core.encode_indices_many(idx[::-1], ns[::-1]) == want[::-1], t
             assert _core.encode_indices_many([idx[-3]] * 5, [ns[-3]] * 5) == [want[-3]] * 5, t
@@ -569,7 +558,7 @@ def test_add_and_add_many_agree_bit_for_bit(threads: int) -> None:
     weights = [1.0, 0.25, 3.0]
     for spec in ("q4", "sign", "q2+zstd", "topk:0.05+fp32", "topk:0.05+q8", "randk:0.1+q4", "topk:0.3+q4"):
         payloads = [fedpress.Codec(spec).encode(u, seed=i) for i, u in enumerate(updates)]
-        with nthreads(threads):
+        with num_threads(threads):
             one, many, single = fedpress.Aggregator(), fedpress.Aggregator(), fedpress.Aggregator()
             for p, w in zip(payloads, weights):
                 one.add(p, w)
