@@ -360,6 +360,7 @@ std::uint32_t crc_register(const std::uint8_t* data, std::size_t size, std::uint
 // Large buffers are cut into fixed pieces checksummed in parallel from a zero
 // register, then combined in order (the pieces depend only on the size).
 constexpr std::size_t kPiece = std::size_t{1} << 20;
+constexpr std::size_t kSubPiece = std::size_t{64} << 10;
 
 }  // namespace
 
@@ -382,6 +383,19 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
       if (first < last) job.run(first, last);
     }
   };
+  // A piece's register from `reg`, its jobs run on the way: in sub-pieces small enough that
+  // the bytes just checksummed are still in L1/L2 when the jobs read them (and the values a job
+  // wrote when it checks them), instead of coming from memory again after a whole piece.
+  auto checksum_running_jobs = [&](std::size_t begin, std::size_t end, std::size_t jobs_end, std::uint32_t reg) {
+    if (jobs.empty()) return crc_register(data + begin, end - begin, reg);
+    if (begin == end) run_jobs(begin, jobs_end);
+    for (std::size_t at = begin; at < end; at += kSubPiece) {
+      const std::size_t stop = std::min(end, at + kSubPiece);
+      reg = crc_register(data + at, stop - at, reg);
+      run_jobs(at, stop == end ? jobs_end : stop);
+    }
+    return reg;
+  };
   const std::size_t pieces = std::max<std::size_t>(1, ceil_div(size, kPiece));
   // The last piece takes the units starting at or after its end too (none, in a buffer
   // that holds its jobs).
@@ -389,20 +403,12 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
     return i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : (i + 1) * kPiece;
   };
   if (!parallel || size < 2 * kPiece || num_threads() == 1) {
-    if (jobs.empty()) return ~crc_register(data, size, crc);
-    // Still in pieces, so each stays in cache between its checksum and its jobs.
-    for (std::size_t i = 0; i < pieces; ++i) {
-      const std::size_t begin = i * kPiece, end = std::min(size, begin + kPiece);
-      crc = crc_register(data + begin, end - begin, crc);
-      run_jobs(begin, piece_end(i));
-    }
-    return ~crc;
+    return ~checksum_running_jobs(0, size, std::numeric_limits<std::size_t>::max(), crc);
   }
   std::vector<std::uint32_t> regs(pieces);
   parallel_for(pieces, [&](std::size_t i) {
     const std::size_t begin = i * kPiece, end = std::min(size, begin + kPiece);
-    regs[i] = crc_register(data + begin, end - begin, i == 0 ? crc : 0u);
-    run_jobs(begin, piece_end(i));
+    regs[i] = checksum_running_jobs(begin, end, piece_end(i), i == 0 ? crc : 0u);
   });
   static const Shift over_piece(kPiece);
   std::uint32_t out = regs[0];
