@@ -178,6 +178,39 @@ void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>
   });
 }
 
+namespace {
+
+// add_ranges for streams: every stream's entries that fall in ranges [r_begin, r_end),
+// range by range and stream by stream in list order, each stream started at its first
+// range from its nearest checkpoint.
+void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates, std::size_t r_begin,
+                       std::size_t r_end) {
+  if (r_begin == r_end) return;
+  std::vector<RiceCursor> cursors;
+  cursors.reserve(updates.size());
+  for (const auto& u : updates) cursors.push_back(u.indices->seek(std::uint64_t{r_begin} * kRange));
+  const bool ahead = updates.size() == 1;  // as in add_ranges
+  for (std::size_t r = r_begin; r < r_end; ++r) {
+    const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
+    for (std::size_t c = 0; c < updates.size(); ++c) {
+      const std::uint8_t* values = updates[c].values;
+      const float w = updates[c].weight;
+      const auto add = [&](std::uint64_t i, std::uint64_t x) {
+        float v;
+        std::memcpy(&v, values + 4 * i, 4);
+        acc[x] += w * v;
+      };
+      if (ahead)
+        cursors[c].run_below_touching(hi, static_cast<unsigned>(kAhead), add,
+                                      [&](std::uint64_t x) { prefetch_for_write(acc + x); });
+      else
+        cursors[c].run_below(hi, add);
+    }
+  }
+}
+
+}  // namespace
+
 void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates) {
   std::size_t total = 0;
   for (const auto& u : updates) total += static_cast<std::size_t>(u.indices->count());
@@ -186,29 +219,31 @@ void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpda
   // range from the stream's nearest checkpoint.
   const std::size_t parts = range_parts(total, n_ranges);
   parallel_for(parts, [&](std::size_t part) {
-    const std::size_t r_begin = n_ranges * part / parts, r_end = n_ranges * (part + 1) / parts;
-    if (r_begin == r_end) return;
-    std::vector<RiceCursor> cursors;
-    cursors.reserve(updates.size());
-    for (const auto& u : updates) cursors.push_back(u.indices->seek(std::uint64_t{r_begin} * kRange));
-    const bool ahead = updates.size() == 1;  // as in add_ranges
-    for (std::size_t r = r_begin; r < r_end; ++r) {
-      const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
-      for (std::size_t c = 0; c < updates.size(); ++c) {
-        const std::uint8_t* values = updates[c].values;
-        const float w = updates[c].weight;
-        const auto add = [&](std::uint64_t i, std::uint64_t x) {
-          float v;
-          std::memcpy(&v, values + 4 * i, 4);
-          acc[x] += w * v;
-        };
-        if (ahead)
-          cursors[c].run_below_touching(hi, static_cast<unsigned>(kAhead), add,
-                                        [&](std::uint64_t x) { prefetch_for_write(acc + x); });
-        else
-          cursors[c].run_below(hi, add);
-      }
-    }
+    add_stream_ranges(acc, n, updates, n_ranges * part / parts, n_ranges * (part + 1) / parts);
+  });
+}
+
+void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
+  // As scatter_add_each: tasks are runs of one sum's ranges, about kTaskEntries entries
+  // each, so a model's many small tensors and its few large ones spread over the threads.
+  struct Task {
+    std::size_t which, r_begin, r_end;
+  };
+  std::vector<Task> tasks;
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < sums.size(); ++i) {
+    std::size_t entries = 0;
+    for (const auto& u : sums[i].updates) entries += static_cast<std::size_t>(u.indices->count());
+    const std::size_t n_ranges = ceil_div(sums[i].n, kRange);
+    if (entries == 0 || n_ranges == 0) continue;
+    const std::size_t parts = std::min(n_ranges, ceil_div(entries, kTaskEntries));
+    for (std::size_t p = 0; p < parts; ++p) tasks.push_back({i, n_ranges * p / parts, n_ranges * (p + 1) / parts});
+    total += entries;
+  }
+  parallel_for_sized(tasks.size(), total, [&](std::size_t t) {
+    const Task& task = tasks[t];
+    const StreamSum& sum = sums[task.which];
+    add_stream_ranges(sum.acc, sum.n, sum.updates, task.r_begin, task.r_end);
   });
 }
 

@@ -68,6 +68,17 @@ struct StreamUpdate {
 // stream's nearest checkpoint.
 void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates);
 
+// One accumulator of n elements and the streams added into it (in list order).
+struct StreamSum {
+  float* acc;
+  std::size_t n;
+  std::vector<StreamUpdate> updates;
+};
+
+// scatter_add_streams for each sum, every accumulator its own: runs of each one's ranges
+// are spread over the threads together (a model's tensors in one call).
+void scatter_add_streams_each(const std::vector<StreamSum>& sums);
+
 // acc[i] /= divisor for every i, in parallel: a sum's mean, each element exactly as
 // float32 division gives it (numpy's in-place division, on one thread).
 void divide(float* acc, std::size_t n, float divisor);

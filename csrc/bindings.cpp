@@ -1260,6 +1260,11 @@ class IndexStream {
   std::uint64_t count() const { return count_; }
   bool is_checked() const { return stream_ != nullptr; }
   fedpress::StreamUpdate update(float weight) const { return {stream_.get(), values(), weight}; }
+  // What a kernel reads: the index stream's bytes and the values'.
+  void add_read_spans(Spans& spans) const {
+    spans.add(index_.ptr, byte_size(index_), false);
+    spans.add(values_info_.ptr, byte_size(values_info_), false);
+  }
 
  private:
   const std::uint8_t* values() const { return static_cast<const std::uint8_t*>(values_info_.ptr); }
@@ -1383,6 +1388,46 @@ void register_streams(py::module_& m) {
       "acc"_a, "streams"_a, "weights"_a,
       "For each stream c in order: acc[indices] += weights[c] * values, decoding the streams as they are added, "
       "cache-blocked like scatter_add_many.");
+  m.def(
+      "add_streams_each",
+      [](const py::sequence& groups) {
+        const std::size_t count = py::len(groups);
+        std::vector<py::array> accs;
+        std::vector<fedpress::StreamSum> sums;
+        Spans spans;
+        for (std::size_t g = 0; g < count; ++g) {
+          const std::string where = "groups[" + std::to_string(g) + "]";
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(groups[g]);
+          if (t.size() != 3) throw py::value_error(where + " must be (acc, streams, weights)");
+          accs.push_back(checked<float>(t[0], (where + " acc").c_str(), Access::write));
+          py::array& acc = accs.back();
+          const auto streams = t[1].cast<std::vector<const IndexStream*>>();
+          const auto weights = t[2].cast<std::vector<double>>();
+          if (weights.size() != streams.size())
+            throw py::value_error(where + ": streams and weights lengths differ: " + std::to_string(streams.size()) +
+                                  " vs " + std::to_string(weights.size()));
+          fedpress::StreamSum sum{mptr<float>(acc), len(acc), {}};
+          for (std::size_t c = 0; c < streams.size(); ++c) {
+            const std::string which = where + " stream " + std::to_string(c);
+            if (streams[c] == nullptr) throw py::type_error(which + " is None");
+            if (!streams[c]->is_checked()) throw py::value_error(which + " is deferred and was not checked");
+            if (streams[c]->size() != len(acc))
+              throw py::value_error(which + " indexes " + std::to_string(streams[c]->size()) + " values, acc holds " +
+                                    std::to_string(len(acc)));
+            sum.updates.push_back(streams[c]->update(static_cast<float>(weights[c])));
+            streams[c]->add_read_spans(spans);
+          }
+          spans.add(acc, true);
+          sums.push_back(std::move(sum));
+        }
+        spans.check("an accumulator shares memory with another accumulator, or with a stream's bytes or values");
+        py::gil_scoped_release release;  // the streams keep their buffers; the caller keeps them alive
+        fedpress::scatter_add_streams_each(sums);
+      },
+      "groups"_a,
+      "add_streams for each (acc, streams, weights) group, every accumulator its own, in one call: the groups' "
+      "ranges are spread over the threads together (a model's sparse tensors). Accumulators must not overlap each "
+      "other or what the streams read.");
 }
 
 void register_assemble(py::module_& m) {

@@ -304,6 +304,7 @@ def test_memory_errors_while_decoding_are_decode_errors(monkeypatch) -> None:
     monkeypatch.undo()
     monkeypatch.setattr(decoding, "sparse_parts", no_memory)
     monkeypatch.setattr(decoding, "index_stream", no_memory)  # a version 2 sparse tensor's path
+    monkeypatch.setattr(decoding, "index_streams", no_memory)  # a model's version 2 sparse tensors
     with pytest.raises(fp.DecodeError, match="could not be allocated"):
         fp.decode(data)
 

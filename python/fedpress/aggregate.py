@@ -24,7 +24,7 @@ import numpy as np
 from . import _core, ops
 from ._arrays import flat_views
 from ._update_math import to_dtype
-from .format.decoding import checked_streams, index_stream, raw_array, sparse_parts, streamable
+from .format.decoding import checked_streams, index_stream, index_streams, raw_array, sparse_parts, streamable
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.intcodes import IntLevels, IntSection, centered
@@ -79,6 +79,19 @@ class _Dequantize:
         _core.dequantize_many([self.job])
 
 
+class _AddStream:
+    """The step that adds a sparse tensor's index stream into its sum: ``_run`` adds those
+    of many tensors in one kernel call (``_core.add_streams_each``)."""
+
+    __slots__ = ("acc", "stream", "weight")
+
+    def __init__(self, acc: np.ndarray, stream: Any, weight: float) -> None:
+        self.acc, self.stream, self.weight = acc, stream, weight
+
+    def __call__(self) -> None:
+        _core.add_streams(self.acc, [self.stream], [self.weight])
+
+
 def _check_sections(steps: Sequence[Callable[[], Any]], owners: Optional[Sequence[int]] = None) -> None:
     """DecodeError naming the first tensor, in step order, whose quantized section the
     decoder would refuse (a negative or non-finite scale, a padding bit set), in the
@@ -100,24 +113,37 @@ def _check_sections(steps: Sequence[Callable[[], Any]], owners: Optional[Sequenc
 
 def _run(steps: Sequence[Callable[[], Any]]) -> None:
     """Runs the steps in order, consecutive dequantizing steps in one kernel call each run
-    (a sum met twice starts another call: two writers of one sum in a call would race)."""
+    (a sum met twice starts another call: two writers of one sum in a call would race), and
+    consecutive stream additions in one call each run (grouped by sum, in order)."""
     batch: list[tuple] = []
     targets: set[int] = set()
-    for step in steps:
-        if isinstance(step, _Dequantize) and id(step.job[5]) not in targets:
-            batch.append(step.job)
-            targets.add(id(step.job[5]))
-            continue
+    groups: dict[int, tuple[np.ndarray, list, list]] = {}
+
+    def flush() -> None:
         if batch:
             _core.dequantize_many(batch)
-            batch, targets = [], set()
+            batch.clear()
+            targets.clear()
+        if groups:
+            _core.add_streams_each(list(groups.values()))
+            groups.clear()
+
+    for step in steps:
         if isinstance(step, _Dequantize):
+            if groups or id(step.job[5]) in targets:
+                flush()
             batch.append(step.job)
             targets.add(id(step.job[5]))
+        elif isinstance(step, _AddStream):
+            if batch:
+                flush()
+            group = groups.setdefault(id(step.acc), (step.acc, [], []))
+            group[1].append(step.stream)
+            group[2].append(step.weight)
         else:
+            flush()
             step()
-    if batch:
-        _core.dequantize_many(batch)
+    flush()
 
 
 @dataclass
@@ -265,10 +291,18 @@ class Aggregator:
             sums = self._float_sums({} if fresh else sums, [parsed], np.empty if fresh else np.zeros)
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
             steps: list[Callable[[], Any]] = []
+            streams = index_streams(
+                [
+                    rec
+                    for rec in parsed.tensors
+                    if rec.intcode is None and streamable(rec) and sums[rec.name].dtype == np.float32
+                ]
+            )
             try:
                 for rec in parsed.tensors:
                     if rec.intcode is None:
-                        steps.append(self._prepare(rec, parsed.seed, w, sums[rec.name], new_rotated, fresh=fresh))
+                        acc = sums[rec.name]
+                        steps.append(self._prepare(rec, parsed.seed, w, acc, new_rotated, fresh=fresh, streams=streams))
             except DecodeError:
                 _check_sections(steps)  # an earlier tensor's bad section is the first error
                 raise
@@ -387,8 +421,8 @@ class Aggregator:
             self._rotated.update(new_rotated)
             self._ints = new_ints
             _run(steps + int_steps)
-            for name, (checked_list, w_list) in stream_groups.items():
-                _core.add_streams(sums[name], checked_list, w_list)
+            if stream_groups:
+                _core.add_streams_each([(sums[name], *group) for name, group in stream_groups.items()])
             for name, (idx_list, val_list, w_list) in groups.items():
                 ops.scatter_add_many(sums[name], idx_list, val_list, w_list)
         self._table = [(t.name, t.dtype, t.shape) for t in parsed[0].tensors]
@@ -530,11 +564,13 @@ class Aggregator:
         new_rotated: dict[str, tuple[int, int, int, np.ndarray]],
         *,
         fresh: bool = False,
+        streams: Optional[dict[int, Any]] = None,
     ) -> Callable[[], Any]:
         """Decodes one tensor; returns the step that adds it, times ``weight``, to ``acc``
         (or to its rotated-domain sum, a new one going into ``new_rotated``). ``fresh``:
         ``acc`` is a new, unwritten sum: a dense section's kernel writes it (one pass, no
-        read of zero pages), every other step has it zeroed here first."""
+        read of zero pages), every other step has it zeroed here first. ``streams``: checked
+        index streams made for a batch of tensors (``index_streams``), by record id."""
         if (
             fresh
             and rec.kind == KIND_DENSE
@@ -556,7 +592,8 @@ class Aggregator:
         elif rec.kind == KIND_DENSE and acc.dtype == np.float32 and (add := _fused_dense_add(rec, acc, weight)):
             return add
         elif acc.dtype == np.float32 and streamable(rec):
-            return partial(_core.add_streams, acc, [index_stream(rec)], [weight])
+            stream = None if streams is None else streams.get(id(rec))
+            return _AddStream(acc, index_stream(rec) if stream is None else stream, weight)
         else:
             idx, values = sparse_parts(rec, seed)
         if idx is None:

@@ -281,6 +281,7 @@ class Codec:
         if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > MAX_ROTATION_BLOCK:
             raise ValueError(f"rht_block must be a power of two <= 2**24, got {rht_block}")
         self.rht_block = int(rht_block)
+        self._sparse_choices: dict[tuple[int, int], bool] = {}  # _sends_sparse, by (n, k): a model's sizes recur
 
     def __repr__(self) -> str:
         table = f", table={self.table!r}" if self.table != "inline" else ""
@@ -487,9 +488,14 @@ class Codec:
     def _sends_sparse(self, n: int, k: int) -> bool:
         """Whether k kept entries of n go out sparse: not when the sparse form would not
         be smaller than the dense one (tiny tensors, high ratios)."""
-        # Rice-coded gaps take about log2(n/k) + 1.6 bits per index, plus a varint and a byte.
-        index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
-        return self._values_bytes(k) + index_bytes < self._values_bytes(n)
+        choice = self._sparse_choices.get((n, k))
+        if choice is None:
+            # Rice-coded gaps take about log2(n/k) + 1.6 bits per index, plus a varint and a byte.
+            index_bytes = (k * (math.log2(n / k) + 1.6) / 8 + 4) if k else 1
+            choice = self._values_bytes(k) + index_bytes < self._values_bytes(n)
+            if len(self._sparse_choices) < 4096:
+                self._sparse_choices[(n, k)] = choice
+        return choice
 
     def _decoded(
         self, entry: Entry, selected: Optional[tuple[np.ndarray, np.ndarray]], payload_seed: int, ordinal: int

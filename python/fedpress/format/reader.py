@@ -6,6 +6,7 @@ apart from ``payload_table_digest`` (see ``fedpress.format``)."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ COMPACT_ENTRY_MIN_BYTES = 8  # kind, value code, flags, 5 varints
 _BB, _BBB = struct.Struct("<BB"), struct.Struct("<BBB")
 
 
+_NO_BYTES = memoryview(b"")
+
+
 @dataclass
 class TensorRecord:
     """A validated table entry and views of its sections (nothing decoded yet)."""
@@ -71,8 +75,8 @@ class TensorRecord:
     rht_block: int
     index_len: int
     value_len: int
-    index_data: memoryview = field(default_factory=lambda: memoryview(b""))  # set once the whole table is checked
-    value_data: memoryview = field(default_factory=lambda: memoryview(b""))
+    index_data: memoryview = _NO_BYTES  # set once the whole table is checked
+    value_data: memoryview = _NO_BYTES
     eden: Optional[EdenSection] = None  # eden value codes: the parsed section
     intcode: Optional[IntSection] = None  # the int value code: the parsed section
     index_version: int = FORMAT_VERSION  # the payload's version, which fixes its index streams' layout
@@ -105,7 +109,12 @@ def output_dtype(dtype: str) -> np.dtype:
 
 def output_bytes(rec: TensorRecord) -> int:
     """Bytes of a tensor's dense output, what Limits.max_decoded_bytes and max_expansion count."""
-    return rec.size * output_dtype(rec.dtype).itemsize
+    return rec.size * _output_itemsize(rec.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_itemsize(dtype: str) -> int:
+    return output_dtype(dtype).itemsize
 
 
 def as_buffer(payload: Any) -> memoryview:
@@ -326,9 +335,17 @@ def _parse_body(body: memoryview, parsed: Parsed, limits: Limits, known: Optiona
             )
     for rec in records:
         rec.index_version = parsed.version
-        rec.index_data = r.take(rec.index_len, _about(rec.name, "index section"))
-        rec.value_offset = parsed.body_offset + r.pos
-        rec.value_data = r.take(rec.value_len, _about(rec.name, "values section"))
+        at = r.pos
+        if at + rec.index_len + rec.value_len <= len(body):  # both fit: cut them here
+            rec.index_data = body[at : at + rec.index_len]
+            at += rec.index_len
+            rec.value_offset = parsed.body_offset + at
+            rec.value_data = body[at : at + rec.value_len]
+            r.pos = at + rec.value_len
+        else:  # one does not: take them in order, which names the one cut short
+            rec.index_data = r.take(rec.index_len, _about(rec.name, "index section"))
+            rec.value_offset = parsed.body_offset + r.pos
+            rec.value_data = r.take(rec.value_len, _about(rec.name, "values section"))
         if rec.value_code in EDEN_BITS:
             try:
                 rec.eden = parse_eden(
@@ -394,7 +411,7 @@ def _check_dtype_and_dims(name: str, dtype_code: int, ndim: int, limits: Limits)
         raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _EntryFields:
     """A table entry's fields after its head (name, dtype, shape), as read: not checked yet."""
 

@@ -147,9 +147,14 @@ def write_payload(
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
         if not compact:
             parts += head
-        parts += bytes((e.kind, vcode, flags))
+        parts.append(e.kind)
+        parts.append(vcode)
+        parts.append(flags)
         for number in (e.count, e.bucket, e.rht_block, len(index_bytes), section_size(e.values)):
-            parts += encode_varint(number)
+            if number < 0x80:  # one byte: most of a table's numbers
+                parts.append(number)
+            else:
+                parts += encode_varint(number)
         if index_bytes:
             pieces.append((None, index_bytes))
         if isinstance(e.values, KernelSection):

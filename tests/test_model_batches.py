@@ -1,0 +1,247 @@
+"""A model's many tensors in a few native calls: ``_core.add_streams_each`` (every sparse
+tensor's stream added into its own sum in one call), ``format.decoding.index_streams``
+(their values decoded and their streams checked in two calls), and the paths built on them
+(``decode``, ``Aggregator.add``/``add_many``, the Encoder's residual correction), against
+the one-tensor-at-a-time results, with the first bad tensor in order still the one named;
+and the checksum that decodes on the way, in sub-pieces, around their boundaries."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import fedpress as fp
+import numpy as np
+import pytest
+from conftest import num_threads
+from fedpress import _core, ops
+from fedpress.format import decoding
+from fedpress.format.reader import parse
+
+SUB_PIECE = 64 << 10  # the checksum's sub-pieces (csrc/checksum.cpp, kSubPiece)
+
+
+def stream_of(rng: np.random.Generator, n: int, k: int, deferred: bool = False) -> tuple:
+    idx = np.sort(rng.choice(n, k, replace=False)).astype(np.uint32)
+    values = rng.standard_normal(k).astype(np.float32)
+    return _core.IndexStream(ops.encode_indices(idx, n), n, k, values, True, deferred=deferred), idx, values
+
+
+def model(rng: np.random.Generator, tensors: int = 40) -> dict[str, np.ndarray]:
+    """Tensors of many sizes, a few large enough to be cut into several tasks."""
+    sizes = [int(s) for s in rng.integers(1, 5000, tensors)] + [300_007, 70_001]
+    return {f"t{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(sizes)}
+
+
+# ------------------------------------------------------------ add_streams_each --
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_add_streams_each_equals_add_streams_per_group(threads: int) -> None:
+    rng = np.random.default_rng(threads)
+    groups, expected = [], []
+    for n, clients in [(1, 1), (7, 2), (5000, 3), (300_007, 4), (1 << 17, 1), (40, 0)]:
+        streams = [stream_of(rng, n, max(1, min(n, n // 50 + 1)))[0] for _ in range(clients)]
+        weights = [float(w) for w in rng.uniform(0.5, 2.0, clients)]
+        start = rng.standard_normal(n).astype(np.float32)
+        want = start.copy()
+        _core.add_streams(want, streams, weights)
+        groups.append((start, streams, weights))
+        expected.append(want)
+    with num_threads(threads):
+        _core.add_streams_each(groups)
+    for (got, _, _), want in zip(groups, expected):
+        np.testing.assert_array_equal(got, want)  # the same additions, in the same order
+
+
+def test_add_streams_each_one_stream_in_many_groups() -> None:
+    rng = np.random.default_rng(5)
+    stream, idx, values = stream_of(rng, 1000, 30)
+    accs = [np.zeros(1000, np.float32) for _ in range(3)]
+    _core.add_streams_each([(a, [stream], [w]) for a, w in zip(accs, (1.0, 2.0, -1.0))])
+    for a, w in zip(accs, (1.0, 2.0, -1.0)):
+        np.testing.assert_array_equal(a[idx], np.float32(w) * values)
+        assert np.count_nonzero(a) == idx.size
+
+
+def test_add_streams_each_refuses_misuse() -> None:
+    rng = np.random.default_rng(6)
+    stream, _, _ = stream_of(rng, 100, 5)
+    deferred, _, _ = stream_of(rng, 100, 5, deferred=True)
+    acc = np.zeros(100, np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        _core.add_streams_each([(acc, [stream], [1.0]), (acc, [stream], [1.0])])
+    with pytest.raises(ValueError, match="shares memory"):  # two views of one buffer that overlap
+        buf = np.zeros(150, np.float32)
+        _core.add_streams_each([(buf[:100], [stream], [1.0]), (buf[50:], [stream], [1.0])])
+    with pytest.raises(ValueError, match="deferred and was not checked"):
+        _core.add_streams_each([(acc, [deferred], [1.0])])
+    with pytest.raises(ValueError, match="indexes 100 values, acc holds 99"):
+        _core.add_streams_each([(np.zeros(99, np.float32), [stream], [1.0])])
+    with pytest.raises(ValueError, match="lengths differ"):
+        _core.add_streams_each([(acc, [stream], [1.0, 2.0])])
+    with pytest.raises(ValueError, match=r"groups\[0\] must be \(acc, streams, weights\)"):
+        _core.add_streams_each([(acc, [stream])])
+    with pytest.raises(TypeError):
+        _core.add_streams_each([(np.zeros(100, np.float64), [stream], [1.0])])
+    with pytest.raises(TypeError):
+        _core.add_streams_each([(acc, [None], [1.0])])
+    assert not acc.any()  # nothing was added by a refused call
+    _core.add_streams_each([])  # nothing to do
+
+
+# --------------------------------------------------------------- index_streams --
+@pytest.mark.parametrize("values", ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign"])
+def test_index_streams_match_index_stream(values: str) -> None:
+    rng = np.random.default_rng(7)
+    payload = fp.Codec(f"topk:0.02+{values}").encode(model(rng), seed=3)
+    parsed = parse(payload)
+    records = [rec for rec in parsed.tensors if decoding.streamable(rec)]
+    assert len(records) > 30
+    made = decoding.index_streams(records)
+    assert set(made) == {id(rec) for rec in records}
+    for rec in records:
+        one, many = np.zeros(rec.size, np.float32), np.zeros(rec.size, np.float32)
+        _core.add_streams(one, [decoding.index_stream(rec)], [1.0])
+        _core.add_streams(many, [made[id(rec)]], [1.0])
+        np.testing.assert_array_equal(one, many)
+
+
+def corrupt_values_section(payload: bytes, rec, at: int) -> bytes:
+    """A copy of an uncompressed payload with byte ``at`` of ``rec``'s values section (a
+    record of a deferred parse) set to 0xFF, its checksum fixed."""
+    data = bytearray(payload)
+    data[rec.value_offset + at] = 0xFF
+    data[-4:] = _core.crc32c(bytes(data[:-4])).to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_the_first_bad_tensor_in_order_is_named() -> None:
+    rng = np.random.default_rng(8)
+    update = model(rng, tensors=12)
+    payload = fp.Codec("topk:0.05+q4").encode(update, seed=1)
+    records = parse(payload, defer_checksum=True).tensors  # (value_offset is set by a deferred parse)
+    sparse = [rec for rec in records if decoding.streamable(rec)]
+    early, late = sparse[2], sparse[7]
+    # A negative scale (the first 4 bytes of a q4 section) in the later tensor, a stream
+    # holding an index past the tensor's end in the earlier one (its last byte set).
+    bad = corrupt_values_section(payload, late, 3)
+    data = bytearray(bad)
+    data[early.value_offset - 1] = 0xFF
+    data[-4:] = _core.crc32c(bytes(data[:-4])).to_bytes(4, "little")
+    both = bytes(data)
+    for call in (fp.decode, fp.Aggregator().add, lambda p: fp.Aggregator().add_many([p])):
+        with pytest.raises(fp.DecodeError, match=f"tensor '{late.name}'"):
+            call(bad)
+        with pytest.raises(fp.DecodeError, match=f"tensor '{early.name}'"):
+            call(both)
+    # index_streams leaves out the first failing tensor and the ones after it
+    for corrupt, good in ((both, 2), (bad, 7)):
+        made = decoding.index_streams([r for r in parse(corrupt).tensors if decoding.streamable(r)])
+        assert len(made) == good
+
+
+# ------------------------------------------------------------- the paths on it --
+@pytest.mark.parametrize("values", ["fp32", "fp16", "q4", "sign"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_decode_of_many_sparse_tensors(values: str, dtype: str) -> None:
+    rng = np.random.default_rng(9)
+    update = {name: t.astype(dtype) for name, t in model(rng, tensors=20).items()}
+    payload = fp.Codec(f"topk:0.02+{values}").encode(update, seed=2)
+    out = fp.decode(payload)
+    parts = decoding.decode_parts(payload)
+    for name, t in update.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        idx, vals = parts[name]
+        want = np.zeros(t.size, np.float32)
+        if idx is None:
+            want[:] = vals
+        else:
+            want[idx.astype(np.intp)] = vals
+        # the kept values arrive in the tensor's own dtype (float16 ones were rounded to it)
+        np.testing.assert_array_equal(out[name].reshape(-1), want.astype(dtype))
+        assert np.count_nonzero(out[name]) > 0
+
+
+def test_aggregator_sums_of_many_sparse_tensors_match_decoding() -> None:
+    rng = np.random.default_rng(10)
+    codec = fp.Codec("topk:0.03+q4")
+    shapes = {name: t.shape for name, t in model(rng, tensors=25).items()}
+    payloads = [
+        codec.encode({name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}, seed=c)
+        for c in range(4)
+    ]
+    weights = [1.0, 2.0, 0.5, 3.0]
+    want: dict[str, np.ndarray] = {}
+    for p, w in zip(payloads, weights):
+        for name, t in fp.decode(p).items():
+            want[name] = want.get(name, np.zeros(t.size, np.float64)) + w * t.reshape(-1).astype(np.float64)
+    one_by_one, together = fp.Aggregator(), fp.Aggregator()
+    for p, w in zip(payloads, weights):
+        one_by_one.add(p, weight=w)
+    together.add_many(payloads, weights)
+    total = sum(weights)
+    for agg in (one_by_one, together):
+        got = agg.result()
+        for name, t in want.items():
+            np.testing.assert_allclose(got[name].reshape(-1), t / total, rtol=1e-5, atol=1e-6)
+    a, b = one_by_one.result(), together.result()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])  # the same sums, in the same order
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_encoder_correction_is_the_same_below_and_above_the_hand_off(monkeypatch, per_tensor: bool) -> None:
+    from fedpress import encoder as encoder_module
+
+    rng = np.random.default_rng(11)
+    rounds = [model(rng, tensors=10) for _ in range(3)]
+    results = []
+    for threshold in (0, 1 << 40):  # every correction on the pool's thread / on the caller's
+        monkeypatch.setattr(encoder_module, "_SMALL_CORRECTION", threshold)
+        enc = fp.Encoder("topk:0.01+q4+zstd", per_tensor=per_tensor)
+        payloads = [enc.encode(update, seed=r) for r, update in enumerate(rounds)]
+        results.append((payloads, {name: r.copy() for name, r in enc.residuals.items()}))
+    (p0, r0), (p1, r1) = results
+    assert p0 == p1
+    for name in r0:
+        np.testing.assert_array_equal(r0[name], r1[name])
+
+
+def _encode_in_child(queue) -> None:
+    update = {"w": np.random.default_rng(0).standard_normal(2_000_000).astype(np.float32)}
+    enc = fp.Encoder("topk:0.1+q4")  # 200,000 kept entries: corrected on the pool's thread
+    queue.put(len(enc.encode(update, seed=1)))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_forked_child_corrects_on_its_own_threads() -> None:
+    # The parent's pool exists (and its threads are not in the child) before the fork.
+    enc = fp.Encoder("topk:0.1+q4")
+    enc.encode({"w": np.random.default_rng(1).standard_normal(2_000_000).astype(np.float32)}, seed=1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_encode_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0, "the child hung or failed encoding with error feedback"
+    assert queue.get(timeout=5) > 0
+
+
+# ------------------------------------------------- checksum in sub-pieces --
+@pytest.mark.parametrize("code", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_jobs_around_sub_piece_boundaries(code: str, threads: int) -> None:
+    rng = np.random.default_rng(12)
+    width = 4 if code == "fp32" else 2
+    for start in (SUB_PIECE - 1, SUB_PIECE - width, SUB_PIECE, 3 * SUB_PIECE + 1):
+        head = bytes(rng.integers(0, 256, start, dtype=np.uint8))
+        n = 5 * SUB_PIECE // width + 3  # across several sub-pieces, ending mid-value of none
+        x = rng.standard_normal(n).astype(np.float32)
+        body = {"fp32": x.astype("<f4"), "fp16": x.astype("<f2")}.get(code)
+        if body is None:
+            body = (x.view(np.uint32) >> 16).astype("<u2")
+        data = head + body.tobytes() + b"\x01\x02\x03"
+        out = np.empty(n, np.float32)
+        with num_threads(threads):
+            crc, flags = _core.crc32c_decoding(data, [(start, code, n, out)])
+        want, finite = _core.decode_floats(body.tobytes(), code, n)
+        assert crc == _core.crc32c(data) and flags == [finite]
+        np.testing.assert_array_equal(out, want)
