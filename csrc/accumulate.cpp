@@ -236,7 +236,13 @@ void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
     for (const auto& u : sums[i].updates) entries += static_cast<std::size_t>(u.indices->count());
     const std::size_t n_ranges = ceil_div(sums[i].n, kRange);
     if (entries == 0 || n_ranges == 0) continue;
-    const std::size_t parts = std::min(n_ranges, ceil_div(entries, kTaskEntries));
+    // A task starts every stream of its sum at a checkpoint, decoding up to kCheckpointEvery
+    // indices it does not add: it takes at least 8 times that per stream (100 clients' streams
+    // cut into one task per range decoded 10 times what they added), and no more tasks than
+    // threads (the sum is one pass over every stream, as in scatter_add_streams).
+    const std::size_t per_task =
+        std::max(kTaskEntries, sums[i].updates.size() * 8 * static_cast<std::size_t>(RiceStream::kCheckpointEvery));
+    const std::size_t parts = std::min({n_ranges, ceil_div(entries, per_task), static_cast<std::size_t>(num_threads())});
     for (std::size_t p = 0; p < parts; ++p) tasks.push_back({i, n_ranges * p / parts, n_ranges * (p + 1) / parts});
     total += entries;
   }
