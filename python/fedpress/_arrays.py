@@ -53,7 +53,7 @@ _FLOAT32 = np.dtype(np.float32)
 def as_float32(x: Any, name: str) -> np.ndarray:
     """x as a 1-D C-contiguous float32 array, without a copy when it already is one."""
     if type(x) is np.ndarray and x.dtype == _FLOAT32 and x.flags.c_contiguous and x.size <= MAX_ELEMENTS:
-        return x.reshape(-1)  # the common case, called several times per tensor: no further checks
+        return x if x.ndim == 1 else x.reshape(-1)  # the common case, called several times per tensor
     if is_torch_tensor(x):
         arr = torch_to_numpy(x, name, want_float32=True)
     else:

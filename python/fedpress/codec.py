@@ -103,7 +103,7 @@ class Spec:
     int_clip: float = DEFAULT_INT_CLIP  # intB values: the clip range [-C, C]
     int_clients: int = DEFAULT_INT_CLIENTS  # intB values: the most clients one secure sum holds
 
-    @property
+    @functools.cached_property
     def eden(self) -> bool:
         return self.values in EDEN_STAGES
 

@@ -1288,8 +1288,9 @@ class Server:
         capped.add(self._reference, 0.0)
         scaled = 0.0
         for h, w in zip(held, weights):
-            capped.add(h.payload, w * h.factor)
             scaled += w * h.factor
+        # In one call, cache-blocked: the same sums as adding them one by one, in this order.
+        capped.add_many([h.payload for h in held], [w * h.factor for h, w in zip(held, weights)])
         if scaled <= 0:  # every update clipped to nothing (non-finite norms): no change
             return {k: unchanged(v) for k, v in self.params.items()}
         # The aggregator divides by sum(w * f); FedAvg with clipping divides by sum(w).

@@ -4,6 +4,7 @@ public surface is ``fedpress.format``."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Union
@@ -19,6 +20,11 @@ def encode_varint(value: int) -> bytes:
     """``value`` (a non-negative integer) as a LEB128 varint, minimally encoded."""
     if 0 <= value < 0x80:
         return _ONE_BYTE[value]
+    return _encode_long_varint(value)
+
+
+@functools.lru_cache(maxsize=1024)  # a model's tables repeat their buckets, blocks and sizes
+def _encode_long_varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)

@@ -87,7 +87,10 @@ def section_size(values: Any) -> int:
     if isinstance(values, KernelSection):
         return values.nbytes
     if isinstance(values, tuple):
-        return sum(memoryview(p).nbytes for p in values)
+        total = 0
+        for p in values:  # (numpy arrays, mostly: their size without a memoryview)
+            total += p.nbytes if type(p) is np.ndarray else memoryview(p).nbytes
+        return total
     return memoryview(values).nbytes
 
 
