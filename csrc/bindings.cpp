@@ -1252,7 +1252,7 @@ class IndexStream {
       throw fedpress::MalformedData("index stream holds " + std::to_string(stream->count()) + " indices, expected " +
                                     std::to_string(count_));
     if (check_finite_ && !fedpress::floats_finite(values(), static_cast<std::size_t>(count_)))
-      throw fedpress::MalformedData("values section holds NaN or infinity");
+      throw fedpress::MalformedData("values section decodes to non-finite values (NaN or infinity)");
     stream_ = std::move(stream);
   }
 

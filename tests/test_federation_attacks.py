@@ -362,7 +362,7 @@ def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
     import fedpress.federation.server as S
 
     calls = {"decode": 0, "add": 0}
-    real_decode, real_add = S.decode, S.Aggregator.add
+    real_decode, real_add, real_add_many = S.decode, S.Aggregator.add, S.Aggregator.add_many
 
     def decode(*a: object, **kw: object) -> object:
         calls["decode"] += 1
@@ -372,8 +372,13 @@ def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
         calls["add"] += weight > 0  # the round's reference payload goes in with weight 0
         real_add(self, payload, weight)
 
+    def add_many(self: object, payloads: list, weights: list) -> None:  # the held payloads, in one call
+        calls["add"] += sum(w > 0 for w in weights)
+        real_add_many(self, payloads, weights)
+
     monkeypatch.setattr(S, "decode", decode)
     monkeypatch.setattr(S.Aggregator, "add", add)
+    monkeypatch.setattr(S.Aggregator, "add_many", add_many)
     liar = poisoned_train_fn(scale=100.0)
     streamed = run_with_liar(liar, rounds=2, codec="fp32", clip_norm=0.05)
     updates = sum(len(r["completed"]) for r in streamed.history[1:])

@@ -181,12 +181,6 @@ def test_add_streams_each_refuses_an_accumulator_over_a_streams_bytes_and_writes
 
 
 # ------------------------------------------------------------- index_streams --
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: python/fedpress/format/decoding.py:137-151 index_streams: when dequantize_many refuses "
-    "a later quantized tensor it decodes nothing, yet the streams of the tensors before it are built over "
-    "the np.empty views and returned as checked (uninitialized values, NaN possible)",
-)
 def test_index_streams_before_a_refused_tensor_carry_their_values(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(103)
     update = {
@@ -437,12 +431,6 @@ def test_decode_names_the_first_bad_tensor() -> None:
             fp.decode(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (there before these commits too): python/fedpress/format/decoding.py:280 decode checks every "
-    "dense quantized section (_dequantize_dense) before the loop that raises a sparse tensor's stream error: "
-    "a later dense tensor's bad scale is named before an earlier tensor's bad index stream",
-)
 def test_decode_names_an_earlier_stream_before_a_later_dense_section() -> None:
     rng = np.random.default_rng(112)
     bad, name = bad_payloads(payloads_of(rng, 1, "topk:0.05+q4")[0])["stream, then a dense scale"]
@@ -450,12 +438,6 @@ def test_decode_names_an_earlier_stream_before_a_later_dense_section() -> None:
         fp.decode(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (there before these commits too): python/fedpress/aggregate.py:357-364 add_many raises the "
-    "first bad index stream of any payload (checked_streams) before any dense section is checked "
-    "(_check_sections, :408): an earlier dense tensor's bad scale, even of an earlier payload, is not the one named",
-)
 def test_add_many_names_an_earlier_dense_section_before_a_later_stream() -> None:
     rng = np.random.default_rng(112)
     good = payloads_of(rng, 2, "topk:0.05+q4")
@@ -464,13 +446,6 @@ def test_add_many_names_an_earlier_dense_section_before_a_later_stream() -> None
         fp.Aggregator().add_many([good[0], bad])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: python/fedpress/aggregate.py:423-425 add_many adds every payload's dense steps (_run) before "
-    "any payload's streams, so a tensor sent dense by some clients and sparse by others (a global top-k) is "
-    "summed in another order than one by one; flower.py:556 and federation/server.py:1293 now use add_many "
-    "claiming 'the same sums as one by one, in order'",
-)
 def test_add_many_of_mixed_dense_and_sparse_payloads_equals_sequential_add() -> None:
     rng = np.random.default_rng(113)
     n = 200_000
@@ -596,11 +571,6 @@ def _encode_large(queue) -> None:
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: python/fedpress/encoder.py:39 _pool_lock is not reinitialized after fork: a child forked "
-    "while another thread is inside _correction_pool deadlocks at its first large correction",
-)
 def test_a_child_forked_while_another_thread_makes_the_pool_can_encode() -> None:
     entered, release = threading.Event(), threading.Event()
 
@@ -644,11 +614,6 @@ def test_reader_names_the_section_cut_short() -> None:
             parse(with_crc(bytearray(payload[: -4 - cut] + b"\0\0\0\0")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: python/fedpress/format/reader.py:414 @dataclass(slots=True) needs Python 3.10; pyproject "
-    "declares requires-python >=3.9 (TypeError on import of fedpress.format.reader under 3.9)",
-)
 def test_the_package_keeps_to_python_39() -> None:
     newer = {"slots", "kw_only", "match_args", "weakref_slot"}  # dataclass() keywords from 3.10 on
     found = []

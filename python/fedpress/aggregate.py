@@ -345,69 +345,95 @@ class Aggregator:
                 except DecodeError as exc:
                     return DecodeError(f"payload {i}: {exc}")
 
-            first = parse_one(0)
-            if isinstance(first, DecodeError):
-                raise first
-            if table is None:  # the first payload sets the table for the others
-                table = [(t.name, t.dtype, t.shape) for t in first.tensors]
-            parsed = [first, *map(parse_one, range(1, len(payloads)))]
-            # Up to the first that fails to parse, the payloads' checksums and index streams
-            # are checked in one call, in parallel: the first failure in order is reported.
-            broken = next((i for i, one in enumerate(parsed) if isinstance(one, DecodeError)), len(parsed))
-            checks = checked_streams(
-                [(one, [rec for rec in one.tensors if stream and streamable(rec)]) for one in parsed[:broken]]
-            )
-            streams: list[dict[str, Any]] = []
-            for i, result in enumerate(checks):
-                if isinstance(result, DecodeError):
-                    raise DecodeError(f"payload {i}: {result}") from None
-                streams.append(result)
-            if broken < len(parsed):
-                raise parsed[broken]
-            sums = self._sums
-            new_ints, int_steps = self._int_steps(parsed, ws, self._table is None)
-            sums = self._float_sums({} if self._table is None else sums, parsed, np.zeros)
-            # The other sparse float32 tensors go into two buffers allocated once (many small
-            # arrays would each fault their pages in, one large one takes huge pages).
-            batched = [
-                (i, rec)
-                for i, one in enumerate(parsed)
-                for rec in one.tensors
-                if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED)
-                and rec.eden is None
-                and rec.intcode is None
-                and sums[rec.name].dtype == np.float32
-                and rec.name not in streams[i]
-            ]
-            starts = np.cumsum([0] + [rec.count for _, rec in batched])
-            all_idx = np.empty(int(starts[-1]), np.uint32)
-            all_val = np.empty(int(starts[-1]), np.float32)
+            try:  # (checked by kind, not in order: on a failure, the first bad one in order is found)
+                first = parse_one(0)
+                if isinstance(first, DecodeError):
+                    raise first
+                if table is None:  # the first payload sets the table for the others
+                    table = [(t.name, t.dtype, t.shape) for t in first.tensors]
+                parsed = [first, *map(parse_one, range(1, len(payloads)))]
+                # Up to the first that fails to parse, the payloads' checksums and index streams
+                # are checked in one call, in parallel: the first failure in order is reported.
+                broken = next((i for i, one in enumerate(parsed) if isinstance(one, DecodeError)), len(parsed))
+                checks = checked_streams(
+                    [(one, [rec for rec in one.tensors if stream and streamable(rec)]) for one in parsed[:broken]]
+                )
+                streams: list[dict[str, Any]] = []
+                for i, result in enumerate(checks):
+                    if isinstance(result, DecodeError):
+                        raise DecodeError(f"payload {i}: {result}") from None
+                    streams.append(result)
+                if broken < len(parsed):
+                    raise parsed[broken]
+                sums = self._sums
+                new_ints, int_steps = self._int_steps(parsed, ws, self._table is None)
+                sums = self._float_sums({} if self._table is None else sums, parsed, np.zeros)
+                # The other sparse float32 tensors go into two buffers allocated once (many small
+                # arrays would each fault their pages in, one large one takes huge pages).
+                batched = [
+                    (i, rec)
+                    for i, one in enumerate(parsed)
+                    for rec in one.tensors
+                    if rec.kind in (KIND_SPARSE, KIND_SPARSE_SEEDED)
+                    and rec.eden is None
+                    and rec.intcode is None
+                    and sums[rec.name].dtype == np.float32
+                    and rec.name not in streams[i]
+                ]
+                starts = np.cumsum([0] + [rec.count for _, rec in batched])
+                all_idx = np.empty(int(starts[-1]), np.uint32)
+                all_val = np.empty(int(starts[-1]), np.float32)
 
-            def decode_one(j: int) -> tuple[Optional[np.ndarray], np.ndarray]:
-                i, rec = batched[j]
-                into = (all_idx[starts[j] : starts[j + 1]], all_val[starts[j] : starts[j + 1]])
-                return sparse_parts(rec, parsed[i].seed, into)
+                def decode_one(j: int) -> tuple[Optional[np.ndarray], np.ndarray]:
+                    i, rec = batched[j]
+                    into = (all_idx[starts[j] : starts[j + 1]], all_val[starts[j] : starts[j + 1]])
+                    return sparse_parts(rec, parsed[i].seed, into)
 
-            try:
-                decoded = list(pool.map(decode_one, range(len(batched))))
-            except DecodeError as exc:
-                raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
-            new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
-            steps: list[Callable[[], Any]] = []
-            skip = {(i, rec.name) for i, rec in batched}
-            owners: list[int] = []  # each step's payload, for the messages
-            for i, one in enumerate(parsed):
-                for rec in one.tensors:
-                    if rec.intcode is None and (i, rec.name) not in skip and rec.name not in streams[i]:
-                        try:
-                            steps.append(self._prepare(rec, one.seed, ws[i], sums[rec.name], new_rotated))
-                        except DecodeError as exc:
-                            _check_sections(steps, owners)  # an earlier tensor's bad section is the first error
-                            raise DecodeError(f"payload {i}: {exc}") from None
+                try:
+                    decoded = list(pool.map(decode_one, range(len(batched))))
+                except DecodeError as exc:
+                    raise DecodeError(f"in a batch of {len(payloads)} payloads: {exc}") from None
+                new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
+                steps: list[Callable[[], Any]] = []
+                skip = {(i, rec.name) for i, rec in batched}
+                # A tensor that some payloads send one way (dense, say) and others another (a
+                # stream) is summed step by step in payload order, as adding them one by one would.
+                routes: dict[str, set[int]] = {}
+                for i, one in enumerate(parsed):
+                    for rec in one.tensors:
+                        if rec.intcode is None:
+                            route = 0 if rec.name in streams[i] else 1 if (i, rec.name) in skip else 2
+                            routes.setdefault(rec.name, set()).add(route)
+                mixed = {name for name, seen in routes.items() if len(seen) > 1}
+                decoded_at = {(i, rec.name): parts for (i, rec), parts in zip(batched, decoded)}
+                owners: list[int] = []  # each step's payload, for the messages
+                for i, one in enumerate(parsed):
+                    for rec in one.tensors:
+                        if rec.intcode is not None:
+                            continue
+                        acc = sums[rec.name]
+                        if rec.name in streams[i] or (i, rec.name) in skip:
+                            if rec.name not in mixed:
+                                continue  # summed with the other payloads' below
+                            if rec.name in streams[i]:
+                                steps.append(_AddStream(acc, streams[i][rec.name], ws[i]))
+                            else:
+                                idx, values = decoded_at[(i, rec.name)]
+                                steps.append(partial(ops.scatter_add, acc, idx, values, ws[i]))
+                        else:
+                            try:
+                                steps.append(self._prepare(rec, one.seed, ws[i], acc, new_rotated))
+                            except DecodeError as exc:
+                                _check_sections(steps, owners)  # an earlier tensor's bad section is the first error
+                                raise DecodeError(f"payload {i}: {exc}") from None
                         owners.append(i)
-            _check_sections(steps, owners)
+                _check_sections(steps, owners)
+            except DecodeError as exc:
+                raise self._first_bad(payloads, ws, exc) from None
             groups: dict[str, tuple[list, list, list]] = {}
             for (i, rec), (idx, values) in zip(batched, decoded):
+                if rec.name in mixed:
+                    continue
                 g = groups.setdefault(rec.name, ([], [], []))
                 g[0].append(idx)
                 g[1].append(values)
@@ -415,6 +441,8 @@ class Aggregator:
             stream_groups: dict[str, tuple[list, list]] = {}
             for i, by_name in enumerate(streams):
                 for name, checked in by_name.items():
+                    if name in mixed:
+                        continue
                     g2 = stream_groups.setdefault(name, ([], []))
                     g2[0].append(checked)
                     g2[1].append(ws[i])
@@ -429,6 +457,19 @@ class Aggregator:
         self._sums = sums
         self.count += len(payloads)
         self.total_weight += sum(ws)
+
+    def _first_bad(self, payloads: Sequence[Any], weights: Sequence[float], found: DecodeError) -> DecodeError:
+        """The error ``add`` would meet first, adding the payloads one by one (in order, each
+        one's tensors in table order), for a batch that failed with ``found``: add_many checks
+        by kind (checksums and streams of every payload, then sections), not in that order.
+        Each payload is added in turn to a scratch aggregator, nothing of this one changes."""
+        probe = Aggregator(self.dtype, self.limits, table=self._table if self._table is not None else self._model)
+        for i, (payload, w) in enumerate(zip(payloads, weights)):
+            try:
+                probe.add(payload, w)
+            except DecodeError as exc:
+                return DecodeError(f"payload {i}: {exc}")
+        return found  # (what only this aggregator's sums refuse: int sums of other levels, say)
 
     def add_update(self, update: Any, weight: float = 1.0) -> None:
         """Adds an update that is already decoded, ``{name: numpy array}``:

@@ -36,22 +36,45 @@ __all__ = ["Encoder"]
 # Kept entries below which the residual's correction runs on the encoding thread: handing
 # it to another costs about 0.1 ms, what correcting some 10^5 entries takes.
 _SMALL_CORRECTION = 1 << 16
+_pool: list[ThreadPoolExecutor] = []  # made at the first large correction
 _pool_lock = threading.Lock()
-_pool_of: dict[int, ThreadPoolExecutor] = {}  # by process: a child made by fork has none of the threads
 
 
 def _correction_pool() -> ThreadPoolExecutor:
     """The threads that correct residuals while payloads are written, made once per process
     (not once per call: starting a thread cost 0.4 ms of a 160-tensor model's encode)."""
-    pid = os.getpid()
     with _pool_lock:
-        pool = _pool_of.get(pid)
-        if pool is None:
-            _pool_of.clear()
-            pool = _pool_of[pid] = ThreadPoolExecutor(
-                max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="fedpress-correction"
+        if not _pool:
+            _pool.append(
+                ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="fedpress-correction")
             )
-        return pool
+        return _pool[0]
+
+
+def _forget_pool_in_child() -> None:
+    """A child made by fork has none of the parent's threads, and may have been made while
+    another thread held the lock: it starts with neither."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _settle(futures: list[Future]) -> bool:
+    """Waits for every future (an interrupt, too, must not leave a correction running while
+    the residuals are restored); whether each one completed without an exception."""
+    made = True
+    for f in futures:
+        while True:
+            try:
+                made = f.exception() is None and made
+                break
+            except BaseException:  # noqa: BLE001 - interrupted while waiting: wait again
+                continue
+    return made
 
 
 class Encoder:
@@ -157,7 +180,6 @@ class Encoder:
         selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         correcting: list[Future] = []  # the residual's correction, on a second thread
         early: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}  # the tensors it corrects
-        done: list[None] = []
         try:
             if self._fuses_globally(codec, dtypes, scale):
                 # Every residual += its update and the top-k of them all, in one pass over each,
@@ -242,9 +264,10 @@ class Encoder:
                     weight=weight,
                 )
             finally:
-                done = [f.result() for f in correcting]  # joined, success or not
+                for f in correcting:  # joined, success or not
+                    f.result()
         except BaseException:
-            if correcting and len(done) == len(correcting):
+            if correcting and _settle(correcting):
                 self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)
             raise

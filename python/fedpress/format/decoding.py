@@ -75,7 +75,7 @@ def sparse_parts(
     else:
         finite_by_construction = not rec.rht_block  # decode_values checks or guarantees it
     if not finite_by_construction and not np.all(np.isfinite(values)):
-        raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+        raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values (NaN or infinity)")
     if rec.kind == KIND_DENSE:
         return None, values
     if rec.kind == KIND_SPARSE_SEEDED:
@@ -134,7 +134,11 @@ def index_streams(records: Sequence[TensorRecord], finite: Collection[str] = ())
         body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
         jobs.append((body, scales, bits, rec.count, rec.bucket, view, 1.0, False))
     failed = _core.dequantize_many(jobs, True) if jobs else None
-    refused = id(quantized[failed]) if isinstance(failed, int) else None  # decoded nothing then
+    refused = None
+    if isinstance(failed, int):  # it decoded nothing: the sections before the refused one, now
+        refused = id(quantized[failed])
+        if failed:
+            _core.dequantize_many(jobs[:failed])
     decoded = dict(zip(map(id, quantized), views))
     made: list[tuple[TensorRecord, Any]] = []
     values: Any
@@ -189,7 +193,9 @@ def checked_streams(batch: Sequence[tuple[Parsed, list[TensorRecord]]]) -> list[
                 checksum_verified(parsed, crc)
             for rec, ok in zip(fp32, finite):
                 if not ok:
-                    raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+                    raise DecodeError(
+                        f"tensor {rec.name!r}: values section decodes to non-finite values (NaN or infinity)"
+                    )
             if failed is not None:
                 raise DecodeError(f"tensor {fp32[failed].name!r}: {error}")
             checked = {rec.name: stream for rec, stream in zip(fp32, streams)}
@@ -231,7 +237,7 @@ def finish_checksum_converting(
     records = [rec for rec, _ in converted.values()] + checked
     for rec, finite in zip(records, finish_checksum(parsed, jobs)):
         if not finite:
-            raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values")
+            raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values (NaN or infinity)")
     return {name: values for name, (_, values) in converted.items()}, {rec.name for rec in checked}
 
 
@@ -277,7 +283,10 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
             group = [rec for rec in placed if (rec.kind == KIND_DENSE) == written]
             views.update(zip(map(id, group), flat_views([rec.size for rec in group], np.float32, make)))
         converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True, outs=views)
-        dequantized = _dequantize_dense([rec for rec in placed if rec.kind == KIND_DENSE], views)
+        try:
+            dequantized = _dequantize_dense([rec for rec in placed if rec.kind == KIND_DENSE], views)
+        except DecodeError:  # it decoded none: the loop decodes them in order, naming the first bad tensor
+            dequantized = set()
         streams = index_streams(streamed, finite)
         adds: list[tuple[np.ndarray, list, list]] = []  # every stream added in one call at the end
         out: dict[str, np.ndarray] = {}

@@ -5,6 +5,7 @@ public surface is ``fedpress.format``."""
 from __future__ import annotations
 
 import functools
+import operator
 import struct
 from collections.abc import Callable
 from typing import Union
@@ -18,6 +19,8 @@ __all__: list[str] = []
 # keeps the table of a many-tensor model a few bytes per tensor.
 def encode_varint(value: int) -> bytes:
     """``value`` (a non-negative integer) as a LEB128 varint, minimally encoded."""
+    if type(value) is not int:  # (a float equal to a cached int must not get its bytes)
+        value = operator.index(value)
     if 0 <= value < 0x80:
         return _ONE_BYTE[value]
     return _encode_long_varint(value)

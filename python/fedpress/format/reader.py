@@ -411,7 +411,7 @@ def _check_dtype_and_dims(name: str, dtype_code: int, ndim: int, limits: Limits)
         raise DecodeError(f"tensor {name!r}: {ndim} dimensions exceed the limit of {limits.max_dims}")
 
 
-@dataclass(slots=True)
+@dataclass
 class _EntryFields:
     """A table entry's fields after its head (name, dtype, shape), as read: not checked yet."""
 

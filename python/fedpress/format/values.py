@@ -130,5 +130,5 @@ def decode_values(code: str, data: memoryview, count: int, bucket: int, out: Opt
     # fp32, fp16, bf16: converted and checked for NaN and infinity in one pass.
     values, finite = _core.decode_floats(data, code, count, out)
     if not finite:
-        raise DecodeError("values section decodes to non-finite values")
+        raise DecodeError("values section decodes to non-finite values (NaN or infinity)")
     return values
