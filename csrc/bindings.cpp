@@ -731,11 +731,13 @@ struct DecodingJobs {
       }
       std::atomic<bool>* flag = &finite[j];
       const std::uint8_t* at = data + offset;
+      // A tensor larger than the caches is streamed out: nothing reads it back soon.
+      const bool streaming = n >= fedpress::kStreamingValues;
       jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
                    const bool ok = out == nullptr
                                        ? fedpress::floats_finite(at + 4 * first, last - first)
                                        : fedpress::decode_floats_serial(c, at + width * first, last - first,
-                                                                        out + first);
+                                                                        out + first, streaming);
                    if (!ok) flag->store(false, std::memory_order_relaxed);
                  }};
     }

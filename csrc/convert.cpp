@@ -1,11 +1,16 @@
 #include "convert.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <atomic>
 #include <cstring>
 
 #include "parallel.hpp"
 #include "simd.hpp"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
 
 namespace fedpress {
 namespace {
@@ -138,6 +143,35 @@ bool all_finite(const void* x, std::size_t len) {
 // float32 values at any address, copied.
 void copy_floats(const unsigned char* src, std::size_t n, float* out) { std::memcpy(out, src, 4 * n); }
 
+// copy_floats with non-temporal stores: for an output that is not read again soon (a large
+// decoded tensor), the stores do not first read the lines they fill.
+void stream_floats(const unsigned char* src, std::size_t n, float* out) {
+#if defined(__x86_64__) || defined(_M_X64)
+  auto* dst = reinterpret_cast<unsigned char*>(out);
+  const std::size_t bytes = 4 * n;
+  std::size_t i = 0;
+  const std::size_t misaligned = reinterpret_cast<std::uintptr_t>(dst) & 15;
+  if (misaligned) {
+    i = std::min(bytes, 16 - misaligned);
+    std::memcpy(dst, src, i);
+  }
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+  }
+  std::memcpy(dst + i, src + i, bytes - i);
+  _mm_sfence();  // visible to the thread that reads the output once the job is done
+#else
+  copy_floats(src, n, out);
+#endif
+}
+
 // Runs fn(begin, count) over fixed chunks of [0, n), in parallel.
 template <typename Fn>
 void chunked(std::size_t n, Fn fn) {
@@ -169,8 +203,14 @@ void bfloat16_to_float(const void* h, std::size_t n, float* out) {
   chunked(n, [&](std::size_t begin, std::size_t count) { from_bf16_range(bytes + 2 * begin, count, out + begin); });
 }
 
-bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float* out) {
+bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float* out, bool streaming) {
   const auto* in = static_cast<const unsigned char*>(data);
+  if (code == FloatCode::fp32 && streaming) {
+    // Checked on the input (in cache; the output is streamed past it), then copied.
+    const bool finite = all_finite(in, n);
+    stream_floats(in, n, out);
+    return finite;
+  }
   switch (code) {
     case FloatCode::fp32: copy_floats(in, n, out); break;
     case FloatCode::fp16: from_half_range(in, n, out); break;
@@ -184,8 +224,9 @@ bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out) 
   const auto* bytes = static_cast<const unsigned char*>(data);
   const std::size_t width = code == FloatCode::fp32 ? 4 : 2;
   std::atomic<bool> finite{true};
+  const bool streaming = n >= kStreamingValues;
   chunked(n, [&](std::size_t begin, std::size_t count) {
-    if (!decode_floats_serial(code, bytes + width * begin, count, out + begin))
+    if (!decode_floats_serial(code, bytes + width * begin, count, out + begin, streaming))
       finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();

@@ -23,8 +23,14 @@ void bfloat16_to_float(const void* h, std::size_t n, float* out);
 enum class FloatCode : int { fp32 = 0, fp16 = 1, bf16 = 2 };
 bool decode_floats(FloatCode code, const void* data, std::size_t n, float* out);
 
+// Values of a decoded tensor from which decode_floats streams its fp32 output past the
+// caches (16 MiB of float32): nothing reads so large an output back soon.
+constexpr std::size_t kStreamingValues = std::size_t{1} << 22;
+
 // decode_floats on the calling thread only (for a caller that splits the work itself).
-bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float* out);
+// streaming: fp32 values go out with non-temporal stores (fenced before it returns), for a
+// large output that is not read again soon.
+bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float* out, bool streaming = false);
 
 // Whether n little-endian float32 values at any address are all finite; one thread.
 bool floats_finite(const void* data, std::size_t n);

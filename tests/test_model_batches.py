@@ -245,3 +245,37 @@ def test_jobs_around_sub_piece_boundaries(code: str, threads: int) -> None:
         want, finite = _core.decode_floats(body.tobytes(), code, n)
         assert crc == _core.crc32c(data) and flags == [finite]
         np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shift", [0, 1, 3])  # the output's address, in floats past 16-byte alignment
+@pytest.mark.parametrize("bad_at", [None, 0, 2_500_001, (1 << 22) + 6])
+def test_a_large_fp32_section_is_streamed_out_exactly(threads: int, shift: int, bad_at) -> None:
+    """From 2^22 values (csrc/convert.hpp, kStreamingValues) the values go out with
+    non-temporal stores and are checked on the input: the same bytes and the same flag."""
+    n = (1 << 22) + 7
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(n).astype(np.float32)
+    if bad_at is not None:
+        x[bad_at] = np.inf
+    head = bytes(rng.integers(0, 256, 3, dtype=np.uint8))  # values at an odd address
+    data = head + x.tobytes() + b"\x07"
+    buf = np.empty(n + 8, np.float32)
+    start = (-buf.ctypes.data // 4) % 4 + shift  # `shift` floats past a 16-byte boundary
+    out = buf[start : start + n]
+    with num_threads(threads):
+        crc, flags = _core.crc32c_decoding(data, [(len(head), "fp32", n, out)])
+    assert crc == _core.crc32c(data) and flags == [bad_at is None]
+    assert out.tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_decode_floats_streams_a_large_fp32_section_exactly(bad: bool) -> None:
+    n = (1 << 22) + 5
+    x = np.random.default_rng(14).standard_normal(n).astype(np.float32)
+    if bad:
+        x[n - 1] = np.nan
+    data = b"\x01" + x.tobytes()  # at an odd address
+    buf = np.empty(n + 1, np.float32)
+    out, finite = _core.decode_floats(memoryview(data)[1:], "fp32", n, buf[1:])
+    assert finite is not bad and out.tobytes() == x.tobytes()
