@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <unordered_set>
 #include <vector>
@@ -1532,6 +1533,61 @@ void register_table(py::module_& m) {
       "A payload's tensor table as written, n entries from body[pos:] (with heads: name bytes, dtype "
       "code, shape): (end, [(name, dtype, shape, kind, value code, flags, count, bucket, block, index "
       "length, values length)]), or None for a table it cannot read (the Python reader reports why).");
+  m.def(
+      "write_table",
+      [](const py::bytes& prefix, const py::sequence& rows) {
+        const std::string_view start = prefix;
+        std::vector<std::uint8_t> out(start.begin(), start.end());
+        const std::size_t count = py::len(rows);
+        out.reserve(out.size() + 32 * count);
+        for (std::size_t i = 0; i < count; ++i) {
+          const py::tuple t = py::reinterpret_borrow<py::tuple>(rows[i]);
+          if (t.size() != 9)
+            throw py::value_error("rows[" + std::to_string(i) +
+                                  "] must be (head, kind, value code, flags, count, bucket, block, index length, "
+                                  "values length)");
+          std::string_view head;
+          if (!t[0].is_none()) {
+            if (!PyBytes_Check(t[0].ptr()))
+              throw py::type_error("rows[" + std::to_string(i) + "]: a head is bytes or None");
+            head = t[0].cast<std::string_view>();
+          }
+          const auto byte = [&](std::size_t k) {
+            const long long v = t[k].cast<long long>();
+            if (v < 0 || v > 255)
+              throw py::value_error("rows[" + std::to_string(i) + "]: a code byte is " + std::to_string(v));
+            return static_cast<std::uint8_t>(v);
+          };
+          const auto number = [&](std::size_t k) -> std::uint64_t {
+            const py::handle h = t[k];
+            if (!PyLong_Check(h.ptr()))
+              throw py::type_error("rows[" + std::to_string(i) + "]: field " + std::to_string(k) +
+                                   " must be an integer, got " + std::string(py::str(py::type::of(h).attr("__name__"))));
+            const unsigned long long v = PyLong_AsUnsignedLongLong(h.ptr());
+            if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+              PyErr_Clear();
+              throw py::value_error("rows[" + std::to_string(i) + "]: field " + std::to_string(k) + " is " +
+                                    std::string(py::str(h)) + ", outside [0, 2^64)");
+            }
+            return static_cast<std::uint64_t>(v);
+          };
+          fedpress::EntryFields e;
+          e.kind = byte(1);
+          e.value_code = byte(2);
+          e.flags = byte(3);
+          e.count = number(4);
+          e.bucket = number(5);
+          e.block = number(6);
+          e.index_length = number(7);
+          e.value_length = number(8);
+          fedpress::write_entry(out, reinterpret_cast<const std::uint8_t*>(head.data()), head.size(), e);
+        }
+        return py::bytes(reinterpret_cast<const char*>(out.data()), static_cast<py::ssize_t>(out.size()));
+      },
+      "prefix"_a, "rows"_a,
+      "A payload's tensor table, as the writer writes it: prefix (the spec and entry count, coded), then per row "
+      "(head bytes or None for a compact entry, kind, value code, flags, count, bucket, block, index length, "
+      "values length) the head and the fields (three bytes, five varints).");
 }
 
 void register_runtime(py::module_& m) {

@@ -1,5 +1,7 @@
 #include "table.hpp"
 
+#include "varint.hpp"
+
 namespace fedpress {
 namespace {
 
@@ -50,6 +52,15 @@ bool read_table(const std::uint8_t* data, std::size_t size, std::size_t pos, std
   }
   end = pos;
   return true;
+}
+
+void write_entry(std::vector<std::uint8_t>& out, const std::uint8_t* head, std::size_t head_size,
+                 const EntryFields& e) {
+  out.insert(out.end(), head, head + head_size);
+  out.push_back(e.kind);
+  out.push_back(e.value_code);
+  out.push_back(e.flags);
+  for (const std::uint64_t v : {e.count, e.bucket, e.block, e.index_length, e.value_length}) put_varint(out, v);
 }
 
 }  // namespace fedpress

@@ -27,4 +27,16 @@ struct TableEntry {
 bool read_table(const std::uint8_t* data, std::size_t size, std::size_t pos, std::size_t n, bool heads,
                 std::size_t max_dims, std::vector<TableEntry>& out, std::size_t& end);
 
+// One entry's fields after its head, as the writer writes them: three code bytes, then the
+// count, bucket, rotation block, index section length and values section length as varints.
+struct EntryFields {
+  std::uint8_t kind = 0, value_code = 0, flags = 0;
+  std::uint64_t count = 0, bucket = 0, block = 0, index_length = 0, value_length = 0;
+};
+
+// Appends `head` (an inline entry's name, dtype and shape, already coded; empty for a
+// compact one) and the fields of one entry to `out`.
+void write_entry(std::vector<std::uint8_t>& out, const std::uint8_t* head, std::size_t head_size,
+                 const EntryFields& e);
+
 }  // namespace fedpress

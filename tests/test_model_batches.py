@@ -279,3 +279,36 @@ def test_decode_floats_streams_a_large_fp32_section_exactly(bad: bool) -> None:
     buf = np.empty(n + 1, np.float32)
     out, finite = _core.decode_floats(memoryview(data)[1:], "fp32", n, buf[1:])
     assert finite is not bad and out.tobytes() == x.tobytes()
+
+
+# ----------------------------------------------------------------- the table --
+def test_write_table_writes_what_read_table_reads() -> None:
+    heads = [b"\x01a\x00\x01\x05", b"\x02bb\x03\x02\x80\x01\x03"]  # (name, dtype code, shape), coded
+    rows = [
+        (heads[0], 1, 2, 0, 5, 512, 0, 0, 24),
+        (heads[1], 2, 0, 1, 1 << 40, 0, 1 << 16, 300, (1 << 64) - 1),
+    ]
+    table = _core.write_table(b"\x07prefix", rows)
+    assert table.startswith(b"\x07prefix")
+    end, read = _core.read_table(table, 7, 2, True, 8)
+    assert end == len(table)
+    assert [row[3:] for row in read] == [row[1:] for row in rows]
+    assert [(row[0], row[1], row[2]) for row in read] == [(b"a", 0, (5,)), (b"bb", 3, (128, 3))]
+    compact = _core.write_table(b"", [(None, *row[1:]) for row in rows])
+    end, read = _core.read_table(compact, 0, 2, False, 8)
+    assert end == len(compact) and [row[3:] for row in read] == [row[1:] for row in rows]
+
+
+def test_write_table_refuses_malformed_rows() -> None:
+    with pytest.raises(ValueError, match=r"rows\[0\] must be"):
+        _core.write_table(b"", [(None, 1, 2, 3)])
+    with pytest.raises(ValueError, match=r"rows\[1\]: a code byte is 256"):
+        _core.write_table(b"", [(None, 0, 0, 0, 1, 0, 0, 0, 4), (None, 256, 0, 0, 1, 0, 0, 0, 4)])
+    with pytest.raises(ValueError, match=r"rows\[0\]: field 4 is -1, outside \[0, 2\^64\)"):
+        _core.write_table(b"", [(None, 1, 0, 0, -1, 0, 0, 0, 4)])
+    with pytest.raises(ValueError, match="field 8 is 18446744073709551616"):
+        _core.write_table(b"", [(None, 1, 0, 0, 1, 0, 0, 0, 1 << 64)])
+    with pytest.raises(TypeError, match="field 5 must be an integer, got float"):
+        _core.write_table(b"", [(None, 1, 0, 0, 1, 2.0, 0, 0, 4)])
+    with pytest.raises(TypeError, match="a head is bytes or None"):
+        _core.write_table(b"", [("name", 1, 0, 0, 1, 0, 0, 0, 4)])

@@ -127,15 +127,16 @@ def write_payload(
     spec_bytes = spec.encode("utf-8")
     heads = [entry_head(e.name, e.dtype, e.shape) for e in entries]
     compact = table == "digest"
-    # The table is written into one buffer (one piece for the kernel, not a few per tensor).
-    parts = bytearray(encode_varint(len(spec_bytes)))
-    parts += spec_bytes
+    # The table is written natively into one buffer (one piece for the kernel, not a few per tensor).
+    prefix = bytearray(encode_varint(len(spec_bytes)))
+    prefix += spec_bytes
     if compact:
-        parts += heads_digest(heads)
-    parts += encode_varint(len(entries))
+        prefix += heads_digest(heads)
+    prefix += encode_varint(len(entries))
+    rows: list[tuple] = []
     # Every piece in order, into one new buffer: a KernelSection written in place by its
     # kernel, the rest (any contiguous buffers) copied once; the checksum runs over the buffer.
-    pieces: list[tuple[Optional[str], Any]] = [(None, parts)]  # the table, filled below
+    pieces: list[tuple[Optional[str], Any]] = [(None, b"")]  # the table, made below
     # Every sparse tensor's index stream in one call, spread over the threads.
     sparse = [e for e in entries if e.kind == KIND_SPARSE]
     streams = iter(
@@ -145,16 +146,19 @@ def write_payload(
         index_bytes = next(streams) if e.kind == KIND_SPARSE else b""
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
-        if not compact:
-            parts += head
-        parts.append(e.kind)
-        parts.append(vcode)
-        parts.append(flags)
-        for number in (e.count, e.bucket, e.rht_block, len(index_bytes), section_size(e.values)):
-            if number < 0x80:  # one byte: most of a table's numbers
-                parts.append(number)
-            else:
-                parts += encode_varint(number)
+        rows.append(
+            (
+                None if compact else head,
+                e.kind,
+                vcode,
+                flags,
+                e.count,
+                e.bucket,
+                e.rht_block,
+                len(index_bytes),
+                section_size(e.values),
+            )
+        )
         if index_bytes:
             pieces.append((None, index_bytes))
         if isinstance(e.values, KernelSection):
@@ -163,6 +167,7 @@ def write_payload(
             pieces += [(None, p) for p in e.values]
         else:
             pieces.append((None, e.values))
+    pieces[0] = (None, _core.write_table(bytes(prefix), rows))
     flags = FLAG_TABLE_DIGEST if compact else 0
     if zstd_level is None:
         header = HEADER.pack(MAGIC, FORMAT_VERSION, flags, seed)
