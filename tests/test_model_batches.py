@@ -312,3 +312,23 @@ def test_write_table_refuses_malformed_rows() -> None:
         _core.write_table(b"", [(None, 1, 0, 0, 1, 2.0, 0, 0, 4)])
     with pytest.raises(TypeError, match="a head is bytes or None"):
         _core.write_table(b"", [("name", 1, 0, 0, 1, 0, 0, 0, 4)])
+
+
+def test_add_many_names_an_earlier_int_mismatch_before_a_later_bad_stream() -> None:
+    """What only the aggregator's own int sums refuse (other levels) counts in the order too."""
+    rng = np.random.default_rng(15)
+    update = {"w": rng.standard_normal(3000).astype(np.float32)}
+    agg = fp.Aggregator()
+    agg.add(fp.Codec("int4:clip=0.05").encode(update, seed=0))
+    other_levels = fp.Codec("int8:clip=0.05").encode(update, seed=1)
+    data = bytearray(fp.Codec("topk:0.05").encode(update, seed=2))
+    data[-8:-4] = np.float32(np.nan).tobytes()  # the last kept value
+    data[-4:] = _core.crc32c(bytes(data[:-4])).to_bytes(4, "little")
+    non_finite = bytes(data)
+    with pytest.raises(fp.DecodeError, match="payload 0: tensor 'w': int8 .* does not add up"):
+        agg.add_many([other_levels, non_finite])
+    with pytest.raises(fp.DecodeError, match="payload 0: tensor 'w': values section decodes to non-finite"):
+        agg.add_many([non_finite, other_levels])
+    with pytest.raises(fp.DecodeError, match="payload 1: tensor 'w': int8 .* does not add up"):
+        agg.add_many([fp.Codec("topk:0.05").encode(update, seed=3), other_levels])
+    assert agg.count == 1  # nothing added by the refused batches

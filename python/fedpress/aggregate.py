@@ -13,6 +13,7 @@ surviving clients; ``result()`` decodes the mean once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -463,13 +464,22 @@ class Aggregator:
         one's tensors in table order), for a batch that failed with ``found``: add_many checks
         by kind (checksums and streams of every payload, then sections), not in that order.
         Each payload is added in turn to a scratch aggregator, nothing of this one changes."""
+        # The payload ``found`` names: none after it needs trying (and what only this
+        # aggregator's sums refuse, int sums of other levels say, the probe cannot see).
+        named = re.match(r"payload (\d+): ", str(found))
+        last = int(named.group(1)) if named else len(payloads) - 1
         probe = Aggregator(self.dtype, self.limits, table=self._table if self._table is not None else self._model)
-        for i, (payload, w) in enumerate(zip(payloads, weights)):
+        for i, (payload, w) in enumerate(zip(payloads[: last + 1], weights)):
             try:
                 probe.add(payload, w)
             except DecodeError as exc:
                 return DecodeError(f"payload {i}: {exc}")
-        return found  # (what only this aggregator's sums refuse: int sums of other levels, say)
+            if self._ints:  # and what this aggregator's int sums refuse (the probe has none of them)
+                try:
+                    self._int_steps([parse(payload, self.limits, probe._table)], [w], False)
+                except DecodeError as exc:  # (its message names the payload as the batch's first)
+                    return DecodeError(f"payload {i}: {str(exc).removeprefix('payload 0: ')}")
+        return found
 
     def add_update(self, update: Any, weight: float = 1.0) -> None:
         """Adds an update that is already decoded, ``{name: numpy array}``:
