@@ -211,16 +211,9 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
 
 }  // namespace
 
+// One sum: the same split as scatter_add_streams_each gives it.
 void scatter_add_streams(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates) {
-  std::size_t total = 0;
-  for (const auto& u : updates) total += static_cast<std::size_t>(u.indices->count());
-  const std::size_t n_ranges = ceil_div(n, kRange);
-  // The same split as scatter_add_many: each thread starts every stream at its first
-  // range from the stream's nearest checkpoint.
-  const std::size_t parts = range_parts(total, n_ranges);
-  parallel_for(parts, [&](std::size_t part) {
-    add_stream_ranges(acc, n, updates, n_ranges * part / parts, n_ranges * (part + 1) / parts);
-  });
+  scatter_add_streams_each({StreamSum{acc, n, updates}});
 }
 
 void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
@@ -239,7 +232,7 @@ void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
     // A task starts every stream of its sum at a checkpoint, decoding up to kCheckpointEvery
     // indices it does not add: it takes at least 8 times that per stream (100 clients' streams
     // cut into one task per range decoded 10 times what they added), and no more tasks than
-    // threads (the sum is one pass over every stream, as in scatter_add_streams).
+    // threads (a sum is one pass over every stream).
     const std::size_t per_task =
         std::max(kTaskEntries, sums[i].updates.size() * 8 * static_cast<std::size_t>(RiceStream::kCheckpointEvery));
     const std::size_t parts = std::min({n_ranges, ceil_div(entries, per_task), static_cast<std::size_t>(num_threads())});

@@ -4,8 +4,6 @@ public surface is ``fedpress.format``."""
 
 from __future__ import annotations
 
-import functools
-import operator
 import struct
 from collections.abc import Callable
 from typing import Union
@@ -19,15 +17,8 @@ __all__: list[str] = []
 # keeps the table of a many-tensor model a few bytes per tensor.
 def encode_varint(value: int) -> bytes:
     """``value`` (a non-negative integer) as a LEB128 varint, minimally encoded."""
-    if type(value) is not int:  # (a float equal to a cached int must not get its bytes)
-        value = operator.index(value)
     if 0 <= value < 0x80:
         return _ONE_BYTE[value]
-    return _encode_long_varint(value)
-
-
-@functools.lru_cache(maxsize=1024)  # a model's tables repeat their buckets, blocks and sizes
-def _encode_long_varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
