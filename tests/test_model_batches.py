@@ -12,18 +12,13 @@ import multiprocessing
 import fedpress as fp
 import numpy as np
 import pytest
+from _payload_helpers import stream_of, with_crc
 from conftest import num_threads
-from fedpress import _core, ops
+from fedpress import _core
 from fedpress.format import decoding
 from fedpress.format.reader import parse
 
 SUB_PIECE = 64 << 10  # the checksum's sub-pieces (csrc/checksum.cpp, kSubPiece)
-
-
-def stream_of(rng: np.random.Generator, n: int, k: int, deferred: bool = False) -> tuple:
-    idx = np.sort(rng.choice(n, k, replace=False)).astype(np.uint32)
-    values = rng.standard_normal(k).astype(np.float32)
-    return _core.IndexStream(ops.encode_indices(idx, n), n, k, values, True, deferred=deferred), idx, values
 
 
 def model(rng: np.random.Generator, tensors: int = 40) -> dict[str, np.ndarray]:
@@ -109,8 +104,7 @@ def corrupt_values_section(payload: bytes, rec, at: int) -> bytes:
     record of a deferred parse) set to 0xFF, its checksum fixed."""
     data = bytearray(payload)
     data[rec.value_offset + at] = 0xFF
-    data[-4:] = _core.crc32c(bytes(data[:-4])).to_bytes(4, "little")
-    return bytes(data)
+    return with_crc(data)
 
 
 def test_the_first_bad_tensor_in_order_is_named() -> None:

@@ -33,6 +33,7 @@ import format_reference as ref
 import numpy as np
 import pytest
 import zstandard
+from _payload_helpers import with_crc
 from conftest import num_threads
 from fedpress import _core, ops
 from fedpress._arrays import to_numpy
@@ -417,8 +418,7 @@ def crafted(payload: bytes, name: str, how: str, bucket_index: int = 0) -> bytes
         buf[rec.value_offset + rec.value_len - 1] |= 0x80
     else:
         buf[at : at + 4] = struct.pack("<f", {"neg": -1.0, "nan": math.nan, "inf": math.inf, "-0": -0.0}[how])
-    buf[-4:] = struct.pack("<I", _core.crc32c(bytes(buf[:-4])))
-    return bytes(buf)
+    return with_crc(buf)
 
 
 def update_for_sections(rng: np.random.Generator) -> dict[str, np.ndarray]:

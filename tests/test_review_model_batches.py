@@ -17,6 +17,7 @@ from pathlib import Path
 import fedpress as fp
 import numpy as np
 import pytest
+from _payload_helpers import corrupt, stream_of, with_crc
 from conftest import num_threads
 from fedpress import _core, aggregate, ops
 from fedpress import encoder as encoder_module
@@ -28,13 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ helpers --
-def stream_of(rng: np.random.Generator, n: int, k: int, deferred: bool = False):
-    idx = np.sort(rng.choice(n, k, replace=False)).astype(np.uint32)
-    values = rng.standard_normal(k).astype(np.float32)
-    stream = _core.IndexStream(ops.encode_indices(idx, n), n, k, values, True, deferred=deferred)
-    return stream, idx, values
-
-
 def model(rng: np.random.Generator, tensors: int = 200) -> dict[str, np.ndarray]:
     """Hundreds of tensors: tiny ones (sent dense), mid-sized ones, a zero one (a sparse
     tensor that keeps nothing under a global top-k), and ones around and beyond a range."""
@@ -44,18 +38,6 @@ def model(rng: np.random.Generator, tensors: int = 200) -> dict[str, np.ndarray]
     update = {f"t{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(sizes)}
     update["t5"][:] = 0.0
     return update
-
-
-def with_crc(data: bytearray) -> bytes:
-    data[-4:] = _core.crc32c(bytes(data[:-4])).to_bytes(4, "little")
-    return bytes(data)
-
-
-def corrupt(payload: bytes, edits: dict[int, int]) -> bytes:
-    data = bytearray(payload)
-    for at, byte in edits.items():
-        data[at] = byte
-    return with_crc(data)
 
 
 def records(payload: bytes):
