@@ -184,7 +184,7 @@ namespace {
 // range by range and stream by stream in list order, each stream started at its first
 // range from its nearest checkpoint.
 void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates, std::size_t r_begin,
-                       std::size_t r_end) {
+                       std::size_t r_end, const float* divisor) {
   if (r_begin == r_end) return;
   std::vector<RiceCursor> cursors;
   cursors.reserve(updates.size());
@@ -206,6 +206,8 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
       else
         cursors[c].run_below(hi, add);
     }
+    if (divisor != nullptr)
+      for (std::size_t i = r * kRange; i < hi; ++i) acc[i] /= *divisor;
   }
 }
 
@@ -228,7 +230,11 @@ void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
     std::size_t entries = 0;
     for (const auto& u : sums[i].updates) entries += static_cast<std::size_t>(u.indices->count());
     const std::size_t n_ranges = ceil_div(sums[i].n, kRange);
-    if (entries == 0 || n_ranges == 0) continue;
+    if (n_ranges == 0) continue;
+    if (entries == 0) {  // nothing to add; a mean still divides (what was there before)
+      if (sums[i].divide_after) divide(sums[i].acc, sums[i].n, sums[i].divisor);
+      continue;
+    }
     // A task starts every stream of its sum at a checkpoint, decoding up to kCheckpointEvery
     // indices it does not add: it takes at least 8 times that per stream (100 clients' streams
     // cut into one task per range decoded 10 times what they added), and no more tasks than
@@ -242,7 +248,8 @@ void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
   parallel_for_sized(tasks.size(), total, [&](std::size_t t) {
     const Task& task = tasks[t];
     const StreamSum& sum = sums[task.which];
-    add_stream_ranges(sum.acc, sum.n, sum.updates, task.r_begin, task.r_end);
+    add_stream_ranges(sum.acc, sum.n, sum.updates, task.r_begin, task.r_end,
+                      sum.divide_after ? &sum.divisor : nullptr);
   });
 }
 

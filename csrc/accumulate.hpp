@@ -73,6 +73,11 @@ struct StreamSum {
   float* acc;
   std::size_t n;
   std::vector<StreamUpdate> updates;
+  // With divide_after, every element is then divided by divisor (as divide() does it,
+  // the same bits), each range right after its last addition, while it is in cache: a
+  // mean in the same pass as its sum.
+  bool divide_after = false;
+  float divisor = 1.0f;
 };
 
 // scatter_add_streams for each sum, every accumulator its own: runs of each one's ranges

@@ -1401,7 +1401,8 @@ void register_streams(py::module_& m) {
         for (std::size_t g = 0; g < count; ++g) {
           const std::string where = "groups[" + std::to_string(g) + "]";
           const py::tuple t = py::reinterpret_borrow<py::tuple>(groups[g]);
-          if (t.size() != 3) throw py::value_error(where + " must be (acc, streams, weights)");
+          if (t.size() != 3 && t.size() != 4)
+            throw py::value_error(where + " must be (acc, streams, weights) or (acc, streams, weights, divisor)");
           accs.push_back(checked<float>(t[0], (where + " acc").c_str(), Access::write));
           py::array& acc = accs.back();
           const auto streams = t[1].cast<std::vector<const IndexStream*>>();
@@ -1410,6 +1411,13 @@ void register_streams(py::module_& m) {
             throw py::value_error(where + ": streams and weights lengths differ: " + std::to_string(streams.size()) +
                                   " vs " + std::to_string(weights.size()));
           fedpress::StreamSum sum{mptr<float>(acc), len(acc), {}};
+          if (t.size() == 4 && !t[3].is_none()) {
+            const double divisor = t[3].cast<double>();
+            if (!std::isfinite(divisor) || divisor <= 0)
+              throw py::value_error(where + " divisor must be finite and > 0, got " + std::to_string(divisor));
+            sum.divide_after = true;
+            sum.divisor = static_cast<float>(divisor);
+          }
           for (std::size_t c = 0; c < streams.size(); ++c) {
             const std::string which = where + " stream " + std::to_string(c);
             if (streams[c] == nullptr) throw py::type_error(which + " is None");
@@ -1430,7 +1438,8 @@ void register_streams(py::module_& m) {
       "groups"_a,
       "add_streams for each (acc, streams, weights) group, every accumulator its own, in one call: the groups' "
       "ranges are spread over the threads together (a model's sparse tensors). Accumulators must not overlap each "
-      "other or what the streams read.");
+      "other or what the streams read. A group (acc, streams, weights, divisor) then divides its acc by divisor "
+      "(float32, as divide does), each range right after its last addition (a mean in the sum's pass).");
 }
 
 void register_assemble(py::module_& m) {

@@ -363,6 +363,7 @@ def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
 
     calls = {"decode": 0, "add": 0}
     real_decode, real_add, real_add_many = S.decode, S.Aggregator.add, S.Aggregator.add_many
+    real_mean_of = S.Aggregator.mean_of
 
     def decode(*a: object, **kw: object) -> object:
         calls["decode"] += 1
@@ -376,9 +377,14 @@ def test_a_clipped_update_is_decoded_once_and_streamed(monkeypatch):
         calls["add"] += sum(w > 0 for w in weights)
         real_add_many(self, payloads, weights)
 
+    def mean_of(self: object, payloads: list, weights: list) -> object:  # the same, and the mean
+        calls["add"] += sum(w > 0 for w in weights)
+        return real_mean_of(self, payloads, weights)
+
     monkeypatch.setattr(S, "decode", decode)
     monkeypatch.setattr(S.Aggregator, "add", add)
     monkeypatch.setattr(S.Aggregator, "add_many", add_many)
+    monkeypatch.setattr(S.Aggregator, "mean_of", mean_of)
     liar = poisoned_train_fn(scale=100.0)
     streamed = run_with_liar(liar, rounds=2, codec="fp32", clip_norm=0.05)
     updates = sum(len(r["completed"]) for r in streamed.history[1:])

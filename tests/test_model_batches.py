@@ -326,3 +326,147 @@ def test_add_many_names_an_earlier_int_mismatch_before_a_later_bad_stream() -> N
     with pytest.raises(fp.DecodeError, match="payload 1: tensor 'w': int8 .* does not add up"):
         agg.add_many([fp.Codec("topk:0.05").encode(update, seed=3), other_levels])
     assert agg.count == 1  # nothing added by the refused batches
+
+
+# --------------------------------------------------------------------- mean_of --
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_add_streams_each_divides_each_range_after_its_last_addition(threads: int) -> None:
+    rng = np.random.default_rng(40 + threads)
+    groups, expected = [], []
+    for n, clients, divisor in [(1, 1, 3.0), (5000, 3, 0.7), (300_007, 4, 7.5), (1 << 17, 2, 1e-3), (40, 0, 2.0)]:
+        streams = [stream_of(rng, n, max(1, min(n, n // 50 + 1)))[0] for _ in range(clients)]
+        weights = [float(w) for w in rng.uniform(0.5, 2.0, clients)]
+        start = rng.standard_normal(n).astype(np.float32)
+        want = start.copy()
+        _core.add_streams(want, streams, weights)
+        _core.divide(want, divisor)
+        groups.append((start, streams, weights, divisor))
+        expected.append(want)
+    undivided = stream_of(rng, 999, 20)[0]
+    plain = np.zeros(999, np.float32)
+    groups.append((plain, [undivided], [1.0], None))  # None: summed only
+    with num_threads(threads):
+        _core.add_streams_each(groups)
+    for (got, *_), want in zip(groups, expected):
+        np.testing.assert_array_equal(got, want)  # the same bits as adding, then dividing
+    assert np.count_nonzero(plain) == 20 and plain.max() <= 5  # not divided
+
+
+@pytest.mark.parametrize("divisor", [0.0, -1.0, float("nan"), float("inf")])
+def test_add_streams_each_refuses_a_bad_divisor(divisor: float) -> None:
+    stream = stream_of(np.random.default_rng(1), 100, 5)[0]
+    acc = np.zeros(100, np.float32)
+    with pytest.raises(ValueError, match="divisor must be finite and > 0"):
+        _core.add_streams_each([(acc, [stream], [1.0], divisor)])
+    assert not acc.any()
+
+
+MEAN_SPECS = ["topk:0.01", "topk:0.2", "randk:0.05", "topk:0.05+q4", "topk:0.05+sign", "q8", "fp16", "topk:0.05+zstd"]
+
+
+@pytest.mark.parametrize("spec", MEAN_SPECS)
+@pytest.mark.parametrize("before", [0, 1, 3])  # payloads added one by one first
+def test_mean_of_is_add_many_then_result(spec: str, before: int) -> None:
+    rng = np.random.default_rng(len(spec) + before)
+    base = model(rng, 12)
+    payloads = [fp.Codec(spec).encode({k: v * rng.standard_normal() for k, v in base.items()}) for _ in range(6)]
+    weights = [float(w) for w in rng.uniform(0.1, 3.0, 6)]
+    a, b = fp.Aggregator(), fp.Aggregator()
+    for p, w in zip(payloads[:before], weights[:before]):
+        a.add(p, w)
+        b.add(p, w)
+    a.add_many(payloads[before:], weights[before:])
+    want = a.result(copy=False)
+    got = b.mean_of(payloads[before:], weights[before:])
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+        np.testing.assert_array_equal(got[name], want[name])
+    assert b.count == 0 and b.total_weight == 0.0  # handed over, as result(copy=False)
+
+
+def test_mean_of_a_mixed_batch_and_dtypes() -> None:
+    """Tensors sent dense by some payloads and sparse by others, float16 and float64 tensors,
+    and a float64 aggregator: all as add_many then result."""
+    rng = np.random.default_rng(9)
+    base = {
+        "w": rng.standard_normal(20_000).astype(np.float32),
+        "h": rng.standard_normal(3000).astype(np.float16),
+        "d": rng.standard_normal(500),
+    }
+    specs = ["topk:0.05", "fp32", "topk:0.1+q8", "topk:0.05"]
+    payloads = [fp.Codec(s).encode({k: v * (i + 1) for k, v in base.items()}) for i, s in enumerate(specs)]
+    for dtype in (np.float32, np.float64):
+        a, b = fp.Aggregator(dtype), fp.Aggregator(dtype)
+        a.add_many(payloads, [1.0, 2.0, 0.5, 1.5])
+        want = a.result(copy=False)
+        got = b.mean_of(payloads, [1.0, 2.0, 0.5, 1.5])
+        for name in want:
+            assert got[name].dtype == want[name].dtype
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_mean_of_refuses_before_adding_anything() -> None:
+    rng = np.random.default_rng(10)
+    base = model(rng, 5)
+    payloads = [fp.Codec("topk:0.1").encode({k: v * (i + 1) for k, v in base.items()}) for i in range(4)]
+    agg = fp.Aggregator()
+    agg.add(payloads[0], 2.0)
+    before = {k: v.copy() for k, v in agg.result().items()}
+
+    def unchanged() -> None:
+        assert agg.count == 1 and agg.total_weight == 2.0
+        for name, value in agg.result().items():
+            np.testing.assert_array_equal(value, before[name])
+
+    bad = bytearray(payloads[2])
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(fp.DecodeError, match="payload 1: checksum mismatch"):
+        agg.mean_of([payloads[1], bytes(bad), payloads[3]])
+    unchanged()
+    with pytest.raises(ValueError, match="weight 1 must be finite"):
+        agg.mean_of(payloads[1:3], [1.0, float("nan")])
+    unchanged()
+    with pytest.raises(ValueError, match="2 payloads but 1 weights"):
+        agg.mean_of(payloads[1:3], [1.0])
+    unchanged()
+    empty = fp.Aggregator()
+    with pytest.raises(ValueError, match="the total weight is zero"):
+        empty.mean_of(payloads[1:3], [0.0, 0.0])
+    assert empty.count == 0
+    with pytest.raises(ValueError, match="no payload was added"):
+        empty.mean_of([])
+    got = agg.mean_of([])  # nothing more: result(copy=False)
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_mean_of_refuses_masked_sums_before_adding_them() -> None:
+    rng = np.random.default_rng(11)
+    update = {"w": rng.standard_normal(300).astype(np.float32)}
+    codec = fp.Codec("int4:clip=0.01:nmax=8")
+    masked = [codec.encode(update, seed=i, rotation_seed=7, mask=lambda c: c) for i in range(2)]
+    agg = fp.Aggregator()
+    with pytest.raises(ValueError, match="masked by secure aggregation"):
+        agg.mean_of(masked)
+    assert agg.count == 0 and agg.masked_length == 0
+    agg.add_many(masked)  # the way such sums are summed
+    assert agg.count == 2
+
+
+def test_mean_of_divides_streamed_tensors_in_the_adding_pass(monkeypatch) -> None:
+    rng = np.random.default_rng(12)
+    base = model(rng, 6)
+    payloads = [fp.Codec("topk:0.05").encode({k: v * (i + 1) for k, v in base.items()}) for i in range(3)]
+    divided: list[int] = []
+    real = _core.divide
+    monkeypatch.setattr(_core, "divide", lambda acc, d: (divided.append(acc.size), real(acc, d))[1])
+    want = fp.Aggregator()
+    want.add_many(payloads)
+    expected = want.result(copy=False)
+    assert len(divided) == len(base)  # a pass each
+    divided.clear()
+    got = fp.Aggregator().mean_of(payloads)
+    assert divided == []  # none: each range was divided as it was summed
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])

@@ -322,6 +322,9 @@ def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
         agg.add_many(payloads)
         agg.result(copy=False)
 
+    def mean_of() -> None:
+        Aggregator().mean_of(payloads)  # add_many + result(copy=False), one pass over the sums less
+
     def scatter_many() -> None:
         ops.scatter_add_many(np.zeros(n, np.float32), indices, values)
 
@@ -337,10 +340,16 @@ def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
             None,
         ),
         PipelineRow(
-            f"Aggregator.add_many({clients} top-1% payloads)",
+            f"Aggregator.mean_of({clients} top-1% payloads)",
+            "ops.scatter_add_many, same data",
+            *_paired_seconds(mean_of, scatter_many, few),
+            1.3,
+        ),
+        PipelineRow(
+            "  add_many, then result(copy=False)",
             "ops.scatter_add_many, same data",
             *_paired_seconds(aggregate_many, scatter_many, few),
-            1.3,
+            None,
         ),
         PipelineRow(
             "fp.decode, a top-1% payload",

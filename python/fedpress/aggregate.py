@@ -327,6 +327,29 @@ class Aggregator:
         ``ops.scatter_add_many``. Every payload is checked (and decoded where it must be)
         before any sum changes: a bad one raises DecodeError naming its position and
         nothing is added. It never holds a dense copy per payload."""
+        self._add_many(payloads, weights, mean=False)
+
+    def mean_of(self, payloads: Sequence[Any], weights: Optional[Sequence[float]] = None) -> dict[str, np.ndarray]:
+        """``add_many(payloads, weights)`` then ``result(copy=False)``, the same arrays bit for
+        bit, with one pass over the sums less: a tensor every payload sends as a version 2
+        index stream of float32 values (top-k and random-k without value coding) is divided
+        by the total weight range by range, right after the range's last addition, while it
+        is in cache, instead of in a pass of its own afterwards. The one call a FedAvg server
+        that holds a round's payloads makes. It either returns the mean, the aggregator then
+        empty (as after ``result(copy=False)``), or raises with nothing added: DecodeError for
+        a bad payload, ValueError for bad weights, a total weight of zero, or sums masked by
+        secure aggregation (those take add_many, unmask, then result)."""
+        payloads = list(payloads)
+        divided = self._add_many(payloads, weights, mean=True)
+        if not payloads:
+            return self.result(copy=False)
+        with out_of_memory_as_decode_error():
+            assert self._table is not None
+            return self._result(self._table, False, divided)
+
+    def _add_many(self, payloads: Sequence[Any], weights: Optional[Sequence[float]], mean: bool) -> frozenset[str]:
+        """add_many; with ``mean``, the sums that can be are also divided by the total weight
+        they then hold, in the pass that adds to them: their names (result skips them)."""
         payloads = list(payloads)
         ws = [1.0] * len(payloads) if weights is None else [float(w) for w in weights]
         if len(ws) != len(payloads):
@@ -335,7 +358,7 @@ class Aggregator:
             if not np.isfinite(w) or w < 0:
                 raise ValueError(f"weight {i} must be finite and >= 0, got {w!r}")
         if not payloads:
-            return
+            return frozenset()
         stream = self.dtype == np.float32
         with out_of_memory_as_decode_error(), ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
             table = self._table if self._table is not None else self._model
@@ -368,6 +391,15 @@ class Aggregator:
                     raise parsed[broken]
                 sums = self._sums
                 new_ints, int_steps = self._int_steps(parsed, ws, self._table is None)
+                if mean:  # what result would refuse, refused before anything is added
+                    masked = [name for name, one in new_ints.items() if one.masked]
+                    if masked:
+                        raise ValueError(
+                            f"the sums of {', '.join(map(repr, masked))} are masked by secure aggregation: "
+                            "add them with add_many, apply the round's correction (Aggregator.unmask), then result"
+                        )
+                    if not self.total_weight + sum(ws) > 0:
+                        raise ValueError("the total weight is zero")
                 sums = self._float_sums({} if self._table is None else sums, parsed, np.zeros)
                 # The other sparse float32 tensors go into two buffers allocated once (many small
                 # arrays would each fault their pages in, one large one takes huge pages).
@@ -450,14 +482,29 @@ class Aggregator:
             self._rotated.update(new_rotated)
             self._ints = new_ints
             _run(steps + int_steps)
+            # Divided in the adding pass: a float32 tensor summed from streams only, with no
+            # int or rotated parts that result would add to it first.
+            total = self.total_weight + sum(ws)
+            wire = {t.name: t.dtype for t in parsed[0].tensors}
+            divided = frozenset(
+                name
+                for name in stream_groups
+                if mean and total > 0 and not new_ints and wire[name] == "float32" and name not in self._rotated
+            )
             if stream_groups:
-                _core.add_streams_each([(sums[name], *group) for name, group in stream_groups.items()])
+                _core.add_streams_each(
+                    [
+                        (sums[name], *group, total) if name in divided else (sums[name], *group)
+                        for name, group in stream_groups.items()
+                    ]
+                )
             for name, (idx_list, val_list, w_list) in groups.items():
                 ops.scatter_add_many(sums[name], idx_list, val_list, w_list)
         self._table = [(t.name, t.dtype, t.shape) for t in parsed[0].tensors]
         self._sums = sums
         self.count += len(payloads)
         self.total_weight += sum(ws)
+        return divided
 
     def _first_bad(self, payloads: Sequence[Any], weights: Sequence[float], found: DecodeError) -> DecodeError:
         """The error ``add`` would meet first, adding the payloads one by one (in order, each
@@ -753,7 +800,10 @@ class Aggregator:
         with out_of_memory_as_decode_error():
             return self._result(self._table, copy)
 
-    def _result(self, table: list[tuple[str, str, tuple]], copy: bool) -> dict[str, np.ndarray]:
+    def _result(
+        self, table: list[tuple[str, str, tuple]], copy: bool, divided: frozenset[str] = frozenset()
+    ) -> dict[str, np.ndarray]:
+        """result; the sums named in ``divided`` already hold their means (mean_of)."""
         out = {}
         masked = [name for name, one in self._ints.items() if one.masked]
         if masked:
@@ -780,7 +830,9 @@ class Aggregator:
                     mean = np.divide(acc, acc.dtype.type(self.total_weight), dtype=acc.dtype)
                 else:
                     mean = acc
-                    if mean.dtype == np.float32 and mean.flags.c_contiguous:
+                    if name in divided:
+                        pass
+                    elif mean.dtype == np.float32 and mean.flags.c_contiguous:
                         _core.divide(mean.reshape(-1), self.total_weight)  # in parallel, the same bits
                     else:
                         mean /= acc.dtype.type(self.total_weight)

@@ -552,8 +552,12 @@ class FedPress(Strategy):
         base = self._bases[unpacked[0][0].metadata.src_node_id]
         agg = Aggregator(limits=self.limits, table=update_table(base))
         used = []
+        mean = None
         try:  # every reply in one call (the same sums as one by one, in order)
-            agg.add_many([payload for _, _, payload in unpacked], weights)
+            if sum(weights) > 0:  # the mean in the pass that sums (nothing added if it raises)
+                mean = agg.mean_of([payload for _, _, payload in unpacked], weights)
+            else:
+                agg.add_many([payload for _, _, payload in unpacked], weights)
             used = [msg for msg, _, _ in unpacked]
         except (DecodeError, ValueError):
             # A bad reply: add_many added nothing; one by one, each bad one is skipped.
@@ -567,9 +571,9 @@ class FedPress(Strategy):
         row["path"] = "fast"
         row["replies"] += len(used)
         self._log_row(row)
-        if not used or agg.total_weight <= 0:
+        if mean is None and (not used or agg.total_weight <= 0):
             return None, None
-        full = _add(base, agg.result(copy=False))
+        full = _add(base, mean if mean is not None else agg.result(copy=False))
         aggregated = inner.train_metrics_aggr_fn([m.content for m in used], key)
         return numpy_to_arrays(full), aggregated
 

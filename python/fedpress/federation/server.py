@@ -1290,12 +1290,14 @@ class Server:
         for h, w in zip(held, weights):
             scaled += w * h.factor
         # In one call, cache-blocked: the same sums as adding them one by one, in this order.
-        capped.add_many([h.payload for h in held], [w * h.factor for h, w in zip(held, weights)])
+        payloads, factors = [h.payload for h in held], [w * h.factor for h, w in zip(held, weights)]
         if scaled <= 0:  # every update clipped to nothing (non-finite norms): no change
+            capped.add_many(payloads, factors)
             return {k: unchanged(v) for k, v in self.params.items()}
-        # The aggregator divides by sum(w * f); FedAvg with clipping divides by sum(w).
+        # The aggregator divides by sum(w * f), in the pass that sums; FedAvg with clipping
+        # divides by sum(w).
         ratio = scaled / sum(weights)
-        return {k: scale(v, ratio) for k, v in capped.result(copy=False).items()}
+        return {k: scale(v, ratio) for k, v in capped.mean_of(payloads, factors).items()}
 
     def _step(self, aggregator: Aggregator, held: list[_Held], r: int) -> Optional[dict[str, np.ndarray]]:
         """The next global model, and the downlink replica that follows it (worker
