@@ -206,8 +206,10 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
       else
         cursors[c].run_below(hi, add);
     }
-    if (divisor != nullptr)
-      for (std::size_t i = r * kRange; i < hi; ++i) acc[i] /= *divisor;
+    if (divisor != nullptr) {
+      const float d = *divisor;  // a local: acc's stores cannot change it, so the loop vectorizes
+      for (std::size_t i = r * kRange; i < hi; ++i) acc[i] /= d;
+    }
   }
 }
 

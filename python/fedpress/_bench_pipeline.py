@@ -349,7 +349,7 @@ def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
             "  add_many, then result(copy=False)",
             "ops.scatter_add_many, same data",
             *_paired_seconds(aggregate_many, scatter_many, few),
-            None,
+            1.3,
         ),
         PipelineRow(
             "fp.decode, a top-1% payload",

@@ -332,7 +332,7 @@ class Aggregator:
     def mean_of(self, payloads: Sequence[Any], weights: Optional[Sequence[float]] = None) -> dict[str, np.ndarray]:
         """``add_many(payloads, weights)`` then ``result(copy=False)``, the same arrays bit for
         bit, with one pass over the sums less: a tensor every payload sends as a version 2
-        index stream of float32 values (top-k and random-k without value coding) is divided
+        index stream (top-k and thresholded sparsifiers, whatever their value code) is divided
         by the total weight range by range, right after the range's last addition, while it
         is in cache, instead of in a pass of its own afterwards. The one call a FedAvg server
         that holds a round's payloads makes. It either returns the mean, the aggregator then
@@ -360,6 +360,13 @@ class Aggregator:
         if not payloads:
             return frozenset()
         stream = self.dtype == np.float32
+        prior = {} if self._table is None else self._sums
+
+        def streams_into(rec: Any) -> bool:
+            """Added straight from its index stream: into a float32 sum (as add), new or not (a
+            float64 one, from add_update or merge, takes the tensor decoded)."""
+            return stream and streamable(rec) and (rec.name not in prior or prior[rec.name].dtype == np.float32)
+
         with out_of_memory_as_decode_error(), ThreadPoolExecutor(max_workers=max(1, ops.get_num_threads())) as pool:
             table = self._table if self._table is not None else self._model
 
@@ -380,7 +387,7 @@ class Aggregator:
                 # are checked in one call, in parallel: the first failure in order is reported.
                 broken = next((i for i, one in enumerate(parsed) if isinstance(one, DecodeError)), len(parsed))
                 checks = checked_streams(
-                    [(one, [rec for rec in one.tensors if stream and streamable(rec)]) for one in parsed[:broken]]
+                    [(one, [rec for rec in one.tensors if streams_into(rec)]) for one in parsed[:broken]]
                 )
                 streams: list[dict[str, Any]] = []
                 for i, result in enumerate(checks):
@@ -479,18 +486,24 @@ class Aggregator:
                     g2 = stream_groups.setdefault(name, ([], []))
                     g2[0].append(checked)
                     g2[1].append(ws[i])
-            self._rotated.update(new_rotated)
-            self._ints = new_ints
-            _run(steps + int_steps)
             # Divided in the adding pass: a float32 tensor summed from streams only, with no
-            # int or rotated parts that result would add to it first.
+            # int or rotated parts that result would add to it first (decided before any sum
+            # changes: nothing below refuses).
             total = self.total_weight + sum(ws)
             wire = {t.name: t.dtype for t in parsed[0].tensors}
             divided = frozenset(
                 name
                 for name in stream_groups
-                if mean and total > 0 and not new_ints and wire[name] == "float32" and name not in self._rotated
+                if mean
+                and 0 < total < float("inf")
+                and not new_ints
+                and wire[name] == "float32"
+                and name not in self._rotated
+                and name not in new_rotated
             )
+            self._rotated.update(new_rotated)
+            self._ints = new_ints
+            _run(steps + int_steps)
             if stream_groups:
                 _core.add_streams_each(
                     [
