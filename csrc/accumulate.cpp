@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "parallel.hpp"
+#include "simd.hpp"
 
 namespace fedpress {
 namespace {
@@ -24,6 +25,13 @@ inline void prefetch_for_write(const float* p) { __builtin_prefetch(p, 1, 3); }
 #else
 inline void prefetch_for_write(const float*) {}
 #endif
+
+// a[i] /= d over a run: float32 division, correctly rounded at every vector width, so each
+// clone gives the same bits (8 or 16 lanes instead of SSE's 4: division is what bounds it).
+FEDPRESS_CLONES
+void divide_run(float* a, std::size_t n, float d) {
+  for (std::size_t i = 0; i < n; ++i) a[i] /= d;
+}
 
 void add_run(float* acc, const std::uint32_t* idx, const float* val, std::size_t count, float w) {
   for (std::size_t j = 0; j < count; ++j) acc[idx[j]] += w * val[j];
@@ -206,10 +214,7 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
       else
         cursors[c].run_below(hi, add);
     }
-    if (divisor != nullptr) {
-      const float d = *divisor;  // a local: acc's stores cannot change it, so the loop vectorizes
-      for (std::size_t i = r * kRange; i < hi; ++i) acc[i] /= d;
-    }
+    if (divisor != nullptr) divide_run(acc + r * kRange, static_cast<std::size_t>(hi - r * kRange), *divisor);
   }
 }
 
@@ -259,7 +264,7 @@ void divide(float* acc, std::size_t n, float divisor) {
   constexpr std::size_t kChunk = std::size_t{1} << 16;
   parallel_for_sized(ceil_div(n, kChunk), n, [&](std::size_t c) {
     const std::size_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-    for (std::size_t i = begin; i < end; ++i) acc[i] /= divisor;
+    divide_run(acc + begin, end - begin, divisor);
   });
 }
 
