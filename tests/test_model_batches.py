@@ -470,3 +470,41 @@ def test_mean_of_divides_streamed_tensors_in_the_adding_pass(monkeypatch) -> Non
     assert divided == []  # none: each range was divided as it was summed
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+# ------------------------------------------------------------ checked tables --
+def test_a_checked_table_is_not_checked_again(monkeypatch) -> None:
+    from fedpress.format import tables
+
+    entries = tables.table_entries([("w", "float32", (3, 4)), ("b", np.dtype("float16"), [4])])
+    assert isinstance(entries, tables.CheckedTable)
+    assert entries == [("w", "float32", (3, 4)), ("b", "float16", (4,))]
+    assert tables.table_entries(entries) is entries
+    with pytest.raises(ValueError, match="appears twice"):  # a plain list is still checked
+        tables.table_entries([("w", "float32", (1,)), ("w", "float32", (1,))])
+    # An aggregator parses every payload against its table, checked once.
+    rng = np.random.default_rng(13)
+    base = model(rng, 20)
+    payloads = [fp.Codec("topk:0.1+q4").encode({k: v * (i + 1) for k, v in base.items()}) for i in range(5)]
+    checks = []
+    real = tables.table_entries
+
+    def counting(table):
+        if type(table) is not tables.CheckedTable:
+            checks.append(len(table))
+        return real(table)
+
+    monkeypatch.setattr(tables, "table_entries", counting)
+    import fedpress.format.reader as reader
+
+    monkeypatch.setattr(reader, "table_entries", counting)
+    agg = fp.Aggregator()
+    for p in payloads[:2]:
+        agg.add(p)
+    agg.add_many(payloads[2:])
+    assert checks == []
+    want = fp.Aggregator()
+    for p in payloads:
+        want.add(p)
+    for name, value in want.result().items():
+        np.testing.assert_array_equal(agg.result()[name], value)

@@ -32,7 +32,7 @@ from .format.intcodes import IntLevels, IntSection, centered
 from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
-from .format.tables import table_difference, table_entries
+from .format.tables import CheckedTable, table_difference, table_entries
 from .format.values import quantized_parts, unchecked_quantized_parts
 
 __all__ = ["Aggregator"]
@@ -310,7 +310,12 @@ class Aggregator:
             _check_sections(steps)
             steps += int_steps
             self._ints = new_ints
-            table = [(t.name, t.dtype, t.shape) for t in parsed.tensors]
+            # (the same table as before, if any: the payload matched it)
+            table = (
+                self._table
+                if self._table is not None
+                else CheckedTable((t.name, t.dtype, t.shape) for t in parsed.tensors)
+            )
             self._rotated.update(new_rotated)
             _run(steps)  # in place, allocating nothing sized by the payload
         self._table, self._sums = table, sums
@@ -381,7 +386,7 @@ class Aggregator:
                 if isinstance(first, DecodeError):
                     raise first
                 if table is None:  # the first payload sets the table for the others
-                    table = [(t.name, t.dtype, t.shape) for t in first.tensors]
+                    table = CheckedTable((t.name, t.dtype, t.shape) for t in first.tensors)
                 parsed = [first, *map(parse_one, range(1, len(payloads)))]
                 # Up to the first that fails to parse, the payloads' checksums and index streams
                 # are checked in one call, in parallel: the first failure in order is reported.
@@ -513,7 +518,7 @@ class Aggregator:
                 )
             for name, (idx_list, val_list, w_list) in groups.items():
                 ops.scatter_add_many(sums[name], idx_list, val_list, w_list)
-        self._table = [(t.name, t.dtype, t.shape) for t in parsed[0].tensors]
+        self._table = table  # that of the first payload, every other one matched
         self._sums = sums
         self.count += len(payloads)
         self.total_weight += sum(ws)
@@ -761,7 +766,7 @@ class Aggregator:
         if self._table is None:
             if self._model is not None and other._table != self._model:
                 raise DecodeError(table_difference(self._model, other._table, "the receiver's model"))
-            self._table = list(other._table)
+            self._table = CheckedTable(other._table)
             self._sums = {k: v.astype(np.result_type(v.dtype, self.dtype)) for k, v in other._sums.items()}
         else:
             if other._table != self._table:

@@ -37,10 +37,19 @@ def wire_dtype(value: Any) -> str:
     return text[len("torch.") :] if text.startswith("torch.") else np.dtype(dtype).name
 
 
+class CheckedTable(list):
+    """A list of (name, dtype name, shape) known to be valid (``table_entries``' result, or a
+    parsed payload's table), which table_entries, and so ``parse``, takes as it is: checking
+    a 160-tensor table costs about 150 us, and an aggregator parses every payload against its
+    table. Not to be changed once made."""
+
+
 def table_entries(table: Any) -> list[TableEntry]:
     """``table`` as a list of (name, wire dtype name, shape): from a mapping of names
     to arrays (anything with ``.dtype`` and ``.shape``: numpy, torch) or from a list
     of (name, dtype name, shape). ValueError or TypeError for what no payload can hold."""
+    if type(table) is CheckedTable:
+        return table
     if isinstance(table, Mapping):
         items = []
         for name, value in table.items():
@@ -77,7 +86,7 @@ def table_entries(table: Any) -> list[TableEntry]:
         if len(dims) > MAX_NDIM or any(d < 0 or d >= 1 << 64 for d in dims):
             raise ValueError(f"tensor {name!r}: shape {dims} cannot travel (at most 255 dimensions, each in [0, 2^64))")
         out.append((name, dtype, dims))
-    return out
+    return CheckedTable(out)
 
 
 @functools.lru_cache(maxsize=1 << 14)
