@@ -112,6 +112,14 @@ def _check_sections(steps: Sequence[Callable[[], Any]], owners: Optional[Sequenc
     raise AssertionError(f"tensor {rec.name!r}: the kernel refused a section the decoder accepts")
 
 
+def _refuse_masked(ints: Mapping[str, Any], advice: str) -> None:
+    """ValueError when any of these int sums is masked by secure aggregation: its mean
+    cannot be taken yet (``advice``: what to do first)."""
+    masked = [name for name, one in ints.items() if one.masked]
+    if masked:
+        raise ValueError(f"the sums of {', '.join(map(repr, masked))} are masked by secure aggregation: {advice}")
+
+
 def _run(steps: Sequence[Callable[[], Any]]) -> None:
     """Runs the steps in order, consecutive dequantizing steps in one kernel call each run
     (a sum met twice starts another call: two writers of one sum in a call would race), and
@@ -403,14 +411,13 @@ class Aggregator:
                     raise parsed[broken]
                 sums = self._sums
                 new_ints, int_steps = self._int_steps(parsed, ws, self._table is None)
+                total = self.total_weight + sum(ws)
                 if mean:  # what result would refuse, refused before anything is added
-                    masked = [name for name, one in new_ints.items() if one.masked]
-                    if masked:
-                        raise ValueError(
-                            f"the sums of {', '.join(map(repr, masked))} are masked by secure aggregation: "
-                            "add them with add_many, apply the round's correction (Aggregator.unmask), then result"
-                        )
-                    if not self.total_weight + sum(ws) > 0:
+                    _refuse_masked(
+                        new_ints,
+                        "add them with add_many, apply the round's correction (Aggregator.unmask), then result",
+                    )
+                    if not total > 0:
                         raise ValueError("the total weight is zero")
                 sums = self._float_sums({} if self._table is None else sums, parsed, np.zeros)
                 # The other sparse float32 tensors go into two buffers allocated once (many small
@@ -494,7 +501,6 @@ class Aggregator:
             # Divided in the adding pass: a float32 tensor summed from streams only, with no
             # int or rotated parts that result would add to it first (decided before any sum
             # changes: nothing below refuses).
-            total = self.total_weight + sum(ws)
             wire = {t.name: t.dtype for t in parsed[0].tensors}
             divided = frozenset(
                 name
@@ -521,7 +527,7 @@ class Aggregator:
         self._table = table  # that of the first payload, every other one matched
         self._sums = sums
         self.count += len(payloads)
-        self.total_weight += sum(ws)
+        self.total_weight = total
         return divided
 
     def _first_bad(self, payloads: Sequence[Any], weights: Sequence[float], found: DecodeError) -> DecodeError:
@@ -823,12 +829,7 @@ class Aggregator:
     ) -> dict[str, np.ndarray]:
         """result; the sums named in ``divided`` already hold their means (mean_of)."""
         out = {}
-        masked = [name for name, one in self._ints.items() if one.masked]
-        if masked:
-            raise ValueError(
-                f"the sums of {', '.join(map(repr, masked))} are masked by secure aggregation: "
-                "apply the round's correction first (Aggregator.unmask)"
-            )
+        _refuse_masked(self._ints, "apply the round's correction first (Aggregator.unmask)")
         for name, dtype, shape in table:
             in_place = not copy  # whether acc may be divided where it lies
             acc = self._sums.get(name)
@@ -848,7 +849,7 @@ class Aggregator:
                     mean = np.divide(acc, acc.dtype.type(self.total_weight), dtype=acc.dtype)
                 else:
                     mean = acc
-                    if name in divided:
+                    if name in divided:  # divided as it was summed (mean_of)
                         pass
                     elif mean.dtype == np.float32 and mean.flags.c_contiguous:
                         _core.divide(mean.reshape(-1), self.total_weight)  # in parallel, the same bits
