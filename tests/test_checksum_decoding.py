@@ -93,6 +93,32 @@ def test_a_large_fp32_section_among_others(threads: int, bad_at) -> None:
     np.testing.assert_array_equal(outs[1], vs)
 
 
+SUB_PIECE = 64 << 10  # the pieces' sub-pieces, which a piece with jobs visits from its last
+
+
+@pytest.mark.parametrize(
+    "size",
+    [2 * PIECE, 2 * PIECE + 1, 2 * PIECE + SUB_PIECE - 2, 3 * PIECE - SUB_PIECE + 2, 3 * PIECE + 2, 4 * PIECE + 6],
+)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pieces_visited_backwards_give_the_crc_and_values(size: int, threads: int) -> None:
+    """A buffer of two pieces and more, with a job over most of it: the sub-pieces are
+    checksummed last to first and their registers combined, a shorter one at the end after
+    them; the CRC is crc32c's and every value is written once, whatever the size's remainder."""
+    rng = np.random.default_rng(size + threads)
+    head = 3
+    n = (size - head - 1) // 2
+    encoded, values = section(rng, "fp16", n)
+    data = bytes([7, 8, 9]) + encoded + bytes(size - head - len(encoded))
+    out = np.full(n, np.nan, np.float32)
+    with num_threads(threads):
+        crc, flags = _core.crc32c_decoding(data, [(head, "fp16", n, out), (head, "fp32-finite", n // 2, None)])
+    assert len(data) == size
+    assert crc == _core.crc32c(data)  # without jobs: every piece forward, the sub-pieces not combined
+    np.testing.assert_array_equal(out, values)
+    assert flags[0] is True  # the second job reads fp16 codes as fp32: whatever it finds
+
+
 def test_bad_jobs_are_refused() -> None:
     data = bytes(64)
     for job, error in [
