@@ -699,23 +699,34 @@ void register_accumulate(py::module_& m) {
       "indices are sorted (stably) on a copy.");
 }
 
-// The float jobs of a checksum that decodes on the way (crc32c_decoding, check_payloads),
-// built with the GIL held: jobs are (offset, code, n, out), code fp32/fp16/bf16 (n values
-// into out, float32) or fp32-finite (a check, out None).
+// The jobs of a checksum that decodes on the way (crc32c_decoding, check_payloads), built
+// with the GIL held: (offset, code, n, out), code fp32/fp16/bf16 (n values into out,
+// float32) or fp32-finite (a check, out None); or (offset, code, n, out, scales_offset,
+// bucket), code q8/q4/q2/q1, a quantized section's n values dequantized into out: its
+// packed codes at offset, its bucket scales (float32, little-endian) at scales_offset.
 struct DecodingJobs {
   std::vector<py::array> outs;  // kept alive while the jobs write them
+  std::vector<std::vector<float>> scales;  // a quantized job's scales, aligned
   std::vector<fedpress::ChecksumJob> jobs;
-  // One flag per job, written by whichever piece finds a non-finite value.
+  // One flag per job, written by whichever piece finds a non-finite value (a quantized
+  // job: a negative or non-finite scale, or a padding bit set).
   std::unique_ptr<std::atomic<bool>[]> finite;
 
   DecodingJobs(const std::uint8_t* data, std::size_t size, const py::sequence& jobs_in)
-      : outs(py::len(jobs_in)), jobs(outs.size()), finite(new std::atomic<bool>[outs.size()]) {
+      : outs(py::len(jobs_in)), scales(outs.size()), jobs(outs.size()), finite(new std::atomic<bool>[outs.size()]) {
     for (std::size_t j = 0; j < jobs.size(); ++j) {
       const py::tuple t = py::reinterpret_borrow<py::tuple>(jobs_in[j]);
-      if (t.size() != 4) throw py::value_error("a job is (offset, code, n, out)");
+      if (t.size() != 4 && t.size() != 6)
+        throw py::value_error("a job is (offset, code, n, out) or (offset, code, n, out, scales_offset, bucket)");
       const std::size_t offset = t[0].cast<std::size_t>(), n = t[2].cast<std::size_t>();
       const std::string code = t[1].cast<std::string>();
       finite[j].store(true);
+      std::atomic<bool>* flag = &finite[j];
+      if (code.size() == 2 && code[0] == 'q') {
+        quantized_job(j, data, size, t, offset, code, n);
+        continue;
+      }
+      if (t.size() != 4) throw py::value_error("job " + std::to_string(j) + ": a float job is (offset, code, n, out)");
       const bool check_only = code == "fp32-finite";
       fedpress::FloatCode c = fedpress::FloatCode::fp32;
       if (code == "fp16") c = fedpress::FloatCode::fp16;
@@ -730,7 +741,6 @@ struct DecodingJobs {
         if (len(outs[j]) != n) throw py::value_error("job " + std::to_string(j) + ": out must hold n values");
         out = mptr<float>(outs[j]);
       }
-      std::atomic<bool>* flag = &finite[j];
       const std::uint8_t* at = data + offset;
       // A tensor larger than the caches is streamed out: nothing reads it back soon.
       const bool streaming = n >= fedpress::kStreamingValues;
@@ -740,8 +750,46 @@ struct DecodingJobs {
                                        : fedpress::decode_floats_serial(c, at + width * first, last - first,
                                                                         out + first, streaming);
                    if (!ok) flag->store(false, std::memory_order_relaxed);
-                 }};
+                 },
+                 !check_only};
     }
+  }
+
+  // A quantized section's job: its units are 8 values, `bits` bytes of packed codes, so
+  // that each starts on a byte; each checks the scales of the buckets it touches (and the
+  // last one the padding bits) and dequantizes as dequantize_many would, bit for bit.
+  void quantized_job(std::size_t j, const std::uint8_t* data, std::size_t size, const py::tuple& t,
+                     std::size_t offset, const std::string& code, std::size_t n) {
+    const int bits = code[1] - '0';
+    if (!fedpress::valid_bits(bits)) throw py::value_error("unknown job code " + code);
+    if (t.size() != 6)
+      throw py::value_error("job " + std::to_string(j) + ": a quantized job is (offset, code, n, out, scales_offset, bucket)");
+    const long long bucket_in = t[5].cast<long long>();
+    if (bucket_in <= 0) throw py::value_error("job " + std::to_string(j) + ": bucket must be positive");
+    const std::size_t bucket = static_cast<std::size_t>(bucket_in), scales_at = t[4].cast<std::size_t>();
+    const std::size_t bytes = fedpress::packed_size(n, bits), buckets = fedpress::bucket_count(n, bucket);
+    if (offset > size || bytes > size - offset || scales_at > size || buckets > (size - scales_at) / 4)
+      throw py::value_error("job " + std::to_string(j) + " reaches past the buffer");
+    outs[j] = checked<float>(t[3], "out", Access::write);
+    if (len(outs[j]) != n) throw py::value_error("job " + std::to_string(j) + ": out must hold n values");
+    scales[j].resize(buckets);
+    if (buckets) std::memcpy(scales[j].data(), data + scales_at, 4 * buckets);  // little-endian hosts
+    const fedpress::DequantizeJob job{data + offset, scales[j].data(), bits, n, bucket,
+                                      mptr<float>(outs[j]), false, 1.0f};
+    const unsigned used = static_cast<unsigned>((n * static_cast<std::size_t>(bits)) % 8);
+    std::atomic<bool>* flag = &finite[j];
+    jobs[j] = {offset, fedpress::ceil_div(n, 8), static_cast<std::size_t>(bits),
+               [=](std::size_t first, std::size_t last) {
+                 const std::size_t begin = 8 * first, end = std::min(n, 8 * last);
+                 if (begin >= end) return;
+                 bool ok = true;
+                 for (std::size_t b = begin / bucket; b <= (end - 1) / bucket; ++b)
+                   ok = ok && job.scales[b] >= 0.0f && std::isfinite(job.scales[b]);
+                 if (end == n && used != 0) ok = ok && (job.packed[bytes - 1] >> used) == 0;
+                 fedpress::dequantize_range(job, begin, end);
+                 if (!ok) flag->store(false, std::memory_order_relaxed);
+               },
+               true};
   }
 
   py::list flags() const {
@@ -785,9 +833,11 @@ void register_checksum(py::module_& m) {
         return py::make_tuple(crc, jobs.flags());
       },
       "data"_a, "jobs"_a,
-      "CRC-32C of data, decoding float value sections on the way while each piece is in cache: jobs are "
+      "CRC-32C of data, decoding value sections on the way while each piece is in cache: jobs are "
       "(offset, code, n, out), code fp32/fp16/bf16 (n values into out, float32) or fp32-finite (a check, out "
-      "None). Returns (crc, [whether each job's values are all finite]).");
+      "None), or (offset, code, n, out, scales_offset, bucket), code q8/q4/q2/q1 (a quantized section: packed "
+      "codes at offset, bucket scales at scales_offset, n values dequantized into out). Returns (crc, [whether "
+      "each job's values are all finite; a quantized job's: its scales finite and >= 0, no padding bit set]).");
 }
 
 // A rotation block size: a power of two in [1, 2^24].

@@ -357,8 +357,9 @@ std::uint32_t crc_register(const std::uint8_t* data, std::size_t size, std::uint
   return crc_portable(data, size, crc);
 }
 
-// Large buffers are cut into fixed pieces checksummed in parallel from a zero
-// register, then combined in order (the pieces depend only on the size).
+// Large buffers are cut into pieces checksummed in parallel from a zero register, then
+// combined in order (the pieces depend on the size and on whether there are jobs, never
+// on the threads).
 constexpr std::size_t kPiece = std::size_t{1} << 20;
 constexpr std::size_t kSubPiece = std::size_t{64} << 10;
 
@@ -396,7 +397,18 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
     }
     return reg;
   };
-  if (size < 2 * kPiece) return ~checksum_running_jobs(0, size, std::numeric_limits<std::size_t>::max(), crc);
+  // Jobs that write (a decoder's outputs) take the pieces and their sub-pieces from the last
+  // to the first, and on threads smaller pieces for a smaller buffer, down to one sub-piece,
+  // so that one whose jobs write many times its size (1-bit codes: 128 bytes out per byte
+  // in) still gives every thread many pieces. Checks alone go forward in pieces of 1 MiB:
+  // the prefetchers learn one stream per piece. The CRC does not depend on the pieces.
+  const bool threads = parallel && num_threads() > 1;
+  const bool writes = std::any_of(jobs.begin(), jobs.end(), [](const ChecksumJob& job) { return job.writes; });
+  std::size_t piece_size = kPiece;
+  if (writes && threads)
+    while (piece_size > kSubPiece && size < 16 * piece_size) piece_size /= 2;
+  if (size < 2 * piece_size || (!threads && !writes))
+    return ~checksum_running_jobs(0, size, std::numeric_limits<std::size_t>::max(), crc);
   // A piece's register from `reg` as checksum_running_jobs gives it, its sub-pieces visited
   // from the last to the first (each from a zero register, the registers combined in order;
   // a shorter last one after them). A job writing a fresh output (a decoder's) then touches
@@ -407,7 +419,6 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
   // down on one thread (glibc's memcpy goes down here too), 10-11 and 8 ms on two.
   static const Shift over_sub_piece(kSubPiece);
   auto checksum_piece_backwards = [&](std::size_t begin, std::size_t end, std::size_t jobs_end, std::uint32_t reg) {
-    if (jobs.empty()) return crc_register(data + begin, end - begin, reg);
     const std::size_t whole = (end - begin) / kSubPiece, tail = begin + whole * kSubPiece;
     std::array<std::uint32_t, kPiece / kSubPiece> sub{};
     for (std::size_t j = whole; j-- > 0;) {
@@ -418,28 +429,37 @@ std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const
     for (std::size_t j = 0; j < whole; ++j) reg = over_sub_piece(reg) ^ sub[j];
     return tail < end ? checksum_running_jobs(tail, end, jobs_end, reg) : reg;
   };
-  const std::size_t pieces = ceil_div(size, kPiece);
+  const std::size_t pieces = ceil_div(size, piece_size);
   // The last piece takes the units starting at or after its end too (none, in a buffer
   // that holds its jobs).
   const auto piece_end = [&](std::size_t i) {
-    return i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : (i + 1) * kPiece;
+    return i + 1 == pieces ? std::numeric_limits<std::size_t>::max() : (i + 1) * piece_size;
   };
   std::vector<std::uint32_t> regs(pieces);
-  // Pieces from the last to the first, as their sub-pieces: each thread's run goes down.
   const auto piece = [&](std::size_t t) {
-    const std::size_t i = pieces - 1 - t, begin = i * kPiece, end = std::min(size, begin + kPiece);
-    regs[i] = checksum_piece_backwards(begin, end, piece_end(i), i == 0 ? crc : 0u);
+    const std::size_t i = writes ? pieces - 1 - t : t;  // writing, each thread's run goes down
+    const std::size_t begin = i * piece_size, end = std::min(size, begin + piece_size);
+    const std::uint32_t reg = i == 0 ? crc : 0u;
+    regs[i] = writes ? checksum_piece_backwards(begin, end, piece_end(i), reg)
+                     : checksum_running_jobs(begin, end, piece_end(i), reg);
   };
-  if (parallel && num_threads() > 1) {
+  if (threads) {
     parallel_for(pieces, piece);
   } else {
     for (std::size_t t = 0; t < pieces; ++t) piece(t);
   }
-  static const Shift over_piece(kPiece);
+  // The register advanced over a whole piece of each size (kSubPiece << s, up to kPiece).
+  static const std::vector<Shift> over_piece = [] {
+    std::vector<Shift> shifts;
+    for (std::size_t len = kSubPiece; len <= kPiece; len *= 2) shifts.emplace_back(len);
+    return shifts;
+  }();
+  std::size_t which = 0;
+  while ((kSubPiece << which) != piece_size) ++which;
   std::uint32_t out = regs[0];
   for (std::size_t i = 1; i < pieces; ++i) {
-    const std::size_t len = std::min(kPiece, size - i * kPiece);
-    out = (len == kPiece ? over_piece(out) : Shift(len)(out)) ^ regs[i];
+    const std::size_t len = std::min(piece_size, size - i * piece_size);
+    out = (len == piece_size ? over_piece[which](out) : Shift(len)(out)) ^ regs[i];
   }
   return ~out;
 }

@@ -20,9 +20,10 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t c
 struct ChecksumJob {
   std::size_t offset = 0, units = 0, unit = 1;
   std::function<void(std::size_t first, std::size_t last)> run;
+  bool writes = false;  // it writes an output (the buffer is then visited from its end)
 };
 
-// crc32c(data, size, crc), running the jobs on the way (pieces of 1 MiB, in parallel
+// crc32c(data, size, crc), running the jobs on the way (pieces of up to 1 MiB, in parallel
 // unless `parallel` is false: a caller checking many buffers runs one per thread).
 std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const std::vector<ChecksumJob>& jobs,
                                std::uint32_t crc = 0, bool parallel = true);

@@ -380,11 +380,22 @@ namespace {
 
 // Chunk c (kTargetChunk elements) of one dequantization.
 void dequantize_chunk(const DequantizeJob& job, std::size_t c) {
+  const std::size_t begin = c * kTargetChunk;
+  dequantize_range(job, begin, std::min(job.n, begin + kTargetChunk));
+}
+
+void check_job(const DequantizeJob& job) {
+  if (!valid_bits(job.bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
+  if (job.bucket == 0) throw std::invalid_argument("bucket must be positive");
+}
+
+}  // namespace
+
+void dequantize_range(const DequantizeJob& job, std::size_t begin, std::size_t end) {
   thread_local std::vector<std::uint8_t> codes;
   const int levels = (1 << job.bits) - 1;
-  const std::size_t begin = c * kTargetChunk, end = std::min(job.n, begin + kTargetChunk);
   codes.resize(end - begin);
-  // Chunks start at multiples of 8 elements, hence on byte boundaries.
+  // A range starts at a multiple of 8 elements, hence on a byte boundary.
   unpack_codes(job.packed + begin / 8 * static_cast<std::size_t>(job.bits), end - begin, job.bits, codes.data());
   for (std::size_t s = begin; s < end;) {
     const std::size_t b = s / job.bucket;
@@ -396,13 +407,6 @@ void dequantize_chunk(const DequantizeJob& job, std::size_t c) {
     s = e;
   }
 }
-
-void check_job(const DequantizeJob& job) {
-  if (!valid_bits(job.bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
-  if (job.bucket == 0) throw std::invalid_argument("bucket must be positive");
-}
-
-}  // namespace
 
 void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
                 std::size_t bucket, float* out, bool accumulate, float weight) {

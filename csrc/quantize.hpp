@@ -54,4 +54,9 @@ struct DequantizeJob {
 };
 void dequantize_many(const std::vector<DequantizeJob>& jobs);
 
+// Elements [begin, end) of one dequantization, on the calling thread (a caller that
+// spreads its own work, such as a checksum decoding on the way); begin is a multiple of
+// 8, so that it starts on a byte of packed. The job is not checked.
+void dequantize_range(const DequantizeJob& job, std::size_t begin, std::size_t end);
+
 }  // namespace fedpress

@@ -247,3 +247,113 @@ def test_add_many_checks_streams_of_compressed_payloads(wire) -> None:
     assert agg.count == 0
     agg.add_many([good, good])
     np.testing.assert_allclose(agg.result()["w"], fp.decode(plain)["w"])
+
+
+# ---------------------------------------------------- quantized sections' jobs --
+def quantized_section(rng: np.random.Generator, bits: int, n: int, bucket: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A q-section's bytes (scales, then packed codes) for n values, its packed codes and scales."""
+    x = rng.standard_normal(n).astype(np.float32)
+    packed, scales = fp.ops.quantize(x, bits, bucket, seed=int(rng.integers(1 << 30)))
+    return scales.astype("<f4").tobytes() + packed.tobytes(), packed, scales
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    ("n", "bucket"), [(1, 1), (7, 3), (8, 512), (1001, 100), (300_001, 512), (2_000_003, 4096), (5_000_000, 7)]
+)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_quantized_jobs_dequantize_as_dequantize_does(bits: int, n: int, bucket: int, threads: int) -> None:
+    """A q-job (its codes in units of 8 values, cut anywhere by the pieces, which shrink for
+    a buffer whose job writes many times its size) writes what ops.dequantize writes, and
+    the CRC is crc32c's, at an odd offset, with bytes before and after."""
+    rng = np.random.default_rng(n + bits + threads)
+    section_bytes, packed, scales = quantized_section(rng, bits, n, bucket)
+    head, tail = bytes(rng.integers(0, 256, 5, dtype=np.uint8)), bytes(rng.integers(0, 256, 3, dtype=np.uint8))
+    data = head + section_bytes + tail
+    out = np.full(n, np.nan, np.float32)
+    job = (len(head) + 4 * scales.size, f"q{bits}", n, out, len(head), bucket)
+    with num_threads(threads):
+        crc, flags = _core.crc32c_decoding(data, [job])
+    assert crc == _core.crc32c(data) and flags == [True]
+    assert out.tobytes() == fp.ops.dequantize(packed, scales, bits, n, bucket).tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bad", ["nan", "inf", "negative", "padding", None])
+def test_quantized_jobs_flag_what_the_decoder_refuses(threads: int, bad) -> None:
+    """A non-finite or negative scale anywhere, or a padding bit set: the job's flag is
+    False (the values are written all the same; the caller throws them away)."""
+    rng = np.random.default_rng(3)
+    n, bucket, bits = 1_000_003, 512, 4  # an odd count: the last byte holds a padding nibble
+    section_bytes, packed, scales = quantized_section(rng, bits, n, bucket)
+    data = bytearray(section_bytes)
+    where = 4 * (scales.size * 2 // 3)
+    if bad == "nan":
+        data[where : where + 4] = np.float32(np.nan).tobytes()
+    elif bad == "inf":
+        data[where : where + 4] = np.float32(np.inf).tobytes()
+    elif bad == "negative":
+        data[where : where + 4] = np.float32(-0.5).tobytes()
+    elif bad == "padding":
+        data[-1] |= 0x10
+    out = np.empty(n, np.float32)
+    with num_threads(threads):
+        _, flags = _core.crc32c_decoding(bytes(data), [(4 * scales.size, "q4", n, out, 0, bucket)])
+    assert flags == [bad is None]
+
+
+def test_bad_quantized_jobs_are_refused() -> None:
+    data = bytes(64)
+    out = np.empty(16, np.float32)
+    for job in [
+        (8, "q4", 16, out),  # a quantized job names its scales and bucket
+        (8, "q3", 16, out, 0, 8),
+        (8, "q4", 16, out, 0, 0),  # no bucket
+        (8, "q4", 16, out, 0, -1),
+        (60, "q4", 16, out, 0, 8),  # codes past the buffer
+        (8, "q4", 16, out, 60, 8),  # scales past the buffer
+        (8, "q4", 16, np.empty(15, np.float32), 0, 8),
+    ]:
+        with pytest.raises(ValueError):
+            _core.crc32c_decoding(data, [job])
+    with pytest.raises(TypeError):
+        _core.crc32c_decoding(data, [(8, "q4", 16, np.empty(16, np.float64), 0, 8)])
+
+
+@pytest.mark.parametrize(("spec", "bucket"), [("q8", 512), ("q4", 512), ("q2", 512), ("sign", 512), ("q4", 100)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_of_quantized_payloads_is_the_checked_decode(spec: str, bucket: int, threads: int) -> None:
+    """decode, which dequantizes dense q-sections in the checksum's read, gives what the
+    sections' checked decoding gives, for a model of several tensors, large and small."""
+    rng = np.random.default_rng(11)
+    update = {
+        "big": rng.standard_normal(700_001).astype(np.float32),
+        "small": rng.standard_normal(13).astype(np.float32),
+        "matrix": rng.standard_normal((300, 257)).astype(np.float32),
+        "empty": np.zeros(0, np.float32),
+    }
+    payload = fp.Codec(spec, bucket=bucket).encode(update, seed=5)
+    with num_threads(threads):
+        got = fp.decode(payload)
+    parsed = parse(payload)
+    for rec in parsed.tensors:
+        want = fp.format.decode_parts(payload)[rec.name][1].reshape(rec.shape)
+        assert got[rec.name].shape == rec.shape
+        assert got[rec.name].tobytes() == want.tobytes(), rec.name
+
+
+@pytest.mark.parametrize("bad", ["scale", "padding"])
+def test_decode_names_the_bad_quantized_tensor(wire, bad: str) -> None:
+    """A refused q-section, its checksum made good: decode names the tensor and what is wrong."""
+    update = {"a": np.ones(1001, np.float32), "b": np.linspace(-1, 1, 1001, dtype=np.float32)}
+    payload = fp.Codec("q4").encode(update, seed=1)
+    rec = parse(payload, defer_checksum=True).tensors[1]  # (offsets in the payload)
+    broken = bytearray(payload)
+    if bad == "scale":
+        broken[rec.value_offset : rec.value_offset + 4] = np.float32(-1.0).tobytes()
+        match = "'b'.*negative or non-finite scale"
+    else:
+        broken[rec.value_offset + rec.value_len - 1] |= 0xF0
+        match = "'b'.*padding"
+    with pytest.raises(fp.DecodeError, match=match):
+        fp.decode(wire.fix_crc(bytes(broken)))

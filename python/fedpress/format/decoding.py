@@ -213,10 +213,12 @@ def finish_checksum_converting(
     parsed: Any, streamed: list[TensorRecord], convert_dense: bool = False, outs: Optional[dict[int, np.ndarray]] = None
 ) -> tuple[dict[str, np.ndarray], set[str]]:
     """Verifies a deferred checksum (nothing to do when it was not deferred), in the same
-    read of the payload decoding the dense float value sections (fp32, fp16, bf16) with
-    ``convert_dense`` (into ``outs[id(record)]`` where given) and checking the fp32 values
-    of the ``streamed`` tensors for NaN and infinity: ({name: float32 values} of the dense
-    tensors, names of the checked ones)."""
+    read of the payload decoding the plain dense value sections (fp32, fp16, bf16, and
+    q8/q4/q2/sign, neither rotated nor EDEN) with ``convert_dense`` (into
+    ``outs[id(record)]`` where given) and checking the fp32 values of the ``streamed``
+    tensors for NaN and infinity: ({name: float32 values} of the dense tensors, names of
+    the checked ones). A quantized section the decoder would refuse (a bad scale or
+    padding bit) is left out of the first, for the caller's checked path to name."""
     if parsed.unchecked is None:
         return {}, set()
     outs = outs or {}
@@ -226,19 +228,34 @@ def finish_checksum_converting(
         if convert_dense
         and rec.kind == KIND_DENSE
         and rec.eden is None
+        and rec.intcode is None
         and not rec.rht_block
-        and rec.value_code in FLOAT_CODES
+        and (rec.value_code in FLOAT_CODES or (rec.count and rec.value_code in _QUANTIZED_CODES))
     }
     checked = [rec for rec in streamed if rec.value_code == "fp32"]
-    jobs: list[tuple[int, str, int, Optional[np.ndarray]]] = [
-        (rec.value_offset, rec.value_code, rec.count, values) for rec, values in converted.values()
-    ]
+    jobs: list[tuple] = [_decoding_job(rec, values) for rec, values in converted.values()]
     jobs += [(rec.value_offset, "fp32-finite", rec.count, None) for rec in checked]
     records = [rec for rec, _ in converted.values()] + checked
     for rec, finite in zip(records, finish_checksum(parsed, jobs)):
-        if not finite:
-            raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values (NaN or infinity)")
+        if finite:
+            continue
+        if rec.value_code not in FLOAT_CODES:
+            del converted[rec.name]  # decoded again by the checked path, which names what is wrong
+            continue
+        raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values (NaN or infinity)")
     return {name: values for name, (_, values) in converted.items()}, {rec.name for rec in checked}
+
+
+_QUANTIZED_CODES = frozenset(QUANT_BITS) | {"sign"}
+
+
+def _decoding_job(rec: TensorRecord, out: np.ndarray) -> tuple:
+    """The checksum's job (``_core.crc32c_decoding``) decoding a plain dense section into ``out``."""
+    if rec.value_code in FLOAT_CODES:
+        return (rec.value_offset, rec.value_code, rec.count, out)
+    bits = 1 if rec.value_code == "sign" else QUANT_BITS[rec.value_code]
+    scales = 4 * -(-rec.count // rec.bucket)  # the scales come first, then the packed codes
+    return (rec.value_offset + scales, f"q{bits}", rec.count, out, rec.value_offset, rec.bucket)
 
 
 def raw_array(rec: TensorRecord) -> np.ndarray:
@@ -284,7 +301,9 @@ def decode(payload: Any, *, limits: Limits = DEFAULT_LIMITS, table: Any = None) 
             views.update(zip(map(id, group), flat_views([rec.size for rec in group], np.float32, make)))
         converted, finite = finish_checksum_converting(parsed, streamed, convert_dense=True, outs=views)
         try:
-            dequantized = _dequantize_dense([rec for rec in placed if rec.kind == KIND_DENSE], views)
+            dequantized = _dequantize_dense(
+                [rec for rec in placed if rec.kind == KIND_DENSE and rec.name not in converted], views
+            )
         except DecodeError:  # it decoded none: the loop decodes them in order, naming the first bad tensor
             dequantized = set()
         streams = index_streams(streamed, finite)
