@@ -1136,6 +1136,18 @@ int code_width(int width) {
   return width;
 }
 
+// The width of n codes packed in `info`, which must hold exactly ceil(n * width / 8) bytes
+// (DecodeError otherwise: they come from a payload).
+int packed_codes_width(const py::buffer_info& info, std::size_t n, int width) {
+  const int w = code_width(width);
+  if (n > (std::numeric_limits<std::size_t>::max() - 7) / static_cast<std::size_t>(w) ||
+      byte_size(info) != (n * static_cast<std::size_t>(w) + 7) / 8)
+    throw fedpress::MalformedData("int section: " + std::to_string(byte_size(info)) + " bytes of codes, " +
+                                  std::to_string(n) + " codes of " + std::to_string(w) + " bits need " +
+                                  std::to_string((n * static_cast<std::size_t>(w) + 7) / 8));
+  return w;
+}
+
 void register_intcode(py::module_& m) {
   m.def(
       "int_encode",
@@ -1176,12 +1188,7 @@ void register_intcode(py::module_& m) {
       "unpack_codes",
       [](const py::buffer& data, std::size_t n, int width) {
         const py::buffer_info info = contiguous_bytes(data, "data");
-        const int w = code_width(width);
-        if (n > (std::numeric_limits<std::size_t>::max() - 7) / static_cast<std::size_t>(w) ||
-            byte_size(info) != (n * static_cast<std::size_t>(w) + 7) / 8)
-          throw fedpress::MalformedData("int section: " + std::to_string(byte_size(info)) + " bytes of codes, " +
-                                        std::to_string(n) + " codes of " + std::to_string(w) + " bits need " +
-                                        std::to_string((n * static_cast<std::size_t>(w) + 7) / 8));
+        const int w = packed_codes_width(info, n, width);
         py::array_t<std::uint64_t> codes(static_cast<py::ssize_t>(n));
         const auto* p = static_cast<const std::uint8_t*>(info.ptr);
         std::uint64_t* c = codes.mutable_data();
@@ -1192,6 +1199,43 @@ void register_intcode(py::module_& m) {
         return codes;
       },
       "data"_a, "n"_a, "width"_a, "Inverse of pack_codes; DecodeError on a wrong size or nonzero padding bits.");
+  m.def(
+      "int_values",
+      [](const py::buffer& data, std::size_t n, int width, int modulus_bits, double step, double offset,
+         double weight) {
+        const py::buffer_info info = contiguous_bytes(data, "data");
+        const int w = packed_codes_width(info, n, width);
+        if (modulus_bits < 0 || modulus_bits > 62)
+          throw py::value_error("modulus_bits must be in [0, 62], got " + std::to_string(modulus_bits));
+        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        const auto* p = static_cast<const std::uint8_t*>(info.ptr);
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;  // raw buffers only
+          fedpress::int_values(p, n, w, modulus_bits, step, offset, weight, o);
+        }
+        return out;
+      },
+      "data"_a, "n"_a, "width"_a, "modulus_bits"_a, "step"_a, "offset"_a, "weight"_a,
+      "The float32 values of n packed codes before the inverse rotation, without an array of codes: "
+      "float32((t * step - offset) * weight) in double precision, t each code, or with modulus_bits m > 0 the "
+      "code as a residue modulo 2^m read as t - 2^m from 2^m - 2^(m-2) up. DecodeError as unpack_codes.");
+  m.def(
+      "int_values_of",
+      [](const py::handle& codes_obj, int modulus_bits, double step, double offset, double weight) {
+        py::array codes = checked<std::uint64_t>(codes_obj, "codes");
+        if (modulus_bits < 0 || modulus_bits > 62)
+          throw py::value_error("modulus_bits must be in [0, 62], got " + std::to_string(modulus_bits));
+        const std::size_t n = len(codes);
+        py::array_t<float> out(static_cast<py::ssize_t>(n));
+        const std::uint64_t* c = cptr<std::uint64_t>(codes);
+        float* o = out.mutable_data();
+        py::gil_scoped_release release;  // raw buffers only
+        fedpress::int_values_of(c, n, modulus_bits, step, offset, weight, o);
+        return out;
+      },
+      "codes"_a, "modulus_bits"_a, "step"_a, "offset"_a, "weight"_a,
+      "int_values of codes given one per uint64 (a sum of codes; its residues modulo 2^m with modulus_bits m > 0).");
 }
 
 py::array_t<std::uint16_t> narrow(const py::handle& obj, void (*kernel)(const float*, std::size_t, void*)) {

@@ -26,4 +26,17 @@ void pack_codes(const std::uint64_t* codes, std::size_t n, int width, std::uint8
 // Inverse of pack_codes; MalformedData when the padding bits are not zero.
 void unpack_codes(const std::uint8_t* in, std::size_t n, int width, std::uint64_t* codes);
 
+// The values of n packed codes, before the inverse rotation, in one pass (no array of
+// codes): out[i] = float(((double)t_i * step - offset) * weight), each operation in
+// double precision as numpy does it, t_i the code as a signed integer: with
+// modulus_bits m (> 0), a residue modulo 2^m, read as t - 2^m from 2^m - 2^(m-2) up (a
+// sum pushed below zero by noise), else the code itself. MalformedData as unpack_codes.
+void int_values(const std::uint8_t* in, std::size_t n, int width, int modulus_bits, double step, double offset,
+                double weight, float* out);
+
+// int_values of n codes given one per uint64 (a sum of codes, its residues modulo 2^m
+// with modulus_bits m > 0).
+void int_values_of(const std::uint64_t* codes, std::size_t n, int modulus_bits, double step, double offset,
+                   double weight, float* out);
+
 }  // namespace fedpress

@@ -55,6 +55,71 @@ def test_pack_refuses_wide_codes_and_unpack_bad_padding() -> None:
         _core.unpack_codes(bytes(3), 3, 4)
 
 
+def numpy_int_values(codes: np.ndarray, m: int, step: float, offset: float, weight: float) -> np.ndarray:
+    """What IntSection.values computed in numpy before _core.int_values fused it."""
+    total = centered(codes, m) if m else codes.astype(np.int64)
+    return ((total.astype(np.float64) * step - offset) * weight).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("width", "m"), [(1, 0), (2, 0), (8, 0), (16, 0), (3, 3), (9, 9), (17, 17), (33, 33), (56, 56)]
+)
+@pytest.mark.parametrize("n", [0, 1, 9, 65_536 * 2 + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int_values_are_numpys_bit_for_bit(width: int, m: int, n: int, threads: int) -> None:
+    """The fused kernel against the numpy steps it replaces: every code read as a residue
+    around the wrap-around point too, odd steps, offsets and weights."""
+    rng = np.random.default_rng(width * 7 + n)
+    codes = rng.integers(0, 1 << width, size=n, dtype=np.uint64)
+    if m and n:  # the codes around 2^m - 2^(m-2), where residues start to read as negative
+        edge = (1 << m) - (1 << (m - 2))
+        codes[: min(n, 4)] = np.array([edge - 1, edge, edge + 1, (1 << m) - 1], np.uint64)[: min(n, 4)]
+    packed = _core.pack_codes(codes, width)
+    for step, offset, weight in [(2 * 0.1 / 255, 3 * 0.1, 1 / 3), (1.0, 0.0, 1.0), (np.pi / 7, -2.5, 1 / 7)]:
+        with num_threads(threads):
+            got = _core.int_values(packed, n, width, m, step, offset, weight)
+        assert got.dtype == np.float32 and got.tobytes() == numpy_int_values(codes, m, step, offset, weight).tobytes()
+
+
+@pytest.mark.parametrize("m", [0, 12, 40])
+def test_a_sums_values_are_the_levels_of_its_centered_residues(m: int) -> None:
+    """What the Aggregator's int sum decodes (values_of_residues, one pass over the uint64
+    sum) is IntLevels.values of the residues read by centered, bit for bit."""
+    from fedpress.format.intcodes import IntLevels
+
+    levels = IntLevels(bits=8, clip=0.05, modulus_bits=m or 12, rotation_seed=77, block=1 << 10)
+    rng = np.random.default_rng(m)
+    residues = rng.integers(0, 1 << (m or 20), 5000, dtype=np.uint64)
+    total = centered(residues, m) if m else residues.astype(np.int64)
+    want = levels.values(total, 7, 1 / 3)
+    assert levels.values_of_residues(residues, m, 7, 1 / 3).tobytes() == want.tobytes()
+    packed = _core.pack_codes(residues, m or 20)
+    assert levels.values_of_packed(packed, residues.size, m or 20, m, 7, 1 / 3).tobytes() == want.tobytes()
+
+
+def test_int_values_refuses_what_unpack_codes_refuses() -> None:
+    with pytest.raises(fp.DecodeError, match="padding"):
+        _core.int_values(bytes([0x00, 0x10]), 3, 4, 0, 1.0, 0.0, 1.0)
+    with pytest.raises(fp.DecodeError, match="need 2"):
+        _core.int_values(bytes(3), 3, 4, 0, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="width"):
+        _core.int_values(bytes(8), 1, 57, 0, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="modulus_bits"):
+        _core.int_values(bytes(1), 1, 4, 63, 1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int2:clip=0.01", "int16"])
+def test_an_int_payload_decodes_as_its_levels_say(spec: str) -> None:
+    """decode of an unmasked int payload: the section's levels applied to its codes, as a
+    sum of one client, then the inverse rotation (what IntLevels.values gives)."""
+    payload = fp.Codec(spec).encode(updates(1, seed=4)[0], seed=9)
+    out = fp.decode(payload)
+    for rec in parse(payload).tensors:
+        section = rec.intcode
+        want = section.levels.values(section.codes().astype(np.int64), 1, 1.0)
+        assert out[rec.name].reshape(-1).tobytes() == want.tobytes()
+
+
 def test_int_encode_is_unbiased_and_clipped() -> None:
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.uniform(-1, 1, 2000), [5.0, -5.0, np.inf, -np.inf]]).astype(np.float32)

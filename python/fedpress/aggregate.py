@@ -28,7 +28,7 @@ from ._update_math import to_dtype
 from .format.decoding import checked_streams, index_stream, index_streams, raw_array, sparse_parts, streamable
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
-from .format.intcodes import IntLevels, IntSection, centered
+from .format.intcodes import IntLevels, IntSection
 from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
@@ -240,11 +240,9 @@ class _IntSum:
     def weighted_sum(self) -> np.ndarray:
         """The float32 sum of the clients' values times their weights, unrotated (and put
         back in place, for a shared random-k support)."""
-        if self.modular:
-            total = centered(self.total, self.levels.modulus_bits)
-        else:
-            total = self.total.astype(np.int64)
-        kept = self.levels.values(total, self.multipliers, self.unit)
+        kept = self.levels.values_of_residues(
+            self.total, self.levels.modulus_bits if self.modular else 0, self.multipliers, self.unit
+        )
         if self.support is None:
             return kept
         size, seed = self.support

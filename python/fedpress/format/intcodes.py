@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -65,7 +65,23 @@ class IntLevels:
         """``weight`` times the sum, back in the original domain (float32), of the values of
         ``clients`` vectors whose codes sum to ``total`` (signed integers, int64)."""
         clip = float(np.float32(self.clip))
-        rotated = ((total.astype(np.float64) * self.step - clients * clip) * weight).astype(np.float32)
+        return self._unrotated(((total.astype(np.float64) * self.step - clients * clip) * weight).astype(np.float32))
+
+    def values_of_residues(self, codes: np.ndarray, modulus_bits: int, clients: int, weight: float = 1.0) -> np.ndarray:
+        """``values`` of the sum whose codes (uint64) are ``codes``, read as residues modulo
+        2^modulus_bits as ``centered`` reads them (0: as they are), in one pass: no int64 or
+        float64 copy of them. The same float32 values, bit for bit."""
+        clip = float(np.float32(self.clip))
+        return self._unrotated(_core.int_values_of(codes, modulus_bits, self.step, clients * clip, weight))
+
+    def values_of_packed(
+        self, packed: Any, count: int, width: int, modulus_bits: int, clients: int, weight: float = 1.0
+    ) -> np.ndarray:
+        """``values_of_residues`` of ``count`` codes packed ``width`` bits each, unpacked on the way."""
+        clip = float(np.float32(self.clip))
+        return self._unrotated(_core.int_values(packed, count, width, modulus_bits, self.step, clients * clip, weight))
+
+    def _unrotated(self, rotated: np.ndarray) -> np.ndarray:
         if rotated.size:
             _core.eden_unrotate(rotated, self.block, self.rotation_seed)
         return rotated
@@ -123,12 +139,14 @@ class IntSection:
         return _core.unpack_codes(self.packed, self.count, self.width)
 
     def values(self) -> np.ndarray:
-        """The float32 values of an unmasked section, decoded on their own."""
+        """The float32 values of an unmasked section, decoded on their own: what
+        ``levels.values`` gives for its codes (``centered`` where they are residues) as the
+        sum of ``weight`` clients, times 1 / weight, with the codes unpacked and scaled in
+        one pass (no int64 or float64 copy of them)."""
         if self.masked:
             raise DecodeError("int section is masked by secure aggregation: it decodes only as part of the round's sum")
-        codes = self.codes()
-        total = centered(codes, self.levels.modulus_bits) if self.modular else codes.astype(np.int64)
-        return self.levels.values(total, self.weight, 1.0 / self.weight)
+        m = self.levels.modulus_bits if self.modular else 0
+        return self.levels.values_of_packed(self.packed, self.count, self.width, m, self.weight, 1.0 / self.weight)
 
 
 def centered(residues: np.ndarray, m: int) -> np.ndarray:
