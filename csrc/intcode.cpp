@@ -6,10 +6,12 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "errors.hpp"
 #include "parallel.hpp"
 #include "rng.hpp"
+#include "simd.hpp"
 
 namespace fedpress {
 namespace {
@@ -122,57 +124,87 @@ namespace {
 
 // float((t * step - offset) * weight) of each code, t the code as a signed integer (a
 // residue modulo 2^m read as negative from 2^m - 2^(m-2) up, with m > 0).
-class LevelValue {
- public:
-  LevelValue(int modulus_bits, double step, double offset, double weight)
-      : modulus_(modulus_bits ? std::uint64_t{1} << modulus_bits : 0),
-        negative_from_(modulus_bits >= 2 ? modulus_ - (modulus_ >> 2) : ~std::uint64_t{0}),
-        step_(step),
-        offset_(offset),
-        weight_(weight) {
+struct Levels {
+  std::uint64_t modulus, negative_from;
+  double step, offset, weight;
+
+  Levels(int modulus_bits, double step_, double offset_, double weight_)
+      : modulus(modulus_bits ? std::uint64_t{1} << modulus_bits : 0),
+        negative_from(modulus_bits >= 2 ? modulus - (modulus >> 2) : ~std::uint64_t{0}),
+        step(step_),
+        offset(offset_),
+        weight(weight_) {
     if (modulus_bits < 0 || modulus_bits > 62) throw std::invalid_argument("modulus_bits must be in [0, 62]");
   }
-  float operator()(std::uint64_t c) const {
-    const std::int64_t t = c >= negative_from_ ? static_cast<std::int64_t>(c) - static_cast<std::int64_t>(modulus_)
-                                               : static_cast<std::int64_t>(c);
-    const double level = static_cast<double>(t) * step_;  // numpy's steps, one rounding each
-    return static_cast<float>((level - offset_) * weight_);
-  }
-
- private:
-  std::uint64_t modulus_, negative_from_;
-  double step_, offset_, weight_;
 };
+
+// The loops below run in every clone (no FMA contraction anywhere: -ffp-contract=off), so
+// each clone gives the same bits; AVX-512's clone converts eight int64 to double at once.
+inline float level_value(std::uint64_t c, std::uint64_t modulus, std::uint64_t negative_from, double step,
+                         double offset, double weight) {
+  const std::int64_t t = c >= negative_from ? static_cast<std::int64_t>(c) - static_cast<std::int64_t>(modulus)
+                                            : static_cast<std::int64_t>(c);
+  const double level = static_cast<double>(t) * step;  // numpy's steps, one rounding each
+  return static_cast<float>((level - offset) * weight);
+}
+
+FEDPRESS_CLONES
+void values_of_bytes(const std::uint8_t* codes, std::size_t n, const Levels& l, float* out) {
+  const std::uint64_t modulus = l.modulus, negative_from = l.negative_from;
+  const double step = l.step, offset = l.offset, weight = l.weight;
+  for (std::size_t i = 0; i < n; ++i) out[i] = level_value(codes[i], modulus, negative_from, step, offset, weight);
+}
+
+FEDPRESS_CLONES
+void values_of_u16(const std::uint8_t* codes, std::size_t n, const Levels& l, float* out) {
+  const std::uint64_t modulus = l.modulus, negative_from = l.negative_from;
+  const double step = l.step, offset = l.offset, weight = l.weight;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint16_t c;
+    std::memcpy(&c, codes + 2 * i, 2);  // little-endian hosts
+    out[i] = level_value(c, modulus, negative_from, step, offset, weight);
+  }
+}
+
+FEDPRESS_CLONES
+void values_of_u64(const std::uint64_t* codes, std::size_t n, const Levels& l, float* out) {
+  const std::uint64_t modulus = l.modulus, negative_from = l.negative_from;
+  const double step = l.step, offset = l.offset, weight = l.weight;
+  for (std::size_t i = 0; i < n; ++i) out[i] = level_value(codes[i], modulus, negative_from, step, offset, weight);
+}
 
 }  // namespace
 
 void int_values(const std::uint8_t* in, std::size_t n, int width, int modulus_bits, double step, double offset,
                 double weight, float* out) {
   check_width(width);
-  const LevelValue value(modulus_bits, step, offset, weight);
+  const Levels levels(modulus_bits, step, offset, weight);
   check_padding(in, n, width);
-  parallel_for_sized(ceil_div(n, kChunk), n, [&](std::size_t task) {
-    const std::size_t begin = task * kChunk, end = std::min(n, begin + kChunk);
+  // Chunks from the last to the first: a fresh output is first touched at the top of each
+  // huge page, which Linux zeroes last (see crc32c_with_jobs).
+  const std::size_t chunks = ceil_div(n, kChunk);
+  parallel_for_sized(chunks, n, [&](std::size_t task) {
+    const std::size_t begin = (chunks - 1 - task) * kChunk, end = std::min(n, begin + kChunk);
     if (width == 8) {  // int8's codes: a byte each, no bit stream to follow
-      for (std::size_t i = begin; i < end; ++i) out[i] = value(in[i]);
+      values_of_bytes(in + begin, end - begin, levels, out + begin);
     } else if (width == 16) {
-      for (std::size_t i = begin; i < end; ++i) {
-        std::uint16_t c;
-        std::memcpy(&c, in + 2 * i, 2);  // little-endian hosts
-        out[i] = value(c);
-      }
+      values_of_u16(in + 2 * begin, end - begin, levels, out + begin);
     } else {
-      unpack_range(in, begin, end, width, [&](std::size_t i, std::uint64_t c) { out[i] = value(c); });
+      thread_local std::vector<std::uint64_t> codes;
+      codes.resize(end - begin);
+      unpack_range(in, begin, end, width, [&](std::size_t i, std::uint64_t c) { codes[i - begin] = c; });
+      values_of_u64(codes.data(), end - begin, levels, out + begin);
     }
   });
 }
 
 void int_values_of(const std::uint64_t* codes, std::size_t n, int modulus_bits, double step, double offset,
                    double weight, float* out) {
-  const LevelValue value(modulus_bits, step, offset, weight);
-  parallel_for_sized(ceil_div(n, kChunk), n, [&](std::size_t task) {
-    const std::size_t begin = task * kChunk, end = std::min(n, begin + kChunk);
-    for (std::size_t i = begin; i < end; ++i) out[i] = value(codes[i]);
+  const Levels levels(modulus_bits, step, offset, weight);
+  const std::size_t chunks = ceil_div(n, kChunk);  // from the last, as int_values
+  parallel_for_sized(chunks, n, [&](std::size_t task) {
+    const std::size_t begin = (chunks - 1 - task) * kChunk, end = std::min(n, begin + kChunk);
+    values_of_u64(codes + begin, end - begin, levels, out + begin);
   });
 }
 

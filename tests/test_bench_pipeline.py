@@ -23,6 +23,10 @@ CALLS = [
     "fp.decode, a dense fp32 payload",
     "fp.decode, a dense fp16 payload",
     "fp.decode, a dense bf16 payload",
+    "fp.decode, a dense q8 payload",
+    "fp.decode, a dense sign payload",
+    "fp.decode, a dense eden4 payload",
+    "fp.decode, a dense int8 payload",
     'Encoder("topk:0.01+q4+zstd"), 160 tensors',
     'Codec("q4").encode, 160 tensors',
     "fp.decode, q4, 160 tensors",
@@ -49,6 +53,7 @@ def test_every_row_has_both_timings_a_ratio_and_its_target():
     targets = {row["call"]: row["target"] for row in report["rows"]}
     assert targets['Codec("q4").encode'] == 1.3 and targets["fp.decode, a dense q4 payload"] == 1.2
     assert targets["fp.decode, a dense bf16 payload"] == 1.2
+    assert all(targets[f"fp.decode, a dense {code} payload"] == 1.2 for code in ("q8", "sign", "eden4", "int8"))
     assert targets["Aggregator.mean_of(3 top-1% payloads)"] == 1.3
     assert targets["  add_many, then result(copy=False)"] == 1.3
     reads = report["rows"][CALLS.index("ops.topk(x, 1%)")]

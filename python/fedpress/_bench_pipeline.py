@@ -236,6 +236,63 @@ def dense_float_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
     return rows
 
 
+def dense_coded_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
+    """Decoding the other dense value codes against the kernel that restores the same
+    values from the payload's own section: q8 and sign (dequantizing its codes), eden4
+    (the fused EDEN decoder) and int8 (its levels are a multiply-add; the inverse rotation
+    of a float32 copy is what costs)."""
+    from .format.intcodes import IntSection
+    from .format.reader import parse
+    from .format.values import unchecked_quantized_parts
+
+    n = x.size
+    rows = []
+    for spec, against in (("q8", "ops.dequantize(8 bits)"), ("sign", "ops.dequantize(1 bit)")):
+        payload = Codec(spec).encode({"w": x})
+        rec = parse(payload).tensors[0]
+        body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+        body, scales = body.copy(), scales.copy()  # the kernel's input as it would have it, aligned
+        rows.append(
+            PipelineRow(
+                f"fp.decode, a dense {spec} payload",
+                against,
+                *_paired_seconds(
+                    partial(decode, payload), partial(ops.dequantize, body, scales, bits, n, rec.bucket), repeat
+                ),
+                1.2,
+            )
+        )
+    payload = Codec("eden4").encode({"w": x})
+    packed, eden_scales, _, _ = ops.eden_encode(x, 4, seed=1)
+    rows.append(
+        PipelineRow(
+            "fp.decode, a dense eden4 payload",
+            "ops.eden_decode(4 bits)",
+            *_paired_seconds(
+                partial(decode, payload), partial(ops.eden_decode, packed, eden_scales, n, 4, seed=1), repeat
+            ),
+            1.2,
+        )
+    )
+    payload = Codec("int8").encode({"w": x})
+    section = parse(payload).tensors[0].intcode
+    assert isinstance(section, IntSection)
+    levels = section.levels
+
+    def copy_unrotated() -> Any:
+        return _core.eden_unrotate(x.copy(), levels.block, levels.rotation_seed)
+
+    rows.append(
+        PipelineRow(
+            "fp.decode, a dense int8 payload",
+            "x.copy() + its inverse rotation",
+            *_paired_seconds(partial(decode, payload), copy_unrotated, repeat),
+            1.2,
+        )
+    )
+    return rows
+
+
 def model_of(x: np.ndarray, layers: int = 40) -> dict[str, np.ndarray]:
     """``x`` cut into a convolutional network's tensors (views, no copy): per layer a
     c x c x 3 x 3 kernel and three c-vectors (bias, norm scale and shift), c doubling every
@@ -515,6 +572,7 @@ def run(
     emit([topk_in_reads_row(x, k, repeat, read)])
     emit(dense_q4_rows(x, repeat))
     emit(dense_float_rows(x, repeat))
+    emit(dense_coded_rows(x, repeat))
     emit(model_rows(x, k, repeat))
     del x
     gc.collect()
