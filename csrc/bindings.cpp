@@ -378,12 +378,20 @@ std::vector<CheckedDequantize> dequantize_jobs(const py::sequence& jobs_in) {
 
 // What the decoder's quantized_parts checks of a section, before anything is written:
 // scales finite and >= 0, and no padding bit set in the last byte.
+bool scale_is_sound(float scale) { return scale >= 0.0f && std::isfinite(scale); }
+
+// Whether the unused high bits of the last byte of n codes of `bits` bits are zero.
+bool padding_is_clear(const std::uint8_t* packed, std::size_t n, int bits) {
+  const std::size_t bytes = fedpress::packed_size(n, bits);
+  const unsigned used = static_cast<unsigned>((n * static_cast<std::size_t>(bits)) % 8);
+  return used == 0 || bytes == 0 || (packed[bytes - 1] >> used) == 0;
+}
+
 bool section_is_sound(const CheckedDequantize& d) {
-  const std::size_t scales = len(d.scales), bytes = len(d.packed);
+  const std::size_t scales = len(d.scales);
   for (std::size_t b = 0; b < scales; ++b)
-    if (!(d.job.scales[b] >= 0.0f) || !std::isfinite(d.job.scales[b])) return false;
-  const std::size_t used = (d.job.n * static_cast<std::size_t>(d.job.bits)) % 8;
-  return !(used && bytes && (d.job.packed[bytes - 1] >> used));
+    if (!scale_is_sound(d.job.scales[b])) return false;
+  return padding_is_clear(d.job.packed, d.job.n, d.job.bits);
 }
 
 void register_quantize(py::module_& m) {
@@ -776,7 +784,6 @@ struct DecodingJobs {
     if (buckets) std::memcpy(scales[j].data(), data + scales_at, 4 * buckets);  // little-endian hosts
     const fedpress::DequantizeJob job{data + offset, scales[j].data(), bits, n, bucket,
                                       mptr<float>(outs[j]), false, 1.0f};
-    const unsigned used = static_cast<unsigned>((n * static_cast<std::size_t>(bits)) % 8);
     std::atomic<bool>* flag = &finite[j];
     jobs[j] = {offset, fedpress::ceil_div(n, 8), static_cast<std::size_t>(bits),
                [=](std::size_t first, std::size_t last) {
@@ -784,8 +791,8 @@ struct DecodingJobs {
                  if (begin >= end) return;
                  bool ok = true;
                  for (std::size_t b = begin / bucket; b <= (end - 1) / bucket; ++b)
-                   ok = ok && job.scales[b] >= 0.0f && std::isfinite(job.scales[b]);
-                 if (end == n && used != 0) ok = ok && (job.packed[bytes - 1] >> used) == 0;
+                   ok = ok && scale_is_sound(job.scales[b]);
+                 if (end == n) ok = ok && padding_is_clear(job.packed, n, bits);
                  fedpress::dequantize_range(job, begin, end);
                  if (!ok) flag->store(false, std::memory_order_relaxed);
                },

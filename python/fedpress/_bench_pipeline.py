@@ -31,6 +31,9 @@ import numpy as np
 
 from . import Aggregator, Codec, Encoder, __version__, _core, decode, ops
 from .bench import cpu_name, format_size, parse_size
+from .format.intcodes import IntSection
+from .format.reader import parse
+from .format.values import unchecked_quantized_parts
 
 __all__ = ["TARGET_N", "CLIENTS", "PEAK_TARGET", "PipelineRow", "machine", "run", "add_arguments", "main"]
 
@@ -241,10 +244,6 @@ def dense_coded_rows(x: np.ndarray, repeat: int) -> list[PipelineRow]:
     values from the payload's own section: q8 and sign (dequantizing its codes), eden4
     (the fused EDEN decoder) and int8 (its levels are a multiply-add; the inverse rotation
     of a float32 copy is what costs)."""
-    from .format.intcodes import IntSection
-    from .format.reader import parse
-    from .format.values import unchecked_quantized_parts
-
     n = x.size
     rows = []
     for spec, against in (("q8", "ops.dequantize(8 bits)"), ("sign", "ops.dequantize(1 bit)")):

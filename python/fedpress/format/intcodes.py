@@ -36,7 +36,7 @@ MAX_MODULUS_BITS = 56  # the widest code the kernels pack (csrc/intcode.hpp)
 def modulus_bits(bits: int, max_clients: int) -> int:
     """The m of a secure sum of up to ``max_clients`` codes of ``bits`` bits: the sum
     needs bits + ceil(log2(max_clients)) bits, and one more leaves room for
-    distributed-DP noise on either side (``IntSection.centered``)."""
+    distributed-DP noise on either side (``centered``)."""
     return bits + max(0, math.ceil(math.log2(max_clients))) + 1
 
 
@@ -64,8 +64,8 @@ class IntLevels:
     def values(self, total: np.ndarray, clients: int, weight: float = 1.0) -> np.ndarray:
         """``weight`` times the sum, back in the original domain (float32), of the values of
         ``clients`` vectors whose codes sum to ``total`` (signed integers, int64)."""
-        clip = float(np.float32(self.clip))
-        return self._unrotated(((total.astype(np.float64) * self.step - clients * clip) * weight).astype(np.float32))
+        # An int64 read as uint64 with no modulus is the same integer to the kernel.
+        return self.values_of_residues(np.ascontiguousarray(total, dtype=np.int64).view(np.uint64), 0, clients, weight)
 
     def values_of_residues(self, codes: np.ndarray, modulus_bits: int, clients: int, weight: float = 1.0) -> np.ndarray:
         """``values`` of the sum whose codes (uint64) are ``codes``, read as residues modulo
