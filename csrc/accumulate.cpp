@@ -203,16 +203,31 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
     for (std::size_t c = 0; c < updates.size(); ++c) {
       const std::uint8_t* values = updates[c].values;
       const float w = updates[c].weight;
-      const auto add = [&](std::uint64_t i, std::uint64_t x) {
-        float v;
-        std::memcpy(&v, values + 4 * i, 4);
-        acc[x] += w * v;
-      };
-      if (ahead)
-        cursors[c].run_below_touching(hi, static_cast<unsigned>(kAhead), add,
-                                      [&](std::uint64_t x) { prefetch_for_write(acc + x); });
-      else
-        cursors[c].run_below(hi, add);
+      RiceCursor& cursor = cursors[c];
+      if (ahead) {
+        cursor.run_below_touching(
+            hi, static_cast<unsigned>(kAhead),
+            [&](std::uint64_t i, std::uint64_t x) {
+              float v;
+              std::memcpy(&v, values + 4 * i, 4);
+              acc[x] += w * v;
+            },
+            [&](std::uint64_t x) { prefetch_for_write(acc + x); });
+        continue;
+      }
+      const std::uint64_t from = cursor.position();
+      cursor.runs_below(hi, [&](std::uint64_t at, const std::uint32_t* idx, unsigned count) {
+        const std::uint8_t* v = values + 4 * at;
+        for (unsigned j = 0; j < count; ++j) {
+          float x;
+          std::memcpy(&x, v + 4 * j, 4);
+          acc[idx[j]] += w * x;
+        }
+      });
+      // The other streams are walked before this one comes back, in the next range: its
+      // bits for about as many entries as this range took are asked for now, so that they
+      // arrive meanwhile (100 top-1% streams, warm sums: about 4% less CPU time).
+      if (r + 1 < r_end) cursor.prefetch(cursor.position() - from + 8);
     }
     if (divisor != nullptr) divide_run(acc + r * kRange, static_cast<std::size_t>(hi - r * kRange), *divisor);
   }

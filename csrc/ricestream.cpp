@@ -467,13 +467,15 @@ RiceCursor RiceStream::seek(std::uint64_t value) const {
     from = *(it - 1);  // the first checkpoint has next = 0 <= value
   }
   RiceCursor cursor(*this, from);
-  cursor.run_below(value, [](std::uint64_t, std::uint64_t) {});
+  cursor.runs_below(value, [](std::uint64_t, const std::uint32_t*, unsigned) {});
   return cursor;
 }
 
 void RiceStream::decode(std::uint32_t* out) const {
   RiceCursor c = begin();
-  c.run_below(RiceCursor::kEnd, [out](std::uint64_t i, std::uint64_t x) { out[i] = static_cast<std::uint32_t>(x); });
+  c.runs_below(RiceCursor::kEnd, [out](std::uint64_t i, const std::uint32_t* indices, unsigned count) {
+    std::memcpy(out + i, indices, std::size_t{count} * sizeof(std::uint32_t));
+  });
 }
 
 RiceCursor::RiceCursor(const RiceStream& s, const RiceCheckpoint& at)
@@ -490,6 +492,25 @@ RiceCursor::RiceCursor(const RiceStream& s, const RiceCheckpoint& at)
     cur_ = load8(s.unary_ + word_, s.end_) & (~std::uint64_t{0} << (at.bit & 63));
     refill();
   }
+}
+
+void RiceCursor::prefetch(std::uint64_t entries) const {
+#if defined(__GNUC__) || defined(__clang__)
+  const RiceStream& s = *s_;
+  if (next_ >= k_) return;
+  entries = std::min(entries, k_ - next_);
+  // Offsets bounded by the parts' sizes: no pointer is formed past the stream.
+  const double unary_per_entry = static_cast<double>(s.unary_size_) / static_cast<double>(k_);
+  const std::size_t unary_bytes =
+      std::min(static_cast<std::size_t>(static_cast<double>(entries) * unary_per_entry) + 8, s.unary_size_ - word_);
+  for (std::size_t b = 0; b < unary_bytes; b += 64) __builtin_prefetch(s.unary_ + word_ + b, 0, 3);
+  const std::size_t low_at = static_cast<std::size_t>(next_ * s.l_ / 8);
+  const std::size_t low_size = static_cast<std::size_t>(s.unary_ - s.lows_);
+  const std::size_t low_bytes = std::min(static_cast<std::size_t>(entries * s.l_ / 8) + 8, low_size - low_at);
+  for (std::size_t b = 0; b < low_bytes; b += 64) __builtin_prefetch(s.lows_ + low_at + b, 0, 3);
+#else
+  (void)entries;
+#endif
 }
 
 void RiceCursor::refill() {

@@ -22,6 +22,7 @@
 // checkpoint the check recorded, which is how threads split one stream.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -104,16 +105,33 @@ class RiceCursor {
   std::uint64_t value() const { return pos_ < len_ ? std::uint64_t{ahead_[pos_]} : kEnd; }
   std::uint64_t position() const { return first_ + pos_; }
 
-  // For every index below hi, from the current one: fn(position, index); stops at the
-  // first index >= hi (or the end), which becomes the current one.
+  // Asks the cache for the stream bytes the next `entries` indices past the decoded ones
+  // are read from (their unary and low bits, by the stream's average density): a caller
+  // that comes back to this cursor after walking many others has them arrive meanwhile.
+  void prefetch(std::uint64_t entries) const;
+
+  // For every run of decoded indices below hi, from the current one: fn(position of the
+  // run's first, its indices, how many), so that the caller's loop over a run holds its
+  // state in registers (no call, no reload of the cursor per index); stops at the first
+  // index >= hi (or the end), which becomes the current one.
   template <typename Fn>
-  inline void run_below(std::uint64_t hi, Fn&& fn) {
-    run_below_touching(hi, 0, fn, [](std::uint64_t) {});  // touching nothing compiles away
+  inline void runs_below(std::uint64_t hi, Fn&& fn) {
+    for (;;) {
+      const unsigned p = pos_, len = len_;
+      unsigned end = len;
+      if (p < len && ahead_[len - 1] >= hi)
+        end = static_cast<unsigned>(std::lower_bound(ahead_ + p, ahead_ + len, hi) - ahead_);
+      if (end > p) fn(first_ + p, static_cast<const std::uint32_t*>(ahead_ + p), end - p);
+      pos_ = end;
+      if (end < len || next_ >= k_) return;
+      refill();
+    }
   }
 
-  // run_below, also calling touch(index) for the index `lead` entries ahead of the one fn
-  // is given (within the decoded block; a fresh block's first `lead` as it is decoded):
-  // a caller that writes at random addresses fetches them early, so the misses overlap.
+  // runs_below one index at a time, fn(position, index), also calling touch(index) for the
+  // index `lead` entries ahead of the one fn is given (within the decoded block; a fresh
+  // block's first `lead` as it is decoded): a caller that writes at random addresses
+  // fetches them early, so the misses overlap.
   template <typename Fn, typename Touch>
   inline void run_below_touching(std::uint64_t hi, unsigned lead, Fn&& fn, Touch&& touch) {
     for (;;) {
