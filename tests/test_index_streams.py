@@ -59,6 +59,39 @@ def test_add_streams_equals_scatter_add_many(level: str, threads: int, simd) -> 
     np.testing.assert_array_equal(got, expected)
 
 
+def rice_parameter(stream: bytes) -> int:
+    """The Rice parameter byte, after the count's varint."""
+    at = 0
+    while stream[at] & 0x80:
+        at += 1
+    return stream[at + 1]
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_every_small_parameter_sums_its_lows_on_every_path(level: str, simd) -> None:
+    # The check sums the low bits of every checkpoint chunk (4096 indices) to find the last
+    # index: by bit classes with AVX-512's popcount for parameters up to 12, by groups of
+    # eight above and without it. Counts on either side of the chunks' edges, every
+    # parameter from 1 to 14; the last index must be below n exactly.
+    rng = np.random.default_rng(7)
+    seen = set()
+    for target in range(1, 15):
+        gap = (1 << target) * 1.3
+        for k in (1, 7, 8, 63, 64, 65, 4095, 4096, 4097, 8192 + 37):
+            n = int(k * gap) + 2
+            idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.uint32)
+            buf = ops.encode_indices(idx, n)
+            seen.add(rice_parameter(buf))
+            values = np.ones(k, np.float32)
+            with simd(level):
+                np.testing.assert_array_equal(ops.decode_indices(buf, n), idx)
+                _core.IndexStream(buf, int(idx[-1]) + 1, k, values, True)
+                # (with fewer than k positions below idx[-1], the count is refused first)
+                with pytest.raises(DecodeError, match="beyond n" if idx[-1] >= k else "exceeds n"):
+                    _core.IndexStream(buf, int(idx[-1]), k, values, True)
+    assert set(range(1, 15)) <= seen
+
+
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_add_streams_any_parameter(n: int, k: int) -> None:
     rng = np.random.default_rng(k)
