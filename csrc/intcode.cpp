@@ -149,13 +149,6 @@ inline float level_value(std::uint64_t c, std::uint64_t modulus, std::uint64_t n
 }
 
 FEDPRESS_CLONES
-void values_of_bytes(const std::uint8_t* codes, std::size_t n, const Levels& l, float* out) {
-  const std::uint64_t modulus = l.modulus, negative_from = l.negative_from;
-  const double step = l.step, offset = l.offset, weight = l.weight;
-  for (std::size_t i = 0; i < n; ++i) out[i] = level_value(codes[i], modulus, negative_from, step, offset, weight);
-}
-
-FEDPRESS_CLONES
 void values_of_u16(const std::uint8_t* codes, std::size_t n, const Levels& l, float* out) {
   const std::uint64_t modulus = l.modulus, negative_from = l.negative_from;
   const double step = l.step, offset = l.offset, weight = l.weight;
@@ -173,6 +166,41 @@ void values_of_u64(const std::uint64_t* codes, std::size_t n, const Levels& l, f
   for (std::size_t i = 0; i < n; ++i) out[i] = level_value(codes[i], modulus, negative_from, step, offset, weight);
 }
 
+// Widths up to 8: the level of every possible code, from the table of them (level_value's,
+// so the same bits), each group of eight codes read in one load of its W bytes. 25.6M codes:
+// the bit stream walked code by code took 27 ms for int4; converting each byte, 14 ms for int8.
+template <int W>
+void values_of_narrow(const std::uint8_t* in, std::size_t begin, std::size_t end, const float* table, float* out) {
+  constexpr std::uint64_t kMask = (std::uint64_t{1} << W) - 1;
+  std::size_t i = begin;  // a multiple of 8: group i / 8 starts on byte W * i / 8
+  const std::uint8_t* p = in + begin / 8 * W;
+  for (; i + 8 <= end; i += 8, p += W) {
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, p, W);  // little-endian hosts
+    for (int j = 0; j < 8; ++j) out[i + j] = table[(bits >> (j * W)) & kMask];
+  }
+  if (i < end) {  // the last codes, from the bytes that hold them
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, p, ((end - i) * W + 7) / 8);
+    for (std::size_t j = 0; i + j < end; ++j) out[i + j] = table[(bits >> (j * W)) & kMask];
+  }
+}
+
+void values_of_narrow_any(const std::uint8_t* in, std::size_t begin, std::size_t end, int width, const float* table,
+                          float* out) {
+  switch (width) {
+    case 1: return values_of_narrow<1>(in, begin, end, table, out);
+    case 2: return values_of_narrow<2>(in, begin, end, table, out);
+    case 3: return values_of_narrow<3>(in, begin, end, table, out);
+    case 4: return values_of_narrow<4>(in, begin, end, table, out);
+    case 5: return values_of_narrow<5>(in, begin, end, table, out);
+    case 6: return values_of_narrow<6>(in, begin, end, table, out);
+    case 7: return values_of_narrow<7>(in, begin, end, table, out);
+    case 8: return values_of_narrow<8>(in, begin, end, table, out);
+    default: throw std::logic_error("values_of_narrow_any: width out of range");
+  }
+}
+
 }  // namespace
 
 void int_values(const std::uint8_t* in, std::size_t n, int width, int modulus_bits, double step, double offset,
@@ -180,13 +208,19 @@ void int_values(const std::uint8_t* in, std::size_t n, int width, int modulus_bi
   check_width(width);
   const Levels levels(modulus_bits, step, offset, weight);
   check_padding(in, n, width);
+  std::vector<float> table;
+  if (width <= 8) {
+    table.resize(std::size_t{1} << width);
+    for (std::size_t c = 0; c < table.size(); ++c)
+      table[c] = level_value(c, levels.modulus, levels.negative_from, levels.step, levels.offset, levels.weight);
+  }
   // Chunks from the last to the first: a fresh output is first touched at the top of each
   // huge page, which Linux zeroes last (see crc32c_with_jobs).
   const std::size_t chunks = ceil_div(n, kChunk);
   parallel_for_sized(chunks, n, [&](std::size_t task) {
     const std::size_t begin = (chunks - 1 - task) * kChunk, end = std::min(n, begin + kChunk);
-    if (width == 8) {  // int8's codes: a byte each, no bit stream to follow
-      values_of_bytes(in + begin, end - begin, levels, out + begin);
+    if (width <= 8) {
+      values_of_narrow_any(in, begin, end, width, table.data(), out);
     } else if (width == 16) {
       values_of_u16(in + 2 * begin, end - begin, levels, out + begin);
     } else {

@@ -62,9 +62,13 @@ def numpy_int_values(codes: np.ndarray, m: int, step: float, offset: float, weig
 
 
 @pytest.mark.parametrize(
-    ("width", "m"), [(1, 0), (2, 0), (8, 0), (16, 0), (3, 3), (9, 9), (17, 17), (33, 33), (56, 56)]
+    ("width", "m"),
+    # below 8, every width (a table of the levels, groups of eight codes); then the byte, 16-bit
+    # and bit-stream paths
+    [(1, 0), (2, 0), (3, 3), (4, 0), (4, 4), (5, 0), (5, 5), (6, 6), (7, 0), (7, 7)]
+    + [(8, 0), (16, 0), (9, 9), (17, 17), (33, 33), (56, 56)],
 )
-@pytest.mark.parametrize("n", [0, 1, 9, 65_536 * 2 + 5])
+@pytest.mark.parametrize("n", [0, 1, 7, 9, 65_536 * 2 + 5])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int_values_are_numpys_bit_for_bit(width: int, m: int, n: int, threads: int) -> None:
     """The fused kernel against the numpy steps it replaces: every code read as a residue
