@@ -357,3 +357,26 @@ def test_decode_names_the_bad_quantized_tensor(wire, bad: str) -> None:
         match = "'b'.*padding"
     with pytest.raises(fp.DecodeError, match=match):
         fp.decode(wire.fix_crc(bytes(broken)))
+
+
+def _with_scales(payload: bytes, scale: float) -> bytes:
+    """The payload with every scale of its one quantized section set to ``scale``, its checksum
+    made good again."""
+    rec = parse(payload, defer_checksum=True).tensors[0]  # (deferred: offsets in the payload)
+    nb = -(-fp.ops.rht_padded_size(rec.count, rec.rht_block) // rec.bucket)
+    out = bytearray(payload)
+    out[rec.value_offset : rec.value_offset + 4 * nb] = np.full(nb, scale, "<f4").tobytes()
+    out[-4:] = _core.crc32c(bytes(out[:-4])).to_bytes(4, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("spec", ["rht+q8", "rht+q4", "rht+sign", "topk:0.5+rht+q2"])
+def test_rotated_quantized_values_are_finite_by_their_scales_or_refused(spec: str) -> None:
+    # Codes times a scale lie within +-scale, and the inverse rotation sums at most a block
+    # of them: with small scales the output is finite without a pass over it; with scales
+    # near float32's largest, the rotation overflows and decode names the tensor.
+    x = np.random.default_rng(5).standard_normal(5000).astype(np.float32)
+    payload = fp.Codec(spec).encode({"w": x}, seed=3)
+    assert np.all(np.isfinite(fp.decode(_with_scales(payload, 1e30))["w"]))
+    with pytest.raises(fp.DecodeError, match="'w'.*non-finite"):
+        fp.decode(_with_scales(payload, 3e38))

@@ -72,6 +72,14 @@ def sparse_parts(
         finite_by_construction = rec.eden.rotation_bound() <= 1e38
     elif rec.intcode is not None:
         finite_by_construction = False  # a huge clip can overflow the inverse rotation
+    elif rec.rht_block and rec.count and rec.value_code in _QUANTIZED_CODES:
+        # Codes times checked scales lie within +-max(scale), and no sum of the transform (its
+        # butterflies included) exceeds the block's size times that: finite below float32's
+        # range, without a pass over the output.
+        _, scales, _ = unchecked_quantized_parts(
+            rec.value_code, rec.value_data, ops.rht_padded_size(rec.count, rec.rht_block), rec.bucket
+        )
+        finite_by_construction = float(scales.max(initial=0.0)) * rec.rht_block <= 1e38
     else:
         finite_by_construction = not rec.rht_block  # decode_values checks or guarantees it
     if not finite_by_construction and not np.all(np.isfinite(values)):
