@@ -556,3 +556,47 @@ def test_sparse_parts_into_given_buffers() -> None:
         fp.ops.decode_indices(
             parsed.tensors[0].index_data, x.size, out=np.empty(parsed.tensors[0].count + 1, np.uint32)
         )
+
+
+def _bad_scale(payload: bytes) -> bytes:
+    """The payload with its one tensor's first scale made negative, its checksum good."""
+    from fedpress import _core
+    from fedpress.format.reader import parse
+
+    rec = parse(payload, defer_checksum=True).tensors[0]
+    out = bytearray(payload)
+    out[rec.value_offset : rec.value_offset + 4] = struct.pack("<f", -1.0)
+    out[-4:] = struct.pack("<I", _core.crc32c(bytes(out[:-4])))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.05+q8", "topk:0.05+q4", "topk:0.05+sign", "topk:0.05+fp16"])
+def test_streamed_values_of_many_payloads_decode_together(spec: str) -> None:
+    # Sparse tensors whose values are not fp32 are decoded for all the payloads of a batch in
+    # one call: the sums are those of adding one by one, and a bad section in any payload is
+    # named by its position, with nothing added.
+    rng = np.random.default_rng(11)
+    codec = fp.Codec(spec)
+    payloads = [codec.encode({"w": rng.standard_normal(30_000).astype(np.float32)}, seed=i) for i in range(5)]
+    one_by_one = fp.Aggregator()
+    for p in payloads:
+        one_by_one.add(p, 2.0)
+    batched = fp.Aggregator()
+    batched.add_many(payloads, [2.0] * 5)
+    assert batched.result()["w"].tobytes() == one_by_one.result()["w"].tobytes()
+    assert (
+        fp.Aggregator().mean_of(payloads)["w"].tobytes() == fp.Aggregator().mean_of(payloads, [1.0] * 5)["w"].tobytes()
+    )
+    if spec.endswith("fp16"):
+        return
+    for at in (0, 2, 4):
+        batch = list(payloads)
+        batch[at] = _bad_scale(batch[at])
+        agg = fp.Aggregator()
+        agg.add(payloads[1])
+        before = agg.result()["w"].copy()
+        with pytest.raises(fp.DecodeError, match=f"^payload {at}: tensor 'w': .*negative or non-finite scale"):
+            agg.add_many(batch)
+        with pytest.raises(fp.DecodeError, match=f"^payload {at}: "):
+            fp.Aggregator().mean_of(batch)
+        assert agg.count == 1 and agg.result()["w"].tobytes() == before.tobytes()

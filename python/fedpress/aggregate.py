@@ -31,7 +31,7 @@ from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.intcodes import IntLevels, IntSection
 from .format.limits import DEFAULT_LIMITS, Limits
 from .format.reader import output_dtype, parse
-from .format.registry import KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
+from .format.registry import FLAG_ZSTD, KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import CheckedTable, table_difference, table_entries
 from .format.values import quantized_parts, unchecked_quantized_parts
 
@@ -393,7 +393,11 @@ class Aggregator:
                     raise first
                 if table is None:  # the first payload sets the table for the others
                     table = CheckedTable((t.name, t.dtype, t.shape) for t in first.tensors)
-                parsed = [first, *map(parse_one, range(1, len(payloads)))]
+                # Compressed bodies are inflated in the pool's threads (zstd lets go of the GIL
+                # while it works, and checksums them first natively): 100 top-1% q4+zstd payloads,
+                # 30 -> 17 ms. Plain ones parse faster in this thread than handed about.
+                rest = range(1, len(payloads))
+                parsed = [first, *(pool.map(parse_one, rest) if first.flags & FLAG_ZSTD else map(parse_one, rest))]
                 # Up to the first that fails to parse, the payloads' checksums and index streams
                 # are checked in one call, in parallel: the first failure in order is reported.
                 broken = next((i for i, one in enumerate(parsed) if isinstance(one, DecodeError)), len(parsed))
