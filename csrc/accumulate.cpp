@@ -1,6 +1,7 @@
 #include "accumulate.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <numeric>
 
@@ -191,6 +192,63 @@ namespace {
 // add_ranges for streams: every stream's entries that fall in ranges [r_begin, r_end),
 // range by range and stream by stream in list order, each stream started at its first
 // range from its nearest checkpoint.
+// (2c - levels) / levels for every code c of `bits` bits, as float32 division gives it: a
+// code's value is its scale times this, the same bits as dequantize (one multiply per entry
+// instead of a division).
+const float* code_levels(int bits) {
+  static const auto tables = [] {
+    std::array<std::array<float, 256>, 9> t{};
+    for (int b : {1, 2, 4, 8}) {
+      const int levels = (1 << b) - 1;
+      for (int c = 0; c <= levels; ++c)
+        t[static_cast<std::size_t>(b)][static_cast<std::size_t>(c)] =
+            static_cast<float>(2 * c - levels) / static_cast<float>(levels);
+    }
+    return t;
+  }();
+  return tables[static_cast<std::size_t>(bits)].data();
+}
+
+// The value of entry i of a quantized stream, as dequantize writes it (weight 1: the same
+// bits): its scale times its code's level.
+inline float code_value(const StreamUpdate& u, const float* levels, std::uint64_t i) {
+  const std::uint64_t bit = i * static_cast<std::uint64_t>(u.bits);  // bits divides 8: no code straddles
+  const unsigned code = (u.values[bit >> 3] >> (bit & 7)) & ((1u << u.bits) - 1);
+  return 1.0f * (u.scales[i / u.bucket] * levels[code]);
+}
+
+// acc[idx[j]] += w * (the value of entry at + j) for a run of count entries of stream u.
+inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, const std::uint32_t* idx,
+                       unsigned count) {
+  const float w = u.weight;
+  if (u.bits == 0) {
+    const std::uint8_t* v = u.values + 4 * at;
+    for (unsigned j = 0; j < count; ++j) {
+      float x;
+      std::memcpy(&x, v + 4 * j, 4);
+      acc[idx[j]] += w * x;
+    }
+    return;
+  }
+  // Quantized: the scale changes at bucket edges only, found once per run, not divided
+  // out per entry.
+  const float* levels = code_levels(u.bits);
+  const unsigned mask = (1u << u.bits) - 1;
+  std::uint64_t bucket = at / u.bucket, bucket_end = (bucket + 1) * u.bucket;
+  float scale = u.scales[bucket];
+  for (unsigned j = 0; j < count; ++j) {
+    const std::uint64_t i = at + j;
+    if (i >= bucket_end) {
+      bucket = i / u.bucket;
+      bucket_end = (bucket + 1) * u.bucket;
+      scale = u.scales[bucket];
+    }
+    const std::uint64_t bit = i * static_cast<std::uint64_t>(u.bits);
+    const unsigned code = (u.values[bit >> 3] >> (bit & 7)) & mask;
+    acc[idx[j]] += w * (1.0f * (scale * levels[code]));
+  }
+}
+
 void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates, std::size_t r_begin,
                        std::size_t r_end, const float* divisor) {
   if (r_begin == r_end) return;
@@ -201,28 +259,25 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
   for (std::size_t r = r_begin; r < r_end; ++r) {
     const std::uint64_t hi = std::min<std::uint64_t>(n, std::uint64_t{r + 1} * kRange);
     for (std::size_t c = 0; c < updates.size(); ++c) {
-      const std::uint8_t* values = updates[c].values;
-      const float w = updates[c].weight;
+      const StreamUpdate& u = updates[c];
       RiceCursor& cursor = cursors[c];
       if (ahead) {
         cursor.run_below_touching(
             hi, static_cast<unsigned>(kAhead),
             [&](std::uint64_t i, std::uint64_t x) {
               float v;
-              std::memcpy(&v, values + 4 * i, 4);
-              acc[x] += w * v;
+              if (u.bits == 0)
+                std::memcpy(&v, u.values + 4 * i, 4);
+              else
+                v = code_value(u, code_levels(u.bits), i);
+              acc[x] += u.weight * v;
             },
             [&](std::uint64_t x) { prefetch_for_write(acc + x); });
         continue;
       }
       const std::uint64_t from = cursor.position();
       cursor.runs_below(hi, [&](std::uint64_t at, const std::uint32_t* idx, unsigned count) {
-        const std::uint8_t* v = values + 4 * at;
-        for (unsigned j = 0; j < count; ++j) {
-          float x;
-          std::memcpy(&x, v + 4 * j, 4);
-          acc[idx[j]] += w * x;
-        }
+        add_run_of(acc, u, at, idx, count);
       });
       // The other streams are walked before this one comes back, in the next range: its
       // bits for about as many entries as this range took are asked for now, so that they

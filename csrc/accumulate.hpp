@@ -54,12 +54,17 @@ void scatter_add(float* acc, std::size_t n, const SparseUpdate& update);
 void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>& updates);
 
 // One client's kept entries straight from its payload: a checked version 2 index
-// stream and its count float32 values (little-endian, at any address: a payload's
-// section).
+// stream and its count values, read where they lie (a payload's section, at any
+// address): float32 (little-endian), or with bits != 0 quantized codes (bits 1, 2, 4 or
+// 8, packed LSB-first) of one scale per bucket, each added as the value dequantize
+// gives it, bit for bit, with no decoded copy.
 struct StreamUpdate {
   const RiceStream* indices;  // checked with checkpoints, so threads can start anywhere
   const std::uint8_t* values;
   float weight;
+  int bits = 0;
+  const float* scales = nullptr;
+  std::size_t bucket = 0;
 };
 
 // scatter_add_many with the index streams decoded as they are added, never

@@ -1347,8 +1347,37 @@ class IndexStream {
     check();
   }
 
-  // Checks the stream (and the values, with check_finite): MalformedData names what is
-  // wrong. Needs no GIL.
+  // A stream whose values are quantized codes (bits 1, 2, 4 or 8, packed as quantize packs
+  // them) with one float32 scale per bucket, added as dequantize gives them, with no decoded
+  // copy; checked as the float one is, the section's scales and padding too.
+  IndexStream(const py::handle& index_buf, std::uint64_t n, std::uint64_t count, const py::handle& codes_buf,
+              const py::handle& scales_buf, int bits, long long bucket, bool deferred)
+      : n_(n),
+        count_(count),
+        check_finite_(false),
+        bits_(bits),
+        bucket_(bucket > 0 ? static_cast<std::size_t>(bucket) : 0),
+        index_(contiguous_bytes(index_buf, "index_stream")),
+        values_info_(contiguous_bytes(codes_buf, "codes")),
+        scales_(checked<float>(scales_buf, "scales")) {  // (copied when not 4-byte aligned)
+    if (n > kMaxLength + 1) throw py::value_error("n must be <= 2^32");
+    if (bits != 1 && bits != 2 && bits != 4 && bits != 8)
+      throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
+    if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
+    const std::size_t k = static_cast<std::size_t>(count);
+    if (byte_size(values_info_) != fedpress::packed_size(k, bits))
+      throw py::value_error("codes hold " + std::to_string(byte_size(values_info_)) + " bytes, expected " +
+                            std::to_string(fedpress::packed_size(k, bits)));
+    if (len(scales_) != fedpress::ceil_div(k, bucket_))
+      throw py::value_error("scales hold " + std::to_string(len(scales_)) + " values, expected " +
+                            std::to_string(fedpress::ceil_div(k, bucket_)));
+    if (deferred) return;
+    py::gil_scoped_release release;
+    check();
+  }
+
+  // Checks the stream (and the values, with check_finite; a quantized section's scales and
+  // padding): MalformedData names what is wrong. Needs no GIL.
   void check() {
     auto stream = std::make_unique<fedpress::RiceStream>(static_cast<const std::uint8_t*>(index_.ptr),
                                                          byte_size(index_), n_, count_, true);
@@ -1357,27 +1386,41 @@ class IndexStream {
                                     std::to_string(count_));
     if (check_finite_ && !fedpress::floats_finite(values(), static_cast<std::size_t>(count_)))
       throw fedpress::MalformedData("values section decodes to non-finite values (NaN or infinity)");
+    if (bits_ != 0) {
+      for (std::size_t b = 0; b < fedpress::ceil_div(static_cast<std::size_t>(count_), bucket_); ++b)
+        if (!scale_is_sound(scales()[b]))
+          throw fedpress::MalformedData("values section holds a negative or non-finite scale");
+      if (!padding_is_clear(values(), static_cast<std::size_t>(count_), bits_))
+        throw fedpress::MalformedData("values section: nonzero padding bits in the last byte");
+    }
     stream_ = std::move(stream);
   }
 
   std::uint64_t size() const { return n_; }
   std::uint64_t count() const { return count_; }
   bool is_checked() const { return stream_ != nullptr; }
-  fedpress::StreamUpdate update(float weight) const { return {stream_.get(), values(), weight}; }
-  // What a kernel reads: the index stream's bytes and the values'.
+  fedpress::StreamUpdate update(float weight) const {
+    return {stream_.get(), values(), weight, bits_, bits_ != 0 ? scales() : nullptr, bucket_};
+  }
+  // What a kernel reads: the index stream's bytes and the values' (codes and scales).
   void add_read_spans(Spans& spans) const {
     spans.add(index_.ptr, byte_size(index_), false);
     spans.add(values_info_.ptr, byte_size(values_info_), false);
+    if (bits_ != 0) spans.add(scales_, false);
   }
 
  private:
   const std::uint8_t* values() const { return static_cast<const std::uint8_t*>(values_info_.ptr); }
+  const float* scales() const { return cptr<float>(scales_); }
 
   std::uint64_t n_, count_;
   bool check_finite_;
+  int bits_ = 0;  // 0: float32 values
+  std::size_t bucket_ = 0;
   // The exports, not just the objects, are held: that keeps a bytearray from being
   // resized under the stream.
   py::buffer_info index_, values_info_;
+  py::array scales_;  // a quantized stream's, aligned
   std::unique_ptr<fedpress::RiceStream> stream_;  // null until checked
 };
 
@@ -1417,6 +1460,16 @@ void register_streams(py::module_& m) {
                           "stream is checked by check_payloads.")
       .def(py::init<const py::handle&, std::uint64_t, std::uint64_t, const py::handle&, bool, bool>(),
            "index_stream"_a, "n"_a, "count"_a, "values"_a, "check_finite"_a, "deferred"_a = false)
+      .def_static(
+          "quantized",
+          [](const py::handle& index_buf, std::uint64_t n, std::uint64_t count, const py::handle& codes,
+             const py::handle& scales, int bits, long long bucket, bool deferred) {
+            return std::make_unique<IndexStream>(index_buf, n, count, codes, scales, bits, bucket, deferred);
+          },
+          "index_stream"_a, "n"_a, "count"_a, "codes"_a, "scales"_a, "bits"_a, "bucket"_a, "deferred"_a = false,
+          "A stream whose count values are quantized codes (bits 1, 2, 4 or 8, packed as quantize packs them; "
+          "bytes at any address) with one float32 scale per bucket: added as dequantize gives them, bit for bit, "
+          "with no decoded copy. Checked as the float one is, and its scales (finite, >= 0) and padding bits.")
       .def_property_readonly("n", &IndexStream::size)
       .def_property_readonly("count", &IndexStream::count)
       .def_property_readonly("checked", &IndexStream::is_checked);

@@ -262,3 +262,65 @@ def test_encode_indices_many_equals_encode_indices(threads: int) -> None:
         _core.encode_indices_many([sets[2]], [2**32 + 1])
     with pytest.raises(TypeError, match=r"indices_list\[0\]"):
         _core.encode_indices_many([np.array([1.5])], [10])
+
+
+def quantized_streams(n: int, sets: list[np.ndarray], bits: int, bucket: int, rng: np.random.Generator):
+    """Each set's stream with quantized values (codes and scales at odd addresses, as in a
+    payload), and the float32 values dequantize gives them."""
+    streams, values = [], []
+    for s in sets:
+        packed, scales = ops.quantize(rng.standard_normal(s.size).astype(np.float32), bits, bucket=bucket, seed=3)
+        raw = b"\x00" + scales.astype("<f4").tobytes() + packed.tobytes()  # one byte off: unaligned
+        codes_at = memoryview(raw)[1 + scales.nbytes :]
+        scales_at = np.frombuffer(raw, "<f4", count=scales.size, offset=1)
+        streams.append(
+            _core.IndexStream.quantized(ops.encode_indices(s, n), n, s.size, codes_at, scales_at, bits, bucket)
+        )
+        values.append(ops.dequantize(packed, scales, bits, s.size, bucket))
+    return streams, values
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_quantized_streams_add_what_dequantize_gives(bits: int, threads: int) -> None:
+    # Codes added as dequantize gives them, bit for bit: buckets that are not a multiple of a
+    # run, counts that are not of 8, one stream (the fetch-ahead path) and many.
+    rng = np.random.default_rng(bits * 10 + threads)
+    n = 3 * (1 << 20) + 17
+    sets = [index_set(rng, n, k, clustered=c % 2 == 1) for c, k in enumerate([40_001, 90_000, 3, 0, 60_007, 1201])]
+    for bucket in (1, 37, 512, 1 << 20):
+        streams, values = quantized_streams(n, sets, bits, bucket, rng)
+        weights = [1.0, 0.5, 2.0, 1.0, 0.25, 3.0]
+        for pick in (slice(None), slice(1, 2)):
+            expected = rng.standard_normal(n).astype(np.float32)
+            got = expected.copy()
+            ops.scatter_add_many(expected, sets[pick], values[pick], weights[pick])
+            with num_threads(threads):
+                _core.add_streams(got, streams[pick], weights[pick])
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_quantized_streams_refuse_bad_sections_and_shapes() -> None:
+    n, idx = 1000, np.array([3, 500, 999], np.uint32)
+    buf = ops.encode_indices(idx, n)
+    packed, scales = ops.quantize(np.array([1.0, -2.0, 0.5], np.float32), 4, bucket=2, seed=1)
+    _core.IndexStream.quantized(buf, n, 3, packed, scales, 4, 2)
+    for bad_scale in (-1.0, np.nan, np.inf):
+        with pytest.raises(DecodeError, match="negative or non-finite scale"):
+            _core.IndexStream.quantized(buf, n, 3, packed, np.array([1.0, bad_scale], np.float32), 4, 2)
+    padded = packed.copy()
+    padded[-1] |= 0xF0  # 3 codes of 4 bits: the last byte's high half is padding
+    with pytest.raises(DecodeError, match="padding"):
+        _core.IndexStream.quantized(buf, n, 3, padded, scales, 4, 2)
+    for args, what in [
+        ((packed[:-1], scales, 4, 2), "codes hold"),
+        ((packed, scales[:1], 4, 2), "scales hold"),
+        ((packed, scales, 3, 2), "bits"),
+        ((packed, scales, 4, 0), "bucket"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            _core.IndexStream.quantized(buf, n, 3, *args)
+    deferred = _core.IndexStream.quantized(buf, n, 3, padded, scales, 4, 2, deferred=True)
+    assert not deferred.checked
+    ((crc, _, failed, error),) = _core.check_payloads([(None, [], [deferred])])
+    assert failed == 0 and "padding" in error

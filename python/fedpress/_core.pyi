@@ -79,7 +79,8 @@ class DecodeError(ValueError):
 def decode_indices(buf: memoryview, n: int, max_count: int, out: _U32 | None = None, version: int = 2) -> _U32: ...
 
 class IndexStream:
-    """A version 2 index stream and its float32 values, checked on construction or, deferred, by check_payloads."""
+    """A version 2 index stream and its values (float32, or quantized codes and scales), checked on construction
+    or, deferred, by check_payloads."""
 
     n: int
     count: int
@@ -87,6 +88,10 @@ class IndexStream:
     def __init__(
         self, index_stream: Any, n: int, count: int, values: Any, check_finite: bool, deferred: bool = False
     ) -> None: ...
+    @staticmethod
+    def quantized(
+        index_stream: Any, n: int, count: int, codes: Any, scales: Any, bits: int, bucket: int, deferred: bool = False
+    ) -> IndexStream: ...
 
 def check_payloads(
     items: Sequence[tuple[Any, Sequence[tuple[int, str, int, _F32 | None]], Sequence[IndexStream]]],

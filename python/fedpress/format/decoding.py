@@ -129,38 +129,28 @@ def index_stream(rec: TensorRecord, finite: bool = False) -> Any:
 
 
 def index_streams(records: Sequence[TensorRecord], finite: Collection[str] = ()) -> dict[int, Any]:
-    """``index_stream`` of many streamable tensors, {id(record): checked stream}, in two
-    native calls for them all instead of a few each: their q8/q4/q2/sign values decoded
-    together into one buffer (``dequantize_many``, every section checked first), their
-    streams checked together in parallel (``check_payloads``). ``finite``: names of the
-    fp32 tensors whose values the checksum's read checked. The tensors from the first one
-    in order that fails are left out: ``index_stream`` of it raises the error, by name."""
-    quantized = [rec for rec in records if rec.value_code in QUANT_BITS or rec.value_code == "sign"]
-    views = flat_views([rec.count for rec in quantized], np.float32, np.empty)
-    jobs = []
-    for rec, view in zip(quantized, views):
-        body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
-        jobs.append((body, scales, bits, rec.count, rec.bucket, view, 1.0, False))
-    failed = _core.dequantize_many(jobs, True) if jobs else None
-    refused = None
-    if isinstance(failed, int):  # it decoded nothing: the sections before the refused one, now
-        refused = id(quantized[failed])
-        if failed:
-            _core.dequantize_many(jobs[:failed])
-    decoded = dict(zip(map(id, quantized), views))
+    """``index_stream`` of many streamable tensors, {id(record): checked stream}, in one
+    native call for them all: q8/q4/q2/sign values are added from their codes, never
+    decoded into a copy (``IndexStream.quantized``, whose check covers the section's scales
+    and padding), and every stream is checked in parallel (``check_payloads``). ``finite``:
+    names of the fp32 tensors whose values the checksum's read checked. The tensors from the
+    first one in order that fails are left out: ``index_stream`` of it raises the error, by
+    name."""
     made: list[tuple[TensorRecord, Any]] = []
     values: Any
     for rec in records:
-        if id(rec) == refused:
-            break
         try:
-            if rec.value_code == "fp32":
-                values, check = rec.value_data, rec.name not in finite
+            if rec.value_code in _QUANTIZED_CODES:
+                body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+                stream = _core.IndexStream.quantized(
+                    rec.index_data, rec.size, rec.count, body, scales, bits, rec.bucket, deferred=True
+                )
             else:
-                values, check = decoded.get(id(rec)), False
-                if values is None:  # fp16, bf16: converted and checked one by one
-                    values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
-            stream = _core.IndexStream(rec.index_data, rec.size, rec.count, values, check, deferred=True)
+                if rec.value_code == "fp32":
+                    values, check = rec.value_data, rec.name not in finite
+                else:  # fp16, bf16: converted and checked one by one
+                    values, check = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket), False
+                stream = _core.IndexStream(rec.index_data, rec.size, rec.count, values, check, deferred=True)
         except DecodeError:
             break
         made.append((rec, stream))
