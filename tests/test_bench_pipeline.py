@@ -35,6 +35,8 @@ CALLS = [
     "Aggregator.mean_of(3 top-1% payloads)",
     "  add_many, then result(copy=False)",
     "fp.decode, a top-1% payload",
+    "Aggregator.mean_of(3 q4 payloads)",
+    "Aggregator.mean_of(3 q4+zstd payloads)",
 ]
 
 
