@@ -189,9 +189,6 @@ void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>
 
 namespace {
 
-// add_ranges for streams: every stream's entries that fall in ranges [r_begin, r_end),
-// range by range and stream by stream in list order, each stream started at its first
-// range from its nearest checkpoint.
 // (2c - levels) / levels for every code c of `bits` bits, as float32 division gives it: a
 // code's value is its scale times this, the same bits as dequantize (one multiply per entry
 // instead of a division).
@@ -209,13 +206,15 @@ const float* code_levels(int bits) {
   return tables[static_cast<std::size_t>(bits)].data();
 }
 
-// The value of entry i of a quantized stream, as dequantize writes it (weight 1: the same
-// bits): its scale times its code's level.
-inline float code_value(const StreamUpdate& u, const float* levels, std::uint64_t i) {
-  const std::uint64_t bit = i * static_cast<std::uint64_t>(u.bits);  // bits divides 8: no code straddles
-  const unsigned code = (u.values[bit >> 3] >> (bit & 7)) & ((1u << u.bits) - 1);
-  return 1.0f * (u.scales[i / u.bucket] * levels[code]);
+// The code of entry i of a quantized stream (bits divides 8: no code straddles a byte).
+inline unsigned code_at(const StreamUpdate& u, std::uint64_t i) {
+  const std::uint64_t bit = i * static_cast<std::uint64_t>(u.bits);
+  return (u.values[bit >> 3] >> (bit & 7)) & ((1u << u.bits) - 1);
 }
+
+// Entry i's value as dequantize writes it (weight 1: the same bits): its scale times its
+// code's level.
+inline float code_value(float scale, const float* levels, unsigned code) { return 1.0f * (scale * levels[code]); }
 
 // acc[idx[j]] += w * (the value of entry at + j) for a run of count entries of stream u.
 inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, const std::uint32_t* idx,
@@ -233,7 +232,6 @@ inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, cons
   // Quantized: the scale changes at bucket edges only, found once per run, not divided
   // out per entry.
   const float* levels = code_levels(u.bits);
-  const unsigned mask = (1u << u.bits) - 1;
   std::uint64_t bucket = at / u.bucket, bucket_end = (bucket + 1) * u.bucket;
   float scale = u.scales[bucket];
   for (unsigned j = 0; j < count; ++j) {
@@ -243,12 +241,13 @@ inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, cons
       bucket_end = (bucket + 1) * u.bucket;
       scale = u.scales[bucket];
     }
-    const std::uint64_t bit = i * static_cast<std::uint64_t>(u.bits);
-    const unsigned code = (u.values[bit >> 3] >> (bit & 7)) & mask;
-    acc[idx[j]] += w * (1.0f * (scale * levels[code]));
+    acc[idx[j]] += w * code_value(scale, levels, code_at(u, i));
   }
 }
 
+// add_ranges for streams: every stream's entries that fall in ranges [r_begin, r_end),
+// range by range and stream by stream in list order, each stream started at its first
+// range from its nearest checkpoint.
 void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate>& updates, std::size_t r_begin,
                        std::size_t r_end, const float* divisor) {
   if (r_begin == r_end) return;
@@ -262,14 +261,15 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
       const StreamUpdate& u = updates[c];
       RiceCursor& cursor = cursors[c];
       if (ahead) {
+        const float* levels = u.bits != 0 ? code_levels(u.bits) : nullptr;
         cursor.run_below_touching(
             hi, static_cast<unsigned>(kAhead),
             [&](std::uint64_t i, std::uint64_t x) {
               float v;
-              if (u.bits == 0)
+              if (levels == nullptr)
                 std::memcpy(&v, u.values + 4 * i, 4);
               else
-                v = code_value(u, code_levels(u.bits), i);
+                v = code_value(u.scales[i / u.bucket], levels, code_at(u, i));
               acc[x] += u.weight * v;
             },
             [&](std::uint64_t x) { prefetch_for_write(acc + x); });
