@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "parallel.hpp"
+#include "quantize.hpp"
 #include "simd.hpp"
 
 namespace fedpress {
@@ -189,17 +190,15 @@ void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>
 
 namespace {
 
-// (2c - levels) / levels for every code c of `bits` bits, as float32 division gives it: a
-// code's value is its scale times this, the same bits as dequantize (one multiply per entry
-// instead of a division).
+// grid_point of every code c of `bits` bits: a code's value is its scale times this, the
+// same bits as dequantize (one load per entry instead of a division).
 const float* code_levels(int bits) {
   static const auto tables = [] {
     std::array<std::array<float, 256>, 9> t{};
     for (int b : {1, 2, 4, 8}) {
       const int levels = (1 << b) - 1;
-      for (int c = 0; c <= levels; ++c)
-        t[static_cast<std::size_t>(b)][static_cast<std::size_t>(c)] =
-            static_cast<float>(2 * c - levels) / static_cast<float>(levels);
+      auto& row = t[static_cast<std::size_t>(b)];
+      for (int c = 0; c <= levels; ++c) row[static_cast<std::size_t>(c)] = grid_point(c, levels);
     }
     return t;
   }();

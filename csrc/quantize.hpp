@@ -18,6 +18,13 @@
 
 namespace fedpress {
 
+// The grid point (2j - L) / L of code j, as a float division of two exactly representable
+// integers: correctly rounded, so a table of them holds the same bits. The one definition
+// dequantize and the streaming add (a quantized index stream) share.
+inline float grid_point(int code, int levels) {
+  return static_cast<float>(2 * code - levels) / static_cast<float>(levels);
+}
+
 bool valid_bits(int bits);
 std::size_t packed_size(std::size_t n, int bits);
 std::size_t bucket_count(std::size_t n, std::size_t bucket);

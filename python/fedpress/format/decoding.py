@@ -182,7 +182,7 @@ def checked_streams(batch: Sequence[tuple[Parsed, list[TensorRecord]]]) -> list[
         ]
         items.append((parsed.unchecked, jobs, streams))
     results: list[Union[dict[str, Any], DecodeError]] = []
-    pending: list[tuple[dict[str, Any], list[TensorRecord]]] = []  # each sound payload's other codes
+    pending: list[tuple[int, dict[str, Any], list[TensorRecord]]] = []  # each sound payload's other codes
     for (parsed, streamed), (_, _, streams), (crc, finite, failed, error) in zip(
         batch, items, _core.check_payloads(items)
     ):
@@ -201,14 +201,14 @@ def checked_streams(batch: Sequence[tuple[Parsed, list[TensorRecord]]]) -> list[
             results.append(exc)
             continue
         checked = {rec.name: stream for rec, stream in zip(fp32, streams)}
+        pending.append((len(results), checked, [rec for rec in streamed if rec.value_code != "fp32"]))
         results.append(checked)
-        pending.append((checked, [rec for rec in streamed if rec.value_code != "fp32"]))
     # Other value codes are decoded now, their checksums verified: every payload's together,
     # into one buffer (100 top-1% q4 payloads: one allocation and one parallel call, not 100
     # of each). A tensor the batch leaves out (from the first that fails) is decoded on its
     # own, which names what is wrong, as its payload's error.
-    made = index_streams([rec for _, others in pending for rec in others])
-    for (checked, others), at in zip(pending, [i for i, r in enumerate(results) if isinstance(r, dict)]):
+    made = index_streams([rec for _, _, others in pending for rec in others])
+    for at, checked, others in pending:
         try:
             checked.update((rec.name, made[id(rec)] if id(rec) in made else index_stream(rec)) for rec in others)
         except DecodeError as exc:
