@@ -236,6 +236,29 @@ def test_state_dict_is_a_copy() -> None:
         np.testing.assert_array_equal(enc.residuals[k], before[k])
 
 
+def test_residuals_of_a_model_share_one_allocation_and_a_new_shape_gets_its_own() -> None:
+    """The residuals are made together, views of one buffer (huge pages for a large model,
+    where an array per tensor faults 4 KiB at a time); a tensor whose shape changes gets a
+    fresh zero residual and the others keep what they hold."""
+    enc = fp.Encoder("topk:0.05+q4")
+    first, second = rounds(2)
+    enc.encode(first, seed=1)
+    assert sorted(enc.residuals) == ["bias", "conv"]
+    assert all(r.base is not None for r in enc.residuals.values())
+    assert len({id(r.base) for r in enc.residuals.values()}) == 1
+    for name, r in enc.residuals.items():
+        assert r.shape == first[name].shape and r.dtype == np.float32 and r.flags.writeable
+    kept = enc.residuals["bias"].copy()
+    assert np.any(kept != 0)
+    changed = dict(second, conv=second["conv"].reshape(50, 40)[:25])
+    payload = enc.encode(changed, seed=2)
+    assert enc.residuals["conv"].shape == (25, 40)
+    got = fp.decode(payload)
+    # conv's residual started from zero: what it holds plus what was sent is this round's update.
+    np.testing.assert_allclose(enc.residuals["conv"] + got["conv"], changed["conv"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc.residuals["bias"] + got["bias"], kept + second["bias"], rtol=1e-5, atol=1e-6)
+
+
 def test_load_state_dict_different_spec() -> None:
     enc = fp.Encoder("topk:0.01+q4")
     enc.encode(rounds(1)[0], seed=0)
