@@ -1,6 +1,7 @@
 #include "assemble.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -137,10 +138,19 @@ std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
   // piece's kernel runs on one thread anyway). One piece that is most of the payload:
   // the pieces in order, each kernel splitting its own.
   if (pieces.size() > 1 && 2 * largest < at.back() && at.back() >= kParallelThreshold) {
+    // Largest first, each task taking the largest piece left, whichever task it is: the
+    // threads then end on small pieces, together (in table order, a thread could start a
+    // layer's kernel as the other finished, and leave it waiting for most of it).
+    std::vector<std::size_t> order(pieces.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::size_t a, std::size_t b) { return at[a + 1] - at[a] > at[b + 1] - at[b]; });
+    std::atomic<std::size_t> next{0};
     // Each piece's refusal is kept, and the first piece's in order is raised: the same
     // message whatever the threads (parallel_for would raise the first in time).
     std::vector<std::exception_ptr> errors(pieces.size());
-    parallel_for(pieces.size(), [&](std::size_t i) {
+    parallel_for(pieces.size(), [&](std::size_t) {
+      const std::size_t i = order[next.fetch_add(1, std::memory_order_relaxed)];
       const SerialScope serial;
       try {
         write(i);

@@ -670,7 +670,7 @@ class Codec:
         return Entry(
             name=name,
             dtype=dtype,
-            shape=tuple(int(s) for s in shape),
+            shape=shape,  # an ndarray's shape: a tuple of ints already
             kind=kind,
             count=int(indices.size if indices is not None else n),
             rht_block=block,

@@ -4,7 +4,6 @@ checks. Internal to fedpress: the public surface is ``fedpress.format``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -21,16 +20,21 @@ __all__: list[str] = []
 Sections = tuple
 
 
-@dataclass(frozen=True)
 class KernelSection:
     """A values section that a kernel writes straight into the payload (``_core.assemble``):
     its piece (``("q", x, bits, bucket, seed)``, ``("f16", x)``, ``("bf16", x)`` or
     ``("eden", x, bits, block, rotation_seed, quant_seed, mode)``, x float32) and its
     size, which is known before it is computed. Such a section exists nowhere but in
-    the payload."""
+    the payload. (A plain slotted class, not a frozen dataclass: one is made per tensor
+    per encode, and a frozen dataclass's ``__init__`` costs a microsecond.)"""
 
-    piece: tuple
-    nbytes: int
+    __slots__ = ("nbytes", "piece")
+
+    def __init__(self, piece: tuple, nbytes: int) -> None:
+        self.piece, self.nbytes = piece, nbytes
+
+    def __repr__(self) -> str:
+        return f"KernelSection(piece={self.piece[0]!r}..., nbytes={self.nbytes})"
 
 
 def values_size(code: str, count: int, bucket: int) -> int:
