@@ -708,10 +708,12 @@ void register_accumulate(py::module_& m) {
 }
 
 // The jobs of a checksum that decodes on the way (crc32c_decoding, check_payloads), built
-// with the GIL held: (offset, code, n, out), code fp32/fp16/bf16 (n values into out,
-// float32) or fp32-finite (a check, out None); or (offset, code, n, out, scales_offset,
-// bucket), code q8/q4/q2/q1, a quantized section's n values dequantized into out: its
-// packed codes at offset, its bucket scales (float32, little-endian) at scales_offset.
+// with the GIL held: (offset, code, n, out[, weight]), code fp32/fp16/bf16 (n values into
+// out, float32) or fp32-finite (a check, out None); or (offset, code, n, out, scales_offset,
+// bucket[, weight]), code q8/q4/q2/q1, a quantized section's n values dequantized into out:
+// its packed codes at offset, its bucket scales (float32, little-endian) at scales_offset.
+// A weight (1 when left out) multiplies what is written, as float32: a sum's first payload
+// written straight into it (an aggregator's), the values checked before they are weighted.
 struct DecodingJobs {
   std::vector<py::array> outs;  // kept alive while the jobs write them
   std::vector<std::vector<float>> scales;  // a quantized job's scales, aligned
@@ -724,8 +726,9 @@ struct DecodingJobs {
       : outs(py::len(jobs_in)), scales(outs.size()), jobs(outs.size()), finite(new std::atomic<bool>[outs.size()]) {
     for (std::size_t j = 0; j < jobs.size(); ++j) {
       const py::tuple t = py::reinterpret_borrow<py::tuple>(jobs_in[j]);
-      if (t.size() != 4 && t.size() != 6)
-        throw py::value_error("a job is (offset, code, n, out) or (offset, code, n, out, scales_offset, bucket)");
+      if (t.size() < 4 || t.size() > 7)
+        throw py::value_error(
+            "a job is (offset, code, n, out[, weight]) or (offset, code, n, out, scales_offset, bucket[, weight])");
       const std::size_t offset = t[0].cast<std::size_t>(), n = t[2].cast<std::size_t>();
       const std::string code = t[1].cast<std::string>();
       finite[j].store(true);
@@ -734,8 +737,11 @@ struct DecodingJobs {
         quantized_job(j, data, size, t, offset, code, n);
         continue;
       }
-      if (t.size() != 4) throw py::value_error("job " + std::to_string(j) + ": a float job is (offset, code, n, out)");
+      if (t.size() != 4 && t.size() != 5)
+        throw py::value_error("job " + std::to_string(j) + ": a float job is (offset, code, n, out[, weight])");
+      const float weight = t.size() == 5 ? job_weight(t[4], j) : 1.0f;
       const bool check_only = code == "fp32-finite";
+      if (check_only && weight != 1.0f) throw py::value_error("job " + std::to_string(j) + ": a check has no weight");
       fedpress::FloatCode c = fedpress::FloatCode::fp32;
       if (code == "fp16") c = fedpress::FloatCode::fp16;
       else if (code == "bf16") c = fedpress::FloatCode::bf16;
@@ -750,14 +756,17 @@ struct DecodingJobs {
         out = mptr<float>(outs[j]);
       }
       const std::uint8_t* at = data + offset;
-      // A tensor larger than the caches is streamed out: nothing reads it back soon.
-      const bool streaming = n >= fedpress::kStreamingValues;
+      // A tensor larger than the caches is streamed out: nothing reads it back soon (a
+      // weighted one is, by its multiplication).
+      const bool streaming = n >= fedpress::kStreamingValues && weight == 1.0f;
       jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
                    const bool ok = out == nullptr
                                        ? fedpress::floats_finite(at + 4 * first, last - first)
                                        : fedpress::decode_floats_serial(c, at + width * first, last - first,
                                                                         out + first, streaming);
                    if (!ok) flag->store(false, std::memory_order_relaxed);
+                   if (out != nullptr && weight != 1.0f)
+                     for (std::size_t i = first; i < last; ++i) out[i] *= weight;
                  },
                  !check_only};
     }
@@ -770,8 +779,10 @@ struct DecodingJobs {
                      std::size_t offset, const std::string& code, std::size_t n) {
     const int bits = code[1] - '0';
     if (!fedpress::valid_bits(bits)) throw py::value_error("unknown job code " + code);
-    if (t.size() != 6)
-      throw py::value_error("job " + std::to_string(j) + ": a quantized job is (offset, code, n, out, scales_offset, bucket)");
+    if (t.size() != 6 && t.size() != 7)
+      throw py::value_error("job " + std::to_string(j) +
+                            ": a quantized job is (offset, code, n, out, scales_offset, bucket[, weight])");
+    const float weight = t.size() == 7 ? job_weight(t[6], j) : 1.0f;
     const long long bucket_in = t[5].cast<long long>();
     if (bucket_in <= 0) throw py::value_error("job " + std::to_string(j) + ": bucket must be positive");
     const std::size_t bucket = static_cast<std::size_t>(bucket_in), scales_at = t[4].cast<std::size_t>();
@@ -783,7 +794,7 @@ struct DecodingJobs {
     scales[j].resize(buckets);
     if (buckets) std::memcpy(scales[j].data(), data + scales_at, 4 * buckets);  // little-endian hosts
     const fedpress::DequantizeJob job{data + offset, scales[j].data(), bits, n, bucket,
-                                      mptr<float>(outs[j]), false, 1.0f};
+                                      mptr<float>(outs[j]), false, weight};
     std::atomic<bool>* flag = &finite[j];
     jobs[j] = {offset, fedpress::ceil_div(n, 8), static_cast<std::size_t>(bits),
                [=](std::size_t first, std::size_t last) {
@@ -797,6 +808,15 @@ struct DecodingJobs {
                  if (!ok) flag->store(false, std::memory_order_relaxed);
                },
                true};
+  }
+
+  // A job's weight: a finite float32.
+  static float job_weight(const py::handle& value, std::size_t j) {
+    const double w = value.cast<double>();
+    const float w32 = static_cast<float>(w);
+    if (!std::isfinite(w) || !std::isfinite(w32))
+      throw py::value_error("job " + std::to_string(j) + ": weight must be finite in float32, got " + std::to_string(w));
+    return w32;
   }
 
   py::list flags() const {
@@ -841,10 +861,11 @@ void register_checksum(py::module_& m) {
       },
       "data"_a, "jobs"_a,
       "CRC-32C of data, decoding value sections on the way while each piece is in cache: jobs are "
-      "(offset, code, n, out), code fp32/fp16/bf16 (n values into out, float32) or fp32-finite (a check, out "
-      "None), or (offset, code, n, out, scales_offset, bucket), code q8/q4/q2/q1 (a quantized section: packed "
-      "codes at offset, bucket scales at scales_offset, n values dequantized into out). Returns (crc, [whether "
-      "each job's values are all finite; a quantized job's: its scales finite and >= 0, no padding bit set]).");
+      "(offset, code, n, out[, weight]), code fp32/fp16/bf16 (n values into out, float32) or fp32-finite (a "
+      "check, out None), or (offset, code, n, out, scales_offset, bucket[, weight]), code q8/q4/q2/q1 (a "
+      "quantized section: packed codes at offset, bucket scales at scales_offset, n values dequantized into "
+      "out); a weight multiplies what is written (float32). Returns (crc, [whether each job's values are all "
+      "finite, before weighting; a quantized job's: its scales finite and >= 0, no padding bit set]).");
 }
 
 // A rotation block size: a power of two in [1, 2^24].

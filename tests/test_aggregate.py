@@ -534,6 +534,60 @@ def test_dense_sections_add_into_the_sum_as_decoded(spec: str) -> None:
     np.testing.assert_array_equal(many.result()["w"], agg.result()["w"])
 
 
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "bf16", "q8", "q4", "q2", "sign"])
+@pytest.mark.parametrize("weight", [1.0, 0.3, 7.0, 0.0])
+def test_a_first_payload_is_written_weighted_as_its_checksum_reads_it(spec: str, weight: float) -> None:
+    """A new aggregator's first uncompressed payload is written into its sums, times its
+    weight, in the pass that checks its checksum: the same sums, bit for bit, as adding it
+    to sums that already hold something (a zero-weight payload first)."""
+    rng = np.random.default_rng(11)
+    update = {f"t{i}": rng.standard_normal(size).astype(np.float32) for i, size in enumerate((3, 700, 40_000))}
+    payload = fp.Codec(spec, bucket=64).encode(update, seed=5)
+    first, later = fp.Aggregator(), fp.Aggregator()
+    first.add(payload, weight)
+    later.add(payload, 0.0)
+    later.add(payload, weight)
+    assert first.count == 1 and first.total_weight == weight
+    decoded = fp.decode(payload)
+    for name in update:
+        np.testing.assert_array_equal(first._sums[name], later._sums[name])
+        np.testing.assert_array_equal(first._sums[name], np.float32(weight) * decoded[name].reshape(-1))
+
+
+@pytest.mark.parametrize("spec", ["fp32", "q4", "sign"])
+def test_a_first_payload_whose_checksum_fails_after_its_sections_were_written_adds_nothing(spec: str) -> None:
+    """The sections of a first payload are written into new sums before its checksum is
+    known: a payload whose checksum then fails leaves the aggregator empty."""
+    x = np.random.default_rng(2).standard_normal(300_000).astype(np.float32)
+    payload = bytearray(fp.Codec(spec).encode({"w": x}, seed=1))
+    payload[len(payload) // 2] ^= 0x10  # inside the values section
+    agg = fp.Aggregator()
+    with pytest.raises(fp.DecodeError, match="checksum mismatch"):
+        agg.add(bytes(payload))
+    assert agg.count == 0 and agg.total_weight == 0 and not agg._sums
+    agg.add(fp.Codec("q8").encode({"other": np.ones(3, np.float32)}, seed=0))
+    assert list(agg.result()) == ["other"]
+
+
+def test_a_weight_beyond_float32_is_refused_for_float32_sums() -> None:
+    """float32 sums are multiplied by the weight in float32: a larger weight would make them
+    infinite or NaN, so it is refused (a float64 aggregator takes it)."""
+    payload = fp.Codec("q4").encode({"w": np.ones(10, np.float32)}, seed=0)
+    for call in (
+        lambda agg: agg.add(payload, 1e39),
+        lambda agg: agg.add_many([payload, payload], [1.0, 1e300]),
+        lambda agg: agg.add_update({"w": np.ones(10, np.float32)}, 4e38),
+        lambda agg: agg.mean_of([payload], [1e39]),
+    ):
+        agg = fp.Aggregator()
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            call(agg)
+        assert agg.count == 0
+    wide = fp.Aggregator(dtype=np.float64)
+    wide.add(payload, 1e300)
+    np.testing.assert_allclose(wide.result()["w"], fp.decode(payload)["w"], rtol=1e-6)
+
+
 def test_sparse_parts_into_given_buffers() -> None:
     """An aggregator decodes a batch's kept entries into two buffers allocated once:
     sparse_parts(out=) gives the same indices and values, in those buffers, for exact,

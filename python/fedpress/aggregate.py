@@ -25,7 +25,15 @@ import numpy as np
 from . import _core, ops
 from ._arrays import flat_views
 from ._update_math import to_dtype
-from .format.decoding import checked_streams, index_stream, index_streams, raw_array, sparse_parts, streamable
+from .format.decoding import (
+    checked_streams,
+    finish_checksum_converting,
+    index_stream,
+    index_streams,
+    raw_array,
+    sparse_parts,
+    streamable,
+)
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.intcodes import IntLevels, IntSection
@@ -36,6 +44,8 @@ from .format.tables import CheckedTable, table_difference, table_entries
 from .format.values import quantized_parts, unchecked_quantized_parts
 
 __all__ = ["Aggregator"]
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _add_scaled(acc: np.ndarray, values: np.ndarray, weight: float) -> None:
@@ -282,20 +292,43 @@ class Aggregator:
         self.count = 0
         self.total_weight = 0.0
 
-    def add(self, payload: Any, weight: float = 1.0) -> None:
+    def _weight(self, weight: Any, what: str) -> float:
+        """A payload's weight as a float: ValueError unless it is finite, >= 0 and, for
+        float32 sums, within float32's range (the sums are multiplied by it in float32,
+        where a larger one would turn them into infinities and NaN)."""
         w = float(weight)
         if not np.isfinite(w) or w < 0:
-            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+            raise ValueError(f"{what} must be finite and >= 0, got {weight!r}")
+        if self.dtype == np.float32 and w > _FLOAT32_MAX:
+            raise ValueError(
+                f"{what} is {w:.3g}, beyond float32's range ({_FLOAT32_MAX:.3g}), the dtype of this "
+                "aggregator's sums: scale the weights down, or use Aggregator(dtype=np.float64)"
+            )
+        return w
+
+    def add(self, payload: Any, weight: float = 1.0) -> None:
+        w = self._weight(weight, "weight")
         with out_of_memory_as_decode_error():
-            # The payload must match the table this aggregator sums (parse checks it).
-            parsed = parse(payload, self.limits, self._table if self._table is not None else self._model)
+            fresh = self._table is None
+            # The payload must match the table this aggregator sums (parse checks it). Into
+            # new float32 sums, an uncompressed payload's plain dense sections are written, times
+            # the weight, as its checksum reads them (one read of the payload, as decode makes).
+            parsed = parse(
+                payload,
+                self.limits,
+                self._table if self._table is not None else self._model,
+                defer_checksum=fresh and self.dtype == np.float32,
+            )
             # Everything that allocates comes first: a payload that fails, malformed or beyond
             # this process's memory, leaves the aggregate as it was.
             sums = self._sums
-            fresh = self._table is None
-            new_ints, int_steps = self._int_steps([parsed], [w], fresh)
             # fresh: unwritten, each step writes its sum, or has it zeroed first
             sums = self._float_sums({} if fresh else sums, [parsed], np.empty if fresh else np.zeros)
+            written: dict[str, np.ndarray] = {}
+            if parsed.unchecked is not None:
+                outs = {id(rec): sums[rec.name] for rec in parsed.tensors if rec.intcode is None}
+                written, _ = finish_checksum_converting(parsed, [], convert_dense=True, outs=outs, weight=w)
+            new_ints, int_steps = self._int_steps([parsed], [w], fresh)
             new_rotated: dict[str, tuple[int, int, int, np.ndarray]] = {}
             steps: list[Callable[[], Any]] = []
             streams = index_streams(
@@ -307,7 +340,7 @@ class Aggregator:
             )
             try:
                 for rec in parsed.tensors:
-                    if rec.intcode is None:
+                    if rec.intcode is None and rec.name not in written:
                         acc = sums[rec.name]
                         steps.append(self._prepare(rec, parsed.seed, w, acc, new_rotated, fresh=fresh, streams=streams))
             except DecodeError:
@@ -366,8 +399,7 @@ class Aggregator:
         if len(ws) != len(payloads):
             raise ValueError(f"{len(payloads)} payloads but {len(ws)} weights")
         for i, w in enumerate(ws):
-            if not np.isfinite(w) or w < 0:
-                raise ValueError(f"weight {i} must be finite and >= 0, got {w!r}")
+            self._weight(w, f"weight {i}")
         if not payloads:
             return frozenset()
         stream = self.dtype == np.float32
@@ -560,9 +592,7 @@ class Aggregator:
         instead of decoding it a second time. Its tensors must be those of the table
         summed so far (or of the ``table`` given to the constructor): DecodeError
         otherwise, and the aggregate is left as it was."""
-        w = float(weight)
-        if not np.isfinite(w) or w < 0:
-            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+        w = self._weight(weight, "weight")
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to arrays, got {type(update).__name__}")
         arrays = {name: np.asarray(value) for name, value in update.items()}

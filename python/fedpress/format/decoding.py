@@ -217,15 +217,20 @@ def checked_streams(batch: Sequence[tuple[Parsed, list[TensorRecord]]]) -> list[
 
 
 def finish_checksum_converting(
-    parsed: Any, streamed: list[TensorRecord], convert_dense: bool = False, outs: Optional[dict[int, np.ndarray]] = None
+    parsed: Any,
+    streamed: list[TensorRecord],
+    convert_dense: bool = False,
+    outs: Optional[dict[int, np.ndarray]] = None,
+    weight: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], set[str]]:
     """Verifies a deferred checksum (nothing to do when it was not deferred), in the same
     read of the payload decoding the plain dense value sections (fp32, fp16, bf16, and
     q8/q4/q2/sign, neither rotated nor EDEN) with ``convert_dense`` (into
-    ``outs[id(record)]`` where given) and checking the fp32 values of the ``streamed``
-    tensors for NaN and infinity: ({name: float32 values} of the dense tensors, names of
-    the checked ones). A quantized section the decoder would refuse (a bad scale or
-    padding bit) is left out of the first, for the caller's checked path to name."""
+    ``outs[id(record)]`` where given, times ``weight`` in float32) and checking the fp32
+    values of the ``streamed`` tensors for NaN and infinity: ({name: float32 values} of
+    the dense tensors, names of the checked ones). A quantized section the decoder would
+    refuse (a bad scale or padding bit) is left out of the first, for the caller's checked
+    path to name."""
     if parsed.unchecked is None:
         return {}, set()
     outs = outs or {}
@@ -240,7 +245,7 @@ def finish_checksum_converting(
         and (rec.value_code in FLOAT_CODES or (rec.count and rec.value_code in _QUANTIZED_CODES))
     }
     checked = [rec for rec in streamed if rec.value_code == "fp32"]
-    jobs: list[tuple] = [_decoding_job(rec, values) for rec, values in converted.values()]
+    jobs: list[tuple] = [_decoding_job(rec, values, weight) for rec, values in converted.values()]
     jobs += [(rec.value_offset, "fp32-finite", rec.count, None) for rec in checked]
     records = [rec for rec, _ in converted.values()] + checked
     for rec, finite in zip(records, finish_checksum(parsed, jobs)):
@@ -256,13 +261,14 @@ def finish_checksum_converting(
 _QUANTIZED_CODES = frozenset(QUANT_BITS) | {"sign"}
 
 
-def _decoding_job(rec: TensorRecord, out: np.ndarray) -> tuple:
-    """The checksum's job (``_core.crc32c_decoding``) decoding a plain dense section into ``out``."""
+def _decoding_job(rec: TensorRecord, out: np.ndarray, weight: float = 1.0) -> tuple:
+    """The checksum's job (``_core.crc32c_decoding``) decoding a plain dense section into
+    ``out``, times ``weight``."""
     if rec.value_code in FLOAT_CODES:
-        return (rec.value_offset, rec.value_code, rec.count, out)
+        return (rec.value_offset, rec.value_code, rec.count, out, weight)
     bits = 1 if rec.value_code == "sign" else QUANT_BITS[rec.value_code]
     scales = 4 * -(-rec.count // rec.bucket)  # the scales come first, then the packed codes
-    return (rec.value_offset + scales, f"q{bits}", rec.count, out, rec.value_offset, rec.bucket)
+    return (rec.value_offset + scales, f"q{bits}", rec.count, out, rec.value_offset, rec.bucket, weight)
 
 
 def raw_array(rec: TensorRecord) -> np.ndarray:
