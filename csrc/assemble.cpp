@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "checksum.hpp"
 #include "convert.hpp"
 #include "eden.hpp"
 #include "parallel.hpp"
@@ -116,7 +117,7 @@ void write_piece(const Piece& p, std::size_t size, std::uint8_t* out) {
 
 }  // namespace
 
-std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
+std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out, std::uint32_t* crc) {
   std::vector<std::size_t> at(pieces.size() + 1, 0);
   std::size_t largest = 0;
   for (std::size_t i = 0; i < pieces.size(); ++i) try {
@@ -149,6 +150,7 @@ std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
     // Each piece's refusal is kept, and the first piece's in order is raised: the same
     // message whatever the threads (parallel_for would raise the first in time).
     std::vector<std::exception_ptr> errors(pieces.size());
+    std::vector<std::uint32_t> crcs(crc ? pieces.size() : 0), shifts(crcs.size());
     parallel_for(pieces.size(), [&](std::size_t) {
       const std::size_t i = order[next.fetch_add(1, std::memory_order_relaxed)];
       const SerialScope serial;
@@ -156,12 +158,22 @@ std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out) {
         write(i);
       } catch (...) {
         errors[i] = std::current_exception();
+        return;
+      }
+      if (crc) {
+        crcs[i] = crc32c(out + at[i], at[i + 1] - at[i]);
+        shifts[i] = crc32c_shift(at[i + 1] - at[i]);
       }
     });
     for (const std::exception_ptr& error : errors)
       if (error) std::rethrow_exception(error);
+    if (crc) {
+      *crc = 0;  // of nothing
+      for (std::size_t i = 0; i < crcs.size(); ++i) *crc = crc32c_combine(*crc, crcs[i], shifts[i]);
+    }
   } else {
     for (std::size_t i = 0; i < pieces.size(); ++i) write(i);
+    if (crc) *crc = crc32c(out, at.back());
   }
   return at.back();
 }

@@ -47,7 +47,9 @@ std::size_t piece_size(const Piece& piece);
 // returns that sum. Throws std::invalid_argument, its message starting with
 // "piece <i>: ", when a kernel refuses its input (NaN or infinity; an EDEN
 // section whose inverse rotation could leave float32, which the decoder would
-// refuse); out is then partly written.
-std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out);
+// refuse); out is then partly written. With `crc`, it also sets *crc to the CRC-32C
+// of what it wrote: where the pieces are spread over the threads, each piece's right
+// after its writing, while it is in cache, the CRCs then combined in order.
+std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out, std::uint32_t* crc = nullptr);
 
 }  // namespace fedpress

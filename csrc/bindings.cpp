@@ -1675,11 +1675,9 @@ void register_assemble(py::module_& m) {
         auto* o = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw));  // not yet seen by anyone
         {
           py::gil_scoped_release release;  // the kernels touch raw buffers kept alive above
-          const std::size_t body = fedpress::assemble(pieces, o);
-          if (checksum) {
-            const std::uint32_t crc = fedpress::crc32c(o, body);
-            std::memcpy(o + body, &crc, 4);  // little-endian hosts
-          }
+          std::uint32_t crc = 0;
+          const std::size_t body = fedpress::assemble(pieces, o, checksum ? &crc : nullptr);
+          if (checksum) std::memcpy(o + body, &crc, 4);  // little-endian hosts
         }
         return out;
       },

@@ -369,6 +369,42 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t c
   return crc32c_with_jobs(data, size, {}, crc);
 }
 
+namespace {
+
+// a * b mod P, CRC registers both (x^e in bit 31 - e), bit by bit (zlib's multmodp).
+std::uint32_t times_mod(std::uint32_t a, std::uint32_t b) {
+  std::uint32_t product = 0;
+  for (std::uint32_t m = 0x80000000u; m != 0 && a != 0; m >>= 1) {
+    if (a & m) {
+      product ^= b;
+      a ^= m;
+    }
+    b = (b >> 1) ^ (kPoly & (0u - (b & 1u)));
+  }
+  return product;
+}
+
+}  // namespace
+
+std::uint32_t crc32c_shift(std::size_t size_b) {
+  // x^(2^k) mod P for k up to the bits of 8 * size: squared from x^1.
+  static const std::array<std::uint32_t, 67> powers = [] {
+    std::array<std::uint32_t, 67> t{};
+    t[0] = 0x40000000u;  // x^1
+    for (std::size_t k = 1; k < t.size(); ++k) t[k] = times_mod(t[k - 1], t[k - 1]);
+    return t;
+  }();
+  std::uint32_t shift = 0x80000000u;  // x^0
+  for (std::size_t k = 3; size_b != 0; size_b >>= 1, ++k)  // x^(8 size_b): from bit 3 on
+    if (size_b & 1u) shift = times_mod(powers[k], shift);
+  return shift;
+}
+
+std::uint32_t crc32c_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint32_t shift_b) {
+  // The conditioning (an all-ones start, the inverted result) cancels between the parts.
+  return times_mod(shift_b, crc_a) ^ crc_b;
+}
+
 std::uint32_t crc32c_with_jobs(const std::uint8_t* data, std::size_t size, const std::vector<ChecksumJob>& jobs,
                                std::uint32_t crc, bool parallel) {
   crc = ~crc;

@@ -5,6 +5,8 @@ refusal names its tensor."""
 
 from __future__ import annotations
 
+import struct
+
 import fedpress as fp
 import numpy as np
 import pytest
@@ -143,6 +145,39 @@ def test_many_pieces_spread_over_threads_give_the_same_bytes(threads: int) -> No
             fp.Codec("q4").encode(bad)
     finally:
         ops.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_checksum_made_piece_by_piece_is_the_whole_buffers(threads: int) -> None:
+    """Pieces spread over the threads are checksummed each where it was written and the
+    CRCs combined in order: the CRC-32C of the whole body, whatever the pieces' sizes
+    (empty, odd, a byte, past 1 MiB) and kinds."""
+    rng = np.random.default_rng(9)
+    pieces: list = []
+    for i in range(60):
+        kind = i % 5
+        n = int(rng.choice([0, 1, 7, 4093, 70_001, 300_000]))
+        x = rng.standard_normal(max(n, 1)).astype(np.float32)
+        if kind == 0:
+            pieces.append(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        elif kind == 1:
+            pieces.append(("q", x, 4, 64, i))
+        elif kind == 2:
+            pieces.append(("f16", x))
+        elif kind == 3:
+            pieces.append(("sign", x, 512))
+        else:
+            pieces.append(("q", x, 2, 512, i))
+    pieces.append(rng.integers(0, 256, 1_100_001, dtype=np.uint8).tobytes())  # a copy in 1 MiB chunks
+    pieces += [("f16", rng.standard_normal(300_000).astype(np.float32)) for _ in range(4)]  # no piece is half
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(threads)
+        out = _core.assemble(pieces, True)
+    finally:
+        ops.set_num_threads(before)
+    assert struct.unpack("<I", out[-4:])[0] == _core.crc32c(out[:-4])
+    assert out[:-4] == _core.assemble(pieces, False)
 
 
 def test_codec_names_the_tensor_a_kernel_refused() -> None:
