@@ -1284,18 +1284,17 @@ class Server:
         weights = [h.weight for h in held]
         if self.max_share is not None:
             weights = cap_shares(weights, self.max_share)
-        capped = Aggregator()
-        capped.add(self._reference, 0.0)
         scaled = 0.0
         for h, w in zip(held, weights):
             scaled += w * h.factor
-        # In one call, cache-blocked: the same sums as adding them one by one, in this order.
-        payloads, factors = [h.payload for h in held], [w * h.factor for h, w in zip(held, weights)]
         if scaled <= 0:  # every update clipped to nothing (non-finite norms): no change
-            capped.add_many(payloads, factors)
             return {k: unchanged(v) for k, v in self.params.items()}
+        capped = Aggregator()
+        capped.add(self._reference, 0.0)  # the model's table, which every payload must match
+        # In one call, cache-blocked: the same sums as adding them one by one, in this order.
         # The aggregator divides by sum(w * f), in the pass that sums; FedAvg with clipping
         # divides by sum(w).
+        payloads, factors = [h.payload for h in held], [w * h.factor for h, w in zip(held, weights)]
         ratio = scaled / sum(weights)
         return {k: scale(v, ratio) for k, v in capped.mean_of(payloads, factors).items()}
 
