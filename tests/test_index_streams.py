@@ -4,10 +4,13 @@ the same sums, bit for bit, as decoding first and scattering with ops.scatter_ad
 
 from __future__ import annotations
 
+import fedpress as fp
 import numpy as np
 import pytest
 from conftest import SIMD_LEVELS, num_threads
 from fedpress import DecodeError, _core, ops
+from fedpress.format import decoding
+from fedpress.format.reader import parse
 
 PARALLEL_ENTRIES = (1 << 17) + 12_345  # enough entries for the multi-threaded path
 
@@ -324,3 +327,24 @@ def test_quantized_streams_refuse_bad_sections_and_shapes() -> None:
     assert not deferred.checked
     ((crc, _, failed, error),) = _core.check_payloads([(None, [], [deferred])])
     assert failed == 0 and "padding" in error
+
+
+@pytest.mark.parametrize("spec", ["topk:0.02+q8", "topk:0.02+q4", "topk:0.02+q2", "topk:0.02+sign", "topk:0.02+fp16"])
+def test_one_records_stream_adds_its_codes_as_decode_does(spec: str) -> None:
+    """``decoding.index_stream`` of one record (the path a tensor left out of a batch
+    takes) adds a quantized section from its codes: the decoded tensor, bit for bit; a
+    section with a bad scale is refused by tensor name."""
+    x = np.random.default_rng(8).standard_normal(50_000).astype(np.float32)
+    payload = fp.Codec(spec).encode({"w": x}, seed=4)
+    (rec,) = parse(payload).tensors
+    acc = np.zeros(rec.size, np.float32)
+    _core.add_streams(acc, [decoding.index_stream(rec)], [1.0])
+    np.testing.assert_array_equal(acc, fp.decode(payload)["w"])
+    if spec.endswith("fp16"):
+        return
+    bad = bytearray(payload)
+    scale_at = len(payload) - len(bytes(rec.value_data)) - 4  # the first scale, the last section's start
+    bad[scale_at : scale_at + 4] = np.float32(-1.0).tobytes()
+    (broken,) = parse(bytes(bad), defer_checksum=True).tensors
+    with pytest.raises(DecodeError, match="tensor 'w': .*negative or non-finite scale"):
+        decoding.index_stream(broken)

@@ -118,10 +118,14 @@ def streamable(rec: TensorRecord) -> bool:
 def index_stream(rec: TensorRecord, finite: bool = False) -> Any:
     """A streamable tensor's checked ``_core.IndexStream``: fp32 values read where they
     lie (checked finite with the stream unless ``finite``: the checksum's read checked
-    them), other codes decoded first (finite by then)."""
+    them), q8/q4/q2/sign values added from their codes (the section's scales and padding
+    checked first), fp16 and bf16 decoded first (finite by then)."""
     try:
         if rec.value_code == "fp32":
             return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, not finite)
+        if rec.value_code in _QUANTIZED_CODES:
+            body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+            return _core.IndexStream.quantized(rec.index_data, rec.size, rec.count, body, scales, bits, rec.bucket)
         values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
         return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
     except DecodeError as exc:
