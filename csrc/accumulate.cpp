@@ -5,6 +5,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "dispatch.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
 #include "simd.hpp"
@@ -249,12 +250,10 @@ inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, cons
     }
     return;
   }
-  switch (u.bits) {  // the code width a constant in each loop: 8-15% less CPU time than a variable
-    case 1: return add_coded_run<1>(acc, u, at, idx, count);
-    case 2: return add_coded_run<2>(acc, u, at, idx, count);
-    case 4: return add_coded_run<4>(acc, u, at, idx, count);
-    default: return add_coded_run<8>(acc, u, at, idx, count);
-  }
+  // The code width a constant in each loop: 8-15% less CPU time than a variable.
+  with_constant<1, 2, 4, 8>(static_cast<unsigned>(u.bits), [&](auto b) {
+    add_coded_run<static_cast<int>(decltype(b)::value)>(acc, u, at, idx, count);
+  });
 }
 
 // add_ranges for streams: every stream's entries that fall in ranges [r_begin, r_end),

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "dispatch.hpp"
 #include "errors.hpp"
 #include "parallel.hpp"
 #include "rng.hpp"
@@ -188,17 +189,9 @@ void values_of_narrow(const std::uint8_t* in, std::size_t begin, std::size_t end
 
 void values_of_narrow_any(const std::uint8_t* in, std::size_t begin, std::size_t end, int width, const float* table,
                           float* out) {
-  switch (width) {
-    case 1: return values_of_narrow<1>(in, begin, end, table, out);
-    case 2: return values_of_narrow<2>(in, begin, end, table, out);
-    case 3: return values_of_narrow<3>(in, begin, end, table, out);
-    case 4: return values_of_narrow<4>(in, begin, end, table, out);
-    case 5: return values_of_narrow<5>(in, begin, end, table, out);
-    case 6: return values_of_narrow<6>(in, begin, end, table, out);
-    case 7: return values_of_narrow<7>(in, begin, end, table, out);
-    case 8: return values_of_narrow<8>(in, begin, end, table, out);
-    default: throw std::logic_error("values_of_narrow_any: width out of range");
-  }
+  with_constant<1, 2, 3, 4, 5, 6, 7, 8>(static_cast<unsigned>(width), [&](auto w) {
+    values_of_narrow<static_cast<int>(decltype(w)::value)>(in, begin, end, table, out);
+  });
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "dispatch.hpp"
 #include "indexcode.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
@@ -337,23 +338,13 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) std::uint64_t sum_fields_popc
 }
 
 std::uint64_t sum_fields_popcount_any(const std::uint8_t* p, std::uint64_t bits, unsigned l) {
-  switch (l) {
-    case 1: return sum_fields_popcount<1>(p, bits);
-    case 2: return sum_fields_popcount<2>(p, bits);
-    case 3: return sum_fields_popcount<3>(p, bits);
-    case 4: return sum_fields_popcount<4>(p, bits);
-    case 5: return sum_fields_popcount<5>(p, bits);
-    case 6: return sum_fields_popcount<6>(p, bits);
-    case 7: return sum_fields_popcount<7>(p, bits);
-    case 8: return sum_fields_popcount<8>(p, bits);
-    case 9: return sum_fields_popcount<9>(p, bits);
-    case 10: return sum_fields_popcount<10>(p, bits);
-    case 11: return sum_fields_popcount<11>(p, bits);
-    case 12: return sum_fields_popcount<12>(p, bits);
-    default: throw std::logic_error("sum_fields_popcount_any: parameter out of range");
-  }
+  std::uint64_t sum = 0;
+  with_constant<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12>(
+      l, [&](auto c) { sum = sum_fields_popcount<decltype(c)::value>(p, bits); });
+  return sum;
 }
-static_assert(kPopcountMaxParameter == 12, "sum_fields_popcount_any has a case per parameter");
+
+static_assert(kPopcountMaxParameter == 12, "sum_fields_popcount_any instantiates each parameter up to 12");
 
 #endif
 
