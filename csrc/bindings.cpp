@@ -712,8 +712,10 @@ void register_accumulate(py::module_& m) {
 // out, float32) or fp32-finite (a check, out None); or (offset, code, n, out, scales_offset,
 // bucket[, weight]), code q8/q4/q2/q1, a quantized section's n values dequantized into out:
 // its packed codes at offset, its bucket scales (float32, little-endian) at scales_offset.
-// A weight (1 when left out) multiplies what is written, as float32: a sum's first payload
-// written straight into it (an aggregator's), the values checked before they are weighted.
+// A weight makes what is written the first term of a sum (an aggregator's first payload,
+// written straight into its new sums): a float job writes 0 + weight * value, a quantized one
+// weight * value as dequantize_many does (float32; each as the aggregator's other path adds
+// them, bit for bit, signed zeros included). Values are checked before they are weighted.
 struct DecodingJobs {
   std::vector<py::array> outs;  // kept alive while the jobs write them
   std::vector<std::vector<float>> scales;  // a quantized job's scales, aligned
@@ -739,9 +741,10 @@ struct DecodingJobs {
       }
       if (t.size() != 4 && t.size() != 5)
         throw py::value_error("job " + std::to_string(j) + ": a float job is (offset, code, n, out[, weight])");
-      const float weight = t.size() == 5 ? job_weight(t[4], j) : 1.0f;
+      const bool weighted = t.size() == 5;
+      const float weight = weighted ? job_weight(t[4], j) : 1.0f;
       const bool check_only = code == "fp32-finite";
-      if (check_only && weight != 1.0f) throw py::value_error("job " + std::to_string(j) + ": a check has no weight");
+      if (check_only && weighted) throw py::value_error("job " + std::to_string(j) + ": a check has no weight");
       fedpress::FloatCode c = fedpress::FloatCode::fp32;
       if (code == "fp16") c = fedpress::FloatCode::fp16;
       else if (code == "bf16") c = fedpress::FloatCode::bf16;
@@ -758,15 +761,15 @@ struct DecodingJobs {
       const std::uint8_t* at = data + offset;
       // A tensor larger than the caches is streamed out: nothing reads it back soon (a
       // weighted one is, by its multiplication).
-      const bool streaming = n >= fedpress::kStreamingValues && weight == 1.0f;
+      const bool streaming = n >= fedpress::kStreamingValues && !weighted;
       jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
                    const bool ok = out == nullptr
                                        ? fedpress::floats_finite(at + 4 * first, last - first)
                                        : fedpress::decode_floats_serial(c, at + width * first, last - first,
                                                                         out + first, streaming);
                    if (!ok) flag->store(false, std::memory_order_relaxed);
-                   if (out != nullptr && weight != 1.0f)
-                     for (std::size_t i = first; i < last; ++i) out[i] *= weight;
+                   if (out != nullptr && weighted)  // numpy's product, then its sum with a zero
+                     for (std::size_t i = first; i < last; ++i) out[i] = 0.0f + out[i] * weight;
                  },
                  !check_only};
     }
@@ -812,6 +815,8 @@ struct DecodingJobs {
 
   // A job's weight: a finite float32.
   static float job_weight(const py::handle& value, std::size_t j) {
+    if (!py::isinstance<py::float_>(value) && !py::isinstance<py::int_>(value))
+      throw py::type_error("job " + std::to_string(j) + ": weight must be a number");
     const double w = value.cast<double>();
     const float w32 = static_cast<float>(w);
     if (!std::isfinite(w) || !std::isfinite(w32))
@@ -864,8 +869,9 @@ void register_checksum(py::module_& m) {
       "(offset, code, n, out[, weight]), code fp32/fp16/bf16 (n values into out, float32) or fp32-finite (a "
       "check, out None), or (offset, code, n, out, scales_offset, bucket[, weight]), code q8/q4/q2/q1 (a "
       "quantized section: packed codes at offset, bucket scales at scales_offset, n values dequantized into "
-      "out); a weight multiplies what is written (float32). Returns (crc, [whether each job's values are all "
-      "finite, before weighting; a quantized job's: its scales finite and >= 0, no padding bit set]).");
+      "out); with a weight, what is written is the first term of a sum (float: 0 + weight * value; quantized: "
+      "weight * value; float32). Returns (crc, [whether each job's values are all finite, before weighting; a "
+      "quantized job's: its scales finite and >= 0, no padding bit set]).");
 }
 
 // A rotation block size: a power of two in [1, 2^24].

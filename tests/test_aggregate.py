@@ -6,8 +6,11 @@ from __future__ import annotations
 import struct
 
 import fedpress as fp
+import fedpress.codec as codec_module
 import numpy as np
 import pytest
+from fedpress.format.reader import parse
+from fedpress.format.writer import write_payload
 
 HAVE_RHT = hasattr(fp.ops, "rht")
 SPECS = [
@@ -552,6 +555,57 @@ def test_a_first_payload_is_written_weighted_as_its_checksum_reads_it(spec: str,
     for name in update:
         np.testing.assert_array_equal(first._sums[name], later._sums[name])
         np.testing.assert_array_equal(first._sums[name], np.float32(weight) * decoded[name].reshape(-1))
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "bf16"])
+def test_a_first_payload_written_into_new_sums_keeps_their_signed_zeros(spec: str) -> None:
+    """A float section written into new sums is their first term, 0 + weight * value in
+    float32: the bytes add_many gives (and an add to sums holding something), -0.0 included."""
+    x = np.array([-0.0, 0.0, -1.5, 2.0, -3.0, 1e-40, -1e-40] * 100, np.float32)
+    payload = fp.Codec(spec).encode({"w": x}, seed=1)
+    for weight in (1.0, 0.0, 0.5, 3.0):
+        one, many = fp.Aggregator(), fp.Aggregator()
+        one.add(payload, weight)
+        many.add_many([payload], [weight])
+        assert one._sums["w"].tobytes() == many._sums["w"].tobytes(), weight
+
+
+def test_the_first_bad_tensor_in_order_is_named_whatever_the_sums_hold() -> None:
+    """A first payload's sections are written as its checksum is read, but the error named
+    is still the first bad tensor's in table order (a bad q4 scale before a NaN in a later
+    fp32 tensor), as for a payload added to sums that hold something, or by add_many."""
+
+    def entries(spec: str, name: str, seed: int) -> list:
+        made: list = []
+        real = codec_module.write_payload
+        codec_module.write_payload = lambda *args, **kwargs: made.extend(args[2]) or real(*args, **kwargs)
+        try:
+            fp.Codec(spec).encode({name: np.random.default_rng(seed).standard_normal(1000).astype(np.float32)}, seed=1)
+        finally:
+            codec_module.write_payload = real
+        return made
+
+    good = write_payload("q4", 1, entries("q4", "a", 0) + entries("fp32", "b", 1), None)
+    a, b = parse(good, defer_checksum=True).tensors
+    data = bytearray(good)
+    data[a.value_offset : a.value_offset + 4] = np.float32(-1.0).tobytes()  # a's first scale
+    data[b.value_offset : b.value_offset + 4] = np.float32(np.nan).tobytes()  # b's first value
+    data[-4:] = struct.pack("<I", fp._core.crc32c(bytes(data[:-4])))
+    bad = bytes(data)
+
+    def second(agg: fp.Aggregator) -> None:
+        agg.add(good)
+        agg.add(bad)
+
+    for call in (
+        lambda: fp.Aggregator().add(bad),
+        lambda: second(fp.Aggregator()),
+        lambda: fp.Aggregator(dtype=np.float64).add(bad),
+        lambda: fp.Aggregator().add_many([bad, good]),
+        lambda: fp.Aggregator().mean_of([good, bad]),
+    ):
+        with pytest.raises(fp.DecodeError, match="tensor 'a': values section holds a negative or non-finite scale"):
+            call()
 
 
 @pytest.mark.parametrize("spec", ["fp32", "q4", "sign"])

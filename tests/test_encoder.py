@@ -259,6 +259,25 @@ def test_residuals_of_a_model_share_one_allocation_and_a_new_shape_gets_its_own(
     np.testing.assert_allclose(enc.residuals["bias"] + got["bias"], kept + second["bias"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_a_failed_encode_leaves_no_new_residual(per_tensor: bool) -> None:
+    """An encode that fails puts back the residuals it made: a tensor seen for the first
+    time has none afterwards, and one whose shape changed keeps its old residual."""
+    rng = np.random.default_rng(12)
+    enc = fp.Encoder("topk:0.05+q4", per_tensor=per_tensor)
+    enc.encode({"a": rng.standard_normal(500).astype(np.float32)}, seed=1)
+    kept = enc.residuals["a"].copy()
+    bad = {
+        "a": rng.standard_normal((10, 20)).astype(np.float32),  # a new shape
+        "b": rng.standard_normal(300).astype(np.float32),  # a new tensor
+    }
+    bad["b"][7] = np.nan
+    with pytest.raises(ValueError, match="tensor 'b' holds NaN"):
+        enc.encode(bad, seed=2)
+    assert sorted(enc.residuals) == ["a"] and enc.residuals["a"].shape == (500,)
+    np.testing.assert_array_equal(enc.residuals["a"], kept)
+
+
 def test_load_state_dict_different_spec() -> None:
     enc = fp.Encoder("topk:0.01+q4")
     enc.encode(rounds(1)[0], seed=0)

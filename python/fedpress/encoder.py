@@ -175,8 +175,7 @@ class Encoder:
             self.rounds += 1
             return payload
         fused = self._fused_topk(codec, arrays, dtypes, scale)
-        if self.error_feedback:
-            self._add_residuals(arrays, dtypes)
+        replaced = self._add_residuals(arrays, dtypes) if self.error_feedback else {}
         to_send = dict(arrays)
         added: dict[str, np.ndarray] = {}  # what went into each residual in place, to undo on failure
         selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -267,6 +266,11 @@ class Encoder:
             if correcting and _settle(correcting):
                 self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)
+            for name, before in replaced.items():  # a failed encode leaves no new residual either
+                if before is None:
+                    del self.residuals[name]
+                else:
+                    self.residuals[name] = before
             raise
         if self.error_feedback:
             self._take_out({name: v for name, v in sent.items() if name not in early}, -1.0)
@@ -281,15 +285,18 @@ class Encoder:
         self.rounds += 1
         return payload
 
-    def _add_residuals(self, arrays: Mapping[str, np.ndarray], names: Iterable[str]) -> None:
+    def _add_residuals(self, arrays: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, Optional[np.ndarray]]:
         """A zero residual for each of these tensors that has none of its shape, all of them
         in one allocation: numpy asks the kernel for huge pages for a large one, where an
         array per tensor faults a 4 KiB page at a time (the first error-feedback top-k over a
-        model of 160 tensors, 25.6M floats, took 87 ms that way and 21 ms in one buffer)."""
+        model of 160 tensors, 25.6M floats, took 87 ms that way and 21 ms in one buffer).
+        Returns what each new one replaced (None: nothing), for a failed encode to put back."""
         missing = [name for name in names if getattr(self.residuals.get(name), "shape", None) != arrays[name].shape]
+        replaced = {name: self.residuals.get(name) for name in missing}
         views = flat_views([arrays[name].size for name in missing], np.float32, np.zeros)
         for name, view in zip(missing, views):
             self.residuals[name] = view.reshape(arrays[name].shape)
+        return replaced
 
     def _take_out(self, sent: Mapping[str, tuple[Optional[np.ndarray], np.ndarray]], sign: float) -> None:
         """The residual becomes what was meant minus what the receiver decodes (``sign``

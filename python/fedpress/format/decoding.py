@@ -225,16 +225,20 @@ def finish_checksum_converting(
     streamed: list[TensorRecord],
     convert_dense: bool = False,
     outs: Optional[dict[int, np.ndarray]] = None,
-    weight: float = 1.0,
+    weight: Optional[float] = None,
 ) -> tuple[dict[str, np.ndarray], set[str]]:
     """Verifies a deferred checksum (nothing to do when it was not deferred), in the same
     read of the payload decoding the plain dense value sections (fp32, fp16, bf16, and
     q8/q4/q2/sign, neither rotated nor EDEN) with ``convert_dense`` (into
-    ``outs[id(record)]`` where given, times ``weight`` in float32) and checking the fp32
-    values of the ``streamed`` tensors for NaN and infinity: ({name: float32 values} of
-    the dense tensors, names of the checked ones). A quantized section the decoder would
-    refuse (a bad scale or padding bit) is left out of the first, for the caller's checked
-    path to name."""
+    ``outs[id(record)]`` where given) and checking the fp32 values of the ``streamed``
+    tensors for NaN and infinity: ({name: float32 values} of the dense tensors, names of
+    the checked ones). A quantized section the decoder would refuse (a bad scale or
+    padding bit) is left out of the first, for the caller's checked path to name.
+
+    ``weight``: the outputs are new sums, each the first term of its sum: ``0 + weight *
+    values`` in float32 (numpy's two steps, bit for bit), and a float section holding NaN
+    or infinity is left out too (the caller's path names the first bad tensor in order)
+    instead of raising here."""
     if parsed.unchecked is None:
         return {}, set()
     outs = outs or {}
@@ -255,7 +259,7 @@ def finish_checksum_converting(
     for rec, finite in zip(records, finish_checksum(parsed, jobs)):
         if finite:
             continue
-        if rec.value_code not in FLOAT_CODES:
+        if rec.value_code not in FLOAT_CODES or weight is not None:
             del converted[rec.name]  # decoded again by the checked path, which names what is wrong
             continue
         raise DecodeError(f"tensor {rec.name!r}: values section decodes to non-finite values (NaN or infinity)")
@@ -265,14 +269,15 @@ def finish_checksum_converting(
 _QUANTIZED_CODES = frozenset(QUANT_BITS) | {"sign"}
 
 
-def _decoding_job(rec: TensorRecord, out: np.ndarray, weight: float = 1.0) -> tuple:
+def _decoding_job(rec: TensorRecord, out: np.ndarray, weight: Optional[float] = None) -> tuple:
     """The checksum's job (``_core.crc32c_decoding``) decoding a plain dense section into
-    ``out``, times ``weight``."""
+    ``out``; with ``weight``, as the first term of a sum (``0 + weight * values``)."""
+    extra = () if weight is None else (weight,)
     if rec.value_code in FLOAT_CODES:
-        return (rec.value_offset, rec.value_code, rec.count, out, weight)
+        return (rec.value_offset, rec.value_code, rec.count, out, *extra)
     bits = 1 if rec.value_code == "sign" else QUANT_BITS[rec.value_code]
     scales = 4 * -(-rec.count // rec.bucket)  # the scales come first, then the packed codes
-    return (rec.value_offset + scales, f"q{bits}", rec.count, out, rec.value_offset, rec.bucket, weight)
+    return (rec.value_offset + scales, f"q{bits}", rec.count, out, rec.value_offset, rec.bucket, *extra)
 
 
 def raw_array(rec: TensorRecord) -> np.ndarray:
