@@ -278,6 +278,24 @@ def test_a_failed_encode_leaves_no_new_residual(per_tensor: bool) -> None:
     np.testing.assert_array_equal(enc.residuals["a"], kept)
 
 
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_a_nan_update_does_not_stay_in_the_momentum(error_feedback: bool) -> None:
+    """A failed encode puts the velocities back: a NaN update is refused once, and the
+    encoder goes on from where it was (it used to keep the NaN and fail every later encode)."""
+    data = rounds(3, seed=4)
+    enc = fp.Encoder("topk:0.05+q4", momentum=0.9, error_feedback=error_feedback)
+    twin = fp.Encoder("topk:0.05+q4", momentum=0.9, error_feedback=error_feedback)
+    for e in (enc, twin):
+        e.encode(data[0], seed=1)
+    bad = dict(data[1], conv=data[1]["conv"].copy())
+    bad["conv"][3, 4] = np.nan
+    with pytest.raises(ValueError, match="tensor 'conv' holds NaN"):
+        enc.encode(bad, seed=2)
+    for name in twin.velocities:
+        np.testing.assert_array_equal(enc.velocities[name], twin.velocities[name])
+    assert enc.encode(data[2], seed=3) == twin.encode(data[2], seed=3)
+
+
 def test_load_state_dict_different_spec() -> None:
     enc = fp.Encoder("topk:0.01+q4")
     enc.encode(rounds(1)[0], seed=0)

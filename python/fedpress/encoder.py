@@ -176,6 +176,7 @@ class Encoder:
             return payload
         fused = self._fused_topk(codec, arrays, dtypes, scale)
         replaced = self._add_residuals(arrays, dtypes) if self.error_feedback else {}
+        velocities: dict[str, Optional[np.ndarray]] = {}  # what the velocity steps replaced
         to_send = dict(arrays)
         added: dict[str, np.ndarray] = {}  # what went into each residual in place, to undo on failure
         selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -205,7 +206,7 @@ class Encoder:
                 added.update(zip(dtypes, updates))
                 selected.update(zip(dtypes, parts))
             for name in dtypes:
-                g = None if name in fused else self._velocity_step(name, arrays[name], scale)
+                g = None if name in fused else self._velocity_step(name, arrays[name], scale, velocities)
                 if self.error_feedback:
                     r = self.residuals[name]
                     if name in selected:  # chosen with every tensor above
@@ -266,11 +267,12 @@ class Encoder:
             if correcting and _settle(correcting):
                 self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)
-            for name, before in replaced.items():  # a failed encode leaves no new residual either
-                if before is None:
-                    del self.residuals[name]
-                else:
-                    self.residuals[name] = before
+            for state, kept in ((self.residuals, replaced), (self.velocities, velocities)):
+                for name, before in kept.items():  # a failed encode leaves no new state either
+                    if before is None:
+                        del state[name]
+                    else:
+                        state[name] = before
             raise
         if self.error_feedback:
             self._take_out({name: v for name, v in sent.items() if name not in early}, -1.0)
@@ -321,15 +323,21 @@ class Encoder:
             g *= np.float32(scale)
         return g
 
-    def _velocity_step(self, name: str, arr: np.ndarray, scale: Optional[float]) -> Optional[np.ndarray]:
+    def _velocity_step(
+        self, name: str, arr: np.ndarray, scale: Optional[float], before: dict[str, Optional[np.ndarray]]
+    ) -> Optional[np.ndarray]:
         """With momentum, ``v = m * v + update`` and a copy of v to send; else the clipped
-        float32 update, or None when the update can be added as it is."""
+        float32 update, or None when the update can be added as it is. The new velocity is a
+        new array, the old one kept in ``before`` (None: there was none), for a failed encode
+        to put back: a NaN update would otherwise stay in the velocity and fail every encode
+        after it."""
         if self.momentum is None:
             return self._float32(arr, scale) if scale is not None else None
         g = self._float32(arr, scale)
         v = self.velocities.get(name)
+        before.setdefault(name, v)
         if v is not None and v.shape == g.shape:
-            v *= np.float32(self.momentum)
+            v = np.multiply(v, np.float32(self.momentum))
             v += g
         else:
             v = g.copy()
