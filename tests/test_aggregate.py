@@ -632,6 +632,7 @@ def test_a_weight_beyond_float32_is_refused_for_float32_sums() -> None:
         lambda agg: agg.add_many([payload, payload], [1.0, 1e300]),
         lambda agg: agg.add_update({"w": np.ones(10, np.float32)}, 4e38),
         lambda agg: agg.mean_of([payload], [1e39]),
+        lambda agg: agg.add(payload, 1e-46),  # rounds to 0 in float32, yet would count in the total
     ):
         agg = fp.Aggregator()
         with pytest.raises(ValueError, match="beyond float32's range"):

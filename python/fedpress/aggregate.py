@@ -46,6 +46,7 @@ from .format.values import quantized_parts, unchecked_quantized_parts
 __all__ = ["Aggregator"]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def _add_scaled(acc: np.ndarray, values: np.ndarray, weight: float) -> None:
@@ -294,15 +295,17 @@ class Aggregator:
 
     def _weight(self, weight: Any, what: str) -> float:
         """A payload's weight as a float: ValueError unless it is finite, >= 0 and, for
-        float32 sums, within float32's range (the sums are multiplied by it in float32,
-        where a larger one would turn them into infinities and NaN)."""
+        float32 sums, 0 or within float32's range (the sums are multiplied by it in float32,
+        where a larger one would turn them into infinities and NaN, and a positive one that
+        rounds to 0 would add nothing while counting in the total: a NaN mean)."""
         w = float(weight)
         if not np.isfinite(w) or w < 0:
             raise ValueError(f"{what} must be finite and >= 0, got {weight!r}")
-        if self.dtype == np.float32 and w > _FLOAT32_MAX:
+        if self.dtype == np.float32 and (w > _FLOAT32_MAX or (w > 0 and np.float32(w) == 0)):
             raise ValueError(
-                f"{what} is {w:.3g}, beyond float32's range ({_FLOAT32_MAX:.3g}), the dtype of this "
-                "aggregator's sums: scale the weights down, or use Aggregator(dtype=np.float64)"
+                f"{what} is {w:.3g}, beyond float32's range ({_FLOAT32_TINY:.3g} to {_FLOAT32_MAX:.3g}), the "
+                "dtype of this aggregator's sums (a smaller one would count in the total and add nothing): "
+                "scale the weights, or use Aggregator(dtype=np.float64)"
             )
         return w
 
