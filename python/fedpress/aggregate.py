@@ -276,6 +276,10 @@ class Aggregator:
     aggregator read payloads encoded with ``table="digest"`` from the first one on.
     Without it the aggregator learns the table from the first payload that carries
     one, and then reads digest payloads that match it.
+
+    A weight (an example count, say) must be finite and >= 0; with float32 sums, also
+    0 or within float32's range, since the sums are multiplied by it in float32
+    (ValueError otherwise, naming ``dtype=np.float64``, which takes any).
     """
 
     def __init__(self, dtype: Any = np.float32, limits: Limits = DEFAULT_LIMITS, table: Any = None) -> None:
