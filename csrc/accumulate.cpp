@@ -206,35 +206,45 @@ const float* code_levels(int bits) {
   return tables[static_cast<std::size_t>(bits)].data();
 }
 
-// The code of entry i of a quantized stream (bits divides 8: no code straddles a byte).
-inline unsigned code_at(const StreamUpdate& u, std::uint64_t i) {
-  const std::uint64_t bit = i * static_cast<std::uint64_t>(u.bits);
-  return (u.values[bit >> 3] >> (bit & 7)) & ((1u << u.bits) - 1);
+// The code of entry i of a quantized stream of `bits`-bit codes (bits divides 8: no code
+// straddles a byte).
+inline unsigned code_at(const std::uint8_t* codes, std::uint64_t i, unsigned bits) {
+  const std::uint64_t bit = i * bits;
+  return (codes[bit >> 3] >> (bit & 7)) & ((1u << bits) - 1);
 }
 
 // Entry i's value as dequantize writes it (weight 1: the same bits): its scale times its
 // code's level.
 inline float code_value(float scale, const float* levels, unsigned code) { return 1.0f * (scale * levels[code]); }
 
-// add_run_of for codes of B bits: the scale changes at bucket edges only, found once per
-// run, not divided out per entry.
+// The scale of the entries of a quantized stream visited in ascending order: it changes at
+// bucket edges only, found there, not divided out per entry.
+class BucketScale {
+ public:
+  explicit BucketScale(const StreamUpdate& u) : scales_(u.scales), bucket_(u.bucket) {}
+  float of(std::uint64_t i) {
+    if (i >= end_) {
+      const std::uint64_t b = i / bucket_;
+      end_ = (b + 1) * bucket_;
+      scale_ = scales_[b];
+    }
+    return scale_;
+  }
+
+ private:
+  const float* scales_;
+  std::uint64_t bucket_, end_ = 0;
+  float scale_ = 0.0f;
+};
+
+// add_run_of for codes of B bits (a constant: the shifts and masks fold).
 template <int B>
 void add_coded_run(float* acc, const StreamUpdate& u, std::uint64_t at, const std::uint32_t* idx, unsigned count) {
   const float w = u.weight;
   const float* levels = code_levels(B);
-  std::uint64_t bucket = at / u.bucket, bucket_end = (bucket + 1) * u.bucket;
-  float scale = u.scales[bucket];
-  for (unsigned j = 0; j < count; ++j) {
-    const std::uint64_t i = at + j;
-    if (i >= bucket_end) {
-      bucket = i / u.bucket;
-      bucket_end = (bucket + 1) * u.bucket;
-      scale = u.scales[bucket];
-    }
-    const std::uint64_t bit = i * B;
-    const unsigned code = (u.values[bit >> 3] >> (bit & 7)) & ((1u << B) - 1);
-    acc[idx[j]] += w * code_value(scale, levels, code);
-  }
+  BucketScale scale(u);
+  for (unsigned j = 0; j < count; ++j)
+    acc[idx[j]] += w * code_value(scale.of(at + j), levels, code_at(u.values, at + j, B));
 }
 
 // acc[idx[j]] += w * (the value of entry at + j) for a run of count entries of stream u.
@@ -273,6 +283,7 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
       RiceCursor& cursor = cursors[c];
       if (ahead) {
         const float* levels = u.bits != 0 ? code_levels(u.bits) : nullptr;
+        BucketScale scale(u);
         cursor.run_below_touching(
             hi, static_cast<unsigned>(kAhead),
             [&](std::uint64_t i, std::uint64_t x) {
@@ -280,7 +291,7 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
               if (levels == nullptr)
                 std::memcpy(&v, u.values + 4 * i, 4);
               else
-                v = code_value(u.scales[i / u.bucket], levels, code_at(u, i));
+                v = code_value(scale.of(i), levels, code_at(u.values, i, static_cast<unsigned>(u.bits)));
               acc[x] += u.weight * v;
             },
             [&](std::uint64_t x) { prefetch_for_write(acc + x); });

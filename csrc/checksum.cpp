@@ -49,47 +49,46 @@ std::uint32_t crc_portable(const std::uint8_t* p, std::size_t n, std::uint32_t c
   return crc;
 }
 
-// Combining CRCs (zlib's crc32_combine, for this polynomial): the CRC register is
-// linear over GF(2), so crc(A || B) is crc(A) advanced over |B| zero bytes, XOR
-// crc(B). Advancing multiplies by a 32x32 bit matrix, squared per doubling.
-std::uint32_t gf2_times(const std::uint32_t* mat, std::uint32_t vec) {
-  std::uint32_t sum = 0;
-  for (; vec != 0; vec >>= 1, ++mat)
-    if (vec & 1u) sum ^= *mat;
-  return sum;
-}
+// Advancing a CRC register (zlib's crc32_combine, for this polynomial): the register is
+// linear over GF(2), and advancing it over k zero bits multiplies it by x^k mod P, so
+// crc(A || B) is crc(A) times x^(8 |B|) mod P, XOR crc(B). Registers hold x^e in bit 31 - e.
 
-void gf2_square(std::uint32_t* square, const std::uint32_t* mat) {
-  for (int n = 0; n < 32; ++n) square[n] = gf2_times(mat, mat[n]);
-}
-
-// The operator that advances a CRC register over `len` zero bytes.
-std::array<std::uint32_t, 32> zeros_operator(std::size_t len) {
-  std::array<std::uint32_t, 32> result{}, odd{}, even{};
-  for (int n = 0; n < 32; ++n) result[n] = std::uint32_t{1} << n;  // identity
-  odd[0] = kPoly;  // one zero bit
-  for (int n = 1; n < 32; ++n) odd[n] = std::uint32_t{1} << (n - 1);
-  gf2_square(even.data(), odd.data());  // two zero bits
-  gf2_square(odd.data(), even.data());  // four
-  std::array<std::uint32_t, 32> tmp{};
-  for (; len != 0; len >>= 1) {
-    gf2_square(even.data(), odd.data());  // one zero byte, then two, four, ...
-    if (len & 1u) {
-      for (int n = 0; n < 32; ++n) tmp[n] = gf2_times(even.data(), result[n]);
-      result = tmp;
+// a * b mod P, bit by bit (zlib's multmodp).
+std::uint32_t times_mod(std::uint32_t a, std::uint32_t b) {
+  std::uint32_t product = 0;
+  for (std::uint32_t m = 0x80000000u; m != 0 && a != 0; m >>= 1) {
+    if (a & m) {
+      product ^= b;
+      a ^= m;
     }
-    odd = even;
+    b = (b >> 1) ^ (kPoly & (0u - (b & 1u)));
   }
-  return result;
+  return product;
 }
 
-// Byte-sliced tables of one zeros_operator: advancing costs four lookups.
+// The product of x^(2^(i + first)) mod P over the set bits i of `value`: x^(value 2^first).
+// (first = 3: x^(8 value) for a byte count, without computing 8 value.)
+std::uint32_t x_pow_mod_scaled(std::size_t value, unsigned first) {
+  static const std::array<std::uint32_t, 67> powers = [] {  // x^(2^k) mod P, squared from x^1
+    std::array<std::uint32_t, 67> t{};
+    t[0] = 0x40000000u;
+    for (std::size_t k = 1; k < t.size(); ++k) t[k] = times_mod(t[k - 1], t[k - 1]);
+    return t;
+  }();
+  std::uint32_t r = 0x80000000u;  // x^0
+  for (unsigned k = first; value != 0; value >>= 1, ++k)
+    if (value & 1u) r = times_mod(powers[k], r);
+  return r;
+}
+
+// Byte-sliced tables of one advance over `len` zero bytes: four lookups instead of a
+// multiplication, for the lengths a checksum combines over and over.
 struct Shift {
   std::array<std::array<std::uint32_t, 256>, 4> t{};
   explicit Shift(std::size_t len) {
-    const std::array<std::uint32_t, 32> op = zeros_operator(len);
+    const std::uint32_t op = x_pow_mod_scaled(len, 3);
     for (std::uint32_t n = 0; n < 256; ++n)
-      for (int b = 0; b < 4; ++b) t[b][n] = gf2_times(op.data(), n << (8 * b));
+      for (int b = 0; b < 4; ++b) t[b][n] = times_mod(op, n << (8 * b));
   }
   std::uint32_t operator()(std::uint32_t crc) const {
     return t[0][crc & 0xFF] ^ t[1][(crc >> 8) & 0xFF] ^ t[2][(crc >> 16) & 0xFF] ^ t[3][crc >> 24];
@@ -170,13 +169,8 @@ bool have_sse42() {
 // r << 32 is x r. The multiplier for H (for L) is therefore the register of
 // x^(bits + 63) (of x^(bits - 1)) mod P, shifted left by 32.
 
-// x^k mod P as a CRC register (x^e in bit 31 - e): the register that 1 (x^0, bit 31)
-// becomes over k zero bits.
-std::uint32_t x_pow_mod(std::size_t k) {
-  std::uint32_t r = gf2_times(zeros_operator(k / 8).data(), 0x80000000u);
-  for (std::size_t i = 0; i < k % 8; ++i) r = (r >> 1) ^ (kPoly & (0u - (r & 1u)));
-  return r;
-}
+// x^k mod P: the register that 1 (x^0, bit 31) becomes over k zero bits.
+std::uint32_t x_pow_mod(std::size_t k) { return x_pow_mod_scaled(k, 0); }
 
 // The multipliers moving a 16-byte block forward, for its low qword and its high qword,
 // once per lane of a 64-byte vector. (Loaded, not broadcast: GCC 12's -Wuninitialized
@@ -369,36 +363,7 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t size, std::uint32_t c
   return crc32c_with_jobs(data, size, {}, crc);
 }
 
-namespace {
-
-// a * b mod P, CRC registers both (x^e in bit 31 - e), bit by bit (zlib's multmodp).
-std::uint32_t times_mod(std::uint32_t a, std::uint32_t b) {
-  std::uint32_t product = 0;
-  for (std::uint32_t m = 0x80000000u; m != 0 && a != 0; m >>= 1) {
-    if (a & m) {
-      product ^= b;
-      a ^= m;
-    }
-    b = (b >> 1) ^ (kPoly & (0u - (b & 1u)));
-  }
-  return product;
-}
-
-}  // namespace
-
-std::uint32_t crc32c_shift(std::size_t size_b) {
-  // x^(2^k) mod P for k up to the bits of 8 * size: squared from x^1.
-  static const std::array<std::uint32_t, 67> powers = [] {
-    std::array<std::uint32_t, 67> t{};
-    t[0] = 0x40000000u;  // x^1
-    for (std::size_t k = 1; k < t.size(); ++k) t[k] = times_mod(t[k - 1], t[k - 1]);
-    return t;
-  }();
-  std::uint32_t shift = 0x80000000u;  // x^0
-  for (std::size_t k = 3; size_b != 0; size_b >>= 1, ++k)  // x^(8 size_b): from bit 3 on
-    if (size_b & 1u) shift = times_mod(powers[k], shift);
-  return shift;
-}
+std::uint32_t crc32c_shift(std::size_t size_b) { return x_pow_mod_scaled(size_b, 3); }
 
 std::uint32_t crc32c_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint32_t shift_b) {
   // The conditioning (an all-ones start, the inverted result) cancels between the parts.

@@ -121,15 +121,26 @@ def index_stream(rec: TensorRecord, finite: bool = False) -> Any:
     them), q8/q4/q2/sign values added from their codes (the section's scales and padding
     checked first), fp16 and bf16 decoded first (finite by then)."""
     try:
-        if rec.value_code == "fp32":
-            return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, not finite)
-        if rec.value_code in _QUANTIZED_CODES:
-            body, scales, bits = quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
-            return _core.IndexStream.quantized(rec.index_data, rec.size, rec.count, body, scales, bits, rec.bucket)
-        values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)
-        return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False)
+        return _new_stream(rec, check_fp32=not finite, deferred=False)
     except DecodeError as exc:
         raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+
+
+def _new_stream(rec: TensorRecord, *, check_fp32: bool, deferred: bool) -> Any:
+    """The ``_core.IndexStream`` of a streamable tensor, checked now or (``deferred``) by
+    ``check_payloads``: fp32 values where they lie (checked finite with ``check_fp32``),
+    quantized codes added as they lie (their scales and padding checked here in the
+    decoder's words, or deferred with the stream), fp16 and bf16 decoded first."""
+    if rec.value_code in _QUANTIZED_CODES:
+        parts = unchecked_quantized_parts if deferred else quantized_parts
+        body, scales, bits = parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+        return _core.IndexStream.quantized(
+            rec.index_data, rec.size, rec.count, body, scales, bits, rec.bucket, deferred=deferred
+        )
+    if rec.value_code == "fp32":
+        return _core.IndexStream(rec.index_data, rec.size, rec.count, rec.value_data, check_fp32, deferred=deferred)
+    values = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket)  # finite by then
+    return _core.IndexStream(rec.index_data, rec.size, rec.count, values, False, deferred=deferred)
 
 
 def index_streams(records: Sequence[TensorRecord], finite: Collection[str] = ()) -> dict[int, Any]:
@@ -141,21 +152,10 @@ def index_streams(records: Sequence[TensorRecord], finite: Collection[str] = ())
     first one in order that fails are left out: ``index_stream`` of it raises the error, by
     name."""
     made: list[tuple[TensorRecord, Any]] = []
-    values: Any
     for rec in records:
         try:
-            if rec.value_code in _QUANTIZED_CODES:
-                body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
-                stream = _core.IndexStream.quantized(
-                    rec.index_data, rec.size, rec.count, body, scales, bits, rec.bucket, deferred=True
-                )
-            else:
-                if rec.value_code == "fp32":
-                    values, check = rec.value_data, rec.name not in finite
-                else:  # fp16, bf16: converted and checked one by one
-                    values, check = decode_values(rec.value_code, rec.value_data, rec.count, rec.bucket), False
-                stream = _core.IndexStream(rec.index_data, rec.size, rec.count, values, check, deferred=True)
-        except DecodeError:
+            stream = _new_stream(rec, check_fp32=rec.name not in finite, deferred=True)
+        except DecodeError:  # fp16, bf16: converted and checked one by one
             break
         made.append((rec, stream))
     # One item per stream: many items are checked one per thread.
