@@ -53,6 +53,9 @@ constexpr std::size_t code_bytes(std::size_t len, int bits) {
 // reference, never by value (that would change the ABI between clones), and
 // are forced inline: a clone's instruction set applies only to code inside it.
 // A last partial vector of a run is computed on a zero-padded copy.
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "the EDEN kernels are written with GCC/Clang vector extensions: build fedpress with GCC or Clang"
+#endif
 typedef float VF __attribute__((vector_size(32)));
 typedef std::int32_t VI __attribute__((vector_size(32)));
 typedef std::uint32_t VU __attribute__((vector_size(32)));

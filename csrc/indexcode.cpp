@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "bits.hpp"
 #include "rng.hpp"
 #include "varint.hpp"
 
@@ -141,7 +142,7 @@ class GolombDecoder {
     std::memcpy(&w, data_ + (pos_ >> 3), 8);  // little-endian hosts only (checked by the encoder)
     w >>= (pos_ & 7);
     if (w == 0) return false;
-    const unsigned z = static_cast<unsigned>(__builtin_ctzll(w));
+    const unsigned z = ctz64(w);
     if (z + 1 + b_ > 57) return false;  // 57 valid bits after the shift
     // The truncated-binary remainder without a branch on its value (which is random:
     // a branch there mispredicts about as often as not).
@@ -174,7 +175,7 @@ class GolombDecoder {
       const std::uint64_t w = peek();
       const std::uint64_t left = total() - pos_;
       if (w != 0) {
-        const std::uint64_t z = static_cast<std::uint64_t>(__builtin_ctzll(w));
+        const std::uint64_t z = std::uint64_t{ctz64(w)};
         if (z >= left) require(z + 1, "unary quotient");
         q += z;
         pos_ += z + 1;

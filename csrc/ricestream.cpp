@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bits.hpp"
 #include "dispatch.hpp"
 #include "indexcode.hpp"
 #include "parallel.hpp"
@@ -24,26 +25,6 @@
 
 namespace fedpress {
 namespace {
-
-FEDPRESS_INLINE unsigned ctz64(std::uint64_t w) {  // w != 0
-#if defined(__GNUC__) || defined(__clang__)
-  return static_cast<unsigned>(__builtin_ctzll(w));
-#else
-  unsigned z = 0;
-  for (; !(w & 1); w >>= 1) ++z;
-  return z;
-#endif
-}
-
-FEDPRESS_INLINE unsigned popcount64(std::uint64_t w) {
-#if defined(__GNUC__) || defined(__clang__)
-  return static_cast<unsigned>(__builtin_popcountll(w));
-#else
-  unsigned c = 0;
-  for (; w; w &= w - 1) ++c;
-  return c;
-#endif
-}
 
 // 8 bytes from p (fewer, zero-filled, when end - p < 8: the stream's last bytes).
 FEDPRESS_INLINE std::uint64_t load8(const std::uint8_t* p, const std::uint8_t* end) {

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "bits.hpp"
 #include "parallel.hpp"
 #include "rng.hpp"
 #include "simd.hpp"
@@ -701,7 +702,7 @@ std::vector<std::uint32_t> randomk_indices(std::size_t n, std::size_t k, std::ui
     std::uint64_t word = complement ? ~bitmap[w] : bitmap[w];
     if (w == bitmap.size() - 1 && (n & 63)) word &= (std::uint64_t{1} << (n & 63)) - 1;
     while (word) {
-      out.push_back(static_cast<std::uint32_t>(w * 64 + static_cast<std::size_t>(__builtin_ctzll(word))));
+      out.push_back(static_cast<std::uint32_t>(w * 64 + std::size_t{ctz64(word)}));
       word &= word - 1;
     }
   }

@@ -37,7 +37,7 @@ from .format.decoding import (
 from .format.eden import EdenSection, eden_unrotate
 from .format.errors import DecodeError, out_of_memory_as_decode_error
 from .format.intcodes import IntLevels, IntSection
-from .format.limits import DEFAULT_LIMITS, Limits
+from .format.limits import DEFAULT_LIMITS, MAX_INT_WEIGHT, Limits
 from .format.reader import output_dtype, parse
 from .format.registry import FLAG_ZSTD, KIND_DENSE, KIND_RAW, KIND_SPARSE, KIND_SPARSE_SEEDED
 from .format.tables import CheckedTable, table_difference, table_entries
@@ -190,7 +190,7 @@ class _IntSum:
         if sec.modular:
             unit = weight / sec.weight
         else:
-            unit = 1.0 if float(weight).is_integer() and 0 <= weight < 2**32 else weight
+            unit = 1.0 if float(weight).is_integer() and 0 <= weight <= MAX_INT_WEIGHT else weight
         return cls(sec.levels, sec.width, sec.masked, np.zeros(sec.count, np.uint64), unit, support=support)
 
     def key(self) -> tuple:
@@ -220,7 +220,7 @@ class _IntSum:
                 )
         elif weight == self.unit:
             k = 1
-        elif self.unit == 1.0 and float(weight).is_integer() and 0 <= weight < 2**32:
+        elif self.unit == 1.0 and float(weight).is_integer() and 0 <= weight <= MAX_INT_WEIGHT:
             k = int(weight)
         else:
             raise ValueError(

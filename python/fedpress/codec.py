@@ -59,7 +59,7 @@ from .format.intcodes import (
     modulus_bits,
     parse_int,
 )
-from .format.limits import MAX_ROTATION_BLOCK
+from .format.limits import DEFAULT_ROTATION_BLOCK, MAX_CODEC_BUCKET, MAX_INT_WEIGHT, MAX_ROTATION_BLOCK
 from .format.registry import (
     EDEN_BITS,
     KIND_DENSE,
@@ -268,7 +268,13 @@ class Codec:
     """
 
     def __init__(
-        self, spec: str, *, per_tensor: bool = False, bucket: int = 512, rht_block: int = 1 << 16, table: str = "inline"
+        self,
+        spec: str,
+        *,
+        per_tensor: bool = False,
+        bucket: int = 512,
+        rht_block: int = DEFAULT_ROTATION_BLOCK,
+        table: str = "inline",
     ) -> None:
         if table not in TABLE_FORMS:
             raise ValueError(f"table must be one of {', '.join(map(repr, TABLE_FORMS))}, got {table!r}")
@@ -276,8 +282,8 @@ class Codec:
         self.spec = parse_spec(spec)
         self.per_tensor = bool(per_tensor)
         self.bucket = ops._bucket(bucket)
-        if self.bucket > (1 << 24):
-            raise ValueError(f"bucket must be <= 2**24, got {bucket}")
+        if self.bucket > MAX_CODEC_BUCKET:
+            raise ValueError(f"bucket must be <= {MAX_CODEC_BUCKET} (2**24), got {bucket}")
         if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > MAX_ROTATION_BLOCK:
             raise ValueError(f"rht_block must be a power of two <= 2**24, got {rht_block}")
         self.rht_block = int(rht_block)
@@ -353,7 +359,11 @@ class Codec:
         if mask is not None:
             if not self.spec.int_bits:
                 raise ValueError(f"mask is for intB values (secure aggregation), the spec is {self.spec}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 1 <= weight < 2**32:
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, np.integer))
+                or not 1 <= weight <= MAX_INT_WEIGHT
+            ):
                 raise ValueError(f"weight must be an integer in [1, 2^32), got {weight!r}")
             if (self.spec.sparsifier is not None and not self.spec.shared_support) or selected is not None:
                 raise ValueError(

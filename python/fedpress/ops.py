@@ -22,6 +22,7 @@ from ._arrays import MAX_ELEMENTS as _MAX_LEN
 from ._arrays import as_float32 as _as_float32
 from ._arrays import is_torch_tensor as _is_torch_tensor
 from ._arrays import torch_to_numpy as _torch_to_numpy
+from .format.limits import DEFAULT_ROTATION_BLOCK, MAX_ROTATION_BLOCK
 
 __all__ = [
     "topk",
@@ -331,13 +332,12 @@ def dequantize(
 
 
 # ----------------------------------------------------------------- rotation --
-_RHT_BLOCK = 2**16
-_RHT_MAX_BLOCK = 2**24
+_RHT_BLOCK = DEFAULT_ROTATION_BLOCK
 
 
 def _rht_block(block: Any) -> int:
     value = _count(block, "block")
-    if not (1 <= value <= _RHT_MAX_BLOCK and value & (value - 1) == 0):
+    if not (1 <= value <= MAX_ROTATION_BLOCK and value & (value - 1) == 0):
         raise ValueError(f"block must be a power of two in [1, 2**24], got {value}")
     return value
 
@@ -398,7 +398,7 @@ def fwht(x: ArrayLike, block: Optional[int] = None) -> ArrayLike:
         size = arr.size
         if size & (size - 1):
             raise ValueError(f"x must have a power-of-two length when block is None, got {size}")
-        if size > _RHT_MAX_BLOCK:
+        if size > MAX_ROTATION_BLOCK:
             raise ValueError(f"x has {size} elements, beyond one block of 2**24: pass block")
         b = max(1, size)
     else:
@@ -627,7 +627,7 @@ def encode_indices(indices: ArrayLike, n: int, *, version: int = 2) -> bytes:
     """
     idx = _as_indices(indices, "indices", error=ValueError)
     n = _count(n, "n")
-    if n > 2**32:
+    if n > _MAX_LEN + 1:  # indices < n fit in 32 bits
         raise ValueError(f"n must be <= 2**32, got {n}")
     return _core.encode_indices(idx, n, _stream_version(version))
 
@@ -660,7 +660,7 @@ def decode_indices(
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise TypeError(f"buf must be bytes-like, got {type(buf).__name__}")
     n = _count(n, "n")
-    if n > 2**32:
+    if n > _MAX_LEN + 1:  # indices < n fit in 32 bits
         raise ValueError(f"n must be <= 2**32, got {n}")
     limit = n if max_count is None else _count(max_count, "max_count")
     return _core.decode_indices(memoryview(buf).cast("B"), n, limit, out, _stream_version(version))

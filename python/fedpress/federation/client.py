@@ -41,6 +41,7 @@ from .._seeds import PURPOSE_PAYLOAD, derive_seed
 from ..codec import parse_spec
 from ..encoder import Encoder
 from ..format import decode
+from ..format.limits import MAX_INT_WEIGHT
 from ..privacy import clip_update
 from ..secagg import SecAggClient, SecAggError
 from . import protocol as P
@@ -89,7 +90,7 @@ def _secure_weight(config: Any, num_examples: int) -> int:
         return 1
     cap = config.get("weight_cap")
     weight = num_examples if cap is None else min(num_examples, int(cap))
-    return max(1, min(int(weight), 2**32 - 1))
+    return max(1, min(int(weight), MAX_INT_WEIGHT))
 
 
 class Client:

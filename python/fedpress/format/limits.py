@@ -14,6 +14,11 @@ __all__ = ["Limits", "DEFAULT_LIMITS", "EXPANSION_FLOOR"]
 MAX_NDIM = 255  # ndim is one byte
 MAX_ROTATION_BLOCK = 1 << 24  # the largest Hadamard block a rotated entry may declare
 MAX_BUCKET = (1 << 32) - 1  # the largest quantization bucket an entry may declare
+MAX_INT_WEIGHT = (1 << 32) - 1  # an intB section's weight is a u32
+
+# What the writers choose within those bounds (the codec's defaults and caps).
+DEFAULT_ROTATION_BLOCK = 1 << 16  # the Hadamard block of rht/eden/intB codecs and of ops.rht
+MAX_CODEC_BUCKET = 1 << 24  # the largest bucket a Codec quantizes with
 
 
 @dataclass(frozen=True)
