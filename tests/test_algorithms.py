@@ -252,6 +252,24 @@ def test_client_downlink_lossless_spec_holds_the_global_model() -> None:
     assert dl.task_for("y", full_tag, True)[3] == []  # holds the exact global: an empty delta
 
 
+def test_downlink_delta_of_integer_tensors_saturates() -> None:
+    # Non-float tensors take the delta's values in their own dtype, saturating: the value
+    # a uint8 buffer is sent as cannot wrap around.
+    model = {"u8": np.array([3, 250], np.uint8), "w": np.array([1.0, 2.0], np.float32)}
+    delta = {"u8": np.array([-4, 300], np.int64), "w": np.array([0.5, -1.0], np.float32)}
+    out = apply_downlink_delta(model, delta)
+    assert out["u8"].dtype == np.uint8 and out["u8"].tolist() == [0, 255]
+    assert out["w"].tolist() == [1.5, 1.0]
+    assert model["u8"].tolist() == [3, 250]  # new arrays: the held model is left as it was
+
+
+def test_downlink_delta_of_a_bfloat16_tensor() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # ml_dtypes' bfloat16 is a float tensor (kind "V")
+    model = {"bf": np.array([1.0, 2.0], ml_dtypes.bfloat16)}
+    out = apply_downlink_delta(model, {"bf": np.array([0.5, -1.0], np.float32)})
+    assert out["bf"].dtype == model["bf"].dtype and out["bf"].astype(np.float32).tolist() == [1.5, 1.0]
+
+
 def test_client_downlink_retries_fallbacks_and_memory_bound() -> None:
     rng = np.random.default_rng(1)
     params = canonical({"w": rng.standard_normal(400).astype(np.float32)})

@@ -368,6 +368,45 @@ def test_set_params_mismatch_errors_leave_model_unchanged():
         ft.set_params(model, ft.get_params(ft.make_model("mnist")))
 
 
+def test_set_params_converts_each_value_as_an_update_is_converted():
+    # Into each tensor's own dtype through _update_math.to_dtype: integers saturate and
+    # round (no wrap-around), bools threshold at 0.5, float64 keeps its precision,
+    # bfloat16 tensors are accepted, NaN for an integer tensor is refused by name.
+    torch = _torch()
+    model = torch.nn.Module()
+    buffers = {
+        "u8": torch.zeros(3, dtype=torch.uint8),
+        "i16": torch.zeros(2, dtype=torch.int16),
+        "f64": torch.zeros(1, dtype=torch.float64),
+        "bf": torch.zeros(2, dtype=torch.bfloat16),
+        "flag": torch.zeros(2, dtype=torch.bool),
+    }
+    for name, value in buffers.items():
+        model.register_buffer(name, value)
+    params = {
+        "u8": np.array([-1.0, 256.0, 3.6]),
+        "i16": np.array([40000, -40000], np.int64),
+        "f64": np.array([0.1]),
+        "bf": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "flag": np.array([0.2, 0.9]),
+    }
+    ft.set_params(model, params)
+    state = model.state_dict()
+    assert state["u8"].tolist() == [0, 255, 4]
+    assert state["i16"].tolist() == [32767, -32768]
+    assert state["f64"].item() == 0.1  # not rounded through float32
+    assert state["bf"].tolist() == [1.5, -2.0]
+    assert state["flag"].tolist() == [False, True]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad, match in (
+        ({**params, "u8": np.array([np.nan, 1.0, 2.0])}, r"u8: NaN or infinity has no value as uint8"),
+        ({**params, "i16": np.array(["a", "b"])}, r"i16: .*unsupported dtype"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ft.set_params(model, bad)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_integer_buffers():
     torch = _torch()
     torch.manual_seed(0)

@@ -43,10 +43,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-__all__ = ["delta_dtype", "update_table", "to_dtype", "subtract", "add", "unchanged", "scale"]
+__all__ = ["is_floating", "delta_dtype", "update_table", "to_dtype", "subtract", "add", "unchanged", "scale"]
 
 _FLOAT16_MAX = 65504.0
 _INT64 = np.iinfo(np.int64)
+
+
+def is_floating(dtype: DTypeLike) -> bool:
+    """Whether tensors of ``dtype`` take float updates: numpy's floats and ml_dtypes'
+    bfloat16 (whose kind is "V", not "f")."""
+    dt = np.dtype(dtype)
+    return dt.kind == "f" or dt.name == "bfloat16"
 
 
 def delta_dtype(dtype: DTypeLike) -> np.dtype:
@@ -59,7 +66,7 @@ def delta_dtype(dtype: DTypeLike) -> np.dtype:
         return np.dtype(np.int64)
     if dt == np.float64:
         return dt
-    if dt.kind == "f" or dt.name == "bfloat16":  # ml_dtypes' bfloat16 has kind "V"
+    if is_floating(dt):
         return np.dtype(np.float32)
     raise TypeError(f"no update arithmetic for dtype {dt}; expected a floating, integer or bool dtype")
 

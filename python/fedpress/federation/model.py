@@ -69,7 +69,7 @@ import numpy as np
 
 from .._arrays import to_numpy
 from .._seeds import PURPOSE_DOWNLINK, derive_seed
-from .._update_math import add, delta_dtype, subtract, to_dtype, unchanged, update_table
+from .._update_math import add, delta_dtype, is_floating, subtract, to_dtype, unchanged, update_table
 from ..codec import Codec
 from ..format import decode
 from .protocol import TAG_BYTES, new_tag
@@ -139,7 +139,7 @@ def decode_params(payload: Any) -> dict[str, np.ndarray]:
 def make_downlink_delta(target: Mapping[str, np.ndarray], replica: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What brings the clients' ``replica`` to ``target``: the float differences
     (``target - replica``) for float tensors, the target values for the others."""
-    return {k: subtract(t, replica[k]) if t.dtype.kind == "f" else t for k, t in target.items()}
+    return {k: subtract(t, replica[k]) if is_floating(t.dtype) else t for k, t in target.items()}
 
 
 def apply_downlink_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,10 +155,10 @@ def apply_downlink_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np
         d = delta[k]
         if d.shape != m.shape:
             raise ValueError(f"downlink delta for {k!r} has shape {d.shape}, the model {m.shape}")
-        if m.dtype.kind == "f":
+        if is_floating(m.dtype):
             out[k] = to_dtype(add(m.astype(np.float32, copy=False), d), m.dtype)
-        else:
-            out[k] = d.astype(m.dtype)
+        else:  # saturating, as every conversion of an update (a uint8 given 256 stays 255)
+            out[k] = to_dtype(d, m.dtype)
     return out
 
 
@@ -247,7 +247,7 @@ class ServerOptimizer:
             return apply_update(params, mean, lr)
         moved = dict(mean)
         for k, g in params.items():
-            if g.dtype.kind != "f":
+            if not is_floating(g.dtype):
                 continue
             work = np.float64 if g.dtype == np.float64 else np.float32
             m = self.buffers.get(k)

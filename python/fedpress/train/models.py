@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from .._arrays import to_numpy
+from .._update_math import to_dtype
 from ._deps import require_torch
 from .mlp import MLP
 
@@ -73,8 +75,12 @@ def init_params(task: str, seed: int = 0) -> dict[str, np.ndarray]:
 def set_params(model: torch.nn.Module, params: Mapping[str, Any]) -> None:
     """Copy ``params`` (name -> numpy array or tensor) into the model, in place.
 
-    The names must be exactly the state_dict's and every shape must match;
-    otherwise ValueError lists the differences and the model is left unchanged."""
+    The names must be exactly the state_dict's and every shape must match. Each value
+    goes into its tensor's own dtype as an update would (``fedpress._update_math``):
+    into integers rounded and clamped to the dtype's range (a uint8 given -1 is 0, not
+    255), into bools True above 0.5, floats at their own precision (bfloat16 tensors
+    and arrays accepted). Otherwise (a NaN for an integer tensor, a non-numeric value)
+    ValueError lists every difference and the model is left unchanged."""
     if isinstance(model, MLP):
         model.set_params(params)
         return
@@ -92,26 +98,26 @@ def set_params(model: torch.nn.Module, params: Mapping[str, Any]) -> None:
     converted = {}
     bad = []
     for name, target in state.items():
-        value = params[name]
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        arr = np.asarray(value)
+        try:
+            arr, _ = to_numpy(name, params[name])  # torch (bfloat16 too), numpy or nested lists
+        except TypeError as exc:
+            bad.append(f"{name}: {exc}")
+            continue
         if tuple(arr.shape) != tuple(target.shape):
             bad.append(f"{name}: got {tuple(arr.shape)}, model has {tuple(target.shape)}")
             continue
-        if target.is_floating_point():
-            if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-                bad.append(f"{name}: dtype {arr.dtype} is not numeric")
-                continue
-            arr = np.array(arr, dtype=np.float32, copy=True)
-        else:
-            arr = np.array(arr, copy=True)
-            if np.issubdtype(arr.dtype, np.floating):
-                arr = np.rint(arr)
-            arr = arr.astype(np.int64)
+        # Into the tensor's own dtype as every update is converted (_update_math.to_dtype):
+        # integers and bools saturate and round, NaN into an integer is refused, floats
+        # keep their precision (a float64 buffer is not rounded through float32).
+        staged = np.float32 if target.dtype == torch.bfloat16 else str(target.dtype).replace("torch.", "", 1)
+        try:
+            arr = np.array(to_dtype(arr, staged), copy=True)
+        except (TypeError, ValueError) as exc:
+            bad.append(f"{name}: {exc}")
+            continue
         converted[name] = torch.from_numpy(arr)
     if bad:
-        raise ValueError("set_params: shape mismatch: " + "; ".join(bad))
+        raise ValueError("set_params: " + "; ".join(bad))
     with torch.no_grad():
         for name, target in state.items():
             target.copy_(converted[name].to(dtype=target.dtype, device=target.device))
