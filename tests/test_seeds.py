@@ -15,6 +15,7 @@ from fedpress._seeds import (
     PURPOSE_ROTATION,
     PURPOSE_SAMPLING,
     PURPOSE_SHUFFLE,
+    PURPOSE_TRAINING,
     PURPOSES,
     derive_seed,
 )
@@ -57,6 +58,18 @@ def test_training_and_downlink_seeds() -> None:
 
     assert round_seed(11, 2) == derive_seed(11, PURPOSE_SHUFFLE, 2) >> 1 < 2**63
     assert PURPOSE_DOWNLINK == "downlink"  # the downlink's seeds kept their values
+
+
+def test_client_training_seeds_never_collide() -> None:
+    # The seed client i trains from, one derivation for the command line's clients, the
+    # demo and the sweep: (seed 0, client 1000) and (seed 1, client 0), which an earlier
+    # seed * 1000 + i gave the same seed, differ.
+    from fedpress.sweep.simulate import _client_seed
+
+    assert _client_seed(3, 7) == derive_seed(3, PURPOSE_TRAINING, 7)
+    seeds = {_client_seed(seed, i) for seed in range(3) for i in range(2000)}
+    assert len(seeds) == 3 * 2000
+    assert _client_seed(0, 1000) != _client_seed(1, 0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from fedpress import cli  # noqa: E402
+from fedpress._seeds import PURPOSE_TRAINING, derive_seed  # noqa: E402
 from fedpress.federation import Client, Server  # noqa: E402
 from fedpress.sweep import Settings, SweepError, SweepTask, builtin_task, parse_cell, run_sweep, simulate  # noqa: E402
 from fedpress.sweep.report import cell_summaries, run_summary  # noqa: E402
@@ -166,7 +167,10 @@ def test_accuracy_matches_an_independent_evaluation(digits):
     params = get_params(digits.model_fn(1))
     for r in (1, 2):
         sampled = sample_clients(1, r, range(len(ids)), 2)
-        updates = [trainer.train(params, digits.train.subset(shares[i]), 1 * 1000 + int(i), r) for i in sampled]
+        updates = [
+            trainer.train(params, digits.train.subset(shares[i]), derive_seed(1, PURPOSE_TRAINING, int(i)), r)
+            for i in sampled
+        ]
         total = sum(n for _, n, _ in updates)
         params = {
             k: (v + sum(u[k].astype(np.float64) * n for u, n, _ in updates) / total).astype(np.float32)
@@ -219,7 +223,7 @@ def _federation(task: SweepTask, cell_text: str, seed: int, s: Settings):
         data = task.train.subset(shares[i])
 
         def train_fn(params, config):
-            update, n, loss = trainer.train(params, data, seed * 1000 + i, int(config["round"]))
+            update, n, loss = trainer.train(params, data, derive_seed(seed, PURPOSE_TRAINING, i), int(config["round"]))
             return update, n, client_metrics(loss)
 
         return train_fn

@@ -40,6 +40,7 @@ __all__ = [
     "PURPOSE_SAMPLING",
     "PURPOSE_SHUFFLE",
     "PURPOSE_SECAGG",
+    "PURPOSE_TRAINING",
 ]
 
 #: One sender's payload: (client id, round) in a federation and its sweep, (node id,
@@ -57,9 +58,20 @@ PURPOSE_SHUFFLE = "shuffle"
 #: The public seed of a round's secure aggregation graph: (round). The masks themselves
 #: come from key agreement and the OS's randomness, never from a seed.
 PURPOSE_SECAGG = "secagg"
+#: A client's local training, the seed its train_fn starts from (example order, dropout):
+#: (client index), in the command line's clients, the demo and the sweep alike.
+PURPOSE_TRAINING = "training"
 
 PURPOSES = frozenset(
-    {PURPOSE_PAYLOAD, PURPOSE_DOWNLINK, PURPOSE_ROTATION, PURPOSE_SAMPLING, PURPOSE_SHUFFLE, PURPOSE_SECAGG}
+    {
+        PURPOSE_PAYLOAD,
+        PURPOSE_DOWNLINK,
+        PURPOSE_ROTATION,
+        PURPOSE_SAMPLING,
+        PURPOSE_SHUFFLE,
+        PURPOSE_SECAGG,
+        PURPOSE_TRAINING,
+    }
 )
 
 _MASK64 = (1 << 64) - 1

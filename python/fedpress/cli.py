@@ -747,6 +747,7 @@ def _run_client(args: argparse.Namespace) -> int:
     import asyncio
     import ssl
 
+    from ._seeds import PURPOSE_TRAINING, derive_seed
     from .federation import AuthenticationError, Client, FederationError, client_context, parse_address
     from .train import client_partition, get_params, make_train_fn
 
@@ -784,7 +785,12 @@ def _run_client(args: argparse.Namespace) -> int:
             args.connect,
             token=_read_token(args.token_file),
             train_fn=make_train_fn(
-                task, part, epochs=args.epochs, lr=args.lr, momentum=args.momentum, seed=args.seed * 1000 + index
+                task,
+                part,
+                epochs=args.epochs,
+                lr=args.lr,
+                momentum=args.momentum,
+                seed=derive_seed(args.seed, PURPOSE_TRAINING, index),
             ),
             codec=args.codec,
             error_feedback=args.ef == "on",

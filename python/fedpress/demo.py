@@ -90,6 +90,7 @@ async def _one_run(
     data_dir: Optional[str],
     show_progress: bool,
 ) -> dict[str, Any]:
+    from ._seeds import PURPOSE_TRAINING, derive_seed
     from .federation import Client, Server
     from .sweep.cell import parse_cell
     from .train import client_partition, get_params, make_evaluate_fn, make_train_fn
@@ -141,7 +142,9 @@ async def _one_run(
     client_tasks = []
     for i in range(clients):
         part = client_partition(train, i, clients, scheme="iid", seed=seed)
-        train_fn = make_train_fn(spec, part, epochs=epochs, lr=lr, momentum=0.9, seed=seed * 1000 + i)
+        train_fn = make_train_fn(
+            spec, part, epochs=epochs, lr=lr, momentum=0.9, seed=derive_seed(seed, PURPOSE_TRAINING, i)
+        )
         options = cell.encoder_options()
         table = options.pop("table", None)
         c = Client(

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .._seeds import PURPOSE_PAYLOAD, derive_seed
+from .._seeds import PURPOSE_PAYLOAD, PURPOSE_TRAINING, derive_seed
 from .._update_math import update_table
 from ..aggregate import Aggregator
 from ..encoder import Encoder
@@ -213,7 +213,8 @@ def _secure_unmask(sa: SecureRound, state: Mapping[str, SecAggClient]) -> np.nda
 
 
 def _client_seed(seed: int, index: int) -> int:
-    return seed * 1000 + index
+    """The seed client ``index`` trains from, as the command line's client derives it."""
+    return derive_seed(seed, PURPOSE_TRAINING, index)
 
 
 def _optional_torch() -> Optional[ModuleType]:
