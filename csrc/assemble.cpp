@@ -13,6 +13,7 @@
 #include "eden.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
+#include "ricestream.hpp"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "assemble.cpp copies float32 scales as the payload's little-endian bytes"
@@ -82,6 +83,10 @@ std::size_t piece_size(const Piece& p) {
     case PieceKind::half:
     case PieceKind::bfloat16:
       return 2 * p.n;
+    case PieceKind::rice:
+      if (p.bits < 0 || p.bits > static_cast<int>(kMaxRiceParameter))
+        throw std::invalid_argument("rice piece: the parameter must be in [0, 31]");
+      return p.planned;
     case PieceKind::eden:
       if (p.mode & ~kEdenMseScale)
         throw std::invalid_argument("eden piece: only the mode bit 0x02 (MSE scale) is allowed");
@@ -111,6 +116,10 @@ void write_piece(const Piece& p, std::size_t size, std::uint8_t* out) {
       break;
     case PieceKind::sign:
       write_signs(p, out);
+      break;
+    case PieceKind::rice:
+      write_rice_stream(static_cast<const std::uint32_t*>(p.data), p.n, p.seed,
+                        RicePlan{static_cast<unsigned>(p.bits), p.planned}, out);
       break;
   }
 }

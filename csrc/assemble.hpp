@@ -3,10 +3,10 @@
 //
 // The payload layer (fedpress.format) lays a payload out as a sequence of
 // pieces whose sizes it knows before any of them is computed: bytes it has
-// already (header, tensor table, index streams, small sections) and value
-// sections that a kernel produces from a float32 vector (q8/q4/q2 codes with
-// their scales, signs with theirs, float16 and bfloat16 halves, EDEN sections
-// without outliers).
+// already (header, tensor table, small sections), index streams it has planned
+// (their Rice parameter and size, plan_rice_streams) and value sections that a
+// kernel produces from a float32 vector (q8/q4/q2 codes with their scales, signs
+// with theirs, float16 and bfloat16 halves, EDEN sections without outliers).
 // assemble() writes every piece into one preallocated buffer, with no
 // intermediate copy of a section: the codes go where the payload holds them,
 // at whatever offset that is (the float32 scales, few, through an aligned
@@ -27,17 +27,19 @@ enum class PieceKind : int {
   bfloat16 = 3,  // n bfloat16 bit patterns of x
   eden = 4,      // an EDEN section without outliers: mode byte, scales, codes (eden.hpp's wire layout)
   sign = 5,      // the sign section of x: ceil(n / bucket) float32 mean magnitudes, then one bit per value
+  rice = 6,      // the index stream (version 2, ricestream.hpp) of n ascending uint32 indices, as planned
 };
 
 struct Piece {
   PieceKind kind = PieceKind::bytes;
-  const void* data = nullptr;  // bytes: the bytes; the others: the float32 vector x
-  std::size_t n = 0;           // bytes: the byte count; the others: elements of x
-  int bits = 0;                // quantize, eden
+  const void* data = nullptr;  // bytes: the bytes; rice: the indices; the others: the float32 vector x
+  std::size_t n = 0;           // bytes: the byte count; rice: the indices' count; the others: elements of x
+  int bits = 0;                // quantize, eden; rice: the planned Rice parameter
   std::size_t block = 0;       // quantize, sign: the bucket; eden: the rotation block
-  std::uint64_t seed = 0;      // quantize: the rounding seed; eden: the rotation seed
+  std::uint64_t seed = 0;      // quantize: the rounding seed; eden: the rotation seed; rice: the index space n
   std::uint64_t quant_seed = 0;  // eden
   std::uint8_t mode = 0;         // eden: the section's mode byte (0 or the MSE-scale bit; no outliers)
+  std::size_t planned = 0;       // rice: the planned stream size (RicePlan), checked as it is written
 };
 
 // Bytes a piece occupies. Throws std::invalid_argument on invalid parameters.

@@ -516,7 +516,7 @@ void register_indexcode(py::module_& m) {
       "indices"_a, "n"_a, "version"_a = 2,
       "Strictly ascending uint32 indices < n as an index stream: version 2 (split Rice) or 1 (Golomb).");
   m.def(
-      "encode_indices_many",
+      "plan_indices_many",
       [](const py::sequence& idx_list, const py::sequence& n_list) {
         if (py::len(idx_list) != py::len(n_list))
           throw py::value_error("indices_list and n_list must have equal lengths, got " +
@@ -534,19 +534,19 @@ void register_indexcode(py::module_& m) {
           if (n > kMaxLength + 1) throw py::value_error("n_list[" + std::to_string(i) + "] must be <= 2^32");
           sizes.push_back(n);
         }
-        std::vector<std::vector<std::uint8_t>> streams;
+        std::vector<fedpress::RicePlan> plans;
         {
           py::gil_scoped_release release;
-          streams = fedpress::encode_rice_streams(ptrs, counts, sizes);
+          plans = fedpress::plan_rice_streams(ptrs, counts, sizes);
         }
         py::list out;
-        for (const auto& s : streams)
-          out.append(py::bytes(reinterpret_cast<const char*>(s.data()), static_cast<py::ssize_t>(s.size())));
+        for (const fedpress::RicePlan& p : plans) out.append(py::make_tuple(p.parameter, p.size));
         return out;
       },
       "indices_list"_a, "n_list"_a,
-      "encode_indices (version 2) of each array of strictly ascending uint32 indices < its n, spread over the "
-      "threads: the streams, in order. A refusal names its array (\"array i: ...\"), the first in order.");
+      "The (Rice parameter, size in bytes) of the index stream (version 2) of each array of strictly ascending "
+      "uint32 indices < its n, spread over the threads: what assemble's (\"rice\", indices, n, parameter, size) "
+      "pieces write. A refusal names its array (\"array i: ...\"), the first in order.");
   m.def(
       "decode_indices",
       [](const py::buffer& buf, std::uint64_t n, std::uint64_t max_count, const py::handle& out_obj,
@@ -1628,8 +1628,9 @@ void register_assemble(py::module_& m) {
       "assemble",
       [](const py::list& items, bool checksum) {
         // Parsed under the GIL: each item is a buffer (copied) or a tuple naming the
-        // kernel that writes it, ("q", x, bits, bucket, seed), ("sign", x, bucket), ("f16", x), ("bf16", x)
-        // or ("eden", x, bits, block, rotation_seed, quant_seed, mode).
+        // kernel that writes it, ("q", x, bits, bucket, seed), ("sign", x, bucket), ("f16", x), ("bf16", x),
+        // ("eden", x, bits, block, rotation_seed, quant_seed, mode) or ("rice", indices, n, parameter, size)
+        // (an index stream as plan_indices_many planned it).
         std::vector<fedpress::Piece> pieces;
         std::vector<py::object> keep;  // the float32 arrays the kernels read
         pieces.reserve(items.size());
@@ -1645,6 +1646,21 @@ void register_assemble(py::module_& m) {
           }
           const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
           const std::string kind = t[0].cast<std::string>();
+          if (kind == "rice") {  // (its size is checked as it is written)
+            if (t.size() != 5)
+              throw py::value_error("piece " + std::to_string(i) + ": a rice piece is (\"rice\", indices, n, parameter, size)");
+            py::array idx = checked<std::uint32_t>(t[1], "indices");
+            p.kind = fedpress::PieceKind::rice;
+            p.data = idx.data();
+            p.n = len(idx);
+            p.seed = t[2].cast<std::uint64_t>();
+            if (p.seed > kMaxLength + 1) throw py::value_error("piece " + std::to_string(i) + ": n must be <= 2^32");
+            p.bits = t[3].cast<int>();
+            p.planned = t[4].cast<std::size_t>();
+            keep.push_back(idx);
+            pieces.push_back(p);
+            continue;
+          }
           py::array x = checked<float>(t[1], "x");
           p.data = x.data();
           p.n = len(x);
@@ -1674,7 +1690,11 @@ void register_assemble(py::module_& m) {
           pieces.push_back(p);
         }
         std::size_t total = checksum ? 4 : 0;
-        for (const fedpress::Piece& p : pieces) total += fedpress::piece_size(p);
+        for (std::size_t i = 0; i < pieces.size(); ++i) try {
+          total += fedpress::piece_size(pieces[i]);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error("piece " + std::to_string(i) + ": " + e.what());
+        }
         PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total));
         if (raw == nullptr) throw py::error_already_set();
         py::bytes out = py::reinterpret_steal<py::bytes>(raw);

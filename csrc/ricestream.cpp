@@ -355,13 +355,24 @@ std::uint64_t coded_bits(const std::vector<std::uint32_t>& gaps, unsigned l) {
   return std::uint64_t{gaps.size()} * (l + 1) + quotients;
 }
 
+std::size_t varint_size(std::uint64_t v) {
+  std::size_t bytes = 1;
+  for (; v >= 0x80; v >>= 7) ++bytes;
+  return bytes;
+}
+
+// The stream's bytes: the count varint, the parameter byte, the lows, the unary part.
+std::size_t stream_size(std::size_t k, unsigned l, std::uint64_t bits) {
+  if (k == 0) return varint_size(0);
+  return varint_size(k) + 1 + static_cast<std::size_t>((std::uint64_t{k} * l + 7) / 8) +
+         static_cast<std::size_t>((bits - std::uint64_t{k} * l + 7) / 8);
+}
+
 }  // namespace
 
-std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
+RicePlan plan_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
   const std::vector<std::uint32_t> gaps = index_gaps(idx, k, n);
-  std::vector<std::uint8_t> out;
-  put_varint(out, k);
-  if (k == 0) return out;
+  if (k == 0) return {0, varint_size(0)};
   // The Rice parameter near the geometric optimum (about log2 of the mean gap times
   // ln 2), then the exact coded size of its neighbours: clustered top-k indices can
   // prefer a smaller one.
@@ -377,59 +388,90 @@ std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* idx, std::size
       best_l = static_cast<unsigned>(l);
     }
   }
-  const unsigned l = best_l;
-  out.push_back(static_cast<std::uint8_t>(l));
-  const std::size_t header = out.size();
+  return {best_l, stream_size(k, best_l, best_bits)};
+}
+
+void write_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n, const RicePlan& plan,
+                       std::uint8_t* out) {
+  const unsigned l = plan.parameter;
+  if (l > kMaxRiceParameter) throw std::invalid_argument("Rice parameter " + std::to_string(l) + " is over 31");
+  // The indices checked, and their size with this parameter, before a byte is written.
+  std::uint64_t quotients = 0;
+  for (std::size_t i = 0; i < k; ++i) {
+    if (idx[i] >= n)
+      throw std::invalid_argument("index " + std::to_string(idx[i]) + " at position " + std::to_string(i) +
+                                  " is >= n = " + std::to_string(n));
+    if (i > 0 && idx[i] <= idx[i - 1])
+      throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) +
+                                  " holds " + std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
+    quotients += (i == 0 ? idx[0] : idx[i] - idx[i - 1] - 1) >> l;
+  }
   const std::uint64_t low_bits = std::uint64_t{k} * l;
+  if (stream_size(k, l, low_bits + k + quotients) != plan.size || (k == 0 && l != 0))
+    throw std::invalid_argument("the indices do not code in the planned " + std::to_string(plan.size) + " bytes");
+  std::size_t pos = 0;  // the count, a varint
+  std::uint64_t v = k;
+  for (; v >= 0x80; v >>= 7) out[pos++] = static_cast<std::uint8_t>(v | 0x80);
+  out[pos++] = static_cast<std::uint8_t>(v);
+  if (k == 0) return;
+  out[pos++] = static_cast<std::uint8_t>(l);
+  std::uint8_t* lows = out + pos;
   const std::size_t low_bytes = static_cast<std::size_t>((low_bits + 7) / 8);
-  const std::uint64_t unary_bits = best_bits - low_bits;
-  const std::size_t unary_bytes = static_cast<std::size_t>((unary_bits + 7) / 8);
-  // 8 bytes of slack for the 4-byte writes of the lows; trimmed below.
-  out.resize(header + low_bytes + unary_bytes + 8, 0);
   if (l > 0) {
-    std::uint8_t* lows = out.data() + header;
     const std::uint64_t mask = (std::uint64_t{1} << l) - 1;
     std::uint64_t acc = 0;
     unsigned fill = 0;
-    std::size_t pos = 0;
+    std::size_t at = 0;
+    std::uint32_t previous = 0;
     for (std::size_t i = 0; i < k; ++i) {
-      acc |= (gaps[i] & mask) << fill;
+      const std::uint32_t gap = i == 0 ? idx[0] : idx[i] - previous - 1;
+      previous = idx[i];
+      acc |= (gap & mask) << fill;
       fill += l;
-      if (fill >= 32) {
+      if (fill >= 32) {  // whole words of the lows, then their last bytes: low_bytes in all
         const std::uint32_t word = static_cast<std::uint32_t>(acc);
-        std::memcpy(lows + pos, &word, 4);
-        pos += 4;
+        std::memcpy(lows + at, &word, 4);
+        at += 4;
         acc >>= 32;
         fill -= 32;
       }
     }
     for (; fill > 0; fill = fill >= 8 ? fill - 8 : 0) {
-      lows[pos++] = static_cast<std::uint8_t>(acc);
+      lows[at++] = static_cast<std::uint8_t>(acc);
       acc >>= 8;
     }
   }
-  std::uint8_t* unary = out.data() + header + low_bytes;
+  std::uint8_t* unary = lows + low_bytes;
+  const std::size_t unary_bytes = plan.size - pos - low_bytes;
+  std::memset(unary, 0, unary_bytes);  // ones are set into zeros (a payload's buffer is not cleared)
   std::uint64_t bit = 0;
+  std::uint32_t previous = 0;
   for (std::size_t i = 0; i < k; ++i) {
-    bit += gaps[i] >> l;
+    const std::uint32_t gap = i == 0 ? idx[0] : idx[i] - previous - 1;
+    previous = idx[i];
+    bit += gap >> l;
     unary[bit >> 3] = static_cast<std::uint8_t>(unary[bit >> 3] | (1u << (bit & 7)));
     ++bit;
   }
-  out.resize(header + low_bytes + unary_bytes);
+}
+
+std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
+  const RicePlan plan = plan_rice_stream(idx, k, n);
+  std::vector<std::uint8_t> out(plan.size);
+  write_rice_stream(idx, k, n, plan, out.data());
   return out;
 }
 
-std::vector<std::vector<std::uint8_t>> encode_rice_streams(const std::vector<const std::uint32_t*>& indices,
-                                                           const std::vector<std::size_t>& counts,
-                                                           const std::vector<std::uint64_t>& sizes) {
-  std::vector<std::vector<std::uint8_t>> out(indices.size());
+std::vector<RicePlan> plan_rice_streams(const std::vector<const std::uint32_t*>& indices,
+                                        const std::vector<std::size_t>& counts, const std::vector<std::uint64_t>& sizes) {
+  std::vector<RicePlan> out(indices.size());
   std::vector<std::string> errors(indices.size());
   std::size_t total = 0;
   for (const std::size_t k : counts) total += k;
-  parallel_for_sized(indices.size(), 8 * total, [&](std::size_t i) {  // ~8 element-passes per index
+  parallel_for_sized(indices.size(), 6 * total, [&](std::size_t i) {  // ~6 element-passes per index
     const SerialScope serial;
     try {
-      out[i] = encode_rice_stream(indices[i], counts[i], sizes[i]);
+      out[i] = plan_rice_stream(indices[i], counts[i], sizes[i]);
     } catch (const std::invalid_argument& e) {
       errors[i] = e.what();
     }

@@ -37,13 +37,29 @@ namespace fedpress {
 
 constexpr unsigned kMaxRiceParameter = 31;
 
-// Throws std::invalid_argument if indices are not strictly ascending or >= n.
-std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
-// encode_rice_stream of many index arrays (a model's sparse tensors), spread over the
+// A stream as it will be written, decided before any of it is: its Rice parameter and
+// its size in bytes (a payload's table, which precedes the streams, holds the size).
+struct RicePlan {
+  unsigned parameter = 0;
+  std::size_t size = 0;
+};
+
+// The plan of the stream of these indices: the parameter that codes them in the fewest
+// bits. Throws std::invalid_argument if indices are not strictly ascending or >= n.
+RicePlan plan_rice_stream(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
+// plan_rice_stream of many index arrays (a model's sparse tensors), spread over the
 // threads; a refusal names its array ("array i: ..."), the first in order.
-std::vector<std::vector<std::uint8_t>> encode_rice_streams(const std::vector<const std::uint32_t*>& indices,
-                                                           const std::vector<std::size_t>& counts,
-                                                           const std::vector<std::uint64_t>& sizes);
+std::vector<RicePlan> plan_rice_streams(const std::vector<const std::uint32_t*>& indices,
+                                        const std::vector<std::size_t>& counts, const std::vector<std::uint64_t>& sizes);
+// Writes the stream of the plan into out (plan.size bytes, any content before), having
+// checked the indices again (ascending, < n) and that they code in plan.size bytes with
+// that parameter: std::invalid_argument, with nothing written, for a plan that is not
+// theirs, so that a writer never leaves its buffer.
+void write_rice_stream(const std::uint32_t* indices, std::size_t k, std::uint64_t n, const RicePlan& plan,
+                       std::uint8_t* out);
+
+// The whole stream of these indices: plan_rice_stream, then write_rice_stream.
+std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
 
 // The decoder's state before index i: where to resume scanning the unary part (one bit
 // past the previous index's one) and the smallest value index i may take.

@@ -242,29 +242,32 @@ def test_check_payloads_refuses_misuse() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_encode_indices_many_equals_encode_indices(threads: int) -> None:
-    """A payload's index streams written in one call, spread over the threads: each the
-    same bytes as encode_indices makes of it alone; a refusal names the first bad array."""
+def test_planned_index_streams_equal_encode_indices(threads: int) -> None:
+    """A payload's index streams planned in one call and written in place by assemble, the
+    pieces spread over the threads: each the same bytes as encode_indices makes of it
+    alone; a refusal names the first bad array."""
     rng = np.random.default_rng(12)
     cases = [(n, k) for n, k in ((10, 0), (1, 1), (1000, 7), (2**32, 3), (300_000, 3_000), (2_000_000, 150_000))]
     sets = [index_set(rng, min(n, 2_000_000), k, clustered=i % 2 == 1) for i, (n, k) in enumerate(cases)]
     sizes = [n for n, _ in cases]
     with num_threads(threads):
-        got = _core.encode_indices_many(sets, sizes)
-    assert got == [ops.encode_indices(s, n) for s, n in zip(sets, sizes)]
-    assert _core.encode_indices_many([], []) == []
+        plans = _core.plan_indices_many(sets, sizes)
+        got = _core.assemble([("rice", s, n, rice, size) for s, n, (rice, size) in zip(sets, sizes, plans)], False)
+    assert bytes(got) == b"".join(ops.encode_indices(s, n) for s, n in zip(sets, sizes))
+    assert [size for _, size in plans] == [len(ops.encode_indices(s, n)) for s, n in zip(sets, sizes)]
+    assert _core.plan_indices_many([], []) == []
     descending = np.array([5, 3], np.uint32)
     beyond = np.array([1, 9], np.uint32)
     with pytest.raises(ValueError, match=r"^array 1: "):
-        _core.encode_indices_many([sets[2], descending, beyond], [1000, 1000, 9])
+        _core.plan_indices_many([sets[2], descending, beyond], [1000, 1000, 9])
     with pytest.raises(ValueError, match=r"^array 2: "):
-        _core.encode_indices_many([sets[2], sets[2], beyond], [1000, 1000, 9])
+        _core.plan_indices_many([sets[2], sets[2], beyond], [1000, 1000, 9])
     with pytest.raises(ValueError, match="equal lengths"):
-        _core.encode_indices_many([sets[2]], [])
+        _core.plan_indices_many([sets[2]], [])
     with pytest.raises(ValueError, match=r"n_list\[0\] must be <= 2\^32"):
-        _core.encode_indices_many([sets[2]], [2**32 + 1])
+        _core.plan_indices_many([sets[2]], [2**32 + 1])
     with pytest.raises(TypeError, match=r"indices_list\[0\]"):
-        _core.encode_indices_many([np.array([1.5])], [10])
+        _core.plan_indices_many([np.array([1.5])], [10])
 
 
 def quantized_streams(n: int, sets: list[np.ndarray], bits: int, bucket: int, rng: np.random.Generator):

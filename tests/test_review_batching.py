@@ -4,7 +4,7 @@ the prefetching sparse adds (commits 525d320 and f0b4656).
 They try to break: the one-client walks that fetch accumulator lines ahead
 (csrc/accumulate.cpp add_ranges, RiceCursor::run_below_touching) and scatter_add_each's
 runs of ranges, at accumulator sizes of 32768*k +- 1, indices at n - 1, duplicates and
-unsorted updates at several thread counts, against numpy; _core.encode_indices_many
+unsorted updates at several thread counts, against numpy; _core.plan_indices_many
 against ops.encode_indices and the independent reference encoder (edge cases, refusals);
 the payload writer against the writer before these commits (same bytes); the Aggregator
 given crafted payloads (a valid CRC-32C) whose quantized sections hold a bad scale or
@@ -169,7 +169,7 @@ def test_add_streams_one_client_equals_scatter_add(n: int) -> None:
             assert two.tobytes() == want2.tobytes(), (label, t)
 
 
-# ------------------------------------------------------ encode_indices_many --
+# ------------------------------------------------------ plan_indices_many --
 def index_sets(rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     sets = [
         ([], 0),
@@ -189,7 +189,13 @@ def index_sets(rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     return [(np.asarray(i, dtype=np.uint64).astype(np.uint32), n) for i, n in sets]
 
 
-def test_encode_indices_many_equals_encode_indices_and_the_reference() -> None:
+def _planned_and_written(idx: list[np.ndarray], ns: list[int]) -> list[bytes]:
+    """plan_indices_many, then each stream written by assemble's rice piece as planned."""
+    plans = _core.plan_indices_many(idx, ns)
+    return [bytes(_core.assemble([("rice", i, n, rice, size)], False)) for i, n, (rice, size) in zip(idx, ns, plans)]
+
+
+def test_planned_index_streams_equal_encode_indices_and_the_reference() -> None:
     sets = index_sets(np.random.default_rng(7))
     want = [ops.encode_indices(i, n) for i, n in sets]
     for (i, n), w in zip(sets, want):
@@ -197,42 +203,70 @@ def test_encode_indices_many_equals_encode_indices_and_the_reference() -> None:
     idx, ns = [i for i, _ in sets], [n for _, n in sets]
     for t in THREAD_COUNTS:
         with num_threads(t):
-            assert _core.encode_indices_many(idx, ns) == want, t
-            assert _core.encode_indices_many(idx[::-1], ns[::-1]) == want[::-1], t
-            assert _core.encode_indices_many([idx[-3]] * 5, [ns[-3]] * 5) == [want[-3]] * 5, t
-    assert _core.encode_indices_many([], []) == []
-    assert _core.encode_indices_many((idx[3],), (ns[3],)) == [want[3]]  # any sequences
+            assert _planned_and_written(idx, ns) == want, t
+            assert _planned_and_written(idx[::-1], ns[::-1]) == want[::-1], t
+            assert _planned_and_written([idx[-3]] * 5, [ns[-3]] * 5) == [want[-3]] * 5, t
+            # every stream in one buffer, the pieces spread over the threads, with the checksum
+            plans = _core.plan_indices_many(idx, ns)
+            pieces = [("rice", i, n, rice, size) for i, n, (rice, size) in zip(idx, ns, plans)]
+            body = b"".join(want)
+            assert bytes(_core.assemble(pieces, True)) == body + _core.crc32c(body).to_bytes(4, "little"), t
+    assert _core.plan_indices_many([], []) == []
+    assert _core.plan_indices_many((idx[3],), (ns[3],)) == _core.plan_indices_many([idx[3]], [ns[3]])  # any sequences
     # a view at an odd address is copied first, not read misaligned
     odd = np.frombuffer(b"\0" + np.array([1, 5, 9], np.uint32).tobytes(), np.uint32, count=3, offset=1)
-    assert _core.encode_indices_many([odd], [10]) == [ops.encode_indices(np.array([1, 5, 9]), 10)]
+    assert _planned_and_written([odd], [10]) == [ops.encode_indices(np.array([1, 5, 9]), 10)]
 
 
-def test_encode_indices_many_refusals_name_the_first_array() -> None:
+def test_a_rice_piece_writes_only_its_own_plan() -> None:
+    # The writer checks the indices and the planned size before writing a byte: a plan
+    # that is not theirs (another parameter, another size, indices changed since) is
+    # refused, naming the piece, never written past its place.
+    u = np.array([1, 5, 9, 300], np.uint32)
+    ((rice, size),) = _core.plan_indices_many([u], [1000])
+    assert bytes(_core.assemble([("rice", u, 1000, rice, size)], False)) == ops.encode_indices(u, 1000)
+    for bad, match in (
+        (("rice", u, 1000, rice, size - 1), r"^piece 0: the indices do not code in the planned"),
+        (("rice", u, 1000, rice, size + 1), r"^piece 0: the indices do not code in the planned"),
+        (("rice", u, 1000, 0, size), r"^piece 0: the indices do not code in the planned"),
+        (("rice", u, 1000, 32, size), r"^piece 0: rice piece: the parameter must be in \[0, 31\]"),
+        (("rice", u, 300, rice, size), r"^piece 0: index 300 at position 3 is >= n = 300"),
+        (("rice", u[::-1].copy(), 1000, rice, size), r"^piece 0: indices must be strictly ascending"),
+        (("rice", u, 2**32 + 1, rice, size), r"^piece 0: n must be <= 2\^32"),
+        (("rice", u, 1000, rice), r"^piece 0: a rice piece is"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _core.assemble([bad], False)
+    with pytest.raises(TypeError, match="indices must have dtype uint32"):
+        _core.assemble([("rice", u.astype(np.int64), 1000, rice, size)], False)
+
+
+def test_plan_indices_many_refusals_name_the_first_array() -> None:
     u = np.array([1, 5, 9], np.uint32)
     with pytest.raises(ValueError, match="equal lengths, got 1 and 2"):
-        _core.encode_indices_many([u], [10, 11])
+        _core.plan_indices_many([u], [10, 11])
     with pytest.raises(ValueError, match=r"n_list\[0\] must be <= 2\^32"):
-        _core.encode_indices_many([u], [2**32 + 1])
+        _core.plan_indices_many([u], [2**32 + 1])
     with pytest.raises(ValueError, match=r"n_list\[0\] is out of range"):
-        _core.encode_indices_many([u], [-1])
+        _core.plan_indices_many([u], [-1])
     for bad_n in (10.0, True, np.int64(10)):  # ops.encode_indices casts; the kernel wants an int
         with pytest.raises(TypeError, match=r"n_list\[0\] must be an integer"):
-            _core.encode_indices_many([u], [bad_n])
+            _core.plan_indices_many([u], [bad_n])
     with pytest.raises(TypeError, match=r"indices_list\[1\] must have dtype uint32, got int64"):
-        _core.encode_indices_many([u, u.astype(np.int64)], [10, 10])
+        _core.plan_indices_many([u, u.astype(np.int64)], [10, 10])
     with pytest.raises(TypeError, match=r"indices_list\[0\] must be a numpy array"):
-        _core.encode_indices_many([[1, 2]], [10])
+        _core.plan_indices_many([[1, 2]], [10])
     with pytest.raises(ValueError, match=r"indices_list\[0\] must be C-contiguous"):
-        _core.encode_indices_many([np.arange(20, dtype=np.uint32)[::2]], [40])
+        _core.plan_indices_many([np.arange(20, dtype=np.uint32)[::2]], [40])
     with pytest.raises(ValueError, match=r"indices_list\[0\] must be 1-D"):
-        _core.encode_indices_many([u.reshape(3, 1)], [10])
+        _core.plan_indices_many([u.reshape(3, 1)], [10])
     with pytest.raises(ValueError, match=r"^array 0: index 9 at position 2 is >= n = 9$"):
-        _core.encode_indices_many([u], [9])
+        _core.plan_indices_many([u], [9])
     descending, repeated = np.array([5, 2], np.uint32), np.array([3, 3], np.uint32)
     with pytest.raises(ValueError, match=r"^array 1: indices must be strictly ascending: position 1 holds 2 after 5"):
-        _core.encode_indices_many([u, descending, repeated, u], [10, 10, 10, 9])
+        _core.plan_indices_many([u, descending, repeated, u], [10, 10, 10, 9])
     with pytest.raises(ValueError, match=r"^array 2: .*position 1 holds 3 after 3"):
-        _core.encode_indices_many([u, u, repeated], [10, 10, 10])
+        _core.plan_indices_many([u, u, repeated], [10, 10, 10])
 
 
 # ------------------------------------------------------------- the payloads --

@@ -137,13 +137,17 @@ def write_payload(
     # Every piece in order, into one new buffer: a KernelSection written in place by its
     # kernel, the rest (any contiguous buffers) copied once; the checksum runs over the buffer.
     pieces: list[tuple[Optional[str], Any]] = [(None, b"")]  # the table, made below
-    # Every sparse tensor's index stream in one call, spread over the threads.
+    # Every sparse tensor's index stream planned in one call, spread over the threads (its
+    # Rice parameter and size, for the table); the kernel writes it in its place below.
     sparse = [e for e in entries if e.kind == KIND_SPARSE]
-    streams = iter(
-        _core.encode_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse]) if sparse else ()
+    plans = iter(
+        _core.plan_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse]) if sparse else ()
     )
     for e, head in zip(entries, heads):
-        index_bytes = next(streams) if e.kind == KIND_SPARSE else b""
+        index_len = 0
+        if e.kind == KIND_SPARSE:
+            parameter, index_len = next(plans)
+            pieces.append((None, ("rice", e.indices, math.prod(e.shape), parameter, index_len)))
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
         rows.append(
@@ -155,12 +159,10 @@ def write_payload(
                 e.count,
                 e.bucket,
                 e.rht_block,
-                len(index_bytes),
+                index_len,
                 section_size(e.values),
             )
         )
-        if index_bytes:
-            pieces.append((None, index_bytes))
         if isinstance(e.values, KernelSection):
             pieces.append((e.name, e.values.piece))
         elif isinstance(e.values, tuple):
