@@ -264,18 +264,19 @@ class GolombDecoder {
 std::vector<std::uint32_t> index_gaps(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
   if (!little_endian()) throw std::runtime_error("fedpress index coding needs a little-endian host");
   if (k > n) throw std::invalid_argument("more indices than n");
-  // g_i = idx_i - idx_{i-1} - 1 fits 32 bits since idx < n <= 2^32.
   std::vector<std::uint32_t> gaps(k);
-  for (std::size_t i = 0; i < k; ++i) {
-    if (idx[i] >= n)
-      throw std::invalid_argument("index " + std::to_string(idx[i]) + " at position " + std::to_string(i) +
-                                  " is >= n = " + std::to_string(n));
-    if (i > 0 && idx[i] <= idx[i - 1])
-      throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) +
-                                  " holds " + std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
-    gaps[i] = i == 0 ? idx[0] : idx[i] - idx[i - 1] - 1;
-  }
+  for (std::size_t i = 0; i < k; ++i) gaps[i] = checked_gap(idx, i, n);
   return gaps;
+}
+
+std::uint32_t checked_gap(const std::uint32_t* idx, std::size_t i, std::uint64_t n) {
+  if (idx[i] >= n)
+    throw std::invalid_argument("index " + std::to_string(idx[i]) + " at position " + std::to_string(i) +
+                                " is >= n = " + std::to_string(n));
+  if (i > 0 && idx[i] <= idx[i - 1])
+    throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) + " holds " +
+                                std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
+  return i == 0 ? idx[0] : idx[i] - idx[i - 1] - 1;  // fits 32 bits: idx < n <= 2^32
 }
 
 std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {

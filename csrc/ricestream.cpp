@@ -397,15 +397,7 @@ void write_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n,
   if (l > kMaxRiceParameter) throw std::invalid_argument("Rice parameter " + std::to_string(l) + " is over 31");
   // The indices checked, and their size with this parameter, before a byte is written.
   std::uint64_t quotients = 0;
-  for (std::size_t i = 0; i < k; ++i) {
-    if (idx[i] >= n)
-      throw std::invalid_argument("index " + std::to_string(idx[i]) + " at position " + std::to_string(i) +
-                                  " is >= n = " + std::to_string(n));
-    if (i > 0 && idx[i] <= idx[i - 1])
-      throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) +
-                                  " holds " + std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
-    quotients += (i == 0 ? idx[0] : idx[i] - idx[i - 1] - 1) >> l;
-  }
+  for (std::size_t i = 0; i < k; ++i) quotients += checked_gap(idx, i, n) >> l;
   const std::uint64_t low_bits = std::uint64_t{k} * l;
   if (stream_size(k, l, low_bits + k + quotients) != plan.size || (k == 0 && l != 0))
     throw std::invalid_argument("the indices do not code in the planned " + std::to_string(plan.size) + " bytes");
