@@ -39,14 +39,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-from . import _core, ops
+from . import _args, _core, ops
 from ._arrays import as_float32, flat_views, to_numpy
 from .format.eden import eden_fixed_size, encode_eden, parse_eden
 from .format.intcodes import (
@@ -281,7 +280,7 @@ class Codec:
         self.table = table
         self.spec = parse_spec(spec)
         self.per_tensor = bool(per_tensor)
-        self.bucket = ops._bucket(bucket)
+        self.bucket = _args.bucket(bucket)
         if self.bucket > MAX_CODEC_BUCKET:
             raise ValueError(f"bucket must be <= {MAX_CODEC_BUCKET} (2**24), got {bucket}")
         if rht_block <= 0 or rht_block & (rht_block - 1) or rht_block > MAX_ROTATION_BLOCK:
@@ -351,9 +350,9 @@ class Codec:
         Encoder corrects its residual meanwhile)."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
-        payload_seed = secrets.randbits(64) if seed is None else ops._seed(seed)
+        payload_seed = _args.seed(seed)
         if rotation_seed is not None:
-            rotation_seed = ops._seed(rotation_seed)
+            rotation_seed = _args.seed(rotation_seed)
             if self.spec.eden_mode != "shared" and not self.spec.int_bits:
                 raise ValueError(f"rotation_seed is for the edenB:shared and intB values, the spec is {self.spec}")
         if mask is not None:

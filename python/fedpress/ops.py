@@ -10,14 +10,16 @@ Results never depend on the number of threads (see ``set_num_threads``).
 
 from __future__ import annotations
 
-import operator
-import secrets
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
 
 from . import _core
+from ._args import bits as _bits
+from ._args import bucket as _bucket
+from ._args import count as _count
+from ._args import seed as _seed
 from ._arrays import MAX_ELEMENTS as _MAX_LEN
 from ._arrays import as_float32 as _as_float32
 from ._arrays import is_torch_tensor as _is_torch_tensor
@@ -60,8 +62,6 @@ __all__ = [
 
 ArrayLike = Any  # numpy array, torch CPU tensor, or anything np.asarray accepts
 Seed = Optional[int]
-
-_BITS = (1, 2, 4, 8)
 
 
 # --------------------------------------------------------------- conversion --
@@ -122,42 +122,6 @@ def _as_packed(packed: ArrayLike) -> np.ndarray:
     if p.dtype != np.uint8:
         raise TypeError(f"packed must be uint8, got dtype {p.dtype}")
     return np.ascontiguousarray(p.reshape(-1))
-
-
-def _count(k: Any, name: str) -> int:
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(k).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _seed(seed: Seed) -> int:
-    if seed is None:
-        return secrets.randbits(64)
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}") from None
-    if not 0 <= value < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {value}")
-    return value
-
-
-def _bits(bits: Any) -> int:
-    value = _count(bits, "bits")
-    if value not in _BITS:
-        raise ValueError(f"bits must be 1, 2, 4 or 8, got {value}")
-    return value
-
-
-def _bucket(bucket: Any) -> int:
-    value = _count(bucket, "bucket")
-    if value == 0:
-        raise ValueError("bucket must be positive, got 0")
-    return value
 
 
 # ---------------------------------------------------------------- selection --
