@@ -3,7 +3,7 @@
 
     python bench/sweep_mnist.py [--out DIR] [--jobs 2] [--data-dir ../shared/data/mnist]
 
-About 12 minutes on 2 cores. Each folder gets runs.jsonl, summary.json, summary.md and the plots;
+About 12-17 minutes on 2 cores. Each folder gets runs.jsonl, summary.json, summary.md and the plots;
 finished runs are kept, so the script can be stopped and started again.
 """
 
