@@ -47,7 +47,7 @@ def test_in_place_sections_equal_copied_ones(spec: str, n: int) -> None:
     }
     codec = fp.Codec(spec, rht_block=1024)
     in_place = codec.encode(update, seed=5)
-    copied = codec._encode(update, seed=5, rotation_seed=None, dtypes=None, sent={})
+    copied = codec.encode(update, seed=5, on_decoded=lambda decoded: None)
     assert in_place == copied
     out = fp.decode(in_place)
     assert set(out) == set(update)

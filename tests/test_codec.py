@@ -718,3 +718,49 @@ def test_rht_roundtrip_error_bound() -> None:
         assert err <= 2.0 / QLEVELS[code] * math.sqrt(BUCKET) * np.linalg.norm(x.astype(np.float64))
     d = fp.decode(fp.Codec("rht+q8").encode({"x": x}, seed=1))["x"]
     assert np.linalg.norm(d - x) < 0.05 * np.linalg.norm(x)
+
+
+# ------------------------------------------- the caller's selection, and what is decoded --
+def test_encode_with_the_callers_selection_reports_what_the_receiver_decodes() -> None:
+    rng = np.random.default_rng(31)
+    update = {
+        "w": rng.standard_normal(50_000).astype(np.float32),
+        "b": rng.standard_normal(300).astype(np.float32),
+        "steps": np.arange(3, dtype=np.int64),
+    }
+    idx = np.sort(rng.choice(50_000, 400, replace=False)).astype(np.uint32)
+    selected = {"w": (idx, update["w"][idx] * 2)}  # any values: the caller's (an error-feedback sum)
+    for spec in ("topk:0.01+q4+zstd", "thresh:0.01+fp16", "q8"):
+        decoded: dict = {}
+        payload = fp.Codec(spec).encode(update, seed=3, selected=selected, on_decoded=decoded.update)
+        out = fp.decode(payload)
+        got_idx, got_val = decoded["w"]
+        np.testing.assert_array_equal(got_idx, idx)  # the caller's entries, not the sparsifier's
+        np.testing.assert_array_equal(np.flatnonzero(out["w"]), idx[got_val != 0])
+        np.testing.assert_array_equal(out["w"][idx], got_val)  # exactly what the receiver has
+        np.testing.assert_allclose(got_val, selected["w"][1], rtol=0, atol=0.2 * np.abs(selected["w"][1]).max())
+        assert decoded["b"][0] is None  # left out of selected: sent dense
+        np.testing.assert_array_equal(out["b"], decoded["b"][1])
+        assert set(decoded) == {"w", "b"}  # float tensors only
+
+
+def test_encode_refuses_a_selection_it_cannot_send() -> None:
+    rng = np.random.default_rng(32)
+    update = {"w": rng.standard_normal(10_000).astype(np.float32)}
+    idx = np.arange(0, 10_000, 100, dtype=np.uint32)
+    val = update["w"][idx]
+    codec = fp.Codec("topk:0.01+q4")
+    for selected, error, match in (
+        ({"v": (idx, val)}, ValueError, r"selected\['v'\]: the update has no floating tensor of that name"),
+        ({"w": (idx.astype(np.int64), val)}, ValueError, r"selected\['w'\] must be \(uint32 indices, float32 values\)"),
+        ({"w": (idx, val[:-1])}, ValueError, r"selected\['w'\] must be"),
+        ({"w": (idx[::-1].copy(), val)}, ValueError, r"tensor 'w': indices must be strictly ascending"),
+        ({"w": (idx + np.uint32(9_950), val)}, ValueError, r"tensor 'w': index 10050 at position 1 is >= n"),
+        ({"w": (idx, np.where(idx == 500, np.nan, val).astype(np.float32))}, ValueError, r"tensor 'w'.*NaN"),
+        ([("w", (idx, val))], TypeError, "selected must be a mapping of tensor names"),
+    ):
+        with pytest.raises(error, match=match):
+            codec.encode(update, seed=1, selected=selected)
+    for spec in ("randk:0.01+q4", "int8"):
+        with pytest.raises(ValueError, match="selected is for specs whose kept entries travel with their indices"):
+            fp.Codec(spec).encode(update, seed=1, selected={"w": (idx, val)})

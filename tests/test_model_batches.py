@@ -199,6 +199,23 @@ def test_encoder_correction_is_the_same_below_and_above_the_hand_off(monkeypatch
         np.testing.assert_array_equal(r0[name], r1[name])
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_encoder_residual_is_what_the_receiver_did_not_get(per_tensor: bool) -> None:
+    # After each round, bit for bit: residual = (residual before + update) - what the
+    # payload decodes to (the kept entries lose their decoded values, the rest nothing).
+    rng = np.random.default_rng(11)
+    shapes = {name: t.shape for name, t in model(rng, tensors=10).items()}
+    rounds = [{name: rng.standard_normal(s).astype(np.float32) for name, s in shapes.items()} for _ in range(3)]
+    enc = fp.Encoder("topk:0.01+q4+zstd", per_tensor=per_tensor)
+    before = {name: np.zeros_like(t, dtype=np.float32) for name, t in rounds[0].items()}
+    for r, update in enumerate(rounds):
+        got = fp.decode(enc.encode(update, seed=r))
+        for name, t in update.items():
+            want = (before[name] + t.astype(np.float32)) - got[name]
+            np.testing.assert_array_equal(enc.residuals[name], want, err_msg=f"round {r} {name}")
+            before[name] = enc.residuals[name].copy()
+
+
 def _encode_in_child(queue) -> None:
     update = {"w": np.random.default_rng(0).standard_normal(2_000_000).astype(np.float32)}
     enc = fp.Encoder("topk:0.1+q4")  # 200,000 kept entries: corrected on the pool's thread

@@ -235,6 +235,7 @@ class Encoder:
             # release the GIL, and neither needs the other. A small one runs here.
 
             def correct(values_known: Mapping[str, tuple[Optional[np.ndarray], np.ndarray]]) -> None:
+                sent.update(values_known)
                 # Sparse tensors only: their sections hold copies of the kept values, while
                 # a dense fp32 section is the residual itself, still to be written.
                 sparse = {name: v for name, v in values_known.items() if v[0] is not None}
@@ -249,16 +250,15 @@ class Encoder:
                         correcting.append(made)
 
             try:
-                payload = codec._encode(
+                payload = codec.encode(
                     to_send,
                     seed=seed,
                     rotation_seed=rotation_seed,
                     dtypes=dtypes,
-                    selected=selected or None,
-                    sent=sent,
-                    before_write=correct,
                     mask=mask,
                     weight=weight,
+                    selected=selected or None,
+                    on_decoded=correct,
                 )
             finally:
                 for f in correcting:  # joined, success or not
@@ -365,7 +365,7 @@ class Encoder:
         for name in dtypes:
             r, n = self.residuals.get(name), arrays[name].size
             k = sp.kept(n)
-            if r is not None and r.shape == arrays[name].shape and n and codec._sends_sparse(n, k):
+            if r is not None and r.shape == arrays[name].shape and n and codec.sends_sparse(n, k):
                 fused[name] = k
         return fused
 

@@ -140,9 +140,15 @@ def write_payload(
     # Every sparse tensor's index stream planned in one call, spread over the threads (its
     # Rice parameter and size, for the table); the kernel writes it in its place below.
     sparse = [e for e in entries if e.kind == KIND_SPARSE]
-    plans = iter(
-        _core.plan_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse]) if sparse else ()
-    )
+    try:
+        plans = iter(
+            _core.plan_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse]) if sparse else ()
+        )
+    except ValueError as exc:  # "array i: why", i among the sparse tensors: name the tensor
+        position, _, why = str(exc).partition(": ")
+        if not position.startswith("array "):
+            raise
+        raise ValueError(f"tensor {sparse[int(position.split()[1])].name!r}: {why}") from None
     for e, head in zip(entries, heads):
         index_len = 0
         if e.kind == KIND_SPARSE:
