@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -14,6 +15,7 @@
 #include "parallel.hpp"
 #include "quantize.hpp"
 #include "ricestream.hpp"
+#include "rotate.hpp"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "assemble.cpp copies float32 scales as the payload's little-endian bytes"
@@ -25,6 +27,10 @@ namespace {
 constexpr std::size_t kCopyChunk = std::size_t{1} << 20;
 constexpr std::uint8_t kEdenMseScale = 0x02;  // the mode bit of the MSE scale (docs/format.md)
 constexpr double kRotationLimit = 1e38;
+// A rotated quantize section is made this many values at a time (a cache-sized part),
+// unless its blocks and buckets line up only over more than kMaxRotatedPart.
+constexpr std::size_t kRotatedPart = std::size_t{1} << 16;
+constexpr std::size_t kMaxRotatedPart = std::size_t{1} << 22;
 
 const float* floats(const Piece& p) { return static_cast<const float*>(p.data); }
 
@@ -39,6 +45,37 @@ void write_quantized(const Piece& p, std::uint8_t* out) {
   std::vector<float> scales(bucket_count(p.n, p.block));  // aligned; the payload's are at any offset
   const std::size_t scale_bytes = scales.size() * sizeof(float);
   quantize(floats(p), p.n, p.bits, p.block, true, p.seed, out + scale_bytes, scales.data());
+  if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
+}
+
+// The quantize section of the rotated x, a few rotation blocks at a time: each part is
+// rotated into a buffer of the thread's own and quantized from there into its place (the
+// codes and scales quantize writes of the whole, bit for bit), so no rotated copy of x is
+// ever whole. Parts hold whole blocks and whole buckets and start on a byte.
+void write_rotated_quantized(const Piece& p, std::uint8_t* out) {
+  const RhtLayout layout = rht_layout(p.n, p.rotation_block);
+  const std::size_t m = layout.size();
+  std::vector<float> scales(bucket_count(m, p.block));
+  const std::size_t scale_bytes = scales.size() * sizeof(float);
+  std::uint8_t* codes = out + scale_bytes;
+  const std::size_t unit = std::lcm(std::lcm(layout.block, p.block), std::size_t{8});
+  if (unit > kMaxRotatedPart) {  // buckets that straddle huge blocks: the whole rotation first
+    std::vector<float> rotated(m);
+    rht_forward(floats(p), p.n, p.rotation_block, p.rotation_seed, rotated.data());
+    quantize(rotated.data(), m, p.bits, p.block, true, p.seed, codes, scales.data());
+  } else {
+    const std::size_t part = unit * std::max<std::size_t>(1, kRotatedPart / unit);
+    const std::size_t blocks_per_part = part / layout.block, parts = ceil_div(layout.blocks(), blocks_per_part);
+    parallel_for_sized(parts, m, [&](std::size_t i) {
+      const SerialScope serial;  // one part per task
+      const std::size_t b0 = i * blocks_per_part, b1 = std::min(layout.blocks(), b0 + blocks_per_part);
+      const std::size_t first = layout.offset(b0), last = b1 == layout.blocks() ? m : layout.offset(b1);
+      thread_local std::vector<float> rotated;
+      rotated.resize(last - first);
+      rht_forward_blocks(floats(p), p.n, p.rotation_block, p.rotation_seed, b0, b1, rotated.data());
+      quantize_part(rotated.data(), first, last - first, m, p.bits, p.block, true, p.seed, codes, scales.data());
+    });
+  }
   if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
 }
 
@@ -83,6 +120,15 @@ std::size_t piece_size(const Piece& p) {
     case PieceKind::half:
     case PieceKind::bfloat16:
       return 2 * p.n;
+    case PieceKind::rotated_quantize: {
+      if (!valid_bits(p.bits) || p.bits == 1)
+        throw std::invalid_argument("rotated quantize piece: bits must be 2, 4 or 8");
+      if (p.block == 0) throw std::invalid_argument("rotated quantize piece: bucket must be positive");
+      if (!valid_rotate_block(p.rotation_block))
+        throw std::invalid_argument("rotated quantize piece: the rotation block must be a power of two up to 2^24");
+      const std::size_t m = rht_padded_size(p.n, p.rotation_block);
+      return bucket_count(m, p.block) * sizeof(float) + packed_size(m, p.bits);
+    }
     case PieceKind::rice:
       if (p.bits < 0 || p.bits > static_cast<int>(kMaxRiceParameter))
         throw std::invalid_argument("rice piece: the parameter must be in [0, 31]");
@@ -116,6 +162,9 @@ void write_piece(const Piece& p, std::size_t size, std::uint8_t* out) {
       break;
     case PieceKind::sign:
       write_signs(p, out);
+      break;
+    case PieceKind::rotated_quantize:
+      write_rotated_quantized(p, out);
       break;
     case PieceKind::rice:
       write_rice_stream(static_cast<const std::uint32_t*>(p.data), p.n, p.seed,

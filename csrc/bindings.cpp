@@ -1628,7 +1628,8 @@ void register_assemble(py::module_& m) {
       "assemble",
       [](const py::list& items, bool checksum) {
         // Parsed under the GIL: each item is a buffer (copied) or a tuple naming the
-        // kernel that writes it, ("q", x, bits, bucket, seed), ("sign", x, bucket), ("f16", x), ("bf16", x),
+        // kernel that writes it, ("q", x, bits, bucket, seed), ("rq", x, bits, bucket, seed, rotation_block,
+        // rotation_seed) (the quantize section of rht(x)), ("sign", x, bucket), ("f16", x), ("bf16", x),
         // ("eden", x, bits, block, rotation_seed, quant_seed, mode) or ("rice", indices, n, parameter, size)
         // (an index stream as plan_indices_many planned it).
         std::vector<fedpress::Piece> pieces;
@@ -1670,6 +1671,13 @@ void register_assemble(py::module_& m) {
             p.bits = t[2].cast<int>();
             p.block = t[3].cast<std::size_t>();
             p.seed = t[4].cast<std::uint64_t>();
+          } else if (kind == "rq" && t.size() == 7) {
+            p.kind = fedpress::PieceKind::rotated_quantize;
+            p.bits = t[2].cast<int>();
+            p.block = t[3].cast<std::size_t>();
+            p.seed = t[4].cast<std::uint64_t>();
+            p.rotation_block = t[5].cast<std::size_t>();
+            p.rotation_seed = t[6].cast<std::uint64_t>();
           } else if (kind == "sign" && t.size() == 3) {
             p.kind = fedpress::PieceKind::sign;
             p.block = t[2].cast<std::size_t>();

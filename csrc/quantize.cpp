@@ -283,9 +283,17 @@ std::size_t bucket_count(std::size_t n, std::size_t bucket) { return ceil_div(n,
 
 void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
               std::uint64_t seed, std::uint8_t* packed, float* scales) {
+  quantize_part(x, 0, n, n, bits, bucket, stochastic, seed, packed, scales);
+}
+
+void quantize_part(const float* x, std::size_t first, std::size_t count, std::size_t n, int bits, std::size_t bucket,
+                   bool stochastic, std::uint64_t seed, std::uint8_t* packed, float* scales) {
   if (!valid_bits(bits)) throw std::invalid_argument("bits must be 1, 2, 4 or 8");
   if (bucket == 0) throw std::invalid_argument("bucket must be positive");
-  if (n == 0) return;
+  const std::size_t last = first + count;
+  if (first % bucket || first % 8 || last > n || (last != n && last % bucket))
+    throw std::invalid_argument("a part starts on a bucket and a byte, and ends on a bucket or at n");
+  if (count == 0) return;
   const std::uint32_t levels = (1u << bits) - 1u;
   const float half = static_cast<float>(levels) * 0.5f;
   const std::uint32_t key = static_cast<std::uint32_t>(hash64(seed, 0x71u));
@@ -304,8 +312,8 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
   // Scales of the buckets starting in [begin, end) (each whole bucket).
   auto compute_scales = [&](std::size_t begin, std::size_t end) {
     for (std::size_t s = begin; s < end; s += bucket) {
-      const std::size_t e = std::min(n, s + bucket);
-      const std::uint32_t m = max_abs_bits(x + s, e - s);
+      const std::size_t e = std::min(last, s + bucket);
+      const std::uint32_t m = max_abs_bits(x + (s - first), e - s);
       if (m >= kInfBits) non_finite.store(true, std::memory_order_relaxed);
       scales[s / bucket] = bits_float(m);
     }
@@ -318,9 +326,9 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
       const std::size_t e = std::min(end, (b + 1) * bucket);
       const GridMap g = grid_map(scales[b]);
       if (stochastic)
-        codes_stochastic(x + s, e - s, g.pre, g.mul, half, levels, key, s, codes + (s - begin));
+        codes_stochastic(x + (s - first), e - s, g.pre, g.mul, half, levels, key, s, codes + (s - begin));
       else
-        codes_nearest(x + s, e - s, g.pre, g.mul, half, levels, codes + (s - begin));
+        codes_nearest(x + (s - first), e - s, g.pre, g.mul, half, levels, codes + (s - begin));
       s = e;
     }
   };
@@ -329,15 +337,15 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
   const bool fused = chunk != 0;
   if (!fused) {
     // Buckets too large to keep a whole one per chunk: compute scales first.
-    parallel_for_sized(bucket_count(n, bucket), n,
-                       [&](std::size_t b) { compute_scales(b * bucket, b * bucket + 1); });
+    parallel_for_sized(bucket_count(count, bucket), count,
+                       [&](std::size_t b) { compute_scales(first + b * bucket, first + b * bucket + 1); });
     if (non_finite.load()) throw std::invalid_argument("x contains NaN or infinity");
     chunk = kTargetChunk;
   }
-  const std::size_t n_chunks = ceil_div(n, chunk);
-  parallel_for_sized(n_chunks, n, [&](std::size_t c) {
+  const std::size_t n_chunks = ceil_div(count, chunk);
+  parallel_for_sized(n_chunks, count, [&](std::size_t c) {
     thread_local std::vector<std::uint8_t> codes;
-    const std::size_t begin = c * chunk, end = std::min(n, begin + chunk);
+    const std::size_t begin = first + c * chunk, end = std::min(last, begin + chunk);
     codes.resize(end - begin);
     if (fused) compute_scales(begin, end);  // chunks cover whole buckets
     std::uint8_t* out = packed + begin / 8 * static_cast<std::size_t>(bits);
@@ -352,10 +360,10 @@ void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool 
         const std::size_t e = std::min(even_end, (b + 1) * bucket);
         const GridMap g = grid_map(scales[b]);
         if (stochastic)
-          pack4_stochastic(x + s, (e - s) / 2, g.pre, g.mul, half, key, static_cast<std::uint32_t>(s >> 1),
+          pack4_stochastic(x + (s - first), (e - s) / 2, g.pre, g.mul, half, key, static_cast<std::uint32_t>(s >> 1),
                            packed + s / 2);
         else
-          pack4_nearest(x + s, (e - s) / 2, g.pre, g.mul, half, packed + s / 2);
+          pack4_nearest(x + (s - first), (e - s) / 2, g.pre, g.mul, half, packed + s / 2);
         s = e;
       }
       if (even_end < end) {

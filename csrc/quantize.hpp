@@ -33,6 +33,13 @@ std::size_t bucket_count(std::size_t n, std::size_t bucket);
 // Throws std::invalid_argument when x holds a NaN or an infinity.
 void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
               std::uint64_t seed, std::uint8_t* packed, float* scales);
+// The codes and scales of elements [first, first + count) of an n-element vector whose
+// part x holds (x[0] is element first), into the whole vector's packed and scales: what
+// quantize of the whole writes there, bit for bit (the stochastic draws follow the global
+// index). first is a multiple of the bucket and of 8; first + count a multiple of the
+// bucket, or n. For a kernel that makes the vector a piece at a time (a rotation).
+void quantize_part(const float* x, std::size_t first, std::size_t count, std::size_t n, int bits, std::size_t bucket,
+                   bool stochastic, std::uint64_t seed, std::uint8_t* packed, float* scales);
 
 // The sign stage: one bit per value, 1 for x_i >= 0 (packed LSB first, like 1-bit
 // codes), and per bucket the mean |x_i| as its scale: the float64 sum |x_s| +

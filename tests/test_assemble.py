@@ -10,6 +10,7 @@ import struct
 import fedpress as fp
 import numpy as np
 import pytest
+from conftest import num_threads
 from fedpress import _core, ops
 from format_reference import crc32c as crc32c_reference  # docs/format.md's, written apart from fedpress
 
@@ -29,6 +30,9 @@ SPECS = [
     "topk:0.05+q4",
     "topk:0.05+eden4",
     "rht+q4",
+    "rht+q2",
+    "rht+q8+zstd",
+    "topk:0.05+rht+q4",
     "eden2:shared",
     "sign",
 ]
@@ -210,3 +214,44 @@ def test_crc32c_any_length_any_split(threads: int) -> None:
         _core.set_simd(level)
         ops.set_num_threads(old)
     assert _core.crc32c(b"123456789") == 0xE3069283
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rotated_quantize_piece_equals_rotating_then_quantizing(threads: int) -> None:
+    # ("rq", ...) rotates a few blocks at a time into a buffer and quantizes from there:
+    # the bytes of rht() then ("q", ...), for blocks and buckets that line up either way,
+    # that line up only over many blocks, or never (the whole rotation first), a tail block
+    # shorter than a bucket, and with other pieces around it (pieces spread over threads).
+    rng = np.random.default_rng(41)
+    cases = [
+        (1, 512, 65536),
+        (7, 512, 65536),
+        (65537, 512, 65536),
+        (300_001, 512, 65536),
+        (300_001, 1000, 1024),
+        (300_001, 131072, 1024),
+        (200_000, 512, 16),
+        (50_000, 3, 64),
+        (300_000, 99991, 65536),
+        (10, 1, 2),
+        (0, 512, 65536),
+    ]
+    with num_threads(threads):
+        for n, bucket, block in cases:
+            x = (rng.standard_normal(n) * rng.exponential(1.0, n)).astype(np.float32)
+            rotated = _core.rht(x, 99, block)
+            for bits in (2, 4, 8):
+                want = _core.assemble([b"ab", ("q", rotated, bits, bucket, 7), ("q", x, bits, bucket, 8)], True)
+                got = _core.assemble([b"ab", ("rq", x, bits, bucket, 7, block, 99), ("q", x, bits, bucket, 8)], True)
+                assert got == want, (n, bucket, block, bits)
+    bad = rng.standard_normal(1000).astype(np.float32)
+    bad[321] = np.inf
+    with pytest.raises(ValueError, match=r"^piece 1: x contains NaN or infinity"):
+        _core.assemble([b"x", ("rq", bad, 4, 512, 3, 256, 5)], False)
+    for piece, match in (
+        (("rq", x, 1, 512, 3, 256, 5), "bits must be 2, 4 or 8"),
+        (("rq", x, 4, 0, 3, 256, 5), "bucket must be positive"),
+        (("rq", x, 4, 512, 3, 1000, 5), "the rotation block must be a power of two"),
+    ):
+        with pytest.raises(ValueError, match=f"^piece 0: rotated quantize piece: {match}"):
+            _core.assemble([piece], False)

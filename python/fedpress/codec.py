@@ -72,7 +72,7 @@ from .format.registry import (
     VALUE_CODES,
     stage_seed,
 )
-from .format.values import decode_values, encode_values, values_size
+from .format.values import KernelSection, decode_values, encode_values, values_size
 from .format.writer import Entry, KernelRefused, raw_entry, write_payload
 
 __all__ = ["Spec", "parse_spec", "Codec"]
@@ -692,6 +692,16 @@ class Codec:
                 raise ValueError(
                     f"tensor {name!r} holds {exc}; scale the update down or use a codec without eden"
                 ) from None
+        elif rotated and in_place and sp.values in QUANT_BITS:
+            # Rotated and quantized by one kernel, in the payload, a few blocks at a time:
+            # no rotated copy of the tensor (checked above: finite, small enough to rotate).
+            bucket = self._value_bucket()
+            flat = as_float32(values, name)
+            rotation = stage_seed(payload_seed, ordinal, PURPOSE_RHT)
+            coded = KernelSection(
+                ("rq", flat, QUANT_BITS[sp.values], bucket, quant_seed, block, rotation),
+                values_size(sp.values, ops.rht_padded_size(flat.size, block), bucket),
+            )
         else:
             if rotated:
                 values = ops.rht(values, stage_seed(payload_seed, ordinal, PURPOSE_RHT), block=block)

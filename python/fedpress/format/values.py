@@ -22,7 +22,8 @@ Sections = tuple
 
 class KernelSection:
     """A values section that a kernel writes straight into the payload (``_core.assemble``):
-    its piece (``("q", x, bits, bucket, seed)``, ``("f16", x)``, ``("bf16", x)`` or
+    its piece (``("q", x, bits, bucket, seed)``, ``("rq", x, bits, bucket, seed, block,
+    rotation_seed)`` (the rotated x's), ``("f16", x)``, ``("bf16", x)`` or
     ``("eden", x, bits, block, rotation_seed, quant_seed, mode)``, x float32) and its
     size, which is known before it is computed. Such a section exists nowhere but in
     the payload. (A plain slotted class, not a frozen dataclass: one is made per tensor
