@@ -1654,10 +1654,19 @@ void register_assemble(py::module_& m) {
             p.kind = fedpress::PieceKind::rice;
             p.data = idx.data();
             p.n = len(idx);
-            p.seed = t[2].cast<std::uint64_t>();
+            p.seed = field<std::uint64_t>(t[2], "piece " + std::to_string(i) + ": n");
             if (p.seed > kMaxLength + 1) throw py::value_error("piece " + std::to_string(i) + ": n must be <= 2^32");
-            p.bits = t[3].cast<int>();
-            p.planned = t[4].cast<std::size_t>();
+            p.bits = field<int>(t[3], "piece " + std::to_string(i) + ": parameter");
+            const std::uint64_t planned = field<std::uint64_t>(t[4], "piece " + std::to_string(i) + ": size");
+            // A stream of k indices < 2^32 takes at most its count, a parameter byte, 31-bit
+            // lows and k + 2^32 unary bits: a larger size is no plan of theirs (and would make
+            // the payload's size wrap around).
+            const std::size_t k = p.n, most = 11 + (31 * k + 7) / 8 + (k + (std::size_t{1} << 32) + 7) / 8;
+            if (planned > most)
+              throw py::value_error("piece " + std::to_string(i) + ": a stream of " + std::to_string(k) +
+                                    " indices takes at most " + std::to_string(most) + " bytes, not " +
+                                    std::to_string(planned));
+            p.planned = static_cast<std::size_t>(planned);
             keep.push_back(idx);
             pieces.push_back(p);
             continue;

@@ -436,12 +436,15 @@ void write_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n,
   std::uint8_t* unary = lows + low_bytes;
   const std::size_t unary_bytes = plan.size - pos - low_bytes;
   std::memset(unary, 0, unary_bytes);  // ones are set into zeros (a payload's buffer is not cleared)
+  // The indices were checked above, but they are read again here, without the GIL: an
+  // array another thread changes meanwhile must not move a bit past the stream.
   std::uint64_t bit = 0;
   std::uint32_t previous = 0;
   for (std::size_t i = 0; i < k; ++i) {
     const std::uint32_t gap = i == 0 ? idx[0] : idx[i] - previous - 1;
     previous = idx[i];
     bit += gap >> l;
+    if ((bit >> 3) >= unary_bytes) throw std::invalid_argument("the indices changed while their stream was written");
     unary[bit >> 3] = static_cast<std::uint8_t>(unary[bit >> 3] | (1u << (bit & 7)));
     ++bit;
   }

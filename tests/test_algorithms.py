@@ -261,6 +261,8 @@ def test_downlink_delta_of_integer_tensors_saturates() -> None:
     assert out["u8"].dtype == np.uint8 and out["u8"].tolist() == [0, 255]
     assert out["w"].tolist() == [1.5, 1.0]
     assert model["u8"].tolist() == [3, 250]  # new arrays: the held model is left as it was
+    with pytest.raises(ValueError, match=r"downlink delta for 'u8': NaN or infinity has no value as uint8"):
+        apply_downlink_delta(model, {**delta, "u8": np.array([np.nan, 1.0])})
 
 
 def test_downlink_delta_of_a_bfloat16_tensor() -> None:

@@ -758,9 +758,25 @@ def test_encode_refuses_a_selection_it_cannot_send() -> None:
         ({"w": (idx + np.uint32(9_950), val)}, ValueError, r"tensor 'w': index 10050 at position 1 is >= n"),
         ({"w": (idx, np.where(idx == 500, np.nan, val).astype(np.float32))}, ValueError, r"tensor 'w'.*NaN"),
         ([("w", (idx, val))], TypeError, "selected must be a mapping of tensor names"),
+        ({"w": None}, ValueError, r"selected\['w'\] must be an \(indices, values\) pair"),
+        ({"w": (idx, val, 1)}, ValueError, r"selected\['w'\] must be an \(indices, values\) pair"),
+        ({"w": (np.arange(0, 400, 2, dtype=np.uint32)[::2], val)}, ValueError, r"1-D, contiguous, of one length"),
     ):
         with pytest.raises(error, match=match):
             codec.encode(update, seed=1, selected=selected)
     for spec in ("randk:0.01+q4", "int8"):
         with pytest.raises(ValueError, match="selected is for specs whose kept entries travel with their indices"):
             fp.Codec(spec).encode(update, seed=1, selected={"w": (idx, val)})
+
+
+def test_bad_selected_indices_are_refused_before_on_decoded_is_called() -> None:
+    # The caller corrects its residual in on_decoded: indices the payload cannot carry are
+    # refused before that, naming the tensor, and the callback never runs.
+    update = {"w": np.random.default_rng(33).standard_normal(1000).astype(np.float32)}
+    called: list[object] = []
+    for idx in (np.array([5, 3], np.uint32), np.array([2, 2], np.uint32), np.array([1, 1000], np.uint32)):
+        with pytest.raises(ValueError, match="tensor 'w': "):
+            fp.Codec("topk:0.01+q8").encode(
+                update, selected={"w": (idx, np.ones(2, np.float32))}, on_decoded=called.append
+            )
+    assert not called

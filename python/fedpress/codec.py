@@ -73,7 +73,7 @@ from .format.registry import (
     stage_seed,
 )
 from .format.values import KernelSection, decode_values, encode_values, values_size
-from .format.writer import Entry, KernelRefused, raw_entry, write_payload
+from .format.writer import Entry, KernelRefused, plan_index_streams, raw_entry, write_payload
 
 __all__ = ["Spec", "parse_spec", "Codec"]
 
@@ -329,15 +329,17 @@ class Codec:
 
         For an error-feedback encoder of your own (``fedpress.Encoder`` is one):
         ``selected`` gives, by float tensor name, the ``(indices, values)`` to keep instead of
-        what this codec's sparsifier would choose (uint32 indices strictly ascending, float32
-        values of the same length; a tensor left out is sent dense, and a tensor whose sparse
-        form would not be smaller too); not with ``randk``, whose indices come from the seed,
-        nor with ``intB`` values. ``on_decoded`` is called once every section is coded, before
-        the payload is written, with ``{name: (indices or None for dense, the float32 values
-        the receiver decodes)}`` for each float tensor, taken from the coded sections
-        themselves: what the sender's residual must lose is exactly that, and work on it can
-        run while the payload is written (``Encoder`` corrects its residuals meanwhile). If the
-        payload then cannot be written, ``encode`` raises after the call.
+        what this codec's sparsifier would choose (contiguous uint32 indices strictly ascending,
+        float32 values of the same length; a tensor left out is sent dense, and a tensor whose
+        sparse form would not be smaller too; a spec without a sparsifier sends the selection
+        sparse all the same); not with ``randk``, whose indices come from the seed, nor with
+        ``intB`` values. ``on_decoded`` is called once every section is coded and every index
+        checked, before the payload is written, with ``{name: (indices or None for dense, the
+        float32 values the receiver decodes)}`` for each float tensor, taken from the coded
+        sections themselves (before any cast to the dtype the payload records): what the
+        sender's residual must lose is exactly that, and work on it can run while the payload
+        is written (``Encoder`` corrects its residuals meanwhile). If the payload then cannot
+        be written, ``encode`` raises after the call.
         """
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping of names to tensors, got {type(update).__name__}")
@@ -427,10 +429,12 @@ class Codec:
             _mask_int_entries(entries, int_codes, mask, int(weight))
         elif weight != 1:
             raise ValueError("weight is for masked intB payloads (mask=)")
+        plans = None
         if on_decoded is not None and decoded is not None:
+            plans = plan_index_streams(entries)  # indices refused before the caller acts on them
             on_decoded(decoded)
         try:
-            return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table)
+            return write_payload(str(self.spec), payload_seed, entries, self.spec.zstd_level, self.table, plans=plans)
         except KernelRefused as exc:
             # A kernel writing its section in place refused its input: say why, by name.
             refused = next(e for e in entries if e.name == exc.tensor)
@@ -457,6 +461,8 @@ class Codec:
             pair = selected.get(names[i])
             if pair is None:
                 continue
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"selected[{names[i]!r}] must be an (indices, values) pair")
             indices, values = pair
             if not (
                 type(indices) is np.ndarray
@@ -465,14 +471,20 @@ class Codec:
                 and (values.dtype is _FLOAT32 or values.dtype == _FLOAT32)
                 and indices.ndim == 1
                 and values.shape == indices.shape
+                and indices.flags.c_contiguous
+                and values.flags.c_contiguous
             ):
-                raise ValueError(f"selected[{names[i]!r}] must be (uint32 indices, float32 values), 1-D, of one length")
+                raise ValueError(
+                    f"selected[{names[i]!r}] must be (uint32 indices, float32 values), 1-D, contiguous, of one length"
+                )
             if indices.size > flat[i].size:
                 raise ValueError(f"selected[{names[i]!r}] keeps {indices.size} entries of {flat[i].size}")
             chosen[i] = (indices, values)
         if len(chosen) != len(selected):
-            known = {names[i] for i in flat}
-            unknown = next(name for name in selected if name not in known)
+            taken = {names[i] for i in chosen}
+            unknown = next(name for name in selected if name not in taken)
+            if unknown in {names[i] for i in flat}:  # a float tensor's entry that is not a pair (None)
+                raise ValueError(f"selected[{unknown!r}] must be an (indices, values) pair")
             raise ValueError(f"selected[{unknown!r}]: the update has no floating tensor of that name")
         return chosen
 

@@ -155,10 +155,13 @@ def apply_downlink_delta(model: Mapping[str, np.ndarray], delta: Mapping[str, np
         d = delta[k]
         if d.shape != m.shape:
             raise ValueError(f"downlink delta for {k!r} has shape {d.shape}, the model {m.shape}")
-        if is_floating(m.dtype):
-            out[k] = to_dtype(add(m.astype(np.float32, copy=False), d), m.dtype)
-        else:  # saturating, as every conversion of an update (a uint8 given 256 stays 255)
-            out[k] = to_dtype(d, m.dtype)
+        try:
+            if is_floating(m.dtype):
+                out[k] = to_dtype(add(m.astype(np.float32, copy=False), d), m.dtype)
+            else:  # saturating, as every conversion of an update (a uint8 given 256 stays 255)
+                out[k] = to_dtype(d, m.dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"downlink delta for {k!r}: {exc}") from None
     return out
 
 

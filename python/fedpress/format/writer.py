@@ -97,11 +97,33 @@ def _assemble(pieces: list[tuple[Optional[str], Any]], *, checksum: bool) -> byt
         raise KernelRefused(name, why) from None
 
 
+def plan_index_streams(entries: list[Entry]) -> list[tuple[int, int]]:
+    """The (Rice parameter, size) of each sparse entry's index stream, in order, planned in
+    one call spread over the threads; ValueError naming the tensor whose indices are not
+    strictly ascending within it."""
+    sparse = [e for e in entries if e.kind == KIND_SPARSE]
+    if not sparse:
+        return []
+    try:
+        return _core.plan_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse])
+    except ValueError as exc:  # "array i: why", i among the sparse tensors: name the tensor
+        position, _, why = str(exc).partition(": ")
+        if not position.startswith("array "):
+            raise
+        raise ValueError(f"tensor {sparse[int(position.split()[1])].name!r}: {why}") from None
+
+
 def write_payload(
-    spec: str, seed: int, entries: list[Entry], zstd_level: Optional[int], table: str = "inline"
+    spec: str,
+    seed: int,
+    entries: list[Entry],
+    zstd_level: Optional[int],
+    table: str = "inline",
+    plans: Optional[list[tuple[int, int]]] = None,
 ) -> bytes:
     """The payload of ``entries``; ``table="digest"`` writes the table's digest and
-    compact entries instead of the table (the receiver must know the model)."""
+    compact entries instead of the table (the receiver must know the model). ``plans``:
+    ``plan_index_streams(entries)``, when the caller made it already."""
     if table not in TABLE_FORMS:
         raise ValueError(f"table must be one of {', '.join(map(repr, TABLE_FORMS))}, got {table!r}")
     # Whatever is written must decode under the default limits.
@@ -137,22 +159,13 @@ def write_payload(
     # Every piece in order, into one new buffer: a KernelSection written in place by its
     # kernel, the rest (any contiguous buffers) copied once; the checksum runs over the buffer.
     pieces: list[tuple[Optional[str], Any]] = [(None, b"")]  # the table, made below
-    # Every sparse tensor's index stream planned in one call, spread over the threads (its
-    # Rice parameter and size, for the table); the kernel writes it in its place below.
-    sparse = [e for e in entries if e.kind == KIND_SPARSE]
-    try:
-        plans = iter(
-            _core.plan_indices_many([e.indices for e in sparse], [math.prod(e.shape) for e in sparse]) if sparse else ()
-        )
-    except ValueError as exc:  # "array i: why", i among the sparse tensors: name the tensor
-        position, _, why = str(exc).partition(": ")
-        if not position.startswith("array "):
-            raise
-        raise ValueError(f"tensor {sparse[int(position.split()[1])].name!r}: {why}") from None
+    # Every sparse tensor's index stream planned (its Rice parameter and size, for the
+    # table); the kernel writes it in its place below.
+    planned = iter(plan_index_streams(entries) if plans is None else plans)
     for e, head in zip(entries, heads):
         index_len = 0
         if e.kind == KIND_SPARSE:
-            parameter, index_len = next(plans)
+            parameter, index_len = next(planned)
             pieces.append((None, ("rice", e.indices, math.prod(e.shape), parameter, index_len)))
         vcode = VALUE_RAW if e.kind == KIND_RAW else VALUE_CODE[e.value_code]
         flags = ENTRY_FLAG_ROTATED if e.rht_block else 0
