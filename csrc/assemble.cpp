@@ -12,6 +12,7 @@
 #include "checksum.hpp"
 #include "convert.hpp"
 #include "eden.hpp"
+#include "intcode.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
 #include "ricestream.hpp"
@@ -79,6 +80,30 @@ void write_rotated_quantized(const Piece& p, std::uint8_t* out) {
   if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
 }
 
+// An intB section's codes: x rotated a range of blocks at a time (eden_rotated_ranges),
+// each range coded and packed into its place (ranges of segments of 8 values and more
+// start and end on a byte, whatever the width); the last n % 8 values, segments shorter
+// than 8, are packed together after.
+void write_int_codes(const Piece& p, std::uint8_t* out) {
+  const std::size_t tail = p.n - p.n % 8;
+  std::uint64_t tail_codes[8] = {};
+  eden_rotated_ranges(floats(p), p.n, p.rotation_block, p.rotation_seed,
+                      [&](std::size_t first, const float* rotated, std::size_t count) {
+                        const SerialScope serial;  // one range per task
+                        if (first >= tail) {
+                          int_encode_part(rotated, first, count, p.bits, p.clip, p.seed, tail_codes + (first - tail));
+                          return;
+                        }
+                        if (first % 8 || count % 8 || first + count > tail)
+                          throw std::logic_error("int codes: a range that does not start and end on a byte");
+                        thread_local std::vector<std::uint64_t> codes;
+                        codes.resize(count);
+                        int_encode_part(rotated, first, count, p.bits, p.clip, p.seed, codes.data());
+                        pack_codes(codes.data(), count, p.bits, out + first / 8 * static_cast<std::size_t>(p.bits));
+                      });
+  if (tail < p.n) pack_codes(tail_codes, p.n - tail, p.bits, out + tail / 8 * static_cast<std::size_t>(p.bits));
+}
+
 void write_signs(const Piece& p, std::uint8_t* out) {
   std::vector<float> scales(bucket_count(p.n, p.block));
   const std::size_t scale_bytes = scales.size() * sizeof(float);
@@ -129,6 +154,13 @@ std::size_t piece_size(const Piece& p) {
       const std::size_t m = rht_padded_size(p.n, p.rotation_block);
       return bucket_count(m, p.block) * sizeof(float) + packed_size(m, p.bits);
     }
+    case PieceKind::int_codes:
+      if (p.bits < 1 || p.bits > 16) throw std::invalid_argument("int piece: bits must be in [1, 16]");
+      if (!(std::isfinite(p.clip) && p.clip > 0.0f)) throw std::invalid_argument("int piece: clip must be finite and positive");
+      // Blocks of 8 values and more: every range but the last n % 8 values starts on a byte.
+      if (!valid_rotate_block(p.rotation_block) || p.rotation_block < 8)
+        throw std::invalid_argument("int piece: the rotation block must be a power of two in [8, 2^24]");
+      return (p.n / 8) * static_cast<std::size_t>(p.bits) + ((p.n % 8) * static_cast<std::size_t>(p.bits) + 7) / 8;
     case PieceKind::rice:
       if (p.bits < 0 || p.bits > static_cast<int>(kMaxRiceParameter))
         throw std::invalid_argument("rice piece: the parameter must be in [0, 31]");
@@ -165,6 +197,9 @@ void write_piece(const Piece& p, std::size_t size, std::uint8_t* out) {
       break;
     case PieceKind::rotated_quantize:
       write_rotated_quantized(p, out);
+      break;
+    case PieceKind::int_codes:
+      write_int_codes(p, out);
       break;
     case PieceKind::rice:
       write_rice_stream(static_cast<const std::uint32_t*>(p.data), p.n, p.seed,

@@ -29,6 +29,7 @@ enum class PieceKind : int {
   sign = 5,      // the sign section of x: ceil(n / bucket) float32 mean magnitudes, then one bit per value
   rice = 6,      // the index stream (version 2, ricestream.hpp) of n ascending uint32 indices, as planned
   rotated_quantize = 7,  // the quantize section of rht_forward(x) (rotate.hpp), rotated a piece at a time
+  int_codes = 8,  // an intB section's codes, unmasked: x rotated as eden_rotate does, coded, packed `bits` each
 };
 
 struct Piece {
@@ -41,8 +42,9 @@ struct Piece {
   std::uint64_t quant_seed = 0;  // eden
   std::uint8_t mode = 0;         // eden: the section's mode byte (0 or the MSE-scale bit; no outliers)
   std::size_t planned = 0;       // rice: the planned stream size (RicePlan), checked as it is written
-  std::size_t rotation_block = 0;  // rotated_quantize: the rotation's block
-  std::uint64_t rotation_seed = 0;  // rotated_quantize: the rotation's seed
+  std::size_t rotation_block = 0;  // rotated_quantize, int_codes: the rotation's block
+  std::uint64_t rotation_seed = 0;  // rotated_quantize, int_codes: the rotation's seed
+  float clip = 0.0f;                // int_codes: the levels' range [-clip, clip]
 };
 
 // Bytes a piece occupies. Throws std::invalid_argument on invalid parameters.

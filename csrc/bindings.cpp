@@ -1629,7 +1629,8 @@ void register_assemble(py::module_& m) {
       [](const py::list& items, bool checksum) {
         // Parsed under the GIL: each item is a buffer (copied) or a tuple naming the
         // kernel that writes it, ("q", x, bits, bucket, seed), ("rq", x, bits, bucket, seed, rotation_block,
-        // rotation_seed) (the quantize section of rht(x)), ("sign", x, bucket), ("f16", x), ("bf16", x),
+        // rotation_seed) (the quantize section of rht(x)), ("int", x, bits, clip, seed, block, rotation_seed)
+        // (an unmasked intB section's codes), ("sign", x, bucket), ("f16", x), ("bf16", x),
         // ("eden", x, bits, block, rotation_seed, quant_seed, mode) or ("rice", indices, n, parameter, size)
         // (an index stream as plan_indices_many planned it).
         std::vector<fedpress::Piece> pieces;
@@ -1684,6 +1685,13 @@ void register_assemble(py::module_& m) {
             p.kind = fedpress::PieceKind::rotated_quantize;
             p.bits = t[2].cast<int>();
             p.block = t[3].cast<std::size_t>();
+            p.seed = t[4].cast<std::uint64_t>();
+            p.rotation_block = t[5].cast<std::size_t>();
+            p.rotation_seed = t[6].cast<std::uint64_t>();
+          } else if (kind == "int" && t.size() == 7) {
+            p.kind = fedpress::PieceKind::int_codes;
+            p.bits = t[2].cast<int>();
+            p.clip = t[3].cast<float>();
             p.seed = t[4].cast<std::uint64_t>();
             p.rotation_block = t[5].cast<std::size_t>();
             p.rotation_seed = t[6].cast<std::uint64_t>();

@@ -1074,6 +1074,18 @@ void eden_rotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotat
                  });
 }
 
+void eden_rotated_ranges(const float* x, std::size_t n, std::size_t block, std::uint64_t rotation_seed,
+                         const std::function<void(std::size_t, const float*, std::size_t)>& fn) {
+  for_each_range(eden_segments(n, block, 1), block, rotation_seed,
+                 [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan&, const Range& r) {
+                   thread_local std::vector<float> w;
+                   w.assign(x + g.offset + r.begin, x + g.offset + r.end);  // segments need no padding
+                   rht_forward_blocks_inplace(w.data(), g.length, block, seeds.first, r.first_block, r.end_block);
+                   rht_forward_blocks_inplace(w.data(), g.length, block, seeds.second, r.first_block, r.end_block);
+                   fn(g.offset + r.begin, w.data(), r.end - r.begin);
+                 });
+}
+
 void eden_unrotate(float* y, std::size_t n, std::size_t block, std::uint64_t rotation_seed) {
   for_each_range(eden_segments(n, block, 1), block, rotation_seed,
                  [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan&, const Range& r) {

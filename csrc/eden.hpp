@@ -49,6 +49,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace fedpress {
@@ -124,6 +125,13 @@ struct EdenSegment {
   std::size_t scales, codes;   // where its scales and its code bytes start
 };
 std::vector<EdenSegment> eden_segments(std::size_t n, std::size_t block, int bits);
+
+// x rotated as eden_rotate rotates it, handed out a cache-sized range of whole blocks of
+// one segment at a time, the rotated vector never built: fn(first, rotated, count) for
+// its elements [first, first + count), on the threads (a range's buffer is the thread's
+// own and lives until fn returns). For a kernel that codes the rotated values in place.
+void eden_rotated_ranges(const float* x, std::size_t n, std::size_t block, std::uint64_t rotation_seed,
+                         const std::function<void(std::size_t, const float*, std::size_t)>& fn);
 // Scales and code bytes of a whole section's layout.
 std::size_t eden_layout_scales(std::size_t n, std::size_t block);
 std::size_t eden_layout_code_bytes(std::size_t n, std::size_t block, int bits);

@@ -33,27 +33,48 @@ void check_width(int width) {
 
 }  // namespace
 
-void int_encode(const float* x, std::size_t n, int bits, float clip, std::uint64_t seed, std::uint64_t* codes) {
+namespace {
+
+void check_levels(int bits, float clip) {
   if (bits < 1 || bits > 16) throw std::invalid_argument("bits must be in [1, 16], got " + std::to_string(bits));
   if (!(std::isfinite(clip) && clip > 0.0f))
     throw std::invalid_argument("clip must be finite and positive, got " + std::to_string(clip));
+}
+
+// int_encode_part without the checks; whether x held a NaN.
+bool encode_levels(const float* x, std::size_t first, std::size_t n, int bits, float clip, std::uint64_t seed,
+                   std::uint64_t* codes) {
   const double c = clip, top = static_cast<double>((std::uint64_t{1} << bits) - 1);
   const double per_unit = top / (2.0 * c);  // levels per unit of x
+  bool found = false;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    found |= v != v;
+    const double t = (std::min(std::max(v, -c), c) + c) * per_unit;
+    const double u = static_cast<double>(hash64(seed, first + i) >> 11) * 0x1p-53;
+    // t + u < top + 1 in exact arithmetic; the cap absorbs rounding at the top.
+    codes[i] = static_cast<std::uint64_t>(std::min(std::floor(t + u), top));
+  }
+  return found;
+}
+
+}  // namespace
+
+void int_encode(const float* x, std::size_t n, int bits, float clip, std::uint64_t seed, std::uint64_t* codes) {
+  check_levels(bits, clip);
   std::atomic<bool> nan{false};
   parallel_for_sized(ceil_div(n, kChunk), n, [&](std::size_t task) {
-    const std::size_t end = std::min(n, (task + 1) * kChunk);
-    bool found = false;
-    for (std::size_t i = task * kChunk; i < end; ++i) {
-      const double v = x[i];
-      found |= v != v;
-      const double t = (std::min(std::max(v, -c), c) + c) * per_unit;
-      const double u = static_cast<double>(hash64(seed, i) >> 11) * 0x1p-53;
-      // t + u < top + 1 in exact arithmetic; the cap absorbs rounding at the top.
-      codes[i] = static_cast<std::uint64_t>(std::min(std::floor(t + u), top));
-    }
-    if (found) nan.store(true, std::memory_order_relaxed);
+    const std::size_t begin = task * kChunk, end = std::min(n, begin + kChunk);
+    if (encode_levels(x + begin, begin, end - begin, bits, clip, seed, codes + begin))
+      nan.store(true, std::memory_order_relaxed);
   });
   if (nan.load()) throw std::invalid_argument("values hold NaN");
+}
+
+void int_encode_part(const float* x, std::size_t first, std::size_t n, int bits, float clip, std::uint64_t seed,
+                     std::uint64_t* codes) {
+  check_levels(bits, clip);
+  if (encode_levels(x, first, n, bits, clip, seed, codes)) throw std::invalid_argument("values hold NaN");
 }
 
 void pack_codes(const std::uint64_t* codes, std::size_t n, int width, std::uint8_t* out) {

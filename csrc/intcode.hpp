@@ -15,6 +15,10 @@ namespace fedpress {
 // Throws std::invalid_argument for bits outside [1, 16], a clip that is not finite and
 // positive, or a NaN in x (infinities clip to the range).
 void int_encode(const float* x, std::size_t n, int bits, float clip, std::uint64_t seed, std::uint64_t* codes);
+// The codes of elements [first, first + n) of a longer vector, whose part x holds (the
+// draws u_i follow the global index), on the calling thread.
+void int_encode_part(const float* x, std::size_t first, std::size_t n, int bits, float clip, std::uint64_t seed,
+                     std::uint64_t* codes);
 
 constexpr int kMaxWidth = 56;
 

@@ -33,6 +33,9 @@ SPECS = [
     "rht+q2",
     "rht+q8+zstd",
     "topk:0.05+rht+q4",
+    "int8",
+    "int4:clip=0.5+zstd",
+    "randk:0.3:shared+int8",
     "eden2:shared",
     "sign",
 ]
@@ -255,3 +258,34 @@ def test_rotated_quantize_piece_equals_rotating_then_quantizing(threads: int) ->
     ):
         with pytest.raises(ValueError, match=f"^piece 0: rotated quantize piece: {match}"):
             _core.assemble([piece], False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_int_piece_equals_rotating_coding_and_packing(threads: int) -> None:
+    # ("int", ...) codes an unmasked intB section a range of rotated blocks at a time: the
+    # bytes of eden_rotate, int_encode and pack_codes of the whole, for lengths around the
+    # segments shorter than 8 that are packed last, widths that do not divide a byte, and
+    # with other pieces around it.
+    rng = np.random.default_rng(42)
+    with num_threads(threads):
+        for n in (0, 1, 7, 8, 9, 1000, 65543, 300_001):
+            x = rng.standard_normal(n).astype(np.float32)
+            for bits, block in ((8, 65536), (4, 1024), (2, 8), (16, 65536), (3, 16)):
+                rotated = x.copy()
+                if n:
+                    _core.eden_rotate(rotated, block, 77)
+                codes = _core.pack_codes(_core.int_encode(rotated, bits, 1.5, 5), bits)
+                want = _core.assemble([b"ab", codes, ("q", x, 4, 512, 8)], True)
+                got = _core.assemble([b"ab", ("int", x, bits, 1.5, 5, block, 77), ("q", x, 4, 512, 8)], True)
+                assert got == want, (n, bits, block)
+    x = rng.standard_normal(100).astype(np.float32)
+    for piece, match in (
+        (("int", x, 17, 1.5, 5, 64, 7), r"bits must be in \[1, 16\]"),
+        (("int", x, 8, 0.0, 5, 64, 7), "clip must be finite and positive"),
+        (("int", x, 8, 1.5, 5, 4, 7), r"the rotation block must be a power of two in \[8, 2\^24\]"),
+    ):
+        with pytest.raises(ValueError, match=f"^piece 0: int piece: {match}"):
+            _core.assemble([piece], False)
+    x[50] = np.nan
+    with pytest.raises(ValueError, match="^piece 0: values hold NaN"):
+        _core.assemble([("int", x, 8, 1.5, 5, 64, 7)], False)

@@ -440,6 +440,7 @@ _PEAK_ROWS: tuple[tuple[str, str, bool], ...] = (
     ('Codec("fp16").encode', "fp16", False),
     ('Codec("eden4").encode', "eden4", False),
     ('Codec("rht+q4").encode', "rht+q4", False),
+    ('Codec("int8").encode', "int8", False),
     (f'Encoder("{SPARSE_SPEC}").encode, 2nd round', SPARSE_SPEC, True),
 )
 

@@ -53,6 +53,8 @@ from .format.intcodes import (
     MAX_MODULUS_BITS,
     IntLevels,
     encode_int,
+    int_head,
+    int_piece,
     int_section,
     int_size,
     modulus_bits,
@@ -412,7 +414,18 @@ class Codec:
                 if i in chosen:  # randk: the kept entries and the seed they come from
                     support = (chosen[i][1], stage_seed(support_base, i, PURPOSE_RANDK))
                 entries.append(
-                    self._int_entry(name, dtype, arr.shape, flat[i], payload_seed, i, rotation_seed, int_codes, support)
+                    self._int_entry(
+                        name,
+                        dtype,
+                        arr.shape,
+                        flat[i],
+                        payload_seed,
+                        i,
+                        rotation_seed,
+                        int_codes,
+                        support,
+                        in_place=decoded is None and mask is None,
+                    )
                 )
                 if decoded is not None:
                     decoded[name] = self._decoded(entries[-1], chosen.get(i), payload_seed, i)
@@ -438,7 +451,9 @@ class Codec:
         except KernelRefused as exc:
             # A kernel writing its section in place refused its input: say why, by name.
             refused = next(e for e in entries if e.name == exc.tensor)
-            _check_values(refused.name, refused.values.piece[1], refused.rht_block, sparse=refused.kind != KIND_DENSE)
+            parts = refused.values if isinstance(refused.values, tuple) else (refused.values,)
+            piece = next(p.piece for p in parts if isinstance(p, KernelSection))
+            _check_values(refused.name, piece[1], refused.rht_block, sparse=refused.kind != KIND_DENSE)
             if self.spec.eden:
                 raise ValueError(
                     f"tensor {exc.tensor!r} holds {exc.why}; scale the update down or use a codec without eden"
@@ -611,9 +626,13 @@ class Codec:
         rotation_seed: Optional[int],
         int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]],
         support: Optional[tuple[np.ndarray, int]] = None,
+        *,
+        in_place: bool = False,
     ) -> Entry:
         """An intB entry, dense, or with ``support`` (the kept values of random-k and the
-        seed of their indices) sparse-seeded; its codes also into ``int_codes``, for the mask."""
+        seed of their indices) sparse-seeded; its codes also into ``int_codes``, for the mask.
+        ``in_place`` (no mask, no decoding back): the codes are written by their kernel in
+        the payload instead, and ``int_codes`` is left alone."""
         sp = self.spec
         n = int(v.size)
         if support is not None:
@@ -628,9 +647,16 @@ class Codec:
             ),
             block=self.rht_block,
         )
-        codes = encode_int(v, levels, stage_seed(payload_seed, ordinal, PURPOSE_QUANT))
+        quant_seed = stage_seed(payload_seed, ordinal, PURPOSE_QUANT)
         seed = None if support is None else support_seed
-        int_codes[ordinal] = (levels, codes, seed)
+        if in_place and v.size and self.rht_block >= 8:
+            head = int_head(levels, masked=False, width=levels.bits, support_seed=seed)
+            codes_bytes = (v.size * levels.bits + 7) // 8
+            section: Any = (head, KernelSection(int_piece(v, levels, quant_seed), codes_bytes))
+        else:
+            codes = encode_int(v, levels, quant_seed)
+            int_codes[ordinal] = (levels, codes, seed)
+            section = int_section(codes, levels, masked=False, width=levels.bits, support_seed=seed)
         return Entry(
             name=name,
             dtype=dtype,
@@ -638,7 +664,7 @@ class Codec:
             kind=KIND_DENSE if support is None else KIND_SPARSE_SEEDED,
             count=n if support is None else int(v.size),
             rht_block=self.rht_block,
-            values=int_section(codes, levels, masked=False, width=levels.bits, support_seed=seed),
+            values=section,
             value_code="int",
         )
 

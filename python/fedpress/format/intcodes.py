@@ -107,6 +107,15 @@ def int_section(
 ) -> tuple:
     """The section's buffers: its head (the weight, when not 1; the support's seed, for a
     shared random-k support), then the codes packed ``width`` bits each."""
+    head = int_head(levels, masked=masked, width=width, weight=weight, support_seed=support_seed)
+    return (head, _core.pack_codes(np.ascontiguousarray(codes, dtype=np.uint64), width))
+
+
+def int_head(
+    levels: IntLevels, *, masked: bool, width: int, weight: int = 1, support_seed: Optional[int] = None
+) -> bytes:
+    """An int section's head: its levels, width and flags, the weight when not 1 and the
+    support's seed for a shared random-k support (docs/format.md)."""
     flags = (INT_MASKED if masked else 0) | (INT_WEIGHTED if weight != 1 else 0)
     flags |= INT_SUPPORT if support_seed is not None else 0
     head = INT_HEAD.pack(levels.bits, levels.modulus_bits, width, flags, levels.clip, levels.rotation_seed)
@@ -114,7 +123,15 @@ def int_section(
         head += _U32.pack(weight)
     if support_seed is not None:
         head += _U64.pack(support_seed)
-    return (head, _core.pack_codes(np.ascontiguousarray(codes, dtype=np.uint64), width))
+    return head
+
+
+def int_piece(v: np.ndarray, levels: IntLevels, quant_seed: int) -> tuple:
+    """The unmasked codes of ``encode_int(v, levels, quant_seed)``, packed ``levels.bits``
+    each, as a ``_core.assemble`` piece that writes them in the payload, a range of
+    rotated blocks at a time (no rotated copy, no 64-bit code per value); for blocks of
+    8 values and more."""
+    return ("int", v, levels.bits, float(levels.clip), quant_seed, levels.block, levels.rotation_seed)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def section_size(values: Any) -> int:
     if isinstance(values, tuple):
         total = 0
         for p in values:  # (numpy arrays, mostly: their size without a memoryview)
-            total += p.nbytes if type(p) is np.ndarray else memoryview(p).nbytes
+            total += p.nbytes if type(p) is np.ndarray or isinstance(p, KernelSection) else memoryview(p).nbytes
         return total
     return memoryview(values).nbytes
 

@@ -184,8 +184,8 @@ def write_payload(
         )
         if isinstance(e.values, KernelSection):
             pieces.append((e.name, e.values.piece))
-        elif isinstance(e.values, tuple):
-            pieces += [(None, p) for p in e.values]
+        elif isinstance(e.values, tuple):  # buffers, and a kernel's part (an int section's codes after its head)
+            pieces += [(e.name, p.piece) if isinstance(p, KernelSection) else (None, p) for p in e.values]
         else:
             pieces.append((None, e.values))
     pieces[0] = (None, _core.write_table(bytes(prefix), rows))
