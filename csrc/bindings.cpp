@@ -31,6 +31,7 @@
 #include "eden.hpp"
 #include "indexcode.hpp"
 #include "intcode.hpp"
+#include "pages.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
 #include "ricestream.hpp"
@@ -841,7 +842,72 @@ py::buffer_info contiguous_bytes(const py::handle& obj, const char* name) {
 
 std::size_t byte_size(const py::buffer_info& info) { return static_cast<std::size_t>(info.size * info.itemsize); }
 
+// A payload built from parts appended in turn (a header, then a compressor's output as it
+// comes) into one bytes object of a given capacity, shrunk to what was written when done,
+// with the CRC-32C of all of it appended: each part copied once, and no join of them at
+// the end. The bytes object is nobody else's until finish() hands it out.
+class PayloadBuilder {
+ public:
+  explicit PayloadBuilder(std::size_t capacity) : capacity_(capacity) {
+    if (capacity > static_cast<std::size_t>(std::numeric_limits<Py_ssize_t>::max()) - 4)
+      throw py::value_error("capacity is too large");
+    raw_ = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(capacity + 4));  // its pages touched as written
+    if (raw_ == nullptr) throw py::error_already_set();
+  }
+  ~PayloadBuilder() { Py_XDECREF(raw_); }
+  PayloadBuilder(const PayloadBuilder&) = delete;
+  PayloadBuilder& operator=(const PayloadBuilder&) = delete;
+
+  void append(const py::buffer& part) {
+    if (raw_ == nullptr) throw py::value_error("the payload was finished already");
+    const py::buffer_info info = contiguous_bytes(part, "part");
+    const std::size_t n = byte_size(info);
+    if (n > capacity_ - size_)
+      throw py::value_error("a part of " + std::to_string(n) + " bytes does not fit in the " +
+                            std::to_string(capacity_ - size_) + " left");
+    std::uint8_t* at = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw_)) + size_;
+    const auto* from = static_cast<const std::uint8_t*>(info.ptr);
+    py::gil_scoped_release release;  // the part is kept alive by the caller's argument
+    std::memcpy(at, from, n);
+    crc_ = fedpress::crc32c(at, n, crc_);  // while it is in cache
+    size_ += n;
+  }
+
+  py::bytes finish() {
+    if (raw_ == nullptr) throw py::value_error("the payload was finished already");
+    std::memcpy(PyBytes_AS_STRING(raw_) + size_, &crc_, 4);  // little-endian hosts
+    if (_PyBytes_Resize(&raw_, static_cast<Py_ssize_t>(size_ + 4)) != 0) {
+      raw_ = nullptr;  // freed by _PyBytes_Resize
+      throw py::error_already_set();
+    }
+    PyObject* out = raw_;
+    raw_ = nullptr;
+    return py::reinterpret_steal<py::bytes>(out);
+  }
+
+ private:
+  PyObject* raw_ = nullptr;
+  std::size_t capacity_ = 0, size_ = 0;
+  std::uint32_t crc_ = 0;
+};
+
 void register_checksum(py::module_& m) {
+  py::class_<PayloadBuilder>(m, "PayloadBuilder",
+                             "Parts appended into one bytes object (each copied once); finish() shrinks it to them "
+                             "and appends their CRC-32C (little-endian).")
+      .def(py::init<std::size_t>(), "capacity"_a)
+      .def("append", &PayloadBuilder::append, "part"_a)
+      .def("finish", &PayloadBuilder::finish);
+  m.def(
+      "discard_pages",
+      [](const py::buffer& buf, std::size_t begin, std::size_t end) {
+        const py::buffer_info info = contiguous_bytes(buf, "data");
+        if (begin > end || end > byte_size(info)) throw py::value_error("[begin, end) must lie inside the buffer");
+        fedpress::discard_pages(info.ptr, begin, end);
+      },
+      "data"_a, "begin"_a, "end"_a,
+      "Hands the whole pages of data[begin:end] back to the system (Linux; elsewhere nothing): they read as "
+      "zeros after. Only for a buffer of one's own that nobody reads there again.");
   m.def(
       "crc32c",
       [](const py::buffer& buf, std::uint32_t crc) {

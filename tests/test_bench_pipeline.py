@@ -87,6 +87,7 @@ def test_peak_memory_rows_measure_each_encode_in_a_fresh_process():
         'Codec("eden4").encode',
         'Codec("rht+q4").encode',
         'Codec("int8").encode',
+        'Codec("q8+zstd").encode',
         'Encoder("topk:0.01+q4+zstd").encode, 2nd round',
     ]
     for row in rows:

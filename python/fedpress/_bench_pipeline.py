@@ -441,6 +441,7 @@ _PEAK_ROWS: tuple[tuple[str, str, bool], ...] = (
     ('Codec("eden4").encode', "eden4", False),
     ('Codec("rht+q4").encode', "rht+q4", False),
     ('Codec("int8").encode', "int8", False),
+    ('Codec("q8+zstd").encode', "q8+zstd", False),
     (f'Encoder("{SPARSE_SPEC}").encode, 2nd round', SPARSE_SPEC, True),
 )
 
