@@ -224,7 +224,7 @@ def write_payload(
 # Bodies from this size on are compressed a window at a time (and yield a frame that may
 # differ from the one-shot compression's, as valid).
 _STREAMED_BODY = 8 << 20
-_ZSTD_WINDOW = 1 << 20
+_ZSTD_WINDOW = 1 << 21
 
 
 def _zstd_bound(size: int) -> int:
