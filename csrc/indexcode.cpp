@@ -269,14 +269,12 @@ std::vector<std::uint32_t> index_gaps(const std::uint32_t* idx, std::size_t k, s
   return gaps;
 }
 
-std::uint32_t checked_gap(const std::uint32_t* idx, std::size_t i, std::uint64_t n) {
+void throw_bad_index(const std::uint32_t* idx, std::size_t i, std::uint64_t n) {
   if (idx[i] >= n)
     throw std::invalid_argument("index " + std::to_string(idx[i]) + " at position " + std::to_string(i) +
                                 " is >= n = " + std::to_string(n));
-  if (i > 0 && idx[i] <= idx[i - 1])
-    throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) + " holds " +
-                                std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
-  return i == 0 ? idx[0] : idx[i] - idx[i - 1] - 1;  // fits 32 bits: idx < n <= 2^32
+  throw std::invalid_argument("indices must be strictly ascending: position " + std::to_string(i) + " holds " +
+                              std::to_string(idx[i]) + " after " + std::to_string(idx[i - 1]));
 }
 
 std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {

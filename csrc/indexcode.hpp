@@ -29,9 +29,16 @@ namespace fedpress {
 // std::invalid_argument if indices are not strictly ascending or >= n, or k > n.
 std::vector<std::uint32_t> index_gaps(const std::uint32_t* indices, std::size_t k, std::uint64_t n);
 
+// std::invalid_argument naming position i of indices, which is >= n or not above the one
+// before it.
+[[noreturn]] void throw_bad_index(const std::uint32_t* indices, std::size_t i, std::uint64_t n);
+
 // Gap i of ascending indices (g_0 = idx_0, g_i = idx_i - idx_{i-1} - 1), idx_i checked
-// first: std::invalid_argument naming the position if it is >= n or not above idx_{i-1}.
-std::uint32_t checked_gap(const std::uint32_t* indices, std::size_t i, std::uint64_t n);
+// first (throw_bad_index). Inline: the encoders call it once per index.
+inline std::uint32_t checked_gap(const std::uint32_t* indices, std::size_t i, std::uint64_t n) {
+  if (indices[i] >= n || (i > 0 && indices[i] <= indices[i - 1])) throw_bad_index(indices, i, n);
+  return i == 0 ? indices[0] : indices[i] - indices[i - 1] - 1;  // fits 32 bits: idx < n <= 2^32
+}
 
 // Throws std::invalid_argument if indices are not strictly ascending or >= n.
 std::vector<std::uint8_t> encode_indices(const std::uint32_t* indices, std::size_t k, std::uint64_t n);

@@ -348,13 +348,6 @@ std::uint64_t sum_lows(const std::uint8_t* lows, const std::uint8_t* stream_end,
   return sum_fields(lows, stream_end, begin, end, l);
 }
 
-// The coded size in bits of the gaps with parameter l.
-std::uint64_t coded_bits(const std::vector<std::uint32_t>& gaps, unsigned l) {
-  std::uint64_t quotients = 0;
-  for (const std::uint32_t g : gaps) quotients += g >> l;
-  return std::uint64_t{gaps.size()} * (l + 1) + quotients;
-}
-
 std::size_t varint_size(std::uint64_t v) {
   std::size_t bytes = 1;
   for (; v >= 0x80; v >>= 7) ++bytes;
@@ -371,21 +364,28 @@ std::size_t stream_size(std::size_t k, unsigned l, std::uint64_t bits) {
 }  // namespace
 
 RicePlan plan_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
-  const std::vector<std::uint32_t> gaps = index_gaps(idx, k, n);
+  if (k > n) throw std::invalid_argument("more indices than n");
   if (k == 0) return {0, varint_size(0)};
   // The Rice parameter near the geometric optimum (about log2 of the mean gap times
-  // ln 2), then the exact coded size of its neighbours: clustered top-k indices can
-  // prefer a smaller one.
+  // ln 2), then the exact coded size of it and its neighbours, all from one pass over the
+  // indices: clustered top-k indices can prefer a smaller one.
   const double mean_gap = static_cast<double>(n - k) / static_cast<double>(k);
   const double guess = mean_gap * std::log(2.0);
   const int l0 = guess >= 2.0 ? static_cast<int>(std::floor(std::log2(guess))) : 0;
-  unsigned best_l = 0;
+  const unsigned lo = static_cast<unsigned>(std::max(0, l0 - 1));
+  const unsigned candidates = std::min<unsigned>(kMaxRiceParameter, static_cast<unsigned>(l0 + 2)) - lo + 1;
+  std::uint64_t quotients[4] = {};
+  for (std::size_t i = 0; i < k; ++i) {
+    const std::uint32_t gap = checked_gap(idx, i, n);
+    for (unsigned c = 0; c < 4; ++c) quotients[c] += std::uint64_t{gap} >> (lo + c);  // (4 always: unused ones cost nothing)
+  }
+  unsigned best_l = lo;
   std::uint64_t best_bits = std::numeric_limits<std::uint64_t>::max();
-  for (int l = std::max(0, l0 - 1); l <= std::min<int>(kMaxRiceParameter, l0 + 2); ++l) {
-    const std::uint64_t bits = coded_bits(gaps, static_cast<unsigned>(l));
+  for (unsigned c = 0; c < candidates; ++c) {
+    const std::uint64_t bits = std::uint64_t{k} * (lo + c + 1) + quotients[c];
     if (bits < best_bits) {
       best_bits = bits;
-      best_l = static_cast<unsigned>(l);
+      best_l = lo + c;
     }
   }
   return {best_l, stream_size(k, best_l, best_bits)};
@@ -395,11 +395,12 @@ void write_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n,
                        std::uint8_t* out) {
   const unsigned l = plan.parameter;
   if (l > kMaxRiceParameter) throw std::invalid_argument("Rice parameter " + std::to_string(l) + " is over 31");
-  // The indices checked, and their size with this parameter, before a byte is written.
-  std::uint64_t quotients = 0;
-  for (std::size_t i = 0; i < k; ++i) quotients += checked_gap(idx, i, n) >> l;
+  if (k == 0 && (l != 0 || plan.size != varint_size(0)))
+    throw std::invalid_argument("the indices do not code in the planned " + std::to_string(plan.size) + " bytes");
+  const std::size_t head = k == 0 ? varint_size(0) : varint_size(k) + 1;
   const std::uint64_t low_bits = std::uint64_t{k} * l;
-  if (stream_size(k, l, low_bits + k + quotients) != plan.size || (k == 0 && l != 0))
+  const std::size_t low_bytes = static_cast<std::size_t>((low_bits + 7) / 8);
+  if (plan.size < head + low_bytes + (k ? 1 : 0))
     throw std::invalid_argument("the indices do not code in the planned " + std::to_string(plan.size) + " bytes");
   std::size_t pos = 0;  // the count, a varint
   std::uint64_t v = k;
@@ -408,46 +409,39 @@ void write_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n,
   if (k == 0) return;
   out[pos++] = static_cast<std::uint8_t>(l);
   std::uint8_t* lows = out + pos;
-  const std::size_t low_bytes = static_cast<std::size_t>((low_bits + 7) / 8);
-  if (l > 0) {
-    const std::uint64_t mask = (std::uint64_t{1} << l) - 1;
-    std::uint64_t acc = 0;
-    unsigned fill = 0;
-    std::size_t at = 0;
-    std::uint32_t previous = 0;
-    for (std::size_t i = 0; i < k; ++i) {
-      const std::uint32_t gap = i == 0 ? idx[0] : idx[i] - previous - 1;
-      previous = idx[i];
-      acc |= (gap & mask) << fill;
-      fill += l;
-      if (fill >= 32) {  // whole words of the lows, then their last bytes: low_bytes in all
-        const std::uint32_t word = static_cast<std::uint32_t>(acc);
-        std::memcpy(lows + at, &word, 4);
-        at += 4;
-        acc >>= 32;
-        fill -= 32;
-      }
-    }
-    for (; fill > 0; fill = fill >= 8 ? fill - 8 : 0) {
-      lows[at++] = static_cast<std::uint8_t>(acc);
-      acc >>= 8;
-    }
-  }
   std::uint8_t* unary = lows + low_bytes;
   const std::size_t unary_bytes = plan.size - pos - low_bytes;
   std::memset(unary, 0, unary_bytes);  // ones are set into zeros (a payload's buffer is not cleared)
-  // The indices were checked above, but they are read again here, without the GIL: an
-  // array another thread changes meanwhile must not move a bit past the stream.
-  std::uint64_t bit = 0;
-  std::uint32_t previous = 0;
+  // One pass: each index checked, its low bits appended (k * l bits in all: low_bytes,
+  // whole words then the last bytes) and its unary one set, every one of them inside the
+  // planned size (a plan that is not the indices' is refused, never written past).
+  const std::uint64_t mask = l ? (std::uint64_t{1} << l) - 1 : 0;
+  std::uint64_t acc = 0, bit = 0;
+  unsigned fill = 0;
+  std::size_t at = 0;
   for (std::size_t i = 0; i < k; ++i) {
-    const std::uint32_t gap = i == 0 ? idx[0] : idx[i] - previous - 1;
-    previous = idx[i];
+    const std::uint32_t gap = checked_gap(idx, i, n);
+    acc |= (gap & mask) << fill;
+    fill += l;
+    if (fill >= 32) {
+      const std::uint32_t word = static_cast<std::uint32_t>(acc);
+      std::memcpy(lows + at, &word, 4);
+      at += 4;
+      acc >>= 32;
+      fill -= 32;
+    }
     bit += gap >> l;
-    if ((bit >> 3) >= unary_bytes) throw std::invalid_argument("the indices changed while their stream was written");
+    if ((bit >> 3) >= unary_bytes)
+      throw std::invalid_argument("the indices do not code in the planned " + std::to_string(plan.size) + " bytes");
     unary[bit >> 3] = static_cast<std::uint8_t>(unary[bit >> 3] | (1u << (bit & 7)));
     ++bit;
   }
+  for (; fill > 0; fill = fill >= 8 ? fill - 8 : 0) {
+    lows[at++] = static_cast<std::uint8_t>(acc);
+    acc >>= 8;
+  }
+  if ((bit + 7) / 8 != unary_bytes)
+    throw std::invalid_argument("the indices do not code in the planned " + std::to_string(plan.size) + " bytes");
 }
 
 std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t n) {
