@@ -867,7 +867,8 @@ class PayloadBuilder {
                             std::to_string(capacity_ - size_) + " left");
     std::uint8_t* at = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw_)) + size_;
     const auto* from = static_cast<const std::uint8_t*>(info.ptr);
-    py::gil_scoped_release release;  // the part is kept alive by the caller's argument
+    // With the GIL held (a part is a compressor's window at most): another thread cannot
+    // append or finish meanwhile.
     std::memcpy(at, from, n);
     crc_ = fedpress::crc32c(at, n, crc_);  // while it is in cache
     size_ += n;
@@ -1689,6 +1690,15 @@ void register_streams(py::module_& m) {
       "(float32, as divide does), each range right after its last addition (a mean in the sum's pass).");
 }
 
+// A kernel piece's bucket: 1 .. 2^32 - 1, the largest a payload's table records (a bucket
+// near 2^64 would wrap the kernels' bucket arithmetic around).
+std::size_t piece_bucket(const py::handle& value, std::size_t i) {
+  const std::uint64_t bucket = field<std::uint64_t>(value, "piece " + std::to_string(i) + ": bucket");
+  if (bucket == 0 || bucket > kMaxLength)
+    throw py::value_error("piece " + std::to_string(i) + ": bucket must be in [1, 2^32 - 1], got " + std::to_string(bucket));
+  return static_cast<std::size_t>(bucket);
+}
+
 void register_assemble(py::module_& m) {
   m.def(
       "assemble",
@@ -1745,12 +1755,12 @@ void register_assemble(py::module_& m) {
           if (kind == "q" && t.size() == 5) {
             p.kind = fedpress::PieceKind::quantize;
             p.bits = t[2].cast<int>();
-            p.block = t[3].cast<std::size_t>();
+            p.block = piece_bucket(t[3], i);
             p.seed = t[4].cast<std::uint64_t>();
           } else if (kind == "rq" && t.size() == 7) {
             p.kind = fedpress::PieceKind::rotated_quantize;
             p.bits = t[2].cast<int>();
-            p.block = t[3].cast<std::size_t>();
+            p.block = piece_bucket(t[3], i);
             p.seed = t[4].cast<std::uint64_t>();
             p.rotation_block = t[5].cast<std::size_t>();
             p.rotation_seed = t[6].cast<std::uint64_t>();
@@ -1763,7 +1773,7 @@ void register_assemble(py::module_& m) {
             p.rotation_seed = t[6].cast<std::uint64_t>();
           } else if (kind == "sign" && t.size() == 3) {
             p.kind = fedpress::PieceKind::sign;
-            p.block = t[2].cast<std::size_t>();
+            p.block = piece_bucket(t[2], i);
           } else if (kind == "f16" && t.size() == 2) {
             p.kind = fedpress::PieceKind::half;
           } else if (kind == "bf16" && t.size() == 2) {

@@ -45,6 +45,6 @@ class SerialScope {
 // Elements below which kernels stay on the calling thread.
 constexpr std::size_t kParallelThreshold = std::size_t{1} << 17;
 
-inline std::size_t ceil_div(std::size_t a, std::size_t b) { return (a + b - 1) / b; }
+inline std::size_t ceil_div(std::size_t a, std::size_t b) { return a / b + (a % b != 0); }  // no a + b overflow
 
 }  // namespace fedpress

@@ -253,11 +253,15 @@ def test_rotated_quantize_piece_equals_rotating_then_quantizing(threads: int) ->
     with pytest.raises(ValueError, match=r"^piece 1: x contains NaN or infinity"):
         _core.assemble([b"x", ("rq", bad, 4, 512, 3, 256, 5)], False)
     for piece, match in (
-        (("rq", x, 1, 512, 3, 256, 5), "bits must be 2, 4 or 8"),
-        (("rq", x, 4, 0, 3, 256, 5), "bucket must be positive"),
-        (("rq", x, 4, 512, 3, 1000, 5), "the rotation block must be a power of two"),
+        (("rq", x, 1, 512, 3, 256, 5), "rotated quantize piece: bits must be 2, 4 or 8"),
+        (("rq", x, 4, 512, 3, 1000, 5), "rotated quantize piece: the rotation block must be a power of two"),
+        # a bucket near 2^64 wrapped the kernels' bucket arithmetic around (a crash)
+        (("rq", x, 4, 0, 3, 256, 5), r"bucket must be in \[1, 2\^32 - 1\], got 0"),
+        (("rq", x, 2, 2**64 - 1, 5, 8, 1), r"bucket must be in \[1, 2\^32 - 1\]"),
+        (("q", x, 2, 2**64 - 7, 5), r"bucket must be in \[1, 2\^32 - 1\]"),
+        (("sign", x, 2**40), r"bucket must be in \[1, 2\^32 - 1\]"),
     ):
-        with pytest.raises(ValueError, match=f"^piece 0: rotated quantize piece: {match}"):
+        with pytest.raises(ValueError, match=f"^piece 0: {match}"):
             _core.assemble([piece], False)
 
 
