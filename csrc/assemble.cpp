@@ -42,11 +42,21 @@ void copy_bytes(const std::uint8_t* src, std::size_t size, std::uint8_t* out) {
   });
 }
 
+// A section that starts with `count` float32 scales at `at`, its codes right after them:
+// write(codes, scales) makes both, the scales into an aligned buffer (the payload's are at
+// any offset), copied to their place once the codes are written.
+template <class Write>
+void with_scales(std::size_t count, std::uint8_t* at, Write&& write) {
+  std::vector<float> scales(count);
+  const std::size_t scale_bytes = count * sizeof(float);
+  write(at + scale_bytes, scales.data());
+  if (scale_bytes != 0) std::memcpy(at, scales.data(), scale_bytes);
+}
+
 void write_quantized(const Piece& p, std::uint8_t* out) {
-  std::vector<float> scales(bucket_count(p.n, p.block));  // aligned; the payload's are at any offset
-  const std::size_t scale_bytes = scales.size() * sizeof(float);
-  quantize(floats(p), p.n, p.bits, p.block, true, p.seed, out + scale_bytes, scales.data());
-  if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
+  with_scales(bucket_count(p.n, p.block), out, [&](std::uint8_t* codes, float* scales) {
+    quantize(floats(p), p.n, p.bits, p.block, true, p.seed, codes, scales);
+  });
 }
 
 // The quantize section of the rotated x, a few rotation blocks at a time: each part is
@@ -56,15 +66,14 @@ void write_quantized(const Piece& p, std::uint8_t* out) {
 void write_rotated_quantized(const Piece& p, std::uint8_t* out) {
   const RhtLayout layout = rht_layout(p.n, p.rotation_block);
   const std::size_t m = layout.size();
-  std::vector<float> scales(bucket_count(m, p.block));
-  const std::size_t scale_bytes = scales.size() * sizeof(float);
-  std::uint8_t* codes = out + scale_bytes;
-  const std::size_t unit = std::lcm(std::lcm(layout.block, p.block), std::size_t{8});
-  if (unit > kMaxRotatedPart) {  // buckets that straddle huge blocks: the whole rotation first
-    std::vector<float> rotated(m);
-    rht_forward(floats(p), p.n, p.rotation_block, p.rotation_seed, rotated.data());
-    quantize(rotated.data(), m, p.bits, p.block, true, p.seed, codes, scales.data());
-  } else {
+  with_scales(bucket_count(m, p.block), out, [&](std::uint8_t* codes, float* scales) {
+    const std::size_t unit = std::lcm(std::lcm(layout.block, p.block), std::size_t{8});
+    if (unit > kMaxRotatedPart) {  // buckets that straddle huge blocks: the whole rotation first
+      std::vector<float> rotated(m);
+      rht_forward(floats(p), p.n, p.rotation_block, p.rotation_seed, rotated.data());
+      quantize(rotated.data(), m, p.bits, p.block, true, p.seed, codes, scales);
+      return;
+    }
     const std::size_t part = unit * std::max<std::size_t>(1, kRotatedPart / unit);
     const std::size_t blocks_per_part = part / layout.block, parts = ceil_div(layout.blocks(), blocks_per_part);
     parallel_for_sized(parts, m, [&](std::size_t i) {
@@ -74,10 +83,9 @@ void write_rotated_quantized(const Piece& p, std::uint8_t* out) {
       thread_local std::vector<float> rotated;
       rotated.resize(last - first);
       rht_forward_blocks(floats(p), p.n, p.rotation_block, p.rotation_seed, b0, b1, rotated.data());
-      quantize_part(rotated.data(), first, last - first, m, p.bits, p.block, true, p.seed, codes, scales.data());
+      quantize_part(rotated.data(), first, last - first, m, p.bits, p.block, true, p.seed, codes, scales);
     });
-  }
-  if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
+  });
 }
 
 // An intB section's codes: x rotated a range of blocks at a time (eden_rotated_ranges),
@@ -105,28 +113,27 @@ void write_int_codes(const Piece& p, std::uint8_t* out) {
 }
 
 void write_signs(const Piece& p, std::uint8_t* out) {
-  std::vector<float> scales(bucket_count(p.n, p.block));
-  const std::size_t scale_bytes = scales.size() * sizeof(float);
-  sign_quantize(floats(p), p.n, p.block, out + scale_bytes, scales.data());
-  if (scale_bytes != 0) std::memcpy(out, scales.data(), scale_bytes);
+  with_scales(bucket_count(p.n, p.block), out, [&](std::uint8_t* codes, float* scales) {
+    sign_quantize(floats(p), p.n, p.block, codes, scales);
+  });
 }
 
 void write_eden(const Piece& p, std::uint8_t* out) {
   const bool mse = (p.mode & kEdenMseScale) != 0;
-  std::vector<float> scales(eden_layout_scales(p.n, p.block));
-  const std::size_t scale_bytes = scales.size() * sizeof(float);
-  std::vector<std::uint32_t> outlier_idx;  // the nearest rounding has none
-  std::vector<float> outlier_val;
+  const std::size_t count = eden_layout_scales(p.n, p.block);
   out[0] = p.mode;
-  eden_encode(floats(p), p.n, p.block, p.bits, EdenRounding::nearest, mse ? EdenScale::mse : EdenScale::unbiased,
-              p.seed, p.quant_seed, out + 1 + scale_bytes, scales.data(), outlier_idx, outlier_val);
-  // The decoder refuses a section whose inverse rotation could leave float32: never write one.
-  const double bound = eden_rotation_bound(scales.data(), scales.size(), p.bits, EdenRounding::nearest, nullptr, 0,
-                                           p.n, p.block);
-  if (!(bound <= kRotationLimit))
-    throw std::invalid_argument("values too large to rotate in float32 (the decoder's inverse rotation could reach " +
-                                std::to_string(bound) + " > 1e38)");
-  if (scale_bytes != 0) std::memcpy(out + 1, scales.data(), scale_bytes);
+  with_scales(count, out + 1, [&](std::uint8_t* codes, float* scales) {
+    std::vector<std::uint32_t> outlier_idx;  // the nearest rounding has none
+    std::vector<float> outlier_val;
+    eden_encode(floats(p), p.n, p.block, p.bits, EdenRounding::nearest, mse ? EdenScale::mse : EdenScale::unbiased,
+                p.seed, p.quant_seed, codes, scales, outlier_idx, outlier_val);
+    // The decoder refuses a section whose inverse rotation could leave float32: never write one.
+    const double bound =
+        eden_rotation_bound(scales, count, p.bits, EdenRounding::nearest, nullptr, 0, p.n, p.block);
+    if (!(bound <= kRotationLimit))
+      throw std::invalid_argument("values too large to rotate in float32 (the decoder's inverse rotation could reach " +
+                                  std::to_string(bound) + " > 1e38)");
+  });
 }
 
 }  // namespace
@@ -160,7 +167,7 @@ std::size_t piece_size(const Piece& p) {
       // Blocks of 8 values and more: every range but the last n % 8 values starts on a byte.
       if (!valid_rotate_block(p.rotation_block) || p.rotation_block < 8)
         throw std::invalid_argument("int piece: the rotation block must be a power of two in [8, 2^24]");
-      return (p.n / 8) * static_cast<std::size_t>(p.bits) + ((p.n % 8) * static_cast<std::size_t>(p.bits) + 7) / 8;
+      return packed_size(p.n, p.bits);  // (the formula holds for any width)
     case PieceKind::rice:
       if (p.bits < 0 || p.bits > static_cast<int>(kMaxRiceParameter))
         throw std::invalid_argument("rice piece: the parameter must be in [0, 31]");

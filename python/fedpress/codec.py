@@ -651,8 +651,7 @@ class Codec:
         seed = None if support is None else support_seed
         if in_place and v.size and self.rht_block >= 8:
             head = int_head(levels, masked=False, width=levels.bits, support_seed=seed)
-            codes_bytes = (v.size * levels.bits + 7) // 8
-            section: Any = (head, KernelSection(int_piece(v, levels, quant_seed), codes_bytes))
+            section: Any = (head, int_piece(v, levels, quant_seed))
         else:
             codes = encode_int(v, levels, quant_seed)
             int_codes[ordinal] = (levels, codes, seed)

@@ -19,6 +19,7 @@ import numpy as np
 from .. import _core
 from .errors import DecodeError
 from .primitives import ByteReader
+from .values import KernelSection
 
 __all__: list[str] = []
 
@@ -42,7 +43,12 @@ def modulus_bits(bits: int, max_clients: int) -> int:
 
 def int_size(count: int, width: int) -> int:
     """Bytes of an int section of ``count`` codes of ``width`` bits."""
-    return INT_HEAD.size + (count * width + 7) // 8
+    return INT_HEAD.size + codes_size(count, width)
+
+
+def codes_size(count: int, width: int) -> int:
+    """Bytes of ``count`` codes packed ``width`` bits each."""
+    return (count * width + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -126,12 +132,13 @@ def int_head(
     return head
 
 
-def int_piece(v: np.ndarray, levels: IntLevels, quant_seed: int) -> tuple:
+def int_piece(v: np.ndarray, levels: IntLevels, quant_seed: int) -> KernelSection:
     """The unmasked codes of ``encode_int(v, levels, quant_seed)``, packed ``levels.bits``
-    each, as a ``_core.assemble`` piece that writes them in the payload, a range of
+    each, as a section part that ``_core.assemble`` writes in the payload, a range of
     rotated blocks at a time (no rotated copy, no 64-bit code per value); for blocks of
     8 values and more."""
-    return ("int", v, levels.bits, float(levels.clip), quant_seed, levels.block, levels.rotation_seed)
+    piece = ("int", v, levels.bits, float(levels.clip), quant_seed, levels.block, levels.rotation_seed)
+    return KernelSection(piece, codes_size(v.size, levels.bits))
 
 
 @dataclass
