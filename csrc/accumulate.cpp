@@ -36,10 +36,6 @@ void divide_run(float* a, std::size_t n, float d) {
   for (std::size_t i = 0; i < n; ++i) a[i] /= d;
 }
 
-void add_run(float* acc, const std::uint32_t* idx, const float* val, std::size_t count, float w) {
-  for (std::size_t j = 0; j < count; ++j) acc[idx[j]] += w * val[j];
-}
-
 // How many threads share the ranges of an n-element accumulator receiving `total` entries.
 std::size_t range_parts(std::size_t total, std::size_t n_ranges) {
   return total < kParallelThreshold ? 1 : std::min<std::size_t>(n_ranges, static_cast<std::size_t>(num_threads()));
@@ -65,13 +61,22 @@ void add_ranges(float* acc, std::size_t n, const std::vector<SparseUpdate>& upda
       const SparseUpdate& u = updates[c];
       std::size_t j = cursor[c];
       const float w = u.weight;
+      // Each index is read once and written only below hi <= n: the caller's arrays are
+      // read without the GIL, and another thread may change them after they were checked
+      // (the sum is then wrong, as the caller made it, but nothing outside acc is written).
       if (ahead) {
-        for (; j < u.count && u.indices[j] < hi; ++j) {
-          if (j + kAhead < u.count) prefetch_for_write(acc + u.indices[j + kAhead]);
-          acc[u.indices[j]] += w * u.values[j];
+        for (; j < u.count; ++j) {
+          const std::uint32_t i = u.indices[j];
+          if (i >= hi) break;
+          if (j + kAhead < u.count) prefetch_for_write(acc + std::min<std::uint64_t>(u.indices[j + kAhead], n - 1));
+          acc[i] += w * u.values[j];
         }
       } else {
-        for (; j < u.count && u.indices[j] < hi; ++j) acc[u.indices[j]] += w * u.values[j];
+        for (; j < u.count; ++j) {
+          const std::uint32_t i = u.indices[j];
+          if (i >= hi) break;
+          acc[i] += w * u.values[j];
+        }
       }
       cursor[c] = j;
     }
@@ -88,14 +93,17 @@ struct SortedCopies {
     for (std::size_t c = 0; c < updates.size(); ++c) {
       if (checks[c].sorted) continue;
       SparseUpdate& u = updates[c];
+      // Sorted by a copy of the keys: a comparator reading the caller's array, which
+      // another thread may change meanwhile, could disagree with itself, and a sort given
+      // an inconsistent order may read outside its range.
+      const std::vector<std::uint32_t> keys(u.indices, u.indices + u.count);
       std::vector<std::size_t> order(u.count);
       std::iota(order.begin(), order.end(), std::size_t{0});
-      std::stable_sort(order.begin(), order.end(),
-                       [&](std::size_t a, std::size_t b) { return u.indices[a] < u.indices[b]; });
+      std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return keys[a] < keys[b]; });
       indices.emplace_back(u.count);
       values.emplace_back(u.count);
       for (std::size_t j = 0; j < u.count; ++j) {
-        indices.back()[j] = u.indices[order[j]];
+        indices.back()[j] = keys[order[j]];
         values.back()[j] = u.values[order[j]];
       }
       u.indices = indices.back().data();
@@ -105,18 +113,6 @@ struct SortedCopies {
 };
 
 }  // namespace
-
-std::size_t first_unsorted(const std::uint32_t* indices, std::size_t count) {
-  for (std::size_t j = 1; j < count; ++j)
-    if (indices[j] < indices[j - 1]) return j;
-  return count;
-}
-
-std::uint32_t max_index(const std::uint32_t* indices, std::size_t count) {
-  std::uint32_t m = 0;
-  for (std::size_t j = 0; j < count; ++j) m = std::max(m, indices[j]);
-  return m;
-}
 
 std::vector<UpdateCheck> check_updates(const std::vector<SparseUpdate>& updates) {
   std::vector<UpdateCheck> out(updates.size());
@@ -164,14 +160,6 @@ void scatter_add_each(const std::vector<float*>& accs, const std::vector<std::si
     const Task& task = tasks[t];
     add_ranges(accs[task.which], sizes[task.which], {updates[task.which]}, task.r_begin, task.r_end);
   });
-}
-
-void scatter_add(float* acc, std::size_t n, const SparseUpdate& update) {
-  if (first_unsorted(update.indices, update.count) != update.count) {
-    add_run(acc, update.indices, update.values, update.count, update.weight);
-    return;
-  }
-  scatter_add_many(acc, n, {update});
 }
 
 void scatter_add_many(float* acc, std::size_t n, const std::vector<SparseUpdate>& updates) {

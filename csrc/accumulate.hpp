@@ -17,12 +17,6 @@ struct SparseUpdate {
   float weight;
 };
 
-// Index of the first entry that is not >= its predecessor, or count when the
-// indices are non-decreasing.
-std::size_t first_unsorted(const std::uint32_t* indices, std::size_t count);
-// The largest index (0 when count == 0).
-std::uint32_t max_index(const std::uint32_t* indices, std::size_t count);
-
 struct UpdateCheck {
   std::uint32_t max_index = 0;  // 0 for an empty update
   bool sorted = true;           // indices non-decreasing
@@ -42,10 +36,6 @@ void scatter_add_many_any(float* acc, std::size_t n, std::vector<SparseUpdate> u
 // one's ranges are spread over the threads together (a model's tensors in one call).
 void scatter_add_each(const std::vector<float*>& accs, const std::vector<std::size_t>& sizes,
                       std::vector<SparseUpdate> updates, const std::vector<UpdateCheck>& checks);
-
-// One update. Multi-threaded by accumulator range when the indices are sorted;
-// serial (in the given order) otherwise.
-void scatter_add(float* acc, std::size_t n, const SparseUpdate& update);
 
 // Many updates, all with non-decreasing indices. The accumulator is cut into
 // fixed ranges that stay in cache while every client's entries for that range

@@ -116,6 +116,13 @@ py::tuple sparse_to_tuple(fedpress::SparseVector&& s) {
   return py::make_tuple(to_numpy(std::move(s.indices)), to_numpy(std::move(s.values)));
 }
 
+// A selection over arrays taken back to back as (indices local to their array, values,
+// cuts): array i's entries are [cuts[i], cuts[i + 1]) (split_by_array).
+py::tuple split_to_tuple(fedpress::SparseVector&& s, const std::vector<std::size_t>& ns) {
+  std::vector<std::size_t> cuts = fedpress::split_by_array(s.indices, ns);
+  return py::make_tuple(to_numpy(std::move(s.indices)), to_numpy(std::move(s.values)), py::cast(cuts));
+}
+
 // The memory a kernel that runs tasks in parallel reads and writes: every written span
 // must overlap no other span, read or written (a task would read what another writes, or
 // two would write the same bytes, and the result would depend on the threads' timing).
@@ -216,11 +223,12 @@ void register_topk(py::module_& m) {
           py::gil_scoped_release release;
           s = fedpress::topk_exact_many(xs.ptrs, xs.sizes, k);
         }
-        return sparse_to_tuple(std::move(s));
+        return split_to_tuple(std::move(s), xs.sizes);
       },
       "arrays"_a, "k"_a,
-      "topk over float32 arrays taken back to back, without concatenating them: (indices into the "
-      "concatenation, uint32 ascending, values float32).");
+      "topk over float32 arrays taken back to back, without concatenating them: (indices local to "
+      "their array, uint32, ascending within it; values float32; cuts: array i's entries are "
+      "[cuts[i], cuts[i + 1])).");
   m.def(
       "threshold_topk_many",
       [](const py::sequence& xs_obj, double ratio, std::uint64_t seed) {
@@ -232,9 +240,9 @@ void register_topk(py::module_& m) {
           py::gil_scoped_release release;
           s = fedpress::topk_threshold_many(xs.ptrs, xs.sizes, ratio, seed);
         }
-        return sparse_to_tuple(std::move(s));
+        return split_to_tuple(std::move(s), xs.sizes);
       },
-      "arrays"_a, "ratio"_a, "seed"_a, "threshold_topk over float32 arrays taken back to back.");
+      "arrays"_a, "ratio"_a, "seed"_a, "threshold_topk over float32 arrays taken back to back: (local indices, values, cuts) as topk_many.");
   m.def(
       "randomk",
       [](const py::handle& x_obj, long long k_arg, std::uint64_t seed) {
@@ -302,10 +310,10 @@ void register_topk(py::module_& m) {
           py::gil_scoped_release release;
           s = fedpress::ef_topk_many(u.ptrs, residuals, u.sizes, k, zero_selected);
         }
-        return sparse_to_tuple(std::move(s));
+        return split_to_tuple(std::move(s), u.sizes);
       },
       "updates"_a, "residuals"_a, "k"_a, "zero_selected"_a = true,
-      "ef_topk over pairs of float32 arrays taken back to back (indices into the concatenation).");
+      "ef_topk over pairs of float32 arrays taken back to back: (local indices, values, cuts) as topk_many.");
 }
 
 // Where a decoding kernel writes: a new float32[n], or the caller's acc (writable, n long).

@@ -669,6 +669,20 @@ SparseVector ef_topk_many(const std::vector<const float*>& updates, const std::v
   return out;
 }
 
+std::vector<std::size_t> split_by_array(std::vector<std::uint32_t>& indices, const std::vector<std::size_t>& ns) {
+  std::vector<std::size_t> cuts(ns.size() + 1, indices.size());
+  std::size_t j = 0, offset = 0;
+  for (std::size_t a = 0; a < ns.size(); ++a) {
+    cuts[a] = j;
+    const std::size_t end = offset + ns[a];
+    const auto off = static_cast<std::uint32_t>(offset);  // below 2^32: the arrays' total is
+    for (; j < indices.size() && indices[j] < end; ++j) indices[j] -= off;
+    offset = end;
+  }
+  if (j != indices.size()) throw std::invalid_argument("an index lies past the arrays' total length");
+  return cuts;
+}
+
 SparseVector topk_threshold(const float* x, std::size_t n, double ratio, std::uint64_t seed) {
   return topk_threshold_impl(Input({Segment{x, nullptr, 0, n}}), ratio, seed);
 }

@@ -31,6 +31,12 @@ SparseVector topk_exact_many(const std::vector<const float*>& xs, const std::vec
 SparseVector topk_threshold_many(const std::vector<const float*>& xs, const std::vector<std::size_t>& ns, double ratio,
                                  std::uint64_t seed);
 
+// A selection over arrays taken back to back (ns their lengths) made local to each:
+// every index becomes its offset in its own array, in place, and the returned
+// ns.size() + 1 cuts say where each array's entries start and end (array i holds
+// entries [cuts[i], cuts[i + 1])). One pass over the indices, which ascend.
+std::vector<std::size_t> split_by_array(std::vector<std::uint32_t>& indices, const std::vector<std::size_t>& ns);
+
 // k indices drawn uniformly without replacement, a pure function of (n, k, seed).
 std::vector<std::uint32_t> randomk_indices(std::size_t n, std::size_t k, std::uint64_t seed);
 SparseVector randomk(const float* x, std::size_t n, std::size_t k, std::uint64_t seed);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedpress import ops
+from fedpress import _core, ops
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -535,3 +535,46 @@ def test_sparse_adds_into_large_accumulators_match_numpy(threads: int) -> None:
     for w, e, o in zip(want, each, one):
         assert e.tobytes() == w.tobytes()
         assert o.tobytes() == w.tobytes()
+
+
+# ------------------------------------------------- indices changed while added --
+@pytest.mark.parametrize("call", ["scatter_add", "scatter_add_many", "scatter_add_each"])
+def test_indices_changed_by_another_thread_never_write_outside_acc(call: str) -> None:
+    """The kernels read the caller's index array without the GIL, after checking it:
+    another thread rewriting it meanwhile (out of range, unsorted) makes the sum wrong,
+    as that thread asked, but never writes outside the accumulator (guard zones around
+    it stay untouched) and never crashes."""
+    import threading
+
+    n, guard = 1 << 20, 1 << 16
+    buffer = np.zeros(n + 2 * guard, np.float32)
+    acc = buffer[guard : guard + n]
+    rng = np.random.default_rng(5)
+    idx = np.sort(rng.choice(n, PARALLEL_ENTRIES, replace=False)).astype(np.uint32)
+    good, val = idx.copy(), np.ones(idx.size, np.float32)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        forms = [good, np.full_like(good, 2**32 - 1), good[::-1].copy(), good + np.uint32(n // 2)]
+        i = 0
+        while not stop.is_set():
+            idx[...] = forms[i % len(forms)]
+            i += 1
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for _ in range(200):
+            try:
+                if call == "scatter_add":
+                    ops.scatter_add(acc, idx, val)
+                elif call == "scatter_add_many":
+                    ops.scatter_add_many(acc, [idx, idx], [val, val])
+                else:
+                    _core.scatter_add_each([acc], [idx], [val], 1.0)  # the Encoder's correction
+            except IndexError:
+                pass  # the check saw an out-of-range form: refused, as it should be
+    finally:
+        stop.set()
+        writer.join()
+    assert not buffer[:guard].any() and not buffer[guard + n :].any()

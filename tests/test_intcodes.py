@@ -466,3 +466,34 @@ def test_shared_random_k_supports_add_up(masked: bool) -> None:
     with pytest.raises(fp.DecodeError, match="does not add up"):
         agg2 = fp.Aggregator()
         agg2.add_many([plain[0], other_round])
+
+
+@pytest.mark.parametrize("clip", [1e30, 3e36, 1e38, 3e38])
+def test_int_values_past_the_rotation_bound_are_checked(wire, clip: float) -> None:
+    """The decoder skips the finiteness pass only where rotation_bound proves the inverse
+    rotation cannot overflow; a clip that can overflow it still refuses non-finite values."""
+    x = np.random.default_rng(3).uniform(-1, 1, 4096).astype(np.float32)
+    payload = fp.Codec("int8:clip=1").encode({"w": x}, seed=1)
+    rec = parse(payload, defer_checksum=True).tensors[0]
+    bad = bytearray(payload)
+    bad[rec.value_offset + 4 : rec.value_offset + 8] = np.float32(clip).tobytes()
+    bad_payload = wire.fix_crc(bytes(bad))
+    section = parse(bad_payload).tensors[0].intcode
+    assert section is not None
+    try:
+        values = fp.decode(bad_payload)["w"]
+    except fp.DecodeError as exc:
+        assert section.rotation_bound() > 1e38 and "non-finite" in str(exc)
+    else:
+        assert np.all(np.isfinite(values))
+        assert float(np.abs(values).max()) <= section.rotation_bound()
+
+
+@pytest.mark.parametrize("spec", ["int2:clip=0.01", "int8:clip=0.02:nmax=10", "int16:clip=0.05"])
+def test_rotation_bound_bounds_the_decoded_values(spec: str) -> None:
+    rng = np.random.default_rng(8)
+    for n in (1, 7, 1000, 70_000):
+        x = (rng.standard_normal(n) * 0.05).astype(np.float32)
+        section = parse(fp.Codec(spec).encode({"w": x}, seed=n)).tensors[0].intcode
+        assert section is not None
+        assert float(np.abs(section.values()).max()) <= section.rotation_bound() < 1e38

@@ -383,13 +383,14 @@ def test_indices_just_below_2_32(near_2_32, threads: int) -> None:
     a, b = near_2_32
     arrays = [a, a, a, b]  # 2^32 - 1 elements together: the largest index is 2^32 - 2
     with nthreads(threads):
-        idx, val = _core.topk_many(arrays, 2)
-        assert idx.tolist() == [2**32 - 3, 2**32 - 2] and val.tolist() == [-4.0, 5.0]
+        idx, val, cuts = _core.topk_many(arrays, 2)  # indices local to their array
+        assert idx.tolist() == [2**30 - 3, 2**30 - 2] and val.tolist() == [-4.0, 5.0] and cuts == [0, 0, 0, 0, 2]
         parts = ops.topk_many(arrays, 2)
         assert [p[0].size for p in parts] == [0, 0, 0, 2]
         assert parts[3][0].tolist() == [2**30 - 3, 2**30 - 2]
-        idx, val = _core.threshold_topk_many(arrays, 1e-9, 3)  # target 4: two zeros, lowest indices
-        assert idx.tolist() == [0, 1, 2**32 - 3, 2**32 - 2] and val.tolist() == [0.0, 0.0, -4.0, 5.0]
+        idx, val, cuts = _core.threshold_topk_many(arrays, 1e-9, 3)  # target 4: two zeros, lowest indices
+        assert idx.tolist() == [0, 1, 2**30 - 3, 2**30 - 2] and val.tolist() == [0.0, 0.0, -4.0, 5.0]
+        assert cuts == [0, 2, 2, 2, 4]
 
 
 def test_2_32_elements_together_are_refused(near_2_32) -> None:
@@ -412,8 +413,8 @@ def test_empty_inputs_and_zero_length_segments() -> None:
             assert ops.topk_many([], 0) == []
             assert ops.threshold_topk_many([], 0.5, seed=1) == []
             assert ops.ef_topk_many([], [], 0) == []
-            idx, val = _core.topk_many([], 0)
-            assert idx.dtype == np.uint32 and val.dtype == np.float32 and idx.size == val.size == 0
+            idx, val, cuts = _core.topk_many([], 0)
+            assert idx.dtype == np.uint32 and val.dtype == np.float32 and idx.size == val.size == 0 and cuts == [0]
             assert as_bytes(ops.topk_many([e, e, e], 0)) == [(b"", b"")] * 3
             assert as_bytes(ops.ef_topk_many([e, e], [e.copy(), e.copy()], 0)) == [(b"", b"")] * 2
             parts = ops.topk_many([e, np.array([1, -3], np.float32), e], 1)

@@ -189,16 +189,10 @@ def ef_topk(
     return _core.ef_topk(upd, res, _count(k, "k"), bool(zero_selected))
 
 
-def _split(idx: np.ndarray, vals: np.ndarray, sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A selection over arrays taken back to back, cut back into one (indices, values) per array."""
-    offsets = np.concatenate(([0], np.cumsum(np.asarray(sizes, dtype=np.int64))))
-    # (offsets as uint32, the indices' type: searching with int64 would convert all of idx)
-    cuts = np.searchsorted(idx, np.minimum(offsets, 2**32 - 1).astype(np.uint32))
-    # Every index made local to its array in one pass (each array's offset, repeated over its
-    # entries), then cut into views: no array made per tensor of a many-tensor model.
-    local = idx - np.repeat(offsets[:-1].astype(np.uint32), np.diff(cuts))
-    bounds = cuts.tolist()
-    return [(local[a:b], vals[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+def _split(idx: np.ndarray, vals: np.ndarray, cuts: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A selection over arrays taken back to back, its indices already local to their
+    array (the kernel made them so), cut into views: no array made per tensor."""
+    return [(idx[a:b], vals[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _float32_list(arrays: Sequence[ArrayLike], name: str) -> list[np.ndarray]:
@@ -213,8 +207,7 @@ def topk_many(arrays: Sequence[ArrayLike], k: int) -> list[tuple[np.ndarray, np.
     ``(indices, values)`` per array, indices into that array. Ties go to the earlier
     array, then the lower index, as in the concatenation."""
     flat = _float32_list(arrays, "arrays")
-    idx, vals = _core.topk_many(flat, _count(k, "k"))
-    return _split(idx, vals, [a.size for a in flat])
+    return _split(*_core.topk_many(flat, _count(k, "k")))
 
 
 def threshold_topk_many(
@@ -225,8 +218,7 @@ def threshold_topk_many(
     r = float(ratio)
     if not 0.0 <= r <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
-    idx, vals = _core.threshold_topk_many(flat, r, _seed(seed))
-    return _split(idx, vals, [a.size for a in flat])
+    return _split(*_core.threshold_topk_many(flat, r, _seed(seed)))
 
 
 def ef_topk_many(
@@ -245,8 +237,7 @@ def ef_topk_many(
     for i, (u, r) in enumerate(zip(upd, res)):
         if u.size != r.size:
             raise ValueError(f"updates[{i}] has {u.size} elements but residuals[{i}] has {r.size}")
-    idx, vals = _core.ef_topk_many(upd, res, _count(k, "k"), bool(zero_selected))
-    return _split(idx, vals, [a.size for a in upd])
+    return _split(*_core.ef_topk_many(upd, res, _count(k, "k"), bool(zero_selected)))
 
 
 # ------------------------------------------------------------- quantization --

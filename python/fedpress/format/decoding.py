@@ -71,7 +71,7 @@ def sparse_parts(
     if rec.eden is not None:
         finite_by_construction = rec.eden.rotation_bound() <= 1e38
     elif rec.intcode is not None:
-        finite_by_construction = False  # a huge clip can overflow the inverse rotation
+        finite_by_construction = rec.intcode.rotation_bound() <= 1e38  # a huge clip can overflow it
     elif rec.rht_block and rec.count and rec.value_code in _QUANTIZED_CODES:
         # Codes times checked scales lie within +-max(scale), and no sum of the transform (its
         # butterflies included) exceeds the block's size times that: finite below float32's

@@ -158,6 +158,15 @@ class IntSection:
         """Whether the codes are residues modulo 2^modulus_bits (masked, or noised)."""
         return self.width == self.levels.modulus_bits
 
+    def rotation_bound(self) -> float:
+        """An upper bound on every value the inverse rotation of ``values`` computes: a
+        level is at most (2^width * step + weight * clip) / weight from zero, and the
+        rotation's butterflies grow it by up to L^1.5 (L = min(block, count); the EDEN
+        rotation's bound, csrc/eden.hpp). At most 1e38, nothing can overflow."""
+        clip = float(np.float32(self.levels.clip))
+        largest = ((1 << self.width) * self.levels.step + self.weight * clip) / self.weight
+        return largest * float(min(self.levels.block, self.count)) ** 1.5
+
     def codes(self) -> np.ndarray:
         """The codes as sent (uint64)."""
         return _core.unpack_codes(self.packed, self.count, self.width)
