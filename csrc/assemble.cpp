@@ -13,6 +13,7 @@
 #include "convert.hpp"
 #include "eden.hpp"
 #include "intcode.hpp"
+#include "pages.hpp"
 #include "parallel.hpp"
 #include "quantize.hpp"
 #include "ricestream.hpp"
@@ -35,10 +36,19 @@ constexpr std::size_t kMaxRotatedPart = std::size_t{1} << 22;
 
 const float* floats(const Piece& p) { return static_cast<const float*>(p.data); }
 
-void copy_bytes(const std::uint8_t* src, std::size_t size, std::uint8_t* out) {
-  parallel_for_sized(ceil_div(size, kCopyChunk), size / 4, [&](std::size_t c) {
-    const std::size_t begin = c * kCopyChunk;
-    std::memcpy(out + begin, src + begin, std::min(kCopyChunk, size - begin));
+// With `discard`, each chunk's pages of src are handed back once copied: the payload's
+// pages are faulted in as the source's go, and the two are never resident whole together.
+// The chunks then end where src's address is a multiple of kCopyChunk, so that no page
+// straddles two chunks (one that did would be handed back by neither).
+void copy_bytes(const std::uint8_t* src, std::size_t size, std::uint8_t* out, bool discard = false) {
+  const std::size_t head =
+      discard ? std::min(size, (kCopyChunk - reinterpret_cast<std::uintptr_t>(src) % kCopyChunk) % kCopyChunk) : 0;
+  const std::size_t chunks = (head ? 1 : 0) + ceil_div(size - head, kCopyChunk);
+  parallel_for_sized(chunks, size / 4, [&](std::size_t c) {
+    const std::size_t begin = head == 0 ? c * kCopyChunk : c == 0 ? 0 : head + (c - 1) * kCopyChunk;
+    const std::size_t end = std::min(size, head != 0 && c == 0 ? head : begin + kCopyChunk);
+    std::memcpy(out + begin, src + begin, end - begin);
+    if (discard) discard_pages(const_cast<std::uint8_t*>(src), begin, end);
   });
 }
 
@@ -141,6 +151,7 @@ void write_eden(const Piece& p, std::uint8_t* out) {
 std::size_t piece_size(const Piece& p) {
   switch (p.kind) {
     case PieceKind::bytes:
+    case PieceKind::moved:
       return p.n;
     case PieceKind::quantize:
       if (!valid_bits(p.bits) || p.bits == 1) throw std::invalid_argument("quantize piece: bits must be 2, 4 or 8");
@@ -186,6 +197,9 @@ void write_piece(const Piece& p, std::size_t size, std::uint8_t* out) {
   switch (p.kind) {
     case PieceKind::bytes:
       copy_bytes(static_cast<const std::uint8_t*>(p.data), size, out);
+      break;
+    case PieceKind::moved:
+      copy_bytes(static_cast<const std::uint8_t*>(p.data), size, out, /*discard=*/true);
       break;
     case PieceKind::quantize:
       write_quantized(p, out);

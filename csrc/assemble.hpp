@@ -30,12 +30,14 @@ enum class PieceKind : int {
   rice = 6,      // the index stream (version 2, ricestream.hpp) of n ascending uint32 indices, as planned
   rotated_quantize = 7,  // the quantize section of rht_forward(x) (rotate.hpp), rotated a piece at a time
   int_codes = 8,  // an intB section's codes, unmasked: x rotated as eden_rotate does, coded, packed `bits` each
+  moved = 9,      // copy `size` bytes from `data`, each copied part's pages handed back (pages.hpp): a
+                  // buffer the caller made for this payload alone and never reads again
 };
 
 struct Piece {
   PieceKind kind = PieceKind::bytes;
-  const void* data = nullptr;  // bytes: the bytes; rice: the indices; the others: the float32 vector x
-  std::size_t n = 0;           // bytes: the byte count; rice: the indices' count; the others: elements of x
+  const void* data = nullptr;  // bytes, moved: the bytes; rice: the indices; the others: the float32 vector x
+  std::size_t n = 0;           // bytes, moved: the byte count; rice: the indices' count; the others: elements of x
   int bits = 0;                // quantize, eden; rice: the planned Rice parameter
   std::size_t block = 0;       // quantize, sign: the bucket; eden: the rotation block
   std::uint64_t seed = 0;      // quantize: the rounding seed; eden: the rotation seed; rice: the index space n

@@ -1715,8 +1715,9 @@ void register_assemble(py::module_& m) {
         // kernel that writes it, ("q", x, bits, bucket, seed), ("rq", x, bits, bucket, seed, rotation_block,
         // rotation_seed) (the quantize section of rht(x)), ("int", x, bits, clip, seed, block, rotation_seed)
         // (an unmasked intB section's codes), ("sign", x, bucket), ("f16", x), ("bf16", x),
-        // ("eden", x, bits, block, rotation_seed, quant_seed, mode) or ("rice", indices, n, parameter, size)
-        // (an index stream as plan_indices_many planned it).
+        // ("eden", x, bits, block, rotation_seed, quant_seed, mode), ("rice", indices, n, parameter, size)
+        // (an index stream as plan_indices_many planned it) or ("move", buffer) (a writable buffer
+        // copied, its pages handed back as they are: it reads as zeros afterwards).
         std::vector<fedpress::Piece> pieces;
         std::vector<py::object> keep;  // the float32 arrays the kernels read
         pieces.reserve(items.size());
@@ -1732,6 +1733,22 @@ void register_assemble(py::module_& m) {
           }
           const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
           const std::string kind = t[0].cast<std::string>();
+          if (kind == "move") {
+            if (t.size() != 2) throw py::value_error("piece " + std::to_string(i) + ": a move piece is (\"move\", buffer)");
+            py::buffer_info info;
+            try {
+              info = py::reinterpret_borrow<py::buffer>(t[1]).request(/*writable=*/true);
+            } catch (const py::error_already_set&) {
+              throw py::type_error("piece " + std::to_string(i) + ": a move piece's buffer must be writable");
+            }
+            if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize))
+              throw py::type_error("piece " + std::to_string(i) + " must be a contiguous bytes-like object");
+            p.kind = fedpress::PieceKind::moved;
+            p.data = info.ptr;
+            p.n = static_cast<std::size_t>(info.size * info.itemsize);
+            pieces.push_back(p);
+            continue;
+          }
           if (kind == "rice") {  // (its size is checked as it is written)
             if (t.size() != 5)
               throw py::value_error("piece " + std::to_string(i) + ": a rice piece is (\"rice\", indices, n, parameter, size)");

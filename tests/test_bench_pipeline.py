@@ -85,6 +85,7 @@ def test_peak_memory_rows_measure_each_encode_in_a_fresh_process():
         'Codec("q4").encode',
         'Codec("fp16").encode',
         'Codec("eden4").encode',
+        'Codec("eden4:shared").encode',
         'Codec("rht+q4").encode',
         'Codec("int8").encode',
         'Codec("q8+zstd").encode',

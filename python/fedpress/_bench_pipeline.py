@@ -439,6 +439,7 @@ _PEAK_ROWS: tuple[tuple[str, str, bool], ...] = (
     ('Codec("q4").encode', "q4", False),
     ('Codec("fp16").encode', "fp16", False),
     ('Codec("eden4").encode', "eden4", False),
+    ('Codec("eden4:shared").encode', "eden4:shared", False),
     ('Codec("rht+q4").encode', "rht+q4", False),
     ('Codec("int8").encode', "int8", False),
     ('Codec("q8+zstd").encode', "q8+zstd", False),

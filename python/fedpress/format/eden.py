@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -216,7 +216,8 @@ def encode_eden(
     writer copies them once into the payload): one fused kernel rotates, quantizes
     and packs every segment (``ops.eden_encode``, the layout above). With ``in_place``
     (and no shared-mode outliers, whose number is known only afterwards), a
-    :class:`KernelSection` that the kernel writes where the payload holds it."""
+    :class:`KernelSection` that the kernel writes where the payload holds it; with
+    outliers, the codes are moved into the payload (``("move", codes)``)."""
     bits = EDEN_BITS[code]
     mode = (EDEN_SHARED if shared else 0) | (EDEN_MSE_SCALE if mse else 0)
     if in_place and not shared and v.size:  # no outliers: the size is known before the kernel runs
@@ -240,7 +241,10 @@ def encode_eden(
     if not shared:
         return (head, scales, packed)  # float32 is little-endian on every platform fedpress builds on
     stream = ops.encode_indices(oidx, v.size) if oidx.size else b""
-    return (head, scales, packed, encode_varint(int(oidx.size)), encode_varint(len(stream)), stream, oval)
+    # In place, the codes (most of the section, made before their outliers' count was
+    # known) are moved into the payload: their pages handed back as they are copied.
+    codes: Any = KernelSection(("move", packed), packed.nbytes) if in_place else packed
+    return (head, scales, codes, encode_varint(int(oidx.size)), encode_varint(len(stream)), stream, oval)
 
 
 def parse_eden(

@@ -24,9 +24,10 @@ class KernelSection:
     """A values section that a kernel writes straight into the payload (``_core.assemble``):
     its piece (``("q", x, bits, bucket, seed)``, ``("rq", x, bits, bucket, seed, block,
     rotation_seed)`` (the rotated x's), ``("f16", x)``, ``("bf16", x)`` or
-    ``("eden", x, bits, block, rotation_seed, quant_seed, mode)``, x float32) and its
-    size, which is known before it is computed. Such a section exists nowhere but in
-    the payload. (A plain slotted class, not a frozen dataclass: one is made per tensor
+    ``("eden", x, bits, block, rotation_seed, quant_seed, mode)``, x float32; or
+    ``("move", buffer)``, a part made for this payload alone, its pages handed back as it
+    is copied) and its size, which is known before it is computed. Such a section exists
+    nowhere but in the payload. (A plain slotted class, not a frozen dataclass: one is made per tensor
     per encode, and a frozen dataclass's ``__init__`` costs a microsecond.)"""
 
     __slots__ = ("nbytes", "piece")
