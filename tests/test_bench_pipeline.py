@@ -90,6 +90,7 @@ def test_peak_memory_rows_measure_each_encode_in_a_fresh_process():
         'Codec("int8").encode',
         'Codec("q8+zstd").encode',
         'Encoder("topk:0.01+q4+zstd").encode, 2nd round',
+        'Encoder("topk:0.01+q4+zstd"), momentum, clip',
     ]
     for row in rows:
         assert "error" not in row, row

@@ -296,6 +296,78 @@ def test_a_nan_update_does_not_stay_in_the_momentum(error_feedback: bool) -> Non
     assert enc.encode(data[2], seed=3) == twin.encode(data[2], seed=3)
 
 
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_a_nan_in_any_tensor_leaves_every_velocity_exactly(error_feedback: bool) -> None:
+    """Every update is checked before the first velocity is stepped (in place): a NaN in
+    the last tensor leaves the first's velocity, and the residuals, bit for bit."""
+    rng = np.random.default_rng(31)
+    enc = fp.Encoder("topk:0.05+q4", momentum=0.9, error_feedback=error_feedback, clip=50.0)
+    first = {"a": rng.standard_normal(700).astype(np.float32), "b": rng.standard_normal(300).astype(np.float64)}
+    enc.encode(first, seed=1)
+    before = copy.deepcopy(enc.state_dict())
+    bad = {"a": rng.standard_normal(700).astype(np.float32), "b": rng.standard_normal(300)}
+    bad["b"][-1] = np.inf
+    with pytest.raises(ValueError, match="tensor 'b' holds NaN or infinity"):
+        enc.encode(bad, seed=2)
+    after = enc.state_dict()
+    for kind in ("velocities", "residuals"):
+        assert after[kind].keys() == before[kind].keys()
+        for name, value in before[kind].items():
+            np.testing.assert_array_equal(after[kind][name], value, err_msg=f"{kind}[{name!r}]")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_failure_after_the_velocity_step_steps_it_back(monkeypatch, momentum: float, clip) -> None:
+    """A failure after the velocities were stepped in place (here the codec raising) steps
+    them back, ``(v - update) / m``, to within a rounding; with m = 0 the old velocity
+    carried nothing and comes back as zeros. The residuals come back too, and the encoder
+    goes on."""
+    rng = np.random.default_rng(32)
+    enc = fp.Encoder("topk:0.1+q8", momentum=momentum, clip=clip)
+    ups = [{"w": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(40).astype(np.float32)}]
+    ups.append({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in ups[0].items()})
+    enc.encode(ups[0], seed=1)
+    before = copy.deepcopy(enc.state_dict())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the link went down")
+
+    monkeypatch.setattr(enc.codec, "encode", broken)
+    with pytest.raises(RuntimeError, match="link went down"):
+        enc.encode(ups[1], seed=2)
+    monkeypatch.undo()
+    for name, v in before["velocities"].items():
+        want = v if momentum else np.zeros_like(v)
+        np.testing.assert_allclose(enc.velocities[name], want, rtol=1e-5, atol=1e-6)
+    for name, r in before["residuals"].items():
+        np.testing.assert_allclose(enc.residuals[name], r, rtol=1e-5, atol=1e-6)
+    assert fp.decode(enc.encode(ups[1], seed=2)).keys() == ups[1].keys()
+
+
+def test_momentum_and_clipping_step_large_updates_a_part_at_a_time() -> None:
+    """The velocity, the clipped residual and the clip norm are computed a part at a time
+    (no whole copy of the update): the same values as whole-array numpy arithmetic."""
+    from fedpress import encoder as encoder_module
+
+    rng = np.random.default_rng(33)
+    n = 3 * encoder_module._PART + 123  # several parts and a partial one
+    ups = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
+    enc = fp.Encoder("topk:0.01", momentum=0.9, clip=100.0)
+    v = np.zeros(n, np.float32)
+    r = np.zeros(n, np.float32)
+    for t, g in enumerate(ups):
+        norm = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+        scaled = g * np.float32(100.0 / norm)
+        v = v * np.float32(0.9) + scaled if t else scaled.copy()
+        acc = r + v
+        sent = fp.decode(enc.encode({"w": g}, seed=t))["w"]
+        np.testing.assert_array_equal(enc.velocities["w"][sent == 0], v[sent == 0])
+        r = acc - sent
+        v[sent != 0] = 0.0
+        np.testing.assert_array_equal(enc.residuals["w"], r)
+
+
 def test_load_state_dict_different_spec() -> None:
     enc = fp.Encoder("topk:0.01+q4")
     enc.encode(rounds(1)[0], seed=0)

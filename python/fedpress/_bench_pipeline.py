@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -435,7 +435,7 @@ def sparse_rows(n: int, k: int, clients: int, repeat: int) -> list[PipelineRow]:
 
 # ------------------------------------------------------------ peak memory --
 # (label, spec, whether it is an Encoder with error feedback)
-_PEAK_ROWS: tuple[tuple[str, str, bool], ...] = (
+_PEAK_ROWS: tuple[tuple[str, str, Union[bool, dict[str, Any]]], ...] = (
     ('Codec("q4").encode', "q4", False),
     ('Codec("fp16").encode', "fp16", False),
     ('Codec("eden4").encode', "eden4", False),
@@ -444,6 +444,7 @@ _PEAK_ROWS: tuple[tuple[str, str, bool], ...] = (
     ('Codec("int8").encode', "int8", False),
     ('Codec("q8+zstd").encode', "q8+zstd", False),
     (f'Encoder("{SPARSE_SPEC}").encode, 2nd round', SPARSE_SPEC, True),
+    (f'Encoder("{SPARSE_SPEC}"), momentum, clip', SPARSE_SPEC, {"momentum": 0.9, "clip": 1.0}),
 )
 
 
@@ -480,13 +481,15 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _peak_child(n: int, spec: str, encoder: bool) -> None:
-    """In a fresh process: print update bytes, payload bytes, peak bytes added, and how measured."""
+def _peak_child(n: int, spec: str, encoder: Union[bool, dict[str, Any]]) -> None:
+    """In a fresh process: print update bytes, payload bytes, peak bytes added, and how
+    measured. ``encoder``: False for ``Codec(spec)``, True or ``Encoder``'s options for an
+    ``Encoder``."""
     import resource
 
     x = np.random.default_rng(_SEED).standard_normal(n, dtype=np.float32)  # no float64 temporary
-    if encoder:
-        coder: Any = Encoder(spec)
+    if encoder is not False:
+        coder: Any = Encoder(spec, **(encoder if isinstance(encoder, dict) else {}))
         # The residual is state that lives between rounds, not memory of one encode: the first
         # round allocates it, the second is what one encode costs.
         coder.encode({"w": x})
@@ -521,7 +524,7 @@ def peak_memory_rows(n: int, echo: Callable[[str], None] = print) -> list[dict[s
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     out: list[dict[str, Any]] = []
     for label, spec, encoder in _PEAK_ROWS:
-        script = f"from fedpress._bench_pipeline import _peak_child; _peak_child({n}, {spec!r}, {encoder})"
+        script = f"from fedpress._bench_pipeline import _peak_child; _peak_child({n}, {spec!r}, {encoder!r})"
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
         if result.returncode != 0:
             why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
