@@ -1716,10 +1716,14 @@ void register_assemble(py::module_& m) {
         // rotation_seed) (the quantize section of rht(x)), ("int", x, bits, clip, seed, block, rotation_seed)
         // (an unmasked intB section's codes), ("sign", x, bucket), ("f16", x), ("bf16", x),
         // ("eden", x, bits, block, rotation_seed, quant_seed, mode), ("rice", indices, n, parameter, size)
-        // (an index stream as plan_indices_many planned it) or ("move", buffer) (a writable buffer
-        // copied, its pages handed back as they are: it reads as zeros afterwards).
+        // (an index stream as plan_indices_many planned it) or ("move", buffer) (a writable buffer of
+        // private memory, made for this payload alone, copied and its pages handed back as they
+        // are: on Linux it reads as zeros afterwards).
         std::vector<fedpress::Piece> pieces;
         std::vector<py::object> keep;  // the float32 arrays the kernels read
+        // The move pieces' buffers, held (exported) until they are written: a bytearray then
+        // cannot be resized or freed by another thread while its pages are copied and dropped.
+        std::vector<py::buffer_info> held;
         pieces.reserve(items.size());
         for (std::size_t i = 0; i < items.size(); ++i) {
           py::handle item = items[i];
@@ -1746,6 +1750,7 @@ void register_assemble(py::module_& m) {
             p.kind = fedpress::PieceKind::moved;
             p.data = info.ptr;
             p.n = static_cast<std::size_t>(info.size * info.itemsize);
+            held.push_back(std::move(info));
             pieces.push_back(p);
             continue;
           }

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -42,19 +42,44 @@ _SMALL_CORRECTION = 1 << 16
 _PART = 1 << 18
 
 
-def _float32_parts(update: np.ndarray, scale: Optional[float]) -> Iterable[tuple[slice, np.ndarray]]:
-    """(slice, float32 values) over the flat ``update`` a part at a time, times ``scale``
-    when given: the values ``np.float32(update) * np.float32(scale)`` gives, element by
-    element (a float32 part of a float32 update without scale is a view)."""
+def _float32_parts(
+    update: np.ndarray,
+    scale: Optional[float],
+    velocity: Optional[np.ndarray] = None,
+    momentum: float = 0.0,
+    stop: Optional[int] = None,
+) -> Iterable[tuple[slice, np.ndarray]]:
+    """(slice, float32 values) over the flat ``update`` a part at a time, up to ``stop``:
+    ``np.float32(update) * np.float32(scale)`` (without scale, the update in float32: a view
+    of a float32 update), plus ``momentum * velocity`` when a flat velocity is given; the
+    values whole-array numpy arithmetic gives, element by element."""
     flat = update.reshape(-1)
-    for at in range(0, flat.size, _PART):
-        part = flat[at : at + _PART]
+    end = flat.size if stop is None else stop
+    for at in range(0, end, _PART):
+        part = flat[at : min(end, at + _PART)]
         if scale is not None:
             part = part.astype(np.float32)  # a copy, scaled in place below
             part *= np.float32(scale)
         elif part.dtype != np.float32:
             part = part.astype(np.float32)
-        yield slice(at, at + part.size), part
+        where = slice(at, at + part.size)
+        if velocity is not None:
+            stepped = velocity[where] * np.float32(momentum)
+            stepped += part
+            part = stepped
+        yield where, part
+
+
+class _Added(NamedTuple):
+    """What an encode added to a residual in place, for a failed one to take back: the
+    update (times ``scale``) over its first ``stop`` values (None: all of them), and, with
+    a deferred momentum step, ``momentum`` times the (unchanged) flat ``velocity``."""
+
+    update: np.ndarray
+    scale: Optional[float] = None
+    stop: Optional[int] = None
+    velocity: Optional[np.ndarray] = None
+    momentum: float = 0.0
 
 
 _pool: list[ThreadPoolExecutor] = []  # made at the first large correction
@@ -200,14 +225,13 @@ class Encoder:
             self.rounds += 1
             return payload
         fused = self._fused_topk(codec, arrays, dtypes, scale)
-        if self.momentum is not None:  # refused before any velocity is stepped in place
+        if self.momentum is not None:  # refused before the state changes: it stays bit for bit
             self._check_finite(arrays, dtypes, scale)
         replaced = self._add_residuals(arrays, dtypes) if self.error_feedback else {}
         velocities: dict[str, Optional[np.ndarray]] = {}  # what new velocities replaced
-        stepped: dict[str, tuple[np.ndarray, Optional[float]]] = {}  # velocities stepped in place
+        deferred: dict[str, tuple[np.ndarray, Optional[float]]] = {}  # velocities stepped after success
         to_send = dict(arrays)
-        # What went into each residual in place, to undo on failure: (update, scale).
-        added: dict[str, tuple[np.ndarray, Optional[float]]] = {}
+        added: dict[str, _Added] = {}  # what went into each residual in place, to undo on failure
         selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         correcting: list[Future] = []  # the residual's correction, on a second thread
         early: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}  # the tensors it corrects
@@ -226,30 +250,35 @@ class Encoder:
                 except ValueError as exc:
                     if "NaN" not in str(exc):  # refused before adding anything
                         raise
-                    added.update((n, (u, None)) for n, u in zip(dtypes, updates))  # residual + update in each
+                    added.update((n, _Added(u)) for n, u in zip(dtypes, updates))  # residual + update in each
                     bad = next((n for n, r in zip(dtypes, residuals) if not np.isfinite(r).all()), next(iter(dtypes)))
                     raise ValueError(
                         f"tensor {bad!r} holds NaN (the update plus what earlier rounds did not send); "
                         "compressed tensors must be finite"
                     ) from None
-                added.update((n, (u, None)) for n, u in zip(dtypes, updates))
+                added.update((n, _Added(u)) for n, u in zip(dtypes, updates))
                 selected.update(zip(dtypes, parts))
             for name in dtypes:
-                g = None if name in fused else self._velocity_step(name, arrays[name], scale, velocities, stepped)
+                g = None if name in fused else self._velocity_step(name, arrays[name], scale, velocities, deferred)
                 if self.error_feedback:
                     r = self.residuals[name]
                     if name in selected:  # chosen with every tensor above
                         to_send[name] = r
                         continue
-                    if g is None and scale is not None:  # clipped: added a part at a time, no scaled copy
-                        added[name] = (arrays[name], scale)
+                    if g is None and (scale is not None or name in deferred):
+                        # residual += (momentum * velocity +) the clipped update, a part at a
+                        # time: no scaled copy, and the velocity is stepped once the payload is made.
+                        m = self.momentum or 0.0
+                        velocity = self.velocities[name].reshape(-1) if name in deferred else None
                         flat = r.reshape(-1)
-                        for part, u in _float32_parts(arrays[name], scale):
+                        added[name] = _Added(arrays[name], scale, 0, velocity, m)
+                        for part, u in _float32_parts(arrays[name], scale, velocity, m):
                             flat[part] += u
+                            added[name] = _Added(arrays[name], scale, part.stop, velocity, m)  # as far as it went
                         to_send[name] = r
                         continue
                     update32 = as_float32(arrays[name], name) if g is None else g
-                    added[name] = (update32, None)
+                    added[name] = _Added(update32)
                     if name in fused:
                         # residual += update and its top-k chosen in the same pass; the kept
                         # entries stay in it, and the correction below leaves their rounding.
@@ -303,7 +332,6 @@ class Encoder:
             if correcting and _settle(correcting):
                 self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)
-            self._undo_steps(stepped)
             for state, kept in ((self.residuals, replaced), (self.velocities, velocities)):
                 for name, before in kept.items():  # a failed encode leaves no new state either
                     if before is None:
@@ -313,6 +341,12 @@ class Encoder:
             raise
         if self.error_feedback:
             self._take_out({name: v for name, v in sent.items() if name not in early}, -1.0)
+        for name, (arr, clip_scale) in deferred.items():  # v = m * v + update, as the residual took it
+            flat = self.velocities[name].reshape(-1)
+            for part, u in _float32_parts(arr, clip_scale):
+                segment = flat[part]
+                segment *= np.float32(self.momentum)
+                segment += u
         for name, (idx, s) in sent.items():
             if self.momentum is not None:
                 # Momentum factor masking: entries that went out stop carrying velocity.
@@ -355,7 +389,7 @@ class Encoder:
     @staticmethod
     def _float32(arr: np.ndarray, scale: Optional[float]) -> np.ndarray:
         """The update tensor in float32 (times the clip factor): a new array."""
-        g = np.array(arr, dtype=np.float32, copy=True).reshape(arr.shape)
+        g = np.array(arr, dtype=np.float32, copy=True, order="C").reshape(arr.shape)  # (state: C order)
         if scale is not None:
             g *= np.float32(scale)
         return g
@@ -366,31 +400,31 @@ class Encoder:
         arr: np.ndarray,
         scale: Optional[float],
         created: dict[str, Optional[np.ndarray]],
-        stepped: dict[str, tuple[np.ndarray, Optional[float]]],
+        deferred: dict[str, tuple[np.ndarray, Optional[float]]],
     ) -> Optional[np.ndarray]:
-        """With momentum, ``v = m * v + update`` (times the clip factor), and v itself to
-        send or to add to the residual (nothing writes it before the encode succeeds); else
-        None. v is stepped in place, a part at a time, and recorded in ``stepped`` for a
-        failed encode to step back; a new velocity (none of this shape before) is recorded in
-        ``created`` with what it replaced. ``encode`` has checked every update for NaN and
-        infinity before the first step (``_check_finite``), so the one failure a client's
-        data can cause leaves the velocities exactly as they were (a NaN in one would fail
-        every encode after)."""
+        """With momentum, the new velocity ``v = m * v + update`` (times the clip factor) to
+        send, or to add to the residual; else None. A new velocity is a new array (C order),
+        recorded in ``created`` with what it replaced, for a failed encode to put back. With
+        error feedback and a velocity of this shape, None as well, and the step is
+        ``deferred``: ``encode`` adds ``m * v + update`` to the residual a part at a time and
+        steps v in place once the payload is made (no copy of the update or of v, and a
+        failed encode leaves v as it was, bit for bit)."""
         if self.momentum is None:
             return None
         v = self.velocities.get(name)
+        if self.error_feedback and v is not None and v.shape == arr.shape:
+            deferred[name] = (arr, scale)
+            return None
+        created.setdefault(name, v)
         if v is None or v.shape != arr.shape:
-            created.setdefault(name, v)
-            v = self._float32(arr, scale)
-            self.velocities[name] = v
-            return v
-        flat, m = v.reshape(-1), np.float32(self.momentum)
-        stepped[name] = (arr, scale)
-        for part, u in _float32_parts(arr, scale):
-            segment = flat[part]
-            segment *= m
-            segment += u
-        return v
+            new = self._float32(arr, scale)
+        else:  # without error feedback the new velocity is what is sent: a new array
+            new = np.empty(arr.shape, np.float32)
+            flat = new.reshape(-1)
+            for part, u in _float32_parts(arr, scale, v.reshape(-1), self.momentum):
+                flat[part] = u
+        self.velocities[name] = new
+        return new
 
     @staticmethod
     def _check_finite(arrays: Mapping[str, np.ndarray], names: Iterable[str], scale: Optional[float]) -> None:
@@ -404,24 +438,6 @@ class Encoder:
                         f"tensor {name!r} holds NaN or infinity (or float64 values beyond the float32 range); "
                         "compressed tensors must be finite"
                     )
-
-    def _undo_steps(self, stepped: Mapping[str, tuple[np.ndarray, Optional[float]]]) -> None:
-        """Steps the velocities of a failed encode back, ``v = (v - update) / m``: to within a
-        rounding (a failure after the update was checked: a kernel's refusal, an interrupt);
-        with m = 0 the old velocity carried nothing, and zeros stand for it. Entries that
-        are not finite go back to zero."""
-        assert self.momentum is not None or not stepped
-        for name, (arr, scale) in stepped.items():
-            flat = self.velocities[name].reshape(-1)
-            for part, u in _float32_parts(arr, scale):
-                segment = flat[part]
-                with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                    segment -= u
-                    if self.momentum:
-                        segment /= np.float32(self.momentum)
-                    else:
-                        segment[...] = 0.0
-                segment[~np.isfinite(segment)] = 0.0
 
     def _fused_topk(
         self, codec: Codec, arrays: Mapping[str, np.ndarray], dtypes: Mapping[str, str], scale: Optional[float]
@@ -464,13 +480,13 @@ class Encoder:
             and not codec.per_tensor
         )
 
-    def _undo(self, added: Mapping[str, tuple[np.ndarray, Optional[float]]]) -> None:
-        """Takes back what a failed encode added to the residuals, each (update, scale):
+    def _undo(self, added: Mapping[str, _Added]) -> None:
+        """Takes back what a failed encode added to the residuals, as far as it went:
         exactly where the update was not finite (those entries go back to zero, which is
         all that can be said of them), to within a rounding elsewhere (``(r + u) - u``)."""
-        for name, (update, scale) in added.items():
+        for name, a in added.items():
             r = self.residuals[name].reshape(-1)
-            for part, u in _float32_parts(update, scale):
+            for part, u in _float32_parts(a.update, a.scale, a.velocity, a.momentum, stop=a.stop):
                 segment = r[part]
                 with np.errstate(invalid="ignore", over="ignore"):
                     segment -= u
