@@ -380,3 +380,58 @@ def test_rotated_quantized_values_are_finite_by_their_scales_or_refused(spec: st
     assert np.all(np.isfinite(fp.decode(_with_scales(payload, 1e30))["w"]))
     with pytest.raises(fp.DecodeError, match="'w'.*non-finite"):
         fp.decode(_with_scales(payload, 3e38))
+
+
+# ------------------------------------------------------------ accumulate --
+ACCUMULATED_SPECS = ["q4", "q8+zstd", "sign", "fp16", "bf16", "fp32", "eden4", "int8", "rht+q4", "topk:0.1+q4"]
+ACCUMULATED_SPECS += ["randk:0.2"]
+
+
+@pytest.mark.parametrize("spec", ACCUMULATED_SPECS)
+@pytest.mark.parametrize("weight", [1.0, -1.0, 0.5])
+def test_accumulate_adds_what_decode_gives(spec: str, weight: float) -> None:
+    """accs[name] += weight * the float32 values, in place, for the tensors named:
+    what decode gives, added as numpy adds it (bit for bit); raw tensors and tensors
+    left out of accs are skipped."""
+    from fedpress.format.decoding import accumulate
+
+    rng = np.random.default_rng(41)
+    update = {
+        "a": rng.standard_normal((40, 50)).astype(np.float32),
+        "b": rng.standard_normal(300).astype(np.float32),
+        "c": rng.standard_normal(9).astype(np.float32),
+        "steps": np.arange(4),
+    }
+    payload = fp.Codec(spec).encode(update, seed=3)
+    decoded = fp.decode(payload)
+    accs = {"a": rng.standard_normal((40, 50)).astype(np.float32), "b": rng.standard_normal(300).astype(np.float32)}
+    want = {name: acc + np.float32(weight) * decoded[name] for name, acc in accs.items()}
+    accumulate(payload, accs, weight)
+    for name in accs:
+        np.testing.assert_array_equal(accs[name], want[name], err_msg=name)
+
+
+def test_accumulate_checks_everything_before_adding(wire) -> None:
+    """A corrupt payload, or a section the decoder refuses, raises DecodeError with every
+    sum untouched; a sum of the wrong type or size is named."""
+    from fedpress.format.decoding import accumulate
+
+    rng = np.random.default_rng(42)
+    update = {"q": rng.standard_normal(1000).astype(np.float32), "z": rng.standard_normal(500).astype(np.float32)}
+    payload = fp.Codec("q4").encode(update, seed=1)
+    accs = {name: np.ones(v.size, np.float32) for name, v in update.items()}
+    flipped = bytearray(payload)
+    flipped[len(payload) // 2] ^= 0x10
+    with pytest.raises(fp.DecodeError, match="checksum"):
+        accumulate(bytes(flipped), accs, -1.0)
+    parsed = parse(payload, defer_checksum=True)
+    bad = bytearray(payload)
+    last = parsed.tensors[-1]  # its first scale made negative: refused by the section's check
+    bad[last.value_offset : last.value_offset + 4] = np.float32(-1).tobytes()
+    with pytest.raises(fp.DecodeError, match="'z'"):
+        accumulate(wire.fix_crc(bytes(bad)), accs, -1.0)
+    assert all(np.all(acc == 1.0) for acc in accs.values())
+    with pytest.raises(ValueError, match=r"accs\['q'\] has 999 elements, the tensor 1000"):
+        accumulate(payload, {"q": np.ones(999, np.float32)})
+    with pytest.raises(TypeError, match=r"accs\['q'\] must be a C-contiguous float32"):
+        accumulate(payload, {"q": np.ones(1000, np.float64)})

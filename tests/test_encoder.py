@@ -475,6 +475,29 @@ def test_every_path_keeps_the_definition(per_tensor: bool, momentum) -> None:
             np.testing.assert_array_equal(enc.residuals[name], residual[name])
 
 
+@pytest.mark.parametrize(
+    "spec", ["q4", "q8+zstd", "sign", "eden4", "eden2:mse", "int8", "fp16", "bf16", "fp32", "rht+q4", "q2"]
+)
+def test_dense_specs_take_the_payload_out_of_the_residual(spec: str) -> None:
+    """Without a sparsifier, the residual loses what the receiver decodes, taken from the
+    payload into the residual in place (no decoded copy): residual = meant - decoded, bit
+    for bit, round after round, with the value section written in place by the codec (the
+    payload is the codec's own for the same input and seed)."""
+    rng = np.random.default_rng(40)
+    enc = fp.Encoder(spec, rht_block=1024)
+    residual = {"a": np.zeros((30, 70), np.float32), "b": np.zeros(17, np.float32)}
+    for r in range(3):
+        u = {"a": rng.standard_normal((30, 70)).astype(np.float32), "b": rng.standard_normal(17).astype(np.float32)}
+        u["steps"] = np.array(r)
+        meant = {name: residual[name] + u[name] for name in residual}
+        payload = enc.encode(u, seed=r)
+        assert payload == fp.Codec(spec, rht_block=1024).encode({**meant, "steps": u["steps"]}, seed=r)
+        decoded = fp.decode(payload)
+        for name in residual:
+            residual[name] = meant[name] - decoded[name]
+            np.testing.assert_array_equal(enc.residuals[name], residual[name], err_msg=f"round {r}, {name}")
+
+
 @pytest.mark.parametrize("n", [100, 300_000])
 def test_a_failed_encode_takes_its_update_back_out(n: int) -> None:
     """A NaN in the update raises a one-line error naming the tensor; the residual is

@@ -30,12 +30,12 @@ are internal to fedpress (the rest of the package imports from them by name):
     eden        EDEN value sections
     writer      Entry and write
     reader      parse: every check, records with section views
-    decoding    decode, decode_parts, inspect and the per-record decoders
+    decoding    decode, decode_parts, accumulate, inspect and the per-record decoders
 """
 
 from __future__ import annotations
 
-from .decoding import decode, decode_parts, inspect
+from .decoding import accumulate, decode, decode_parts, inspect
 from .errors import DecodeError
 from .limits import DEFAULT_LIMITS, EXPANSION_FLOOR, Limits
 from .reader import payload_table_digest
@@ -45,6 +45,7 @@ from .tables import table_digest
 __all__ = [
     "decode",
     "decode_parts",
+    "accumulate",
     "inspect",
     "table_digest",
     "payload_table_digest",

@@ -5,7 +5,7 @@ record (the Aggregator sums them without a dense copy)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -30,7 +30,7 @@ from .registry import (
 from .tables import entry_head, heads_digest
 from .values import QUANT_BITS, decode_values, quantized_parts, unchecked_quantized_parts
 
-__all__ = ["decode", "decode_parts", "inspect"]
+__all__ = ["decode", "decode_parts", "inspect", "accumulate"]
 
 FLOAT_CODES = ("fp32", "fp16", "bf16")  # value codes decoded as the checksum reads them
 
@@ -378,14 +378,63 @@ def _dequantize_dense(records: list[TensorRecord], views: dict[int, np.ndarray])
         done.append(rec)
     if jobs:
         failed = _core.dequantize_many(jobs, True)  # every section checked first, then decoded
-        if isinstance(failed, int):  # the checks' own words for what is wrong with it
-            rec = done[failed]
-            try:
-                quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
-            except DecodeError as exc:
-                raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
-            raise AssertionError(f"tensor {rec.name!r}: the kernel refused a section the decoder accepts")
+        if isinstance(failed, int):
+            _refuse_quantized(done[failed])
     return {id(rec) for rec in done}
+
+
+def _refuse_quantized(rec: TensorRecord) -> None:
+    """DecodeError for a quantized section the kernel's check refused, in the checks' own
+    words for what is wrong with it."""
+    try:
+        quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+    except DecodeError as exc:
+        raise DecodeError(f"tensor {rec.name!r}: {exc}") from None
+    raise AssertionError(f"tensor {rec.name!r}: the kernel refused a section the decoder accepts")
+
+
+def accumulate(
+    payload: Any, accs: Mapping[str, np.ndarray], weight: float = 1.0, *, limits: Limits = DEFAULT_LIMITS
+) -> None:
+    """``accs[name] += weight * values``, in place, for each float tensor of the payload
+    named in ``accs`` (float32 arrays of the tensor's size, any shape, C-contiguous), the
+    values the float32 ones ``decode`` computes before rounding to the recorded dtype. An
+    encoder's error feedback takes its own payload out of its residual this way (weight
+    -1) without a decoded copy: plain dense quantized sections are dequantized into the
+    sums by one kernel call, a sparse tensor is scattered, the rest decoded and added.
+    The payload is checked whole (structure, checksum, every quantized section) before
+    anything is added; a tensor not in ``accs`` is skipped."""
+    with out_of_memory_as_decode_error():
+        parsed = parse(payload, limits)
+        records = [rec for rec in parsed.tensors if rec.kind != KIND_RAW and rec.name in accs]
+        flats = {}
+        for rec in records:
+            acc = accs[rec.name]
+            if not (isinstance(acc, np.ndarray) and acc.dtype == np.float32 and acc.flags.c_contiguous):
+                raise TypeError(f"accs[{rec.name!r}] must be a C-contiguous float32 numpy array")
+            if acc.size != rec.size:
+                raise ValueError(f"accs[{rec.name!r}] has {acc.size} elements, the tensor {rec.size}")
+            flats[rec.name] = acc.reshape(-1)
+        jobs, quantized, rest = [], [], []
+        for rec in records:
+            if rec.kind == KIND_DENSE and _plain(rec) and rec.count and rec.value_code in _QUANTIZED_CODES:
+                body, scales, bits = unchecked_quantized_parts(rec.value_code, rec.value_data, rec.count, rec.bucket)
+                jobs.append((body, scales, bits, rec.count, rec.bucket, flats[rec.name], weight, True))
+                quantized.append(rec)
+            else:
+                rest.append(rec)
+        decoded = [(rec, sparse_parts(rec, parsed.seed)) for rec in rest]  # all decoded before any is added
+        failed = _core.dequantize_many(jobs, True) if jobs else None  # every section checked, then added
+        if isinstance(failed, int):
+            _refuse_quantized(quantized[failed])
+        for rec, (idx, values) in decoded:
+            if idx is None:  # (no weighted copy for the weights of a sum and of a difference)
+                if weight == 1.0 or weight == -1.0:
+                    (np.add if weight > 0 else np.subtract)(flats[rec.name], values, out=flats[rec.name])
+                else:
+                    flats[rec.name] += np.float32(weight) * values
+            else:
+                _core.scatter_add(flats[rec.name], idx, values, weight)
 
 
 def _plain(rec: TensorRecord) -> bool:
