@@ -236,8 +236,7 @@ void add_coded_run(float* acc, const StreamUpdate& u, std::uint64_t at, const st
 }
 
 // acc[idx[j]] += w * (the value of entry at + j) for a run of count entries of stream u.
-inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, const std::uint32_t* idx,
-                       unsigned count) {
+inline void add_run_of(float* acc, const StreamUpdate& u, std::uint64_t at, const std::uint32_t* idx, unsigned count) {
   const float w = u.weight;
   if (u.bits == 0) {
     const std::uint8_t* v = u.values + 4 * at;
@@ -286,9 +285,8 @@ void add_stream_ranges(float* acc, std::size_t n, const std::vector<StreamUpdate
         continue;
       }
       const std::uint64_t from = cursor.position();
-      cursor.runs_below(hi, [&](std::uint64_t at, const std::uint32_t* idx, unsigned count) {
-        add_run_of(acc, u, at, idx, count);
-      });
+      cursor.runs_below(
+          hi, [&](std::uint64_t at, const std::uint32_t* idx, unsigned count) { add_run_of(acc, u, at, idx, count); });
       // The other streams are walked before this one comes back, in the next range: its
       // bits for about as many entries as this range took are asked for now, so that they
       // arrive meanwhile (100 top-1% streams, warm sums: about 4% less CPU time).
@@ -328,15 +326,15 @@ void scatter_add_streams_each(const std::vector<StreamSum>& sums) {
     // threads (a sum is one pass over every stream).
     const std::size_t per_task =
         std::max(kTaskEntries, sums[i].updates.size() * 8 * static_cast<std::size_t>(RiceStream::kCheckpointEvery));
-    const std::size_t parts = std::min({n_ranges, ceil_div(entries, per_task), static_cast<std::size_t>(num_threads())});
+    const std::size_t parts =
+        std::min({n_ranges, ceil_div(entries, per_task), static_cast<std::size_t>(num_threads())});
     for (std::size_t p = 0; p < parts; ++p) tasks.push_back({i, n_ranges * p / parts, n_ranges * (p + 1) / parts});
     total += entries;
   }
   parallel_for_sized(tasks.size(), total, [&](std::size_t t) {
     const Task& task = tasks[t];
     const StreamSum& sum = sums[task.which];
-    add_stream_ranges(sum.acc, sum.n, sum.updates, task.r_begin, task.r_end,
-                      sum.divide_after ? &sum.divisor : nullptr);
+    add_stream_ranges(sum.acc, sum.n, sum.updates, task.r_begin, task.r_end, sum.divide_after ? &sum.divisor : nullptr);
   });
 }
 

@@ -123,9 +123,8 @@ void write_int_codes(const Piece& p, std::uint8_t* out) {
 }
 
 void write_signs(const Piece& p, std::uint8_t* out) {
-  with_scales(bucket_count(p.n, p.block), out, [&](std::uint8_t* codes, float* scales) {
-    sign_quantize(floats(p), p.n, p.block, codes, scales);
-  });
+  with_scales(bucket_count(p.n, p.block), out,
+              [&](std::uint8_t* codes, float* scales) { sign_quantize(floats(p), p.n, p.block, codes, scales); });
 }
 
 void write_eden(const Piece& p, std::uint8_t* out) {
@@ -138,8 +137,7 @@ void write_eden(const Piece& p, std::uint8_t* out) {
     eden_encode(floats(p), p.n, p.block, p.bits, EdenRounding::nearest, mse ? EdenScale::mse : EdenScale::unbiased,
                 p.seed, p.quant_seed, codes, scales, outlier_idx, outlier_val);
     // The decoder refuses a section whose inverse rotation could leave float32: never write one.
-    const double bound =
-        eden_rotation_bound(scales, count, p.bits, EdenRounding::nearest, nullptr, 0, p.n, p.block);
+    const double bound = eden_rotation_bound(scales, count, p.bits, EdenRounding::nearest, nullptr, 0, p.n, p.block);
     if (!(bound <= kRotationLimit))
       throw std::invalid_argument("values too large to rotate in float32 (the decoder's inverse rotation could reach " +
                                   std::to_string(bound) + " > 1e38)");
@@ -174,7 +172,8 @@ std::size_t piece_size(const Piece& p) {
     }
     case PieceKind::int_codes:
       if (p.bits < 1 || p.bits > 16) throw std::invalid_argument("int piece: bits must be in [1, 16]");
-      if (!(std::isfinite(p.clip) && p.clip > 0.0f)) throw std::invalid_argument("int piece: clip must be finite and positive");
+      if (!(std::isfinite(p.clip) && p.clip > 0.0f))
+        throw std::invalid_argument("int piece: clip must be finite and positive");
       // Blocks of 8 values and more: every range but the last n % 8 values starts on a byte.
       if (!valid_rotate_block(p.rotation_block) || p.rotation_block < 8)
         throw std::invalid_argument("int piece: the rotation block must be a power of two in [8, 2^24]");
@@ -235,12 +234,12 @@ std::size_t assemble(const std::vector<Piece>& pieces, std::uint8_t* out, std::u
   std::vector<std::size_t> at(pieces.size() + 1, 0);
   std::size_t largest = 0;
   for (std::size_t i = 0; i < pieces.size(); ++i) try {
-    const std::size_t size = piece_size(pieces[i]);
-    at[i + 1] = at[i] + size;
-    largest = std::max(largest, size);
-  } catch (const std::invalid_argument& e) {
-    throw std::invalid_argument("piece " + std::to_string(i) + ": " + e.what());
-  }
+      const std::size_t size = piece_size(pieces[i]);
+      at[i + 1] = at[i] + size;
+      largest = std::max(largest, size);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("piece " + std::to_string(i) + ": " + e.what());
+    }
   const auto write = [&](std::size_t i) {
     try {
       write_piece(pieces[i], at[i + 1] - at[i], out + at[i]);

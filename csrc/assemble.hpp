@@ -21,30 +21,30 @@
 namespace fedpress {
 
 enum class PieceKind : int {
-  bytes = 0,     // copy `size` bytes from `data`
-  quantize = 1,  // the q8/q4/q2 section of x: ceil(n / bucket) float32 scales, then the packed codes
-  half = 2,      // n float16 bit patterns of x
-  bfloat16 = 3,  // n bfloat16 bit patterns of x
-  eden = 4,      // an EDEN section without outliers: mode byte, scales, codes (eden.hpp's wire layout)
-  sign = 5,      // the sign section of x: ceil(n / bucket) float32 mean magnitudes, then one bit per value
-  rice = 6,      // the index stream (version 2, ricestream.hpp) of n ascending uint32 indices, as planned
+  bytes = 0,             // copy `size` bytes from `data`
+  quantize = 1,          // the q8/q4/q2 section of x: ceil(n / bucket) float32 scales, then the packed codes
+  half = 2,              // n float16 bit patterns of x
+  bfloat16 = 3,          // n bfloat16 bit patterns of x
+  eden = 4,              // an EDEN section without outliers: mode byte, scales, codes (eden.hpp's wire layout)
+  sign = 5,              // the sign section of x: ceil(n / bucket) float32 mean magnitudes, then one bit per value
+  rice = 6,              // the index stream (version 2, ricestream.hpp) of n ascending uint32 indices, as planned
   rotated_quantize = 7,  // the quantize section of rht_forward(x) (rotate.hpp), rotated a piece at a time
-  int_codes = 8,  // an intB section's codes, unmasked: x rotated as eden_rotate does, coded, packed `bits` each
-  moved = 9,      // copy `size` bytes from `data`, each copied part's pages handed back (pages.hpp): a
-                  // buffer the caller made for this payload alone and never reads again
+  int_codes = 8,         // an intB section's codes, unmasked: x rotated as eden_rotate does, coded, packed `bits` each
+  moved = 9,             // copy `size` bytes from `data`, each copied part's pages handed back (pages.hpp): a
+                         // buffer the caller made for this payload alone and never reads again
 };
 
 struct Piece {
   PieceKind kind = PieceKind::bytes;
-  const void* data = nullptr;  // bytes, moved: the bytes; rice: the indices; the others: the float32 vector x
-  std::size_t n = 0;           // bytes, moved: the byte count; rice: the indices' count; the others: elements of x
-  int bits = 0;                // quantize, eden; rice: the planned Rice parameter
-  std::size_t block = 0;       // quantize, sign: the bucket; eden: the rotation block
-  std::uint64_t seed = 0;      // quantize: the rounding seed; eden: the rotation seed; rice: the index space n
-  std::uint64_t quant_seed = 0;  // eden
-  std::uint8_t mode = 0;         // eden: the section's mode byte (0 or the MSE-scale bit; no outliers)
-  std::size_t planned = 0;       // rice: the planned stream size (RicePlan), checked as it is written
-  std::size_t rotation_block = 0;  // rotated_quantize, int_codes: the rotation's block
+  const void* data = nullptr;       // bytes, moved: the bytes; rice: the indices; the others: the float32 vector x
+  std::size_t n = 0;                // bytes, moved: the byte count; rice: the indices' count; the others: elements of x
+  int bits = 0;                     // quantize, eden; rice: the planned Rice parameter
+  std::size_t block = 0;            // quantize, sign: the bucket; eden: the rotation block
+  std::uint64_t seed = 0;           // quantize: the rounding seed; eden: the rotation seed; rice: the index space n
+  std::uint64_t quant_seed = 0;     // eden
+  std::uint8_t mode = 0;            // eden: the section's mode byte (0 or the MSE-scale bit; no outliers)
+  std::size_t planned = 0;          // rice: the planned stream size (RicePlan), checked as it is written
+  std::size_t rotation_block = 0;   // rotated_quantize, int_codes: the rotation's block
   std::uint64_t rotation_seed = 0;  // rotated_quantize, int_codes: the rotation's seed
   float clip = 0.0f;                // int_codes: the levels' range [-clip, clip]
 };

@@ -50,11 +50,26 @@ constexpr std::uint64_t kMaxLength = std::numeric_limits<std::uint32_t>::max();
 
 template <typename T>
 const char* dtype_name();
-template <> const char* dtype_name<float>() { return "float32"; }
-template <> const char* dtype_name<std::uint32_t>() { return "uint32"; }
-template <> const char* dtype_name<std::uint8_t>() { return "uint8"; }
-template <> const char* dtype_name<std::uint16_t>() { return "uint16"; }
-template <> const char* dtype_name<std::uint64_t>() { return "uint64"; }
+template <>
+const char* dtype_name<float>() {
+  return "float32";
+}
+template <>
+const char* dtype_name<std::uint32_t>() {
+  return "uint32";
+}
+template <>
+const char* dtype_name<std::uint8_t>() {
+  return "uint8";
+}
+template <>
+const char* dtype_name<std::uint16_t>() {
+  return "uint16";
+}
+template <>
+const char* dtype_name<std::uint64_t>() {
+  return "uint64";
+}
 
 // How a kernel reaches an array's elements.
 enum class Access {
@@ -75,8 +90,7 @@ py::array checked(const py::handle& obj, const char* name, Access access = Acces
                          std::string(py::str(arr.dtype())));
   if (arr.ndim() != 1)
     throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
-  if (!(arr.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (!(arr.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
   if (access == Access::write && !arr.writeable()) throw py::value_error(std::string(name) + " must be writable");
   if (static_cast<std::uint64_t>(arr.shape(0)) > kMaxLength)
     throw py::value_error(std::string(name) + " has " + std::to_string(arr.shape(0)) +
@@ -97,9 +111,13 @@ py::array checked(const py::handle& obj, const char* name, Access access = Acces
 }
 
 template <typename T>
-const T* cptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+const T* cptr(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
 template <typename T>
-T* mptr(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+T* mptr(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
 std::size_t len(const py::array& a) { return static_cast<std::size_t>(a.shape(0)); }
 
 template <typename T>
@@ -242,7 +260,8 @@ void register_topk(py::module_& m) {
         }
         return split_to_tuple(std::move(s), xs.sizes);
       },
-      "arrays"_a, "ratio"_a, "seed"_a, "threshold_topk over float32 arrays taken back to back: (local indices, values, cuts) as topk_many.");
+      "arrays"_a, "ratio"_a, "seed"_a,
+      "threshold_topk over float32 arrays taken back to back: (local indices, values, cuts) as topk_many.");
   m.def(
       "randomk",
       [](const py::handle& x_obj, long long k_arg, std::uint64_t seed) {
@@ -329,12 +348,15 @@ py::array output_or_acc(const py::handle& acc_obj, std::size_t n) {
 template <typename T>
 T field(const py::handle& value, const std::string& name) {
   const bool is_bool = py::isinstance<py::bool_>(value), is_int = py::isinstance<py::int_>(value) && !is_bool;
-  const char* wanted = std::is_same<T, bool>::value ? "a bool" : std::is_floating_point<T>::value ? "a number" : "an integer";
-  const bool ok = std::is_same<T, bool>::value        ? is_bool
+  const char* wanted = std::is_same<T, bool>::value       ? "a bool"
+                       : std::is_floating_point<T>::value ? "a number"
+                                                          : "an integer";
+  const bool ok = std::is_same<T, bool>::value       ? is_bool
                   : std::is_floating_point<T>::value ? is_int || py::isinstance<py::float_>(value)
                                                      : is_int;
   if (!ok)
-    throw py::type_error(name + " must be " + wanted + ", got " + std::string(py::str(py::type::of(value).attr("__name__"))));
+    throw py::type_error(name + " must be " + wanted + ", got " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))));
   try {
     return value.cast<T>();
   } catch (const py::cast_error&) {
@@ -364,8 +386,14 @@ struct CheckedDequantize {
                             std::to_string(fedpress::bucket_count(n, b)) + " for n = " + std::to_string(n) +
                             " and bucket = " + std::to_string(b));
     out = output_or_acc(acc_obj, n);
-    job = {cptr<std::uint8_t>(packed), cptr<float>(scales), bits, n, b, static_cast<float*>(out.mutable_data()),
-           accumulate && !acc_obj.is_none(), static_cast<float>(weight)};
+    job = {cptr<std::uint8_t>(packed),
+           cptr<float>(scales),
+           bits,
+           n,
+           b,
+           static_cast<float*>(out.mutable_data()),
+           accumulate && !acc_obj.is_none(),
+           static_cast<float>(weight)};
   }
 };
 
@@ -408,7 +436,8 @@ void register_quantize(py::module_& m) {
       "quantize",
       [](const py::handle& x_obj, int bits, long long bucket, bool stochastic, std::uint64_t seed) {
         py::array x = checked<float>(x_obj, "x");
-        if (!fedpress::valid_bits(bits)) throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
+        if (!fedpress::valid_bits(bits))
+          throw py::value_error("bits must be 1, 2, 4 or 8, got " + std::to_string(bits));
         if (bucket <= 0) throw py::value_error("bucket must be positive, got " + std::to_string(bucket));
         const std::size_t n = len(x), b = static_cast<std::size_t>(bucket);
         py::array_t<std::uint8_t> packed(static_cast<py::ssize_t>(fedpress::packed_size(n, bits)));
@@ -607,8 +636,8 @@ fedpress::SparseUpdate typed_update(const py::handle& i_obj, const py::handle& v
   py::array idx = checked<std::uint32_t>(i_obj, ("indices" + label).c_str());
   py::array val = checked<float>(v_obj, ("values" + label).c_str());
   if (len(idx) != len(val))
-    throw py::value_error("indices" + label + " and values" + label + " lengths differ: " +
-                          std::to_string(len(idx)) + " vs " + std::to_string(len(val)));
+    throw py::value_error("indices" + label + " and values" + label + " lengths differ: " + std::to_string(len(idx)) +
+                          " vs " + std::to_string(len(val)));
   keep.push_back(idx);
   keep.push_back(val);
   return {cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), static_cast<float>(weight)};
@@ -726,7 +755,7 @@ void register_accumulate(py::module_& m) {
 // weight * value as dequantize_many does (float32; each as the aggregator's other path adds
 // them, bit for bit, signed zeros included). Values are checked before they are weighted.
 struct DecodingJobs {
-  std::vector<py::array> outs;  // kept alive while the jobs write them
+  std::vector<py::array> outs;             // kept alive while the jobs write them
   std::vector<std::vector<float>> scales;  // a quantized job's scales, aligned
   std::vector<fedpress::ChecksumJob> jobs;
   // One flag per job, written by whichever piece finds a non-finite value (a quantized
@@ -755,9 +784,12 @@ struct DecodingJobs {
       const bool check_only = code == "fp32-finite";
       if (check_only && weighted) throw py::value_error("job " + std::to_string(j) + ": a check has no weight");
       fedpress::FloatCode c = fedpress::FloatCode::fp32;
-      if (code == "fp16") c = fedpress::FloatCode::fp16;
-      else if (code == "bf16") c = fedpress::FloatCode::bf16;
-      else if (code != "fp32" && !check_only) throw py::value_error("unknown job code " + code);
+      if (code == "fp16")
+        c = fedpress::FloatCode::fp16;
+      else if (code == "bf16")
+        c = fedpress::FloatCode::bf16;
+      else if (code != "fp32" && !check_only)
+        throw py::value_error("unknown job code " + code);
       const std::size_t width = c == fedpress::FloatCode::fp32 ? 4 : 2;
       if (offset > size || n > (size - offset) / width)
         throw py::value_error("job " + std::to_string(j) + " reaches past the buffer");
@@ -771,11 +803,11 @@ struct DecodingJobs {
       // A tensor larger than the caches is streamed out: nothing reads it back soon (a
       // weighted one is, by its multiplication).
       const bool streaming = n >= fedpress::kStreamingValues && !weighted;
-      jobs[j] = {offset, n, width, [=](std::size_t first, std::size_t last) {
-                   const bool ok = out == nullptr
-                                       ? fedpress::floats_finite(at + 4 * first, last - first)
-                                       : fedpress::decode_floats_serial(c, at + width * first, last - first,
-                                                                        out + first, streaming);
+      jobs[j] = {offset, n, width,
+                 [=](std::size_t first, std::size_t last) {
+                   const bool ok = out == nullptr ? fedpress::floats_finite(at + 4 * first, last - first)
+                                                  : fedpress::decode_floats_serial(c, at + width * first, last - first,
+                                                                                   out + first, streaming);
                    if (!ok) flag->store(false, std::memory_order_relaxed);
                    if (out != nullptr && weighted)  // numpy's product, then its sum with a zero
                      for (std::size_t i = first; i < last; ++i) out[i] = 0.0f + out[i] * weight;
@@ -787,8 +819,8 @@ struct DecodingJobs {
   // A quantized section's job: its units are 8 values, `bits` bytes of packed codes, so
   // that each starts on a byte; each checks the scales of the buckets it touches (and the
   // last one the padding bits) and dequantizes as dequantize_many would, bit for bit.
-  void quantized_job(std::size_t j, const std::uint8_t* data, std::size_t size, const py::tuple& t,
-                     std::size_t offset, const std::string& code, std::size_t n) {
+  void quantized_job(std::size_t j, const std::uint8_t* data, std::size_t size, const py::tuple& t, std::size_t offset,
+                     const std::string& code, std::size_t n) {
     const int bits = code[1] - '0';
     if (!fedpress::valid_bits(bits)) throw py::value_error("unknown job code " + code);
     if (t.size() != 6 && t.size() != 7)
@@ -805,8 +837,8 @@ struct DecodingJobs {
     if (len(outs[j]) != n) throw py::value_error("job " + std::to_string(j) + ": out must hold n values");
     scales[j].resize(buckets);
     if (buckets) std::memcpy(scales[j].data(), data + scales_at, 4 * buckets);  // little-endian hosts
-    const fedpress::DequantizeJob job{data + offset, scales[j].data(), bits, n, bucket,
-                                      mptr<float>(outs[j]), false, weight};
+    const fedpress::DequantizeJob job{data + offset, scales[j].data(),     bits,  n,
+                                      bucket,        mptr<float>(outs[j]), false, weight};
     std::atomic<bool>* flag = &finite[j];
     jobs[j] = {offset, fedpress::ceil_div(n, 8), static_cast<std::size_t>(bits),
                [=](std::size_t first, std::size_t last) {
@@ -829,7 +861,8 @@ struct DecodingJobs {
     const double w = value.cast<double>();
     const float w32 = static_cast<float>(w);
     if (!std::isfinite(w) || !std::isfinite(w32))
-      throw py::value_error("job " + std::to_string(j) + ": weight must be finite in float32, got " + std::to_string(w));
+      throw py::value_error("job " + std::to_string(j) + ": weight must be finite in float32, got " +
+                            std::to_string(w));
     return w32;
   }
 
@@ -964,8 +997,7 @@ void register_rotate(py::module_& m) {
         if (n > kMaxLength) throw py::value_error("n must be < 2^32, got " + std::to_string(n));
         return fedpress::rht_padded_size(static_cast<std::size_t>(n), b);
       },
-      "n"_a, "block"_a,
-      "Length of rht's output for n elements: full blocks, then the tail padded to a power of two.");
+      "n"_a, "block"_a, "Length of rht's output for n elements: full blocks, then the tail padded to a power of two.");
   m.def(
       "rht",
       [](const py::handle& x_obj, std::uint64_t seed, long long block_arg) {
@@ -1032,7 +1064,8 @@ void register_rotate(py::module_& m) {
 
 // ------------------------------------------------------------------- eden --
 int eden_bits(int bits) {
-  if (!fedpress::valid_eden_bits(bits)) throw py::value_error("bits must be 1, 2, 3, 4 or 8, got " + std::to_string(bits));
+  if (!fedpress::valid_eden_bits(bits))
+    throw py::value_error("bits must be 1, 2, 3, 4 or 8, got " + std::to_string(bits));
   return bits;
 }
 
@@ -1073,7 +1106,8 @@ struct EdenCodes {
 EdenCodes eden_codes(const py::handle& p_obj, const py::handle& s_obj, std::size_t n, int bits, std::size_t block) {
   EdenCodes c{checked<std::uint8_t>(p_obj, "packed"), checked<float>(s_obj, "scales"), eden_rotated_size(n, block)};
   const std::string at = "for n = " + std::to_string(n) + ", block = " + std::to_string(block);
-  expect_length(c.packed, fedpress::eden_packed_size(c.m, bits), "packed", at + " at " + std::to_string(bits) + " bits");
+  expect_length(c.packed, fedpress::eden_packed_size(c.m, bits), "packed",
+                at + " at " + std::to_string(bits) + " bits");
   expect_length(c.scales, fedpress::eden_num_blocks(n, block), "scales", at);
   fedpress::eden_check_padding(cptr<std::uint8_t>(c.packed), c.m, bits);
   return c;
@@ -1112,10 +1146,14 @@ auto in_place_rotation(void (*kernel)(float*, std::size_t, std::size_t, std::uin
 }
 
 void register_eden(py::module_& m) {
-  m.def("eden_centroids", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_centroids(bits)); },
-        "bits"_a, "The 2^bits Lloyd-Max centroids of N(0, 1), ascending: float32.");
-  m.def("eden_levels", [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_stochastic_levels(bits)); },
-        "bits"_a, "The 2^bits levels on [-3.3, 3.3] of the stochastic mode, spaced for N(0, 1): float32.");
+  m.def(
+      "eden_centroids",
+      [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_centroids(bits)); }, "bits"_a,
+      "The 2^bits Lloyd-Max centroids of N(0, 1), ascending: float32.");
+  m.def(
+      "eden_levels",
+      [](int bits) { return py::array_t<float>(1 << eden_bits(bits), fedpress::eden_stochastic_levels(bits)); },
+      "bits"_a, "The 2^bits levels on [-3.3, 3.3] of the stochastic mode, spaced for N(0, 1): float32.");
   m.def("eden_derived_seed", &fedpress::eden_derived_seed, "seed"_a,
         "The quantization seed eden_encode derives from the rotation seed.");
   m.def(
@@ -1132,7 +1170,8 @@ void register_eden(py::module_& m) {
         });
       },
       "y"_a, "n"_a, "bits"_a, "seed"_a, "block"_a, "stochastic"_a, "mse"_a,
-      "EDEN quantization of a rotated vector: (packed uint8, scales float32, outlier_idx uint32, outlier_val float32).");
+      "EDEN quantization of a rotated vector: (packed uint8, scales float32, outlier_idx uint32, outlier_val "
+      "float32).");
   m.def(
       "eden_dequantize",
       [](const py::handle& p_obj, const py::handle& s_obj, long long n_arg, int bits, long long block_arg,
@@ -1180,8 +1219,8 @@ void register_eden(py::module_& m) {
           std::uint8_t* p = packed.mutable_data();
           float* s = scales.mutable_data();
           py::gil_scoped_release release;  // raw buffers kept alive by the arrays
-          fedpress::eden_encode(cptr<float>(x), n, block, bits, rounding(stochastic), eden_scale(mse), seed,
-                                quant_seed, p, s, idx, val);
+          fedpress::eden_encode(cptr<float>(x), n, block, bits, rounding(stochastic), eden_scale(mse), seed, quant_seed,
+                                p, s, idx, val);
         }
         return py::make_tuple(packed, scales, to_numpy(std::move(idx)), to_numpy(std::move(val)));
       },
@@ -1210,8 +1249,8 @@ void register_eden(py::module_& m) {
         {
           float* o = static_cast<float*>(out.mutable_data());
           py::gil_scoped_release release;  // raw buffers kept alive by the arrays
-          fedpress::eden_decode(cptr<std::uint8_t>(packed), cptr<float>(scales), n, block, bits,
-                                rounding(stochastic), seed, cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), o,
+          fedpress::eden_decode(cptr<std::uint8_t>(packed), cptr<float>(scales), n, block, bits, rounding(stochastic),
+                                seed, cptr<std::uint32_t>(idx), cptr<float>(val), len(idx), o,
                                 accumulate && !acc_obj.is_none(), static_cast<float>(weight));
         }
         return out;
@@ -1402,14 +1441,18 @@ void register_convert(py::module_& m) {
       "data"_a, "code"_a, "n"_a, "out"_a = py::none(),
       "A float value section (fp32/fp16/bf16, little-endian, at any address) as float32[n] (or into out), "
       "and whether every value is finite: (array, bool).");
-  m.def("to_half", [](const py::handle& x) { return narrow(x, fedpress::float_to_half); },
-        "x"_a, "float32 -> float16 bit patterns (uint16), round to nearest even, saturating at 65504.");
-  m.def("from_half", [](const py::handle& h) { return widen(h, fedpress::half_to_float); },
-        "h"_a, "float16 bit patterns (uint16) -> float32.");
-  m.def("to_bfloat16", [](const py::handle& x) { return narrow(x, fedpress::float_to_bfloat16); },
-        "x"_a, "float32 -> bfloat16 bit patterns (uint16), round to nearest even, saturating.");
-  m.def("from_bfloat16", [](const py::handle& h) { return widen(h, fedpress::bfloat16_to_float); },
-        "h"_a, "bfloat16 bit patterns (uint16) -> float32.");
+  m.def(
+      "to_half", [](const py::handle& x) { return narrow(x, fedpress::float_to_half); }, "x"_a,
+      "float32 -> float16 bit patterns (uint16), round to nearest even, saturating at 65504.");
+  m.def(
+      "from_half", [](const py::handle& h) { return widen(h, fedpress::half_to_float); }, "h"_a,
+      "float16 bit patterns (uint16) -> float32.");
+  m.def(
+      "to_bfloat16", [](const py::handle& x) { return narrow(x, fedpress::float_to_bfloat16); }, "x"_a,
+      "float32 -> bfloat16 bit patterns (uint16), round to nearest even, saturating.");
+  m.def(
+      "from_bfloat16", [](const py::handle& h) { return widen(h, fedpress::bfloat16_to_float); }, "h"_a,
+      "bfloat16 bit patterns (uint16) -> float32.");
 }
 
 // The bytes of a contiguous buffer (bytes, memoryview, numpy array), kept alive by the
@@ -1522,7 +1565,7 @@ class IndexStream {
   // The exports, not just the objects, are held: that keeps a bytearray from being
   // resized under the stream.
   py::buffer_info index_, values_info_;
-  py::array scales_;  // a quantized stream's, aligned
+  py::array scales_;                              // a quantized stream's, aligned
   std::unique_ptr<fedpress::RiceStream> stream_;  // null until checked
 };
 
@@ -1560,8 +1603,8 @@ void register_streams(py::module_& m) {
                           "bytes at any address, or a float32 array), checked on construction: DecodeError names "
                           "what is wrong; check_finite also refuses NaN and infinity among the values. A deferred "
                           "stream is checked by check_payloads.")
-      .def(py::init<const py::handle&, std::uint64_t, std::uint64_t, const py::handle&, bool, bool>(),
-           "index_stream"_a, "n"_a, "count"_a, "values"_a, "check_finite"_a, "deferred"_a = false)
+      .def(py::init<const py::handle&, std::uint64_t, std::uint64_t, const py::handle&, bool, bool>(), "index_stream"_a,
+           "n"_a, "count"_a, "values"_a, "check_finite"_a, "deferred"_a = false)
       .def_static(
           "quantized",
           [](const py::handle& index_buf, std::uint64_t n, std::uint64_t count, const py::handle& codes,
@@ -1610,11 +1653,11 @@ void register_streams(py::module_& m) {
         }
         py::list out;
         for (const PayloadCheck& item : items) {
-          out.append(py::make_tuple(item.bytes ? py::object(py::int_(item.crc)) : py::object(py::none()),
-                                    item.jobs ? py::object(item.jobs->flags()) : py::object(py::list()),
-                                    item.failed_stream ? py::object(py::int_(*item.failed_stream))
-                                                       : py::object(py::none()),
-                                    py::str(item.error)));
+          out.append(
+              py::make_tuple(item.bytes ? py::object(py::int_(item.crc)) : py::object(py::none()),
+                             item.jobs ? py::object(item.jobs->flags()) : py::object(py::list()),
+                             item.failed_stream ? py::object(py::int_(*item.failed_stream)) : py::object(py::none()),
+                             py::str(item.error)));
         }
         return out;
       },
@@ -1625,7 +1668,8 @@ void register_streams(py::module_& m) {
       "failed stream or None, its error).");
   m.def(
       "add_streams",
-      [](const py::handle& acc_obj, const std::vector<const IndexStream*>& streams, const std::vector<double>& weights) {
+      [](const py::handle& acc_obj, const std::vector<const IndexStream*>& streams,
+         const std::vector<double>& weights) {
         py::array acc = checked<float>(acc_obj, "acc", Access::write);
         if (weights.size() != streams.size())
           throw py::value_error("streams and weights lengths differ: " + std::to_string(streams.size()) + " vs " +
@@ -1703,7 +1747,8 @@ void register_streams(py::module_& m) {
 std::size_t piece_bucket(const py::handle& value, std::size_t i) {
   const std::uint64_t bucket = field<std::uint64_t>(value, "piece " + std::to_string(i) + ": bucket");
   if (bucket == 0 || bucket > kMaxLength)
-    throw py::value_error("piece " + std::to_string(i) + ": bucket must be in [1, 2^32 - 1], got " + std::to_string(bucket));
+    throw py::value_error("piece " + std::to_string(i) + ": bucket must be in [1, 2^32 - 1], got " +
+                          std::to_string(bucket));
   return static_cast<std::size_t>(bucket);
 }
 
@@ -1738,7 +1783,8 @@ void register_assemble(py::module_& m) {
           const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
           const std::string kind = t[0].cast<std::string>();
           if (kind == "move") {
-            if (t.size() != 2) throw py::value_error("piece " + std::to_string(i) + ": a move piece is (\"move\", buffer)");
+            if (t.size() != 2)
+              throw py::value_error("piece " + std::to_string(i) + ": a move piece is (\"move\", buffer)");
             py::buffer_info info;
             try {
               info = py::reinterpret_borrow<py::buffer>(t[1]).request(/*writable=*/true);
@@ -1756,7 +1802,8 @@ void register_assemble(py::module_& m) {
           }
           if (kind == "rice") {  // (its size is checked as it is written)
             if (t.size() != 5)
-              throw py::value_error("piece " + std::to_string(i) + ": a rice piece is (\"rice\", indices, n, parameter, size)");
+              throw py::value_error("piece " + std::to_string(i) +
+                                    ": a rice piece is (\"rice\", indices, n, parameter, size)");
             py::array idx = checked<std::uint32_t>(t[1], "indices");
             p.kind = fedpress::PieceKind::rice;
             p.data = idx.data();
@@ -1816,16 +1863,17 @@ void register_assemble(py::module_& m) {
             p.quant_seed = t[5].cast<std::uint64_t>();
             p.mode = t[6].cast<std::uint8_t>();
           } else {
-            throw py::value_error("piece " + std::to_string(i) + ": unknown kernel piece " + py::repr(item).cast<std::string>());
+            throw py::value_error("piece " + std::to_string(i) + ": unknown kernel piece " +
+                                  py::repr(item).cast<std::string>());
           }
           pieces.push_back(p);
         }
         std::size_t total = checksum ? 4 : 0;
         for (std::size_t i = 0; i < pieces.size(); ++i) try {
-          total += fedpress::piece_size(pieces[i]);
-        } catch (const std::invalid_argument& e) {
-          throw py::value_error("piece " + std::to_string(i) + ": " + e.what());
-        }
+            total += fedpress::piece_size(pieces[i]);
+          } catch (const std::invalid_argument& e) {
+            throw py::value_error("piece " + std::to_string(i) + ": " + e.what());
+          }
         PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total));
         if (raw == nullptr) throw py::error_already_set();
         py::bytes out = py::reinterpret_steal<py::bytes>(raw);
@@ -1901,7 +1949,8 @@ void register_table(py::module_& m) {
             const py::handle h = t[k];
             if (!PyLong_Check(h.ptr()))
               throw py::type_error("rows[" + std::to_string(i) + "]: field " + std::to_string(k) +
-                                   " must be an integer, got " + std::string(py::str(py::type::of(h).attr("__name__"))));
+                                   " must be an integer, got " +
+                                   std::string(py::str(py::type::of(h).attr("__name__"))));
             const unsigned long long v = PyLong_AsUnsignedLongLong(h.ptr());
             if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
               PyErr_Clear();
@@ -1938,17 +1987,23 @@ void register_runtime(py::module_& m) {
         fedpress::set_num_threads(n);
       },
       "n"_a, "Sets the threads the kernels may use (results do not depend on it).");
-  m.def("simd", []() { return fedpress::simd_name(fedpress::active_simd()); },
-        "The instruction set the selection kernels use now.");
-  m.def("simd_detected", []() { return fedpress::simd_name(fedpress::detected_simd()); },
-        "The best instruction set this CPU offers.");
+  m.def(
+      "simd", []() { return fedpress::simd_name(fedpress::active_simd()); },
+      "The instruction set the selection kernels use now.");
+  m.def(
+      "simd_detected", []() { return fedpress::simd_name(fedpress::detected_simd()); },
+      "The best instruction set this CPU offers.");
   m.def(
       "set_simd",
       [](const std::string& name) {
-        if (name == "scalar") fedpress::set_simd_cap(fedpress::SimdLevel::scalar);
-        else if (name == "avx2") fedpress::set_simd_cap(fedpress::SimdLevel::avx2);
-        else if (name == "avx512") fedpress::set_simd_cap(fedpress::SimdLevel::avx512);
-        else throw py::value_error("simd level must be 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+        if (name == "scalar")
+          fedpress::set_simd_cap(fedpress::SimdLevel::scalar);
+        else if (name == "avx2")
+          fedpress::set_simd_cap(fedpress::SimdLevel::avx2);
+        else if (name == "avx512")
+          fedpress::set_simd_cap(fedpress::SimdLevel::avx512);
+        else
+          throw py::value_error("simd level must be 'scalar', 'avx2' or 'avx512', got '" + name + "'");
       },
       "name"_a, "Caps the explicitly dispatched SIMD paths (for tests and benchmarks).");
 }

@@ -40,8 +40,8 @@ std::uint32_t crc_portable(const std::uint8_t* p, std::size_t n, std::uint32_t c
     std::memcpy(&lo, p, 4);
     std::memcpy(&hi, p + 4, 4);
     lo ^= crc;  // little-endian hosts (checked by the payload layer)
-    crc = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^
-          t[3][hi & 0xFF] ^ t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
+    crc = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^ t[3][hi & 0xFF] ^
+          t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
     p += 8;
     n -= 8;
   }
@@ -282,7 +282,7 @@ constexpr std::size_t kVpclmulMin = 384;
 static_assert(kVpclmulMin >= kVpclmulStep, "crc_vpclmul loads one step before folding");
 
 __attribute__((target(FEDPRESS_VPCLMUL_TARGET))) std::uint32_t crc_vpclmul(const std::uint8_t* p, std::size_t n,
-                                                                          std::uint32_t crc) {
+                                                                           std::uint32_t crc) {
   __m512i x0 = _mm512_xor_si512(load_512(p), _mm512_set_epi64(0, 0, 0, 0, 0, 0, 0, static_cast<long long>(crc)));
   __m512i x1 = load_512(p + 64), x2 = load_512(p + 128), x3 = load_512(p + 192);
   p += kVpclmulStep;
@@ -300,8 +300,7 @@ __attribute__((target(FEDPRESS_VPCLMUL_TARGET))) std::uint32_t crc_vpclmul(const
   for (; n >= 64; p += 64, n -= 64) x3 = fold_512(x3, by64, load_512(p));
   // Its lanes onto the last (kept as it is), then the four lanes XORed.
   alignas(64) std::uint8_t lanes[64];
-  _mm512_store_si512(lanes,
-                     fold_512(x3, _mm512_load_si512(onto_last_lane().k), _mm512_maskz_mov_epi64(0xC0, x3)));
+  _mm512_store_si512(lanes, fold_512(x3, _mm512_load_si512(onto_last_lane().k), _mm512_maskz_mov_epi64(0xC0, x3)));
   const __m128i block = _mm_xor_si128(_mm_xor_si128(load_128(lanes), load_128(lanes + 16)),
                                       _mm_xor_si128(load_128(lanes + 32), load_128(lanes + 48)));
   return finish_folded(block, p, n);
@@ -321,8 +320,7 @@ bool have_vpclmul() {
     __builtin_cpu_init();
     // What FEDPRESS_VPCLMUL_TARGET builds for.
     return __builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("pclmul") &&
-           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("sse4.2");
+           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("sse4.2");
   }();
   return yes;
 }

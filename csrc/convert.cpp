@@ -1,8 +1,8 @@
 #include "convert.hpp"
 
 #include <algorithm>
-#include <cstdint>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 
 #include "parallel.hpp"
@@ -212,9 +212,15 @@ bool decode_floats_serial(FloatCode code, const void* data, std::size_t n, float
     return finite;
   }
   switch (code) {
-    case FloatCode::fp32: copy_floats(in, n, out); break;
-    case FloatCode::fp16: from_half_range(in, n, out); break;
-    case FloatCode::bf16: from_bf16_range(in, n, out); break;
+    case FloatCode::fp32:
+      copy_floats(in, n, out);
+      break;
+    case FloatCode::fp16:
+      from_half_range(in, n, out);
+      break;
+    case FloatCode::bf16:
+      from_bf16_range(in, n, out);
+      break;
   }
   // Checked while the values are still in cache: the pass costs next to nothing.
   return all_finite(out, n);

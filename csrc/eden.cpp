@@ -80,11 +80,16 @@ constexpr std::int32_t kAbsMask = 0x7FFFFFFF;
 template <typename F>
 FEDPRESS_INLINE decltype(auto) with_bits(int bits, F&& f) {
   switch (bits) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    default: return f(std::integral_constant<int, 8>{});
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    default:
+      return f(std::integral_constant<int, 8>{});
   }
 }
 
@@ -213,8 +218,7 @@ const float* table_of(const Tables& t, EdenRounding rounding) {
 std::uint32_t stochastic_key(std::uint64_t seed) { return static_cast<std::uint32_t>(hash64(seed, 0xEDE5u)); }
 
 void check_bits(int bits) {
-  if (!valid_eden_bits(bits))
-    throw std::invalid_argument("bits must be 1, 2, 3, 4 or 8, got " + std::to_string(bits));
+  if (!valid_eden_bits(bits)) throw std::invalid_argument("bits must be 1, 2, 3, 4 or 8, got " + std::to_string(bits));
 }
 
 // Validates the arguments shared by every entry point; returns the layout.
@@ -324,7 +328,7 @@ FEDPRESS_INLINE void unpack8(const std::uint8_t* o, std::size_t w, VI& code) {
       word = load_group<B>(o);
     else
       for (std::size_t k = 0; k < code_bytes(w, B); ++k) word |= static_cast<std::uint32_t>(o[k]) << (8 * k);
-    code = (VI)(((VU{} + word) >> kGroupShifts<B>) & ((1u << B) - 1));
+    code = (VI)(((VU{} + word) >> kGroupShifts<B>)&((1u << B) - 1));
   }
 }
 
@@ -617,8 +621,8 @@ void decode_bytes(const std::uint8_t* __restrict in, std::size_t len, const floa
 }
 
 FEDPRESS_CLONES
-void accumulate_bytes(const std::uint8_t* __restrict in, std::size_t len, const float* __restrict table,
-                      float scale, float weight, float* __restrict out) {
+void accumulate_bytes(const std::uint8_t* __restrict in, std::size_t len, const float* __restrict table, float scale,
+                      float weight, float* __restrict out) {
   for (std::size_t i = 0; i < len; ++i) out[i] = out[i] + weight * (scale * table[in[i]]);
 }
 
@@ -652,8 +656,8 @@ FEDPRESS_INLINE void decode_packed(const std::uint8_t* in, std::size_t len, cons
 
 // A run starting on a byte boundary of the stream (in holds its first code).
 FEDPRESS_CLONES
-void decode_codes(const std::uint8_t* in, std::size_t len, int bits, const float* table, float scale,
-                  bool accumulate, float weight, float* out) {
+void decode_codes(const std::uint8_t* in, std::size_t len, int bits, const float* table, float scale, bool accumulate,
+                  float weight, float* out) {
   if (bits == 8) {
     if (accumulate)
       accumulate_bytes(in, len, table, scale, weight, out);
@@ -689,9 +693,8 @@ void for_each_run(const RhtLayout& l, std::size_t begin, std::size_t end, F&& f)
 
 // Decodes elements [begin, end) (begin a multiple of kSeg) into out, which
 // holds element begin.
-void decode_range(const std::uint8_t* packed, const float* scales, const RhtLayout& l, int bits,
-                  const float* table, std::size_t begin, std::size_t end, bool accumulate, float weight,
-                  float* out) {
+void decode_range(const std::uint8_t* packed, const float* scales, const RhtLayout& l, int bits, const float* table,
+                  std::size_t begin, std::size_t end, bool accumulate, float weight, float* out) {
   const std::size_t stride = static_cast<std::size_t>(bits);
   if (direct_runs(l, bits)) {
     for_each_run(l, begin, end, [&](std::size_t b, std::size_t i, std::size_t len) {
@@ -897,8 +900,7 @@ void unrotate_range(float* w, std::size_t length, std::size_t block, const Segme
 // Runs fn(segment, its seeds, its plan, range) for every range of blocks of every
 // segment, a segment's ranges in parallel (the ranges depend on the sizes only).
 template <typename Fn>
-void for_each_range(const std::vector<EdenSegment>& segments, std::size_t block, std::uint64_t rotation_seed,
-                    Fn&& fn) {
+void for_each_range(const std::vector<EdenSegment>& segments, std::size_t block, std::uint64_t rotation_seed, Fn&& fn) {
   for (std::size_t i = 0; i < segments.size(); ++i) {
     const EdenSegment& g = segments[i];
     const SegmentSeeds seeds = segment_seeds(rotation_seed, i);
@@ -940,23 +942,23 @@ void eden_check_padding(const std::uint8_t* packed, std::size_t m, int bits) {
     throw MalformedData("packed: nonzero padding bits in the last byte");
 }
 
-void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t block, int bits,
-                   EdenRounding rounding, EdenScale scale, std::uint64_t seed, std::uint8_t* packed,
-                   float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
+void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
+                   EdenScale scale, std::uint64_t seed, std::uint8_t* packed, float* scales,
+                   std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
   const Plan p = make_plan(checked_layout(m, n, block, bits));
   const QuantizeArgs a{bits, rounding, scale, stochastic_key(seed), packed, scales};
   quantize_all(p, a, outlier_idx, outlier_val, [&](const Range& r, Scratch&) { return y + r.begin; });
 }
 
-void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
-                     std::size_t block, int bits, EdenRounding rounding, float* y_out) {
+void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n, std::size_t block,
+                     int bits, EdenRounding rounding, float* y_out) {
   const RhtLayout l = checked_layout(m, n, block, bits);
   eden_check_padding(packed, m, bits);
   decode_all(packed, scales, l, bits, rounding, false, 0.0f, y_out);
 }
 
-void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
-                     std::size_t block, int bits, EdenRounding rounding, float weight, float* acc) {
+void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n, std::size_t block,
+                     int bits, EdenRounding rounding, float weight, float* acc) {
   const RhtLayout l = checked_layout(m, n, block, bits);
   eden_check_padding(packed, m, bits);
   decode_all(packed, scales, l, bits, rounding, true, weight, acc);
@@ -999,9 +1001,9 @@ std::size_t eden_layout_code_bytes(std::size_t n, std::size_t block, int bits) {
   return bytes;
 }
 
-void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
-                 EdenScale scale, std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed,
-                 float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
+void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding, EdenScale scale,
+                 std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed, float* scales,
+                 std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val) {
   const std::vector<EdenSegment> segments = eden_segments(n, block, bits);
   for (std::size_t i = 0; i < segments.size(); ++i) {
     const EdenSegment& g = segments[i];
@@ -1020,8 +1022,7 @@ void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, Ede
       rht_forward_blocks_inplace(w, g.length, block, seeds.second, r.first_block, r.end_block);
       return static_cast<const float*>(w);
     });
-    for (std::size_t j = before; j < outlier_idx.size(); ++j)
-      outlier_idx[j] += static_cast<std::uint32_t>(g.offset);
+    for (std::size_t j = before; j < outlier_idx.size(); ++j) outlier_idx[j] += static_cast<std::uint32_t>(g.offset);
   }
 }
 
@@ -1032,25 +1033,26 @@ void eden_decode(const std::uint8_t* packed, const float* scales, std::size_t n,
   for (const EdenSegment& g : segments) eden_check_padding(packed + g.codes, g.length, bits);
   for (std::size_t j = 0; j < n_outliers; ++j)
     if (outlier_idx[j] >= n || (j > 0 && outlier_idx[j] <= outlier_idx[j - 1]))
-      throw std::invalid_argument("outlier_idx must be strictly ascending and below " + std::to_string(n) +
-                                  "; entry " + std::to_string(j) + " is " + std::to_string(outlier_idx[j]));
+      throw std::invalid_argument("outlier_idx must be strictly ascending and below " + std::to_string(n) + "; entry " +
+                                  std::to_string(j) + " is " + std::to_string(outlier_idx[j]));
   const float* table = table_of(tables(bits), rounding);
   const std::uint32_t* idx_end = outlier_idx + n_outliers;
-  for_each_range(segments, block, rotation_seed, [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan& p,
-                                                     const Range& r) {
-    Scratch scratch;
-    float* dst = out + g.offset + r.begin;
-    float* w = accumulate ? scratch.get(r.end - r.begin) : dst;
-    decode_range(packed + g.codes, scales + g.scales, p.layout, bits, table, r.begin, r.end, false, 0.0f, w);
-    const std::size_t lo = g.offset + r.begin, hi = g.offset + r.end;
-    for (const std::uint32_t* o = std::lower_bound(outlier_idx, idx_end, lo); o != idx_end && *o < hi; ++o)
-      w[*o - lo] = outlier_val[o - outlier_idx];
-    unrotate_range(w, g.length, block, seeds, r);
-    if (accumulate)
-      add_scaled(dst, w, r.end - r.begin, weight);
-    else if (weight != 1.0f)
-      scale_values(dst, r.end - r.begin, weight);
-  });
+  for_each_range(
+      segments, block, rotation_seed,
+      [&](const EdenSegment& g, const SegmentSeeds& seeds, const Plan& p, const Range& r) {
+        Scratch scratch;
+        float* dst = out + g.offset + r.begin;
+        float* w = accumulate ? scratch.get(r.end - r.begin) : dst;
+        decode_range(packed + g.codes, scales + g.scales, p.layout, bits, table, r.begin, r.end, false, 0.0f, w);
+        const std::size_t lo = g.offset + r.begin, hi = g.offset + r.end;
+        for (const std::uint32_t* o = std::lower_bound(outlier_idx, idx_end, lo); o != idx_end && *o < hi; ++o)
+          w[*o - lo] = outlier_val[o - outlier_idx];
+        unrotate_range(w, g.length, block, seeds, r);
+        if (accumulate)
+          add_scaled(dst, w, r.end - r.begin, weight);
+        else if (weight != 1.0f)
+          scale_values(dst, r.end - r.begin, weight);
+      });
 }
 
 double eden_rotation_bound(const float* scales, std::size_t n_scales, int bits, EdenRounding rounding,

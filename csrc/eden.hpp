@@ -86,21 +86,21 @@ std::uint64_t eden_derived_seed(std::uint64_t rotation_seed);
 // two vectors; seed drives its rounding (unused by nearest). Throws
 // std::invalid_argument on invalid bits or block, an inconsistent m, or a
 // NaN or infinity in y.
-void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t block, int bits,
-                   EdenRounding rounding, EdenScale scale, std::uint64_t seed, std::uint8_t* packed,
-                   float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val);
+void eden_quantize(const float* y, std::size_t m, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
+                   EdenScale scale, std::uint64_t seed, std::uint8_t* packed, float* scales,
+                   std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val);
 
 // y_out[i] = scales[block of i] * table[code_i] for i < m; outliers are not
 // applied. Throws std::invalid_argument on invalid arguments or nonzero
 // padding bits.
-void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
-                     std::size_t block, int bits, EdenRounding rounding, float* y_out);
+void eden_dequantize(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n, std::size_t block,
+                     int bits, EdenRounding rounding, float* y_out);
 
 // acc[i] += weight * (scales[block of i] * table[code_i]) for i < m: one
 // client's share of a rotated-domain sum, bit-identical to adding weight *
 // eden_dequantize's output. Throws like eden_dequantize.
-void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n,
-                     std::size_t block, int bits, EdenRounding rounding, float weight, float* acc);
+void eden_accumulate(const std::uint8_t* packed, const float* scales, std::size_t m, std::size_t n, std::size_t block,
+                     int bits, EdenRounding rounding, float weight, float* acc);
 
 // Throws MalformedData (errors.hpp) when the unused high bits of the last byte
 // of m packed codes are not zero.
@@ -141,9 +141,9 @@ std::size_t eden_layout_code_bytes(std::size_t n, std::size_t block, int bits);
 // range of blocks at a time, the rotated vector never built. Throws
 // std::invalid_argument on invalid bits or block, or a NaN or infinity met on
 // the way (in x, or made by rotating values too large for float32).
-void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding,
-                 EdenScale scale, std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed,
-                 float* scales, std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val);
+void eden_encode(const float* x, std::size_t n, std::size_t block, int bits, EdenRounding rounding, EdenScale scale,
+                 std::uint64_t rotation_seed, std::uint64_t quant_seed, std::uint8_t* packed, float* scales,
+                 std::vector<std::uint32_t>& outlier_idx, std::vector<float>& outlier_val);
 
 // Inverse of eden_encode: dequantizes, puts the outliers (strictly ascending,
 // < n) in place and undoes both rotations of each segment (fwht_signs_blocks_inplace,

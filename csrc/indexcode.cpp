@@ -9,7 +9,6 @@
 #include "rng.hpp"
 #include "varint.hpp"
 
-
 #if defined(__GNUC__)
 #define FEDPRESS_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -39,8 +38,8 @@ struct DivideBy {
 
 struct Golomb {
   std::uint64_t m;
-  unsigned b;      // ceil(log2 m)
-  std::uint64_t u; // 2^b - m: remainders below u take b-1 bits
+  unsigned b;       // ceil(log2 m)
+  std::uint64_t u;  // 2^b - m: remainders below u take b-1 bits
   explicit Golomb(std::uint64_t m_) : m(m_), b(ceil_log2(m_)), u((std::uint64_t{1} << b) - m_) {}
   std::uint64_t remainder_bits(std::uint64_t r) const { return b == 0 ? 0 : (r < u ? b - 1 : b); }
 };
@@ -101,11 +100,10 @@ class GolombDecoder {
     if (n > (std::uint64_t{1} << 32)) throw std::invalid_argument("n must be <= 2^32");  // indices are uint32
     std::size_t pos = 0;
     k_ = get_varint(data, size, pos, "count");
-    if (k_ > n)
-      throw MalformedData("index stream: count " + std::to_string(k_) + " exceeds n = " + std::to_string(n));
+    if (k_ > n) throw MalformedData("index stream: count " + std::to_string(k_) + " exceeds n = " + std::to_string(n));
     if (k_ > max_count)
       throw MalformedData("index stream: count " + std::to_string(k_) + " exceeds the limit " +
-                             std::to_string(max_count));
+                          std::to_string(max_count));
     if (k_ == 0) {
       if (pos != size)
         throw MalformedData("index stream: " + std::to_string(size - pos) + " trailing bytes after an empty list");
@@ -114,13 +112,13 @@ class GolombDecoder {
     m_ = get_varint(data, size, pos, "golomb parameter");
     if (m_ == 0 || m_ > std::max<std::uint64_t>(1, n))
       throw MalformedData("index stream: golomb parameter " + std::to_string(m_) + " outside [1, " +
-                             std::to_string(std::max<std::uint64_t>(1, n)) + "]");
+                          std::to_string(std::max<std::uint64_t>(1, n)) + "]");
     // Every index costs at least one bit (its unary terminator): a count the
     // buffer cannot hold is refused before anything is allocated.
     const std::uint64_t avail_bits = std::uint64_t{size - pos} * 8;
     if (k_ > avail_bits)
       throw MalformedData("index stream truncated: count " + std::to_string(k_) + " needs at least " +
-                             std::to_string(k_) + " bits, have " + std::to_string(avail_bits));
+                          std::to_string(k_) + " bits, have " + std::to_string(avail_bits));
     const Golomb g(m_);
     b_ = g.b;
     u_ = g.u;
@@ -199,7 +197,7 @@ class GolombDecoder {
     const std::uint64_t value = beyond ? 0 : next_ + q * m_ + r;
     if (beyond || value >= n_)
       throw MalformedData("index stream: index " + std::to_string(i_) + " decodes to " +
-                             (beyond ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n_));
+                          (beyond ? std::string("beyond n") : std::to_string(value)) + ", n = " + std::to_string(n_));
     out_[i_++] = static_cast<std::uint32_t>(value);
     next_ = value + 1;
   }
@@ -217,7 +215,7 @@ class GolombDecoder {
     const std::uint64_t used_bytes = (pos_ + 7) / 8;
     if (used_bytes != size_)
       throw MalformedData("index stream: " + std::to_string(size_ - used_bytes) + " trailing bytes after " +
-                             std::to_string(k_) + " indices");
+                          std::to_string(k_) + " indices");
     if (pos_ % 8 != 0 && (data_[size_ - 1] >> (pos_ % 8)) != 0)
       throw MalformedData("index stream: nonzero padding bits in the last byte");
   }
@@ -238,7 +236,7 @@ class GolombDecoder {
   void require(std::uint64_t nb, const char* what) const {
     if (pos_ + nb > total())
       throw MalformedData(std::string("index stream truncated in ") + what + ": need " + std::to_string(nb) +
-                             " bits at bit " + std::to_string(pos_) + ", have " + std::to_string(total() - pos_));
+                          " bits at bit " + std::to_string(pos_) + ", have " + std::to_string(total() - pos_));
   }
   std::uint64_t read(unsigned nb, const char* what) {
     if (nb == 0) return 0;
@@ -304,7 +302,8 @@ std::vector<std::uint8_t> encode_indices(const std::uint32_t* idx, std::size_t k
   };
   std::uint64_t best_m = m0, best_bits = sampled_bits(m0);
   for (double f : {0.5, 0.7, 0.85, 1.2}) {
-    const std::uint64_t m = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::llround(static_cast<double>(m0) * f)));
+    const std::uint64_t m =
+        std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::llround(static_cast<double>(m0) * f)));
     if (m == best_m) continue;
     const std::uint64_t bits = sampled_bits(m);
     if (bits < best_bits) {

@@ -54,5 +54,4 @@ std::vector<std::uint32_t> decode_indices(const std::uint8_t* data, std::size_t 
 void decode_indices_into(const std::uint8_t* data, std::size_t size, std::uint64_t n, std::uint32_t* out,
                          std::size_t count);
 
-
 }  // namespace fedpress

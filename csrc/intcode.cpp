@@ -100,8 +100,7 @@ void pack_codes(const std::uint64_t* codes, std::size_t n, int width, std::uint8
     if (pending > 0) *o = static_cast<std::uint8_t>(acc);  // the last task's padding bits are zero
     if (wide) too_wide.store(true, std::memory_order_relaxed);
   });
-  if (too_wide.load())
-    throw std::invalid_argument("a code does not fit in " + std::to_string(width) + " bits");
+  if (too_wide.load()) throw std::invalid_argument("a code does not fit in " + std::to_string(width) + " bits");
 }
 
 namespace {

@@ -230,8 +230,7 @@ void parallel_for(std::size_t n_tasks, const std::function<void(std::size_t)>& t
   if (job->error) std::rethrow_exception(job->error);
 }
 
-void parallel_for_sized(std::size_t n_tasks, std::size_t total_elements,
-                        const std::function<void(std::size_t)>& task) {
+void parallel_for_sized(std::size_t n_tasks, std::size_t total_elements, const std::function<void(std::size_t)>& task) {
   if (total_elements < kParallelThreshold) {
     for (std::size_t i = 0; i < n_tasks; ++i) task(i);
     return;

@@ -25,8 +25,7 @@ void parallel_for(std::size_t n_tasks, const std::function<void(std::size_t)>& t
 
 // Like parallel_for, but runs serially when the total amount of work (in
 // elements) is below the point where starting threads pays off.
-void parallel_for_sized(std::size_t n_tasks, std::size_t total_elements,
-                        const std::function<void(std::size_t)>& task);
+void parallel_for_sized(std::size_t n_tasks, std::size_t total_elements, const std::function<void(std::size_t)>& task);
 
 // While one is alive on a thread, parallel_for there runs every task itself: for a caller
 // that already spreads its work over the threads (a payload's pieces, one per task), whose

@@ -46,9 +46,8 @@ std::uint32_t max_abs_bits(const float* x, std::size_t len) {
 // only on (seed, g), never on how the work was split. 16 bits of randomness
 // leave a rounding bias below 2^-17 of a grid step.
 FEDPRESS_CLONES
-void codes_stochastic_pairs(const float* x, std::size_t pairs, float pre, float mul, float half,
-                            std::uint32_t levels, std::uint32_t key, std::uint32_t first_pair,
-                            std::uint8_t* codes) {
+void codes_stochastic_pairs(const float* x, std::size_t pairs, float pre, float mul, float half, std::uint32_t levels,
+                            std::uint32_t key, std::uint32_t first_pair, std::uint8_t* codes) {
   const int top = static_cast<int>(levels);
   for (std::size_t j = 0; j < pairs; ++j) {
     const std::uint32_t h = hash32(key, first_pair + static_cast<std::uint32_t>(j));
@@ -67,8 +66,8 @@ void codes_stochastic_pairs(const float* x, std::size_t pairs, float pre, float 
 // that start on an even element: the codes never round-trip through a buffer.
 // Same values as codes_stochastic_pairs / codes_nearest followed by pack_codes.
 FEDPRESS_CLONES
-void pack4_stochastic(const float* x, std::size_t pairs, float pre, float mul, float half,
-                      std::uint32_t key, std::uint32_t first_pair, std::uint8_t* out) {
+void pack4_stochastic(const float* x, std::size_t pairs, float pre, float mul, float half, std::uint32_t key,
+                      std::uint32_t first_pair, std::uint8_t* out) {
   for (std::size_t j = 0; j < pairs; ++j) {
     const std::uint32_t h = hash32(key, first_pair + static_cast<std::uint32_t>(j));
     const float u0 = static_cast<float>(h & 0xFFFFu) * 0x1p-16f;
@@ -93,8 +92,8 @@ void pack4_nearest(const float* x, std::size_t pairs, float pre, float mul, floa
 }
 
 // Same values as codes_stochastic_pairs for segments with odd ends.
-void codes_stochastic(const float* x, std::size_t len, float pre, float mul, float half,
-                      std::uint32_t levels, std::uint32_t key, std::size_t first, std::uint8_t* codes) {
+void codes_stochastic(const float* x, std::size_t len, float pre, float mul, float half, std::uint32_t levels,
+                      std::uint32_t key, std::size_t first, std::uint8_t* codes) {
   std::size_t i = 0;
   auto one = [&](std::size_t k) {
     const std::size_t g = first + k;
@@ -106,14 +105,14 @@ void codes_stochastic(const float* x, std::size_t len, float pre, float mul, flo
   };
   if (first & 1) one(i++);
   const std::size_t pairs = (len - i) / 2;
-  codes_stochastic_pairs(x + i, pairs, pre, mul, half, levels, key,
-                         static_cast<std::uint32_t>((first + i) >> 1), codes + i);
+  codes_stochastic_pairs(x + i, pairs, pre, mul, half, levels, key, static_cast<std::uint32_t>((first + i) >> 1),
+                         codes + i);
   for (i += 2 * pairs; i < len; ++i) one(i);
 }
 
 FEDPRESS_CLONES
-void codes_nearest(const float* x, std::size_t len, float pre, float mul, float half,
-                   std::uint32_t levels, std::uint8_t* codes) {
+void codes_nearest(const float* x, std::size_t len, float pre, float mul, float half, std::uint32_t levels,
+                   std::uint8_t* codes) {
   const int top = static_cast<int>(levels);
   for (std::size_t i = 0; i < len; ++i) {
     const float t = (x[i] * pre) * mul + half;
@@ -138,14 +137,14 @@ void pack_codes(const std::uint8_t* codes, std::size_t len, int bits, std::uint8
       break;
     case 2:
       for (std::size_t i = 0; i < full * 2; ++i)
-        out[i] = static_cast<std::uint8_t>(codes[4 * i] | (codes[4 * i + 1] << 2) |
-                                           (codes[4 * i + 2] << 4) | (codes[4 * i + 3] << 6));
+        out[i] = static_cast<std::uint8_t>(codes[4 * i] | (codes[4 * i + 1] << 2) | (codes[4 * i + 2] << 4) |
+                                           (codes[4 * i + 3] << 6));
       break;
     default:  // 1
       for (std::size_t i = 0; i < full; ++i) {
         const std::uint8_t* c = codes + 8 * i;
-        out[i] = static_cast<std::uint8_t>(c[0] | (c[1] << 1) | (c[2] << 2) | (c[3] << 3) |
-                                           (c[4] << 4) | (c[5] << 5) | (c[6] << 6) | (c[7] << 7));
+        out[i] = static_cast<std::uint8_t>(c[0] | (c[1] << 1) | (c[2] << 2) | (c[3] << 3) | (c[4] << 4) | (c[5] << 5) |
+                                           (c[6] << 6) | (c[7] << 7));
       }
       break;
   }
@@ -281,8 +280,8 @@ std::size_t packed_size(std::size_t n, int bits) {
 
 std::size_t bucket_count(std::size_t n, std::size_t bucket) { return ceil_div(n, bucket); }
 
-void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
-              std::uint64_t seed, std::uint8_t* packed, float* scales) {
+void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic, std::uint64_t seed,
+              std::uint8_t* packed, float* scales) {
   quantize_part(x, 0, n, n, bits, bucket, stochastic, seed, packed, scales);
 }
 
@@ -410,8 +409,8 @@ void dequantize_range(const DequantizeJob& job, std::size_t begin, std::size_t e
   }
 }
 
-void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
-                std::size_t bucket, float* out, bool accumulate, float weight) {
+void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n, std::size_t bucket,
+                float* out, bool accumulate, float weight) {
   dequantize_many({DequantizeJob{packed, scales, bits, n, bucket, out, accumulate, weight}});
 }
 
@@ -426,7 +425,8 @@ void dequantize_many(const std::vector<DequantizeJob>& jobs) {
     for (std::size_t c = 0; c < ceil_div(jobs[j].n, kTargetChunk); ++c) tasks.emplace_back(j, c);
     total += jobs[j].n;
   }
-  parallel_for_sized(tasks.size(), total, [&](std::size_t t) { dequantize_chunk(jobs[tasks[t].first], tasks[t].second); });
+  parallel_for_sized(tasks.size(), total,
+                     [&](std::size_t t) { dequantize_chunk(jobs[tasks[t].first], tasks[t].second); });
 }
 
 }  // namespace fedpress

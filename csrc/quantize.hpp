@@ -31,8 +31,8 @@ std::size_t bucket_count(std::size_t n, std::size_t bucket);
 
 // packed: packed_size(n, bits) bytes; scales: bucket_count(n, bucket) floats.
 // Throws std::invalid_argument when x holds a NaN or an infinity.
-void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic,
-              std::uint64_t seed, std::uint8_t* packed, float* scales);
+void quantize(const float* x, std::size_t n, int bits, std::size_t bucket, bool stochastic, std::uint64_t seed,
+              std::uint8_t* packed, float* scales);
 // The codes and scales of elements [first, first + count) of an n-element vector whose
 // part x holds (x[0] is element first), into the whole vector's packed and scales: what
 // quantize of the whole writes there, bit for bit (the stochastic draws follow the global
@@ -53,8 +53,8 @@ void sign_quantize(const float* x, std::size_t n, std::size_t bucket, std::uint8
 // out: n floats, out[i] = weight * value_i (exactly value_i for a weight of 1);
 // accumulate: out[i] += weight * value_i instead (a float product, then a float
 // sum: numpy's two steps, bit for bit).
-void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n,
-                std::size_t bucket, float* out, bool accumulate = false, float weight = 1.0f);
+void dequantize(const std::uint8_t* packed, const float* scales, int bits, std::size_t n, std::size_t bucket,
+                float* out, bool accumulate = false, float weight = 1.0f);
 
 // Several dequantizations in one parallel pass (a payload's tensors), each as above.
 struct DequantizeJob {

@@ -181,8 +181,7 @@ FEDPRESS_INLINE void unary_zeros(const std::uint8_t* unary, const std::uint8_t* 
 // The ones of the unary part; with marks, also where each checkpoint resumes: one bit
 // past one i-1 (0-based), for i = every, 2*every, ... below k.
 FEDPRESS_INLINE std::uint64_t scan_unary_body(const std::uint8_t* p, std::size_t size, const std::uint8_t* end,
-                                              std::uint64_t k, std::uint64_t every,
-                                              std::vector<std::uint64_t>* marks) {
+                                              std::uint64_t k, std::uint64_t every, std::vector<std::uint64_t>* marks) {
   std::uint64_t ones = 0, mark = every;
   for (std::size_t byte = 0; byte < size; byte += 8) {
     const std::uint64_t w = load8(p + byte, end);
@@ -199,9 +198,9 @@ FEDPRESS_INLINE std::uint64_t scan_unary_body(const std::uint8_t* p, std::size_t
 
 #if FEDPRESS_HAVE_X86_DISPATCH
 __attribute__((target("popcnt"))) std::uint64_t scan_unary_fast(const std::uint8_t* p, std::size_t size,
-                                                                 const std::uint8_t* end, std::uint64_t k,
-                                                                 std::uint64_t every,
-                                                                 std::vector<std::uint64_t>* marks) {
+                                                                const std::uint8_t* end, std::uint64_t k,
+                                                                std::uint64_t every,
+                                                                std::vector<std::uint64_t>* marks) {
   return scan_unary_body(p, size, end, k, every, marks);
 }
 #endif
@@ -235,7 +234,8 @@ __attribute__((target("avx512f,avx512vl,bmi,bmi2,popcnt"))) void unary_zeros_avx
     unsigned slot = 0;
     for (unsigned c = 0; c < 4; ++c) {
       const __mmask16 m = static_cast<__mmask16>(cur >> (16 * c));
-      const __m512i bits = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(16 * c + static_cast<std::uint32_t>(bias) - slot)));
+      const __m512i bits =
+          _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(16 * c + static_cast<std::uint32_t>(bias) - slot)));
       const __m512i packed = _mm512_maskz_compress_epi32(m, bits);
       // Lane j of packed is bit(j) + bias - slot; the index's zeros subtract j too.
       _mm512_storeu_si512(out + slot, _mm512_sub_epi32(packed, iota));
@@ -248,9 +248,9 @@ __attribute__((target("avx512f,avx512vl,bmi,bmi2,popcnt"))) void unary_zeros_avx
 }
 
 __attribute__((target("avx2,bmi,bmi2,popcnt"))) void unary_zeros_fast(const std::uint8_t* unary,
-                                                                        const std::uint8_t* end, std::size_t& word,
-                                                                        std::uint64_t& cur, std::uint64_t first,
-                                                                        unsigned count, std::uint32_t* zeros) {
+                                                                      const std::uint8_t* end, std::size_t& word,
+                                                                      std::uint64_t& cur, std::uint64_t first,
+                                                                      unsigned count, std::uint32_t* zeros) {
   unary_zeros(unary, end, word, cur, first, count, zeros);
 }
 
@@ -292,7 +292,7 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) FEDPRESS_INLINE void add_bloc
 // undefined register at -O1.)
 template <unsigned L>
 __attribute__((target("avx512f,avx512vpopcntdq"))) std::uint64_t sum_fields_popcount(const std::uint8_t* p,
-                                                                                      std::uint64_t bits) {
+                                                                                     std::uint64_t bits) {
   static const ClassMasks<L> masks;
   __m512i acc[L];
   for (unsigned c = 0; c < L; ++c) acc[c] = _mm512_setzero_si512();
@@ -332,8 +332,8 @@ static_assert(kPopcountMaxParameter == 12, "sum_fields_popcount_any instantiates
 // Sum of the lows [begin, end), begin a multiple of 8: by bit classes with AVX-512's
 // popcount for small parameters, in whole groups below wide_groups with AVX2, the rest
 // one by one.
-std::uint64_t sum_lows(const std::uint8_t* lows, const std::uint8_t* stream_end, std::uint64_t begin,
-                       std::uint64_t end, unsigned l, std::uint64_t wide_groups) {
+std::uint64_t sum_lows(const std::uint8_t* lows, const std::uint8_t* stream_end, std::uint64_t begin, std::uint64_t end,
+                       unsigned l, std::uint64_t wide_groups) {
   if (l == 0) return 0;
 #if FEDPRESS_HAVE_X86_DISPATCH
   if (l <= kPopcountMaxParameter && active_simd() == SimdLevel::avx512 && has_vector_popcount())
@@ -377,7 +377,8 @@ RicePlan plan_rice_stream(const std::uint32_t* idx, std::size_t k, std::uint64_t
   std::uint64_t quotients[4] = {};
   for (std::size_t i = 0; i < k; ++i) {
     const std::uint32_t gap = checked_gap(idx, i, n);
-    for (unsigned c = 0; c < 4; ++c) quotients[c] += std::uint64_t{gap} >> (lo + c);  // (4 always: unused ones cost nothing)
+    for (unsigned c = 0; c < 4; ++c)
+      quotients[c] += std::uint64_t{gap} >> (lo + c);  // (4 always: unused ones cost nothing)
   }
   unsigned best_l = lo;
   std::uint64_t best_bits = std::numeric_limits<std::uint64_t>::max();
@@ -452,7 +453,8 @@ std::vector<std::uint8_t> encode_rice_stream(const std::uint32_t* idx, std::size
 }
 
 std::vector<RicePlan> plan_rice_streams(const std::vector<const std::uint32_t*>& indices,
-                                        const std::vector<std::size_t>& counts, const std::vector<std::uint64_t>& sizes) {
+                                        const std::vector<std::size_t>& counts,
+                                        const std::vector<std::uint64_t>& sizes) {
   std::vector<RicePlan> out(indices.size());
   std::vector<std::string> errors(indices.size());
   std::size_t total = 0;

@@ -50,7 +50,8 @@ RicePlan plan_rice_stream(const std::uint32_t* indices, std::size_t k, std::uint
 // plan_rice_stream of many index arrays (a model's sparse tensors), spread over the
 // threads; a refusal names its array ("array i: ..."), the first in order.
 std::vector<RicePlan> plan_rice_streams(const std::vector<const std::uint32_t*>& indices,
-                                        const std::vector<std::size_t>& counts, const std::vector<std::uint64_t>& sizes);
+                                        const std::vector<std::size_t>& counts,
+                                        const std::vector<std::uint64_t>& sizes);
 // Writes the stream of the plan into out (plan.size bytes, any content before), having
 // checked the indices again (ascending, < n) and that they code in plan.size bytes with
 // that parameter: std::invalid_argument, with nothing written, for a plan that is not

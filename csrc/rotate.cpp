@@ -321,8 +321,8 @@ void rht_forward(const float* x, std::size_t n, std::size_t block, std::uint64_t
   parallel_for_sized(l.blocks(), n, [&](std::size_t b) { forward_block(l, b, x, key, out + l.offset(b)); });
 }
 
-void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::uint64_t seed,
-                        std::size_t first_block, std::size_t end_block, float* out) {
+void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                        std::size_t end_block, float* out) {
   check_block(block);
   const Layout l = layout(n, block);
   check_block_range(l, first_block, end_block);
@@ -331,8 +331,7 @@ void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::u
     forward_block(l, b, x, key, out + (l.offset(b) - l.offset(first_block)));
 }
 
-void rht_inverse(const float* y, std::size_t m, std::size_t n, std::size_t block, std::uint64_t seed,
-                 float* out) {
+void rht_inverse(const float* y, std::size_t m, std::size_t n, std::size_t block, std::uint64_t seed, float* out) {
   check_block(block);
   if (m != rht_padded_size(n, block))
     throw std::invalid_argument("rotated vector has " + std::to_string(m) + " elements, expected " +
@@ -373,8 +372,8 @@ void fwht_inplace(float* x, std::size_t len, std::size_t block) {
   parallel_for_sized(l.blocks(), len, [&](std::size_t b) { fwht_block(x + l.offset(b), l.length(b)); });
 }
 
-void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
-                                std::size_t first_block, std::size_t end_block) {
+void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                                std::size_t end_block) {
   for_each_block(y, n, block, seed, first_block, end_block,
                  [](float* w, std::size_t o, std::size_t len, std::uint32_t key) {
                    const std::size_t sub = std::min(len, kSub);
@@ -387,8 +386,8 @@ void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std:
                  });
 }
 
-void fwht_signs_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
-                               std::size_t first_block, std::size_t end_block) {
+void fwht_signs_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                               std::size_t end_block) {
   // fwht_inplace's transform, then the signs: the float rounding of every step is that
   // of the two functions called in turn.
   for_each_block(y, n, block, seed, first_block, end_block,

@@ -54,8 +54,7 @@ void rht_forward(const float* x, std::size_t n, std::size_t block, std::uint64_t
 
 // Inverse of rht_forward: y holds m == rht_padded_size(n, block) floats, out n.
 // Throws std::invalid_argument for an invalid block or an inconsistent m.
-void rht_inverse(const float* y, std::size_t m, std::size_t n, std::size_t block, std::uint64_t seed,
-                 float* out);
+void rht_inverse(const float* y, std::size_t m, std::size_t n, std::size_t block, std::uint64_t seed, float* out);
 
 // The two halves of the rotation, exposed on their own. fwht_inplace applies
 // the orthonormal Walsh-Hadamard transform H_L (entries +-1/sqrt(L)) to each
@@ -77,8 +76,8 @@ void random_signs_inplace(float* x, std::size_t len, std::uint64_t seed);
 // (those rotated values, used as workspace and overwritten) into out, which
 // receives their unpadded elements. Both equal the whole-vector functions on
 // those elements, bit for bit.
-void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::uint64_t seed,
-                        std::size_t first_block, std::size_t end_block, float* out);
+void rht_forward_blocks(const float* x, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                        std::size_t end_block, float* out);
 void rht_inverse_blocks(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
                         std::size_t end_block, float* out);
 
@@ -91,9 +90,9 @@ void rht_inverse_blocks(float* y, std::size_t n, std::size_t block, std::uint64_
 // for bit. EDEN's rotation (eden.hpp) is two of the first, undone by two of the
 // second. Both throw std::invalid_argument for an invalid block, a padded n or
 // a bad range.
-void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
-                                std::size_t first_block, std::size_t end_block);
-void fwht_signs_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed,
-                               std::size_t first_block, std::size_t end_block);
+void rht_forward_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                                std::size_t end_block);
+void fwht_signs_blocks_inplace(float* y, std::size_t n, std::size_t block, std::uint64_t seed, std::size_t first_block,
+                               std::size_t end_block);
 
 }  // namespace fedpress

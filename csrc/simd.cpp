@@ -10,8 +10,8 @@ namespace {
 SimdLevel probe() {
 #if FEDPRESS_HAVE_X86_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
     return SimdLevel::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2")) return SimdLevel::avx2;
 #endif
@@ -48,9 +48,12 @@ void set_simd_cap(SimdLevel cap) { cap_setting().store(static_cast<int>(cap), st
 
 const char* simd_name(SimdLevel level) {
   switch (level) {
-    case SimdLevel::avx512: return "avx512";
-    case SimdLevel::avx2: return "avx2";
-    default: return "scalar";
+    case SimdLevel::avx512:
+      return "avx512";
+    case SimdLevel::avx2:
+      return "avx2";
+    default:
+      return "scalar";
   }
 }
 

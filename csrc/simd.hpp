@@ -18,8 +18,7 @@ const char* simd_name(SimdLevel level);
 
 // Multi-versioned functions: GCC/Clang emit one clone per target and an ifunc
 // resolver picks the best at load time. Only on ELF x86-64, where ifunc exists.
-#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(FEDPRESS_NO_CLONES)
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FEDPRESS_NO_CLONES)
 #define FEDPRESS_HAVE_X86_DISPATCH 1
 #define FEDPRESS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

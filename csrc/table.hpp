@@ -36,7 +36,6 @@ struct EntryFields {
 
 // Appends `head` (an inline entry's name, dtype and shape, already coded; empty for a
 // compact one) and the fields of one entry to `out`.
-void write_entry(std::vector<std::uint8_t>& out, const std::uint8_t* head, std::size_t head_size,
-                 const EntryFields& e);
+void write_entry(std::vector<std::uint8_t>& out, const std::uint8_t* head, std::size_t head_size, const EntryFields& e);
 
 }  // namespace fedpress

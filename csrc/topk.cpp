@@ -59,9 +59,8 @@ inline std::uint32_t key_of(float f) {
 // whole vectors past the last kept entry.
 
 template <bool kAdd>
-std::size_t filter_scalar(const float* src, float* acc, std::size_t begin, std::size_t end,
-                          std::uint32_t lo, std::uint32_t* out_idx, float* out_val,
-                          std::size_t& eq) {
+std::size_t filter_scalar(const float* src, float* acc, std::size_t begin, std::size_t end, std::uint32_t lo,
+                          std::uint32_t* out_idx, float* out_val, std::size_t& eq) {
   std::size_t cnt = 0, e = 0;
   for (std::size_t i = begin; i < end; ++i) {
     float v = src[i];
@@ -82,9 +81,10 @@ std::size_t filter_scalar(const float* src, float* acc, std::size_t begin, std::
 #if FEDPRESS_HAVE_X86_DISPATCH
 
 template <bool kAdd>
-__attribute__((target("avx2,bmi,bmi2,popcnt"))) std::size_t filter_avx2(
-    const float* src, float* acc, std::size_t begin, std::size_t end, std::uint32_t lo,
-    std::uint32_t* out_idx, float* out_val, std::size_t& eq) {
+__attribute__((target("avx2,bmi,bmi2,popcnt"))) std::size_t filter_avx2(const float* src, float* acc, std::size_t begin,
+                                                                        std::size_t end, std::uint32_t lo,
+                                                                        std::uint32_t* out_idx, float* out_val,
+                                                                        std::size_t& eq) {
   const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
   // Keys are < 2^31, so signed 32-bit compares order them correctly.
   const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo));
@@ -100,8 +100,8 @@ __attribute__((target("avx2,bmi,bmi2,popcnt"))) std::size_t filter_avx2(
       }
       const __m256i key = _mm256_and_si256(_mm256_castps_si256(v[j]), abs_mask);
       gt[j] = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, vlo))));
-      e += static_cast<std::size_t>(
-          __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, vlo))))));
+      e += static_cast<std::size_t>(__builtin_popcount(
+          static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, vlo))))));
     }
     if ((gt[0] | gt[1] | gt[2] | gt[3]) == 0) continue;
     for (int j = 0; j < 4; ++j) {
@@ -123,9 +123,9 @@ __attribute__((target("avx2,bmi,bmi2,popcnt"))) std::size_t filter_avx2(
 }
 
 template <bool kAdd>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,bmi,bmi2,popcnt"))) std::size_t
-filter_avx512(const float* src, float* acc, std::size_t begin, std::size_t end, std::uint32_t lo,
-              std::uint32_t* out_idx, float* out_val, std::size_t& eq) {
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,bmi,bmi2,popcnt"))) std::size_t filter_avx512(
+    const float* src, float* acc, std::size_t begin, std::size_t end, std::uint32_t lo, std::uint32_t* out_idx,
+    float* out_val, std::size_t& eq) {
   const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(kAbsMask));
   const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
   const __m512i lane_ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -146,8 +146,8 @@ filter_avx512(const float* src, float* acc, std::size_t begin, std::size_t end, 
     if ((gt[0] | gt[1] | gt[2] | gt[3]) == 0) continue;
     for (int j = 0; j < 4; ++j) {
       if (!gt[j]) continue;
-      const __m512i ids = _mm512_add_epi32(
-          _mm512_set1_epi32(static_cast<int>(i + 16 * static_cast<std::size_t>(j))), lane_ids);
+      const __m512i ids =
+          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i + 16 * static_cast<std::size_t>(j))), lane_ids);
       // Compress into a register, then a plain store: compress-to-memory is
       // microcoded and slow on some cores.
       _mm512_storeu_si512(out_idx + cnt, _mm512_maskz_compress_epi32(gt[j], ids));
@@ -164,8 +164,8 @@ filter_avx512(const float* src, float* acc, std::size_t begin, std::size_t end, 
 #endif  // FEDPRESS_HAVE_X86_DISPATCH
 
 template <bool kAdd>
-std::size_t filter_range(const float* src, float* acc, std::size_t begin, std::size_t end,
-                         std::uint32_t lo, std::uint32_t* out_idx, float* out_val, std::size_t& eq) {
+std::size_t filter_range(const float* src, float* acc, std::size_t begin, std::size_t end, std::uint32_t lo,
+                         std::uint32_t* out_idx, float* out_val, std::size_t& eq) {
 #if FEDPRESS_HAVE_X86_DISPATCH
   switch (active_simd()) {
     case SimdLevel::avx512:
@@ -184,9 +184,9 @@ std::size_t filter_range(const float* src, float* acc, std::size_t begin, std::s
 // vector itself, or an update whose sum with a residual (acc) is selected: sampled
 // before the fused pass writes the sum back into acc, read from acc after it.
 struct Segment {
-  const float* x;        // the vector, or the update
-  float* acc;            // the residual when accumulating, else nullptr
-  std::size_t offset;    // index of its first element in the whole input
+  const float* x;      // the vector, or the update
+  float* acc;          // the residual when accumulating, else nullptr
+  std::size_t offset;  // index of its first element in the whole input
   std::size_t n;
   const float* values() const { return acc ? acc : x; }  // after accumulation
 };
@@ -233,14 +233,14 @@ class Input {
 struct ChunkCandidates {
   std::vector<std::uint32_t> idx;  // ascending
   std::vector<float> val;
-  std::size_t eq = 0;              // keys == lo in the chunk (candidates hold only keys > lo)
+  std::size_t eq = 0;  // keys == lo in the chunk (candidates hold only keys > lo)
 };
 
 struct FilterResult {
   std::vector<ChunkCandidates> chunks;
-  std::size_t total = 0;   // candidates kept
+  std::size_t total = 0;  // candidates kept
   std::size_t total_eq = 0;
-  bool overflow = false;   // more than `cap` candidates: lists are incomplete
+  bool overflow = false;  // more than `cap` candidates: lists are incomplete
   bool nan = false;
 };
 
@@ -265,9 +265,8 @@ FilterResult filter_pass(const Input& in, std::uint32_t lo, std::size_t cap) {
     // (a piece's SIMD stores run at most 16 past its own, within the buffer's slack).
     in.pieces(begin, end, [&](const Segment& s, std::size_t lb, std::size_t le) {
       std::uint32_t* oi = idx_buf.data() + cnt;
-      const std::size_t kept =
-          s.acc ? filter_range<true>(s.x, s.acc, lb, le, lo, oi, val_buf.data() + cnt, eq)
-                : filter_range<false>(s.x, nullptr, lb, le, lo, oi, val_buf.data() + cnt, eq);
+      const std::size_t kept = s.acc ? filter_range<true>(s.x, s.acc, lb, le, lo, oi, val_buf.data() + cnt, eq)
+                                     : filter_range<false>(s.x, nullptr, lb, le, lo, oi, val_buf.data() + cnt, eq);
       if (s.offset)
         for (std::size_t j = 0; j < kept; ++j) oi[j] += static_cast<std::uint32_t>(s.offset);
       cnt += kept;
@@ -299,8 +298,8 @@ constexpr int kDigitShift[3] = {20, 10, 0};
 constexpr std::uint32_t kDigitBins[3] = {2048, 1024, 1024};
 
 struct Threshold {
-  std::uint32_t key = 0;      // the k-th largest key
-  std::size_t above = 0;      // keys strictly greater than `key`
+  std::uint32_t key = 0;  // the k-th largest key
+  std::size_t above = 0;  // keys strictly greater than `key`
 };
 
 // Walks a histogram from the top bin down to the bin holding the need-th
@@ -574,8 +573,7 @@ SparseVector topk_impl(const Input& in, std::size_t k) {
   // the correlation inside sampled blocks): the sample's expected count above
   // the k-th largest key is density * s.
   std::vector<std::uint32_t> sample = sample_keys(in, 1024, 0x5EEDF00Du);
-  if (in.accumulating() &&
-      std::any_of(sample.begin(), sample.end(), [](std::uint32_t key) { return key > kInfKey; })) {
+  if (in.accumulating() && std::any_of(sample.begin(), sample.end(), [](std::uint32_t key) { return key > kInfKey; })) {
     accumulate_only(in);  // ef_topk's promise: the residual holds the whole sum, whatever is thrown
     throw std::invalid_argument("x contains NaN");
   }
@@ -603,7 +601,8 @@ SparseVector topk_impl(const Input& in, std::size_t k) {
 SparseVector topk_threshold_impl(const Input& in, double ratio, std::uint64_t seed) {
   if (!(ratio >= 0.0 && ratio <= 1.0)) throw std::invalid_argument("ratio must be in [0, 1]");
   const std::size_t n = in.size();
-  const std::size_t target = std::min<std::size_t>(n, static_cast<std::size_t>(std::llround(ratio * static_cast<double>(n))));
+  const std::size_t target =
+      std::min<std::size_t>(n, static_cast<std::size_t>(std::llround(ratio * static_cast<double>(n))));
   const std::size_t band_lo = static_cast<std::size_t>(std::ceil(0.9 * static_cast<double>(target)));
   const std::size_t band_hi = static_cast<std::size_t>(std::floor(1.1 * static_cast<double>(target)));
   if (n < kSampleMinN || target == 0 || target == n || band_lo >= band_hi) return topk_impl(in, target);
@@ -619,14 +618,14 @@ SparseVector topk_threshold_impl(const Input& in, double ratio, std::uint64_t se
   if (!f.overflow) {
     if (f.total >= band_lo && f.total <= band_hi) return assemble(f, in, lo, 0, false);
     if (f.total > band_hi) return select_from_candidates(f, in, target);
-    if (f.total + f.total_eq >= band_lo)
-      return assemble(f, in, lo, std::min(f.total_eq, target - f.total), false);
+    if (f.total + f.total_eq >= band_lo) return assemble(f, in, lo, std::min(f.total_eq, target - f.total), false);
   }
   return topk_impl(in, target);
 }
 
 // The arrays back to back in one index space (whose size must stay below 2^32).
-Input input_of(const std::vector<const float*>& xs, const std::vector<float*>& accs, const std::vector<std::size_t>& ns) {
+Input input_of(const std::vector<const float*>& xs, const std::vector<float*>& accs,
+               const std::vector<std::size_t>& ns) {
   std::vector<Segment> segs(xs.size());
   std::size_t offset = 0;
   for (std::size_t i = 0; i < xs.size(); ++i) {

@@ -27,11 +27,11 @@ inline std::uint64_t get_varint(const std::uint8_t* data, std::size_t size, std:
       throw MalformedData(std::string("index stream truncated in ") + field + ": need a byte at offset " +
                           std::to_string(pos) + ", have " + std::to_string(size));
     const std::uint8_t byte = data[pos++];
-    if (shift == 63 && byte > 1) throw MalformedData(std::string("index stream: ") + field + " varint overflows 64 bits");
+    if (shift == 63 && byte > 1)
+      throw MalformedData(std::string("index stream: ") + field + " varint overflows 64 bits");
     v |= static_cast<std::uint64_t>(byte & 0x7F) << shift;
     if (!(byte & 0x80)) {
-      if (byte == 0 && shift > 0)
-        throw MalformedData(std::string("index stream: ") + field + " varint is not minimal");
+      if (byte == 0 && shift > 0) throw MalformedData(std::string("index stream: ") + field + " varint is not minimal");
       return v;
     }
   }
