@@ -498,6 +498,44 @@ def test_dense_specs_take_the_payload_out_of_the_residual(spec: str) -> None:
             np.testing.assert_array_equal(enc.residuals[name], residual[name], err_msg=f"round {r}, {name}")
 
 
+def test_a_payload_beyond_a_receivers_limits_is_still_taken_out() -> None:
+    """A constant float64 tensor under zstd expands past what a receiver accepts from an
+    untrusted payload (DEFAULT_LIMITS' max_expansion): the encoder reads its own payload
+    back all the same (the frozen layer of a real model; pages of zeros, never written)."""
+    z = {"w": np.zeros(1 << 25)}
+    enc = fp.Encoder("sign+zstd")
+    payload = enc.encode(z, seed=1)
+    with pytest.raises(fp.DecodeError, match="declares"):
+        fp.decode(payload)
+    enc.encode(z, seed=2)
+    assert enc.rounds == 2 and not enc.residuals["w"].any()
+
+
+def test_dense_take_out_checks_and_names_its_arguments() -> None:
+    from fedpress.format import accumulate
+
+    rng = np.random.default_rng(43)
+    u = {"s": rng.standard_normal(100).astype(np.float32), "t": rng.standard_normal(50).astype(np.float32)}
+    payload = fp.Codec("q4").encode(u, seed=1)
+    accs = {name: np.zeros(v.size, np.float32) for name, v in u.items()}
+    frozen = np.zeros(50, np.float32)
+    frozen.setflags(write=False)
+    for bad, error, match in [
+        ({"s": accs["s"], "t": frozen}, ValueError, r"accs\['t'\] is read-only"),
+        ({"s": accs["s"], "t": accs["s"][:50]}, ValueError, r"accs\['t'\] shares memory with accs\['s'\]"),
+        ([accs["s"]], TypeError, "accs must be a mapping"),
+    ]:
+        with pytest.raises(error, match=match):
+            accumulate(payload, bad)
+    writable = bytearray(fp.Codec("fp32").encode(u, seed=1))  # a sum inside the payload itself
+    with pytest.raises(ValueError, match=r"accs\['s'\] shares memory with the payload"):
+        accumulate(writable, {"s": np.frombuffer(writable, np.float32, 100)})
+    for weight, error in [(True, TypeError), ("1", TypeError), (float("nan"), ValueError), (float("inf"), ValueError)]:
+        with pytest.raises(error, match="weight"):
+            accumulate(payload, accs, weight)
+    assert not any(a.any() for a in accs.values())
+
+
 @pytest.mark.parametrize("n", [100, 300_000])
 def test_a_failed_encode_takes_its_update_back_out(n: int) -> None:
     """A NaN in the update raises a one-line error naming the tensor; the residual is

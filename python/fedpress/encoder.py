@@ -29,7 +29,7 @@ import numpy as np
 from . import _core, ops
 from ._arrays import as_float32, flat_views, to_numpy
 from .codec import Codec
-from .format import accumulate
+from .format import Limits, accumulate
 
 __all__ = ["Encoder"]
 
@@ -37,6 +37,10 @@ __all__ = ["Encoder"]
 # Kept entries below which the residual's correction runs on the encoding thread: handing
 # it to another costs about 0.1 ms, what correcting some 10^5 entries takes.
 _SMALL_CORRECTION = 1 << 16
+# The payloads an Encoder reads back are its own codec's: whatever it wrote is read, where a
+# receiver's limits on untrusted payloads (the expansion of a constant tensor under zstd,
+# 16 GiB of output) could refuse them.
+_OWN_PAYLOADS = Limits(max_decoded_bytes=1 << 62, max_body_bytes=1 << 62, max_expansion=1 << 62)
 # Elements per part of the steps that scale, check or fold an update into the state: the
 # temporaries stay about a MiB (two alive at a time, a part and the next), where a whole
 # float32 (or float64) copy of the update was as large as the update itself.
@@ -213,6 +217,8 @@ class Encoder:
             arrays[name], dtype = to_numpy(str(name), value)
             if arrays[name].dtype.kind == "f":
                 dtypes[name] = dtype
+                if not arrays[name].flags.c_contiguous:  # once, not in every pass that reads it flat
+                    arrays[name] = np.ascontiguousarray(arrays[name])
         if not self.error_feedback and self.momentum is None:
             # Nothing carried between rounds: the codec compresses the float32 update.
             # (the codec reads float32 tensors as they are: a copy only where scaled)
@@ -236,6 +242,8 @@ class Encoder:
         selected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         correcting: list[Future] = []  # the residual's correction, on a second thread
         early: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}  # the tensors it corrects
+        taken = False  # whether a dense payload was taken out of the residuals (``after`` below)
+        payload = b""
         try:
             if self._fuses_globally(codec, dtypes, scale):
                 # Every residual += its update and the top-k of them all, in one pass over each,
@@ -319,12 +327,15 @@ class Encoder:
             # codec writes its sections in place, and what the receiver decodes is taken out
             # of the residuals from the payload itself, dequantized straight into them (no
             # decoded copy of the update: a dense q4 encode peaked at twice the update).
+            # (Under zstd, only quantized codes: reading another section back means
+            # decompressing the body, which costs more than the decoded copy it saves.)
             after = (
                 self.error_feedback
                 and self.momentum is None
                 and mask is None
                 and codec.spec.sparsifier is None
                 and codec.table == "inline"
+                and (codec.spec.zstd_level is None or codec.spec.values in ("q8", "q4", "q2", "sign"))
             )
             try:
                 payload = codec.encode(
@@ -338,11 +349,14 @@ class Encoder:
                     on_decoded=None if after else correct,
                 )
                 if after:
-                    accumulate(payload, {name: self.residuals[name] for name in dtypes}, -1.0)
+                    accumulate(payload, {name: self.residuals[name] for name in dtypes}, -1.0, limits=_OWN_PAYLOADS)
+                    taken = True
             finally:
                 for f in correcting:  # joined, success or not
                     f.result()
         except BaseException:
+            if taken:  # an interrupt after the payload was taken out: put it back first
+                accumulate(payload, {name: self.residuals[name] for name in dtypes}, 1.0, limits=_OWN_PAYLOADS)
             if correcting and _settle(correcting):
                 self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)

@@ -5,6 +5,7 @@ record (the Aggregator sums them without a dense copy)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -402,19 +403,44 @@ def accumulate(
     encoder's error feedback takes its own payload out of its residual this way (weight
     -1) without a decoded copy: plain dense quantized sections are dequantized into the
     sums by one kernel call, a sparse tensor is scattered, the rest decoded and added.
-    The payload is checked whole (structure, checksum, every quantized section) before
-    anything is added; a tensor not in ``accs`` is skipped."""
+    The payload and the arrays are checked whole (structure, checksum, every quantized
+    section; each array's type, size, writability, and overlap with another or with the
+    payload) before anything is added; a tensor not in ``accs`` is skipped."""
+    if not isinstance(accs, Mapping):
+        raise TypeError(f"accs must be a mapping of tensor names to float32 arrays, got {type(accs).__name__}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
+        raise TypeError(f"weight must be a number, got {type(weight).__name__}")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"weight must be finite, got {weight!r}")
+    weight = float(weight)
     with out_of_memory_as_decode_error():
         parsed = parse(payload, limits)
         records = [rec for rec in parsed.tensors if rec.kind != KIND_RAW and rec.name in accs]
         flats = {}
+        spans = []  # (first byte, end, name): no sum may overlap another, or the payload
+        with memoryview(payload) as whole:
+            first = np.frombuffer(whole, np.uint8).__array_interface__["data"][0] if whole.nbytes else 0
+            spans.append((first, first + whole.nbytes, None))
         for rec in records:
             acc = accs[rec.name]
             if not (isinstance(acc, np.ndarray) and acc.dtype == np.float32 and acc.flags.c_contiguous):
                 raise TypeError(f"accs[{rec.name!r}] must be a C-contiguous float32 numpy array")
             if acc.size != rec.size:
                 raise ValueError(f"accs[{rec.name!r}] has {acc.size} elements, the tensor {rec.size}")
+            if not acc.flags.writeable:
+                raise ValueError(f"accs[{rec.name!r}] is read-only")
             flats[rec.name] = acc.reshape(-1)
+            if acc.nbytes:
+                start = acc.__array_interface__["data"][0]
+                spans.append((start, start + acc.nbytes, rec.name))
+        spans.sort(key=lambda span: span[0])
+        reach, owner = 0, None  # the furthest end so far, and whose
+        for start, end, name in spans:
+            if start < reach:
+                what = "the payload" if owner is None or name is None else f"accs[{owner!r}]"
+                raise ValueError(f"accs[{name or owner!r}] shares memory with {what}")
+            if end > reach:
+                reach, owner = end, name
         jobs, quantized, rest = [], [], []
         for rec in records:
             if rec.kind == KIND_DENSE and _plain(rec) and rec.count and rec.value_code in _QUANTIZED_CODES:
