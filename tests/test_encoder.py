@@ -511,6 +511,23 @@ def test_a_payload_beyond_a_receivers_limits_is_still_taken_out() -> None:
     assert enc.rounds == 2 and not enc.residuals["w"].any()
 
 
+@pytest.mark.parametrize("spec", ["randk:0.01", "randk:0.05+q4", "randk:0.2:shared+int8"])
+def test_randk_refuses_a_nan_it_would_not_send(spec: str) -> None:
+    """random-k reads only the entries it keeps; a NaN elsewhere is refused all the same,
+    by name, before it enters the residual (where it would fail a later round at random)."""
+    rng = np.random.default_rng(45)
+    enc = fp.Encoder(spec)
+    kw = {"rotation_seed": 9} if ":shared" in spec else {}
+    enc.encode({"w": rng.standard_normal(4000).astype(np.float32)}, seed=1, **kw)
+    before = enc.residuals["w"].copy()
+    bad = rng.standard_normal(4000).astype(np.float32)
+    bad[1234] = np.nan
+    with pytest.raises(ValueError, match="tensor 'w' holds NaN"):
+        enc.encode({"w": bad}, seed=2, **kw)
+    np.testing.assert_array_equal(enc.residuals["w"], before)
+    assert np.isfinite(fp.decode(enc.encode({"w": np.zeros(4000, np.float32)}, seed=3, **kw))["w"]).all()
+
+
 def test_dense_take_out_checks_and_names_its_arguments() -> None:
     from fedpress.format import accumulate
 

@@ -232,7 +232,10 @@ class Encoder:
             self.rounds += 1
             return payload
         fused = self._fused_topk(codec, arrays, dtypes, scale)
-        if self.momentum is not None:  # refused before the state changes: it stays bit for bit
+        # Refused before the state changes, which stays bit for bit. (randk reads only the
+        # entries it keeps: a NaN elsewhere would stay in the residual, and fail some later
+        # round at random.)
+        if self.momentum is not None or (self.error_feedback and codec.spec.sparsifier == "randk"):
             self._check_finite(arrays, dtypes, scale)
         replaced = self._add_residuals(arrays, dtypes) if self.error_feedback else {}
         velocities: dict[str, Optional[np.ndarray]] = {}  # what new velocities replaced
