@@ -1299,22 +1299,38 @@ int packed_codes_width(const py::buffer_info& info, std::size_t n, int width) {
 void register_intcode(py::module_& m) {
   m.def(
       "int_encode",
-      [](const py::handle& x_obj, int bits, float clip, std::uint64_t seed) {
+      [](const py::handle& x_obj, int bits, float clip, std::uint64_t seed, long long block,
+         std::uint64_t rotation_seed, const py::handle& out_obj) {
         py::array x = checked<float>(x_obj, "x");
         if (bits < 1 || bits > 16) throw py::value_error("bits must be in [1, 16], got " + std::to_string(bits));
         if (!(std::isfinite(clip) && clip > 0.0f)) throw py::value_error("clip must be finite and positive");
         const std::size_t n = len(x);
-        py::array_t<std::uint64_t> codes(static_cast<py::ssize_t>(n));
+        const std::size_t rotation_block = block == 0 ? 0 : rotate_block(block);
+        py::array codes;
+        if (out_obj.is_none()) {
+          codes = py::array_t<std::uint64_t>(static_cast<py::ssize_t>(n));
+        } else {
+          codes = checked<std::uint64_t>(out_obj, "out", Access::write);
+          if (len(codes) != n)
+            throw py::value_error("out has " + std::to_string(len(codes)) + " elements, x " + std::to_string(n));
+          if (py::module_::import("numpy").attr("shares_memory")(x, codes).cast<bool>())
+            throw py::value_error("out must not share memory with x");
+        }
         const float* xp = cptr<float>(x);
-        std::uint64_t* c = codes.mutable_data();
+        auto* c = static_cast<std::uint64_t*>(codes.mutable_data());
         {
           py::gil_scoped_release release;  // raw buffers only
-          fedpress::int_encode(xp, n, bits, clip, seed, c);
+          if (rotation_block == 0 || n == 0)
+            fedpress::int_encode(xp, n, bits, clip, seed, c);
+          else
+            fedpress::int_encode_rotated(xp, n, bits, clip, seed, rotation_block, rotation_seed, c);
         }
         return codes;
       },
-      "x"_a, "bits"_a, "clip"_a, "seed"_a,
-      "Integer levels of x on [-clip, clip] (2^bits levels, unbiased stochastic rounding seeded by seed), uint64.");
+      "x"_a, "bits"_a, "clip"_a, "seed"_a, "block"_a = 0, "rotation_seed"_a = 0, "out"_a = py::none(),
+      "Integer levels of x on [-clip, clip] (2^bits levels, unbiased stochastic rounding seeded by seed), uint64; "
+      "with block > 0, of x rotated as eden_rotate(block, rotation_seed) rotates it, without a rotated copy. "
+      "With out (uint64, writable, len(x)), into it.");
   m.def(
       "pack_codes",
       [](const py::handle& codes_obj, int width) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "dispatch.hpp"
+#include "eden.hpp"
 #include "errors.hpp"
 #include "parallel.hpp"
 #include "rng.hpp"
@@ -75,6 +76,16 @@ void int_encode_part(const float* x, std::size_t first, std::size_t n, int bits,
                      std::uint64_t* codes) {
   check_levels(bits, clip);
   if (encode_levels(x, first, n, bits, clip, seed, codes)) throw std::invalid_argument("values hold NaN");
+}
+
+void int_encode_rotated(const float* x, std::size_t n, int bits, float clip, std::uint64_t seed, std::size_t block,
+                        std::uint64_t rotation_seed, std::uint64_t* codes) {
+  check_levels(bits, clip);
+  eden_rotated_ranges(x, n, block, rotation_seed, [&](std::size_t first, const float* rotated, std::size_t count) {
+    const SerialScope serial;  // one range per task
+    if (encode_levels(rotated, first, count, bits, clip, seed, codes + first))
+      throw std::invalid_argument("values hold NaN");
+  });
 }
 
 void pack_codes(const std::uint64_t* codes, std::size_t n, int width, std::uint8_t* out) {

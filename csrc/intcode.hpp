@@ -20,6 +20,12 @@ void int_encode(const float* x, std::size_t n, int bits, float clip, std::uint64
 void int_encode_part(const float* x, std::size_t first, std::size_t n, int bits, float clip, std::uint64_t seed,
                      std::uint64_t* codes);
 
+// int_encode of x rotated as eden_rotate rotates it (block, rotation_seed), a range of
+// rotated blocks at a time on the threads: no rotated copy of x. The same codes as
+// eden_rotate on a copy, then int_encode.
+void int_encode_rotated(const float* x, std::size_t n, int bits, float clip, std::uint64_t seed, std::size_t block,
+                        std::uint64_t rotation_seed, std::uint64_t* codes);
+
 constexpr int kMaxWidth = 56;
 
 // Packs n codes of `width` bits (1..kMaxWidth), least significant bit first, into

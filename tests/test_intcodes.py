@@ -497,3 +497,58 @@ def test_rotation_bound_bounds_the_decoded_values(spec: str) -> None:
         section = parse(fp.Codec(spec).encode({"w": x}, seed=n)).tensors[0].intcode
         assert section is not None
         assert float(np.abs(section.values()).max()) <= section.rotation_bound() < 1e38
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_int_encode_rotates_a_range_at_a_time_as_eden_rotate_does(threads: int) -> None:
+    """int_encode with a block codes x rotated as eden_rotate rotates a copy of it (no
+    rotated copy made), into out when given; bad arguments are named."""
+    from conftest import num_threads
+
+    rng = np.random.default_rng(46)
+    with num_threads(threads):
+        for n in (0, 1, 7, 8, 1000, 4097, 70_001):
+            for block in (1, 2, 8, 64, 1024, 1 << 16):
+                x = (rng.standard_normal(n) * 0.01).astype(np.float32)
+                rotated = x.copy()
+                if n:
+                    _core.eden_rotate(rotated, block, 77)
+                want = _core.int_encode(rotated, 6, 0.02, 5)
+                np.testing.assert_array_equal(_core.int_encode(x, 6, 0.02, 5, block, 77), want)
+                out = np.empty(n, np.uint64)
+                assert _core.int_encode(x, 6, 0.02, 5, block, 77, out) is out
+                np.testing.assert_array_equal(out, want)
+    x = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="out has 9 elements"):
+        _core.int_encode(x, 6, 0.02, 5, 8, 77, np.empty(9, np.uint64))
+    with pytest.raises(ValueError, match="block"):
+        _core.int_encode(x, 6, 0.02, 5, 3, 77)
+    x[4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _core.int_encode(x, 6, 0.02, 5, 8, 77)
+
+
+def test_the_mask_gets_every_tensors_codes_in_one_buffer() -> None:
+    """The mask receives the codes of every float tensor, in table order, as one array the
+    codec made them in (no joined copy): the codes each tensor's own encode gives, times the
+    weight; the payload decodes to the masked residues' sum as before."""
+    rng = np.random.default_rng(47)
+    update = {
+        "a": (rng.standard_normal(3000) * 0.01).astype(np.float32),
+        "b": (rng.standard_normal(70) * 0.01).astype(np.float32),
+    }
+    codec = fp.Codec("int8:clip=0.05")
+    seen = []
+
+    def mask(codes: np.ndarray) -> np.ndarray:
+        seen.append(codes.copy())
+        assert codes.base is None or codes.base.size == codes.size  # one buffer, whole
+        return codes
+
+    masked = codec.encode(update, seed=4, rotation_seed=8, mask=mask, weight=3)
+    m = parse(masked).tensors[0].intcode.levels.modulus_bits
+    plain = parse(codec.encode(update, seed=4, rotation_seed=8))
+    want = np.concatenate([rec.intcode.codes() for rec in plain.tensors]) * np.uint64(3) & np.uint64((1 << m) - 1)
+    np.testing.assert_array_equal(seen[0], want)
+    got = np.concatenate([rec.intcode.codes() for rec in parse(masked).tensors])
+    np.testing.assert_array_equal(got, want)

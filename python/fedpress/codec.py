@@ -400,6 +400,17 @@ class Codec:
         entries = []
         decoding: list[tuple[str, Entry, Optional[tuple[np.ndarray, np.ndarray]], int]] = []  # for ``decoded``
         int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]] = {}  # intB tensors: their levels and codes
+        codes_out: dict[int, np.ndarray] = {}  # where each tensor's codes go, for the mask
+        whole: Optional[np.ndarray] = None
+        if mask is not None and self.spec.int_bits:
+            # Every float tensor's codes in one buffer, in table order, which the mask takes
+            # whole: no concatenated copy of them (8 bytes a value).
+            counts = {i: (chosen[i][1].size if i in chosen else flat[i].size) for i in floats}
+            whole = np.empty(sum(counts.values()), np.uint64)
+            at = 0
+            for i, count in counts.items():
+                codes_out[i] = whole[at : at + count]
+                at += count
         for i, (name, arr, dtype) in enumerate(zip(names, arrays, recorded)):
             if i not in flat:
                 if mask is not None:
@@ -425,6 +436,8 @@ class Codec:
                         int_codes,
                         support,
                         in_place=decoded is None and mask is None,
+                        codes_out=codes_out.get(i),
+                        plain=mask is None or decoded is not None,
                     )
                 )
                 if decoded is not None:
@@ -439,7 +452,7 @@ class Codec:
         if decoded is not None:
             decoded.update(self._decoded_many(decoding, payload_seed))
         if mask is not None:
-            _mask_int_entries(entries, int_codes, mask, int(weight))
+            _mask_int_entries(entries, int_codes, mask, int(weight), whole)
         elif weight != 1:
             raise ValueError("weight is for masked intB payloads (mask=)")
         plans = None
@@ -628,11 +641,15 @@ class Codec:
         support: Optional[tuple[np.ndarray, int]] = None,
         *,
         in_place: bool = False,
+        codes_out: Optional[np.ndarray] = None,
+        plain: bool = True,
     ) -> Entry:
         """An intB entry, dense, or with ``support`` (the kept values of random-k and the
-        seed of their indices) sparse-seeded; its codes also into ``int_codes``, for the mask.
-        ``in_place`` (no mask, no decoding back): the codes are written by their kernel in
-        the payload instead, and ``int_codes`` is left alone."""
+        seed of their indices) sparse-seeded; its codes also into ``int_codes`` (made in
+        ``codes_out`` when given), for the mask. ``in_place`` (no mask, no decoding back): the
+        codes are written by their kernel in the payload instead, and ``int_codes`` is left
+        alone. Without ``plain`` (a masked payload nobody decodes back) the unmasked section
+        is not made: the mask's replaces it."""
         sp = self.spec
         n = int(v.size)
         if support is not None:
@@ -653,9 +670,9 @@ class Codec:
             head = int_head(levels, masked=False, width=levels.bits, support_seed=seed)
             section: Any = (head, int_piece(v, levels, quant_seed))
         else:
-            codes = encode_int(v, levels, quant_seed)
+            codes = encode_int(v, levels, quant_seed, out=codes_out)
             int_codes[ordinal] = (levels, codes, seed)
-            section = int_section(codes, levels, masked=False, width=levels.bits, support_seed=seed)
+            section = int_section(codes, levels, masked=False, width=levels.bits, support_seed=seed) if plain else ()
         return Entry(
             name=name,
             dtype=dtype,
@@ -773,14 +790,19 @@ def _mask_int_entries(
     int_codes: dict[int, tuple[IntLevels, np.ndarray, Optional[int]]],
     mask: Callable[[np.ndarray], np.ndarray],
     weight: int,
+    whole: Optional[np.ndarray] = None,
 ) -> None:
     """Replaces the intB entries' codes by what ``mask`` makes of all of them together,
-    times ``weight`` first: residues modulo 2^m, written m bits each and marked masked."""
+    times ``weight`` first: residues modulo 2^m, written m bits each and marked masked.
+    ``whole``: the buffer the codes were made in, in table order (else they are joined)."""
     order = sorted(int_codes)
-    codes = np.concatenate([int_codes[i][1] for i in order]) if order else np.zeros(0, np.uint64)
+    if whole is None:
+        whole = np.concatenate([int_codes[i][1] for i in order]) if order else np.zeros(0, np.uint64)
+    codes = whole  # the codec's own buffer: weighted in place
     if weight != 1 and order:
         modulus = np.uint64((1 << int_codes[order[0]][0].modulus_bits) - 1)
-        codes = (codes * np.uint64(weight)) & modulus
+        np.multiply(codes, np.uint64(weight), out=codes)
+        np.bitwise_and(codes, modulus, out=codes)
     masked = mask(codes)
     if not isinstance(masked, np.ndarray) or masked.dtype != np.uint64 or masked.shape != codes.shape:
         raise ValueError(f"mask must return a uint64 array of shape {codes.shape}, got {type(masked).__name__}")
@@ -791,9 +813,11 @@ def _mask_int_entries(
         start += own.size
         if part.size and int(part.max()) >> levels.modulus_bits:
             raise ValueError(f"mask returned values of {levels.modulus_bits} bits or more (residues modulo 2^m)")
-        entries[i].values = int_section(
+        head, packed = int_section(
             part, levels, masked=True, width=levels.modulus_bits, weight=weight, support_seed=support_seed
         )
+        # The packed residues are this payload's alone: moved into it, their pages handed back.
+        entries[i].values = (head, KernelSection(("move", packed), packed.nbytes))
 
 
 def _check_values(name: str, values: np.ndarray, rotation_block: int, *, sparse: bool) -> None:

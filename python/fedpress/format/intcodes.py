@@ -93,13 +93,12 @@ class IntLevels:
         return rotated
 
 
-def encode_int(v: np.ndarray, levels: IntLevels, quant_seed: int) -> np.ndarray:
+def encode_int(v: np.ndarray, levels: IntLevels, quant_seed: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """The integer codes (uint64, in [0, 2^bits)) of the float32 vector ``v``: rotated,
-    clipped and rounded without bias (csrc/intcode.hpp)."""
-    rotated = np.array(v, dtype=np.float32, copy=True)
-    if rotated.size:
-        _core.eden_rotate(rotated, levels.block, levels.rotation_seed)
-    return _core.int_encode(rotated, levels.bits, levels.clip, quant_seed)
+    clipped and rounded without bias (csrc/intcode.hpp), a range of rotated blocks at a
+    time (no rotated copy of v); into ``out`` (uint64, v's size) when given."""
+    x = np.ascontiguousarray(v, dtype=np.float32)
+    return _core.int_encode(x, levels.bits, levels.clip, quant_seed, levels.block, levels.rotation_seed, out)
 
 
 def int_section(
