@@ -1330,7 +1330,7 @@ void register_intcode(py::module_& m) {
       "x"_a, "bits"_a, "clip"_a, "seed"_a, "block"_a = 0, "rotation_seed"_a = 0, "out"_a = py::none(),
       "Integer levels of x on [-clip, clip] (2^bits levels, unbiased stochastic rounding seeded by seed), uint64; "
       "with block > 0, of x rotated as eden_rotate(block, rotation_seed) rotates it, without a rotated copy. "
-      "With out (uint64, writable, len(x)), into it.");
+      "With out (uint64, writable, len(x)), into it (partly written when it raises).");
   m.def(
       "pack_codes",
       [](const py::handle& codes_obj, int width) {

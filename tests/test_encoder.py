@@ -528,6 +528,51 @@ def test_randk_refuses_a_nan_it_would_not_send(spec: str) -> None:
     assert np.isfinite(fp.decode(enc.encode({"w": np.zeros(4000, np.float32)}, seed=3, **kw))["w"]).all()
 
 
+@pytest.mark.parametrize("spec", ["q4", "fp16"])
+def test_an_interrupt_as_the_payload_is_taken_out_puts_it_back(monkeypatch, spec: str) -> None:
+    """An interrupt raised as (or right after) the payload is taken out of the residuals,
+    a Ctrl-C that arrives during the kernel: the take-out is put back before the update is
+    taken out, and the residuals are as they were."""
+    from fedpress import encoder as encoder_module
+
+    rng = np.random.default_rng(44)
+    enc = fp.Encoder(spec)
+    enc.encode({"w": rng.standard_normal(3000).astype(np.float32)}, seed=1)
+    before = enc.residuals["w"].copy()
+    original = encoder_module.prepare_accumulation
+
+    def interrupted(*args, **kwargs):
+        add = original(*args, **kwargs)
+
+        def add_then_interrupt() -> None:
+            add()
+            raise KeyboardInterrupt
+
+        return add_then_interrupt
+
+    monkeypatch.setattr(encoder_module, "prepare_accumulation", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode({"w": rng.standard_normal(3000).astype(np.float32)}, seed=2)
+    np.testing.assert_allclose(enc.residuals["w"], before, rtol=1e-5, atol=1e-6)
+    assert enc.rounds == 1
+
+
+def test_randk_refuses_a_residual_that_overflows() -> None:
+    """Finite updates whose sum overflows the residual: refused the round it happens, by
+    name, the overflowed entry zeroed (all that can be said of it) and the rest kept."""
+    enc = fp.Encoder("randk:0.05+fp32")
+    u = np.zeros(1000, np.float32)
+    u[7] = 3e38
+    enc.encode({"a": u}, seed=1)  # entry 7 most likely kept back in the residual
+    while enc.residuals["a"][7] == 0:  # (until a round keeps it back)
+        enc.encode({"a": u}, seed=enc.rounds + 1)
+    with pytest.raises(ValueError, match="tensor 'a': the update plus what earlier rounds did not send overflows"):
+        for seed in range(100, 110):  # until it is not sent, and the sum overflows
+            enc.encode({"a": u}, seed=seed)
+            assert np.isfinite(enc.residuals["a"]).all()
+    assert np.isfinite(enc.residuals["a"]).all()
+
+
 def test_dense_take_out_checks_and_names_its_arguments() -> None:
     from fedpress.format import accumulate
 
@@ -547,7 +592,14 @@ def test_dense_take_out_checks_and_names_its_arguments() -> None:
     writable = bytearray(fp.Codec("fp32").encode(u, seed=1))  # a sum inside the payload itself
     with pytest.raises(ValueError, match=r"accs\['s'\] shares memory with the payload"):
         accumulate(writable, {"s": np.frombuffer(writable, np.float32, 100)})
-    for weight, error in [(True, TypeError), ("1", TypeError), (float("nan"), ValueError), (float("inf"), ValueError)]:
+    for weight, error in [
+        (True, TypeError),
+        ("1", TypeError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (1e39, ValueError),  # finite in float64, not in float32
+        (10**400, ValueError),
+    ]:
         with pytest.raises(error, match="weight"):
             accumulate(payload, accs, weight)
     assert not any(a.any() for a in accs.values())

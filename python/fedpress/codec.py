@@ -453,6 +453,9 @@ class Codec:
             decoded.update(self._decoded_many(decoding, payload_seed))
         if mask is not None:
             _mask_int_entries(entries, int_codes, mask, int(weight), whole)
+            whole = None  # the codes (8 bytes a value) are not kept while the payload is written
+            codes_out.clear()
+            int_codes.clear()
         elif weight != 1:
             raise ValueError("weight is for masked intB payloads (mask=)")
         plans = None

@@ -30,6 +30,7 @@ from . import _core, ops
 from ._arrays import as_float32, flat_views, to_numpy
 from .codec import Codec
 from .format import Limits, accumulate
+from .format.decoding import prepare_accumulation
 
 __all__ = ["Encoder"]
 
@@ -217,8 +218,6 @@ class Encoder:
             arrays[name], dtype = to_numpy(str(name), value)
             if arrays[name].dtype.kind == "f":
                 dtypes[name] = dtype
-                if not arrays[name].flags.c_contiguous:  # once, not in every pass that reads it flat
-                    arrays[name] = np.ascontiguousarray(arrays[name])
         if not self.error_feedback and self.momentum is None:
             # Nothing carried between rounds: the codec compresses the float32 update.
             # (the codec reads float32 tensors as they are: a copy only where scaled)
@@ -231,6 +230,9 @@ class Encoder:
             )
             self.rounds += 1
             return payload
+        for name in dtypes:  # once, not in every pass that reads an update flat
+            if not arrays[name].flags.c_contiguous:
+                arrays[name] = np.ascontiguousarray(arrays[name])
         fused = self._fused_topk(codec, arrays, dtypes, scale)
         # Refused before the state changes, which stays bit for bit. (randk reads only the
         # entries it keeps: a NaN elsewhere would stay in the residual, and fail some later
@@ -246,6 +248,10 @@ class Encoder:
         correcting: list[Future] = []  # the residual's correction, on a second thread
         early: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}  # the tensors it corrects
         taken = False  # whether a dense payload was taken out of the residuals (``after`` below)
+
+        def residuals_of(names: Iterable[str]) -> dict[str, np.ndarray]:
+            return {name: self.residuals[name] for name in names}
+
         payload = b""
         try:
             if self._fuses_globally(codec, dtypes, scale):
@@ -285,7 +291,8 @@ class Encoder:
                         flat = r.reshape(-1)
                         added[name] = _Added(arrays[name], scale, 0, velocity, m)
                         for part, u in _float32_parts(arrays[name], scale, velocity, m):
-                            flat[part] += u
+                            with np.errstate(over="ignore"):
+                                flat[part] += u
                             added[name] = _Added(arrays[name], scale, part.stop, velocity, m)  # as far as it went
                         to_send[name] = r
                         continue
@@ -302,10 +309,21 @@ class Encoder:
                                 "compressed tensors must be finite"
                             ) from None
                     else:
-                        r += update32.reshape(r.shape)
+                        with np.errstate(over="ignore"):  # (an overflow is refused by name below)
+                            r += update32.reshape(r.shape)
                     g = r
                 assert g is not None  # with neither feedback nor momentum, encode returned above
                 to_send[name] = g
+            if self.error_feedback and codec.spec.sparsifier == "randk":
+                # A finite update can still overflow the residual it is added to, and random-k
+                # would not read it there: refused now, by name (the update is taken back out).
+                for name in dtypes:
+                    r = self.residuals[name]
+                    if r.size and not (math.isfinite(float(r.min())) and math.isfinite(float(r.max()))):
+                        raise ValueError(
+                            f"tensor {name!r}: the update plus what earlier rounds did not send overflows "
+                            "float32; compressed tensors must be finite"
+                        )
             sent: dict[str, tuple[Optional[np.ndarray], np.ndarray]] = {}
             # The residual's correction (what the receiver decodes, taken out) runs on a second
             # thread while the codec writes the payload (index coding, zstd, checksum): both
@@ -352,14 +370,15 @@ class Encoder:
                     on_decoded=None if after else correct,
                 )
                 if after:
-                    accumulate(payload, {name: self.residuals[name] for name in dtypes}, -1.0, limits=_OWN_PAYLOADS)
-                    taken = True
+                    take_out = prepare_accumulation(payload, residuals_of(dtypes), -1.0, limits=_OWN_PAYLOADS)
+                    taken = True  # (from here, an interrupt puts the payload back, whatever it caught)
+                    take_out()
             finally:
                 for f in correcting:  # joined, success or not
                     f.result()
         except BaseException:
-            if taken:  # an interrupt after the payload was taken out: put it back first
-                accumulate(payload, {name: self.residuals[name] for name in dtypes}, 1.0, limits=_OWN_PAYLOADS)
+            if taken:  # an interrupt as the payload was taken out: put it back first
+                accumulate(payload, residuals_of(dtypes), 1.0, limits=_OWN_PAYLOADS)
             if correcting and _settle(correcting):
                 self._take_out(early, 1.0)  # the correction was made: put it back first
             self._undo(added)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -406,12 +406,25 @@ def accumulate(
     The payload and the arrays are checked whole (structure, checksum, every quantized
     section; each array's type, size, writability, and overlap with another or with the
     payload) before anything is added; a tensor not in ``accs`` is skipped."""
+    prepare_accumulation(payload, accs, weight, limits=limits)()
+
+
+def prepare_accumulation(
+    payload: Any, accs: Mapping[str, np.ndarray], weight: float = 1.0, *, limits: Limits = DEFAULT_LIMITS
+) -> Callable[[], None]:
+    """``accumulate`` in two steps: everything checked and decoded now, and a function
+    returned that adds (and can raise only on an interrupt): a caller that must take the
+    additions back after a failure knows from its call whether any was made."""
     if not isinstance(accs, Mapping):
         raise TypeError(f"accs must be a mapping of tensor names to float32 arrays, got {type(accs).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
         raise TypeError(f"weight must be a number, got {type(weight).__name__}")
-    if not math.isfinite(float(weight)):
-        raise ValueError(f"weight must be finite, got {weight!r}")
+    try:
+        finite = math.isfinite(float(weight)) and abs(float(weight)) <= float(np.finfo(np.float32).max)
+    except OverflowError:  # an int beyond float64
+        finite = False
+    if not finite:
+        raise ValueError(f"weight must be finite in float32, got {weight!r}")
     weight = float(weight)
     with out_of_memory_as_decode_error():
         parsed = parse(payload, limits)
@@ -449,18 +462,24 @@ def accumulate(
                 quantized.append(rec)
             else:
                 rest.append(rec)
-        decoded = [(rec, sparse_parts(rec, parsed.seed)) for rec in rest]  # all decoded before any is added
-        failed = _core.dequantize_many(jobs, True) if jobs else None  # every section checked, then added
-        if isinstance(failed, int):
+        failed = _core.check_quantized_many(jobs) if jobs else None
+        if failed is not None:
             _refuse_quantized(quantized[failed])
-        for rec, (idx, values) in decoded:
+        decoded = [(flats[rec.name], sparse_parts(rec, parsed.seed)) for rec in rest]  # all decoded first
+
+    def add() -> None:
+        if jobs:
+            _core.dequantize_many(jobs)
+        for acc, (idx, values) in decoded:
             if idx is None:  # (no weighted copy for the weights of a sum and of a difference)
                 if weight == 1.0 or weight == -1.0:
-                    (np.add if weight > 0 else np.subtract)(flats[rec.name], values, out=flats[rec.name])
+                    (np.add if weight > 0 else np.subtract)(acc, values, out=acc)
                 else:
-                    flats[rec.name] += np.float32(weight) * values
+                    acc += np.float32(weight) * values
             else:
-                _core.scatter_add(flats[rec.name], idx, values, weight)
+                _core.scatter_add(acc, idx, values, weight)
+
+    return add
 
 
 def _plain(rec: TensorRecord) -> bool:
