@@ -49,26 +49,19 @@ namespace {
 constexpr std::uint64_t kMaxLength = std::numeric_limits<std::uint32_t>::max();
 
 template <typename T>
-const char* dtype_name();
-template <>
-const char* dtype_name<float>() {
-  return "float32";
-}
-template <>
-const char* dtype_name<std::uint32_t>() {
-  return "uint32";
-}
-template <>
-const char* dtype_name<std::uint8_t>() {
-  return "uint8";
-}
-template <>
-const char* dtype_name<std::uint16_t>() {
-  return "uint16";
-}
-template <>
-const char* dtype_name<std::uint64_t>() {
-  return "uint64";
+constexpr const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) {
+    return "float32";
+  } else if constexpr (std::is_same_v<T, std::uint32_t>) {
+    return "uint32";
+  } else if constexpr (std::is_same_v<T, std::uint8_t>) {
+    return "uint8";
+  } else if constexpr (std::is_same_v<T, std::uint16_t>) {
+    return "uint16";
+  } else {
+    static_assert(std::is_same_v<T, std::uint64_t>, "an array element type the bindings name");
+    return "uint64";
+  }
 }
 
 // How a kernel reaches an array's elements.

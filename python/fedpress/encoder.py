@@ -76,6 +76,11 @@ def _float32_parts(
         yield where, part
 
 
+def _finite(a: np.ndarray) -> bool:
+    """Whether ``a`` holds no NaN or infinity: one min and one max, no boolean copy."""
+    return not a.size or (math.isfinite(float(a.min())) and math.isfinite(float(a.max())))
+
+
 class _Added(NamedTuple):
     """What an encode added to a residual in place, for a failed one to take back: the
     update (times ``scale``) over its first ``stop`` values (None: all of them), and, with
@@ -318,8 +323,7 @@ class Encoder:
                 # A finite update can still overflow the residual it is added to, and random-k
                 # would not read it there: refused now, by name (the update is taken back out).
                 for name in dtypes:
-                    r = self.residuals[name]
-                    if r.size and not (math.isfinite(float(r.min())) and math.isfinite(float(r.max()))):
+                    if not _finite(self.residuals[name]):
                         raise ValueError(
                             f"tensor {name!r}: the update plus what earlier rounds did not send overflows "
                             "float32; compressed tensors must be finite"
@@ -370,7 +374,7 @@ class Encoder:
                     on_decoded=None if after else correct,
                 )
                 if after:
-                    take_out = prepare_accumulation(payload, residuals_of(dtypes), -1.0, limits=_OWN_PAYLOADS)
+                    take_out = prepare_accumulation(payload, residuals_of(dtypes), -1.0, limits=_OWN_PAYLOADS, own=True)
                     taken = True  # (from here, an interrupt puts the payload back, whatever it caught)
                     take_out()
             finally:
@@ -393,10 +397,8 @@ class Encoder:
             self._take_out({name: v for name, v in sent.items() if name not in early}, -1.0)
         for name, (arr, clip_scale) in deferred.items():  # v = m * v + update, as the residual took it
             flat = self.velocities[name].reshape(-1)
-            for part, u in _float32_parts(arr, clip_scale):
-                segment = flat[part]
-                segment *= np.float32(self.momentum)
-                segment += u
+            for part, stepped in _float32_parts(arr, clip_scale, flat, self.momentum or 0.0):
+                flat[part] = stepped
         for name, (idx, s) in sent.items():
             if self.momentum is not None:
                 # Momentum factor masking: entries that went out stop carrying velocity.
@@ -483,7 +485,7 @@ class Encoder:
         update."""
         for name in names:
             for _, u in _float32_parts(arrays[name], scale):
-                if u.size and not (math.isfinite(float(u.min())) and math.isfinite(float(u.max()))):
+                if not _finite(u):
                     raise ValueError(
                         f"tensor {name!r} holds NaN or infinity (or float64 values beyond the float32 range); "
                         "compressed tensors must be finite"

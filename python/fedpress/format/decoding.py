@@ -410,11 +410,18 @@ def accumulate(
 
 
 def prepare_accumulation(
-    payload: Any, accs: Mapping[str, np.ndarray], weight: float = 1.0, *, limits: Limits = DEFAULT_LIMITS
+    payload: Any,
+    accs: Mapping[str, np.ndarray],
+    weight: float = 1.0,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    own: bool = False,
 ) -> Callable[[], None]:
     """``accumulate`` in two steps: everything checked and decoded now, and a function
     returned that adds (and can raise only on an interrupt): a caller that must take the
-    additions back after a failure knows from its call whether any was made."""
+    additions back after a failure knows from its call whether any was made. ``own``: the
+    payload was just written by the caller's own codec, which computed its checksum: it is
+    not read a second time to verify it (the structure and the sections are still checked)."""
     if not isinstance(accs, Mapping):
         raise TypeError(f"accs must be a mapping of tensor names to float32 arrays, got {type(accs).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
@@ -427,7 +434,7 @@ def prepare_accumulation(
         raise ValueError(f"weight must be finite in float32, got {weight!r}")
     weight = float(weight)
     with out_of_memory_as_decode_error():
-        parsed = parse(payload, limits)
+        parsed = parse(payload, limits, defer_checksum=own)  # (a deferred checksum never finished: not read)
         records = [rec for rec in parsed.tensors if rec.kind != KIND_RAW and rec.name in accs]
         flats = {}
         spans = []  # (first byte, end, name): no sum may overlap another, or the payload
